@@ -1,0 +1,55 @@
+# eobblast: `make demo` runs the pipeline on embedded defaults, `make test` runs lint and tests.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+DEMO_EVENTS ?= 500
+DEMO_OUT ?= demo-out
+DEBIAN_TOOLS := postfix opendkim opendkim-tools kcat
+
+.PHONY: demo test lint bench venv system-deps clean
+
+$(PY):
+	python3 -m venv $(VENV)
+
+$(STAMP): $(PY) pyproject.toml
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+# Debian tools the tests and benchmarks verify against (smtp-sink, opendkim, kcat).
+# Installed only when missing and when we are root; otherwise the tests that need
+# them say so and skip.
+system-deps:
+	@missing=""; \
+	command -v smtp-sink >/dev/null || missing="$$missing postfix"; \
+	command -v opendkim >/dev/null || missing="$$missing opendkim opendkim-tools"; \
+	command -v kcat >/dev/null || missing="$$missing kcat"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian packages:$$missing"; \
+	    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else \
+	    echo "missing Debian packages:$$missing (not root: install them yourself)"; \
+	  fi; \
+	fi
+
+demo: $(STAMP)
+	$(VENV)/bin/eobblast demo --events $(DEMO_EVENTS) --out $(DEMO_OUT)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/mypy
+
+test: $(STAMP) system-deps lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP) system-deps
+	$(PY) benchmarks/bench_core.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
