@@ -1,0 +1,5 @@
+"""Allow `python -m eobblast`."""
+
+from eobblast.cli import main
+
+main()

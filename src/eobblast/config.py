@@ -1,0 +1,170 @@
+"""One typed configuration object, loaded from TOML and overridable by EOBBLAST_* variables."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eobblast.errors import ConfigError
+
+
+@dataclass(frozen=True, slots=True)
+class DkimConfig:
+    """Where the signing keys live and how messages are signed."""
+
+    key_dir: Path = Path("keys")
+    selector: str = "eob1"
+    ed25519: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class TransportConfig:
+    """SMTP delivery limits, timeouts and TLS trust."""
+
+    ca_bundle: Path | None = None
+    ehlo_name: str = "eobblast.localhost"
+    source_address: str | None = None
+    connect_timeout: float = 10.0
+    command_timeout: float = 30.0
+    max_messages_per_connection: int = 100
+    idle_expiry: float = 30.0
+    max_connections_per_destination: int = 8
+    mx_cache_ttl: float = 300.0
+    # domain -> "host:port"; a domain listed here is never looked up in DNS.
+    routes: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineConfig:
+    """How many events one process works on at once."""
+
+    max_in_flight: int = 64
+    allow_test_domains: bool = False
+    from_local_part: str = "eob-notices"
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """The Prometheus endpoint."""
+
+    port: int = 0
+    address: str = "127.0.0.1"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """Everything eobblast needs to run, passed explicitly."""
+
+    dkim: DkimConfig = field(default_factory=DkimConfig)
+    transport: TransportConfig = field(default_factory=TransportConfig)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where)
+    if hint is Path:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a path string")
+        return Path(value)
+    if hint is bool:
+        if isinstance(value, str):
+            if value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if value.lower() in ("0", "false", "no", "off"):
+                return False
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false")
+        return value
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a number")
+        try:
+            return hint(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number") from None
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string")
+        return value
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a table")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
+    return value
+
+
+def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    kwargs: dict[str, Any] = {}
+    for name, value in data.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}{name}: expected a table")
+            kwargs[name] = _build(hint, value, f"{where}{name}.")  # type: ignore[arg-type]
+        else:
+            kwargs[name] = _coerce(value, hint, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
+    # EOBBLAST_TRANSPORT__CA_BUNDLE=/x -> {"transport": {"ca_bundle": "/x"}}
+    out: dict[str, Any] = {}
+    for key, value in environ.items():
+        if not key.startswith("EOBBLAST_") or "__" not in key:
+            continue
+        path = key.removeprefix("EOBBLAST_").lower().split("__")
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return out
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(
+    path: Path | None = None,
+    *,
+    environ: typing.Mapping[str, str] | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> Config:
+    """Load the TOML file (if any), apply EOBBLAST_* variables, then explicit overrides."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+    data = _merge(data, _env_overrides(os.environ if environ is None else environ))
+    if overrides:
+        data = _merge(data, overrides)
+    config: Config = _build(Config, data, "")
+    return config

@@ -1,0 +1,77 @@
+"""Error hierarchy and reason codes carried by status events, DLQ records and metrics."""
+
+from __future__ import annotations
+
+import enum
+
+
+class ReasonCode(enum.StrEnum):
+    """Why an event ended where it did: machine-readable, never carries PHI."""
+
+    # input (the event is parked, never sent)
+    INVALID_JSON = "invalid_json"
+    INVALID_UTF8 = "invalid_utf8"
+    EVENT_TOO_LARGE = "event_too_large"
+    NOT_AN_OBJECT = "not_an_object"
+    UNSUPPORTED_SCHEMA = "unsupported_schema"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_FIELD = "unknown_field"
+    WRONG_TYPE = "wrong_type"
+    MONEY_NOT_DECIMAL_STRING = "money_not_decimal_string"
+    FIELD_TOO_LARGE = "field_too_large"
+    CONTROL_CHARACTERS = "control_characters"
+    INVALID_ADDRESS = "invalid_address"
+    INVALID_VALUE = "invalid_value"
+    # gate
+    NO_CONSENT = "no_consent"
+    # delivery
+    DELIVERED = "delivered"
+    NO_ROUTE = "no_route"
+    STARTTLS_NOT_OFFERED = "starttls_not_offered"
+    TLS_CERT_UNTRUSTED = "tls_cert_untrusted"
+    TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
+    CONNECT_FAILED = "connect_failed"
+    TIMEOUT = "timeout"
+    RECIPIENT_REJECTED = "recipient_rejected"
+    MESSAGE_REJECTED = "message_rejected"
+    TEMPORARY_FAILURE = "temporary_failure"
+    CONNECTION_LOST = "connection_lost"
+    INTERNAL_ERROR = "internal_error"
+
+
+class Outcome(enum.StrEnum):
+    """The final status of one event."""
+
+    DELIVERED = "delivered"
+    DEFERRED = "deferred"
+    HELD = "held"
+    FAILED = "failed"
+    REJECTED = "rejected"
+
+
+class EobblastError(Exception):
+    """Root of every error eobblast raises on purpose."""
+
+    def __init__(self, reason: ReasonCode, detail: str = "") -> None:
+        # detail must never carry PHI: callers pass fixed strings, codes and opaque ids only.
+        super().__init__(f"{reason}: {detail}" if detail else str(reason))
+        self.reason = reason
+        self.detail = detail
+
+
+class ConfigError(EobblastError):
+    """The configuration is unusable."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ReasonCode.INVALID_VALUE, detail)
+
+
+class DeliveryError(EobblastError):
+    """A message could not be handed to the receiving server."""
+
+    def __init__(
+        self, reason: ReasonCode, detail: str = "", *, smtp_code: int | None = None, permanent: bool
+    ) -> None:
+        super().__init__(reason, detail)
+        self.smtp_code = smtp_code
+        self.permanent = permanent

@@ -1,0 +1,297 @@
+"""The `eob.issued/v1` event, modelled on FHIR R4 ExplanationOfBenefit and CARIN Blue Button.
+
+Validation uses pydantic at the boundary only. A rejected event yields a `Rejection`
+carrying a reason code, the offending field's path and the event id: never the value,
+so no PHI can leak through an error.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import orjson
+from email_validator import EmailNotValidError, validate_email
+from pydantic import (
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+)
+from pydantic_core import PydanticCustomError
+
+from eobblast.errors import ReasonCode
+
+SCHEMA_ID = "eob.issued/v1"
+MAX_EVENT_BYTES = 256 * 1024
+_CONTROL = re.compile(r"[\x00-\x1f\x7f\u0085\u2028\u2029]")
+_EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+
+
+def _no_control_characters(value: str) -> str:
+    # Control characters (CR/LF above all) could forge headers or break the layout.
+    if _CONTROL.search(value):
+        raise PydanticCustomError("control_characters", "control characters are not allowed")
+    return value
+
+
+def _money_is_a_string(value: Any) -> Any:
+    # Floats lose cents; integers hide the currency scale. Both are refused by type.
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        raise PydanticCustomError("money_not_decimal_string", "money must be a decimal string")
+    return value
+
+
+def _valid_address(value: str, info: ValidationInfo) -> str:
+    allow_test = bool(info.context and info.context.get("allow_test_domains"))
+    try:
+        checked = validate_email(
+            value,
+            check_deliverability=False,
+            test_environment=allow_test,
+            allow_smtputf8=False,
+            allow_quoted_local=False,
+            allow_domain_literal=False,
+        )
+    except EmailNotValidError:
+        raise PydanticCustomError("invalid_address", "not a deliverable address") from None
+    return checked.normalized
+
+
+def _npi_checksum(value: str) -> str:
+    # NPI check digit: Luhn over "80840" + the first nine digits (CMS NPI standard).
+    digits = [int(c) for c in "80840" + value]
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2 == 1:
+            d *= 2
+            if d > 9:
+                d -= 9
+        total += d
+    if total % 10 != 0:
+        raise PydanticCustomError("invalid_value", "NPI check digit mismatch")
+    return value
+
+
+Text = Annotated[
+    str, StringConstraints(min_length=1, max_length=200), AfterValidator(_no_control_characters)
+]
+LongText = Annotated[
+    str, StringConstraints(min_length=1, max_length=2000), AfterValidator(_no_control_characters)
+]
+Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")]
+Money = Annotated[
+    str,
+    BeforeValidator(_money_is_a_string),
+    StringConstraints(pattern=r"^-?\d{1,10}\.\d{2}$"),
+]
+Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(_valid_address)]
+Domain = Annotated[
+    str,
+    StringConstraints(
+        max_length=253,
+        pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,62}$",
+    ),
+]
+Npi = Annotated[str, StringConstraints(pattern=r"^\d{10}$"), AfterValidator(_npi_checksum)]
+Language = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[A-Z]{2})?$")]
+ProcedureCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{4,7}$")]
+RemarkCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,6}$")]
+Pem = Annotated[
+    str,
+    StringConstraints(max_length=16384, pattern=r"^-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+"),
+]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Payer(_Model):
+    """The health plan sending the notice."""
+
+    id: Identifier
+    name: Text
+    sending_domain: Domain
+
+
+class Consent(_Model):
+    """The member's consent to electronic delivery."""
+
+    electronic_delivery: bool
+    recorded_at: AwareDatetime | None = None
+
+
+class Member(_Model):
+    """The subscriber or dependant who receives the notice."""
+
+    id: Identifier
+    name: Text
+    email: Email
+    preferred_language: Language = "en"
+    consent: Consent
+    date_of_birth: dt.date | None = None
+    smime_certificate: Pem | None = None
+
+
+class Provider(_Model):
+    """Who rendered the service."""
+
+    name: Text
+    npi: Npi
+
+
+class Period(_Model):
+    """Service dates."""
+
+    start: dt.date
+    end: dt.date
+
+
+class ServiceLine(_Model):
+    """One adjudicated service line."""
+
+    code: ProcedureCode
+    description: Text
+    billed: Money
+    allowed: Money
+    deductible: Money
+    copay: Money
+    coinsurance: Money
+    plan_paid: Money
+    member_owes: Money
+    remark_codes: Annotated[list[RemarkCode], Field(max_length=10)] = []
+
+
+class Claim(_Model):
+    """The adjudicated claim."""
+
+    id: Identifier
+    patient_name: Text
+    provider: Provider
+    service_period: Period
+    processed_date: dt.date
+    lines: Annotated[list[ServiceLine], Field(min_length=1, max_length=50)]
+
+
+class Accumulator(_Model):
+    """How much of a yearly limit has been met."""
+
+    met: Money
+    limit: Money
+
+
+class Accumulators(_Model):
+    """Deductible and out-of-pocket progress."""
+
+    deductible: Accumulator
+    out_of_pocket: Accumulator
+
+
+class AppealRights(_Model):
+    """How and until when the member may appeal."""
+
+    deadline: dt.date
+    instructions: LongText
+
+
+class EobIssued(_Model):
+    """An Explanation of Benefits is ready to be sent to a member."""
+
+    schema_: Literal["eob.issued/v1"] = Field(alias="schema")
+    event_id: Identifier
+    issued_at: AwareDatetime
+    payer: Payer
+    member: Member
+    claim: Claim
+    accumulators: Accumulators
+    appeal: AppealRights
+
+
+@dataclass(frozen=True, slots=True)
+class Rejection:
+    """Why an event was refused: a reason code, the field path and the event id only."""
+
+    reason: ReasonCode
+    event_id: str | None
+    field: str | None = None
+
+    def as_dict(self) -> dict[str, str | None]:
+        """The rejection as a plain mapping for status and DLQ records."""
+        return {"reason": str(self.reason), "event_id": self.event_id, "field": self.field}
+
+
+_TYPE_TO_REASON = {
+    "missing": ReasonCode.MISSING_FIELD,
+    "extra_forbidden": ReasonCode.UNKNOWN_FIELD,
+    "json_invalid": ReasonCode.INVALID_JSON,
+    "json_type": ReasonCode.INVALID_JSON,
+    "string_too_long": ReasonCode.FIELD_TOO_LARGE,
+    "too_long": ReasonCode.FIELD_TOO_LARGE,
+    "control_characters": ReasonCode.CONTROL_CHARACTERS,
+    "money_not_decimal_string": ReasonCode.MONEY_NOT_DECIMAL_STRING,
+    "invalid_address": ReasonCode.INVALID_ADDRESS,
+    "model_type": ReasonCode.WRONG_TYPE,
+    "model_attributes_type": ReasonCode.WRONG_TYPE,
+}
+
+
+def _reason_for(error_type: str, loc: tuple[int | str, ...]) -> ReasonCode:
+    if loc == ("schema",) and error_type == "literal_error":
+        return ReasonCode.UNSUPPORTED_SCHEMA
+    if error_type in _TYPE_TO_REASON:
+        return _TYPE_TO_REASON[error_type]
+    if error_type.endswith("_type") or error_type.endswith("_parsing"):
+        return ReasonCode.WRONG_TYPE
+    return ReasonCode.INVALID_VALUE
+
+
+def _salvage_event_id(raw: bytes) -> str | None:
+    # Only an id that looks like one is echoed back; anything else could be PHI.
+    try:
+        doc = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(doc, dict):
+        candidate = doc.get("event_id")
+        if isinstance(candidate, str) and _EVENT_ID.match(candidate):
+            return candidate
+    return None
+
+
+def validate_event(raw: bytes, *, allow_test_domains: bool = False) -> EobIssued | Rejection:
+    """Validate one serialised event: the event, or a Rejection without PHI."""
+    if len(raw) > MAX_EVENT_BYTES:
+        return Rejection(ReasonCode.EVENT_TOO_LARGE, None)
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return Rejection(ReasonCode.INVALID_UTF8, None)
+    try:
+        return EobIssued.model_validate_json(
+            raw, context={"allow_test_domains": allow_test_domains}
+        )
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
+        loc = tuple(first["loc"])
+        reason = _reason_for(first["type"], loc)
+        if reason is ReasonCode.WRONG_TYPE and loc == ():
+            reason = ReasonCode.NOT_AN_OBJECT
+        field = ".".join(str(p) for p in loc) or None
+        event_id = None if reason is ReasonCode.INVALID_JSON else _salvage_event_id(raw)
+        return Rejection(reason, event_id, field)
+
+
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema (draft 2020-12) of `eob.issued/v1`."""
+    schema = EobIssued.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://eobblast.dev/schemas/eob.issued/v1.json"
+    return schema
