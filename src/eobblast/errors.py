@@ -36,6 +36,7 @@ class ReasonCode(enum.StrEnum):
     MESSAGE_REJECTED = "message_rejected"
     TEMPORARY_FAILURE = "temporary_failure"
     CONNECTION_LOST = "connection_lost"
+    NO_SIGNING_KEY = "no_signing_key"
     INTERNAL_ERROR = "internal_error"
 
 

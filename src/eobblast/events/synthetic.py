@@ -19,6 +19,8 @@ DEFAULT_DOMAINS = (
     "notls.sandbox.test",
     "untrusted.sandbox.test",
 )
+# Most members sit at receivers that work; a few at ones that must never get plaintext.
+DEFAULT_DOMAIN_WEIGHTS = (35, 25, 30, 5, 5)
 PAYERS = (
     ("BHP001", "Bluehaven Health Plan", "bluehaven.test"),
     ("RVM002", "Riverside Mutual Health", "riverside.test"),
@@ -96,7 +98,12 @@ def _local_part(fake: Faker, rng: random.Random) -> str:
 
 
 def synthetic_event(
-    fake: Faker, rng: random.Random, domains: Sequence[str], mix: Mix, now: dt.datetime
+    fake: Faker,
+    rng: random.Random,
+    domains: Sequence[str],
+    mix: Mix,
+    now: dt.datetime,
+    weights: Sequence[float] | None = None,
 ) -> dict[str, object]:
     """One well-formed event as a plain mapping (callers may then spoil it on purpose)."""
     payer_id, payer_name, sending_domain = rng.choice(PAYERS)
@@ -121,7 +128,7 @@ def synthetic_event(
         "member": {
             "id": f"M{rng.randrange(10**9, 10**10)}",
             "name": name,
-            "email": f"{local}@{rng.choice(domains)}",
+            "email": f"{local}@{rng.choices(domains, weights)[0]}",
             "preferred_language": "es" if spanish else "en",
             "consent": {
                 "electronic_delivery": consent,
@@ -188,6 +195,7 @@ def generate_events(
     *,
     seed: int = 1,
     domains: Sequence[str] = DEFAULT_DOMAINS,
+    weights: Sequence[float] | None = DEFAULT_DOMAIN_WEIGHTS,
     mix: Mix | None = None,
     now: dt.datetime | None = None,
 ) -> Iterator[bytes]:
@@ -201,7 +209,9 @@ def generate_events(
     now = now or dt.datetime.now(dt.UTC).replace(microsecond=0)
     for _ in range(count):
         fake = fake_es if rng.random() < mix.spanish else fake_en
-        event = synthetic_event(fake, rng, domains, mix, now)
+        if weights is not None and len(weights) != len(domains):
+            weights = None
+        event = synthetic_event(fake, rng, domains, mix, now, weights)
         roll = rng.random()
         if roll < mix.malformed:
             yield _spoil(event, rng)

@@ -1,0 +1,202 @@
+"""The `eobblast` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+import orjson
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+from rich.table import Table
+
+from eobblast.config import load_config
+from eobblast.errors import EobblastError
+
+console = Console(stderr=True)
+
+
+def _run(coro: Any) -> Any:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+@click.group()
+@click.version_option(package_name="eobblast")
+def main() -> None:
+    """eobblast: signed, protected, accounted-for EOB email from Kafka events."""
+    from eobblast.observe.logs import configure_logging
+
+    configure_logging("WARNING")
+
+
+@main.command()
+def schema() -> None:
+    """Print the JSON Schema of the eob.issued/v1 event."""
+    from eobblast.events import json_schema
+
+    click.echo(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+
+
+@main.command()
+@click.option("--count", "-n", type=click.IntRange(min=0), required=True, help="Events to write.")
+@click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")
+@click.option(
+    "--out",
+    "-o",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="File to write (JSON Lines); standard output when omitted.",
+)
+def generate(count: int, seed: int, out: Path | None) -> None:
+    """Write realistic fake eob.issued/v1 events, including ones that must be rejected."""
+    from eobblast.events.synthetic import generate_events
+
+    with out.open("wb") if out else contextlib.nullcontext(sys.stdout.buffer) as sink:
+        for raw in generate_events(count, seed=seed):
+            sink.write(raw + b"\n")
+
+
+@main.group()
+def keys() -> None:
+    """DKIM signing keys."""
+
+
+@keys.command("generate")
+@click.option(
+    "--domain", "-d", "domains", multiple=True, required=True, help="Sending domain (repeatable)."
+)
+@click.option("--selector", "-s", default="eob1", show_default=True)
+@click.option(
+    "--key-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("keys"),
+    show_default=True,
+)
+@click.option(
+    "--ed25519/--no-ed25519",
+    default=True,
+    show_default=True,
+    help="Also create an Ed25519 key for a second signature (RFC 8463).",
+)
+def keys_generate(domains: tuple[str, ...], selector: str, key_dir: Path, ed25519: bool) -> None:
+    """Create signing keys (existing ones are kept) and print their DNS TXT records."""
+    from eobblast.protect.dkim import generate_keys
+
+    for domain in domains:
+        for record in generate_keys(key_dir, domain, selector, ed25519=ed25519):
+            click.echo(record.zone_line())
+
+
+@main.command()
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("sandbox"),
+    show_default=True,
+    help="Directory for the test CA and the Maildirs.",
+)
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=2525,
+    show_default=True,
+    help="Port every sandbox domain listens on (each has its own 127.x address).",
+)
+def sandbox(out: Path, port: int) -> None:
+    """Run the sandbox receivers until interrupted."""
+    from eobblast.sandbox import Sandbox, default_sandbox_domains, make_test_pki
+
+    async def serve() -> None:
+        domains = default_sandbox_domains(port=port)
+        pki = make_test_pki(out / "pki", [d.name for d in domains])
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        async with Sandbox(domains, out / "maildir", pki) as running:
+            table = Table(title="eobblast sandbox")
+            for column in ("domain", "listens on", "behaviour"):
+                table.add_column(column)
+            for domain in domains:
+                host, bound = running.routes[domain.name]
+                table.add_row(domain.name, f"{host}:{bound}", domain.behaviour)
+            console.print(table)
+            console.print(f"trust this CA: {pki.ca}   Maildirs: {out / 'maildir'}   Ctrl-C stops")
+            await stop.wait()
+
+    _run(serve())
+
+
+def _summary_table(summary: dict[str, Any]) -> Table:
+    table = Table(title="eobblast demo")
+    table.add_column("status")
+    table.add_column("reason")
+    table.add_column("events", justify="right")
+    for status, reasons in summary["by_reason"].items():
+        for reason, count in reasons.items():
+            table.add_row(status, reason, str(count))
+    table.add_section()
+    table.add_row("total", "", str(summary["final_statuses"]))
+    return table
+
+
+@main.command()
+@click.option("--events", "-n", type=click.IntRange(min=1), default=500, show_default=True)
+@click.option(
+    "--out",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("demo-out"),
+    show_default=True,
+)
+@click.option("--seed", type=int, default=1, show_default=True)
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML configuration file.",
+)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def demo(events: int, out: Path, seed: int, config_path: Path | None, progress: bool) -> None:
+    """Generate events, start the sandbox, deliver everything and print a summary."""
+    from eobblast.demo import run_demo
+    from eobblast.pipeline import EventOutcome
+
+    try:
+        config = load_config(config_path)
+    except EobblastError as exc:
+        raise click.ClickException(str(exc)) from None
+    bar = Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+    )
+    task = bar.add_task("sending", total=events)
+
+    def advance(_: EventOutcome) -> None:
+        bar.advance(task)
+
+    with bar:
+        summary = _run(run_demo(events, out, seed=seed, config=config, on_outcome=advance))
+    console.print(_summary_table(summary))
+    console.print(
+        f"{summary['messages_per_second']} messages/s, latency p50 "
+        f"{summary['latency_seconds']['p50'] * 1000:.1f} ms, p99 "
+        f"{summary['latency_seconds']['p99'] * 1000:.1f} ms; results in {out}/"
+    )
+    if summary["final_statuses"] != events:
+        raise click.ClickException(
+            f"{events - summary['final_statuses']} events have no final status"
+        )

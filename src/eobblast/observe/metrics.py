@@ -1,0 +1,52 @@
+"""Prometheus metrics. Labels are outcomes, reasons, stages and states: bounded, no PHI."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+# The one piece of module-level mutable state allowed: the metrics registry.
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+EVENTS = Counter(
+    "eobblast_events",
+    "EOB events by final outcome and reason code.",
+    ["outcome", "reason"],
+    registry=REGISTRY,
+)
+STAGE_SECONDS = Histogram(
+    "eobblast_stage_seconds",
+    "Time spent per pipeline stage for one event.",
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+    registry=REGISTRY,
+)
+SMTP_CONNECTIONS = Gauge(
+    "eobblast_smtp_connections",
+    "SMTP connections currently held by the pool, by state.",
+    ["state"],
+    registry=REGISTRY,
+)
+SMTP_CONNECTS = Counter(
+    "eobblast_smtp_connects",
+    "SMTP connection attempts by result.",
+    ["result"],
+    registry=REGISTRY,
+)
+SMTP_REPLIES = Counter(
+    "eobblast_smtp_replies",
+    "Final SMTP replies to message transactions, by reply class (2xx, 4xx, 5xx).",
+    ["reply_class"],
+    registry=REGISTRY,
+)
+
+STAGES = ("validate", "render", "sign", "deliver", "total")
+# Cached children: `.labels()` costs more than the observation itself.
+STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in STAGES}
+CONNECTIONS_IDLE = SMTP_CONNECTIONS.labels("idle")
+CONNECTIONS_ACTIVE = SMTP_CONNECTIONS.labels("active")
+
+
+def serve_metrics(port: int, address: str = "127.0.0.1") -> int:
+    """Serve /metrics over HTTP; returns the port actually bound."""
+    server, _thread = start_http_server(port, addr=address, registry=REGISTRY)
+    return int(server.server_port)
