@@ -1,0 +1,1 @@
+"""Protection applied to a message before it is sent."""

@@ -1,0 +1,368 @@
+"""DKIM keys and signatures: dkimpy's canonicalisation, `cryptography`'s RSA and Ed25519.
+
+dkimpy's own signing parses the PEM key on every call and does RSA in pure Python
+(~140 signatures/s). Here the keys are parsed once, the message's headers and body come
+from the renderer (nothing is re-parsed) and the private-key operation is OpenSSL's.
+dkimpy's helpers used here (`CanonicalizationPolicy`, `hash_headers`, `fold`) are not
+public API: dkimpy is pinned and tests/unit/test_dkim.py round-trips through `dkim.verify`.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Final
+
+import dkim
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+from dkim.canonicalization import CanonicalizationPolicy
+
+from eobblast.errors import ConfigError, EobblastError, ReasonCode
+
+__all__ = [
+    "DEFAULT_OVERSIGN_HEADERS",
+    "DEFAULT_SIGN_HEADERS",
+    "DkimSigner",
+    "DnsRecord",
+    "ed25519_selector",
+    "generate_keys",
+    "load_signer",
+]
+
+RSA_KEY_BITS: Final = 2048
+# RFC 8301: verifiers must reject RSA keys under 1024 bits, so loading one is a config error.
+MIN_RSA_KEY_BITS: Final = 1024
+
+#: Header fields signed when present (RFC 6376 section 5.4.1 plus the bulk-sender ones:
+#: RFC 8058 one-click unsubscribe only counts when List-Unsubscribe(-Post) are signed).
+DEFAULT_SIGN_HEADERS: Final[tuple[str, ...]] = (
+    "from",
+    "sender",
+    "reply-to",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "in-reply-to",
+    "references",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "list-id",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+    "feedback-id",
+)
+
+#: Header fields signed once more than they occur, present or not, so that a replayer cannot
+#: add a second copy (which many clients display instead of the signed one).
+DEFAULT_OVERSIGN_HEADERS: Final[tuple[str, ...]] = (
+    "from",
+    "reply-to",
+    "to",
+    "cc",
+    "subject",
+    "date",
+    "message-id",
+    "mime-version",
+    "content-type",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
+)
+
+_HEADER_NAME: Final = b"DKIM-Signature"
+_RELAXED: Final = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+# A DNS label: selectors and domains become file names too, so nothing else may pass.
+_LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+# b= continuation lines: " b=" + 69 characters keeps every line within 72 columns.
+_B_CHUNK: Final = 69
+_TXT_CHUNK: Final = 255
+
+
+@dataclass(frozen=True, slots=True)
+class DnsRecord:
+    """A DKIM public-key TXT record to publish at `name`."""
+
+    name: str
+    value: str
+
+    def zone_line(self, ttl: int = 3600) -> str:
+        """The record as a zone-file line, its value split into <=255-character strings."""
+        # A TXT character-string holds at most 255 octets; the tags and the key go in
+        # separate strings, as opendkim-genkey writes them, so the line reads well.
+        head, sep, key = self.value.partition("p=")
+        chunks = [
+            piece[i : i + _TXT_CHUNK]
+            for piece in (head, sep + key)
+            if piece
+            for i in range(0, len(piece), _TXT_CHUNK)
+        ]
+        quoted = " ".join('"' + c.replace("\\", "\\\\").replace('"', '\\"') + '"' for c in chunks)
+        return f"{self.name}. {ttl} IN TXT ( {quoted} )"
+
+    def opendkim_line(self) -> str:
+        """The record as a line of OpenDKIM's TestPublicKeys file."""
+        return f"{self.name} {self.value}"
+
+
+def ed25519_selector(selector: str) -> str:
+    """The selector of the Ed25519 key that accompanies the RSA key of `selector`."""
+    # Distinct selectors let both keys be published at once (RFC 8463 dual signing).
+    return selector + "e"
+
+
+def generate_keys(
+    key_dir: Path, domain: str, selector: str, *, ed25519: bool = True
+) -> list[DnsRecord]:
+    """Create the domain's signing keys unless they exist, and return their DNS records."""
+    _check_names(domain, selector)
+    key_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    rsa_path = _rsa_path(key_dir, domain, selector)
+    if not rsa_path.exists():
+        _publish_key(
+            rsa_path, rsa.generate_private_key(public_exponent=65537, key_size=RSA_KEY_BITS)
+        )
+    records = [_rsa_record(domain, selector, _load_rsa(rsa_path))]
+    if ed25519:
+        ed_path = _ed25519_path(key_dir, domain, selector)
+        if not ed_path.exists():
+            _publish_key(ed_path, Ed25519PrivateKey.generate())
+        records.append(_ed25519_record(domain, selector, _load_ed25519(ed_path)))
+    return records
+
+
+def load_signer(
+    key_dir: Path,
+    domain: str,
+    selector: str,
+    *,
+    ed25519: bool,
+    sign_headers: Sequence[str] = DEFAULT_SIGN_HEADERS,
+    oversign_headers: Sequence[str] = DEFAULT_OVERSIGN_HEADERS,
+) -> DkimSigner:
+    """A signer for `domain` with the keys `generate_keys` wrote to `key_dir`."""
+    _check_names(domain, selector)
+    return DkimSigner(
+        domain,
+        selector,
+        _load_rsa(_rsa_path(key_dir, domain, selector)),
+        ed25519_key=_load_ed25519(_ed25519_path(key_dir, domain, selector)) if ed25519 else None,
+        sign_headers=sign_headers,
+        oversign_headers=oversign_headers,
+    )
+
+
+class DkimSigner:
+    """Signs messages of one domain: rsa-sha256, plus ed25519-sha256 when it has that key.
+
+    Immutable after construction and safe to share between threads; the RSA operation
+    releases the GIL.
+    """
+
+    __slots__ = ("_clock", "_domain", "_ed25519_key", "_oversign", "_rsa_key", "_selector", "_sign")
+
+    def __init__(
+        self,
+        domain: str,
+        selector: str,
+        rsa_key: rsa.RSAPrivateKey,
+        *,
+        ed25519_key: Ed25519PrivateKey | None = None,
+        sign_headers: Sequence[str] = DEFAULT_SIGN_HEADERS,
+        oversign_headers: Sequence[str] = DEFAULT_OVERSIGN_HEADERS,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        _check_names(domain, selector)
+        if rsa_key.key_size < MIN_RSA_KEY_BITS:
+            raise ConfigError(f"DKIM RSA key for selector {selector!r} is under 1024 bits")
+        sign = frozenset(h.strip().lower().encode("ascii") for h in sign_headers)
+        # RFC 6376 section 5.4: From is the one field that must be signed.
+        if b"from" not in sign:
+            raise ConfigError("DKIM sign_headers must include From")
+        self._domain = domain.encode("ascii")
+        self._selector = selector.encode("ascii")
+        self._rsa_key = rsa_key
+        self._ed25519_key = ed25519_key
+        self._sign = sign
+        oversign = (h.strip().lower().encode("ascii") for h in oversign_headers)
+        self._oversign = tuple(name for name in oversign if name in sign)
+        self._clock = clock
+
+    def sign(self, headers: Sequence[tuple[bytes, bytes]], body: bytes) -> list[bytes]:
+        """DKIM-Signature lines to write, in this order, above the message's header fields.
+
+        `headers` are the message's (name, value) pairs as written, values possibly folded
+        and without their final CRLF; `body` is the CRLF body. The rsa-sha256 signature
+        comes first, so it is the topmost one, the one single-signature verifiers check.
+        """
+        canonical = _RELAXED.canonicalize_headers(headers)
+        present = [name for name, _ in canonical if name in self._sign]
+        if b"from" not in present:
+            raise EobblastError(ReasonCode.INTERNAL_ERROR, "cannot DKIM-sign without a From field")
+        include = [*present, *self._oversign]
+        body_hash = base64.b64encode(hashlib.sha256(_RELAXED.canonicalize_body(body)).digest())
+        timestamp = str(int(self._clock())).encode("ascii")
+
+        rsa_key = self._rsa_key
+        lines = [
+            self._signature(
+                b"rsa-sha256",
+                self._selector,
+                timestamp,
+                include,
+                canonical,
+                body_hash,
+                lambda digest: rsa_key.sign(
+                    digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
+                ),
+            )
+        ]
+        if self._ed25519_key is not None:
+            # RFC 8463: PureEdDSA over the SHA-256 digest of the canonical header data.
+            lines.append(
+                self._signature(
+                    b"ed25519-sha256",
+                    ed25519_selector(self._selector.decode()).encode("ascii"),
+                    timestamp,
+                    include,
+                    canonical,
+                    body_hash,
+                    self._ed25519_key.sign,
+                )
+            )
+        return lines
+
+    def _signature(
+        self,
+        algorithm: bytes,
+        selector: bytes,
+        timestamp: bytes,
+        include: list[bytes],
+        canonical: list[tuple[bytes, bytes]],
+        body_hash: bytes,
+        sign_digest: Callable[[bytes], bytes],
+    ) -> bytes:
+        tags = [
+            (b"v", b"1"),
+            (b"a", algorithm),
+            (b"c", b"relaxed/relaxed"),
+            (b"d", self._domain),
+            (b"s", selector),
+            (b"t", timestamp),
+            (b"h", b" : ".join(include)),
+            (b"bh", body_hash),
+        ]
+        # b= goes on lines of its own after the folded tags, so the text before it is the
+        # same when hashed (b= empty) and when written (b= filled): fold never has to
+        # re-decide where to break.
+        folded: bytes = dkim.fold(
+            b"; ".join(b"=".join(t) for t in tags) + b";", namelen=len(_HEADER_NAME)
+        )
+        unsigned = folded + b"\r\n b="
+        hasher = hashlib.sha256()
+        dkim.hash_headers(hasher, _RELAXED, canonical, include, (_HEADER_NAME, b" " + unsigned), {})
+        b64 = base64.b64encode(sign_digest(hasher.digest()))
+        wrapped = b"\r\n ".join(b64[i : i + _B_CHUNK] for i in range(0, len(b64), _B_CHUNK))
+        return _HEADER_NAME + b": " + unsigned + wrapped + b"\r\n"
+
+
+def _check_names(domain: str, selector: str) -> None:
+    for what, name in (("domain", domain), ("selector", ed25519_selector(selector))):
+        labels = name.split(".")
+        if not all(_LABEL.fullmatch(label) for label in labels) or len(name) > 253:
+            raise ConfigError(f"DKIM {what} {name!r} is not an ASCII DNS name")
+
+
+def _rsa_path(key_dir: Path, domain: str, selector: str) -> Path:
+    return key_dir / f"{domain}.{selector}.rsa.pem"
+
+
+def _ed25519_path(key_dir: Path, domain: str, selector: str) -> Path:
+    return key_dir / f"{domain}.{ed25519_selector(selector)}.ed25519.pem"
+
+
+def _publish_key(path: Path, key: rsa.RSAPrivateKey | Ed25519PrivateKey) -> None:
+    """Write `key` to `path` with mode 0600 unless a key is already there."""
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    # Written whole to a private temporary file, then linked into place: the key is never
+    # readable by others, never half-written, and a key created meanwhile is never replaced.
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(pem)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass  # another process created it first: theirs is the one to load and publish
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read_key(path: Path, kind: str) -> PrivateKeyTypes:
+    try:
+        pem = path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"DKIM {kind} key not found at {path}: generate it first") from None
+    except OSError as exc:
+        raise ConfigError(f"DKIM {kind} key at {path} is unreadable ({exc.strerror})") from None
+    try:
+        return serialization.load_pem_private_key(pem, password=None)
+    except (ValueError, TypeError):
+        # The parser's message is dropped: it could quote the file's content.
+        raise ConfigError(
+            f"DKIM {kind} key at {path} is not an unencrypted PEM private key"
+        ) from None
+
+
+def _load_rsa(path: Path) -> rsa.RSAPrivateKey:
+    key = _read_key(path, "rsa")
+    if not isinstance(key, rsa.RSAPrivateKey):
+        raise ConfigError(f"DKIM key at {path} is not an RSA key")
+    if key.key_size < MIN_RSA_KEY_BITS:
+        raise ConfigError(f"DKIM RSA key at {path} is under 1024 bits")
+    return key
+
+
+def _load_ed25519(path: Path) -> Ed25519PrivateKey:
+    key = _read_key(path, "ed25519")
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ConfigError(f"DKIM key at {path} is not an Ed25519 key")
+    return key
+
+
+def _rsa_record(domain: str, selector: str, key: rsa.RSAPrivateKey) -> DnsRecord:
+    # RFC 6376 section 3.6.1: p= is the SubjectPublicKeyInfo DER, base64.
+    spki = key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return DnsRecord(
+        f"{selector}._domainkey.{domain}", f"v=DKIM1; k=rsa; p={base64.b64encode(spki).decode()}"
+    )
+
+
+def _ed25519_record(domain: str, selector: str, key: Ed25519PrivateKey) -> DnsRecord:
+    # RFC 8463 section 4.2: p= is the raw 32-byte public key, base64 (no SPKI wrapper).
+    raw = key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return DnsRecord(
+        f"{ed25519_selector(selector)}._domainkey.{domain}",
+        f"v=DKIM1; k=ed25519; p={base64.b64encode(raw).decode()}",
+    )

@@ -1,0 +1,140 @@
+"""The eob.issued/v1 schema: valid events pass, every kind of bad input gets its reason code."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections import Counter
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from eobblast.errors import ReasonCode
+from eobblast.events import EobIssued, Rejection, json_schema, validate_event
+from eobblast.events.synthetic import generate_events
+from tests.conftest import spoiled
+
+
+def test_valid_event_is_accepted(event_doc: dict[str, Any]) -> None:
+    event = validate_event(orjson.dumps(event_doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued)
+    assert event.claim.lines[0].billed == event_doc["claim"]["lines"][0]["billed"]
+    assert event.issued_at.tzinfo is not None
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "reason"),
+    [
+        ("member.email", ..., ReasonCode.MISSING_FIELD),
+        ("claim.lines.0.billed", 12.5, ReasonCode.MONEY_NOT_DECIMAL_STRING),
+        ("claim.lines.0.plan_paid", 100, ReasonCode.MONEY_NOT_DECIMAL_STRING),
+        ("claim.lines.0.copay", "12.5", ReasonCode.INVALID_VALUE),
+        ("member.name", "Ann\r\nBcc: x@evil.test", ReasonCode.CONTROL_CHARACTERS),
+        ("claim.patient_name", "Ann\x00", ReasonCode.CONTROL_CHARACTERS),
+        ("claim.lines.0.description", "x" * 1_000_000, ReasonCode.EVENT_TOO_LARGE),
+        ("claim.lines.0.description", "x" * 5000, ReasonCode.FIELD_TOO_LARGE),
+        ("member.email", "not-an-address", ReasonCode.INVALID_ADDRESS),
+        ("member.email", "a@b@alpha.sandbox.test", ReasonCode.INVALID_ADDRESS),
+        ("member.email", "x@alpha.sandbox.test\r\nBcc: y@evil.test", ReasonCode.INVALID_ADDRESS),
+        ("member.consent", "yes", ReasonCode.WRONG_TYPE),
+        ("member.consent.electronic_delivery", "true", ReasonCode.WRONG_TYPE),
+        ("claim.lines", [], ReasonCode.INVALID_VALUE),
+        ("claim.provider.npi", "1234567890", ReasonCode.INVALID_VALUE),
+        ("schema", "eob.issued/v0", ReasonCode.UNSUPPORTED_SCHEMA),
+        ("member.nickname", "Bo", ReasonCode.UNKNOWN_FIELD),
+        ("issued_at", "2026-11-26T09:00:00", ReasonCode.INVALID_VALUE),
+    ],
+)
+def test_bad_field_gets_reason_and_event_id(
+    event_doc: dict[str, Any], path: str, value: Any, reason: ReasonCode
+) -> None:
+    result = validate_event(spoiled(event_doc, path, value), allow_test_domains=True)
+    assert isinstance(result, Rejection)
+    assert result.reason is reason
+    if reason is not ReasonCode.EVENT_TOO_LARGE:
+        assert result.event_id == event_doc["event_id"]
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"{not json", ReasonCode.INVALID_JSON),
+        (b"", ReasonCode.INVALID_JSON),
+        (b"[1, 2]", ReasonCode.NOT_AN_OBJECT),
+        (b'"just a string"', ReasonCode.NOT_AN_OBJECT),
+        (b'{"event_id": "\xff\xfe"}', ReasonCode.INVALID_UTF8),
+        (b"x" * 300_000, ReasonCode.EVENT_TOO_LARGE),
+    ],
+)
+def test_unreadable_input_gets_reason(raw: bytes, reason: ReasonCode) -> None:
+    result = validate_event(raw)
+    assert isinstance(result, Rejection)
+    assert result.reason is reason
+
+
+def test_rejection_never_echoes_values(event_doc: dict[str, Any]) -> None:
+    name = event_doc["member"]["name"]
+    raw = spoiled(event_doc, "member.name", name + "\n")
+    result = validate_event(raw, allow_test_domains=True)
+    assert isinstance(result, Rejection)
+    assert name not in repr(result) and name not in json.dumps(result.as_dict())
+    assert result.as_dict() == {
+        "reason": "control_characters",
+        "event_id": event_doc["event_id"],
+        "field": "member.name",
+    }
+
+
+def test_event_id_that_looks_like_phi_is_not_echoed(event_doc: dict[str, Any]) -> None:
+    raw = spoiled(event_doc, "event_id", "Jane Doe, 12 Elm St")
+    result = validate_event(raw, allow_test_domains=True)
+    assert isinstance(result, Rejection)
+    assert result.event_id is None
+
+
+def test_test_domains_need_opt_in(event_doc: dict[str, Any]) -> None:
+    result = validate_event(orjson.dumps(event_doc))
+    assert isinstance(result, Rejection)
+    assert result.reason is ReasonCode.INVALID_ADDRESS
+
+
+def test_exported_json_schema_agrees_with_the_validator(event_doc: dict[str, Any]) -> None:
+    schema = json_schema()
+    jsonschema.Draft202012Validator.check_schema(schema)
+    validator = jsonschema.Draft202012Validator(schema)
+    validator.validate(event_doc)  # a valid event is valid under the exported schema
+    bad = orjson.loads(spoiled(event_doc, "claim.lines.0.billed", 12.5))
+    assert not validator.is_valid(bad)  # money as a float is refused by both
+
+
+def test_generator_exercises_every_path() -> None:
+    now = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
+    outcomes: Counter[str] = Counter()
+    languages: Counter[str] = Counter()
+    domains: Counter[str] = Counter()
+    for raw in generate_events(1500, seed=3, now=now):
+        result = validate_event(raw, allow_test_domains=True)
+        if isinstance(result, Rejection):
+            outcomes[result.reason] += 1
+            continue
+        outcomes["valid"] += 1
+        languages[result.member.preferred_language] += 1
+        domains[result.member.email.rpartition("@")[2]] += 1
+        if not result.member.consent.electronic_delivery:
+            outcomes["no_consent"] += 1
+        if result.member.email.startswith("unknown-"):
+            outcomes["unknown_user"] += 1
+    assert outcomes["valid"] > 1300
+    for reason in ("no_consent", "unknown_user", "invalid_address", "invalid_json"):
+        assert outcomes[reason] > 0, reason
+    assert languages["en"] > 0 and languages["es"] > 0
+    assert len(domains) == 5
+
+
+def test_generator_is_deterministic() -> None:
+    now = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
+    assert list(generate_events(20, seed=5, now=now)) == list(
+        generate_events(20, seed=5, now=now)
+    )
