@@ -1,0 +1,27 @@
+"""Local MX servers that behave like real receivers, for the demo, tests and benchmarks."""
+
+from eobblast.sandbox.ca import TestPki, certificate_dns_names, make_test_pki
+from eobblast.sandbox.server import (
+    Behaviour,
+    Received,
+    Sandbox,
+    SandboxDomain,
+    default_sandbox_domains,
+    rcpt_reply,
+    received_header,
+    sandbox_config_from_toml,
+)
+
+__all__ = [
+    "Behaviour",
+    "Received",
+    "Sandbox",
+    "SandboxDomain",
+    "TestPki",
+    "certificate_dns_names",
+    "default_sandbox_domains",
+    "make_test_pki",
+    "rcpt_reply",
+    "received_header",
+    "sandbox_config_from_toml",
+]

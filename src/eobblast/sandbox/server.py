@@ -1,0 +1,581 @@
+"""Local MX servers (aiosmtpd) that accept, defer, reject or misbehave like real receivers."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import datetime as dt
+import enum
+import ipaddress
+import itertools
+import logging
+import os
+import secrets
+import ssl
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from email.utils import format_datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from aiosmtpd.controller import Controller
+from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
+
+from eobblast.errors import ConfigError
+from eobblast.sandbox.ca import TestPki, certificate_dns_names
+
+log = logging.getLogger(__name__)
+
+# Records kept in memory by default; older ones are dropped so a long demo stays bounded.
+DEFAULT_MAX_RECORDS = 100_000
+READY_TIMEOUT = 5.0
+
+
+class Behaviour(enum.StrEnum):
+    """How a sandbox domain (or one recipient of it) answers."""
+
+    ACCEPT = "accept"
+    DEFER = "defer"
+    REJECT = "reject"
+    NO_STARTTLS = "no_starttls"
+    UNTRUSTED_CERT = "untrusted_cert"
+
+
+# Only these make sense for a single recipient; the TLS ones are properties of the server.
+RECIPIENT_BEHAVIOURS = frozenset({Behaviour.ACCEPT, Behaviour.DEFER, Behaviour.REJECT})
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxDomain:
+    """One receiving domain: its own loopback address, port and behaviour."""
+
+    name: str
+    host: str
+    port: int = 0
+    behaviour: Behaviour = Behaviour.ACCEPT
+    close_after: int | None = None
+    recipient_rules: tuple[tuple[str, Behaviour], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.name or any(c.isspace() or c in "/:@[]" for c in self.name):
+            raise ConfigError(f"name: {self.name!r} is not a domain name")
+        try:
+            address = ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ConfigError(f"host: {self.host!r} is not an IP address") from None
+        if not address.is_loopback:
+            raise ConfigError(f"host: {self.host} is not a loopback address")
+        if isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port!r} is not 0-65535")
+        if not isinstance(self.behaviour, Behaviour):
+            raise ConfigError(f"behaviour: {self.behaviour!r} is not a Behaviour")
+        if self.close_after is not None and (
+            isinstance(self.close_after, bool) or self.close_after < 0
+        ):
+            raise ConfigError(f"close_after: {self.close_after!r} is not a count >= 0")
+        for prefix, behaviour in self.recipient_rules:
+            if not prefix:
+                raise ConfigError("recipient_rules: a prefix must not be empty")
+            if behaviour not in RECIPIENT_BEHAVIOURS:
+                raise ConfigError(
+                    f"recipient_rules: {prefix!r} -> {behaviour!r}: only accept, defer "
+                    "or reject apply to a recipient"
+                )
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """What the sandbox recorded about one accepted message (never its body)."""
+
+    domain: str
+    queue_id: str
+    client_ip: str
+    helo: str
+    tls_version: str | None
+    cipher: str | None
+    mail_from: str
+    rcpt_tos: tuple[str, ...]
+    size: int
+    path: Path
+    received_at: dt.datetime
+
+
+def rcpt_reply(domain: SandboxDomain, address: str) -> str | None:
+    """The reply a domain gives to RCPT TO:<address>, or None when it accepts the recipient."""
+    local = address.rpartition("@")[0].casefold() if "@" in address else address.casefold()
+    for prefix, behaviour in domain.recipient_rules:
+        if local.startswith(prefix.casefold()):
+            if behaviour is Behaviour.REJECT:
+                return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+            if behaviour is Behaviour.DEFER:
+                return "451 4.2.1 Mailbox busy, try again later"
+            return None
+    if domain.behaviour is Behaviour.REJECT:
+        return f"550 5.1.1 <{address}>: Recipient address rejected: User unknown"
+    if domain.behaviour is Behaviour.DEFER:
+        return "451 4.3.0 Temporary failure, try again later"
+    return None
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    by_host: str,
+    queue_id: str,
+    extended: bool,
+    tls: tuple[str, str, int] | None,
+    rcpt_tos: Sequence[str],
+    when: dt.datetime,
+) -> bytes:
+    """An RFC 5321 trace header (CRLF-terminated); tls is (version, cipher, bits) or None."""
+    protocol = ("ESMTP" if extended else "SMTP") + ("S" if tls else "")
+    # RFC 5321 TCP-info: without a reverse lookup (none in a sandbox) the address literal alone.
+    literal = f"[IPv6:{client_ip}]" if ":" in client_ip else f"[{client_ip}]"
+    parts = [f"Received: from {helo} ({literal})", f"\tby {by_host} (eobblast-sandbox)"]
+    with_clause = f"\twith {protocol} id {queue_id}"
+    if tls is not None:
+        version, cipher, bits = tls
+        with_clause += f" (version={version} cipher={cipher} bits={bits})"
+    parts.append(with_clause)
+    # A "for" clause names the recipient only when there is exactly one (as Postfix does).
+    date = format_datetime(when)
+    if len(rcpt_tos) == 1:
+        parts.append(f"\tfor <{rcpt_tos[0]}>; {date}")
+    else:
+        parts[-1] += f"; {date}"
+    return ("\r\n".join(parts) + "\r\n").encode("utf-8", "surrogateescape")
+
+
+class _Recorder:
+    """Counts and records shared by the servers' threads and the caller's loop."""
+
+    def __init__(self, max_records: int) -> None:
+        self._lock = threading.Lock()
+        self._records: collections.deque[Received] = collections.deque(maxlen=max_records)
+        self._counts: dict[str, int] = {}
+
+    def add(self, record: Received) -> None:
+        with self._lock:
+            self._records.append(record)
+            self._counts[record.domain] = self._counts.get(record.domain, 0) + 1
+
+    def records(self) -> list[Received]:
+        with self._lock:
+            return list(self._records)
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._counts)
+
+    def init_domain(self, name: str) -> None:
+        with self._lock:
+            self._counts.setdefault(name, 0)
+
+
+class _SandboxSMTP(SMTP):
+    """aiosmtpd's SMTP session plus what a handler hook cannot do: hang up after a reply."""
+
+    def __init__(self, handler: Any, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.transactions = 0  # MAIL commands accepted on this connection
+        self.hang_up_after_reply = False
+
+    @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        await super().smtp_MAIL(arg)
+        if self.hang_up_after_reply and self.transport is not None:
+            # The reply is already written; close() flushes it before the socket goes.
+            self.transport.close()
+
+
+class _DomainHandler:
+    """aiosmtpd hooks applying one SandboxDomain's behaviour and storing what it accepts."""
+
+    def __init__(self, domain: SandboxDomain, maildir: Path, recorder: _Recorder) -> None:
+        self._domain = domain
+        self._tmp = maildir / "tmp"
+        self._new = maildir / "new"
+        self._recorder = recorder
+        self._seq = itertools.count()
+
+    async def handle_MAIL(
+        self,
+        server: _SandboxSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        mail_options: list[str],
+    ) -> str:
+        close_after = self._domain.close_after
+        if close_after is not None and server.transactions >= close_after:
+            server.hang_up_after_reply = True
+            log.debug(
+                "sandbox %s: closing a connection after %d messages", self._domain.name, close_after
+            )
+            return f"421 4.7.0 {self._domain.name} Too many messages, closing connection"
+        server.transactions += 1
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self,
+        server: _SandboxSMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        reply = rcpt_reply(self._domain, address)
+        if reply is not None:
+            log.debug("sandbox %s: RCPT answered %s", self._domain.name, reply[:9])
+            return reply
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: _SandboxSMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content
+        assert isinstance(content, bytes)  # decode_data=False keeps the exact bytes
+        assert envelope.mail_from is not None
+        now = dt.datetime.now(dt.UTC).astimezone()
+        queue_id = secrets.token_hex(6).upper()
+        tls = _tls_details(session)
+        peer = session.peer
+        client_ip = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        # The HELO name goes into a header: keep a hostile one from breaking the header.
+        helo = "".join(c if c.isprintable() else "?" for c in session.host_name or "unknown")
+        rcpt_tos = tuple(envelope.rcpt_tos)
+        header = received_header(
+            helo=helo,
+            client_ip=client_ip,
+            by_host=self._domain.name,
+            queue_id=queue_id,
+            extended=session.extended_smtp,
+            tls=tls,
+            rcpt_tos=rcpt_tos,
+            when=now,
+        )
+        path = self._store(header, content, queue_id, now)
+        self._recorder.add(
+            Received(
+                domain=self._domain.name,
+                queue_id=queue_id,
+                client_ip=client_ip,
+                helo=helo,
+                tls_version=tls[0] if tls else None,
+                cipher=tls[1] if tls else None,
+                mail_from=envelope.mail_from,
+                rcpt_tos=rcpt_tos,
+                size=len(content),
+                path=path,
+                received_at=now,
+            )
+        )
+        log.debug("sandbox %s: accepted %s", self._domain.name, queue_id)
+        return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Log the failure by type only: exception text can quote envelope addresses."""
+        if isinstance(error, TLSSetupException):
+            # Expected for the untrusted-certificate domain: the client refused our certificate.
+            log.info("sandbox %s: TLS handshake failed", self._domain.name)
+        else:
+            log.warning("sandbox %s: session error %s", self._domain.name, type(error).__name__)
+        return "451 4.3.0 Local error in processing"
+
+    def _store(self, header: bytes, content: bytes, queue_id: str, now: dt.datetime) -> Path:
+        # Maildir delivery: write under tmp/, then rename into new/ so readers never see a
+        # partial file. Blocking I/O is fine here: this runs on the domain's own server thread.
+        # No fsync: a sandbox trades durability for speed. Bytes are kept as received (CRLF)
+        # so signatures over them can still be verified.
+        seconds = now.timestamp()
+        name = (
+            f"{int(seconds)}.M{int(seconds % 1 * 1e6)}P{os.getpid()}Q{next(self._seq)}"
+            f"_{queue_id}.{self._domain.name}"
+        )
+        tmp = self._tmp / name
+        with tmp.open("xb") as handle:
+            handle.write(header)
+            handle.write(content)
+        final = self._new / name
+        tmp.rename(final)
+        return final
+
+
+def _tls_details(session: Session) -> tuple[str, str, int] | None:
+    """(version, cipher, bits) from the session's real SSL object, None for plaintext."""
+    info = session.ssl
+    if not info:
+        return None
+    ssl_object = info.get("ssl_object")
+    cipher = ssl_object.cipher() if isinstance(ssl_object, ssl.SSLObject) else info.get("cipher")
+    version = ssl_object.version() if isinstance(ssl_object, ssl.SSLObject) else None
+    if not cipher:
+        return None
+    name, protocol, bits = cipher
+    return str(version or protocol), str(name), int(bits)
+
+
+class _SandboxController(Controller):
+    """aiosmtpd's threaded Controller, with our SMTP class and support for port 0."""
+
+    def factory(self) -> SMTP:
+        return _SandboxSMTP(self.handler, **self.SMTP_kwargs)
+
+    def _trigger_server(self) -> None:
+        # With port 0 the kernel picked the port when the listener was bound; learn it
+        # before aiosmtpd's start-up probe connects. This avoids the race of probing a free
+        # port with a separate socket and binding it later.
+        assert isinstance(self.server, asyncio.Server)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        super()._trigger_server()  # type: ignore[no-untyped-call]
+
+
+def _server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
+
+
+class Sandbox:
+    """A set of sandbox MX servers, one per SandboxDomain, each on its own loopback address."""
+
+    def __init__(
+        self,
+        domains: Sequence[SandboxDomain],
+        maildir_root: Path,
+        pki: TestPki,
+        *,
+        max_records: int = DEFAULT_MAX_RECORDS,
+    ) -> None:
+        names = [d.name.lower() for d in domains]
+        if len(set(names)) != len(names):
+            raise ConfigError("sandbox: domain names must be unique")
+        self._domains = tuple(domains)
+        self._maildir_root = maildir_root
+        self._pki = pki
+        self._recorder = _Recorder(max_records)
+        self._controllers: dict[str, _SandboxController] = {}
+        self._routes: dict[str, tuple[str, int]] = {}
+
+    @property
+    def routes(self) -> dict[str, tuple[str, int]]:
+        """Domain name -> (host, port) it actually listens on; empty until started."""
+        return dict(self._routes)
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """Domain name -> number of messages accepted since start."""
+        return self._recorder.counts()
+
+    @property
+    def received(self) -> list[Received]:
+        """Records of accepted messages, oldest first (at most max_records of them)."""
+        return self._recorder.records()
+
+    def maildir(self, domain: str) -> Path:
+        """The Maildir directory of one domain."""
+        return self._maildir_root / domain
+
+    async def start(self) -> None:
+        """Bind and start every domain's server; on any failure, stop those already started."""
+        if self._controllers:
+            raise RuntimeError("sandbox already started")
+        self._check_certificate_names()
+        _quiet_aiosmtpd_logging()
+        try:
+            for domain in self._domains:
+                await self._start_domain(domain)
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("sandbox started: %d domains", len(self._domains))
+
+    async def stop(self) -> None:
+        """Stop every server and release its port."""
+        controllers, self._controllers = self._controllers, {}
+        self._routes = {}
+        for controller in controllers.values():
+            # Controller.stop() joins the server thread: keep our own loop responsive.
+            await asyncio.to_thread(controller.stop)
+        if controllers:
+            log.info("sandbox stopped: %d domains", len(controllers))
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def _start_domain(self, domain: SandboxDomain) -> None:
+        maildir = self.maildir(domain.name)
+        for sub in ("tmp", "new", "cur"):
+            (maildir / sub).mkdir(parents=True, exist_ok=True)
+        tls_context: ssl.SSLContext | None
+        if domain.behaviour is Behaviour.NO_STARTTLS:
+            tls_context = None
+        elif domain.behaviour is Behaviour.UNTRUSTED_CERT:
+            tls_context = _server_tls_context(self._pki.untrusted_cert, self._pki.untrusted_key)
+        else:
+            tls_context = _server_tls_context(self._pki.server_cert, self._pki.server_key)
+        controller = _SandboxController(
+            _DomainHandler(domain, maildir, self._recorder),
+            hostname=domain.host,
+            port=domain.port,
+            ready_timeout=READY_TIMEOUT,
+            server_hostname=domain.name,
+            tls_context=tls_context,
+            require_starttls=False,
+            auth_require_tls=False,
+            decode_data=False,
+        )
+        await asyncio.to_thread(controller.start)
+        self._controllers[domain.name] = controller
+        self._routes[domain.name] = (domain.host, int(controller.port))
+        self._recorder.init_domain(domain.name)
+        log.info(
+            "sandbox %s: listening on %s:%d, behaviour %s",
+            domain.name,
+            domain.host,
+            controller.port,
+            domain.behaviour,
+        )
+
+    def _check_certificate_names(self) -> None:
+        # A missing name would surface as a confusing verification failure in the client.
+        names = certificate_dns_names(self._pki.server_cert)
+        for domain in self._domains:
+            if domain.behaviour is not Behaviour.NO_STARTTLS and domain.name.lower() not in names:
+                raise ConfigError(
+                    f"sandbox: the test certificate does not name {domain.name}; "
+                    "pass it to make_test_pki"
+                )
+
+
+def _quiet_aiosmtpd_logging() -> None:
+    # aiosmtpd logs envelope addresses and command lines at INFO on "mail.log": PHI. Raise
+    # the level unless someone already configured that logger on purpose.
+    mail_log = logging.getLogger("mail.log")
+    if mail_log.level == logging.NOTSET:
+        mail_log.setLevel(logging.WARNING)
+
+
+def default_sandbox_domains(
+    base_ip_prefix: str = "127.0.10.", *, port: int = 0
+) -> list[SandboxDomain]:
+    """The demo's receivers: alpha, bravo, charlie, notls and untrusted on .1 to .5."""
+    return [
+        SandboxDomain(
+            "alpha.sandbox.test",
+            f"{base_ip_prefix}1",
+            port,
+            recipient_rules=(("unknown-", Behaviour.REJECT), ("busy-", Behaviour.DEFER)),
+        ),
+        SandboxDomain("bravo.sandbox.test", f"{base_ip_prefix}2", port, close_after=25),
+        SandboxDomain("charlie.sandbox.test", f"{base_ip_prefix}3", port),
+        SandboxDomain(
+            "notls.sandbox.test", f"{base_ip_prefix}4", port, behaviour=Behaviour.NO_STARTTLS
+        ),
+        SandboxDomain(
+            "untrusted.sandbox.test",
+            f"{base_ip_prefix}5",
+            port,
+            behaviour=Behaviour.UNTRUSTED_CERT,
+        ),
+    ]
+
+
+_DOMAIN_KEYS = frozenset({"name", "host", "port", "behaviour", "close_after", "recipient_rules"})
+
+
+def sandbox_config_from_toml(data: Mapping[str, Any]) -> list[SandboxDomain]:
+    """Parse [[sandbox.domains]] tables of a TOML document; no such tables -> the defaults."""
+    sandbox = data.get("sandbox", {})
+    if not isinstance(sandbox, Mapping):
+        raise ConfigError("sandbox: expected a table")
+    if "domains" not in sandbox:
+        return default_sandbox_domains()
+    entries = sandbox["domains"]
+    if not isinstance(entries, list) or not entries:
+        raise ConfigError("sandbox.domains: expected a non-empty array of tables")
+    domains: list[SandboxDomain] = []
+    for index, entry in enumerate(entries):
+        where = f"sandbox.domains[{index}]"
+        if not isinstance(entry, Mapping):
+            raise ConfigError(f"{where}: expected a table")
+        domains.append(_domain_from_table(entry, where))
+    seen_names: set[str] = set()
+    seen_binds: set[tuple[str, int]] = set()
+    for index, domain in enumerate(domains):
+        where = f"sandbox.domains[{index}]"
+        if domain.name.lower() in seen_names:
+            raise ConfigError(f"{where}.name: {domain.name} is listed twice")
+        seen_names.add(domain.name.lower())
+        # Port 0 means "any free port", so several domains may share a host with it.
+        if domain.port:
+            bind = (str(ipaddress.ip_address(domain.host)), domain.port)
+            if bind in seen_binds:
+                raise ConfigError(f"{where}: {domain.host}:{domain.port} is used twice")
+            seen_binds.add(bind)
+    return domains
+
+
+def _domain_from_table(entry: Mapping[str, Any], where: str) -> SandboxDomain:
+    unknown = sorted(set(entry) - _DOMAIN_KEYS)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {', '.join(unknown)}")
+    for key in ("name", "host"):
+        if key not in entry:
+            raise ConfigError(f"{where}.{key}: missing")
+        if not isinstance(entry[key], str):
+            raise ConfigError(f"{where}.{key}: expected a string")
+    port = entry.get("port", 0)
+    if isinstance(port, bool) or not isinstance(port, int):
+        raise ConfigError(f"{where}.port: expected an integer 0-65535")
+    close_after = entry.get("close_after")
+    if close_after is not None and (
+        isinstance(close_after, bool) or not isinstance(close_after, int)
+    ):
+        raise ConfigError(f"{where}.close_after: expected an integer >= 0")
+    behaviour = _behaviour(entry.get("behaviour", "accept"), f"{where}.behaviour")
+    rules_table = entry.get("recipient_rules", {})
+    if not isinstance(rules_table, Mapping):
+        raise ConfigError(
+            f'{where}.recipient_rules: expected a table like {{"unknown-" = "reject"}}'
+        )
+    rules = tuple(
+        (str(prefix), _behaviour(value, f"{where}.recipient_rules.{prefix}"))
+        for prefix, value in rules_table.items()
+    )
+    try:
+        return SandboxDomain(
+            name=entry["name"],
+            host=entry["host"],
+            port=port,
+            behaviour=behaviour,
+            close_after=close_after,
+            recipient_rules=rules,
+        )
+    except ConfigError as error:
+        raise ConfigError(f"{where}.{error.detail}") from None
+
+
+def _behaviour(value: Any, where: str) -> Behaviour:
+    choices = ", ".join(b.value for b in Behaviour)
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: expected one of {choices}")
+    try:
+        return Behaviour(value.lower())
+    except ValueError:
+        raise ConfigError(f"{where}: {value!r} is not one of {choices}") from None
