@@ -18,9 +18,7 @@ CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_m
 def event_doc() -> dict[str, Any]:
     """One valid eob.issued/v1 event as a mapping."""
     raw = next(
-        generate_events(
-            1, seed=7, mix=CLEAN, now=dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
-        )
+        generate_events(1, seed=7, mix=CLEAN, now=dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC))
     )
     doc: dict[str, Any] = orjson.loads(raw)
     return doc

@@ -135,6 +135,4 @@ def test_generator_exercises_every_path() -> None:
 
 def test_generator_is_deterministic() -> None:
     now = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
-    assert list(generate_events(20, seed=5, now=now)) == list(
-        generate_events(20, seed=5, now=now)
-    )
+    assert list(generate_events(20, seed=5, now=now)) == list(generate_events(20, seed=5, now=now))

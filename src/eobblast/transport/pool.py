@@ -188,6 +188,7 @@ class SmtpPool:
         self._destinations: dict[PoolKey, _Destination] = {}
         self._last_sweep = clock()
         self._closed = False
+        self._live: set[SmtpConnection] = set()
 
     def _destination(self, key: PoolKey) -> _Destination:
         dest = self._destinations.get(key)
@@ -198,9 +199,11 @@ class SmtpPool:
     @property
     def open_connections(self) -> int:
         """Connections currently open (idle or active) across all destinations."""
-        return sum(
-            len(d.idle) + (self._limit - d.slots._value) for d in self._destinations.values()
-        )
+        return len(self._live)
+
+    async def _discard(self, conn: SmtpConnection) -> None:
+        self._live.discard(conn)
+        await conn.aclose()
 
     async def acquire(self, key: PoolKey) -> SmtpConnection:
         """An idle connection for `key`, or a new one; waits while the destination is full."""
@@ -220,8 +223,9 @@ class SmtpPool:
                     conn.state = ConnectionState.ACTIVE
                     metrics.CONNECTIONS_ACTIVE.inc()
                     return conn
-                await conn.aclose()
+                await self._discard(conn)
             conn = await self._open(key)
+            self._live.add(conn)
         except BaseException:
             dest.slots.release()
             raise
@@ -243,7 +247,7 @@ class SmtpPool:
                 dest.idle.append(conn)
                 metrics.CONNECTIONS_IDLE.inc()
             else:
-                await conn.aclose()
+                await self._discard(conn)
         finally:
             dest.slots.release()
 
@@ -271,6 +275,7 @@ class SmtpPool:
                 else:
                     conn.state = ConnectionState.CLOSED
                     conn.smtp.close()
+                    self._live.discard(conn)
                     metrics.CONNECTIONS_IDLE.dec()
             dest.idle = keep
 
@@ -342,4 +347,4 @@ class SmtpPool:
             while dest.idle:
                 conn = dest.idle.pop()
                 metrics.CONNECTIONS_IDLE.dec()
-                await conn.aclose()
+                await self._discard(conn)

@@ -1,0 +1,223 @@
+"""SMTP pool and transport against the sandbox: real sockets, STARTTLS and certificates."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from eobblast.config import TransportConfig
+from eobblast.errors import DeliveryError, ReasonCode
+from eobblast.observe import metrics
+from eobblast.sandbox import Behaviour, Sandbox, SandboxDomain, TestPki, make_test_pki
+from eobblast.transport import PoolKey, Router, SmtpPool, Transport, make_tls_context
+from eobblast.transport.routes import Route, parse_static_routes
+
+OK = "ok.sandbox.test"
+CLOSER = "closer.sandbox.test"
+NOTLS = "notls.sandbox.test"
+UNTRUSTED = "untrusted.sandbox.test"
+CLOSE_AFTER = 4
+DOMAINS = [
+    SandboxDomain(
+        OK,
+        "127.0.12.1",
+        recipient_rules=(("unknown-", Behaviour.REJECT), ("busy-", Behaviour.DEFER)),
+    ),
+    SandboxDomain(CLOSER, "127.0.12.2", close_after=CLOSE_AFTER),
+    SandboxDomain(NOTLS, "127.0.12.3", behaviour=Behaviour.NO_STARTTLS),
+    SandboxDomain(UNTRUSTED, "127.0.12.4", behaviour=Behaviour.UNTRUSTED_CERT),
+]
+MESSAGE = (
+    b"From: eob-notices@payer.test\r\nTo: someone\r\nSubject: Your Explanation of Benefits"
+    b" is ready\r\nMIME-Version: 1.0\r\nContent-Type: text/plain\r\n\r\nhello\r\n"
+)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    return make_test_pki(tmp_path_factory.mktemp("pki"), [d.name for d in DOMAINS])
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path, pki: TestPki) -> AsyncIterator[Sandbox]:
+    async with Sandbox(DOMAINS, tmp_path / "mail", pki) as running:
+        yield running
+
+
+def _transport(sandbox: Sandbox, pki: TestPki, **settings: object) -> Transport:
+    routes = {name: f"{host}:{port}" for name, (host, port) in sandbox.routes.items()}
+    config = TransportConfig(ca_bundle=pki.ca, routes=routes, **settings)  # type: ignore[arg-type]
+    return Transport.from_config(config)
+
+
+def _connects(result: str) -> float:
+    return metrics.SMTP_CONNECTS.labels(result)._value.get()
+
+
+async def test_many_messages_share_few_connections(sandbox: Sandbox, pki: TestPki) -> None:
+    transport = _transport(sandbox, pki, max_connections_per_destination=3)
+    before = _connects("ok")
+    peak = 0
+
+    async def send(i: int) -> None:
+        nonlocal peak
+        reply = await transport.deliver("eob-notices@payer.test", f"m{i}@{OK}", MESSAGE)
+        assert reply.code == 250
+        assert reply.tls_version in ("TLSv1.2", "TLSv1.3")
+        peak = max(peak, transport.pool.open_connections)
+
+    await asyncio.gather(*(send(i) for i in range(60)))
+    await transport.aclose()
+    assert sandbox.counts[OK] == 60
+    assert _connects("ok") - before <= 3  # 60 messages over at most 3 connections
+    assert peak <= 3
+    records = sandbox.received
+    assert all(r.tls_version is not None for r in records)
+    assert len({r.path for r in records}) == 60
+
+
+async def test_421_mid_connection_moves_to_a_fresh_connection(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    transport = _transport(sandbox, pki, max_connections_per_destination=1)
+    for i in range(CLOSE_AFTER * 3 + 1):
+        reply = await transport.deliver("eob-notices@payer.test", f"m{i}@{CLOSER}", MESSAGE)
+        assert reply.code == 250
+    await transport.aclose()
+    assert sandbox.counts[CLOSER] == CLOSE_AFTER * 3 + 1
+
+
+async def test_no_starttls_means_nothing_is_sent(sandbox: Sandbox, pki: TestPki) -> None:
+    transport = _transport(sandbox, pki)
+    with pytest.raises(DeliveryError) as caught:
+        await transport.deliver("eob-notices@payer.test", f"x@{NOTLS}", MESSAGE)
+    await transport.aclose()
+    assert caught.value.reason is ReasonCode.STARTTLS_NOT_OFFERED
+    assert caught.value.permanent
+    assert sandbox.counts.get(NOTLS, 0) == 0
+
+
+async def test_untrusted_certificate_means_nothing_is_sent(sandbox: Sandbox, pki: TestPki) -> None:
+    transport = _transport(sandbox, pki)
+    with pytest.raises(DeliveryError) as caught:
+        await transport.deliver("eob-notices@payer.test", f"x@{UNTRUSTED}", MESSAGE)
+    await transport.aclose()
+    assert caught.value.reason is ReasonCode.TLS_CERT_UNTRUSTED
+    assert sandbox.counts.get(UNTRUSTED, 0) == 0
+
+
+async def test_wrong_host_name_is_refused(sandbox: Sandbox, pki: TestPki) -> None:
+    # The certificate is valid, but for other names: host name checking must refuse it.
+    host, port = sandbox.routes[OK]
+    transport = Transport.from_config(
+        TransportConfig(ca_bundle=pki.ca, routes={"elsewhere.test": f"{host}:{port}"})
+    )
+    with pytest.raises(DeliveryError) as caught:
+        await transport.deliver("eob-notices@payer.test", "x@elsewhere.test", MESSAGE)
+    await transport.aclose()
+    assert caught.value.reason is ReasonCode.TLS_CERT_UNTRUSTED
+    assert sandbox.counts.get(OK, 0) == 0
+
+
+async def test_rejected_recipient_keeps_the_connection_usable(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    transport = _transport(sandbox, pki, max_connections_per_destination=1)
+    before = _connects("ok")
+    with pytest.raises(DeliveryError) as rejected:
+        await transport.deliver("eob-notices@payer.test", f"unknown-bob@{OK}", MESSAGE)
+    assert rejected.value.reason is ReasonCode.RECIPIENT_REJECTED
+    assert rejected.value.smtp_code == 550 and rejected.value.permanent
+    assert rejected.value.detail == "550 5.1.1"  # codes only: the reply text quotes the address
+    with pytest.raises(DeliveryError) as deferred:
+        await transport.deliver("eob-notices@payer.test", f"busy-bob@{OK}", MESSAGE)
+    assert deferred.value.reason is ReasonCode.TEMPORARY_FAILURE
+    assert deferred.value.smtp_code == 451 and not deferred.value.permanent
+    reply = await transport.deliver("eob-notices@payer.test", f"bob@{OK}", MESSAGE)
+    await transport.aclose()
+    assert reply.code == 250
+    assert _connects("ok") - before == 1
+    assert sandbox.counts[OK] == 1
+
+
+async def test_refused_connection_is_a_connect_failure(pki: TestPki) -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # nothing listens here once closed
+    transport = Transport.from_config(
+        TransportConfig(ca_bundle=pki.ca, routes={OK: f"127.0.0.1:{port}"}, connect_timeout=2)
+    )
+    with pytest.raises(DeliveryError) as caught:
+        await transport.deliver("eob-notices@payer.test", f"x@{OK}", MESSAGE)
+    await transport.aclose()
+    assert caught.value.reason is ReasonCode.CONNECT_FAILED
+    assert not caught.value.permanent
+
+
+async def test_source_address_is_bound(sandbox: Sandbox, pki: TestPki) -> None:
+    transport = _transport(sandbox, pki, source_address="127.0.12.99")
+    await transport.deliver("eob-notices@payer.test", f"x@{OK}", MESSAGE)
+    await transport.aclose()
+    assert [r.client_ip for r in sandbox.received] == ["127.0.12.99"]
+
+
+async def test_idle_connections_expire_and_max_messages_rotates(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    now = [0.0]
+    host, port = sandbox.routes[OK]
+    pool = SmtpPool(
+        make_tls_context(str(pki.ca)),
+        ehlo_name="sender.test",
+        max_messages_per_connection=2,
+        idle_expiry=10.0,
+        clock=lambda: now[0],
+    )
+    key = PoolKey(None, host, port, OK)
+    before = _connects("ok")
+    for i in range(4):  # two connections: each carries at most two messages
+        async with pool.connection(key) as conn:
+            await conn.send("eob-notices@payer.test", f"m{i}@{OK}", MESSAGE)
+    assert _connects("ok") - before == 2
+    async with pool.connection(key) as conn:
+        first = conn
+        await conn.send("eob-notices@payer.test", f"a@{OK}", MESSAGE)
+    now[0] += 11.0  # past the idle expiry
+    async with pool.connection(key) as conn:
+        assert conn is not first
+        await conn.send("eob-notices@payer.test", f"b@{OK}", MESSAGE)
+    await pool.aclose()
+    assert _connects("ok") - before == 4
+    assert sandbox.counts[OK] == 6
+
+
+async def test_mx_routes_are_cached_and_ordered() -> None:
+    calls: list[str] = []
+
+    async def lookup(domain: str) -> list[tuple[int, str]]:
+        calls.append(domain)
+        return [(20, "mx2.payer.test"), (10, "mx1.payer.test")]
+
+    now = [0.0]
+    router = Router({}, mx_lookup=lookup, cache_ttl=60, clock=lambda: now[0])
+    routes = await router.resolve("Payer.TEST")
+    assert [r.host for r in routes] == ["mx1.payer.test", "mx2.payer.test"]
+    assert routes[0].tls_name == "mx1.payer.test" and routes[0].port == 25
+    await router.resolve("payer.test")
+    assert calls == ["payer.test"]
+    now[0] = 61
+    await router.resolve("payer.test")
+    assert calls == ["payer.test", "payer.test"]
+
+
+def test_static_routes_verify_ip_hosts_against_the_domain() -> None:
+    routes = parse_static_routes(
+        {"a.test": "127.0.0.5:2525", "b.test": "relay.b.test:587", "c.test": "[::1]:25"}
+    )
+    assert routes["a.test"] == Route("127.0.0.5", 2525, "a.test")
+    assert routes["b.test"] == Route("relay.b.test", 587, "relay.b.test")
+    assert routes["c.test"] == Route("::1", 25, "c.test")
