@@ -1,0 +1,281 @@
+"""The send ledger: one row per event id, so a redelivered or republished event is sent once.
+
+The ledger is what turns Kafka's at-least-once delivery into effectively-once email:
+`claim` before sending, `finish` with the outcome, `mark_published` once the status event
+is acknowledged. Only an event that was in flight under another owner when that owner
+died is ever sent again, so duplicates are bounded by the in-flight limit.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eobblast.errors import ConfigError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS send_ledger (
+    event_id TEXT PRIMARY KEY,
+    state TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    outcome TEXT,
+    reason TEXT,
+    attempts INTEGER NOT NULL DEFAULT 1,
+    status_published INTEGER NOT NULL DEFAULT 0,
+    updated_at DOUBLE PRECISION NOT NULL
+)
+"""
+
+
+class LedgerState(enum.StrEnum):
+    """Where an event stands in the ledger."""
+
+    SENDING = "sending"
+    FINAL = "final"
+
+
+class ClaimKind(enum.Enum):
+    """What a claim found."""
+
+    NEW = "new"  # first time: send it
+    RETRY = "retry"  # another owner died while sending it: send again (bounded duplicates)
+    IN_FLIGHT = "in_flight"  # this owner is sending it right now: wait, do not send twice
+    DONE = "done"  # it already has a final outcome: never send again
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerEntry:
+    """One event's row."""
+
+    event_id: str
+    state: LedgerState
+    owner: str
+    outcome: str | None
+    reason: str | None
+    attempts: int
+    status_published: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """The result of claiming an event for sending."""
+
+    kind: ClaimKind
+    entry: LedgerEntry | None = None
+
+
+def _entry(row: Sequence[Any]) -> LedgerEntry:
+    return LedgerEntry(
+        str(row[0]),
+        LedgerState(row[1]),
+        str(row[2]),
+        row[3],
+        row[4],
+        int(row[5]),
+        bool(row[6]),
+    )
+
+
+_COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published"
+
+
+class SendLedger(abc.ABC):
+    """The interface both stores implement; the same tests run against each."""
+
+    @abc.abstractmethod
+    async def claim(self, event_id: str, owner: str) -> Claim:
+        """Claim an event for sending by `owner` (a worker instance id)."""
+
+    @abc.abstractmethod
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        """Record the final outcome of an event."""
+
+    @abc.abstractmethod
+    async def mark_published(self, event_ids: Sequence[str]) -> None:
+        """Record that these events' status events were acknowledged by Kafka."""
+
+    @abc.abstractmethod
+    async def get(self, event_id: str) -> LedgerEntry | None:
+        """The row of an event, if any."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    @staticmethod
+    def _decide(entry: LedgerEntry, owner: str) -> Claim:
+        if entry.state is LedgerState.FINAL:
+            return Claim(ClaimKind.DONE, entry)
+        if entry.owner == owner:
+            return Claim(ClaimKind.IN_FLIGHT, entry)
+        return Claim(ClaimKind.RETRY, entry)
+
+
+class SqliteLedger(SendLedger):
+    """The ledger in one SQLite file (WAL), shared by the worker processes of one machine.
+
+    Statements are tiny single-row writes that finish in microseconds, so they run on the
+    event loop's thread; a `busy_timeout` covers the moments another process holds the lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        # NORMAL: durable against process crashes (our failure model); fsync at checkpoints.
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        self._db.execute(_SCHEMA)
+
+    async def claim(self, event_id: str, owner: str) -> Claim:
+        """Claim an event for sending by `owner`."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            inserted = db.execute(
+                "INSERT OR IGNORE INTO send_ledger (event_id, state, owner, updated_at)"
+                " VALUES (?, 'sending', ?, ?)",
+                (event_id, owner, time.time()),
+            ).rowcount
+            if inserted:
+                db.execute("COMMIT")
+                return Claim(ClaimKind.NEW)
+            row = db.execute(
+                f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
+                (event_id,),
+            ).fetchone()
+            claim = self._decide(_entry(row), owner)
+            if claim.kind is ClaimKind.RETRY:
+                db.execute(
+                    "UPDATE send_ledger SET owner = ?, attempts = attempts + 1, updated_at = ?"
+                    " WHERE event_id = ?",
+                    (owner, time.time(), event_id),
+                )
+            db.execute("COMMIT")
+            return claim
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        """Record the final outcome of an event."""
+        self._db.execute(
+            "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
+            " VALUES (?, 'final', '', ?, ?, ?) ON CONFLICT(event_id) DO UPDATE SET"
+            " state = 'final', outcome = excluded.outcome, reason = excluded.reason,"
+            " updated_at = excluded.updated_at",
+            (event_id, outcome, reason, time.time()),
+        )
+
+    async def mark_published(self, event_ids: Sequence[str]) -> None:
+        """Record that these events' status events were acknowledged."""
+        if event_ids:
+            self._db.executemany(
+                "UPDATE send_ledger SET status_published = 1 WHERE event_id = ?",
+                [(event_id,) for event_id in event_ids],
+            )
+
+    async def get(self, event_id: str) -> LedgerEntry | None:
+        """The row of an event, if any."""
+        row = self._db.execute(
+            f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
+            (event_id,),
+        ).fetchone()
+        return _entry(row) if row else None
+
+    async def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+class PostgresLedger(SendLedger):
+    """The ledger in PostgreSQL, for workers that span machines."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, dsn: str) -> PostgresLedger:
+        """Connect and create the table if needed."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError:
+            raise ConfigError("cannot connect to the PostgreSQL ledger") from None
+        await conn.execute(_SCHEMA)
+        return cls(conn)
+
+    async def claim(self, event_id: str, owner: str) -> Claim:
+        """Claim an event for sending by `owner`."""
+        async with self._lock, self._conn.transaction():
+            cur = await self._conn.execute(
+                "INSERT INTO send_ledger (event_id, state, owner, updated_at)"
+                " VALUES (%s, 'sending', %s, %s) ON CONFLICT (event_id) DO NOTHING",
+                (event_id, owner, time.time()),
+            )
+            if cur.rowcount:
+                return Claim(ClaimKind.NEW)
+            cur = await self._conn.execute(
+                f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = %s FOR UPDATE",  # noqa: S608
+                (event_id,),
+            )
+            claim = self._decide(_entry(await cur.fetchone()), owner)
+            if claim.kind is ClaimKind.RETRY:
+                await self._conn.execute(
+                    "UPDATE send_ledger SET owner = %s, attempts = attempts + 1,"
+                    " updated_at = %s WHERE event_id = %s",
+                    (owner, time.time(), event_id),
+                )
+            return claim
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        """Record the final outcome of an event."""
+        async with self._lock:
+            await self._conn.execute(
+                "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
+                " VALUES (%s, 'final', '', %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET"
+                " state = 'final', outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,"
+                " updated_at = EXCLUDED.updated_at",
+                (event_id, outcome, reason, time.time()),
+            )
+
+    async def mark_published(self, event_ids: Sequence[str]) -> None:
+        """Record that these events' status events were acknowledged."""
+        if event_ids:
+            async with self._lock:
+                await self._conn.execute(
+                    "UPDATE send_ledger SET status_published = 1 WHERE event_id = ANY(%s)",
+                    (list(event_ids),),
+                )
+
+    async def get(self, event_id: str) -> LedgerEntry | None:
+        """The row of an event, if any."""
+        async with self._lock:
+            cur = await self._conn.execute(
+                f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = %s",  # noqa: S608
+                (event_id,),
+            )
+            row = await cur.fetchone()
+        return _entry(row) if row else None
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.close()
+
+
+async def open_ledger(url: str) -> SendLedger:
+    """Open the ledger named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
+    if url.startswith("sqlite:///"):
+        return SqliteLedger(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresLedger.connect(url)
+    raise ConfigError("ledger url must start with sqlite:/// or postgresql://")

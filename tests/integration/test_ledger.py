@@ -1,0 +1,135 @@
+"""The send ledger: the same behaviour from SQLite and from PostgreSQL (the machine's server)."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
+
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@pytest.fixture(scope="module")
+def pg_schema() -> Iterator[str]:
+    """A throwaway schema, so test runs never see each other's rows."""
+    schema = f"ledger_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
+    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("pg_schema"))
+
+
+@pytest.fixture
+async def ledger(ledger_url: str) -> AsyncIterator[SendLedger]:
+    opened = await open_ledger(ledger_url)
+    yield opened
+    await opened.close()
+
+
+def _id() -> str:
+    return str(uuid.uuid4())
+
+
+async def test_first_claim_is_new_then_done_after_finish(ledger: SendLedger) -> None:
+    event_id = _id()
+    assert (await ledger.claim(event_id, "w1")).kind is ClaimKind.NEW
+    await ledger.finish(event_id, "delivered", "delivered")
+    again = await ledger.claim(event_id, "w2")
+    assert again.kind is ClaimKind.DONE
+    assert again.entry is not None and again.entry.outcome == "delivered"
+    assert again.entry.state is LedgerState.FINAL
+
+
+async def test_same_owner_in_flight_is_not_sent_twice(ledger: SendLedger) -> None:
+    event_id = _id()
+    assert (await ledger.claim(event_id, "w1")).kind is ClaimKind.NEW
+    assert (await ledger.claim(event_id, "w1")).kind is ClaimKind.IN_FLIGHT
+
+
+async def test_dead_owner_in_flight_is_retried_and_counted(ledger: SendLedger) -> None:
+    event_id = _id()
+    await ledger.claim(event_id, "dead-worker")
+    retry = await ledger.claim(event_id, "w2")
+    assert retry.kind is ClaimKind.RETRY
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.attempts == 2 and entry.owner == "w2"
+    # now w2 owns it: a second claim by w2 is a concurrent duplicate, not a retry
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.IN_FLIGHT
+
+
+async def test_published_flag(ledger: SendLedger) -> None:
+    ids = [_id() for _ in range(3)]
+    for event_id in ids:
+        await ledger.claim(event_id, "w1")
+        await ledger.finish(event_id, "rejected", "invalid_json")
+    await ledger.mark_published(ids[:2])
+    flags = [(await ledger.get(i)).status_published for i in ids]  # type: ignore[union-attr]
+    assert flags == [True, True, False]
+    assert await ledger.get(_id()) is None
+
+
+async def test_finish_without_claim_records_outcome(ledger: SendLedger) -> None:
+    event_id = _id()
+    await ledger.finish(event_id, "rejected", "missing_field")
+    assert (await ledger.claim(event_id, "w1")).kind is ClaimKind.DONE
+
+
+async def test_concurrent_claims_give_exactly_one_new(ledger: SendLedger) -> None:
+    event_id = _id()
+    kinds = await asyncio.gather(*(ledger.claim(event_id, "w1") for _ in range(20)))
+    assert sum(c.kind is ClaimKind.NEW for c in kinds) == 1
+
+
+CLAIM_SCRIPT = """
+import asyncio, sys
+from eobblast.state import ClaimKind, open_ledger
+async def main():
+    ledger = await open_ledger(sys.argv[1])
+    won = 0
+    for i in range(200):
+        won += (await ledger.claim(f"shared-{sys.argv[3]}-{i}", sys.argv[2])).kind is ClaimKind.NEW
+    await ledger.close()
+    print(won)
+asyncio.run(main())
+"""
+
+
+def test_processes_share_the_ledger(ledger_url: str) -> None:
+    # Two worker processes race for the same 200 events: each is won exactly once.
+    tag = uuid.uuid4().hex[:8]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIM_SCRIPT, ledger_url, f"worker{n}", tag],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for n in range(2)
+    ]
+    wins = [int(p.communicate(timeout=60)[0]) for p in procs]
+    assert sum(wins) == 200
+
+
+async def test_bad_url_is_a_clear_error() -> None:
+    from eobblast.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="sqlite:///"):
+        await open_ledger("mysql://x")
