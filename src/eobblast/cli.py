@@ -39,11 +39,24 @@ def main() -> None:
 
 
 @main.command()
-def schema() -> None:
-    """Print the JSON Schema of the eob.issued/v1 event."""
+@click.option(
+    "--name",
+    type=click.Choice(["eob.issued/v1", "eob.delivery/v1", "eob.events.dlq/v1"]),
+    default="eob.issued/v1",
+    show_default=True,
+    help="Which schema: the input event, the status event or the dead letter.",
+)
+def schema(name: str) -> None:
+    """Print the JSON Schema of an event eobblast reads or writes."""
     from eobblast.events import json_schema
+    from eobblast.events.status import dlq_json_schema, status_json_schema
 
-    click.echo(orjson.dumps(json_schema(), option=orjson.OPT_INDENT_2).decode())
+    exported = {
+        "eob.issued/v1": json_schema,
+        "eob.delivery/v1": status_json_schema,
+        "eob.events.dlq/v1": dlq_json_schema,
+    }[name]()
+    click.echo(orjson.dumps(exported, option=orjson.OPT_INDENT_2).decode())
 
 
 @main.command()

@@ -73,19 +73,22 @@ class Pipeline:
     async def process(self, raw: bytes) -> EventOutcome:
         """Carry one event as far as it may go; never raises for bad input or failed delivery."""
         start = time.perf_counter()
-        try:
-            outcome = await self._process(raw, start)
-        except Exception:
-            # A bug must not stop the run or lose the event: it is recorded as failed.
-            log.exception("internal error while processing an event")
-            outcome = EventOutcome(
-                None, Outcome.FAILED, ReasonCode.INTERNAL_ERROR, time.perf_counter() - start
-            )
-        metrics.EVENTS.labels(outcome.outcome, outcome.reason).inc()
-        metrics.STAGE["total"].observe(outcome.latency)
+        checked = self.validate(raw, start)
+        if isinstance(checked, EventOutcome):
+            outcome = checked
+        else:
+            outcome = await self.deliver(checked, start)
+        self.observe(outcome)
         return outcome
 
-    async def _process(self, raw: bytes, start: float) -> EventOutcome:
+    @staticmethod
+    def observe(outcome: EventOutcome) -> None:
+        """Count a final outcome in the metrics."""
+        metrics.EVENTS.labels(outcome.outcome, outcome.reason).inc()
+        metrics.STAGE["total"].observe(outcome.latency)
+
+    def validate(self, raw: bytes, start: float) -> EobIssued | EventOutcome:
+        """The validated event, or its REJECTED outcome (reason code, field, event id)."""
         event = validate_event(raw, allow_test_domains=self._allow_test_domains)
         t_valid = time.perf_counter()
         metrics.STAGE["validate"].observe(t_valid - start)
@@ -101,7 +104,21 @@ class Pipeline:
                 t_valid - start,
                 field=event.field,
             )
-        return await self._send(event, start, t_valid)
+        return event
+
+    async def deliver(self, event: EobIssued, start: float) -> EventOutcome:
+        """Gate, render, sign and deliver a validated event; never raises."""
+        try:
+            return await self._send(event, start, time.perf_counter())
+        except Exception:
+            # A bug must not stop the run or lose the event: it is recorded as failed.
+            log.exception("internal error while processing an event")
+            return EventOutcome(
+                event.event_id,
+                Outcome.FAILED,
+                ReasonCode.INTERNAL_ERROR,
+                time.perf_counter() - start,
+            )
 
     async def _send(self, event: EobIssued, start: float, t_valid: float) -> EventOutcome:
         event_id = event.event_id

@@ -1,0 +1,116 @@
+"""Outgoing schemas: `eob.delivery/v1` status events and `eob.events.dlq/v1` dead letters.
+
+Both are versioned and exported as JSON Schema like the input. Neither carries PHI: a
+status names the event, the outcome and codes; a dead letter carries the original bytes
+(the DLQ topic is access-controlled like the input topic) plus the reason.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from eobblast.errors import Outcome, ReasonCode
+
+STATUS_SCHEMA_ID = "eob.delivery/v1"
+DLQ_SCHEMA_ID = "eob.events.dlq/v1"
+# Originals above this size are kept as a prefix plus their size and digest.
+DLQ_MAX_ORIGINAL = 1024 * 1024
+
+
+class _Out(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeliveryStatus(_Out):
+    """The final status of one input record (key: the event id)."""
+
+    schema_: Literal["eob.delivery/v1"] = Field(default="eob.delivery/v1", alias="schema")
+    status_id: str = Field(
+        description="Deterministic id: the same status republished has the same id."
+    )
+    event_id: str | None = Field(description="The event id, when the input carried a valid one.")
+    status: Outcome
+    reason: ReasonCode
+    field: str | None = None
+    smtp_code: int | None = None
+    enhanced_status: str | None = None
+    tls_version: str | None = None
+    attempt: int = 1
+    worker: str
+    occurred_at: dt.datetime
+
+
+class SourcePosition(_Out):
+    """Where the rejected record was read."""
+
+    topic: str
+    partition: int
+    offset: int
+
+
+class DeadLetter(_Out):
+    """A rejected input record, parked with its reason and the original bytes."""
+
+    schema_: Literal["eob.events.dlq/v1"] = Field(default="eob.events.dlq/v1", alias="schema")
+    reason: ReasonCode
+    field: str | None = None
+    event_id: str | None = None
+    source: SourcePosition
+    original_base64: str = Field(description="The original value (a prefix when truncated).")
+    original_size: int
+    original_sha256: str
+    truncated: bool
+    key_base64: str | None = None
+    rejected_at: dt.datetime
+
+
+def status_id(event_key: str, status: Outcome, attempt: int) -> str:
+    """A stable id for a status, so consumers can recognise a republished one."""
+    return hashlib.sha256(f"{event_key}|{status}|{attempt}".encode()).hexdigest()[:32]
+
+
+def dead_letter(
+    original: bytes | None,
+    key: bytes | None,
+    *,
+    reason: ReasonCode,
+    field: str | None,
+    event_id: str | None,
+    source: SourcePosition,
+) -> DeadLetter:
+    """Build the dead letter for a rejected record."""
+    data = original or b""
+    kept = data[:DLQ_MAX_ORIGINAL]
+    return DeadLetter(
+        reason=reason,
+        field=field,
+        event_id=event_id,
+        source=source,
+        original_base64=base64.b64encode(kept).decode("ascii"),
+        original_size=len(data),
+        original_sha256=hashlib.sha256(data).hexdigest(),
+        truncated=len(kept) < len(data),
+        key_base64=base64.b64encode(key).decode("ascii") if key is not None else None,
+        rejected_at=dt.datetime.now(dt.UTC),
+    )
+
+
+def status_json_schema() -> dict[str, Any]:
+    """The JSON Schema of `eob.delivery/v1`."""
+    schema = DeliveryStatus.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://eobblast.dev/schemas/eob.delivery/v1.json"
+    return schema
+
+
+def dlq_json_schema() -> dict[str, Any]:
+    """The JSON Schema of `eob.events.dlq/v1`."""
+    schema = DeadLetter.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = "https://eobblast.dev/schemas/eob.events.dlq/v1.json"
+    return schema
