@@ -149,6 +149,55 @@ def sandbox(out: Path, port: int) -> None:
     _run(serve())
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML configuration file.",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Worker processes (default: [workers] count, or one per core).",
+)
+@click.option(
+    "--log-level",
+    default="INFO",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
+def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
+    """Consume eob.events from Kafka with one worker per core until SIGTERM or Ctrl-C."""
+    from eobblast.observe.logs import configure_logging
+    from eobblast.supervisor import Supervisor, prepare_multiprocess_metrics
+
+    configure_logging(log_level)
+    try:
+        config = load_config(config_path)
+    except EobblastError as exc:
+        raise click.ClickException(str(exc)) from None
+    metrics_dir = prepare_multiprocess_metrics()
+
+    async def supervise() -> None:
+        if config.metrics.port:
+            from eobblast.observe.metrics import serve_multiprocess_metrics
+
+            port = serve_multiprocess_metrics(
+                config.metrics.port, config.metrics.address, str(metrics_dir)
+            )
+            console.print(f"metrics on http://{config.metrics.address}:{port}/metrics")
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await Supervisor(config, workers=workers, log_level=log_level).run(stop)
+
+    _run(supervise())
+
+
 def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="eobblast demo")
     table.add_column("status")
@@ -172,6 +221,13 @@ def _summary_table(summary: dict[str, Any]) -> Table:
 )
 @click.option("--seed", type=int, default=1, show_default=True)
 @click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=2,
+    show_default=True,
+    help="Worker processes consuming eob.events.",
+)
+@click.option(
     "--config",
     "config_path",
     type=click.Path(dir_okay=False, exists=True, path_type=Path),
@@ -179,11 +235,27 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     help="TOML configuration file.",
 )
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def demo(events: int, out: Path, seed: int, config_path: Path | None, progress: bool) -> None:
-    """Generate events, start the sandbox, deliver everything and print a summary."""
+@click.option(
+    "--log-level",
+    default="WARNING",
+    show_default=True,
+    type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
+)
+def demo(
+    events: int,
+    out: Path,
+    seed: int,
+    workers: int,
+    config_path: Path | None,
+    progress: bool,
+    log_level: str,
+) -> None:
+    """Generate events, publish them to an embedded Kafka, deliver everything, summarise."""
     from eobblast.demo import run_demo
-    from eobblast.pipeline import EventOutcome
+    from eobblast.events.status import DeliveryStatus
+    from eobblast.observe.logs import configure_logging
 
+    configure_logging(log_level)
     try:
         config = load_config(config_path)
     except EobblastError as exc:
@@ -196,13 +268,26 @@ def demo(events: int, out: Path, seed: int, config_path: Path | None, progress: 
         console=console,
         disable=not progress,
     )
-    task = bar.add_task("sending", total=events)
+    task = bar.add_task("final statuses", total=events)
 
-    def advance(_: EventOutcome) -> None:
+    def advance(_: DeliveryStatus) -> None:
         bar.advance(task)
 
-    with bar:
-        summary = _run(run_demo(events, out, seed=seed, config=config, on_outcome=advance))
+    try:
+        with bar:
+            summary = _run(
+                run_demo(
+                    events,
+                    out,
+                    seed=seed,
+                    workers=workers,
+                    config=config,
+                    log_level=log_level,
+                    on_status=advance,
+                )
+            )
+    except EobblastError as exc:
+        raise click.ClickException(str(exc)) from None
     console.print(_summary_table(summary))
     console.print(
         f"{summary['messages_per_second']} messages/s, latency p50 "

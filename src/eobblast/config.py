@@ -50,6 +50,41 @@ class PipelineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class KafkaConfig:
+    """The broker, the consumer group and the topic names."""
+
+    bootstrap: str = "127.0.0.1:9092"
+    group_id: str = "eobblast"
+    events_topic: str = "eob.events"
+    delivery_topic: str = "eob.delivery"
+    dlq_topic: str = "eob.events.dlq"
+    max_poll_records: int = 500
+    session_timeout_ms: int = 10_000
+    heartbeat_interval_ms: int = 1_000
+    # How often finished offsets are committed (seconds).
+    commit_interval: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    """Where the send ledger lives: sqlite:///file on one machine, postgresql://... across."""
+
+    url: str = "sqlite:///eobblast-ledger.db"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """The supervisor's worker processes."""
+
+    # 0 means one per CPU core.
+    count: int = 0
+    # After SIGTERM, how long in-flight events may take to finish before workers exit.
+    grace_period: float = 20.0
+    # A worker that dies is restarted after this delay (doubling while it keeps dying).
+    restart_delay: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint."""
 
@@ -65,6 +100,9 @@ class Config:
     transport: TransportConfig = field(default_factory=TransportConfig)
     pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    kafka: KafkaConfig = field(default_factory=KafkaConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -1,4 +1,9 @@
-"""`eobblast demo`: generate events, start the sandbox, send everything, summarise."""
+"""`eobblast demo`: the real path on embedded defaults.
+
+It generates events, starts the sandbox receivers and an embedded Kafka-compatible broker
+(Tansu), publishes the events to `eob.events` as a claims system would, runs the worker
+processes under the supervisor, and builds its summary from `eob.delivery`.
+"""
 
 from __future__ import annotations
 
@@ -15,48 +20,70 @@ from typing import Any
 import orjson
 
 from eobblast.config import Config, load_config
+from eobblast.errors import EobblastError, ReasonCode
+from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import PAYERS, generate_events
-from eobblast.pipeline import EventOutcome, Pipeline
 from eobblast.protect.dkim import generate_keys
-from eobblast.runner import run_events
 from eobblast.sandbox import Sandbox, TestPki, default_sandbox_domains, make_test_pki
-from eobblast.transport import Transport
+from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
+from eobblast.supervisor import Supervisor
+
+EVENT_PARTITIONS = 4
+
+
+class DemoIncomplete(EobblastError):
+    """Not every event reached a final status in time."""
+
+    def __init__(self, missing: int) -> None:
+        super().__init__(ReasonCode.INTERNAL_ERROR, f"{missing} events have no final status")
+        self.missing = missing
 
 
 @dataclass(slots=True)
 class Tally:
-    """Counts outcomes as they arrive; keeps latencies for percentiles."""
+    """Final statuses as they arrive from eob.delivery, one per event key."""
 
     by_status: Counter[str] = field(default_factory=Counter)
     by_reason: dict[str, Counter[str]] = field(default_factory=dict)
+    by_tls: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
+    seen: set[str] = field(default_factory=set)
+    republished: int = 0
 
-    def add(self, outcome: EventOutcome) -> None:
-        """Record one final outcome."""
-        status, reason = str(outcome.outcome), str(outcome.reason)
-        self.by_status[status] += 1
-        self.by_reason.setdefault(status, Counter())[reason] += 1
-        self.latencies.append(outcome.latency)
+    def add(self, key: str, status: DeliveryStatus) -> bool:
+        """Record one status; False if this event already had one (a republished status)."""
+        if key in self.seen:
+            self.republished += 1
+            return False
+        self.seen.add(key)
+        name, reason = str(status.status), str(status.reason)
+        self.by_status[name] += 1
+        self.by_reason.setdefault(name, Counter())[reason] += 1
+        if status.tls_version:
+            self.by_tls[status.tls_version] += 1
+        if status.source_timestamp is not None:
+            delta = (status.occurred_at - status.source_timestamp).total_seconds()
+            self.latencies.append(max(0.0, delta))
+        return True
 
     @property
     def total(self) -> int:
         """Events with a final status."""
-        return sum(self.by_status.values())
+        return len(self.seen)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def _percentile(values: list[float], q: int) -> float:
     if not values:
         return 0.0
     if len(values) == 1:
         return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 def build_summary(tally: Tally, events: int, elapsed: float, sandbox: Sandbox) -> dict[str, Any]:
     """The demo's summary.json document."""
-    received = sandbox.received
     per_domain: dict[str, dict[str, int]] = {}
-    for record in received:
+    for record in sandbox.received:
         entry = per_domain.setdefault(record.domain, {"received": 0, "received_over_tls": 0})
         entry["received"] += 1
         entry["received_over_tls"] += record.tls_version is not None
@@ -66,6 +93,8 @@ def build_summary(tally: Tally, events: int, elapsed: float, sandbox: Sandbox) -
         "final_statuses": tally.total,
         "by_status": dict(sorted(tally.by_status.items())),
         "by_reason": {k: dict(sorted(v.items())) for k, v in sorted(tally.by_reason.items())},
+        "delivered_by_tls_version": dict(sorted(tally.by_tls.items())),
+        "republished_statuses": tally.republished,
         "elapsed_seconds": round(elapsed, 3),
         "events_per_second": round(tally.total / elapsed, 1) if elapsed else 0.0,
         "messages_per_second": round(delivered / elapsed, 1) if elapsed else 0.0,
@@ -94,7 +123,78 @@ def _prepare(out: Path, events: int, seed: int, config: Config, hosts: list[str]
     with (out / "events.jsonl").open("wb") as sink:
         for raw in generate_events(events, seed=seed, now=dt.datetime.now(dt.UTC)):
             sink.write(raw + b"\n")
+    ledger = out / "ledger.db"
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{ledger}{suffix}").unlink(missing_ok=True)  # a fresh run, a fresh ledger
     return make_test_pki(out / "pki", hosts)
+
+
+def member_key(raw: bytes) -> bytes:
+    """The Kafka key a claims system would use: the member id (one member's EOBs in order)."""
+    try:
+        doc = orjson.loads(raw)
+        member_id = doc["member"]["id"]
+        if isinstance(member_id, str) and member_id:
+            return member_id.encode()
+    except (orjson.JSONDecodeError, KeyError, TypeError):
+        pass
+    # A claims system always knows the member; for our spoiled samples any stable key does.
+    return b"unknown-member"
+
+
+async def publish_events(bootstrap: str, topic: str, path: Path) -> int:
+    """Publish every line of a JSON Lines file to `topic`, keyed by member id."""
+    producer = make_producer(bootstrap, client_id="eobblast-demo-claims")
+    await producer.start()
+    count = 0
+    try:
+        pending = []
+        with path.open("rb") as source:
+            for line in source:
+                raw = line.rstrip(b"\n")
+                pending.append(await producer.send(topic, raw, key=member_key(raw)))
+                count += 1
+                if len(pending) >= 1000:
+                    await asyncio.gather(*pending)
+                    pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        await producer.stop()
+    return count
+
+
+async def collect_statuses(
+    bootstrap: str,
+    topic: str,
+    expected: int,
+    tally: Tally,
+    *,
+    wait_seconds: float,
+    on_status: Callable[[DeliveryStatus], None] | None = None,
+    failed: Callable[[], bool] = lambda: False,
+) -> None:
+    """Read eob.delivery until every event has a final status or the time is up."""
+    consumer = make_consumer(
+        bootstrap,
+        f"eobblast-demo-{time.time_ns()}",
+        [topic],
+        client_id="eobblast-demo-summary",
+        max_poll_records=1000,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=1000,
+    )
+    await consumer.start()
+    deadline = time.monotonic() + wait_seconds
+    try:
+        while tally.total < expected and time.monotonic() < deadline and not failed():
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    status = DeliveryStatus.model_validate_json(record.value)
+                    if tally.add(record.key.decode(), status) and on_status is not None:
+                        on_status(status)
+    finally:
+        await consumer.stop()
 
 
 async def run_demo(
@@ -102,48 +202,59 @@ async def run_demo(
     out: Path,
     *,
     seed: int = 1,
+    workers: int = 2,
     config: Config | None = None,
-    on_start: Callable[[int], None] | None = None,
-    on_outcome: Callable[[EventOutcome], None] | None = None,
+    log_level: str = "WARNING",
+    on_status: Callable[[DeliveryStatus], None] | None = None,
+    wait_seconds: float | None = None,
 ) -> dict[str, Any]:
-    """Run the whole demo into `out` and return the summary."""
+    """Run the whole demo into `out` and return the summary (also written to summary.json)."""
     base = config or load_config()
-    key_dir = out / "keys"
-    events_path = out / "events.jsonl"
     domains = default_sandbox_domains()
     pki = await asyncio.to_thread(_prepare, out, events, seed, base, [d.name for d in domains])
     tally = Tally()
-
-    def record(outcome: EventOutcome) -> None:
-        tally.add(outcome)
-        if on_outcome is not None:
-            on_outcome(outcome)
-
-    async with Sandbox(domains, out / "maildir", pki) as sandbox:
+    async with (
+        EmbeddedBroker(log_dir=out) as broker,
+        Sandbox(domains, out / "maildir", pki) as sandbox,
+    ):
+        kafka = base.kafka
+        await broker.create_topics(
+            {kafka.events_topic: EVENT_PARTITIONS, kafka.delivery_topic: 4, kafka.dlq_topic: 1}
+        )
         routes = {name: f"{host}:{port}" for name, (host, port) in sandbox.routes.items()}
         config = load_config(
             environ={},
             overrides={
-                "dkim": {"key_dir": str(key_dir), "selector": base.dkim.selector},
+                "dkim": {"key_dir": str(out / "keys"), "selector": base.dkim.selector},
                 "transport": {"ca_bundle": str(pki.ca), "routes": routes},
                 "pipeline": {"allow_test_domains": True},
+                "kafka": {
+                    "bootstrap": broker.bootstrap,
+                    "session_timeout_ms": 3000,
+                    "heartbeat_interval_ms": 1000,
+                },
+                "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
+                "workers": {"count": workers, "grace_period": 10.0},
             },
         )
-        transport = Transport.from_config(config.transport)
-        pipeline = Pipeline(config, transport)
-        if on_start is not None:
-            on_start(events)
         started = time.perf_counter()
+        published = await publish_events(broker.bootstrap, kafka.events_topic, out / "events.jsonl")
+        stop = asyncio.Event()
+        supervisor = Supervisor(config, workers=workers, log_level=log_level)
+        supervising = asyncio.create_task(supervisor.run(stop))
         try:
-            with events_path.open("rb") as source:
-                await run_events(
-                    pipeline,
-                    (line.rstrip(b"\n") for line in source),
-                    max_in_flight=config.pipeline.max_in_flight,
-                    on_outcome=record,
-                )
+            await collect_statuses(
+                broker.bootstrap,
+                kafka.delivery_topic,
+                published,
+                tally,
+                wait_seconds=wait_seconds or 60.0 + events / 20,
+                on_status=on_status,
+                failed=supervising.done,
+            )
         finally:
-            await transport.aclose()
+            stop.set()
+            await supervising
         elapsed = time.perf_counter() - started
         summary = build_summary(tally, events, elapsed, sandbox)
     document = orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n"

@@ -22,6 +22,8 @@ class ReasonCode(enum.StrEnum):
     CONTROL_CHARACTERS = "control_characters"
     INVALID_ADDRESS = "invalid_address"
     INVALID_VALUE = "invalid_value"
+    EMPTY_VALUE = "empty_value"
+    MISSING_KEY = "missing_key"
     # gate
     NO_CONSENT = "no_consent"
     # delivery
@@ -43,11 +45,13 @@ class ReasonCode(enum.StrEnum):
 class Outcome(enum.StrEnum):
     """The final status of one event."""
 
+    ACCEPTED = "accepted"
     DELIVERED = "delivered"
     DEFERRED = "deferred"
     HELD = "held"
     FAILED = "failed"
     REJECTED = "rejected"
+    FALLBACK = "fallback"
 
 
 class EobblastError(Exception):

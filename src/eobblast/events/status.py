@@ -43,6 +43,9 @@ class DeliveryStatus(_Out):
     attempt: int = 1
     worker: str
     occurred_at: dt.datetime
+    source_timestamp: dt.datetime | None = Field(
+        default=None, description="When the input record was appended to eob.events."
+    )
 
 
 class SourcePosition(_Out):

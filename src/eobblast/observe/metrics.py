@@ -24,6 +24,7 @@ SMTP_CONNECTIONS = Gauge(
     "eobblast_smtp_connections",
     "SMTP connections currently held by the pool, by state.",
     ["state"],
+    multiprocess_mode="livesum",
     registry=REGISTRY,
 )
 SMTP_CONNECTS = Counter(
@@ -39,6 +40,28 @@ SMTP_REPLIES = Counter(
     registry=REGISTRY,
 )
 
+IN_FLIGHT = Gauge(
+    "eobblast_events_in_flight",
+    "Events handed to a worker and not yet accounted for.",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
+RESENDS = Counter(
+    "eobblast_resends",
+    "Events sent again because the worker that was sending them died (bounded by in-flight).",
+    registry=REGISTRY,
+)
+DUPLICATES = Counter(
+    "eobblast_duplicates_skipped",
+    "Redelivered or republished events that the send ledger stopped from being sent twice.",
+    registry=REGISTRY,
+)
+WORKER_RESTARTS = Counter(
+    "eobblast_worker_restarts",
+    "Worker processes restarted by the supervisor after they died.",
+    registry=REGISTRY,
+)
+
 STAGES = ("validate", "render", "sign", "deliver", "total")
 # Cached children: `.labels()` costs more than the observation itself.
 STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in STAGES}
@@ -49,4 +72,14 @@ CONNECTIONS_ACTIVE = SMTP_CONNECTIONS.labels("active")
 def serve_metrics(port: int, address: str = "127.0.0.1") -> int:
     """Serve /metrics over HTTP; returns the port actually bound."""
     server, _thread = start_http_server(port, addr=address, registry=REGISTRY)
+    return int(server.server_port)
+
+
+def serve_multiprocess_metrics(port: int, address: str, directory: str) -> int:
+    """Serve the summed metrics of every worker process (prometheus multiprocess mode)."""
+    from prometheus_client import multiprocess
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    server, _thread = start_http_server(port, addr=address, registry=registry)
     return int(server.server_port)

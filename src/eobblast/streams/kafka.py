@@ -1,0 +1,343 @@
+"""aiokafka behind a few typed helpers: the only module in eobblast that imports aiokafka.
+
+Settings chosen here hold for both Apache Kafka (production) and Tansu (tests, demo); where
+the two differ, the docstrings say so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Callable, Mapping, Sequence
+
+from aiokafka import (  # type: ignore[import-untyped]
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    ConsumerRebalanceListener,
+    TopicPartition,
+)
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # type: ignore[import-untyped]
+from aiokafka.client import AIOKafkaClient  # type: ignore[import-untyped]
+from aiokafka.errors import (  # type: ignore[import-untyped]
+    CommitFailedError,
+    ConsumerStoppedError,
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicAlreadyExistsError,
+)
+
+from eobblast.errors import EobblastError, ReasonCode
+
+__all__ = [
+    "ADMIN_TIMEOUT",
+    "DEFAULT_HEARTBEAT_INTERVAL_MS",
+    "DEFAULT_MAX_POLL_INTERVAL_MS",
+    "DEFAULT_REBALANCE_TIMEOUT_MS",
+    "DEFAULT_SESSION_TIMEOUT_MS",
+    "MAX_PARTITION_FETCH_BYTES",
+    "MAX_REQUEST_SIZE",
+    "PROBE_TIMEOUT",
+    "AIOKafkaConsumer",
+    "AIOKafkaProducer",
+    "BrokerUnavailable",
+    "CommitFailedError",
+    "ConsumerStoppedError",
+    "KafkaError",
+    "MessageSizeTooLargeError",
+    "RebalanceListener",
+    "TopicCreationFailed",
+    "TopicPartition",
+    "backoff_delay",
+    "create_topics",
+    "make_consumer",
+    "make_producer",
+    "parse_bootstrap",
+    "probe_broker",
+    "wait_for_broker",
+]
+
+log = logging.getLogger(__name__)
+
+# A record larger than this is refused by the producer before it reaches the network
+# (MessageSizeTooLargeError). 16 MiB lets a DLQ record carry a 10 MB poison value plus
+# headers. Tansu accepts records of any size (120 MB tested); Apache Kafka refuses records
+# over the topic's max.message.bytes (1 MiB by default), so the DLQ topic needs it raised.
+MAX_REQUEST_SIZE = 16 * 1024 * 1024
+# Per-partition fetch size. Both Kafka and Tansu return the first record batch of a partition
+# even when it is larger than this, so an oversized record is still delivered (and rejected
+# by the app) instead of wedging the partition; the limit only bounds memory per fetch.
+MAX_PARTITION_FETCH_BYTES = 1024 * 1024
+# Tansu completes a join roughly session_timeout/2 after it starts (so 5 s at 10 s), which
+# is the floor of every startup and rebalance there; tests and the demo pass 3_000.
+DEFAULT_SESSION_TIMEOUT_MS = 10_000
+# Members learn of a rebalance only at their next heartbeat: keep it well under a third of
+# the session timeout so rebalances start promptly.
+DEFAULT_HEARTBEAT_INTERVAL_MS = 1_000
+# How long on_partitions_revoked may take to finish in-flight sends and commit (Kafka);
+# below the 40 s request timeout, which a JoinGroup must also fit in.
+DEFAULT_REBALANCE_TIMEOUT_MS = 30_000
+# Not calling getmany for this long evicts the member: pause partitions, keep polling.
+DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
+# One reachability probe, and one topic creation, never wait longer than this.
+PROBE_TIMEOUT = 5.0
+ADMIN_TIMEOUT = 10.0
+# Tansu refuses InitProducerId, so idempotence and transactions are off (see LIBRARIES.md).
+PRODUCER_LINGER_MS = 5
+
+
+class BrokerUnavailable(EobblastError):
+    """No Kafka broker could be started or reached; the detail says why."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ReasonCode.INTERNAL_ERROR, detail)
+
+
+class TopicCreationFailed(EobblastError):
+    """The broker refused to create a topic."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ReasonCode.INTERNAL_ERROR, detail)
+
+
+class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Typed base for rebalance listeners (aiokafka requires a ConsumerRebalanceListener).
+
+    aiokafka awaits both hooks; revocation must finish within the rebalance timeout, its
+    exceptions are swallowed, and it is not called on `stop()`: commit before stopping.
+    """
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Partitions are about to be taken away: finish or abandon their work, commit."""
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Partitions were assigned; fetching starts at their committed offsets."""
+
+
+def make_consumer(
+    bootstrap: str,
+    group_id: str,
+    topics: Sequence[str],
+    *,
+    client_id: str,
+    max_poll_records: int,
+    rebalance_listener: RebalanceListener | None = None,
+    session_timeout_ms: int = DEFAULT_SESSION_TIMEOUT_MS,
+    heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS,
+    rebalance_timeout_ms: int = DEFAULT_REBALANCE_TIMEOUT_MS,
+    max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
+) -> AIOKafkaConsumer:
+    """A group consumer subscribed to `topics`, not started, that never commits on its own.
+
+    Call it inside a running event loop, then `await consumer.start()`. Commit explicit
+    offsets (`OffsetTracker.committable()`): a bare `commit()` commits everything `getmany`
+    returned, in flight or not. New groups start at the earliest offset: nothing is skipped.
+    """
+    if not topics:
+        raise ValueError("a consumer needs at least one topic")
+    if heartbeat_interval_ms * 3 > session_timeout_ms:
+        raise ValueError("heartbeat_interval_ms must be at most a third of session_timeout_ms")
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        group_id=group_id,
+        client_id=client_id,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_poll_records=max_poll_records,
+        max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
+        session_timeout_ms=session_timeout_ms,
+        heartbeat_interval_ms=heartbeat_interval_ms,
+        rebalance_timeout_ms=rebalance_timeout_ms,
+        max_poll_interval_ms=max_poll_interval_ms,
+    )
+    consumer.subscribe(topics=list(topics), listener=rebalance_listener)
+    return consumer
+
+
+def make_producer(bootstrap: str, *, client_id: str) -> AIOKafkaProducer:
+    """A producer, not started, that waits for all in-sync replicas to acknowledge.
+
+    Records up to `MAX_REQUEST_SIZE` bytes (serialized) are accepted; a larger one fails at
+    `send` with `MessageSizeTooLargeError` without touching the network. No idempotence:
+    Tansu refuses InitProducerId, so a retried send may duplicate a record; consumers of
+    status and DLQ topics dedupe by event id.
+    """
+    return AIOKafkaProducer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        acks="all",
+        enable_idempotence=False,
+        linger_ms=PRODUCER_LINGER_MS,
+        max_request_size=MAX_REQUEST_SIZE,
+    )
+
+
+def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
+    """`"h1:9092,h2:9092"` as `[(host, port), ...]`; IPv6 hosts in brackets."""
+    hosts: list[tuple[str, int]] = []
+    for part in bootstrap.split(","):
+        item = part.strip()
+        host, sep, port = item.rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ValueError(f"bootstrap entry {item!r} is not host:port")
+        hosts.append((host.strip("[]"), int(port)))
+    return hosts
+
+
+async def probe_broker(bootstrap: str) -> None:
+    """Return once a broker of `bootstrap` answers a metadata request; raise OSError if not.
+
+    Bounded by `PROBE_TIMEOUT` (TimeoutError); wrap it in `asyncio.timeout` for less. A plain
+    TCP connect comes first, so an absent broker costs no aiokafka error log line.
+    """
+    async with asyncio.timeout(PROBE_TIMEOUT):
+        last_error: OSError | None = None
+        for host, port in parse_bootstrap(bootstrap):
+            try:
+                _, writer = await asyncio.open_connection(host, port)
+            except OSError as error:
+                last_error = error
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            break
+        else:
+            raise last_error or OSError(f"no broker in {bootstrap!r}")
+        client = AIOKafkaClient(
+            bootstrap_servers=bootstrap,
+            client_id="eobblast-probe",
+            request_timeout_ms=int(PROBE_TIMEOUT * 1000),
+        )
+        try:
+            await client.bootstrap()
+        except KafkaError as error:
+            raise OSError(f"{type(error).__name__}: {error}") from error
+        finally:
+            await client.close()
+
+
+def backoff_delay(
+    attempt: int,
+    *,
+    base: float = 0.1,
+    cap: float = 5.0,
+    rand: Callable[[], float] = random.random,
+) -> float:
+    """Seconds to wait after failed attempt number `attempt` (1-based): doubling, capped, jittered.
+
+    The jitter keeps half the delay ("equal jitter"), so retries never hammer the broker yet
+    a fleet of workers that lost it together does not come back in lockstep.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt is 1-based, got {attempt}")
+    ceiling = min(cap, base * 2.0 ** min(attempt - 1, 62))
+    return ceiling / 2 + ceiling / 2 * rand()
+
+
+async def wait_for_broker(
+    bootstrap: str,
+    *,
+    deadline: float | None = None,
+    on_retry: Callable[[int, BaseException, float], None] | None = None,
+    log_every: float = 30.0,
+    base: float = 0.1,
+    cap: float = 5.0,
+) -> int:
+    """Retry `probe_broker` with backoff until it succeeds; return the number of attempts.
+
+    `deadline` is an event-loop time (`loop.time()`, as for `asyncio.timeout_at`); once it
+    passes, BrokerUnavailable is raised. None: keep trying. `on_retry(attempt, error, delay)`
+    is called after each failed attempt. A warning naming only the bootstrap address and the
+    attempt count is logged at the first failure and then at most once per `log_every` s.
+    """
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    last_logged: float | None = None
+    # The reason of the last attempt that ran to completion: the deadline cutting the final
+    # attempt short says nothing about the broker.
+    reason = "no attempt completed"
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            async with asyncio.timeout_at(deadline):
+                await probe_broker(bootstrap)
+        except (OSError, TimeoutError) as error:
+            now = loop.time()
+            if deadline is None or now < deadline:
+                reason = type(error).__name__
+            else:
+                raise BrokerUnavailable(
+                    f"Kafka at {bootstrap} unreachable after {attempt} attempts in "
+                    f"{now - started:.1f} s: {reason}"
+                ) from error
+            delay = backoff_delay(attempt, base=base, cap=cap)
+            if deadline is not None:
+                delay = min(delay, deadline - now)
+            if last_logged is None or now - last_logged >= log_every:
+                last_logged = now
+                log.warning(
+                    "Kafka unreachable, retrying",
+                    extra={"bootstrap": bootstrap, "attempt": attempt},
+                )
+            if on_retry is not None:
+                on_retry(attempt, error, delay)
+            await asyncio.sleep(delay)
+        else:
+            if attempt > 1:
+                log.info(
+                    "Kafka reachable again", extra={"bootstrap": bootstrap, "attempt": attempt}
+                )
+            return attempt
+
+
+async def create_topics(
+    bootstrap: str,
+    partitions_by_topic: Mapping[str, int],
+    *,
+    replication_factor: int = 1,
+    exist_ok: bool = True,
+) -> None:
+    """Create topics with the given partition counts through the admin API (works on Tansu).
+
+    An existing topic is accepted when `exist_ok`, whatever its partition count. Bounded by
+    `ADMIN_TIMEOUT`.
+    """
+    if not partitions_by_topic:
+        return
+    admin = AIOKafkaAdminClient(
+        bootstrap_servers=bootstrap,
+        client_id="eobblast-admin",
+        request_timeout_ms=int(ADMIN_TIMEOUT * 1000),
+    )
+    try:
+        async with asyncio.timeout(ADMIN_TIMEOUT):
+            await admin.start()
+            response = await admin.create_topics(
+                [
+                    NewTopic(name, partitions, replication_factor)
+                    for name, partitions in partitions_by_topic.items()
+                ]
+            )
+    except (KafkaError, OSError, TimeoutError) as error:
+        raise BrokerUnavailable(
+            f"creating topics at {bootstrap} failed: {type(error).__name__}"
+        ) from error
+    finally:
+        await admin.close()
+    for topic, code, message in _topic_errors(response):
+        if code == 0 or (exist_ok and code == TopicAlreadyExistsError.errno):
+            continue
+        raise TopicCreationFailed(f"topic {topic!r}: error {code} {message or ''}".rstrip())
+
+
+def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
+    """(topic, error code, message) from any CreateTopicsResponse version."""
+    errors: list[tuple[str, int, str | None]] = []
+    for entry in getattr(response, "topic_errors", []):
+        topic, code = entry[0], entry[1]
+        message = entry[2] if len(entry) > 2 else None
+        errors.append((str(topic), int(code), None if message is None else str(message)))
+    return errors

@@ -1,0 +1,151 @@
+"""`eobblast run`: one worker process per core, restarted when it dies, drained on SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Callable
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+from eobblast.config import Config
+
+log = logging.getLogger("eobblast.supervisor")
+# A worker that dies sooner than this after starting counts as crash-looping.
+_HEALTHY_AFTER = 10.0
+_MAX_RESTART_DELAY = 30.0
+
+
+def _worker_main(config: Config, index: int, log_level: str) -> None:
+    """Entry point of a worker process."""
+    from eobblast.observe.logs import configure_logging
+    from eobblast.worker import run_worker
+
+    configure_logging(log_level)
+    # Ctrl-C reaches the whole process group; only the supervisor decides when to stop.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await run_worker(config, index, stop)
+
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+        asyncio.run(main())
+    else:
+        uvloop.run(main())
+
+
+def worker_count(config: Config) -> int:
+    """Configured worker processes; 0 means one per CPU core."""
+    return config.workers.count if config.workers.count > 0 else (os.cpu_count() or 1)
+
+
+class Supervisor:
+    """Starts N worker processes, restarts any that die, stops them all gracefully."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        workers: int | None = None,
+        log_level: str = "INFO",
+        on_restart: Callable[[int, int | None], None] | None = None,
+    ) -> None:
+        self._config = config
+        self._count = workers if workers is not None else worker_count(config)
+        self._log_level = log_level
+        self._on_restart = on_restart
+        self._context = multiprocessing.get_context("spawn")
+        self._processes: dict[int, BaseProcess] = {}
+        self._started_at: dict[int, float] = {}
+        self._restart_at: dict[int, float] = {}
+        self._delay: dict[int, float] = {}
+        self.restarts = 0
+
+    @property
+    def pids(self) -> dict[int, int | None]:
+        """Worker index -> pid of its current process."""
+        return {index: proc.pid for index, proc in self._processes.items()}
+
+    def _spawn(self, index: int) -> None:
+        process = self._context.Process(
+            target=_worker_main,
+            args=(self._config, index, self._log_level),
+            name=f"eobblast-worker-{index}",
+        )
+        process.start()
+        self._processes[index] = process
+        self._started_at[index] = time.monotonic()
+        log.info("worker started", extra={"index": index, "pid": process.pid})
+
+    def _check(self) -> None:
+        now = time.monotonic()
+        for index, process in list(self._processes.items()):
+            if process.is_alive():
+                continue
+            if index not in self._restart_at:
+                lived = now - self._started_at[index]
+                delay = self._config.workers.restart_delay
+                if lived < _HEALTHY_AFTER:
+                    delay = min(_MAX_RESTART_DELAY, max(delay, self._delay.get(index, 0) * 2))
+                self._delay[index] = delay
+                self._restart_at[index] = now + delay
+                log.warning(
+                    "worker died; restarting",
+                    extra={"index": index, "exitcode": process.exitcode, "delay": delay},
+                )
+            if now >= self._restart_at[index]:
+                del self._restart_at[index]
+                self.restarts += 1
+                if self._on_restart is not None:
+                    self._on_restart(index, process.exitcode)
+                process.close()
+                self._spawn(index)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run the workers until `stop` is set, then stop them within the grace period."""
+        for index in range(self._count):
+            self._spawn(index)
+        try:
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.2):
+                        await stop.wait()
+                if not stop.is_set():
+                    self._check()
+        finally:
+            await self._stop_all()
+
+    async def _stop_all(self) -> None:
+        processes = list(self._processes.values())
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker drains and commits
+        deadline = time.monotonic() + self._config.workers.grace_period + 5.0
+        for process in processes:
+            remaining = max(0.0, deadline - time.monotonic())
+            await asyncio.to_thread(process.join, remaining)
+            if process.is_alive():
+                log.warning("worker did not stop in time; killing", extra={"pid": process.pid})
+                process.kill()
+                await asyncio.to_thread(process.join, 5.0)
+        log.info("workers stopped", extra={"count": len(processes)})
+
+
+def prepare_multiprocess_metrics() -> Path:
+    """A fresh directory for worker metrics; must be set before workers import the client."""
+    directory = Path(tempfile.mkdtemp(prefix="eobblast-metrics-"))
+    shutil.rmtree(directory, ignore_errors=True)
+    directory.mkdir()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory

@@ -1,0 +1,354 @@
+"""One worker process: consume eob.events, send, publish each outcome, commit behind it.
+
+Commit discipline: an offset is committed only when every record before it has a recorded
+outcome (its status event produced and acknowledged). In-flight records are bounded by
+`pipeline.max_in_flight`; when the bound is reached the partitions are paused, but the
+consumer keeps polling so the group does not evict it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+
+from eobblast.config import Config
+from eobblast.errors import Outcome, ReasonCode
+from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, status_id
+from eobblast.observe import metrics
+from eobblast.pipeline import EventOutcome, Pipeline
+from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
+from eobblast.streams.kafka import (
+    AIOKafkaConsumer,
+    AIOKafkaProducer,
+    KafkaError,
+    RebalanceListener,
+    TopicPartition,
+    backoff_delay,
+    make_consumer,
+    make_producer,
+    wait_for_broker,
+)
+from eobblast.streams.offsets import OffsetTracker
+from eobblast.transport import Transport
+
+log = logging.getLogger("eobblast.worker")
+
+
+def new_worker_id(index: int) -> str:
+    """A unique id per process incarnation: a restarted worker is a different owner."""
+    return f"{socket.gethostname()}-w{index}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+class _Listener(RebalanceListener):
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await self._worker.partitions_revoked(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        log.info("partitions assigned", extra={"partitions": len(assigned)})
+
+
+class Worker:
+    """Consumes events, delivers them through the pipeline and accounts for every one."""
+
+    def __init__(
+        self,
+        config: Config,
+        pipeline: Pipeline,
+        ledger: SendLedger,
+        *,
+        worker_id: str,
+    ) -> None:
+        self._config = config
+        self._pipeline = pipeline
+        self._ledger = ledger
+        self.worker_id = worker_id
+        self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        self._sending: dict[str, asyncio.Future[None]] = {}
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._stopping = False
+        self.duplicates_skipped = 0
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Work until `stop` is set, then drain within the grace period and commit."""
+        kafka = self._config.kafka
+        await wait_for_broker(kafka.bootstrap)
+        self._producer = make_producer(kafka.bootstrap, client_id=self.worker_id)
+        self._consumer = make_consumer(
+            kafka.bootstrap,
+            kafka.group_id,
+            [kafka.events_topic],
+            client_id=self.worker_id,
+            max_poll_records=kafka.max_poll_records,
+            rebalance_listener=_Listener(self),
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        )
+        await self._start_clients()
+        log.info("worker started", extra={"worker": self.worker_id})
+        try:
+            await self._loop(stop)
+        finally:
+            await self._drain_and_close()
+
+    async def _start_clients(self) -> None:
+        assert self._producer is not None and self._consumer is not None
+        attempt = 0
+        while True:
+            try:
+                await self._producer.start()
+                await self._consumer.start()
+                return
+            except (KafkaError, OSError):
+                attempt += 1
+                if attempt % 10 == 1:
+                    log.warning("Kafka clients cannot start yet", extra={"attempt": attempt})
+                await asyncio.sleep(backoff_delay(attempt))
+
+    async def _loop(self, stop: asyncio.Event) -> None:
+        assert self._consumer is not None
+        consumer = self._consumer
+        limit = max(1, self._config.pipeline.max_in_flight)
+        commit_every = self._config.kafka.commit_interval
+        next_commit = time.monotonic() + commit_every
+        paused = False
+        while not stop.is_set():
+            free = limit - self._tracker.in_flight
+            if free <= 0:
+                if not paused:
+                    consumer.pause(*consumer.assignment())
+                    paused = True
+            elif paused:
+                consumer.resume(*consumer.assignment())
+                paused = False
+            try:
+                batch = await consumer.getmany(timeout_ms=100, max_records=max(1, free))
+            except KafkaError:
+                log.warning("fetch failed; retrying", exc_info=True)
+                await asyncio.sleep(0.5)
+                continue
+            for tp, records in batch.items():
+                for record in records:
+                    self._tracker.handed_out(tp, record.offset)
+                    task = asyncio.create_task(self._handle(tp, record))
+                    self._tasks.setdefault(tp, set()).add(task)
+                    task.add_done_callback(self._tasks[tp].discard)
+            if time.monotonic() >= next_commit:
+                await self._commit()
+                next_commit = time.monotonic() + commit_every
+            metrics.IN_FLIGHT.set(self._tracker.in_flight)
+
+    async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
+        assert self._consumer is not None
+        offsets = self._tracker.committable()
+        if only is not None:
+            keep = set(only)
+            offsets = {tp: off for tp, off in offsets.items() if tp in keep}
+        if not offsets:
+            return
+        try:
+            await self._consumer.commit(offsets)
+        except KafkaError:
+            # Not fatal: the records are redelivered and the ledger stops a second send.
+            log.warning("offset commit failed", exc_info=True)
+            return
+        self._tracker.mark_committed(offsets)
+
+    async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""
+        pending = [task for tp in revoked for task in self._tasks.get(tp, ())]
+        if pending:
+            budget = self._config.workers.grace_period
+            _, not_done = await asyncio.wait(pending, timeout=budget)
+            for task in not_done:
+                task.cancel()  # abandoned: redelivered to the new owner, the ledger decides
+        await self._commit(revoked)
+        self._tracker.forget(revoked)
+        for tp in revoked:
+            self._tasks.pop(tp, None)
+        log.info("partitions revoked", extra={"partitions": len(revoked)})
+
+    async def _drain_and_close(self) -> None:
+        self._stopping = True
+        pending = [task for tasks in self._tasks.values() for task in tasks]
+        if pending:
+            _, not_done = await asyncio.wait(pending, timeout=self._config.workers.grace_period)
+            for task in not_done:
+                task.cancel()
+            if not_done:
+                await asyncio.wait(not_done, timeout=2.0)
+        if self._consumer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await self._commit()
+            with contextlib.suppress(KafkaError, OSError):
+                await self._consumer.stop()
+        if self._producer is not None:
+            with contextlib.suppress(KafkaError, OSError):
+                await self._producer.stop()
+        log.info("worker stopped", extra={"worker": self.worker_id})
+
+    async def _handle(self, tp: TopicPartition, record: Any) -> None:
+        try:
+            published = await self._process(tp, record)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("record could not be accounted for; it will be redelivered")
+            return
+        if published:
+            self._tracker.mark_done(tp, record.offset)
+
+    async def _process(self, tp: TopicPartition, record: Any) -> bool:
+        start = time.perf_counter()
+        position = SourcePosition(topic=tp.topic, partition=tp.partition, offset=record.offset)
+        value: bytes | None = record.value
+        key: bytes | None = record.key
+        if not value:
+            outcome = EventOutcome(None, Outcome.REJECTED, ReasonCode.EMPTY_VALUE, 0.0)
+            return await self._reject(outcome, value, key, position, record.timestamp)
+        if not key:
+            checked = self._pipeline.validate(value, start)
+            event_id = checked.event_id
+            outcome = EventOutcome(event_id, Outcome.REJECTED, ReasonCode.MISSING_KEY, 0.0)
+            return await self._reject(outcome, value, key, position, record.timestamp)
+        checked = self._pipeline.validate(value, start)
+        if isinstance(checked, EventOutcome):
+            return await self._reject(checked, value, key, position, record.timestamp)
+        event_id = checked.event_id
+        while True:
+            claim = await self._ledger.claim(event_id, self.worker_id)
+            if claim.kind is not ClaimKind.IN_FLIGHT:
+                break
+            # The same event id is being sent by this worker right now (a duplicate publish).
+            running = self._sending.get(event_id)
+            if running is None:
+                # Ours but not running: left over from a task that was cancelled.
+                claim = await self._ledger.claim(event_id, self.worker_id + "-again")
+                break
+            await asyncio.shield(running)
+        if claim.kind is ClaimKind.DONE:
+            assert claim.entry is not None
+            return await self._republish(claim.entry, record.timestamp)
+        if claim.kind is ClaimKind.RETRY:
+            metrics.RESENDS.inc()
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sending[event_id] = future
+        try:
+            outcome = await self._pipeline.deliver(checked, start)
+            await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+        finally:
+            self._sending.pop(event_id, None)
+            future.set_result(None)
+        self._pipeline.observe(outcome)
+        attempt = 1 if claim.entry is None else claim.entry.attempts + 1
+        await self._publish_status(outcome, event_id, attempt, record.timestamp)
+        await self._ledger.mark_published([event_id])
+        return True
+
+    async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
+        if entry.status_published:
+            self.duplicates_skipped += 1
+            metrics.DUPLICATES.inc()
+            return True
+        outcome = EventOutcome(
+            entry.event_id,
+            Outcome(entry.outcome or Outcome.FAILED),
+            ReasonCode(entry.reason or ReasonCode.INTERNAL_ERROR),
+            0.0,
+        )
+        await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms)
+        await self._ledger.mark_published([entry.event_id])
+        return True
+
+    async def _reject(
+        self,
+        outcome: EventOutcome,
+        value: bytes | None,
+        key: bytes | None,
+        position: SourcePosition,
+        source_ms: int | None,
+    ) -> bool:
+        self._pipeline.observe(outcome)
+        letter = dead_letter(
+            value,
+            key,
+            reason=outcome.reason,
+            field=outcome.field,
+            event_id=outcome.event_id,
+            source=position,
+        )
+        kafka = self._config.kafka
+        await self._send(
+            kafka.dlq_topic,
+            key,
+            orjson.dumps(letter.model_dump(mode="json", by_alias=True)),
+        )
+        fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
+        await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
+        return True
+
+    async def _publish_status(
+        self, outcome: EventOutcome, event_key: str, attempt: int, source_ms: int | None
+    ) -> None:
+        source = (
+            dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC) if source_ms is not None else None
+        )
+        status = DeliveryStatus(
+            status_id=status_id(event_key, outcome.outcome, attempt),
+            event_id=outcome.event_id,
+            status=outcome.outcome,
+            reason=outcome.reason,
+            field=outcome.field,
+            smtp_code=outcome.smtp_code,
+            enhanced_status=outcome.enhanced_status,
+            tls_version=outcome.tls_version,
+            attempt=attempt,
+            worker=self.worker_id,
+            occurred_at=dt.datetime.now(dt.UTC),
+            source_timestamp=source,
+        )
+        await self._send(
+            self._config.kafka.delivery_topic,
+            event_key.encode(),
+            orjson.dumps(status.model_dump(mode="json", by_alias=True)),
+        )
+
+    async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
+        # A status must reach Kafka before its offset may be committed: retry until it does.
+        assert self._producer is not None
+        attempt = 0
+        while True:
+            try:
+                await self._producer.send_and_wait(topic, value, key=key)
+                return
+            except KafkaError:
+                attempt += 1
+                if attempt % 20 == 1:
+                    log.warning("status publish failed; retrying", extra={"attempt": attempt})
+                await asyncio.sleep(backoff_delay(attempt))
+
+
+async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
+    """Build the pipeline, the ledger and the worker, and run until `stop` is set."""
+    transport = Transport.from_config(config.transport)
+    ledger = await open_ledger(config.ledger.url)
+    worker = Worker(config, Pipeline(config, transport), ledger, worker_id=new_worker_id(index))
+    try:
+        await worker.run(stop)
+    finally:
+        await transport.aclose()
+        await ledger.close()
