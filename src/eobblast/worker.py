@@ -78,6 +78,7 @@ class Worker:
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
+        self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = False
@@ -202,13 +203,25 @@ class Worker:
         log.info("worker stopped", extra={"worker": self.worker_id})
 
     async def _handle(self, tp: TopicPartition, record: Any) -> None:
+        # One member's notices are sent in the order they were published: a record waits
+        # for the previous record with the same key (the member id) to finish.
+        key = record.key
+        previous = self._by_key.get(key)
+        current = asyncio.current_task()
+        assert current is not None
+        self._by_key[key] = current
         try:
+            if previous is not None and not previous.done():
+                await asyncio.wait([previous])
             published = await self._process(tp, record)
         except asyncio.CancelledError:
             raise
         except Exception:
             log.exception("record could not be accounted for; it will be redelivered")
             return
+        finally:
+            if self._by_key.get(key) is current:
+                del self._by_key[key]
         if published:
             self._tracker.mark_done(tp, record.offset)
 
@@ -250,13 +263,14 @@ class Worker:
         try:
             outcome = await self._pipeline.deliver(checked, start)
             await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+            self._pipeline.observe(outcome)
+            attempt = 1 if claim.entry is None else claim.entry.attempts + 1
+            await self._publish_status(outcome, event_id, attempt, record.timestamp)
+            await self._ledger.mark_published([event_id])
         finally:
+            # Waiters (the same event published twice) look again only once all is recorded.
             self._sending.pop(event_id, None)
             future.set_result(None)
-        self._pipeline.observe(outcome)
-        attempt = 1 if claim.entry is None else claim.entry.attempts + 1
-        await self._publish_status(outcome, event_id, attempt, record.timestamp)
-        await self._ledger.mark_published([event_id])
         return True
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:

@@ -82,7 +82,7 @@ class EmbeddedBroker:
     Restartable: after `stop()`, `start()` brings it back on the same port, empty (memory
     storage keeps no topics, records or committed offsets across restarts). Output goes to
     `log_path`; the temporary directory holding it is removed by `stop()` unless `log_dir`
-    was given.
+    was given, and kept after a failed `start()` whose error message points at it.
     """
 
     def __init__(
@@ -155,6 +155,18 @@ class EmbeddedBroker:
             )
         if self._log_dir is None and self._own_log_dir is None:
             self._own_log_dir = Path(tempfile.mkdtemp(prefix="eobblast-tansu-"))
+        try:
+            await self._start_on_some_port(binary)
+        except BaseException:
+            # Keep a log that error messages point at; drop a temporary directory without one.
+            own = self._own_log_dir
+            if own is not None and not any(own.iterdir()):
+                own.rmdir()
+                self._own_log_dir = None
+            raise
+
+    async def _start_on_some_port(self, binary: str) -> None:
+        """Launch on the configured port, or on fresh ones while another process steals them."""
         attempts = 1 if self._port_given or self._port is not None else PORT_ATTEMPTS
         for attempt in range(1, attempts + 1):
             if self._port is None:

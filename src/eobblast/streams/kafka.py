@@ -70,7 +70,7 @@ MAX_REQUEST_SIZE = 16 * 1024 * 1024
 # by the app) instead of wedging the partition; the limit only bounds memory per fetch.
 MAX_PARTITION_FETCH_BYTES = 1024 * 1024
 # Tansu completes a join roughly session_timeout/2 after it starts (so 5 s at 10 s), which
-# is the floor of every startup and rebalance there; tests and the demo pass 3_000.
+# is the floor of every startup and rebalance there; the integration tests pass 3_000.
 DEFAULT_SESSION_TIMEOUT_MS = 10_000
 # Members learn of a rebalance only at their next heartbeat: keep it well under a third of
 # the session timeout so rebalances start promptly.
@@ -83,7 +83,7 @@ DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 # One reachability probe, and one topic creation, never wait longer than this.
 PROBE_TIMEOUT = 5.0
 ADMIN_TIMEOUT = 10.0
-# Tansu refuses InitProducerId, so idempotence and transactions are off (see LIBRARIES.md).
+# Batches a burst of status events without holding a lone one back noticeably.
 PRODUCER_LINGER_MS = 5
 
 
@@ -130,9 +130,15 @@ def make_consumer(
 ) -> AIOKafkaConsumer:
     """A group consumer subscribed to `topics`, not started, that never commits on its own.
 
-    Call it inside a running event loop, then `await consumer.start()`. Commit explicit
-    offsets (`OffsetTracker.committable()`): a bare `commit()` commits everything `getmany`
-    returned, in flight or not. New groups start at the earliest offset: nothing is skipped.
+    Call it inside a running event loop, then `await consumer.start()` (which returns once
+    the member has joined and has its partitions). Commit explicit offsets
+    (`OffsetTracker.committable()`): a bare `commit()` commits everything `getmany` returned,
+    in flight or not. New groups start at the earliest offset: nothing is skipped.
+
+    On Tansu every join takes about session_timeout/2. Tansu numbers a group's first
+    generation 0 and aiokafka sends LeaveGroup on `stop()` only for generation > 0, so the
+    first member of a group leaves silently: its partitions move only once its session
+    expires (a replacement member needed about 7 s at a 3 s session).
     """
     if not topics:
         raise ValueError("a consumer needs at least one topic")
@@ -159,9 +165,9 @@ def make_producer(bootstrap: str, *, client_id: str) -> AIOKafkaProducer:
     """A producer, not started, that waits for all in-sync replicas to acknowledge.
 
     Records up to `MAX_REQUEST_SIZE` bytes (serialized) are accepted; a larger one fails at
-    `send` with `MessageSizeTooLargeError` without touching the network. No idempotence:
-    Tansu refuses InitProducerId, so a retried send may duplicate a record; consumers of
-    status and DLQ topics dedupe by event id.
+    `send` with `MessageSizeTooLargeError` without touching the network. No idempotence
+    (Tansu refuses InitProducerId): a retried send may write a record twice, so whoever
+    reads what this producer writes must tolerate duplicates.
     """
     return AIOKafkaProducer(
         bootstrap_servers=bootstrap,

@@ -1,0 +1,241 @@
+"""Kafka-fed workers against a real broker (Tansu), the sandbox, and the send ledger."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
+
+import orjson
+import pytest
+
+from eobblast.events.status import DeadLetter
+from eobblast.sandbox import Sandbox, make_test_pki
+from eobblast.streams import EmbeddedBroker
+from eobblast.supervisor import Supervisor
+from tests.integration.worker_stack import (
+    Stack,
+    accept_domains,
+    distinct_final,
+    prepare,
+    read_topic,
+    start_worker,
+    statuses,
+)
+from tests.kafka_fixtures import ApiVersionsShim, free_port
+
+
+@pytest.fixture
+async def stack(
+    broker: EmbeddedBroker,
+    tmp_path: Path,
+) -> AsyncIterator[Stack]:
+    domains = accept_domains(20)
+    pki = make_test_pki(tmp_path / "pki", [d.name for d in domains])
+    prepare(tmp_path)
+    async with Sandbox(domains, tmp_path / "mail", pki) as sandbox:
+        built = Stack(broker, sandbox, pki, tmp_path)
+        await built.create_topics()
+        yield built
+
+
+async def test_worker_delivers_reports_and_commits(stack: Stack) -> None:
+    values = stack.events(150)
+    await stack.publish(values)
+    config = stack.config()
+    _, stop, task = await start_worker(config)
+    records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=150)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    grouped = statuses(records)
+    assert len(grouped) == 150
+    assert set(distinct_final(grouped).values()) == {1}
+    delivered = [s[0] for s in grouped.values() if s[0].status == "delivered"]
+    assert len(delivered) == 150 == sum(stack.sandbox.counts.values())
+    assert all(s.tls_version in ("TLSv1.2", "TLSv1.3") for s in delivered)
+    assert all(s.source_timestamp is not None for s in delivered)
+    # Offsets were committed behind the outcomes: a new worker in the group finds nothing.
+    _, stop2, task2 = await start_worker(config, 1)
+    await asyncio.sleep(4)
+    stop2.set()
+    await asyncio.wait_for(task2, 30)
+    assert sum(stack.sandbox.counts.values()) == 150
+    assert (
+        len(await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=151, seconds=3))
+        == 150
+    )
+
+
+async def test_poison_input_is_parked_and_the_worker_goes_on(stack: Stack) -> None:
+    good = stack.events(2, seed=9)
+    poison = [
+        (b"member-1", b"this is not json"),
+        (b"member-2", orjson.dumps({"schema": "eob.issued/v9", "event_id": "e-wrong"})),
+        (b"member-3", b'{"event_id": "' + b"x" * (10 * 1024 * 1024) + b'"}'),
+        (b"", good[0]),
+        (b"member-5", b'{"event_id": "\xff\xfe"}'),
+        (b"member-6", b""),
+    ]
+    await stack.publish([v for _, v in poison] + [good[1]], keys=[k for k, _ in poison] + [b"m7"])
+    _, stop, task = await start_worker(stack.config())
+    status_records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=7)
+    dlq_records = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=6)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    letters = [DeadLetter.model_validate_json(v) for _, v in dlq_records]
+    reasons = sorted(str(letter.reason) for letter in letters)
+    assert reasons == sorted(
+        [
+            "invalid_json",
+            "unsupported_schema",
+            "event_too_large",
+            "missing_key",
+            "invalid_utf8",
+            "empty_value",
+        ]
+    )
+    by_reason = {str(letter.reason): letter for letter in letters}
+    assert base64.b64decode(by_reason["invalid_json"].original_base64) == b"this is not json"
+    big = by_reason["event_too_large"]
+    assert big.truncated and big.original_size > 10 * 1024 * 1024
+    assert by_reason["unsupported_schema"].event_id == "e-wrong"
+    grouped = statuses(status_records)
+    assert len(grouped) == 7
+    # the good event after all the poison was delivered
+    assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def test_republished_and_redelivered_events_are_sent_once(stack: Stack) -> None:
+    values = stack.events(20, seed=4)
+    # a claims system that publishes the same events twice (and one of them a third time)
+    await stack.publish(values + values + values[:1])
+    config = stack.config()
+    worker, stop, task = await start_worker(config)
+    records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=20)
+    await asyncio.sleep(1.0)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    assert sum(stack.sandbox.counts.values()) == 20
+    assert len(statuses(records)) == 20
+    assert worker.duplicates_skipped == 21
+    # Kafka redelivers everything to a new group: the ledger still says "sent", nobody resends.
+    regroup = replace(config, kafka=replace(config.kafka, group_id=config.kafka.group_id + "-2"))
+    worker2, stop2, task2 = await start_worker(regroup, 1)
+    await asyncio.sleep(5)
+    stop2.set()
+    await asyncio.wait_for(task2, 30)
+    assert sum(stack.sandbox.counts.values()) == 20
+    assert worker2.duplicates_skipped == 41
+
+
+async def test_two_workers_split_and_one_takes_over(stack: Stack) -> None:
+    values = stack.events(1500, seed=5)
+    await stack.publish(values)
+    config = stack.config()
+    first, stop1, task1 = await start_worker(config, 0)
+    second, stop2, task2 = await start_worker(config, 1)
+    await asyncio.sleep(6)  # both joined and working
+    stop1.set()  # a worker leaves mid-run: it drains, commits, its partitions move
+    await asyncio.wait_for(task1, 30)
+    records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1500)
+    stop2.set()
+    await asyncio.wait_for(task2, 30)
+    grouped = statuses(records)
+    assert len(grouped) == 1500
+    assert set(distinct_final(grouped).values()) == {1}
+    workers = {items[0].worker for items in grouped.values()}
+    assert workers == {first.worker_id, second.worker_id}
+    received = sum(stack.sandbox.counts.values())
+    assert 1500 <= received <= 1500 + stack.max_in_flight
+
+
+async def test_broker_down_at_start_then_lost_mid_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The worker reaches the broker through a relay: stopping the relay cuts the worker off
+    # (broker unreachable) while the broker keeps its data, as a real Kafka would.
+    domains = accept_domains(21)
+    pki = make_test_pki(tmp_path / "pki", [d.name for d in domains])
+    prepare(tmp_path)
+    broker_port = free_port()
+    relay = ApiVersionsShim("127.0.0.1", broker_port)
+    await relay.start()
+    relay_port = relay.port
+    await relay.stop()  # down at start: nothing listens where the worker looks
+    own = EmbeddedBroker(port=broker_port, advertised_port=relay_port, log_dir=tmp_path)
+    caplog.set_level(logging.WARNING, logger="eobblast")
+    async with Sandbox(domains, tmp_path / "mail", pki) as sandbox:
+        stack = Stack(own, sandbox, pki, tmp_path)
+        config = stack.config()
+        config = replace(config, kafka=replace(config.kafka, bootstrap=f"127.0.0.1:{relay_port}"))
+        _, stop, task = await start_worker(config)
+        try:
+            await asyncio.sleep(2)
+            assert not task.done()
+            await own.start()
+            await relay.start(relay_port)
+            await stack.create_topics()
+            await stack.publish(stack.events(30, seed=6))
+            first = await read_topic(own.bootstrap, stack.delivery_topic, until=30)
+            assert len(statuses(first)) == 30
+            await relay.stop()  # lost mid-run
+            await asyncio.sleep(4)
+            assert not task.done()
+            await relay.start(relay_port)  # back
+            await stack.publish(stack.events(30, seed=7))
+            both = await read_topic(own.bootstrap, stack.delivery_topic, until=60, seconds=90)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 60)
+            await relay.stop()
+            await own.stop()
+    assert len(statuses(both)) == 60
+    assert sum(sandbox.counts.values()) == 60
+    warnings = [r for r in caplog.records if r.name.startswith("eobblast")]
+    assert any("unreachable" in r.getMessage() for r in warnings)
+    assert len(warnings) < 40  # once per interval, not once per attempt
+
+
+async def test_killed_worker_is_restarted_and_nothing_is_lost(
+    stack: Stack, capsys: pytest.CaptureFixture[str]
+) -> None:
+    total = 20_000
+    stack.max_in_flight = 64
+    await stack.publish(stack.events(total, seed=8))
+    config = stack.config(count=2)
+    restarts: list[int] = []
+    supervisor = Supervisor(
+        config, workers=2, log_level="WARNING", on_restart=lambda i, c: restarts.append(i)
+    )
+    stop = asyncio.Event()
+    supervising = asyncio.create_task(supervisor.run(stop))
+    started = time.monotonic()
+    while sum(stack.sandbox.counts.values()) < total // 4 and time.monotonic() - started < 120:  # noqa: ASYNC110 - polling a counter in another thread
+        await asyncio.sleep(0.2)
+    victim = supervisor.pids[0]
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    records = await read_topic(
+        stack.broker.bootstrap, stack.delivery_topic, until=total, seconds=300
+    )
+    stop.set()
+    await supervising
+    grouped = statuses(records)
+    assert len(grouped) == total, "every event has a final status"
+    assert set(distinct_final(grouped).values()) == {1}, "and only one"
+    assert restarts == [0]
+    received = sum(stack.sandbox.counts.values())
+    duplicates = received - total
+    with capsys.disabled():
+        print(
+            f"\ncrash test: {total} events, {duplicates} duplicate SMTP deliveries "
+            f"(bound {stack.max_in_flight} in flight), "
+            f"{sum(len(v) for v in grouped.values()) - total} republished statuses"
+        )
+    assert 0 <= duplicates <= stack.max_in_flight
