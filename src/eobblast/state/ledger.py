@@ -34,6 +34,9 @@ CREATE TABLE IF NOT EXISTS send_ledger (
 """
 
 
+_SCHEMA_LOCK = 0x0E0B_B1A5
+
+
 class LedgerState(enum.StrEnum):
     """Where an event stands in the ledger."""
 
@@ -128,11 +131,21 @@ class SqliteLedger(SendLedger):
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA busy_timeout=10000")
+        # Switching to WAL needs a moment of exclusive access, which SQLite does not wait
+        # for: workers starting together retry briefly instead of failing.
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(_SCHEMA)
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
         # NORMAL: durable against process crashes (our failure model); fsync at checkpoints.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=10000")
-        self._db.execute(_SCHEMA)
 
     async def claim(self, event_id: str, owner: str) -> Claim:
         """Claim an event for sending by `owner`."""
@@ -211,7 +224,10 @@ class PostgresLedger(SendLedger):
             conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
         except psycopg.OperationalError:
             raise ConfigError("cannot connect to the PostgreSQL ledger") from None
-        await conn.execute(_SCHEMA)
+        # CREATE TABLE IF NOT EXISTS races between workers starting together: serialise it.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            await conn.execute(_SCHEMA)
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str) -> Claim:
