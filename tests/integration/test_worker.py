@@ -6,15 +6,17 @@ import asyncio
 import base64
 import logging
 import os
+import shutil
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import orjson
 import pytest
 
+from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.streams import EmbeddedBroker
@@ -29,6 +31,25 @@ from tests.integration.worker_stack import (
     statuses,
 )
 from tests.kafka_fixtures import ApiVersionsShim, free_port
+
+
+@pytest.fixture
+def pg_ledger_url() -> Iterator[str]:
+    """A fresh schema on the machine's PostgreSQL, dropped afterwards (skips without one)."""
+    import uuid
+
+    import psycopg
+
+    base = "postgresql://postgres@127.0.0.1:5432/test"
+    schema = f"worker_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError:
+        pytest.skip("PostgreSQL on 127.0.0.1:5432 unavailable")
+    yield f"{base}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
 @pytest.fixture
@@ -111,7 +132,12 @@ async def test_poison_input_is_parked_and_the_worker_goes_on(stack: Stack) -> No
     assert sum(stack.sandbox.counts.values()) == 1
 
 
-async def test_republished_and_redelivered_events_are_sent_once(stack: Stack) -> None:
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+async def test_republished_and_redelivered_events_are_sent_once(
+    stack: Stack, store: str, request: pytest.FixtureRequest
+) -> None:
+    if store == "postgresql":
+        stack.ledger_url = request.getfixturevalue("pg_ledger_url")
     values = stack.events(20, seed=4)
     # a claims system that publishes the same events twice (and one of them a third time)
     await stack.publish(values + values + values[:1])
@@ -239,3 +265,42 @@ async def test_killed_worker_is_restarted_and_nothing_is_lost(
             f"{sum(len(v) for v in grouped.values()) - total} republished statuses"
         )
     assert 0 <= duplicates <= stack.max_in_flight
+
+
+@pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat not installed (Debian kcat)")
+async def test_events_published_with_kcat_are_delivered(
+    kcat_broker: tuple[EmbeddedBroker, ApiVersionsShim], tmp_path: Path
+) -> None:
+    # A client no one here wrote plays the claims system: kcat -P -K: (key:value lines).
+    running, shim = kcat_broker
+    domains = accept_domains(22)
+    pki = make_test_pki(tmp_path / "pki", [d.name for d in domains])
+    prepare(tmp_path)
+    async with Sandbox(domains, tmp_path / "mail", pki) as sandbox:
+        stack = Stack(running, sandbox, pki, tmp_path)
+        await stack.create_topics()
+        values = stack.events(25, seed=12)
+        lines = b"".join(member_key(v) + b"|" + v + b"\n" for v in values)
+        kcat = await asyncio.create_subprocess_exec(
+            "kcat",
+            "-P",
+            "-b",
+            shim.bootstrap,
+            "-t",
+            stack.events_topic,
+            "-K|",
+            stdin=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        _, err = await asyncio.wait_for(kcat.communicate(lines), 60)
+        assert kcat.returncode == 0, err.decode()[-500:]
+        config = stack.config()
+        config = replace(config, kafka=replace(config.kafka, bootstrap=shim.bootstrap))
+        _, stop, task = await start_worker(config)
+        records = await read_topic(shim.bootstrap, stack.delivery_topic, until=25)
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    grouped = statuses(records)
+    assert len(grouped) == 25
+    assert {items[0].status for items in grouped.values()} == {"delivered"}
+    assert sum(sandbox.counts.values()) == 25
