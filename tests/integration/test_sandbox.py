@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import datetime as dt
 import email
 import email.policy
 import mailbox
 import socket
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from email.message import EmailMessage
 from pathlib import Path
 
 import aiosmtplib
 import pytest
+from cryptography import x509
 
 from eobblast.errors import ConfigError
 from eobblast.sandbox import (
@@ -20,11 +23,14 @@ from eobblast.sandbox import (
     Sandbox,
     SandboxDomain,
     TestPki,
+    certificate_dns_names,
+    certificate_verifies,
     default_sandbox_domains,
     make_test_pki,
     rcpt_reply,
     sandbox_config_from_toml,
 )
+from eobblast.sandbox.ca import WRONG_HOST_NAME
 
 ALPHA = "alpha.sandbox.test"
 DEFER = "defer.sandbox.test"
@@ -32,7 +38,10 @@ REJECT = "reject.sandbox.test"
 BRAVO = "bravo.sandbox.test"
 NOTLS = "notls.sandbox.test"
 UNTRUSTED = "untrusted.sandbox.test"
-ALL_NAMES = [ALPHA, DEFER, REJECT, BRAVO, NOTLS, UNTRUSTED]
+EXPIRED = "expired.sandbox.test"
+WRONGHOST = "wronghost.sandbox.test"
+DROPPER = "dropper.sandbox.test"
+ALL_NAMES = [ALPHA, DEFER, REJECT, BRAVO, NOTLS, UNTRUSTED, EXPIRED, WRONGHOST, DROPPER]
 CLOSE_AFTER = 3
 # 127.0.11.x: apart from the demo's 127.0.10.x, so a running demo does not collide.
 DOMAINS = [
@@ -46,6 +55,10 @@ DOMAINS = [
     SandboxDomain(BRAVO, "127.0.11.4", close_after=CLOSE_AFTER),
     SandboxDomain(NOTLS, "127.0.11.5", behaviour=Behaviour.NO_STARTTLS),
     SandboxDomain(UNTRUSTED, "127.0.11.6", behaviour=Behaviour.UNTRUSTED_CERT),
+    # .9 and .10 are taken by tests that start their own sandbox.
+    SandboxDomain(EXPIRED, "127.0.11.11", behaviour=Behaviour.EXPIRED_CERT),
+    SandboxDomain(WRONGHOST, "127.0.11.12", behaviour=Behaviour.WRONG_HOST_CERT),
+    SandboxDomain(DROPPER, "127.0.11.13", behaviour=Behaviour.DROP_AFTER_STARTTLS),
 ]
 
 
@@ -62,6 +75,20 @@ async def sandbox(tmp_path: Path, pki: TestPki) -> AsyncIterator[Sandbox]:
 
 def verifying_context(pki: TestPki) -> ssl.SSLContext:
     return ssl.create_default_context(cafile=str(pki.ca))
+
+
+def unverified_context() -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+async def eventually(condition: Callable[[], bool]) -> None:
+    """Wait for the servers' threads to catch up (a session ends there after the client's end)."""
+    async with asyncio.timeout(5):
+        while not condition():  # noqa: ASYNC110 - polling a counter in another thread
+            await asyncio.sleep(0.005)
 
 
 async def open_tls(
@@ -118,6 +145,7 @@ async def test_accepted_message_lands_in_maildir_with_trace_header(
     # The record and header come from the server side of the same TLS session.
     assert record.tls_version == ssl_object.version() == "TLSv1.3"
     assert record.cipher == ssl_object.cipher()[0]
+    assert record.tls_cert_trusted
     assert record.client_ip.startswith("127.")
     assert record.helo == "sender.eobblast.test"
     assert record.mail_from == "eob-notices@insurer.test"
@@ -177,12 +205,69 @@ async def test_untrusted_certificate_fails_verification(
 
 async def test_untrusted_domain_does_offer_starttls(sandbox: Sandbox, pki: TestPki) -> None:
     # Without verification the handshake succeeds: the failure above is the certificate's.
-    context = ssl.create_default_context()
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    client = await open_tls(sandbox, UNTRUSTED, pki, context=context)
+    client = await open_tls(sandbox, UNTRUSTED, pki, context=unverified_context())
     assert client.get_transport_info("ssl_object") is not None
     await client.quit()
+
+
+@pytest.mark.parametrize(
+    ("domain", "code", "reason"),
+    [
+        (EXPIRED, 10, "certificate has expired"),  # X509_V_ERR_CERT_HAS_EXPIRED
+        (WRONGHOST, 62, f"Hostname mismatch, certificate is not valid for '{WRONGHOST}'"),
+    ],
+)
+async def test_bad_certificate_fails_verification_for_its_one_reason(
+    sandbox: Sandbox, pki: TestPki, tmp_path: Path, domain: str, code: int, reason: str
+) -> None:
+    with pytest.raises(ssl.SSLCertVerificationError) as failed:
+        await open_tls(sandbox, domain, pki)
+    assert failed.value.verify_code == code
+    assert reason in failed.value.verify_message
+    await eventually(lambda: sandbox.empty_sessions[domain] == 1)
+    assert sandbox.received == []
+    assert stored_files(tmp_path / "mail", domain) == []
+
+
+async def test_unverified_tls_is_recorded_as_untrusted(sandbox: Sandbox, pki: TestPki) -> None:
+    # A careless client can still deliver to the bad-certificate domains: the record says so.
+    for n, domain in enumerate([UNTRUSTED, EXPIRED, WRONGHOST, ALPHA]):
+        client = await open_tls(sandbox, domain, pki, context=unverified_context())
+        await client.send_message(message(f"member-{n}@{domain}", n))
+        await client.quit()
+    trusted = {r.domain: r.tls_cert_trusted for r in sandbox.received}
+    assert trusted == {UNTRUSTED: False, EXPIRED: False, WRONGHOST: False, ALPHA: True}
+    assert all(r.tls_version == "TLSv1.3" for r in sandbox.received)
+
+
+async def test_dropper_completes_tls_then_never_accepts(
+    sandbox: Sandbox, pki: TestPki, tmp_path: Path
+) -> None:
+    client = await open_tls(sandbox, DROPPER, pki)
+    # The handshake verified against the test CA: the failure is the connection's, not TLS's.
+    assert client.get_transport_info("ssl_object").version() == "TLSv1.3"
+    with pytest.raises(aiosmtplib.SMTPServerDisconnected):
+        await client.send_message(message(f"member-11@{DROPPER}"))
+    assert not client.is_connected
+    await eventually(lambda: sandbox.empty_sessions[DROPPER] == 1)
+    assert sandbox.counts[DROPPER] == 0
+    assert sandbox.received == []
+    assert stored_files(tmp_path / "mail", DROPPER) == []
+
+
+async def test_empty_sessions_count_only_connections_without_a_message(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    # aiosmtpd's start-up probe connected to every server: it is not a client session.
+    assert sandbox.empty_sessions == {d.name: 0 for d in DOMAINS}
+    client = await open_tls(sandbox, ALPHA, pki)
+    await client.send_message(message(f"member-12@{ALPHA}"))
+    await client.quit()
+    client = await open_tls(sandbox, ALPHA, pki)
+    await client.quit()
+    await eventually(lambda: sandbox.empty_sessions[ALPHA] >= 1)
+    assert sandbox.empty_sessions[ALPHA] == 1
+    assert sandbox.counts[ALPHA] == 1
 
 
 async def test_verification_is_against_the_name_not_the_ip(sandbox: Sandbox, pki: TestPki) -> None:
@@ -248,6 +333,7 @@ async def test_no_starttls_domain_records_plaintext(sandbox: Sandbox, tmp_path: 
     [record] = sandbox.received
     assert record.tls_version is None
     assert record.cipher is None
+    assert not record.tls_cert_trusted
     text = record.path.read_text()
     assert f"with ESMTP id {record.queue_id}" in text
     assert "version=" not in text
@@ -340,28 +426,94 @@ async def test_stop_releases_the_ports(tmp_path: Path, pki: TestPki) -> None:
         assert second.routes == routes
 
 
-async def test_start_refuses_a_certificate_without_the_name(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("name", "behaviour", "error"),
+    [
+        (BRAVO, Behaviour.ACCEPT, f"does not name {BRAVO}"),
+        (BRAVO, Behaviour.EXPIRED_CERT, f"does not name {BRAVO}"),
+        # A wrong-host certificate that names the domain would verify.
+        (
+            WRONG_HOST_NAME,
+            Behaviour.WRONG_HOST_CERT,
+            f"wrong-host certificate names {WRONG_HOST_NAME}",
+        ),
+    ],
+)
+async def test_start_refuses_a_certificate_with_the_wrong_names(
+    tmp_path: Path, name: str, behaviour: Behaviour, error: str
+) -> None:
     pki = make_test_pki(tmp_path / "pki", [ALPHA])
-    sandbox = Sandbox([SandboxDomain(BRAVO, "127.0.11.10")], tmp_path / "mail", pki)
-    with pytest.raises(ConfigError, match=BRAVO):
+    sandbox = Sandbox(
+        [SandboxDomain(name, "127.0.11.10", behaviour=behaviour)], tmp_path / "mail", pki
+    )
+    with pytest.raises(ConfigError, match=error):
         await sandbox.start()
+    assert sandbox.routes == {}
 
 
 def test_pki_is_reused_and_reissued_for_new_names(tmp_path: Path) -> None:
     first = make_test_pki(tmp_path, [ALPHA])
-    ca, server, untrusted = (
+    ca, server, untrusted, expired, wrong_host = (
         first.ca.read_bytes(),
         first.server_cert.read_bytes(),
         first.untrusted_cert.read_bytes(),
+        first.expired_cert.read_bytes(),
+        first.wrong_host_cert.read_bytes(),
     )
     again = make_test_pki(tmp_path, [ALPHA])
     assert again == first
     assert first.ca.read_bytes() == ca and first.server_cert.read_bytes() == server
     assert first.untrusted_cert.read_bytes() == untrusted
+    assert first.expired_cert.read_bytes() == expired
+    assert first.wrong_host_cert.read_bytes() == wrong_host
     make_test_pki(tmp_path, [ALPHA, BRAVO])
     assert first.ca.read_bytes() == ca  # clients that trust the CA keep trusting it
     assert first.server_cert.read_bytes() != server
-    assert oct(first.server_key.stat().st_mode & 0o777) == "0o600"
+    assert first.expired_cert.read_bytes() != expired
+    assert BRAVO in certificate_dns_names(first.expired_cert)
+    assert first.wrong_host_cert.read_bytes() == wrong_host  # still names neither
+    for key in (first.server_key, first.expired_key, first.wrong_host_key):
+        assert oct(key.stat().st_mode & 0o777) == "0o600"
+
+
+def test_pki_bad_certificates_fail_only_as_intended(tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path, [ALPHA, BRAVO])
+    ca = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    now = dt.datetime.now(dt.UTC)
+    expired = x509.load_pem_x509_certificate(pki.expired_cert.read_bytes())
+    wrong_host = x509.load_pem_x509_certificate(pki.wrong_host_cert.read_bytes())
+    for cert in (expired, wrong_host):
+        cert.verify_directly_issued_by(ca)
+    assert expired.not_valid_after_utc < now - dt.timedelta(hours=12)
+    assert certificate_dns_names(pki.expired_cert) == {ALPHA, BRAVO}
+    assert wrong_host.not_valid_before_utc < now < wrong_host.not_valid_after_utc
+    assert certificate_dns_names(pki.wrong_host_cert) == {WRONG_HOST_NAME}
+
+    assert certificate_verifies(pki.server_cert, pki.ca, ALPHA)
+    assert certificate_verifies(pki.wrong_host_cert, pki.ca, WRONG_HOST_NAME)
+    assert not certificate_verifies(pki.server_cert, pki.ca, "mx.elsewhere.test")
+    for bad in (pki.expired_cert, pki.wrong_host_cert, pki.untrusted_cert):
+        assert not certificate_verifies(bad, pki.ca, ALPHA)
+
+
+def test_pki_replaces_a_bad_certificate_that_no_longer_fails(tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path, [ALPHA])
+    # Say someone copied the good pair over the bad ones: reuse must not keep them.
+    for cert, key in (
+        (pki.expired_cert, pki.expired_key),
+        (pki.wrong_host_cert, pki.wrong_host_key),
+    ):
+        cert.write_bytes(pki.server_cert.read_bytes())
+        key.write_bytes(pki.server_key.read_bytes())
+    make_test_pki(tmp_path, [ALPHA])
+    assert not certificate_verifies(pki.expired_cert, pki.ca, ALPHA)
+    assert certificate_dns_names(pki.expired_cert) == {ALPHA}
+    assert certificate_dns_names(pki.wrong_host_cert) == {WRONG_HOST_NAME}
+
+
+def test_pki_reserves_the_wrong_host_name(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="reserved"):
+        make_test_pki(tmp_path, [ALPHA, WRONG_HOST_NAME])
 
 
 def test_rcpt_reply_precedence() -> None:
@@ -374,10 +526,13 @@ def test_rcpt_reply_precedence() -> None:
 
 def test_default_domains() -> None:
     domains = {d.name: d for d in default_sandbox_domains()}
-    assert [d.host for d in domains.values()] == [f"127.0.10.{i}" for i in range(1, 6)]
+    assert [d.host for d in domains.values()] == [f"127.0.10.{i}" for i in range(1, 9)]
     assert domains["bravo.sandbox.test"].close_after == 25
     assert domains["notls.sandbox.test"].behaviour is Behaviour.NO_STARTTLS
     assert domains["untrusted.sandbox.test"].behaviour is Behaviour.UNTRUSTED_CERT
+    assert domains[EXPIRED].behaviour is Behaviour.EXPIRED_CERT
+    assert domains[WRONGHOST].behaviour is Behaviour.WRONG_HOST_CERT
+    assert domains[DROPPER].behaviour is Behaviour.DROP_AFTER_STARTTLS
 
 
 def test_config_from_toml() -> None:
@@ -396,9 +551,29 @@ def test_config_from_toml() -> None:
         host = "127.0.10.2"
         behaviour = "accept"
         close_after = 25
+
+        [[sandbox.domains]]
+        name = "expired.sandbox.test"
+        host = "127.0.10.6"
+        behaviour = "expired_cert"
+
+        [[sandbox.domains]]
+        name = "wronghost.sandbox.test"
+        host = "127.0.10.7"
+        behaviour = "WRONG_HOST_CERT"
+
+        [[sandbox.domains]]
+        name = "dropper.sandbox.test"
+        host = "127.0.10.8"
+        behaviour = "drop_after_starttls"
         """
     )
-    alpha, bravo = sandbox_config_from_toml(data)
+    alpha, bravo, *tls_failures = sandbox_config_from_toml(data)
+    assert [d.behaviour for d in tls_failures] == [
+        Behaviour.EXPIRED_CERT,
+        Behaviour.WRONG_HOST_CERT,
+        Behaviour.DROP_AFTER_STARTTLS,
+    ]
     assert alpha.port == 2525
     assert alpha.recipient_rules == (("unknown-", Behaviour.REJECT), ("busy-", Behaviour.DEFER))
     assert bravo.close_after == 25 and bravo.port == 0
@@ -418,6 +593,10 @@ def test_config_from_toml() -> None:
         ({"name": "a.test", "host": "127.0.0.1", "colour": 1}, r"unknown key\(s\) colour"),
         (
             {"name": "a.test", "host": "127.0.0.1", "recipient_rules": {"x-": "no_starttls"}},
+            r"recipient_rules: 'x-'",
+        ),
+        (
+            {"name": "a.test", "host": "127.0.0.1", "recipient_rules": {"x-": "expired_cert"}},
             r"recipient_rules: 'x-'",
         ),
         (

@@ -1,6 +1,11 @@
 """Local MX servers that behave like real receivers, for the demo, tests and benchmarks."""
 
-from eobblast.sandbox.ca import TestPki, certificate_dns_names, make_test_pki
+from eobblast.sandbox.ca import (
+    TestPki,
+    certificate_dns_names,
+    certificate_verifies,
+    make_test_pki,
+)
 from eobblast.sandbox.server import (
     Behaviour,
     Received,
@@ -19,6 +24,7 @@ __all__ = [
     "SandboxDomain",
     "TestPki",
     "certificate_dns_names",
+    "certificate_verifies",
     "default_sandbox_domains",
     "make_test_pki",
     "rcpt_reply",

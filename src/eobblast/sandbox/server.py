@@ -11,6 +11,7 @@ import itertools
 import logging
 import os
 import secrets
+import socket
 import ssl
 import threading
 from collections.abc import Mapping, Sequence
@@ -18,13 +19,13 @@ from dataclasses import dataclass
 from email.utils import format_datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, AnyStr, Self
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
 from eobblast.errors import ConfigError
-from eobblast.sandbox.ca import TestPki, certificate_dns_names
+from eobblast.sandbox.ca import TestPki, certificate_dns_names, certificate_verifies
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,10 @@ class Behaviour(enum.StrEnum):
     REJECT = "reject"
     NO_STARTTLS = "no_starttls"
     UNTRUSTED_CERT = "untrusted_cert"
+    EXPIRED_CERT = "expired_cert"
+    WRONG_HOST_CERT = "wrong_host_cert"
+    # Valid STARTTLS, then the connection breaks at the end of DATA: no message is ever accepted.
+    DROP_AFTER_STARTTLS = "drop_after_starttls"
 
 
 # Only these make sense for a single recipient; the TLS ones are properties of the server.
@@ -95,6 +100,9 @@ class Received:
     helo: str
     tls_version: str | None
     cipher: str | None
+    # True only over TLS with a certificate a client trusting just the test CA accepts for
+    # this domain: a message with False was readable by whoever could sit in the middle.
+    tls_cert_trusted: bool
     mail_from: str
     rcpt_tos: tuple[str, ...]
     size: int
@@ -156,6 +164,7 @@ class _Recorder:
         self._lock = threading.Lock()
         self._records: collections.deque[Received] = collections.deque(maxlen=max_records)
         self._counts: dict[str, int] = {}
+        self._empty: dict[str, int] = {}
 
     def add(self, record: Received) -> None:
         with self._lock:
@@ -170,18 +179,31 @@ class _Recorder:
         with self._lock:
             return dict(self._counts)
 
+    def add_empty_session(self, domain: str) -> None:
+        with self._lock:
+            self._empty[domain] = self._empty.get(domain, 0) + 1
+
+    def empty_sessions(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self._empty)
+
     def init_domain(self, name: str) -> None:
         with self._lock:
             self._counts.setdefault(name, 0)
+            self._empty.setdefault(name, 0)
 
 
 class _SandboxSMTP(SMTP):
-    """aiosmtpd's SMTP session plus what a handler hook cannot do: hang up after a reply."""
+    """aiosmtpd's SMTP session plus what a hook cannot do: hang up after or instead of a reply."""
 
-    def __init__(self, handler: Any, **kwargs: Any) -> None:
+    def __init__(self, handler: _DomainHandler, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
+        self.domain_handler = handler
         self.transactions = 0  # MAIL commands accepted on this connection
+        self.accepted = 0  # messages accepted on this connection
         self.hang_up_after_reply = False
+        self.hang_up_instead_of_reply = False
+        self._ended = False
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
@@ -190,16 +212,50 @@ class _SandboxSMTP(SMTP):
             # The reply is already written; close() flushes it before the socket goes.
             self.transport.close()
 
+    async def push(self, status: AnyStr) -> None:
+        """Send a reply, unless a hook asked to break the connection instead."""
+        if self.hang_up_instead_of_reply:
+            # connection_lost() follows and cancels the session task: nothing more is read.
+            if self.transport is not None:
+                self.transport.close()
+            return
+        await super().push(status)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Count the session if it ends without a message, then let aiosmtpd clean up."""
+        # aiosmtpd calls this twice after a failed TLS handshake (itself, then the transport).
+        if not self._ended:
+            self._ended = True
+            self.domain_handler.session_ended(self)
+        super().connection_lost(error)
+
 
 class _DomainHandler:
     """aiosmtpd hooks applying one SandboxDomain's behaviour and storing what it accepts."""
 
-    def __init__(self, domain: SandboxDomain, maildir: Path, recorder: _Recorder) -> None:
+    def __init__(
+        self, domain: SandboxDomain, maildir: Path, recorder: _Recorder, *, cert_trusted: bool
+    ) -> None:
         self._domain = domain
         self._tmp = maildir / "tmp"
         self._new = maildir / "new"
         self._recorder = recorder
+        self._cert_trusted = cert_trusted
         self._seq = itertools.count()
+        self._probe_peer: object = None
+
+    def ignore_probe(self, peer: object) -> None:
+        """Do not count the start-up probe connecting from peer as a client session."""
+        self._probe_peer = peer
+
+    def session_ended(self, server: _SandboxSMTP) -> None:
+        """Count a connection that closed without any message accepted."""
+        peer = server.session.peer if server.session is not None else None
+        if peer is not None and peer == self._probe_peer:
+            self._probe_peer = None
+            return
+        if server.accepted == 0:
+            self._recorder.add_empty_session(self._domain.name)
 
     async def handle_MAIL(
         self,
@@ -238,6 +294,12 @@ class _DomainHandler:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: _SandboxSMTP, session: Session, envelope: Envelope) -> str:
+        if self._domain.behaviour is Behaviour.DROP_AFTER_STARTTLS:
+            # The worst moment to lose a connection: the client sent everything and cannot
+            # tell whether it was accepted. It was not; nothing is stored.
+            server.hang_up_instead_of_reply = True
+            log.debug("sandbox %s: dropping the connection at end of DATA", self._domain.name)
+            return "421 4.4.2 not sent: push() hangs up instead"
         content = envelope.original_content
         assert isinstance(content, bytes)  # decode_data=False keeps the exact bytes
         assert envelope.mail_from is not None
@@ -268,6 +330,7 @@ class _DomainHandler:
                 helo=helo,
                 tls_version=tls[0] if tls else None,
                 cipher=tls[1] if tls else None,
+                tls_cert_trusted=tls is not None and self._cert_trusted,
                 mail_from=envelope.mail_from,
                 rcpt_tos=rcpt_tos,
                 size=len(content),
@@ -275,13 +338,14 @@ class _DomainHandler:
                 received_at=now,
             )
         )
+        server.accepted += 1
         log.debug("sandbox %s: accepted %s", self._domain.name, queue_id)
         return f"250 2.0.0 Ok: queued as {queue_id}"
 
     async def handle_exception(self, error: Exception) -> str:
         """Log the failure by type only: exception text can quote envelope addresses."""
         if isinstance(error, TLSSetupException):
-            # Expected for the untrusted-certificate domain: the client refused our certificate.
+            # Expected for the bad-certificate domains: the client refused our certificate.
             log.info("sandbox %s: TLS handshake failed", self._domain.name)
         else:
             log.warning("sandbox %s: session error %s", self._domain.name, type(error).__name__)
@@ -328,11 +392,15 @@ class _SandboxController(Controller):
 
     def _trigger_server(self) -> None:
         # With port 0 the kernel picked the port when the listener was bound; learn it
-        # before aiosmtpd's start-up probe connects. This avoids the race of probing a free
+        # before the start-up probe connects. This avoids the race of probing a free
         # port with a separate socket and binding it later.
         assert isinstance(self.server, asyncio.Server)
         self.port = int(self.server.sockets[0].getsockname()[1])
-        super()._trigger_server()  # type: ignore[no-untyped-call]
+        # aiosmtpd's probe (we never use implicit TLS), but the handler learns its address
+        # before it hangs up, so it is not counted as a client session without a message.
+        with socket.create_connection((self.hostname, self.port), timeout=1.0) as probe:
+            self.handler.ignore_probe(probe.getsockname())
+            probe.recv(1024)
 
 
 def _server_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
@@ -372,6 +440,11 @@ class Sandbox:
     def counts(self) -> dict[str, int]:
         """Domain name -> number of messages accepted since start."""
         return self._recorder.counts()
+
+    @property
+    def empty_sessions(self) -> dict[str, int]:
+        """Domain name -> connections that closed without a message accepted (e.g. TLS refused)."""
+        return self._recorder.empty_sessions()
 
     @property
     def received(self) -> list[Received]:
@@ -422,15 +495,15 @@ class Sandbox:
         maildir = self.maildir(domain.name)
         for sub in ("tmp", "new", "cur"):
             (maildir / sub).mkdir(parents=True, exist_ok=True)
-        tls_context: ssl.SSLContext | None
-        if domain.behaviour is Behaviour.NO_STARTTLS:
-            tls_context = None
-        elif domain.behaviour is Behaviour.UNTRUSTED_CERT:
-            tls_context = _server_tls_context(self._pki.untrusted_cert, self._pki.untrusted_key)
-        else:
-            tls_context = _server_tls_context(self._pki.server_cert, self._pki.server_key)
+        pair = _certificate_for(domain.behaviour, self._pki)
+        tls_context = None if pair is None else _server_tls_context(*pair)
+        # Decided by real path validation, not by the behaviour's name, so a record's flag
+        # holds even if the PKI files were swapped.
+        trusted = pair is not None and await asyncio.to_thread(
+            certificate_verifies, pair[0], self._pki.ca, domain.name
+        )
         controller = _SandboxController(
-            _DomainHandler(domain, maildir, self._recorder),
+            _DomainHandler(domain, maildir, self._recorder, cert_trusted=trusted),
             hostname=domain.host,
             port=domain.port,
             ready_timeout=READY_TIMEOUT,
@@ -453,14 +526,33 @@ class Sandbox:
         )
 
     def _check_certificate_names(self) -> None:
-        # A missing name would surface as a confusing verification failure in the client.
-        names = certificate_dns_names(self._pki.server_cert)
+        # A missing name would surface as a confusing verification failure in the client,
+        # and a bad-certificate domain must fail for its one intended reason only.
         for domain in self._domains:
-            if domain.behaviour is not Behaviour.NO_STARTTLS and domain.name.lower() not in names:
+            pair = _certificate_for(domain.behaviour, self._pki)
+            if pair is None:
+                continue
+            named = domain.name.lower() in certificate_dns_names(pair[0])
+            if domain.behaviour is Behaviour.WRONG_HOST_CERT and named:
+                raise ConfigError(f"sandbox: the wrong-host certificate names {domain.name}")
+            if domain.behaviour is not Behaviour.WRONG_HOST_CERT and not named:
                 raise ConfigError(
                     f"sandbox: the test certificate does not name {domain.name}; "
                     "pass it to make_test_pki"
                 )
+
+
+def _certificate_for(behaviour: Behaviour, pki: TestPki) -> tuple[Path, Path] | None:
+    """The (certificate, key) a domain with this behaviour offers over STARTTLS, if any."""
+    if behaviour is Behaviour.NO_STARTTLS:
+        return None
+    if behaviour is Behaviour.UNTRUSTED_CERT:
+        return pki.untrusted_cert, pki.untrusted_key
+    if behaviour is Behaviour.EXPIRED_CERT:
+        return pki.expired_cert, pki.expired_key
+    if behaviour is Behaviour.WRONG_HOST_CERT:
+        return pki.wrong_host_cert, pki.wrong_host_key
+    return pki.server_cert, pki.server_key
 
 
 def _quiet_aiosmtpd_logging() -> None:
@@ -474,7 +566,7 @@ def _quiet_aiosmtpd_logging() -> None:
 def default_sandbox_domains(
     base_ip_prefix: str = "127.0.10.", *, port: int = 0
 ) -> list[SandboxDomain]:
-    """The demo's receivers: alpha, bravo, charlie, notls and untrusted on .1 to .5."""
+    """The demo's receivers on .1 to .8: alpha, bravo, charlie, then one per TLS failure mode."""
     return [
         SandboxDomain(
             "alpha.sandbox.test",
@@ -492,6 +584,21 @@ def default_sandbox_domains(
             f"{base_ip_prefix}5",
             port,
             behaviour=Behaviour.UNTRUSTED_CERT,
+        ),
+        SandboxDomain(
+            "expired.sandbox.test", f"{base_ip_prefix}6", port, behaviour=Behaviour.EXPIRED_CERT
+        ),
+        SandboxDomain(
+            "wronghost.sandbox.test",
+            f"{base_ip_prefix}7",
+            port,
+            behaviour=Behaviour.WRONG_HOST_CERT,
+        ),
+        SandboxDomain(
+            "dropper.sandbox.test",
+            f"{base_ip_prefix}8",
+            port,
+            behaviour=Behaviour.DROP_AFTER_STARTTLS,
         ),
     ]
 
