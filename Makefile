@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_EVENTS ?= 500
 DEMO_OUT ?= demo-out
-DEBIAN_TOOLS := postfix opendkim opendkim-tools kcat
+DEBIAN_TOOLS := postfix opendkim opendkim-tools kcat chromium chromium-driver
 
 .PHONY: demo test lint bench venv system-deps clean
 
@@ -27,6 +27,7 @@ system-deps:
 	command -v smtp-sink >/dev/null || missing="$$missing postfix"; \
 	command -v opendkim >/dev/null || missing="$$missing opendkim opendkim-tools"; \
 	command -v kcat >/dev/null || missing="$$missing kcat"; \
+	command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian packages:$$missing"; \

@@ -1,0 +1,309 @@
+"""The audit trail: who was sent what, when, how protected, and what happened. Never content.
+
+Compliance officers read it. A record holds an event id, an opaque member reference (a
+keyed HMAC of the member id, never the id itself), an action, the protection level, a
+reason code, the actor and the time; every text field is a short machine token, checked
+on the way in, so no free text (and so no PHI) can be written. The store is append-only:
+the API has no update or delete, and the table refuses them with triggers.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import re
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from eobblast.errors import ConfigError, EobblastError, ReasonCode
+
+_EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# A member reference is hex, so a raw member id (or a name) cannot be passed by mistake.
+_MEMBER_REF = re.compile(r"^[0-9a-f]{32,64}$")
+_MEMBER_REF_CONTEXT = b"eobblast.member_ref.v1\x00"
+
+
+class AuditAction(enum.StrEnum):
+    """What happened."""
+
+    PROTECTION_CHOSEN = "protection_chosen"
+    SENT = "sent"
+    BOUNCE = "bounce"
+    INCIDENT = "incident"
+    PORTAL_ESCROWED = "portal_escrowed"
+    PORTAL_PICKUP = "portal_pickup"
+    PORTAL_PICKUP_FAILED = "portal_pickup_failed"
+    PORTAL_LOCKED = "portal_locked"
+    PORTAL_EXPIRED_PURGED = "portal_expired_purged"
+
+
+class AuditError(EobblastError):
+    """A record was refused (a field is not an id or a code) or could not be written."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ReasonCode.INVALID_VALUE, detail)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    """One line of the trail. `seq` is assigned by the store and set on records read back."""
+
+    event_id: str
+    action: AuditAction
+    actor: str
+    at: dt.datetime
+    member_ref: str | None = None
+    protection: str | None = None
+    reason: str | None = None
+    item_id: str | None = None
+    seq: int | None = None
+
+
+def member_ref(key: bytes, member_id: str) -> str:
+    """The opaque reference to a member the trail stores: HMAC-SHA256 of the id, 128 bits.
+
+    Keyed, so nobody without the key can confirm a guessed member id against the trail;
+    the same key always gives the same reference, so one member's records can be found.
+    """
+    if len(key) < 16:
+        raise ConfigError("the member reference key must be at least 16 bytes")
+    digest = hmac.new(key, _MEMBER_REF_CONTEXT + member_id.encode(), hashlib.sha256)
+    return digest.hexdigest()[:32]
+
+
+def _check(record: AuditRecord) -> None:
+    # Messages name the field, never its value: the value may be what must not leak.
+    if not _EVENT_ID.match(record.event_id):
+        raise AuditError("audit event_id is not an event id")
+    if record.member_ref is not None and not _MEMBER_REF.match(record.member_ref):
+        raise AuditError("audit member_ref is not an opaque reference")
+    for name in ("actor", "protection", "reason", "item_id"):
+        value = getattr(record, name)
+        if value is not None and not _TOKEN.match(value):
+            raise AuditError(f"audit {name} must be a short code")
+    if record.at.tzinfo is None:
+        raise AuditError("audit times must be timezone-aware")
+    AuditAction(record.action)
+
+
+def _iso(when: dt.datetime) -> str:
+    # Fixed width in UTC, so text order is time order in SQLite.
+    return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+_COLUMNS = "seq, at, event_id, action, actor, member_ref, protection, reason, item_id"
+
+
+def _record(row: Sequence[Any]) -> AuditRecord:
+    at = row[1]
+    if isinstance(at, str):
+        at = dt.datetime.strptime(at, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=dt.UTC)
+    return AuditRecord(
+        event_id=str(row[2]),
+        action=AuditAction(row[3]),
+        actor=str(row[4]),
+        at=at,
+        member_ref=row[5],
+        protection=row[6],
+        reason=row[7],
+        item_id=row[8],
+        seq=int(row[0]),
+    )
+
+
+def _where(event_id: str | None, since: dt.datetime | None, mark: str) -> tuple[str, list[Any]]:
+    clauses: list[str] = []
+    args: list[Any] = []
+    if event_id is not None:
+        clauses.append(f"event_id = {mark}")
+        args.append(event_id)
+    if since is not None:
+        clauses.append(f"at >= {mark}")
+        args.append(since)
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", args
+
+
+class AuditTrail(abc.ABC):
+    """Append-only audit records; SQLite and PostgreSQL behave the same."""
+
+    @abc.abstractmethod
+    async def append(self, record: AuditRecord) -> None:
+        """Add one record (AuditError if a field is not an id or a code)."""
+
+    @abc.abstractmethod
+    async def records(
+        self, event_id: str | None = None, since: dt.datetime | None = None
+    ) -> list[AuditRecord]:
+        """Records in the order written, optionally of one event and/or from a time on."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+
+_SQLITE_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS audit_trail ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
+    " at TEXT NOT NULL, event_id TEXT NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,"
+    " member_ref TEXT, protection TEXT, reason TEXT, item_id TEXT)",
+    "CREATE INDEX IF NOT EXISTS audit_trail_event_id ON audit_trail (event_id)",
+    "CREATE INDEX IF NOT EXISTS audit_trail_at ON audit_trail (at)",
+    "CREATE TRIGGER IF NOT EXISTS audit_trail_no_update BEFORE UPDATE ON audit_trail"
+    " BEGIN SELECT RAISE(ABORT, 'audit_trail is append-only'); END",
+    "CREATE TRIGGER IF NOT EXISTS audit_trail_no_delete BEFORE DELETE ON audit_trail"
+    " BEGIN SELECT RAISE(ABORT, 'audit_trail is append-only'); END",
+)
+
+_INSERT = (
+    "INSERT INTO audit_trail (at, event_id, action, actor, member_ref, protection, reason,"
+    " item_id) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
+)
+
+
+class SqliteAuditTrail(AuditTrail):
+    """The trail in a SQLite file (WAL), shared by the processes of one machine."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA busy_timeout=10000")
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                for statement in _SQLITE_SCHEMA:
+                    self._db.execute(statement)
+                break
+            except sqlite3.OperationalError as exc:
+                # Processes starting together contend for the switch to WAL: retry briefly.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+
+    async def append(self, record: AuditRecord) -> None:
+        """Add one record."""
+        _check(record)
+        self._db.execute(
+            _INSERT.format("?"),
+            (
+                _iso(record.at),
+                record.event_id,
+                str(record.action),
+                record.actor,
+                record.member_ref,
+                record.protection,
+                record.reason,
+                record.item_id,
+            ),
+        )
+
+    async def records(
+        self, event_id: str | None = None, since: dt.datetime | None = None
+    ) -> list[AuditRecord]:
+        """Records in the order written."""
+        where, args = _where(event_id, since, "?")
+        if since is not None:
+            args[-1] = _iso(since)
+        rows = self._db.execute(
+            f"SELECT {_COLUMNS} FROM audit_trail{where} ORDER BY seq",  # noqa: S608
+            args,
+        ).fetchall()
+        return [_record(row) for row in rows]
+
+    async def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+_PG_SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS audit_trail ("
+    " seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
+    " at TIMESTAMPTZ NOT NULL, event_id TEXT NOT NULL, action TEXT NOT NULL,"
+    " actor TEXT NOT NULL, member_ref TEXT, protection TEXT, reason TEXT, item_id TEXT)",
+    "CREATE INDEX IF NOT EXISTS audit_trail_event_id ON audit_trail (event_id)",
+    "CREATE INDEX IF NOT EXISTS audit_trail_at ON audit_trail (at)",
+    "CREATE OR REPLACE FUNCTION audit_trail_append_only() RETURNS trigger LANGUAGE plpgsql"
+    " AS $$ BEGIN RAISE EXCEPTION 'audit_trail is append-only'; END $$",
+    "CREATE OR REPLACE TRIGGER audit_trail_no_change BEFORE UPDATE OR DELETE ON audit_trail"
+    " FOR EACH ROW EXECUTE FUNCTION audit_trail_append_only()",
+    "CREATE OR REPLACE TRIGGER audit_trail_no_truncate BEFORE TRUNCATE ON audit_trail"
+    " FOR EACH STATEMENT EXECUTE FUNCTION audit_trail_append_only()",
+)
+_SCHEMA_LOCK = 0x0E0B_A0D1
+
+
+class PostgresAuditTrail(AuditTrail):
+    """The trail in PostgreSQL, for processes on several machines."""
+
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, dsn: str) -> PostgresAuditTrail:
+        """Connect and create the table and its append-only triggers if needed."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError:
+            raise ConfigError("cannot connect to the PostgreSQL audit trail") from None
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            for statement in _PG_SCHEMA:
+                await conn.execute(statement)
+        return cls(conn)
+
+    async def append(self, record: AuditRecord) -> None:
+        """Add one record."""
+        _check(record)
+        async with self._lock:
+            await self._conn.execute(
+                _INSERT.format("%s"),
+                (
+                    record.at,
+                    record.event_id,
+                    str(record.action),
+                    record.actor,
+                    record.member_ref,
+                    record.protection,
+                    record.reason,
+                    record.item_id,
+                ),
+            )
+
+    async def records(
+        self, event_id: str | None = None, since: dt.datetime | None = None
+    ) -> list[AuditRecord]:
+        """Records in the order written."""
+        where, args = _where(event_id, since, "%s")
+        async with self._lock:
+            cur = await self._conn.execute(
+                f"SELECT {_COLUMNS} FROM audit_trail{where} ORDER BY seq",  # noqa: S608
+                args,
+            )
+            rows = await cur.fetchall()
+        return [_record(row) for row in rows]
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.close()
+
+
+async def open_audit(url: str) -> AuditTrail:
+    """Open the trail named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
+    if url.startswith("sqlite:///"):
+        return SqliteAuditTrail(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresAuditTrail.connect(url)
+    raise ConfigError("audit url must start with sqlite:/// or postgresql://")

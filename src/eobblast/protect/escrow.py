@@ -1,0 +1,703 @@
+"""Portal escrow: EOBs held encrypted until the member picks them up or they expire.
+
+When an EOB can be sent neither S/MIME-encrypted nor over verified TLS, the email carries a
+notice and a single-use pickup link only; the EOB waits here. Each item is sealed with
+envelope encryption: a fresh AES-256-GCM data key encrypts the payload (the rendered HTML
+and the identity-check answers), and the active key of a `KeyRing` wraps that data key.
+Both layers take the item id as associated data, so a ciphertext copied into another row
+does not open. The database never holds the pickup token (only its SHA-256), the date of
+birth, the member id or any EOB text in plaintext.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import base64
+import binascii
+import datetime as dt
+import enum
+import hashlib
+import hmac
+import os
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from eobblast.errors import ConfigError, EobblastError, ReasonCode
+from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+
+KEY_BYTES = 32
+NONCE_BYTES = 12
+_TAG_BYTES = 16
+_VERSION = 1
+_KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_KEY_SUFFIX = ".key"
+_ACTIVE_FILE = "active"
+# Domain separation: a wrapped data key can never be mistaken for a payload, or vice versa.
+_KEK_AAD = b"eobblast.escrow.v1.kek\x00"
+_DEK_AAD = b"eobblast.escrow.v1.dek\x00"
+DEFAULT_LOCKOUT_AFTER = 5
+# The protection level's name in audit records (protect.policy.ProtectionLevel.PORTAL).
+PORTAL_PROTECTION = "portal"
+
+
+class EscrowError(EobblastError):
+    """The escrow cannot do what was asked (details are fixed strings, never content)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(ReasonCode.INTERNAL_ERROR, detail)
+
+
+class EscrowIntegrityError(EscrowError):
+    """A sealed item failed authentication: tampered, swapped, or its key is gone."""
+
+
+# --------------------------------------------------------------------------- key ring
+
+
+def _check_key_id(key_id: str) -> str:
+    if not _KEY_ID.match(key_id):
+        raise ConfigError("escrow key ids are 1-64 characters of A-Z a-z 0-9 . _ -")
+    return key_id
+
+
+class KeyRing:
+    """Named 256-bit key-encryption keys: one active for sealing, the rest kept for opening."""
+
+    def __init__(self, keys: Mapping[str, bytes], active: str) -> None:
+        for key_id, key in keys.items():
+            _check_key_id(key_id)
+            if len(key) != KEY_BYTES:
+                raise ConfigError(f"escrow key {key_id} is not {KEY_BYTES} bytes")
+        if active not in keys:
+            raise ConfigError("the active escrow key is not in the key ring")
+        self._aead = {key_id: AESGCM(key) for key_id, key in keys.items()}
+        self._active = active
+
+    @property
+    def active_id(self) -> str:
+        """The id of the key that seals new items."""
+        return self._active
+
+    @property
+    def key_ids(self) -> frozenset[str]:
+        """Every key id the ring can open."""
+        return frozenset(self._aead)
+
+    @classmethod
+    def from_mapping(cls, keys: Mapping[str, str], active: str) -> KeyRing:
+        """A ring from config: key id -> base64 of 32 bytes."""
+        decoded: dict[str, bytes] = {}
+        for key_id, text in keys.items():
+            try:
+                decoded[key_id] = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise ConfigError(f"escrow key {key_id} is not valid base64") from None
+        return cls(decoded, active)
+
+    @classmethod
+    def from_directory(cls, directory: Path) -> KeyRing:
+        """A ring from `<dir>/<key id>.key` files (base64) and `<dir>/active` naming one."""
+        try:
+            active = (directory / _ACTIVE_FILE).read_text("ascii").strip()
+            texts = {
+                path.name.removesuffix(_KEY_SUFFIX): path.read_text("ascii").strip()
+                for path in directory.glob("*" + _KEY_SUFFIX)
+            }
+        except OSError:
+            raise ConfigError("cannot read the escrow key directory") from None
+        except UnicodeDecodeError:
+            raise ConfigError("escrow key files must be base64 text") from None
+        return cls.from_mapping(texts, active)
+
+    @classmethod
+    def generate(cls, directory: Path, key_id: str | None = None) -> KeyRing:
+        """Add a new random key to `directory`, make it the active one, and load the ring.
+
+        Older keys stay in the directory so items sealed with them still open: this is
+        how keys are rotated.
+        """
+        key_id = _check_key_id(
+            key_id or time.strftime("k%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+        )
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = directory / (key_id + _KEY_SUFFIX)
+        # O_EXCL: a key file is never overwritten, or items sealed with it would be lost.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="ascii") as out:
+            out.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii") + "\n")
+        # Written then renamed, so a reader never sees a half-written active file.
+        tmp = directory / (_ACTIVE_FILE + ".tmp")
+        tmp.write_text(key_id + "\n", encoding="ascii")
+        tmp.chmod(0o600)
+        tmp.replace(directory / _ACTIVE_FILE)
+        return cls.from_directory(directory)
+
+    def seal(self, item_id: str, plaintext: bytes) -> bytes:
+        """Encrypt `plaintext` for `item_id` under a fresh data key wrapped by the active key."""
+        key_id = self._active.encode("ascii")
+        dek = AESGCM.generate_key(bit_length=256)
+        wrap_nonce = secrets.token_bytes(NONCE_BYTES)
+        wrapped = self._aead[self._active].encrypt(
+            wrap_nonce, dek, _KEK_AAD + key_id + b"\x00" + item_id.encode()
+        )
+        data_nonce = secrets.token_bytes(NONCE_BYTES)
+        ciphertext = AESGCM(dek).encrypt(data_nonce, plaintext, _DEK_AAD + item_id.encode())
+        return b"".join(
+            (bytes((_VERSION, len(key_id))), key_id, wrap_nonce, wrapped, data_nonce, ciphertext)
+        )
+
+    def open(self, item_id: str, envelope: bytes) -> bytes:
+        """Decrypt an envelope sealed for `item_id`; EscrowIntegrityError if it does not verify."""
+        key_id, wrap_nonce, wrapped, data_nonce, ciphertext = _split(envelope)
+        aead = self._aead.get(key_id)
+        if aead is None:
+            raise EscrowIntegrityError("envelope names a key that is not in the key ring")
+        try:
+            dek = aead.decrypt(
+                wrap_nonce, wrapped, _KEK_AAD + key_id.encode("ascii") + b"\x00" + item_id.encode()
+            )
+            return AESGCM(dek).decrypt(data_nonce, ciphertext, _DEK_AAD + item_id.encode())
+        except InvalidTag:
+            raise EscrowIntegrityError("envelope failed authentication") from None
+
+    def rewrap(self, item_id: str, envelope: bytes) -> bytes:
+        """The same payload with its data key re-wrapped under the active key (rotation)."""
+        return self.seal(item_id, self.open(item_id, envelope))
+
+    @staticmethod
+    def key_id_of(envelope: bytes) -> str:
+        """The id of the key that wrapped an envelope's data key."""
+        return _split(envelope)[0]
+
+
+def _split(envelope: bytes) -> tuple[str, bytes, bytes, bytes, bytes]:
+    """version | key id length | key id | wrap nonce | wrapped key+tag | data nonce | data+tag."""
+    if len(envelope) < 2 or envelope[0] != _VERSION:
+        raise EscrowIntegrityError("unsupported escrow envelope")
+    kid_end = 2 + envelope[1]
+    wrapped_end = kid_end + NONCE_BYTES + KEY_BYTES + _TAG_BYTES
+    data_start = wrapped_end + NONCE_BYTES
+    if envelope[1] == 0 or len(envelope) < data_start + _TAG_BYTES:
+        raise EscrowIntegrityError("truncated escrow envelope")
+    try:
+        key_id = envelope[2:kid_end].decode("ascii")
+    except UnicodeDecodeError:
+        raise EscrowIntegrityError("malformed escrow envelope") from None
+    return (
+        key_id,
+        envelope[kid_end : kid_end + NONCE_BYTES],
+        envelope[kid_end + NONCE_BYTES : wrapped_end],
+        envelope[wrapped_end:data_start],
+        envelope[data_start:],
+    )
+
+
+# --------------------------------------------------------------------------- items
+
+
+@dataclass(frozen=True, slots=True)
+class EscrowItem:
+    """What to escrow for one EOB.
+
+    `member_id` and `date_of_birth` are sealed with the HTML (they are the identity check);
+    `member_ref` is the opaque pseudonym (see `observe.audit.member_ref`) kept in clear
+    for the audit trail. A member without a date of birth on file cannot use the portal.
+    """
+
+    event_id: str
+    member_ref: str
+    member_id: str
+    date_of_birth: dt.date
+    html: str
+    expires_at: dt.datetime
+    language: str = "en"
+
+
+class PickupFailure(enum.StrEnum):
+    """Why a pickup was refused."""
+
+    UNKNOWN = "unknown"
+    EXPIRED = "expired"
+    LOCKED = "locked"
+    ALREADY_USED = "already_used"
+    WRONG_ANSWER = "wrong_answer"
+
+
+@dataclass(frozen=True, slots=True)
+class PickupOpened:
+    """The identity check passed: the EOB, shown once."""
+
+    item_id: str
+    event_id: str
+    member_ref: str
+    html: str
+
+
+@dataclass(frozen=True, slots=True)
+class PickupRefused:
+    """The pickup was refused; ids are None when the link matched no item."""
+
+    reason: PickupFailure
+    item_id: str | None = None
+    event_id: str | None = None
+    member_ref: str | None = None
+    failed_attempts: int = 0
+    # this very attempt locked the item (so the caller records the lock once)
+    just_locked: bool = False
+
+
+PickupResult = PickupOpened | PickupRefused
+
+
+@dataclass(frozen=True, slots=True)
+class LinkStatus:
+    """What a link points at, without opening it: `failure` is None while it can be picked up."""
+
+    failure: PickupFailure | None
+    item_id: str | None = None
+    event_id: str | None = None
+    member_ref: str | None = None
+    language: str = "en"
+
+
+@dataclass(frozen=True, slots=True)
+class PurgedItem:
+    """An item removed at expiry, and the state it ended in."""
+
+    item_id: str
+    event_id: str
+    member_ref: str
+    final_state: str  # "picked_up" | "locked" | "unopened"
+
+
+@dataclass(frozen=True, slots=True)
+class ItemRow:
+    """One `portal_items` row as the decisions see it (the envelope is still sealed)."""
+
+    item_id: str
+    event_id: str
+    member_ref: str
+    language: str
+    envelope: bytes | None
+    expires_at: float
+    failed_attempts: int
+    locked: bool
+    picked_up_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class RowChange:
+    """What an attempt changes in its row; a pickup also drops the envelope."""
+
+    failed_attempts: int
+    locked: bool
+    picked_up_at: float | None
+
+
+def hash_token(token: str) -> str:
+    """The SHA-256 (hex) under which a pickup token is stored."""
+    # "replace": a mangled path must hash (to nothing stored), not raise.
+    return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
+
+
+def normalise_last4(value: str) -> str:
+    """The member-id suffix as compared: trimmed, upper case."""
+    return value.strip().upper()
+
+
+def last4_of(member_id: str) -> str:
+    """The last four characters of a member id (the whole id if shorter)."""
+    return normalise_last4(member_id[-4:])
+
+
+def link_failure(row: ItemRow | None, now: float) -> PickupFailure | None:
+    """Why a link cannot be picked up at `now`, or None if it can."""
+    if row is None:
+        return PickupFailure.UNKNOWN
+    if row.picked_up_at is not None or row.envelope is None:
+        return PickupFailure.ALREADY_USED
+    if row.locked:
+        return PickupFailure.LOCKED
+    if now >= row.expires_at:
+        return PickupFailure.EXPIRED
+    return None
+
+
+def attempt_pickup(
+    keys: KeyRing,
+    row: ItemRow | None,
+    dob: dt.date,
+    last4: str,
+    now: float,
+    lockout_after: int,
+) -> tuple[PickupResult, RowChange | None]:
+    """Decide one pickup attempt: the result, and the change to write to its row."""
+    failure = link_failure(row, now)
+    if failure is not None or row is None or row.envelope is None:
+        return _refused(failure or PickupFailure.UNKNOWN, row), None
+    payload = orjson.loads(keys.open(row.item_id, row.envelope))
+    expected = f"{payload['dob']}|{payload['last4']}".encode()
+    given = f"{dob.isoformat()}|{normalise_last4(last4)}".encode()
+    # Both answers are checked together, in constant time: the reply never tells which
+    # of the two was wrong.
+    if hmac.compare_digest(expected, given):
+        opened = PickupOpened(row.item_id, row.event_id, row.member_ref, str(payload["html"]))
+        return opened, RowChange(row.failed_attempts, row.locked, now)
+    attempts = row.failed_attempts + 1
+    locked = attempts >= lockout_after
+    refused = PickupRefused(
+        PickupFailure.WRONG_ANSWER,
+        row.item_id,
+        row.event_id,
+        row.member_ref,
+        failed_attempts=attempts,
+        just_locked=locked,
+    )
+    return refused, RowChange(attempts, locked, None)
+
+
+def _refused(reason: PickupFailure, row: ItemRow | None) -> PickupRefused:
+    if row is None:
+        return PickupRefused(reason)
+    return PickupRefused(
+        reason, row.item_id, row.event_id, row.member_ref, failed_attempts=row.failed_attempts
+    )
+
+
+# One attempt decided against its row, inside the store's row-locking transaction.
+_Decide = Callable[[ItemRow | None], tuple[PickupResult, RowChange | None]]
+
+
+def _epoch(when: dt.datetime) -> float:
+    if when.tzinfo is None:
+        raise EscrowError("escrow times must be timezone-aware")
+    return when.timestamp()
+
+
+def _final_state(locked: Any, picked_up_at: Any) -> str:
+    if picked_up_at is not None:
+        return "picked_up"
+    return "locked" if locked else "unopened"
+
+
+# --------------------------------------------------------------------------- stores
+
+_COLUMNS = (
+    "item_id, event_id, member_ref, language, envelope, expires_at,"
+    " failed_attempts, locked, picked_up_at"
+)
+
+
+def _row(values: Sequence[Any] | None) -> ItemRow | None:
+    if values is None:
+        return None
+    return ItemRow(
+        str(values[0]),
+        str(values[1]),
+        str(values[2]),
+        str(values[3]),
+        None if values[4] is None else bytes(values[4]),
+        float(values[5]),
+        int(values[6]),
+        bool(values[7]),
+        None if values[8] is None else float(values[8]),
+    )
+
+
+class EscrowStore(abc.ABC):
+    """Sealed EOBs awaiting pickup; SQLite and PostgreSQL behave the same."""
+
+    def __init__(self, keys: KeyRing) -> None:
+        self._keys = keys
+
+    async def put(self, item: EscrowItem, *, now: dt.datetime | None = None) -> str:
+        """Seal and store an item; returns the pickup token (it exists only in the link)."""
+        return (await self._put(item, now or dt.datetime.now(dt.UTC)))[1]
+
+    async def _put(self, item: EscrowItem, now: dt.datetime) -> tuple[str, str]:
+        created = _epoch(now)
+        token = secrets.token_urlsafe(32)
+        item_id = secrets.token_hex(16)
+        payload = orjson.dumps(
+            {
+                "html": item.html,
+                "dob": item.date_of_birth.isoformat(),
+                "last4": last4_of(item.member_id),
+            }
+        )
+        await self._insert(
+            (
+                item_id,
+                hash_token(token),
+                item.event_id,
+                item.member_ref,
+                item.language,
+                self._keys.seal(item_id, payload),
+                created,
+                _epoch(item.expires_at),
+            )
+        )
+        return item_id, token
+
+    async def status(self, token: str, now: dt.datetime) -> LinkStatus:
+        """What the link points at, without opening it or counting an attempt."""
+        row = await self._fetch(hash_token(token))
+        failure = link_failure(row, _epoch(now))
+        if row is None:
+            return LinkStatus(failure)
+        return LinkStatus(failure, row.item_id, row.event_id, row.member_ref, row.language)
+
+    async def verify_and_open(
+        self,
+        token: str,
+        dob: dt.date,
+        last4: str,
+        now: dt.datetime,
+        *,
+        lockout_after: int = DEFAULT_LOCKOUT_AFTER,
+    ) -> PickupResult:
+        """Check the answers: the EOB once (then the link is spent), or why not.
+
+        A wrong answer is counted; the `lockout_after`-th locks the item for good.
+        """
+        at = _epoch(now)
+        return await self._in_row_transaction(
+            hash_token(token),
+            lambda row: attempt_pickup(self._keys, row, dob, last4, at, lockout_after),
+        )
+
+    async def purge_expired(self, now: dt.datetime) -> int:
+        """Delete every item whose time is up; returns how many."""
+        return len(await self.purge_expired_items(now))
+
+    async def purge_expired_items(self, now: dt.datetime) -> list[PurgedItem]:
+        """Delete every item whose time is up; returns what was deleted, for the audit."""
+        return [
+            PurgedItem(str(r[0]), str(r[1]), str(r[2]), _final_state(r[3], r[4]))
+            for r in await self._delete_expired(_epoch(now))
+        ]
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store cannot be reached."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release connections."""
+
+    @abc.abstractmethod
+    async def _insert(self, values: tuple[Any, ...]) -> None: ...
+
+    @abc.abstractmethod
+    async def _fetch(self, token_sha256: str) -> ItemRow | None: ...
+
+    @abc.abstractmethod
+    async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult: ...
+
+    @abc.abstractmethod
+    async def _delete_expired(self, now: float) -> list[Sequence[Any]]: ...
+
+
+_INSERT = (
+    "INSERT INTO portal_items (item_id, token_sha256, event_id, member_ref, language,"
+    " envelope, created_at, expires_at) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
+)
+_SELECT = f"SELECT {_COLUMNS} FROM portal_items WHERE token_sha256 = {{0}}"  # noqa: S608
+_UPDATE = (
+    "UPDATE portal_items SET failed_attempts = {0}, locked = {0}, picked_up_at = {0},"
+    " envelope = CASE WHEN {0} THEN NULL ELSE envelope END WHERE item_id = {0}"
+)
+_DELETE = (
+    "DELETE FROM portal_items WHERE expires_at <= {0}"
+    " RETURNING item_id, event_id, member_ref, locked, picked_up_at"
+)
+
+
+def _table(blob: str) -> str:
+    return (
+        "CREATE TABLE IF NOT EXISTS portal_items ("
+        " item_id TEXT PRIMARY KEY,"
+        " token_sha256 TEXT NOT NULL UNIQUE,"
+        " event_id TEXT NOT NULL,"
+        " member_ref TEXT NOT NULL,"
+        " language TEXT NOT NULL,"
+        f" envelope {blob},"
+        " created_at DOUBLE PRECISION NOT NULL,"
+        " expires_at DOUBLE PRECISION NOT NULL,"
+        " failed_attempts INTEGER NOT NULL DEFAULT 0,"
+        " locked INTEGER NOT NULL DEFAULT 0,"
+        " picked_up_at DOUBLE PRECISION)"
+    )
+
+
+_INDEX = "CREATE INDEX IF NOT EXISTS portal_items_expires_at ON portal_items (expires_at)"
+_SCHEMA_LOCK = 0x0E0B_E5C0
+
+
+def _update_args(change: RowChange, item_id: str) -> tuple[Any, ...]:
+    picked = change.picked_up_at is not None
+    return (change.failed_attempts, int(change.locked), change.picked_up_at, picked, item_id)
+
+
+class SqliteEscrow(EscrowStore):
+    """The escrow in a SQLite file (WAL), for the processes of one machine.
+
+    As in the ledger, statements are single-row and take microseconds, so they run on the
+    event loop's thread; decryption of one item is in the same range.
+    """
+
+    def __init__(self, path: Path, keys: KeyRing) -> None:
+        super().__init__(keys)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA busy_timeout=10000")
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute(_table("BLOB"))
+                self._db.execute(_INDEX)
+                break
+            except sqlite3.OperationalError as exc:
+                # Processes starting together contend for the switch to WAL: retry briefly.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        # Deleted rows are overwritten, not left readable in free pages.
+        self._db.execute("PRAGMA secure_delete=ON")
+
+    async def _insert(self, values: tuple[Any, ...]) -> None:
+        self._db.execute(_INSERT.format("?"), values)
+
+    async def _fetch(self, token_sha256: str) -> ItemRow | None:
+        return _row(self._db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
+
+    async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            row = _row(db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
+            result, change = decide(row)
+            if change is not None and row is not None:
+                db.execute(_UPDATE.format("?"), _update_args(change, row.item_id))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return result
+
+    async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
+        return list(self._db.execute(_DELETE.format("?"), (now,)).fetchall())
+
+    async def ping(self) -> None:
+        """Raise if the database cannot be read."""
+        self._db.execute("SELECT 1").fetchone()
+
+    async def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+class PostgresEscrow(EscrowStore):
+    """The escrow in PostgreSQL, for portal and worker processes on several machines."""
+
+    def __init__(self, conn: Any, keys: KeyRing) -> None:
+        super().__init__(keys)
+        self._conn = conn
+        self._lock = asyncio.Lock()
+
+    @classmethod
+    async def connect(cls, dsn: str, keys: KeyRing) -> PostgresEscrow:
+        """Connect and create the table if needed."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError:
+            raise ConfigError("cannot connect to the PostgreSQL escrow") from None
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
+            await conn.execute(_table("BYTEA"))
+            await conn.execute(_INDEX)
+        return cls(conn, keys)
+
+    async def _insert(self, values: tuple[Any, ...]) -> None:
+        async with self._lock:
+            await self._conn.execute(_INSERT.format("%s"), values)
+
+    async def _fetch(self, token_sha256: str) -> ItemRow | None:
+        async with self._lock:
+            cur = await self._conn.execute(_SELECT.format("%s"), (token_sha256,))
+            return _row(await cur.fetchone())
+
+    async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult:
+        async with self._lock, self._conn.transaction():
+            # FOR UPDATE: two simultaneous correct answers must not both open the item.
+            cur = await self._conn.execute(_SELECT.format("%s") + " FOR UPDATE", (token_sha256,))
+            row = _row(await cur.fetchone())
+            result, change = decide(row)
+            if change is not None and row is not None:
+                await self._conn.execute(_UPDATE.format("%s"), _update_args(change, row.item_id))
+        return result
+
+    async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
+        async with self._lock:
+            cur = await self._conn.execute(_DELETE.format("%s"), (now,))
+            return list(await cur.fetchall())
+
+    async def ping(self) -> None:
+        """Raise if the server cannot be reached."""
+        async with self._lock:
+            await self._conn.execute("SELECT 1")
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.close()
+
+
+async def escrow_eob(
+    store: EscrowStore,
+    audit: AuditTrail,
+    item: EscrowItem,
+    *,
+    actor: str,
+    reason: str | None = None,
+    now: dt.datetime | None = None,
+) -> str:
+    """Escrow an EOB and record `portal_escrowed` in the audit trail; returns the token."""
+    when = now or dt.datetime.now(dt.UTC)
+    item_id, token = await store._put(item, when)
+    await audit.append(
+        AuditRecord(
+            item.event_id,
+            AuditAction.PORTAL_ESCROWED,
+            actor,
+            when,
+            member_ref=item.member_ref,
+            protection=PORTAL_PROTECTION,
+            reason=reason,
+            item_id=item_id,
+        )
+    )
+    return token
+
+
+async def open_escrow(url: str, keys: KeyRing) -> EscrowStore:
+    """Open the escrow named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
+    if url.startswith("sqlite:///"):
+        return SqliteEscrow(Path(url.removeprefix("sqlite:///")), keys)
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresEscrow.connect(url, keys)
+    raise ConfigError("escrow url must start with sqlite:/// or postgresql://")

@@ -1,0 +1,630 @@
+"""The secure portal over real HTTP, on SQLite and on the machine's PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import email
+import logging
+import re
+import sqlite3
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import psycopg
+import pytest
+
+from eobblast.events import EobIssued, validate_event
+from eobblast.observe.audit import (
+    AuditAction,
+    AuditError,
+    AuditRecord,
+    AuditTrail,
+    member_ref,
+    open_audit,
+)
+from eobblast.portal import PortalServer, Rate, create_app, purge_and_record, serve_portal
+from eobblast.protect.escrow import (
+    EscrowItem,
+    EscrowStore,
+    KeyRing,
+    PickupFailure,
+    escrow_eob,
+    open_escrow,
+)
+from eobblast.render.mime import Renderer
+
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+REF_KEY = b"member-ref-key-for-tests-only-32"
+NOW = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
+LOCKOUT = 3
+GENEROUS = Rate(burst=1000, per_minute=1000)
+
+
+class Clock:
+    """A settable clock for the app and the store."""
+
+    def __init__(self, now: dt.datetime) -> None:
+        self.now = now
+
+    def __call__(self) -> dt.datetime:
+        return self.now
+
+
+@dataclass
+class Stores:
+    url: str
+    escrow: EscrowStore
+    audit: AuditTrail
+
+
+@dataclass
+class Eob:
+    """An escrowed EOB and what a member would type (and what must never leak)."""
+
+    token: str
+    event: EobIssued
+    html: str
+
+    @property
+    def dob(self) -> dt.date:
+        assert self.event.member.date_of_birth is not None
+        return self.event.member.date_of_birth
+
+    @property
+    def last4(self) -> str:
+        return self.event.member.id[-4:]
+
+    def secrets(self) -> list[str]:
+        """Strings that are PHI, or the token: none may be stored or logged."""
+        member = self.event.member
+        return [
+            self.token,
+            member.name,
+            member.id,
+            member.email,
+            self.dob.isoformat(),
+            self.dob.strftime("%m/%d/%Y"),
+            self.event.claim.id,
+            self.event.claim.patient_name,
+        ]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway schema on the machine's PostgreSQL, dropped afterwards."""
+    schema = f"portal_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
+    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'portal.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> KeyRing:
+    return KeyRing.generate(tmp_path / "escrow-keys")
+
+
+@pytest.fixture
+async def stores(store_url: str, keys: KeyRing) -> AsyncIterator[Stores]:
+    escrow = await open_escrow(store_url, keys)
+    audit = await open_audit(store_url)
+    yield Stores(store_url, escrow, audit)
+    await escrow.close()
+    await audit.close()
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock(NOW)
+
+
+async def start(stores: Stores, clock: Clock, **options: Any) -> PortalServer:
+    settings: dict[str, Any] = {
+        "lockout_after": LOCKOUT,
+        "per_ip": GENEROUS,
+        "per_link": GENEROUS,
+        "purge_interval": None,
+        "clock": clock,
+    }
+    settings.update(options)
+    return await serve_portal(create_app(stores.escrow, stores.audit, **settings))
+
+
+@pytest.fixture
+async def portal(stores: Stores, clock: Clock) -> AsyncIterator[PortalServer]:
+    server = await start(stores, clock)
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def client(portal: PortalServer) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=portal.url, timeout=10) as http:
+        yield http
+
+
+def eob_html(event: EobIssued) -> str:
+    """The HTML part the renderer puts in the email: what the portal escrows."""
+    message = email.message_from_bytes(Renderer().render(event, now=NOW).to_bytes())
+    for part in message.walk():
+        if part.get_content_type() == "text/html":
+            payload = part.get_payload(decode=True)
+            assert isinstance(payload, bytes)
+            return payload.decode("utf-8")
+    raise AssertionError("no HTML part")
+
+
+async def escrow(
+    stores: Stores,
+    event_doc: dict[str, Any],
+    *,
+    expires_in: dt.timedelta = dt.timedelta(days=30),
+    language: str = "en",
+) -> Eob:
+    doc = {**event_doc, "event_id": f"evt-{uuid.uuid4().hex[:12]}"}
+    doc["member"] = {**doc["member"], "preferred_language": language}
+    event = validate_event(orjson.dumps(doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued) and event.member.date_of_birth is not None
+    html = eob_html(event)
+    item = EscrowItem(
+        event_id=event.event_id,
+        member_ref=member_ref(REF_KEY, event.member.id),
+        member_id=event.member.id,
+        date_of_birth=event.member.date_of_birth,
+        html=html,
+        expires_at=NOW + expires_in,
+        language=event.member.preferred_language,
+    )
+    token = await escrow_eob(stores.escrow, stores.audit, item, actor="worker-1", now=NOW)
+    return Eob(token, event, html)
+
+
+def csrf_of(page: str) -> str:
+    found = re.search(r'name="csrf" value="([^"]+)"', page)
+    assert found, "no csrf field in the form"
+    return found.group(1)
+
+
+async def submit(
+    client: httpx.AsyncClient,
+    token: str,
+    dob: dt.date,
+    last4: str,
+    *,
+    csrf: str | None = None,
+) -> httpx.Response:
+    if csrf is None:
+        form = await client.get(f"/p/{token}")
+        assert form.status_code == 200, form.text
+        csrf = csrf_of(form.text)
+    return await client.post(
+        f"/p/{token}",
+        data={
+            "csrf": csrf,
+            "dob_month": str(dob.month),
+            "dob_day": str(dob.day),
+            "dob_year": str(dob.year),
+            "last4": last4,
+        },
+    )
+
+
+def wrong_dob(eob: Eob) -> dt.date:
+    return eob.dob + dt.timedelta(days=1)
+
+
+async def actions(stores: Stores, event_id: str) -> list[tuple[str, str | None]]:
+    return [(str(r.action), r.reason) for r in await stores.audit.records(event_id=event_id)]
+
+
+# ---------------------------------------------------------------- pickup
+
+
+async def test_pickup_shows_the_eob_once_with_strict_headers(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    form = await client.get(f"/p/{eob.token}")
+    assert form.status_code == 200
+    assert '<label for="last4">' in form.text and '<label for="dob-year">' in form.text
+    assert eob.event.member.name not in form.text  # nothing about the member before the check
+    assert form.headers["cache-control"] == "no-store"
+    assert form.headers["referrer-policy"] == "no-referrer"
+    assert "form-action 'self'" in form.headers["content-security-policy"]
+    assert "script-src" not in form.headers["content-security-policy"]  # default-src 'none'
+
+    shown = await submit(client, eob.token, eob.dob, eob.last4.lower(), csrf=csrf_of(form.text))
+    assert shown.status_code == 200
+    assert shown.text == eob.html
+    assert eob.event.member.name in shown.text and "NOT A BILL" in shown.text.upper()
+    assert shown.headers["cache-control"] == "no-store"
+    assert shown.headers["x-frame-options"] == "DENY"
+    assert shown.headers["referrer-policy"] == "no-referrer"
+    csp = shown.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "sandbox" in csp and "frame-ancestors 'none'" in csp
+
+    again = await client.get(f"/p/{eob.token}")
+    assert again.status_code == 410 and "already been used" in again.text
+    assert eob.event.member.name not in again.text
+    replay = await client.post(f"/p/{eob.token}", data={"csrf": csrf_of(form.text)})
+    assert replay.status_code == 410
+
+    assert await actions(stores, eob.event.event_id) == [
+        ("portal_escrowed", None),
+        ("portal_pickup", "identity_verified"),
+        ("portal_pickup_failed", "already_used"),
+    ]
+    records = await stores.audit.records(event_id=eob.event.event_id)
+    assert {r.member_ref for r in records} == {member_ref(REF_KEY, eob.event.member.id)}
+    assert {r.protection for r in records} == {"portal"}
+    assert [r.actor for r in records] == ["worker-1", "portal", "portal"]
+
+
+async def test_two_simultaneous_right_answers_open_once(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    csrf = csrf_of((await client.get(f"/p/{eob.token}")).text)
+    answers = await asyncio.gather(
+        *(submit(client, eob.token, eob.dob, eob.last4, csrf=csrf) for _ in range(4))
+    )
+    assert sorted(a.status_code for a in answers) == [200, 410, 410, 410]
+
+
+async def test_the_portal_speaks_the_members_language(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc, language="es-MX")
+    form = await client.get(f"/p/{eob.token}")
+    assert '<html lang="es">' in form.text and "Fecha de nacimiento" in form.text
+    wrong = await submit(client, eob.token, wrong_dob(eob), eob.last4)
+    assert "Intentos restantes: 2" in wrong.text
+    assert (await submit(client, eob.token, eob.dob, eob.last4)).status_code == 200
+    assert "ya se usó" in (await client.get(f"/p/{eob.token}")).text
+
+
+async def test_unknown_and_malformed_links_reveal_nothing(client: httpx.AsyncClient) -> None:
+    for path in ("/p/" + "A" * 43, "/p/short", "/p/" + "%00" * 10, "/p/%ff%fe" + "A" * 41):
+        page = await client.get(path)
+        assert page.status_code == 404
+        assert "not valid" in page.text
+        posted = await client.post(path, data={"last4": "1234"})
+        assert posted.status_code == 404
+
+
+# ---------------------------------------------------------------- wrong answers
+
+
+async def test_wrong_answers_are_counted_and_lock_the_link(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    first = await submit(client, eob.token, wrong_dob(eob), eob.last4)
+    assert first.status_code == 403 and "Attempts left: 2" in first.text
+    assert 'role="alert"' in first.text
+    second = await submit(client, eob.token, eob.dob, "0000" if eob.last4 != "0000" else "1111")
+    assert second.status_code == 403 and "Attempts left: 1" in second.text
+    # The messages are the same whichever answer was wrong.
+    assert first.text.split("Attempts left")[0] == second.text.split("Attempts left")[0]
+    third = await submit(client, eob.token, wrong_dob(eob), eob.last4)
+    assert third.status_code == 423 and "locked" in third.text
+
+    # Locked for good: even the right answers are refused, and so is the form.
+    assert (await client.get(f"/p/{eob.token}")).status_code == 423
+    status = await stores.escrow.status(eob.token, NOW)
+    assert status.failure is PickupFailure.LOCKED
+    late = await client.post(f"/p/{eob.token}", data={"last4": eob.last4})
+    assert late.status_code == 423
+
+    assert await actions(stores, eob.event.event_id) == [
+        ("portal_escrowed", None),
+        ("portal_pickup_failed", "wrong_answer"),
+        ("portal_pickup_failed", "wrong_answer"),
+        ("portal_pickup_failed", "wrong_answer"),
+        ("portal_locked", "too_many_failures"),
+        ("portal_pickup_failed", "locked"),
+    ]
+
+
+async def test_typos_and_forged_forms_are_not_counted(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    other = await escrow(stores, event_doc)
+    csrf = csrf_of((await client.get(f"/p/{eob.token}")).text)
+    typo = await client.post(
+        f"/p/{eob.token}",
+        data={"csrf": csrf, "dob_month": "13", "dob_day": "1", "dob_year": "1980", "last4": "1"},
+    )
+    assert typo.status_code == 422 and "month, day and year" in typo.text
+    # No CSRF token, a forged one, another link's: refused with a fresh form, not counted.
+    other_csrf = csrf_of((await client.get(f"/p/{other.token}")).text)
+    for bad in ("", "1.forged", other_csrf):
+        forged = await submit(client, eob.token, eob.dob, eob.last4, csrf=bad)
+        assert forged.status_code == 403 and "expired" in forged.text
+    # The right token from another browser (it lacks the SameSite cookie): refused too.
+    async with httpx.AsyncClient(base_url=str(client.base_url)) as other_browser:
+        cross = await submit(other_browser, eob.token, eob.dob, eob.last4, csrf=csrf)
+        assert cross.status_code == 403
+    oversized = await client.post(
+        f"/p/{eob.token}",
+        content=b"x" * 10_000,
+        headers={"content-type": "application/x-www-form-urlencoded"},
+    )
+    assert oversized.status_code == 400
+    # None of that counted: the first real wrong answer leaves LOCKOUT - 1 attempts.
+    wrong = await submit(client, eob.token, wrong_dob(eob), eob.last4)
+    assert f"Attempts left: {LOCKOUT - 1}" in wrong.text
+    assert (await submit(client, eob.token, eob.dob, eob.last4)).status_code == 200
+    assert await actions(stores, eob.event.event_id) == [
+        ("portal_escrowed", None),
+        ("portal_pickup_failed", "wrong_answer"),
+        ("portal_pickup", "identity_verified"),
+    ]
+
+
+# ---------------------------------------------------------------- expiry and purge
+
+
+async def test_expired_links_are_refused_then_purged(
+    stores: Stores, client: httpx.AsyncClient, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    short = await escrow(stores, event_doc, expires_in=dt.timedelta(hours=1))
+    used = await escrow(stores, event_doc, expires_in=dt.timedelta(hours=1))
+    assert (await submit(client, used.token, used.dob, used.last4)).status_code == 200
+    later = await escrow(stores, event_doc, expires_in=dt.timedelta(days=30))
+
+    clock.now = NOW + dt.timedelta(hours=2)
+    page = await client.get(f"/p/{short.token}")
+    assert page.status_code == 410 and "expired" in page.text
+    assert short.event.member.name not in page.text
+    assert (await client.get(f"/p/{later.token}")).status_code == 200
+
+    assert await purge_and_record(stores.escrow, stores.audit, clock.now) == 2
+    assert await stores.escrow.purge_expired(clock.now) == 0
+    gone = await client.get(f"/p/{short.token}")
+    assert gone.status_code == 404
+    assert (await stores.escrow.status(later.token, clock.now)).failure is None
+    assert (await actions(stores, short.event.event_id))[-1] == (
+        "portal_expired_purged",
+        "unopened",
+    )
+    assert (await actions(stores, used.event.event_id))[-1] == (
+        "portal_expired_purged",
+        "picked_up",
+    )
+
+
+async def test_the_app_purges_on_a_schedule_and_stops_cleanly(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc, expires_in=dt.timedelta(minutes=5))
+    clock.now = NOW + dt.timedelta(minutes=10)
+    server = await start(stores, clock, purge_interval=0.05)
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                if (await actions(stores, eob.event.event_id))[-1][0] == "portal_expired_purged":
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await server.stop()
+    assert not [t for t in asyncio.all_tasks() if t.get_name() in ("portal-purge", "portal-server")]
+
+
+# ---------------------------------------------------------------- rate limits
+
+
+async def test_guesses_are_rate_limited_per_link(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    server = await start(stores, clock, per_link=Rate(burst=2, per_minute=1))
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            csrf = csrf_of((await http.get(f"/p/{eob.token}")).text)
+            codes = [
+                (await submit(http, eob.token, wrong_dob(eob), eob.last4, csrf=csrf)).status_code
+                for _ in range(3)
+            ]
+            assert codes == [403, 403, 429]
+            limited = await submit(http, eob.token, eob.dob, eob.last4, csrf=csrf)
+            assert limited.status_code == 429 and int(limited.headers["retry-after"]) >= 1
+            # Another link from the same client is not held back by this one.
+            other = await escrow(stores, event_doc)
+            assert (await submit(http, other.token, other.dob, other.last4)).status_code == 200
+    finally:
+        await server.stop()
+    status = await stores.escrow.status(eob.token, NOW)
+    assert status.failure is None  # the limited guesses were never counted
+
+
+async def test_requests_are_rate_limited_per_client(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    server = await start(stores, clock, per_ip=Rate(burst=3, per_minute=1))
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            codes = [(await http.get(f"/p/{eob.token}")).status_code for _ in range(4)]
+            assert codes == [200, 200, 200, 429]
+            assert (await http.get("/healthz")).status_code == 200
+    finally:
+        await server.stop()
+
+
+async def test_healthz(client: httpx.AsyncClient) -> None:
+    health = await client.get("/healthz")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+
+
+# ---------------------------------------------------------------- no PHI at rest or in logs
+
+
+def raw_bytes(url: str) -> bytes:
+    """Every byte the database holds for the portal and audit tables."""
+    if url.startswith("sqlite:///"):
+        db = Path(url.removeprefix("sqlite:///"))
+        on_disk = [db, db.with_name(db.name + "-wal")]
+        return b"".join(f.read_bytes() for f in on_disk if f.exists())
+    chunks: list[bytes] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")  # flush shared buffers, so the files hold every row
+        for table in ("portal_items", "audit_trail"):
+            chunks += [text.encode() for (text,) in conn.execute(f"SELECT t::text FROM {table} t")]
+            # The table's own file and its TOAST table's (where a large envelope lives).
+            relations = conn.execute(
+                "SELECT pg_relation_filepath(oid) FROM pg_class WHERE oid = %s::regclass"
+                " OR oid = (SELECT reltoastrelid FROM pg_class WHERE oid = %s::regclass)",
+                (table, table),
+            ).fetchall()
+            assert len(relations) == 2
+            for (relpath,) in relations:
+                row = conn.execute("SELECT pg_read_binary_file(%s)", (relpath,)).fetchone()
+                assert row is not None
+                chunks.append(bytes(row[0]))
+    return b"".join(chunks)
+
+
+async def test_no_plaintext_phi_or_tokens_at_rest(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eobs = [await escrow(stores, event_doc) for _ in range(3)]
+    assert (await submit(client, eobs[0].token, eobs[0].dob, eobs[0].last4)).status_code == 200
+    assert (await submit(client, eobs[1].token, wrong_dob(eobs[1]), "0000")).status_code == 403
+    blob = raw_bytes(stores.url)
+    assert eobs[2].event.event_id.encode() in blob  # the scan does see the rows
+    for eob in eobs:
+        for secret in eob.secrets():
+            for encoded in {secret.encode(), secret.encode("utf-16-le")}:
+                assert encoded not in blob, "plaintext PHI or a token found in the database"
+        assert b"Explanation of Benefits" not in blob
+
+
+class Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+async def test_no_phi_or_tokens_in_logs(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    # Every server-side logger gets a handler, as a log config might give it: uvicorn's
+    # access log then prints request lines even though the portal turns it off.
+    names = ("eobblast", "uvicorn.access", "uvicorn.error")
+    collect = Collect()
+    saved = {name: logging.getLogger(name).level for name in names}
+    for name in names:
+        logging.getLogger(name).addHandler(collect)
+        logging.getLogger(name).setLevel(logging.DEBUG)
+    try:
+        eob = await escrow(stores, event_doc)
+        await submit(client, eob.token, wrong_dob(eob), eob.last4)
+        await submit(client, eob.token, eob.dob, eob.last4)
+        await client.get(f"/p/{eob.token}")
+    finally:
+        for name in names:
+            logging.getLogger(name).removeHandler(collect)
+            logging.getLogger(name).setLevel(saved[name])
+    assert any(r.name == "eobblast.portal" for r in collect.records)
+    assert any(r.name == "uvicorn.access" for r in collect.records)
+    logged = "\n".join(
+        f"{r.getMessage()} {sorted(map(str, r.__dict__.values()))}" for r in collect.records
+    )
+    assert "/p/[redacted]" in logged
+    for secret in eob.secrets():
+        assert secret not in logged
+
+
+# ---------------------------------------------------------------- the audit trail itself
+
+
+async def test_audit_trail_is_append_only_and_refuses_free_text(stores: Stores) -> None:
+    record = AuditRecord("evt-1", AuditAction.SENT, "worker-1", NOW, protection="tls_required")
+    await stores.audit.append(record)
+    with pytest.raises(AuditError):
+        await stores.audit.append(AuditRecord("evt-1", AuditAction.SENT, "worker-1", NOW, "M123"))
+    with pytest.raises(AuditError):
+        await stores.audit.append(
+            AuditRecord("evt-1", AuditAction.INCIDENT, "worker-1", NOW, reason="Jane Roe, 1961")
+        )
+    since = await stores.audit.records(since=NOW + dt.timedelta(seconds=1))
+    assert since == []
+    (stored,) = await stores.audit.records(event_id="evt-1", since=NOW)
+    assert stored.at == NOW and stored.seq is not None and stored.protection == "tls_required"
+    if stores.url.startswith("sqlite:///"):
+        db = sqlite3.connect(stores.url.removeprefix("sqlite:///"))
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("UPDATE audit_trail SET reason = 'x'")
+        with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+            db.execute("DELETE FROM audit_trail")
+        db.close()
+    else:
+        with psycopg.connect(stores.url, autocommit=True) as conn:
+            for statement in (
+                "UPDATE audit_trail SET reason = 'x'",
+                "DELETE FROM audit_trail",
+                "TRUNCATE audit_trail",
+            ):
+                with pytest.raises(psycopg.errors.RaiseException, match="append-only"):
+                    conn.execute(statement)
+    assert len(await stores.audit.records()) == 1
+
+
+async def test_a_swapped_ciphertext_is_an_incident_not_a_pickup(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    first = await escrow(stores, event_doc)
+    second = await escrow(stores, event_doc)
+    # Someone with database access moves one sealed EOB into the other's row.
+    swap = (
+        "UPDATE portal_items SET envelope = (SELECT envelope FROM portal_items"
+        " WHERE event_id = {0}) WHERE event_id = {0}"
+    )
+    args = (second.event.event_id, first.event.event_id)
+    if stores.url.startswith("sqlite:///"):
+        db = sqlite3.connect(stores.url.removeprefix("sqlite:///"))
+        db.execute(swap.format("?"), args)
+        db.commit()
+        db.close()
+    else:
+        with psycopg.connect(stores.url, autocommit=True) as conn:
+            conn.execute(swap.format("%s"), args)
+    refused = await submit(client, first.token, first.dob, first.last4)
+    assert refused.status_code == 503
+    assert second.event.member.name not in refused.text
+    assert (await actions(stores, first.event.event_id))[-1] == ("incident", "escrow_integrity")
+    status = await stores.escrow.status(first.token, NOW)
+    assert status.failure is None  # not counted as a wrong answer, not spent
+
+
+async def test_a_lost_database_gives_the_generic_page_and_an_unhealthy_check(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    await stores.escrow.close()  # the fixture's second close is harmless
+    page = await client.get(f"/p/{eob.token}")
+    assert page.status_code == 503 and "cannot show your notice" in page.text
+    assert "Traceback" not in page.text and page.headers["cache-control"] == "no-store"
+    assert (await client.get("/healthz")).status_code == 503
