@@ -9,9 +9,11 @@ from typing import Any
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from eobblast.events import EobIssued, validate_event
 from eobblast.render import Renderer
+from eobblast.render.mime import _quoted_printable
 
 
 def _event(doc: dict[str, Any]) -> EobIssued:
@@ -72,6 +74,41 @@ def test_html_is_escaped(event_doc: dict[str, Any]) -> None:
     _, text, html = _parts(Renderer().render(_event(event_doc)).to_bytes())
     assert "<script>" not in html and "&lt;script&gt;" in html
     assert "<script>alert(1)</script> Clinic" in text  # plain text is not HTML
+
+
+def test_sentences_with_names_are_escaped_in_html_only(event_doc: dict[str, Any]) -> None:
+    # Greeting, intro and appeal sentence are filled in before the template sees them:
+    # the whole sentence must still go through autoescape, and the text part stay raw.
+    event_doc["member"]["name"] = "Ann <b>&</b> O'Neil"
+    event_doc["payer"]["name"] = "Plan <i>"
+    for language, greeting in (("en", "Dear {},"), ("es", "Estimado/a {}:")):
+        event_doc["member"]["preferred_language"] = language
+        _, text, html = _parts(Renderer().render(_event(event_doc)).to_bytes())
+        assert greeting.format("Ann <b>&</b> O'Neil") in text
+        assert greeting.format("Ann &lt;b&gt;&amp;&lt;/b&gt; O&#39;Neil") in html
+        assert "Plan <i>" in text and "Plan &lt;i&gt;" in html and "Plan <i>" not in html
+        assert event_doc["appeal"]["deadline"] in text and event_doc["appeal"]["deadline"] in html
+
+
+def test_words_compiled_in_render_like_the_plain_templates(event_doc: dict[str, Any]) -> None:
+    # The renderer compiles each language's words into its templates; the templates as
+    # written, rendered the ordinary way, must give the very same parts.
+    event_doc["member"]["name"] = "Zoë <O'Neil> & Co"
+    renderer = Renderer()
+    for language in ("en", "es", "pt-BR"):
+        event_doc["member"]["preferred_language"] = language
+        event = _event(event_doc)
+        rendered = renderer.render(event)
+        for name, autoescape in (("eob.txt.j2", False), ("eob.html.j2", True)):
+            env = Environment(
+                loader=PackageLoader("eobblast.render", "templates"),
+                undefined=StrictUndefined,
+                trim_blocks=True,
+                lstrip_blocks=True,
+                autoescape=autoescape,
+            )
+            expected = env.get_template(name).render(renderer.context(event))
+            assert _quoted_printable(expected) in rendered.body
 
 
 def test_headers_carry_no_phi(event_doc: dict[str, Any]) -> None:

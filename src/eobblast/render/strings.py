@@ -72,6 +72,12 @@ STRINGS: Final[dict[str, dict[str, str]]] = {
 }
 
 
+def language_key(language: str) -> str:
+    """The key in STRINGS that serves a BCP 47 language tag, falling back to English."""
+    key = language.split("-")[0]
+    return key if key in STRINGS else "en"
+
+
 def strings_for(language: str) -> dict[str, str]:
     """The strings for a BCP 47 language tag, falling back to English."""
-    return STRINGS.get(language.split("-")[0], STRINGS["en"])
+    return STRINGS[language_key(language)]

@@ -4,6 +4,12 @@ Shaped like httpcore's pool: `SmtpPool.acquire(key) -> SmtpConnection`; limits, 
 idle expiry live in the pool, the protocol in the connection. A connection that cannot
 take a message (the server said 421 or hung up before the message was accepted) raises
 `ConnectionNotAvailable`, and the caller gets another one.
+
+aiosmtplib opens the session (connect, EHLO, STARTTLS, EHLO again). When the server offers
+PIPELINING (RFC 2920), the transaction is ours: MAIL, RCPT and DATA go in one write, their
+replies are read in order, and the content follows the 354: two round trips, not four.
+aiosmtplib cannot do that (its protocol keeps one reply waiter and drops bytes that arrive
+while no command waits), so `_PipelinedSession` takes the TLS transport over from it.
 """
 
 from __future__ import annotations
@@ -17,14 +23,31 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
+from typing import cast
 
 import aiosmtplib
+from aiosmtplib.email import quote_address
+from aiosmtplib.protocol import normalize_message_line_endings
 
 from eobblast.errors import DeliveryError, ReasonCode
 from eobblast.observe import metrics
 
 _ENHANCED = re.compile(rb"\b([245]\.\d{1,3}\.\d{1,3})\b")
 _MIN_TLS = ssl.TLSVersion.TLSv1_2
+# A dot-atom mailbox at a host name: email.utils.parseaddr (what aiosmtplib's quoting runs,
+# ~8 us) returns such an address unchanged, so it goes on the command line as it is.
+_PLAIN_ADDRESS = re.compile(
+    r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*"
+)
+_CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
+# Bounds the memory one reply may take, as aiosmtplib does (4 x its 8 KB line limit).
+_MAX_REPLY = 32 * 1024
+_QUIT_TIMEOUT = 2.0
+_REPLIES_2XX = metrics.SMTP_REPLIES.labels("2xx")
+# A pipelined group's commands, and the replies that let the transaction go on.
+_GROUP_STAGES = ("mail", "rcpt", "data")
+_GROUP_ACCEPTS = ((250,), (250, 251), (354,))
 
 
 class ConnectionNotAvailable(Exception):
@@ -68,12 +91,14 @@ def make_tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     return context
 
 
-def _enhanced_status(message: str) -> str | None:
-    found = _ENHANCED.search(message.encode("utf-8", "replace"))
+def _enhanced_status(message: str | bytes) -> str | None:
+    if isinstance(message, str):
+        message = message.encode("utf-8", "replace")
+    found = _ENHANCED.search(message)
     return found.group(1).decode() if found else None
 
 
-def _reply_error(code: int, message: str, *, stage: str) -> DeliveryError:
+def _reply_error(code: int, message: str | bytes, *, stage: str) -> DeliveryError:
     # The reply text may quote the recipient's address: keep only codes.
     enhanced = _enhanced_status(message)
     detail = f"{code} {enhanced}" if enhanced else str(code)
@@ -81,6 +106,145 @@ def _reply_error(code: int, message: str, *, stage: str) -> DeliveryError:
         return DeliveryError(ReasonCode.TEMPORARY_FAILURE, detail, smtp_code=code, permanent=False)
     reason = ReasonCode.RECIPIENT_REJECTED if stage == "rcpt" else ReasonCode.MESSAGE_REJECTED
     return DeliveryError(reason, detail, smtp_code=code, permanent=True)
+
+
+def _command_address(address: str) -> bytes:
+    """`<address>` for MAIL FROM or RCPT TO, as aiosmtplib's MAIL and RCPT would send it."""
+    if _PLAIN_ADDRESS.fullmatch(address):
+        return b"<" + address.encode("ascii") + b">"
+    try:
+        quoted = quote_address(address).encode("ascii")
+    except ValueError:
+        quoted = b"\x00"
+    # aiosmtplib refuses control characters when it writes a command; we write our own.
+    if _CONTROL.search(quoted):
+        # Not aiosmtplib's message: that one quotes the address, which must stay out of logs.
+        raise ValueError("address cannot go on an SMTP command line")
+    return quoted
+
+
+def _data_content(data: bytes) -> bytes:
+    """The message as sent after the 354: CRLF lines, dot-stuffed, ended by CRLF.CRLF."""
+    # Our messages are CRLF already: counting is much cheaper than aiosmtplib's regex
+    # rewrite of every line ending. Anything else gets that rewrite, so the bytes on the
+    # wire never differ from what aiosmtplib would send (a lone LF before a dot must not
+    # look like the end of data to a lenient server).
+    crlf = data.count(b"\r\n")
+    if data.count(b"\n") != crlf or data.count(b"\r") != crlf:
+        data = normalize_message_line_endings(data)
+    elif not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    # RFC 5321 section 4.5.2: a line that starts with "." gets another one.
+    if b"\r\n." in data:
+        data = data.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
+
+
+class _ServerGone(Exception):
+    """The session is over: the server hung up, or sent something that is not SMTP."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Reply:
+    code: int
+    # Only ever searched for the enhanced status code: it can quote the address.
+    text: bytes
+
+
+class _PipelinedSession(asyncio.Protocol):
+    """A TLS session after EHLO, read as a queue of replies of which none is dropped.
+
+    Created on aiosmtplib's transport once EHLO is answered, it becomes the transport's
+    protocol: from then on aiosmtplib's `SMTP` object is only used to close the connection.
+    """
+
+    def __init__(self, transport: asyncio.Transport, timeout: float) -> None:
+        self._transport = transport
+        self._timeout = timeout
+        self._partial = b""  # a line still without its LF
+        self._lines: list[bytes] = []  # the reply being received, when it has several lines
+        self._size = 0
+        self._replies: deque[_Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._gone = False
+        transport.set_protocol(self)
+
+    @property
+    def is_open(self) -> bool:
+        """Whether the server is still there, as far as we have heard."""
+        return not self._gone and not self._transport.is_closing()
+
+    @property
+    def has_unread(self) -> bool:
+        """Whether the server sent anything nobody asked for (usually a 421 before closing)."""
+        return bool(self._replies or self._lines or self._partial)
+
+    def data_received(self, data: bytes) -> None:
+        """Split what arrived into complete replies."""
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            self._size += len(line) + 1
+            if not line[:3].isdigit() or self._size > _MAX_REPLY:
+                self._abandon()
+                return
+            self._lines.append(line[4:].strip(b" \t\r"))
+            if line[3:4] != b"-":
+                self._replies.append(_Reply(int(line[:3]), b"\n".join(self._lines)))
+                self._lines = []
+                self._size = 0
+        if len(self._partial) > _MAX_REPLY:
+            self._abandon()
+        elif self._replies:
+            self._wake()
+
+    def eof_received(self) -> bool:
+        """The server hung up: replies already received stay readable."""
+        self._gone = True
+        self._wake()
+        return False  # let the transport close itself
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        """The connection is gone."""
+        self._gone = True
+        self._wake()
+
+    def write(self, data: bytes) -> None:
+        """Send bytes; raises _ServerGone when the connection is closed."""
+        if not self.is_open:
+            raise _ServerGone
+        self._transport.write(data)
+
+    def close(self) -> None:
+        """Close the transport; replies already received stay readable."""
+        self._gone = True
+        self._transport.close()
+
+    async def reply(self) -> _Reply:
+        """The next reply; raises _ServerGone, or TimeoutError after the command timeout."""
+        while not self._replies:
+            if self._gone:
+                raise _ServerGone
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await waiter
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _abandon(self) -> None:
+        # Not SMTP, or unbounded: nothing later on this stream can be trusted.
+        self._gone = True
+        self._partial = b""
+        self._transport.abort()
+        self._wake()
 
 
 @dataclass(slots=True, eq=False)
@@ -91,21 +255,131 @@ class SmtpConnection:
     smtp: aiosmtplib.SMTP
     tls_version: str | None
     cipher: str | None
+    # Set when the server offers PIPELINING: the session then belongs to it, not to `smtp`.
+    session: _PipelinedSession | None = None
     messages: int = 0
     state: ConnectionState = ConnectionState.IDLE
     idle_since: float = field(default_factory=time.monotonic)
 
     def is_usable(self, now: float, *, max_messages: int, idle_expiry: float) -> bool:
         """Whether the connection may carry another message."""
+        if self.session is not None:
+            # Anything unread on an idle session is a server that is leaving (421).
+            connected = self.session.is_open and not self.session.has_unread
+        else:
+            connected = self.smtp.is_connected
         return (
             self.state is not ConnectionState.CLOSED
-            and self.smtp.is_connected
+            and connected
             and self.messages < max_messages
             and now - self.idle_since < idle_expiry
         )
 
+    def close(self) -> None:
+        """Drop the connection at once, without a QUIT."""
+        self.state = ConnectionState.CLOSED
+        if self.session is not None:
+            self.session.close()
+        self.smtp.close()
+
     async def send(self, mail_from: str, rcpt_to: str, data: bytes) -> SmtpReply:
         """Run one mail transaction; raises DeliveryError or ConnectionNotAvailable."""
+        if self.session is None:
+            return await self._send_stepwise(mail_from, rcpt_to, data)
+        try:
+            return await self._send_pipelined(self.session, mail_from, rcpt_to, data)
+        except asyncio.CancelledError:
+            # Replies still due would be read as the next transaction's: end the session.
+            self.close()
+            raise
+
+    async def _send_pipelined(
+        self, session: _PipelinedSession, mail_from: str, rcpt_to: str, data: bytes
+    ) -> SmtpReply:
+        # Built before the first write: a refused address must not leave half a group sent.
+        group = (
+            b"MAIL FROM:"
+            + _command_address(mail_from)
+            + b"\r\nRCPT TO:"
+            + _command_address(rcpt_to)
+            + b"\r\nDATA\r\n"
+        )
+        content = _data_content(data)
+        replies: list[_Reply] = []
+        try:
+            session.write(group)
+            for _ in _GROUP_STAGES:
+                reply = await session.reply()
+                if reply.code == 421:
+                    # The server is closing; nothing was sent after DATA, so retrying the
+                    # message on another connection cannot duplicate it.
+                    self.close()
+                    raise ConnectionNotAvailable
+                replies.append(reply)
+        except _ServerGone:
+            self.close()
+            raise ConnectionNotAvailable from None
+        except TimeoutError:
+            self.close()
+            stage = _GROUP_STAGES[len(replies)]
+            raise DeliveryError(
+                ReasonCode.TIMEOUT, f"timeout at {stage}", permanent=False
+            ) from None
+        for reply, stage, accepted in zip(replies, _GROUP_STAGES, _GROUP_ACCEPTS, strict=True):
+            if reply.code not in accepted:
+                self.messages += 1
+                if replies[-1].code == 354:
+                    # RFC 2920 section 3.1: a server that takes DATA after refusing the
+                    # envelope gets an empty message, with no recipient to deliver it to.
+                    await self._end_refused_data(session)
+                await self._reset(session)
+                metrics.SMTP_REPLIES.labels(f"{reply.code // 100}xx").inc()
+                raise _reply_error(reply.code, reply.text, stage=stage)
+        try:
+            session.write(content)
+            final = await session.reply()
+        except _ServerGone:
+            self.close()
+            # The message may have been accepted before the line dropped.
+            raise DeliveryError(
+                ReasonCode.CONNECTION_LOST, "lost during DATA", permanent=False
+            ) from None
+        except TimeoutError:
+            self.close()
+            raise DeliveryError(ReasonCode.TIMEOUT, "timeout at data", permanent=False) from None
+        self.messages += 1
+        if final.code != 250:
+            if final.code == 421 or not session.is_open:
+                self.close()
+            else:
+                await self._reset(session)
+            metrics.SMTP_REPLIES.labels(f"{final.code // 100}xx").inc()
+            raise _reply_error(final.code, final.text, stage="data")
+        _REPLIES_2XX.inc()
+        return SmtpReply(final.code, _enhanced_status(final.text), self.tls_version, self.cipher)
+
+    async def _end_refused_data(self, session: _PipelinedSession) -> None:
+        try:
+            session.write(b".\r\n")
+            await session.reply()
+        except (_ServerGone, TimeoutError):
+            self.close()
+
+    async def _reset(self, session: _PipelinedSession) -> None:
+        """RSET after a refused transaction; a connection that cannot reset is closed."""
+        if self.state is ConnectionState.CLOSED:
+            return
+        try:
+            session.write(b"RSET\r\n")
+            reply = await session.reply()
+        except (_ServerGone, TimeoutError):
+            self.close()
+            return
+        if reply.code != 250:
+            self.close()
+
+    async def _send_stepwise(self, mail_from: str, rcpt_to: str, data: bytes) -> SmtpReply:
+        # Without PIPELINING: one command, one round trip, through aiosmtplib.
         stage = "mail"
         try:
             await self.smtp.mail(mail_from)
@@ -122,16 +396,14 @@ class SmtpConnection:
                 ) from None
             raise ConnectionNotAvailable from None
         except aiosmtplib.SMTPTimeoutError:
-            self.state = ConnectionState.CLOSED
-            self.smtp.close()
+            self.close()
             raise DeliveryError(
                 ReasonCode.TIMEOUT, f"timeout at {stage}", permanent=False
             ) from None
         except aiosmtplib.SMTPResponseException as exc:
             self.messages += 1
             if exc.code == 421 or not self.smtp.is_connected:
-                self.state = ConnectionState.CLOSED
-                self.smtp.close()
+                self.close()
                 if stage != "data":
                     raise ConnectionNotAvailable from None
             else:
@@ -140,7 +412,7 @@ class SmtpConnection:
             metrics.SMTP_REPLIES.labels(f"{exc.code // 100}xx").inc()
             raise _reply_error(exc.code, exc.message, stage=stage) from None
         self.messages += 1
-        metrics.SMTP_REPLIES.labels("2xx").inc()
+        _REPLIES_2XX.inc()
         return SmtpReply(
             response.code, _enhanced_status(response.message), self.tls_version, self.cipher
         )
@@ -148,10 +420,17 @@ class SmtpConnection:
     async def aclose(self) -> None:
         """Say QUIT and close, ignoring a server that is already gone."""
         self.state = ConnectionState.CLOSED
-        if self.smtp.is_connected:
+        session = self.session
+        if session is not None:
+            if session.is_open:
+                with suppress(_ServerGone, TimeoutError):
+                    session.write(b"QUIT\r\n")
+                    async with asyncio.timeout(_QUIT_TIMEOUT):
+                        await session.reply()
+        elif self.smtp.is_connected:
             with suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                await self.smtp.quit(timeout=2.0)
-        self.smtp.close()
+                await self.smtp.quit(timeout=_QUIT_TIMEOUT)
+        self.close()
 
 
 class _Destination:
@@ -273,8 +552,7 @@ class SmtpPool:
                 ):
                     keep.append(conn)
                 else:
-                    conn.state = ConnectionState.CLOSED
-                    conn.smtp.close()
+                    conn.close()
                     self._live.discard(conn)
                     metrics.CONNECTIONS_IDLE.dec()
             dest.idle = keep
@@ -334,10 +612,30 @@ class SmtpPool:
         if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             smtp.close()
             raise DeliveryError(ReasonCode.TLS_HANDSHAKE_FAILED, "no TLS session", permanent=True)
+        try:
+            # RFC 3207 section 4.2: extensions are learnt again over TLS. aiosmtplib would
+            # say EHLO before the first MAIL anyway; here the answer decides how we send.
+            await smtp.ehlo()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            smtp.close()
+            metrics.SMTP_CONNECTS.labels("failed").inc()
+            raise DeliveryError(
+                ReasonCode.CONNECT_FAILED, "EHLO after STARTTLS failed", permanent=False
+            ) from None
+        session = None
+        if smtp.supports_extension("pipelining") and smtp.transport is not None:
+            # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
+            transport = cast(asyncio.Transport, smtp.transport)
+            session = _PipelinedSession(transport, self._command_timeout)
         cipher = ssl_object.cipher()
         metrics.SMTP_CONNECTS.labels("ok").inc()
         return SmtpConnection(
-            key, smtp, ssl_object.version(), cipher[0] if cipher else None, idle_since=self._clock()
+            key,
+            smtp,
+            ssl_object.version(),
+            cipher[0] if cipher else None,
+            session=session,
+            idle_since=self._clock(),
         )
 
     async def aclose(self) -> None:
