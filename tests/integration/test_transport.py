@@ -27,7 +27,8 @@ DOMAINS = [
         "127.0.12.1",
         recipient_rules=(("unknown-", Behaviour.REJECT), ("busy-", Behaviour.DEFER)),
     ),
-    SandboxDomain(CLOSER, "127.0.12.2", close_after=CLOSE_AFTER),
+    # one-command-at-a-time (no PIPELINING): the aiosmtplib path
+    SandboxDomain(CLOSER, "127.0.12.2", close_after=CLOSE_AFTER, pipelining=False),
     SandboxDomain(NOTLS, "127.0.12.3", behaviour=Behaviour.NO_STARTTLS),
     SandboxDomain(UNTRUSTED, "127.0.12.4", behaviour=Behaviour.UNTRUSTED_CERT),
 ]

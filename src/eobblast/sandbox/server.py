@@ -62,6 +62,9 @@ class SandboxDomain:
     behaviour: Behaviour = Behaviour.ACCEPT
     close_after: int | None = None
     recipient_rules: tuple[tuple[str, Behaviour], ...] = ()
+    # Real MXs offer PIPELINING (RFC 2920); a domain can turn it off to exercise the
+    # one-command-at-a-time path.
+    pipelining: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() or c in "/:@[]" for c in self.name):
@@ -256,6 +259,20 @@ class _DomainHandler:
             return
         if server.accepted == 0:
             self._recorder.add_empty_session(self._domain.name)
+
+    async def handle_EHLO(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        """Offer PIPELINING when the domain does (aiosmtpd reads pipelined commands fine)."""
+        session.host_name = hostname  # aiosmtpd leaves this to a 5-argument hook
+        if not self._domain.pipelining:
+            return responses
+        return [*responses[:-1], "250-PIPELINING", responses[-1]]
 
     async def handle_MAIL(
         self,
@@ -603,7 +620,9 @@ def default_sandbox_domains(
     ]
 
 
-_DOMAIN_KEYS = frozenset({"name", "host", "port", "behaviour", "close_after", "recipient_rules"})
+_DOMAIN_KEYS = frozenset(
+    {"name", "host", "port", "behaviour", "close_after", "recipient_rules", "pipelining"}
+)
 
 
 def sandbox_config_from_toml(data: Mapping[str, Any]) -> list[SandboxDomain]:
@@ -656,6 +675,9 @@ def _domain_from_table(entry: Mapping[str, Any], where: str) -> SandboxDomain:
     ):
         raise ConfigError(f"{where}.close_after: expected an integer >= 0")
     behaviour = _behaviour(entry.get("behaviour", "accept"), f"{where}.behaviour")
+    pipelining = entry.get("pipelining", True)
+    if not isinstance(pipelining, bool):
+        raise ConfigError(f"{where}.pipelining: expected true or false")
     rules_table = entry.get("recipient_rules", {})
     if not isinstance(rules_table, Mapping):
         raise ConfigError(
@@ -673,6 +695,7 @@ def _domain_from_table(entry: Mapping[str, Any], where: str) -> SandboxDomain:
             behaviour=behaviour,
             close_after=close_after,
             recipient_rules=rules,
+            pipelining=pipelining,
         )
     except ConfigError as error:
         raise ConfigError(f"{where}.{error.detail}") from None
