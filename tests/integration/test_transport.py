@@ -222,3 +222,27 @@ def test_static_routes_verify_ip_hosts_against_the_domain() -> None:
     assert routes["a.test"] == Route("127.0.0.5", 2525, "a.test")
     assert routes["b.test"] == Route("relay.b.test", 587, "relay.b.test")
     assert routes["c.test"] == Route("::1", 25, "c.test")
+
+
+async def test_notices_without_phi_use_what_the_receiver_offers(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    # Opportunistic mode is for secure-portal notices only (they carry no PHI): verified
+    # TLS when possible, else unverified TLS, else plaintext.
+    transport = _transport(sandbox, pki)
+    sender = "eob-notices@payer.test"
+    verified = await transport.deliver(sender, f"a@{OK}", MESSAGE, verified_tls=False)
+    unverified = await transport.deliver(sender, f"b@{UNTRUSTED}", MESSAGE, verified_tls=False)
+    plaintext = await transport.deliver(sender, f"c@{NOTLS}", MESSAGE, verified_tls=False)
+    await transport.aclose()
+    assert verified.tls_verified and verified.tls_version is not None
+    assert not unverified.tls_verified and unverified.tls_version is not None
+    assert not plaintext.tls_verified and plaintext.tls_version is None
+    assert sandbox.counts[OK] == sandbox.counts[UNTRUSTED] == sandbox.counts[NOTLS] == 1
+    # and the same receivers still get nothing that requires verified TLS
+    strict = _transport(sandbox, pki)
+    for domain in (UNTRUSTED, NOTLS):
+        with pytest.raises(DeliveryError):
+            await strict.deliver(sender, f"d@{domain}", MESSAGE)
+    await strict.aclose()
+    assert sandbox.counts[UNTRUSTED] == sandbox.counts[NOTLS] == 1

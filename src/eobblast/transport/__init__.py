@@ -57,13 +57,19 @@ class Transport:
         """The connection pool (for metrics and tests)."""
         return self._pool
 
-    async def deliver(self, mail_from: str, rcpt_to: str, data: bytes) -> SmtpReply:
-        """Send one message; returns the accepting reply or raises DeliveryError."""
+    async def deliver(
+        self, mail_from: str, rcpt_to: str, data: bytes, *, verified_tls: bool = True
+    ) -> SmtpReply:
+        """Send one message; returns the accepting reply or raises DeliveryError.
+
+        `verified_tls=False` is for messages that carry no PHI (secure-portal notices): they
+        may travel over unverified TLS or plaintext when the receiver offers nothing better.
+        """
         domain = rcpt_to.rpartition("@")[2]
         routes = await self._router.resolve(domain)
         last: DeliveryError = DeliveryError(ReasonCode.NO_ROUTE, "no route", permanent=False)
         for route in routes:
-            key = PoolKey(self._source, route.host, route.port, route.tls_name)
+            key = PoolKey(self._source, route.host, route.port, route.tls_name, verified_tls)
             for _ in range(_ATTEMPTS_PER_ROUTE):
                 try:
                     async with self._pool.connection(key) as conn:

@@ -62,6 +62,10 @@ class PoolKey:
     host: str
     port: int
     tls_name: str
+    # True: STARTTLS with a verified certificate or nothing (anything carrying PHI).
+    # False: opportunistic, for messages that carry no PHI (secure-portal notices): verified
+    # TLS when the receiver allows it, else unverified TLS, else plaintext.
+    verified_tls: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +76,7 @@ class SmtpReply:
     enhanced: str | None
     tls_version: str | None
     cipher: str | None
+    tls_verified: bool = True
 
 
 class ConnectionState(enum.Enum):
@@ -80,6 +85,14 @@ class ConnectionState(enum.Enum):
     IDLE = "idle"
     ACTIVE = "active"
     CLOSED = "closed"
+
+
+def make_unverified_tls_context() -> ssl.SSLContext:
+    """Encryption without authentication: only for messages that carry no PHI."""
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
 
 
 def make_tls_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -249,12 +262,13 @@ class _PipelinedSession(asyncio.Protocol):
 
 @dataclass(slots=True, eq=False)
 class SmtpConnection:
-    """One SMTP session that has passed STARTTLS with a verified certificate."""
+    """One SMTP session: verified STARTTLS, or for portal notices what the receiver allows."""
 
     key: PoolKey
     smtp: aiosmtplib.SMTP
     tls_version: str | None
     cipher: str | None
+    tls_verified: bool = True
     # Set when the server offers PIPELINING: the session then belongs to it, not to `smtp`.
     session: _PipelinedSession | None = None
     messages: int = 0
@@ -356,7 +370,13 @@ class SmtpConnection:
             metrics.SMTP_REPLIES.labels(f"{final.code // 100}xx").inc()
             raise _reply_error(final.code, final.text, stage="data")
         _REPLIES_2XX.inc()
-        return SmtpReply(final.code, _enhanced_status(final.text), self.tls_version, self.cipher)
+        return SmtpReply(
+            final.code,
+            _enhanced_status(final.text),
+            self.tls_version,
+            self.cipher,
+            self.tls_verified,
+        )
 
     async def _end_refused_data(self, session: _PipelinedSession) -> None:
         try:
@@ -414,7 +434,11 @@ class SmtpConnection:
         self.messages += 1
         _REPLIES_2XX.inc()
         return SmtpReply(
-            response.code, _enhanced_status(response.message), self.tls_version, self.cipher
+            response.code,
+            _enhanced_status(response.message),
+            self.tls_version,
+            self.cipher,
+            self.tls_verified,
         )
 
     async def aclose(self) -> None:
@@ -457,6 +481,7 @@ class SmtpPool:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._tls = tls_context
+        self._unverified_tls = make_unverified_tls_context()
         self._ehlo = ehlo_name
         self._limit = max_connections_per_destination
         self._max_messages = max_messages_per_connection
@@ -557,7 +582,7 @@ class SmtpPool:
                     metrics.CONNECTIONS_IDLE.dec()
             dest.idle = keep
 
-    async def _open(self, key: PoolKey) -> SmtpConnection:
+    async def _connect(self, key: PoolKey) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(
             hostname=key.host,
             port=key.port,
@@ -577,14 +602,54 @@ class SmtpPool:
             raise DeliveryError(
                 ReasonCode.CONNECT_FAILED, "connect failed", permanent=False
             ) from None
+        return smtp
+
+    async def _open(self, key: PoolKey) -> SmtpConnection:
+        if not key.verified_tls:
+            return await self._open_opportunistic(key)
+        smtp = await self._connect(key)
+        return await self._secure(key, smtp, self._tls, verified=True)
+
+    async def _open_opportunistic(self, key: PoolKey) -> SmtpConnection:
+        # Verified TLS first, so a notice still teaches us whether the domain verifies;
+        # then unverified TLS; then plaintext. Only messages without PHI come here.
+        smtp = await self._connect(key)
         try:
             await smtp.ehlo()
+        except (TimeoutError, aiosmtplib.SMTPException, OSError):
+            smtp.close()
+            raise DeliveryError(ReasonCode.CONNECT_FAILED, "EHLO failed", permanent=False) from None
+        if not smtp.supports_extension("starttls"):
+            metrics.SMTP_CONNECTS.labels("plaintext").inc()
+            return SmtpConnection(
+                key, smtp, None, None, tls_verified=False, idle_since=self._clock()
+            )
+        try:
+            return await self._secure(key, smtp, self._tls, verified=True, greeted=True)
+        except DeliveryError as exc:
+            if exc.reason is not ReasonCode.TLS_CERT_UNTRUSTED:
+                raise
+        smtp = await self._connect(key)
+        return await self._secure(key, smtp, self._unverified_tls, verified=False)
+
+    async def _secure(
+        self,
+        key: PoolKey,
+        smtp: aiosmtplib.SMTP,
+        context: ssl.SSLContext,
+        *,
+        verified: bool,
+        greeted: bool = False,
+    ) -> SmtpConnection:
+        try:
+            if not greeted:
+                await smtp.ehlo()
             if not smtp.supports_extension("starttls"):
                 metrics.SMTP_CONNECTS.labels("no_starttls").inc()
                 raise DeliveryError(
                     ReasonCode.STARTTLS_NOT_OFFERED, "no STARTTLS offered", permanent=True
                 )
-            await smtp.starttls(server_hostname=key.tls_name, tls_context=self._tls)
+            await smtp.starttls(server_hostname=key.tls_name, tls_context=context)
         except DeliveryError:
             smtp.close()
             raise
@@ -628,12 +693,13 @@ class SmtpPool:
             transport = cast(asyncio.Transport, smtp.transport)
             session = _PipelinedSession(transport, self._command_timeout)
         cipher = ssl_object.cipher()
-        metrics.SMTP_CONNECTS.labels("ok").inc()
+        metrics.SMTP_CONNECTS.labels("ok" if verified else "tls_unverified").inc()
         return SmtpConnection(
             key,
             smtp,
             ssl_object.version(),
             cipher[0] if cipher else None,
+            tls_verified=verified,
             session=session,
             idle_since=self._clock(),
         )
