@@ -326,6 +326,14 @@ def eobblast_config(setup: Setup, port: int, in_flight: int, connections: int) -
                 "max_messages_per_connection": 1000,
             },
             "pipeline": {"allow_test_domains": True, "max_in_flight": in_flight},
+            # The sink verifies as sink.bench.test: EOBs go over verified TLS (tls_required).
+            "protection": {"tls_policy_domains": [SINK_DOMAIN]},
+            "portal": {
+                "escrow_url": f"sqlite:///{setup.key_dir.parent / 'escrow.db'}",
+                "audit_url": f"sqlite:///{setup.key_dir.parent / 'audit.db'}",
+                "key_dir": str(setup.key_dir.parent / "portal-keys"),
+                "audit_key_file": str(setup.key_dir.parent / "portal-keys" / "audit.key"),
+            },
         },
     )
 

@@ -198,6 +198,52 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     _run(supervise())
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML configuration file.",
+)
+@click.option("--host", default=None, help="Listen address (default: [portal] listen_address).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Listen port (default: [portal] listen_port; 0 picks a free one).",
+)
+def portal(config_path: Path | None, host: str | None, port: int | None) -> None:
+    """Serve the secure-portal pickup page until interrupted."""
+    from eobblast.observe.logs import configure_logging
+    from eobblast.portal import create_app, serve_portal
+    from eobblast.protect.services import ProtectionServices
+
+    configure_logging("INFO")
+    try:
+        config = load_config(config_path)
+    except EobblastError as exc:
+        raise click.ClickException(str(exc)) from None
+
+    async def serve() -> None:
+        services = await ProtectionServices.open(config)
+        assert services.escrow is not None and services.audit is not None
+        try:
+            server = await serve_portal(
+                create_app(
+                    services.escrow, services.audit, lockout_after=config.portal.lockout_after
+                ),
+                host or config.portal.listen_address,
+                config.portal.listen_port if port is None else port,
+            )
+            console.print(f"portal on {server.url}/p/<token>   Ctrl-C stops")
+            await server.wait()
+        finally:
+            await services.close()
+
+    _run(serve())
+
+
 def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="eobblast demo")
     table.add_column("status")
@@ -289,6 +335,13 @@ def demo(
     except EobblastError as exc:
         raise click.ClickException(str(exc)) from None
     console.print(_summary_table(summary))
+    protection = Table(title="delivered, by protection")
+    for column in ("level", "reason", "events"):
+        protection.add_column(column)
+    for level, reasons in summary["delivered_by_protection"].items():
+        for reason, count in reasons.items():
+            protection.add_row(level, reason, str(count))
+    console.print(protection)
     console.print(
         f"{summary['messages_per_second']} messages/s, latency p50 "
         f"{summary['latency_seconds']['p50'] * 1000:.1f} ms, p99 "

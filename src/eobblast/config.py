@@ -85,6 +85,40 @@ class WorkersConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ProtectionConfig:
+    """The organisation's protection policy (see eobblast.protect.policy)."""
+
+    # Consumer-webmail and other domains whose mail always goes to the portal.
+    portal_domains: tuple[str, ...] = ()
+    # Domains known to accept verified TLS (a TLS policy list, like Zix's).
+    tls_policy_domains: tuple[str, ...] = ()
+    # Domains with an MTA-STS policy in `enforce` mode.
+    mta_sts_enforce_domains: tuple[str, ...] = ()
+    smime_enabled: bool = True
+    # How long a verified handshake makes a domain TLS-required, and a failure portal-only.
+    tls_cache_hours: float = 168.0
+    failure_hours: float = 6.0
+    learn_from_handshakes: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PortalConfig:
+    """The secure portal: where escrowed EOBs live and how members reach them."""
+
+    # The pickup link is base_url + token.
+    base_url: str = "https://eob.example.com/p/"
+    escrow_url: str = "sqlite:///eobblast-escrow.db"
+    key_dir: Path = Path("portal-keys")
+    item_days: int = 30
+    lockout_after: int = 5
+    audit_url: str = "sqlite:///eobblast-audit.db"
+    # HMAC key (file) for the opaque member references in the audit trail.
+    audit_key_file: Path = Path("portal-keys/audit.key")
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 8443
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint."""
 
@@ -103,6 +137,8 @@ class Config:
     kafka: KafkaConfig = field(default_factory=KafkaConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
+    protection: ProtectionConfig = field(default_factory=ProtectionConfig)
+    portal: PortalConfig = field(default_factory=PortalConfig)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:
@@ -137,6 +173,12 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string")
         return value
+    if origin is tuple:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list")
+        return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a table")

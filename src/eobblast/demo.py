@@ -23,12 +23,32 @@ from eobblast.config import Config, load_config
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import PAYERS, generate_events
+from eobblast.portal import create_app, serve_portal
 from eobblast.protect.dkim import generate_keys
+from eobblast.protect.services import ProtectionServices
+from eobblast.protect.testcerts import MemberCertificates
 from eobblast.sandbox import Sandbox, TestPki, default_sandbox_domains, make_test_pki
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.supervisor import Supervisor
 
 EVENT_PARTITIONS = 4
+# The demo's TLS policy list: domains the insurer believes accept verified TLS. Some of them
+# fail at delivery time (no STARTTLS, expired certificate, dropped connection), which shows
+# the fallback to the portal; the others are learnt from verified handshakes.
+DEMO_TLS_POLICY_DOMAINS = (
+    "alpha.sandbox.test",
+    "bravo.sandbox.test",
+    "notls.sandbox.test",
+    "expired.sandbox.test",
+    "dropper.sandbox.test",
+)
+
+
+def write_config(path: Path, portal: dict[str, str]) -> None:
+    """A config file for `eobblast portal --config` to serve the demo's pickup links."""
+    lines = ["# Written by eobblast demo: serves this run's pickup links.", "[portal]"]
+    lines += [f"{key} = {orjson.dumps(value).decode()}" for key, value in portal.items()]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 class DemoIncomplete(EobblastError):
@@ -46,6 +66,7 @@ class Tally:
     by_status: Counter[str] = field(default_factory=Counter)
     by_reason: dict[str, Counter[str]] = field(default_factory=dict)
     by_tls: Counter[str] = field(default_factory=Counter)
+    by_protection: dict[str, Counter[str]] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
     seen: set[str] = field(default_factory=set)
     republished: int = 0
@@ -61,6 +82,9 @@ class Tally:
         self.by_reason.setdefault(name, Counter())[reason] += 1
         if status.tls_version:
             self.by_tls[status.tls_version] += 1
+        if status.protection and name == "delivered":
+            reasons = self.by_protection.setdefault(status.protection, Counter())
+            reasons[status.protection_reason or "unknown"] += 1
         if status.source_timestamp is not None:
             delta = (status.occurred_at - status.source_timestamp).total_seconds()
             self.latencies.append(max(0.0, delta))
@@ -94,6 +118,10 @@ def build_summary(tally: Tally, events: int, elapsed: float, sandbox: Sandbox) -
         "by_status": dict(sorted(tally.by_status.items())),
         "by_reason": {k: dict(sorted(v.items())) for k, v in sorted(tally.by_reason.items())},
         "delivered_by_tls_version": dict(sorted(tally.by_tls.items())),
+        "delivered_by_protection": {
+            level: dict(sorted(reasons.items()))
+            for level, reasons in sorted(tally.by_protection.items())
+        },
         "republished_statuses": tally.republished,
         "elapsed_seconds": round(elapsed, 3),
         "events_per_second": round(tally.total / elapsed, 1) if elapsed else 0.0,
@@ -120,12 +148,15 @@ def _prepare(out: Path, events: int, seed: int, config: Config, hosts: list[str]
     # Files first (keys, DNS records, events, test CA): blocking work, done off the loop.
     out.mkdir(parents=True, exist_ok=True)
     prepare_keys(out / "keys", out / "dns", config.dkim.selector, ed25519=config.dkim.ed25519)
+    certificates = MemberCertificates(out / "smime")
     with (out / "events.jsonl").open("wb") as sink:
-        for raw in generate_events(events, seed=seed, now=dt.datetime.now(dt.UTC)):
+        for raw in generate_events(
+            events, seed=seed, now=dt.datetime.now(dt.UTC), certificates=certificates
+        ):
             sink.write(raw + b"\n")
-    ledger = out / "ledger.db"
-    for suffix in ("", "-wal", "-shm"):
-        Path(f"{ledger}{suffix}").unlink(missing_ok=True)  # a fresh run, a fresh ledger
+    for store in ("ledger.db", "escrow.db", "audit.db"):
+        for suffix in ("", "-wal", "-shm"):
+            Path(f"{out / store}{suffix}").unlink(missing_ok=True)  # a fresh run, fresh stores
     return make_test_pki(out / "pki", hosts)
 
 
@@ -222,9 +253,22 @@ async def run_demo(
             {kafka.events_topic: EVENT_PARTITIONS, kafka.delivery_topic: 4, kafka.dlq_topic: 1}
         )
         routes = {name: f"{host}:{port}" for name, (host, port) in sandbox.routes.items()}
+        portal_settings = {
+            "escrow_url": f"sqlite:///{out / 'escrow.db'}",
+            "audit_url": f"sqlite:///{out / 'audit.db'}",
+            "key_dir": str(out / "portal-keys"),
+            "audit_key_file": str(out / "portal-keys" / "audit.key"),
+        }
+        portal_config = load_config(environ={}, overrides={"portal": portal_settings})
+        services = await ProtectionServices.open(portal_config)  # creates the portal keys
+        assert services.escrow is not None and services.audit is not None
+        portal = await serve_portal(create_app(services.escrow, services.audit, hsts=False))
+        portal_settings["base_url"] = f"{portal.url}/p/"
         config = load_config(
             environ={},
             overrides={
+                "protection": {"tls_policy_domains": list(DEMO_TLS_POLICY_DOMAINS)},
+                "portal": portal_settings,
                 "dkim": {"key_dir": str(out / "keys"), "selector": base.dkim.selector},
                 "transport": {"ca_bundle": str(pki.ca), "routes": routes},
                 "pipeline": {"allow_test_domains": True},
@@ -237,6 +281,7 @@ async def run_demo(
                 "workers": {"count": workers, "grace_period": 10.0},
             },
         )
+        await asyncio.to_thread(write_config, out / "eobblast.toml", portal_settings)
         started = time.perf_counter()
         published = await publish_events(broker.bootstrap, kafka.events_topic, out / "events.jsonl")
         stop = asyncio.Event()
@@ -255,6 +300,8 @@ async def run_demo(
         finally:
             stop.set()
             await supervising
+            await portal.stop()
+            await services.close()
         elapsed = time.perf_counter() - started
         summary = build_summary(tally, events, elapsed, sandbox)
     document = orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n"

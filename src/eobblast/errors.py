@@ -39,6 +39,9 @@ class ReasonCode(enum.StrEnum):
     TEMPORARY_FAILURE = "temporary_failure"
     CONNECTION_LOST = "connection_lost"
     NO_SIGNING_KEY = "no_signing_key"
+    PORTAL_UNAVAILABLE = "portal_unavailable"
+    NO_PORTAL_IDENTITY = "no_portal_identity"
+    SMIME_FAILED = "smime_failed"
     INTERNAL_ERROR = "internal_error"
 
 

@@ -12,8 +12,19 @@ from eobblast.config import Config
 from eobblast.errors import ConfigError, DeliveryError, Outcome, ReasonCode
 from eobblast.events import EobIssued, Rejection, validate_event
 from eobblast.observe import metrics
+from eobblast.observe.audit import AuditAction
 from eobblast.protect.dkim import DkimSigner, load_signer
-from eobblast.render import Renderer
+from eobblast.protect.escrow import EscrowItem, escrow_eob
+from eobblast.protect.policy import (
+    Decision,
+    PolicyReason,
+    ProtectionLevel,
+    RecipientFacts,
+    choose_protection,
+)
+from eobblast.protect.services import ProtectionServices
+from eobblast.protect.smime import SmimeError, smime_message
+from eobblast.render import RenderedMessage, Renderer
 from eobblast.transport import Transport
 
 log = logging.getLogger("eobblast.pipeline")
@@ -31,6 +42,8 @@ class EventOutcome:
     enhanced_status: str | None = None
     tls_version: str | None = None
     field: str | None = None
+    protection: str | None = None
+    protection_reason: str | None = None
 
 
 class SignerStore:
@@ -60,10 +73,18 @@ class Pipeline:
     """Turns serialised events into delivered, signed messages, one outcome per event."""
 
     def __init__(
-        self, config: Config, transport: Transport, *, signers: SignerStore | None = None
+        self,
+        config: Config,
+        transport: Transport,
+        *,
+        signers: SignerStore | None = None,
+        protection: ProtectionServices | None = None,
+        actor: str = "eobblast",
     ) -> None:
         self._config = config
         self._transport = transport
+        self._protection = protection or ProtectionServices.policy_only(config)
+        self._actor = actor
         self._renderer = Renderer(from_local_part=config.pipeline.from_local_part)
         self._signers = signers or SignerStore(
             config.dkim.key_dir, config.dkim.selector, ed25519=config.dkim.ed25519
@@ -132,17 +153,109 @@ class Pipeline:
             return EventOutcome(
                 event_id, Outcome.FAILED, ReasonCode.NO_SIGNING_KEY, time.perf_counter() - start
             )
-        message = self._renderer.render(event, now=dt.datetime.now(dt.UTC))
-        t_render = time.perf_counter()
-        metrics.STAGE["render"].observe(t_render - t_valid)
+        services = self._protection
+        now = dt.datetime.now(dt.UTC)
+        recipient = RecipientFacts.for_member(event.member.email, event.member.smime_certificate)
+        decision = choose_protection(
+            recipient, services.tls.facts(recipient.domain, now), services.org, now
+        )
+        await services.record(
+            event_id,
+            AuditAction.PROTECTION_CHOSEN,
+            actor=self._actor,
+            member_id=event.member.id,
+            protection=decision.level,
+            reason=decision.reason,
+        )
+        timing = _Timing(start, t_valid)
+        if decision.level is ProtectionLevel.PORTAL:
+            return await self._send_portal(event, signer, decision.reason, timing)
+        message = self._renderer.render(event, now=now)
+        if decision.level is ProtectionLevel.SMIME:
+            assert recipient.certificate is not None  # the policy chose S/MIME because of it
+            try:
+                message = smime_message(message, recipient.certificate)
+            except SmimeError:
+                log.error("S/MIME encryption failed", extra={"event_id": event_id})
+                return timing.outcome(
+                    event_id, Outcome.FAILED, ReasonCode.SMIME_FAILED, protection=decision
+                )
+        timing.rendered()
+        outcome = await self._deliver(event, signer, message, decision, timing, verified=True)
+        if outcome.outcome is Outcome.DELIVERED:
+            return outcome
+        if outcome.reason in _TLS_FAILURES:
+            # Never again in plaintext: this domain is portal-only for a while, and this
+            # EOB goes as a notice with a pickup link instead.
+            services.tls.record_failure(recipient.domain, dt.datetime.now(dt.UTC))
+            log.info(
+                "TLS failed at delivery; protected again as a portal notice",
+                extra={"event_id": event_id, "reason": outcome.reason},
+            )
+            return await self._send_portal(
+                event, signer, PolicyReason.TLS_FAILED_AT_DELIVERY, timing
+            )
+        return outcome
+
+    async def _send_portal(
+        self, event: EobIssued, signer: DkimSigner, reason: PolicyReason, timing: _Timing
+    ) -> EventOutcome:
+        services = self._protection
+        decision = Decision(ProtectionLevel.PORTAL, reason)
+        event_id = event.event_id
+        if services.escrow is None or services.audit is None:
+            return timing.outcome(
+                event_id, Outcome.FAILED, ReasonCode.PORTAL_UNAVAILABLE, protection=decision
+            )
+        if event.member.date_of_birth is None:
+            # The pickup page confirms identity with the date of birth: without it, no portal.
+            return timing.outcome(
+                event_id, Outcome.FAILED, ReasonCode.NO_PORTAL_IDENTITY, protection=decision
+            )
+        now = dt.datetime.now(dt.UTC)
+        expires = now + services.item_ttl
+        token = await escrow_eob(
+            services.escrow,
+            services.audit,
+            EscrowItem(
+                event_id=event_id,
+                member_ref=services.member_ref(event.member.id),
+                member_id=event.member.id,
+                date_of_birth=event.member.date_of_birth,
+                html=self._renderer.render_html(event),
+                expires_at=expires,
+                language=event.member.preferred_language,
+            ),
+            actor=self._actor,
+            reason=reason,
+            now=now,
+        )
+        notice = self._renderer.render_notice(
+            event, link=services.portal_base_url + token, expires=expires.date(), now=now
+        )
+        timing.rendered()
+        # The notice carries no PHI: it may travel over whatever TLS the receiver offers.
+        return await self._deliver(event, signer, notice, decision, timing, verified=False)
+
+    async def _deliver(
+        self,
+        event: EobIssued,
+        signer: DkimSigner,
+        message: RenderedMessage,
+        decision: Decision,
+        timing: _Timing,
+        *,
+        verified: bool,
+    ) -> EventOutcome:
+        event_id = event.event_id
         data = message.to_bytes(signer.sign(message.headers, message.body))
-        t_sign = time.perf_counter()
-        metrics.STAGE["sign"].observe(t_sign - t_render)
+        timing.signed()
         try:
-            reply = await self._transport.deliver(message.mail_from, message.rcpt_to, data)
+            reply = await self._transport.deliver(
+                message.mail_from, message.rcpt_to, data, verified_tls=verified
+            )
         except DeliveryError as exc:
-            now = time.perf_counter()
-            metrics.STAGE["deliver"].observe(now - t_sign)
+            timing.delivered()
             outcome = Outcome.FAILED if exc.permanent else Outcome.DEFERRED
             log.info(
                 "delivery did not succeed",
@@ -153,23 +266,96 @@ class Pipeline:
                     "smtp_code": exc.smtp_code,
                 },
             )
-            return EventOutcome(
+            return timing.outcome(
                 event_id,
                 outcome,
                 exc.reason,
-                now - start,
+                protection=decision,
                 smtp_code=exc.smtp_code,
                 enhanced_status=(exc.detail.partition(" ")[2] or None) if exc.smtp_code else None,
             )
-        now = time.perf_counter()
-        metrics.STAGE["deliver"].observe(now - t_sign)
+        timing.delivered()
+        if reply.tls_verified and reply.tls_version is not None:
+            self._protection.tls.record_verified(
+                message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
+            )
+        await self._protection.record(
+            event_id,
+            AuditAction.SENT,
+            actor=self._actor,
+            member_id=event.member.id,
+            protection=decision.level,
+            reason=decision.reason,
+        )
         log.debug("delivered", extra={"event_id": event_id, "tls": reply.tls_version})
-        return EventOutcome(
+        return timing.outcome(
             event_id,
             Outcome.DELIVERED,
             ReasonCode.DELIVERED,
-            now - start,
+            protection=decision,
             smtp_code=reply.code,
             enhanced_status=reply.enhanced,
             tls_version=reply.tls_version,
+        )
+
+
+# Delivery failures that mean "this receiver cannot be trusted with PHI right now".
+_TLS_FAILURES = frozenset(
+    {
+        ReasonCode.STARTTLS_NOT_OFFERED,
+        ReasonCode.TLS_CERT_UNTRUSTED,
+        ReasonCode.TLS_HANDSHAKE_FAILED,
+        ReasonCode.CONNECTION_LOST,
+    }
+)
+
+
+class _Timing:
+    """Per-stage latency of one event, observed into the stage histograms."""
+
+    __slots__ = ("_last", "_start")
+
+    def __init__(self, start: float, t_valid: float) -> None:
+        self._start = start
+        self._last = t_valid
+
+    def _mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        metrics.STAGE[stage].observe(now - self._last)
+        self._last = now
+
+    def rendered(self) -> None:
+        """Rendering (and protection) is done."""
+        self._mark("render")
+
+    def signed(self) -> None:
+        """DKIM signing is done."""
+        self._mark("sign")
+
+    def delivered(self) -> None:
+        """The SMTP transaction is over."""
+        self._mark("deliver")
+
+    def outcome(
+        self,
+        event_id: str,
+        outcome: Outcome,
+        reason: ReasonCode,
+        *,
+        protection: Decision,
+        smtp_code: int | None = None,
+        enhanced_status: str | None = None,
+        tls_version: str | None = None,
+    ) -> EventOutcome:
+        """The event's final outcome, with its latency so far."""
+        return EventOutcome(
+            event_id,
+            outcome,
+            reason,
+            time.perf_counter() - self._start,
+            smtp_code=smtp_code,
+            enhanced_status=enhanced_status,
+            tls_version=tls_version,
+            protection=protection.level,
+            protection_reason=protection.reason,
         )

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 import mailbox
+import re
 import shutil
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -18,9 +23,17 @@ import pytest
 from eobblast.events import EobIssued, validate_event
 from eobblast.events.synthetic import PAYERS
 from eobblast.protect.dkim import generate_keys
+from eobblast.protect.testcerts import MemberCertificates
 
 EVENTS = 240
 TLS_DOMAINS = ("alpha.sandbox.test", "bravo.sandbox.test", "charlie.sandbox.test")
+UNVERIFIED_DOMAINS = (
+    "notls.sandbox.test",
+    "untrusted.sandbox.test",
+    "expired.sandbox.test",
+    "wronghost.sandbox.test",
+    "dropper.sandbox.test",
+)
 
 
 @pytest.fixture(scope="module")
@@ -97,19 +110,145 @@ def test_delivered_count_matches_the_maildirs(demo_run: tuple[Path, dict[str, An
         assert (out / "maildir" / domain / "new").is_dir()
 
 
-def test_nothing_reaches_receivers_without_verified_tls(
+def _readable(message: bytes) -> str:
+    """Headers plus every text part decoded: what a reader at the receiver could see."""
+    parsed = email.message_from_bytes(message, policy=email.policy.default)
+    texts = [str(parsed.items())]
+    for part in parsed.walk():
+        if part.get_content_maintype() == "text":
+            texts.append(part.get_content())
+    return "\n".join(texts)
+
+
+def _phi(out: Path) -> set[str]:
+    """Names, ids and amounts of every valid event: none may reach an unverified receiver."""
+    phi: set[str] = set()
+    for event in _events(out):
+        phi.update({event.member.name, event.claim.patient_name, event.member.id})
+        phi.update({event.claim.provider.name, event.claim.id})
+        for line in event.claim.lines:
+            # Amounts of 100.00 and more: shorter ones collide with timestamps' seconds.
+            phi.update(v for v in (line.billed, line.plan_paid) if Decimal(v) >= 100)
+    return phi
+
+
+def _maildir(out: Path, domain: str) -> list[bytes]:
+    path = out / "maildir" / domain
+    if not (path / "new").exists():
+        return []
+    box = mailbox.Maildir(path, factory=None, create=False)
+    return [box.get_bytes(key) for key in box.keys()]
+
+
+def test_no_phi_reaches_receivers_without_verified_tls(
     demo_run: tuple[Path, dict[str, Any], str],
 ) -> None:
     out, summary, _ = demo_run
-    for domain in ("notls.sandbox.test", "untrusted.sandbox.test"):
-        new = out / "maildir" / domain / "new"
-        assert not new.exists() or not any(new.iterdir())
-    failed = summary["by_reason"]["failed"]
-    assert failed.get("starttls_not_offered", 0) > 0
-    assert failed.get("tls_cert_untrusted", 0) > 0
-    for message in _delivered(out):
-        assert message.startswith(b"Received:")
-        assert b"ESMTPS" in message[:400] and b"TLSv1." in message[:400]
+    phi = _phi(out)
+    assert len(phi) > 200
+    seen = 0
+    for domain in UNVERIFIED_DOMAINS:
+        for message in _maildir(out, domain):
+            seen += 1
+            readable = _readable(message)
+            assert ".portal@" in readable  # only secure-portal notices
+            assert [value for value in phi if value in readable] == []
+    assert seen > 0
+    protection = summary["delivered_by_protection"]
+    assert protection["portal"].get("tls_failed_at_delivery", 0) > 0
+    assert protection["portal"].get("tls_unknown", 0) > 0
+    assert protection["smime"].get("recipient_certificate", 0) > 0
+    assert protection["tls_required"].get("tls_policy_list", 0) > 0
+    # every full EOB (not a notice, not encrypted) arrived over TLS at a verifying domain
+    for domain in TLS_DOMAINS:
+        for message in _maildir(out, domain):
+            assert b"ESMTPS" in message[:400] and b"TLSv1." in message[:400]
+
+
+def test_smime_messages_decrypt_with_openssl(
+    demo_run: tuple[Path, dict[str, Any], str], tmp_path: Path
+) -> None:
+    out, _, _ = demo_run
+    certificates = MemberCertificates(out / "smime")
+    decrypted = 0
+    for index, message in enumerate(_delivered(out)):
+        if b"application/pkcs7-mime" not in message:
+            continue
+        parsed = email.message_from_bytes(message, policy=email.policy.default)
+        key, cert = certificates.paths(str(parsed["To"]))
+        path = tmp_path / f"m{index}.eml"
+        path.write_bytes(message)
+        result = subprocess.run(
+            [
+                "openssl",
+                "cms",
+                "-decrypt",
+                "-in",
+                str(path),
+                "-recip",
+                str(cert),
+                "-inkey",
+                str(key),
+            ],
+            capture_output=True,
+            timeout=30,
+        )
+        assert result.returncode == 0, result.stderr.decode()[-300:]
+        entity = email.message_from_bytes(result.stdout, policy=email.policy.default)
+        assert entity.get_content_type() == "multipart/alternative"
+        assert "Explanation of Benefits" in _readable(result.stdout) or "Explicaci" in _readable(
+            result.stdout
+        )
+        assert [v for v in _phi(out) if v in _readable(message)] == []  # nothing outside
+        decrypted += 1
+    assert decrypted > 0
+
+
+def test_portal_links_in_notices_open_the_pickup_page(
+    demo_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    out, _, _ = demo_run
+    notices = [m for m in _delivered(out) if b".portal@" in m]
+    assert notices
+    link = re.search(r"http://127\.0\.0\.1:\d+/p/[A-Za-z0-9_-]+", _readable(notices[0]))
+    assert link is not None
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "eobblast",
+            "portal",
+            "--config",
+            str(out / "eobblast.toml"),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None
+        port = None
+        for line in server.stdout:
+            found = re.search(r"http://127\.0\.0\.1:(\d+)/p/", line)
+            if found:
+                port = found.group(1)
+                break
+        assert port is not None
+        url = re.sub(r":\d+/p/", f":{port}/p/", link.group(0))
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "<form" in page  # the identity check (in the member's language)
+        bogus = re.sub(r"/p/.*", "/p/not-a-real-token-0000000000000000000", url)
+        try:
+            refused = urllib.request.urlopen(bogus, timeout=10).read().decode()
+        except urllib.error.HTTPError as error:
+            assert error.code in (403, 404, 410)
+            refused = error.read().decode()
+        assert "<form" not in refused
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
 
 
 def test_every_delivered_message_verifies_with_dkimpy(
@@ -162,13 +301,7 @@ def test_no_phi_in_any_log_line(demo_run: tuple[Path, dict[str, Any], str]) -> N
     out, _, logs = demo_run
     # the capture holds the workers' lines: rejections, holds and deliveries
     assert "event rejected" in logs and "event held" in logs and "delivered" in logs
-    phi: set[str] = set()
-    for event in _events(out):
-        phi.update({event.member.name, event.claim.patient_name, event.member.id})
-        phi.add(event.claim.provider.name)
-        for line in event.claim.lines:
-            # Amounts of 100.00 and more: shorter ones collide with timestamps' seconds.
-            phi.update(v for v in (line.billed, line.plan_paid) if Decimal(v) >= 100)
+    phi = _phi(out)
     assert len(phi) > 100
     leaked = sorted(value for value in phi if value in logs)
     assert leaked == []

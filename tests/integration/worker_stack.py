@@ -94,6 +94,14 @@ class Stack:
                 },
                 "ledger": {"url": self.ledger_url or f"sqlite:///{self.directory / 'ledger.db'}"},
                 "workers": {"grace_period": 10.0, "restart_delay": 0.2, **workers},
+                # the stack's receivers verify: EOBs go over TLS, not to the portal
+                "protection": {"tls_policy_domains": list(self.sandbox.routes)},
+                "portal": {
+                    "escrow_url": f"sqlite:///{self.directory / 'escrow.db'}",
+                    "audit_url": f"sqlite:///{self.directory / 'audit.db'}",
+                    "key_dir": str(self.directory / "portal-keys"),
+                    "audit_key_file": str(self.directory / "portal-keys" / "audit.key"),
+                },
             },
         )
 

@@ -130,7 +130,7 @@ def test_generator_exercises_every_path() -> None:
     for reason in ("no_consent", "unknown_user", "invalid_address", "invalid_json"):
         assert outcomes[reason] > 0, reason
     assert languages["en"] > 0 and languages["es"] > 0
-    assert len(domains) == 5
+    assert len(domains) == 8
 
 
 def test_generator_is_deterministic() -> None:

@@ -40,6 +40,12 @@ class DeliveryStatus(_Out):
     smtp_code: int | None = None
     enhanced_status: str | None = None
     tls_version: str | None = None
+    protection: str | None = Field(
+        default=None, description="smime, tls_required or portal (never plaintext)."
+    )
+    protection_reason: str | None = Field(
+        default=None, description="Why that protection level (a policy reason code)."
+    )
     attempt: int = 1
     worker: str
     occurred_at: dt.datetime

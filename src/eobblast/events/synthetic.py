@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import random
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 
@@ -18,9 +18,12 @@ DEFAULT_DOMAINS = (
     "charlie.sandbox.test",
     "notls.sandbox.test",
     "untrusted.sandbox.test",
+    "expired.sandbox.test",
+    "wronghost.sandbox.test",
+    "dropper.sandbox.test",
 )
-# Most members sit at receivers that work; a few at ones that must never get plaintext.
-DEFAULT_DOMAIN_WEIGHTS = (35, 25, 30, 5, 5)
+# Most members sit at receivers that work; a few at ones that must never get PHI.
+DEFAULT_DOMAIN_WEIGHTS = (30, 20, 20, 6, 6, 6, 6, 6)
 PAYERS = (
     ("BHP001", "Bluehaven Health Plan", "bluehaven.test"),
     ("RVM002", "Riverside Mutual Health", "riverside.test"),
@@ -52,6 +55,8 @@ class Mix:
     unknown_user: float = 0.03
     busy_mailbox: float = 0.02
     spanish: float = 0.3
+    # Members with an S/MIME certificate on file (only when a certificate source is given).
+    smime: float = 0.05
 
 
 def _npi(rng: random.Random) -> str:
@@ -198,8 +203,13 @@ def generate_events(
     weights: Sequence[float] | None = DEFAULT_DOMAIN_WEIGHTS,
     mix: Mix | None = None,
     now: dt.datetime | None = None,
+    certificates: Callable[[str], str] | None = None,
 ) -> Iterator[bytes]:
-    """Yield `count` serialised events (one JSON document each), deterministic for a seed."""
+    """Yield `count` serialised events (one JSON document each), deterministic for a seed.
+
+    `certificates(address) -> PEM`, when given, supplies S/MIME certificates for a share
+    (`mix.smime`) of the members.
+    """
     mix = mix or Mix()
     rng = random.Random(seed)
     fake_en = Faker("en_US")
@@ -212,6 +222,10 @@ def generate_events(
         if weights is not None and len(weights) != len(domains):
             weights = None
         event = synthetic_event(fake, rng, domains, mix, now, weights)
+        if certificates is not None and rng.random() < mix.smime:
+            member = event["member"]
+            assert isinstance(member, dict)
+            member["smime_certificate"] = certificates(str(member["email"]))
         roll = rng.random()
         if roll < mix.malformed:
             yield _spoil(event, rng)

@@ -92,6 +92,9 @@ class PolicyReason(enum.StrEnum):
     MTA_STS_ENFORCE = "mta_sts_enforce"
     TLS_VERIFIED_RECENTLY = "tls_verified_recently"
     TLS_UNKNOWN = "tls_unknown"
+    # Not a choice of the policy: TLS failed when the message was delivered, so the EOB
+    # was protected again as a portal notice (never retried in plaintext).
+    TLS_FAILED_AT_DELIVERY = "tls_failed_at_delivery"
     # why a certificate on file was not used (Decision.certificate_issue)
     CERTIFICATE_UNUSABLE = "certificate_unusable"  # on file but could not be parsed
     CERTIFICATE_NOT_YET_VALID = "certificate_not_yet_valid"

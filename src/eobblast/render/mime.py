@@ -65,8 +65,8 @@ def _quoted_printable(text: str) -> bytes:
 
 
 @lru_cache(maxsize=64)
-def _subject(language: str) -> bytes:
-    return Header(strings_for(language)["subject"], "utf-8").encode().encode("ascii")
+def _subject(language: str, key: str = "subject") -> bytes:
+    return Header(strings_for(language)[key], "utf-8").encode().encode("ascii")
 
 
 @lru_cache(maxsize=256)
@@ -131,6 +131,13 @@ class Renderer:
             )
             for language, words in STRINGS.items()
         }
+        self._notices = {
+            language: (
+                _compile_for(text, loader, "notice.txt.j2", words),
+                _compile_for(html, loader, "notice.html.j2", words),
+            )
+            for language, words in STRINGS.items()
+        }
 
     def context(self, event: EobIssued) -> dict[str, Any]:
         """The template variables for one event."""
@@ -185,12 +192,55 @@ class Renderer:
         ctx = self.context(event)
         language = language_key(event.member.preferred_language)
         text_template, html_template = self._templates[language]
-        text = text_template.render(ctx)
-        html = html_template.render(ctx)
+        return self._assemble(
+            event,
+            text_template.render(ctx),
+            html_template.render(ctx),
+            subject=_subject(event.member.preferred_language),
+            message_id=f"<eob.{event.event_id}@{event.payer.sending_domain}>",
+            now=now,
+        )
+
+    def render_html(self, event: EobIssued) -> str:
+        """The EOB as a standalone HTML page (what the secure portal shows after pickup)."""
+        language = language_key(event.member.preferred_language)
+        return self._templates[language][1].render(self.context(event))
+
+    def render_notice(
+        self, event: EobIssued, *, link: str, expires: dt.date, now: dt.datetime | None = None
+    ) -> RenderedMessage:
+        """A secure-portal notice: no PHI, only the payer's name and a single-use link."""
+        words = strings_for(event.member.preferred_language)
+        ctx = {
+            "lang": language_key(event.member.preferred_language),
+            "link": link,
+            "body": words["notice_body"].format(payer=event.payer.name),
+            "identity": words["notice_identity"].format(date=expires.isoformat()),
+        }
+        text_template, html_template = self._notices[ctx["lang"]]
+        return self._assemble(
+            event,
+            text_template.render(ctx),
+            html_template.render(ctx),
+            subject=_subject(event.member.preferred_language, "notice_subject"),
+            message_id=f"<eob.{event.event_id}.portal@{event.payer.sending_domain}>",
+            now=now,
+        )
+
+    def _assemble(
+        self,
+        event: EobIssued,
+        text: str,
+        html: str,
+        *,
+        subject: bytes,
+        message_id: str,
+        now: dt.datetime | None,
+    ) -> RenderedMessage:
         domain = event.payer.sending_domain
         sender = f"{self._from_local_part}@{domain}"
-        # The boundary is derived from the event id: unique per message, never PHI.
-        boundary = "=_eob_" + hashlib.sha256(event.event_id.encode()).hexdigest()[:32]
+        # The boundary is derived from the message id: unique per message, never PHI.
+        boundary = "=_eob_" + hashlib.sha256(message_id.encode()).hexdigest()[:32]
         body = b"".join(
             (
                 b"--" + boundary.encode() + b"\r\n",
@@ -208,12 +258,12 @@ class Renderer:
         headers = (
             (b"From", _from_header(event.payer.name, sender)),
             (b"To", event.member.email.encode("ascii")),
-            (b"Subject", _subject(event.member.preferred_language)),
+            (b"Subject", subject),
             (b"Date", email.utils.format_datetime(when).encode("ascii")),
-            (b"Message-ID", f"<eob.{event.event_id}@{domain}>".encode("ascii")),
+            (b"Message-ID", message_id.encode("ascii")),
             (b"MIME-Version", b"1.0"),
             (b"Content-Type", f'multipart/alternative; boundary="{boundary}"'.encode("ascii")),
-            (b"Content-Language", ctx["lang"].encode("ascii")),
+            (b"Content-Language", language_key(event.member.preferred_language).encode("ascii")),
             (b"X-EOB-Event-ID", event.event_id.encode("ascii")),
         )
         return RenderedMessage(headers, body, sender, event.member.email)

@@ -36,6 +36,15 @@ STRINGS: Final[dict[str, dict[str, str]]] = {
         "appeal_deadline": "If you disagree with this decision, you may appeal until {date}.",
         "footer": "Please keep this notice for your records. Your provider may bill you "
         "for the amount shown under 'You may owe'.",
+        "notice_subject": "A new Explanation of Benefits is waiting for you",
+        "notice_greeting": "Dear member,",
+        "notice_body": "{payer} has a new Explanation of Benefits for you. To protect your "
+        "privacy it is on our secure site rather than in this email.",
+        "notice_action": "View your Explanation of Benefits",
+        "notice_identity": "You will be asked for your date of birth and the last 4 digits "
+        "of your member ID. The link works once and expires on {date}.",
+        "notice_footer": "If you did not expect this message, you can ignore it. We will never "
+        "ask for your password by email.",
     },
     "es": {
         "subject": "Su Explicación de Beneficios está disponible",
@@ -68,6 +77,15 @@ STRINGS: Final[dict[str, dict[str, str]]] = {
         "appeal_deadline": "Si no está de acuerdo con esta decisión, puede apelar hasta el {date}.",
         "footer": "Conserve este aviso para sus registros. Su proveedor puede facturarle "
         "la cantidad indicada en 'Usted podría deber'.",
+        "notice_subject": "Tiene una nueva Explicación de Beneficios",
+        "notice_greeting": "Estimado/a afiliado/a:",
+        "notice_body": "{payer} tiene una nueva Explicación de Beneficios para usted. Para "
+        "proteger su privacidad, está en nuestro sitio seguro y no en este correo.",
+        "notice_action": "Ver su Explicación de Beneficios",
+        "notice_identity": "Se le pedirá su fecha de nacimiento y los últimos 4 dígitos de su "
+        "número de afiliado. El enlace funciona una sola vez y vence el {date}.",
+        "notice_footer": "Si no esperaba este mensaje, puede ignorarlo. Nunca le pediremos su "
+        "contraseña por correo electrónico.",
     },
 }
 

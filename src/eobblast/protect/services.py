@@ -1,0 +1,130 @@
+"""The protection stage's services: policy, TLS knowledge, escrow and audit, opened from config."""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from eobblast.config import Config
+from eobblast.errors import ConfigError
+from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, member_ref, open_audit
+from eobblast.protect.escrow import EscrowStore, KeyRing, open_escrow
+from eobblast.protect.policy import OrgPolicy, TlsCache
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """A 32-byte secret kept in a file (base64), created on first use with mode 0600."""
+    if path.exists():
+        try:
+            return base64.b64decode(path.read_text("ascii").strip(), validate=True)
+        except (ValueError, OSError):
+            raise ConfigError(f"{path} does not hold a base64 secret") from None
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secret = secrets.token_bytes(32)
+    path.write_text(base64.b64encode(secret).decode("ascii") + "\n", "ascii")
+    path.chmod(0o600)
+    return secret
+
+
+def load_or_create_keyring(directory: Path) -> KeyRing:
+    """The escrow key ring in `directory`, with a first key generated if there is none."""
+    if (directory / "active").exists():
+        return KeyRing.from_directory(directory)
+    return KeyRing.generate(directory)
+
+
+@dataclass(slots=True)
+class ProtectionServices:
+    """What the pipeline needs to choose and apply a protection level."""
+
+    org: OrgPolicy
+    tls: TlsCache
+    escrow: EscrowStore | None
+    audit: AuditTrail | None
+    audit_key: bytes
+    portal_base_url: str
+    item_ttl: dt.timedelta
+
+    @classmethod
+    def policy_only(cls, config: Config) -> ProtectionServices:
+        """Policy and TLS knowledge without a portal (benchmarks, tools): no portal level."""
+        org, tls = _policy(config)
+        return cls(org, tls, None, None, b"\0" * 32, config.portal.base_url, dt.timedelta(0))
+
+    @classmethod
+    async def open(cls, config: Config) -> ProtectionServices:
+        """Open escrow and audit stores as configured."""
+        org, tls = _policy(config)
+        portal = config.portal
+        keys = load_or_create_keyring(portal.key_dir)
+        escrow = await open_escrow(portal.escrow_url, keys)
+        audit = await open_audit(portal.audit_url)
+        return cls(
+            org,
+            tls,
+            escrow,
+            audit,
+            load_or_create_secret(portal.audit_key_file),
+            portal.base_url,
+            dt.timedelta(days=portal.item_days),
+        )
+
+    def member_ref(self, member_id: str) -> str:
+        """The opaque reference to a member that the audit trail stores."""
+        return member_ref(self.audit_key, member_id)
+
+    async def record(
+        self,
+        event_id: str,
+        action: AuditAction,
+        *,
+        actor: str,
+        member_id: str,
+        protection: str | None,
+        reason: str | None,
+    ) -> None:
+        """Append to the audit trail, when there is one."""
+        if self.audit is None:
+            return
+        await self.audit.append(
+            AuditRecord(
+                event_id,
+                action,
+                actor,
+                dt.datetime.now(dt.UTC),
+                member_ref=self.member_ref(member_id),
+                protection=protection,
+                reason=reason,
+            )
+        )
+
+    async def close(self) -> None:
+        """Close the stores."""
+        if self.escrow is not None:
+            await self.escrow.close()
+        if self.audit is not None:
+            await self.audit.close()
+
+
+def _policy(config: Config) -> tuple[OrgPolicy, TlsCache]:
+    protection = config.protection
+    verified_ttl = dt.timedelta(hours=protection.tls_cache_hours)
+    failure_ttl = dt.timedelta(hours=protection.failure_hours)
+    org = OrgPolicy(
+        portal_domains=frozenset(protection.portal_domains),
+        tls_policy_domains=frozenset(protection.tls_policy_domains),
+        smime_enabled=protection.smime_enabled,
+        tls_cache_ttl=verified_ttl,
+        failure_ttl=failure_ttl,
+        allow_opportunistic_verified_cache=protection.learn_from_handshakes,
+    )
+    tls = TlsCache(
+        verified_ttl=verified_ttl,
+        failure_ttl=failure_ttl,
+        policy_domains=frozenset(protection.tls_policy_domains),
+        mta_sts_enforce_domains=frozenset(protection.mta_sts_enforce_domains),
+    )
+    return org, tls
