@@ -1,0 +1,1 @@
+"""Bounces: reply classification, DSN parsing, VERP return paths and verify-before-resend."""
