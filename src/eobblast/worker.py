@@ -26,6 +26,7 @@ from eobblast.errors import Outcome, ReasonCode
 from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, status_id
 from eobblast.observe import metrics
 from eobblast.pipeline import EventOutcome, Pipeline
+from eobblast.protect.services import ProtectionServices
 from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
@@ -330,6 +331,8 @@ class Worker:
             smtp_code=outcome.smtp_code,
             enhanced_status=outcome.enhanced_status,
             tls_version=outcome.tls_version,
+            protection=outcome.protection,
+            protection_reason=outcome.protection_reason,
             attempt=attempt,
             worker=self.worker_id,
             occurred_at=dt.datetime.now(dt.UTC),
@@ -358,11 +361,15 @@ class Worker:
 
 async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     """Build the pipeline, the ledger and the worker, and run until `stop` is set."""
+    worker_id = new_worker_id(index)
     transport = Transport.from_config(config.transport)
     ledger = await open_ledger(config.ledger.url)
-    worker = Worker(config, Pipeline(config, transport), ledger, worker_id=new_worker_id(index))
+    protection = await ProtectionServices.open(config)
+    pipeline = Pipeline(config, transport, protection=protection, actor=f"worker-{index}")
+    worker = Worker(config, pipeline, ledger, worker_id=worker_id)
     try:
         await worker.run(stop)
     finally:
         await transport.aclose()
         await ledger.close()
+        await protection.close()
