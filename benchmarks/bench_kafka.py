@@ -1,0 +1,472 @@
+"""Kafka-fed workers end to end: a published backlog to final statuses on eob.delivery.
+
+The embedded broker (Tansu, in memory) holds a backlog of deliverable events on eob.events
+(8 partitions by default, keyed by member id as a claims system would). Then
+`eobblast run --config FILE --workers N`, as an operator starts it, runs 1, then 2 worker
+processes (fresh topics, group and ledger each time) which sign (DKIM rsa-sha256 2048, no
+ed25519) and send over verified STARTTLS to Postfix's `smtp-sink` behind
+benchmarks/tls_front.py, and publish one status per event. The clock runs from the start
+of `eobblast run` until every event has a final status on eob.delivery, so it includes
+process start-up and the consumer-group join (on Tansu about session_timeout/2; the
+workers run with session_timeout_ms=3000 and heartbeat_interval_ms=500). The steady-state
+rate, statuses/s between the 10% and 90% marks, leaves both out.
+
+In the same invocation and against the same receiver: the naive baseline and eobblast in
+one process without Kafka (both bench_core's), so the cost of the worker machinery
+(consumer, ledger, status events, commits) shows as a difference.
+
+CPU is reported per process (/proc/<pid>/stat) between the 10% and 90% marks, in % of a
+core and in microseconds per message; their sum gives what the machine could do with every
+core free, a figure that survives other work on the machine better than the rates do.
+
+Checks: every event has exactly one final status, all `delivered`, all over TLS 1.2+, and
+smtp-sink's own counter grew by the number of events.
+
+Prints one JSON line per result on stdout, then a table (unless --json-only). Progress
+goes to stderr. Nothing derived from message content is printed: counts and times only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import os
+import signal
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import uvloop
+from rich.console import Console
+from rich.table import Table
+
+# bench_core and common are sibling scripts: Python puts a script's own directory first on
+# sys.path, which is how these imports (and spawned worker processes) find them.
+from bench_core import (
+    NAIVE_WARMUP,
+    BenchError,
+    Result,
+    Setup,
+    _on_sigterm,
+    eobblast_config,
+    eobblast_e2e,
+    naive_baseline,
+    prepare,
+    process_cpu,
+)
+from common import (
+    BENCH_HEARTBEAT_INTERVAL_MS,
+    BENCH_SESSION_TIMEOUT_MS,
+    TLS_VERSIONS,
+    CountingReceiver,
+    RunTopics,
+    StatusCollector,
+    counting_receiver,
+    eobblast_run,
+    kafka_config,
+    publish,
+    system_cpu_seconds,
+    write_run_config,
+)
+from eobblast.config import Config
+from eobblast.demo import member_key
+from eobblast.streams import EmbeddedBroker
+
+TARGET_MSGS_PER_S = 1500.0
+TARGET_WORKERS = 2
+
+
+def _steady_rate(occurred: list[float]) -> tuple[float, float]:
+    """(statuses/s between the 10% and 90% marks, seconds between them), by worker clock."""
+    times = sorted(occurred)
+    if len(times) < 10:
+        return 0.0, 0.0
+    low, high = len(times) // 10, len(times) * 9 // 10 - 1
+    span = times[high] - times[low]
+    return ((high - low) / span if span > 0 else 0.0), span
+
+
+@dataclass(frozen=True, slots=True)
+class Mark:
+    """CPU seconds of every process of the run when `statuses` statuses had arrived."""
+
+    statuses: int
+    at: float
+    cpu: dict[str, float | None]
+    system: tuple[float, float] | None
+
+
+def _mark(statuses: int, pids: dict[str, int]) -> Mark:
+    return Mark(
+        statuses,
+        time.perf_counter(),
+        {name: process_cpu(pid) for name, pid in pids.items()},
+        system_cpu_seconds(),
+    )
+
+
+def _steady_cpu(low: Mark, high: Mark) -> dict[str, Any]:
+    """Per-process CPU between two marks: % of a core and microseconds per message."""
+    messages, seconds = high.statuses - low.statuses, high.at - low.at
+    out: dict[str, Any] = {}
+    total_us = 0.0
+    ours = 0.0
+    for name, before in low.cpu.items():
+        after = high.cpu.get(name)
+        if before is None or after is None or messages <= 0 or seconds <= 0:
+            continue
+        spent = after - before
+        ours += spent
+        total_us += spent / messages * 1e6
+        out[f"{name}_cpu_pct"] = round(spent / seconds * 100, 1)
+        out[f"{name}_cpu_us_per_msg"] = round(spent / messages * 1e6, 1)
+    if total_us:
+        # What the machine could do if these processes had every core to themselves: a
+        # figure that holds up when other work shares the machine, unlike the rates.
+        out["cpu_us_per_msg_all"] = round(total_us, 1)
+        out["cpu_ceiling_msgs_per_s"] = round((os.cpu_count() or 1) * 1e6 / total_us, 1)
+    if low.system is not None and high.system is not None and seconds > 0:
+        busy = high.system[0] - low.system[0]
+        out["machine_busy_cores"] = round(busy / seconds, 2)
+        # CPU used by processes that are not part of this benchmark (other people's work).
+        out["other_cpu_pct"] = round(max(0.0, busy - ours) / seconds * 100, 1)
+    return out
+
+
+async def kafka_run(
+    setup: Setup,
+    rx: CountingReceiver,
+    broker: EmbeddedBroker,
+    base: Config,
+    workers: int,
+    args: argparse.Namespace,
+    progress: Callable[[str], None],
+) -> Result:
+    """Publish the backlog, start `workers` processes, wait for every status; one result."""
+    events = setup.events[: args.events]
+    topics = RunTopics(f"bench-{workers}w-{uuid.uuid4().hex[:8]}")
+    await topics.create(broker, args.partitions)
+    started = time.perf_counter()
+    published = await publish(
+        broker.bootstrap, topics.events, ((member_key(raw), raw) for raw in events)
+    )
+    publish_seconds = time.perf_counter() - started
+    config = kafka_config(
+        base, broker.bootstrap, topics, setup.workdir / f"ledger-{topics.prefix}.db", workers
+    )
+    config_file = write_run_config(config, setup.workdir / f"{topics.prefix}.toml")
+    collector = StatusCollector(broker.bootstrap, topics.delivery)
+    await collector.start()
+    sink_before = rx.messages()
+    pids = {"tansu": broker.pid or 0, "front": rx.rx.front_pid, "sink": rx.rx.sink_pid}
+    pids["bench"] = os.getpid()
+    marks: list[Mark] = []
+    # Steady state: between the statuses at the 10% and the 90% marks.
+    thresholds = [max(1, published // 10), published * 9 // 10]
+    progress(f"{workers} worker(s): {published} events published, starting the workers")
+    try:
+        t0_wall, t0 = time.time(), time.perf_counter()
+        async with eobblast_run(config_file, workers, setup.workdir, args.log_level) as run:
+            worker_pids = await run.wait_for_workers(workers)
+            pids["supervisor"] = run.pid
+            for index, pid in enumerate(worker_pids):
+                pids[f"worker{index}"] = pid
+            deadline = t0 + args.timeout
+            while collector.total < published:
+                if time.perf_counter() > deadline:
+                    raise BenchError(f"{collector.total} of {published} statuses in time")
+                if run.exited():
+                    raise BenchError(f"eobblast run exited ({collector.total} statuses)")
+                await collector.poll()
+                while thresholds and collector.total >= thresholds[0]:
+                    marks.append(_mark(collector.total, pids))
+                    thresholds.pop(0)
+            elapsed = time.perf_counter() - t0
+            # Workers' CPU since they were spawned: start-up and the group join included.
+            worker_cpu = [process_cpu(pid) for pid in worker_pids]
+            restarts = len(set(run.workers()) - set(worker_pids))
+        # A status a stopping worker republishes must be seen as a repeat, not missed.
+        await collector.drain()
+    finally:
+        await collector.stop()
+    sink_delta = rx.messages() - sink_before
+
+    delivered = collector.by_status.get("delivered", 0)
+    if collector.total != published or delivered != published:
+        raise BenchError(
+            f"{workers} worker(s): {delivered} delivered, {collector.total} statuses "
+            f"for {published} events: {dict(collector.by_status)}"
+        )
+    if set(collector.by_tls) - TLS_VERSIONS:
+        raise BenchError(f"messages delivered without TLS: {dict(collector.by_tls)}")
+    if sink_delta < published:
+        raise BenchError(f"smtp-sink accepted {sink_delta} messages for {published} events")
+
+    steady, span = _steady_rate(collector.occurred)
+    cpu_s = [c for c in worker_cpu if c is not None]
+    detail: dict[str, Any] = {
+        "workers": workers,
+        "partitions": args.partitions,
+        "in_flight_per_worker": args.in_flight,
+        "connections_per_worker": args.connections,
+        "session_timeout_ms": BENCH_SESSION_TIMEOUT_MS,
+        "heartbeat_interval_ms": BENCH_HEARTBEAT_INTERVAL_MS,
+        "publish_seconds": round(publish_seconds, 3),
+        "first_status_s": round(min(collector.occurred) - t0_wall, 3),
+        "steady_msgs_per_s": round(steady, 1),
+        "steady_span_s": round(span, 3),
+        "sink_accepted": sink_delta,
+        "duplicates_at_sink": sink_delta - published,
+        "republished_statuses": collector.republished,
+        "worker_restarts": restarts,
+        "tls": sorted(collector.by_tls),
+        "worker_cpu_total_s": [round(c, 2) for c in cpu_s],
+    }
+    if len(marks) == 2:
+        detail.update(_steady_cpu(marks[0], marks[1]))
+    label = f"eobblast via Kafka, {workers} worker{'s' if workers > 1 else ''}"
+    return Result(f"kafka.{workers}w", label, delivered, elapsed, detail)
+
+
+async def kafka_runs(
+    setup: Setup, rx: CountingReceiver, args: argparse.Namespace, progress: Callable[[str], None]
+) -> list[Result]:
+    """One broker, one run per worker count (each with fresh topics, group and ledger)."""
+    loop = asyncio.get_running_loop()
+    current = asyncio.current_task()
+    assert current is not None
+    # SIGTERM cancels the run, so the finally blocks stop the workers and the broker.
+    loop.add_signal_handler(signal.SIGTERM, current.cancel)
+    base = eobblast_config(setup, rx.rx.port, args.in_flight, args.connections)
+    results: list[Result] = []
+    try:
+        async with EmbeddedBroker(log_dir=setup.workdir) as broker:
+            for workers in args.workers:
+                results.append(await kafka_run(setup, rx, broker, base, workers, args, progress))
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
+    return results
+
+
+# ---------------------------------------------------------------------------- report
+
+
+def summarise(naive: Result, inprocess: Result | None, runs: list[Result]) -> dict[str, Any]:
+    """Rates, ratios to the naive baseline and the target, as one JSON object."""
+    summary: dict[str, Any] = {"name": "summary", "naive_msgs_per_s": round(naive.msgs_per_s, 1)}
+    if inprocess is not None:
+        summary["inprocess_msgs_per_s"] = round(inprocess.msgs_per_s, 1)
+        summary["inprocess_cpu_us_per_msg"] = inprocess.detail["cpu_us_per_msg"]
+    for run in runs:
+        n = run.detail["workers"]
+        summary[f"kafka_{n}w_msgs_per_s"] = round(run.msgs_per_s, 1)
+        summary[f"kafka_{n}w_steady_msgs_per_s"] = run.detail["steady_msgs_per_s"]
+        summary[f"ratio_{n}w_vs_naive"] = round(run.msgs_per_s / naive.msgs_per_s, 2)
+        workers_us = sum(
+            v for k, v in run.detail.items() if k.startswith("worker") and k.endswith("_us_per_msg")
+        )
+        if workers_us:
+            summary[f"kafka_{n}w_worker_cpu_us_per_msg"] = round(workers_us, 1)
+    by_workers = {run.detail["workers"]: run for run in runs}
+    if 1 in by_workers and 2 in by_workers:
+        summary["scaling_2w_vs_1w"] = round(by_workers[2].msgs_per_s / by_workers[1].msgs_per_s, 2)
+    target = by_workers.get(TARGET_WORKERS)
+    summary["target_msgs_per_s"] = TARGET_MSGS_PER_S
+    if target is not None:
+        summary["meets_target"] = target.msgs_per_s >= TARGET_MSGS_PER_S
+        summary["steady_meets_target"] = target.detail["steady_msgs_per_s"] >= TARGET_MSGS_PER_S
+    return summary
+
+
+def print_table(
+    naive: Result, inprocess: Result | None, runs: list[Result], summary: dict[str, Any]
+) -> None:
+    """The human-readable table."""
+    table = Table(
+        title=(
+            "eobblast via Kafka (Tansu) to smtp-sink via STARTTLS, DKIM rsa-2048, "
+            f"session {BENCH_SESSION_TIMEOUT_MS} ms / heartbeat {BENCH_HEARTBEAT_INTERVAL_MS} ms"
+        )
+    )
+    for name, justify in (
+        ("benchmark", "left"),
+        ("events", "right"),
+        ("seconds", "right"),
+        ("msgs/s", "right"),
+        ("steady msgs/s", "right"),
+        ("1st status", "right"),
+        ("vs naive", "right"),
+        ("notes", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    table.add_row(
+        naive.label,
+        str(naive.messages),
+        f"{naive.seconds:.2f}",
+        f"{naive.msgs_per_s:,.0f}",
+        "",
+        "",
+        "1.0x",
+        f"sign {naive.detail.get('sign_us_per_msg', 0):.0f} us/msg, one connection",
+    )
+    if inprocess is not None:
+        table.add_row(
+            "eobblast, one process, no Kafka",
+            str(inprocess.messages),
+            f"{inprocess.seconds:.2f}",
+            f"{inprocess.msgs_per_s:,.0f}",
+            "",
+            "",
+            f"{inprocess.msgs_per_s / naive.msgs_per_s:.1f}x",
+            f"bench_core's e2e: {inprocess.detail['cpu_us_per_msg']:,.0f} us/msg CPU",
+        )
+    for run in runs:
+        d = run.detail
+        names = sorted(k[: -len("_cpu_pct")] for k in d if k.endswith("_cpu_pct"))
+        notes = [f"{n} {d[f'{n}_cpu_pct']:.0f}%" for n in names if n != "other"]
+        if "cpu_us_per_msg_all" in d:
+            notes.append(
+                f"all {d['cpu_us_per_msg_all']:,.0f} us/msg = "
+                f"{d['cpu_ceiling_msgs_per_s']:,.0f}/s on {os.cpu_count()} idle cores"
+            )
+        if "other_cpu_pct" in d:
+            notes.append(f"others' CPU {d['other_cpu_pct']:.0f}%")
+        if d["duplicates_at_sink"]:
+            notes.append(f"{d['duplicates_at_sink']} duplicate sends")
+        table.add_row(
+            run.label,
+            str(run.messages),
+            f"{run.seconds:.2f}",
+            f"{run.msgs_per_s:,.0f}",
+            f"{d['steady_msgs_per_s']:,.0f}",
+            f"{d['first_status_s']:.2f} s",
+            f"{run.msgs_per_s / naive.msgs_per_s:.1f}x",
+            ", ".join(notes),
+        )
+    if "meets_target" in summary:
+        table.add_section()
+        verdict = "meets" if summary["meets_target"] else "BELOW"
+        steady = "meets" if summary["steady_meets_target"] else "below"
+        table.add_row(
+            f"target: {TARGET_WORKERS} workers >= {TARGET_MSGS_PER_S:,.0f} EOB/s",
+            "",
+            "",
+            verdict,
+            steady,
+            "",
+            "",
+            "end to end incl. start-up and join / steady state",
+        )
+    Console(width=None if sys.stdout.isatty() else 160).print(table)
+
+
+# ---------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Command-line options."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--events", type=int, default=6000, help="backlog per run")
+    parser.add_argument("--naive-messages", type=int, default=300, help="naive baseline")
+    parser.add_argument(
+        "--workers",
+        default="1,2",
+        help="comma-separated worker counts, one run each (default: 1,2)",
+    )
+    parser.add_argument("--partitions", type=int, default=8, help="eob.events partitions")
+    parser.add_argument("--in-flight", type=int, default=64, help="pipeline.max_in_flight")
+    parser.add_argument(
+        "--connections", type=int, default=16, help="max_connections_per_destination"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds to wait for all statuses per run"
+    )
+    parser.add_argument("--log-level", default="WARNING", help="workers' log level")
+    parser.add_argument(
+        "--no-inprocess", action="store_true", help="skip the one-process, no-Kafka reference"
+    )
+    parser.add_argument("--json-only", action="store_true", help="no table, no progress")
+    args = parser.parse_args(argv)
+    try:
+        args.workers = [int(w) for w in args.workers.split(",") if w.strip()]
+    except ValueError:
+        parser.error("--workers takes comma-separated integers, e.g. 1,2")
+    if not args.workers or min(args.workers) < 1:
+        parser.error("--workers must list counts of at least 1")
+    for name in ("events", "naive_messages", "partitions", "in_flight", "connections"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    # The 10%/90% marks need a few statuses.
+    args.events = max(args.events, 10)
+    return args
+
+
+def run(args: argparse.Namespace) -> None:
+    """Naive baseline, then the Kafka runs, against one receiver."""
+    quiet = args.json_only
+
+    def progress(text: str) -> None:
+        if not quiet:
+            print(f"... {text}", file=sys.stderr, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="eobblast-bench-kafka-") as tmp:
+        workdir = Path(tmp)
+        count = max(args.events, args.naive_messages + NAIVE_WARMUP)
+        progress(f"generating keys, test PKI and {count} synthetic events")
+        setup = prepare(workdir, count)
+        # As bench_core does: Faker's tables must not be rescanned by every collection
+        # while the one-process reference runs in this process.
+        gc.collect()
+        gc.freeze()
+        with counting_receiver(setup.pki, workdir) as rx:
+            progress(f"naive baseline on {args.naive_messages} events")
+            naive = naive_baseline(setup, args.naive_messages, rx.rx)
+            inprocess: Result | None = None
+            if not args.no_inprocess:
+                # The same events through bench_core's one-process path (no Kafka, no
+                # ledger, no statuses): the difference is what the worker machinery costs.
+                progress(f"eobblast in one process, no Kafka, on {args.events} events")
+                config = eobblast_config(setup, rx.rx.port, args.in_flight, args.connections)
+                inprocess = uvloop.run(eobblast_e2e(config, setup.events[: args.events], rx.rx))
+            runs = uvloop.run(kafka_runs(setup, rx, args, progress))
+            # The loop is closed and its SIGTERM handler gone: back to ours.
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    summary = summarise(naive, inprocess, runs)
+    for result in (naive, inprocess, *runs):
+        if result is not None:
+            print(_dumps(result.as_json()))
+    print(_dumps(summary), flush=True)
+    if not quiet:
+        print_table(naive, inprocess, runs, summary)
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    return orjson.dumps(doc).decode()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: 0 on success, 1 when the benchmark could not run or was invalid."""
+    args = parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        run(args)
+    except BenchError as exc:
+        print(f"bench_kafka: {exc}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, asyncio.CancelledError):
+        # Ctrl-C, or SIGTERM (which cancels the run): the finally blocks have stopped
+        # everything this script started by the time we get here.
+        print("bench_kafka: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
