@@ -7,7 +7,7 @@ DEMO_EVENTS ?= 500
 DEMO_OUT ?= demo-out
 DEBIAN_TOOLS := postfix opendkim opendkim-tools kcat chromium chromium-driver
 
-.PHONY: demo test lint bench venv system-deps clean
+.PHONY: demo test lint bench bench-memory venv system-deps clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -51,6 +51,11 @@ test: $(STAMP) system-deps lint
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/bench_core.py
+	$(PY) benchmarks/bench_kafka.py
+
+# A worker's memory with a million events queued (takes about six minutes).
+bench-memory: $(STAMP) system-deps
+	$(PY) benchmarks/bench_memory.py
 
 clean:
 	rm -rf $(VENV) $(DEMO_OUT) .pytest_cache .mypy_cache .ruff_cache
