@@ -159,14 +159,6 @@ class Pipeline:
         decision = choose_protection(
             recipient, services.tls.facts(recipient.domain, now), services.org, now
         )
-        await services.record(
-            event_id,
-            AuditAction.PROTECTION_CHOSEN,
-            actor=self._actor,
-            member_id=event.member.id,
-            protection=decision.level,
-            reason=decision.reason,
-        )
         timing = _Timing(start, t_valid)
         if decision.level is ProtectionLevel.PORTAL:
             return await self._send_portal(event, signer, decision.reason, timing)
