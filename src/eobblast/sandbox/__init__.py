@@ -12,8 +12,10 @@ from eobblast.sandbox.server import (
     Sandbox,
     SandboxDomain,
     default_sandbox_domains,
+    delivery_status_notification,
     rcpt_reply,
     received_header,
+    recipient_behaviour,
     sandbox_config_from_toml,
 )
 
@@ -26,8 +28,10 @@ __all__ = [
     "certificate_dns_names",
     "certificate_verifies",
     "default_sandbox_domains",
+    "delivery_status_notification",
     "make_test_pki",
     "rcpt_reply",
     "received_header",
+    "recipient_behaviour",
     "sandbox_config_from_toml",
 ]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import datetime as dt
 import enum
 import ipaddress
@@ -16,11 +17,18 @@ import ssl
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from email.utils import format_datetime
+from email.generator import BytesGenerator
+from email.message import Message
+from email.mime.multipart import MIMEMultipart
+from email.mime.text import MIMEText
+from email.policy import compat32
+from email.utils import format_datetime, make_msgid
+from io import BytesIO
 from pathlib import Path
 from types import TracebackType
 from typing import Any, AnyStr, Self
 
+import aiosmtplib
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session, TLSSetupException, syntax
 
@@ -46,10 +54,25 @@ class Behaviour(enum.StrEnum):
     WRONG_HOST_CERT = "wrong_host_cert"
     # Valid STARTTLS, then the connection breaks at the end of DATA: no message is ever accepted.
     DROP_AFTER_STARTTLS = "drop_after_starttls"
+    # Accept (250), then a moment later send an RFC 3464 DSN to the return path: a hard
+    # bounce (5.1.1 user unknown), or a soft one (4.2.2 mailbox full, given up).
+    BOUNCE_LATER = "bounce_later"
+    DEFER_LATER = "defer_later"
 
 
 # Only these make sense for a single recipient; the TLS ones are properties of the server.
-RECIPIENT_BEHAVIOURS = frozenset({Behaviour.ACCEPT, Behaviour.DEFER, Behaviour.REJECT})
+RECIPIENT_BEHAVIOURS = frozenset(
+    {
+        Behaviour.ACCEPT,
+        Behaviour.DEFER,
+        Behaviour.REJECT,
+        Behaviour.BOUNCE_LATER,
+        Behaviour.DEFER_LATER,
+    }
+)
+# Accepted now, reported on later by a DSN.
+LATER_BEHAVIOURS = frozenset({Behaviour.BOUNCE_LATER, Behaviour.DEFER_LATER})
+DEFAULT_BOUNCE_DELAY = 0.2
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,8 +111,8 @@ class SandboxDomain:
                 raise ConfigError("recipient_rules: a prefix must not be empty")
             if behaviour not in RECIPIENT_BEHAVIOURS:
                 raise ConfigError(
-                    f"recipient_rules: {prefix!r} -> {behaviour!r}: only accept, defer "
-                    "or reject apply to a recipient"
+                    f"recipient_rules: {prefix!r} -> {behaviour!r}: only accept, defer, "
+                    "reject, bounce_later or defer_later apply to a recipient"
                 )
 
 
@@ -111,6 +134,15 @@ class Received:
     size: int
     path: Path
     received_at: dt.datetime
+
+
+def recipient_behaviour(domain: SandboxDomain, address: str) -> Behaviour:
+    """How a domain treats one recipient: its first matching rule, else the domain's own."""
+    local = address.rpartition("@")[0].casefold() if "@" in address else address.casefold()
+    for prefix, behaviour in domain.recipient_rules:
+        if local.startswith(prefix.casefold()):
+            return behaviour
+    return domain.behaviour
 
 
 def rcpt_reply(domain: SandboxDomain, address: str) -> str | None:
@@ -160,6 +192,91 @@ def received_header(
     return ("\r\n".join(parts) + "\r\n").encode("utf-8", "surrogateescape")
 
 
+# What a later DSN reports for each behaviour: (Status, SMTP reply, human explanation).
+_LATER_REPORTS = {
+    Behaviour.BOUNCE_LATER: (
+        "5.1.1",
+        "550 5.1.1 <{rcpt}>: Recipient address rejected: User unknown in virtual mailbox table",
+        "The mail system does not know this recipient.",
+    ),
+    Behaviour.DEFER_LATER: (
+        "4.2.2",
+        "452 4.2.2 <{rcpt}>: Mailbox full",
+        "The recipient's mailbox stayed full; the mail system gave up retrying.",
+    ),
+}
+
+
+def delivery_status_notification(
+    *,
+    behaviour: Behaviour,
+    reporting_mta: str,
+    return_path: str,
+    recipient: str,
+    returned_headers: bytes,
+    arrival: dt.datetime,
+    queue_id: str,
+    envelope_id: str | None = None,
+) -> bytes:
+    """An RFC 3464 DSN (multipart/report) for one recipient, as a receiving MTA sends it.
+
+    Only the original's headers are returned (text/rfc822-headers), never its body: that is
+    enough to find the event (X-EOB-Event-ID, Return-Path) and carries no notice content.
+    """
+    status, reply, explanation = _LATER_REPORTS[behaviour]
+    reply = reply.format(rcpt=recipient)
+    report = MIMEMultipart("report", report_type="delivery-status")
+    report["From"] = f"Mail Delivery System <MAILER-DAEMON@{reporting_mta}>"
+    report["To"] = return_path
+    report["Subject"] = "Undelivered Mail Returned to Sender"
+    report["Date"] = format_datetime(dt.datetime.now(dt.UTC))
+    report["Message-ID"] = make_msgid(domain=reporting_mta)
+    report["Auto-Submitted"] = "auto-replied"
+    notice = MIMEText(
+        f"This is the mail system at host {reporting_mta}.\n\n"
+        "Your message could not be delivered to one or more recipients.\n\n"
+        f"<{recipient}>: {explanation}\n    {reply}\n",
+        "plain",
+        "utf-8" if not recipient.isascii() else "us-ascii",
+    )
+    notice["Content-Description"] = "Notification"
+    per_message = Message()
+    per_message["Reporting-MTA"] = f"dns; {reporting_mta}"
+    if envelope_id:
+        per_message["Original-Envelope-Id"] = envelope_id
+    per_message["X-Sandbox-Queue-ID"] = queue_id
+    per_message["Arrival-Date"] = format_datetime(arrival)
+    per_recipient = Message()
+    per_recipient["Final-Recipient"] = f"rfc822; {recipient}"
+    per_recipient["Original-Recipient"] = f"rfc822;{recipient}"
+    per_recipient["Action"] = "failed"
+    per_recipient["Status"] = status
+    per_recipient["Remote-MTA"] = f"dns; {reporting_mta}"
+    per_recipient["Diagnostic-Code"] = f"smtp; {reply}"
+    delivery_status = Message()
+    delivery_status["Content-Description"] = "Delivery report"
+    delivery_status["Content-Type"] = "message/delivery-status"
+    delivery_status.set_payload([per_message, per_recipient])
+    headers = Message()
+    headers["Content-Description"] = "Undelivered Message Headers"
+    headers["Content-Type"] = "text/rfc822-headers"
+    headers.set_payload(returned_headers.decode("ascii", "surrogateescape"))
+    for part in (notice, delivery_status, headers):
+        report.attach(part)
+    out = BytesIO()
+    BytesGenerator(out, mangle_from_=False, policy=compat32.clone(linesep="\r\n")).flatten(report)
+    return out.getvalue()
+
+
+def _header_block(data: bytes) -> bytes:
+    """The header section of a message (CRLF or LF line ends), with its line ends kept."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        head, found, _ = data.partition(separator)
+        if found:
+            return head + separator[: len(separator) // 2]
+    return data
+
+
 class _Recorder:
     """Counts and records shared by the servers' threads and the caller's loop."""
 
@@ -168,6 +285,8 @@ class _Recorder:
         self._records: collections.deque[Received] = collections.deque(maxlen=max_records)
         self._counts: dict[str, int] = {}
         self._empty: dict[str, int] = {}
+        self._dsns: dict[str, int] = {}
+        self._dsn_failures: dict[str, int] = {}
 
     def add(self, record: Received) -> None:
         with self._lock:
@@ -189,6 +308,15 @@ class _Recorder:
     def empty_sessions(self) -> dict[str, int]:
         with self._lock:
             return dict(self._empty)
+
+    def add_dsn(self, domain: str, *, sent: bool) -> None:
+        with self._lock:
+            table = self._dsns if sent else self._dsn_failures
+            table[domain] = table.get(domain, 0) + 1
+
+    def dsns(self, *, sent: bool) -> dict[str, int]:
+        with self._lock:
+            return dict(self._dsns if sent else self._dsn_failures)
 
     def init_domain(self, name: str) -> None:
         with self._lock:
@@ -237,7 +365,14 @@ class _DomainHandler:
     """aiosmtpd hooks applying one SandboxDomain's behaviour and storing what it accepts."""
 
     def __init__(
-        self, domain: SandboxDomain, maildir: Path, recorder: _Recorder, *, cert_trusted: bool
+        self,
+        domain: SandboxDomain,
+        maildir: Path,
+        recorder: _Recorder,
+        *,
+        cert_trusted: bool,
+        bounce_route: tuple[str, int] | None = None,
+        bounce_delay: float = DEFAULT_BOUNCE_DELAY,
     ) -> None:
         self._domain = domain
         self._tmp = maildir / "tmp"
@@ -246,6 +381,10 @@ class _DomainHandler:
         self._cert_trusted = cert_trusted
         self._seq = itertools.count()
         self._probe_peer: object = None
+        self._bounce_route = bounce_route
+        self._bounce_delay = bounce_delay
+        # DSNs waiting for their moment, owned here and awaited by drain() at stop.
+        self._later: set[asyncio.Task[None]] = set()
 
     def ignore_probe(self, peer: object) -> None:
         """Do not count the start-up probe connecting from peer as a client session."""
@@ -357,7 +496,78 @@ class _DomainHandler:
         )
         server.accepted += 1
         log.debug("sandbox %s: accepted %s", self._domain.name, queue_id)
+        self._bounce_later(envelope, rcpt_tos, header + content, queue_id, now)
         return f"250 2.0.0 Ok: queued as {queue_id}"
+
+    def _bounce_later(
+        self,
+        envelope: Envelope,
+        rcpt_tos: tuple[str, ...],
+        stored: bytes,
+        queue_id: str,
+        now: dt.datetime,
+    ) -> None:
+        """Schedule a DSN to the return path for each recipient that bounces later."""
+        return_path = str(envelope.mail_from or "").strip("<>")
+        if not return_path:
+            return  # never bounce a bounce (null sender)
+        envid = next(
+            (o.partition("=")[2] for o in envelope.mail_options if o.upper().startswith("ENVID=")),
+            None,
+        )
+        for rcpt in rcpt_tos:
+            behaviour = recipient_behaviour(self._domain, rcpt)
+            if behaviour not in LATER_BEHAVIOURS:
+                continue
+            if self._bounce_route is None:
+                log.warning("sandbox %s: no bounce route; DSN not sent", self._domain.name)
+                continue
+            dsn = delivery_status_notification(
+                behaviour=behaviour,
+                reporting_mta=self._domain.name,
+                return_path=return_path,
+                recipient=rcpt,
+                returned_headers=_header_block(stored),
+                arrival=now,
+                queue_id=queue_id,
+                envelope_id=envid,
+            )
+            task = asyncio.get_running_loop().create_task(self._send_dsn(return_path, dsn))
+            self._later.add(task)
+            task.add_done_callback(self._later.discard)
+
+    async def _send_dsn(self, return_path: str, dsn: bytes) -> None:
+        assert self._bounce_route is not None
+        host, port = self._bounce_route
+        await asyncio.sleep(self._bounce_delay)
+        try:
+            client = aiosmtplib.SMTP(
+                hostname=host,
+                port=port,
+                local_hostname=self._domain.name,
+                start_tls=False,
+                timeout=5,
+            )
+            async with client:
+                # The null sender (MAIL FROM:<>) marks a DSN, so it can never bounce back.
+                # (aiosmtplib.send() refuses an empty sender; SMTP.sendmail() sends <>.)
+                await client.sendmail("", [return_path], dsn)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            log.warning("sandbox %s: DSN not delivered: %s", self._domain.name, type(exc).__name__)
+            self._recorder.add_dsn(self._domain.name, sent=False)
+            return
+        self._recorder.add_dsn(self._domain.name, sent=True)
+
+    async def drain(self, grace: float) -> None:
+        """Let the pending DSNs go out (for up to `grace` seconds), then cancel the rest."""
+        pending = set(self._later)
+        if not pending:
+            return
+        _, late = await asyncio.wait(pending, timeout=grace)
+        for task in late:
+            task.cancel()
+        if late:
+            await asyncio.wait(late, timeout=1.0)
 
     async def handle_exception(self, error: Exception) -> str:
         """Log the failure by type only: exception text can quote envelope addresses."""
@@ -437,6 +647,8 @@ class Sandbox:
         pki: TestPki,
         *,
         max_records: int = DEFAULT_MAX_RECORDS,
+        bounce_route: tuple[str, int] | None = None,
+        bounce_delay: float = DEFAULT_BOUNCE_DELAY,
     ) -> None:
         names = [d.name.lower() for d in domains]
         if len(set(names)) != len(names):
@@ -447,6 +659,10 @@ class Sandbox:
         self._recorder = _Recorder(max_records)
         self._controllers: dict[str, _SandboxController] = {}
         self._routes: dict[str, tuple[str, int]] = {}
+        # Where bounce_later/defer_later DSNs go (the bounce listener), whatever the return
+        # path's domain: a sandbox has no MX records to look up.
+        self._bounce_route = bounce_route
+        self._bounce_delay = bounce_delay
 
     @property
     def routes(self) -> dict[str, tuple[str, int]]:
@@ -462,6 +678,16 @@ class Sandbox:
     def empty_sessions(self) -> dict[str, int]:
         """Domain name -> connections that closed without a message accepted (e.g. TLS refused)."""
         return self._recorder.empty_sessions()
+
+    @property
+    def dsns_sent(self) -> dict[str, int]:
+        """Domain name -> DSNs delivered to the bounce route (bounce_later, defer_later)."""
+        return self._recorder.dsns(sent=True)
+
+    @property
+    def dsn_failures(self) -> dict[str, int]:
+        """Domain name -> DSNs the bounce route did not take."""
+        return self._recorder.dsns(sent=False)
 
     @property
     def received(self) -> list[Received]:
@@ -491,6 +717,12 @@ class Sandbox:
         controllers, self._controllers = self._controllers, {}
         self._routes = {}
         for controller in controllers.values():
+            # Pending DSNs run on the server's own loop: let them finish there first.
+            handler = controller.handler
+            if isinstance(handler, _DomainHandler) and controller.loop.is_running():
+                drained = asyncio.run_coroutine_threadsafe(handler.drain(2.0), controller.loop)
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(asyncio.wrap_future(drained), timeout=5.0)
             # Controller.stop() joins the server thread: keep our own loop responsive.
             await asyncio.to_thread(controller.stop)
         if controllers:
@@ -520,7 +752,14 @@ class Sandbox:
             certificate_verifies, pair[0], self._pki.ca, domain.name
         )
         controller = _SandboxController(
-            _DomainHandler(domain, maildir, self._recorder, cert_trusted=trusted),
+            _DomainHandler(
+                domain,
+                maildir,
+                self._recorder,
+                cert_trusted=trusted,
+                bounce_route=self._bounce_route,
+                bounce_delay=self._bounce_delay,
+            ),
             hostname=domain.host,
             port=domain.port,
             ready_timeout=READY_TIMEOUT,
@@ -589,7 +828,12 @@ def default_sandbox_domains(
             "alpha.sandbox.test",
             f"{base_ip_prefix}1",
             port,
-            recipient_rules=(("unknown-", Behaviour.REJECT), ("busy-", Behaviour.DEFER)),
+            recipient_rules=(
+                ("unknown-", Behaviour.REJECT),
+                ("busy-", Behaviour.DEFER),
+                ("gone-", Behaviour.BOUNCE_LATER),
+                ("full-", Behaviour.DEFER_LATER),
+            ),
         ),
         SandboxDomain("bravo.sandbox.test", f"{base_ip_prefix}2", port, close_after=25),
         SandboxDomain("charlie.sandbox.test", f"{base_ip_prefix}3", port),

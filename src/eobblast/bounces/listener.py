@@ -1,0 +1,299 @@
+"""`eobblast bounces`: the SMTP listener (aiosmtpd) that receives asynchronous bounces.
+
+It accepts mail only for VERP return paths (`bounces+<token>@<bounce domain>`; any other
+recipient gets 550), hands each message to a handler (`BounceService.on_dsn` in production,
+which parses, maps and acts), and keeps what the handler could not read or map in a review
+Maildir for a person. A handler that raises (the store is down, say) makes the listener
+answer 451, so the sending MTA keeps the report and tries again: nothing is lost, and
+handling the same report twice changes nothing.
+
+The server runs on the caller's event loop (not aiosmtpd's threaded Controller), so the
+handler shares the loop with the store's connections. The review pile holds whole messages,
+which may quote a notice's headers: the directory is created private (0700).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+import re
+import ssl
+import time
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+from prometheus_client import Counter
+
+from eobblast.bounces.inbound import BounceHandler, ReviewReason
+from eobblast.observe.metrics import REGISTRY
+
+__all__ = ["BOUNCE_MESSAGES", "BounceListener", "serve_bounces"]
+
+log = logging.getLogger("eobblast.bounces.listener")
+
+BOUNCE_MESSAGES = Counter(
+    "eobblast_bounce_messages",
+    "Messages at the bounce listener by result (handled, review, rejected_recipient, "
+    "handler_error, review_dropped).",
+    ["result"],
+    registry=REGISTRY,
+)
+
+DEFAULT_DATA_LIMIT = 10 * 1024 * 1024
+DEFAULT_MAX_REVIEW = 10_000
+_TOKEN = re.compile(r"^[a-z2-7]{18,60}$")
+
+
+class _ListenerSMTP(SMTP):
+    """aiosmtpd's session, registered with its listener so `stop` can end it."""
+
+    # Broken MTAs send bounce lines longer than RFC 5321's 1000; Postfix's smtpd takes them
+    # too. Refusing would only make them retry forever; the parser bounds its own work.
+    line_length_limit = 64 * 1024
+
+    def __init__(self, listener: BounceListener, **kwargs: Any) -> None:
+        super().__init__(_Hooks(listener), **kwargs)
+        self._listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """Register the session, then let aiosmtpd greet the client."""
+        self._listener.sessions.add(self)
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        """Forget the session."""
+        self._listener.sessions.discard(self)
+        super().connection_lost(error)
+
+
+class _Hooks:
+    """aiosmtpd hooks: VERP recipients only, then the handler, then the review pile."""
+
+    def __init__(self, listener: BounceListener) -> None:
+        self._listener = listener
+
+    async def handle_RCPT(
+        self,
+        server: SMTP,
+        session: Session,
+        envelope: Envelope,
+        address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if not self._listener.is_bounce_address(address):
+            self._listener.stats["rejected_recipient"] += 1
+            BOUNCE_MESSAGES.labels("rejected_recipient").inc()
+            return "550 5.1.1 Recipient address rejected: not a bounce address"
+        envelope.rcpt_tos.append(address)
+        envelope.rcpt_options.extend(rcpt_options)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        content = envelope.original_content
+        assert isinstance(content, bytes)  # decode_data=False keeps the exact bytes
+        return await self._listener.deliver(content, tuple(envelope.rcpt_tos))
+
+    async def handle_exception(self, error: Exception) -> str:
+        """Log by type only: exception text can quote envelope addresses."""
+        log.warning("bounce listener session error %s", type(error).__name__)
+        return "451 4.3.0 Local error in processing"
+
+
+class BounceListener:
+    """The bounce listener: start it, read `port`, stop it (or use `async with`)."""
+
+    def __init__(
+        self,
+        handler: BounceHandler,
+        *,
+        host: str,
+        port: int,
+        bounce_domain: str,
+        review_dir: Path,
+        prefix: str = "bounces",
+        tls_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        handler_timeout: float = 30.0,
+        data_size_limit: int = DEFAULT_DATA_LIMIT,
+        max_review: int = DEFAULT_MAX_REVIEW,
+    ) -> None:
+        self._handler = handler
+        self._host = host
+        self._port = port
+        self._domain = bounce_domain.strip().lower().rstrip(".")
+        self._prefix = prefix.lower()
+        self._review = review_dir
+        self._tls = tls_context
+        self._server_name = server_name or self._domain
+        self._timeout = handler_timeout
+        self._data_limit = data_size_limit
+        self._max_review = max_review
+        self._server: asyncio.Server | None = None
+        self._seq = itertools.count()
+        self._review_count = 0
+        self.sessions: set[_ListenerSMTP] = set()
+        # Per-listener counts for tests and the command's summary (metrics are global).
+        self.stats: dict[str, int] = {
+            "handled": 0,
+            "review": 0,
+            "rejected_recipient": 0,
+            "handler_error": 0,
+            "review_dropped": 0,
+        }
+
+    @property
+    def port(self) -> int:
+        """The port actually bound (after start)."""
+        if self._server is None:
+            raise RuntimeError("bounce listener not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def review_dir(self) -> Path:
+        """The review Maildir (messages in new/)."""
+        return self._review
+
+    def is_bounce_address(self, address: str) -> bool:
+        """Whether an envelope recipient has the shape of one of our VERP return paths."""
+        local, at, domain = address.strip().strip("<>").rpartition("@")
+        if not at or domain.lower().rstrip(".") != self._domain:
+            return False
+        head, plus, token = local.lower().partition("+")
+        return bool(plus) and head == self._prefix and _TOKEN.match(token) is not None
+
+    async def start(self) -> None:
+        """Bind and serve on the running loop."""
+        if self._server is not None:
+            raise RuntimeError("bounce listener already started")
+        await asyncio.to_thread(self._prepare_review)
+        _quiet_aiosmtpd_logging()
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(self._session, self._host, self._port)
+        log.info("bounce listener on %s:%d", self._host, self.port)
+
+    def _session(self) -> _ListenerSMTP:
+        return _ListenerSMTP(
+            self,
+            hostname=self._server_name,
+            ident="eobblast bounce listener",
+            tls_context=self._tls,
+            require_starttls=False,
+            decode_data=False,
+            data_size_limit=self._data_limit,
+            timeout=60,
+        )
+
+    async def stop(self) -> None:
+        """Stop accepting, end open sessions, release the port."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        server.close()
+        tasks = []
+        for session in list(self.sessions):
+            if session.transport is not None:
+                session.transport.close()
+            task = getattr(session, "_handler_coroutine", None)
+            if isinstance(task, asyncio.Task):
+                tasks.append(task)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        await server.wait_closed()
+        log.info("bounce listener stopped")
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def deliver(self, content: bytes, recipients: tuple[str, ...]) -> str:
+        """Hand one message to the handler for each recipient; the SMTP reply to DATA."""
+        review: ReviewReason | None = None
+        for recipient in recipients:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    result = await self._handler(content, recipient)
+            except Exception as exc:
+                self.stats["handler_error"] += 1
+                BOUNCE_MESSAGES.labels("handler_error").inc()
+                # By type only: a driver's message can quote an address from the report.
+                log.error("bounce handler failed (%s); the sender will retry", type(exc).__name__)
+                return "451 4.3.0 Temporary failure processing the report, try again later"
+            review = review or result.review_reason
+        if review is not None:
+            await self._keep_for_review(content, review)
+        self.stats["handled"] += 1
+        BOUNCE_MESSAGES.labels("handled").inc()
+        return "250 2.0.0 Ok"
+
+    def _prepare_review(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (self._review / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._review.chmod(0o700)
+        self._review_count = sum(1 for _ in (self._review / "new").iterdir())
+
+    async def _keep_for_review(self, content: bytes, reason: ReviewReason) -> None:
+        if self._review_count >= self._max_review:
+            # A flood of junk at the bounce address must not fill the disk.
+            self.stats["review_dropped"] += 1
+            BOUNCE_MESSAGES.labels("review_dropped").inc()
+            log.warning("review pile full; message dropped", extra={"reason": str(reason)})
+            return
+        self._review_count += 1
+        name = f"{time.time_ns()}.P{os.getpid()}Q{next(self._seq)}.{reason}"
+        header = f"X-EOB-Review-Reason: {reason}\r\n".encode()
+        await asyncio.to_thread(self._write_review, name, header + content)
+        self.stats["review"] += 1
+        BOUNCE_MESSAGES.labels("review").inc()
+        log.info("bounce kept for review", extra={"reason": str(reason)})
+
+    def _write_review(self, name: str, data: bytes) -> None:
+        # Maildir delivery: write under tmp/, then rename into new/, never a partial file.
+        tmp = self._review / "tmp" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        tmp.rename(self._review / "new" / name)
+
+
+async def serve_bounces(
+    handler: BounceHandler,
+    host: str,
+    port: int,
+    *,
+    bounce_domain: str,
+    review_dir: Path,
+    prefix: str = "bounces",
+    tls_context: ssl.SSLContext | None = None,
+) -> BounceListener:
+    """Start a bounce listener on the running loop; the caller stops it."""
+    listener = BounceListener(
+        handler,
+        host=host,
+        port=port,
+        bounce_domain=bounce_domain,
+        review_dir=review_dir,
+        prefix=prefix,
+        tls_context=tls_context,
+    )
+    await listener.start()
+    return listener
+
+
+def _quiet_aiosmtpd_logging() -> None:
+    # aiosmtpd logs envelope addresses at INFO on "mail.log": raise the level unless someone
+    # configured that logger on purpose.
+    mail_log = logging.getLogger("mail.log")
+    if mail_log.level == logging.NOTSET:
+        mail_log.setLevel(logging.WARNING)

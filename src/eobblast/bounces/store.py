@@ -1,0 +1,862 @@
+"""Durable, shared state for verify-before-resend: SQLite on one machine, PostgreSQL across.
+
+The pure state machine (`bounces.state`) works on a `BounceBook`; this store keeps the book
+in tables so that it survives restarts and is shared by every worker process, the bounce
+listener and the timers:
+
+* `bounce_eobs`: one row per notice the bounce service knows (status, address, retry
+  schedule: attempt, next_at, age_from = first attempt), plus the shell's lease;
+* `bounce_members`: per member, the outstanding verification (addresses, deadline), the
+  redirects to verified addresses and the addresses whose verification failed;
+* `bounce_suppressed`: suppressed addresses (by their comparison key);
+* `bounce_payloads`: the raw events of notices that may have to be sent again (held,
+  awaiting a retry, or recently sent and still open to an asynchronous bounce). It is the
+  one table with PHI, kept apart so it can be access-controlled, and compressed;
+* `bounce_incidents`: incidents for ops (ids and codes only);
+* `bounce_outbox`: records to publish to Kafka, written in the same transaction as the state
+  they announce, so a crash between commit and publish loses nothing.
+
+Concurrency: a change runs in `transaction(member_ids, address_keys)`, which serialises all
+changes for those members and addresses across processes: `BEGIN IMMEDIATE` on SQLite (one
+writer at a time), and transaction-scoped advisory locks per member and per address (taken
+in one sorted order) on PostgreSQL, so a send decided for one member cannot slip past the
+suppression of its address by another member's bounce. Timers
+are claimed with a lease: `FOR UPDATE SKIP LOCKED` on PostgreSQL, `BEGIN IMMEDIATE` on
+SQLite, so two workers never take the same due retry.
+
+Times are stored as integer microseconds since the epoch: exact round trips, so a timer that
+is due by the database's comparison is also due by the state machine's.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import datetime as dt
+import enum
+import sqlite3
+import time
+import zlib
+from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any, TypeVar
+
+import orjson
+
+from eobblast.bounces.category import BounceCategory
+from eobblast.bounces.state import (
+    BounceBook,
+    Eob,
+    EobStatus,
+    IncidentKind,
+    Member,
+    PendingVerification,
+    address_key,
+)
+from eobblast.bounces.verp import event_reference
+from eobblast.errors import ConfigError, EobblastError, ReasonCode
+
+__all__ = [
+    "ACTIVE_STATUSES",
+    "BounceStore",
+    "BounceTx",
+    "Claim",
+    "EobExtras",
+    "IncidentRow",
+    "OutboxMessage",
+    "PostgresBounceStore",
+    "Slice",
+    "SqliteBounceStore",
+    "StoreBusy",
+    "open_bounce_store",
+]
+
+# Notices the state machine may still move on its own (a member's loops look at these).
+ACTIVE_STATUSES = (
+    EobStatus.SENDING,
+    EobStatus.RETRY_SCHEDULED,
+    EobStatus.HELD_FOR_VERIFICATION,
+    EobStatus.RELEASED,
+)
+_IN_CHUNK = 500
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_K = TypeVar("_K", str, int)
+
+
+class StoreBusy(EobblastError):
+    """A transaction lost a race (deadlock, lock timeout); running it again is safe."""
+
+    def __init__(self) -> None:
+        super().__init__(ReasonCode.INTERNAL_ERROR, "bounce store busy")
+
+
+@dataclass(frozen=True, slots=True)
+class EobExtras:
+    """What the shell keeps beside a notice's state-machine fields."""
+
+    # A resend handed out without Kafka behind it must be reported by then, or it is
+    # taken again; on a due retry, the claim of the worker processing it.
+    lease_until: dt.datetime | None = None
+    fallback_reason: str | None = None
+    # The last bounce category seen for the notice (for status events and requests).
+    category: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Slice:
+    """Part of the book, loaded under the members' locks, and the shell's extras."""
+
+    book: BounceBook
+    extras: Mapping[str, EobExtras]
+    # The address keys whose suppression was looked up: the book is silent about others, so
+    # the shell must not let the machine decide about any address outside this set.
+    checked_keys: frozenset[str] = frozenset()
+
+    @property
+    def member_ids(self) -> frozenset[str]:
+        """Every member the slice touches."""
+        return frozenset(self.book.members) | {e.member_id for e in self.book.eobs.values()}
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxMessage:
+    """One record to publish to Kafka."""
+
+    topic: str
+    key: bytes
+    value: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IncidentRow:
+    """An incident as stored (ids and codes only)."""
+
+    seq: int
+    at: dt.datetime
+    kind: IncidentKind
+    member_id: str
+    eob_id: str | None
+    category: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """A timer taken by one worker: a due retry, a lost resend or an expired verification."""
+
+    kind: ClaimKind
+    member_id: str
+    eob_id: str | None = None
+
+
+class ClaimKind(enum.StrEnum):
+    """Which timer fired."""
+
+    RETRY_DUE = "retry_due"
+    LOST_SEND = "lost_send"
+    VERIFICATION_EXPIRED = "verification_expired"
+
+
+def _us(when: dt.datetime) -> int:
+    delta = when - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def _time(us: int | None) -> dt.datetime | None:
+    return None if us is None else _EPOCH + dt.timedelta(microseconds=int(us))
+
+
+def _must_time(us: int) -> dt.datetime:
+    return _EPOCH + dt.timedelta(microseconds=int(us))
+
+
+def _marks(count: int) -> str:
+    return ", ".join("?" * count)
+
+
+def _chunks(items: Collection[_K]) -> Iterable[list[_K]]:
+    ordered = sorted(items)
+    for start in range(0, len(ordered), _IN_CHUNK):
+        yield ordered[start : start + _IN_CHUNK]
+
+
+# --------------------------------------------------------------------------- SQL access
+
+_EOB_COLUMNS = (
+    "eob_id, member_id, address, status, age_from, attempt, next_at, incident_recorded,"
+    " lease_until, fallback_reason, category"
+)
+_MEMBER_COLUMNS = "member_id, pending, redirects, failed"
+
+
+def _eob_from_row(row: Sequence[Any]) -> tuple[Eob, EobExtras]:
+    eob = Eob(
+        eob_id=str(row[0]),
+        member_id=str(row[1]),
+        address=str(row[2]),
+        status=EobStatus(row[3]),
+        age_from=_must_time(row[4]),
+        attempt=int(row[5]),
+        next_at=_time(row[6]),
+        incident_recorded=bool(row[7]),
+    )
+    return eob, EobExtras(_time(row[8]), row[9], row[10])
+
+
+def _member_from_row(row: Sequence[Any]) -> Member:
+    pending = None
+    if row[1] is not None:
+        doc = orjson.loads(row[1])
+        pending = PendingVerification(
+            frozenset(doc["addresses"]),
+            _must_time(doc["requested_at"]),
+            _must_time(doc["deadline"]),
+        )
+    return Member(
+        pending=pending,
+        redirects=MappingProxyType(dict(orjson.loads(row[2]))),
+        failed=frozenset(orjson.loads(row[3])),
+    )
+
+
+class _Sql(abc.ABC):
+    """The few statements shapes the store needs, with `?` placeholders on both backends."""
+
+    @abc.abstractmethod
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run a query and return every row."""
+
+    @abc.abstractmethod
+    async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """Run a statement and return the number of rows it changed."""
+
+
+class BounceTx:
+    """One transaction over some members' slice of the book (see BounceStore.transaction)."""
+
+    def __init__(self, sql: _Sql, now: dt.datetime) -> None:
+        self._sql = sql
+        self._now = now
+
+    async def load(
+        self,
+        *,
+        member_ids: Collection[str] = (),
+        eob_ids: Collection[str] = (),
+        address_keys: Collection[str] = (),
+        suppression_keys: Collection[str] = (),
+    ) -> Slice:
+        """The named notices, every active notice of the named members, the retrying notices
+        on the named addresses, those notices' members, and the suppression status of every
+        address they involve plus `suppression_keys` (addresses about to be sent to)."""
+        eobs: dict[str, Eob] = {}
+        extras: dict[str, EobExtras] = {}
+
+        def keep(rows: list[tuple[Any, ...]]) -> None:
+            for row in rows:
+                eob, extra = _eob_from_row(row)
+                eobs[eob.eob_id] = eob
+                extras[eob.eob_id] = extra
+
+        active = [str(s) for s in ACTIVE_STATUSES]
+        for chunk in _chunks(eob_ids):
+            keep(
+                await self._sql.all(
+                    f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
+                    f" WHERE eob_id IN ({_marks(len(chunk))})",
+                    chunk,
+                )
+            )
+        members = set(member_ids)
+        for chunk in _chunks(address_keys):
+            keep(
+                await self._sql.all(
+                    f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
+                    f" WHERE address_key IN ({_marks(len(chunk))}) AND status = ?",
+                    [*chunk, str(EobStatus.RETRY_SCHEDULED)],
+                )
+            )
+        members |= {eob.member_id for eob in eobs.values()}
+        for chunk in _chunks(members):
+            keep(
+                await self._sql.all(
+                    f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
+                    f" WHERE member_id IN ({_marks(len(chunk))})"
+                    f" AND status IN ({_marks(len(active))})",
+                    [*chunk, *active],
+                )
+            )
+        book_members: dict[str, Member] = {}
+        for chunk in _chunks(members):
+            for row in await self._sql.all(
+                f"SELECT {_MEMBER_COLUMNS} FROM bounce_members"  # noqa: S608
+                f" WHERE member_id IN ({_marks(len(chunk))})",
+                chunk,
+            ):
+                book_members[str(row[0])] = _member_from_row(row)
+        keys = set(address_keys) | set(suppression_keys)
+        keys |= {address_key(e.address) for e in eobs.values()}
+        for member in book_members.values():
+            keys |= set(member.redirects) | {address_key(v) for v in member.redirects.values()}
+            keys |= set(member.failed)
+            if member.pending is not None:
+                keys |= member.pending.addresses
+        suppressed = await self.suppressed(keys)
+        book = BounceBook(
+            eobs=MappingProxyType(eobs),
+            members=MappingProxyType(book_members),
+            suppressed=frozenset(suppressed),
+        )
+        return Slice(book, MappingProxyType(extras), frozenset(keys))
+
+    async def suppressed(self, keys: Collection[str]) -> set[str]:
+        """Which of these address keys are suppressed."""
+        found: set[str] = set()
+        for chunk in _chunks(keys):
+            rows = await self._sql.all(
+                "SELECT address_key FROM bounce_suppressed"  # noqa: S608
+                f" WHERE address_key IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            found |= {str(row[0]) for row in rows}
+        return found
+
+    async def save(
+        self,
+        before: Slice,
+        after: BounceBook,
+        extras: Mapping[str, EobExtras],
+        *,
+        categories: Mapping[str, BounceCategory] | None = None,
+    ) -> None:
+        """Write what changed between `before` and `after`.
+
+        A notice whose state changed gets the extras given for it (default: none, which
+        clears a lease); categories name why newly suppressed address keys were suppressed.
+        """
+        now = _us(self._now)
+        for eob_id, eob in after.eobs.items():
+            extra = extras.get(eob_id, EobExtras())
+            if before.book.eobs.get(eob_id) == eob and before.extras.get(eob_id) == extra:
+                continue
+            await self._sql.run(
+                "INSERT INTO bounce_eobs (eob_id, member_id, address, address_key, status,"
+                " age_from, attempt, next_at, incident_recorded, lease_until, fallback_reason,"
+                " category, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (eob_id) DO UPDATE SET address = excluded.address,"
+                " address_key = excluded.address_key, status = excluded.status,"
+                " age_from = excluded.age_from, attempt = excluded.attempt,"
+                " next_at = excluded.next_at, incident_recorded = excluded.incident_recorded,"
+                " lease_until = excluded.lease_until,"
+                " fallback_reason = excluded.fallback_reason, category = excluded.category,"
+                " updated_at = excluded.updated_at",
+                (
+                    eob.eob_id,
+                    eob.member_id,
+                    eob.address,
+                    address_key(eob.address),
+                    str(eob.status),
+                    _us(eob.age_from),
+                    eob.attempt,
+                    None if eob.next_at is None else _us(eob.next_at),
+                    int(eob.incident_recorded),
+                    None if extra.lease_until is None else _us(extra.lease_until),
+                    extra.fallback_reason,
+                    extra.category,
+                    event_reference(eob.eob_id),
+                    now,
+                ),
+            )
+        for member_id, member in after.members.items():
+            if before.book.members.get(member_id) == member:
+                continue
+            pending = None
+            deadline = None
+            if member.pending is not None:
+                deadline = _us(member.pending.deadline)
+                pending = orjson.dumps(
+                    {
+                        "addresses": sorted(member.pending.addresses),
+                        "requested_at": _us(member.pending.requested_at),
+                        "deadline": deadline,
+                    }
+                ).decode()
+            await self._sql.run(
+                "INSERT INTO bounce_members (member_id, pending, deadline, redirects, failed,"
+                " claim_until, updated_at) VALUES (?, ?, ?, ?, ?, NULL, ?)"
+                " ON CONFLICT (member_id) DO UPDATE SET pending = excluded.pending,"
+                " deadline = excluded.deadline, redirects = excluded.redirects,"
+                " failed = excluded.failed, claim_until = NULL,"
+                " updated_at = excluded.updated_at",
+                (
+                    member_id,
+                    pending,
+                    deadline,
+                    orjson.dumps(dict(sorted(member.redirects.items()))).decode(),
+                    orjson.dumps(sorted(member.failed)).decode(),
+                    now,
+                ),
+            )
+        categories = categories or {}
+        for key in sorted(after.suppressed - before.book.suppressed):
+            category = categories.get(key, BounceCategory.HARD_ADDRESS)
+            await self._sql.run(
+                "INSERT INTO bounce_suppressed (address_key, category, suppressed_at)"
+                " VALUES (?, ?, ?) ON CONFLICT (address_key) DO NOTHING",
+                (key, str(category), now),
+            )
+        for key in sorted(before.book.suppressed - after.suppressed):
+            await self._sql.run("DELETE FROM bounce_suppressed WHERE address_key = ?", (key,))
+
+    async def put_payload(self, eob_id: str, member_id: str, raw: bytes) -> None:
+        """Keep a notice's raw event (compressed), replacing an older copy."""
+        await self._sql.run(
+            "INSERT INTO bounce_payloads (eob_id, member_id, raw, stored_at) VALUES (?, ?, ?, ?)"
+            " ON CONFLICT (eob_id) DO UPDATE SET raw = excluded.raw,"
+            " stored_at = excluded.stored_at",
+            (eob_id, member_id, zlib.compress(raw, 6), _us(self._now)),
+        )
+
+    async def payloads(self, eob_ids: Collection[str]) -> dict[str, bytes]:
+        """The raw events kept for these notices (absent ones are missing from the result)."""
+        found: dict[str, bytes] = {}
+        for chunk in _chunks(eob_ids):
+            rows = await self._sql.all(
+                "SELECT eob_id, raw FROM bounce_payloads"  # noqa: S608
+                f" WHERE eob_id IN ({_marks(len(chunk))})",
+                chunk,
+            )
+            found.update({str(row[0]): zlib.decompress(bytes(row[1])) for row in rows})
+        return found
+
+    async def drop_payloads(self, eob_ids: Collection[str]) -> None:
+        """Forget the raw events of these notices."""
+        for chunk in _chunks(eob_ids):
+            await self._sql.run(
+                f"DELETE FROM bounce_payloads WHERE eob_id IN ({_marks(len(chunk))})",  # noqa: S608
+                chunk,
+            )
+
+    async def record_incident(
+        self, kind: IncidentKind, member_id: str, eob_id: str | None, category: str | None
+    ) -> None:
+        """Append an incident for ops."""
+        await self._sql.run(
+            "INSERT INTO bounce_incidents (at, kind, member_id, eob_id, category)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (_us(self._now), str(kind), member_id, eob_id, category),
+        )
+
+    async def enqueue(self, messages: Sequence[OutboxMessage], claim_for: float) -> list[int]:
+        """Add records to publish; the caller owns them for `claim_for` seconds (wall clock)."""
+        ids: list[int] = []
+        claim_until = int((time.time() + claim_for) * 1_000_000)
+        for message in messages:
+            rows = await self._sql.all(
+                "INSERT INTO bounce_outbox (topic, msg_key, msg_value, created_at, claim_until)"
+                " VALUES (?, ?, ?, ?, ?) RETURNING seq",
+                (message.topic, message.key, message.value, _us(self._now), claim_until),
+            )
+            ids.append(int(rows[0][0]))
+        return ids
+
+
+# --------------------------------------------------------------------------- schema
+
+_COMMON_TABLES = (
+    "CREATE TABLE IF NOT EXISTS bounce_eobs ("
+    " eob_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, address TEXT NOT NULL,"
+    " address_key TEXT NOT NULL, status TEXT NOT NULL, age_from BIGINT NOT NULL,"
+    " attempt INTEGER NOT NULL, next_at BIGINT, incident_recorded INTEGER NOT NULL,"
+    " lease_until BIGINT, fallback_reason TEXT, category TEXT, ref TEXT NOT NULL,"
+    " updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS bounce_eobs_member ON bounce_eobs (member_id, status)",
+    "CREATE INDEX IF NOT EXISTS bounce_eobs_due ON bounce_eobs (status, next_at)",
+    "CREATE INDEX IF NOT EXISTS bounce_eobs_lease ON bounce_eobs (status, lease_until)",
+    "CREATE INDEX IF NOT EXISTS bounce_eobs_address ON bounce_eobs (address_key, status)",
+    "CREATE INDEX IF NOT EXISTS bounce_eobs_ref ON bounce_eobs (ref)",
+    "CREATE INDEX IF NOT EXISTS bounce_eobs_updated ON bounce_eobs (status, updated_at)",
+    "CREATE TABLE IF NOT EXISTS bounce_members ("
+    " member_id TEXT PRIMARY KEY, pending TEXT, deadline BIGINT, redirects TEXT NOT NULL,"
+    " failed TEXT NOT NULL, claim_until BIGINT, updated_at BIGINT NOT NULL)",
+    "CREATE INDEX IF NOT EXISTS bounce_members_deadline ON bounce_members (deadline)",
+    "CREATE TABLE IF NOT EXISTS bounce_suppressed ("
+    " address_key TEXT PRIMARY KEY, category TEXT NOT NULL, suppressed_at BIGINT NOT NULL)",
+)
+_SQLITE_TABLES = (
+    *_COMMON_TABLES,
+    "CREATE TABLE IF NOT EXISTS bounce_payloads ("
+    " eob_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, raw BLOB NOT NULL,"
+    " stored_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bounce_incidents ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT, at BIGINT NOT NULL, kind TEXT NOT NULL,"
+    " member_id TEXT NOT NULL, eob_id TEXT, category TEXT)",
+    "CREATE TABLE IF NOT EXISTS bounce_outbox ("
+    " seq INTEGER PRIMARY KEY AUTOINCREMENT, topic TEXT NOT NULL, msg_key BLOB NOT NULL,"
+    " msg_value BLOB NOT NULL, created_at BIGINT NOT NULL, claim_until BIGINT NOT NULL)",
+)
+_PG_TABLES = (
+    *_COMMON_TABLES,
+    "CREATE TABLE IF NOT EXISTS bounce_payloads ("
+    " eob_id TEXT PRIMARY KEY, member_id TEXT NOT NULL, raw BYTEA NOT NULL,"
+    " stored_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bounce_incidents ("
+    " seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, at BIGINT NOT NULL,"
+    " kind TEXT NOT NULL, member_id TEXT NOT NULL, eob_id TEXT, category TEXT)",
+    "CREATE TABLE IF NOT EXISTS bounce_outbox ("
+    " seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY, topic TEXT NOT NULL,"
+    " msg_key BYTEA NOT NULL, msg_value BYTEA NOT NULL, created_at BIGINT NOT NULL,"
+    " claim_until BIGINT NOT NULL)",
+)
+_OUTBOX_INDEX = "CREATE INDEX IF NOT EXISTS bounce_outbox_claim ON bounce_outbox (claim_until)"
+
+# Claim statements: `{lock}` is FOR UPDATE SKIP LOCKED on PostgreSQL, empty on SQLite (whose
+# BEGIN IMMEDIATE already excludes every other writer).
+_CLAIM_RETRIES = (
+    "UPDATE bounce_eobs SET lease_until = ? WHERE eob_id IN ("
+    " SELECT eob_id FROM bounce_eobs WHERE status = 'retry_scheduled' AND next_at <= ?"
+    " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_at LIMIT ? {lock})"
+    " RETURNING eob_id, member_id"
+)
+_CLAIM_LOST = (
+    "UPDATE bounce_eobs SET lease_until = ? WHERE eob_id IN ("
+    " SELECT eob_id FROM bounce_eobs WHERE status IN ('sending', 'released')"
+    " AND lease_until IS NOT NULL AND lease_until <= ? ORDER BY lease_until LIMIT ? {lock})"
+    " RETURNING eob_id, member_id"
+)
+_CLAIM_VERIFICATIONS = (
+    "UPDATE bounce_members SET claim_until = ? WHERE member_id IN ("
+    " SELECT member_id FROM bounce_members WHERE deadline IS NOT NULL AND deadline <= ?"
+    " AND (claim_until IS NULL OR claim_until <= ?) ORDER BY deadline LIMIT ? {lock})"
+    " RETURNING member_id"
+)
+_CLAIM_OUTBOX = (
+    "UPDATE bounce_outbox SET claim_until = ? WHERE seq IN ("
+    " SELECT seq FROM bounce_outbox WHERE claim_until <= ? ORDER BY seq LIMIT ? {lock})"
+    " RETURNING seq, topic, msg_key, msg_value"
+)
+
+
+class BounceStore(abc.ABC):
+    """The bounce service's durable state; SQLite and PostgreSQL behave the same."""
+
+    _lock_clause = ""
+
+    def __init__(self) -> None:
+        # One connection per store: its statements and transactions take turns.
+        self._lock = asyncio.Lock()
+
+    @abc.abstractmethod
+    def _sql(self) -> _Sql:
+        """The statement runner of this store's connection."""
+
+    @abc.abstractmethod
+    def _begin(
+        self, member_ids: Collection[str], address_keys: Collection[str] = ()
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """A database transaction holding the members' and addresses' locks (or every
+        writer's, on SQLite)."""
+
+    @contextlib.asynccontextmanager
+    async def transaction(
+        self,
+        member_ids: Collection[str],
+        now: dt.datetime,
+        *,
+        address_keys: Collection[str] = (),
+    ) -> AsyncIterator[BounceTx]:
+        """A transaction over these members' slice; changes to them (and to the suppression
+        of these addresses) are serialised."""
+        async with self._lock, self._begin(member_ids, address_keys):
+            yield BounceTx(self._sql(), now)
+
+    async def _read(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._lock:
+            return await self._sql().all(sql, args)
+
+    async def members_of(self, eob_ids: Collection[str]) -> dict[str, str]:
+        """Notice id -> member id, for the notices the store knows (no locks taken)."""
+        found: dict[str, str] = {}
+        for chunk in _chunks(eob_ids):
+            rows = await self._read(
+                f"SELECT eob_id, member_id FROM bounce_eobs WHERE eob_id IN ({_marks(len(chunk))})",  # noqa: S608
+                chunk,
+            )
+            found.update({str(r[0]): str(r[1]) for r in rows})
+        return found
+
+    async def members_retrying_at(self, keys: Collection[str]) -> set[str]:
+        """Members with a notice awaiting a retry to one of these addresses (no locks)."""
+        found: set[str] = set()
+        for chunk in _chunks(keys):
+            rows = await self._read(
+                "SELECT DISTINCT member_id FROM bounce_eobs"  # noqa: S608
+                f" WHERE address_key IN ({_marks(len(chunk))}) AND status = 'retry_scheduled'",
+                chunk,
+            )
+            found |= {str(r[0]) for r in rows}
+        return found
+
+    async def resolve_reference(self, reference: str) -> str | None:
+        """The event id behind a VERP reference token (long ids), if the store knows it."""
+        rows = await self._read("SELECT eob_id FROM bounce_eobs WHERE ref = ? LIMIT 1", [reference])
+        return str(rows[0][0]) if rows else None
+
+    async def _claim(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
+        async with self._lock, self._begin(()):
+            return await self._sql().all(sql.format(lock=self._lock_clause), args)
+
+    async def claim_timers(
+        self, now: dt.datetime, *, limit: int, claim_for: dt.timedelta
+    ) -> list[Claim]:
+        """Take up to `limit` due timers of each kind for `claim_for` (nobody else gets them)."""
+        until = _us(now + claim_for)
+        at = _us(now)
+        claims: list[Claim] = []
+        for row in await self._claim(_CLAIM_RETRIES, (until, at, at, limit)):
+            claims.append(Claim(ClaimKind.RETRY_DUE, str(row[1]), str(row[0])))
+        for row in await self._claim(_CLAIM_LOST, (until, at, limit)):
+            claims.append(Claim(ClaimKind.LOST_SEND, str(row[1]), str(row[0])))
+        for row in await self._claim(_CLAIM_VERIFICATIONS, (until, at, at, limit)):
+            claims.append(Claim(ClaimKind.VERIFICATION_EXPIRED, str(row[0])))
+        return claims
+
+    async def claim_outbox(
+        self, *, limit: int, claim_for: float
+    ) -> list[tuple[int, OutboxMessage]]:
+        """Take records whose publisher's claim ran out (it crashed or failed to publish)."""
+        now = int(time.time() * 1_000_000)
+        rows = await self._claim(_CLAIM_OUTBOX, (now + int(claim_for * 1_000_000), now, limit))
+        return [
+            (int(row[0]), OutboxMessage(str(row[1]), bytes(row[2]), bytes(row[3])))
+            for row in sorted(rows)
+        ]
+
+    async def ack_outbox(self, ids: Collection[int]) -> None:
+        """Forget records Kafka has acknowledged."""
+        if not ids:
+            return
+        async with self._lock:
+            for chunk in _chunks(ids):
+                await self._sql().run(
+                    f"DELETE FROM bounce_outbox WHERE seq IN ({_marks(len(chunk))})",  # noqa: S608
+                    chunk,
+                )
+
+    async def purge(self, *, payloads_before: dt.datetime, rows_before: dt.datetime) -> int:
+        """Drop raw events of settled notices older than the first time, their rows older
+        than the second; returns the number of rows dropped."""
+        settled = ("delivered", "paper_fallback")
+        dropped = 0
+        async with self._lock, self._begin(()):
+            sql = self._sql()
+            dropped += await sql.run(
+                "DELETE FROM bounce_payloads WHERE eob_id IN (SELECT eob_id FROM bounce_eobs"
+                " WHERE status IN (?, ?) AND updated_at < ?)",
+                (*settled, _us(payloads_before)),
+            )
+            dropped += await sql.run(
+                "DELETE FROM bounce_eobs WHERE status IN (?, ?) AND updated_at < ?"
+                " AND eob_id NOT IN (SELECT eob_id FROM bounce_payloads)",
+                (*settled, _us(rows_before)),
+            )
+        return dropped
+
+    async def status_counts(self) -> dict[str, int]:
+        """Notices by status (for the held-notices gauge and the demo summary)."""
+        rows = await self._read("SELECT status, COUNT(*) FROM bounce_eobs GROUP BY status", ())
+        return {str(r[0]): int(r[1]) for r in rows}
+
+    async def eob(self, eob_id: str) -> tuple[Eob, EobExtras] | None:
+        """One notice's row (tools and tests)."""
+        rows = await self._read(
+            f"SELECT {_EOB_COLUMNS} FROM bounce_eobs WHERE eob_id = ?",  # noqa: S608
+            [eob_id],
+        )
+        return _eob_from_row(rows[0]) if rows else None
+
+    async def is_suppressed(self, address: str) -> bool:
+        """Whether an address is suppressed (tools and tests)."""
+        rows = await self._read(
+            "SELECT 1 FROM bounce_suppressed WHERE address_key = ?", [address_key(address)]
+        )
+        return bool(rows)
+
+    async def incidents(self, member_id: str | None = None) -> list[IncidentRow]:
+        """Incidents in the order recorded, optionally of one member."""
+        where, args = (" WHERE member_id = ?", [member_id]) if member_id else ("", [])
+        rows = await self._read(
+            f"SELECT seq, at, kind, member_id, eob_id, category FROM bounce_incidents{where}"  # noqa: S608
+            " ORDER BY seq",
+            args,
+        )
+        return [
+            IncidentRow(int(r[0]), _must_time(r[1]), IncidentKind(r[2]), str(r[3]), r[4], r[5])
+            for r in rows
+        ]
+
+    async def payload_ids(self) -> set[str]:
+        """Notices whose raw event is kept (tools and tests)."""
+        rows = await self._read("SELECT eob_id FROM bounce_payloads", ())
+        return {str(r[0]) for r in rows}
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Release the connection."""
+
+
+# --------------------------------------------------------------------------- SQLite
+
+
+class _SqliteSql(_Sql):
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        return self.db.execute(sql, tuple(args)).fetchall()
+
+    async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        return self.db.execute(sql, tuple(args)).rowcount
+
+
+class SqliteBounceStore(BounceStore):
+    """The store in one SQLite file (WAL), shared by the processes of one machine.
+
+    Statements are small indexed reads and writes that run on the event loop's thread, as
+    the send ledger's do; `BEGIN IMMEDIATE` makes every change exclusive, and `busy_timeout`
+    covers the moments another process holds the write lock.
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+        self._db.execute("PRAGMA busy_timeout=10000")
+        deadline = time.monotonic() + 10.0
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                for statement in (*_SQLITE_TABLES, _OUTBOX_INDEX):
+                    self._db.execute(statement)
+                break
+            except sqlite3.OperationalError as exc:
+                # Processes starting together contend for the switch to WAL: retry briefly.
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._runner = _SqliteSql(self._db)
+
+    def _sql(self) -> _Sql:
+        return self._runner
+
+    @contextlib.asynccontextmanager
+    async def _begin(
+        self, member_ids: Collection[str], address_keys: Collection[str] = ()
+    ) -> AsyncIterator[None]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise StoreBusy from None
+            raise
+        try:
+            yield
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
+    async def close(self) -> None:
+        """Close the database."""
+        self._db.close()
+
+
+# --------------------------------------------------------------------------- PostgreSQL
+
+_PG_SCHEMA_LOCK = 0x0E0B_B0CE
+# Advisory locks are (namespace, hashtext(id)): apart from every other user's.
+_PG_MEMBER_LOCKS = 0x0E0B_B0CF
+_PG_ADDRESS_LOCKS = 0x0E0B_B0D0
+
+
+class _PostgresSql(_Sql):
+    def __init__(self, conn: Any) -> None:
+        self.conn = conn
+
+    async def all(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        cur = await self.conn.execute(sql.replace("?", "%s"), tuple(args))
+        if cur.description is None:
+            return []
+        rows: list[tuple[Any, ...]] = await cur.fetchall()
+        return rows
+
+    async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
+        cur = await self.conn.execute(sql.replace("?", "%s"), tuple(args))
+        return int(cur.rowcount)
+
+
+class PostgresBounceStore(BounceStore):
+    """The store in PostgreSQL, for workers on several machines."""
+
+    _lock_clause = "FOR UPDATE SKIP LOCKED"
+
+    def __init__(self, conn: Any) -> None:
+        super().__init__()
+        self._conn = conn
+        self._runner = _PostgresSql(conn)
+
+    @classmethod
+    async def connect(cls, dsn: str) -> PostgresBounceStore:
+        """Connect and create the tables if needed."""
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
+        except psycopg.OperationalError:
+            raise ConfigError("cannot connect to the PostgreSQL bounce store") from None
+        # CREATE ... IF NOT EXISTS races between workers starting together: serialise it.
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
+            for statement in (*_PG_TABLES, _OUTBOX_INDEX):
+                await conn.execute(statement)
+        return cls(conn)
+
+    def _sql(self) -> _Sql:
+        return self._runner
+
+    @contextlib.asynccontextmanager
+    async def _begin(
+        self, member_ids: Collection[str], address_keys: Collection[str] = ()
+    ) -> AsyncIterator[None]:
+        import psycopg
+
+        locks = sorted(
+            {(_PG_MEMBER_LOCKS, m) for m in member_ids}
+            | {(_PG_ADDRESS_LOCKS, k) for k in address_keys}
+        )
+        try:
+            async with self._conn.transaction():
+                # One sorted order for every transaction, so overlapping ones cannot deadlock.
+                for namespace, name in locks:
+                    await self._conn.execute(
+                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (namespace, name)
+                    )
+                yield
+        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+            raise StoreBusy from None
+
+    async def close(self) -> None:
+        """Close the connection."""
+        await self._conn.close()
+
+
+async def open_bounce_store(url: str) -> BounceStore:
+    """Open the store named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
+    if url.startswith("sqlite:///"):
+        return SqliteBounceStore(Path(url.removeprefix("sqlite:///")))
+    if url.startswith(("postgresql://", "postgres://")):
+        return await PostgresBounceStore.connect(url)
+    raise ConfigError("bounce store url must start with sqlite:/// or postgresql://")

@@ -1,0 +1,227 @@
+"""The bounce listener over real SMTP: VERP recipients only, mapping, the review pile, 451s."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import ssl
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiosmtplib
+import pytest
+
+from eobblast.bounces.category import BounceCategory
+from eobblast.bounces.dsn import BounceKind
+from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
+from eobblast.bounces.listener import BounceListener, serve_bounces
+from eobblast.bounces.verp import VerpKey, make_return_path
+from eobblast.sandbox import Behaviour, delivery_status_notification, make_test_pki
+
+ROOT = Path(__file__).parents[2]
+CORPUS = next(
+    (
+        c
+        for c in (
+            ROOT.parent / "shared" / "corpora" / "sisimai-set-of-emails",
+            Path("/work/shared/corpora/sisimai-set-of-emails"),
+        )
+        if (c / "maildir").is_dir()
+    ),
+    None,
+)
+KEY = VerpKey(3, b"listener-test-secret-0123456789")
+DOMAIN = "bounce.test"
+HOST = "127.0.0.1"
+
+
+class Recorder:
+    """The handler: read and map each report (as BounceService.on_dsn does) and keep it."""
+
+    def __init__(self) -> None:
+        self.seen: list[InboundBounce] = []
+        self.fail = False
+
+    async def __call__(self, raw: bytes, envelope_to: str) -> InboundBounce:
+        if self.fail:
+            raise ConnectionError("store down")
+        inbound = await read_bounce(raw, envelope_to, keys=[KEY], bounce_domain=DOMAIN)
+        self.seen.append(inbound)
+        return inbound
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def listener(recorder: Recorder, tmp_path: Path) -> AsyncIterator[BounceListener]:
+    running = await serve_bounces(
+        recorder, HOST, 0, bounce_domain=DOMAIN, review_dir=tmp_path / "review"
+    )
+    try:
+        yield running
+    finally:
+        await running.stop()
+
+
+async def send(listener: BounceListener, raw: bytes, rcpt: str) -> None:
+    # A DSN comes from the null sender (aiosmtplib.send() refuses one; sendmail() does not).
+    async with aiosmtplib.SMTP(hostname=HOST, port=listener.port, timeout=10) as smtp:
+        await smtp.sendmail("", [rcpt], raw)
+
+
+def dsn_for(event_id: str, address: str, *, to: str | None = None) -> bytes:
+    headers = f"To: {address}\r\nX-EOB-Event-ID: {event_id}\r\n\r\n"
+    return delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.net",
+        return_path=to or make_return_path(event_id, KEY, DOMAIN),
+        recipient=address,
+        returned_headers=headers.encode(),
+        arrival=dt.datetime.now(dt.UTC),
+        queue_id="Q",
+    )
+
+
+def review_files(listener: BounceListener) -> list[Path]:
+    return sorted((listener.review_dir / "new").iterdir())
+
+
+async def test_verp_dsn_is_mapped_to_its_event(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    event_id = str(uuid.uuid4())
+    await send(
+        listener, dsn_for(event_id, "gone@example.org"), make_return_path(event_id, KEY, DOMAIN)
+    )
+    [inbound] = recorder.seen
+    assert (inbound.event_id, inbound.mapped_by) == (event_id, MappedBy.VERP)
+    assert inbound.parsed.category is BounceCategory.HARD_ADDRESS
+    assert inbound.review_reason is None
+    assert review_files(listener) == []
+    assert listener.stats["handled"] == 1
+
+
+async def test_tampered_token_falls_back_to_the_returned_header(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    event_id = "claim-2026-000123"
+    good = make_return_path(event_id, KEY, DOMAIN)
+    local, _, domain = good.partition("@")
+    flipped = local[:-1] + ("a" if local[-1] != "a" else "b")
+    tampered = f"{flipped}@{domain}"
+    await send(listener, dsn_for(event_id, "gone@example.org", to=tampered), tampered)
+    [inbound] = recorder.seen
+    assert (inbound.event_id, inbound.mapped_by) == (event_id, MappedBy.HEADER)
+
+
+async def test_non_verp_recipients_get_550(listener: BounceListener, recorder: Recorder) -> None:
+    for rcpt in ("postmaster@bounce.test", "bounces@bounce.test", "bounces+short@bounce.test"):
+        with pytest.raises(aiosmtplib.SMTPRecipientsRefused) as refused:
+            await send(listener, b"Subject: x\r\n\r\nhi\r\n", rcpt)
+        assert refused.value.recipients[0].code == 550
+    ok = make_return_path("ev-1", KEY, DOMAIN)
+    with pytest.raises(aiosmtplib.SMTPRecipientsRefused):
+        await send(listener, b"Subject: x\r\n\r\nhi\r\n", ok.replace(DOMAIN, "elsewhere.test"))
+    assert recorder.seen == [] and listener.stats["rejected_recipient"] == 4
+
+
+async def test_unreadable_and_unmapped_messages_go_to_review(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    rcpt = make_return_path("ev-review", KEY, DOMAIN)
+    await send(listener, b"Subject: hello\r\n\r\njust chatting\r\n", rcpt)
+    garbage = b"\x00\xff" * 50 + b"\r\n--\r\nContent-Type: multipart/report; boundary=\r\n\r\n"
+    await send(listener, garbage, rcpt)
+    # A real bounce for nothing of ours: a person should see it.
+    unmapped = delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.net",
+        return_path="someone@else.test",
+        recipient="gone@example.org",
+        returned_headers=b"To: gone@example.org\r\n\r\n",
+        arrival=dt.datetime.now(dt.UTC),
+        queue_id="Q",
+    )
+    tampered = "bounces+" + "a" * 30 + "@" + DOMAIN
+    await send(listener, unmapped, tampered)
+    reasons = [i.review_reason for i in recorder.seen]
+    assert reasons[0] is ReviewReason.NOT_RECOGNISED
+    assert reasons[2] is ReviewReason.UNMAPPED
+    files = review_files(listener)
+    assert len(files) == 3
+    assert all(f.read_bytes().startswith(b"X-EOB-Review-Reason: ") for f in files)
+    assert oct(listener.review_dir.stat().st_mode & 0o777) == "0o700"
+    assert listener.stats["review"] == 3
+
+
+async def test_a_failing_handler_makes_the_sender_retry(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    recorder.fail = True
+    event_id = str(uuid.uuid4())
+    with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+        await send(
+            listener, dsn_for(event_id, "x@example.org"), make_return_path(event_id, KEY, DOMAIN)
+        )
+    assert refused.value.code == 451
+    assert review_files(listener) == [] and listener.stats["handler_error"] == 1
+    recorder.fail = False
+    await send(
+        listener, dsn_for(event_id, "x@example.org"), make_return_path(event_id, KEY, DOMAIN)
+    )
+    assert [i.event_id for i in recorder.seen] == [event_id]
+
+
+@pytest.mark.skipif(CORPUS is None, reason="shared/corpora/sisimai-set-of-emails not present")
+async def test_corpus_bounces_over_smtp(listener: BounceListener, recorder: Recorder) -> None:
+    # Every real-world report, delivered to its own VERP address: each maps to its event by
+    # the envelope, and exactly the ones the parser cannot recognise land in review.
+    assert CORPUS is not None
+    files = sorted((CORPUS / "maildir").rglob("*.eml"))
+    assert len(files) > 600
+    sent: dict[str, str] = {}
+    # One connection for all of them, as a busy MTA would keep it open.
+    async with aiosmtplib.SMTP(hostname=HOST, port=listener.port, timeout=10) as smtp:
+        for n, path in enumerate(files):
+            event_id = f"corpus-{n}"
+            rcpt = make_return_path(event_id, KEY, DOMAIN)
+            sent[rcpt] = event_id
+            await smtp.sendmail("", [rcpt], path.read_bytes())
+    assert len(recorder.seen) == len(files)
+    assert all(i.event_id == sent[i.envelope_to] for i in recorder.seen)
+    assert all(i.mapped_by is MappedBy.VERP for i in recorder.seen)
+    hard = sum(i.parsed.category is BounceCategory.HARD_ADDRESS for i in recorder.seen)
+    assert hard > 150
+    unknown = sum(i.parsed.kind is BounceKind.UNKNOWN for i in recorder.seen)
+    assert len(review_files(listener)) == unknown == listener.stats["review"]
+    labels = [json.loads(line) for line in (CORPUS / "labels.jsonl").read_text().splitlines()]
+    assert len(labels) == len(files)
+
+
+async def test_starttls(tmp_path: Path, recorder: Recorder) -> None:
+    pki = make_test_pki(tmp_path / "pki", [DOMAIN])
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(pki.server_cert, pki.server_key)
+    async with BounceListener(
+        recorder,
+        host=HOST,
+        port=0,
+        bounce_domain=DOMAIN,
+        review_dir=tmp_path / "review",
+        tls_context=context,
+    ) as listener:
+        client = ssl.create_default_context(cafile=str(pki.ca))
+        event_id = str(uuid.uuid4())
+        smtp = aiosmtplib.SMTP(
+            hostname=HOST, port=listener.port, start_tls=False, tls_context=client, timeout=10
+        )
+        await smtp.connect()
+        await smtp.starttls(server_hostname=DOMAIN)
+        rcpt = make_return_path(event_id, KEY, DOMAIN)
+        await smtp.sendmail("", [rcpt], dsn_for(event_id, "gone@example.org"))
+        await smtp.quit()
+    assert [i.event_id for i in recorder.seen] == [event_id]

@@ -1,0 +1,661 @@
+"""Verify-before-resend end to end at the service level, on SQLite and on PostgreSQL.
+
+The service runs the real state machine over the real store; Kafka is a recording publisher
+and the audit trail a real SQLite trail. Times are passed in, so no test waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import logging
+import subprocess
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import orjson
+import psycopg
+import pytest
+
+from eobblast.bounces.category import BounceCategory
+from eobblast.bounces.service import (
+    BounceReason,
+    BounceService,
+    Held,
+    SendPermitted,
+    Settled,
+)
+from eobblast.bounces.state import IncidentKind
+from eobblast.bounces.store import BounceStore, open_bounce_store
+from eobblast.bounces.verp import VerpKey, make_return_path
+from eobblast.errors import Outcome
+from eobblast.events.verification import (
+    AddressVerificationFailed,
+    AddressVerificationRequested,
+    AddressVerified,
+    FailureReason,
+    PaperFallback,
+    VerificationChannel,
+    paper_fallback_json_schema,
+    verification_request_json_schema,
+    verification_result_json_schema,
+)
+from eobblast.observe.audit import AuditAction, AuditTrail, member_ref, open_audit
+from eobblast.observe.metrics import REGISTRY
+from eobblast.sandbox import Behaviour, delivery_status_notification
+
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
+AUDIT_KEY = b"k" * 32
+VERP = VerpKey(1, b"v" * 32)
+BOUNCE_DOMAIN = "bounce.test"
+REQUESTS = "eob.address-verification"
+PAPER = "eob.paper-fallback"
+
+
+def at(seconds: float) -> dt.datetime:
+    return T0 + dt.timedelta(seconds=seconds)
+
+
+class RecordingPublisher:
+    """Kafka stand-in: keeps what was published; can be told to fail."""
+
+    def __init__(self) -> None:
+        self.records: list[tuple[str, bytes, bytes]] = []
+        self.failing = False
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        if self.failing:
+            raise ConnectionError("broker down")
+        self.records.append((topic, key, value))
+
+    def on(self, topic: str) -> list[dict[str, object]]:
+        return [orjson.loads(value) for t, _, value in self.records if t == topic]
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A throwaway schema per test: timers are global, so tests must not see each other."""
+    schema = f"bounces_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
+    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'bounces.db'}"
+    return str(request.getfixturevalue("pg_url"))
+
+
+@pytest.fixture
+async def audit(tmp_path: Path) -> AsyncIterator[AuditTrail]:
+    trail = await open_audit(f"sqlite:///{tmp_path / 'audit.db'}")
+    yield trail
+    await trail.close()
+
+
+@pytest.fixture
+def publisher() -> RecordingPublisher:
+    return RecordingPublisher()
+
+
+def make_service(
+    store: BounceStore, publisher: RecordingPublisher, audit: AuditTrail | None = None
+) -> BounceService:
+    return BounceService(
+        store,
+        publisher,
+        verp_keys=[VERP],
+        bounce_domain=BOUNCE_DOMAIN,
+        audit=audit,
+        member_ref=(lambda member_id: member_ref(AUDIT_KEY, member_id)) if audit else None,
+        random=lambda: 0.0,  # no jitter: the schedule is exact
+        clock=lambda: T0,
+    )
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[BounceStore]:
+    opened = await open_bounce_store(store_url)
+    yield opened
+    await opened.close()
+
+
+@pytest.fixture
+async def service(
+    store: BounceStore, publisher: RecordingPublisher, audit: AuditTrail
+) -> BounceService:
+    return make_service(store, publisher, audit)
+
+
+def ids() -> tuple[str, str]:
+    """A fresh member id and address (suppression is shared by every test of a store)."""
+    tag = uuid.uuid4().hex[:10]
+    return f"M-{tag}", f"member-{tag}@example.com"
+
+
+def event(member_id: str, n: int) -> tuple[str, bytes]:
+    event_id = f"{member_id}-e{n}"
+    return event_id, orjson.dumps({"event_id": event_id, "member": {"id": member_id}})
+
+
+async def send_ok(service: BounceService, event_id: str, member_id: str, address: str) -> str:
+    raw = orjson.dumps({"event_id": event_id})
+    gate = await service.gate(event_id, member_id, address, raw, at=T0)
+    assert isinstance(gate, SendPermitted)
+    return gate.to
+
+
+async def hard_bounce(
+    service: BounceService, event_id: str, member_id: str, address: str, raw: bytes
+) -> None:
+    gate = await service.gate(event_id, member_id, address, raw, at=T0)
+    assert isinstance(gate, SendPermitted) and gate.to == address
+    outcome = await service.on_delivery_failure(
+        event_id,
+        member_id,
+        address,
+        raw,
+        550,
+        "5.1.1",
+        "550 5.1.1 <x>: Recipient address rejected: User unknown",
+        at=at(1),
+    )
+    assert outcome.outcome is Outcome.HELD
+    assert outcome.reason is BounceReason.AWAITING_VERIFICATION
+    assert outcome.category is BounceCategory.HARD_ADDRESS
+
+
+def verified(member_id: str, address: str, channel: str = "phone") -> AddressVerified:
+    return AddressVerified(
+        member_id=member_id,
+        address=address,
+        channel=VerificationChannel(channel),
+        verified_by="csr-17",
+        at=at(3600),
+    )
+
+
+# --------------------------------------------------------------------------- hard bounces
+
+
+async def test_hard_bounce_holds_asks_and_releases_exactly_once(
+    service: BounceService,
+    store: BounceStore,
+    publisher: RecordingPublisher,
+    audit: AuditTrail,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    ev2, raw2 = event(member, 2)
+    ev3, raw3 = event(member, 3)
+    before = REGISTRY.get_sample_value(
+        "eobblast_bounces_total",
+        {"category": "hard_address", "provider": "other", "source": "sync"},
+    )
+    await hard_bounce(service, ev1, member, address, raw1)
+
+    # Nothing is resent; one verification request; one incident; the address is suppressed.
+    assert (await service.tick(at(60))).resends == ()
+    requests = publisher.on(REQUESTS)
+    assert len(requests) == 1
+    request = AddressVerificationRequested.model_validate(requests[0])
+    assert request.member_id == member and request.event_ids == (ev1,)
+    assert request.reason == "hard_address"
+    assert request.deadline == at(1) + service.policy.verification.timeout
+    assert publisher.records[0][1] == member.encode()  # keyed by member id
+    assert [i.kind for i in await store.incidents(member)] == [IncidentKind.HARD_BOUNCE]
+    assert await store.is_suppressed(address)
+    trail = await audit.records(ev1)
+    assert {r.action for r in trail} == {AuditAction.BOUNCE, AuditAction.INCIDENT}
+    assert all(r.member_ref == member_ref(AUDIT_KEY, member) for r in trail)
+    after = REGISTRY.get_sample_value(
+        "eobblast_bounces_total",
+        {"category": "hard_address", "provider": "other", "source": "sync"},
+    )
+    assert (after or 0) - (before or 0) == 1
+
+    # Further notices of the member are held, whatever address they name.
+    held = await service.gate(ev2, member, address, raw2, at=at(10))
+    assert isinstance(held, Held) and held.reason is BounceReason.AWAITING_VERIFICATION
+    held = await service.gate(ev3, member, "other@example.com", raw3, at=at(11))
+    assert isinstance(held, Held)
+    # A redelivered event is still held, and asks nothing new.
+    assert isinstance(await service.gate(ev2, member, address, raw2, at=at(12)), Held)
+    assert len(publisher.on(REQUESTS)) == 1
+
+    # Verified through the phone: every held notice goes to the verified address, once.
+    new_address = f"new-{address}"
+    result = await service.on_verification_result(verified(member, new_address), at=at(3600))
+    assert result.accepted
+    assert sorted(r.event_id for r in result.resends) == sorted([ev1, ev2, ev3])
+    assert {r.to for r in result.resends} == {new_address}
+    assert {r.event_id: r.raw_event for r in result.resends} == {ev1: raw1, ev2: raw2, ev3: raw3}
+    assert all(r.released for r in result.resends)
+    again = await service.on_verification_result(verified(member, new_address), at=at(3700))
+    assert again.resends == ()
+
+    for resend in result.resends:
+        outcome = await service.on_delivered(resend.event_id, resend.to, at=at(3601))
+        assert outcome.outcome is Outcome.DELIVERED
+    # Reported, so no lease runs out: nothing comes back later.
+    assert (await service.tick(at(7 * 86400))).resends == ()
+
+    # A new notice to the old address now goes to the verified one.
+    ev4, raw4 = event(member, 4)
+    gate = await service.gate(ev4, member, address, raw4, at=at(4000))
+    assert isinstance(gate, SendPermitted) and gate.to == new_address
+
+    # No member id or address in any log line.
+    text = "\n".join(record.getMessage() + str(record.__dict__) for record in caplog.records)
+    assert member not in text and address not in text
+
+
+async def test_other_members_on_a_suppressed_address_are_held_and_asked(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    other, _ = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    ev2, raw2 = event(other, 1)
+    gate = await service.gate(ev2, other, address, raw2, at=at(5))
+    assert isinstance(gate, Held) and gate.reason is BounceReason.ADDRESS_SUPPRESSED
+    requests = [AddressVerificationRequested.model_validate(r) for r in publisher.on(REQUESTS)]
+    assert [(r.member_id, r.reason) for r in requests] == [
+        (member, "hard_address"),
+        (other, "address_suppressed"),
+    ]
+
+
+async def test_verification_failed_sends_each_held_notice_to_paper(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    ev2, raw2 = event(member, 2)
+    await hard_bounce(service, ev1, member, address, raw1)
+    assert isinstance(await service.gate(ev2, member, address, raw2, at=at(5)), Held)
+    failed = AddressVerificationFailed(member_id=member, reason=FailureReason.NO_ANSWER, at=at(60))
+    result = await service.on_verification_result(failed, at=at(60))
+    assert result.resends == ()
+    assert sorted(o.event_id for o in result.outcomes) == sorted([ev1, ev2])
+    assert {(o.outcome, o.reason) for o in result.outcomes} == {
+        (Outcome.FALLBACK, BounceReason.VERIFICATION_FAILED)
+    }
+    papers = [PaperFallback.model_validate(p) for p in publisher.on(PAPER)]
+    assert sorted(p.event_id for p in papers) == sorted([ev1, ev2])
+    assert {p.reason for p in papers} == {"verification_failed"}
+    # The address stays paper-only for this member until verified again.
+    ev3, raw3 = event(member, 3)
+    gate = await service.gate(ev3, member, address, raw3, at=at(70))
+    assert isinstance(gate, Settled) and gate.outcome.outcome is Outcome.FALLBACK
+
+
+async def test_verification_timeout_falls_back_to_paper(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    deadline = at(1) + service.policy.verification.timeout
+    early = await service.tick(deadline - dt.timedelta(seconds=1))
+    assert early.outcomes == () and publisher.on(PAPER) == []
+    due = await service.tick(deadline)
+    assert [(o.event_id, o.reason) for o in due.outcomes] == [
+        (ev1, BounceReason.VERIFICATION_TIMEOUT)
+    ]
+    assert [p["event_id"] for p in publisher.on(PAPER)] == [ev1]
+    assert (await service.tick(deadline + dt.timedelta(days=1))).outcomes == ()
+
+
+async def test_an_unverified_channel_releases_nothing(
+    service: BounceService, store: BounceStore
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    # "mail" is a channel the schema knows but the default policy does not trust.
+    result = await service.on_verification_result(verified(member, address, "mail"), at=at(60))
+    assert not result.accepted and result.resends == ()
+    kinds = [i.kind for i in await store.incidents(member)]
+    assert kinds == [IncidentKind.HARD_BOUNCE, IncidentKind.UNVERIFIED_CHANNEL]
+
+
+async def test_a_lost_release_is_handed_out_again(service: BounceService) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    result = await service.on_verification_result(verified(member, address), at=at(60))
+    assert [r.event_id for r in result.resends] == [ev1]
+    # The worker died with the resend: nobody reports, the lease runs out.
+    assert (await service.tick(at(60) + service.send_lease - dt.timedelta(seconds=1))).resends == ()
+    again = await service.tick(at(60) + service.send_lease)
+    assert [(r.event_id, r.to) for r in again.resends] == [(ev1, address)]
+    assert (await service.tick(at(60) + service.send_lease)).resends == ()
+
+
+async def test_dsn_hard_bounce_through_verp(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    assert await send_ok(service, ev1, member, address) == address
+    await service.on_delivered(ev1, address, at=at(1))
+    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+    dsn = delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.com",
+        return_path=return_path,
+        recipient=address,
+        returned_headers=f"Return-Path: <{return_path}>\r\nTo: {address}\r\n\r\n".encode(),
+        arrival=at(1),
+        queue_id="Q1",
+    )
+    report = await service.on_dsn(dsn, return_path, at=at(30))
+    assert not report.needs_review
+    assert [(r.event_id, r.category, r.outcome.outcome) for r in report.results] == [
+        (ev1, BounceCategory.HARD_ADDRESS, Outcome.HELD)
+    ]
+    assert len(publisher.on(REQUESTS)) == 1
+    # The reporting MTA retried (we answered 451, say): the same report changes nothing.
+    again = await service.on_dsn(dsn, return_path, at=at(40))
+    assert again.results[0].outcome.outcome is Outcome.HELD
+    assert len(publisher.on(REQUESTS)) == 1
+    released = await service.on_verification_result(verified(member, address), at=at(90))
+    assert [(r.event_id, r.raw_event) for r in released.resends] == [
+        (ev1, orjson.dumps({"event_id": ev1}))
+    ]
+
+
+async def test_header_mapped_report_for_another_address_is_ignored(
+    service: BounceService, store: BounceStore
+) -> None:
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    stranger = f"stranger-{address}"
+    dsn = delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.com",
+        return_path="bounces@bounce.test",
+        recipient=stranger,
+        returned_headers=f"X-EOB-Event-ID: {ev1}\r\n\r\n".encode(),
+        arrival=at(1),
+        queue_id="Q2",
+    )
+    report = await service.on_dsn(dsn, "bounces@bounce.test", at=at(5))
+    assert report.inbound.event_id == ev1 and report.results == ()
+    assert not await store.is_suppressed(stranger)
+
+
+async def test_a_verp_report_for_a_forgotten_notice_still_suppresses(
+    service: BounceService, store: BounceStore
+) -> None:
+    member, address = ids()
+    event_id = f"{member}-forgotten"
+    return_path = make_return_path(event_id, VERP, BOUNCE_DOMAIN)
+    dsn = delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.com",
+        return_path=return_path,
+        recipient=address,
+        returned_headers=b"\r\n",
+        arrival=at(0),
+        queue_id="Q3",
+    )
+    report = await service.on_dsn(dsn, return_path, at=at(5))
+    assert [r.outcome.reason for r in report.results] == [BounceReason.UNKNOWN_EVENT]
+    assert report.needs_review  # ours, but about nothing the store knows: a person looks
+    assert await store.is_suppressed(address)
+    # So the member's next notice to that address is held, not sent.
+    ev2, raw2 = event(member, 2)
+    gate = await service.gate(ev2, member, address, raw2, at=at(10))
+    assert isinstance(gate, Held) and gate.reason is BounceReason.ADDRESS_SUPPRESSED
+
+
+async def test_without_the_raw_event_a_release_goes_to_paper(
+    store: BounceStore, publisher: RecordingPublisher
+) -> None:
+    service = make_service(store, publisher)
+    service.payload_retention = dt.timedelta(0)  # keep raw events only of open failures
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivered(ev1, address, at=at(1))
+    assert ev1 not in await store.payload_ids()
+    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+    dsn = delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.com",
+        return_path=return_path,
+        recipient=address,
+        returned_headers=b"\r\n",
+        arrival=at(1),
+        queue_id="Q4",
+    )
+    await service.on_dsn(dsn, return_path, at=at(30))
+    result = await service.on_verification_result(verified(member, address), at=at(60))
+    assert result.resends == ()
+    assert [(o.event_id, o.reason) for o in result.outcomes] == [
+        (ev1, BounceReason.PAYLOAD_UNAVAILABLE)
+    ]
+    assert [p["reason"] for p in publisher.on(PAPER)] == ["payload_unavailable"]
+
+
+async def test_housekeeping_purges_settled_notices(
+    service: BounceService, store: BounceStore
+) -> None:
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivered(ev1, address, at=at(1))
+    assert ev1 in await store.payload_ids()
+    # Rows are stamped with the wall clock's now (T0 is in the past of the test run's clock
+    # only by chance), so purge relative to a time well after both.
+    later = dt.datetime.now(dt.UTC) + service.row_retention + dt.timedelta(days=1)
+    assert (await service.tick(later)).purged >= 2
+    assert ev1 not in await store.payload_ids()
+    assert await store.eob(ev1) is None
+
+
+# --------------------------------------------------------------------------- soft bounces
+
+
+async def test_soft_bounce_retries_on_schedule_then_delivers(service: BounceService) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    first = await service.on_delivery_failure(
+        ev1, member, address, raw1, 451, "4.2.1", "451 4.2.1 Mailbox busy", at=at(0)
+    )
+    initial = service.policy.retry.initial_delay
+    assert first.outcome is Outcome.DEFERRED and first.reason is BounceReason.RETRY_SCHEDULED
+    assert first.retry_at == at(0) + initial
+    assert (await service.tick(at(0) + initial - dt.timedelta(seconds=1))).resends == ()
+    due = await service.tick(at(0) + initial)
+    assert [(r.event_id, r.to, r.raw_event) for r in due.resends] == [(ev1, address, raw1)]
+    assert due.resends[0].deliverable.attempt == 2
+    assert (await service.tick(at(0) + initial)).resends == ()
+    # Busy again: the next wait doubles (exponential backoff).
+    second = await service.on_delivery_failure(
+        ev1, member, address, raw1, 451, "4.2.1", "451 4.2.1 Mailbox busy", at=at(400)
+    )
+    assert second.retry_at == at(400) + initial * service.policy.retry.multiplier
+    due = await service.tick(second.retry_at)
+    assert [r.event_id for r in due.resends] == [ev1]
+    done = await service.on_delivered(ev1, address, at=second.retry_at)
+    assert done.outcome is Outcome.DELIVERED
+    assert (await service.tick(at(86400))).resends == ()
+
+
+async def test_soft_bounce_past_max_age_falls_back_to_paper(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivery_failure(
+        ev1, member, address, raw1, 452, "4.2.2", "452 4.2.2 Mailbox full", at=at(0)
+    )
+    late = at(0) + service.policy.retry.max_age + dt.timedelta(minutes=1)
+    result = await service.tick(late)
+    assert result.resends == ()
+    assert [(o.event_id, o.reason) for o in result.outcomes] == [
+        (ev1, BounceReason.RETRIES_EXHAUSTED)
+    ]
+    assert [p["reason"] for p in publisher.on(PAPER)] == ["retries_exhausted"]
+
+
+CLAIM_SCRIPT = """
+import asyncio, datetime as dt, json, sys
+from eobblast.bounces.service import BounceService
+from eobblast.bounces.store import open_bounce_store
+
+class Quiet:
+    async def publish(self, topic, key, value):
+        pass
+
+async def main():
+    store = await open_bounce_store(sys.argv[1])
+    service = BounceService(store, Quiet())
+    now = dt.datetime.fromisoformat(sys.argv[2])
+    taken = []
+    for _ in range(20):
+        result = await service.tick(now, limit=3)
+        taken += [r.event_id for r in result.resends]
+    await store.close()
+    print(json.dumps(taken))
+
+asyncio.run(main())
+"""
+
+
+async def test_due_retries_are_taken_exactly_once_by_concurrent_workers(
+    service: BounceService, store_url: str
+) -> None:
+    member_ids = [ids() for _ in range(12)]
+    expected = []
+    for member, address in member_ids:
+        ev, raw = event(member, 1)
+        await send_ok(service, ev, member, address)
+        await service.on_delivery_failure(
+            ev, member, address, raw, 451, "4.3.0", "451 4.3.0 try later", at=at(0)
+        )
+        expected.append(ev)
+    due = (at(0) + dt.timedelta(hours=1)).isoformat()
+    # Two worker processes tick at once against the same store.
+    procs = [
+        await asyncio.create_subprocess_exec(
+            sys.executable, "-c", CLAIM_SCRIPT, store_url, due, stdout=subprocess.PIPE
+        )
+        for _ in range(2)
+    ]
+    outputs = [await asyncio.wait_for(p.communicate(), 60) for p in procs]
+    taken = [ev for out, _ in outputs for ev in json.loads(out)]
+    assert sorted(taken) == sorted(expected)
+
+
+async def test_due_retries_are_taken_once_by_two_stores_in_one_loop(
+    store_url: str, publisher: RecordingPublisher
+) -> None:
+    first = await open_bounce_store(store_url)
+    second = await open_bounce_store(store_url)
+    try:
+        a, b = make_service(first, publisher), make_service(second, publisher)
+        expected = []
+        for _ in range(10):
+            member, address = ids()
+            ev, raw = event(member, 1)
+            await send_ok(a, ev, member, address)
+            await a.on_delivery_failure(
+                ev, member, address, raw, 421, "4.7.0", "421 try later", at=at(0)
+            )
+            expected.append(ev)
+        now = at(3600)
+        results = await asyncio.gather(*(s.tick(now, limit=2) for s in (a, b, a, b, a, b)))
+        more = await asyncio.gather(*(s.tick(now) for s in (a, b)))
+        taken = [r.event_id for result in (*results, *more) for r in result.resends]
+        assert sorted(taken) == sorted(expected)
+    finally:
+        await first.close()
+        await second.close()
+
+
+# --------------------------------------------------------------------------- durability
+
+
+async def test_state_survives_reopening_the_store(
+    store_url: str, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    first = await open_bounce_store(store_url)
+    await hard_bounce(make_service(first, publisher), ev1, member, address, raw1)
+    await first.close()
+
+    second = await open_bounce_store(store_url)
+    try:
+        service = make_service(second, publisher)
+        ev2, raw2 = event(member, 2)
+        assert isinstance(await service.gate(ev2, member, address, raw2, at=at(10)), Held)
+        result = await service.on_verification_result(verified(member, address), at=at(20))
+        assert {(r.event_id, r.raw_event) for r in result.resends} == {(ev1, raw1), (ev2, raw2)}
+    finally:
+        await second.close()
+
+
+async def test_records_committed_but_not_published_go_out_on_tick(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    publisher.failing = True
+    service.outbox_claim = 0.0  # the failing publisher's claim runs out at once
+    await hard_bounce(service, ev1, member, address, raw1)
+    assert publisher.records == []
+    publisher.failing = False
+    await service.tick(at(5))
+    assert [r["member_id"] for r in publisher.on(REQUESTS)] == [member]
+    await service.tick(at(6))
+    assert len(publisher.on(REQUESTS)) == 1
+
+
+async def test_a_redelivered_event_whose_sender_died_is_routed_again(
+    service: BounceService,
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    first = await service.gate(ev1, member, address, raw1, at=T0)
+    assert isinstance(first, SendPermitted)
+    # Kafka redelivers it to another worker (the first died before any report).
+    second = await service.gate(ev1, member, address, raw1, at=at(30))
+    assert isinstance(second, SendPermitted) and second.deliverable.attempt == 2
+    await service.on_delivered(ev1, address, at=at(31))
+    third = await service.gate(ev1, member, address, raw1, at=at(40))
+    assert isinstance(third, Settled) and third.outcome.outcome is Outcome.DELIVERED
+
+
+def test_schemas_export() -> None:
+    for export in (
+        verification_request_json_schema,
+        verification_result_json_schema,
+        paper_fallback_json_schema,
+    ):
+        schema = export()
+        assert schema["$schema"].endswith("2020-12/schema")
+        assert schema["$id"].startswith("https://eobblast.dev/schemas/")
+    result = verification_result_json_schema()
+    assert "email" not in result["$defs"]["VerificationChannel"]["enum"]
