@@ -66,7 +66,9 @@ TARGET_RATIO = 10.0
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 HERE = Path(__file__).resolve().parent
 # Every generated event is deliverable: the benchmark measures sending, not rejecting.
-DELIVERABLE = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0)
+DELIVERABLE = Mix(
+    no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0
+)
 # Same fields eobblast signs when present, minus oversigning (dkimpy would need them listed).
 NAIVE_SIGN_HEADERS = [
     b"from",

@@ -14,7 +14,7 @@ from eobblast.events.synthetic import Mix, generate_events
 # Kafka fixtures (a session broker, topic factory) for every test module that names them.
 pytest_plugins = ["tests.kafka_fixtures"]
 
-CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0)
+CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 
 
 @pytest.fixture

@@ -41,7 +41,16 @@ def main() -> None:
 @main.command()
 @click.option(
     "--name",
-    type=click.Choice(["eob.issued/v1", "eob.delivery/v1", "eob.events.dlq/v1"]),
+    type=click.Choice(
+        [
+            "eob.issued/v1",
+            "eob.delivery/v1",
+            "eob.events.dlq/v1",
+            "eob.address-verification/v1",
+            "eob.address-verification.results/v1",
+            "eob.paper-fallback/v1",
+        ]
+    ),
     default="eob.issued/v1",
     show_default=True,
     help="Which schema: the input event, the status event or the dead letter.",
@@ -50,11 +59,19 @@ def schema(name: str) -> None:
     """Print the JSON Schema of an event eobblast reads or writes."""
     from eobblast.events import json_schema
     from eobblast.events.status import dlq_json_schema, status_json_schema
+    from eobblast.events.verification import (
+        paper_fallback_json_schema,
+        verification_request_json_schema,
+        verification_result_json_schema,
+    )
 
     exported = {
         "eob.issued/v1": json_schema,
         "eob.delivery/v1": status_json_schema,
         "eob.events.dlq/v1": dlq_json_schema,
+        "eob.address-verification/v1": verification_request_json_schema,
+        "eob.address-verification.results/v1": verification_result_json_schema,
+        "eob.paper-fallback/v1": paper_fallback_json_schema,
     }[name]()
     click.echo(orjson.dumps(exported, option=orjson.OPT_INDENT_2).decode())
 
@@ -244,6 +261,81 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
     _run(serve())
 
 
+@main.command()
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    default=None,
+    help="TOML configuration file.",
+)
+@click.option("--host", default=None, help="Listen address (default: [bounces] listen_address).")
+@click.option(
+    "--port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Listen port (default: [bounces] listen_port; 0 picks a free one).",
+)
+def bounces(config_path: Path | None, host: str | None, port: int | None) -> None:
+    """Receive asynchronous bounces (DSNs) for VERP return paths until interrupted."""
+    import ssl
+
+    from eobblast.bounces.listener import serve_bounces
+    from eobblast.observe.logs import configure_logging
+    from eobblast.protect.services import ProtectionServices
+    from eobblast.streams import make_producer, wait_for_broker
+    from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces
+
+    configure_logging("INFO")
+    try:
+        config = load_config(config_path)
+    except EobblastError as exc:
+        raise click.ClickException(str(exc)) from None
+    settings = config.bounces
+
+    async def serve() -> None:
+        await wait_for_broker(config.kafka.bootstrap)
+        producer = make_producer(config.kafka.bootstrap, client_id="eobblast-bounces")
+        await producer.start()
+
+        protection = await ProtectionServices.open(config)
+        service = await open_bounces(
+            config, protection, ProducerPublisher(producer), actor="bounce-listener"
+        )
+        handle = dsn_handler(service, producer, config.kafka.delivery_topic)
+
+        context = None
+        if settings.tls_cert is not None and settings.tls_key is not None:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(settings.tls_cert, settings.tls_key)
+        listener = await serve_bounces(
+            handle,
+            host or settings.listen_address,
+            settings.listen_port if port is None else port,
+            bounce_domain=settings.bounce_domain,
+            review_dir=settings.review_dir,
+            prefix=settings.verp_prefix,
+            tls_context=context,
+        )
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        console.print(
+            f"bounces for *@{settings.bounce_domain} on "
+            f"{host or settings.listen_address}:{listener.port}   Ctrl-C stops"
+        )
+        try:
+            await stop.wait()
+        finally:
+            await listener.stop()
+            await service.store.close()
+            await protection.close()
+            await producer.stop()
+
+    _run(serve())
+
+
 def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="eobblast demo")
     table.add_column("status")
@@ -342,6 +434,12 @@ def demo(
         for reason, count in reasons.items():
             protection.add_row(level, reason, str(count))
     console.print(protection)
+    answers = summary.get("verification_answers", {})
+    console.print(
+        f"address verification: {answers.get('verified', 0)} confirmed by phone (held EOBs "
+        f"released), {answers.get('failed', 0)} not reached (paper fallback); "
+        f"{summary.get('dsns_sent_by_receivers', 0)} DSNs received"
+    )
     console.print(
         f"{summary['messages_per_second']} messages/s, latency p50 "
         f"{summary['latency_seconds']['p50'] * 1000:.1f} ms, p99 "

@@ -44,7 +44,7 @@ class TransportConfig:
 class PipelineConfig:
     """How many events one process works on at once."""
 
-    max_in_flight: int = 256
+    max_in_flight: int = 64
     allow_test_domains: bool = False
     from_local_part: str = "eob-notices"
 
@@ -119,6 +119,34 @@ class PortalConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BouncesConfig:
+    """Verify-before-resend: the bounce store, VERP return paths, the bounce listener."""
+
+    enabled: bool = True
+    # sqlite:///file on one machine, postgresql://... across machines (like the ledger).
+    store_url: str = "sqlite:///eobblast-bounces.db"
+    # Return paths are prefix+token@bounce_domain; its MX must point at the listener.
+    bounce_domain: str = "bounces.eobblast.test"
+    verp_prefix: str = "bounces"
+    verp_key_file: Path = Path("keys/verp.key")
+    verp_key_id: int = 1
+    # Bounce rules TOML (classification, handling, retry, verification); packaged default.
+    rules_file: Path | None = None
+    listen_address: str = "127.0.0.1"
+    listen_port: int = 2526
+    review_dir: Path = Path("bounce-review")
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    verification_topic: str = "eob.address-verification"
+    results_topic: str = "eob.address-verification.results"
+    paper_topic: str = "eob.paper-fallback"
+    results_group_id: str = "eobblast-verification"
+    tick_interval: float = 1.0
+    send_lease_seconds: float = 600.0
+    payload_retention_hours: float = 120.0
+
+
+@dataclass(frozen=True, slots=True)
 class MetricsConfig:
     """The Prometheus endpoint."""
 
@@ -139,6 +167,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

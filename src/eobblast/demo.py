@@ -9,20 +9,32 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import hashlib
 import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import orjson
 
-from eobblast.config import Config, load_config
+from eobblast.bounces.listener import serve_bounces
+from eobblast.bounces.rules import DEFAULT_RULES_RESOURCE
+from eobblast.config import BouncesConfig, Config, load_config
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import PAYERS, generate_events
+from eobblast.events.verification import (
+    AddressVerificationFailed,
+    AddressVerificationRequested,
+    AddressVerified,
+    FailureReason,
+    VerificationChannel,
+    dump,
+)
 from eobblast.portal import create_app, serve_portal
 from eobblast.protect.dkim import generate_keys
 from eobblast.protect.services import ProtectionServices
@@ -30,6 +42,7 @@ from eobblast.protect.testcerts import MemberCertificates
 from eobblast.sandbox import Sandbox, TestPki, default_sandbox_domains, make_test_pki
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.supervisor import Supervisor
+from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces
 
 EVENT_PARTITIONS = 4
 # The demo's TLS policy list: domains the insurer believes accept verified TLS. Some of them
@@ -59,41 +72,56 @@ class DemoIncomplete(EobblastError):
         self.missing = missing
 
 
+# Statuses that will change again: a retry is scheduled, or the notice waits for the
+# member's address to be verified. Everything else is final for the demo.
+PENDING = {
+    "deferred": {"retry_scheduled", "in_flight"},
+    "held": {"awaiting_verification", "address_suppressed", "in_flight"},
+}
+
+
+def is_final(status: DeliveryStatus) -> bool:
+    """Whether a status ends its event's story (not a scheduled retry or a hold)."""
+    return str(status.reason) not in PENDING.get(str(status.status), set())
+
+
 @dataclass(slots=True)
 class Tally:
-    """Final statuses as they arrive from eob.delivery, one per event key."""
+    """The latest status of every event key, as they arrive from eob.delivery."""
 
-    by_status: Counter[str] = field(default_factory=Counter)
-    by_reason: dict[str, Counter[str]] = field(default_factory=dict)
-    by_tls: Counter[str] = field(default_factory=Counter)
-    by_protection: dict[str, Counter[str]] = field(default_factory=dict)
+    latest: dict[str, DeliveryStatus] = field(default_factory=dict)
+    history: Counter[str] = field(default_factory=Counter)
     latencies: list[float] = field(default_factory=list)
-    seen: set[str] = field(default_factory=set)
     republished: int = 0
+    changed_at: float = field(default_factory=time.monotonic)
 
     def add(self, key: str, status: DeliveryStatus) -> bool:
-        """Record one status; False if this event already had one (a republished status)."""
-        if key in self.seen:
+        """Record one status; True when this event has just reached a final status."""
+        previous = self.latest.get(key)
+        if previous is not None and previous.status_id == status.status_id:
             self.republished += 1
             return False
-        self.seen.add(key)
-        name, reason = str(status.status), str(status.reason)
-        self.by_status[name] += 1
-        self.by_reason.setdefault(name, Counter())[reason] += 1
-        if status.tls_version:
-            self.by_tls[status.tls_version] += 1
-        if status.protection and name == "delivered":
-            reasons = self.by_protection.setdefault(status.protection, Counter())
-            reasons[status.protection_reason or "unknown"] += 1
-        if status.source_timestamp is not None:
+        self.latest[key] = status
+        self.changed_at = time.monotonic()
+        self.history[f"{status.status}/{status.reason}"] += 1
+        if status.source_timestamp is not None and previous is None:
             delta = (status.occurred_at - status.source_timestamp).total_seconds()
             self.latencies.append(max(0.0, delta))
-        return True
+        return is_final(status) and (previous is None or not is_final(previous))
 
     @property
     def total(self) -> int:
-        """Events with a final status."""
-        return len(self.seen)
+        """Events whose latest status is final."""
+        return sum(1 for status in self.latest.values() if is_final(status))
+
+    def counts(self) -> tuple[Counter[str], dict[str, Counter[str]]]:
+        """Final statuses by status and by status/reason."""
+        by_status: Counter[str] = Counter()
+        by_reason: dict[str, Counter[str]] = {}
+        for status in self.latest.values():
+            by_status[str(status.status)] += 1
+            by_reason.setdefault(str(status.status), Counter())[str(status.reason)] += 1
+        return by_status, by_reason
 
 
 def _percentile(values: list[float], q: int) -> float:
@@ -111,18 +139,31 @@ def build_summary(tally: Tally, events: int, elapsed: float, sandbox: Sandbox) -
         entry = per_domain.setdefault(record.domain, {"received": 0, "received_over_tls": 0})
         entry["received"] += 1
         entry["received_over_tls"] += record.tls_version is not None
-    delivered = tally.by_status.get("delivered", 0)
+    by_status, by_reason = tally.counts()
+    by_tls: Counter[str] = Counter()
+    by_protection: dict[str, Counter[str]] = {}
+    for status in tally.latest.values():
+        if str(status.status) != "delivered":
+            continue
+        if status.tls_version:
+            by_tls[status.tls_version] += 1
+        if status.protection:
+            by_protection.setdefault(status.protection, Counter())[
+                status.protection_reason or "unknown"
+            ] += 1
+    delivered = by_status.get("delivered", 0)
     return {
         "events": events,
         "final_statuses": tally.total,
-        "by_status": dict(sorted(tally.by_status.items())),
-        "by_reason": {k: dict(sorted(v.items())) for k, v in sorted(tally.by_reason.items())},
-        "delivered_by_tls_version": dict(sorted(tally.by_tls.items())),
+        "by_status": dict(sorted(by_status.items())),
+        "by_reason": {k: dict(sorted(v.items())) for k, v in sorted(by_reason.items())},
+        "delivered_by_tls_version": dict(sorted(by_tls.items())),
         "delivered_by_protection": {
-            level: dict(sorted(reasons.items()))
-            for level, reasons in sorted(tally.by_protection.items())
+            level: dict(sorted(reasons.items())) for level, reasons in sorted(by_protection.items())
         },
+        "status_history": dict(sorted(tally.history.items())),
         "republished_statuses": tally.republished,
+        "dsns_sent_by_receivers": sum(sandbox.dsns_sent.values()),
         "elapsed_seconds": round(elapsed, 3),
         "events_per_second": round(tally.total / elapsed, 1) if elapsed else 0.0,
         "messages_per_second": round(delivered / elapsed, 1) if elapsed else 0.0,
@@ -154,7 +195,7 @@ def _prepare(out: Path, events: int, seed: int, config: Config, hosts: list[str]
             events, seed=seed, now=dt.datetime.now(dt.UTC), certificates=certificates
         ):
             sink.write(raw + b"\n")
-    for store in ("ledger.db", "escrow.db", "audit.db"):
+    for store in ("ledger.db", "escrow.db", "audit.db", "bounces.db"):
         for suffix in ("", "-wal", "-shm"):
             Path(f"{out / store}{suffix}").unlink(missing_ok=True)  # a fresh run, fresh stores
     return make_test_pki(out / "pki", hosts)
@@ -203,6 +244,7 @@ async def collect_statuses(
     wait_seconds: float,
     on_status: Callable[[DeliveryStatus], None] | None = None,
     failed: Callable[[], bool] = lambda: False,
+    settle: float = 2.0,
 ) -> None:
     """Read eob.delivery until every event has a final status or the time is up."""
     consumer = make_consumer(
@@ -217,7 +259,11 @@ async def collect_statuses(
     await consumer.start()
     deadline = time.monotonic() + wait_seconds
     try:
-        while tally.total < expected and time.monotonic() < deadline and not failed():
+        # Done when every event is final and nothing has changed for a moment (a DSN may
+        # still turn a delivered notice into a held one shortly after).
+        while time.monotonic() < deadline and not failed():
+            if tally.total >= expected and time.monotonic() - tally.changed_at > settle:
+                break
             batch = await consumer.getmany(timeout_ms=200)
             for records in batch.values():
                 for record in records:
@@ -226,6 +272,97 @@ async def collect_statuses(
                         on_status(status)
     finally:
         await consumer.stop()
+
+
+def demo_rules(path: Path) -> Path:
+    """The packaged bounce rules with demo timings: retries in seconds, not hours."""
+    text = (resources.files("eobblast.bounces") / DEFAULT_RULES_RESOURCE).read_text("utf-8")
+    for old, new in (
+        ("initial_delay_seconds = 300", "initial_delay_seconds = 1"),
+        ("max_delay_seconds = 14400", "max_delay_seconds = 2"),
+        ("max_age_seconds = 259200", "max_age_seconds = 6"),
+        ("timeout_seconds = 604800", "timeout_seconds = 8"),
+    ):
+        if old not in text:
+            raise EobblastError(ReasonCode.INTERNAL_ERROR, f"demo rules: {old!r} not found")
+        text = text.replace(old, new)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def member_addresses(path: Path) -> dict[str, str]:
+    """Member id -> address, from the demo's events (what the claims system knows)."""
+    known: dict[str, str] = {}
+    for line in path.read_bytes().splitlines():
+        try:
+            member = orjson.loads(line)["member"]
+            known[str(member["id"])] = str(member["email"])
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            continue
+    return known
+
+
+async def simulate_claims_system(
+    bootstrap: str, settings: BouncesConfig, addresses: dict[str, str], stop: asyncio.Event
+) -> Counter[str]:
+    """Answer verification requests as a member-services team would, by phone.
+
+    Every other member confirms a corrected address (the bouncing prefix removed); the
+    rest cannot be reached, and their notices fall back to paper.
+    """
+    consumer = make_consumer(
+        bootstrap,
+        f"eobblast-demo-claims-{time.time_ns()}",
+        [settings.verification_topic],
+        client_id="eobblast-demo-claims",
+        max_poll_records=100,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=1000,
+    )
+    producer = make_producer(bootstrap, client_id="eobblast-demo-claims")
+    await consumer.start()
+    await producer.start()
+    answered: Counter[str] = Counter()
+    try:
+        while not stop.is_set():
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for record in records:
+                    request = AddressVerificationRequested.model_validate_json(record.value)
+                    member = request.member_id
+                    now = dt.datetime.now(dt.UTC)
+                    result: AddressVerified | AddressVerificationFailed
+                    local, _, domain = addresses.get(member, "").partition("@")
+                    if domain and int(hashlib.sha256(member.encode()).hexdigest(), 16) % 2:
+                        for prefix in ("unknown-", "gone-"):
+                            local = local.removeprefix(prefix)
+                        result = AddressVerified.model_validate(
+                            {
+                                "request_id": request.request_id,
+                                "member_id": member,
+                                "address": f"{local}@{domain}",
+                                "channel": VerificationChannel.PHONE,
+                                "verified_by": "demo-member-services",
+                                "at": now,
+                            },
+                            context={"allow_test_domains": True},
+                        )
+                        answered["verified"] += 1
+                    else:
+                        result = AddressVerificationFailed(
+                            request_id=request.request_id,
+                            member_id=member,
+                            reason=FailureReason.NO_ANSWER,
+                            at=now,
+                        )
+                        answered["failed"] += 1
+                    await producer.send_and_wait(
+                        settings.results_topic, dump(result), key=member.encode()
+                    )
+    finally:
+        await consumer.stop()
+        await producer.stop()
+    return answered
 
 
 async def run_demo(
@@ -244,66 +381,115 @@ async def run_demo(
     domains = default_sandbox_domains()
     pki = await asyncio.to_thread(_prepare, out, events, seed, base, [d.name for d in domains])
     tally = Tally()
-    async with (
-        EmbeddedBroker(log_dir=out) as broker,
-        Sandbox(domains, out / "maildir", pki) as sandbox,
-    ):
-        kafka = base.kafka
+    kafka = base.kafka
+    bounce_settings: dict[str, Any] = {
+        "store_url": f"sqlite:///{out / 'bounces.db'}",
+        "verp_key_file": str(out / "keys" / "verp.key"),
+        "review_dir": str(out / "bounce-review"),
+        "bounce_domain": "bounces.sandbox.test",
+        "rules_file": str(await asyncio.to_thread(demo_rules, out / "bounce_rules.toml")),
+        "tick_interval": 0.5,
+    }
+    async with EmbeddedBroker(log_dir=out) as broker:
         await broker.create_topics(
-            {kafka.events_topic: EVENT_PARTITIONS, kafka.delivery_topic: 4, kafka.dlq_topic: 1}
+            {
+                kafka.events_topic: EVENT_PARTITIONS,
+                kafka.delivery_topic: 4,
+                kafka.dlq_topic: 1,
+                base.bounces.verification_topic: 1,
+                base.bounces.results_topic: 1,
+                base.bounces.paper_topic: 1,
+            }
         )
-        routes = {name: f"{host}:{port}" for name, (host, port) in sandbox.routes.items()}
         portal_settings = {
             "escrow_url": f"sqlite:///{out / 'escrow.db'}",
             "audit_url": f"sqlite:///{out / 'audit.db'}",
             "key_dir": str(out / "portal-keys"),
             "audit_key_file": str(out / "portal-keys" / "audit.key"),
         }
-        portal_config = load_config(environ={}, overrides={"portal": portal_settings})
-        services = await ProtectionServices.open(portal_config)  # creates the portal keys
+        shared = {
+            "portal": portal_settings,
+            "bounces": bounce_settings,
+            "kafka": {
+                "bootstrap": broker.bootstrap,
+                "session_timeout_ms": 3000,
+                "heartbeat_interval_ms": 1000,
+            },
+            "pipeline": {"allow_test_domains": True},
+        }
+        services = await ProtectionServices.open(load_config(environ={}, overrides=shared))
         assert services.escrow is not None and services.audit is not None
         portal = await serve_portal(create_app(services.escrow, services.audit, hsts=False))
         portal_settings["base_url"] = f"{portal.url}/p/"
-        config = load_config(
-            environ={},
-            overrides={
-                "protection": {"tls_policy_domains": list(DEMO_TLS_POLICY_DOMAINS)},
-                "portal": portal_settings,
-                "dkim": {"key_dir": str(out / "keys"), "selector": base.dkim.selector},
-                "transport": {"ca_bundle": str(pki.ca), "routes": routes},
-                "pipeline": {"allow_test_domains": True},
-                "kafka": {
-                    "bootstrap": broker.bootstrap,
-                    "session_timeout_ms": 3000,
-                    "heartbeat_interval_ms": 1000,
-                },
-                "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
-                "workers": {"count": workers, "grace_period": 10.0},
-            },
+        # The bounce listener: receivers send their DSNs to the VERP return path's MX.
+        listener_config = load_config(environ={}, overrides=shared)
+        bounce_producer = make_producer(broker.bootstrap, client_id="eobblast-demo-bounces")
+        await bounce_producer.start()
+        bounce_service = await open_bounces(
+            listener_config,
+            services,
+            ProducerPublisher(bounce_producer),
+            actor="bounce-listener",
         )
-        await asyncio.to_thread(write_config, out / "eobblast.toml", portal_settings)
-        started = time.perf_counter()
-        published = await publish_events(broker.bootstrap, kafka.events_topic, out / "events.jsonl")
-        stop = asyncio.Event()
-        supervisor = Supervisor(config, workers=workers, log_level=log_level)
-        supervising = asyncio.create_task(supervisor.run(stop))
+        listener = await serve_bounces(
+            dsn_handler(bounce_service, bounce_producer, kafka.delivery_topic),
+            "127.0.0.1",
+            0,
+            bounce_domain=listener_config.bounces.bounce_domain,
+            review_dir=listener_config.bounces.review_dir,
+            prefix=listener_config.bounces.verp_prefix,
+        )
         try:
-            await collect_statuses(
-                broker.bootstrap,
-                kafka.delivery_topic,
-                published,
-                tally,
-                wait_seconds=wait_seconds or 60.0 + events / 20,
-                on_status=on_status,
-                failed=supervising.done,
-            )
+            async with Sandbox(
+                domains, out / "maildir", pki, bounce_route=("127.0.0.1", listener.port)
+            ) as sandbox:
+                routes = {n: f"{host}:{port}" for n, (host, port) in sandbox.routes.items()}
+                config = load_config(
+                    environ={},
+                    overrides={
+                        **shared,
+                        "protection": {"tls_policy_domains": list(DEMO_TLS_POLICY_DOMAINS)},
+                        "dkim": {"key_dir": str(out / "keys"), "selector": base.dkim.selector},
+                        "transport": {"ca_bundle": str(pki.ca), "routes": routes},
+                        "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
+                        "workers": {"count": workers, "grace_period": 10.0},
+                    },
+                )
+                await asyncio.to_thread(write_config, out / "eobblast.toml", portal_settings)
+                addresses = await asyncio.to_thread(member_addresses, out / "events.jsonl")
+                started = time.perf_counter()
+                published = await publish_events(
+                    broker.bootstrap, kafka.events_topic, out / "events.jsonl"
+                )
+                stop = asyncio.Event()
+                supervisor = Supervisor(config, workers=workers, log_level=log_level)
+                supervising = asyncio.create_task(supervisor.run(stop))
+                claims = asyncio.create_task(
+                    simulate_claims_system(broker.bootstrap, config.bounces, addresses, stop)
+                )
+                try:
+                    await collect_statuses(
+                        broker.bootstrap,
+                        kafka.delivery_topic,
+                        published,
+                        tally,
+                        wait_seconds=wait_seconds or 90.0 + events / 20,
+                        on_status=on_status,
+                        failed=supervising.done,
+                    )
+                finally:
+                    stop.set()
+                    await supervising
+                    answered = await claims
+                elapsed = time.perf_counter() - started
+                summary = build_summary(tally, events, elapsed, sandbox)
+                summary["verification_answers"] = dict(sorted(answered.items()))
         finally:
-            stop.set()
-            await supervising
+            await listener.stop()
+            await bounce_service.store.close()
+            await bounce_producer.stop()
             await portal.stop()
             await services.close()
-        elapsed = time.perf_counter() - started
-        summary = build_summary(tally, events, elapsed, sandbox)
     document = orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n"
     await asyncio.to_thread((out / "summary.json").write_bytes, document)
     return summary

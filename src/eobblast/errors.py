@@ -43,6 +43,17 @@ class ReasonCode(enum.StrEnum):
     NO_PORTAL_IDENTITY = "no_portal_identity"
     SMIME_FAILED = "smime_failed"
     INTERNAL_ERROR = "internal_error"
+    # verify-before-resend (values equal eobblast.bounces.service.BounceReason's)
+    RETRY_SCHEDULED = "retry_scheduled"
+    IN_FLIGHT = "in_flight"
+    AWAITING_VERIFICATION = "awaiting_verification"
+    ADDRESS_SUPPRESSED = "address_suppressed"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    UNDELIVERABLE = "undeliverable"
+    VERIFICATION_FAILED = "verification_failed"
+    VERIFICATION_TIMEOUT = "verification_timeout"
+    PAYLOAD_UNAVAILABLE = "payload_unavailable"
+    UNKNOWN_EVENT = "unknown_event"
 
 
 class Outcome(enum.StrEnum):

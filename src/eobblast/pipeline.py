@@ -5,9 +5,18 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+from eobblast.bounces.category import BounceCategory
+from eobblast.bounces.service import (
+    BounceOutcome,
+    BounceService,
+    Held,
+    Resend,
+    SendPermitted,
+    Settled,
+)
 from eobblast.config import Config
 from eobblast.errors import ConfigError, DeliveryError, Outcome, ReasonCode
 from eobblast.events import EobIssued, Rejection, validate_event
@@ -26,6 +35,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.protect.smime import SmimeError, smime_message
 from eobblast.render import RenderedMessage, Renderer
 from eobblast.transport import Transport
+from eobblast.transport.pool import SmtpReplyError
 
 log = logging.getLogger("eobblast.pipeline")
 
@@ -44,6 +54,20 @@ class EventOutcome:
     field: str | None = None
     protection: str | None = None
     protection_reason: str | None = None
+    retry_at: dt.datetime | None = None
+    bounce_category: str | None = None
+
+
+def bounce_event_outcome(decided: BounceOutcome, latency: float) -> EventOutcome:
+    """The status of a notice as the bounce service decided it (held, deferred, paper ...)."""
+    return EventOutcome(
+        decided.event_id,
+        decided.outcome,
+        ReasonCode(decided.reason),
+        latency,
+        retry_at=decided.retry_at,
+        bounce_category=decided.category,
+    )
 
 
 class SignerStore:
@@ -80,8 +104,10 @@ class Pipeline:
         signers: SignerStore | None = None,
         protection: ProtectionServices | None = None,
         actor: str = "eobblast",
+        bounces: BounceService | None = None,
     ) -> None:
         self._config = config
+        self._bounces = bounces
         self._transport = transport
         self._protection = protection or ProtectionServices.policy_only(config)
         self._actor = actor
@@ -127,10 +153,22 @@ class Pipeline:
             )
         return event
 
-    async def deliver(self, event: EobIssued, start: float) -> EventOutcome:
-        """Gate, render, sign and deliver a validated event; never raises."""
+    async def deliver(
+        self,
+        event: EobIssued,
+        start: float,
+        *,
+        raw: bytes = b"",
+        resend: Resend | None = None,
+    ) -> EventOutcome:
+        """Gate, render, sign and deliver a validated event; never raises.
+
+        `raw` is the event as consumed (kept by the bounce service for a hold or a retry);
+        `resend` is the bounce service's permission for a retry or a release, in place of
+        the gate's.
+        """
         try:
-            return await self._send(event, start, time.perf_counter())
+            return await self._send(event, start, time.perf_counter(), raw, resend)
         except Exception:
             # A bug must not stop the run or lose the event: it is recorded as failed.
             log.exception("internal error while processing an event")
@@ -141,7 +179,14 @@ class Pipeline:
                 time.perf_counter() - start,
             )
 
-    async def _send(self, event: EobIssued, start: float, t_valid: float) -> EventOutcome:
+    async def _send(
+        self,
+        event: EobIssued,
+        start: float,
+        t_valid: float,
+        raw: bytes,
+        resend: Resend | None,
+    ) -> EventOutcome:
         event_id = event.event_id
         if not event.member.consent.electronic_delivery:
             log.info("event held", extra={"event_id": event_id, "reason": ReasonCode.NO_CONSENT})
@@ -153,15 +198,42 @@ class Pipeline:
             return EventOutcome(
                 event_id, Outcome.FAILED, ReasonCode.NO_SIGNING_KEY, time.perf_counter() - start
             )
+        if self._bounces is not None:
+            # Verify-before-resend: only the bounce service's permission sends, and only to
+            # the address it names (a verified address may have replaced the event's).
+            to = event.member.email
+            if resend is not None:
+                to = resend.to
+            else:
+                gate = await self._bounces.gate(event_id, event.member.id, to, raw)
+                match gate:
+                    case Held():
+                        log.info("event held", extra={"event_id": event_id, "reason": gate.reason})
+                        return bounce_event_outcome(gate.outcome, time.perf_counter() - start)
+                    case Settled(outcome=settled):
+                        return bounce_event_outcome(settled, time.perf_counter() - start)
+                    case SendPermitted():
+                        to = gate.to
+            if to != event.member.email:
+                member = event.member.model_copy(update={"email": to})
+                event = event.model_copy(update={"member": member})
         services = self._protection
         now = dt.datetime.now(dt.UTC)
         recipient = RecipientFacts.for_member(event.member.email, event.member.smime_certificate)
         decision = choose_protection(
             recipient, services.tls.facts(recipient.domain, now), services.org, now
         )
+        await services.record(
+            event_id,
+            AuditAction.PROTECTION_CHOSEN,
+            actor=self._actor,
+            member_id=event.member.id,
+            protection=decision.level,
+            reason=decision.reason,
+        )
         timing = _Timing(start, t_valid)
         if decision.level is ProtectionLevel.PORTAL:
-            return await self._send_portal(event, signer, decision.reason, timing)
+            return await self._send_portal(event, signer, decision.reason, timing, raw)
         message = self._renderer.render(event, now=now)
         if decision.level is ProtectionLevel.SMIME:
             assert recipient.certificate is not None  # the policy chose S/MIME because of it
@@ -173,7 +245,9 @@ class Pipeline:
                     event_id, Outcome.FAILED, ReasonCode.SMIME_FAILED, protection=decision
                 )
         timing.rendered()
-        outcome = await self._deliver(event, signer, message, decision, timing, verified=True)
+        outcome = await self._deliver(
+            event, signer, message, decision, timing, verified=True, raw=raw
+        )
         if outcome.outcome is Outcome.DELIVERED:
             return outcome
         if outcome.reason in _TLS_FAILURES:
@@ -185,12 +259,17 @@ class Pipeline:
                 extra={"event_id": event_id, "reason": outcome.reason},
             )
             return await self._send_portal(
-                event, signer, PolicyReason.TLS_FAILED_AT_DELIVERY, timing
+                event, signer, PolicyReason.TLS_FAILED_AT_DELIVERY, timing, raw
             )
         return outcome
 
     async def _send_portal(
-        self, event: EobIssued, signer: DkimSigner, reason: PolicyReason, timing: _Timing
+        self,
+        event: EobIssued,
+        signer: DkimSigner,
+        reason: PolicyReason,
+        timing: _Timing,
+        raw: bytes,
     ) -> EventOutcome:
         services = self._protection
         decision = Decision(ProtectionLevel.PORTAL, reason)
@@ -227,7 +306,7 @@ class Pipeline:
         )
         timing.rendered()
         # The notice carries no PHI: it may travel over whatever TLS the receiver offers.
-        return await self._deliver(event, signer, notice, decision, timing, verified=False)
+        return await self._deliver(event, signer, notice, decision, timing, verified=False, raw=raw)
 
     async def _deliver(
         self,
@@ -238,13 +317,19 @@ class Pipeline:
         timing: _Timing,
         *,
         verified: bool,
+        raw: bytes,
     ) -> EventOutcome:
         event_id = event.event_id
         data = message.to_bytes(signer.sign(message.headers, message.body))
         timing.signed()
         try:
+            # With verify-before-resend, the envelope sender is the event's VERP address:
+            # asynchronous bounces come back to the bounce listener, mapped to this event.
+            mail_from = (
+                message.mail_from if self._bounces is None else self._bounces.return_path(event_id)
+            )
             reply = await self._transport.deliver(
-                message.mail_from, message.rcpt_to, data, verified_tls=verified
+                mail_from, message.rcpt_to, data, verified_tls=verified
             )
         except DeliveryError as exc:
             timing.delivered()
@@ -258,7 +343,7 @@ class Pipeline:
                     "smtp_code": exc.smtp_code,
                 },
             )
-            return timing.outcome(
+            failed = timing.outcome(
                 event_id,
                 outcome,
                 exc.reason,
@@ -266,7 +351,12 @@ class Pipeline:
                 smtp_code=exc.smtp_code,
                 enhanced_status=(exc.detail.partition(" ")[2] or None) if exc.smtp_code else None,
             )
+            if self._bounces is None or (verified and exc.reason in _TLS_FAILURES):
+                return failed  # a TLS failure: _send protects it again as a portal notice
+            return await self._bounce(event, message.rcpt_to, raw, exc, failed)
         timing.delivered()
+        if self._bounces is not None:
+            await self._bounces.on_delivered(event_id, message.rcpt_to)
         if reply.tls_verified and reply.tls_version is not None:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
@@ -288,6 +378,41 @@ class Pipeline:
             smtp_code=reply.code,
             enhanced_status=reply.enhanced,
             tls_version=reply.tls_version,
+        )
+
+    async def _bounce(
+        self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome
+    ) -> EventOutcome:
+        """Hand a failed delivery to verify-before-resend; the status says what it decided."""
+        assert self._bounces is not None
+        if isinstance(exc, SmtpReplyError):
+            decided = await self._bounces.on_delivery_failure(
+                event.event_id,
+                event.member.id,
+                to,
+                raw,
+                exc.smtp_code,
+                exc.enhanced,
+                exc.reply_text,
+            )
+        else:
+            # No reply at all (connect failure, timeout, lost connection): try again later.
+            decided = await self._bounces.on_delivery_failure(
+                event.event_id,
+                event.member.id,
+                to,
+                raw,
+                None,
+                None,
+                None,
+                category=BounceCategory.SOFT,
+            )
+        return replace(
+            failed,
+            outcome=decided.outcome,
+            reason=ReasonCode(decided.reason),
+            retry_at=decided.retry_at,
+            bounce_category=decided.category,
         )
 
 

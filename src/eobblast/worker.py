@@ -16,17 +16,29 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any
 
 import orjson
 
+from eobblast.bounces.rules import load_rules
+from eobblast.bounces.service import (
+    BounceOutcome,
+    BounceService,
+    BounceTopics,
+    DsnReport,
+    Publisher,
+    Resend,
+)
+from eobblast.bounces.store import open_bounce_store
+from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
 from eobblast.errors import Outcome, ReasonCode
 from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, status_id
+from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
-from eobblast.pipeline import EventOutcome, Pipeline
-from eobblast.protect.services import ProtectionServices
+from eobblast.pipeline import EventOutcome, Pipeline, bounce_event_outcome
+from eobblast.protect.services import ProtectionServices, load_or_create_secret
 from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
@@ -71,20 +83,17 @@ class Worker:
         ledger: SendLedger,
         *,
         worker_id: str,
+        bounces: BounceService | None = None,
     ) -> None:
         self._config = config
         self._pipeline = pipeline
         self._ledger = ledger
+        self._bounces = bounces
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
-        self._slot_freed = asyncio.Event()
-        # Status events acknowledged by Kafka, marked in the ledger in one batch per commit.
-        self._published: list[str] = []
-        # ... and remembered here until then, so a duplicate arriving meanwhile is skipped.
-        self._unmarked: set[str] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = False
@@ -108,9 +117,85 @@ class Worker:
         await self._start_clients()
         log.info("worker started", extra={"worker": self.worker_id})
         try:
-            await self._loop(stop)
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._loop(stop))
+                if self._bounces is not None:
+                    group.create_task(self._bounce_timers(stop))
+                    group.create_task(self._verification_results(stop))
         finally:
             await self._drain_and_close()
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """The bounce service's Publisher: its records go out as statuses do, acknowledged."""
+        await self._send(topic, key, value)
+
+    async def _bounce_timers(self, stop: asyncio.Event) -> None:
+        """Due retries, lost resends and verification deadlines, claimed by one worker each."""
+        assert self._bounces is not None
+        while not stop.is_set():
+            try:
+                result = await self._bounces.tick()
+                await self._settle(result.resends, result.outcomes)
+            except Exception as exc:
+                # Claims run out and another tick (here or elsewhere) takes the timers again.
+                log.warning("bounce timers failed: %s", type(exc).__name__)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._config.bounces.tick_interval)
+
+    async def _verification_results(self, stop: asyncio.Event) -> None:
+        """Consume AddressVerified / AddressVerificationFailed; release or fall back."""
+        assert self._bounces is not None
+        kafka, settings = self._config.kafka, self._config.bounces
+        consumer = make_consumer(
+            kafka.bootstrap,
+            settings.results_group_id,
+            [settings.results_topic],
+            client_id=f"{self.worker_id}-verification",
+            max_poll_records=100,
+            session_timeout_ms=kafka.session_timeout_ms,
+            heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+        )
+        await consumer.start()
+        try:
+            while not stop.is_set():
+                batch = await consumer.getmany(timeout_ms=200)
+                for tp, records in batch.items():
+                    for record in records:
+                        try:
+                            result = parse_verification_result(
+                                record.value,
+                                allow_test_domains=self._config.pipeline.allow_test_domains,
+                            )
+                        except VerificationResultError as exc:
+                            log.warning("verification result refused", extra={"why": exc.detail})
+                            continue
+                        decided = await self._bounces.on_verification_result(result)
+                        await self._settle(decided.resends, decided.outcomes)
+                    # Only once every release of the batch went out (or is leased for tick).
+                    await consumer.commit({tp: records[-1].offset + 1})
+        finally:
+            with contextlib.suppress(KafkaError, OSError):
+                await consumer.stop()
+
+    async def _settle(self, resends: Sequence[Resend], outcomes: Sequence[BounceOutcome]) -> None:
+        """Send what the bounce service hands back; publish every notice's new status."""
+        for decided in outcomes:
+            outcome = bounce_event_outcome(decided, 0.0)
+            await self._ledger.finish(decided.event_id, outcome.outcome, outcome.reason)
+            self._pipeline.observe(outcome)
+            await self._publish_status(outcome, decided.event_id, 1, None)
+        for resend in resends:
+            start = time.perf_counter()
+            checked = self._pipeline.validate(resend.raw_event, start)
+            if isinstance(checked, EventOutcome):
+                continue  # validated once already: only a schema change could get here
+            outcome = await self._pipeline.deliver(
+                checked, start, raw=resend.raw_event, resend=resend
+            )
+            await self._ledger.finish(resend.event_id, outcome.outcome, outcome.reason)
+            self._pipeline.observe(outcome)
+            attempt = resend.deliverable.attempt
+            await self._publish_status(outcome, resend.event_id, attempt, None)
 
     async def _start_clients(self) -> None:
         assert self._producer is not None and self._consumer is not None
@@ -135,23 +220,15 @@ class Worker:
         paused = False
         while not stop.is_set():
             free = limit - self._tracker.in_flight
-            wait_ms = 100
             if free <= 0:
                 if not paused:
                     consumer.pause(*consumer.assignment())
                     paused = True
-                # Full: wake as soon as a record finishes (not after a fixed poll timeout),
-                # and still poll (without waiting) so the group keeps this member.
-                self._slot_freed.clear()
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(0.1):
-                        await self._slot_freed.wait()
-                wait_ms = 0
             elif paused:
                 consumer.resume(*consumer.assignment())
                 paused = False
             try:
-                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=max(1, free))
+                batch = await consumer.getmany(timeout_ms=100, max_records=max(1, free))
             except KafkaError:
                 log.warning("fetch failed; retrying", exc_info=True)
                 await asyncio.sleep(0.5)
@@ -169,12 +246,6 @@ class Worker:
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         assert self._consumer is not None
-        if self._published:
-            # Losing these marks in a crash only means a redelivered event's status is
-            # published again (same status_id), never a second email.
-            published, self._published = self._published, []
-            await self._ledger.mark_published(published)
-            self._unmarked.difference_update(published)
         offsets = self._tracker.committable()
         if only is not None:
             keep = set(only)
@@ -244,7 +315,6 @@ class Worker:
                 del self._by_key[key]
         if published:
             self._tracker.mark_done(tp, record.offset)
-            self._slot_freed.set()
 
     async def _process(self, tp: TopicPartition, record: Any) -> bool:
         start = time.perf_counter()
@@ -282,13 +352,12 @@ class Worker:
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sending[event_id] = future
         try:
-            outcome = await self._pipeline.deliver(checked, start)
+            outcome = await self._pipeline.deliver(checked, start, raw=value)
             await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
             self._pipeline.observe(outcome)
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
             await self._publish_status(outcome, event_id, attempt, record.timestamp)
-            self._published.append(event_id)
-            self._unmarked.add(event_id)
+            await self._ledger.mark_published([event_id])
         finally:
             # Waiters (the same event published twice) look again only once all is recorded.
             self._sending.pop(event_id, None)
@@ -296,7 +365,7 @@ class Worker:
         return True
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
-        if entry.status_published or entry.event_id in self._unmarked:
+        if entry.status_published:
             self.duplicates_skipped += 1
             metrics.DUPLICATES.inc()
             return True
@@ -307,8 +376,7 @@ class Worker:
             0.0,
         )
         await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms)
-        self._published.append(entry.event_id)
-        self._unmarked.add(entry.event_id)
+        await self._ledger.mark_published([entry.event_id])
         return True
 
     async def _reject(
@@ -355,6 +423,8 @@ class Worker:
             tls_version=outcome.tls_version,
             protection=outcome.protection,
             protection_reason=outcome.protection_reason,
+            retry_at=outcome.retry_at,
+            bounce_category=outcome.bounce_category,
             attempt=attempt,
             worker=self.worker_id,
             occurred_at=dt.datetime.now(dt.UTC),
@@ -381,17 +451,102 @@ class Worker:
                 await asyncio.sleep(backoff_delay(attempt))
 
 
+async def open_bounces(
+    config: Config, protection: ProtectionServices, publisher: Publisher, *, actor: str
+) -> BounceService:
+    """The bounce service as configured (its store opened; close `service.store`)."""
+    settings = config.bounces
+    store = await open_bounce_store(settings.store_url)
+    secret = load_or_create_secret(settings.verp_key_file)
+    return BounceService(
+        store,
+        publisher,
+        rules=load_rules(settings.rules_file) if settings.rules_file else None,
+        verp_keys=[VerpKey(settings.verp_key_id, secret)],
+        bounce_domain=settings.bounce_domain,
+        verp_prefix=settings.verp_prefix,
+        audit=protection.audit,
+        member_ref=protection.member_ref if protection.audit is not None else None,
+        actor=actor,
+        topics=BounceTopics(
+            settings.verification_topic, settings.paper_topic, settings.results_topic
+        ),
+        send_lease=dt.timedelta(seconds=settings.send_lease_seconds),
+        payload_retention=dt.timedelta(hours=settings.payload_retention_hours),
+    )
+
+
+class ProducerPublisher:
+    """A Publisher over a started Kafka producer (waits for the acknowledgement)."""
+
+    def __init__(self, producer: AIOKafkaProducer) -> None:
+        self._producer = producer
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Produce one record and wait until Kafka has it."""
+        await self._producer.send_and_wait(topic, value, key=key)
+
+
+def dsn_handler(
+    service: BounceService, producer: AIOKafkaProducer, delivery_topic: str
+) -> Callable[[bytes, str], Awaitable[DsnReport]]:
+    """The bounce listener's handler: apply a DSN, then publish the notice's new status."""
+
+    async def handle(raw: bytes, envelope_to: str) -> DsnReport:
+        report = await service.on_dsn(raw, envelope_to)
+        for result in report.results:
+            # The notice's status changed after its delivery status was published.
+            outcome = bounce_event_outcome(result.outcome, 0.0)
+            status = DeliveryStatus(
+                status_id=status_id(result.event_id, outcome.outcome, 1),
+                event_id=result.event_id,
+                status=outcome.outcome,
+                reason=outcome.reason,
+                retry_at=outcome.retry_at,
+                bounce_category=outcome.bounce_category,
+                worker="bounce-listener",
+                occurred_at=dt.datetime.now(dt.UTC),
+            )
+            await producer.send_and_wait(
+                delivery_topic,
+                orjson.dumps(status.model_dump(mode="json", by_alias=True)),
+                key=result.event_id.encode(),
+            )
+        return report
+
+    return handle
+
+
+class _LateBound:
+    """A Publisher that forwards to the worker once it exists (they need each other)."""
+
+    target: Publisher | None = None
+
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        assert self.target is not None
+        await self.target.publish(topic, key, value)
+
+
 async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     """Build the pipeline, the ledger and the worker, and run until `stop` is set."""
     worker_id = new_worker_id(index)
     transport = Transport.from_config(config.transport)
     ledger = await open_ledger(config.ledger.url)
     protection = await ProtectionServices.open(config)
-    pipeline = Pipeline(config, transport, protection=protection, actor=f"worker-{index}")
-    worker = Worker(config, pipeline, ledger, worker_id=worker_id)
+    publisher = _LateBound()
+    bounces = None
+    if config.bounces.enabled:
+        bounces = await open_bounces(config, protection, publisher, actor=f"worker-{index}")
+    pipeline = Pipeline(
+        config, transport, protection=protection, actor=f"worker-{index}", bounces=bounces
+    )
+    worker = Worker(config, pipeline, ledger, worker_id=worker_id, bounces=bounces)
+    publisher.target = worker
     try:
         await worker.run(stop)
     finally:
         await transport.aclose()
         await ledger.close()
         await protection.close()
+        if bounces is not None:
+            await bounces.store.close()

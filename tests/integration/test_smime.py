@@ -37,7 +37,7 @@ OPENSSL = shutil.which("openssl")
 pytestmark = pytest.mark.skipif(OPENSSL is None, reason="openssl CLI not installed")
 
 NOW = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
-CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0)
+CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 SELECTOR = "eob1"
 
 

@@ -25,7 +25,7 @@ from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.transport import Transport
 from eobblast.worker import Worker, new_worker_id
 
-CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0)
+CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 
 
 def accept_domains(third_octet: int, count: int = 2) -> list[SandboxDomain]:
@@ -96,6 +96,13 @@ class Stack:
                 "workers": {"grace_period": 10.0, "restart_delay": 0.2, **workers},
                 # the stack's receivers verify: EOBs go over TLS, not to the portal
                 "protection": {"tls_policy_domains": list(self.sandbox.routes)},
+                "bounces": {
+                    "store_url": f"sqlite:///{self.directory / 'bounces.db'}",
+                    "verp_key_file": str(self.directory / "verp.key"),
+                    "review_dir": str(self.directory / "bounce-review"),
+                    "results_topic": f"{self.prefix}.verification-results",
+                    "results_group_id": f"{self.prefix}-verification",
+                },
                 "portal": {
                     "escrow_url": f"sqlite:///{self.directory / 'escrow.db'}",
                     "audit_url": f"sqlite:///{self.directory / 'audit.db'}",

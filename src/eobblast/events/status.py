@@ -46,6 +46,12 @@ class DeliveryStatus(_Out):
     protection_reason: str | None = Field(
         default=None, description="Why that protection level (a policy reason code)."
     )
+    retry_at: dt.datetime | None = Field(
+        default=None, description="For deferred: when the next attempt is due."
+    )
+    bounce_category: str | None = Field(
+        default=None, description="The bounce category (hard_address, soft ...), if any."
+    )
     attempt: int = 1
     worker: str
     occurred_at: dt.datetime

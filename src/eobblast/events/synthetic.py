@@ -54,6 +54,8 @@ class Mix:
     malformed: float = 0.03
     unknown_user: float = 0.03
     busy_mailbox: float = 0.02
+    # Accepted, then bounced by a DSN a moment later (the sandbox's "gone-" rule).
+    gone: float = 0.03
     spanish: float = 0.3
     # Members with an S/MIME certificate on file (only when a certificate source is given).
     smime: float = 0.05
@@ -120,6 +122,8 @@ def synthetic_event(
         local = "unknown-" + local
     elif roll < mix.unknown_user + mix.busy_mailbox:
         local = "busy-" + local
+    elif roll < mix.unknown_user + mix.busy_mailbox + mix.gone:
+        local = "gone-" + local
     start = now.date() - dt.timedelta(days=rng.randrange(10, 90))
     lines = [_service_line(rng) for _ in range(rng.randrange(1, 5))]
     consent = rng.random() >= mix.no_consent
