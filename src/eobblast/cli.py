@@ -336,6 +336,15 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
     _run(serve())
 
 
+def _register_pools() -> None:
+    from eobblast.shaping.cli import pools
+
+    main.add_command(pools)
+
+
+_register_pools()
+
+
 def _summary_table(summary: dict[str, Any]) -> Table:
     table = Table(title="eobblast demo")
     table.add_column("status")

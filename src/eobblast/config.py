@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from eobblast.errors import ConfigError
+from eobblast.shaping.engine import ShapingConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,6 +168,7 @@ class Config:
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     protection: ProtectionConfig = field(default_factory=ProtectionConfig)
     portal: PortalConfig = field(default_factory=PortalConfig)
+    shaping: ShapingConfig = field(default_factory=ShapingConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
 
 

@@ -37,6 +37,7 @@ class ReasonCode(enum.StrEnum):
     RECIPIENT_REJECTED = "recipient_rejected"
     MESSAGE_REJECTED = "message_rejected"
     TEMPORARY_FAILURE = "temporary_failure"
+    SHAPING_DEFERRED = "shaping_deferred"
     CONNECTION_LOST = "connection_lost"
     NO_SIGNING_KEY = "no_signing_key"
     PORTAL_UNAVAILABLE = "portal_unavailable"

@@ -329,7 +329,12 @@ class Pipeline:
                 message.mail_from if self._bounces is None else self._bounces.return_path(event_id)
             )
             reply = await self._transport.deliver(
-                mail_from, message.rcpt_to, data, verified_tls=verified
+                mail_from,
+                message.rcpt_to,
+                data,
+                verified_tls=verified,
+                # Notices and EOBs may use different IP pools (traffic classes in config).
+                traffic_class="eob" if verified else "portal_notice",
             )
         except DeliveryError as exc:
             timing.delivered()

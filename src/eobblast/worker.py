@@ -530,7 +530,7 @@ class _LateBound:
 async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     """Build the pipeline, the ledger and the worker, and run until `stop` is set."""
     worker_id = new_worker_id(index)
-    transport = Transport.from_config(config.transport)
+    transport = await Transport.open(config.transport, config.shaping)
     ledger = await open_ledger(config.ledger.url)
     protection = await ProtectionServices.open(config)
     publisher = _LateBound()

@@ -1,7 +1,8 @@
 """Shaping: IP pools, warm-up schedules, per-destination limits, adaptive backoff, budgets.
 
 Shaping is data (config/warmup.toml, config/pools.toml); this package is the engine over
-it. Decisions are pure functions; `budgets` is the only part that does I/O.
+it. Decisions are pure functions; `budgets` does the store I/O, and `engine.Shaper` is the
+per-worker shell the Transport consults for every message (`cli` prints pool status).
 """
 
 from eobblast.shaping.backoff import (
@@ -28,6 +29,14 @@ from eobblast.shaping.budgets import (
     SqliteBudgetStore,
     Suspension,
     open_budgets,
+)
+from eobblast.shaping.engine import (
+    DeferReason,
+    PairView,
+    Shaper,
+    ShapingConfig,
+    ShapingDeferred,
+    Ticket,
 )
 from eobblast.shaping.limits import DestinationLimits, RateShaper, ShapingLimits
 from eobblast.shaping.pools import IpPool, PoolConfig, SourceIp, load_pools, loads_pools
@@ -58,6 +67,7 @@ __all__ = [
     "BudgetLeaser",
     "BudgetStore",
     "BudgetUsage",
+    "DeferReason",
     "DestinationLimits",
     "IpActivity",
     "IpBudget",
@@ -65,6 +75,7 @@ __all__ = [
     "IpStatus",
     "Lease",
     "LeaseRequest",
+    "PairView",
     "PoolConfig",
     "PoolStatus",
     "PostgresBudgetStore",
@@ -73,11 +84,15 @@ __all__ = [
     "Providers",
     "RateShaper",
     "ReplySignal",
+    "Shaper",
+    "ShapingConfig",
+    "ShapingDeferred",
     "ShapingLimits",
     "ShapingSettings",
     "SourceIp",
     "SqliteBudgetStore",
     "Suspension",
+    "Ticket",
     "WaitReason",
     "WaitUntil",
     "WarmupPlan",

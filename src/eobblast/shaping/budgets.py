@@ -529,15 +529,25 @@ class BudgetLeaser:
         self._held: dict[tuple[str, str], _Held] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._activity: dict[str, IpActivity] = {}
+        # (ip, provider) -> (hour, activity, cap, warming): the cap cannot change within an
+        # hour bucket for the same activity, and working it out costs several date
+        # conversions, which a busy worker would otherwise pay for every IP of every message.
+        self._caps: dict[tuple[str, str], tuple[int, IpActivity, int, bool]] = {}
 
-    async def acquire(self, ip: SourceIp, provider: str) -> bool:
-        """Take one unit of this hour's budget for (ip, provider); False: none left (defer)."""
-        key = (ip.address, provider)
-        held = self._held.get(key)
-        if held is not None and held.units > 0 and held.hour == hour_bucket(self._clock()):
+    def take_local(self, ip: str, provider: str, hour: int) -> bool:
+        """Spend a unit of the chunk this worker holds for the hour, if any (no I/O, no await)."""
+        held = self._held.get((ip, provider))
+        if held is not None and held.units > 0 and held.hour == hour:
             held.units -= 1
             held.sent += 1
             return True
+        return False
+
+    async def acquire(self, ip: SourceIp, provider: str) -> bool:
+        """Take one unit of this hour's budget for (ip, provider); False: none left (defer)."""
+        if self.take_local(ip.address, provider, hour_bucket(self._clock())):
+            return True
+        key = (ip.address, provider)
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
             now = self._clock()
@@ -604,6 +614,19 @@ class BudgetLeaser:
         """Load every IP's activity from the store (at start, then now and then for status)."""
         self._activity.update(await self._store.activities())
 
+    def give_back(self, ip: str, provider: str, hour: int) -> None:
+        """Return one unit taken this hour for a message that never reached the receiver."""
+        held = self._held.get((ip, provider))
+        # Only into the hour it came from: a unit of a settled hour would let this hour's
+        # counter exceed its cap.
+        if held is not None and held.hour == hour and held.sent > 0:
+            held.sent -= 1
+            held.units += 1
+
+    def known_activity(self, ip: str) -> IpActivity:
+        """The worker's last view of an IP's activity (for status and metrics)."""
+        return self._activity.get(ip, NEVER_USED)
+
     def note_deferred(self, ip: str, provider: str) -> None:
         """Count a message the receiver deferred; reported with the next store call."""
         key = (ip, provider)
@@ -615,21 +638,35 @@ class BudgetLeaser:
         held.deferred += 1
 
     def ip_budget(
-        self, ip: SourceIp, provider: str, *, not_before: float = 0.0, suspended: bool = False
+        self,
+        ip: SourceIp,
+        provider: str,
+        *,
+        not_before: float = 0.0,
+        suspended: bool = False,
+        now: float | None = None,
     ) -> IpBudget:
         """The worker's view of (ip, provider) for choose_ip, merged with the backoff state."""
-        now = self._clock()
+        if now is None:
+            now = self._clock()
+        hour = hour_bucket(now)
+        key = (ip.address, provider)
         activity = self._activity.get(ip.address, NEVER_USED)
-        cap = self._plan.hourly_cap(ip, provider, now, activity)
-        held = self._held.get((ip.address, provider))
+        cached = self._caps.get(key)
+        if cached is not None and cached[0] == hour and cached[1] is activity:
+            cap, warming = cached[2], cached[3]
+        else:
+            cap = self._plan.hourly_cap(ip, provider, now, activity)
+            warming = self._plan.is_warming(ip, now, activity)
+            self._caps[key] = (hour, activity, cap, warming)
+        held = self._held.get(key)
         remaining = cap
-        if held is not None and held.hour == hour_bucket(now):
+        if held is not None and held.hour == hour:
             left = held.store_left if held.store_left is not None else cap
             remaining = held.units + left
             until = held.suspended_until
             if until is not None and until > max(now, not_before):
                 not_before, suspended = until, True
-        warming = self._plan.is_warming(ip, now, activity)
         return IpBudget(cap, remaining, warming, not_before, suspended)
 
     async def sync_suspensions(self) -> dict[tuple[str, str], float]:

@@ -92,19 +92,25 @@ class RateShaper:
         """The configured limits of a provider (for the connection pool)."""
         return self._limits.for_provider(provider)
 
-    def rate(self, provider: str, ip: str) -> float:
+    def rate(self, provider: str, ip: str, *, scope: str | None = None) -> float:
         """The rate (messages per second) the (provider, IP) bucket currently drains at."""
-        entry = self._buckets.get((provider, ip))
+        entry = self._buckets.get((scope or provider, ip))
         return entry[0] if entry else self._limits.for_provider(provider).messages_per_second
 
-    def limiter(self, provider: str, ip: str, rate: float | None = None) -> AsyncLimiter:
-        """The limiter for (provider, IP), rebuilt if the wanted rate changed."""
+    def limiter(
+        self, provider: str, ip: str, rate: float | None = None, *, scope: str | None = None
+    ) -> AsyncLimiter:
+        """The limiter for (provider, IP), rebuilt if the wanted rate changed.
+
+        `scope` gives a destination its own bucket under the provider's limits (the engine
+        shapes each receiving site of the fallback provider on its own).
+        """
         if rate is not None and rate <= 0:
             # A zero rate is a pause: callers skip paused IPs (choose_ip) instead of waiting.
             raise ValueError("rate must be positive; a paused IP should not be chosen")
         limits = self._limits.for_provider(provider)
         wanted = limits.messages_per_second if rate is None else rate
-        key = (provider, ip)
+        key = (scope or provider, ip)
         entry = self._buckets.get(key)
         if entry is None or entry[0] != wanted:
             # aiolimiter fixes its rate at construction; tasks already queued on the old
@@ -114,6 +120,25 @@ class RateShaper:
             self._buckets[key] = entry
         return entry[1]
 
-    async def acquire(self, provider: str, ip: str, rate: float | None = None) -> None:
+    async def acquire(
+        self, provider: str, ip: str, rate: float | None = None, *, scope: str | None = None
+    ) -> None:
         """Wait for the next send slot of (provider, IP); `rate` overrides the configured one."""
-        await self.limiter(provider, ip, rate).acquire()
+        await self.limiter(provider, ip, rate, scope=scope).acquire()
+
+    def prune(self) -> int:
+        """Forget drained buckets (nobody waiting, back to full burst); returns how many.
+
+        Per-site buckets would otherwise grow with every receiving site ever seen; a drained
+        bucket holds no state that a new one would not have.
+        """
+        # A full bucket is one whose last sends have leaked away: a task still queued on it
+        # (woken but not yet run) keeps its own reference and finishes normally.
+        idle = [
+            key
+            for key, (_, limiter) in self._buckets.items()
+            if limiter.has_capacity(limiter.max_rate)
+        ]
+        for key in idle:
+            del self._buckets[key]
+        return len(idle)

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from eobblast.config import TransportConfig
 from eobblast.errors import DeliveryError, ReasonCode
+from eobblast.shaping.backoff import ReplySignal
+from eobblast.shaping.engine import DeferReason, Shaper, ShapingConfig, Ticket
 from eobblast.transport.pool import (
+    ConnectionLimits,
     ConnectionNotAvailable,
     PoolKey,
     SmtpPool,
     SmtpReply,
+    SmtpReplyError,
     make_tls_context,
 )
 from eobblast.transport.routes import Route, Router, parse_static_routes
 
 __all__ = [
+    "ConnectionLimits",
     "PoolKey",
     "Route",
     "Router",
     "SmtpPool",
     "SmtpReply",
+    "SmtpReplyError",
     "Transport",
     "make_tls_context",
     "parse_static_routes",
@@ -26,19 +34,44 @@ __all__ = [
 
 # A 421 or a hang-up before the message was accepted is retried on a fresh connection.
 _ATTEMPTS_PER_ROUTE = 3
+# ConnectionLimits kept for reuse (one per shaping scope and IP); cleared when full.
+_LIMITS_CACHE_SIZE = 10_000
+
+
+class _PushedBack(Exception):
+    """The receiver told this source IP to slow down or blocked it: shaping picks again."""
+
+    def __init__(self, reason: DeferReason) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 class Transport:
-    """Delivers one message to its recipient's domain over a pooled, verified TLS connection."""
+    """Delivers one message to its recipient's domain over a pooled, verified TLS connection.
 
-    def __init__(self, router: Router, pool: SmtpPool, *, source_address: str | None = None):
+    With a `Shaper`, every message is sent from the pool IP the shaper picks (bound as the
+    source address, greeting with that IP's EHLO name), within its warm-up budget and
+    per-destination limits, and the receiver's pushback is reported back to the shaper.
+    """
+
+    def __init__(
+        self,
+        router: Router,
+        pool: SmtpPool,
+        *,
+        source_address: str | None = None,
+        shaper: Shaper | None = None,
+    ) -> None:
         self._router = router
         self._pool = pool
         self._source = source_address
+        self._shaper = shaper
+        self._owns_shaper = False
+        self._limits: dict[tuple[str, str, int, int], ConnectionLimits] = {}
 
     @classmethod
-    def from_config(cls, config: TransportConfig) -> Transport:
-        """Build router and pool from the transport settings."""
+    def from_config(cls, config: TransportConfig, *, shaper: Shaper | None = None) -> Transport:
+        """Build router and pool from the transport settings (the caller owns `shaper`)."""
         ca = str(config.ca_bundle) if config.ca_bundle else None
         pool = SmtpPool(
             make_tls_context(ca),
@@ -50,42 +83,164 @@ class Transport:
             command_timeout=config.command_timeout,
         )
         router = Router(parse_static_routes(config.routes), cache_ttl=config.mx_cache_ttl)
-        return cls(router, pool, source_address=config.source_address)
+        return cls(router, pool, source_address=config.source_address, shaper=shaper)
+
+    @classmethod
+    async def open(cls, config: TransportConfig, shaping: ShapingConfig | None = None) -> Transport:
+        """Build the transport, shaped when `shaping` names a pools file; it owns the shaper."""
+        shaper = await Shaper.open(shaping) if shaping is not None else None
+        transport = cls.from_config(config, shaper=shaper)
+        transport._owns_shaper = shaper is not None
+        return transport
 
     @property
     def pool(self) -> SmtpPool:
         """The connection pool (for metrics and tests)."""
         return self._pool
 
+    @property
+    def shaper(self) -> Shaper | None:
+        """The shaping engine, if shaping is on."""
+        return self._shaper
+
     async def deliver(
-        self, mail_from: str, rcpt_to: str, data: bytes, *, verified_tls: bool = True
+        self,
+        mail_from: str,
+        rcpt_to: str,
+        data: bytes,
+        *,
+        verified_tls: bool = True,
+        traffic_class: str | None = None,
     ) -> SmtpReply:
         """Send one message; returns the accepting reply or raises DeliveryError.
 
         `verified_tls=False` is for messages that carry no PHI (secure-portal notices): they
         may travel over unverified TLS or plaintext when the receiver offers nothing better.
+        `traffic_class` picks the IP pool when shaping is on (default: the configured class).
+        A shaped message that no IP may send within the shaper's wait bound raises
+        ShapingDeferred (temporary): defer and re-queue it.
         """
         domain = rcpt_to.rpartition("@")[2]
         routes = await self._router.resolve(domain)
+        shaper = self._shaper
+        if shaper is None:
+            return await self._send(routes, None, mail_from, rcpt_to, data, verified_tls)
+        hosts = [route.host for route in routes]
+        since = shaper.now()
+        while True:
+            ticket = await shaper.acquire(domain, hosts, traffic_class=traffic_class, since=since)
+            try:
+                reply = await self._send(routes, ticket, mail_from, rcpt_to, data, verified_tls)
+            except _PushedBack as pushed:
+                # That IP is paused or suspended now: the shaper picks another one, or waits.
+                shaper.deferred(ticket, pushed.reason)
+                continue
+            except DeliveryError as exc:
+                if not exc.permanent:
+                    reason = DeferReason.RECEIVER if exc.smtp_code else DeferReason.CONNECTION
+                    shaper.deferred(ticket, reason)
+                raise
+            shaper.sent(ticket)
+            return reply
+
+    async def _send(
+        self,
+        routes: Sequence[Route],
+        ticket: Ticket | None,
+        mail_from: str,
+        rcpt_to: str,
+        data: bytes,
+        verified_tls: bool,
+    ) -> SmtpReply:
+        if ticket is None:
+            source, ehlo = self._source, None
+        else:
+            source, ehlo = ticket.address, ticket.ehlo_name
+        limits: ConnectionLimits | None = None
         last: DeliveryError = DeliveryError(ReasonCode.NO_ROUTE, "no route", permanent=False)
         for route in routes:
-            key = PoolKey(self._source, route.host, route.port, route.tls_name, verified_tls)
+            key = PoolKey(source, route.host, route.port, route.tls_name, verified_tls, ehlo)
             for _ in range(_ATTEMPTS_PER_ROUTE):
+                if ticket is not None:
+                    limits = self._connection_limits(ticket)
                 try:
-                    async with self._pool.connection(key) as conn:
+                    async with self._pool.connection(key, limits) as conn:
                         return await conn.send(mail_from, rcpt_to, data)
-                except ConnectionNotAvailable:
+                except ConnectionNotAvailable as exc:
+                    if ticket is not None and exc.code is not None:
+                        await self._pushback(
+                            ticket,
+                            exc.code,
+                            exc.enhanced,
+                            exc.reply_text,
+                            messages=exc.messages,
+                            unsent=True,
+                        )
                     last = DeliveryError(
                         ReasonCode.CONNECTION_LOST, "server closed the connection", permanent=False
                     )
                     continue
+                except SmtpReplyError as exc:
+                    if ticket is not None:
+                        await self._pushback(ticket, exc.smtp_code, exc.enhanced, exc.reply_text)
+                    raise  # the server answered: another MX would answer the same
                 except DeliveryError as exc:
                     if exc.smtp_code is not None:
-                        raise  # the server answered: another MX would answer the same
+                        raise
+                    if ticket is not None and exc.reason is ReasonCode.CONNECT_FAILED:
+                        # A refused connection slows this IP down for the next messages; this
+                        # one still tries the domain's other MX hosts.
+                        assert self._shaper is not None
+                        await self._shaper.observe(ticket, None)
                     last = exc
                     break  # connection-level failure: try the next route
         raise last
 
+    def _connection_limits(self, ticket: Ticket) -> ConnectionLimits:
+        """The limits of the ticket's (scope, IP) as the shaper knows them now."""
+        assert self._shaper is not None
+        max_messages = self._shaper.messages_per_connection(ticket)
+        group = (ticket.scope, ticket.address, ticket.max_connections, max_messages)
+        limits = self._limits.get(group)
+        if limits is None:
+            # One object per (scope, IP, limits): the same few serve every message.
+            if len(self._limits) >= _LIMITS_CACHE_SIZE:
+                self._limits.clear()
+            limits = self._limits[group] = ConnectionLimits(
+                (ticket.scope, ticket.address), ticket.max_connections, max_messages
+            )
+        return limits
+
+    async def _pushback(
+        self,
+        ticket: Ticket,
+        code: int | None,
+        enhanced: str | None,
+        text: str,
+        *,
+        messages: int = 0,
+        unsent: bool = False,
+    ) -> None:
+        """Report a refusal to the shaper; raise _PushedBack if it was about our pace or IP."""
+        assert self._shaper is not None
+        signal = await self._shaper.observe(
+            ticket, code, enhanced, text, messages_on_connection=messages
+        )
+        if signal is ReplySignal.NONE:
+            return
+        if messages:
+            # The shaper may have learnt the receiver's per-connection limit: messages
+            # already queued for this IP's connections must keep it too.
+            self._pool.restrict(self._connection_limits(ticket))
+        if unsent:
+            self._shaper.give_back(ticket)
+        reason = DeferReason.BLOCK if signal is ReplySignal.BLOCK else DeferReason.SLOW_DOWN
+        raise _PushedBack(reason)
+
     async def aclose(self) -> None:
-        """Close pooled connections."""
-        await self._pool.aclose()
+        """Close pooled connections (and the shaper, if `open` made it)."""
+        try:
+            await self._pool.aclose()
+        finally:
+            if self._owns_shaper and self._shaper is not None:
+                await self._shaper.aclose()

@@ -20,7 +20,7 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import cast
@@ -43,6 +43,8 @@ _PLAIN_ADDRESS = re.compile(
 _CONTROL = re.compile(rb"[\x00-\x1f\x7f]")
 # Bounds the memory one reply may take, as aiosmtplib does (4 x its 8 KB line limit).
 _MAX_REPLY = 32 * 1024
+# Reply text kept for classification: the wording that matters comes first.
+_MAX_KEPT_TEXT = 512
 _QUIT_TIMEOUT = 2.0
 _REPLIES_2XX = metrics.SMTP_REPLIES.labels("2xx")
 # A pipelined group's commands, and the replies that let the transaction go on.
@@ -51,7 +53,63 @@ _GROUP_ACCEPTS = ((250,), (250, 251), (354,))
 
 
 class ConnectionNotAvailable(Exception):
-    """This connection cannot take the message; acquire another and try again."""
+    """This connection cannot take the message; acquire another and try again.
+
+    When the server said why (a 421 before the message was sent), `code`, `enhanced` and
+    `reply_text` carry it, and `messages` how many messages the connection had carried:
+    shaping reads them to slow down. `reply_text` can quote an address: match it, never
+    log or store it.
+    """
+
+    def __init__(
+        self,
+        code: int | None = None,
+        enhanced: str | None = None,
+        reply_text: str = "",
+        *,
+        messages: int = 0,
+    ) -> None:
+        super().__init__(code)
+        self.code = code
+        self.enhanced = enhanced
+        self.reply_text = reply_text
+        self.messages = messages
+
+
+class SmtpReplyError(DeliveryError):
+    """The server refused the message with a reply (`smtp_code` is set).
+
+    `reply_text` is kept for classification only (shaping's slow-down and block wording):
+    it can quote the recipient's address, so it is in no message, log or metric.
+    """
+
+    def __init__(
+        self,
+        reason: ReasonCode,
+        detail: str,
+        *,
+        smtp_code: int,
+        permanent: bool,
+        enhanced: str | None,
+        reply_text: str,
+    ) -> None:
+        super().__init__(reason, detail, smtp_code=smtp_code, permanent=permanent)
+        self.enhanced = enhanced
+        self.reply_text = reply_text
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Limits a caller (shaping) puts on one destination, instead of the pool's defaults.
+
+    Destinations with the same `group` share `max_connections`: shaping limits connections
+    per (provider, source IP), whichever MX host or TLS mode they go to, and `max_messages`,
+    which only ever goes down (shaping learns receivers' per-connection limits).
+    """
+
+    group: Hashable
+    max_connections: int
+    max_messages: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +124,9 @@ class PoolKey:
     # False: opportunistic, for messages that carry no PHI (secure-portal notices): verified
     # TLS when the receiver allows it, else unverified TLS, else plaintext.
     verified_tls: bool = True
+    # The EHLO name to greet with (a pool IP's own, matching its PTR record); None: the
+    # pool's default name.
+    ehlo_name: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,14 +172,37 @@ def _enhanced_status(message: str | bytes) -> str | None:
     return found.group(1).decode() if found else None
 
 
-def _reply_error(code: int, message: str | bytes, *, stage: str) -> DeliveryError:
-    # The reply text may quote the recipient's address: keep only codes.
+def _text(message: str | bytes) -> str:
+    if isinstance(message, bytes):
+        message = message.decode("utf-8", "replace")
+    return message[:_MAX_KEPT_TEXT]
+
+
+def _reply_error(code: int, message: str | bytes, *, stage: str) -> SmtpReplyError:
+    # The reply text may quote the recipient's address: the detail (what reaches logs and
+    # status events) keeps only codes; the text stays on the exception for classification.
     enhanced = _enhanced_status(message)
     detail = f"{code} {enhanced}" if enhanced else str(code)
     if code < 500:
-        return DeliveryError(ReasonCode.TEMPORARY_FAILURE, detail, smtp_code=code, permanent=False)
-    reason = ReasonCode.RECIPIENT_REJECTED if stage == "rcpt" else ReasonCode.MESSAGE_REJECTED
-    return DeliveryError(reason, detail, smtp_code=code, permanent=True)
+        reason = ReasonCode.TEMPORARY_FAILURE
+    elif stage == "rcpt":
+        reason = ReasonCode.RECIPIENT_REJECTED
+    else:
+        reason = ReasonCode.MESSAGE_REJECTED
+    return SmtpReplyError(
+        reason,
+        detail,
+        smtp_code=code,
+        permanent=code >= 500,
+        enhanced=enhanced,
+        reply_text=_text(message),
+    )
+
+
+def _not_available(code: int, message: str | bytes, messages: int) -> ConnectionNotAvailable:
+    return ConnectionNotAvailable(
+        code, _enhanced_status(message), _text(message), messages=messages
+    )
 
 
 def _command_address(address: str) -> bytes:
@@ -328,7 +412,7 @@ class SmtpConnection:
                     # The server is closing; nothing was sent after DATA, so retrying the
                     # message on another connection cannot duplicate it.
                     self.close()
-                    raise ConnectionNotAvailable
+                    raise _not_available(reply.code, reply.text, self.messages)
                 replies.append(reply)
         except _ServerGone:
             self.close()
@@ -425,7 +509,7 @@ class SmtpConnection:
             if exc.code == 421 or not self.smtp.is_connected:
                 self.close()
                 if stage != "data":
-                    raise ConnectionNotAvailable from None
+                    raise _not_available(exc.code, exc.message, self.messages - 1) from None
             else:
                 with suppress(aiosmtplib.SMTPException):
                     await self.smtp.rset()
@@ -457,12 +541,22 @@ class SmtpConnection:
         self.close()
 
 
-class _Destination:
-    __slots__ = ("idle", "slots")
+class _Limits:
+    """Connection slots and messages per connection, shared by a group of destinations."""
 
-    def __init__(self, limit: int) -> None:
+    __slots__ = ("max_messages", "slots")
+
+    def __init__(self, max_connections: int, max_messages: int) -> None:
+        self.slots = asyncio.Semaphore(max_connections)
+        self.max_messages = max_messages
+
+
+class _Destination:
+    __slots__ = ("idle", "limits")
+
+    def __init__(self, limits: _Limits) -> None:
         self.idle: deque[SmtpConnection] = deque()
-        self.slots = asyncio.Semaphore(limit)
+        self.limits = limits
 
 
 class SmtpPool:
@@ -490,15 +584,43 @@ class SmtpPool:
         self._command_timeout = command_timeout
         self._clock = clock
         self._destinations: dict[PoolKey, _Destination] = {}
+        self._groups: dict[Hashable, _Limits] = {}
         self._last_sweep = clock()
         self._closed = False
         self._live: set[SmtpConnection] = set()
 
-    def _destination(self, key: PoolKey) -> _Destination:
+    def _destination(self, key: PoolKey, limits: ConnectionLimits | None = None) -> _Destination:
         dest = self._destinations.get(key)
         if dest is None:
-            dest = self._destinations[key] = _Destination(self._limit)
+            if limits is None:
+                shared = _Limits(self._limit, self._max_messages)
+            else:
+                shared = self._group(limits)
+            dest = self._destinations[key] = _Destination(shared)
+        elif limits is not None:
+            self.restrict(limits)
         return dest
+
+    def _group(self, limits: ConnectionLimits) -> _Limits:
+        group = self._groups.get(limits.group)
+        if group is None:
+            # The group's connection count is fixed by its first use: limits come from
+            # config, which does not change while the process runs.
+            group = self._groups[limits.group] = _Limits(
+                limits.max_connections, limits.max_messages
+            )
+        return group
+
+    def restrict(self, limits: ConnectionLimits) -> None:
+        """Lower a group's messages per connection at once, for every connection in it.
+
+        Shaping calls this when a receiver hung up after N messages on one connection:
+        messages already waiting for a connection must not carry the old figure past N.
+        The figure never goes up again.
+        """
+        group = self._group(limits)
+        if limits.max_messages < group.max_messages:
+            group.max_messages = limits.max_messages
 
     @property
     def open_connections(self) -> int:
@@ -509,12 +631,15 @@ class SmtpPool:
         self._live.discard(conn)
         await conn.aclose()
 
-    async def acquire(self, key: PoolKey) -> SmtpConnection:
-        """An idle connection for `key`, or a new one; waits while the destination is full."""
+    async def acquire(self, key: PoolKey, limits: ConnectionLimits | None = None) -> SmtpConnection:
+        """An idle connection for `key`, or a new one; waits while the destination is full.
+
+        `limits` (from shaping) replace the pool's per-destination defaults for this key.
+        """
         if self._closed:
             raise RuntimeError("pool is closed")
-        dest = self._destination(key)
-        await dest.slots.acquire()
+        dest = self._destination(key, limits)
+        await dest.limits.slots.acquire()
         try:
             now = self._clock()
             self._sweep(now)
@@ -522,7 +647,7 @@ class SmtpPool:
                 conn = dest.idle.pop()  # most recently used first: its socket is warm
                 metrics.CONNECTIONS_IDLE.dec()
                 if conn.is_usable(
-                    now, max_messages=self._max_messages, idle_expiry=self._idle_expiry
+                    now, max_messages=dest.limits.max_messages, idle_expiry=self._idle_expiry
                 ):
                     conn.state = ConnectionState.ACTIVE
                     metrics.CONNECTIONS_ACTIVE.inc()
@@ -531,7 +656,7 @@ class SmtpPool:
             conn = await self._open(key)
             self._live.add(conn)
         except BaseException:
-            dest.slots.release()
+            dest.limits.slots.release()
             raise
         conn.state = ConnectionState.ACTIVE
         metrics.CONNECTIONS_ACTIVE.inc()
@@ -544,7 +669,7 @@ class SmtpPool:
         now = self._clock()
         try:
             if not self._closed and conn.is_usable(
-                now, max_messages=self._max_messages, idle_expiry=float("inf")
+                now, max_messages=dest.limits.max_messages, idle_expiry=float("inf")
             ):
                 conn.state = ConnectionState.IDLE
                 conn.idle_since = now
@@ -553,12 +678,14 @@ class SmtpPool:
             else:
                 await self._discard(conn)
         finally:
-            dest.slots.release()
+            dest.limits.slots.release()
 
     @asynccontextmanager
-    async def connection(self, key: PoolKey) -> AsyncIterator[SmtpConnection]:
+    async def connection(
+        self, key: PoolKey, limits: ConnectionLimits | None = None
+    ) -> AsyncIterator[SmtpConnection]:
         """Acquire a connection for the duration of a block."""
-        conn = await self.acquire(key)
+        conn = await self.acquire(key, limits)
         try:
             yield conn
         finally:
@@ -573,7 +700,7 @@ class SmtpPool:
             keep: deque[SmtpConnection] = deque()
             for conn in dest.idle:
                 if conn.is_usable(
-                    now, max_messages=self._max_messages, idle_expiry=self._idle_expiry
+                    now, max_messages=dest.limits.max_messages, idle_expiry=self._idle_expiry
                 ):
                     keep.append(conn)
                 else:
@@ -587,7 +714,7 @@ class SmtpPool:
             hostname=key.host,
             port=key.port,
             source_address=(key.source_address, 0) if key.source_address else None,
-            local_hostname=self._ehlo,
+            local_hostname=key.ehlo_name or self._ehlo,
             timeout=self._command_timeout,
             start_tls=False,  # done by hand below: opportunistic TLS would fall back silently
             use_tls=False,

@@ -1,0 +1,130 @@
+"""`eobblast pools status`: every pool IP's warm-up day, this hour's budget and suspensions.
+
+The figures come from the shared budget store, so they cover every worker process and
+machine; `sent` lags by at most one lease chunk per worker (workers report as they lease).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from eobblast.errors import ConfigError
+from eobblast.shaping.budgets import Suspension, open_budgets
+from eobblast.shaping.engine import ShapingConfig
+from eobblast.shaping.pools import PoolConfig, load_pools
+from eobblast.shaping.settings import load_shaping
+from eobblast.shaping.status import PoolStatus, read_pool_status
+from eobblast.shaping.warmup import WarmupPlan
+
+
+def shaping_config(config_path: Path | None) -> ShapingConfig:
+    """The [shaping] section of an eobblast configuration file (defaults without a file)."""
+    if config_path is None:
+        return ShapingConfig()
+    try:
+        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
+    section = data.get("shaping", {})
+    if not isinstance(section, dict):
+        raise ConfigError("shaping: expected a table")
+    return ShapingConfig.from_mapping(section)
+
+
+async def _read(
+    url: str, pools: PoolConfig, plan: WarmupPlan, now: float
+) -> tuple[tuple[PoolStatus, ...], dict[tuple[str, str], Suspension]]:
+    store = await open_budgets(url)
+    try:
+        return await read_pool_status(store, pools, plan, now), await store.suspensions(now)
+    finally:
+        await store.close()
+
+
+def _when(epoch: float) -> str:
+    return dt.datetime.fromtimestamp(epoch, dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+def pool_table(status: PoolStatus) -> Table:
+    """One pool as a table: a row per (IP, provider)."""
+    hour = _when(status.hour * 3600.0)
+    table = Table(title=f"pool {status.name} (hour from {hour})")
+    for name in ("IP", "EHLO name", "warm-up day", "provider"):
+        table.add_column(name)
+    for name in ("sent", "cap", "used", "deferred"):
+        table.add_column(name, justify="right")
+    table.add_column("suspended")
+    for ip in status.ips:
+        day = "mature" if ip.warmup_day is None else str(ip.warmup_day)
+        for provider in ip.providers:
+            suspended = ""
+            if provider.suspended_until is not None:
+                suspended = f"until {_when(provider.suspended_until)} ({provider.suspension_code})"
+            table.add_row(
+                ip.address,
+                ip.ehlo_name,
+                day,
+                provider.provider,
+                str(provider.sent),
+                str(provider.cap),
+                str(provider.used),
+                str(provider.deferred),
+                suspended,
+            )
+        table.add_section()
+    return table
+
+
+@click.group("pools")
+def pools() -> None:
+    """Dedicated IP pools: warm-up progress, hourly budgets and suspensions."""
+
+
+@pools.command("status")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="eobblast configuration file (its [shaping] section names pools, data and store).",
+)
+@click.option(
+    "--at",
+    type=float,
+    default=None,
+    help="Show the hour containing this time (epoch seconds) instead of the current one.",
+)
+def pools_status(config_path: Path | None, at: float | None) -> None:
+    """Print, per pool and IP: this hour's sends, cap, deferrals, warm-up day, suspensions."""
+    try:
+        config = shaping_config(config_path)
+        if config.pools_file is None:
+            raise ConfigError("shaping is off: the configuration names no [shaping] pools_file")
+        pool_config = load_pools(config.pools_file)
+        plan = load_shaping(config.warmup_file).plan
+        now = time.time() if at is None else at
+        statuses, suspensions = asyncio.run(_read(config.budgets_url, pool_config, plan, now))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    # Piped output (scripts, tests) would otherwise be cut to 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    for status in statuses:
+        console.print(pool_table(status))
+    # Blocks by one site of the fallback provider suspend the IP for that site only.
+    names = set(plan.providers.names)
+    for (ip, scope), suspension in sorted(suspensions.items()):
+        if scope not in names:
+            console.print(
+                f"{ip} suspended for {scope} until {_when(suspension.until)} ({suspension.code})"
+            )
