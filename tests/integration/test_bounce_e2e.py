@@ -1,4 +1,9 @@
-"""Verify-before-resend end to end: worker, bounce service, DSN listener, sandbox, Kafka."""
+"""Verify-before-resend end to end: worker, bounce service, DSN listener, sandbox, Kafka.
+
+A member's address hard-bounces (synchronously or by DSN): nothing is resent, a
+verification request appears, AddressVerified releases the EOB to the verified address
+exactly once, a failed verification ends in paper; soft bounces are retried on schedule.
+"""
 
 from __future__ import annotations
 
@@ -49,6 +54,7 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
                 ("unknown-", Behaviour.REJECT),
                 ("busy-", Behaviour.DEFER),
                 ("gone-", Behaviour.BOUNCE_LATER),
+                ("flaky-", Behaviour.DEFER_FIRST),
             ),
         )
     ]
@@ -129,9 +135,10 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
     )
     handler_box["service"] = listener_service
 
-    # Events: a normal one, a sync hard bounce, an async hard bounce, a soft bounce.
-    raws = stack.events(4, seed=3, mix=CLEAN)
-    locals_ = ["ok-1", "unknown-2", "gone-3", "busy-4"]
+    # Events: a normal one, a sync hard bounce, an async hard bounce, a soft bounce that
+    # never clears, and a soft bounce that a retry gets through.
+    raws = stack.events(5, seed=3, mix=CLEAN)
+    locals_ = ["ok-1", "unknown-2", "gone-3", "busy-4", "flaky-5"]
     values = []
     members = []
     for raw, local in zip(raws, locals_, strict=True):
@@ -187,7 +194,7 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
         papers = await read_topic(broker.bootstrap, f"{prefix}.paper", until=1)
         assert [orjson.loads(v)["event_id"] for _, v in papers] == [event_ids[2]]
         await asyncio.sleep(4)  # a few soft retries
-        records = await read_topic(broker.bootstrap, stack.delivery_topic, until=4, seconds=10)
+        records = await read_topic(broker.bootstrap, stack.delivery_topic, until=5, seconds=10)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
@@ -209,6 +216,10 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
     assert [s[0] for s in story[event_ids[1]]] == ["held", "delivered"]
     assert story[event_ids[2]][-1][:2] == ("fallback", "verification_failed")
     assert [s[0] for s in story[event_ids[3]]][:2] == ["deferred", "deferred"]
+    # retried on schedule and delivered, once
+    assert story[event_ids[4]][0][:2] == ("deferred", "retry_scheduled")
+    assert story[event_ids[4]][-1][0] == "delivered"
+    assert len([r for r in sandbox.received if r.rcpt_tos == (f"flaky-5@{DOMAIN}",)]) == 1
     fixed = [r for r in sandbox.received if r.rcpt_tos == (f"fixed-2@{DOMAIN}",)]
     assert len(fixed) == 1
     assert all(r.mail_from.startswith("bounces+") for r in sandbox.received)

@@ -58,6 +58,9 @@ class Behaviour(enum.StrEnum):
     # bounce (5.1.1 user unknown), or a soft one (4.2.2 mailbox full, given up).
     BOUNCE_LATER = "bounce_later"
     DEFER_LATER = "defer_later"
+    # 451 to the first attempt for each recipient, then accept: a soft bounce that a retry
+    # on schedule gets through.
+    DEFER_FIRST = "defer_first"
 
 
 # Only these make sense for a single recipient; the TLS ones are properties of the server.
@@ -68,6 +71,7 @@ RECIPIENT_BEHAVIOURS = frozenset(
         Behaviour.REJECT,
         Behaviour.BOUNCE_LATER,
         Behaviour.DEFER_LATER,
+        Behaviour.DEFER_FIRST,
     }
 )
 # Accepted now, reported on later by a DSN.
@@ -112,7 +116,7 @@ class SandboxDomain:
             if behaviour not in RECIPIENT_BEHAVIOURS:
                 raise ConfigError(
                     f"recipient_rules: {prefix!r} -> {behaviour!r}: only accept, defer, "
-                    "reject, bounce_later or defer_later apply to a recipient"
+                    "reject, bounce_later, defer_later or defer_first apply to a recipient"
                 )
 
 
@@ -380,6 +384,7 @@ class _DomainHandler:
         self._recorder = recorder
         self._cert_trusted = cert_trusted
         self._seq = itertools.count()
+        self._deferred_once: set[str] = set()
         self._probe_peer: object = None
         self._bounce_route = bounce_route
         self._bounce_delay = bounce_delay
@@ -433,6 +438,16 @@ class _DomainHandler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Ok"
 
+    def _defers_first(self, address: str) -> bool:
+        local = address.rpartition("@")[0].casefold()
+        for prefix, behaviour in self._domain.recipient_rules:
+            if local.startswith(prefix.casefold()):
+                if behaviour is not Behaviour.DEFER_FIRST or address in self._deferred_once:
+                    return False
+                self._deferred_once.add(address)
+                return True
+        return False
+
     async def handle_RCPT(
         self,
         server: _SandboxSMTP,
@@ -442,6 +457,8 @@ class _DomainHandler:
         rcpt_options: list[str],
     ) -> str:
         reply = rcpt_reply(self._domain, address)
+        if reply is None and self._defers_first(address):
+            reply = "451 4.2.1 Mailbox temporarily unavailable, try again later"
         if reply is not None:
             log.debug("sandbox %s: RCPT answered %s", self._domain.name, reply[:9])
             return reply
