@@ -336,6 +336,12 @@ def eobblast_config(setup: Setup, port: int, in_flight: int, connections: int) -
                 "key_dir": str(setup.key_dir.parent / "portal-keys"),
                 "audit_key_file": str(setup.key_dir.parent / "portal-keys" / "audit.key"),
             },
+            # Each run's own bounce store: notices from an earlier run must not look settled.
+            "bounces": {
+                "store_url": f"sqlite:///{setup.key_dir.parent / 'bounces.db'}",
+                "verp_key_file": str(setup.key_dir.parent / "verp.key"),
+                "review_dir": str(setup.key_dir.parent / "bounce-review"),
+            },
         },
     )
 

@@ -193,6 +193,10 @@ def kafka_config(
             heartbeat_interval_ms=BENCH_HEARTBEAT_INTERVAL_MS,
         ),
         ledger=LedgerConfig(url=f"sqlite:///{ledger}"),
+        # The bounce store is per run too: the same events of an earlier run are settled there.
+        bounces=dataclasses.replace(
+            base.bounces, store_url=f"sqlite:///{ledger.with_name(ledger.stem + '-bounces.db')}"
+        ),
         workers=WorkersConfig(count=workers, grace_period=10.0, restart_delay=0.5),
     )
 
