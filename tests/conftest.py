@@ -2,17 +2,44 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import datetime as dt
+import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from eobblast.events.synthetic import Mix, generate_events
 
 # Kafka fixtures (a session broker, topic factory) for every test module that names them.
 pytest_plugins = ["tests.kafka_fixtures"]
+
+PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+
+
+@contextlib.contextmanager
+def throwaway_pg_schema(prefix: str) -> Iterator[str]:
+    """A new schema on the machine's PostgreSQL (its DSN), dropped afterwards; skips without one.
+
+    Tests get a schema of their own so runs, and tests of shared timers, never see each
+    other's rows.
+    """
+    schema = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    try:
+        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"CREATE SCHEMA {schema}")
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
+    try:
+        yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
 
 CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 

@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import orjson
-import psycopg
 import pytest
 
 from eobblast.bounces.category import BounceCategory
@@ -46,8 +45,8 @@ from eobblast.events.verification import (
 from eobblast.observe.audit import AuditAction, AuditTrail, member_ref, open_audit
 from eobblast.observe.metrics import REGISTRY
 from eobblast.sandbox import Behaviour, delivery_status_notification
+from tests.conftest import throwaway_pg_schema
 
-PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
 AUDIT_KEY = b"k" * 32
 VERP = VerpKey(1, b"v" * 32)
@@ -79,15 +78,8 @@ class RecordingPublisher:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A throwaway schema per test: timers are global, so tests must not see each other."""
-    schema = f"bounces_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_pg_schema("bounces") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -10,7 +10,6 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from eobblast.errors import ConfigError
@@ -30,8 +29,8 @@ from eobblast.shaping import (
     open_budgets,
     read_pool_status,
 )
+from tests.conftest import throwaway_pg_schema
 
-PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 HOUR = 3600.0
 DAY = 86_400.0
 # 10:00 UTC on 2026-11-26; the clock is injected everywhere, no assertion depends on timing.
@@ -60,15 +59,8 @@ class Clock:
 @pytest.fixture(scope="module")
 def pg_schema() -> Iterator[str]:
     """A throwaway schema, so test runs never see each other's rows."""
-    schema = f"budgets_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_pg_schema("budgets") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

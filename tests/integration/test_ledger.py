@@ -9,26 +9,17 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
-
-PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
+from tests.conftest import throwaway_pg_schema
 
 
 @pytest.fixture(scope="module")
 def pg_schema() -> Iterator[str]:
     """A throwaway schema, so test runs never see each other's rows."""
-    schema = f"ledger_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_pg_schema("ledger") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -38,8 +38,8 @@ from eobblast.protect.escrow import (
     open_escrow,
 )
 from eobblast.render.mime import Renderer
+from tests.conftest import throwaway_pg_schema
 
-PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 REF_KEY = b"member-ref-key-for-tests-only-32"
 NOW = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
 LOCKOUT = 3
@@ -98,15 +98,8 @@ class Eob:
 @pytest.fixture
 def pg_url() -> Iterator[str]:
     """A throwaway schema on the machine's PostgreSQL, dropped afterwards."""
-    schema = f"portal_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_pg_schema("portal") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -16,7 +16,6 @@ import asyncio
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import uuid
@@ -36,6 +35,7 @@ from eobblast.bounces.store import open_bounce_store
 from eobblast.bounces.verp import VerpKey, make_return_path
 from eobblast.errors import Outcome
 from eobblast.sandbox import Behaviour, Sandbox, SandboxDomain, TestPki, make_test_pki
+from tests.kafka_fixtures import free_port
 
 REJECT = "reject.sandbox.test"
 DEFER = "defer.sandbox.test"
@@ -146,12 +146,6 @@ def _unavailable() -> str | None:
 pytestmark = pytest.mark.skipif(_unavailable() is not None, reason=_unavailable() or "")
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind((HOST, 0))
-        return int(probe.getsockname()[1])
-
-
 @dataclass
 class PostfixRelay:
     """A started Postfix instance: where to submit, and its log for failure messages."""
@@ -201,7 +195,7 @@ def _configure(routes: dict[str, tuple[str, int]]) -> tuple[Path, PostfixRelay]:
     transport.write_text(
         "".join(f"{domain} smtp:[{host}]:{port}\n" for domain, (host, port) in routes.items())
     )
-    port = free_port()
+    port = free_port(HOST)
     (etc / "master.cf").write_text(MASTER_CF.format(host=HOST, port=port))
     (etc / "main.cf").write_text(
         MAIN_CF.format(queue=queue, data=data, host=HOST, transport=transport, log=log)

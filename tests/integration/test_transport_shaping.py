@@ -14,14 +14,12 @@ import json
 import ssl
 import sys
 import tomllib
-import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psycopg
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
@@ -48,8 +46,8 @@ from eobblast.shaping._toml import default_warmup_text
 from eobblast.shaping.cli import pools
 from eobblast.shaping.settings import parse_shaping
 from eobblast.transport import Transport
+from tests.conftest import throwaway_pg_schema
 
-PG_BASE = "postgresql://postgres@127.0.0.1:5432/test"
 HOUR = 3600.0
 DAY = 86_400.0
 # 10:00 UTC: a whole hour bucket ahead, and the warm-up day is today's.
@@ -572,15 +570,8 @@ async def test_transport_open_builds_and_owns_the_shaper(tmp_path: Path) -> None
 @pytest.fixture(scope="module")
 def pg_schema() -> Iterator[str]:
     """A throwaway PostgreSQL schema, dropped afterwards."""
-    schema = f"shaping_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL on 127.0.0.1:5432 unavailable: {type(exc).__name__}")
-    yield f"{PG_BASE}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_pg_schema("shaping") as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -21,6 +21,7 @@ from eobblast.events.status import DeadLetter
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
+from tests.conftest import throwaway_pg_schema
 from tests.integration.worker_stack import (
     Stack,
     accept_domains,
@@ -36,20 +37,8 @@ from tests.kafka_fixtures import ApiVersionsShim, free_port
 @pytest.fixture
 def pg_ledger_url() -> Iterator[str]:
     """A fresh schema on the machine's PostgreSQL, dropped afterwards (skips without one)."""
-    import uuid
-
-    import psycopg
-
-    base = "postgresql://postgres@127.0.0.1:5432/test"
-    schema = f"worker_{uuid.uuid4().hex[:12]}"
-    try:
-        with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-            conn.execute(f"CREATE SCHEMA {schema}")
-    except psycopg.OperationalError:
-        pytest.skip("PostgreSQL on 127.0.0.1:5432 unavailable")
-    yield f"{base}?options=-csearch_path%3D{schema}"
-    with psycopg.connect(base, autocommit=True, connect_timeout=5) as conn:
-        conn.execute(f"DROP SCHEMA {schema} CASCADE")
+    with throwaway_pg_schema("worker") as url:
+        yield url
 
 
 @pytest.fixture
