@@ -45,7 +45,7 @@ class TransportConfig:
 class PipelineConfig:
     """How many events one process works on at once."""
 
-    max_in_flight: int = 64
+    max_in_flight: int = 256
     allow_test_domains: bool = False
     from_local_part: str = "eob-notices"
 

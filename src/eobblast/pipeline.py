@@ -223,14 +223,6 @@ class Pipeline:
         decision = choose_protection(
             recipient, services.tls.facts(recipient.domain, now), services.org, now
         )
-        await services.record(
-            event_id,
-            AuditAction.PROTECTION_CHOSEN,
-            actor=self._actor,
-            member_id=event.member.id,
-            protection=decision.level,
-            reason=decision.reason,
-        )
         timing = _Timing(start, t_valid)
         if decision.level is ProtectionLevel.PORTAL:
             return await self._send_portal(event, signer, decision.reason, timing, raw)
@@ -390,28 +382,18 @@ class Pipeline:
     ) -> EventOutcome:
         """Hand a failed delivery to verify-before-resend; the status says what it decided."""
         assert self._bounces is not None
-        if isinstance(exc, SmtpReplyError):
-            decided = await self._bounces.on_delivery_failure(
-                event.event_id,
-                event.member.id,
-                to,
-                raw,
-                exc.smtp_code,
-                exc.enhanced,
-                exc.reply_text,
-            )
-        else:
+        reply = exc if isinstance(exc, SmtpReplyError) else None
+        decided = await self._bounces.on_delivery_failure(
+            event.event_id,
+            event.member.id,
+            to,
+            raw,
+            reply.smtp_code if reply else None,
+            reply.enhanced if reply else None,
+            reply.reply_text if reply else None,
             # No reply at all (connect failure, timeout, lost connection): try again later.
-            decided = await self._bounces.on_delivery_failure(
-                event.event_id,
-                event.member.id,
-                to,
-                raw,
-                None,
-                None,
-                None,
-                category=BounceCategory.SOFT,
-            )
+            category=None if reply else BounceCategory.SOFT,
+        )
         return replace(
             failed,
             outcome=decided.outcome,

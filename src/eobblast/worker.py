@@ -94,6 +94,11 @@ class Worker:
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
+        self._slot_freed = asyncio.Event()
+        # Status events acknowledged by Kafka, marked in the ledger in one batch per commit.
+        self._published: list[str] = []
+        # ... and remembered here until then, so a duplicate arriving meanwhile is skipped.
+        self._unmarked: set[str] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = False
@@ -220,15 +225,23 @@ class Worker:
         paused = False
         while not stop.is_set():
             free = limit - self._tracker.in_flight
+            wait_ms = 100
             if free <= 0:
                 if not paused:
                     consumer.pause(*consumer.assignment())
                     paused = True
+                # Full: wake as soon as a record finishes (not after a fixed poll timeout),
+                # and still poll (without waiting) so the group keeps this member.
+                self._slot_freed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(0.1):
+                        await self._slot_freed.wait()
+                wait_ms = 0
             elif paused:
                 consumer.resume(*consumer.assignment())
                 paused = False
             try:
-                batch = await consumer.getmany(timeout_ms=100, max_records=max(1, free))
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=max(1, free))
             except KafkaError:
                 log.warning("fetch failed; retrying", exc_info=True)
                 await asyncio.sleep(0.5)
@@ -246,6 +259,12 @@ class Worker:
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         assert self._consumer is not None
+        if self._published:
+            # Losing these marks in a crash only means a redelivered event's status is
+            # published again (same status_id), never a second email.
+            published, self._published = self._published, []
+            await self._ledger.mark_published(published)
+            self._unmarked.difference_update(published)
         offsets = self._tracker.committable()
         if only is not None:
             keep = set(only)
@@ -315,6 +334,7 @@ class Worker:
                 del self._by_key[key]
         if published:
             self._tracker.mark_done(tp, record.offset)
+            self._slot_freed.set()
 
     async def _process(self, tp: TopicPartition, record: Any) -> bool:
         start = time.perf_counter()
@@ -357,7 +377,8 @@ class Worker:
             self._pipeline.observe(outcome)
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
             await self._publish_status(outcome, event_id, attempt, record.timestamp)
-            await self._ledger.mark_published([event_id])
+            self._published.append(event_id)
+            self._unmarked.add(event_id)
         finally:
             # Waiters (the same event published twice) look again only once all is recorded.
             self._sending.pop(event_id, None)
@@ -365,7 +386,7 @@ class Worker:
         return True
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
-        if entry.status_published:
+        if entry.status_published or entry.event_id in self._unmarked:
             self.duplicates_skipped += 1
             metrics.DUPLICATES.inc()
             return True
@@ -376,7 +397,8 @@ class Worker:
             0.0,
         )
         await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms)
-        await self._ledger.mark_published([entry.event_id])
+        self._published.append(entry.event_id)
+        self._unmarked.add(entry.event_id)
         return True
 
     async def _reject(
