@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
+import fcntl
 import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,8 +18,26 @@ from eobblast.protect.escrow import EscrowStore, KeyRing, open_escrow
 from eobblast.protect.policy import OrgPolicy, TlsCache
 
 
+@contextlib.contextmanager
+def _exclusive(directory: Path) -> Iterator[None]:
+    # Worker processes start together and would each create "the" secret or key ring,
+    # or read one another's half-written file: the first creates it, the rest read it.
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with (directory / ".eobblast.lock").open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def load_or_create_secret(path: Path) -> bytes:
     """A 32-byte secret kept in a file (base64), created on first use with mode 0600."""
+    with _exclusive(path.parent):
+        return _load_or_create_secret(path)
+
+
+def _load_or_create_secret(path: Path) -> bytes:
     if path.exists():
         try:
             return base64.b64decode(path.read_text("ascii").strip(), validate=True)
@@ -31,9 +52,10 @@ def load_or_create_secret(path: Path) -> bytes:
 
 def load_or_create_keyring(directory: Path) -> KeyRing:
     """The escrow key ring in `directory`, with a first key generated if there is none."""
-    if (directory / "active").exists():
-        return KeyRing.from_directory(directory)
-    return KeyRing.generate(directory)
+    with _exclusive(directory):
+        if (directory / "active").exists():
+            return KeyRing.from_directory(directory)
+        return KeyRing.generate(directory)
 
 
 @dataclass(slots=True)
