@@ -651,3 +651,66 @@ def test_schemas_export() -> None:
         assert schema["$id"].startswith("https://eobblast.dev/schemas/")
     result = verification_result_json_schema()
     assert "email" not in result["$defs"]["VerificationChannel"]["enum"]
+
+
+# --------------------------------------------------------------------------- group commit
+
+
+def _metric(name: str, labels: dict[str, str] | None = None) -> float:
+    return REGISTRY.get_sample_value(name, labels or {}) or 0.0
+
+
+async def test_concurrent_gates_share_transactions_and_decide_as_alone(
+    service: BounceService,
+) -> None:
+    # One member hard-bounced earlier: its next notice must be held even inside a batch.
+    bounced, bounced_address = ids()
+    first_id, first_raw = event(bounced, 0)
+    await hard_bounce(service, first_id, bounced, bounced_address, first_raw)
+    members = [ids() for _ in range(20)]
+    calls = [(member, address, *event(member, n)) for member, address in members for n in (1, 2)]
+    held_id, held_raw = event(bounced, 1)
+    shared_before = _metric("eobblast_bounce_store_batches_total", {"kind": "shared"})
+
+    gates = await asyncio.gather(
+        *(service.gate(eid, m, a, raw, at=T0) for m, a, eid, raw in calls),
+        service.gate(held_id, bounced, bounced_address, held_raw, at=T0),
+    )
+
+    assert _metric("eobblast_bounce_store_batches_total", {"kind": "shared"}) > shared_before
+    *sent, held = gates
+    assert all(isinstance(g, SendPermitted) for g in sent)
+    assert [g.to for g in sent if isinstance(g, SendPermitted)] == [a for _, a, _, _ in calls]
+    assert isinstance(held, Held) and held.event_id == held_id
+    outcomes = await asyncio.gather(
+        *(service.on_delivered(eid, a, at=at(1)) for _, a, eid, _ in calls)
+    )
+    assert {o.outcome for o in outcomes} == {Outcome.DELIVERED}
+    # Settled once: a redelivered event is answered from the store, not sent again.
+    again = await asyncio.gather(
+        *(service.gate(eid, m, a, raw, at=at(2)) for m, a, eid, raw in calls)
+    )
+    assert all(isinstance(g, Settled) and g.outcome.outcome is Outcome.DELIVERED for g in again)
+
+
+async def test_one_failing_call_does_not_fail_the_calls_it_was_batched_with(
+    service: BounceService,
+) -> None:
+    members = [ids() for _ in range(6)]
+
+    async def broken(work: object) -> object:
+        raise LookupError("this caller's own failure")
+
+    split_before = _metric("eobblast_bounce_store_batches_total", {"kind": "split"})
+    results = await asyncio.gather(
+        *(service.gate(*event(m, 1)[:1], m, a, event(m, 1)[1], at=T0) for m, a in members[:3]),
+        service._grouped(T0, broken, member_ids=["M-broken"]),
+        *(service.gate(*event(m, 1)[:1], m, a, event(m, 1)[1], at=T0) for m, a in members[3:]),
+        return_exceptions=True,
+    )
+    assert _metric("eobblast_bounce_store_batches_total", {"kind": "split"}) > split_before
+    failure = results.pop(3)
+    assert isinstance(failure, LookupError)
+    assert all(isinstance(g, SendPermitted) for g in results)
+    # The shared attempt was rolled back: each rerun alone found its notice new (attempt 1).
+    assert all(isinstance(g, SendPermitted) and g.deliverable.attempt == 1 for g in results)

@@ -90,6 +90,22 @@ async def test_concurrent_claims_give_exactly_one_new(ledger: SendLedger) -> Non
     assert sum(c.kind is ClaimKind.NEW for c in kinds) == 1
 
 
+async def test_concurrent_claims_and_finishes_of_many_events(ledger: SendLedger) -> None:
+    # Dozens in flight at once (as a worker has them): each event's answer is its own.
+    ids = [_id() for _ in range(50)]
+    await ledger.finish(ids[0], "delivered", "delivered")
+    await ledger.claim(ids[1], "dead-worker")
+    claims = await asyncio.gather(*(ledger.claim(event_id, "w1") for event_id in ids))
+    assert claims[0].kind is ClaimKind.DONE
+    assert claims[1].kind is ClaimKind.RETRY
+    assert {c.kind for c in claims[2:]} == {ClaimKind.NEW}
+    await asyncio.gather(*(ledger.finish(e, "delivered", "delivered") for e in ids[1:]))
+    entries = [await ledger.get(event_id) for event_id in ids]
+    assert all(e is not None and e.outcome == "delivered" for e in entries)
+    again = await asyncio.gather(*(ledger.claim(event_id, "w2") for event_id in ids))
+    assert {c.kind for c in again} == {ClaimKind.DONE}
+
+
 CLAIM_SCRIPT = """
 import asyncio, sys
 from eobblast.state import ClaimKind, open_ledger

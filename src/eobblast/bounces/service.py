@@ -63,6 +63,7 @@ from eobblast.errors import Outcome
 from eobblast.events import verification as schemas
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.observe.metrics import REGISTRY
+from eobblast.state.group import GroupCommit
 
 __all__ = [
     "BOUNCES",
@@ -107,6 +108,26 @@ RETRIES_SCHEDULED = Counter(
     "Soft failures scheduled for another attempt.",
     registry=REGISTRY,
 )
+BATCHES = Counter(
+    "eobblast_bounce_store_batches",
+    "Bounce store transactions of gate/delivery calls: shared (several calls), split (a"
+    " shared one failed; its calls ran alone) or single.",
+    ["kind"],
+    registry=REGISTRY,
+)
+BATCHED_CALLS = Counter(
+    "eobblast_bounce_store_batched_calls",
+    "Gate/delivery calls that shared a transaction with others.",
+    registry=REGISTRY,
+)
+
+
+def _count_batch(kind: str, size: int) -> None:
+    BATCHES.labels(kind).inc()
+    if kind == "shared":
+        BATCHED_CALLS.inc(size)
+
+
 RESENDS_ISSUED = Counter(
     "eobblast_bounce_resends",
     "Notices handed out to be sent again, by why (retry, release, lost).",
@@ -549,6 +570,17 @@ class _Work:
         return await self.tx.enqueue(self.outbox, self.service.outbox_claim)
 
 
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One caller's transaction body, waiting to share a transaction (group commit)."""
+
+    now: dt.datetime
+    body: Callable[[_Work], Awaitable[object]]
+    member_ids: Collection[str]
+    eob_ids: Collection[str]
+    addresses: Collection[str]
+
+
 # --------------------------------------------------------------------------- the service
 
 
@@ -601,6 +633,11 @@ class BounceService:
         self.claim_for = dt.timedelta(minutes=2)
         self.outbox_claim = 60.0
         self._next_purge: dt.datetime | None = None
+        # Every notice passes `gate` before and `on_delivered` after its send: concurrent
+        # calls share one store transaction.
+        self._group: GroupCommit[_Call, object] = GroupCommit(
+            self._transact_calls, self._transact_call, on_batch=_count_batch
+        )
         if audit is not None and member_ref is None:
             raise ValueError("an audit trail needs member_ref (opaque member references)")
 
@@ -633,6 +670,27 @@ class BounceService:
         address_keys: Collection[str] = (),
         addresses: Collection[str] = (),
     ) -> tuple[T, _Work]:
+        results, work = await self._transact_bodies(
+            now,
+            [body],
+            member_ids=member_ids,
+            eob_ids=eob_ids,
+            address_keys=address_keys,
+            addresses=addresses,
+        )
+        return results[0], work
+
+    async def _transact_bodies(
+        self,
+        now: dt.datetime,
+        bodies: Sequence[Callable[[_Work], Awaitable[T]]],
+        *,
+        member_ids: Collection[str] = (),
+        eob_ids: Collection[str] = (),
+        address_keys: Collection[str] = (),
+        addresses: Collection[str] = (),
+    ) -> tuple[list[T], _Work]:
+        """Run the bodies, in order, in one transaction over the members they touch."""
         locks = set(member_ids)
         locks |= set((await self.store.members_of(eob_ids)).values())
         if address_keys:
@@ -651,7 +709,7 @@ class BounceService:
                         # A notice moved to a member we did not lock (rare): lock it too.
                         raise _Restart(loaded.member_ids)
                     work = _Work(self, tx, loaded, now)
-                    result = await body(work)
+                    results = [await body(work) for body in bodies]
                     outbox_ids = await work.finish()
             except _Restart as restart:
                 locks |= restart.members
@@ -661,8 +719,42 @@ class BounceService:
                     raise
                 continue
             await self._after_commit(work, outbox_ids)
-            return result, work
+            return results, work
         raise StoreBusy
+
+    async def _grouped(
+        self,
+        now: dt.datetime,
+        body: Callable[[_Work], Awaitable[T]],
+        *,
+        member_ids: Collection[str] = (),
+        eob_ids: Collection[str] = (),
+        addresses: Collection[str] = (),
+    ) -> T:
+        """`_transact` for frequent calls: run in a transaction shared with others."""
+        result = await self._group.submit(_Call(now, body, member_ids, eob_ids, addresses))
+        return result  # type: ignore[return-value]  # what this call's own body returned
+
+    async def _transact_call(self, call: _Call) -> object:
+        result, _ = await self._transact(
+            call.now,
+            call.body,
+            member_ids=call.member_ids,
+            eob_ids=call.eob_ids,
+            addresses=call.addresses,
+        )
+        return result
+
+    async def _transact_calls(self, calls: Sequence[_Call]) -> list[object]:
+        """Several callers' bodies in one transaction, in arrival order."""
+        results, _ = await self._transact_bodies(
+            max(call.now for call in calls),
+            [call.body for call in calls],
+            member_ids={m for call in calls for m in call.member_ids},
+            eob_ids={e for call in calls for e in call.eob_ids},
+            addresses={a for call in calls for a in call.addresses},
+        )
+        return results
 
     async def _after_commit(self, work: _Work, outbox_ids: list[int]) -> None:
         await self._publish(list(zip(outbox_ids, work.outbox, strict=True)))
@@ -753,7 +845,7 @@ class BounceService:
                 return SendPermitted(_minted(work, event_id))
             return Settled(work.outcome(event_id))
 
-        gate, _ = await self._transact(
+        gate = await self._grouped(
             now, body, member_ids=[member_id], eob_ids=[event_id], addresses=[address]
         )
         label = "send" if isinstance(gate, SendPermitted) else "settled"
@@ -776,8 +868,7 @@ class BounceService:
                     work.drop.add(event_id)
             return work.outcome(event_id)
 
-        outcome, _ = await self._transact(now, body, eob_ids=[event_id], addresses=[address])
-        return outcome
+        return await self._grouped(now, body, eob_ids=[event_id], addresses=[address])
 
     async def on_delivery_failure(
         self,

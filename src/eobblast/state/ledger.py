@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from eobblast.errors import ConfigError
+from eobblast.state.group import GroupCommit
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS send_ledger (
@@ -146,46 +147,81 @@ class SqliteLedger(SendLedger):
                 time.sleep(0.05)
         # NORMAL: durable against process crashes (our failure model); fsync at checkpoints.
         self._db.execute("PRAGMA synchronous=NORMAL")
+        self._claims: GroupCommit[tuple[str, str], Claim] = GroupCommit(
+            self._claim_many, self._claim_one
+        )
+        self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(
+            self._finish_many, self._finish_one
+        )
 
     async def claim(self, event_id: str, owner: str) -> Claim:
-        """Claim an event for sending by `owner`."""
+        """Claim an event for sending by `owner` (in a transaction shared with concurrent
+        claims: one per batch, not one per event)."""
+        return await self._claims.submit((event_id, owner))
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        """Record the final outcome of an event (shared transaction, as claims)."""
+        await self._finishes.submit((event_id, outcome, reason))
+
+    def _claim_rows(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            inserted = db.execute(
-                "INSERT OR IGNORE INTO send_ledger (event_id, state, owner, updated_at)"
-                " VALUES (?, 'sending', ?, ?)",
-                (event_id, owner, time.time()),
-            ).rowcount
-            if inserted:
-                db.execute("COMMIT")
-                return Claim(ClaimKind.NEW)
-            row = db.execute(
-                f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
-                (event_id,),
-            ).fetchone()
-            claim = self._decide(_entry(row), owner)
-            if claim.kind is ClaimKind.RETRY:
-                db.execute(
-                    "UPDATE send_ledger SET owner = ?, attempts = attempts + 1, updated_at = ?"
-                    " WHERE event_id = ?",
-                    (owner, time.time(), event_id),
-                )
+            claims = [self._claim_row(event_id, owner) for event_id, owner in items]
             db.execute("COMMIT")
-            return claim
         except BaseException:
             db.execute("ROLLBACK")
             raise
+        return claims
 
-    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
-        """Record the final outcome of an event."""
-        self._db.execute(
-            "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
-            " VALUES (?, 'final', '', ?, ?, ?) ON CONFLICT(event_id) DO UPDATE SET"
-            " state = 'final', outcome = excluded.outcome, reason = excluded.reason,"
-            " updated_at = excluded.updated_at",
-            (event_id, outcome, reason, time.time()),
-        )
+    def _claim_row(self, event_id: str, owner: str) -> Claim:
+        db = self._db
+        inserted = db.execute(
+            "INSERT OR IGNORE INTO send_ledger (event_id, state, owner, updated_at)"
+            " VALUES (?, 'sending', ?, ?)",
+            (event_id, owner, time.time()),
+        ).rowcount
+        if inserted:
+            return Claim(ClaimKind.NEW)
+        row = db.execute(
+            f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
+            (event_id,),
+        ).fetchone()
+        claim = self._decide(_entry(row), owner)
+        if claim.kind is ClaimKind.RETRY:
+            db.execute(
+                "UPDATE send_ledger SET owner = ?, attempts = attempts + 1, updated_at = ?"
+                " WHERE event_id = ?",
+                (owner, time.time(), event_id),
+            )
+        return claim
+
+    async def _claim_many(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
+        return self._claim_rows(items)
+
+    async def _claim_one(self, item: tuple[str, str]) -> Claim:
+        return self._claim_rows([item])[0]
+
+    async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
+        now = time.time()
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(
+                "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
+                " VALUES (?, 'final', '', ?, ?, ?) ON CONFLICT(event_id) DO UPDATE SET"
+                " state = 'final', outcome = excluded.outcome, reason = excluded.reason,"
+                " updated_at = excluded.updated_at",
+                [(event_id, outcome, reason, now) for event_id, outcome, reason in items],
+            )
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return [None] * len(items)
+
+    async def _finish_one(self, item: tuple[str, str, str]) -> None:
+        await self._finish_many([item])
 
     async def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that these events' status events were acknowledged."""
