@@ -585,6 +585,27 @@ async def test_audit_trail_is_append_only_and_refuses_free_text(stores: Stores) 
     assert len(await stores.audit.records()) == 1
 
 
+async def test_concurrent_appends_are_all_kept_in_order_and_a_bad_one_fails_alone(
+    stores: Stores,
+) -> None:
+    # A worker appends one record per event sent, dozens at once.
+    good = [
+        AuditRecord(f"evt-c{n}", AuditAction.SENT, "worker-1", NOW, protection="tls_required")
+        for n in range(40)
+    ]
+    bad = AuditRecord("evt-bad", AuditAction.SENT, "worker-1", NOW, "M123")
+    results = await asyncio.gather(
+        *(stores.audit.append(r) for r in good[:20]),
+        stores.audit.append(bad),
+        *(stores.audit.append(r) for r in good[20:]),
+        return_exceptions=True,
+    )
+    assert isinstance(results.pop(20), AuditError)
+    assert results == [None] * 40
+    stored = await stores.audit.records()
+    assert [r.event_id for r in stored] == [r.event_id for r in good]
+
+
 async def test_a_swapped_ciphertext_is_an_incident_not_a_pickup(
     stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
 ) -> None:

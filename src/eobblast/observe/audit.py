@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
+from eobblast.state.group import GroupCommit
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -169,6 +170,19 @@ _INSERT = (
 )
 
 
+def _sqlite_row(record: AuditRecord) -> tuple[str | None, ...]:
+    return (
+        _iso(record.at),
+        record.event_id,
+        str(record.action),
+        record.actor,
+        record.member_ref,
+        record.protection,
+        record.reason,
+        record.item_id,
+    )
+
+
 class SqliteAuditTrail(AuditTrail):
     """The trail in a SQLite file (WAL), shared by the processes of one machine."""
 
@@ -189,23 +203,29 @@ class SqliteAuditTrail(AuditTrail):
                     raise
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
+        # One record per event sent: concurrent appends share one commit.
+        self._appends: GroupCommit[AuditRecord, None] = GroupCommit(
+            self._append_many, self._append_one
+        )
 
     async def append(self, record: AuditRecord) -> None:
-        """Add one record."""
+        """Add one record (in a transaction shared with concurrent appends)."""
         _check(record)
-        self._db.execute(
-            _INSERT.format("?"),
-            (
-                _iso(record.at),
-                record.event_id,
-                str(record.action),
-                record.actor,
-                record.member_ref,
-                record.protection,
-                record.reason,
-                record.item_id,
-            ),
-        )
+        await self._appends.submit(record)
+
+    async def _append_many(self, records: Sequence[AuditRecord]) -> list[None]:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.executemany(_INSERT.format("?"), [_sqlite_row(r) for r in records])
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return [None] * len(records)
+
+    async def _append_one(self, record: AuditRecord) -> None:
+        await self._append_many([record])
 
     async def records(
         self, event_id: str | None = None, since: dt.datetime | None = None
