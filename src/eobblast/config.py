@@ -83,6 +83,10 @@ class WorkersConfig:
     grace_period: float = 20.0
     # A worker that dies is restarted after this delay (doubling while it keeps dying).
     restart_delay: float = 0.5
+    # An event in flight longer than this is reported (a warning naming its partition,
+    # offset, event id and stage; eobblast_events_stuck_total): every step has its own
+    # timeout, so it means something is wrong. 0 turns the report off.
+    stuck_after: float = 300.0
 
 
 @dataclass(frozen=True, slots=True)

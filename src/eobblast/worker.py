@@ -17,6 +17,7 @@ import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -62,6 +63,18 @@ def new_worker_id(index: int) -> str:
     return f"{socket.gethostname()}-w{index}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """Where one handed-out record is, for the stuck-event report."""
+
+    partition: int
+    offset: int
+    since: float
+    stage: str = "queued"
+    event_id: str | None = None
+    reported: bool = False
+
+
 class _Listener(RebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
@@ -94,6 +107,7 @@ class Worker:
         self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
+        self._in_flight: dict[asyncio.Task[None], _InFlight] = {}
         self._slot_freed = asyncio.Event()
         # Status events acknowledged by Kafka, marked in the ledger in one batch per commit.
         self._published: list[str] = []
@@ -246,16 +260,47 @@ class Worker:
                 log.warning("fetch failed; retrying", exc_info=True)
                 await asyncio.sleep(0.5)
                 continue
+            now = time.monotonic()
             for tp, records in batch.items():
                 for record in records:
                     self._tracker.handed_out(tp, record.offset)
-                    task = asyncio.create_task(self._handle(tp, record))
+                    info = _InFlight(tp.partition, record.offset, now)
+                    task = asyncio.create_task(self._handle(tp, record, info))
                     self._tasks.setdefault(tp, set()).add(task)
                     task.add_done_callback(self._tasks[tp].discard)
+                    self._in_flight[task] = info
+                    task.add_done_callback(self._forget_in_flight)
             if time.monotonic() >= next_commit:
                 await self._commit()
+                self._watch()
                 next_commit = time.monotonic() + commit_every
             metrics.IN_FLIGHT.set(self._tracker.in_flight)
+
+    def _forget_in_flight(self, task: asyncio.Task[None]) -> None:
+        self._in_flight.pop(task, None)
+
+    def _watch(self) -> None:
+        """Report events in flight longer than `stuck_after` (once each); the oldest's age."""
+        now = time.monotonic()
+        limit = self._config.workers.stuck_after
+        oldest = 0.0
+        for info in self._in_flight.values():
+            age = now - info.since
+            oldest = max(oldest, age)
+            if limit > 0 and age > limit and not info.reported:
+                info.reported = True
+                metrics.STUCK.labels(info.stage).inc()
+                log.warning(
+                    "event in flight too long",
+                    extra={
+                        "partition": info.partition,
+                        "offset": info.offset,
+                        "event_id": info.event_id,
+                        "stage": info.stage,
+                        "seconds": round(age, 1),
+                    },
+                )
+        metrics.OLDEST_IN_FLIGHT.set(oldest)
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         assert self._consumer is not None
@@ -312,7 +357,7 @@ class Worker:
                 await self._producer.stop()
         log.info("worker stopped", extra={"worker": self.worker_id})
 
-    async def _handle(self, tp: TopicPartition, record: Any) -> None:
+    async def _handle(self, tp: TopicPartition, record: Any, info: _InFlight) -> None:
         # One member's notices are sent in the order they were published: a record waits
         # for the previous record with the same key (the member id) to finish.
         key = record.key
@@ -322,8 +367,9 @@ class Worker:
         self._by_key[key] = current
         try:
             if previous is not None and not previous.done():
+                info.stage = "ordering"  # after the member's previous notice
                 await asyncio.wait([previous])
-            published = await self._process(tp, record)
+            published = await self._process(tp, record, info)
         except asyncio.CancelledError:
             raise
         except Exception:
@@ -336,7 +382,8 @@ class Worker:
             self._tracker.mark_done(tp, record.offset)
             self._slot_freed.set()
 
-    async def _process(self, tp: TopicPartition, record: Any) -> bool:
+    async def _process(self, tp: TopicPartition, record: Any, info: _InFlight) -> bool:
+        info.stage = "input"  # validation, or a dead letter for bad input
         start = time.perf_counter()
         position = SourcePosition(topic=tp.topic, partition=tp.partition, offset=record.offset)
         value: bytes | None = record.value
@@ -352,8 +399,9 @@ class Worker:
         checked = self._pipeline.validate(value, start)
         if isinstance(checked, EventOutcome):
             return await self._reject(checked, value, key, position, record.timestamp)
-        event_id = checked.event_id
+        event_id = info.event_id = checked.event_id
         while True:
+            info.stage = "claim"
             claim = await self._ledger.claim(event_id, self.worker_id)
             if claim.kind is not ClaimKind.IN_FLIGHT:
                 break
@@ -363,19 +411,24 @@ class Worker:
                 # Ours but not running: left over from a task that was cancelled.
                 claim = await self._ledger.claim(event_id, self.worker_id + "-again")
                 break
+            info.stage = "same_event"  # the same event id, published twice, is sending
             await asyncio.shield(running)
         if claim.kind is ClaimKind.DONE:
             assert claim.entry is not None
+            info.stage = "publish"
             return await self._republish(claim.entry, record.timestamp)
         if claim.kind is ClaimKind.RETRY:
             metrics.RESENDS.inc()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sending[event_id] = future
         try:
+            info.stage = "deliver"
             outcome = await self._pipeline.deliver(checked, start, raw=value)
+            info.stage = "record"
             await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
             self._pipeline.observe(outcome)
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
+            info.stage = "publish"
             await self._publish_status(outcome, event_id, attempt, record.timestamp)
             self._published.append(event_id)
             self._unmarked.add(event_id)

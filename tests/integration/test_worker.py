@@ -18,6 +18,7 @@ import pytest
 
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
+from eobblast.observe.metrics import REGISTRY
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
@@ -215,6 +216,50 @@ async def test_broker_down_at_start_then_lost_mid_run(
     warnings = [r for r in caplog.records if r.name.startswith("eobblast")]
     assert any("unreachable" in r.getMessage() for r in warnings)
     assert len(warnings) < 40  # once per interval, not once per attempt
+
+
+async def test_an_event_stuck_in_flight_is_reported_with_its_stage(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A receiver that accepts the connection and never says a word: with long SMTP
+    # timeouts the event sits in "deliver", and the worker says so once it passes
+    # stuck_after, naming where it is (no PHI: partition, offset, event id, stage).
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # until the worker hangs up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    (value,) = stack.events(1, seed=21)
+    await stack.publish([value])
+    base = stack.config(stuck_after=0.5, grace_period=1.0)
+    config = replace(
+        base,
+        transport=replace(
+            base.transport,
+            connect_timeout=60.0,
+            routes={name: f"127.0.0.1:{port}" for name in stack.domains},
+        ),
+    )
+    stuck_before = REGISTRY.get_sample_value("eobblast_events_stuck_total", {"stage": "deliver"})
+    caplog.set_level(logging.WARNING, logger="eobblast")
+    _, stop, task = await start_worker(config)
+    try:
+        deadline = time.monotonic() + 30
+        reports: list[logging.LogRecord] = []
+        while not reports and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+            reports = [r for r in caplog.records if r.getMessage() == "event in flight too long"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        server.close()
+    (report,) = reports
+    assert report.stage == "deliver"  # type: ignore[attr-defined]
+    assert report.event_id == orjson.loads(value)["event_id"]  # type: ignore[attr-defined]
+    assert report.offset == 0 and report.seconds >= 0.5  # type: ignore[attr-defined]
+    after = REGISTRY.get_sample_value("eobblast_events_stuck_total", {"stage": "deliver"})
+    assert (after or 0) == (stuck_before or 0) + 1
 
 
 async def test_killed_worker_is_restarted_and_nothing_is_lost(

@@ -40,6 +40,18 @@ SMTP_REPLIES = Counter(
     registry=REGISTRY,
 )
 
+OLDEST_IN_FLIGHT = Gauge(
+    "eobblast_oldest_in_flight_seconds",
+    "Age of the oldest event a worker has in flight (0 when none).",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
+STUCK = Counter(
+    "eobblast_events_stuck",
+    "Events reported in flight longer than [workers] stuck_after, by the stage they were in.",
+    ["stage"],
+    registry=REGISTRY,
+)
 IN_FLIGHT = Gauge(
     "eobblast_events_in_flight",
     "Events handed to a worker and not yet accounted for.",
