@@ -8,10 +8,12 @@ import logging
 import os
 import shutil
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -267,8 +269,10 @@ async def test_killed_worker_is_restarted_and_nothing_is_lost(
 ) -> None:
     total = 20_000
     stack.max_in_flight = 64
-    await stack.publish(stack.events(total, seed=8))
-    config = stack.config(count=2)
+    published = stack.events(total, seed=8)
+    await stack.publish(published)
+    # A stall would show in the workers' log with the stage it happened in.
+    config = stack.config(count=2, stuck_after=30.0)
     restarts: list[int] = []
     supervisor = Supervisor(
         config, workers=2, log_level="WARNING", on_restart=lambda i, c: restarts.append(i)
@@ -287,7 +291,9 @@ async def test_killed_worker_is_restarted_and_nothing_is_lost(
     stop.set()
     await supervising
     grouped = statuses(records)
-    assert len(grouped) == total, "every event has a final status"
+    assert len(grouped) == total, "every event has a final status; " + _ledger_of_missing(
+        stack, published, grouped
+    )
     assert set(distinct_final(grouped).values()) == {1}, "and only one"
     assert restarts == [0]
     received = sum(stack.sandbox.counts.values())
@@ -299,6 +305,24 @@ async def test_killed_worker_is_restarted_and_nothing_is_lost(
             f"{sum(len(v) for v in grouped.values()) - total} republished statuses"
         )
     assert 0 <= duplicates <= stack.max_in_flight
+
+
+def _ledger_of_missing(stack: Stack, published: list[bytes], grouped: dict[str, Any]) -> str:
+    """What the send ledger says of the events without a status (to tell lost from stuck)."""
+    missing = [e for e in (orjson.loads(v)["event_id"] for v in published) if e not in grouped]
+    db = sqlite3.connect(stack.directory / "ledger.db")
+    try:
+        rows = [
+            db.execute(
+                "SELECT state, owner, outcome, attempts, status_published FROM send_ledger"
+                " WHERE event_id = ?",
+                (event_id,),
+            ).fetchone()
+            for event_id in missing[:10]
+        ]
+    finally:
+        db.close()
+    return f"{len(missing)} missing; ledger rows of the first: {rows}"
 
 
 @pytest.mark.skipif(shutil.which("kcat") is None, reason="kcat not installed (Debian kcat)")
