@@ -83,9 +83,9 @@ class WorkersConfig:
     grace_period: float = 20.0
     # A worker that dies is restarted after this delay (doubling while it keeps dying).
     restart_delay: float = 0.5
-    # An event in flight longer than this is reported (a warning naming its partition,
-    # offset, event id and stage; eobblast_events_stuck_total): every step has its own
-    # timeout, so it means something is wrong. 0 turns the report off.
+    # An attempt at an event that takes longer than this is reported (a warning naming its
+    # partition, offset, event id and stage; eobblast_events_stuck_total) and run again:
+    # every step has its own timeout, so it means something hung. 0: never.
     stuck_after: float = 300.0
 
 

@@ -72,7 +72,6 @@ class _InFlight:
     since: float
     stage: str = "queued"
     event_id: str | None = None
-    reported: bool = False
 
 
 class _Listener(RebalanceListener):
@@ -280,26 +279,9 @@ class Worker:
         self._in_flight.pop(task, None)
 
     def _watch(self) -> None:
-        """Report events in flight longer than `stuck_after` (once each); the oldest's age."""
+        """The age of the oldest event in flight, for the gauge."""
         now = time.monotonic()
-        limit = self._config.workers.stuck_after
-        oldest = 0.0
-        for info in self._in_flight.values():
-            age = now - info.since
-            oldest = max(oldest, age)
-            if limit > 0 and age > limit and not info.reported:
-                info.reported = True
-                metrics.STUCK.labels(info.stage).inc()
-                log.warning(
-                    "event in flight too long",
-                    extra={
-                        "partition": info.partition,
-                        "offset": info.offset,
-                        "event_id": info.event_id,
-                        "stage": info.stage,
-                        "seconds": round(age, 1),
-                    },
-                )
+        oldest = max((now - info.since for info in self._in_flight.values()), default=0.0)
         metrics.OLDEST_IN_FLIGHT.set(oldest)
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
@@ -366,21 +348,61 @@ class Worker:
         assert current is not None
         self._by_key[key] = current
         try:
-            if previous is not None and not previous.done():
-                info.stage = "ordering"  # after the member's previous notice
-                await asyncio.wait([previous])
-            published = await self._process(tp, record, info)
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            log.exception("record could not be accounted for; it will be redelivered")
-            return
+            published = await self._attempts(tp, record, info, previous)
         finally:
             if self._by_key.get(key) is current:
                 del self._by_key[key]
         if published:
             self._tracker.mark_done(tp, record.offset)
             self._slot_freed.set()
+
+    async def _attempts(
+        self,
+        tp: TopicPartition,
+        record: Any,
+        info: _InFlight,
+        previous: asyncio.Task[None] | None,
+    ) -> bool:
+        """Run the record until it is accounted for: a record left half-done would hold its
+        partition's commits until a restart. An attempt that fails, or that outlives
+        `stuck_after` (every step has its own timeout, so something hung), is reported and
+        run again; the send ledger and the bounce gate decide what a second attempt sends
+        (at most one more email, as after a crash)."""
+        limit = self._config.workers.stuck_after
+        failures = 0
+        while True:
+            started = time.monotonic()
+            deadline = asyncio.timeout(limit if limit > 0 else None)
+            try:
+                async with deadline:
+                    if previous is not None and not previous.done():
+                        info.stage = "ordering"  # after the member's previous notice
+                        await asyncio.wait([previous])
+                    return await self._process(tp, record, info)
+            except TimeoutError:
+                if not deadline.expired():
+                    raise
+                self._report_stuck(info, time.monotonic() - started)
+            except Exception:
+                failures += 1
+                log.exception(
+                    "record could not be accounted for; trying again",
+                    extra={"partition": tp.partition, "offset": record.offset},
+                )
+                await asyncio.sleep(backoff_delay(failures))
+
+    def _report_stuck(self, info: _InFlight, seconds: float) -> None:
+        metrics.STUCK.labels(info.stage).inc()
+        log.warning(
+            "event in flight too long; trying again",
+            extra={
+                "partition": info.partition,
+                "offset": info.offset,
+                "event_id": info.event_id,
+                "stage": info.stage,
+                "seconds": round(seconds, 1),
+            },
+        )
 
     async def _process(self, tp: TopicPartition, record: Any, info: _InFlight) -> bool:
         info.stage = "input"  # validation, or a dead letter for bad input
