@@ -13,10 +13,10 @@ import asyncio
 import enum
 import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from eobblast.errors import ConfigError
 from eobblast.state.group import GroupCommit
@@ -86,6 +86,8 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
         bool(row[6]),
     )
 
+
+T = TypeVar("T")
 
 _COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published"
 
@@ -163,16 +165,21 @@ class SqliteLedger(SendLedger):
         """Record the final outcome of an event (shared transaction, as claims)."""
         await self._finishes.submit((event_id, outcome, reason))
 
-    def _claim_rows(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
+    def _write(self, work: Callable[[], T]) -> T:
+        # One transaction for a batch of writes (in autocommit mode every statement would be
+        # a commit of its own).
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            claims = [self._claim_row(event_id, owner) for event_id, owner in items]
+            result = work()
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return claims
+        return result
+
+    def _claim_rows(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
+        return self._write(lambda: [self._claim_row(event_id, owner) for event_id, owner in items])
 
     def _claim_row(self, event_id: str, owner: str) -> Claim:
         db = self._db
@@ -204,20 +211,15 @@ class SqliteLedger(SendLedger):
 
     async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
         now = time.time()
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(
+        self._write(
+            lambda: self._db.executemany(
                 "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
                 " VALUES (?, 'final', '', ?, ?, ?) ON CONFLICT(event_id) DO UPDATE SET"
                 " state = 'final', outcome = excluded.outcome, reason = excluded.reason,"
                 " updated_at = excluded.updated_at",
                 [(event_id, outcome, reason, now) for event_id, outcome, reason in items],
             )
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        )
         return [None] * len(items)
 
     async def _finish_one(self, item: tuple[str, str, str]) -> None:
@@ -226,9 +228,11 @@ class SqliteLedger(SendLedger):
     async def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that these events' status events were acknowledged."""
         if event_ids:
-            self._db.executemany(
-                "UPDATE send_ledger SET status_published = 1 WHERE event_id = ?",
-                [(event_id,) for event_id in event_ids],
+            self._write(
+                lambda: self._db.executemany(
+                    "UPDATE send_ledger SET status_published = 1 WHERE event_id = ?",
+                    [(event_id,) for event_id in event_ids],
+                )
             )
 
     async def get(self, event_id: str) -> LedgerEntry | None:
