@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import logging
 import os
 import socket
@@ -74,6 +75,10 @@ class _InFlight:
     event_id: str | None = None
 
 
+def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None]) -> None:
+    tasks.pop(task, None)
+
+
 class _Listener(RebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
@@ -103,10 +108,10 @@ class Worker:
         self._bounces = bounces
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self._tasks: dict[TopicPartition, set[asyncio.Task[None]]] = {}
+        # Per partition, its records' tasks and where each one is (for the oldest's age).
+        self._tasks: dict[TopicPartition, dict[asyncio.Task[None], _InFlight]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
-        self._in_flight: dict[asyncio.Task[None], _InFlight] = {}
         self._slot_freed = asyncio.Event()
         # Status events acknowledged by Kafka, marked in the ledger in one batch per commit.
         self._published: list[str] = []
@@ -265,23 +270,20 @@ class Worker:
                     self._tracker.handed_out(tp, record.offset)
                     info = _InFlight(tp.partition, record.offset, now)
                     task = asyncio.create_task(self._handle(tp, record, info))
-                    self._tasks.setdefault(tp, set()).add(task)
-                    task.add_done_callback(self._tasks[tp].discard)
-                    self._in_flight[task] = info
-                    task.add_done_callback(self._forget_in_flight)
+                    tasks = self._tasks.setdefault(tp, {})
+                    tasks[task] = info
+                    task.add_done_callback(functools.partial(_discard, tasks))
             if time.monotonic() >= next_commit:
                 await self._commit()
                 self._watch()
                 next_commit = time.monotonic() + commit_every
             metrics.IN_FLIGHT.set(self._tracker.in_flight)
 
-    def _forget_in_flight(self, task: asyncio.Task[None]) -> None:
-        self._in_flight.pop(task, None)
-
     def _watch(self) -> None:
         """The age of the oldest event in flight, for the gauge."""
         now = time.monotonic()
-        oldest = max((now - info.since for info in self._in_flight.values()), default=0.0)
+        ages = (now - info.since for tasks in self._tasks.values() for info in tasks.values())
+        oldest = max(ages, default=0.0)
         metrics.OLDEST_IN_FLIGHT.set(oldest)
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:

@@ -636,7 +636,7 @@ class BounceService:
         # Every notice passes `gate` before and `on_delivered` after its send: concurrent
         # calls share one store transaction.
         self._group: GroupCommit[_Call, object] = GroupCommit(
-            self._transact_calls, self._transact_call, on_batch=_count_batch
+            self._transact_calls, on_batch=_count_batch
         )
         if audit is not None and member_ref is None:
             raise ValueError("an audit trail needs member_ref (opaque member references)")
@@ -734,16 +734,6 @@ class BounceService:
         """`_transact` for frequent calls: run in a transaction shared with others."""
         result = await self._group.submit(_Call(now, body, member_ids, eob_ids, addresses))
         return result  # type: ignore[return-value]  # what this call's own body returned
-
-    async def _transact_call(self, call: _Call) -> object:
-        result, _ = await self._transact(
-            call.now,
-            call.body,
-            member_ids=call.member_ids,
-            eob_ids=call.eob_ids,
-            addresses=call.addresses,
-        )
-        return result
 
     async def _transact_calls(self, calls: Sequence[_Call]) -> list[object]:
         """Several callers' bodies in one transaction, in arrival order."""

@@ -25,6 +25,7 @@ from typing import Any
 
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.state.group import GroupCommit
+from eobblast.state.sqlite import write_transaction
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -204,9 +205,7 @@ class SqliteAuditTrail(AuditTrail):
                 time.sleep(0.05)
         self._db.execute("PRAGMA synchronous=NORMAL")
         # One record per event sent: concurrent appends share one commit.
-        self._appends: GroupCommit[AuditRecord, None] = GroupCommit(
-            self._append_many, self._append_one
-        )
+        self._appends: GroupCommit[AuditRecord, None] = GroupCommit(self._append_many)
 
     async def append(self, record: AuditRecord) -> None:
         """Add one record (in a transaction shared with concurrent appends)."""
@@ -214,18 +213,9 @@ class SqliteAuditTrail(AuditTrail):
         await self._appends.submit(record)
 
     async def _append_many(self, records: Sequence[AuditRecord]) -> list[None]:
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.executemany(_INSERT.format("?"), [_sqlite_row(r) for r in records])
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
+        rows = [_sqlite_row(r) for r in records]
+        write_transaction(self._db, lambda: self._db.executemany(_INSERT.format("?"), rows))
         return [None] * len(records)
-
-    async def _append_one(self, record: AuditRecord) -> None:
-        await self._append_many([record])
 
     async def records(
         self, event_id: str | None = None, since: dt.datetime | None = None

@@ -36,7 +36,8 @@ def _settle(waiting: _Waiting[I, R], result: R | None, error: BaseException | No
 
 
 class GroupCommit(Generic[I, R]):
-    """Runs items in batches: `run_many` for several at once, `run_one` alone or as fallback.
+    """Runs items in batches: `run_many` for several at once, `run_one` alone or as fallback
+    (by default `run_many` of that one item).
 
     `run_many` returns one result per item, in order, and must be all-or-nothing (one
     transaction). `on_batch(kind, size)` is told of each batch: "shared" when `run_many`
@@ -46,7 +47,7 @@ class GroupCommit(Generic[I, R]):
     def __init__(
         self,
         run_many: Callable[[Sequence[I]], Awaitable[Sequence[R]]],
-        run_one: Callable[[I], Awaitable[R]],
+        run_one: Callable[[I], Awaitable[R]] | None = None,
         *,
         limit: int = 64,
         on_batch: Callable[[str, int], None] | None = None,
@@ -54,11 +55,15 @@ class GroupCommit(Generic[I, R]):
         if limit < 1:
             raise ValueError("limit must be at least 1")
         self._run_many = run_many
-        self._run_one = run_one
+        self._run_one = run_one or self._alone
         self._limit = limit
         self._on_batch = on_batch
         self._waiting: list[_Waiting[I, R]] = []
         self._drainer: asyncio.Task[None] | None = None
+
+    async def _alone(self, item: I) -> R:
+        (result,) = await self._run_many([item])
+        return result
 
     async def submit(self, item: I) -> R:
         """Run `item` in the next batch and return its result (or raise its error)."""

@@ -13,13 +13,14 @@ import asyncio
 import enum
 import sqlite3
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from eobblast.errors import ConfigError
 from eobblast.state.group import GroupCommit
+from eobblast.state.sqlite import write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS send_ledger (
@@ -87,8 +88,6 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
     )
 
 
-T = TypeVar("T")
-
 _COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published"
 
 
@@ -149,12 +148,8 @@ class SqliteLedger(SendLedger):
                 time.sleep(0.05)
         # NORMAL: durable against process crashes (our failure model); fsync at checkpoints.
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._claims: GroupCommit[tuple[str, str], Claim] = GroupCommit(
-            self._claim_many, self._claim_one
-        )
-        self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(
-            self._finish_many, self._finish_one
-        )
+        self._claims: GroupCommit[tuple[str, str], Claim] = GroupCommit(self._claim_many)
+        self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
     async def claim(self, event_id: str, owner: str) -> Claim:
         """Claim an event for sending by `owner` (in a transaction shared with concurrent
@@ -164,22 +159,6 @@ class SqliteLedger(SendLedger):
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
         """Record the final outcome of an event (shared transaction, as claims)."""
         await self._finishes.submit((event_id, outcome, reason))
-
-    def _write(self, work: Callable[[], T]) -> T:
-        # One transaction for a batch of writes (in autocommit mode every statement would be
-        # a commit of its own).
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            result = work()
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return result
-
-    def _claim_rows(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        return self._write(lambda: [self._claim_row(event_id, owner) for event_id, owner in items])
 
     def _claim_row(self, event_id: str, owner: str) -> Claim:
         db = self._db
@@ -204,35 +183,33 @@ class SqliteLedger(SendLedger):
         return claim
 
     async def _claim_many(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        return self._claim_rows(items)
-
-    async def _claim_one(self, item: tuple[str, str]) -> Claim:
-        return self._claim_rows([item])[0]
+        return write_transaction(
+            self._db, lambda: [self._claim_row(event_id, owner) for event_id, owner in items]
+        )
 
     async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
         now = time.time()
-        self._write(
+        write_transaction(
+            self._db,
             lambda: self._db.executemany(
                 "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
                 " VALUES (?, 'final', '', ?, ?, ?) ON CONFLICT(event_id) DO UPDATE SET"
                 " state = 'final', outcome = excluded.outcome, reason = excluded.reason,"
                 " updated_at = excluded.updated_at",
                 [(event_id, outcome, reason, now) for event_id, outcome, reason in items],
-            )
+            ),
         )
         return [None] * len(items)
-
-    async def _finish_one(self, item: tuple[str, str, str]) -> None:
-        await self._finish_many([item])
 
     async def mark_published(self, event_ids: Sequence[str]) -> None:
         """Record that these events' status events were acknowledged."""
         if event_ids:
-            self._write(
+            write_transaction(
+                self._db,
                 lambda: self._db.executemany(
                     "UPDATE send_ledger SET status_published = 1 WHERE event_id = ?",
                     [(event_id,) for event_id in event_ids],
-                )
+                ),
             )
 
     async def get(self, event_id: str) -> LedgerEntry | None:
