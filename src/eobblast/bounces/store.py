@@ -58,6 +58,7 @@ from eobblast.bounces.state import (
 )
 from eobblast.bounces.verp import event_reference
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
+from eobblast.state.sqlite import open_sqlite
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -733,21 +734,7 @@ class SqliteBounceStore(BounceStore):
     def __init__(self, path: Path) -> None:
         super().__init__()
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA busy_timeout=10000")
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                for statement in (*_SQLITE_TABLES, _OUTBOX_INDEX):
-                    self._db.execute(statement)
-                break
-            except sqlite3.OperationalError as exc:
-                # Processes starting together contend for the switch to WAL: retry briefly.
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(path, (*_SQLITE_TABLES, _OUTBOX_INDEX))
         self._runner = _SqliteSql(self._db)
 
     def _sql(self) -> _Sql:

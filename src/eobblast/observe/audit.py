@@ -16,8 +16,6 @@ import enum
 import hashlib
 import hmac
 import re
-import sqlite3
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +23,7 @@ from typing import Any
 
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.state.group import GroupCommit
-from eobblast.state.sqlite import write_transaction
+from eobblast.state.sqlite import open_sqlite, write_transaction
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -189,21 +187,7 @@ class SqliteAuditTrail(AuditTrail):
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA busy_timeout=10000")
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                for statement in _SQLITE_SCHEMA:
-                    self._db.execute(statement)
-                break
-            except sqlite3.OperationalError as exc:
-                # Processes starting together contend for the switch to WAL: retry briefly.
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(path, _SQLITE_SCHEMA)
         # One record per event sent: concurrent appends share one commit.
         self._appends: GroupCommit[AuditRecord, None] = GroupCommit(self._append_many)
 

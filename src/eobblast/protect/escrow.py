@@ -22,7 +22,6 @@ import hmac
 import os
 import re
 import secrets
-import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.state.sqlite import open_sqlite
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -560,21 +560,7 @@ class SqliteEscrow(EscrowStore):
     def __init__(self, path: Path, keys: KeyRing) -> None:
         super().__init__(keys)
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA busy_timeout=10000")
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(_table("BLOB"))
-                self._db.execute(_INDEX)
-                break
-            except sqlite3.OperationalError as exc:
-                # Processes starting together contend for the switch to WAL: retry briefly.
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(path, [_table("BLOB"), _INDEX])
         # Deleted rows are overwritten, not left readable in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
 

@@ -17,7 +17,6 @@ import abc
 import asyncio
 import datetime as dt
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -34,6 +33,7 @@ from eobblast.shaping.warmup import (
     WarmupPlan,
     hour_bucket,
 )
+from eobblast.state.sqlite import open_sqlite
 
 if TYPE_CHECKING:
     import psycopg
@@ -292,23 +292,7 @@ class SqliteBudgetStore(BudgetStore):
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA busy_timeout=10000")
-        # Switching to WAL needs a moment of exclusive access that SQLite does not wait for:
-        # workers starting together retry briefly instead of failing.
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                for statement in _SCHEMA:
-                    self._db.execute(statement)
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        # NORMAL: durable against process crashes (our failure model); fsync at checkpoints.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(path, _SCHEMA)
 
     def _one(self, sql: str, params: Mapping[str, Any]) -> Any:
         # fetchall: a RETURNING statement left half-read would keep the transaction busy.

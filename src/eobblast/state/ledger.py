@@ -11,7 +11,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import enum
-import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from typing import Any
 
 from eobblast.errors import ConfigError
 from eobblast.state.group import GroupCommit
-from eobblast.state.sqlite import write_transaction
+from eobblast.state.sqlite import open_sqlite, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS send_ledger (
@@ -132,22 +131,7 @@ class SqliteLedger(SendLedger):
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-        self._db.execute("PRAGMA busy_timeout=10000")
-        # Switching to WAL needs a moment of exclusive access, which SQLite does not wait
-        # for: workers starting together retry briefly instead of failing.
-        deadline = time.monotonic() + 10.0
-        while True:
-            try:
-                self._db.execute("PRAGMA journal_mode=WAL")
-                self._db.execute(_SCHEMA)
-                break
-            except sqlite3.OperationalError as exc:
-                if "locked" not in str(exc) or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        # NORMAL: durable against process crashes (our failure model); fsync at checkpoints.
-        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db = open_sqlite(path, [_SCHEMA])
         self._claims: GroupCommit[tuple[str, str], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 

@@ -3,10 +3,37 @@
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TypeVar
 
 T = TypeVar("T")
+
+
+def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
+    """A store's connection: autocommit, WAL, `busy_timeout`, its schema created.
+
+    Switching to WAL needs a moment of exclusive access, which SQLite does not wait for:
+    processes starting together retry briefly instead of failing. `synchronous=NORMAL` is
+    durable against process crashes (the failure model here); fsync at checkpoints.
+    """
+    statements = list(schema)
+    db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
+    db.execute("PRAGMA busy_timeout=10000")
+    deadline = time.monotonic() + 10.0
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            for statement in statements:
+                db.execute(statement)
+            break
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+    db.execute("PRAGMA synchronous=NORMAL")
+    return db
 
 
 def write_transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:
