@@ -322,9 +322,7 @@ def _relaxed_value(value: bytes) -> bytes:
         value = value.replace(b"\r\n", b"").replace(b"\n", b"")
     if b"\t" in value:
         value = value.replace(b"\t", b" ")
-    while b"  " in value:
-        value = value.replace(b"  ", b" ")
-    return value.strip()
+    return _SPACE_RUN.sub(b" ", value).strip()
 
 
 def _signed_header_data(
