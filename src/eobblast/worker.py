@@ -79,6 +79,32 @@ def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None
     tasks.pop(task, None)
 
 
+def status_record(
+    outcome: EventOutcome, event_key: str, attempt: int, worker: str, source_ms: int | None
+) -> bytes:
+    """An eob.delivery/v1 status event for `outcome`, serialised (key: `event_key`)."""
+    source = dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC) if source_ms is not None else None
+    status = DeliveryStatus(
+        status_id=status_id(event_key, outcome.outcome, attempt),
+        event_id=outcome.event_id,
+        status=outcome.outcome,
+        reason=outcome.reason,
+        field=outcome.field,
+        smtp_code=outcome.smtp_code,
+        enhanced_status=outcome.enhanced_status,
+        tls_version=outcome.tls_version,
+        protection=outcome.protection,
+        protection_reason=outcome.protection_reason,
+        retry_at=outcome.retry_at,
+        bounce_category=outcome.bounce_category,
+        attempt=attempt,
+        worker=worker,
+        occurred_at=dt.datetime.now(dt.UTC),
+        source_timestamp=source,
+    )
+    return orjson.dumps(status.model_dump(mode="json", by_alias=True))
+
+
 class _Listener(RebalanceListener):
     def __init__(self, worker: Worker) -> None:
         self._worker = worker
@@ -508,32 +534,8 @@ class Worker:
     async def _publish_status(
         self, outcome: EventOutcome, event_key: str, attempt: int, source_ms: int | None
     ) -> None:
-        source = (
-            dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC) if source_ms is not None else None
-        )
-        status = DeliveryStatus(
-            status_id=status_id(event_key, outcome.outcome, attempt),
-            event_id=outcome.event_id,
-            status=outcome.outcome,
-            reason=outcome.reason,
-            field=outcome.field,
-            smtp_code=outcome.smtp_code,
-            enhanced_status=outcome.enhanced_status,
-            tls_version=outcome.tls_version,
-            protection=outcome.protection,
-            protection_reason=outcome.protection_reason,
-            retry_at=outcome.retry_at,
-            bounce_category=outcome.bounce_category,
-            attempt=attempt,
-            worker=self.worker_id,
-            occurred_at=dt.datetime.now(dt.UTC),
-            source_timestamp=source,
-        )
-        await self._send(
-            self._config.kafka.delivery_topic,
-            event_key.encode(),
-            orjson.dumps(status.model_dump(mode="json", by_alias=True)),
-        )
+        value = status_record(outcome, event_key, attempt, self.worker_id, source_ms)
+        await self._send(self._config.kafka.delivery_topic, event_key.encode(), value)
 
     async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
         # A status must reach Kafka before its offset may be committed: retry until it does.
@@ -596,19 +598,9 @@ def dsn_handler(
         for result in report.results:
             # The notice's status changed after its delivery status was published.
             outcome = bounce_event_outcome(result.outcome, 0.0)
-            status = DeliveryStatus(
-                status_id=status_id(result.event_id, outcome.outcome, 1),
-                event_id=result.event_id,
-                status=outcome.outcome,
-                reason=outcome.reason,
-                retry_at=outcome.retry_at,
-                bounce_category=outcome.bounce_category,
-                worker="bounce-listener",
-                occurred_at=dt.datetime.now(dt.UTC),
-            )
             await producer.send_and_wait(
                 delivery_topic,
-                orjson.dumps(status.model_dump(mode="json", by_alias=True)),
+                status_record(outcome, result.event_id, 1, "bounce-listener", None),
                 key=result.event_id.encode(),
             )
         return report
