@@ -444,7 +444,10 @@ class _Work:
         transition = state.apply(before, event, service.policy, service.random)
         self.book = transition.book
         for eob_id, eob in self.book.eobs.items():
-            if before.eobs.get(eob_id) != eob:
+            # Untouched notices keep their object: the identity test spares comparing
+            # every notice of a shared transaction's book field by field on every step.
+            old_eob = before.eobs.get(eob_id)
+            if old_eob is not eob and old_eob != eob:
                 old = self.extras.get(eob_id, EobExtras())
                 # A state change ends any lease: the notice is no longer where it was.
                 self.extras[eob_id] = EobExtras(None, old.fallback_reason, old.category)
