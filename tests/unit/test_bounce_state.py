@@ -384,6 +384,9 @@ class VerifyBeforeResend(RuleBasedStateMachine):
         before = self.book
         result = apply(self.book, event, POLICY, lambda: draw)
         self.book = result.book
+        # The shell writes back only the notices a step says it wrote: none may hide.
+        changed = {i for i, eob in self.book.eobs.items() if before.eobs.get(i) != eob}
+        assert changed <= result.written, "a notice changed that the step did not report"
         for effect in result.effects:
             if isinstance(effect, Send):
                 to = effect.deliverable.to.lower()

@@ -443,11 +443,11 @@ class _Work:
         before = self.book
         transition = state.apply(before, event, service.policy, service.random)
         self.book = transition.book
-        for eob_id, eob in self.book.eobs.items():
-            # Untouched notices keep their object: the identity test spares comparing
-            # every notice of a shared transaction's book field by field on every step.
-            old_eob = before.eobs.get(eob_id)
-            if old_eob is not eob and old_eob != eob:
+        # Only what the step wrote can have changed: a shared transaction's book holds its
+        # whole batch, and comparing every notice on every step cost more than the step.
+        for eob_id in transition.written:
+            eob = self.book.eobs[eob_id]
+            if before.eobs.get(eob_id) != eob:
                 old = self.extras.get(eob_id, EobExtras())
                 # A state change ends any lease: the notice is no longer where it was.
                 self.extras[eob_id] = EobExtras(None, old.fallback_reason, old.category)

@@ -338,6 +338,8 @@ class Transition:
 
     book: BounceBook
     effects: tuple[Effect, ...]
+    # The notices the step wrote (changed or not): only these can differ from the old book.
+    written: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -395,11 +397,25 @@ def apply(book: BounceBook, event: Event, policy: BouncePolicy, random: RandomSo
     return _Step(book, policy, random).run(event)
 
 
+class _WriteLog(dict[str, Eob]):
+    """The step's notices: a dict that remembers which keys were assigned."""
+
+    __slots__ = ("written",)
+
+    def __init__(self, eobs: Mapping[str, Eob]) -> None:
+        super().__init__(eobs)
+        self.written: set[str] = set()
+
+    def __setitem__(self, key: str, value: Eob) -> None:
+        self.written.add(key)
+        super().__setitem__(key, value)
+
+
 class _Step:
     """One transition: a mutable working copy of the book, and the effects collected."""
 
     def __init__(self, book: BounceBook, policy: BouncePolicy, random: RandomSource) -> None:
-        self.eobs = dict(book.eobs)
+        self.eobs = _WriteLog(book.eobs)
         self.members = dict(book.members)
         self.suppressed = set(book.suppressed)
         self.policy = policy
@@ -434,7 +450,7 @@ class _Step:
             members=MappingProxyType(self.members),
             suppressed=frozenset(self.suppressed),
         )
-        return Transition(book, tuple(self.effects))
+        return Transition(book, tuple(self.effects), frozenset(self.eobs.written))
 
     # ------------------------------------------------------------------ sending
 
