@@ -56,8 +56,11 @@ def test_spanish_member_gets_spanish(event_doc: dict[str, Any]) -> None:
 
 def test_unknown_language_falls_back_to_english(event_doc: dict[str, Any]) -> None:
     event_doc["member"]["preferred_language"] = "fr"
-    _, text, _ = _parts(Renderer().render(_event(event_doc)).to_bytes())
+    msg, text, html = _parts(Renderer().render(_event(event_doc)).to_bytes())
     assert "THIS IS NOT A BILL" in text
+    # The message says which language it is in: the one served, not the one asked for.
+    assert msg["Content-Language"] == "en"
+    assert '<html lang="en">' in html
 
 
 def test_totals_add_up(event_doc: dict[str, Any]) -> None:

@@ -141,6 +141,9 @@ class Renderer:
 
     def context(self, event: EobIssued) -> dict[str, Any]:
         """The template variables for one event."""
+        return self._context(event, language_key(event.member.preferred_language))
+
+    def _context(self, event: EobIssued, language: str) -> dict[str, Any]:
         claim = event.claim
         lines: list[dict[str, str]] = []
         totals = dict.fromkeys(_MONEY_FIELDS, Decimal(0))
@@ -156,13 +159,14 @@ class Renderer:
             row["remark_codes"] = ", ".join(line.remark_codes)
             lines.append(row)
         acc = event.accumulators
-        words = strings_for(event.member.preferred_language)
+        words = STRINGS[language]
         member_name = event.member.name
         payer = event.payer.name
         appeal_deadline = event.appeal.deadline.isoformat()
         return {
             "t": words,
-            "lang": event.member.preferred_language.split("-")[0],
+            # The language the words are in (English where the member's is not served).
+            "lang": language,
             "payer": payer,
             "member_name": member_name,
             # Filled in here, not in the templates: a method call from a template goes
@@ -189,14 +193,15 @@ class Renderer:
 
     def render(self, event: EobIssued, *, now: dt.datetime | None = None) -> RenderedMessage:
         """Render one event into a multipart/alternative message (text + HTML)."""
-        ctx = self.context(event)
         language = language_key(event.member.preferred_language)
+        ctx = self._context(event, language)
         text_template, html_template = self._templates[language]
         return self._assemble(
             event,
+            language,
             text_template.render(ctx),
             html_template.render(ctx),
-            subject=_subject(event.member.preferred_language),
+            subject=_subject(language),
             message_id=f"<eob.{event.event_id}@{event.payer.sending_domain}>",
             now=now,
         )
@@ -204,25 +209,27 @@ class Renderer:
     def render_html(self, event: EobIssued) -> str:
         """The EOB as a standalone HTML page (what the secure portal shows after pickup)."""
         language = language_key(event.member.preferred_language)
-        return self._templates[language][1].render(self.context(event))
+        return self._templates[language][1].render(self._context(event, language))
 
     def render_notice(
         self, event: EobIssued, *, link: str, expires: dt.date, now: dt.datetime | None = None
     ) -> RenderedMessage:
         """A secure-portal notice: no PHI, only the payer's name and a single-use link."""
-        words = strings_for(event.member.preferred_language)
+        language = language_key(event.member.preferred_language)
+        words = STRINGS[language]
         ctx = {
-            "lang": language_key(event.member.preferred_language),
+            "lang": language,
             "link": link,
             "body": words["notice_body"].format(payer=event.payer.name),
             "identity": words["notice_identity"].format(date=expires.isoformat()),
         }
-        text_template, html_template = self._notices[ctx["lang"]]
+        text_template, html_template = self._notices[language]
         return self._assemble(
             event,
+            language,
             text_template.render(ctx),
             html_template.render(ctx),
-            subject=_subject(event.member.preferred_language, "notice_subject"),
+            subject=_subject(language, "notice_subject"),
             message_id=f"<eob.{event.event_id}.portal@{event.payer.sending_domain}>",
             now=now,
         )
@@ -230,6 +237,7 @@ class Renderer:
     def _assemble(
         self,
         event: EobIssued,
+        language: str,
         text: str,
         html: str,
         *,
@@ -263,7 +271,7 @@ class Renderer:
             (b"Message-ID", message_id.encode("ascii")),
             (b"MIME-Version", b"1.0"),
             (b"Content-Type", f'multipart/alternative; boundary="{boundary}"'.encode("ascii")),
-            (b"Content-Language", language_key(event.member.preferred_language).encode("ascii")),
+            (b"Content-Language", language.encode("ascii")),
             (b"X-EOB-Event-ID", event.event_id.encode("ascii")),
         )
         return RenderedMessage(headers, body, sender, event.member.email)
