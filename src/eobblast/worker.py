@@ -139,9 +139,8 @@ class Worker:
         self._sending: dict[str, asyncio.Future[None]] = {}
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
-        # Status events acknowledged by Kafka, marked in the ledger in one batch per commit.
-        self._published: list[str] = []
-        # ... and remembered here until then, so a duplicate arriving meanwhile is skipped.
+        # Status events acknowledged by Kafka, marked in the ledger in one batch per commit
+        # and remembered here until then, so a duplicate arriving meanwhile is skipped.
         self._unmarked: set[str] = set()
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -314,10 +313,11 @@ class Worker:
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         assert self._consumer is not None
-        if self._published:
+        if self._unmarked:
             # Losing these marks in a crash only means a redelivered event's status is
-            # published again (same status_id), never a second email.
-            published, self._published = self._published, []
+            # published again (same status_id), never a second email. Ids acknowledged
+            # while the marks are written wait for the next commit.
+            published = list(self._unmarked)
             await self._ledger.mark_published(published)
             self._unmarked.difference_update(published)
         offsets = self._tracker.committable()
@@ -480,7 +480,6 @@ class Worker:
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
             info.stage = "publish"
             await self._publish_status(outcome, event_id, attempt, record.timestamp)
-            self._published.append(event_id)
             self._unmarked.add(event_id)
         finally:
             # Waiters (the same event published twice) look again only once all is recorded.
@@ -500,7 +499,6 @@ class Worker:
             0.0,
         )
         await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms)
-        self._published.append(entry.event_id)
         self._unmarked.add(entry.event_id)
         return True
 
