@@ -195,34 +195,55 @@ def _die_with_parent() -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def _start_sink(binary: str, logs: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _as_nobody() -> dict[str, Any]:
     # As root smtp-sink insists on dropping privileges (-u). Dropping them ourselves in
     # Popen does the same, and happens before _die_with_parent: a later credential change,
     # as -u would make, clears the parent-death signal.
-    privileges: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        privileges = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
-    # The port is probed free, then bound by smtp-sink: a race another process could win,
-    # hence the retries (smtp-sink cannot report a port it picked itself).
+    if os.geteuid() != 0:
+        return {}
+    nobody = pwd.getpwnam("nobody")
+    return {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+
+
+def start_listening(
+    name: str,
+    args_for: Callable[[int], list[str]],
+    log: Path,
+    *,
+    stdout: Path | None = None,
+    **popen: Any,
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a server on a loopback port probed free, and wait until it listens there.
+
+    The port is probed free, then bound by the server: a race another process could win,
+    hence the retries (these servers cannot report a port they picked themselves).
+    """
     for _ in range(3):
         port = _free_port()
-        # -a -C -F: no AUTH, XCLIENT or XFORWARD, like an ordinary receiving MX.
-        # Backlog 1024: no refused connects when the pool opens its connections at once.
-        args = [binary, "-a", "-C", "-F", "-h", SINK_DOMAIN, f"127.0.0.1:{port}", "1024"]
-        with (logs / "smtp-sink.log").open("ab") as log:
+        with log.open("ab") as err, (stdout or log).open("ab") as out:
             proc = subprocess.Popen(
-                args,
+                args_for(port),
                 stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
+                stdout=out,
+                stderr=err,
                 preexec_fn=_die_with_parent,
-                **privileges,
+                **popen,
             )
         if _wait_listening(proc, port):
             return proc, port
         _stop(proc)
-    raise BenchError(f"smtp-sink did not start: {_log_tail(logs / 'smtp-sink.log')}")
+    raise BenchError(f"{name} did not start: {_log_tail(log)}")
+
+
+def _start_sink(binary: str, logs: Path) -> tuple[subprocess.Popen[bytes], int]:
+    # -a -C -F: no AUTH, XCLIENT or XFORWARD, like an ordinary receiving MX.
+    # Backlog 1024: no refused connects when the pool opens its connections at once.
+    return start_listening(
+        "smtp-sink",
+        lambda port: [binary, "-a", "-C", "-F", "-h", SINK_DOMAIN, f"127.0.0.1:{port}", "1024"],
+        logs / "smtp-sink.log",
+        **_as_nobody(),
+    )
 
 
 def _start_front(pki: TestPki, sink_port: int, logs: Path) -> tuple[subprocess.Popen[bytes], int]:

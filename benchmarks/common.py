@@ -13,7 +13,6 @@ import contextlib
 import dataclasses
 import datetime as dt
 import os
-import pwd
 import signal
 import subprocess
 import sys
@@ -30,13 +29,13 @@ from bench_core import (
     SINK_DOMAIN,
     BenchError,
     Receiver,
+    _as_nobody,
     _die_with_parent,
-    _free_port,
     _log_tail,
     _start_front,
     _stop,
-    _wait_listening,
     find_smtp_sink,
+    start_listening,
 )
 from eobblast.config import Config, KafkaConfig, LedgerConfig, WorkersConfig, load_config
 from eobblast.sandbox import TestPki
@@ -81,28 +80,26 @@ class CountingReceiver:
 
 
 def _start_counting_sink(binary: str, logs: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    # bench_core._start_sink with -c added; see there for why privileges are dropped here.
-    privileges: dict[str, Any] = {}
-    if os.geteuid() == 0:
-        nobody = pwd.getpwnam("nobody")
-        privileges = {"user": nobody.pw_uid, "group": nobody.pw_gid, "extra_groups": []}
+    # bench_core._start_sink with -c added, its counters on stdout.
     counters = logs / "smtp-sink.counters"
-    for _ in range(3):
-        port = _free_port()
-        args = [binary, "-a", "-C", "-F", "-c", "-h", SINK_DOMAIN, f"127.0.0.1:{port}", "1024"]
-        with counters.open("ab") as out, (logs / "smtp-sink.log").open("ab") as log:
-            proc = subprocess.Popen(
-                args,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=log,
-                preexec_fn=_die_with_parent,
-                **privileges,
-            )
-        if _wait_listening(proc, port):
-            return proc, port, counters
-        _stop(proc)
-    raise BenchError(f"smtp-sink did not start: {_log_tail(logs / 'smtp-sink.log')}")
+    proc, port = start_listening(
+        "smtp-sink",
+        lambda port: [
+            binary,
+            "-a",
+            "-C",
+            "-F",
+            "-c",
+            "-h",
+            SINK_DOMAIN,
+            f"127.0.0.1:{port}",
+            "1024",
+        ],
+        logs / "smtp-sink.log",
+        stdout=counters,
+        **_as_nobody(),
+    )
+    return proc, port, counters
 
 
 @contextlib.contextmanager

@@ -44,12 +44,11 @@ from bench_core import (
     BenchError,
     Result,
     Setup,
-    _die_with_parent,
     _free_port,
     _log_tail,
     _stop,
-    _wait_listening,
     naive_message,
+    start_listening,
 )
 from common import CountingReceiver, system_cpu_seconds
 from eobblast.events.synthetic import PAYERS
@@ -104,9 +103,9 @@ def _opendkim(setup: Setup, home: Path) -> tuple[subprocess.Popen[bytes], int]:
         signing.append(f"*@{domain} {name}")
     (home / "key.table").write_text("\n".join(table) + "\n")
     (home / "signing.table").write_text("\n".join(signing) + "\n")
-    for _ in range(3):
-        port = _free_port()
-        conf = home / "opendkim.conf"
+    conf = home / "opendkim.conf"
+
+    def args_for(port: int) -> list[str]:
         conf.write_text(
             "\n".join(
                 [
@@ -126,18 +125,9 @@ def _opendkim(setup: Setup, home: Path) -> tuple[subprocess.Popen[bytes], int]:
             )
             + "\n"
         )
-        with (home / "opendkim.log").open("ab") as log:
-            proc = subprocess.Popen(
-                [OPENDKIM, "-f", "-x", str(conf)],
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-                preexec_fn=_die_with_parent,
-            )
-        if _wait_listening(proc, port):
-            return proc, port
-        _stop(proc)
-    raise BenchError(f"opendkim did not start: {_log_tail(home / 'opendkim.log')}")
+        return [OPENDKIM, "-f", "-x", str(conf)]
+
+    return start_listening("opendkim", args_for, home / "opendkim.log")
 
 
 def _postfix_conf(
