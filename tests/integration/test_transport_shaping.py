@@ -24,7 +24,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
 
-from eobblast.config import TransportConfig
+from eobblast.config import TransportConfig, load_config
 from eobblast.errors import ConfigError, DeliveryError
 from eobblast.observe.metrics import REGISTRY
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
@@ -550,17 +550,25 @@ async def test_transport_open_builds_and_owns_the_shaper(tmp_path: Path) -> None
         "provider_overrides": {"Example.ORG": "gmail"},
         "max_wait_seconds": 5,
     }
-    shaping = ShapingConfig.from_mapping(section)
+
+    def shaping_of(table: dict[str, Any]) -> ShapingConfig:
+        return load_config(environ={}, overrides={"shaping": table}).shaping
+
+    shaping = shaping_of(section)
     assert shaping.max_wait_seconds == 5.0 and shaping.pools_file == pools_file
     transport = await Transport.open(config, shaping)
     assert transport.shaper is not None
     assert transport.shaper.provider_for("example.org", ["mx.example.org"]) == "gmail"
     await transport.aclose()
     with pytest.raises(ConfigError, match="unknown setting"):
-        ShapingConfig.from_mapping({"pool_file": "x"})
+        shaping_of({"pool_file": "x"})
+    with pytest.raises(ConfigError, match=r"shaping\.max_wait_seconds"):
+        shaping_of({"max_wait_seconds": -1})
+    with pytest.raises(ConfigError, match=r"shaping\.lease_chunk"):
+        shaping_of({"lease_chunk": 0})
     with pytest.raises(ConfigError, match="no provider"):
         await Transport.open(
-            config, ShapingConfig.from_mapping({**section, "provider_overrides": {"a.test": "aol"}})
+            config, shaping_of({**section, "provider_overrides": {"a.test": "aol"}})
         )
 
 

@@ -10,13 +10,13 @@ import asyncio
 import datetime as dt
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from eobblast.config import load_config
 from eobblast.errors import ConfigError
 from eobblast.shaping.budgets import Suspension, open_budgets
 from eobblast.shaping.engine import ShapingConfig
@@ -28,18 +28,7 @@ from eobblast.shaping.warmup import WarmupPlan
 
 def shaping_config(config_path: Path | None) -> ShapingConfig:
     """The [shaping] section of an eobblast configuration file (defaults without a file)."""
-    if config_path is None:
-        return ShapingConfig()
-    try:
-        data = tomllib.loads(config_path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError(f"cannot read config file {config_path}: {exc.strerror}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {config_path} is not valid TOML: {exc}") from None
-    section = data.get("shaping", {})
-    if not isinstance(section, dict):
-        raise ConfigError("shaping: expected a table")
-    return ShapingConfig.from_mapping(section)
+    return load_config(config_path).shaping
 
 
 async def _read(

@@ -27,9 +27,8 @@ import enum
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from prometheus_client import Counter, Gauge
 
@@ -170,46 +169,12 @@ class ShapingConfig:
         """Whether shaping is on (a pools file is configured)."""
         return self.pools_file is not None
 
-    @classmethod
-    def from_mapping(cls, data: Mapping[str, Any], where: str = "shaping") -> ShapingConfig:
-        """Build from a parsed [shaping] table (for tools that read the TOML file themselves)."""
-        unknown = set(data) - {f.name for f in fields(cls)}
-        if unknown:
-            raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
-
-        def path(key: str) -> Path | None:
-            value = data.get(key)
-            if value is None:
-                return None
-            if not isinstance(value, str) or not value:
-                raise ConfigError(f"{where}.{key}: expected a path string")
-            return Path(value)
-
-        defaults = cls()
-        overrides = data.get("provider_overrides", {})
-        if not isinstance(overrides, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in overrides.items()
-        ):
-            raise ConfigError(f"{where}.provider_overrides: expected a table of domain = provider")
-        url = data.get("budgets_url", defaults.budgets_url)
-        traffic_class = data.get("traffic_class", defaults.traffic_class)
-        if not isinstance(url, str) or not isinstance(traffic_class, str):
-            raise ConfigError(f"{where}: budgets_url and traffic_class must be strings")
-        wait = data.get("max_wait_seconds", defaults.max_wait_seconds)
-        chunk = data.get("lease_chunk", defaults.lease_chunk)
-        if isinstance(wait, bool) or not isinstance(wait, int | float) or wait < 0:
-            raise ConfigError(f"{where}.max_wait_seconds: expected a number >= 0")
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ConfigError(f"{where}.lease_chunk: expected an integer >= 1")
-        return cls(
-            pools_file=path("pools_file"),
-            warmup_file=path("warmup_file"),
-            budgets_url=url,
-            provider_overrides=dict(overrides),
-            max_wait_seconds=float(wait),
-            traffic_class=traffic_class,
-            lease_chunk=chunk,
-        )
+    def __post_init__(self) -> None:
+        # Types are checked where the configuration is read (eobblast.config); ranges here.
+        if self.max_wait_seconds < 0:
+            raise ConfigError("shaping.max_wait_seconds: expected a number >= 0")
+        if self.lease_chunk < 1:
+            raise ConfigError("shaping.lease_chunk: expected an integer >= 1")
 
 
 class ShapingDeferred(DeliveryError):
