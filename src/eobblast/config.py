@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tomllib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eobblast._toml import parse_toml, read_text
 from eobblast.errors import ConfigError
 from eobblast.shaping.engine import ShapingConfig
 
@@ -272,12 +272,7 @@ def load_config(
     """Load the TOML file (if any), apply EOBBLAST_* variables, then explicit overrides."""
     data: dict[str, Any] = {}
     if path is not None:
-        try:
-            data = tomllib.loads(path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {path} is not valid TOML: {exc}") from None
+        data = parse_toml(read_text(path, "config file"), f"config file {path}")
     data = _merge(data, _env_overrides(os.environ if environ is None else environ))
     if overrides:
         data = _merge(data, overrides)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import pytest
 
+from eobblast._toml import default_warmup_text
 from eobblast.config import TransportConfig
 from eobblast.errors import DeliveryError
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
@@ -41,7 +42,6 @@ from eobblast.shaping import (
     loads_pools,
     open_budgets,
 )
-from eobblast.shaping._toml import default_warmup_text
 from eobblast.shaping.settings import parse_shaping
 from eobblast.transport import Transport
 

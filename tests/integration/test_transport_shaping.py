@@ -24,6 +24,7 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
 
+from eobblast._toml import default_warmup_text
 from eobblast.config import TransportConfig, load_config
 from eobblast.errors import ConfigError, DeliveryError
 from eobblast.observe.metrics import REGISTRY
@@ -42,7 +43,6 @@ from eobblast.shaping import (
     loads_pools,
     open_budgets,
 )
-from eobblast.shaping._toml import default_warmup_text
 from eobblast.shaping.cli import pools
 from eobblast.shaping.settings import parse_shaping
 from eobblast.transport import Transport

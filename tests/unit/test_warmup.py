@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from eobblast._toml import default_warmup_text
 from eobblast.errors import ConfigError
 from eobblast.shaping import (
     IpActivity,
@@ -22,7 +23,6 @@ from eobblast.shaping import (
     load_shaping,
     loads_shaping,
 )
-from eobblast.shaping._toml import default_warmup_text
 from eobblast.shaping.warmup import NEVER_USED, hour_bucket, hour_start
 
 REPO = Path(__file__).parents[2]

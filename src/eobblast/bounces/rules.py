@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import re
-import tomllib
 import types
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
+from eobblast._toml import parse_toml, read_text
 from eobblast.bounces.category import BounceCategory, HandlingAction
 from eobblast.errors import ConfigError
 
@@ -123,11 +123,7 @@ def load_rules(path: Path | None = None) -> BounceRules:
     """Load a rules file, or the packaged default when path is None."""
     if path is None:
         return default_rules()
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read bounce rules {path}: {exc.strerror}") from None
-    return parse_rules(text, source=str(path))
+    return parse_rules(read_text(path, "bounce rules"), source=str(path))
 
 
 @functools.cache
@@ -139,10 +135,7 @@ def default_rules() -> BounceRules:
 
 def parse_rules(text: str, *, source: str = "bounce rules") -> BounceRules:
     """Parse and validate a rules document; every problem is a ConfigError naming where."""
-    try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source} is not valid TOML: {exc}") from None
+    data = parse_toml(text, source)
     _only(data, _TOP_KEYS, source)
     if data.get("schema") != 1:
         raise ConfigError(f"{source}: schema must be 1")

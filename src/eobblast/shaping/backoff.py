@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
+from eobblast._toml import Table
 from eobblast.errors import ConfigError
-from eobblast.shaping._toml import Table
 
 _ENHANCED = re.compile(r"^\s*([245]\.\d{1,3}\.\d{1,3})(?!\d)")
 

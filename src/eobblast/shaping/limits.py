@@ -15,8 +15,8 @@ from typing import Any
 
 from aiolimiter import AsyncLimiter
 
+from eobblast._toml import Table
 from eobblast.errors import ConfigError
-from eobblast.shaping._toml import Table
 
 DEFAULT = "default"
 

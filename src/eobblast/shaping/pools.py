@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eobblast._toml import Table, parse_toml, read_toml
 from eobblast.errors import ConfigError
-from eobblast.shaping._toml import Table, parse_toml, read_toml
 
 MATURE = "mature"
 

@@ -6,8 +6,8 @@ import fnmatch
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from eobblast._toml import Table
 from eobblast.errors import ConfigError
-from eobblast.shaping._toml import Table
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eobblast.errors import ConfigError
-from eobblast.shaping._toml import (
+from eobblast._toml import (
     DEFAULT_WARMUP_RESOURCE,
     default_warmup_text,
     parse_toml,
     read_toml,
 )
+from eobblast.errors import ConfigError
 from eobblast.shaping.backoff import BackoffPolicy, parse_policy
 from eobblast.shaping.limits import ShapingLimits, parse_limits
 from eobblast.shaping.warmup import WarmupPlan, parse_plan

@@ -15,8 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from eobblast._toml import Table
 from eobblast.errors import ConfigError
-from eobblast.shaping._toml import Table
 from eobblast.shaping.pools import IpPool, SourceIp
 from eobblast.shaping.providers import Providers, parse_providers
 

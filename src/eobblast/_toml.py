@@ -1,4 +1,5 @@
-"""Reading shaping data files: typed values with the file and key in every error."""
+"""Reading TOML files (configuration, bounce rules, shaping data): problems as ConfigError
+naming the file, and typed values with the file and key in every error."""
 
 from __future__ import annotations
 
@@ -13,13 +14,18 @@ from eobblast.errors import ConfigError
 DEFAULT_WARMUP_RESOURCE = "default_warmup.toml"
 
 
+def read_text(path: Path, what: str = "") -> str:
+    """A UTF-8 file's text; an I/O problem is a ConfigError ("cannot read <what> <path>")."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        named = f"{what} {path}" if what else str(path)
+        raise ConfigError(f"cannot read {named}: {exc.strerror}") from None
+
+
 def read_toml(path: Path) -> dict[str, Any]:
     """Parse a TOML file, turning I/O and syntax problems into ConfigError."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
-    return parse_toml(text, str(path))
+    return parse_toml(read_text(path), str(path))
 
 
 def parse_toml(text: str, source: str) -> dict[str, Any]:
