@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 
 __all__ = [
@@ -364,23 +364,9 @@ def _publish_key(path: Path, key: rsa.RSAPrivateKey | Ed25519PrivateKey) -> None
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    # Written whole to a private temporary file, then linked into place: the key is never
-    # readable by others, never half-written, and a key created meanwhile is never replaced.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(pem)
-            f.flush()
-            os.fsync(f.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass  # another process created it first: theirs is the one to load and publish
-    finally:
-        tmp.unlink(missing_ok=True)
+    # Never readable by others, never half-written, and a key created meanwhile by another
+    # process is never replaced: theirs is the one to load and publish.
+    write_whole(path, pem, mode=0o600, replace=False)
 
 
 def _read_key(path: Path, kind: str) -> PrivateKeyTypes:

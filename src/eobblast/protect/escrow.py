@@ -32,6 +32,7 @@ import orjson
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.state.sqlite import open_sqlite
@@ -137,10 +138,7 @@ class KeyRing:
         with os.fdopen(fd, "w", encoding="ascii") as out:
             out.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii") + "\n")
         # Written then renamed, so a reader never sees a half-written active file.
-        tmp = directory / (_ACTIVE_FILE + ".tmp")
-        tmp.write_text(key_id + "\n", encoding="ascii")
-        tmp.chmod(0o600)
-        tmp.replace(directory / _ACTIVE_FILE)
+        write_whole(directory / _ACTIVE_FILE, key_id.encode("ascii") + b"\n", mode=0o600)
         return cls.from_directory(directory)
 
     def seal(self, item_id: str, plaintext: bytes) -> bytes:

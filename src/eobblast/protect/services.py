@@ -5,12 +5,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
-import fcntl
 import secrets
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from eobblast._files import file_lock, write_whole
 from eobblast.config import Config
 from eobblast.errors import ConfigError
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, member_ref, open_audit
@@ -23,12 +23,8 @@ def _exclusive(directory: Path) -> Iterator[None]:
     # Worker processes start together and would each create "the" secret or key ring,
     # or read one another's half-written file: the first creates it, the rest read it.
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with (directory / ".eobblast.lock").open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    with file_lock(directory / ".eobblast.lock"):
+        yield
 
 
 def load_or_create_secret(path: Path) -> bytes:
@@ -45,8 +41,8 @@ def _load_or_create_secret(path: Path) -> bytes:
             raise ConfigError(f"{path} does not hold a base64 secret") from None
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     secret = secrets.token_bytes(32)
-    path.write_text(base64.b64encode(secret).decode("ascii") + "\n", "ascii")
-    path.chmod(0o600)
+    # Never readable by others, not even between writing and a chmod.
+    write_whole(path, base64.b64encode(secret) + b"\n", mode=0o600)
     return secret
 
 

@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
-import fcntl
 import ipaddress
-import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +14,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from eobblast._files import file_lock, write_whole
 
 CA_VALIDITY = dt.timedelta(days=3650)
 LEAF_VALIDITY = dt.timedelta(days=825)
@@ -80,7 +78,7 @@ def make_test_pki(directory: Path, hostnames: Sequence[str]) -> TestPki:
     now = dt.datetime.now(dt.UTC)
     expired_window = (now - 2 * EXPIRED_FOR, now - EXPIRED_FOR)
     # Several processes (tests, the demo, a sandbox CLI) may share one directory.
-    with _locked(directory / ".pki.lock"):
+    with file_lock(directory / ".pki.lock"):
         ca = _load_valid_ca(pki, now)
         if ca is None:
             # Every CA-signed leaf below then fails its issuer check and is re-issued.
@@ -301,28 +299,6 @@ def _write_pair(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _atomic_write(key_path, key_pem, mode=0o600)
-    _atomic_write(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
-
-
-def _atomic_write(path: Path, data: bytes, *, mode: int) -> None:
     # A reader (a server starting up) never sees a half-written PEM file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def _locked(lock_path: Path) -> Iterator[None]:
-    with lock_path.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    write_whole(key_path, key_pem, mode=0o600)
+    write_whole(cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
