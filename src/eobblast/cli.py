@@ -53,7 +53,7 @@ def main() -> None:
     ),
     default="eob.issued/v1",
     show_default=True,
-    help="Which schema: the input event, the status event or the dead letter.",
+    help="Which record type: the input event, a status, a dead letter or a bounce record.",
 )
 def schema(name: str) -> None:
     """Print the JSON Schema of an event eobblast reads or writes."""

@@ -22,6 +22,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StringConstraints,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
 )
@@ -289,9 +290,17 @@ def validate_event(raw: bytes, *, allow_test_domains: bool = False) -> EobIssued
         return Rejection(reason, event_id, field)
 
 
+def export_schema(model: type[BaseModel] | TypeAdapter[Any], schema_id: str) -> dict[str, Any]:
+    """A record type's JSON Schema (draft 2020-12) as published, `$id` from its schema id."""
+    if isinstance(model, TypeAdapter):
+        schema = model.json_schema(by_alias=True)
+    else:
+        schema = model.model_json_schema(by_alias=True)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"https://eobblast.dev/schemas/{schema_id}.json"
+    return schema
+
+
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of `eob.issued/v1`."""
-    schema = EobIssued.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://eobblast.dev/schemas/eob.issued/v1.json"
-    return schema
+    return export_schema(EobIssued, "eob.issued/v1")

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from eobblast.errors import Outcome, ReasonCode
+from eobblast.events.schema import export_schema
 
 STATUS_SCHEMA_ID = "eob.delivery/v1"
 DLQ_SCHEMA_ID = "eob.events.dlq/v1"
@@ -117,15 +118,9 @@ def dead_letter(
 
 def status_json_schema() -> dict[str, Any]:
     """The JSON Schema of `eob.delivery/v1`."""
-    schema = DeliveryStatus.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://eobblast.dev/schemas/eob.delivery/v1.json"
-    return schema
+    return export_schema(DeliveryStatus, "eob.delivery/v1")
 
 
 def dlq_json_schema() -> dict[str, Any]:
     """The JSON Schema of `eob.events.dlq/v1`."""
-    schema = DeadLetter.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = "https://eobblast.dev/schemas/eob.events.dlq/v1.json"
-    return schema
+    return export_schema(DeadLetter, "eob.events.dlq/v1")

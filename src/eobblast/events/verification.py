@@ -22,7 +22,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eobblast.errors import EobblastError, ReasonCode
-from eobblast.events.schema import Email, Identifier
+from eobblast.events.schema import Email, Identifier, export_schema
 
 __all__ = [
     "PAPER_FALLBACK_SCHEMA_ID",
@@ -196,29 +196,19 @@ def parse_verification_result(
         ) from None
 
 
-def _export(model: type[BaseModel] | TypeAdapter[Any], schema_id: str) -> dict[str, Any]:
-    if isinstance(model, TypeAdapter):
-        schema = model.json_schema(by_alias=True)
-    else:
-        schema = model.model_json_schema(by_alias=True)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"https://eobblast.dev/schemas/{schema_id}.json"
-    return schema
-
-
 def verification_request_json_schema() -> dict[str, Any]:
     """The JSON Schema of `eob.address-verification/v1`."""
-    return _export(AddressVerificationRequested, REQUEST_SCHEMA_ID)
+    return export_schema(AddressVerificationRequested, REQUEST_SCHEMA_ID)
 
 
 def verification_result_json_schema() -> dict[str, Any]:
     """The JSON Schema of a record on `eob.address-verification.results` (either result)."""
-    return _export(_RESULT, "eob.address-verification.results/v1")
+    return export_schema(_RESULT, "eob.address-verification.results/v1")
 
 
 def paper_fallback_json_schema() -> dict[str, Any]:
     """The JSON Schema of `eob.paper-fallback/v1`."""
-    return _export(PaperFallback, PAPER_FALLBACK_SCHEMA_ID)
+    return export_schema(PaperFallback, PAPER_FALLBACK_SCHEMA_ID)
 
 
 def dump(model: BaseModel) -> bytes:
