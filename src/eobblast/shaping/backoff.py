@@ -144,7 +144,17 @@ def observe_reply(
     state: BackoffState, code: int | None, enhanced: str | None, text: str, now: float
 ) -> BackoffState:
     """The pair's next state after a reply (`code` None: connection refused or dropped)."""
-    signal = state.policy.classify(code, enhanced, text)
+    return apply_signal(state, state.policy.classify(code, enhanced, text), code, enhanced, now)
+
+
+def apply_signal(
+    state: BackoffState,
+    signal: ReplySignal,
+    code: int | None,
+    enhanced: str | None,
+    now: float,
+) -> BackoffState:
+    """`observe_reply` for a reply already classified (the text is matched once)."""
     if signal is ReplySignal.BLOCK:
         return _block(state, code, enhanced, now)
     if signal is ReplySignal.SLOW_DOWN:

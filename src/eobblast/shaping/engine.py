@@ -37,12 +37,12 @@ from eobblast.observe.metrics import REGISTRY
 from eobblast.shaping.backoff import (
     BackoffState,
     ReplySignal,
+    apply_signal,
     available_at,
     current_rate,
     initial_state,
     is_paused,
     is_suspended,
-    observe_reply,
     sync_suspension,
 )
 from eobblast.shaping.budgets import BudgetLeaser, BudgetStore, open_budgets
@@ -607,7 +607,8 @@ class Shaper:
         pair = self._pair(ticket.pool, ticket.source, ticket.provider, ticket.scope, now)
         was_suspended = is_suspended(pair.state, now)
         was_paused = is_paused(pair.state, now)
-        pair.state = observe_reply(pair.state, code, enhanced, text, now)
+        # Classified above with the policy every pair's state carries: not matched again.
+        pair.state = apply_signal(pair.state, signal, code, enhanced, now)
         self._epoch += 1  # runs in progress end: this IP may be paused or suspended now
         facts = {"pool": ticket.pool, "ip": ticket.address, "provider": ticket.provider}
         if signal is ReplySignal.SLOW_DOWN:
