@@ -741,3 +741,16 @@ def test_cache_facts_never_hold_expired_observations(
         NOW + off for ok, name, off in events if not ok and name == domain and -off < 6 * HOUR
     ]
     assert facts.last_failed_at == (max(recorded_failures) if recorded_failures else None)
+
+
+def test_org_policy_normalises_its_domain_lists_once() -> None:
+    org = OrgPolicy(
+        portal_domains=frozenset({"WebMail.Example.", " ", ""}),
+        tls_policy_domains=frozenset({" Partner.EXAMPLE "}),
+    )
+    assert org.portal_domains == {"webmail.example"}
+    assert org.tls_policy_domains == {"partner.example"}
+    webmail = RecipientFacts("a@Mail.WebMail.example.", "Mail.WebMail.example.")
+    partner = RecipientFacts("b@partner.example", "PARTNER.example")
+    assert choose_protection(webmail, DomainTls(), org, NOW).reason is R.ORG_PORTAL_DOMAIN
+    assert choose_protection(partner, DomainTls(), org, NOW).reason is R.TLS_POLICY_LIST

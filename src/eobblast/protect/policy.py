@@ -184,6 +184,11 @@ class OrgPolicy:
     # policy) is enough for TLS_REQUIRED; off means only the list and MTA-STS count.
     allow_opportunistic_verified_cache: bool = True
 
+    def __post_init__(self) -> None:
+        # Normalised once here, not for every message (choose_protection looks them up).
+        for name in ("portal_domains", "tls_policy_domains"):
+            object.__setattr__(self, name, _normalised(getattr(self, name)))
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
@@ -199,18 +204,23 @@ def normalise_domain(domain: str) -> str:
     return domain.strip().rstrip(".").lower()
 
 
-def domain_in(domain: str, domains: Iterable[str], *, suffix: bool) -> bool:
-    """Whether `domain` is one of `domains` (or, with `suffix`, a subdomain of one)."""
-    name = normalise_domain(domain)
+def _normalised(domains: Iterable[str]) -> frozenset[str]:
+    return frozenset(name for name in map(normalise_domain, domains) if name)
+
+
+def _listed(name: str, domains: frozenset[str], *, suffix: bool) -> bool:
+    # `name` and `domains` normalised: a set lookup per label instead of a scan.
     if not name:
         return False
-    for entry in domains:
-        candidate = normalise_domain(entry)
-        if not candidate:
-            continue
-        if name == candidate or (suffix and name.endswith("." + candidate)):
-            return True
-    return False
+    if name in domains:
+        return True
+    labels = name.split(".")
+    return suffix and any(".".join(labels[i:]) in domains for i in range(1, len(labels)))
+
+
+def domain_in(domain: str, domains: Iterable[str], *, suffix: bool) -> bool:
+    """Whether `domain` is one of `domains` (or, with `suffix`, a subdomain of one)."""
+    return _listed(normalise_domain(domain), _normalised(domains), suffix=suffix)
 
 
 def parse_certificate(pem: str) -> x509.Certificate | None:
@@ -318,13 +328,13 @@ def choose_protection(
     def tls(reason: PolicyReason) -> Decision:
         return Decision(ProtectionLevel.TLS_REQUIRED, reason, issue)
 
-    domain = recipient.domain
-    if domain_in(domain, org.portal_domains, suffix=True):
+    domain = normalise_domain(recipient.domain)
+    if _listed(domain, org.portal_domains, suffix=True):
         return portal(PolicyReason.ORG_PORTAL_DOMAIN)
     # A failure timestamp ahead of `now` (clock skew between workers) counts as recent.
     if domain_tls.last_failed_at is not None and now - domain_tls.last_failed_at < org.failure_ttl:
         return portal(PolicyReason.TLS_FAILED_RECENTLY)
-    if domain_tls.on_policy_list or domain_in(domain, org.tls_policy_domains, suffix=False):
+    if domain_tls.on_policy_list or _listed(domain, org.tls_policy_domains, suffix=False):
         return tls(PolicyReason.TLS_POLICY_LIST)
     if domain_tls.mta_sts_enforce:
         return tls(PolicyReason.MTA_STS_ENFORCE)
