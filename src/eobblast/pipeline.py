@@ -242,7 +242,7 @@ class Pipeline:
         )
         if outcome.outcome is Outcome.DELIVERED:
             return outcome
-        if outcome.reason in _TLS_FAILURES:
+        if _portal_instead(outcome.reason, verified=True):
             # Never again in plaintext: this domain is portal-only for a while, and this
             # EOB goes as a notice with a pickup link instead.
             services.tls.record_failure(recipient.domain, dt.datetime.now(dt.UTC))
@@ -348,8 +348,8 @@ class Pipeline:
                 smtp_code=exc.smtp_code,
                 enhanced_status=(exc.detail.partition(" ")[2] or None) if exc.smtp_code else None,
             )
-            if self._bounces is None or (verified and exc.reason in _TLS_FAILURES):
-                return failed  # a TLS failure: _send protects it again as a portal notice
+            if self._bounces is None or _portal_instead(exc.reason, verified=verified):
+                return failed  # not a bounce: _send protects it again as a portal notice
             return await self._bounce(event, message.rcpt_to, raw, exc, failed)
         timing.delivered()
         if self._bounces is not None:
@@ -412,6 +412,12 @@ _TLS_FAILURES = frozenset(
         ReasonCode.CONNECTION_LOST,
     }
 )
+
+
+def _portal_instead(reason: ReasonCode, *, verified: bool) -> bool:
+    """Whether a failed send of PHI over verified TLS goes again as a portal notice
+    (never as a bounce: the receiver is not at fault, its TLS is not to be trusted)."""
+    return verified and reason in _TLS_FAILURES
 
 
 class _Timing:
