@@ -53,7 +53,10 @@ def main() -> None:
     ),
     default="eob.issued/v1",
     show_default=True,
-    help="Which record type: the input event, a status, a dead letter or a bounce record.",
+    help=(
+        "Which record type: the input event, a status, a dead letter, an address"
+        " verification request or result, or a paper fallback."
+    ),
 )
 def schema(name: str) -> None:
     """Print the JSON Schema of an event eobblast reads or writes."""

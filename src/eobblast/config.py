@@ -185,7 +185,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         inner = [a for a in args if a is not type(None)]
         return _coerce(value, inner[0], where)
     if hint is Path:
-        if not isinstance(value, str):
+        # An empty string would become Path("."): a directory nobody meant.
+        if not isinstance(value, str) or not value.strip():
             raise ConfigError(f"{where}: expected a path string")
         return Path(value)
     if hint is bool:
@@ -200,6 +201,8 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     if hint in (int, float):
         if isinstance(value, bool):
             raise ConfigError(f"{where}: expected a number")
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ConfigError(f"{where}: expected an integer")  # not silently truncated
         try:
             return hint(value)
         except (TypeError, ValueError):

@@ -35,6 +35,8 @@ def test_environment_overrides_file() -> None:
         ("[transport]\nconnect_timeout = 'soon'\n", "expected a number"),
         ("[dkim]\ned25519 = 'maybe'\n", "expected true or false"),
         ("[transport\n", "not valid TOML"),
+        ("[shaping]\nlease_chunk = 2.5\n", r"shaping\.lease_chunk: expected an integer"),
+        ("[shaping]\npools_file = ''\n", r"shaping\.pools_file: expected a path string"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:

@@ -339,7 +339,7 @@ class Transition:
     book: BounceBook
     effects: tuple[Effect, ...]
     # The notices the step wrote (changed or not): only these can differ from the old book.
-    written: frozenset[str] = frozenset()
+    written: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)

@@ -303,4 +303,4 @@ def export_schema(model: type[BaseModel] | TypeAdapter[Any], schema_id: str) -> 
 
 def json_schema() -> dict[str, Any]:
     """The JSON Schema (draft 2020-12) of `eob.issued/v1`."""
-    return export_schema(EobIssued, "eob.issued/v1")
+    return export_schema(EobIssued, SCHEMA_ID)

@@ -118,9 +118,9 @@ def dead_letter(
 
 def status_json_schema() -> dict[str, Any]:
     """The JSON Schema of `eob.delivery/v1`."""
-    return export_schema(DeliveryStatus, "eob.delivery/v1")
+    return export_schema(DeliveryStatus, STATUS_SCHEMA_ID)
 
 
 def dlq_json_schema() -> dict[str, Any]:
     """The JSON Schema of `eob.events.dlq/v1`."""
-    return export_schema(DeadLetter, "eob.events.dlq/v1")
+    return export_schema(DeadLetter, DLQ_SCHEMA_ID)
