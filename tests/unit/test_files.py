@@ -70,7 +70,12 @@ def test_the_lock_serialises_processes(tmp_path: Path) -> None:
     ]
     for process in processes:
         process.start()
-    for process in processes:
-        process.join(timeout=60)
+    try:
+        for process in processes:
+            process.join(timeout=60)
+    finally:
+        for process in processes:
+            if process.is_alive():
+                process.kill()
     assert all(process.exitcode == 0 for process in processes)
     assert Path(counter).read_text() == "800"

@@ -19,7 +19,6 @@ import datetime as dt
 import enum
 import hashlib
 import hmac
-import os
 import re
 import secrets
 import time
@@ -133,10 +132,10 @@ class KeyRing:
         )
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = directory / (key_id + _KEY_SUFFIX)
-        # O_EXCL: a key file is never overwritten, or items sealed with it would be lost.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "w", encoding="ascii") as out:
-            out.write(base64.b64encode(secrets.token_bytes(KEY_BYTES)).decode("ascii") + "\n")
+        key = base64.b64encode(secrets.token_bytes(KEY_BYTES)) + b"\n"
+        # A key file is never overwritten, or items sealed with it would be lost.
+        if not write_whole(path, key, mode=0o600, replace=False):
+            raise FileExistsError(f"escrow key {key_id} exists already")
         # Written then renamed, so a reader never sees a half-written active file.
         write_whole(directory / _ACTIVE_FILE, key_id.encode("ascii") + b"\n", mode=0o600)
         return cls.from_directory(directory)
