@@ -5,7 +5,8 @@ whose `smtpd` passes each through the OpenDKIM milter (rsa-sha256 2048, relaxed/
 the bench's own keys), queues it, and relays it over verified STARTTLS to the same receiver
 eobblast sends to (smtp-sink behind benchmarks/tls_front.py). Postfix and OpenDKIM run
 with their defaults apart from what this set-up needs; both come from Debian (`make
-system-deps`) and run as a private instance in the bench's work directory, stopped on exit.
+system-deps`) and run as a private instance in a temporary directory of their own, stopped
+and removed on exit (a SIGKILL of the bench leaves Postfix's detached master running).
 
 The relay is given finished, unsigned messages (the naive baseline's), so it neither
 renders nor validates: the comparison flatters it. The clock runs from the first
@@ -28,6 +29,7 @@ import pwd
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -56,6 +58,7 @@ from eobblast.events.synthetic import PAYERS
 CHECK_DOMAIN = "check.bench.test"
 POSTFIX = "/usr/sbin/postfix"
 OPENDKIM = "/usr/sbin/opendkim"
+MASTER_CF = Path("/usr/share/postfix/master.cf.dist")  # Debian's copy of the default
 SUBMIT_CONNECTIONS = 16
 
 
@@ -72,9 +75,9 @@ def relay_available() -> str | None:
     """None when the relay can run here, else why not (one line)."""
     if os.geteuid() != 0:
         return "Postfix's master must start as root"
-    for binary in (POSTFIX, OPENDKIM):
-        if not Path(binary).exists():
-            return f"{binary} not found: `make system-deps` installs postfix and opendkim"
+    for needed in (Path(POSTFIX), Path(OPENDKIM), MASTER_CF):
+        if not needed.exists():
+            return f"{needed} not found: `make system-deps` installs postfix and opendkim"
     for user in ("postfix", "opendkim"):
         try:
             pwd.getpwnam(user)
@@ -169,7 +172,7 @@ def _postfix_conf(
     (etc / "main.cf").write_text("".join(f"{k} = {v}\n" for k, v in settings.items()))
     # Debian's master.cf with smtpd on our port; no chroot (the queue holds no /etc copy).
     lines = []
-    for line in Path("/usr/share/postfix/master.cf.dist").read_text().splitlines():
+    for line in MASTER_CF.read_text().splitlines():
         fields = line.split()
         if line[:1] not in ("", "#", " ") and len(fields) >= 8:
             if fields[0] == "smtp" and fields[1] == "inet":
@@ -193,43 +196,58 @@ class _Capture:
 
 
 @contextlib.contextmanager
-def postfix_relay(setup: Setup, rx: CountingReceiver, workdir: Path) -> Iterator[Relay]:
-    """A private Postfix + OpenDKIM relaying to `rx`, stopped on exit whatever happens."""
-    home = workdir / f"relay-{os.getpid()}"
-    home.mkdir(mode=0o755)
-    # Postfix's daemons (user postfix) reach their queue through the work directory.
-    workdir.chmod(workdir.stat().st_mode | 0o111)
-    capture = _Capture()
-    controller = Controller(capture, hostname="127.0.0.1", port=_free_port())
-    controller.start()
+def postfix_relay(setup: Setup, rx: CountingReceiver) -> Iterator[Relay]:
+    """A private Postfix + OpenDKIM relaying to `rx`, stopped and removed on exit (but not
+    after a SIGKILL of the bench: Postfix's master runs detached, as it always does)."""
+    # A directory of its own that Postfix's daemons (user postfix) can enter; the bench's
+    # work directory stays private.
+    home = Path(tempfile.mkdtemp(prefix="eobblast-bench-relay-"))
+    home.chmod(0o755)
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, home, ignore_errors=True)
+        capture = _Capture()
+        controller = Controller(capture, hostname="127.0.0.1", port=_free_port())
+        controller.start()
         stack.callback(controller.stop)
         milter, milter_port = _opendkim(setup, home)
         stack.callback(_stop, milter)
         port = _free_port()
         etc = _postfix_conf(home, setup, rx.rx.port, milter_port, controller.port, port)
-        for action in ("check", "start"):
-            done = subprocess.run(
-                [POSTFIX, "-c", str(etc), action], capture_output=True, check=False
-            )
-            if done.returncode != 0:
-                raise BenchError(
-                    f"postfix {action} failed: {_log_tail(home / 'maillog')}"
-                    f" {done.stderr.decode(errors='replace')[-300:]}"
-                )
-            if action == "start":
-                stack.callback(
-                    subprocess.run,
-                    [POSTFIX, "-c", str(etc), "abort"],
-                    capture_output=True,
-                    check=False,
-                )
+        _postfix(etc, "check", home)
+        # Registered before starting: a start that fails half-way is stopped too.
+        stack.callback(_stop_postfix, etc)
+        _postfix(etc, "start", home)
         deadline = time.monotonic() + 10
         while not _listening(port):
             if time.monotonic() > deadline:
                 raise BenchError(f"postfix did not listen: {_log_tail(home / 'maillog')}")
             time.sleep(0.05)
         yield Relay(port, capture.messages, home / "maillog")
+
+
+def _postfix(etc: Path, action: str, home: Path) -> None:
+    done = subprocess.run([POSTFIX, "-c", str(etc), action], capture_output=True, check=False)
+    if done.returncode != 0:
+        # The maillog of synthetic events only: no real member's address can be in it.
+        raise BenchError(
+            f"postfix {action} failed: {_log_tail(home / 'maillog')}"
+            f" {done.stderr.decode(errors='replace')[-300:]}"
+        )
+
+
+def _stop_postfix(etc: Path) -> None:
+    # `stop` lets the master end its daemons; `status` fails once it is gone. If it has
+    # not gone in 10 s, `abort` kills it, so its queue directory can be removed.
+    subprocess.run([POSTFIX, "-c", str(etc), "stop"], capture_output=True, check=False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        status = subprocess.run(
+            [POSTFIX, "-c", str(etc), "status"], capture_output=True, check=False
+        )
+        if status.returncode != 0:
+            return
+        time.sleep(0.1)
+    subprocess.run([POSTFIX, "-c", str(etc), "abort"], capture_output=True, check=False)
 
 
 def _listening(port: int) -> bool:
