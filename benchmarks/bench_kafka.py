@@ -36,6 +36,7 @@ import asyncio
 import gc
 import os
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -47,6 +48,8 @@ from typing import Any
 
 import orjson
 import uvloop
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from rich.console import Console
 from rich.table import Table
 
@@ -54,6 +57,7 @@ from rich.table import Table
 # sys.path, which is how these imports (and spawned worker processes) find them.
 from bench_core import (
     NAIVE_WARMUP,
+    SELECTOR,
     BenchError,
     Result,
     Setup,
@@ -80,6 +84,7 @@ from common import (
 )
 from eobblast.config import Config
 from eobblast.demo import member_key
+from eobblast.events.synthetic import PAYERS
 from eobblast.streams import EmbeddedBroker
 from relay import postfix_relay, relay_available, relay_baseline
 
@@ -110,6 +115,44 @@ class Mark:
     at: float
     cpu: dict[str, float | None]
     system: tuple[float, float] | None
+
+
+def rsa_sign_us(setup: Setup, rounds: int = 300) -> float:
+    """Median microseconds of one RSA-2048 PKCS#1 v1.5 SHA-256 signature (what a DKIM
+    rsa-sha256 signature costs in OpenSSL), with a bench key, in this process."""
+    domain = PAYERS[0][2]
+    key = serialization.load_pem_private_key(
+        (setup.key_dir / f"{domain}.{SELECTOR}.rsa.pem").read_bytes(), password=None
+    )
+    assert isinstance(key, rsa.RSAPrivateKey)
+    data = b"x" * 512
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e6
+
+
+def cpu_budget(run: Result, sign_us: float) -> dict[str, float]:
+    """The CPU per event the target leaves the workers on this machine, from a run's
+    measured per-process costs: what the broker, receiver and bench take comes off first."""
+    cores = os.cpu_count() or 1
+    budget = cores * 1e6 / TARGET_MSGS_PER_S
+    d = run.detail
+    others = sum(
+        v
+        for k, v in d.items()
+        if k.endswith("_cpu_us_per_msg") and not k.startswith("worker") and k != "cpu_us_per_msg"
+    )
+    workers = sum(v for k, v in d.items() if k.startswith("worker") and k.endswith("_us_per_msg"))
+    return {
+        "target_cpu_budget_us_per_msg": round(budget, 1),
+        "broker_receiver_bench_us_per_msg": round(others, 1),
+        "left_for_workers_us_per_msg": round(budget - others, 1),
+        "workers_use_us_per_msg": round(workers, 1),
+        "rsa2048_sign_us": round(sign_us, 1),
+    }
 
 
 def _mark(statuses: int, pids: dict[str, int]) -> Mark:
@@ -268,7 +311,11 @@ async def kafka_runs(
 
 
 def summarise(
-    naive: Result, relay: Result | None, inprocess: Result | None, runs: list[Result]
+    naive: Result,
+    relay: Result | None,
+    inprocess: Result | None,
+    runs: list[Result],
+    sign_us: float,
 ) -> dict[str, Any]:
     """Rates, ratios to the baselines and the target, as one JSON object."""
     summary: dict[str, Any] = {"name": "summary", "naive_msgs_per_s": round(naive.msgs_per_s, 1)}
@@ -297,6 +344,7 @@ def summarise(
     if target is not None:
         summary["meets_target"] = target.msgs_per_s >= TARGET_MSGS_PER_S
         summary["steady_meets_target"] = target.detail["steady_msgs_per_s"] >= TARGET_MSGS_PER_S
+        summary.update(cpu_budget(target, sign_us))
         if relay is not None:
             summary["target_ratio_vs_relay"] = TARGET_RATIO_VS_RELAY
             summary["meets_target_ratio_vs_relay"] = (
@@ -420,6 +468,23 @@ def print_table(
                 f"{TARGET_MSGS_PER_S:,.0f}/s where the relay does "
                 f"{RELAY_REFERENCE_MSGS_PER_S:,.0f}/s",
             )
+        if "left_for_workers_us_per_msg" in summary:
+            table.add_row(
+                "CPU per event at the target",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                "",
+                f"{TARGET_MSGS_PER_S:,.0f}/s on {os.cpu_count()} cores = "
+                f"{summary['target_cpu_budget_us_per_msg']:,.0f} us; broker, receiver and "
+                f"bench take {summary['broker_receiver_bench_us_per_msg']:,.0f}, leaving "
+                f"{summary['left_for_workers_us_per_msg']:,.0f} for the workers, who use "
+                f"{summary['workers_use_us_per_msg']:,.0f} (of which one RSA-2048 signature: "
+                f"{summary['rsa2048_sign_us']:,.0f} us here)",
+            )
     Console(width=None if sys.stdout.isatty() else 170).print(table)
 
 
@@ -529,9 +594,10 @@ def run(args: argparse.Namespace) -> None:
                 config = eobblast_config(setup, rx.rx.port, args.in_flight, args.connections)
                 inprocess = uvloop.run(eobblast_e2e(config, setup.events[: args.events], rx.rx))
             runs = uvloop.run(kafka_runs(setup, rx, args, progress))
+            sign_us = rsa_sign_us(setup)
             # The loop is closed and its SIGTERM handler gone: back to ours.
             signal.signal(signal.SIGTERM, _on_sigterm)
-    summary = summarise(naive, relay, inprocess, runs)
+    summary = summarise(naive, relay, inprocess, runs, sign_us)
     for result in (naive, relay, inprocess, *runs):
         if result is not None:
             print(_dumps(result.as_json()))
