@@ -45,6 +45,7 @@ from bench_core import (
     prepare,
     receiver,
 )
+from eobblast._toml import default_warmup_text
 from eobblast.config import TransportConfig
 from eobblast.shaping import (
     BudgetLeaser,
@@ -55,7 +56,6 @@ from eobblast.shaping import (
     SqliteBudgetStore,
     loads_pools,
 )
-from eobblast.shaping._toml import default_warmup_text
 from eobblast.shaping.settings import parse_shaping
 from eobblast.transport import Transport
 
