@@ -228,10 +228,7 @@ class Worker:
     async def _settle(self, resends: Sequence[Resend], outcomes: Sequence[BounceOutcome]) -> None:
         """Send what the bounce service hands back; publish every notice's new status."""
         for decided in outcomes:
-            outcome = bounce_event_outcome(decided, 0.0)
-            await self._ledger.finish(decided.event_id, outcome.outcome, outcome.reason)
-            self._pipeline.observe(outcome)
-            await self._publish_status(outcome, decided.event_id, 1, None)
+            await self._record(bounce_event_outcome(decided, 0.0), decided.event_id, 1, None)
         for resend in resends:
             start = time.perf_counter()
             checked = self._pipeline.validate(resend.raw_event, start)
@@ -240,10 +237,7 @@ class Worker:
             outcome = await self._pipeline.deliver(
                 checked, start, raw=resend.raw_event, resend=resend
             )
-            await self._ledger.finish(resend.event_id, outcome.outcome, outcome.reason)
-            self._pipeline.observe(outcome)
-            attempt = resend.deliverable.attempt
-            await self._publish_status(outcome, resend.event_id, attempt, None)
+            await self._record(outcome, resend.event_id, resend.deliverable.attempt, None)
 
     async def _start_clients(self) -> None:
         assert self._producer is not None and self._consumer is not None
@@ -474,12 +468,8 @@ class Worker:
         try:
             info.stage = "deliver"
             outcome = await self._pipeline.deliver(checked, start, raw=value)
-            info.stage = "record"
-            await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
-            self._pipeline.observe(outcome)
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
-            info.stage = "publish"
-            await self._publish_status(outcome, event_id, attempt, record.timestamp)
+            await self._record(outcome, event_id, attempt, record.timestamp, info)
             self._unmarked.add(event_id)
         finally:
             # Waiters (the same event published twice) look again only once all is recorded.
@@ -528,6 +518,23 @@ class Worker:
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
         await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
         return True
+
+    async def _record(
+        self,
+        outcome: EventOutcome,
+        event_id: str,
+        attempt: int,
+        source_ms: int | None,
+        info: _InFlight | None = None,
+    ) -> None:
+        """A final outcome kept in order: the ledger, the metrics, then the status event."""
+        if info is not None:
+            info.stage = "record"
+        await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+        self._pipeline.observe(outcome)
+        if info is not None:
+            info.stage = "publish"
+        await self._publish_status(outcome, event_id, attempt, source_ms)
 
     async def _publish_status(
         self, outcome: EventOutcome, event_key: str, attempt: int, source_ms: int | None
