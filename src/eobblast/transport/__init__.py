@@ -35,7 +35,6 @@ __all__ = [
 # A 421 or a hang-up before the message was accepted is retried on a fresh connection.
 _ATTEMPTS_PER_ROUTE = 3
 # ConnectionLimits kept for reuse (one per shaping scope and IP); cleared when full.
-_LIMITS_CACHE_SIZE = 10_000
 
 
 class _PushedBack(Exception):
@@ -67,7 +66,6 @@ class Transport:
         self._source = source_address
         self._shaper = shaper
         self._owns_shaper = False
-        self._limits: dict[tuple[str, str, int, int], ConnectionLimits] = {}
 
     @classmethod
     def from_config(cls, config: TransportConfig, *, shaper: Shaper | None = None) -> Transport:
@@ -199,17 +197,11 @@ class Transport:
     def _connection_limits(self, ticket: Ticket) -> ConnectionLimits:
         """The limits of the ticket's (scope, IP) as the shaper knows them now."""
         assert self._shaper is not None
-        max_messages = self._shaper.messages_per_connection(ticket)
-        group = (ticket.scope, ticket.address, ticket.max_connections, max_messages)
-        limits = self._limits.get(group)
-        if limits is None:
-            # One object per (scope, IP, limits): the same few serve every message.
-            if len(self._limits) >= _LIMITS_CACHE_SIZE:
-                self._limits.clear()
-            limits = self._limits[group] = ConnectionLimits(
-                (ticket.scope, ticket.address), ticket.max_connections, max_messages
-            )
-        return limits
+        return ConnectionLimits(
+            (ticket.scope, ticket.address),
+            ticket.max_connections,
+            self._shaper.messages_per_connection(ticket),
+        )
 
     async def _pushback(
         self,
