@@ -13,6 +13,7 @@ from typing import Any
 from eobblast._toml import parse_toml, read_text
 from eobblast.errors import ConfigError
 from eobblast.shaping.engine import ShapingConfig
+from eobblast.state.sqlite import sqlite_path
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +175,22 @@ class Config:
     portal: PortalConfig = field(default_factory=PortalConfig)
     shaping: ShapingConfig = field(default_factory=ShapingConfig)
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
+
+
+def store_files(config: Config) -> dict[str, Path]:
+    """The SQLite file of every store `eobblast run` opens with this configuration and a
+    `sqlite:///` URL, by setting."""
+    urls = {
+        "ledger.url": config.ledger.url,
+        "portal.escrow_url": config.portal.escrow_url,
+        "portal.audit_url": config.portal.audit_url,
+    }
+    if config.bounces.enabled:
+        urls["bounces.store_url"] = config.bounces.store_url
+    if config.shaping.enabled:
+        urls["shaping.budgets_url"] = config.shaping.budgets_url
+    files = {name: sqlite_path(url, name) for name, url in urls.items()}
+    return {name: path for name, path in files.items() if path is not None}
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

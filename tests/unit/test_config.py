@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from pathlib import Path
 
 import pytest
 
-from eobblast.config import load_config
+from eobblast.config import load_config, store_files
 from eobblast.errors import ConfigError
+from eobblast.state.sqlite import sqlite_path
+from eobblast.supervisor import Supervisor
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "eobblast.example.toml"
 
@@ -17,6 +21,17 @@ def test_example_config_loads() -> None:
     assert config.dkim.selector == "eob1"
     assert config.transport.max_connections_per_destination == 8
     assert config.metrics.port == 9464
+    # Every store of the example lives in the state directory whatever the working one:
+    # `sqlite:///var/...` (three slashes) would have been var/... under the working directory.
+    files = store_files(config)
+    assert set(files) == {
+        "ledger.url",
+        "bounces.store_url",
+        "portal.escrow_url",
+        "portal.audit_url",
+    }
+    assert str(config.shaping.budgets_url).startswith("sqlite:////var/lib/eobblast/")
+    assert all(str(path).startswith("/var/lib/eobblast/") for path in files.values())
 
 
 def test_environment_overrides_file() -> None:
@@ -49,3 +64,43 @@ def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) ->
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read config file"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("sqlite:////var/lib/eobblast/ledger.db", Path("/var/lib/eobblast/ledger.db")),
+        ("sqlite:///state/ledger.db", Path("state/ledger.db")),
+        ("postgresql://eob@db/eob", None),
+    ],
+)
+def test_sqlite_urls_follow_sqlalchemy(url: str, expected: Path | None) -> None:
+    assert sqlite_path(url, "ledger") == expected
+
+
+def test_a_sqlite_url_without_a_file_is_refused() -> None:
+    with pytest.raises(ConfigError, match="ledger url names no file"):
+        sqlite_path("sqlite:///", "ledger")
+
+
+def test_run_warns_about_store_files_relative_to_the_working_directory(
+    caplog: pytest.LogCaptureFixture, tmp_path: Path
+) -> None:
+    config = load_config(
+        environ={},
+        overrides={
+            "ledger": {"url": "sqlite:///relative-ledger.db"},
+            "bounces": {"store_url": f"sqlite:///{tmp_path / 'bounces.db'}"},
+        },
+    )
+    stop = asyncio.Event()
+    stop.set()
+    with caplog.at_level(logging.WARNING, logger="eobblast.supervisor"):
+        asyncio.run(Supervisor(config, workers=0).run(stop))
+    warned = {
+        getattr(r, "setting", None): getattr(r, "path", None)
+        for r in caplog.records
+        if r.getMessage() == "store file is relative to the working directory"
+    }
+    assert "ledger.url" in warned and "bounces.store_url" not in warned
+    assert warned["ledger.url"] == str(Path.cwd() / "relative-ledger.db")

@@ -58,7 +58,7 @@ from eobblast.bounces.state import (
 )
 from eobblast.bounces.verp import event_reference
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
-from eobblast.state.sqlite import open_sqlite
+from eobblast.state.sqlite import open_sqlite, open_store
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -842,9 +842,5 @@ class PostgresBounceStore(BounceStore):
 
 
 async def open_bounce_store(url: str) -> BounceStore:
-    """Open the store named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
-    if url.startswith("sqlite:///"):
-        return SqliteBounceStore(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresBounceStore.connect(url)
-    raise ConfigError("bounce store url must start with sqlite:/// or postgresql://")
+    """Open the store named by a URL (`eobblast.state.sqlite.open_store`)."""
+    return await open_store(url, "bounce store", SqliteBounceStore, PostgresBounceStore.connect)

@@ -23,7 +23,7 @@ from typing import Any
 
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.state.group import GroupCommit
-from eobblast.state.sqlite import open_sqlite, write_transaction
+from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -295,9 +295,5 @@ class PostgresAuditTrail(AuditTrail):
 
 
 async def open_audit(url: str) -> AuditTrail:
-    """Open the trail named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
-    if url.startswith("sqlite:///"):
-        return SqliteAuditTrail(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresAuditTrail.connect(url)
-    raise ConfigError("audit url must start with sqlite:/// or postgresql://")
+    """Open the trail named by a URL (`eobblast.state.sqlite.open_store`)."""
+    return await open_store(url, "audit", SqliteAuditTrail, PostgresAuditTrail.connect)

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
-from eobblast.state.sqlite import open_sqlite
+from eobblast.state.sqlite import open_sqlite, open_store
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -678,9 +678,9 @@ async def escrow_eob(
 
 
 async def open_escrow(url: str, keys: KeyRing) -> EscrowStore:
-    """Open the escrow named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
-    if url.startswith("sqlite:///"):
-        return SqliteEscrow(Path(url.removeprefix("sqlite:///")), keys)
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresEscrow.connect(url, keys)
-    raise ConfigError("escrow url must start with sqlite:/// or postgresql://")
+    """Open the escrow named by a URL (`eobblast.state.sqlite.open_store`)."""
+
+    async def postgres(dsn: str) -> EscrowStore:
+        return await PostgresEscrow.connect(dsn, keys)
+
+    return await open_store(url, "escrow", lambda path: SqliteEscrow(path, keys), postgres)

@@ -33,7 +33,7 @@ from eobblast.shaping.warmup import (
     WarmupPlan,
     hour_bucket,
 )
-from eobblast.state.sqlite import open_sqlite
+from eobblast.state.sqlite import open_sqlite, open_store
 
 if TYPE_CHECKING:
     import psycopg
@@ -462,12 +462,8 @@ class PostgresBudgetStore(BudgetStore):
 
 
 async def open_budgets(url: str) -> BudgetStore:
-    """Open the budget store named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
-    if url.startswith("sqlite:///"):
-        return SqliteBudgetStore(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresBudgetStore.connect(url)
-    raise ConfigError("budget store url must start with sqlite:/// or postgresql://")
+    """Open the budget store named by a URL (`eobblast.state.sqlite.open_store`)."""
+    return await open_store(url, "budget store", SqliteBudgetStore, PostgresBudgetStore.connect)
 
 
 class _Held:

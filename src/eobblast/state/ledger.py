@@ -19,7 +19,7 @@ from typing import Any
 
 from eobblast.errors import ConfigError
 from eobblast.state.group import GroupCommit
-from eobblast.state.sqlite import open_sqlite, write_transaction
+from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS send_ledger (
@@ -290,9 +290,5 @@ class PostgresLedger(SendLedger):
 
 
 async def open_ledger(url: str) -> SendLedger:
-    """Open the ledger named by a URL: `sqlite:///path/to/file.db` or `postgresql://...`."""
-    if url.startswith("sqlite:///"):
-        return SqliteLedger(Path(url.removeprefix("sqlite:///")))
-    if url.startswith(("postgresql://", "postgres://")):
-        return await PostgresLedger.connect(url)
-    raise ConfigError("ledger url must start with sqlite:/// or postgresql://")
+    """Open the ledger named by a URL (`eobblast.state.sqlite.open_store`)."""
+    return await open_store(url, "ledger", SqliteLedger, PostgresLedger.connect)

@@ -4,11 +4,44 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import TypeVar
 
+from eobblast.errors import ConfigError
+
 T = TypeVar("T")
+S = TypeVar("S")
+
+SQLITE_PREFIX = "sqlite:///"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
+
+
+def sqlite_path(url: str, what: str) -> Path | None:
+    """The file of a `sqlite:///` URL (None for another scheme). As in SQLAlchemy,
+    `sqlite:///state/x.db` is relative to the working directory and `sqlite:////var/x.db`
+    (four slashes) absolute."""
+    if not url.startswith(SQLITE_PREFIX):
+        return None
+    rest = url.removeprefix(SQLITE_PREFIX)
+    if not rest.strip():
+        raise ConfigError(f"{what} url names no file: sqlite:///<file>")
+    return Path(rest)
+
+
+async def open_store(
+    url: str,
+    what: str,
+    sqlite: Callable[[Path], S],
+    postgres: Callable[[str], Awaitable[S]],
+) -> S:
+    """A store opened from its URL: a SQLite file (one machine) or PostgreSQL (across)."""
+    path = sqlite_path(url, what)
+    if path is not None:
+        return sqlite(path)
+    if url.startswith(POSTGRES_PREFIXES):
+        return await postgres(url)
+    raise ConfigError(f"{what} url must start with sqlite:/// or postgresql://")
 
 
 def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
