@@ -378,7 +378,7 @@ async def run_demo(
 ) -> dict[str, Any]:
     """Run the whole demo into `out` and return the summary (also written to summary.json)."""
     # Its stores are named by absolute paths: where the demo runs is where they are.
-    out = out.absolute()
+    out = await asyncio.to_thread(out.absolute)
     base = config or load_config()
     domains = default_sandbox_domains()
     pki = await asyncio.to_thread(_prepare, out, events, seed, base, [d.name for d in domains])
