@@ -105,6 +105,9 @@ class ProtectionConfig:
     tls_cache_hours: float = 168.0
     failure_hours: float = 6.0
     learn_from_handshakes: bool = True
+    # Workers share what they learn of receivers' TLS (in a table beside the send ledger)
+    # this often, and keep it across restarts.
+    tls_sync_seconds: float = 5.0
 
 
 @dataclass(frozen=True, slots=True)

@@ -41,6 +41,7 @@ from eobblast.events.verification import VerificationResultError, parse_verifica
 from eobblast.observe import metrics
 from eobblast.pipeline import EventOutcome, Pipeline, bounce_event_outcome
 from eobblast.protect.services import ProtectionServices, load_or_create_secret
+from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
@@ -638,9 +639,17 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     )
     worker = Worker(config, pipeline, ledger, worker_id=worker_id, bounces=bounces)
     publisher.target = worker
+    # What the other workers (and this one before a restart) learned of receivers' TLS.
+    tls = TlsSync(protection.tls, await open_tls_store(config.ledger.url))
+    await tls.sync()
+    sharing = asyncio.create_task(tls.run(stop, config.protection.tls_sync_seconds))
     try:
         await worker.run(stop)
     finally:
+        sharing.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await sharing
+        await tls.close()
         await transport.aclose()
         await ledger.close()
         await protection.close()

@@ -8,6 +8,7 @@ import json
 import mailbox
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 import urllib.error
@@ -171,6 +172,24 @@ def test_no_phi_reaches_receivers_without_verified_tls(
     for domain in TLS_DOMAINS:
         for message in _maildir(out, domain):
             assert b"ESMTPS" in message[:400] and b"TLSv1." in message[:400]
+
+
+def test_workers_keep_what_they_learned_of_tls_beside_the_ledger(
+    demo_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    out, summary, _ = demo_run
+    db = sqlite3.connect(out / "ledger.db")
+    try:
+        rows = db.execute("SELECT domain, verified_at, failed_at FROM tls_knowledge").fetchall()
+    finally:
+        db.close()
+    learned = {domain: (verified, failed) for domain, verified, failed in rows}
+    # Verified handshakes with the domains that verify; the failures that sent EOBs to the
+    # portal, where the next worker (or a restart) finds them.
+    assert all(learned.get(domain, (None, None))[0] for domain in TLS_DOMAINS)
+    failed = {domain for domain, (_, failed_at) in learned.items() if failed_at}
+    assert failed and failed <= set(UNVERIFIED_DOMAINS)
+    assert summary["delivered_by_protection"]["portal"].get("tls_failed_at_delivery", 0) > 0
 
 
 def test_smime_messages_decrypt_with_openssl(

@@ -754,3 +754,19 @@ def test_org_policy_normalises_its_domain_lists_once() -> None:
     partner = RecipientFacts("b@partner.example", "PARTNER.example")
     assert choose_protection(webmail, DomainTls(), org, NOW).reason is R.ORG_PORTAL_DOMAIN
     assert choose_protection(partner, DomainTls(), org, NOW).reason is R.TLS_POLICY_LIST
+
+
+def test_tls_cache_gives_out_its_own_observations_once_and_not_others() -> None:
+    cache = TlsCache(verified_ttl=7 * DAY, failure_ttl=dt.timedelta(hours=6))
+    cache.record_verified("A.example.", NOW - DAY)
+    cache.merge(TlsRecord("b.example", NOW, None))  # another worker's: not given out again
+    taken = cache.take_unsaved()
+    assert taken == [TlsRecord("a.example", NOW - DAY, None)]
+    assert cache.take_unsaved() == []
+    cache.unsaved(taken)  # could not be saved: offered again
+    assert cache.take_unsaved() == taken
+    # Merging keeps the latest of each observation, as recording does.
+    cache.merge(TlsRecord("a.example", NOW - 2 * DAY, NOW - dt.timedelta(hours=1)))
+    facts = cache.facts("a.example", NOW)
+    assert facts.last_verified_at == NOW - DAY
+    assert facts.last_failed_at == NOW - dt.timedelta(hours=1)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import datetime as dt
 import enum
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from cryptography import x509
@@ -380,6 +380,8 @@ class TlsCache:
     policy_domains: frozenset[str] = frozenset()
     mta_sts_enforce_domains: frozenset[str] = frozenset()
     _entries: dict[str, _Entry] = field(default_factory=dict, init=False, repr=False)
+    # Domains observed here since the last `take_unsaved` (for sharing with other workers).
+    _unsaved: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.policy_domains = frozenset(normalise_domain(d) for d in self.policy_domains)
@@ -389,17 +391,47 @@ class TlsCache:
 
     def record_verified(self, domain: str, now: dt.datetime) -> None:
         """Note a verified TLS handshake with `domain`'s mail server at `now`."""
-        entry = self._entries.setdefault(normalise_domain(domain), _Entry())
-        # Keep the latest: records may arrive out of order from several workers.
-        if entry.verified_at is None or now > entry.verified_at:
-            entry.verified_at = now
+        self._note(normalise_domain(domain), now, None, unsaved=True)
 
     def record_failure(self, domain: str, now: dt.datetime) -> None:
         """Note a TLS failure (no STARTTLS, untrusted certificate, handshake) at `now`."""
-        entry = self._entries.setdefault(normalise_domain(domain), _Entry())
-        # A success does not erase a failure: the policy lets a failure win for failure_ttl.
-        if entry.failed_at is None or now > entry.failed_at:
-            entry.failed_at = now
+        self._note(normalise_domain(domain), None, now, unsaved=True)
+
+    def merge(self, record: TlsRecord) -> None:
+        """Take in another worker's observations of a domain (not to be saved again)."""
+        name = normalise_domain(record.domain)
+        self._note(name, record.last_verified_at, record.last_failed_at, unsaved=False)
+
+    def take_unsaved(self) -> list[TlsRecord]:
+        """This worker's observations since the last call, to be shared."""
+        names, self._unsaved = self._unsaved, set()
+        return [
+            TlsRecord(name, entry.verified_at, entry.failed_at)
+            for name in sorted(names)
+            if (entry := self._entries.get(name)) is not None
+        ]
+
+    def unsaved(self, records: Sequence[TlsRecord]) -> None:
+        """Records `take_unsaved` gave out that could not be saved: offer them again."""
+        self._unsaved.update(record.domain for record in records)
+
+    def _note(
+        self,
+        name: str,
+        verified: dt.datetime | None,
+        failed: dt.datetime | None,
+        *,
+        unsaved: bool,
+    ) -> None:
+        entry = self._entries.setdefault(name, _Entry())
+        # Keep the latest: records may arrive out of order from several workers. A success
+        # does not erase a failure: the policy lets a failure win for failure_ttl.
+        if verified is not None and (entry.verified_at is None or verified > entry.verified_at):
+            entry.verified_at = verified
+        if failed is not None and (entry.failed_at is None or failed > entry.failed_at):
+            entry.failed_at = failed
+        if unsaved:
+            self._unsaved.add(name)
 
     def facts(self, domain: str, now: dt.datetime) -> DomainTls:
         """What is known of `domain`'s TLS at `now`, expired observations left out."""

@@ -1,0 +1,138 @@
+"""Workers share what they learn of receivers' TLS: SQLite and PostgreSQL, two caches, restarts."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import pytest
+
+from eobblast.protect.policy import (
+    DomainTls,
+    OrgPolicy,
+    RecipientFacts,
+    TlsCache,
+    TlsRecord,
+    choose_protection,
+)
+from eobblast.protect.policy import PolicyReason as R
+from eobblast.protect.tls_store import TlsStore, TlsSync, open_tls_store
+from tests.conftest import throwaway_pg_schema
+
+NOW = dt.datetime.now(dt.UTC)
+HOUR = dt.timedelta(hours=1)
+ORG = OrgPolicy(tls_cache_ttl=7 * 24 * HOUR, failure_ttl=6 * HOUR)
+
+
+@pytest.fixture(scope="module")
+def pg_schema() -> Iterator[str]:
+    with throwaway_pg_schema("tls") as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return str(request.getfixturevalue("pg_schema"))
+
+
+def _cache() -> TlsCache:
+    return TlsCache(verified_ttl=7 * 24 * HOUR, failure_ttl=6 * HOUR)
+
+
+def _domain() -> str:
+    # The PostgreSQL schema is shared by the module's tests: names of their own.
+    return f"d{uuid.uuid4().hex[:10]}.example"
+
+
+def _reason(cache: TlsCache, domain: str) -> R:
+    facts = cache.facts(domain, NOW)
+    return choose_protection(RecipientFacts(f"m@{domain}", domain), facts, ORG, NOW).reason
+
+
+async def _worker(url: str) -> TlsSync:
+    sync = TlsSync(_cache(), await open_tls_store(url))
+    await sync.sync()  # as a worker starts
+    return sync
+
+
+async def test_what_one_worker_learns_the_others_use_and_a_restart_keeps(ledger_url: str) -> None:
+    learned, failing = _domain(), _domain()
+    a, b = await _worker(ledger_url), await _worker(ledger_url)
+    a.cache.record_verified(learned, NOW - HOUR)
+    a.cache.record_failure(failing, NOW - HOUR)
+    assert _reason(b.cache, learned) is R.TLS_UNKNOWN  # not shared yet
+    await a.sync()
+    await b.sync()
+    assert _reason(b.cache, learned) is R.TLS_VERIFIED_RECENTLY
+    assert _reason(b.cache, failing) is R.TLS_FAILED_RECENTLY
+    await a.close()
+    await b.close()
+    restarted = await _worker(ledger_url)
+    assert _reason(restarted.cache, learned) is R.TLS_VERIFIED_RECENTLY
+    assert _reason(restarted.cache, failing) is R.TLS_FAILED_RECENTLY
+    await restarted.close()
+
+
+async def test_the_latest_observation_wins_whoever_writes_last(ledger_url: str) -> None:
+    domain = _domain()
+    a, b = await _worker(ledger_url), await _worker(ledger_url)
+    a.cache.record_failure(domain, NOW - HOUR)
+    b.cache.record_failure(domain, NOW - 5 * HOUR)  # older, written after
+    b.cache.record_verified(domain, NOW - 2 * HOUR)
+    await a.sync()
+    await b.sync()
+    await a.sync()
+    for cache in (a.cache, b.cache):
+        facts = cache.facts(domain, NOW)
+        assert facts == DomainTls(last_verified_at=NOW - 2 * HOUR, last_failed_at=NOW - HOUR)
+    await a.close()
+    await b.close()
+
+
+async def test_expired_observations_are_not_brought_back(ledger_url: str) -> None:
+    domain = _domain()
+    a = await _worker(ledger_url)
+    a.cache.record_failure(domain, NOW - 7 * HOUR)  # past the 6 h failure TTL
+    await a.close()
+    b = await _worker(ledger_url)
+    assert b.cache.facts(domain, NOW).last_failed_at is None
+    assert domain not in {record.domain for record in b.cache.records()}
+    await b.close()
+
+
+class _Down(TlsStore):
+    """A store whose database is unreachable (what a worker sees when it goes away)."""
+
+    def __init__(self) -> None:
+        self.merged: list[TlsRecord] = []
+        self.down = True
+
+    async def merge(self, records: Sequence[TlsRecord], now: float) -> None:
+        if self.down:
+            raise ConnectionError("database unreachable")
+        self.merged += records
+
+    async def changed_since(self, since: float) -> list[tuple[TlsRecord, float]]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_an_unreachable_store_loses_nothing_and_logs_no_domain(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    domain = _domain()
+    store = _Down()
+    sync = TlsSync(_cache(), store)
+    sync.cache.record_failure(domain, NOW)
+    await sync.sync()  # fails: kept for the next round, the worker goes on
+    assert store.merged == [] and _reason(sync.cache, domain) is R.TLS_FAILED_RECENTLY
+    assert "not synced" in caplog.text and domain not in caplog.text
+    store.down = False
+    await sync.sync()
+    assert [r.domain for r in store.merged] == [domain]
