@@ -57,7 +57,8 @@ from eobblast.bounces.state import (
     address_key,
 )
 from eobblast.bounces.verp import event_reference
-from eobblast.errors import ConfigError, EobblastError, ReasonCode
+from eobblast.errors import EobblastError, ReasonCode
+from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store
 
 __all__ = [
@@ -799,17 +800,9 @@ class PostgresBounceStore(BounceStore):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresBounceStore:
         """Connect and create the tables if needed."""
-        import psycopg
-
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError:
-            raise ConfigError("cannot connect to the PostgreSQL bounce store") from None
-        # CREATE ... IF NOT EXISTS races between workers starting together: serialise it.
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_SCHEMA_LOCK,))
-            for statement in (*_PG_TABLES, _OUTBOX_INDEX):
-                await conn.execute(statement)
+        conn = await connect_postgres(
+            dsn, "bounce store", _PG_SCHEMA_LOCK, (*_PG_TABLES, _OUTBOX_INDEX)
+        )
         return cls(conn)
 
     def _sql(self) -> _Sql:

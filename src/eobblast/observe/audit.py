@@ -23,6 +23,7 @@ from typing import Any
 
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.state.group import GroupCommit
+from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
@@ -246,16 +247,7 @@ class PostgresAuditTrail(AuditTrail):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresAuditTrail:
         """Connect and create the table and its append-only triggers if needed."""
-        import psycopg
-
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError:
-            raise ConfigError("cannot connect to the PostgreSQL audit trail") from None
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in _PG_SCHEMA:
-                await conn.execute(statement)
+        conn = await connect_postgres(dsn, "audit trail", _SCHEMA_LOCK, _PG_SCHEMA)
         return cls(conn)
 
     async def append(self, record: AuditRecord) -> None:

@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store
 
 KEY_BYTES = 32
@@ -604,16 +605,7 @@ class PostgresEscrow(EscrowStore):
     @classmethod
     async def connect(cls, dsn: str, keys: KeyRing) -> PostgresEscrow:
         """Connect and create the table if needed."""
-        import psycopg
-
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError:
-            raise ConfigError("cannot connect to the PostgreSQL escrow") from None
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            await conn.execute(_table("BYTEA"))
-            await conn.execute(_INDEX)
+        conn = await connect_postgres(dsn, "escrow", _SCHEMA_LOCK, (_table("BYTEA"), _INDEX))
         return cls(conn, keys)
 
     async def _insert(self, values: tuple[Any, ...]) -> None:

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from eobblast.errors import ConfigError
 from eobblast.shaping.pools import SourceIp
 from eobblast.shaping.warmup import (
     NEVER_USED,
@@ -33,6 +32,7 @@ from eobblast.shaping.warmup import (
     WarmupPlan,
     hour_bucket,
 )
+from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store
 
 if TYPE_CHECKING:
@@ -375,17 +375,7 @@ class PostgresBudgetStore(BudgetStore):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresBudgetStore:
         """Connect and create the tables if needed."""
-        import psycopg
-
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError:
-            raise ConfigError("cannot connect to the PostgreSQL budget store") from None
-        # CREATE TABLE IF NOT EXISTS races between workers starting together: serialise it.
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            for statement in _SCHEMA:
-                await conn.execute(statement)
+        conn = await connect_postgres(dsn, "budget store", _SCHEMA_LOCK, _SCHEMA)
         return cls(conn)
 
     async def _one(self, sql: str, params: Mapping[str, Any]) -> Any:

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from eobblast.errors import ConfigError
 from eobblast.state.group import GroupCommit
+from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 _SCHEMA = """
@@ -219,16 +219,7 @@ class PostgresLedger(SendLedger):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
         """Connect and create the table if needed."""
-        import psycopg
-
-        try:
-            conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True, connect_timeout=10)
-        except psycopg.OperationalError:
-            raise ConfigError("cannot connect to the PostgreSQL ledger") from None
-        # CREATE TABLE IF NOT EXISTS races between workers starting together: serialise it.
-        async with conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
-            await conn.execute(_SCHEMA)
+        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA])
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str) -> Claim:
