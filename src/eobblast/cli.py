@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from eobblast.config import load_config
+from eobblast.config import load_config, warn_relative_stores
 from eobblast.errors import EobblastError
 
 console = Console(stderr=True)
@@ -199,6 +199,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
         config = load_config(config_path)
     except EobblastError as exc:
         raise click.ClickException(str(exc)) from None
+    warn_relative_stores(config)
     metrics_dir = prepare_multiprocess_metrics()
 
     async def supervise() -> None:
@@ -244,6 +245,7 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
         config = load_config(config_path)
     except EobblastError as exc:
         raise click.ClickException(str(exc)) from None
+    warn_relative_stores(config, {"portal.escrow_url", "portal.audit_url"})
 
     async def serve() -> None:
         services = await ProtectionServices.open(config)
@@ -294,6 +296,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
         config = load_config(config_path)
     except EobblastError as exc:
         raise click.ClickException(str(exc)) from None
+    warn_relative_stores(config, {"bounces.store_url", "portal.escrow_url", "portal.audit_url"})
     settings = config.bounces
 
     async def serve() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import types
 import typing
@@ -14,6 +15,8 @@ from eobblast._toml import parse_toml, read_text
 from eobblast.errors import ConfigError
 from eobblast.shaping.engine import ShapingConfig
 from eobblast.state.sqlite import sqlite_path
+
+_log = logging.getLogger("eobblast.config")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,6 +112,10 @@ class ProtectionConfig:
     # this often, and keep it across restarts.
     tls_sync_seconds: float = 5.0
 
+    def __post_init__(self) -> None:
+        if not self.tls_sync_seconds > 0:
+            raise ConfigError("protection.tls_sync_seconds: expected a number > 0")
+
 
 @dataclass(frozen=True, slots=True)
 class PortalConfig:
@@ -194,6 +201,19 @@ def store_files(config: Config) -> dict[str, Path]:
         urls["shaping.budgets_url"] = config.shaping.budgets_url
     files = {name: sqlite_path(url, name) for name, url in urls.items()}
     return {name: path for name, path in files.items() if path is not None}
+
+
+def warn_relative_stores(config: Config, only: typing.Collection[str] | None = None) -> None:
+    """Log a warning for every store file (of the settings in `only`, default all) whose
+    path is relative: started from another directory, a command would find an empty
+    ledger, bounce store or escrow (notices sent again, suppressions forgotten, portal
+    links dead)."""
+    for setting, path in store_files(config).items():
+        if (only is None or setting in only) and not path.is_absolute():
+            _log.warning(
+                "store file is relative to the working directory",
+                extra={"setting": setting, "path": str(path.absolute())},
+            )
 
 
 def _coerce(value: Any, hint: Any, where: str) -> Any:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
-from eobblast.config import Config, store_files
+from eobblast.config import Config
 
 log = logging.getLogger("eobblast.supervisor")
 # A worker that dies sooner than this after starting counts as crash-looping.
@@ -114,14 +114,6 @@ class Supervisor:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the workers until `stop` is set, then stop them within the grace period."""
-        for setting, path in store_files(self._config).items():
-            if not path.is_absolute():
-                # Started from another directory, the workers would find an empty ledger
-                # and bounce store: sent notices sent again, suppressions forgotten.
-                log.warning(
-                    "store file is relative to the working directory",
-                    extra={"setting": setting, "path": str(path.resolve())},
-                )
         for index in range(self._count):
             self._spawn(index)
         try:

@@ -646,10 +646,12 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     try:
         await worker.run(stop)
     finally:
-        sharing.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
+        stop.set()  # the worker is done (or failed): the sharing loop ends after its round
+        try:
             await sharing
-        await tls.close()
+            await tls.close()  # a last round: what this worker learned outlives it
+        except Exception as exc:
+            log.warning("TLS knowledge not saved at stop: %s", type(exc).__name__)
         await transport.aclose()
         await ledger.close()
         await protection.close()

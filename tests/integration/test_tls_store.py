@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ from tests.conftest import throwaway_pg_schema
 
 NOW = dt.datetime.now(dt.UTC)
 HOUR = dt.timedelta(hours=1)
+MINUTE = dt.timedelta(minutes=1)
 ORG = OrgPolicy(tls_cache_ttl=7 * 24 * HOUR, failure_ttl=6 * HOUR)
 
 
@@ -53,8 +55,8 @@ def _reason(cache: TlsCache, domain: str) -> R:
     return choose_protection(RecipientFacts(f"m@{domain}", domain), facts, ORG, NOW).reason
 
 
-async def _worker(url: str) -> TlsSync:
-    sync = TlsSync(_cache(), await open_tls_store(url))
+async def _worker(url: str, clock: Callable[[], float] = time.time) -> TlsSync:
+    sync = TlsSync(_cache(), await open_tls_store(url), clock=clock)
     await sync.sync()  # as a worker starts
     return sync
 
@@ -89,8 +91,31 @@ async def test_the_latest_observation_wins_whoever_writes_last(ledger_url: str) 
     for cache in (a.cache, b.cache):
         facts = cache.facts(domain, NOW)
         assert facts == DomainTls(last_verified_at=NOW - 2 * HOUR, last_failed_at=NOW - HOUR)
-    await a.close()
-    await b.close()
+    # A failure alone (no verified time) leaves the stored verified time as it is.
+    a.cache.record_failure(domain, NOW - 30 * MINUTE)
+    await a.sync()
+    restarted = await _worker(ledger_url)
+    facts = restarted.cache.facts(domain, NOW)
+    assert facts == DomainTls(last_verified_at=NOW - 2 * HOUR, last_failed_at=NOW - 30 * MINUTE)
+    for sync in (a, b, restarted):
+        await sync.close()
+
+
+async def test_a_writer_whose_clock_is_behind_is_still_read(ledger_url: str) -> None:
+    # Rows are versioned by the database, not by the writers' clocks.
+    early, late = _domain(), _domain()
+    reader = await _worker(ledger_url)
+    ahead = await _worker(ledger_url)
+    ahead.cache.record_verified(early, NOW - HOUR)
+    await ahead.sync()
+    await reader.sync()  # the reader has now seen a recent row
+    behind = await _worker(ledger_url, clock=lambda: time.time() - 3600)
+    behind.cache.record_failure(late, NOW - HOUR)
+    await behind.sync()
+    await reader.sync()
+    assert _reason(reader.cache, late) is R.TLS_FAILED_RECENTLY
+    for sync in (reader, ahead, behind):
+        await sync.close()
 
 
 async def test_expired_observations_are_not_brought_back(ledger_url: str) -> None:
@@ -98,9 +123,11 @@ async def test_expired_observations_are_not_brought_back(ledger_url: str) -> Non
     a = await _worker(ledger_url)
     a.cache.record_failure(domain, NOW - 7 * HOUR)  # past the 6 h failure TTL
     await a.close()
-    b = await _worker(ledger_url)
-    assert b.cache.facts(domain, NOW).last_failed_at is None
+    b = await _worker(ledger_url)  # a full round at start: the expired row is deleted
     assert domain not in {record.domain for record in b.cache.records()}
+    assert b.cache.facts(domain, NOW).last_failed_at is None
+    rows, _ = await b.store.changed(None)
+    assert domain not in {record.domain for record in rows}
     await b.close()
 
 
@@ -111,13 +138,16 @@ class _Down(TlsStore):
         self.merged: list[TlsRecord] = []
         self.down = True
 
-    async def merge(self, records: Sequence[TlsRecord], now: float) -> None:
+    async def merge(self, records: Sequence[TlsRecord]) -> None:
         if self.down:
             raise ConnectionError("database unreachable")
         self.merged += records
 
-    async def changed_since(self, since: float) -> list[tuple[TlsRecord, float]]:
-        return []
+    async def changed(self, position: float | None) -> tuple[list[TlsRecord], float | None]:
+        return [], position
+
+    async def purge(self, verified_before: float, failed_before: float) -> int:
+        return 0
 
     async def close(self) -> None:
         return None

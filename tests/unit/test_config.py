@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from pathlib import Path
 
 import pytest
 
-from eobblast.config import load_config, store_files
+from eobblast.config import load_config, store_files, warn_relative_stores
 from eobblast.errors import ConfigError
 from eobblast.state.sqlite import sqlite_path
-from eobblast.supervisor import Supervisor
 
 EXAMPLE = Path(__file__).parents[2] / "config" / "eobblast.example.toml"
 
@@ -52,6 +50,7 @@ def test_environment_overrides_file() -> None:
         ("[transport\n", "not valid TOML"),
         ("[shaping]\nlease_chunk = 2.5\n", r"shaping\.lease_chunk: expected an integer"),
         ("[shaping]\npools_file = ''\n", r"shaping\.pools_file: expected a path string"),
+        ("[protection]\ntls_sync_seconds = 0\n", r"protection\.tls_sync_seconds"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -83,7 +82,7 @@ def test_a_sqlite_url_without_a_file_is_refused() -> None:
         sqlite_path("sqlite:///", "ledger")
 
 
-def test_run_warns_about_store_files_relative_to_the_working_directory(
+def test_commands_warn_about_store_files_relative_to_the_working_directory(
     caplog: pytest.LogCaptureFixture, tmp_path: Path
 ) -> None:
     config = load_config(
@@ -93,10 +92,8 @@ def test_run_warns_about_store_files_relative_to_the_working_directory(
             "bounces": {"store_url": f"sqlite:///{tmp_path / 'bounces.db'}"},
         },
     )
-    stop = asyncio.Event()
-    stop.set()
-    with caplog.at_level(logging.WARNING, logger="eobblast.supervisor"):
-        asyncio.run(Supervisor(config, workers=0).run(stop))
+    with caplog.at_level(logging.WARNING, logger="eobblast.config"):
+        warn_relative_stores(config, {"ledger.url", "bounces.store_url"})
     warned = {
         getattr(r, "setting", None): getattr(r, "path", None)
         for r in caplog.records

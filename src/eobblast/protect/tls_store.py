@@ -34,14 +34,16 @@ CREATE TABLE IF NOT EXISTS tls_knowledge (
     domain TEXT PRIMARY KEY,
     verified_at DOUBLE PRECISION,
     failed_at DOUBLE PRECISION,
-    changed_at DOUBLE PRECISION NOT NULL
+    version DOUBLE PRECISION NOT NULL
 )
 """
-_INDEX = "CREATE INDEX IF NOT EXISTS tls_knowledge_changed ON tls_knowledge (changed_at)"
+_INDEX = "CREATE INDEX IF NOT EXISTS tls_knowledge_version ON tls_knowledge (version)"
 _SCHEMA_LOCK = 0x0E0B_715C
-# Rows are read back from a little before the last one seen: writers' clocks and
-# transactions that commit out of order must not hide a row.
-_OVERLAP_SECONDS = 30.0
+# PostgreSQL stamps rows with its own clock at write time; a transaction that commits later
+# than this after its stamp is still found by the periodic full read.
+_PG_OVERLAP_SECONDS = 30.0
+# Every this many rounds a worker reads the whole table and the expired rows are deleted.
+FULL_READ_EVERY = 60
 
 
 def _epoch(when: dt.datetime | None) -> float | None:
@@ -52,24 +54,49 @@ def _when(epoch: float | None) -> dt.datetime | None:
     return None if epoch is None else dt.datetime.fromtimestamp(epoch, dt.UTC)
 
 
-def _record(row: Sequence[Any]) -> TlsRecord:
-    return TlsRecord(str(row[0]), _when(row[1]), _when(row[2]))
+def _rows(records: Sequence[TlsRecord]) -> list[tuple[str, float | None, float | None]]:
+    return [(r.domain, _epoch(r.last_verified_at), _epoch(r.last_failed_at)) for r in records]
+
+
+def _records(rows: Sequence[Sequence[Any]]) -> list[TlsRecord]:
+    return [TlsRecord(str(row[0]), _when(row[1]), _when(row[2])) for row in rows]
 
 
 class TlsStore(abc.ABC):
-    """The shared table of TLS observations."""
+    """The shared table of TLS observations.
+
+    Rows carry a version the database assigns when they are written; `changed` takes the
+    position a reader reached (None: from the start) and returns what was written since
+    and the new position. Writers' clocks play no part.
+    """
 
     @abc.abstractmethod
-    async def merge(self, records: Sequence[TlsRecord], now: float) -> None:
+    async def merge(self, records: Sequence[TlsRecord]) -> None:
         """Add observations, keeping each domain's latest verified and failed times."""
 
     @abc.abstractmethod
-    async def changed_since(self, since: float) -> list[tuple[TlsRecord, float]]:
-        """Rows written at or after `since` (epoch seconds), with when they were written."""
+    async def changed(self, position: float | None) -> tuple[list[TlsRecord], float | None]:
+        """Rows written after `position` (every row for None), and the position reached."""
+
+    @abc.abstractmethod
+    async def purge(self, verified_before: float, failed_before: float) -> int:
+        """Delete rows whose observations are all older than these (epoch seconds)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
         """Close the connection."""
+
+
+_SQLITE_MERGE = (
+    "INSERT INTO tls_knowledge (domain, verified_at, failed_at, version) VALUES (?, ?, ?, ?)"
+    " ON CONFLICT (domain) DO UPDATE SET"
+    # SQLite's MAX() of a NULL is NULL: COALESCE keeps whichever side is known.
+    " verified_at = MAX(COALESCE(excluded.verified_at, verified_at),"
+    " COALESCE(verified_at, excluded.verified_at)),"
+    " failed_at = MAX(COALESCE(excluded.failed_at, failed_at),"
+    " COALESCE(failed_at, excluded.failed_at)),"
+    " version = excluded.version"
+)
 
 
 class SqliteTlsStore(TlsStore):
@@ -79,35 +106,37 @@ class SqliteTlsStore(TlsStore):
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, (_SCHEMA, _INDEX))
 
-    async def merge(self, records: Sequence[TlsRecord], now: float) -> None:
+    async def merge(self, records: Sequence[TlsRecord]) -> None:
         """Add observations, keeping each domain's latest verified and failed times."""
-        rows = [
-            (r.domain, _epoch(r.last_verified_at), _epoch(r.last_failed_at), now) for r in records
-        ]
 
         def work() -> None:
-            # SQLite's MAX() of a NULL is NULL: COALESCE keeps whichever side is known.
-            self._db.executemany(
-                "INSERT INTO tls_knowledge (domain, verified_at, failed_at, changed_at)"
-                " VALUES (?, ?, ?, ?) ON CONFLICT (domain) DO UPDATE SET"
-                " verified_at = MAX(COALESCE(excluded.verified_at, verified_at),"
-                " COALESCE(verified_at, excluded.verified_at)),"
-                " failed_at = MAX(COALESCE(excluded.failed_at, failed_at),"
-                " COALESCE(failed_at, excluded.failed_at)),"
-                " changed_at = excluded.changed_at",
-                rows,
-            )
+            # Writers take turns (BEGIN IMMEDIATE): the next version follows commit order,
+            # so a reader that has seen version N has seen everything before it.
+            (version,) = self._db.execute(
+                "SELECT COALESCE(MAX(version), 0) + 1 FROM tls_knowledge"
+            ).fetchone()
+            self._db.executemany(_SQLITE_MERGE, [(*row, version) for row in _rows(records)])
 
         write_transaction(self._db, work)
 
-    async def changed_since(self, since: float) -> list[tuple[TlsRecord, float]]:
-        """Rows written at or after `since` (epoch seconds), with when they were written."""
-        cursor = self._db.execute(
-            "SELECT domain, verified_at, failed_at, changed_at FROM tls_knowledge"
-            " WHERE changed_at >= ?",
-            (since,),
+    async def changed(self, position: float | None) -> tuple[list[TlsRecord], float | None]:
+        """Rows written after `position` (every row for None), and the position reached."""
+        rows = self._db.execute(
+            "SELECT domain, verified_at, failed_at, version FROM tls_knowledge WHERE version > ?",
+            (-1.0 if position is None else position,),
+        ).fetchall()
+        reached = max((float(row[3]) for row in rows), default=position)
+        return _records(rows), reached
+
+    async def purge(self, verified_before: float, failed_before: float) -> int:
+        """Delete rows whose observations are all older than these (epoch seconds)."""
+        sql = (
+            "DELETE FROM tls_knowledge WHERE (verified_at IS NULL OR verified_at < ?)"
+            " AND (failed_at IS NULL OR failed_at < ?)"
         )
-        return [(_record(row), float(row[3])) for row in cursor.fetchall()]
+        return write_transaction(
+            self._db, lambda: self._db.execute(sql, (verified_before, failed_before)).rowcount
+        )
 
     async def close(self) -> None:
         """Close the connection."""
@@ -127,31 +156,46 @@ class PostgresTlsStore(TlsStore):
         conn = await connect_postgres(dsn, "TLS knowledge table", _SCHEMA_LOCK, (_SCHEMA, _INDEX))
         return cls(conn)
 
-    async def merge(self, records: Sequence[TlsRecord], now: float) -> None:
+    async def merge(self, records: Sequence[TlsRecord]) -> None:
         """Add observations, keeping each domain's latest verified and failed times."""
-        rows = [
-            (r.domain, _epoch(r.last_verified_at), _epoch(r.last_failed_at), now) for r in records
-        ]
         async with self._lock, self._conn.transaction(), self._conn.cursor() as cursor:
-            # GREATEST ignores NULLs.
+            # The server's clock stamps the rows (one clock for every worker); GREATEST
+            # ignores NULLs.
             await cursor.executemany(
-                "INSERT INTO tls_knowledge (domain, verified_at, failed_at, changed_at)"
-                " VALUES (%s, %s, %s, %s) ON CONFLICT (domain) DO UPDATE SET"
+                "INSERT INTO tls_knowledge (domain, verified_at, failed_at, version)"
+                " VALUES (%s, %s, %s, EXTRACT(EPOCH FROM clock_timestamp()))"
+                " ON CONFLICT (domain) DO UPDATE SET"
                 " verified_at = GREATEST(tls_knowledge.verified_at, excluded.verified_at),"
                 " failed_at = GREATEST(tls_knowledge.failed_at, excluded.failed_at),"
-                " changed_at = excluded.changed_at",
-                rows,
+                " version = excluded.version",
+                _rows(records),
             )
 
-    async def changed_since(self, since: float) -> list[tuple[TlsRecord, float]]:
-        """Rows written at or after `since` (epoch seconds), with when they were written."""
+    async def changed(self, position: float | None) -> tuple[list[TlsRecord], float | None]:
+        """Rows written after `position` (every row for None), and the position reached.
+
+        Stamps come before commits: rows are read from a while before the position, so a
+        transaction that committed a little late is still seen."""
+        since = -1.0 if position is None else position - _PG_OVERLAP_SECONDS
         async with self._lock:
             cursor = await self._conn.execute(
-                "SELECT domain, verified_at, failed_at, changed_at FROM tls_knowledge"
-                " WHERE changed_at >= %s",
+                "SELECT domain, verified_at, failed_at, version FROM tls_knowledge"
+                " WHERE version > %s",
                 (since,),
             )
-            return [(_record(row), float(row[3])) for row in await cursor.fetchall()]
+            rows = await cursor.fetchall()
+        reached = max((float(row[3]) for row in rows), default=position)
+        return _records(rows), reached
+
+    async def purge(self, verified_before: float, failed_before: float) -> int:
+        """Delete rows whose observations are all older than these (epoch seconds)."""
+        async with self._lock:
+            cursor = await self._conn.execute(
+                "DELETE FROM tls_knowledge WHERE (verified_at IS NULL OR verified_at < %s)"
+                " AND (failed_at IS NULL OR failed_at < %s)",
+                (verified_before, failed_before),
+            )
+            return int(cursor.rowcount)
 
     async def close(self) -> None:
         """Close the connection."""
@@ -160,7 +204,7 @@ class PostgresTlsStore(TlsStore):
 
 async def open_tls_store(url: str) -> TlsStore:
     """The TLS table in the database a ledger URL names (`open_store`)."""
-    return await open_store(url, "ledger", SqliteTlsStore, PostgresTlsStore.connect)
+    return await open_store(url, "ledger (TLS knowledge)", SqliteTlsStore, PostgresTlsStore.connect)
 
 
 class TlsSync:
@@ -176,24 +220,38 @@ class TlsSync:
         self.cache = cache
         self.store = store
         self._clock = clock
-        self._seen = 0.0  # the latest changed_at read back
+        self._position: float | None = None  # how far this worker has read the table
+        self._rounds = 0
 
     async def sync(self) -> None:
-        """Write this worker's new observations, read everyone's, drop expired ones."""
+        """Write this worker's new observations, read everyone's, drop expired ones.
+
+        A round that fails is logged by error type (no domain names) and its observations
+        wait for the next: this worker still decides with what it knows.
+        """
         now = self._clock()
+        full = self._rounds % FULL_READ_EVERY == 0
+        self._rounds += 1
         written = self.cache.take_unsaved()
         try:
             if written:
-                await self.store.merge(written, now)
-            rows = await self.store.changed_since(self._seen - _OVERLAP_SECONDS)
-        except Exception as exc:
-            # Not fatal: this worker still decides with what it knows; the next round retries.
+                await self.store.merge(written)
+            records, position = await self.store.changed(None if full else self._position)
+            if full:
+                await self.store.purge(
+                    now - self.cache.verified_ttl.total_seconds(),
+                    now - self.cache.failure_ttl.total_seconds(),
+                )
+        except BaseException as exc:
             self.cache.unsaved(written)
+            self.cache.prune(dt.datetime.fromtimestamp(now, dt.UTC))
+            if not isinstance(exc, Exception):
+                raise  # cancelled: the observations are back for a last round
             log.warning("TLS knowledge not synced: %s", type(exc).__name__)
             return
-        for record, changed_at in rows:
+        for record in records:
             self.cache.merge(record)
-            self._seen = max(self._seen, changed_at)
+        self._position = position
         self.cache.prune(dt.datetime.fromtimestamp(now, dt.UTC))
 
     async def run(self, stop: asyncio.Event, every: float) -> None:
@@ -202,7 +260,8 @@ class TlsSync:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(every):
                     await stop.wait()
-            await self.sync()
+            if not stop.is_set():
+                await self.sync()
 
     async def close(self) -> None:
         """A last sync (what this worker learned outlives it), then close the store."""
