@@ -7,6 +7,7 @@ import copy
 import datetime as dt
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -39,6 +40,22 @@ def throwaway_pg_schema(prefix: str) -> Iterator[str]:
     finally:
         with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+@pytest.fixture(scope="module")
+def pg_schema(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A throwaway PostgreSQL schema for one test module, named after it."""
+    name = request.module.__name__.rsplit(".", 1)[-1].removeprefix("test_")
+    with throwaway_pg_schema(name) as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store URL, once a SQLite file and once PostgreSQL: the same tests run on both."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return str(request.getfixturevalue("pg_schema"))
 
 
 CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)

@@ -7,7 +7,7 @@ import itertools
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -29,7 +29,6 @@ from eobblast.shaping import (
     open_budgets,
     read_pool_status,
 )
-from tests.conftest import throwaway_pg_schema
 
 HOUR = 3600.0
 DAY = 86_400.0
@@ -56,18 +55,9 @@ class Clock:
         return self.now
 
 
-@pytest.fixture(scope="module")
-def pg_schema() -> Iterator[str]:
-    """A throwaway schema, so test runs never see each other's rows."""
-    with throwaway_pg_schema("budgets") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def budgets_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'budgets.db'}"
-    return str(request.getfixturevalue("pg_schema"))
+@pytest.fixture
+def budgets_url(store_url: str) -> str:
+    return store_url
 
 
 @pytest.fixture

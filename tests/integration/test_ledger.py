@@ -6,27 +6,16 @@ import asyncio
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
-from tests.conftest import throwaway_pg_schema
 
 
-@pytest.fixture(scope="module")
-def pg_schema() -> Iterator[str]:
-    """A throwaway schema, so test runs never see each other's rows."""
-    with throwaway_pg_schema("ledger") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return str(request.getfixturevalue("pg_schema"))
+@pytest.fixture
+def ledger_url(store_url: str) -> str:
+    return store_url
 
 
 @pytest.fixture

@@ -5,8 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Callable, Sequence
 
 import pytest
 
@@ -20,7 +19,6 @@ from eobblast.protect.policy import (
 )
 from eobblast.protect.policy import PolicyReason as R
 from eobblast.protect.tls_store import TlsStore, TlsSync, open_tls_store
-from tests.conftest import throwaway_pg_schema
 
 NOW = dt.datetime.now(dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -28,17 +26,9 @@ MINUTE = dt.timedelta(minutes=1)
 ORG = OrgPolicy(tls_cache_ttl=7 * 24 * HOUR, failure_ttl=6 * HOUR)
 
 
-@pytest.fixture(scope="module")
-def pg_schema() -> Iterator[str]:
-    with throwaway_pg_schema("tls") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def ledger_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'ledger.db'}"
-    return str(request.getfixturevalue("pg_schema"))
+@pytest.fixture
+def ledger_url(store_url: str) -> str:
+    return store_url
 
 
 def _cache() -> TlsCache:

@@ -15,7 +15,7 @@ import ssl
 import sys
 import tomllib
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,7 +46,6 @@ from eobblast.shaping import (
 from eobblast.shaping.cli import pools
 from eobblast.shaping.settings import parse_shaping
 from eobblast.transport import Transport
-from tests.conftest import throwaway_pg_schema
 
 HOUR = 3600.0
 DAY = 86_400.0
@@ -575,18 +574,9 @@ async def test_transport_open_builds_and_owns_the_shaper(tmp_path: Path) -> None
 # ---------------------------------------------------------------------------- processes
 
 
-@pytest.fixture(scope="module")
-def pg_schema() -> Iterator[str]:
-    """A throwaway PostgreSQL schema, dropped afterwards."""
-    with throwaway_pg_schema("shaping") as url:
-        yield url
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def budgets_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'shared-budgets.db'}"
-    return str(request.getfixturevalue("pg_schema"))
+@pytest.fixture
+def budgets_url(store_url: str) -> str:
+    return store_url
 
 
 WORKER_SCRIPT = """
