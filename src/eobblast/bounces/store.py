@@ -734,7 +734,6 @@ class SqliteBounceStore(BounceStore):
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, (*_SQLITE_TABLES, _OUTBOX_INDEX))
         self._runner = _SqliteSql(self._db)
 

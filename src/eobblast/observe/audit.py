@@ -187,7 +187,6 @@ class SqliteAuditTrail(AuditTrail):
     """The trail in a SQLite file (WAL), shared by the processes of one machine."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, _SQLITE_SCHEMA)
         # One record per event sent: concurrent appends share one commit.
         self._appends: GroupCommit[AuditRecord, None] = GroupCommit(self._append_many)

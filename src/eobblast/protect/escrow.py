@@ -557,7 +557,6 @@ class SqliteEscrow(EscrowStore):
 
     def __init__(self, path: Path, keys: KeyRing) -> None:
         super().__init__(keys)
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, [_table("BLOB"), _INDEX])
         # Deleted rows are overwritten, not left readable in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
@@ -672,7 +671,9 @@ async def escrow_eob(
 async def open_escrow(url: str, keys: KeyRing) -> EscrowStore:
     """Open the escrow named by a URL (`eobblast.state.sqlite.open_store`)."""
 
-    async def postgres(dsn: str) -> EscrowStore:
-        return await PostgresEscrow.connect(dsn, keys)
-
-    return await open_store(url, "escrow", lambda path: SqliteEscrow(path, keys), postgres)
+    return await open_store(
+        url,
+        "escrow",
+        lambda path: SqliteEscrow(path, keys),
+        lambda dsn: PostgresEscrow.connect(dsn, keys),
+    )

@@ -384,10 +384,8 @@ class TlsCache:
     _unsaved: set[str] = field(default_factory=set, init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.policy_domains = frozenset(normalise_domain(d) for d in self.policy_domains)
-        self.mta_sts_enforce_domains = frozenset(
-            normalise_domain(d) for d in self.mta_sts_enforce_domains
-        )
+        self.policy_domains = _normalised(self.policy_domains)
+        self.mta_sts_enforce_domains = _normalised(self.mta_sts_enforce_domains)
 
     def record_verified(self, domain: str, now: dt.datetime) -> None:
         """Note a verified TLS handshake with `domain`'s mail server at `now`."""

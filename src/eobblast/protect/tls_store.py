@@ -103,7 +103,6 @@ class SqliteTlsStore(TlsStore):
     """The table in the ledger's SQLite file."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, (_SCHEMA, _INDEX))
 
     async def merge(self, records: Sequence[TlsRecord]) -> None:
@@ -244,15 +243,15 @@ class TlsSync:
                 )
         except BaseException as exc:
             self.cache.unsaved(written)
-            self.cache.prune(dt.datetime.fromtimestamp(now, dt.UTC))
             if not isinstance(exc, Exception):
                 raise  # cancelled: the observations are back for a last round
             log.warning("TLS knowledge not synced: %s", type(exc).__name__)
-            return
-        for record in records:
-            self.cache.merge(record)
-        self._position = position
-        self.cache.prune(dt.datetime.fromtimestamp(now, dt.UTC))
+        else:
+            for record in records:
+                self.cache.merge(record)
+            self._position = position
+        finally:
+            self.cache.prune(dt.datetime.fromtimestamp(now, dt.UTC))
 
     async def run(self, stop: asyncio.Event, every: float) -> None:
         """Sync every `every` seconds until `stop` is set."""

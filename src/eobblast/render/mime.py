@@ -23,7 +23,7 @@ from jinja2 import BaseLoader, Environment, PackageLoader, StrictUndefined, Temp
 from jinja2.visitor import NodeTransformer
 
 from eobblast.events.schema import EobIssued
-from eobblast.render.strings import STRINGS, language_key, strings_for
+from eobblast.render.strings import STRINGS, language_key
 
 _MONEY_FIELDS = (
     "billed",
@@ -66,7 +66,7 @@ def _quoted_printable(text: str) -> bytes:
 
 @lru_cache(maxsize=64)
 def _subject(language: str, key: str = "subject") -> bytes:
-    return Header(strings_for(language)[key], "utf-8").encode().encode("ascii")
+    return Header(STRINGS[language][key], "utf-8").encode().encode("ascii")
 
 
 @lru_cache(maxsize=256)

@@ -291,7 +291,6 @@ class SqliteBudgetStore(BudgetStore):
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, _SCHEMA)
 
     def _one(self, sql: str, params: Mapping[str, Any]) -> Any:

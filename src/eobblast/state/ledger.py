@@ -130,7 +130,6 @@ class SqliteLedger(SendLedger):
     """
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._db = open_sqlite(path, [_SCHEMA])
         self._claims: GroupCommit[tuple[str, str], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)

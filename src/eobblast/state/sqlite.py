@@ -45,13 +45,15 @@ async def open_store(
 
 
 def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
-    """A store's connection: autocommit, WAL, `busy_timeout`, its schema created.
+    """A store's connection (its directory created): autocommit, WAL, `busy_timeout`, its
+    schema created.
 
     Switching to WAL needs a moment of exclusive access, which SQLite does not wait for:
     processes starting together retry briefly instead of failing. `synchronous=NORMAL` is
     durable against process crashes (the failure model here); fsync at checkpoints.
     """
     statements = list(schema)
+    path.parent.mkdir(parents=True, exist_ok=True)
     db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     db.execute("PRAGMA busy_timeout=10000")
     deadline = time.monotonic() + 10.0

@@ -34,7 +34,6 @@ __all__ = [
 
 # A 421 or a hang-up before the message was accepted is retried on a fresh connection.
 _ATTEMPTS_PER_ROUTE = 3
-# ConnectionLimits kept for reuse (one per shaping scope and IP); cleared when full.
 
 
 class _PushedBack(Exception):
