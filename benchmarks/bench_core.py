@@ -153,10 +153,12 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_listening(proc: subprocess.Popen[bytes], port: int, timeout: float = 5.0) -> bool:
+def _wait_listening(proc: subprocess.Popen[bytes] | None, port: int, timeout: float = 5.0) -> bool:
+    """Whether something listens on the loopback port within `timeout` (False at once if
+    `proc`, the process meant to, has exited)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             return False
         try:
             with socket.create_connection(("127.0.0.1", port), timeout=0.2):
@@ -235,13 +237,28 @@ def start_listening(
     raise BenchError(f"{name} did not start: {_log_tail(log)}")
 
 
-def _start_sink(binary: str, logs: Path) -> tuple[subprocess.Popen[bytes], int]:
+def _start_sink(
+    binary: str, logs: Path, *, counters: Path | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     # -a -C -F: no AUTH, XCLIENT or XFORWARD, like an ordinary receiving MX.
     # Backlog 1024: no refused connects when the pool opens its connections at once.
+    # With `counters`: -c, and its running counters go there (stdout).
+    count = ["-c"] if counters is not None else []
     return start_listening(
         "smtp-sink",
-        lambda port: [binary, "-a", "-C", "-F", "-h", SINK_DOMAIN, f"127.0.0.1:{port}", "1024"],
+        lambda port: [
+            binary,
+            "-a",
+            "-C",
+            "-F",
+            *count,
+            "-h",
+            SINK_DOMAIN,
+            f"127.0.0.1:{port}",
+            "1024",
+        ],
         logs / "smtp-sink.log",
+        stdout=counters,
         **_as_nobody(),
     )
 

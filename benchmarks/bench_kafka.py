@@ -67,6 +67,7 @@ from bench_core import (
     naive_baseline,
     prepare,
     process_cpu,
+    time_each,
 )
 from common import (
     BENCH_HEARTBEAT_INTERVAL_MS,
@@ -125,12 +126,9 @@ def rsa_sign_us(setup: Setup, rounds: int = 300) -> float:
         (setup.key_dir / f"{domain}.{SELECTOR}.rsa.pem").read_bytes(), password=None
     )
     assert isinstance(key, rsa.RSAPrivateKey)
-    data = b"x" * 512
-    times = []
-    for _ in range(rounds):
-        start = time.perf_counter()
-        key.sign(data, padding.PKCS1v15(), hashes.SHA256())
-        times.append(time.perf_counter() - start)
+    _, times = time_each(
+        lambda data: key.sign(data, padding.PKCS1v15(), hashes.SHA256()), [b"x" * 512] * rounds
+    )
     return statistics.median(times) * 1e6
 
 
@@ -145,7 +143,7 @@ def cpu_budget(run: Result, sign_us: float) -> dict[str, float]:
         for k, v in d.items()
         if k.endswith("_cpu_us_per_msg") and not k.startswith("worker") and k != "cpu_us_per_msg"
     )
-    workers = sum(v for k, v in d.items() if k.startswith("worker") and k.endswith("_us_per_msg"))
+    workers = _workers_us(d)
     return {
         "target_cpu_budget_us_per_msg": round(budget, 1),
         "broker_receiver_bench_us_per_msg": round(others, 1),
@@ -153,6 +151,13 @@ def cpu_budget(run: Result, sign_us: float) -> dict[str, float]:
         "workers_use_us_per_msg": round(workers, 1),
         "rsa2048_sign_us": round(sign_us, 1),
     }
+
+
+def _workers_us(detail: dict[str, Any]) -> float:
+    """The worker processes' CPU per message of a run, summed."""
+    return float(
+        sum(v for k, v in detail.items() if k.startswith("worker") and k.endswith("_us_per_msg"))
+    )
 
 
 def _mark(statuses: int, pids: dict[str, int]) -> Mark:
@@ -331,9 +336,7 @@ def summarise(
         summary[f"ratio_{n}w_vs_naive"] = round(run.msgs_per_s / naive.msgs_per_s, 2)
         if relay is not None:
             summary[f"ratio_{n}w_vs_relay"] = round(run.msgs_per_s / relay.msgs_per_s, 2)
-        workers_us = sum(
-            v for k, v in run.detail.items() if k.startswith("worker") and k.endswith("_us_per_msg")
-        )
+        workers_us = _workers_us(run.detail)
         if workers_us:
             summary[f"kafka_{n}w_worker_cpu_us_per_msg"] = round(workers_us, 1)
     by_workers = {run.detail["workers"]: run for run in runs}

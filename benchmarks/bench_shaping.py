@@ -45,7 +45,6 @@ from bench_core import (
     prepare,
     receiver,
 )
-from eobblast._toml import default_warmup_text
 from eobblast.config import TransportConfig
 from eobblast.shaping import (
     BudgetLeaser,
@@ -56,7 +55,7 @@ from eobblast.shaping import (
     SqliteBudgetStore,
     loads_pools,
 )
-from eobblast.shaping.settings import parse_shaping
+from eobblast.shaping.settings import default_warmup_text, parse_shaping
 from eobblast.transport import Transport
 
 MAX_DROP = 0.05

@@ -26,16 +26,14 @@ from typing import Any
 import orjson
 
 from bench_core import (
-    SINK_DOMAIN,
     BenchError,
     Receiver,
-    _as_nobody,
     _die_with_parent,
     _log_tail,
     _start_front,
+    _start_sink,
     _stop,
     find_smtp_sink,
-    start_listening,
 )
 from eobblast.config import Config, KafkaConfig, LedgerConfig, WorkersConfig, load_config
 from eobblast.sandbox import TestPki
@@ -79,35 +77,13 @@ class CountingReceiver:
         return 0
 
 
-def _start_counting_sink(binary: str, logs: Path) -> tuple[subprocess.Popen[bytes], int, Path]:
-    # bench_core._start_sink with -c added, its counters on stdout.
-    counters = logs / "smtp-sink.counters"
-    proc, port = start_listening(
-        "smtp-sink",
-        lambda port: [
-            binary,
-            "-a",
-            "-C",
-            "-F",
-            "-c",
-            "-h",
-            SINK_DOMAIN,
-            f"127.0.0.1:{port}",
-            "1024",
-        ],
-        logs / "smtp-sink.log",
-        stdout=counters,
-        **_as_nobody(),
-    )
-    return proc, port, counters
-
-
 @contextlib.contextmanager
 def counting_receiver(pki: TestPki, workdir: Path) -> Iterator[CountingReceiver]:
     """smtp-sink (counting) plus the STARTTLS front, both stopped on exit whatever happens."""
     binary = find_smtp_sink()
     with contextlib.ExitStack() as stack:
-        sink, sink_port, counters = _start_counting_sink(binary, workdir)
+        counters = workdir / "smtp-sink.counters"
+        sink, sink_port = _start_sink(binary, workdir, counters=counters)
         stack.callback(_stop, sink)
         front, port = _start_front(pki, sink_port, workdir)
         stack.callback(_stop, front)

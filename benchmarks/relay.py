@@ -27,7 +27,6 @@ import datetime as dt
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -49,6 +48,7 @@ from bench_core import (
     _free_port,
     _log_tail,
     _stop,
+    _wait_listening,
     naive_message,
     start_listening,
 )
@@ -217,11 +217,8 @@ def postfix_relay(setup: Setup, rx: CountingReceiver) -> Iterator[Relay]:
         # Registered before starting: a start that fails half-way is stopped too.
         stack.callback(_stop_postfix, etc)
         _postfix(etc, "start", home)
-        deadline = time.monotonic() + 10
-        while not _listening(port):
-            if time.monotonic() > deadline:
-                raise BenchError(f"postfix did not listen: {_log_tail(home / 'maillog')}")
-            time.sleep(0.05)
+        if not _wait_listening(None, port, timeout=10):
+            raise BenchError(f"postfix did not listen: {_log_tail(home / 'maillog')}")
         yield Relay(port, capture.messages, home / "maillog")
 
 
@@ -248,14 +245,6 @@ def _stop_postfix(etc: Path) -> None:
             return
         time.sleep(0.1)
     subprocess.run([POSTFIX, "-c", str(etc), "abort"], capture_output=True, check=False)
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
 
 
 async def _submit(port: int, messages: list[tuple[str, str, bytes]]) -> None:

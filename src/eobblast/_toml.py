@@ -3,15 +3,12 @@ naming the file, and typed values with the file and key in every error."""
 
 from __future__ import annotations
 
-import importlib.resources
 import tomllib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from eobblast.errors import ConfigError
-
-DEFAULT_WARMUP_RESOURCE = "default_warmup.toml"
 
 
 def read_text(path: Path, what: str = "") -> str:
@@ -34,15 +31,6 @@ def parse_toml(text: str, source: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source} is not valid TOML: {exc}") from None
-
-
-def default_warmup_text() -> str:
-    """The packaged default warm-up/shaping data (a copy of config/warmup.toml)."""
-    return (
-        importlib.resources.files("eobblast.shaping")
-        .joinpath(DEFAULT_WARMUP_RESOURCE)
-        .read_text(encoding="utf-8")
-    )
 
 
 class Table:

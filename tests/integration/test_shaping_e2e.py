@@ -27,7 +27,6 @@ from pathlib import Path
 
 import pytest
 
-from eobblast._toml import default_warmup_text
 from eobblast.config import TransportConfig
 from eobblast.errors import DeliveryError
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
@@ -42,7 +41,7 @@ from eobblast.shaping import (
     loads_pools,
     open_budgets,
 )
-from eobblast.shaping.settings import parse_shaping
+from eobblast.shaping.settings import default_warmup_text, parse_shaping
 from eobblast.transport import Transport
 
 HOUR = 3600.0

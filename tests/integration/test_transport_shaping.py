@@ -24,7 +24,6 @@ import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from click.testing import CliRunner
 
-from eobblast._toml import default_warmup_text
 from eobblast.config import TransportConfig, load_config
 from eobblast.errors import ConfigError, DeliveryError
 from eobblast.observe.metrics import REGISTRY
@@ -44,7 +43,7 @@ from eobblast.shaping import (
     open_budgets,
 )
 from eobblast.shaping.cli import pools
-from eobblast.shaping.settings import parse_shaping
+from eobblast.shaping.settings import default_warmup_text, parse_shaping
 from eobblast.transport import Transport
 
 HOUR = 3600.0

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from eobblast._toml import default_warmup_text
 from eobblast.errors import ConfigError
 from eobblast.shaping import (
     IpActivity,
@@ -23,6 +22,7 @@ from eobblast.shaping import (
     load_shaping,
     loads_shaping,
 )
+from eobblast.shaping.settings import default_warmup_text
 from eobblast.shaping.warmup import NEVER_USED, hour_bucket, hour_start
 
 REPO = Path(__file__).parents[2]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.resources
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from eobblast._toml import (
-    DEFAULT_WARMUP_RESOURCE,
-    default_warmup_text,
     parse_toml,
     read_toml,
 )
@@ -18,6 +17,18 @@ from eobblast.shaping.limits import ShapingLimits, parse_limits
 from eobblast.shaping.warmup import WarmupPlan, parse_plan
 
 _SECTIONS = frozenset({"warmup", "providers", "limits", "backoff"})
+
+
+DEFAULT_WARMUP_RESOURCE = "default_warmup.toml"
+
+
+def default_warmup_text() -> str:
+    """The packaged default warm-up/shaping data (a copy of config/warmup.toml)."""
+    return (
+        importlib.resources.files("eobblast.shaping")
+        .joinpath(DEFAULT_WARMUP_RESOURCE)
+        .read_text(encoding="utf-8")
+    )
 
 
 @dataclass(frozen=True, slots=True)
