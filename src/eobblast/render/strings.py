@@ -94,8 +94,3 @@ def language_key(language: str) -> str:
     """The key in STRINGS that serves a BCP 47 language tag, falling back to English."""
     key = language.split("-")[0]
     return key if key in STRINGS else "en"
-
-
-def strings_for(language: str) -> dict[str, str]:
-    """The strings for a BCP 47 language tag, falling back to English."""
-    return STRINGS[language_key(language)]
