@@ -14,6 +14,7 @@ import pytest
 from eobblast.errors import ReasonCode
 from eobblast.events import EobIssued, Rejection, json_schema, validate_event
 from eobblast.events.synthetic import generate_events
+from eobblast.events.verification import VerificationResultError, parse_verification_result
 from tests.conftest import spoiled
 
 
@@ -136,3 +137,29 @@ def test_generator_exercises_every_path() -> None:
 def test_generator_is_deterministic() -> None:
     now = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
     assert list(generate_events(20, seed=5, now=now)) == list(generate_events(20, seed=5, now=now))
+
+
+def test_unknown_key_names_are_not_echoed(event_doc: dict[str, Any]) -> None:
+    # A producer that keys a map by patient name must not see the name come back.
+    key = "Jane Q Public, DOB 1970-01-01"
+    raw = spoiled(event_doc, f"member.{key}", "x")
+    result = validate_event(raw, allow_test_domains=True)
+    assert isinstance(result, Rejection)
+    assert result.reason is ReasonCode.UNKNOWN_FIELD
+    assert result.field == "member"  # the object holding the unknown key, not the key
+    assert "Jane" not in json.dumps(result.as_dict())
+
+
+def test_verification_result_errors_do_not_echo_key_names() -> None:
+    doc = {
+        "schema": "eob.address-verification-failed/v1",
+        "member_id": "M-1",
+        "reason": "no_answer",
+        "at": "2026-11-26T09:00:00Z",
+        "Jane Q Public": "x",
+    }
+    with pytest.raises(VerificationResultError) as caught:
+        parse_verification_result(orjson.dumps(doc))
+    assert "Jane" not in str(caught.value)
+    assert "extra_forbidden" in str(caught.value)
+    assert caught.value.reason is ReasonCode.INVALID_VALUE

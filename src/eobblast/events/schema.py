@@ -26,7 +26,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
 )
-from pydantic_core import PydanticCustomError
+from pydantic_core import ErrorDetails, PydanticCustomError
 
 from eobblast.errors import ReasonCode
 
@@ -254,6 +254,18 @@ def _reason_for(error_type: str, loc: tuple[int | str, ...]) -> ReasonCode:
     return ReasonCode.INVALID_VALUE
 
 
+def error_field(error: ErrorDetails) -> str | None:
+    """The dotted path of a validation error, without text taken from the input.
+
+    For an unknown key the path stops at the object holding it: the key itself is the
+    producer's text and could be PHI (a map keyed by patient name, say).
+    """
+    loc = tuple(error["loc"])
+    if error["type"] == "extra_forbidden":
+        loc = loc[:-1]
+    return ".".join(str(part) for part in loc) or None
+
+
 def _salvage_event_id(raw: bytes) -> str | None:
     # Only an id that looks like one is echoed back; anything else could be PHI.
     try:
@@ -285,7 +297,7 @@ def validate_event(raw: bytes, *, allow_test_domains: bool = False) -> EobIssued
         reason = _reason_for(first["type"], loc)
         if reason is ReasonCode.WRONG_TYPE and loc == ():
             reason = ReasonCode.NOT_AN_OBJECT
-        field = ".".join(str(p) for p in loc) or None
+        field = error_field(first)
         event_id = None if reason is ReasonCode.INVALID_JSON else _salvage_event_id(raw)
         return Rejection(reason, event_id, field)
 

@@ -22,7 +22,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eobblast.errors import EobblastError, ReasonCode
-from eobblast.events.schema import Email, Identifier, export_schema
+from eobblast.events.schema import Email, Identifier, error_field, export_schema
 
 __all__ = [
     "PAPER_FALLBACK_SCHEMA_ID",
@@ -190,7 +190,7 @@ def parse_verification_result(
         return _RESULT.validate_python(doc, context={"allow_test_domains": allow_test_domains})
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
-        where = ".".join(str(part) for part in first["loc"]) or "schema"
+        where = error_field(first) or "schema"
         raise VerificationResultError(
             f"verification result field {where}: {first['type']}"
         ) from None
