@@ -20,6 +20,7 @@ OK = "ok.sandbox.test"
 CLOSER = "closer.sandbox.test"
 NOTLS = "notls.sandbox.test"
 UNTRUSTED = "untrusted.sandbox.test"
+NODSN = "nodsn.sandbox.test"
 CLOSE_AFTER = 4
 DOMAINS = [
     SandboxDomain(
@@ -31,6 +32,7 @@ DOMAINS = [
     SandboxDomain(CLOSER, "127.0.12.2", close_after=CLOSE_AFTER, pipelining=False),
     SandboxDomain(NOTLS, "127.0.12.3", behaviour=Behaviour.NO_STARTTLS),
     SandboxDomain(UNTRUSTED, "127.0.12.4", behaviour=Behaviour.UNTRUSTED_CERT),
+    SandboxDomain(NODSN, "127.0.12.5", dsn=False),
 ]
 MESSAGE = (
     b"From: eob-notices@payer.test\r\nTo: someone\r\nSubject: Your Explanation of Benefits"
@@ -79,6 +81,17 @@ async def test_many_messages_share_few_connections(sandbox: Sandbox, pki: TestPk
     records = sandbox.received
     assert all(r.tls_version is not None for r in records)
     assert len({r.path for r in records}) == 60
+
+
+async def test_bounces_are_asked_to_return_headers_only(sandbox: Sandbox, pki: TestPki) -> None:
+    # A bounce that returned the whole notice would carry its PHI to the bounce listener.
+    transport = _transport(sandbox, pki)
+    for domain in (OK, CLOSER, NODSN):  # pipelined, one command at a time, no DSN offered
+        reply = await transport.deliver("eob-notices@payer.test", f"m@{domain}", MESSAGE)
+        assert reply.code == 250
+    await transport.aclose()
+    asked = {r.domain: r.dsn_ret for r in sandbox.received}
+    assert asked == {OK: "HDRS", CLOSER: "HDRS", NODSN: None}
 
 
 async def test_421_mid_connection_moves_to_a_fresh_connection(

@@ -92,6 +92,8 @@ class SandboxDomain:
     # Real MXs offer PIPELINING (RFC 2920); a domain can turn it off to exercise the
     # one-command-at-a-time path.
     pipelining: bool = True
+    # Real MXs offer DSN (RFC 3461) and take its MAIL parameters (RET, ENVID).
+    dsn: bool = True
 
     def __post_init__(self) -> None:
         if not self.name or any(c.isspace() or c in "/:@[]" for c in self.name):
@@ -138,6 +140,8 @@ class Received:
     size: int
     path: Path
     received_at: dt.datetime
+    # What MAIL FROM asked a DSN to return (RFC 3461 RET: "HDRS" or "FULL"), if anything.
+    dsn_ret: str | None = None
 
 
 def recipient_behaviour(domain: SandboxDomain, address: str) -> Behaviour:
@@ -328,6 +332,18 @@ class _Recorder:
             self._empty.setdefault(name, 0)
 
 
+_DSN_MAIL_PARAMS = ("RET=", "ENVID=")
+
+
+def _mail_param(envelope: Envelope, name: str) -> str | None:
+    """The value of a MAIL FROM parameter kept on the envelope, if given."""
+    prefix = name.upper() + "="
+    for option in envelope.mail_options:
+        if option.upper().startswith(prefix):
+            return str(option[len(prefix) :])
+    return None
+
+
 class _SandboxSMTP(SMTP):
     """aiosmtpd's SMTP session plus what a hook cannot do: hang up after or instead of a reply."""
 
@@ -342,7 +358,17 @@ class _SandboxSMTP(SMTP):
 
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
+        # aiosmtpd refuses parameters it does not know (555): take RFC 3461's out first
+        # when the domain offers DSN, and keep them on the envelope as a real MTA does.
+        dsn_params: list[str] = []
+        if arg and self.domain_handler.offers_dsn:
+            words = arg.split(" ")
+            dsn_params = [w for w in words if w.upper().startswith(_DSN_MAIL_PARAMS)]
+            arg = " ".join(w for w in words if w not in dsn_params)
         await super().smtp_MAIL(arg)
+        envelope = self.envelope
+        if dsn_params and envelope is not None and envelope.mail_from is not None:
+            envelope.mail_options.extend(dsn_params)
         if self.hang_up_after_reply and self.transport is not None:
             # The reply is already written; close() flushes it before the socket goes.
             self.transport.close()
@@ -412,11 +438,19 @@ class _DomainHandler:
         hostname: str,
         responses: list[str],
     ) -> list[str]:
-        """Offer PIPELINING when the domain does (aiosmtpd reads pipelined commands fine)."""
+        """Offer PIPELINING and DSN when the domain does (aiosmtpd reads pipelined commands
+        fine; DSN's MAIL parameters are taken by `_SandboxSMTP.smtp_MAIL`)."""
         session.host_name = hostname  # aiosmtpd leaves this to a 5-argument hook
-        if not self._domain.pipelining:
-            return responses
-        return [*responses[:-1], "250-PIPELINING", responses[-1]]
+        offers = [
+            *(["250-PIPELINING"] if self._domain.pipelining else []),
+            *(["250-DSN"] if self._domain.dsn else []),
+        ]
+        return [*responses[:-1], *offers, responses[-1]]
+
+    @property
+    def offers_dsn(self) -> bool:
+        """Whether this domain's EHLO offers DSN."""
+        return self._domain.dsn
 
     async def handle_MAIL(
         self,
@@ -509,6 +543,7 @@ class _DomainHandler:
                 size=len(content),
                 path=path,
                 received_at=now,
+                dsn_ret=_mail_param(envelope, "RET"),
             )
         )
         server.accepted += 1
@@ -528,10 +563,7 @@ class _DomainHandler:
         return_path = str(envelope.mail_from or "").strip("<>")
         if not return_path:
             return  # never bounce a bounce (null sender)
-        envid = next(
-            (o.partition("=")[2] for o in envelope.mail_options if o.upper().startswith("ENVID=")),
-            None,
-        )
+        envid = _mail_param(envelope, "ENVID")
         for rcpt in rcpt_tos:
             behaviour = recipient_behaviour(self._domain, rcpt)
             if behaviour not in LATER_BEHAVIOURS:

@@ -47,6 +47,9 @@ _MAX_REPLY = 32 * 1024
 _MAX_KEPT_TEXT = 512
 _QUIT_TIMEOUT = 2.0
 _REPLIES_2XX = metrics.SMTP_REPLIES.labels("2xx")
+# RFC 3461 section 4.3: a DSN is to carry only the headers of the returned message.
+_RET_HEADERS = "RET=HDRS"
+_RET_HEADERS_PARAM = b" " + _RET_HEADERS.encode()
 # A pipelined group's commands, and the replies that let the transaction go on.
 _GROUP_STAGES = ("mail", "rcpt", "data")
 _GROUP_ACCEPTS = ((250,), (250, 251), (354,))
@@ -355,6 +358,9 @@ class SmtpConnection:
     tls_verified: bool = True
     # Set when the server offers PIPELINING: the session then belongs to it, not to `smtp`.
     session: _PipelinedSession | None = None
+    # The server offers DSN (RFC 3461): MAIL FROM asks for RET=HDRS, so a bounce returns the
+    # notice's headers, not its body (which can hold PHI), to the bounce listener.
+    dsn: bool = False
     messages: int = 0
     state: ConnectionState = ConnectionState.IDLE
     idle_since: float = field(default_factory=time.monotonic)
@@ -398,6 +404,7 @@ class SmtpConnection:
         group = (
             b"MAIL FROM:"
             + _command_address(mail_from)
+            + (_RET_HEADERS_PARAM if self.dsn else b"")
             + b"\r\nRCPT TO:"
             + _command_address(rcpt_to)
             + b"\r\nDATA\r\n"
@@ -486,7 +493,7 @@ class SmtpConnection:
         # Without PIPELINING: one command, one round trip, through aiosmtplib.
         stage = "mail"
         try:
-            await self.smtp.mail(mail_from)
+            await self.smtp.mail(mail_from, options=[_RET_HEADERS] if self.dsn else None)
             stage = "rcpt"
             await self.smtp.rcpt(rcpt_to)
             stage = "data"
@@ -749,7 +756,13 @@ class SmtpPool:
         if not smtp.supports_extension("starttls"):
             metrics.SMTP_CONNECTS.labels("plaintext").inc()
             return SmtpConnection(
-                key, smtp, None, None, tls_verified=False, idle_since=self._clock()
+                key,
+                smtp,
+                None,
+                None,
+                tls_verified=False,
+                dsn=smtp.supports_extension("dsn"),
+                idle_since=self._clock(),
             )
         try:
             return await self._secure(key, smtp, self._tls, verified=True, greeted=True)
@@ -828,6 +841,7 @@ class SmtpPool:
             cipher[0] if cipher else None,
             tls_verified=verified,
             session=session,
+            dsn=smtp.supports_extension("dsn"),
             idle_since=self._clock(),
         )
 
