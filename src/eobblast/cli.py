@@ -322,6 +322,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             review_dir=settings.review_dir,
             prefix=settings.verp_prefix,
             tls_context=context,
+            review_days=settings.review_days,
         )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()

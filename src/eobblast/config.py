@@ -151,6 +151,8 @@ class BouncesConfig:
     listen_address: str = "127.0.0.1"
     listen_port: int = 2526
     review_dir: Path = Path("bounce-review")
+    # Reports kept for review are deleted this many days after they arrived.
+    review_days: float = 30.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     verification_topic: str = "eob.address-verification"
@@ -160,6 +162,10 @@ class BouncesConfig:
     tick_interval: float = 1.0
     send_lease_seconds: float = 600.0
     payload_retention_hours: float = 120.0
+
+    def __post_init__(self) -> None:
+        if not self.review_days > 0:
+            raise ConfigError("bounces.review_days: expected a number > 0")
 
 
 @dataclass(frozen=True, slots=True)

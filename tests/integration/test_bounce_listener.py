@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -15,8 +16,11 @@ import pytest
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
-from eobblast.bounces.listener import BounceListener, serve_bounces
+from eobblast.bounces.listener import REDACTED, BounceListener, serve_bounces
 from eobblast.bounces.verp import VerpKey, make_return_path
+from eobblast.events import EobIssued, validate_event
+from eobblast.events.synthetic import generate_events
+from eobblast.render.mime import Renderer
 from eobblast.sandbox import Behaviour, delivery_status_notification, make_test_pki
 
 ROOT = Path(__file__).parents[2]
@@ -156,6 +160,90 @@ async def test_unreadable_and_unmapped_messages_go_to_review(
     assert all(f.read_bytes().startswith(b"X-EOB-Review-Reason: ") for f in files)
     assert oct(listener.review_dir.stat().st_mode & 0o777) == "0o700"
     assert listener.stats["review"] == 3
+
+
+def returned_notice() -> tuple[EobIssued, bytes]:
+    """A notice as eobblast sends it (TLS-required: its PHI in the body), and its bytes."""
+    for raw in generate_events(20, seed=11, domains=["member.example.org"], weights=None):
+        event = validate_event(raw, allow_test_domains=True)
+        if isinstance(event, EobIssued) and event.member.name.isascii():
+            return event, Renderer().render(event).to_bytes()
+    raise AssertionError("no event with an ASCII name")
+
+
+class UnknownEvent:
+    """What BounceService.on_dsn says of a report about a notice it no longer knows."""
+
+    review_reason = ReviewReason.UNKNOWN_EVENT
+
+
+async def unknown_event(raw: bytes, envelope_to: str) -> UnknownEvent:
+    return UnknownEvent()
+
+
+async def test_review_copies_keep_the_headers_of_a_returned_notice_not_its_body(
+    tmp_path: Path,
+) -> None:
+    event, notice = returned_notice()
+    assert event.member.name.encode() in notice  # the PHI a careless copy would keep
+    # An MTA that ignores RET=HDRS returns it whole (message/rfc822), one that predates
+    # DSNs quotes it in plain text, perhaps with "> " before each line.
+    full = (
+        b"From: MAILER-DAEMON@mx.example.net\r\nTo: x@bounce.test\r\n"
+        b"Subject: Undelivered Mail\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: multipart/report; report-type=delivery-status; boundary="B"\r\n\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nThe mailbox is gone.\r\n"
+        b"--B\r\nContent-Type: message/delivery-status\r\n\r\n"
+        b"Reporting-MTA: dns; mx.example.net\r\n\r\nFinal-Recipient: rfc822; "
+        + event.member.email.encode()
+        + b"\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        b"--B\r\nContent-Type: message/rfc822\r\n\r\n" + notice + b"\r\n--B--\r\n"
+    )
+    legacy = b"Subject: failure notice\r\n\r\nSorry, it did not work out.\r\n\r\n" + notice
+    quoted = b"Subject: returned\r\n\r\nGone:\r\n" + b"".join(
+        b"> " + line for line in notice.splitlines(keepends=True)
+    )
+    rcpt = make_return_path(event.event_id, KEY, DOMAIN)
+    async with BounceListener(
+        unknown_event, host=HOST, port=0, bounce_domain=DOMAIN, review_dir=tmp_path / "r"
+    ) as listener:
+        for raw in (full, legacy, quoted):
+            await send(listener, raw, rcpt)
+    files = review_files(listener)
+    assert len(files) == 3
+    for path in files:
+        kept = path.read_bytes()
+        assert event.member.name.encode() not in kept
+        assert event.claim.patient_name.encode() not in kept
+        assert REDACTED in kept
+        assert f"X-EOB-Event-ID: {event.event_id}".encode() in kept  # what a person needs
+    assert b"Status: 5.1.1" in files[0].read_bytes()
+
+
+async def test_review_files_are_deleted_after_review_days(
+    recorder: Recorder, tmp_path: Path
+) -> None:
+    listener = BounceListener(
+        recorder,
+        host=HOST,
+        port=0,
+        bounce_domain=DOMAIN,
+        review_dir=tmp_path / "r",
+        review_days=2,
+    )
+    async with listener:
+        await send(
+            listener,
+            b"Subject: hello\r\n\r\njust chatting\r\n",
+            "bounces+" + "c" * 30 + "@" + DOMAIN,
+        )
+        [recent] = review_files(listener)
+        old = listener.review_dir / "new" / "old-one"
+        old.write_bytes(b"X-EOB-Review-Reason: not_recognised\r\n\r\nold\r\n")
+        three_days_ago = recent.stat().st_mtime - 3 * 86400
+        os.utime(old, (three_days_ago, three_days_ago))
+        assert listener.sweep_review() == 1
+        assert review_files(listener) == [recent]
 
 
 async def test_a_failing_handler_makes_the_sender_retry(

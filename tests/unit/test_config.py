@@ -51,6 +51,7 @@ def test_environment_overrides_file() -> None:
         ("[shaping]\nlease_chunk = 2.5\n", r"shaping\.lease_chunk: expected an integer"),
         ("[shaping]\npools_file = ''\n", r"shaping\.pools_file: expected a path string"),
         ("[protection]\ntls_sync_seconds = 0\n", r"protection\.tls_sync_seconds"),
+        ("[bounces]\nreview_days = 0\n", r"bounces\.review_days"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:

@@ -8,8 +8,9 @@ answer 451, so the sending MTA keeps the report and tries again: nothing is lost
 handling the same report twice changes nothing.
 
 The server runs on the caller's event loop (not aiosmtpd's threaded Controller), so the
-handler shares the loop with the store's connections. The review pile holds whole messages,
-which may quote a notice's headers: the directory is created private (0700).
+handler shares the loop with the store's connections. The review pile holds the reports
+with the body of any returned notice cut out (its headers stay: they name the event), in a
+private directory (0700), each file deleted `review_days` after it arrived.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from prometheus_client import Counter
 
 from eobblast.bounces.inbound import BounceHandler, ReviewReason
 from eobblast.observe.metrics import REGISTRY
+from eobblast.render.mime import BOUNDARY_PREFIX
 
 __all__ = ["BOUNCE_MESSAGES", "BounceListener", "serve_bounces"]
 
@@ -45,7 +47,22 @@ BOUNCE_MESSAGES = Counter(
 
 DEFAULT_DATA_LIMIT = 10 * 1024 * 1024
 DEFAULT_MAX_REVIEW = 10_000
+DEFAULT_REVIEW_DAYS = 30.0
 _TOKEN = re.compile(r"^[a-z2-7]{18,60}$")
+# A returned copy of one of our notices: from its first MIME boundary line to its closing
+# one (or the end, when the sender truncated it), quoted ("> ") or not.
+_BOUNDARY = rb"^[>\t ]*--" + re.escape(BOUNDARY_PREFIX.encode()) + rb"[0-9a-f]{32}"
+_NOTICE_BODY = re.compile(
+    _BOUNDARY + rb"[\t ]*\r?$.*?(?:" + _BOUNDARY + rb"--[\t ]*\r?$|\Z)", re.M | re.S
+)
+REDACTED = b"[eobblast: the body of the returned notice was removed; it may hold PHI]\r"
+# The review pile is swept at most this often (seconds).
+_SWEEP_EVERY = 3600.0
+
+
+def without_notice_bodies(content: bytes) -> bytes:
+    """A report with the body of every returned notice cut out, its headers left."""
+    return _NOTICE_BODY.sub(REDACTED, content)
 
 
 class _ListenerSMTP(SMTP):
@@ -120,7 +137,10 @@ class BounceListener:
         handler_timeout: float = 30.0,
         data_size_limit: int = DEFAULT_DATA_LIMIT,
         max_review: int = DEFAULT_MAX_REVIEW,
+        review_days: float = DEFAULT_REVIEW_DAYS,
     ) -> None:
+        if not review_days > 0:
+            raise ValueError("review_days must be > 0")
         self._handler = handler
         self._host = host
         self._port = port
@@ -132,6 +152,8 @@ class BounceListener:
         self._timeout = handler_timeout
         self._data_limit = data_size_limit
         self._max_review = max_review
+        self._review_seconds = review_days * 86400.0
+        self._swept_at = 0.0
         self._server: asyncio.Server | None = None
         self._seq = itertools.count()
         self._review_count = 0
@@ -241,9 +263,29 @@ class BounceListener:
         for sub in ("tmp", "new", "cur"):
             (self._review / sub).mkdir(parents=True, exist_ok=True, mode=0o700)
         self._review.chmod(0o700)
+        self.sweep_review()
+
+    def sweep_review(self, now: float | None = None) -> int:
+        """Delete review files older than `review_days` (blocking); how many went."""
+        now = time.time() if now is None else now
+        self._swept_at = now
+        removed = 0
+        for sub in ("new", "cur", "tmp"):
+            for path in (self._review / sub).iterdir():
+                try:
+                    if now - path.stat().st_mtime > self._review_seconds:
+                        path.unlink()
+                        removed += 1
+                except FileNotFoundError:
+                    continue  # a person moved or removed it meanwhile
         self._review_count = sum(1 for _ in (self._review / "new").iterdir())
+        if removed:
+            log.info("review pile swept", extra={"removed": removed})
+        return removed
 
     async def _keep_for_review(self, content: bytes, reason: ReviewReason) -> None:
+        if time.time() - self._swept_at > _SWEEP_EVERY:
+            await asyncio.to_thread(self.sweep_review)
         if self._review_count >= self._max_review:
             # A flood of junk at the bounce address must not fill the disk.
             self.stats["review_dropped"] += 1
@@ -253,7 +295,8 @@ class BounceListener:
         self._review_count += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{next(self._seq)}.{reason}"
         header = f"X-EOB-Review-Reason: {reason}\r\n".encode()
-        await asyncio.to_thread(self._write_review, name, header + content)
+        kept = header + without_notice_bodies(content)
+        await asyncio.to_thread(self._write_review, name, kept)
         self.stats["review"] += 1
         BOUNCE_MESSAGES.labels("review").inc()
         log.info("bounce kept for review", extra={"reason": str(reason)})
@@ -276,6 +319,7 @@ async def serve_bounces(
     review_dir: Path,
     prefix: str = "bounces",
     tls_context: ssl.SSLContext | None = None,
+    review_days: float = DEFAULT_REVIEW_DAYS,
 ) -> BounceListener:
     """Start a bounce listener on the running loop; the caller stops it."""
     listener = BounceListener(
@@ -286,6 +330,7 @@ async def serve_bounces(
         review_dir=review_dir,
         prefix=prefix,
         tls_context=tls_context,
+        review_days=review_days,
     )
     await listener.start()
     return listener

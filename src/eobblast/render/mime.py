@@ -25,6 +25,11 @@ from jinja2.visitor import NodeTransformer
 from eobblast.events.schema import EobIssued
 from eobblast.render.strings import STRINGS, language_key
 
+# Every message's MIME boundary starts with this (then 32 hex digits): what lies between a
+# notice's first and closing boundary is its body, which the bounce listener cuts out of a
+# returned copy before keeping a report for review.
+BOUNDARY_PREFIX = "=_eob_"
+
 _MONEY_FIELDS = (
     "billed",
     "allowed",
@@ -248,7 +253,7 @@ class Renderer:
         domain = event.payer.sending_domain
         sender = f"{self._from_local_part}@{domain}"
         # The boundary is derived from the message id: unique per message, never PHI.
-        boundary = "=_eob_" + hashlib.sha256(message_id.encode()).hexdigest()[:32]
+        boundary = BOUNDARY_PREFIX + hashlib.sha256(message_id.encode()).hexdigest()[:32]
         body = b"".join(
             (
                 b"--" + boundary.encode() + b"\r\n",
