@@ -1,0 +1,87 @@
+"""deploy/: the compose stack agrees with the example configuration it mounts.
+
+No container runs here (no registry for images); these checks hold the files to what the
+code needs: every topic it reads or writes exists, DKIM keys exist where it looks for them,
+and the configuration is actually passed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from eobblast.config import Config, load_config
+
+ROOT = Path(__file__).parents[2]
+CONFIG_IN_CONTAINER = "/etc/eobblast/eobblast.toml"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())[
+        "services"
+    ]
+    return services
+
+
+@pytest.fixture(scope="module")
+def example() -> Config:
+    return load_config(ROOT / "config/eobblast.example.toml")
+
+
+def test_every_topic_eobblast_uses_is_created(compose: dict[str, Any], example: Config) -> None:
+    script = "\n".join(compose["topics"]["command"])
+    created = set(re.findall(r"--create --if-not-exists --topic (\S+)", script))
+    used = {example.kafka.events_topic, example.kafka.delivery_topic, example.kafka.dlq_topic}
+    if example.bounces.enabled:
+        bounces = example.bounces
+        used |= {bounces.verification_topic, bounces.results_topic, bounces.paper_topic}
+    assert used <= created, f"not created: {sorted(used - created)}"
+
+
+def test_workers_get_the_mounted_configuration_and_keys(
+    compose: dict[str, Any], example: Config
+) -> None:
+    workers = compose["eobblast"]
+    command = workers["command"]
+    assert command[command.index("--config") + 1] == CONFIG_IN_CONTAINER
+    mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in workers["volumes"]}
+    assert mounts[CONFIG_IN_CONTAINER] == "../config/eobblast.example.toml"
+    # Keys are generated before the workers start, into the directory they read.
+    assert workers["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+    keys = compose["keys"]["command"]
+    assert keys[:3] == ["eobblast", "keys", "generate"]
+    key_dir = keys[keys.index("--key-dir") + 1]
+    assert key_dir == str(example.dkim.key_dir)
+    assert any(volume.endswith(":" + key_dir) for volume in compose["keys"]["volumes"])
+    assert key_dir in mounts
+
+
+@pytest.mark.parametrize("service", ["bounces", "portal"])
+def test_listeners_share_the_workers_configuration_and_stores(
+    compose: dict[str, Any], service: str
+) -> None:
+    # The bounce store, escrow, audit trail and VERP key are the workers' own files.
+    command = compose[service]["command"]
+    assert command[:2] == ["eobblast", service]
+    assert command[command.index("--config") + 1] == CONFIG_IN_CONTAINER
+    workers = set(compose["eobblast"]["volumes"])
+    needed = {v for v in workers if not v.endswith("/keys")} if service == "portal" else workers
+    assert needed <= set(compose[service]["volumes"])
+
+
+def test_the_image_runs_with_the_configuration_and_owns_its_state() -> None:
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    assert f'"--config", "{CONFIG_IN_CONTAINER}"' in dockerfile.split("CMD", 1)[1]
+    assert "/var/lib/eobblast/keys" in dockerfile and "chown -R eobblast" in dockerfile
+
+
+def test_prometheus_scrapes_the_workers_metrics_port(compose: dict[str, Any]) -> None:
+    port = compose["eobblast"]["environment"]["EOBBLAST_METRICS__PORT"]
+    prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
+    assert targets == [f"eobblast:{port}"]
