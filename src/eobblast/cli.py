@@ -203,18 +203,19 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     metrics_dir = prepare_multiprocess_metrics()
 
     async def supervise() -> None:
+        supervisor = Supervisor(config, workers=workers, log_level=log_level)
         if config.metrics.port:
             from eobblast.observe.metrics import serve_multiprocess_metrics
 
             port = serve_multiprocess_metrics(
-                config.metrics.port, config.metrics.address, str(metrics_dir)
+                config.metrics.port, config.metrics.address, str(metrics_dir), supervisor.metrics
             )
             console.print(f"metrics on http://{config.metrics.address}:{port}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        await Supervisor(config, workers=workers, log_level=log_level).run(stop)
+        await supervisor.run(stop)
 
     _run(supervise())
 
@@ -324,6 +325,11 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             tls_context=context,
             review_days=settings.review_days,
         )
+        if settings.metrics_port:
+            from eobblast.observe.metrics import serve_metrics
+
+            bound = serve_metrics(settings.metrics_port, config.metrics.address)
+            console.print(f"metrics on http://{config.metrics.address}:{bound}/metrics")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -153,6 +153,8 @@ class BouncesConfig:
     review_dir: Path = Path("bounce-review")
     # Reports kept for review are deleted this many days after they arrived.
     review_days: float = 30.0
+    # `eobblast bounces` serves its metrics here, on [metrics] address (0: none).
+    metrics_port: int = 0
     tls_cert: Path | None = None
     tls_key: Path | None = None
     verification_topic: str = "eob.address-verification"

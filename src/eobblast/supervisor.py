@@ -16,6 +16,7 @@ from multiprocessing.process import BaseProcess
 from pathlib import Path
 
 from eobblast.config import Config
+from eobblast.observe.metrics import SupervisorMetrics
 
 log = logging.getLogger("eobblast.supervisor")
 # A worker that dies sooner than this after starting counts as crash-looping.
@@ -71,6 +72,7 @@ class Supervisor:
         self._restart_at: dict[int, float] = {}
         self._delay: dict[int, float] = {}
         self.restarts = 0
+        self.metrics = SupervisorMetrics()
 
     @property
     def pids(self) -> dict[int, int | None]:
@@ -107,6 +109,7 @@ class Supervisor:
             if now >= self._restart_at[index]:
                 del self._restart_at[index]
                 self.restarts += 1
+                self.metrics.worker_restarts.inc()
                 if self._on_restart is not None:
                     self._on_restart(index, process.exitcode)
                 process.close()

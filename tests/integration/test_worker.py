@@ -10,15 +10,21 @@ import os
 import shutil
 import signal
 import sqlite3
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
+import httpx
 import orjson
 import pytest
+import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
 
+from eobblast.config import load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
 from eobblast.observe.metrics import REGISTRY
@@ -396,3 +402,96 @@ async def test_events_published_with_kcat_are_delivered(
     assert len(grouped) == 25
     assert {items[0].status for items in grouped.values()} == {"delivered"}
     assert sum(sandbox.counts.values()) == 25
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+        return [int(child) for child in handle.read().split()]
+
+
+def _is_worker(pid: int) -> bool:
+    with open(f"/proc/{pid}/cmdline", "rb") as handle:
+        return b"spawn_main" in handle.read()
+
+
+async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    async with httpx.AsyncClient() as client:
+        response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
+    response.raise_for_status()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
+async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # The command an operator runs: two worker processes, one metrics endpoint for both.
+    total = 200
+    await stack.publish(stack.events(total, seed=12))
+    port = free_port()
+    settings = stack.settings(count=2)
+    settings["metrics"] = {"port": port, "address": "127.0.0.1"}
+    config_file = tmp_path / "eobblast.toml"
+    config_file.write_text(tomli_w.dumps(settings))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
+        "--log-level", "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    delivered = ("eobblast_events_total", (("outcome", "delivered"), ("reason", "delivered")))
+    restarts = ("eobblast_worker_restarts_total", ())
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=total)
+        assert len(statuses(records)) == total
+        scraped = await _scrape(port)
+        assert scraped[delivered] == total  # both workers' counts, summed
+        assert scraped.get(restarts, 0) == 0
+        workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
+        assert len(workers) == 2
+        os.kill(workers[0], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (await _scrape(port)).get(restarts, 0) < 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(0.2)
+        scraped = await _scrape(port)
+        assert scraped[restarts] == 1
+        assert scraped[delivered] == total  # a dead worker's counts are kept
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def test_eobblast_bounces_serves_the_listeners_metrics(stack: Stack, tmp_path: Path) -> None:
+    listen, metrics_port = free_port(), free_port()
+    settings = stack.settings()
+    settings["bounces"] |= {"listen_port": listen, "metrics_port": metrics_port}
+    config_file = tmp_path / "eobblast.toml"
+    config_file.write_text(tomli_w.dumps(settings))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "bounces", "--config", str(config_file),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    reviewed = ("eobblast_bounce_messages_total", (("result", "review"),))
+    # Shaped like a return path, readable by no one: kept for review.
+    rcpt = "bounces+" + "a" * 30 + "@" + load_config(config_file).bounces.bounce_domain
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError):
+                async with aiosmtplib.SMTP(hostname="127.0.0.1", port=listen, timeout=5) as smtp:
+                    # Shaped like a return path, readable by no one: kept for review.
+                    rcpt = (
+                        "bounces+" + "a" * 30 + "@" + load_config(config_file).bounces.bounce_domain
+                    )
+                    await smtp.sendmail("", [rcpt], b"Subject: hi\r\n\r\nnot a bounce\r\n")
+                    break
+            await asyncio.sleep(0.2)
+        assert (await _scrape(metrics_port))[reviewed] == 1
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 0

@@ -76,41 +76,42 @@ class Stack:
 
     def config(self, **workers: Any) -> Config:
         """Config pointing at this stack."""
+        return load_config(environ={}, overrides=self.settings(**workers))
+
+    def settings(self, **workers: Any) -> dict[str, Any]:
+        """The settings of `config()`, by section (as a TOML file would hold them)."""
         routes = {name: f"{host}:{port}" for name, (host, port) in self.sandbox.routes.items()}
-        return load_config(
-            environ={},
-            overrides={
-                "dkim": {"key_dir": str(self.directory / "keys"), "ed25519": False},
-                "transport": {"ca_bundle": str(self.pki.ca), "routes": routes},
-                "pipeline": {"allow_test_domains": True, "max_in_flight": self.max_in_flight},
-                "kafka": {
-                    "bootstrap": self.broker.bootstrap,
-                    "group_id": f"{self.prefix}-group",
-                    "events_topic": self.events_topic,
-                    "delivery_topic": self.delivery_topic,
-                    "dlq_topic": self.dlq_topic,
-                    "session_timeout_ms": 3000,
-                    "heartbeat_interval_ms": 500,
-                },
-                "ledger": {"url": self.ledger_url or f"sqlite:///{self.directory / 'ledger.db'}"},
-                "workers": {"grace_period": 10.0, "restart_delay": 0.2, **workers},
-                # the stack's receivers verify: EOBs go over TLS, not to the portal
-                "protection": {"tls_policy_domains": list(self.sandbox.routes)},
-                "bounces": {
-                    "store_url": f"sqlite:///{self.directory / 'bounces.db'}",
-                    "verp_key_file": str(self.directory / "verp.key"),
-                    "review_dir": str(self.directory / "bounce-review"),
-                    "results_topic": f"{self.prefix}.verification-results",
-                    "results_group_id": f"{self.prefix}-verification",
-                },
-                "portal": {
-                    "escrow_url": f"sqlite:///{self.directory / 'escrow.db'}",
-                    "audit_url": f"sqlite:///{self.directory / 'audit.db'}",
-                    "key_dir": str(self.directory / "portal-keys"),
-                    "audit_key_file": str(self.directory / "portal-keys" / "audit.key"),
-                },
+        return {
+            "dkim": {"key_dir": str(self.directory / "keys"), "ed25519": False},
+            "transport": {"ca_bundle": str(self.pki.ca), "routes": routes},
+            "pipeline": {"allow_test_domains": True, "max_in_flight": self.max_in_flight},
+            "kafka": {
+                "bootstrap": self.broker.bootstrap,
+                "group_id": f"{self.prefix}-group",
+                "events_topic": self.events_topic,
+                "delivery_topic": self.delivery_topic,
+                "dlq_topic": self.dlq_topic,
+                "session_timeout_ms": 3000,
+                "heartbeat_interval_ms": 500,
             },
-        )
+            "ledger": {"url": self.ledger_url or f"sqlite:///{self.directory / 'ledger.db'}"},
+            "workers": {"grace_period": 10.0, "restart_delay": 0.2, **workers},
+            # the stack's receivers verify: EOBs go over TLS, not to the portal
+            "protection": {"tls_policy_domains": list(self.sandbox.routes)},
+            "bounces": {
+                "store_url": f"sqlite:///{self.directory / 'bounces.db'}",
+                "verp_key_file": str(self.directory / "verp.key"),
+                "review_dir": str(self.directory / "bounce-review"),
+                "results_topic": f"{self.prefix}.verification-results",
+                "results_group_id": f"{self.prefix}-verification",
+            },
+            "portal": {
+                "escrow_url": f"sqlite:///{self.directory / 'escrow.db'}",
+                "audit_url": f"sqlite:///{self.directory / 'audit.db'}",
+                "key_dir": str(self.directory / "portal-keys"),
+                "audit_key_file": str(self.directory / "portal-keys" / "audit.key"),
+            },
+        }
 
     def events(self, count: int, *, seed: int = 1, mix: Mix = CLEAN) -> list[bytes]:
         """Synthetic events addressed to this stack's sandbox domains."""

@@ -80,8 +80,11 @@ def test_the_image_runs_with_the_configuration_and_owns_its_state() -> None:
     assert "/var/lib/eobblast/keys" in dockerfile and "chown -R eobblast" in dockerfile
 
 
-def test_prometheus_scrapes_the_workers_metrics_port(compose: dict[str, Any]) -> None:
-    port = compose["eobblast"]["environment"]["EOBBLAST_METRICS__PORT"]
+def test_prometheus_scrapes_the_workers_and_the_bounce_listener(compose: dict[str, Any]) -> None:
+    workers = compose["eobblast"]["environment"]["EOBBLAST_METRICS__PORT"]
+    bounces = compose["bounces"]["environment"]["EOBBLAST_BOUNCES__METRICS_PORT"]
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
-    targets = prometheus["scrape_configs"][0]["static_configs"][0]["targets"]
-    assert targets == [f"eobblast:{port}"]
+    targets = {
+        t for job in prometheus["scrape_configs"] for t in job["static_configs"][0]["targets"]
+    }
+    assert targets == {f"eobblast:{workers}", f"bounces:{bounces}"}

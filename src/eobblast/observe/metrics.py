@@ -68,11 +68,6 @@ DUPLICATES = Counter(
     "Redelivered or republished events that the send ledger stopped from being sent twice.",
     registry=REGISTRY,
 )
-WORKER_RESTARTS = Counter(
-    "eobblast_worker_restarts",
-    "Worker processes restarted by the supervisor after they died.",
-    registry=REGISTRY,
-)
 
 STAGES = ("validate", "render", "sign", "deliver", "total")
 # Cached children: `.labels()` costs more than the observation itself.
@@ -87,11 +82,33 @@ def serve_metrics(port: int, address: str = "127.0.0.1") -> int:
     return int(server.server_port)
 
 
-def serve_multiprocess_metrics(port: int, address: str, directory: str) -> int:
-    """Serve the summed metrics of every worker process (prometheus multiprocess mode)."""
+class SupervisorMetrics:
+    """The `eobblast run` supervisor's own metrics, served beside the workers' sums.
+
+    Kept in memory in the supervisor's own registry: the supervisor imports the client
+    before the multiprocess directory exists, and a counter the workers also defined would
+    appear twice.
+    """
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.worker_restarts = Counter(
+            "eobblast_worker_restarts",
+            "Worker processes restarted by the supervisor after they died.",
+            registry=self.registry,
+        )
+
+
+def serve_multiprocess_metrics(
+    port: int, address: str, directory: str, supervisor: SupervisorMetrics | None = None
+) -> int:
+    """Serve the summed metrics of every worker process (prometheus multiprocess mode),
+    and the supervisor's own."""
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
+    if supervisor is not None:
+        registry.register(supervisor.registry)
     server, _thread = start_http_server(port, addr=address, registry=registry)
     return int(server.server_port)
