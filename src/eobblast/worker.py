@@ -59,6 +59,11 @@ from eobblast.transport import Transport
 
 log = logging.getLogger("eobblast.worker")
 
+# An offset commit waits no longer than this (aiokafka retries retriable errors without end).
+COMMIT_TIMEOUT = 10.0
+# One bounce-service record (verification request, paper fallback) waits this long for Kafka.
+PUBLISH_TIMEOUT = 10.0
+
 
 def new_worker_id(index: int) -> str:
     """A unique id per process incarnation: a restarted worker is a different owner."""
@@ -78,6 +83,24 @@ class _InFlight:
 
 def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None]) -> None:
     tasks.pop(task, None)
+
+
+async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = 5) -> None:
+    """Cancel `tasks` and wait until they have ended (bounded).
+
+    A cancellation can be lost: Python 3.11's `wait_for` (inside aiosmtplib) returns a
+    result that arrived in the same turn and drops the cancel. A task that goes on after
+    its partition moved could send and report an event its new owner also sends, so it is
+    cancelled again until it ends.
+    """
+    for _ in range(rounds):
+        if not tasks:
+            return
+        for task in tasks:
+            task.cancel()
+        _, tasks = await asyncio.wait(tasks, timeout=1.0)
+    if tasks:
+        log.warning("tasks still running after cancellation", extra={"count": len(tasks)})
 
 
 def status_record(
@@ -175,8 +198,15 @@ class Worker:
             await self._drain_and_close()
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """The bounce service's Publisher: its records go out as statuses do, acknowledged."""
-        await self._send(topic, key, value)
+        """The bounce service's Publisher: one acknowledged send, bounded in time.
+
+        It raises rather than retrying: the record stays in the bounce store's outbox and
+        `tick` publishes it later. Retrying here would hold the bounce store's shared
+        transaction queue, and with it every gate and delivery record of this worker.
+        """
+        assert self._producer is not None
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await self._producer.send_and_wait(topic, value, key=key)
 
     async def _bounce_timers(self, stop: asyncio.Event) -> None:
         """Due retries, lost resends and verification deadlines, claimed by one worker each."""
@@ -205,26 +235,40 @@ class Worker:
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         )
         await consumer.start()
+        failures = 0
         try:
             while not stop.is_set():
-                batch = await consumer.getmany(timeout_ms=200)
-                for tp, records in batch.items():
-                    for record in records:
-                        try:
-                            result = parse_verification_result(
-                                record.value,
-                                allow_test_domains=self._config.pipeline.allow_test_domains,
-                            )
-                        except VerificationResultError as exc:
-                            log.warning("verification result refused", extra={"why": exc.detail})
-                            continue
-                        decided = await self._bounces.on_verification_result(result)
-                        await self._settle(decided.resends, decided.outcomes)
-                    # Only once every release of the batch went out (or is leased for tick).
-                    await consumer.commit({tp: records[-1].offset + 1})
+                try:
+                    await self._verification_batch(consumer)
+                    failures = 0
+                except Exception as exc:
+                    # Kafka trouble, a rebalance mid-batch (CommitFailedError), a busy store:
+                    # the uncommitted answers come again, and applying one twice changes
+                    # nothing. Stopping the worker for it would stop its deliveries too.
+                    failures += 1
+                    log.warning("verification results failed: %s", type(exc).__name__)
+                    await asyncio.sleep(backoff_delay(failures))
         finally:
             with contextlib.suppress(KafkaError, OSError):
                 await consumer.stop()
+
+    async def _verification_batch(self, consumer: AIOKafkaConsumer) -> None:
+        assert self._bounces is not None
+        batch = await consumer.getmany(timeout_ms=200)
+        for tp, records in batch.items():
+            for record in records:
+                try:
+                    result = parse_verification_result(
+                        record.value, allow_test_domains=self._config.pipeline.allow_test_domains
+                    )
+                except VerificationResultError as exc:
+                    log.warning("verification result refused", extra={"why": exc.detail})
+                    continue
+                decided = await self._bounces.on_verification_result(result)
+                await self._settle(decided.resends, decided.outcomes)
+            # Only once every release of the batch went out (or is leased for tick).
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                await consumer.commit({tp: records[-1].offset + 1})
 
     async def _settle(self, resends: Sequence[Resend], outcomes: Sequence[BounceOutcome]) -> None:
         """Send what the bounce service hands back; publish every notice's new status."""
@@ -260,14 +304,15 @@ class Worker:
         limit = max(1, self._config.pipeline.max_in_flight)
         commit_every = self._config.kafka.commit_interval
         next_commit = time.monotonic() + commit_every
-        paused = False
         while not stop.is_set():
             free = limit - self._tracker.in_flight
             wait_ms = 100
             if free <= 0:
-                if not paused:
-                    consumer.pause(*consumer.assignment())
-                    paused = True
+                # From the consumer's own state: partitions assigned by a rebalance meanwhile
+                # start unpaused.
+                unpaused = consumer.assignment() - consumer.paused()
+                if unpaused:
+                    consumer.pause(*unpaused)
                 # Full: wake as soon as a record finishes (not after a fixed poll timeout),
                 # and still poll (without waiting) so the group keeps this member.
                 self._slot_freed.clear()
@@ -275,9 +320,8 @@ class Worker:
                     async with asyncio.timeout(0.1):
                         await self._slot_freed.wait()
                 wait_ms = 0
-            elif paused:
-                consumer.resume(*consumer.assignment())
-                paused = False
+            elif paused := consumer.paused():
+                consumer.resume(*paused)
             try:
                 batch = await consumer.getmany(timeout_ms=wait_ms, max_records=max(1, free))
             except KafkaError:
@@ -322,25 +366,28 @@ class Worker:
         if not offsets:
             return
         try:
-            await self._consumer.commit(offsets)
-        except KafkaError:
+            async with asyncio.timeout(COMMIT_TIMEOUT):
+                await self._consumer.commit(offsets)
+        except (KafkaError, TimeoutError) as exc:
             # Not fatal: the records are redelivered and the ledger stops a second send.
-            log.warning("offset commit failed", exc_info=True)
+            log.warning("offset commit failed: %s", type(exc).__name__)
             return
         self._tracker.mark_committed(offsets)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""
         pending = [task for tp in revoked for task in self._tasks.get(tp, ())]
-        if pending:
-            budget = self._config.workers.grace_period
-            _, not_done = await asyncio.wait(pending, timeout=budget)
-            for task in not_done:
-                task.cancel()  # abandoned: redelivered to the new owner, the ledger decides
-        await self._commit(revoked)
-        self._tracker.forget(revoked)
-        for tp in revoked:
-            self._tasks.pop(tp, None)
+        try:
+            if pending:
+                budget = self._config.workers.grace_period
+                _, not_done = await asyncio.wait(pending, timeout=budget)
+                # Abandoned: redelivered to the new owner, the ledger decides.
+                await _cancel_and_wait(not_done)
+            await self._commit(revoked)
+        finally:
+            self._tracker.forget(revoked)
+            for tp in revoked:
+                self._tasks.pop(tp, None)
         log.info("partitions revoked", extra={"partitions": len(revoked)})
 
     async def _drain_and_close(self) -> None:
@@ -348,10 +395,7 @@ class Worker:
         pending = [task for tasks in self._tasks.values() for task in tasks]
         if pending:
             _, not_done = await asyncio.wait(pending, timeout=self._config.workers.grace_period)
-            for task in not_done:
-                task.cancel()
-            if not_done:
-                await asyncio.wait(not_done, timeout=2.0)
+            await _cancel_and_wait(not_done)
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await self._commit()
@@ -403,16 +447,32 @@ class Worker:
                         await asyncio.wait([previous])
                     return await self._process(tp, record, info)
             except TimeoutError:
-                if not deadline.expired():
-                    raise
-                self._report_stuck(info, time.monotonic() - started)
+                if deadline.expired():
+                    self._report_stuck(info, time.monotonic() - started)
+                    continue
+                failures += 1
+                self._report_failure(tp, record.offset)
+                await asyncio.sleep(backoff_delay(failures))
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is None or task.cancelling():
+                    raise  # this record's task is being cancelled (revoked, stopping)
+                # A cancellation meant for something this attempt awaited: a failure like
+                # any other, or the record would end here with no status and no log line.
+                failures += 1
+                self._report_failure(tp, record.offset)
+                await asyncio.sleep(backoff_delay(failures))
             except Exception:
                 failures += 1
-                log.exception(
-                    "record could not be accounted for; trying again",
-                    extra={"partition": tp.partition, "offset": record.offset},
-                )
+                self._report_failure(tp, record.offset)
                 await asyncio.sleep(backoff_delay(failures))
+
+    @staticmethod
+    def _report_failure(tp: TopicPartition, offset: int) -> None:
+        log.exception(
+            "record could not be accounted for; trying again",
+            extra={"partition": tp.partition, "offset": offset},
+        )
 
     def _report_stuck(self, info: _InFlight, seconds: float) -> None:
         metrics.STUCK.labels(info.stage).inc()
@@ -446,17 +506,19 @@ class Worker:
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
         while True:
-            info.stage = "claim"
-            claim = await self._ledger.claim(event_id, self.worker_id)
-            if claim.kind is not ClaimKind.IN_FLIGHT:
-                break
-            # The same event id is being sent by this worker right now (a duplicate publish).
+            # The same event id, published twice, may be sending in this worker right now:
+            # looked at before and after every claim, whatever the ledger says of the owner.
             running = self._sending.get(event_id)
             if running is None:
-                # Ours but not running: left over from a task that was cancelled.
-                claim = await self._ledger.claim(event_id, self.worker_id + "-again")
-                break
-            info.stage = "same_event"  # the same event id, published twice, is sending
+                info.stage = "claim"
+                claim = await self._ledger.claim(event_id, self.worker_id)
+                if claim.kind is ClaimKind.IN_FLIGHT and event_id not in self._sending:
+                    # Ours but not running: left over from a task that was cancelled.
+                    claim = await self._ledger.claim(event_id, self.worker_id + "-again")
+                running = self._sending.get(event_id)
+                if running is None:
+                    break
+            info.stage = "same_event"
             await asyncio.shield(running)
         if claim.kind is ClaimKind.DONE:
             assert claim.entry is not None

@@ -12,7 +12,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
 from eobblast.observe.metrics import REGISTRY
 from eobblast.sandbox import Sandbox, make_test_pki
+from eobblast.state import Claim, LedgerEntry, SendLedger
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
 from tests.conftest import throwaway_pg_schema
@@ -225,6 +226,56 @@ async def test_broker_down_at_start_then_lost_mid_run(
     warnings = [r for r in caplog.records if r.name.startswith("eobblast")]
     assert any("unreachable" in r.getMessage() for r in warnings)
     assert len(warnings) < 40  # once per interval, not once per attempt
+
+
+class FaultyClaims(SendLedger):
+    """A send ledger whose first claims raise what a broken step below would let escape."""
+
+    def __init__(self, inner: SendLedger, faults: list[BaseException]) -> None:
+        self.inner = inner
+        self.faults = faults
+
+    async def claim(self, event_id: str, owner: str) -> Claim:
+        if self.faults:
+            raise self.faults.pop(0)
+        return await self.inner.claim(event_id, owner)
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        await self.inner.finish(event_id, outcome, reason)
+
+    async def mark_published(self, event_ids: Sequence[str]) -> None:
+        await self.inner.mark_published(event_ids)
+
+    async def get(self, event_id: str) -> LedgerEntry | None:
+        return await self.inner.get(event_id)
+
+    async def close(self) -> None:
+        await self.inner.close()
+
+
+async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A future cancelled by someone else (a group commit whose batch task died) or a step's
+    # own timeout escaping: the record is tried again, not dropped without a status.
+    (value,) = stack.events(1, seed=22)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    faults: list[BaseException] = [asyncio.CancelledError(), TimeoutError()]
+    caplog.set_level(logging.ERROR, logger="eobblast")
+    _, stop, task = await start_worker(
+        stack.config(), ledger_as=lambda ledger: FaultyClaims(ledger, faults)
+    )
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    (status,) = statuses(records)[event_id]
+    assert status.status == "delivered"
+    assert not faults and sum(stack.sandbox.counts.values()) == 1
+    failures = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
+    assert len(failures) == 2
 
 
 class StallFirst:

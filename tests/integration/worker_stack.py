@@ -7,7 +7,7 @@ import datetime as dt
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import Mix, generate_events
 from eobblast.pipeline import Pipeline
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki
-from eobblast.state import open_ledger
+from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.transport import Transport
 from eobblast.worker import Worker, new_worker_id
@@ -186,11 +186,13 @@ def distinct_final(grouped: dict[str, list[DeliveryStatus]]) -> Counter[str]:
 
 
 async def start_worker(
-    config: Config, index: int = 0
+    config: Config, index: int = 0, *, ledger_as: Callable[[SendLedger], SendLedger] | None = None
 ) -> tuple[Worker, asyncio.Event, asyncio.Task[None]]:
-    """A worker running in this event loop."""
+    """A worker running in this event loop (its ledger wrapped by `ledger_as`, if given)."""
     transport = Transport.from_config(config.transport)
     ledger = await open_ledger(config.ledger.url)
+    if ledger_as is not None:
+        ledger = ledger_as(ledger)
     worker = Worker(config, Pipeline(config, transport), ledger, worker_id=new_worker_id(index))
     stop = asyncio.Event()
 

@@ -88,6 +88,27 @@ async def test_stopping_the_batch_task_releases_every_waiter() -> None:
     assert all(t.cancelled() for t in done)
 
 
+async def test_a_broken_batch_gives_its_callers_the_error_not_a_cancellation() -> None:
+    # run_many breaking its contract (a result per item) is a fault of the batch: its
+    # callers see the error (a CancelledError would read as their own cancellation), and
+    # calls queued behind it still run.
+    calls = 0
+
+    async def short(items: Sequence[int]) -> list[int]:
+        nonlocal calls
+        calls += 1
+        await asyncio.sleep(0.01)
+        return [i * 10 for i in items][: 1 if calls == 1 else None]
+
+    group = GroupCommit(short)
+    first = [asyncio.create_task(group.submit(i)) for i in range(3)]
+    await asyncio.sleep(0)  # the first batch is running: the next calls queue behind it
+    later = [asyncio.create_task(group.submit(i)) for i in (7, 8)]
+    results = await asyncio.gather(*first, return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) for r in results), results
+    assert await asyncio.gather(*later) == [70, 80]
+
+
 def test_limit_must_be_positive() -> None:
     store = Store()
     with pytest.raises(ValueError, match="limit"):

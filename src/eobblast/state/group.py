@@ -79,12 +79,18 @@ class GroupCommit(Generic[I, R]):
             del self._waiting[: self._limit]
             try:
                 await self._run(batch)
-            except BaseException:
-                # Stopped (cancelled) mid-way: nobody may wait for ever on a future.
+            except asyncio.CancelledError:
+                # Stopped mid-way: nobody may wait for ever on a future.
                 for waiting in batch + self._waiting:
                     waiting.result.cancel()
                 self._waiting.clear()
                 raise
+            except Exception as exc:
+                # A fault of this batch's bookkeeping, not of one item: its callers get the
+                # error (a cancellation would look to them as if they had been cancelled),
+                # and the items waiting behind it still run.
+                for waiting in batch:
+                    _settle(waiting, None, exc)
 
     async def _run(self, batch: list[_Waiting[I, R]]) -> None:
         if len(batch) > 1:
@@ -93,6 +99,9 @@ class GroupCommit(Generic[I, R]):
             except Exception:
                 self._count("split", len(batch))
             else:
+                if len(results) != len(batch):
+                    # Checked before any caller is answered: none gets another's result.
+                    raise RuntimeError(f"{len(results)} results for {len(batch)} items")
                 self._count("shared", len(batch))
                 for waiting, result in zip(batch, results, strict=True):
                     _settle(waiting, result, None)
