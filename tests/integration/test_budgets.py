@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import itertools
 import subprocess
@@ -11,6 +12,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
 from eobblast.errors import ConfigError
 from eobblast.shaping import (
@@ -29,6 +31,7 @@ from eobblast.shaping import (
     open_budgets,
     read_pool_status,
 )
+from eobblast.shaping.cli import pools
 
 HOUR = 3600.0
 DAY = 86_400.0
@@ -309,3 +312,41 @@ def test_processes_never_exceed_the_cap_together(budgets_url: str) -> None:
 async def test_bad_url_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="sqlite:///"):
         await open_budgets("mysql://x")
+
+
+async def test_pools_resume_lifts_a_suspension_from_the_command_line(
+    store: BudgetStore, budgets_url: str, tmp_path: Path
+) -> None:
+    # The operator's way out of a block (config/warmup.toml: "until an operator resumes it").
+    ip = _ip()
+    now = dt.datetime.now(dt.UTC).timestamp()
+    await store.suspend(ip.address, "gmail", until=now + DAY, code="5.7.515", now=now)
+    await store.suspend(ip.address, "yahoo", until=now + DAY, code="5.7.1", now=now)
+    config = tmp_path / "eobblast.toml"
+    config.write_text(f'[shaping]\nbudgets_url = "{budgets_url}"\n')
+    runner = CliRunner()
+
+    def resume(*extra: str) -> Result:
+        args = ["resume", "--config", str(config), "--ip", ip.address, *extra]
+        return runner.invoke(pools, args)
+
+    lifted = await asyncio.to_thread(resume, "--provider", "gmail")
+    assert lifted.exit_code == 0, lifted.output
+    assert "suspension for gmail lifted" in lifted.output and "5.7.515" in lifted.output
+    assert set(await store.suspensions(now)) == {(ip.address, "yahoo")}
+    again = await asyncio.to_thread(resume, "--provider", "gmail")
+    assert again.exit_code != 0 and "is not suspended for gmail" in again.output
+    every = await asyncio.to_thread(resume)
+    assert every.exit_code == 0 and "yahoo" in every.output
+    assert (ip.address, "yahoo") not in await store.suspensions(now)
+
+
+def test_pools_commands_never_create_a_budget_store(tmp_path: Path) -> None:
+    # A mistyped budgets_url must not read as a healthy, empty store.
+    missing = tmp_path / "nowhere" / "budgets.db"
+    config = tmp_path / "eobblast.toml"
+    config.write_text(f'[shaping]\nbudgets_url = "sqlite:///{missing}"\n')
+    result = CliRunner().invoke(pools, ["resume", "--config", str(config), "--ip", "192.0.2.1"])
+    assert result.exit_code != 0
+    assert "no budget store at" in result.output
+    assert not missing.parent.exists()

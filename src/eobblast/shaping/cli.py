@@ -18,12 +18,13 @@ from rich.table import Table
 
 from eobblast.config import load_config
 from eobblast.errors import ConfigError
-from eobblast.shaping.budgets import Suspension, open_budgets
+from eobblast.shaping.budgets import BudgetStore, Suspension, open_budgets
 from eobblast.shaping.engine import ShapingConfig
 from eobblast.shaping.pools import PoolConfig, load_pools
 from eobblast.shaping.settings import load_shaping
 from eobblast.shaping.status import PoolStatus, read_pool_status
 from eobblast.shaping.warmup import WarmupPlan
+from eobblast.state.sqlite import sqlite_path
 
 
 def shaping_config(config_path: Path | None) -> ShapingConfig:
@@ -31,10 +32,21 @@ def shaping_config(config_path: Path | None) -> ShapingConfig:
     return load_config(config_path).shaping
 
 
+async def _open_existing(url: str) -> BudgetStore:
+    """The budget store the workers write; an operator command never creates one."""
+    path = sqlite_path(url, "shaping.budgets_url")
+    if path is not None and not path.is_file():
+        raise ConfigError(
+            f"no budget store at {path.absolute()}: no worker has used it yet, or"
+            " [shaping] budgets_url names another file"
+        )
+    return await open_budgets(url)
+
+
 async def _read(
     url: str, pools: PoolConfig, plan: WarmupPlan, now: float
 ) -> tuple[tuple[PoolStatus, ...], dict[tuple[str, str], Suspension]]:
-    store = await open_budgets(url)
+    store = await _open_existing(url)
     try:
         return await read_pool_status(store, pools, plan, now), await store.suspensions(now)
     finally:
@@ -117,3 +129,49 @@ def pools_status(config_path: Path | None, at: float | None) -> None:
             console.print(
                 f"{ip} suspended for {scope} until {_when(suspension.until)} ({suspension.code})"
             )
+
+
+async def _resume(url: str, ip: str, provider: str | None, now: float) -> list[Suspension]:
+    store = await _open_existing(url)
+    try:
+        lifted = [
+            suspension
+            for (s_ip, scope), suspension in sorted((await store.suspensions(now)).items())
+            if s_ip == ip and provider in (None, scope)
+        ]
+        for suspension in lifted:
+            await store.resume(suspension.ip, suspension.provider)
+        return lifted
+    finally:
+        await store.close()
+
+
+@pools.command("resume")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="eobblast configuration file (its [shaping] section names the budget store).",
+)
+@click.option("--ip", required=True, help="The source IP whose suspension to lift.")
+@click.option(
+    "--provider",
+    default=None,
+    help="Only for this provider (or fallback site); default: every provider of the IP.",
+)
+def pools_resume(config_path: Path | None, ip: str, provider: str | None) -> None:
+    """Lift a block suspension before its cooldown ends (workers pick it up within seconds)."""
+    try:
+        config = shaping_config(config_path)
+        lifted = asyncio.run(_resume(config.budgets_url, ip, provider, time.time()))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not lifted:
+        scope = f" for {provider}" if provider else ""
+        raise click.ClickException(f"{ip} is not suspended{scope}")
+    for suspension in lifted:
+        click.echo(
+            f"{suspension.ip}: suspension for {suspension.provider} lifted"
+            f" (was until {_when(suspension.until)}, {suspension.code})"
+        )
