@@ -258,6 +258,7 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
                 ),
                 host or config.portal.listen_address,
                 config.portal.listen_port if port is None else port,
+                forwarded_allow_ips=config.portal.forwarded_allow_ips,
             )
             console.print(f"portal on {server.url}/p/<token>   Ctrl-C stops")
             await server.wait()

@@ -132,6 +132,14 @@ class PortalConfig:
     audit_key_file: Path = Path("portal-keys/audit.key")
     listen_address: str = "127.0.0.1"
     listen_port: int = 8443
+    # Addresses of the reverse proxies in front of the portal: their X-Forwarded-For is
+    # believed, so rate limits count each member's client, not the proxy. Empty: ignored.
+    trusted_proxies: tuple[str, ...] = ()
+
+    @property
+    def forwarded_allow_ips(self) -> str | None:
+        """`trusted_proxies` as the portal server takes them (None: no forwarding headers)."""
+        return ",".join(self.trusted_proxies) or None
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,6 +19,7 @@ import orjson
 import psycopg
 import pytest
 
+from eobblast.config import load_config
 from eobblast.events import EobIssued, validate_event
 from eobblast.observe.audit import (
     AuditAction,
@@ -459,6 +460,39 @@ async def test_requests_are_rate_limited_per_client(
             codes = [(await http.get(f"/p/{eob.token}")).status_code for _ in range(4)]
             assert codes == [200, 200, 200, 429]
             assert (await http.get("/healthz")).status_code == 200
+    finally:
+        await server.stop()
+
+
+async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    # [portal] trusted_proxies: the proxy's X-Forwarded-For names the client. Without it
+    # every member behind the proxy would share one limit (and lock each other out).
+    eob = await escrow(stores, event_doc)
+    app = create_app(
+        stores.escrow,
+        stores.audit,
+        lockout_after=LOCKOUT,
+        per_ip=Rate(burst=2, per_minute=1),
+        per_link=GENEROUS,
+        purge_interval=None,
+        clock=clock,
+    )
+    settings = load_config(environ={}, overrides={"portal": {"trusted_proxies": ["127.0.0.1"]}})
+    server = await serve_portal(app, forwarded_allow_ips=settings.portal.forwarded_allow_ips)
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+
+            async def codes(client_ip: str) -> list[int]:
+                headers = {"X-Forwarded-For": client_ip}
+                return [
+                    (await http.get(f"/p/{eob.token}", headers=headers)).status_code
+                    for _ in range(3)
+                ]
+
+            assert await codes("198.51.100.7") == [200, 200, 429]
+            assert await codes("203.0.113.9") == [200, 200, 429]  # not the first one's limit
     finally:
         await server.stop()
 
