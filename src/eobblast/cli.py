@@ -15,7 +15,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
 from rich.table import Table
 
-from eobblast.config import load_config, warn_relative_stores
+from eobblast._cli import command_config, config_option
+from eobblast.config import warn_relative_stores
 from eobblast.errors import EobblastError
 
 console = Console(stderr=True)
@@ -170,13 +171,7 @@ def sandbox(out: Path, port: int) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="TOML configuration file.",
-)
+@config_option()
 @click.option(
     "--workers",
     type=click.IntRange(min=1),
@@ -195,10 +190,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     from eobblast.supervisor import Supervisor, prepare_multiprocess_metrics
 
     configure_logging(log_level)
-    try:
-        config = load_config(config_path)
-    except EobblastError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = command_config(config_path)
     warn_relative_stores(config)
     metrics_dir = prepare_multiprocess_metrics()
 
@@ -221,13 +213,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="TOML configuration file.",
-)
+@config_option()
 @click.option("--host", default=None, help="Listen address (default: [portal] listen_address).")
 @click.option(
     "--port",
@@ -242,10 +228,7 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
     from eobblast.protect.services import ProtectionServices
 
     configure_logging("INFO")
-    try:
-        config = load_config(config_path)
-    except EobblastError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = command_config(config_path)
     warn_relative_stores(config, {"portal.escrow_url", "portal.audit_url"})
 
     async def serve() -> None:
@@ -269,13 +252,7 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
 
 
 @main.command()
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="TOML configuration file.",
-)
+@config_option()
 @click.option("--host", default=None, help="Listen address (default: [bounces] listen_address).")
 @click.option(
     "--port",
@@ -294,10 +271,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
     from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces
 
     configure_logging("INFO")
-    try:
-        config = load_config(config_path)
-    except EobblastError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = command_config(config_path)
     warn_relative_stores(config, {"bounces.store_url", "portal.escrow_url", "portal.audit_url"})
     settings = config.bounces
 
@@ -388,13 +362,7 @@ def _summary_table(summary: dict[str, Any]) -> Table:
     show_default=True,
     help="Worker processes consuming eob.events.",
 )
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(dir_okay=False, exists=True, path_type=Path),
-    default=None,
-    help="TOML configuration file.",
-)
+@config_option()
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.option(
     "--log-level",
@@ -417,10 +385,7 @@ def demo(
     from eobblast.observe.logs import configure_logging
 
     configure_logging(log_level)
-    try:
-        config = load_config(config_path)
-    except EobblastError as exc:
-        raise click.ClickException(str(exc)) from None
+    config = command_config(config_path)
     bar = Progress(
         "[progress.description]{task.description}",
         BarColumn(),

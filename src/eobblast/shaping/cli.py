@@ -16,20 +16,14 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from eobblast.config import load_config
+from eobblast._cli import command_config, config_option
 from eobblast.errors import ConfigError
 from eobblast.shaping.budgets import BudgetStore, Suspension, open_budgets
-from eobblast.shaping.engine import ShapingConfig
 from eobblast.shaping.pools import PoolConfig, load_pools
 from eobblast.shaping.settings import load_shaping
 from eobblast.shaping.status import PoolStatus, read_pool_status
 from eobblast.shaping.warmup import WarmupPlan
 from eobblast.state.sqlite import sqlite_path
-
-
-def shaping_config(config_path: Path | None) -> ShapingConfig:
-    """The [shaping] section of an eobblast configuration file (defaults without a file)."""
-    return load_config(config_path).shaping
 
 
 async def _open_existing(url: str) -> BudgetStore:
@@ -93,13 +87,7 @@ def pools() -> None:
 
 
 @pools.command("status")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="eobblast configuration file (its [shaping] section names pools, data and store).",
-)
+@config_option("eobblast configuration file (its [shaping] section names pools, data and store).")
 @click.option(
     "--at",
     type=float,
@@ -109,7 +97,7 @@ def pools() -> None:
 def pools_status(config_path: Path | None, at: float | None) -> None:
     """Print, per pool and IP: this hour's sends, cap, deferrals, warm-up day, suspensions."""
     try:
-        config = shaping_config(config_path)
+        config = command_config(config_path).shaping
         if config.pools_file is None:
             raise ConfigError("shaping is off: the configuration names no [shaping] pools_file")
         pool_config = load_pools(config.pools_file)
@@ -147,13 +135,7 @@ async def _resume(url: str, ip: str, provider: str | None, now: float) -> list[S
 
 
 @pools.command("resume")
-@click.option(
-    "--config",
-    "config_path",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="eobblast configuration file (its [shaping] section names the budget store).",
-)
+@config_option("eobblast configuration file (its [shaping] section names the budget store).")
 @click.option("--ip", required=True, help="The source IP whose suspension to lift.")
 @click.option(
     "--provider",
@@ -163,7 +145,7 @@ async def _resume(url: str, ip: str, provider: str | None, now: float) -> list[S
 def pools_resume(config_path: Path | None, ip: str, provider: str | None) -> None:
     """Lift a block suspension before its cooldown ends (workers pick it up within seconds)."""
     try:
-        config = shaping_config(config_path)
+        config = command_config(config_path).shaping
         lifted = asyncio.run(_resume(config.budgets_url, ip, provider, time.time()))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
