@@ -333,6 +333,7 @@ class _Recorder:
 
 
 _DSN_MAIL_PARAMS = ("RET=", "ENVID=")
+_DSN_RCPT_PARAMS = ("NOTIFY=", "ORCPT=")
 
 
 def _mail_param(envelope: Envelope, name: str) -> str | None:
@@ -356,15 +357,26 @@ class _SandboxSMTP(SMTP):
         self.hang_up_instead_of_reply = False
         self._ended = False
 
+    def _without_dsn_params(
+        self, arg: str | None, names: tuple[str, ...]
+    ) -> tuple[str | None, list[str]]:
+        # aiosmtpd refuses parameters it does not know (555): RFC 3461's are taken out first
+        # when the domain offers DSN (a relay such as Postfix passes them on), as a real MTA
+        # would accept them.
+        if not arg or not self.domain_handler.offers_dsn:
+            return arg, []
+        words = arg.split(" ")
+        taken = [w for w in words if w.upper().startswith(names)]
+        return " ".join(w for w in words if w not in taken), taken
+
+    @syntax("RCPT TO: <address>", extended=" [SP <mail-parameters>]")
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        arg, _ = self._without_dsn_params(arg, _DSN_RCPT_PARAMS)
+        await super().smtp_RCPT(arg)
+
     @syntax("MAIL FROM: <address>", extended=" [SP <mail-parameters>]")
     async def smtp_MAIL(self, arg: str | None) -> None:
-        # aiosmtpd refuses parameters it does not know (555): take RFC 3461's out first
-        # when the domain offers DSN, and keep them on the envelope as a real MTA does.
-        dsn_params: list[str] = []
-        if arg and self.domain_handler.offers_dsn:
-            words = arg.split(" ")
-            dsn_params = [w for w in words if w.upper().startswith(_DSN_MAIL_PARAMS)]
-            arg = " ".join(w for w in words if w not in dsn_params)
+        arg, dsn_params = self._without_dsn_params(arg, _DSN_MAIL_PARAMS)
         await super().smtp_MAIL(arg)
         envelope = self.envelope
         if dsn_params and envelope is not None and envelope.mail_from is not None:
