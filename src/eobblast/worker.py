@@ -2,8 +2,9 @@
 
 Commit discipline: an offset is committed only when every record before it has a recorded
 outcome (its status event produced and acknowledged). In-flight records are bounded by
-`pipeline.max_in_flight`; when the bound is reached the partitions are paused, but the
-consumer keeps polling so the group does not evict it.
+`pipeline.max_in_flight`; at the bound the worker waits for a slot and leaves the consumer
+alone (aiokafka keeps at most one fetch per partition buffered), and only if it stays full
+for long does it poll with its partitions paused, so the group does not evict it.
 """
 
 from __future__ import annotations
@@ -63,6 +64,11 @@ log = logging.getLogger("eobblast.worker")
 COMMIT_TIMEOUT = 10.0
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka.
 PUBLISH_TIMEOUT = 10.0
+# A worker full of in-flight events this long still polls (all partitions paused), well
+# inside the consumer's max_poll_interval_ms, so the group does not evict it.
+POLL_WHEN_FULL = 30.0
+# A worker takes new records once this fraction of its in-flight slots is free.
+REFILL_FRACTION = 8
 
 
 def new_worker_id(index: int) -> str:
@@ -304,44 +310,54 @@ class Worker:
         limit = max(1, self._config.pipeline.max_in_flight)
         commit_every = self._config.kafka.commit_interval
         next_commit = time.monotonic() + commit_every
+        polled = time.monotonic()
+        # Records are taken a few at a time: one fetch call per record costs more than
+        # the slots left empty for a moment.
+        refill = max(1, limit // REFILL_FRACTION)
         while not stop.is_set():
             free = limit - self._tracker.in_flight
-            wait_ms = 100
-            if free <= 0:
-                # From the consumer's own state: partitions assigned by a rebalance meanwhile
-                # start unpaused.
-                unpaused = consumer.assignment() - consumer.paused()
-                if unpaused:
-                    consumer.pause(*unpaused)
-                # Full: wake as soon as a record finishes (not after a fixed poll timeout),
-                # and still poll (without waiting) so the group keeps this member.
+            if free < refill:
+                # Full: wake as soon as a record finishes. The consumer is left alone: a
+                # paused partition loses what aiokafka prefetched for it, which it would
+                # then fetch (and decode) again for every record taken after a resume.
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await self._slot_freed.wait()
-                wait_ms = 0
-            elif paused := consumer.paused():
-                consumer.resume(*paused)
-            try:
-                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=max(1, free))
-            except KafkaError:
-                log.warning("fetch failed; retrying", exc_info=True)
-                await asyncio.sleep(0.5)
-                continue
-            now = time.monotonic()
-            for tp, records in batch.items():
-                for record in records:
-                    self._tracker.handed_out(tp, record.offset)
-                    info = _InFlight(tp.partition, record.offset, now)
-                    task = asyncio.create_task(self._handle(tp, record, info))
-                    tasks = self._tasks.setdefault(tp, {})
-                    tasks[task] = info
-                    task.add_done_callback(functools.partial(_discard, tasks))
+                if time.monotonic() - polled >= POLL_WHEN_FULL:
+                    # Full this long means something is stuck: poll, every partition
+                    # paused, so the group keeps this member (max_poll_interval_ms).
+                    consumer.pause(*consumer.assignment())
+                    await self._fetch(consumer, 0, 1)
+                    polled = time.monotonic()
+            else:
+                if paused := consumer.paused():
+                    consumer.resume(*paused)
+                await self._fetch(consumer, 100, free)
+                polled = time.monotonic()
             if time.monotonic() >= next_commit:
                 await self._commit()
                 self._watch()
                 next_commit = time.monotonic() + commit_every
             metrics.IN_FLIGHT.set(self._tracker.in_flight)
+
+    async def _fetch(self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int) -> None:
+        """Take at most `limit` records and start a task for each."""
+        try:
+            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
+        except KafkaError:
+            log.warning("fetch failed; retrying", exc_info=True)
+            await asyncio.sleep(0.5)
+            return
+        now = time.monotonic()
+        for tp, records in batch.items():
+            for record in records:
+                self._tracker.handed_out(tp, record.offset)
+                info = _InFlight(tp.partition, record.offset, now)
+                task = asyncio.create_task(self._handle(tp, record, info))
+                tasks = self._tasks.setdefault(tp, {})
+                tasks[task] = info
+                task.add_done_callback(functools.partial(_discard, tasks))
 
     def _watch(self) -> None:
         """The age of the oldest event in flight, for the gauge."""
