@@ -10,9 +10,11 @@ import asyncio
 import datetime as dt
 import json
 import logging
+import sqlite3
 import subprocess
 import sys
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -714,3 +716,30 @@ async def test_one_failing_call_does_not_fail_the_calls_it_was_batched_with(
     assert all(isinstance(g, SendPermitted) for g in results)
     # The shared attempt was rolled back: each rerun alone found its notice new (attempt 1).
     assert all(isinstance(g, SendPermitted) and g.deliverable.attempt == 1 for g in results)
+
+
+async def test_raw_events_kept_before_zstd_still_read(tmp_path: Path) -> None:
+    # Stores written by earlier versions hold zlib; new notices are kept as zstd frames.
+    path = tmp_path / "bounces.db"
+    store = await open_bounce_store(f"sqlite:///{path}")
+    try:
+        service = make_service(store, RecordingPublisher())
+        member, address = ids()
+        ev1, _ = event(member, 1)
+        await send_ok(service, ev1, member, address)  # keeps {"event_id": ev1}
+        ev0, raw0 = event(member, 0)
+        with sqlite3.connect(path) as db:
+            db.execute(
+                "INSERT INTO bounce_payloads (eob_id, member_id, raw, stored_at)"
+                " VALUES (?, ?, ?, 0)",
+                (ev0, member, zlib.compress(raw0, 1)),
+            )
+            (kept,) = db.execute(
+                "SELECT raw FROM bounce_payloads WHERE eob_id = ?", (ev1,)
+            ).fetchone()
+        assert bytes(kept).startswith(b"\x28\xb5\x2f\xfd")  # zstd's frame magic
+        async with store.transaction({member}, dt.datetime.now(dt.UTC)) as tx:
+            kept_now = await tx.payloads([ev0, ev1])
+        assert kept_now == {ev0: raw0, ev1: orjson.dumps({"event_id": ev1})}
+    finally:
+        await store.close()
