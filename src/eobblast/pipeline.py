@@ -353,7 +353,7 @@ class Pipeline:
             return await self._bounce(event, message.rcpt_to, raw, exc, failed)
         timing.delivered()
         if self._bounces is not None:
-            await self._bounces.on_delivered(event_id, message.rcpt_to)
+            await self._bounces.on_delivered(event_id, message.rcpt_to, member_id=event.member.id)
         if reply.tls_verified and reply.tls_version is not None:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)

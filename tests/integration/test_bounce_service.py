@@ -743,3 +743,15 @@ async def test_raw_events_kept_before_zstd_still_read(tmp_path: Path) -> None:
         assert kept_now == {ev0: raw0, ev1: orjson.dumps({"event_id": ev1})}
     finally:
         await store.close()
+
+
+async def test_a_delivery_record_with_a_wrong_member_hint_still_finds_the_notice(
+    service: BounceService,
+) -> None:
+    # The member id only spares a lookup: the notice's own member is locked in the end.
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    to = await send_ok(service, ev1, member, address)
+    other, _ = ids()
+    outcome = await service.on_delivered(ev1, to, member_id=other, at=at(1))
+    assert outcome.outcome is Outcome.DELIVERED

@@ -692,10 +692,17 @@ class BounceService:
         eob_ids: Collection[str] = (),
         address_keys: Collection[str] = (),
         addresses: Collection[str] = (),
+        owners_known: Collection[str] = (),
     ) -> tuple[list[T], _Work]:
-        """Run the bodies, in order, in one transaction over the members they touch."""
+        """Run the bodies, in order, in one transaction over the members they touch.
+
+        Notices in `owners_known` belong to members in `member_ids` (their callers said
+        so): only the others' members are looked up first.
+        """
         locks = set(member_ids)
-        locks |= set((await self.store.members_of(eob_ids)).values())
+        unknown = set(eob_ids).difference(owners_known)
+        if unknown:
+            locks |= set((await self.store.members_of(unknown)).values())
         if address_keys:
             locks |= await self.store.members_retrying_at(address_keys)
         keys = set(address_keys) | {address_key(a) for a in addresses}
@@ -746,6 +753,7 @@ class BounceService:
             member_ids={m for call in calls for m in call.member_ids},
             eob_ids={e for call in calls for e in call.eob_ids},
             addresses={a for call in calls for a in call.addresses},
+            owners_known={e for call in calls if call.member_ids for e in call.eob_ids},
         )
         return results
 
@@ -848,9 +856,18 @@ class BounceService:
         return gate
 
     async def on_delivered(
-        self, event_id: str, address: str, *, at: dt.datetime | None = None
+        self,
+        event_id: str,
+        address: str,
+        *,
+        member_id: str | None = None,
+        at: dt.datetime | None = None,
     ) -> BounceOutcome:
-        """The receiver accepted the notice (2xx) at `address` (the deliverable's `to`)."""
+        """The receiver accepted the notice (2xx) at `address` (the deliverable's `to`).
+
+        `member_id`, when the caller knows it, saves looking up whose notice it is (a notice
+        that moved to another member meanwhile is still found: the transaction restarts).
+        """
         now = at or self.clock()
 
         async def body(work: _Work) -> BounceOutcome:
@@ -861,7 +878,10 @@ class BounceService:
                     work.drop.add(event_id)
             return work.outcome(event_id)
 
-        return await self._grouped(now, body, eob_ids=[event_id], addresses=[address])
+        members = [member_id] if member_id is not None else []
+        return await self._grouped(
+            now, body, member_ids=members, eob_ids=[event_id], addresses=[address]
+        )
 
     async def on_delivery_failure(
         self,
