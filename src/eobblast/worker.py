@@ -109,6 +109,12 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = 5) -> N
         log.warning("tasks still running after cancellation", extra={"count": len(tasks)})
 
 
+def _being_cancelled() -> bool:
+    """Whether someone asked to cancel the running task itself."""
+    task = asyncio.current_task()
+    return task is None or task.cancelling() > 0
+
+
 def status_record(
     outcome: EventOutcome, event_key: str, attempt: int, worker: str, source_ms: int | None
 ) -> bytes:
@@ -462,33 +468,21 @@ class Worker:
                         info.stage = "ordering"  # after the member's previous notice
                         await asyncio.wait([previous])
                     return await self._process(tp, record, info)
-            except TimeoutError:
-                if deadline.expired():
+            except (Exception, asyncio.CancelledError) as exc:
+                if isinstance(exc, TimeoutError) and deadline.expired():
                     self._report_stuck(info, time.monotonic() - started)
                     continue
-                failures += 1
-                self._report_failure(tp, record.offset)
-                await asyncio.sleep(backoff_delay(failures))
-            except asyncio.CancelledError:
-                task = asyncio.current_task()
-                if task is None or task.cancelling():
+                if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
                     raise  # this record's task is being cancelled (revoked, stopping)
-                # A cancellation meant for something this attempt awaited: a failure like
-                # any other, or the record would end here with no status and no log line.
+                # Anything else, a cancellation or timeout meant for something this attempt
+                # awaited included, is a failure: otherwise the record would end here with
+                # no status and no log line.
                 failures += 1
-                self._report_failure(tp, record.offset)
+                log.exception(
+                    "record could not be accounted for; trying again",
+                    extra={"partition": tp.partition, "offset": record.offset},
+                )
                 await asyncio.sleep(backoff_delay(failures))
-            except Exception:
-                failures += 1
-                self._report_failure(tp, record.offset)
-                await asyncio.sleep(backoff_delay(failures))
-
-    @staticmethod
-    def _report_failure(tp: TopicPartition, offset: int) -> None:
-        log.exception(
-            "record could not be accounted for; trying again",
-            extra={"partition": tp.partition, "offset": offset},
-        )
 
     def _report_stuck(self, info: _InFlight, seconds: float) -> None:
         metrics.STUCK.labels(info.stage).inc()

@@ -92,7 +92,8 @@ class SandboxDomain:
     # Real MXs offer PIPELINING (RFC 2920); a domain can turn it off to exercise the
     # one-command-at-a-time path.
     pipelining: bool = True
-    # Real MXs offer DSN (RFC 3461) and take its MAIL parameters (RET, ENVID).
+    # Real MXs offer DSN (RFC 3461) and take its parameters (MAIL: RET, ENVID; RCPT:
+    # NOTIFY, ORCPT).
     dsn: bool = True
 
     def __post_init__(self) -> None:
@@ -451,7 +452,7 @@ class _DomainHandler:
         responses: list[str],
     ) -> list[str]:
         """Offer PIPELINING and DSN when the domain does (aiosmtpd reads pipelined commands
-        fine; DSN's MAIL parameters are taken by `_SandboxSMTP.smtp_MAIL`)."""
+        fine; `_SandboxSMTP` takes DSN's MAIL and RCPT parameters)."""
         session.host_name = hostname  # aiosmtpd leaves this to a 5-argument hook
         offers = [
             *(["250-PIPELINING"] if self._domain.pipelining else []),
