@@ -71,7 +71,6 @@ class Supervisor:
         self._started_at: dict[int, float] = {}
         self._restart_at: dict[int, float] = {}
         self._delay: dict[int, float] = {}
-        self.restarts = 0
         self.metrics = SupervisorMetrics()
 
     @property
@@ -108,7 +107,6 @@ class Supervisor:
                 )
             if now >= self._restart_at[index]:
                 del self._restart_at[index]
-                self.restarts += 1
                 self.metrics.worker_restarts.inc()
                 if self._on_restart is not None:
                     self._on_restart(index, process.exitcode)
