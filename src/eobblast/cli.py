@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import signal
 import sys
 from pathlib import Path
@@ -224,12 +225,20 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
 def portal(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Serve the secure-portal pickup page until interrupted."""
     from eobblast.observe.logs import configure_logging
-    from eobblast.portal import create_app, serve_portal
+    from eobblast.portal import create_app, csrf_secret_from, serve_portal
     from eobblast.protect.services import ProtectionServices
 
     configure_logging("INFO")
     config = command_config(config_path)
     warn_relative_stores(config, {"portal.escrow_url", "portal.audit_url"})
+    https = config.portal.base_url.startswith("https://")
+    if https and not config.portal.trusted_proxies:
+        # HTTPS ends at a proxy in front: without trusting it, every member seems to come
+        # from the proxy's address and shares one rate limit.
+        logging.getLogger("eobblast.portal").warning(
+            "portal links are https but [portal] trusted_proxies is empty: "
+            "rate limits count every client of the TLS proxy as one"
+        )
 
     async def serve() -> None:
         services = await ProtectionServices.open(config)
@@ -237,7 +246,12 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
         try:
             server = await serve_portal(
                 create_app(
-                    services.escrow, services.audit, lockout_after=config.portal.lockout_after
+                    services.escrow,
+                    services.audit,
+                    lockout_after=config.portal.lockout_after,
+                    # Shared by every portal process and kept across restarts.
+                    csrf_secret=csrf_secret_from(services.audit_key),
+                    https=https,
                 ),
                 host or config.portal.listen_address,
                 config.portal.listen_port if port is None else port,

@@ -29,7 +29,14 @@ from eobblast.observe.audit import (
     member_ref,
     open_audit,
 )
-from eobblast.portal import PortalServer, Rate, create_app, purge_and_record, serve_portal
+from eobblast.portal import (
+    PortalServer,
+    Rate,
+    create_app,
+    csrf_secret_from,
+    purge_and_record,
+    serve_portal,
+)
 from eobblast.protect.escrow import (
     EscrowItem,
     EscrowStore,
@@ -350,7 +357,10 @@ async def test_typos_and_forged_forms_are_not_counted(
     assert typo.status_code == 422 and "month, day and year" in typo.text
     # No CSRF token, a forged one, another link's: refused with a fresh form, not counted.
     other_csrf = csrf_of((await client.get(f"/p/{other.token}")).text)
-    for bad in ("", "1.forged", other_csrf):
+    # Percent-escapes decode to non-ASCII text: "²" passes isdigit() but not int(), and
+    # compare_digest refuses non-ASCII; either must be a refusal, not a server error.
+    now = int(NOW.timestamp())
+    for bad in ("", "1.forged", other_csrf, "\u00b2.x", f"{now}.\u00e9"):
         forged = await submit(client, eob.token, eob.dob, eob.last4, csrf=bad)
         assert forged.status_code == 403 and "expired" in forged.text
     # The right token from another browser (it lacks the SameSite cookie): refused too.
@@ -495,6 +505,58 @@ async def test_behind_a_trusted_proxy_each_client_has_its_own_limit(
             assert await codes("203.0.113.9") == [200, 200, 429]  # not the first one's limit
     finally:
         await server.stop()
+
+
+async def test_behind_a_tls_proxy_pages_still_insist_on_https(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    # `eobblast portal` serves plain HTTP to the TLS proxy in front. With https links the
+    # browser must still get HSTS and a Secure cookie, whatever scheme this hop has.
+    eob = await escrow(stores, event_doc)
+    plain = await start(stores, clock)
+    behind_proxy = await start(stores, clock, https=True)
+    try:
+        async with httpx.AsyncClient() as one, httpx.AsyncClient() as other:  # two browsers
+            direct = await one.get(f"{plain.url}/p/{eob.token}")
+            proxied = await other.get(f"{behind_proxy.url}/p/{eob.token}")
+    finally:
+        await plain.stop()
+        await behind_proxy.stop()
+    assert direct.status_code == proxied.status_code == 200
+    assert "strict-transport-security" not in direct.headers
+    assert "secure" not in direct.headers["set-cookie"].lower()
+    assert proxied.headers["strict-transport-security"].startswith("max-age=")
+    assert "; secure" in proxied.headers["set-cookie"].lower()
+
+
+async def test_portal_processes_sharing_the_reference_key_accept_each_others_forms(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    # Behind a load balancer (or across a restart) the form comes from one process and
+    # the answers go to another: the CSRF secret is derived from the shared key.
+    eob = await escrow(stores, event_doc)
+    first = await start(stores, clock, csrf_secret=csrf_secret_from(REF_KEY))
+    second = await start(stores, clock, csrf_secret=csrf_secret_from(REF_KEY))
+    stranger = await start(stores, clock, csrf_secret=csrf_secret_from(b"another-key" * 3))
+    try:
+        async with httpx.AsyncClient(timeout=10) as http:
+            # Cookies are not per port: the browser sends its nonce to every process.
+            form = await http.get(f"{first.url}/p/{eob.token}")
+            csrf = csrf_of(form.text)
+            answers = {
+                "csrf": csrf,
+                "dob_month": str(eob.dob.month),
+                "dob_day": str(eob.dob.day),
+                "dob_year": str(eob.dob.year),
+                "last4": eob.last4,
+            }
+            refused = await http.post(f"{stranger.url}/p/{eob.token}", data=answers)
+            accepted = await http.post(f"{second.url}/p/{eob.token}", data=answers)
+    finally:
+        for server in (first, second, stranger):
+            await server.stop()
+    assert refused.status_code == 403
+    assert accepted.status_code == 200 and eob.html in accepted.text
 
 
 async def test_healthz(client: httpx.AsyncClient) -> None:

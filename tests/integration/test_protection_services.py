@@ -6,7 +6,15 @@ import multiprocessing
 from pathlib import Path
 from typing import Any
 
-from eobblast.protect.services import load_or_create_keyring, load_or_create_secret
+import pytest
+
+from eobblast.config import load_config
+from eobblast.protect.escrow import EscrowIntegrityError, KeyRing
+from eobblast.protect.services import (
+    ProtectionServices,
+    load_or_create_keyring,
+    load_or_create_secret,
+)
 
 
 def _open(directory: str, results: multiprocessing.Queue[tuple[str, bytes]], start: Any) -> None:
@@ -33,3 +41,34 @@ def test_processes_starting_together_share_one_key_ring_and_secret(tmp_path: Pat
         assert all(process.exitcode == 0 for process in processes)
         assert len(set(seen)) == 1  # one active key and one secret, not one per process
         assert len(list((directory / "keys").glob("*.key"))) == 2  # the ring's key + audit.key
+
+
+async def test_the_member_reference_key_beside_the_escrow_keys_never_opens_an_envelope(
+    tmp_path: Path,
+) -> None:
+    # The default layout keeps audit.key in the escrow key directory. Loaded as an escrow
+    # key, whoever holds that secret could plant an "EOB" the portal would show.
+    keys = tmp_path / "portal-keys"
+    config = load_config(
+        environ={},
+        overrides={
+            "portal": {
+                "key_dir": str(keys),
+                "audit_key_file": str(keys / "audit.key"),
+                "escrow_url": f"sqlite:///{tmp_path / 'escrow.db'}",
+                "audit_url": f"sqlite:///{tmp_path / 'audit.db'}",
+            }
+        },
+    )
+    for _ in range(2):  # the second start finds audit.key there
+        services = await ProtectionServices.open(config)
+        try:
+            assert (keys / "audit.key").exists()
+            assert services.escrow is not None
+            ring = services.escrow.keys
+            assert ring.key_ids == {ring.active_id}
+            planted = KeyRing({"audit": services.audit_key}, "audit").seal("evt-1", b"<p>x</p>")
+            with pytest.raises(EscrowIntegrityError):
+                ring.open("evt-1", planted)
+        finally:
+            await services.close()

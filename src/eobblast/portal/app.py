@@ -62,6 +62,7 @@ _LAST4 = re.compile(r"^[A-Za-z0-9]{1,4}$")
 _MAX_FORM_BYTES = 2048
 _CSRF_COOKIE = "portal_csrf"
 _CSRF_CONTEXT = b"eobblast.portal.csrf.v1\x00"
+_CSRF_KEY_CONTEXT = b"eobblast.portal.csrf-key.v1\x00"
 
 # Plain, readable, no external resources; allowed by its hash in the CSP below.
 _CSS = (
@@ -244,6 +245,12 @@ def _csrf_mac(secret: bytes, token_sha256: str, nonce: str, issued: int) -> str:
     return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
+def csrf_secret_from(key: bytes) -> bytes:
+    """The CSRF secret derived from a long-lived key (the member-reference key): the same in
+    every portal process and across restarts, so a form shown by one is accepted by another."""
+    return hmac.new(key, _CSRF_KEY_CONTEXT, hashlib.sha256).digest()
+
+
 def csrf_token(secret: bytes, token_sha256: str, nonce: str, issued: int) -> str:
     """The form's CSRF token: bound to the link, the browser's cookie nonce and a time."""
     return f"{issued}.{_csrf_mac(secret, token_sha256, nonce, issued)}"
@@ -254,7 +261,9 @@ def csrf_valid(
 ) -> bool:
     """Whether a submitted CSRF token was issued by us, for this link and browser, recently."""
     issued_text, _, mac = form_value.partition(".")
-    if not nonce or not issued_text.isdigit() or not mac:
+    # ASCII first: "²" is a digit to isdigit() but not to int(), and compare_digest refuses
+    # non-ASCII text. A crafted field is a failed check, never a server error.
+    if not (nonce and issued_text.isascii() and issued_text.isdigit() and mac.isascii()):
         return False
     issued = int(issued_text)
     if not (now - max_age <= issued <= now + 60):
@@ -276,9 +285,10 @@ def parse_dob(month: str, day: str, year: str) -> dt.date | None:
 class _SecurityHeaders:
     """Adds the portal's security headers to every response that does not set its own."""
 
-    def __init__(self, app: ASGIApp, *, hsts: bool) -> None:
+    def __init__(self, app: ASGIApp, *, hsts: bool, https: bool) -> None:
         self._app = app
         self._hsts = hsts
+        self._https = https
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -290,7 +300,7 @@ class _SecurityHeaders:
                 headers = MutableHeaders(scope=message)
                 for name, value in _HEADERS:
                     headers.setdefault(name, value)
-                if self._hsts and scope.get("scheme") == "https":
+                if self._hsts and (self._https or scope.get("scheme") == "https"):
                     headers.setdefault("strict-transport-security", "max-age=31536000")
             await send(message)
 
@@ -311,6 +321,7 @@ class _Portal:
         csrf_secret: bytes,
         csrf_max_age: float,
         clock: Callable[[], dt.datetime],
+        https: bool,
     ) -> None:
         self.escrow = escrow
         self.audit = audit
@@ -320,6 +331,7 @@ class _Portal:
         self.csrf_secret = csrf_secret
         self.csrf_max_age = csrf_max_age
         self.clock = clock
+        self.https = https
         self.templates = Environment(
             loader=PackageLoader("eobblast.portal", "templates"),
             autoescape=True,
@@ -405,7 +417,7 @@ class _Portal:
                 # Lax: a cross-site POST never carries it, while a link opened from a mail
                 # client (a cross-site GET) still finds the browser's nonce.
                 samesite="lax",
-                secure=request.url.scheme == "https",
+                secure=self.https or request.url.scheme == "https",
             )
         return response
 
@@ -691,11 +703,15 @@ def create_app(
     purge_interval: float | None = 300.0,
     clock: Callable[[], dt.datetime] = _utcnow,
     hsts: bool = True,
+    https: bool = False,
 ) -> Starlette:
     """The portal's ASGI app. It does not own (or close) the escrow and the audit trail.
 
     `csrf_secret` must be shared by every portal process behind one address (a random
     one is made per process otherwise); `purge_interval=None` leaves purging to others.
+    `https`: members reach the portal over HTTPS (its pickup links are https), though this
+    hop may be plain HTTP from a TLS proxy: HSTS and `Secure` cookies regardless. Without
+    it, both follow the scheme of the request as the server sees it.
     """
     portal = _Portal(
         escrow,
@@ -706,6 +722,7 @@ def create_app(
         csrf_secret=csrf_secret or secrets.token_bytes(32),
         csrf_max_age=csrf_max_age,
         clock=clock,
+        https=https,
     )
 
     @contextlib.asynccontextmanager
@@ -732,7 +749,7 @@ def create_app(
         exception_handlers={500: portal.server_error},
         lifespan=lifespan,
     )
-    app.add_middleware(_SecurityHeaders, hsts=hsts)
+    app.add_middleware(_SecurityHeaders, hsts=hsts, https=https)
     return app
 
 

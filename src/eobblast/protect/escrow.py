@@ -22,7 +22,7 @@ import hmac
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,13 +107,19 @@ class KeyRing:
         return cls(decoded, active)
 
     @classmethod
-    def from_directory(cls, directory: Path) -> KeyRing:
-        """A ring from `<dir>/<key id>.key` files (base64) and `<dir>/active` naming one."""
+    def from_directory(cls, directory: Path, *, not_keys: Collection[Path] = ()) -> KeyRing:
+        """A ring from `<dir>/<key id>.key` files (base64) and `<dir>/active` naming one.
+
+        `not_keys`: files that may lie there but are no escrow keys (the member-reference
+        key does by default): a secret kept for another purpose never opens an envelope.
+        """
+        skip = {path.resolve() for path in not_keys}
         try:
             active = (directory / _ACTIVE_FILE).read_text("ascii").strip()
             texts = {
                 path.name.removesuffix(_KEY_SUFFIX): path.read_text("ascii").strip()
                 for path in directory.glob("*" + _KEY_SUFFIX)
+                if path.resolve() not in skip
             }
         except OSError:
             raise ConfigError("cannot read the escrow key directory") from None
@@ -122,7 +128,9 @@ class KeyRing:
         return cls.from_mapping(texts, active)
 
     @classmethod
-    def generate(cls, directory: Path, key_id: str | None = None) -> KeyRing:
+    def generate(
+        cls, directory: Path, key_id: str | None = None, *, not_keys: Collection[Path] = ()
+    ) -> KeyRing:
         """Add a new random key to `directory`, make it the active one, and load the ring.
 
         Older keys stay in the directory so items sealed with them still open: this is
@@ -139,7 +147,7 @@ class KeyRing:
             raise FileExistsError(f"escrow key {key_id} exists already")
         # Written then renamed, so a reader never sees a half-written active file.
         write_whole(directory / _ACTIVE_FILE, key_id.encode("ascii") + b"\n", mode=0o600)
-        return cls.from_directory(directory)
+        return cls.from_directory(directory, not_keys=not_keys)
 
     def seal(self, item_id: str, plaintext: bytes) -> bytes:
         """Encrypt `plaintext` for `item_id` under a fresh data key wrapped by the active key."""
@@ -418,6 +426,11 @@ class EscrowStore(abc.ABC):
 
     def __init__(self, keys: KeyRing) -> None:
         self._keys = keys
+
+    @property
+    def keys(self) -> KeyRing:
+        """The key ring items are sealed with and opened by."""
+        return self._keys
 
     async def put(self, item: EscrowItem, *, now: dt.datetime | None = None) -> str:
         """Seal and store an item; returns the pickup token (it exists only in the link)."""

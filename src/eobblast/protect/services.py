@@ -6,7 +6,7 @@ import base64
 import contextlib
 import datetime as dt
 import secrets
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,12 +46,13 @@ def _load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
-def load_or_create_keyring(directory: Path) -> KeyRing:
-    """The escrow key ring in `directory`, with a first key generated if there is none."""
+def load_or_create_keyring(directory: Path, *, not_keys: Collection[Path] = ()) -> KeyRing:
+    """The escrow key ring in `directory`, with a first key generated if there is none;
+    `not_keys` are other secrets kept there (see `KeyRing.from_directory`)."""
     with _exclusive(directory):
         if (directory / "active").exists():
-            return KeyRing.from_directory(directory)
-        return KeyRing.generate(directory)
+            return KeyRing.from_directory(directory, not_keys=not_keys)
+        return KeyRing.generate(directory, not_keys=not_keys)
 
 
 @dataclass(slots=True)
@@ -77,7 +78,7 @@ class ProtectionServices:
         """Open escrow and audit stores as configured."""
         org, tls = _policy(config)
         portal = config.portal
-        keys = load_or_create_keyring(portal.key_dir)
+        keys = load_or_create_keyring(portal.key_dir, not_keys=[portal.audit_key_file])
         escrow = await open_escrow(portal.escrow_url, keys)
         audit = await open_audit(portal.audit_url)
         return cls(
