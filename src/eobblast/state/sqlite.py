@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
@@ -53,7 +56,8 @@ def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
     durable against process crashes (the failure model here); fsync at checkpoints.
     """
     statements = list(schema)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _owner_only(path)
     db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
     db.execute("PRAGMA busy_timeout=10000")
     deadline = time.monotonic() + 10.0
@@ -69,6 +73,23 @@ def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
             time.sleep(0.05)
     db.execute("PRAGMA synchronous=NORMAL")
     return db
+
+
+def _owner_only(path: Path) -> None:
+    # Stores hold raw events, escrowed notices and audit records: readable by their owner
+    # only, whatever the umask. SQLite gives its -wal and -shm files the database file's
+    # mode, so creating that file 0600 (or narrowing an older one) covers all three.
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm"):
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_IMODE(side.stat().st_mode) & 0o077:
+                side.chmod(0o600)
 
 
 def write_transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:
