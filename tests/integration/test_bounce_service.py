@@ -374,6 +374,43 @@ async def test_dsn_hard_bounce_through_verp(
     ]
 
 
+async def test_a_dsn_naming_a_pipe_is_still_a_hard_bounce_by_its_status(
+    service: BounceService, store: BounceStore
+) -> None:
+    # Final-Recipient names a local delivery program, not an address: the recipient comes
+    # from the returned To:, but the reason is still the report's Status 5.1.1. Taken from
+    # the prose alone it was "other", the address stayed live and the notice was resent.
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivered(ev1, address, at=at(1))
+    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+    dsn = (
+        "From: MAILER-DAEMON@mx.example.com\r\n"
+        f"To: {return_path}\r\n"
+        "Subject: Undelivered Mail Returned to Sender\r\n"
+        "MIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=delivery-status; boundary="b1"\r\n'
+        "\r\n--b1\r\nContent-Type: text/plain\r\n\r\n"
+        "This is the mail system at host mx.example.com. Your message could not be"
+        " delivered.\r\n"
+        "\r\n--b1\r\nContent-Type: message/delivery-status\r\n\r\n"
+        "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+        "Final-Recipient: x-unix; |/usr/bin/procmail\r\n"
+        "Action: failed\r\nStatus: 5.1.1\r\n"
+        "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n"
+        "\r\n--b1\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Return-Path: <{return_path}>\r\nTo: {address}\r\nSubject: Your EOB\r\n"
+        "\r\n--b1--\r\n"
+    ).encode()
+    report = await service.on_dsn(dsn, return_path, at=at(30))
+    assert [(r.event_id, r.category, r.outcome.outcome) for r in report.results] == [
+        (ev1, BounceCategory.HARD_ADDRESS, Outcome.HELD)
+    ]
+    assert await store.is_suppressed(address)
+    assert not (await service.tick(at(5 * 3600))).resends
+
+
 async def test_header_mapped_report_for_another_address_is_ignored(
     service: BounceService, store: BounceStore
 ) -> None:

@@ -21,7 +21,7 @@ import json
 import quopri
 import re
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from email.message import Message
 from email.parser import HeaderParser
 from typing import Any
@@ -485,8 +485,9 @@ class _Reader:
                 envid = per_message["original-envelope-id"].strip()[:200]
                 headers = _replace_headers(headers, envelope_id=envid)
             if per_recipient and not recipients and not self._only_successes(per_recipient):
-                # Final-Recipient was a file, a pipe or "@host": the notice text names someone.
-                recipients = self._text_recipients()
+                # Final-Recipient was a file, a pipe or "@host": the notice text names someone,
+                # and the report's own Status and Diagnostic-Code still say why.
+                recipients = self._with_block_reason(self._text_recipients(), per_recipient)
             if recipients or per_recipient:
                 return self._result(BounceKind.DSN, recipients, headers)
 
@@ -733,6 +734,44 @@ class _Reader:
         if self.envelope_to:
             out.add(_norm(self.envelope_to))
         return out
+
+    def _with_block_reason(
+        self, recipients: list[FailedRecipient], blocks: list[dict[str, str]]
+    ) -> list[FailedRecipient]:
+        """Recipients found in the text, classified by the report's failed block instead
+        (its Status and Diagnostic-Code beat the notice's prose: a 5.1.1 stays a 5.1.1)."""
+        failed = [
+            b
+            for b in blocks
+            if (b.get("action") or "").strip().lower().split(" ")[0] not in _SUCCESS_ACTIONS
+            and (b.get("status") or b.get("diagnostic-code"))
+        ]
+        if not failed:
+            return recipients
+        head, _ = self._cut_notice()
+        block = next(
+            (b for b in failed if (b.get("action") or "").lower().startswith("failed")), failed[0]
+        )
+        status = _status_field(block.get("status"))
+        diagnostic = _unwrap(_strip_type(block.get("diagnostic-code")))
+        enhanced = _status_text(diagnostic or "") or status
+        verdict = classify_reply(None, enhanced, diagnostic or head, rules=self.rules)
+        if verdict.category is BounceCategory.OTHER:
+            return recipients  # the block says nothing the text did not
+        action = (block.get("action") or "").strip().lower().split(" ")[0] or None
+        return [
+            replace(
+                r,
+                status=status or r.status,
+                diagnostic=_clip(diagnostic) if diagnostic else r.diagnostic,
+                action=action or r.action,
+                category=verdict.category,
+                reply_code=_reply_code(diagnostic) if diagnostic else r.reply_code,
+                matched_rule=verdict.matched_rule,
+                permanent=verdict.permanent,
+            )
+            for r in recipients
+        ]
 
     def _text_recipients(self) -> list[FailedRecipient]:
         head, _ = self._cut_notice()
