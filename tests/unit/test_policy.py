@@ -196,6 +196,18 @@ def test_unparseable_key_or_extension_is_unusable_not_a_crash() -> None:
     )
 
 
+def test_a_certificate_with_a_repeated_extension_is_unusable_not_a_crash() -> None:
+    # cryptography's builder refuses duplicates: rename the EKU extension's OID (2.5.29.37)
+    # to key usage's (2.5.29.15) in the DER, as a careless issuer could have produced it.
+    der = VALID.public_bytes(serialization.Encoding.DER)
+    eku, key_usage = bytes.fromhex("0603551d25"), bytes.fromhex("0603551d0f")
+    assert der.count(eku) == 1 and der.count(key_usage) == 1
+    repeated = x509.load_der_x509_certificate(der.replace(eku, key_usage))
+    assert certificate_usable(repeated, ADDRESS, NOW) is PolicyReason.CERTIFICATE_UNUSABLE
+    decision = choose_protection(RecipientFacts(ADDRESS, DOMAIN, repeated), DomainTls(), ORG, NOW)
+    assert decision.level is ProtectionLevel.PORTAL
+
+
 def test_naive_now_is_refused() -> None:
     with pytest.raises(ValueError, match="timezone-aware"):
         certificate_usable(VALID, ADDRESS, NOW.replace(tzinfo=None))

@@ -238,9 +238,14 @@ def certificate_usable(
     _require_aware(now)
     try:
         return _certificate_problem(cert, address, now)
-    except (ValueError, UnsupportedAlgorithm):
-        # cryptography parses extensions and keys lazily: a malformed extension or an
-        # unknown key algorithm surfaces here, and must not stop the pipeline.
+    except (
+        ValueError,
+        UnsupportedAlgorithm,
+        x509.DuplicateExtension,
+        x509.UnsupportedGeneralNameType,
+    ):
+        # cryptography parses extensions and keys lazily: a malformed or repeated extension
+        # or an unknown key algorithm surfaces here, and must not stop the pipeline.
         return PolicyReason.CERTIFICATE_UNUSABLE
 
 
