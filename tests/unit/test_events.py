@@ -15,6 +15,7 @@ from eobblast.errors import ReasonCode
 from eobblast.events import EobIssued, Rejection, json_schema, validate_event
 from eobblast.events.synthetic import generate_events
 from eobblast.events.verification import VerificationResultError, parse_verification_result
+from eobblast.render.mime import Renderer
 from tests.conftest import spoiled
 
 
@@ -93,6 +94,17 @@ def test_event_id_that_looks_like_phi_is_not_echoed(event_doc: dict[str, Any]) -
     result = validate_event(raw, allow_test_domains=True)
     assert isinstance(result, Rejection)
     assert result.event_id is None
+
+
+def test_an_internationalised_domain_is_kept_in_its_ascii_form(event_doc: dict[str, Any]) -> None:
+    # "bücher.example" passed as Unicode, then every render failed on the ASCII To header.
+    doc = {**event_doc, "member": {**event_doc["member"], "email": "Maria@Bücher.example"}}
+    event = validate_event(orjson.dumps(doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued)
+    assert event.member.email == "Maria@xn--bcher-kva.example"
+    message = Renderer().render(event)
+    assert (b"To", b"Maria@xn--bcher-kva.example") in message.headers
+    assert message.rcpt_to == "Maria@xn--bcher-kva.example"
 
 
 def test_test_domains_need_opt_in(event_doc: dict[str, Any]) -> None:

@@ -63,7 +63,11 @@ def _valid_address(value: str, info: ValidationInfo) -> str:
         )
     except EmailNotValidError:
         raise PydanticCustomError("invalid_address", "not a deliverable address") from None
-    return checked.normalized
+    if checked.ascii_email is None:  # pragma: no cover - allow_smtputf8=False refuses these
+        raise PydanticCustomError("invalid_address", "not a deliverable address")
+    # An internationalised domain in its ASCII (punycode) form: what SMTP, the To header,
+    # certificates' rfc822Name and the TLS and portal domain lists all use.
+    return checked.ascii_email
 
 
 def _npi_checksum(value: str) -> str:
