@@ -278,6 +278,17 @@ async def test_pickup_shows_the_eob_once_with_strict_headers(
     assert [r.actor for r in records] == ["worker-1", "portal", "portal"]
 
 
+async def test_a_member_id_ending_in_punctuation_can_be_picked_up(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    # Member ids may hold . _ : - (dependants' "-01"): their last four are what is typed.
+    doc = {**event_doc, "member": {**event_doc["member"], "id": "XYZ123456789-01"}}
+    eob = await escrow(stores, doc)
+    assert eob.last4 == "9-01"
+    response = await submit(client, eob.token, eob.dob, eob.last4)
+    assert response.status_code == 200 and eob.html in response.text
+
+
 async def test_two_simultaneous_right_answers_open_once(
     stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
 ) -> None:

@@ -58,7 +58,8 @@ log = logging.getLogger("eobblast.portal")
 
 ACTOR = "portal"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
-_LAST4 = re.compile(r"^[A-Za-z0-9]{1,4}$")
+# The characters a member id may have (events.schema.Identifier): "XYZ123456789-01" ends "9-01".
+_LAST4 = re.compile(r"^[A-Za-z0-9._:-]{1,4}$")
 _MAX_FORM_BYTES = 2048
 _CSRF_COOKIE = "portal_csrf"
 _CSRF_CONTEXT = b"eobblast.portal.csrf.v1\x00"
