@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import email
 import json
 import os
+import quopri
 import ssl
 import uuid
 from collections.abc import AsyncIterator
@@ -16,7 +19,13 @@ import pytest
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
-from eobblast.bounces.listener import REDACTED, BounceListener, serve_bounces
+from eobblast.bounces.listener import (
+    MAX_RECIPIENTS,
+    MAX_REVIEW_BYTES,
+    REDACTED,
+    BounceListener,
+    serve_bounces,
+)
 from eobblast.bounces.verp import VerpKey, make_return_path
 from eobblast.events import EobIssued, validate_event
 from eobblast.events.synthetic import generate_events
@@ -171,6 +180,16 @@ def returned_notice() -> tuple[EobIssued, bytes]:
     raise AssertionError("no event with an ASCII name")
 
 
+def decoded_parts(raw: bytes) -> list[bytes]:
+    """Every MIME part of a message as a reader would see it, transfer encoding undone."""
+    message = email.message_from_bytes(raw)
+    return [
+        payload
+        for part in message.walk()
+        if isinstance(payload := part.get_payload(decode=True), bytes)
+    ]
+
+
 class UnknownEvent:
     """What BounceService.on_dsn says of a report about a notice it no longer knows."""
 
@@ -199,6 +218,20 @@ async def test_review_copies_keep_the_headers_of_a_returned_notice_not_its_body(
         + b"\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
         b"--B\r\nContent-Type: message/rfc822\r\n\r\n" + notice + b"\r\n--B--\r\n"
     )
+    # Others wrap the returned copy in a quoted-printable or base64 part, where a byte
+    # search for its boundary lines finds "=3D_eob_" or nothing at all.
+    encoded = [
+        full.replace(
+            b"--B\r\nContent-Type: message/rfc822\r\n\r\n" + notice,
+            b"--B\r\nContent-Type: text/rfc822-headers\r\n"
+            b"Content-Transfer-Encoding: " + name + b"\r\n\r\n" + encode(notice),
+        )
+        for name, encode in (
+            (b"quoted-printable", quopri.encodestring),
+            (b"base64", lambda data: base64.encodebytes(data).replace(b"\n", b"\r\n")),
+        )
+    ]
+    assert all(b"--=_eob_" not in raw for raw in encoded)  # the boundary lines are hidden
     legacy = b"Subject: failure notice\r\n\r\nSorry, it did not work out.\r\n\r\n" + notice
     quoted = b"Subject: returned\r\n\r\nGone:\r\n" + b"".join(
         b"> " + line for line in notice.splitlines(keepends=True)
@@ -207,17 +240,47 @@ async def test_review_copies_keep_the_headers_of_a_returned_notice_not_its_body(
     async with BounceListener(
         unknown_event, host=HOST, port=0, bounce_domain=DOMAIN, review_dir=tmp_path / "r"
     ) as listener:
-        for raw in (full, legacy, quoted):
+        for raw in (full, legacy, quoted, *encoded):
             await send(listener, raw, rcpt)
     files = review_files(listener)
-    assert len(files) == 3
+    assert len(files) == 5
     for path in files:
         kept = path.read_bytes()
-        assert event.member.name.encode() not in kept
-        assert event.claim.patient_name.encode() not in kept
+        readable = kept + b"".join(decoded_parts(kept))
+        assert event.member.name.encode() not in readable
+        assert event.claim.patient_name.encode() not in readable
         assert REDACTED in kept
         assert f"X-EOB-Event-ID: {event.event_id}".encode() in kept  # what a person needs
     assert b"Status: 5.1.1" in files[0].read_bytes()
+
+
+async def test_a_message_is_parsed_for_at_most_ten_recipients(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    # Every recipient costs a parse of the whole message on the event loop: 100 of them
+    # on one large report would stall the listener. A repeated one is accepted once.
+    event_ids = [str(uuid.uuid4()) for _ in range(12)]
+    rcpts = [make_return_path(event_id, KEY, DOMAIN) for event_id in event_ids]
+    async with aiosmtplib.SMTP(hostname=HOST, port=listener.port, timeout=10) as smtp:
+        refused, _ = await smtp.sendmail(
+            "", [rcpts[0], *rcpts], dsn_for(event_ids[0], "gone@example.org")
+        )
+    assert {address: code for address, (code, _) in refused.items()} == {
+        address: 452 for address in rcpts[MAX_RECIPIENTS:]
+    }
+    assert [inbound.envelope_to for inbound in recorder.seen] == rcpts[:MAX_RECIPIENTS]
+
+
+async def test_a_large_report_kept_for_review_is_cut_to_size(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    junk = b"Subject: hello\r\n\r\n" + b"just chatting, at length\r\n" * 200_000
+    await send(listener, junk, "bounces+" + "d" * 30 + "@" + DOMAIN)
+    [kept] = review_files(listener)
+    data = kept.read_bytes()
+    assert len(junk) > 4 * MAX_REVIEW_BYTES
+    assert MAX_REVIEW_BYTES < len(data) < MAX_REVIEW_BYTES + 200
+    assert f"X-EOB-Review-Truncated: {len(junk)} bytes".encode() in data
 
 
 async def test_review_files_are_deleted_after_review_days(

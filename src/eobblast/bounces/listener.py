@@ -16,6 +16,8 @@ private directory (0700), each file deleted `review_days` after it arrived.
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
 import itertools
 import logging
 import os
@@ -46,6 +48,10 @@ BOUNCE_MESSAGES = Counter(
 )
 
 DEFAULT_DATA_LIMIT = 10 * 1024 * 1024
+MAX_RECIPIENTS = 10
+# What a review file keeps of one report (its headers, the delivery status and the returned
+# headers fit many times over): a flood of large junk cannot fill the disk.
+MAX_REVIEW_BYTES = 256 * 1024
 DEFAULT_MAX_REVIEW = 10_000
 DEFAULT_REVIEW_DAYS = 30.0
 _TOKEN = re.compile(r"^[a-z2-7]{18,60}$")
@@ -60,9 +66,48 @@ REDACTED = b"[eobblast: the body of the returned notice was removed; it may hold
 _SWEEP_EVERY = 3600.0
 
 
+_MARK = b"--" + BOUNDARY_PREFIX.encode()
+_REDACTED_PART = REDACTED.decode().rstrip("\r") + "\r\n"
+
+
 def without_notice_bodies(content: bytes) -> bytes:
-    """A report with the body of every returned notice cut out, its headers left."""
-    return _NOTICE_BODY.sub(REDACTED, content)
+    """A report with the body of every returned notice cut out, its headers left.
+
+    A copy returned as it was sent (raw or quoted) loses the body between its boundaries.
+    One inside a base64 or quoted-printable part hides those lines from a byte search: such
+    a part is decoded, and replaced whole if it holds one of our notices. If the report
+    cannot be read as MIME, only its headers are kept.
+    """
+    cut = _NOTICE_BODY.sub(REDACTED, content)
+    try:
+        message = email.message_from_bytes(cut, policy=email.policy.compat32)
+        replaced = False
+        for part in message.walk():
+            encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
+            if part.is_multipart() or encoding not in ("base64", "quoted-printable"):
+                continue
+            decoded = part.get_payload(decode=True)
+            if isinstance(decoded, bytes) and _MARK in decoded:
+                # Decoded, the copy's headers stay and its body goes, as for a plain one.
+                trimmed = _NOTICE_BODY.sub(REDACTED, decoded)
+                del part["Content-Transfer-Encoding"]
+                if _MARK in trimmed or not trimmed.isascii():
+                    del part["Content-Type"]
+                    part["Content-Type"] = "text/plain; charset=us-ascii"
+                    part.set_payload(_REDACTED_PART)
+                else:
+                    part.set_payload(trimmed.decode("ascii"))
+                replaced = True
+        kept = message.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
+        if not replaced:
+            return cut
+    except Exception:  # whatever the report is, PHI must not stay in it
+        kept = b""
+    if _MARK in kept or b"=3D" + BOUNDARY_PREFIX[1:].encode() in kept or not kept:
+        # Still there in some other form, or unreadable: the headers only.
+        head = cut.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
+        return head + b"\r\n\r\n" + REDACTED + b"\n"
+    return kept
 
 
 class _ListenerSMTP(SMTP):
@@ -105,6 +150,12 @@ class _Hooks:
             self._listener.stats["rejected_recipient"] += 1
             BOUNCE_MESSAGES.labels("rejected_recipient").inc()
             return "550 5.1.1 Recipient address rejected: not a bounce address"
+        if address in envelope.rcpt_tos:
+            return "250 2.1.5 Ok"  # once is enough: each recipient costs a parse
+        if len(envelope.rcpt_tos) >= MAX_RECIPIENTS:
+            # A report goes to one return path; the client sends the rest in a later
+            # transaction (RFC 5321 4.5.3.1.10), and one message cannot be parsed 100 times.
+            return "452 4.5.3 Too many recipients"
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Ok"
@@ -295,8 +346,11 @@ class BounceListener:
         self._review_count += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{next(self._seq)}.{reason}"
         header = f"X-EOB-Review-Reason: {reason}\r\n".encode()
-        kept = header + without_notice_bodies(content)
-        await asyncio.to_thread(self._write_review, name, kept)
+        kept = without_notice_bodies(content)
+        if len(kept) > MAX_REVIEW_BYTES:
+            header += f"X-EOB-Review-Truncated: {len(kept)} bytes\r\n".encode()
+            kept = kept[:MAX_REVIEW_BYTES]
+        await asyncio.to_thread(self._write_review, name, header + kept)
         self.stats["review"] += 1
         BOUNCE_MESSAGES.labels("review").inc()
         log.info("bounce kept for review", extra={"reason": str(reason)})
