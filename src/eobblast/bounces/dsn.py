@@ -156,17 +156,26 @@ def _message_from_bytes(data: bytes) -> Message:
     return msg
 
 
+_BOUNDARY_TRIES = 16
+
+
 def _repair_boundary(msg: Message) -> Message:
     """Re-read a multipart whose declared boundary never occurs (anonymisers, broken MTAs)."""
     payload = msg.get_payload()
     if not isinstance(payload, str) or not _ctype(msg).startswith("multipart/"):
         return msg
     lines = payload[:MAX_NOTICE].splitlines()
+    tried: set[str] = set()
     for line in lines:
         match = re.fullmatch(r"--([0-9A-Za-z'()+_,./:=? -]{1,70}?)\s*", line)
-        if match is None or match[1].endswith("--"):
+        if match is None or match[1].endswith("--") or match[1] in tried:
             continue
+        if len(tried) == _BOUNDARY_TRIES:
+            # Each try scans the whole payload: a message of thousands of "--x" lines must
+            # not hold the listener's event loop for minutes.
+            return msg
         boundary = match[1]
+        tried.add(boundary)
         if f"--{boundary}--" not in payload and payload.count(f"--{boundary}") < 2:
             continue
         try:
