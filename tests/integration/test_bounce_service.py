@@ -22,6 +22,8 @@ import orjson
 import pytest
 
 from eobblast.bounces.category import BounceCategory
+from eobblast.bounces.dsn import BounceKind
+from eobblast.bounces.inbound import ReviewReason
 from eobblast.bounces.service import (
     BounceReason,
     BounceService,
@@ -430,6 +432,57 @@ async def test_header_mapped_report_for_another_address_is_ignored(
     report = await service.on_dsn(dsn, "bounces@bounce.test", at=at(5))
     assert report.inbound.event_id == ev1 and report.results == ()
     assert not await store.is_suppressed(stranger)
+    assert report.review_reason is ReviewReason.NOT_ACTED_ON  # kept for a person, not lost
+
+
+async def test_a_verp_report_naming_many_addresses_suppresses_none(
+    service: BounceService, store: BounceStore
+) -> None:
+    # Our messages have one recipient. A report at a leaked return path listing others'
+    # addresses must not suppress them (and hold their notices): a person looks instead.
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivered(ev1, address, at=at(1))
+    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+    victims = [f"victim{i}-{address}" for i in range(3)]
+    blocks = "".join(
+        f"Final-Recipient: rfc822; {victim}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        for victim in victims
+    )
+    forged = (
+        "From: MAILER-DAEMON@mx.example.com\r\nSubject: Undelivered Mail\r\n"
+        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
+        ' boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nNot delivered.\r\n'
+        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
+        f"Reporting-MTA: dns; mx.example.com\r\n\r\n{blocks}--b--\r\n"
+    ).encode()
+    report = await service.on_dsn(forged, return_path, at=at(30))
+    assert report.results == ()
+    assert report.review_reason is ReviewReason.NOT_ACTED_ON
+    assert [await store.is_suppressed(victim) for victim in victims] == [False] * 3
+    assert not await store.is_suppressed(address)
+
+
+async def test_a_complaint_about_a_notice_is_kept_for_review(service: BounceService) -> None:
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+    arf = (
+        "From: abuse@mailbox.example\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
+        'Content-Type: multipart/report; report-type=feedback-report; boundary="f"\r\n\r\n'
+        "--f\r\nContent-Type: text/plain\r\n\r\nA member marked this as spam.\r\n"
+        "--f\r\nContent-Type: message/feedback-report\r\n\r\n"
+        "Feedback-Type: abuse\r\nUser-Agent: test/1.0\r\nVersion: 1\r\n\r\n"
+        "--f\r\nContent-Type: text/rfc822-headers\r\n\r\n"
+        f"Return-Path: <{return_path}>\r\nTo: {address}\r\n\r\n--f--\r\n"
+    ).encode()
+    report = await service.on_dsn(arf, return_path, at=at(30))
+    assert report.inbound.event_id == ev1
+    assert report.inbound.parsed.kind is BounceKind.FEEDBACK
+    # Not a bounce (the notice stays delivered), but never answered 250 and forgotten.
+    assert report.review_reason is ReviewReason.NOT_ACTED_ON
 
 
 async def test_a_verp_report_for_a_forgotten_notice_still_suppresses(

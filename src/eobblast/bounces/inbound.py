@@ -45,6 +45,9 @@ class ReviewReason(enum.StrEnum):
     UNMAPPED = "unmapped"
     # Ours (VERP verified), but about a notice the bounce store no longer knows.
     UNKNOWN_EVENT = "unknown_event"
+    # About one of our notices, but nothing in it was acted on: a complaint or opt-out, or
+    # a report naming addresses the notice was not sent to.
+    NOT_ACTED_ON = "not_acted_on"
 
 
 class Reviewable(Protocol):

@@ -31,6 +31,7 @@ from prometheus_client import Counter, Gauge
 from eobblast.bounces import state
 from eobblast.bounces.category import BounceCategory, HandlingAction
 from eobblast.bounces.classify import classify_reply
+from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
 from eobblast.bounces.rules import BounceRules, default_rules
 from eobblast.bounces.state import (
@@ -336,6 +337,14 @@ class DsnReport:
         """Why a person should look at the message, or None."""
         if any(r.outcome.reason is BounceReason.UNKNOWN_EVENT for r in self.results):
             return ReviewReason.UNKNOWN_EVENT
+        parsed = self.inbound.parsed
+        if (
+            self.inbound.event_id is not None
+            and not self.results
+            and (parsed.is_bounce or parsed.kind is BounceKind.FEEDBACK)
+        ):
+            # Mapped to a notice, yet it changed nothing: a person decides, nothing is lost.
+            return self.inbound.review_reason or ReviewReason.NOT_ACTED_ON
         return self.inbound.review_reason
 
     @property
@@ -996,9 +1005,11 @@ class BounceService:
                     )
                     if current in names:
                         targets.append((eob.address, category, final))
-                    elif verp:
+                    elif verp and len(reports) == 1:
                         # Ours, about an address the notice no longer uses (an older attempt):
-                        # the machine suppresses it if hard, and leaves the notice alone.
+                        # the machine suppresses it if hard, and leaves the notice alone. Our
+                        # messages have one recipient: a report listing several is forged or
+                        # an expanded alias, and suppresses nobody (it goes to review).
                         targets.append((address, category, final))
                     # A header-mapped report naming another address could be forged: ignored.
                 if not reports and verp:
