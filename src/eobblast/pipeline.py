@@ -358,14 +358,23 @@ class Pipeline:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
             )
-        await self._protection.record(
-            event_id,
-            AuditAction.SENT,
-            actor=self._actor,
-            member_id=event.member.id,
-            protection=decision.level,
-            reason=decision.reason,
-        )
+        try:
+            await self._protection.record(
+                event_id,
+                AuditAction.SENT,
+                actor=self._actor,
+                member_id=event.member.id,
+                protection=decision.level,
+                reason=decision.reason,
+            )
+        except Exception as exc:
+            # Delivered is delivered: a FAILED status would make the claims system send it
+            # again, perhaps on paper. The trail's gap is logged (by type: a driver's message
+            # could quote a value) and counted, for someone to mend.
+            metrics.AUDIT_GAPS.inc()
+            log.error(
+                "audit record not written: %s", type(exc).__name__, extra={"event_id": event_id}
+            )
         log.debug("delivered", extra={"event_id": event_id, "tls": reply.tls_version})
         return timing.outcome(
             event_id,

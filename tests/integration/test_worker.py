@@ -15,7 +15,7 @@ import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiosmtplib
 import httpx
@@ -27,7 +27,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from eobblast.config import load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
+from eobblast.observe.audit import AuditError, AuditRecord, AuditTrail
 from eobblast.observe.metrics import REGISTRY
+from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.state import Claim, LedgerEntry, SendLedger
 from eobblast.streams import EmbeddedBroker
@@ -276,6 +278,42 @@ async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
     assert not faults and sum(stack.sandbox.counts.values()) == 1
     failures = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
     assert len(failures) == 2
+
+
+class BrokenAuditTrail:
+    """An audit trail whose database is gone: every append fails."""
+
+    def __init__(self) -> None:
+        self.appends = 0
+
+    async def append(self, record: AuditRecord) -> None:
+        self.appends += 1
+        raise AuditError("audit database unavailable")
+
+
+async def test_an_audit_write_failing_after_delivery_leaves_the_notice_delivered(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The receiver accepted the notice; only the SENT record could not be written. A failed
+    # status would make the claims system send it again (perhaps on paper).
+    (value,) = stack.events(1, seed=24)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    config = stack.config()
+    audit = BrokenAuditTrail()
+    services = replace(ProtectionServices.policy_only(config), audit=cast(AuditTrail, audit))
+    caplog.set_level(logging.ERROR, logger="eobblast")
+    _, stop, task = await start_worker(config, protection=services)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    (status,) = statuses(records)[event_id]
+    assert status.status == "delivered"
+    assert audit.appends == 1 and sum(stack.sandbox.counts.values()) == 1
+    gaps = [r for r in caplog.records if r.getMessage() == "audit record not written: AuditError"]
+    assert [getattr(r, "event_id", None) for r in gaps] == [event_id]
 
 
 class StallFirst:

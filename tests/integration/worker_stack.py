@@ -19,6 +19,7 @@ from eobblast.demo import member_key, prepare_keys
 from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import Mix, generate_events
 from eobblast.pipeline import Pipeline
+from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki
 from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
@@ -186,14 +187,19 @@ def distinct_final(grouped: dict[str, list[DeliveryStatus]]) -> Counter[str]:
 
 
 async def start_worker(
-    config: Config, index: int = 0, *, ledger_as: Callable[[SendLedger], SendLedger] | None = None
+    config: Config,
+    index: int = 0,
+    *,
+    ledger_as: Callable[[SendLedger], SendLedger] | None = None,
+    protection: ProtectionServices | None = None,
 ) -> tuple[Worker, asyncio.Event, asyncio.Task[None]]:
     """A worker running in this event loop (its ledger wrapped by `ledger_as`, if given)."""
     transport = Transport.from_config(config.transport)
     ledger = await open_ledger(config.ledger.url)
     if ledger_as is not None:
         ledger = ledger_as(ledger)
-    worker = Worker(config, Pipeline(config, transport), ledger, worker_id=new_worker_id(index))
+    pipeline = Pipeline(config, transport, protection=protection)
+    worker = Worker(config, pipeline, ledger, worker_id=new_worker_id(index))
     stop = asyncio.Event()
 
     async def run() -> None:

@@ -68,6 +68,11 @@ DUPLICATES = Counter(
     "Redelivered or republished events that the send ledger stopped from being sent twice.",
     registry=REGISTRY,
 )
+AUDIT_GAPS = Counter(
+    "eobblast_audit_write_failures",
+    "Audit records of delivered notices that could not be written (the notice stays delivered).",
+    registry=REGISTRY,
+)
 
 STAGES = ("validate", "render", "sign", "deliver", "total")
 # Cached children: `.labels()` costs more than the observation itself.
