@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import gc
 import logging
 import os
 import socket
@@ -715,6 +716,10 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     tls = TlsSync(protection.tls, await open_tls_store(config.ledger.url))
     await tls.sync()
     sharing = asyncio.create_task(tls.run(stop, config.protection.tls_sync_seconds))
+    # Everything built so far (modules, templates, schemas, keys) lives as long as the
+    # process: moved out of the collector's sight, a full collection no longer walks it.
+    gc.collect()
+    gc.freeze()
     try:
         await worker.run(stop)
     finally:

@@ -34,6 +34,7 @@ import re
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 __all__ = [
     "ReturnPathToken",
@@ -104,17 +105,24 @@ def make_return_path(
     """The envelope sender for one event's message: prefix+token@bounce_domain."""
     if not _EVENT_ID.match(event_id):
         raise ValueError("event id must be 1-64 characters of [A-Za-z0-9._:-]")
-    domain = bounce_domain.strip().lower().rstrip(".")
-    if not _DOMAIN.match(domain):
-        raise ValueError("bounce domain is not a valid host name")
-    if not _PREFIX.match(prefix):
-        raise ValueError("VERP prefix must be a short lower-case word")
+    domain = _checked_domain(bounce_domain, prefix)
     room = MAX_LOCAL_PART - len(prefix) - 1
     for kind, payload in _payloads(event_id):
         token = _seal(secret, kind, payload)
         if len(token) <= room:
             return f"{prefix}+{token}@{domain}"
     raise ValueError("VERP prefix too long for a token within 64 characters")
+
+
+@lru_cache(maxsize=16)
+def _checked_domain(bounce_domain: str, prefix: str) -> str:
+    # The same few (domain, prefix) pairs for every message: checked once each.
+    domain = bounce_domain.strip().lower().rstrip(".")
+    if not _DOMAIN.match(domain):
+        raise ValueError("bounce domain is not a valid host name")
+    if not _PREFIX.match(prefix):
+        raise ValueError("VERP prefix must be a short lower-case word")
+    return domain
 
 
 def read_return_path(
@@ -186,7 +194,9 @@ def _unpack_text(data: bytes) -> str:
     return "".join(reversed(chars))
 
 
+@lru_cache(maxsize=16)
 def _keys(secret: bytes) -> tuple[bytes, bytes]:
+    # Derived once per key, not per message (the secret is held by its VerpKey anyway).
     mac_key = hmac.new(secret, _MAC_LABEL, hashlib.sha256).digest()
     enc_key = hmac.new(secret, _ENC_LABEL, hashlib.sha256).digest()
     return mac_key, enc_key
@@ -202,7 +212,10 @@ def _keystream(enc_key: bytes, header: bytes, tag: bytes, size: int) -> bytes:
 
 
 def _xor(left: bytes, right: bytes) -> bytes:
-    return bytes(a ^ b for a, b in zip(left, right, strict=True))
+    if len(left) != len(right):
+        raise ValueError("xor of unequal lengths")
+    mixed = int.from_bytes(left, "big") ^ int.from_bytes(right, "big")
+    return mixed.to_bytes(len(left), "big")
 
 
 def _seal(key: VerpKey, kind: TokenKind, payload: bytes) -> str:
