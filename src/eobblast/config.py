@@ -154,6 +154,9 @@ class BouncesConfig:
     verp_prefix: str = "bounces"
     verp_key_file: Path = Path("keys/verp.key")
     verp_key_id: int = 1
+    # Keys rotated out, as "ID:FILE": they sign nothing new but still open the return paths
+    # of mail sent with them, whose bounces come for days (MTAs retry for up to 5).
+    verp_previous_keys: tuple[str, ...] = ()
     # Bounce rules TOML (classification, handling, retry, verification); packaged default.
     rules_file: Path | None = None
     listen_address: str = "127.0.0.1"
@@ -176,6 +179,21 @@ class BouncesConfig:
     def __post_init__(self) -> None:
         if not self.review_days > 0:
             raise ConfigError("bounces.review_days: expected a number > 0")
+        ids = [self.verp_key_id, *(key_id for key_id, _ in self.previous_verp_keys())]
+        if len(set(ids)) != len(ids):
+            raise ConfigError("bounces.verp_previous_keys: each key needs an id of its own")
+
+    def previous_verp_keys(self) -> list[tuple[int, Path]]:
+        """`verp_previous_keys` as (key id, file)."""
+        keys = []
+        for entry in self.verp_previous_keys:
+            key_id, colon, path = entry.partition(":")
+            if not colon or not key_id.strip().isdigit() or not path.strip():
+                raise ConfigError('bounces.verp_previous_keys: expected entries "ID:FILE"')
+            if int(key_id) > 63:
+                raise ConfigError("bounces.verp_previous_keys: key ids are 0..63")
+            keys.append((int(key_id), Path(path.strip())))
+        return keys
 
 
 @dataclass(frozen=True, slots=True)

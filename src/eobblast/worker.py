@@ -42,7 +42,7 @@ from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, 
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
 from eobblast.pipeline import EventOutcome, Pipeline, bounce_event_outcome
-from eobblast.protect.services import ProtectionServices, load_or_create_secret
+from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
 from eobblast.streams.kafka import (
@@ -636,13 +636,17 @@ async def open_bounces(
 ) -> BounceService:
     """The bounce service as configured (its store opened; close `service.store`)."""
     settings = config.bounces
-    store = await open_bounce_store(settings.store_url)
     secret = load_or_create_secret(settings.verp_key_file)
+    # The current key signs; the previous ones still open what was signed with them.
+    previous = [
+        VerpKey(key_id, load_secret(path)) for key_id, path in settings.previous_verp_keys()
+    ]
+    store = await open_bounce_store(settings.store_url)
     return BounceService(
         store,
         publisher,
         rules=load_rules(settings.rules_file) if settings.rules_file else None,
-        verp_keys=[VerpKey(settings.verp_key_id, secret)],
+        verp_keys=[VerpKey(settings.verp_key_id, secret), *previous],
         bounce_domain=settings.bounce_domain,
         verp_prefix=settings.verp_prefix,
         audit=protection.audit,

@@ -17,13 +17,14 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
 
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
-from eobblast.bounces.inbound import ReviewReason
+from eobblast.bounces.inbound import MappedBy, ReviewReason
 from eobblast.bounces.service import (
     BounceReason,
     BounceService,
@@ -34,7 +35,8 @@ from eobblast.bounces.service import (
 from eobblast.bounces.state import IncidentKind
 from eobblast.bounces.store import BounceStore, open_bounce_store
 from eobblast.bounces.verp import VerpKey, make_return_path
-from eobblast.errors import Outcome
+from eobblast.config import Config, load_config
+from eobblast.errors import ConfigError, Outcome
 from eobblast.events.verification import (
     AddressVerificationFailed,
     AddressVerificationRequested,
@@ -48,7 +50,9 @@ from eobblast.events.verification import (
 )
 from eobblast.observe.audit import AuditAction, AuditTrail, member_ref, open_audit
 from eobblast.observe.metrics import REGISTRY
+from eobblast.protect.services import ProtectionServices, load_or_create_secret
 from eobblast.sandbox import Behaviour, delivery_status_notification
+from eobblast.worker import open_bounces
 from tests.conftest import throwaway_pg_schema
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
@@ -845,3 +849,68 @@ async def test_a_delivery_record_with_a_wrong_member_hint_still_finds_the_notice
     other, _ = ids()
     outcome = await service.on_delivered(ev1, to, member_id=other, at=at(1))
     assert outcome.outcome is Outcome.DELIVERED
+
+
+def rotated_config(tmp_path: Path, **bounces: Any) -> Config:
+    return load_config(
+        environ={},
+        overrides={
+            "bounces": {
+                "store_url": f"sqlite:///{tmp_path / 'bounces.db'}",
+                "bounce_domain": BOUNCE_DOMAIN,
+                "verp_key_file": str(tmp_path / "verp-2.key"),
+                "verp_key_id": 2,
+                **bounces,
+            }
+        },
+    )
+
+
+async def test_after_a_key_rotation_mail_signed_with_the_old_key_still_maps(
+    tmp_path: Path,
+) -> None:
+    # A bounce comes up to 5 days after the send: the key that signed its return path must
+    # still open it after the next key took over.
+    old_file = tmp_path / "verp-1.key"
+    old_key = VerpKey(1, load_or_create_secret(old_file))
+    config = rotated_config(tmp_path, verp_previous_keys=[f"1:{old_file}"])
+    service = await open_bounces(
+        config, ProtectionServices.policy_only(config), RecordingPublisher(), actor="t"
+    )
+    try:
+        member, address = ids()
+        ev1, _ = event(member, 1)
+        await send_ok(service, ev1, member, address)
+        await service.on_delivered(ev1, address, at=at(1))
+        signed_before = make_return_path(ev1, old_key, BOUNCE_DOMAIN)
+        assert service.return_path(ev1) != signed_before  # new mail: the new key
+        dsn = delivery_status_notification(
+            behaviour=Behaviour.BOUNCE_LATER,
+            reporting_mta="mx.example.com",
+            return_path=signed_before,
+            recipient=address,
+            returned_headers=f"To: {address}\r\n\r\n".encode(),
+            arrival=at(1),
+            queue_id="Q9",
+        )
+        report = await service.on_dsn(dsn, signed_before, at=at(30))
+    finally:
+        await service.store.close()
+    assert report.inbound.mapped_by is MappedBy.VERP
+    assert [(r.event_id, r.category) for r in report.results] == [
+        (ev1, BounceCategory.HARD_ADDRESS)
+    ]
+
+
+async def test_previous_verp_keys_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match='"ID:FILE"'):
+        rotated_config(tmp_path, verp_previous_keys=["verp-1.key"])
+    with pytest.raises(ConfigError, match="an id of its own"):
+        rotated_config(tmp_path, verp_previous_keys=[f"2:{tmp_path / 'x.key'}"])
+    # A previous key that is not there is an error, never a fresh key that opens nothing.
+    missing = rotated_config(tmp_path, verp_previous_keys=[f"1:{tmp_path / 'gone.key'}"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        await open_bounces(
+            missing, ProtectionServices.policy_only(missing), RecordingPublisher(), actor="t"
+        )
+    assert not (tmp_path / "gone.key").exists()

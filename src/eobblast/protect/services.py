@@ -33,6 +33,14 @@ def load_or_create_secret(path: Path) -> bytes:
         return _load_or_create_secret(path)
 
 
+def load_secret(path: Path) -> bytes:
+    """A 32-byte secret a file already holds (base64); a missing file is a ConfigError:
+    a key that opens what was made with it cannot be created afresh."""
+    if not path.exists():
+        raise ConfigError(f"{path} does not exist")
+    return _load_or_create_secret(path)
+
+
 def _load_or_create_secret(path: Path) -> bytes:
     if path.exists():
         try:
