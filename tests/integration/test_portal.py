@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email
 import logging
@@ -12,7 +13,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import orjson
@@ -29,6 +30,7 @@ from eobblast.observe.audit import (
     member_ref,
     open_audit,
 )
+from eobblast.observe.logs import configure_logging
 from eobblast.portal import (
     PortalServer,
     Rate,
@@ -738,6 +740,57 @@ async def test_a_swapped_ciphertext_is_an_incident_not_a_pickup(
     assert (await actions(stores, first.event.event_id))[-1] == ("incident", "escrow_integrity")
     status = await stores.escrow.status(first.token, NOW)
     assert status.failure is None  # not counted as a wrong answer, not spent
+
+
+@contextlib.contextmanager
+def service_logging() -> Iterator[None]:
+    """The logging `eobblast portal` sets up (onto stderr as it is now), undone afterwards."""
+    names = ("eobblast", "uvicorn", "uvicorn.error", "aiosmtpd", "aiokafka")
+    saved = [(logging.getLogger(n), logging.getLogger(n).handlers[:]) for n in names]
+    states = [(lg.propagate, lg.level) for lg, _ in saved]
+    configure_logging("INFO")
+    try:
+        yield
+    finally:
+        for (logger, handlers), (propagate, level) in zip(saved, states, strict=True):
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+            logger.setLevel(level)
+
+
+class LeakyEscrow:
+    """An escrow store whose driver puts a value of the failed statement in its error."""
+
+    def __init__(self, inner: EscrowStore, secret: str) -> None:
+        self._inner = inner
+        self._secret = secret
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def status(self, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError(f"connection lost while reading row for {self._secret}")
+
+
+async def test_a_server_error_is_logged_as_json_without_the_exceptions_text(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any], capsys: pytest.CaptureFixture[str]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    leaky = cast(EscrowStore, LeakyEscrow(stores.escrow, eob.event.member.name))
+    with service_logging():
+        server = await serve_portal(
+            create_app(leaky, stores.audit, purge_interval=None, clock=clock)
+        )
+        try:
+            async with httpx.AsyncClient(base_url=server.url) as http:
+                page = await http.get(f"/p/{eob.token}")
+        finally:
+            await server.stop()
+    assert page.status_code == 503
+    err = capsys.readouterr().err
+    lines = [orjson.loads(line) for line in err.splitlines() if line.startswith("{")]
+    assert any(line.get("exc_type") == "RuntimeError" for line in lines), err
+    assert eob.event.member.name not in err and "Traceback" not in err
 
 
 async def test_a_lost_database_gives_the_generic_page_and_an_unhealthy_check(

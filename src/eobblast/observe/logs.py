@@ -33,11 +33,23 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(doc, default=str).decode()
 
 
+# Libraries whose own loggers would otherwise print whole tracebacks through Python's
+# default handler: uvicorn logs "Exception in ASGI application" with the exception's text,
+# which a database driver may fill with a value from the failed statement.
+_LIBRARY_LOGGERS = ("uvicorn", "aiosmtpd", "aiokafka")
+
+
 def configure_logging(level: str = "INFO") -> None:
-    """Send eobblast's logs to stderr as JSON lines."""
+    """Send eobblast's logs (and those of the servers it runs) to stderr as JSON lines."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger("eobblast")
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     root.propagate = False
+    for name in _LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        library.handlers[:] = [handler]
+        library.propagate = False
+        if library.level == logging.NOTSET:
+            library.setLevel(logging.WARNING)
