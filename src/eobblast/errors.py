@@ -86,6 +86,14 @@ class ConfigError(EobblastError):
         super().__init__(ReasonCode.INVALID_VALUE, detail)
 
 
+class StoreUnavailable(EobblastError):
+    """A store could not be read or written before anything was decided: the caller tries
+    the event again later (an outage must not turn into notices failed for good)."""
+
+    def __init__(self, store: str) -> None:
+        super().__init__(ReasonCode.INTERNAL_ERROR, f"{store} unavailable")
+
+
 class DeliveryError(EobblastError):
     """A message could not be handed to the receiving server."""
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import sqlite3
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+import psycopg
 
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.service import (
@@ -17,8 +20,9 @@ from eobblast.bounces.service import (
     SendPermitted,
     Settled,
 )
+from eobblast.bounces.store import StoreBusy
 from eobblast.config import Config
-from eobblast.errors import ConfigError, DeliveryError, Outcome, ReasonCode
+from eobblast.errors import ConfigError, DeliveryError, Outcome, ReasonCode, StoreUnavailable
 from eobblast.events import EobIssued, Rejection, validate_event
 from eobblast.observe import metrics
 from eobblast.observe.audit import AuditAction
@@ -38,6 +42,9 @@ from eobblast.transport import Transport
 from eobblast.transport.pool import SmtpReplyError
 
 log = logging.getLogger("eobblast.pipeline")
+
+# What a store that is down or locked raises: its drivers' errors, timeouts, StoreBusy.
+_STORE_ERRORS = (StoreBusy, sqlite3.Error, psycopg.Error, OSError, TimeoutError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,14 +168,18 @@ class Pipeline:
         raw: bytes = b"",
         resend: Resend | None = None,
     ) -> EventOutcome:
-        """Gate, render, sign and deliver a validated event; never raises.
+        """Gate, render, sign and deliver a validated event.
 
+        Raises only StoreUnavailable, when the bounce gate cannot be reached: nothing was
+        decided or sent, and the caller tries again later. Anything else ends as an outcome.
         `raw` is the event as consumed (kept by the bounce service for a hold or a retry);
         `resend` is the bounce service's permission for a retry or a release, in place of
         the gate's.
         """
         try:
             return await self._send(event, start, time.perf_counter(), raw, resend)
+        except StoreUnavailable:
+            raise
         except Exception:
             # A bug must not stop the run or lose the event: it is recorded as failed.
             log.exception("internal error while processing an event")
@@ -205,7 +216,12 @@ class Pipeline:
             if resend is not None:
                 to = resend.to
             else:
-                gate = await self._bounces.gate(event_id, event.member.id, to, raw)
+                try:
+                    gate = await self._bounces.gate(event_id, event.member.id, to, raw)
+                except _STORE_ERRORS as exc:
+                    # Its transaction rolled back: nothing decided, nothing to undo. A store
+                    # outage (or a lock held too long) is waited out, not a failed notice.
+                    raise StoreUnavailable("bounce store") from exc
                 match gate:
                     case Held():
                         log.info("event held", extra={"event_id": event_id, "reason": gate.reason})

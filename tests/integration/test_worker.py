@@ -24,6 +24,7 @@ import pytest
 import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
+from eobblast.bounces.store import BounceStore
 from eobblast.config import load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
@@ -278,6 +279,51 @@ async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
     assert not faults and sum(stack.sandbox.counts.values()) == 1
     failures = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
     assert len(failures) == 2
+
+
+class FlakyBounceStore:
+    """A bounce store whose database is away for its first `failures` transactions."""
+
+    def __init__(self, failures: int) -> None:
+        self.failures = failures
+        self.inner: BounceStore | None = None
+
+    def wrap(self, store: BounceStore) -> BounceStore:
+        self.inner = store
+        return cast(BounceStore, self)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def transaction(self, *args: Any, **kwargs: Any) -> Any:
+        assert self.inner is not None
+        if self.failures > 0:
+            self.failures -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        return self.inner.transaction(*args, **kwargs)
+
+
+async def test_a_bounce_store_outage_is_waited_out_not_a_failed_notice(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The gate decides nothing when its store is away: the event is tried again after a
+    # pause, as for a ledger it cannot reach, instead of ending failed/internal_error.
+    (value,) = stack.events(1, seed=25)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    flaky = FlakyBounceStore(failures=2)
+    caplog.set_level(logging.ERROR, logger="eobblast")
+    _, stop, task = await start_worker(stack.config(), bounce_store_as=flaky.wrap)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    (status,) = statuses(records)[event_id]
+    assert status.status == "delivered"
+    assert flaky.failures == 0 and sum(stack.sandbox.counts.values()) == 1
+    retried = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
+    assert len(retried) == 2
 
 
 class BrokenAuditTrail:

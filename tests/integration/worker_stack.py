@@ -14,6 +14,7 @@ from typing import Any
 
 import orjson
 
+from eobblast.bounces.store import BounceStore
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key, prepare_keys
 from eobblast.events.status import DeliveryStatus
@@ -24,7 +25,7 @@ from eobblast.sandbox import Sandbox, SandboxDomain, TestPki
 from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.transport import Transport
-from eobblast.worker import Worker, new_worker_id
+from eobblast.worker import Worker, _LateBound, new_worker_id, open_bounces
 
 CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 
@@ -192,14 +193,25 @@ async def start_worker(
     *,
     ledger_as: Callable[[SendLedger], SendLedger] | None = None,
     protection: ProtectionServices | None = None,
+    bounce_store_as: Callable[[BounceStore], BounceStore] | None = None,
 ) -> tuple[Worker, asyncio.Event, asyncio.Task[None]]:
-    """A worker running in this event loop (its ledger wrapped by `ledger_as`, if given)."""
+    """A worker running in this event loop (its ledger wrapped by `ledger_as`, if given).
+
+    With `bounce_store_as` it runs the bounce service too, as `eobblast run` does, on the
+    bounce store that function wraps."""
     transport = Transport.from_config(config.transport)
     ledger = await open_ledger(config.ledger.url)
     if ledger_as is not None:
         ledger = ledger_as(ledger)
-    pipeline = Pipeline(config, transport, protection=protection)
-    worker = Worker(config, pipeline, ledger, worker_id=new_worker_id(index))
+    bounces = None
+    publisher = _LateBound()
+    if bounce_store_as is not None:
+        services = protection or ProtectionServices.policy_only(config)
+        bounces = await open_bounces(config, services, publisher, actor=f"worker-{index}")
+        bounces.store = bounce_store_as(bounces.store)
+    pipeline = Pipeline(config, transport, protection=protection, bounces=bounces)
+    worker = Worker(config, pipeline, ledger, worker_id=new_worker_id(index), bounces=bounces)
+    publisher.target = worker
     stop = asyncio.Event()
 
     async def run() -> None:
@@ -208,6 +220,8 @@ async def start_worker(
         finally:
             await transport.aclose()
             await ledger.close()
+            if bounces is not None:
+                await bounces.store.close()
 
     return worker, stop, asyncio.create_task(run())
 
