@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import sqlite3
@@ -43,6 +44,8 @@ from eobblast.transport.pool import SmtpReplyError
 
 log = logging.getLogger("eobblast.pipeline")
 
+# How often a delivery is offered to the bounce store before it is reported unrecorded.
+_DELIVERY_RECORD_TRIES = 4
 # What a store that is down or locked raises: its drivers' errors, timeouts, StoreBusy.
 _STORE_ERRORS = (StoreBusy, sqlite3.Error, psycopg.Error, OSError, TimeoutError)
 
@@ -369,7 +372,7 @@ class Pipeline:
             return await self._bounce(event, message.rcpt_to, raw, exc, failed)
         timing.delivered()
         if self._bounces is not None:
-            await self._bounces.on_delivered(event_id, message.rcpt_to, member_id=event.member.id)
+            await self._record_delivery(event_id, message.rcpt_to, event.member.id)
         if reply.tls_verified and reply.tls_version is not None:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
@@ -401,6 +404,26 @@ class Pipeline:
             enhanced_status=reply.enhanced,
             tls_version=reply.tls_version,
         )
+
+    async def _record_delivery(self, event_id: str, address: str, member_id: str) -> None:
+        """Tell the bounce service the receiver took the notice. Its store may be away for
+        a moment: tried a few times, since a notice left "sending" is sent again once its
+        lease runs out. Whatever happens, the notice was delivered and is reported so."""
+        assert self._bounces is not None
+        for attempt in range(1, _DELIVERY_RECORD_TRIES + 1):
+            try:
+                await self._bounces.on_delivered(event_id, address, member_id=member_id)
+                return
+            except _STORE_ERRORS as exc:
+                if attempt == _DELIVERY_RECORD_TRIES:
+                    metrics.DELIVERIES_UNRECORDED.inc()
+                    log.error(
+                        "delivery not recorded in the bounce store: %s",
+                        type(exc).__name__,
+                        extra={"event_id": event_id},
+                    )
+                    return
+                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
 
     async def _bounce(
         self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome

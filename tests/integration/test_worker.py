@@ -24,6 +24,7 @@ import pytest
 import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
+from eobblast.bounces.state import EobStatus
 from eobblast.bounces.store import BounceStore
 from eobblast.config import load_config
 from eobblast.demo import member_key
@@ -282,10 +283,11 @@ async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
 
 
 class FlakyBounceStore:
-    """A bounce store whose database is away for its first `failures` transactions."""
+    """A bounce store whose database is away for `failures` transactions, after `after`."""
 
-    def __init__(self, failures: int) -> None:
+    def __init__(self, failures: int, *, after: int = 0) -> None:
         self.failures = failures
+        self.after = after
         self.inner: BounceStore | None = None
 
     def wrap(self, store: BounceStore) -> BounceStore:
@@ -297,7 +299,9 @@ class FlakyBounceStore:
 
     def transaction(self, *args: Any, **kwargs: Any) -> Any:
         assert self.inner is not None
-        if self.failures > 0:
+        if self.after > 0:
+            self.after -= 1
+        elif self.failures > 0:
             self.failures -= 1
             raise sqlite3.OperationalError("disk I/O error")
         return self.inner.transaction(*args, **kwargs)
@@ -324,6 +328,29 @@ async def test_a_bounce_store_outage_is_waited_out_not_a_failed_notice(
     assert flaky.failures == 0 and sum(stack.sandbox.counts.values()) == 1
     retried = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
     assert len(retried) == 2
+
+
+async def test_a_delivery_the_bounce_store_missed_at_first_is_recorded_and_reported(
+    stack: Stack,
+) -> None:
+    # The receiver took the notice, then the store was away for a moment: told again, so
+    # the notice does not stay "sending" (which its lease would turn into a second email).
+    (value,) = stack.events(1, seed=26)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    flaky = FlakyBounceStore(failures=2, after=1)  # the gate passes, the record fails twice
+    _, stop, task = await start_worker(stack.config(), bounce_store_as=flaky.wrap)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+        assert flaky.inner is not None
+        kept = await flaky.inner.eob(event_id)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    (status,) = statuses(records)[event_id]
+    assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
+    assert flaky.failures == 0
+    assert kept is not None and kept[0].status is EobStatus.DELIVERED
 
 
 class BrokenAuditTrail:

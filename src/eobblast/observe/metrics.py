@@ -73,6 +73,12 @@ AUDIT_GAPS = Counter(
     "Audit records of delivered notices that could not be written (the notice stays delivered).",
     registry=REGISTRY,
 )
+DELIVERIES_UNRECORDED = Counter(
+    "eobblast_deliveries_unrecorded",
+    "Delivered notices the bounce store could not be told of (sent again once their send "
+    "lease runs out).",
+    registry=REGISTRY,
+)
 
 STAGES = ("validate", "render", "sign", "deliver", "total")
 # Cached children: `.labels()` costs more than the observation itself.
