@@ -296,22 +296,13 @@ class Pipeline:
             )
         now = dt.datetime.now(dt.UTC)
         expires = now + services.item_ttl
-        token = await escrow_eob(
-            services.escrow,
-            services.audit,
-            EscrowItem(
-                event_id=event_id,
-                member_ref=services.member_ref(event.member.id),
-                member_id=event.member.id,
-                date_of_birth=event.member.date_of_birth,
-                html=self._renderer.render_html(event),
-                expires_at=expires,
-                language=event.member.preferred_language,
-            ),
-            actor=self._actor,
-            reason=reason,
-            now=now,
-        )
+        try:
+            token = await self._escrow(event, services, expires, reason, now)
+        except _STORE_ERRORS as exc:
+            # Nothing sent. Tried again by the worker: with the bounce service the notice is
+            # "sending" under a lease by now, so the next try reports it deferred and the
+            # lease's end sends it (resend); without, the next try escrows it afresh.
+            raise StoreUnavailable("escrow store") from exc
         notice = self._renderer.render_notice(
             event, link=services.portal_base_url + token, expires=expires.date(), now=now
         )
@@ -403,6 +394,34 @@ class Pipeline:
             smtp_code=reply.code,
             enhanced_status=reply.enhanced,
             tls_version=reply.tls_version,
+        )
+
+    async def _escrow(
+        self,
+        event: EobIssued,
+        services: ProtectionServices,
+        expires: dt.datetime,
+        reason: PolicyReason,
+        now: dt.datetime,
+    ) -> str:
+        """Escrow the EOB for the portal; returns the pickup token."""
+        assert services.escrow is not None and services.audit is not None
+        assert event.member.date_of_birth is not None
+        return await escrow_eob(
+            services.escrow,
+            services.audit,
+            EscrowItem(
+                event_id=event.event_id,
+                member_ref=services.member_ref(event.member.id),
+                member_id=event.member.id,
+                date_of_birth=event.member.date_of_birth,
+                html=self._renderer.render_html(event),
+                expires_at=expires,
+                language=event.member.preferred_language,
+            ),
+            actor=self._actor,
+            reason=reason,
+            now=now,
         )
 
     async def _record_delivery(self, event_id: str, address: str, member_id: str) -> None:

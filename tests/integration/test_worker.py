@@ -31,6 +31,7 @@ from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter
 from eobblast.observe.audit import AuditError, AuditRecord, AuditTrail
 from eobblast.observe.metrics import REGISTRY
+from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.state import Claim, LedgerEntry, SendLedger
@@ -351,6 +352,55 @@ async def test_a_delivery_the_bounce_store_missed_at_first_is_recorded_and_repor
     assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
     assert flaky.failures == 0
     assert kept is not None and kept[0].status is EobStatus.DELIVERED
+
+
+class FlakyEscrow:
+    """An escrow store whose database is away for its first `failures` writes."""
+
+    def __init__(self, inner: EscrowStore, failures: int) -> None:
+        self.inner = inner
+        self.failures = failures
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def _put(self, *args: Any, **kwargs: Any) -> Any:
+        if self.failures > 0:
+            self.failures -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return await self.inner._put(*args, **kwargs)
+
+
+async def test_an_escrow_outage_delays_a_portal_notice_it_does_not_fail_it(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # The portal path escrows after the bounce gate leased the send: the next try reports
+    # the notice deferred (in flight), and the lease's end sends it, once.
+    (value,) = stack.events(1, seed=27)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    settings = stack.settings()
+    settings["protection"] = {"portal_domains": stack.domains, "tls_policy_domains": []}
+    settings["bounces"] |= {"send_lease_seconds": 1.0, "tick_interval": 0.2}
+    config = load_config(environ={}, overrides=settings)
+    services = await ProtectionServices.open(config)
+    assert services.escrow is not None
+    flaky = FlakyEscrow(services.escrow, failures=1)
+    services = replace(services, escrow=cast(EscrowStore, flaky))
+    _, stop, task = await start_worker(config, protection=services, bounce_store_as=lambda s: s)
+    try:
+        seen: list[str] = []
+        deadline = time.monotonic() + 30
+        while "delivered" not in seen and time.monotonic() < deadline:
+            records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+            seen = [status.status for status in statuses(records).get(event_id, [])]
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await services.close()
+    assert flaky.failures == 0
+    assert seen[-1] == "delivered" and "failed" not in seen
+    assert sum(stack.sandbox.counts.values()) == 1  # one notice, with its pickup link
 
 
 class BrokenAuditTrail:
