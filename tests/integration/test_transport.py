@@ -21,6 +21,7 @@ CLOSER = "closer.sandbox.test"
 NOTLS = "notls.sandbox.test"
 UNTRUSTED = "untrusted.sandbox.test"
 NODSN = "nodsn.sandbox.test"
+OLDTLS = "oldtls.sandbox.test"
 CLOSE_AFTER = 4
 DOMAINS = [
     SandboxDomain(
@@ -33,6 +34,7 @@ DOMAINS = [
     SandboxDomain(NOTLS, "127.0.12.3", behaviour=Behaviour.NO_STARTTLS),
     SandboxDomain(UNTRUSTED, "127.0.12.4", behaviour=Behaviour.UNTRUSTED_CERT),
     SandboxDomain(NODSN, "127.0.12.5", dsn=False),
+    SandboxDomain(OLDTLS, "127.0.12.6", behaviour=Behaviour.OLD_TLS_ONLY),
 ]
 MESSAGE = (
     b"From: eob-notices@payer.test\r\nTo: someone\r\nSubject: Your Explanation of Benefits"
@@ -235,6 +237,26 @@ def test_static_routes_verify_ip_hosts_against_the_domain() -> None:
     assert routes["a.test"] == Route("127.0.0.5", 2525, "a.test")
     assert routes["b.test"] == Route("relay.b.test", 587, "relay.b.test")
     assert routes["c.test"] == Route("::1", 25, "c.test")
+
+
+async def test_a_notice_to_a_receiver_without_shared_tls_goes_in_plaintext_an_eob_never(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    # STARTTLS is offered, but only TLS 1.0/1.1: the handshake fails. A notice (no PHI)
+    # goes as to a receiver without STARTTLS; what requires verified TLS never does.
+    sender = "eob-notices@payer.test"
+    before = _connects("plaintext_after_tls_failure")
+    transport = _transport(sandbox, pki)
+    try:
+        notice = await transport.deliver(sender, f"a@{OLDTLS}", MESSAGE, verified_tls=False)
+        with pytest.raises(DeliveryError) as refused:
+            await transport.deliver(sender, f"b@{OLDTLS}", MESSAGE)
+    finally:
+        await transport.aclose()
+    assert not notice.tls_verified and notice.tls_version is None
+    assert refused.value.reason is ReasonCode.TLS_HANDSHAKE_FAILED
+    assert sandbox.counts[OLDTLS] == 1
+    assert _connects("plaintext_after_tls_failure") == before + 1
 
 
 async def test_notices_without_phi_use_what_the_receiver_offers(

@@ -15,6 +15,7 @@ import secrets
 import socket
 import ssl
 import threading
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from email.generator import BytesGenerator
@@ -52,6 +53,9 @@ class Behaviour(enum.StrEnum):
     UNTRUSTED_CERT = "untrusted_cert"
     EXPIRED_CERT = "expired_cert"
     WRONG_HOST_CERT = "wrong_host_cert"
+    # STARTTLS offered, but only TLS 1.0 and 1.1 (an old appliance): no handshake with a
+    # client that requires TLS 1.2, as eobblast does.
+    OLD_TLS_ONLY = "old_tls_only"
     # Valid STARTTLS, then the connection breaks at the end of DATA: no message is ever accepted.
     DROP_AFTER_STARTTLS = "drop_after_starttls"
     # Accept (250), then a moment later send an RFC 3464 DSN to the return path: a hard
@@ -808,6 +812,11 @@ class Sandbox:
             (maildir / sub).mkdir(parents=True, exist_ok=True)
         pair = _certificate_for(domain.behaviour, self._pki)
         tls_context = None if pair is None else _server_tls_context(*pair)
+        if tls_context is not None and domain.behaviour is Behaviour.OLD_TLS_ONLY:
+            with warnings.catch_warnings():  # deprecated protocols: this receiver's point
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tls_context.minimum_version = ssl.TLSVersion.TLSv1
+                tls_context.maximum_version = ssl.TLSVersion.TLSv1_1
         # Decided by real path validation, not by the behaviour's name, so a record's flag
         # holds even if the PKI files were swapped.
         trusted = pair is not None and await asyncio.to_thread(

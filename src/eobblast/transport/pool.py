@@ -754,23 +754,39 @@ class SmtpPool:
             smtp.close()
             raise DeliveryError(ReasonCode.CONNECT_FAILED, "EHLO failed", permanent=False) from None
         if not smtp.supports_extension("starttls"):
-            metrics.SMTP_CONNECTS.labels("plaintext").inc()
-            return SmtpConnection(
-                key,
-                smtp,
-                None,
-                None,
-                tls_verified=False,
-                dsn=smtp.supports_extension("dsn"),
-                idle_since=self._clock(),
-            )
+            return self._plaintext(key, smtp, "plaintext")
         try:
             return await self._secure(key, smtp, self._tls, verified=True, greeted=True)
         except DeliveryError as exc:
+            if exc.reason is ReasonCode.TLS_HANDSHAKE_FAILED:
+                # STARTTLS offered, but no TLS we both speak (an old protocol, a broken
+                # stack): the notice goes as it would to a receiver without STARTTLS, as
+                # opportunistic TLS does, rather than waiting days for a paper fallback.
+                smtp = await self._connect(key)
+                try:
+                    await smtp.ehlo()
+                except (TimeoutError, aiosmtplib.SMTPException, OSError):
+                    smtp.close()
+                    raise DeliveryError(
+                        ReasonCode.CONNECT_FAILED, "EHLO failed", permanent=False
+                    ) from None
+                return self._plaintext(key, smtp, "plaintext_after_tls_failure")
             if exc.reason is not ReasonCode.TLS_CERT_UNTRUSTED:
                 raise
         smtp = await self._connect(key)
         return await self._secure(key, smtp, self._unverified_tls, verified=False)
+
+    def _plaintext(self, key: PoolKey, smtp: aiosmtplib.SMTP, label: str) -> SmtpConnection:
+        metrics.SMTP_CONNECTS.labels(label).inc()
+        return SmtpConnection(
+            key,
+            smtp,
+            None,
+            None,
+            tls_verified=False,
+            dsn=smtp.supports_extension("dsn"),
+            idle_since=self._clock(),
+        )
 
     async def _secure(
         self,
