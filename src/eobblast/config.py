@@ -66,8 +66,15 @@ class KafkaConfig:
     max_poll_records: int = 500
     session_timeout_ms: int = 10_000
     heartbeat_interval_ms: int = 1_000
+    # A member that does not poll this long leaves the group (its partitions move). A worker
+    # full of slow sends still polls, its partitions paused, a quarter of this apart.
+    max_poll_interval_ms: int = 300_000
     # How often finished offsets are committed (seconds).
     commit_interval: float = 0.2
+
+    def __post_init__(self) -> None:
+        if self.max_poll_interval_ms < 1000:
+            raise ConfigError("kafka.max_poll_interval_ms: expected at least 1000")
 
 
 @dataclass(frozen=True, slots=True)

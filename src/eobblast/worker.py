@@ -65,8 +65,9 @@ log = logging.getLogger("eobblast.worker")
 COMMIT_TIMEOUT = 10.0
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka.
 PUBLISH_TIMEOUT = 10.0
-# A worker full of in-flight events this long still polls (all partitions paused), well
-# inside the consumer's max_poll_interval_ms, so the group does not evict it.
+# A worker full of in-flight events this long (at most; a quarter of the consumer's
+# max_poll_interval_ms if that is less) still polls, all partitions paused, so the group
+# does not evict it.
 POLL_WHEN_FULL = 30.0
 # A worker takes new records once this fraction of its in-flight slots is free.
 REFILL_FRACTION = 8
@@ -198,6 +199,7 @@ class Worker:
             rebalance_listener=_Listener(self),
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            max_poll_interval_ms=kafka.max_poll_interval_ms,
         )
         await self._start_clients()
         log.info("worker started", extra={"worker": self.worker_id})
@@ -321,6 +323,7 @@ class Worker:
         # Records are taken a few at a time: one fetch call per record costs more than
         # the slots left empty for a moment.
         refill = max(1, limit // REFILL_FRACTION)
+        poll_when_full = min(POLL_WHEN_FULL, self._config.kafka.max_poll_interval_ms / 4000)
         while not stop.is_set():
             free = limit - self._tracker.in_flight
             if free < refill:
@@ -331,7 +334,7 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(0.1):
                         await self._slot_freed.wait()
-                if time.monotonic() - polled >= POLL_WHEN_FULL:
+                if time.monotonic() - polled >= poll_when_full:
                     # Full this long means something is stuck: poll, every partition
                     # paused, so the group keeps this member (max_poll_interval_ms).
                     consumer.pause(*consumer.assignment())

@@ -474,6 +474,76 @@ class StallFirst:
             self._server.close()
 
 
+class SlowGreeting:
+    """A TCP relay to a sandbox receiver that greets each connection only after `hold`
+    seconds (a receiver under load, or one that tarpits): every send takes that long."""
+
+    def __init__(self, host: str, port: int, hold: float) -> None:
+        self.target = (host, port)
+        self.hold = hold
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(self.hold)
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+async def test_a_worker_full_of_slow_sends_stays_in_its_group(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Every slot holds a send far longer than max_poll_interval_ms. The worker still polls
+    # (its partitions paused, nothing fetched), so the group keeps it: no rebalance, and
+    # every event is delivered once.
+    values = stack.events(4, seed=28)
+    relays = {
+        name: SlowGreeting(*address, hold=5.0) for name, address in stack.sandbox.routes.items()
+    }
+    ports = {name: await relay.start() for name, relay in relays.items()}
+    await stack.publish(values)
+    settings = stack.settings()
+    settings["pipeline"]["max_in_flight"] = 2
+    settings["kafka"]["max_poll_interval_ms"] = 2000
+    settings["transport"] |= {
+        "connect_timeout": 120.0,
+        "routes": {name: f"127.0.0.1:{port}" for name, port in ports.items()},
+    }
+    config = load_config(environ={}, overrides=settings)
+    caplog.set_level(logging.INFO, logger="eobblast")
+    _, stop, task = await start_worker(config)
+    try:
+        records = await read_topic(
+            stack.broker.bootstrap, stack.delivery_topic, until=len(values), seconds=90
+        )
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        for relay in relays.values():
+            relay.close()
+    grouped = statuses(records)
+    assert len(grouped) == len(values) and set(distinct_final(grouped).values()) == {1}
+    assert {s.status for items in grouped.values() for s in items} == {"delivered"}
+    assert sum(stack.sandbox.counts.values()) == len(values)
+    # Assigned once, at the start: an eviction would have moved them away and back.
+    assert [r.getMessage() for r in caplog.records].count("partitions assigned") == 1
+
+
 async def test_a_hung_attempt_is_reported_with_its_stage_and_run_again(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -52,6 +52,7 @@ def test_environment_overrides_file() -> None:
         ("[shaping]\npools_file = ''\n", r"shaping\.pools_file: expected a path string"),
         ("[protection]\ntls_sync_seconds = 0\n", r"protection\.tls_sync_seconds"),
         ("[bounces]\nreview_days = 0\n", r"bounces\.review_days"),
+        ("[kafka]\nmax_poll_interval_ms = 500\n", r"kafka\.max_poll_interval_ms"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
