@@ -380,35 +380,43 @@ async def test_dsn_hard_bounce_through_verp(
     ]
 
 
+def report_message(report_type: str, *parts: tuple[str, str]) -> bytes:
+    """A multipart/report as an MTA sends it to a return path: (content type, body) parts."""
+    body = "".join(f"--r\r\nContent-Type: {ctype}\r\n\r\n{text}\r\n" for ctype, text in parts)
+    return (
+        "From: MAILER-DAEMON@mx.example.com\r\nSubject: Undelivered Mail\r\n"
+        f"MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type={report_type};"
+        f' boundary="r"\r\n\r\n{body}--r--\r\n'
+    ).encode()
+
+
+async def delivered(service: BounceService) -> tuple[str, str, str, str]:
+    """A notice sent and accepted: (member id, address, event id, its return path)."""
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivered(ev1, address, at=at(1))
+    return member, address, ev1, make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+
+
 async def test_a_dsn_naming_a_pipe_is_still_a_hard_bounce_by_its_status(
     service: BounceService, store: BounceStore
 ) -> None:
     # Final-Recipient names a local delivery program, not an address: the recipient comes
     # from the returned To:, but the reason is still the report's Status 5.1.1. Taken from
     # the prose alone it was "other", the address stayed live and the notice was resent.
-    member, address = ids()
-    ev1, _ = event(member, 1)
-    await send_ok(service, ev1, member, address)
-    await service.on_delivered(ev1, address, at=at(1))
-    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
-    dsn = (
-        "From: MAILER-DAEMON@mx.example.com\r\n"
-        f"To: {return_path}\r\n"
-        "Subject: Undelivered Mail Returned to Sender\r\n"
-        "MIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=delivery-status; boundary="b1"\r\n'
-        "\r\n--b1\r\nContent-Type: text/plain\r\n\r\n"
-        "This is the mail system at host mx.example.com. Your message could not be"
-        " delivered.\r\n"
-        "\r\n--b1\r\nContent-Type: message/delivery-status\r\n\r\n"
-        "Reporting-MTA: dns; mx.example.com\r\n\r\n"
-        "Final-Recipient: x-unix; |/usr/bin/procmail\r\n"
-        "Action: failed\r\nStatus: 5.1.1\r\n"
-        "Diagnostic-Code: smtp; 550 5.1.1 user unknown\r\n"
-        "\r\n--b1\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"Return-Path: <{return_path}>\r\nTo: {address}\r\nSubject: Your EOB\r\n"
-        "\r\n--b1--\r\n"
-    ).encode()
+    _, address, ev1, return_path = await delivered(service)
+    dsn = report_message(
+        "delivery-status",
+        ("text/plain", "Your message could not be delivered."),
+        (
+            "message/delivery-status",
+            "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+            "Final-Recipient: x-unix; |/usr/bin/procmail\r\nAction: failed\r\n"
+            "Status: 5.1.1\r\nDiagnostic-Code: smtp; 550 5.1.1 user unknown",
+        ),
+        ("text/rfc822-headers", f"Return-Path: <{return_path}>\r\nTo: {address}"),
+    )
     report = await service.on_dsn(dsn, return_path, at=at(30))
     assert [(r.event_id, r.category, r.outcome.outcome) for r in report.results] == [
         (ev1, BounceCategory.HARD_ADDRESS, Outcome.HELD)
@@ -444,23 +452,17 @@ async def test_a_verp_report_naming_many_addresses_suppresses_none(
 ) -> None:
     # Our messages have one recipient. A report at a leaked return path listing others'
     # addresses must not suppress them (and hold their notices): a person looks instead.
-    member, address = ids()
-    ev1, _ = event(member, 1)
-    await send_ok(service, ev1, member, address)
-    await service.on_delivered(ev1, address, at=at(1))
-    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
+    _, address, _, return_path = await delivered(service)
     victims = [f"victim{i}-{address}" for i in range(3)]
     blocks = "".join(
-        f"Final-Recipient: rfc822; {victim}\r\nAction: failed\r\nStatus: 5.1.1\r\n\r\n"
+        f"\r\nFinal-Recipient: rfc822; {victim}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
         for victim in victims
     )
-    forged = (
-        "From: MAILER-DAEMON@mx.example.com\r\nSubject: Undelivered Mail\r\n"
-        "MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=delivery-status;"
-        ' boundary="b"\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nNot delivered.\r\n'
-        "--b\r\nContent-Type: message/delivery-status\r\n\r\n"
-        f"Reporting-MTA: dns; mx.example.com\r\n\r\n{blocks}--b--\r\n"
-    ).encode()
+    forged = report_message(
+        "delivery-status",
+        ("text/plain", "Not delivered."),
+        ("message/delivery-status", f"Reporting-MTA: dns; mx.example.com\r\n{blocks}"),
+    )
     report = await service.on_dsn(forged, return_path, at=at(30))
     assert report.results == ()
     assert report.review_reason is ReviewReason.NOT_ACTED_ON
@@ -469,19 +471,13 @@ async def test_a_verp_report_naming_many_addresses_suppresses_none(
 
 
 async def test_a_complaint_about_a_notice_is_kept_for_review(service: BounceService) -> None:
-    member, address = ids()
-    ev1, _ = event(member, 1)
-    await send_ok(service, ev1, member, address)
-    return_path = make_return_path(ev1, VERP, BOUNCE_DOMAIN)
-    arf = (
-        "From: abuse@mailbox.example\r\nSubject: complaint\r\nMIME-Version: 1.0\r\n"
-        'Content-Type: multipart/report; report-type=feedback-report; boundary="f"\r\n\r\n'
-        "--f\r\nContent-Type: text/plain\r\n\r\nA member marked this as spam.\r\n"
-        "--f\r\nContent-Type: message/feedback-report\r\n\r\n"
-        "Feedback-Type: abuse\r\nUser-Agent: test/1.0\r\nVersion: 1\r\n\r\n"
-        "--f\r\nContent-Type: text/rfc822-headers\r\n\r\n"
-        f"Return-Path: <{return_path}>\r\nTo: {address}\r\n\r\n--f--\r\n"
-    ).encode()
+    _, address, ev1, return_path = await delivered(service)
+    arf = report_message(
+        "feedback-report",
+        ("text/plain", "A member marked this as spam."),
+        ("message/feedback-report", "Feedback-Type: abuse\r\nUser-Agent: test/1.0\r\nVersion: 1"),
+        ("text/rfc822-headers", f"Return-Path: <{return_path}>\r\nTo: {address}"),
+    )
     report = await service.on_dsn(arf, return_path, at=at(30))
     assert report.inbound.event_id == ev1
     assert report.inbound.parsed.kind is BounceKind.FEEDBACK

@@ -25,10 +25,10 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from eobblast.bounces.state import EobStatus
-from eobblast.bounces.store import BounceStore
-from eobblast.config import load_config
+from eobblast.bounces.store import BounceStore, open_bounce_store
+from eobblast.config import Config, load_config
 from eobblast.demo import member_key
-from eobblast.events.status import DeadLetter
+from eobblast.events.status import DeadLetter, DeliveryStatus
 from eobblast.observe.audit import AuditError, AuditRecord, AuditTrail
 from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import EscrowStore
@@ -258,25 +258,33 @@ class FaultyClaims(SendLedger):
         await self.inner.close()
 
 
-async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
-    stack: Stack, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A future cancelled by someone else (a group commit whose batch task died) or a step's
-    # own timeout escaping: the record is tried again, not dropped without a status.
-    (value,) = stack.events(1, seed=22)
+async def one_event_through(
+    stack: Stack, seed: int, config: Config | None = None, **worker: Any
+) -> tuple[str, list[DeliveryStatus]]:
+    """Publish one event, run a worker (`start_worker` options) until its status is out:
+    the event id and its statuses."""
+    (value,) = stack.events(1, seed=seed)
     event_id = orjson.loads(value)["event_id"]
     await stack.publish([value])
-    faults: list[BaseException] = [asyncio.CancelledError(), TimeoutError()]
-    caplog.set_level(logging.ERROR, logger="eobblast")
-    _, stop, task = await start_worker(
-        stack.config(), ledger_as=lambda ledger: FaultyClaims(ledger, faults)
-    )
+    _, stop, task = await start_worker(config or stack.config(), **worker)
     try:
         records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)
-    (status,) = statuses(records)[event_id]
+    return event_id, statuses(records)[event_id]
+
+
+async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A future cancelled by someone else (a group commit whose batch task died) or a step's
+    # own timeout escaping: the record is tried again, not dropped without a status.
+    faults: list[BaseException] = [asyncio.CancelledError(), TimeoutError()]
+    caplog.set_level(logging.ERROR, logger="eobblast")
+    _, (status,) = await one_event_through(
+        stack, 22, ledger_as=lambda ledger: FaultyClaims(ledger, faults)
+    )
     assert status.status == "delivered"
     assert not faults and sum(stack.sandbox.counts.values()) == 1
     failures = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
@@ -313,18 +321,9 @@ async def test_a_bounce_store_outage_is_waited_out_not_a_failed_notice(
 ) -> None:
     # The gate decides nothing when its store is away: the event is tried again after a
     # pause, as for a ledger it cannot reach, instead of ending failed/internal_error.
-    (value,) = stack.events(1, seed=25)
-    event_id = orjson.loads(value)["event_id"]
-    await stack.publish([value])
     flaky = FlakyBounceStore(failures=2)
     caplog.set_level(logging.ERROR, logger="eobblast")
-    _, stop, task = await start_worker(stack.config(), bounce_store_as=flaky.wrap)
-    try:
-        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    (status,) = statuses(records)[event_id]
+    _, (status,) = await one_event_through(stack, 25, bounce_store_as=flaky.wrap)
     assert status.status == "delivered"
     assert flaky.failures == 0 and sum(stack.sandbox.counts.values()) == 1
     retried = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
@@ -336,21 +335,16 @@ async def test_a_delivery_the_bounce_store_missed_at_first_is_recorded_and_repor
 ) -> None:
     # The receiver took the notice, then the store was away for a moment: told again, so
     # the notice does not stay "sending" (which its lease would turn into a second email).
-    (value,) = stack.events(1, seed=26)
-    event_id = orjson.loads(value)["event_id"]
-    await stack.publish([value])
+    config = stack.config()
     flaky = FlakyBounceStore(failures=2, after=1)  # the gate passes, the record fails twice
-    _, stop, task = await start_worker(stack.config(), bounce_store_as=flaky.wrap)
-    try:
-        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
-        assert flaky.inner is not None
-        kept = await flaky.inner.eob(event_id)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    (status,) = statuses(records)[event_id]
+    event_id, (status,) = await one_event_through(stack, 26, config, bounce_store_as=flaky.wrap)
     assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
     assert flaky.failures == 0
+    store = await open_bounce_store(config.bounces.store_url)
+    try:
+        kept = await store.eob(event_id)
+    finally:
+        await store.close()
     assert kept is not None and kept[0].status is EobStatus.DELIVERED
 
 
@@ -419,38 +413,55 @@ async def test_an_audit_write_failing_after_delivery_leaves_the_notice_delivered
 ) -> None:
     # The receiver accepted the notice; only the SENT record could not be written. A failed
     # status would make the claims system send it again (perhaps on paper).
-    (value,) = stack.events(1, seed=24)
-    event_id = orjson.loads(value)["event_id"]
-    await stack.publish([value])
     config = stack.config()
     audit = BrokenAuditTrail()
     services = replace(ProtectionServices.policy_only(config), audit=cast(AuditTrail, audit))
     caplog.set_level(logging.ERROR, logger="eobblast")
-    _, stop, task = await start_worker(config, protection=services)
-    try:
-        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    (status,) = statuses(records)[event_id]
+    event_id, (status,) = await one_event_through(stack, 24, config, protection=services)
     assert status.status == "delivered"
     assert audit.appends == 1 and sum(stack.sandbox.counts.values()) == 1
     gaps = [r for r in caplog.records if r.getMessage() == "audit record not written: AuditError"]
     assert [getattr(r, "event_id", None) for r in gaps] == [event_id]
 
 
-class StallFirst:
-    """A TCP relay to a sandbox receiver whose first connection hangs: accepted, never a
-    word back (as a tarpit, or a receiver that froze)."""
+class Relay:
+    """A TCP relay to a sandbox receiver; subclasses decide how each connection begins."""
 
     def __init__(self, host: str, port: int) -> None:
         self.target = (host, port)
-        self.connections = 0
         self._server: asyncio.Server | None = None
 
     async def start(self) -> int:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         return int(self._server.sockets[0].getsockname()[1])
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await self._relay(reader, writer)
+
+    async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection(*self.target)
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+
+
+class StallFirst(Relay):
+    """A relay whose first connection hangs: accepted, never a word back (as a tarpit, or
+    a receiver that froze)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        super().__init__(host, port)
+        self.connections = 0
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
@@ -458,51 +469,20 @@ class StallFirst:
             await reader.read()  # until the worker gives up and hangs up
             writer.close()
             return
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        await self._relay(reader, writer)
 
 
-class SlowGreeting:
-    """A TCP relay to a sandbox receiver that greets each connection only after `hold`
-    seconds (a receiver under load, or one that tarpits): every send takes that long."""
+class SlowGreeting(Relay):
+    """A relay that greets each connection only after `hold` seconds (a receiver under
+    load, or one that tarpits): every send takes that long."""
 
     def __init__(self, host: str, port: int, hold: float) -> None:
-        self.target = (host, port)
+        super().__init__(host, port)
         self.hold = hold
-        self._server: asyncio.Server | None = None
-
-    async def start(self) -> int:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return int(self._server.sockets[0].getsockname()[1])
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await asyncio.sleep(self.hold)
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
-
-    def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        await self._relay(reader, writer)
 
 
 async def test_a_worker_full_of_slow_sends_stays_in_its_group(
