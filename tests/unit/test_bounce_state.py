@@ -40,6 +40,7 @@ from eobblast.bounces.state import (
     SuppressAddress,
     SyncReply,
     VerificationTimeout,
+    address_key,
     address_status,
     apply,
     backoff_delay,
@@ -520,3 +521,9 @@ VerifyBeforeResend.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestVerifyBeforeResend = VerifyBeforeResend.TestCase
+
+
+def test_an_internationalised_domain_has_one_key_in_either_form() -> None:
+    # Events carry the ASCII form; a report may name the Unicode one.
+    assert address_key("Maria@Bücher.example") == address_key("maria@xn--bcher-kva.example")
+    assert address_key("<Jo@Example.COM>") == "jo@example.com"

@@ -18,12 +18,15 @@ shell loads the member's slice plus the suppression status of the addresses invo
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
+
+import idna
 
 from eobblast.bounces.category import BounceCategory, HandlingAction
 from eobblast.bounces.rules import BounceRules, RetrySettings, VerificationSettings, default_rules
@@ -361,8 +364,14 @@ class BouncePolicy:
 
 
 def address_key(address: str) -> str:
-    """How addresses are compared: case-insensitively (conservative for suppression)."""
-    return address.strip().strip("<>").lower()
+    """How addresses are compared: case-insensitively (conservative for suppression), an
+    internationalised domain in its ASCII form (a report may name it either way)."""
+    key = address.strip().strip("<>").lower()
+    local, at, domain = key.rpartition("@")
+    if at and not domain.isascii():
+        with contextlib.suppress(idna.IDNAError, UnicodeError):
+            return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
+    return key
 
 
 def address_status(book: BounceBook, member_id: str, address: str) -> AddressStatus:
