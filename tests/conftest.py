@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime as dt
+import logging
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import psycopg
 import pytest
 
 from eobblast.events.synthetic import Mix, generate_events
+from eobblast.observe.logs import configure_logging
 
 # Kafka fixtures (a session broker, topic factory) for every test module that names them.
 pytest_plugins = ["tests.kafka_fixtures"]
@@ -86,3 +88,19 @@ def spoiled(doc: dict[str, Any], path: str, value: Any) -> bytes:
     else:
         node[last] = value
     return orjson.dumps(out)
+
+
+@contextlib.contextmanager
+def service_logging() -> Iterator[None]:
+    """The logging `eobblast portal` sets up (onto stderr as it is now), undone afterwards."""
+    names = ("eobblast", "uvicorn", "uvicorn.error", "mail", "mail.log", "aiokafka")
+    saved = [(logging.getLogger(n), logging.getLogger(n).handlers[:]) for n in names]
+    states = [(lg.propagate, lg.level) for lg, _ in saved]
+    configure_logging("INFO")
+    try:
+        yield
+    finally:
+        for (logger, handlers), (propagate, level) in zip(saved, states, strict=True):
+            logger.handlers[:] = handlers
+            logger.propagate = propagate
+            logger.setLevel(level)

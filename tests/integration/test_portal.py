@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import email
 import logging
@@ -30,7 +29,6 @@ from eobblast.observe.audit import (
     member_ref,
     open_audit,
 )
-from eobblast.observe.logs import configure_logging
 from eobblast.portal import (
     PortalServer,
     Rate,
@@ -48,7 +46,7 @@ from eobblast.protect.escrow import (
     open_escrow,
 )
 from eobblast.render.mime import Renderer
-from tests.conftest import throwaway_pg_schema
+from tests.conftest import service_logging, throwaway_pg_schema
 
 REF_KEY = b"member-ref-key-for-tests-only-32"
 NOW = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
@@ -740,22 +738,6 @@ async def test_a_swapped_ciphertext_is_an_incident_not_a_pickup(
     assert (await actions(stores, first.event.event_id))[-1] == ("incident", "escrow_integrity")
     status = await stores.escrow.status(first.token, NOW)
     assert status.failure is None  # not counted as a wrong answer, not spent
-
-
-@contextlib.contextmanager
-def service_logging() -> Iterator[None]:
-    """The logging `eobblast portal` sets up (onto stderr as it is now), undone afterwards."""
-    names = ("eobblast", "uvicorn", "uvicorn.error", "aiosmtpd", "aiokafka")
-    saved = [(logging.getLogger(n), logging.getLogger(n).handlers[:]) for n in names]
-    states = [(lg.propagate, lg.level) for lg, _ in saved]
-    configure_logging("INFO")
-    try:
-        yield
-    finally:
-        for (logger, handlers), (propagate, level) in zip(saved, states, strict=True):
-            logger.handlers[:] = handlers
-            logger.propagate = propagate
-            logger.setLevel(level)
 
 
 class LeakyEscrow:

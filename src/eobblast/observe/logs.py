@@ -36,7 +36,7 @@ class JsonFormatter(logging.Formatter):
 # Libraries whose own loggers would otherwise print whole tracebacks through Python's
 # default handler: uvicorn logs "Exception in ASGI application" with the exception's text,
 # which a database driver may fill with a value from the failed statement.
-_LIBRARY_LOGGERS = ("uvicorn", "aiosmtpd", "aiokafka")
+_LIBRARY_LOGGERS = ("uvicorn", "mail", "aiokafka")  # aiosmtpd logs as "mail.log"
 
 
 def configure_logging(level: str = "INFO") -> None:
