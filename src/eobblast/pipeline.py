@@ -47,7 +47,15 @@ log = logging.getLogger("eobblast.pipeline")
 # How often a delivery is offered to the bounce store before it is reported unrecorded.
 _DELIVERY_RECORD_TRIES = 4
 # What a store that is down or locked raises: its drivers' errors, timeouts, StoreBusy.
-_STORE_ERRORS = (StoreBusy, sqlite3.Error, psycopg.Error, OSError, TimeoutError)
+# Not their integrity or programming errors: a bug that fails every try is a failed event.
+_STORE_ERRORS = (
+    StoreBusy,
+    sqlite3.OperationalError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    OSError,
+    TimeoutError,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -299,9 +307,9 @@ class Pipeline:
         try:
             token = await self._escrow(event, services, expires, reason, now)
         except _STORE_ERRORS as exc:
-            # Nothing sent. Tried again by the worker: with the bounce service the notice is
-            # "sending" under a lease by now, so the next try reports it deferred and the
-            # lease's end sends it (resend); without, the next try escrows it afresh.
+            # Nothing sent. Tried again by the worker: the next try finds the notice
+            # "sending" with no lease (a first send is not leased) and routes it afresh, or,
+            # without the bounce service, escrows it afresh.
             raise StoreUnavailable("escrow store") from exc
         notice = self._renderer.render_notice(
             event, link=services.portal_base_url + token, expires=expires.date(), now=now

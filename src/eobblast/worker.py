@@ -37,7 +37,7 @@ from eobblast.bounces.service import (
 from eobblast.bounces.store import open_bounce_store
 from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
-from eobblast.errors import Outcome, ReasonCode
+from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
 from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, status_id
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
@@ -294,9 +294,17 @@ class Worker:
             checked = self._pipeline.validate(resend.raw_event, start)
             if isinstance(checked, EventOutcome):
                 continue  # validated once already: only a schema change could get here
-            outcome = await self._pipeline.deliver(
-                checked, start, raw=resend.raw_event, resend=resend
-            )
+            try:
+                outcome = await self._pipeline.deliver(
+                    checked, start, raw=resend.raw_event, resend=resend
+                )
+            except StoreUnavailable:
+                # Nothing sent; its lease runs out and a later tick hands it out again. The
+                # others still go (a verification batch must not stop half-way).
+                log.warning(
+                    "resend put off: store unavailable", extra={"event_id": resend.event_id}
+                )
+                continue
             await self._record(outcome, resend.event_id, resend.deliverable.attempt, None)
 
     async def _start_clients(self) -> None:

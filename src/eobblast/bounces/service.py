@@ -1005,7 +1005,7 @@ class BounceService:
                     )
                     if current in names:
                         targets.append((eob.address, category, final))
-                    elif verp and len(reports) == 1:
+                    elif verp and len(set(keys)) == 1:
                         # Ours, about an address the notice no longer uses (an older attempt):
                         # the machine suppresses it if hard, and leaves the notice alone. Our
                         # messages have one recipient: a report listing several is forged or
