@@ -44,8 +44,6 @@ from eobblast.transport.pool import SmtpReplyError
 
 log = logging.getLogger("eobblast.pipeline")
 
-# How often a delivery is offered to the bounce store before it is reported unrecorded.
-_DELIVERY_RECORD_TRIES = 4
 # What a store that is down or locked raises: its drivers' errors, timeouts, StoreBusy.
 # Not their integrity or programming errors: a bug that fails every try is a failed event.
 _STORE_ERRORS = (
@@ -433,24 +431,27 @@ class Pipeline:
         )
 
     async def _record_delivery(self, event_id: str, address: str, member_id: str) -> None:
-        """Tell the bounce service the receiver took the notice. Its store may be away for
-        a moment: tried a few times, since a notice left "sending" is sent again once its
-        lease runs out. Whatever happens, the notice was delivered and is reported so."""
+        """Tell the bounce service the receiver took the notice, however long its store is
+        away: a notice left "sending" would be sent again (a resend, once its lease ends)
+        or keep its raw event for good (a first send). The status waits meanwhile; a worker
+        that gives up on the attempt (stuck_after) sends at most one more copy, as a crash
+        would."""
         assert self._bounces is not None
-        for attempt in range(1, _DELIVERY_RECORD_TRIES + 1):
+        attempt = 0
+        while True:
             try:
                 await self._bounces.on_delivered(event_id, address, member_id=member_id)
                 return
             except _STORE_ERRORS as exc:
-                if attempt == _DELIVERY_RECORD_TRIES:
-                    metrics.DELIVERIES_UNRECORDED.inc()
+                attempt += 1
+                metrics.DELIVERY_RECORD_RETRIES.inc()
+                if attempt % 10 == 1:
                     log.error(
-                        "delivery not recorded in the bounce store: %s",
+                        "delivery not recorded in the bounce store yet: %s; trying again",
                         type(exc).__name__,
-                        extra={"event_id": event_id},
+                        extra={"event_id": event_id, "attempt": attempt},
                     )
-                    return
-                await asyncio.sleep(0.5 * 2 ** (attempt - 1))
+                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 10.0))
 
     async def _bounce(
         self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome

@@ -333,13 +333,16 @@ async def test_a_bounce_store_outage_is_waited_out_not_a_failed_notice(
 async def test_a_delivery_the_bounce_store_missed_at_first_is_recorded_and_reported(
     stack: Stack,
 ) -> None:
-    # The receiver took the notice, then the store was away for a moment: told again, so
-    # the notice does not stay "sending" (which its lease would turn into a second email).
+    # The receiver took the notice, then the store was away for a while: told again until
+    # it listens, so the notice does not stay "sending" (a second email, or its raw event
+    # kept for good).
     config = stack.config()
-    flaky = FlakyBounceStore(failures=2, after=1)  # the gate passes, the record fails twice
+    flaky = FlakyBounceStore(failures=4, after=1)  # the gate passes, then 4 records fail
+    retries = REGISTRY.get_sample_value("eobblast_delivery_record_retries_total") or 0.0
     event_id, (status,) = await one_event_through(stack, 26, config, bounce_store_as=flaky.wrap)
     assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
     assert flaky.failures == 0
+    assert REGISTRY.get_sample_value("eobblast_delivery_record_retries_total") == retries + 4
     store = await open_bounce_store(config.bounces.store_url)
     try:
         kept = await store.eob(event_id)

@@ -73,10 +73,10 @@ AUDIT_GAPS = Counter(
     "Audit records of delivered notices that could not be written (the notice stays delivered).",
     registry=REGISTRY,
 )
-DELIVERIES_UNRECORDED = Counter(
-    "eobblast_deliveries_unrecorded",
-    "Delivered notices the bounce store could not be told of (sent again once their send "
-    "lease runs out).",
+DELIVERY_RECORD_RETRIES = Counter(
+    "eobblast_delivery_record_retries",
+    "Times a delivered notice could not be recorded in the bounce store yet (tried again "
+    "until it is; its status waits).",
     registry=REGISTRY,
 )
 
