@@ -25,6 +25,7 @@ from eobblast.bounces.listener import (
     REDACTED,
     BounceListener,
     serve_bounces,
+    without_notice_bodies,
 )
 from eobblast.bounces.verp import VerpKey, make_return_path
 from eobblast.events import EobIssued, validate_event
@@ -252,6 +253,68 @@ async def test_review_copies_keep_the_headers_of_a_returned_notice_not_its_body(
         assert REDACTED in kept
         assert f"X-EOB-Event-ID: {event.event_id}".encode() in kept  # what a person needs
     assert b"Status: 5.1.1" in files[0].read_bytes()
+
+
+def all_readable_text(raw: bytes) -> str:
+    """Everything a person could read in a kept file: its bytes, and every part decoded
+    from its transfer encoding and its charset."""
+    texts = [raw.decode("latin-1")]
+    for part in email.message_from_bytes(raw).walk():
+        payload = part.get_payload(decode=True)
+        if isinstance(payload, bytes):
+            texts.append(payload.decode(part.get_content_charset() or "latin-1", "replace"))
+    return "\n".join(texts)
+
+
+def test_notices_in_any_wrapping_leave_nothing_readable_in_a_review_copy() -> None:
+    event, notice = returned_notice()
+    name = event.member.name
+    head = (
+        b"From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail\r\n"
+        b'MIME-Version: 1.0\r\nContent-Type: multipart/report; boundary="B"\r\n\r\n'
+        b"--B\r\nContent-Type: text/plain\r\n\r\nThe mailbox is gone.\r\n"
+    )
+
+    def part(headers: bytes, body: bytes) -> bytes:
+        return head + b"--B\r\n" + headers + b"\r\n\r\n" + body + b"\r\n--B--\r\n"
+
+    def b64(data: bytes) -> bytes:
+        return base64.encodebytes(data).replace(b"\n", b"\r\n")
+
+    shapes = {
+        # quoted-printable text in a part that says 7bit: "=3D_eob_", no boundary lines
+        "qp labelled 7bit": part(
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: 7bit",
+            quopri.encodestring(notice),
+        ),
+        "quoted with '| '": part(
+            b"Content-Type: text/plain",
+            b"".join(b"| " + line for line in notice.splitlines(keepends=True)),
+        ),
+        "message/rfc822 in base64": part(
+            b"Content-Type: message/rfc822\r\nContent-Transfer-Encoding: base64", b64(notice)
+        ),
+        "encoding with a comment": part(
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: base64 (the copy)",
+            b64(notice),
+        ),
+        "utf-16 text": part(
+            b"Content-Type: text/plain; charset=utf-16\r\nContent-Transfer-Encoding: base64",
+            b64(notice.decode("utf-8").encode("utf-16")),
+        ),
+        "an unknown encoding": part(
+            b"Content-Type: text/plain\r\nContent-Transfer-Encoding: x-gzip64", b64(notice)
+        ),
+        "no blank line at all": b"Subject: x\r\n" + notice.replace(b"\r\n\r\n", b"\r\n"),
+    }
+    for shape, raw in shapes.items():
+        # The PHI a careless copy would keep (where the encoding is non-standard, a reader
+        # decodes it by hand: its base64 text is there).
+        assert name in all_readable_text(raw) or b64(notice)[:76] in raw, shape
+        kept = without_notice_bodies(raw)
+        assert name not in all_readable_text(kept), shape
+        assert b64(notice)[:76] not in kept, shape
+        assert REDACTED.strip() in kept or b"part that may hold" in kept, shape
 
 
 async def test_a_message_is_parsed_for_at_most_ten_recipients(

@@ -24,6 +24,7 @@ import os
 import re
 import ssl
 import time
+from email.message import Message
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -57,7 +58,7 @@ DEFAULT_REVIEW_DAYS = 30.0
 _TOKEN = re.compile(r"^[a-z2-7]{18,60}$")
 # A returned copy of one of our notices: from its first MIME boundary line to its closing
 # one (or the end, when the sender truncated it), quoted ("> ") or not.
-_BOUNDARY = rb"^[>\t ]*--" + re.escape(BOUNDARY_PREFIX.encode()) + rb"[0-9a-f]{32}"
+_BOUNDARY = rb"^[>|:\t ]*--" + re.escape(BOUNDARY_PREFIX.encode()) + rb"[0-9a-f]{32}"
 _NOTICE_BODY = re.compile(
     _BOUNDARY + rb"[\t ]*\r?$.*?(?:" + _BOUNDARY + rb"--[\t ]*\r?$|\Z)", re.M | re.S
 )
@@ -67,47 +68,89 @@ _SWEEP_EVERY = 3600.0
 
 
 _MARK = b"--" + BOUNDARY_PREFIX.encode()
-_REDACTED_PART = REDACTED.decode().rstrip("\r") + "\r\n"
+_QP_MARK = b"=3D" + BOUNDARY_PREFIX[1:].encode()
+_PLAIN_ENCODINGS = frozenset({"", "7bit", "8bit", "binary"})
+_DECODABLE = frozenset({"base64", "quoted-printable", "x-uuencode", "uuencode", "uue", "x-uue"})
+_REMOVED = "[eobblast: a part that may hold a returned notice was removed]\r\n"
 
 
 def without_notice_bodies(content: bytes) -> bytes:
     """A report with the body of every returned notice cut out, its headers left.
 
     A copy returned as it was sent (raw or quoted) loses the body between its boundaries.
-    One inside a base64 or quoted-printable part hides those lines from a byte search: such
-    a part is decoded, and replaced whole if it holds one of our notices. If the report
-    cannot be read as MIME, only its headers are kept.
+    A part in a transfer encoding or charset that hides those lines from a byte search is
+    decoded and cut the same way, or removed whole when that cannot be done cleanly; a
+    message/* part in an encoding it may not have is removed. If anything of a notice is
+    still found, or the report cannot be read as MIME, only its headers are kept.
     """
     cut = _NOTICE_BODY.sub(REDACTED, content)
     try:
         message = email.message_from_bytes(cut, policy=email.policy.compat32)
-        replaced = False
-        for part in message.walk():
-            encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower()
-            if part.is_multipart() or encoding not in ("base64", "quoted-printable"):
-                continue
-            decoded = part.get_payload(decode=True)
-            if isinstance(decoded, bytes) and _MARK in decoded:
-                # Decoded, the copy's headers stay and its body goes, as for a plain one.
-                trimmed = _NOTICE_BODY.sub(REDACTED, decoded)
-                del part["Content-Transfer-Encoding"]
-                if _MARK in trimmed or not trimmed.isascii():
-                    del part["Content-Type"]
-                    part["Content-Type"] = "text/plain; charset=us-ascii"
-                    part.set_payload(_REDACTED_PART)
-                else:
-                    part.set_payload(trimmed.decode("ascii"))
-                replaced = True
+        changed = _redact_part(message)
         kept = message.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
-        if not replaced:
-            return cut
+        if not changed:
+            kept = cut
     except Exception:  # whatever the report is, PHI must not stay in it
-        kept = b""
-    if _MARK in kept or b"=3D" + BOUNDARY_PREFIX[1:].encode() in kept or not kept:
-        # Still there in some other form, or unreadable: the headers only.
-        head = cut.split(b"\r\n\r\n", 1)[0].split(b"\n\n", 1)[0]
-        return head + b"\r\n\r\n" + REDACTED + b"\n"
+        return _headers_only(cut)
+    if _MARK in kept or _QP_MARK in kept:
+        return _headers_only(cut)
     return kept
+
+
+def _redact_part(part: Message) -> bool:
+    """Cut or remove what of a returned notice hides in `part`; whether anything changed."""
+    encoding = str(part.get("Content-Transfer-Encoding", "")).strip().lower().split()
+    token = encoding[0].rstrip(";") if encoding else ""
+    if part.is_multipart():
+        if part.get_content_maintype() == "message" and token not in _PLAIN_ENCODINGS:
+            _replace(part)  # RFC 2046 allows message/* only in 7bit, 8bit or binary
+            return True
+        changed = False
+        for sub in part.get_payload():
+            if isinstance(sub, Message):
+                changed = _redact_part(sub) or changed
+        return changed
+    if token in _PLAIN_ENCODINGS and part.get_content_charset() in (None, "us-ascii", "utf-8"):
+        return False  # the byte search over the whole report already saw this part
+    if token not in _PLAIN_ENCODINGS and token not in _DECODABLE:
+        _replace(part)  # an encoding nobody can read back: nothing to check it with
+        return True
+    if encoding and encoding != [token]:
+        # "base64 (the copy)": the library decodes only the bare token, a reader any.
+        part.replace_header("Content-Transfer-Encoding", token)
+    decoded = part.get_payload(decode=True)
+    if not isinstance(decoded, bytes):
+        return False
+    charset = part.get_content_charset() or "us-ascii"
+    try:
+        text = decoded.decode(charset, errors="replace")
+    except LookupError:
+        text = decoded.decode("latin-1")
+    if BOUNDARY_PREFIX not in text and _MARK not in decoded:
+        return False
+    trimmed = _NOTICE_BODY.sub(REDACTED, text.encode("utf-8", errors="replace"))
+    if _MARK in trimmed or not trimmed.isascii():
+        _replace(part)
+    else:
+        del part["Content-Transfer-Encoding"]
+        part.set_payload(trimmed.decode("ascii"))
+    return True
+
+
+def _replace(part: Message) -> None:
+    for name in ("Content-Transfer-Encoding", "Content-Type"):
+        del part[name]
+    part["Content-Type"] = "text/plain; charset=us-ascii"
+    part.set_payload(_REMOVED)
+
+
+def _headers_only(raw: bytes) -> bytes:
+    """The top header block alone (nothing, if no blank line ends it), then the marker."""
+    for separator in (b"\r\n\r\n", b"\n\n"):
+        head, found, _ = raw.partition(separator)
+        if found:
+            return head + b"\r\n\r\n" + REDACTED + b"\n"
+    return REDACTED + b"\n"
 
 
 class _ListenerSMTP(SMTP):
