@@ -79,16 +79,19 @@ def _owner_only(path: Path) -> None:
     # Stores hold raw events, escrowed notices and audit records: readable by their owner
     # only, whatever the umask. SQLite gives its -wal and -shm files the database file's
     # mode, so creating that file 0600 (or narrowing an older one) covers all three.
+    # A file another account owns (shared on purpose, through its group) is left as it is.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        if stat.S_IMODE(os.fstat(fd).st_mode) & 0o077:
+        info = os.fstat(fd)
+        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         with contextlib.suppress(FileNotFoundError):
-            if stat.S_IMODE(side.stat().st_mode) & 0o077:
+            info = side.stat()
+            if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
                 side.chmod(0o600)
 
 
