@@ -8,9 +8,11 @@ import sys
 import uuid
 from collections.abc import AsyncIterator
 
+import psycopg
 import pytest
 
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
+from tests.conftest import PG_BASE
 
 
 @pytest.fixture
@@ -129,3 +131,26 @@ async def test_bad_url_is_a_clear_error() -> None:
 
     with pytest.raises(ConfigError, match="sqlite:///"):
         await open_ledger("mysql://x")
+
+
+async def test_a_postgresql_store_comes_back_after_its_connection_was_dropped(
+    pg_schema: str,
+) -> None:
+    # A server restart or a network break drops the connection. The statement that finds
+    # it dropped fails (the worker tries again); the next one runs on a new connection.
+    ledger = await open_ledger(pg_schema)
+    first, second = _id(), _id()
+    try:
+        assert (await ledger.claim(first, "w1")).kind is ClaimKind.NEW
+        with psycopg.connect(PG_BASE, autocommit=True) as admin:
+            dropped = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'eobblast ledger' AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert dropped and all(ok for (ok,) in dropped)
+        with pytest.raises(psycopg.OperationalError):
+            await ledger.claim(second, "w1")
+        assert (await ledger.claim(second, "w1")).kind is ClaimKind.NEW
+        assert (await ledger.claim(first, "w1")).kind is ClaimKind.IN_FLIGHT  # kept
+    finally:
+        await ledger.close()

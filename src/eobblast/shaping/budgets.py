@@ -32,11 +32,11 @@ from eobblast.shaping.warmup import (
     WarmupPlan,
     hour_bucket,
 )
-from eobblast.state.postgres import connect_postgres
+from eobblast.state.postgres import PgConnection, connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store
 
 if TYPE_CHECKING:
-    import psycopg
+    pass
 
 _SCHEMA = (
     """
@@ -366,7 +366,7 @@ class SqliteBudgetStore(BudgetStore):
 class PostgresBudgetStore(BudgetStore):
     """Budgets in PostgreSQL, for workers that span machines."""
 
-    def __init__(self, conn: psycopg.AsyncConnection[Any]) -> None:
+    def __init__(self, conn: PgConnection) -> None:
         self._conn = conn
         # One connection per worker: statements are serialised, as psycopg requires.
         self._lock = asyncio.Lock()
@@ -384,7 +384,8 @@ class PostgresBudgetStore(BudgetStore):
     async def _all(self, sql: str, params: Mapping[str, Any] | None = None) -> list[Any]:
         async with self._lock:
             cur = await self._conn.execute(sql, params)
-            return await cur.fetchall()
+            rows: list[Any] = await cur.fetchall()
+            return rows
 
     async def _run(self, sql: str, params: Mapping[str, Any]) -> None:
         async with self._lock:
