@@ -775,6 +775,36 @@ async def test_a_server_error_is_logged_as_json_without_the_exceptions_text(
     assert eob.event.member.name not in err and "Traceback" not in err
 
 
+class UnwritableTrail:
+    """An audit trail whose database refuses writes."""
+
+    async def append(self, record: AuditRecord) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+
+async def test_an_item_whose_audit_record_fails_is_not_left_behind(
+    stores: Stores, event_doc: dict[str, Any]
+) -> None:
+    # The pipeline tries the notice again after such a failure: each try would otherwise
+    # leave a sealed EOB behind that no link reaches.
+    event = validate_event(orjson.dumps(event_doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued) and event.member.date_of_birth is not None
+    item = EscrowItem(
+        event_id=event.event_id,
+        member_ref=member_ref(REF_KEY, event.member.id),
+        member_id=event.member.id,
+        date_of_birth=event.member.date_of_birth,
+        html=eob_html(event),
+        expires_at=NOW + dt.timedelta(days=30),
+        language="en",
+    )
+    trail = cast(AuditTrail, UnwritableTrail())
+    with pytest.raises(sqlite3.OperationalError):
+        await escrow_eob(stores.escrow, trail, item, actor="worker-1", now=NOW)
+    left = await stores.escrow.purge_expired_items(NOW + dt.timedelta(days=365))
+    assert event.event_id not in [purged.event_id for purged in left]
+
+
 async def test_a_lost_database_gives_the_generic_page_and_an_unhealthy_check(
     stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
 ) -> None:

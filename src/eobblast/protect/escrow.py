@@ -15,6 +15,7 @@ import abc
 import asyncio
 import base64
 import binascii
+import contextlib
 import datetime as dt
 import enum
 import hashlib
@@ -519,6 +520,9 @@ class EscrowStore(abc.ABC):
     @abc.abstractmethod
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]: ...
 
+    @abc.abstractmethod
+    async def _discard(self, item_id: str) -> None: ...
+
 
 _INSERT = (
     "INSERT INTO portal_items (item_id, token_sha256, event_id, member_ref, language,"
@@ -529,6 +533,7 @@ _UPDATE = (
     "UPDATE portal_items SET failed_attempts = {0}, locked = {0}, picked_up_at = {0},"
     " envelope = CASE WHEN {0} THEN NULL ELSE envelope END WHERE item_id = {0}"
 )
+_DISCARD = "DELETE FROM portal_items WHERE item_id = {0}"
 _DELETE = (
     "DELETE FROM portal_items WHERE expires_at <= {0}"
     " RETURNING item_id, event_id, member_ref, locked, picked_up_at"
@@ -597,6 +602,9 @@ class SqliteEscrow(EscrowStore):
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
         return list(self._db.execute(_DELETE.format("?"), (now,)).fetchall())
 
+    async def _discard(self, item_id: str) -> None:
+        self._db.execute(_DISCARD.format("?"), (item_id,))
+
     async def ping(self) -> None:
         """Raise if the database cannot be read."""
         self._db.execute("SELECT 1").fetchone()
@@ -644,6 +652,10 @@ class PostgresEscrow(EscrowStore):
             cur = await self._conn.execute(_DELETE.format("%s"), (now,))
             return list(await cur.fetchall())
 
+    async def _discard(self, item_id: str) -> None:
+        async with self._lock:
+            await self._conn.execute(_DISCARD.format("%s"), (item_id,))
+
     async def ping(self) -> None:
         """Raise if the server cannot be reached."""
         async with self._lock:
@@ -666,18 +678,25 @@ async def escrow_eob(
     """Escrow an EOB and record `portal_escrowed` in the audit trail; returns the token."""
     when = now or dt.datetime.now(dt.UTC)
     item_id, token = await store._put(item, when)
-    await audit.append(
-        AuditRecord(
-            item.event_id,
-            AuditAction.PORTAL_ESCROWED,
-            actor,
-            when,
-            member_ref=item.member_ref,
-            protection=PORTAL_PROTECTION,
-            reason=reason,
-            item_id=item_id,
+    try:
+        await audit.append(
+            AuditRecord(
+                item.event_id,
+                AuditAction.PORTAL_ESCROWED,
+                actor,
+                when,
+                member_ref=item.member_ref,
+                protection=PORTAL_PROTECTION,
+                reason=reason,
+                item_id=item_id,
+            )
         )
-    )
+    except BaseException:
+        # No item without its record: the caller tries again, and each try would leave
+        # an item nobody can reach (its link was never sent) until it expired.
+        with contextlib.suppress(Exception):
+            await store._discard(item_id)
+        raise
     return token
 
 
