@@ -527,6 +527,7 @@ class Worker:
         if isinstance(checked, EventOutcome):
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
+        retried_here = False
         while True:
             # The same event id, published twice, may be sending in this worker right now:
             # looked at before and after every claim, whatever the ledger says of the owner.
@@ -535,8 +536,10 @@ class Worker:
                 info.stage = "claim"
                 claim = await self._ledger.claim(event_id, self.worker_id)
                 if claim.kind is ClaimKind.IN_FLIGHT and event_id not in self._sending:
-                    # Ours but not running: left over from a task that was cancelled.
+                    # Ours but not running: left over from an attempt that failed or was
+                    # cancelled here (not a crash resend, so not counted as one).
                     claim = await self._ledger.claim(event_id, self.worker_id + "-again")
+                    retried_here = True
                 running = self._sending.get(event_id)
                 if running is None:
                     break
@@ -546,7 +549,12 @@ class Worker:
             assert claim.entry is not None
             info.stage = "publish"
             return await self._republish(claim.entry, record.timestamp)
-        if claim.kind is ClaimKind.RETRY:
+        # A crash resend takes over another incarnation's claim; this worker's own "-again"
+        # claim (an attempt tried here once more) is not one.
+        previous_owner = claim.entry.owner if claim.entry is not None else ""
+        if claim.kind is ClaimKind.RETRY and not (
+            retried_here or previous_owner.startswith(self.worker_id)
+        ):
             metrics.RESENDS.inc()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sending[event_id] = future

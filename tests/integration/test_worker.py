@@ -323,8 +323,11 @@ async def test_a_bounce_store_outage_is_waited_out_not_a_failed_notice(
     # pause, as for a ledger it cannot reach, instead of ending failed/internal_error.
     flaky = FlakyBounceStore(failures=2)
     caplog.set_level(logging.ERROR, logger="eobblast")
+    resends = REGISTRY.get_sample_value("eobblast_resends_total") or 0.0
     _, (status,) = await one_event_through(stack, 25, bounce_store_as=flaky.wrap)
     assert status.status == "delivered"
+    # Tried again in this worker: not a crash resend.
+    assert (REGISTRY.get_sample_value("eobblast_resends_total") or 0.0) == resends
     assert flaky.failures == 0 and sum(stack.sandbox.counts.values()) == 1
     retried = [r for r in caplog.records if r.getMessage().startswith("record could not be")]
     assert len(retried) == 2
