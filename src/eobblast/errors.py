@@ -98,8 +98,17 @@ class DeliveryError(EobblastError):
     """A message could not be handed to the receiving server."""
 
     def __init__(
-        self, reason: ReasonCode, detail: str = "", *, smtp_code: int | None = None, permanent: bool
+        self,
+        reason: ReasonCode,
+        detail: str = "",
+        *,
+        smtp_code: int | None = None,
+        permanent: bool,
+        sent: bool = False,
     ) -> None:
         super().__init__(reason, detail)
         self.smtp_code = smtp_code
         self.permanent = permanent
+        # The content went out before the line dropped or timed out: the receiver may have
+        # accepted it. Sent again elsewhere at once, it could arrive twice.
+        self.sent = sent

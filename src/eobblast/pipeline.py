@@ -268,9 +268,12 @@ class Pipeline:
         if outcome.outcome is Outcome.DELIVERED:
             return outcome
         if _portal_instead(outcome.reason, verified=True):
-            # Never again in plaintext: this domain is portal-only for a while, and this
-            # EOB goes as a notice with a pickup link instead.
-            services.tls.record_failure(recipient.domain, dt.datetime.now(dt.UTC))
+            # Never again in plaintext: this EOB goes as a notice with a pickup link, and
+            # the domain is portal-only for a while; not for a dropped line, though, which
+            # one network blip can cause (it would send every EOB of, say, gmail.com to
+            # the portal for hours).
+            if outcome.reason is not ReasonCode.CONNECTION_LOST:
+                services.tls.record_failure(recipient.domain, dt.datetime.now(dt.UTC))
             log.info(
                 "TLS failed at delivery; protected again as a portal notice",
                 extra={"event_id": event_id, "reason": outcome.reason},

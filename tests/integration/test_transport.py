@@ -22,6 +22,7 @@ NOTLS = "notls.sandbox.test"
 UNTRUSTED = "untrusted.sandbox.test"
 NODSN = "nodsn.sandbox.test"
 OLDTLS = "oldtls.sandbox.test"
+DROPPER = "dropper.sandbox.test"
 CLOSE_AFTER = 4
 DOMAINS = [
     SandboxDomain(
@@ -35,6 +36,7 @@ DOMAINS = [
     SandboxDomain(UNTRUSTED, "127.0.12.4", behaviour=Behaviour.UNTRUSTED_CERT),
     SandboxDomain(NODSN, "127.0.12.5", dsn=False),
     SandboxDomain(OLDTLS, "127.0.12.6", behaviour=Behaviour.OLD_TLS_ONLY),
+    SandboxDomain(DROPPER, "127.0.12.7", behaviour=Behaviour.DROP_AFTER_STARTTLS),
 ]
 MESSAGE = (
     b"From: eob-notices@payer.test\r\nTo: someone\r\nSubject: Your Explanation of Benefits"
@@ -257,6 +259,28 @@ async def test_a_notice_to_a_receiver_without_shared_tls_goes_in_plaintext_an_eo
     assert refused.value.reason is ReasonCode.TLS_HANDSHAKE_FAILED
     assert sandbox.counts[OLDTLS] == 1
     assert _connects("plaintext_after_tls_failure") == before + 1
+
+
+async def test_a_message_the_first_mx_may_have_taken_is_not_sent_to_the_next(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    # The first MX drops the line after the content went out: it may have accepted the
+    # message. The second MX must not get a copy too; the caller decides what comes next.
+    first, second = sandbox.routes[DROPPER], sandbox.routes[OK]
+    routes = [Route(first[0], first[1], DROPPER), Route(second[0], second[1], OK)]
+
+    class TwoMx(Router):
+        async def resolve(self, domain: str) -> list[Route]:
+            return routes
+
+    transport = Transport(TwoMx({}), SmtpPool(make_tls_context(str(pki.ca)), ehlo_name="x.test"))
+    try:
+        with pytest.raises(DeliveryError) as lost:
+            await transport.deliver("eob-notices@payer.test", f"a@{DROPPER}", MESSAGE)
+    finally:
+        await transport.aclose()
+    assert lost.value.reason is ReasonCode.CONNECTION_LOST and lost.value.sent
+    assert sandbox.counts[OK] == 0
 
 
 async def test_notices_without_phi_use_what_the_receiver_offers(

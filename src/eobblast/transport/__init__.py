@@ -182,7 +182,9 @@ class Transport:
                         await self._pushback(ticket, exc.smtp_code, exc.enhanced, exc.reply_text)
                     raise  # the server answered: another MX would answer the same
                 except DeliveryError as exc:
-                    if exc.smtp_code is not None:
+                    if exc.smtp_code is not None or exc.sent:
+                        # The server answered, or may have taken the message already: another
+                        # MX would answer the same, or deliver a second copy.
                         raise
                     if ticket is not None and exc.reason is ReasonCode.CONNECT_FAILED:
                         # A refused connection slows this IP down for the next messages; this

@@ -447,11 +447,13 @@ class SmtpConnection:
             self.close()
             # The message may have been accepted before the line dropped.
             raise DeliveryError(
-                ReasonCode.CONNECTION_LOST, "lost during DATA", permanent=False
+                ReasonCode.CONNECTION_LOST, "lost during DATA", permanent=False, sent=True
             ) from None
         except TimeoutError:
             self.close()
-            raise DeliveryError(ReasonCode.TIMEOUT, "timeout at data", permanent=False) from None
+            raise DeliveryError(
+                ReasonCode.TIMEOUT, "timeout at data", permanent=False, sent=True
+            ) from None
         self.messages += 1
         if final.code != 250:
             if final.code == 421 or not session.is_open:
@@ -503,13 +505,16 @@ class SmtpConnection:
             if stage == "data":
                 # The message may have been accepted before the line dropped.
                 raise DeliveryError(
-                    ReasonCode.CONNECTION_LOST, "lost during DATA", permanent=False
+                    ReasonCode.CONNECTION_LOST, "lost during DATA", permanent=False, sent=True
                 ) from None
             raise ConnectionNotAvailable from None
         except aiosmtplib.SMTPTimeoutError:
             self.close()
             raise DeliveryError(
-                ReasonCode.TIMEOUT, f"timeout at {stage}", permanent=False
+                ReasonCode.TIMEOUT,
+                f"timeout at {stage}",
+                permanent=False,
+                sent=stage == "data",
             ) from None
         except aiosmtplib.SMTPResponseException as exc:
             self.messages += 1
