@@ -9,6 +9,7 @@ that moves only when a test moves it; no assertion depends on how long anything 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import ssl
@@ -478,6 +479,66 @@ async def test_a_block_suspends_the_ip_for_that_provider_only(
     ticket = await other.acquire("outlook-like.test", [scripted.host])
     assert ticket.address == clean
     await other.aclose()
+
+
+async def test_a_block_in_the_greeting_suspends_the_ip(
+    pki: TestPki, scripted: Receiver, store: BudgetStore
+) -> None:
+    # Some receivers refuse a blocked IP before EHLO, in their 554 greeting. That is a
+    # block, like the same words after RCPT, not a refused connection to slow down for.
+    blocked, clean = "127.0.73.1", "127.0.73.2"
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")[0]
+        if peer == blocked:
+            writer.write(
+                b"554 5.7.1 Service unavailable; client host [127.0.73.1] blocked using"
+                b" Spamhaus\r\n"
+            )
+            await writer.drain()
+            writer.close()
+            return
+        # Everyone else reaches the scripted receiver, from their own address.
+        up_reader, up_writer = await asyncio.open_connection(
+            scripted.host, scripted.port, local_addr=(peer, 0)
+        )
+
+        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    front = await asyncio.start_server(greet, "127.0.73.100", 0)
+    port = int(front.sockets[0].getsockname()[1])
+    pools = loads_pools(
+        pools_toml(
+            "greeting",
+            [
+                (blocked, "mta1.payer.example", '"mature"'),
+                (clean, "mta2.payer.example", '"mature"'),
+            ],
+        )
+    )
+    clock = SimClock(T0)
+    shaper = make_shaper(pools, store, clock, overrides={"outlook-like.test": "microsoft"})
+    await shaper.start()
+    transport = transport_for(pki, {"outlook-like.test": f"127.0.73.100:{port}"}, shaper)
+    outlook = [f"g{i}@outlook-like.test" for i in range(10)]
+    try:
+        assert await drive(transport, clock, outlook, concurrency=4, step=60.0) == []
+    finally:
+        await transport.aclose()
+        await shaper.aclose()
+        front.close()
+    accepted = scripted.handler.accepted()
+    assert sorted(r for _, r in accepted) == sorted(outlook)
+    assert {ip for ip, _ in accepted} == {clean}
+    suspensions = await store.suspensions(clock())
+    assert suspensions[(blocked, "microsoft")].code == "5.7.1"
 
 
 async def test_over_budget_messages_wait_for_the_next_hour_or_are_deferred(

@@ -11,6 +11,7 @@ from eobblast.shaping.engine import DeferReason, Shaper, ShapingConfig, Ticket
 from eobblast.transport.pool import (
     ConnectionLimits,
     ConnectionNotAvailable,
+    GreetingRefused,
     PoolKey,
     SmtpPool,
     SmtpReply,
@@ -186,7 +187,13 @@ class Transport:
                         # The server answered, or may have taken the message already: another
                         # MX would answer the same, or deliver a second copy.
                         raise
-                    if ticket is not None and exc.reason is ReasonCode.CONNECT_FAILED:
+                    if ticket is not None and isinstance(exc, GreetingRefused):
+                        # The greeting said why: a block suspends this IP for the provider,
+                        # as the same words after RCPT would.
+                        await self._pushback(
+                            ticket, exc.code, exc.enhanced, exc.reply_text, unsent=True
+                        )
+                    elif ticket is not None and exc.reason is ReasonCode.CONNECT_FAILED:
                         # A refused connection slows this IP down for the next messages; this
                         # one still tries the domain's other MX hosts.
                         assert self._shaper is not None

@@ -55,6 +55,19 @@ _GROUP_STAGES = ("mail", "rcpt", "data")
 _GROUP_ACCEPTS = ((250,), (250, 251), (354,))
 
 
+class GreetingRefused(DeliveryError):
+    """The server refused the session in its greeting (554 ... blocked, 421 busy): nothing
+    was sent. `code`, `enhanced` and `reply_text` say why, for shaping to read (a block of
+    this IP, or a request to slow down). `reply_text` can quote an address: match it,
+    never log or store it."""
+
+    def __init__(self, code: int, enhanced: str | None, reply_text: str) -> None:
+        super().__init__(ReasonCode.CONNECT_FAILED, f"greeting refused ({code})", permanent=False)
+        self.code = code
+        self.enhanced = enhanced
+        self.reply_text = reply_text
+
+
 class ConnectionNotAvailable(Exception):
     """This connection cannot take the message; acquire another and try again.
 
@@ -736,6 +749,12 @@ class SmtpPool:
         except aiosmtplib.SMTPConnectTimeoutError:
             metrics.SMTP_CONNECTS.labels("timeout").inc()
             raise DeliveryError(ReasonCode.TIMEOUT, "connect timeout", permanent=False) from None
+        except aiosmtplib.SMTPConnectResponseError as exc:
+            smtp.close()
+            metrics.SMTP_CONNECTS.labels("greeting_refused").inc()
+            raise GreetingRefused(
+                exc.code, _enhanced_status(exc.message), _text(exc.message)
+            ) from None
         except (aiosmtplib.SMTPException, OSError):
             metrics.SMTP_CONNECTS.labels("failed").inc()
             raise DeliveryError(
