@@ -232,6 +232,23 @@ async def test_mx_routes_are_cached_and_ordered() -> None:
     assert calls == ["payer.test", "payer.test"]
 
 
+async def test_the_mx_cache_keeps_a_bounded_number_of_domains() -> None:
+    # Millions of members spread over many domains: the oldest lookups make room.
+    calls: list[str] = []
+
+    async def lookup(domain: str) -> list[tuple[int, str]]:
+        calls.append(domain)
+        return [(10, f"mx.{domain}")]
+
+    router = Router({}, mx_lookup=lookup, cache_ttl=3600, max_cached=3)
+    for n in range(10):
+        await router.resolve(f"d{n}.test")
+    assert router.cached == 3
+    await router.resolve("d9.test")  # still cached
+    await router.resolve("d0.test")  # looked up again
+    assert calls[-1] == "d0.test" and calls.count("d9.test") == 1
+
+
 def test_static_routes_verify_ip_hosts_against_the_domain() -> None:
     routes = parse_static_routes(
         {"a.test": "127.0.0.5:2525", "b.test": "relay.b.test:587", "c.test": "[::1]:25"}

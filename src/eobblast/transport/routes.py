@@ -75,13 +75,17 @@ class Router:
         port: int = 25,
         cache_ttl: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
+        max_cached: int = 10_000,
     ) -> None:
         self._static = dict(static)
         self._mx_lookup = mx_lookup
         self._port = port
         self._ttl = cache_ttl
         self._clock = clock
+        # Domains in the order they were last looked up: a run over millions of members'
+        # domains keeps at most `max_cached`, the oldest lookups going first.
         self._cache: dict[str, tuple[float, list[Route]]] = {}
+        self._max_cached = max(1, max_cached)
 
     async def resolve(self, domain: str) -> list[Route]:
         """Routes for a domain, best first."""
@@ -95,5 +99,13 @@ class Router:
             return cached[1]
         records = await self._mx_lookup(domain)
         routes = [Route(host, self._port, host) for _, host in sorted(records)]
+        self._cache.pop(domain, None)
+        while len(self._cache) >= self._max_cached:
+            del self._cache[next(iter(self._cache))]
         self._cache[domain] = (now + self._ttl, routes)
         return routes
+
+    @property
+    def cached(self) -> int:
+        """How many domains' MX answers are kept."""
+        return len(self._cache)
