@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -35,6 +35,7 @@ from eobblast.shaping import (
     BudgetStore,
     LeaseRequest,
     PoolConfig,
+    ReplySignal,
     Shaper,
     ShapingConfig,
     ShapingDeferred,
@@ -539,6 +540,60 @@ async def test_a_block_in_the_greeting_suspends_the_ip(
     assert {ip for ip, _ in accepted} == {clean}
     suspensions = await store.suspensions(clock())
     assert suspensions[(blocked, "microsoft")].code == "5.7.1"
+
+
+class SuspendFailsOnce:
+    """A budget store whose first suspension write fails (a connection just dropped)."""
+
+    def __init__(self, inner: BudgetStore) -> None:
+        self.inner = inner
+        self.failed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    async def suspend(self, *args: Any, **kwargs: Any) -> None:
+        if not self.failed:
+            self.failed = True
+            raise OSError("connection lost")
+        await self.inner.suspend(*args, **kwargs)
+
+
+async def test_a_block_the_store_missed_is_kept_and_written_again(store: BudgetStore) -> None:
+    # The block's write failed: housekeeping must not lift it from the store's (older)
+    # view, and writes it again so the other workers learn it.
+    blocked, clean = "127.0.74.1", "127.0.74.2"
+    pools = loads_pools(
+        pools_toml(
+            "missed",
+            [
+                (blocked, "mta1.payer.example", '"mature"'),
+                (clean, "mta2.payer.example", '"mature"'),
+            ],
+        )
+    )
+    clock = SimClock(T0)
+    flaky = SuspendFailsOnce(store)
+    overrides = {"outlook-like.test": "microsoft"}
+    shaper = make_shaper(pools, cast(BudgetStore, flaky), clock, overrides=overrides)
+    await shaper.start()
+    try:
+        picked = {}
+        while blocked not in picked:  # the pool alternates; take a ticket from each IP
+            ticket = await shaper.acquire("outlook-like.test", ["mx.outlook-like.test"])
+            picked[ticket.address] = ticket
+        signal = await shaper.observe(
+            picked[blocked], 550, "5.7.1", "Service unavailable, client host blocked (Spamhaus)"
+        )
+        assert signal is ReplySignal.BLOCK and flaky.failed
+        clock.advance(60.0)  # past a housekeeping round
+        later = [
+            await shaper.acquire("outlook-like.test", ["mx.outlook-like.test"]) for _ in range(6)
+        ]
+    finally:
+        await shaper.aclose()
+    assert {ticket.address for ticket in later} == {clean}
+    assert (blocked, "microsoft") in await store.suspensions(clock())
 
 
 async def test_over_budget_messages_wait_for_the_next_hour_or_are_deferred(

@@ -313,6 +313,11 @@ class Shaper:
         self._housekeeping_interval = housekeeping_interval
         self._recheck = recheck_interval
         self._next_housekeeping = 0.0
+        # Blocks the store has not taken yet ((address, scope) -> until, code), and blocks
+        # seen since this housekeeping round read the store: a read that predates them
+        # must not lift them.
+        self._unsaved_blocks: dict[tuple[str, str], tuple[float, str]] = {}
+        self._blocked_this_round: set[tuple[str, str]] = set()
         self._destinations: dict[str, tuple[str, str]] = {}
         self._classes: dict[str, IpPool] = {}
         self._pairs: dict[tuple[str, str], _Pair] = {}
@@ -623,14 +628,19 @@ class Shaper:
             until = pair.state.suspended_until
             assert until is not None  # a block always suspends
             code_text = pair.state.block_code or "block"
+            key = (ticket.address, ticket.scope)
+            self._blocked_this_round.add(key)
             try:
                 await self._store.suspend(
                     ticket.address, ticket.scope, until=until, code=code_text, now=now
                 )
             except Exception:
-                # This worker still holds the suspension; the others learn it from the
-                # receiver's next block instead of from the store.
+                # This worker holds the suspension, and housekeeping writes it again until
+                # the store takes it; meanwhile the others learn it from the receiver.
+                self._unsaved_blocks[key] = (until, code_text)
                 log.warning("could not record a suspension in the store", exc_info=True)
+            else:
+                self._unsaved_blocks.pop(key, None)
             if not was_suspended:
                 BLOCK_ALERTS.labels(ticket.pool, ticket.address, ticket.provider).inc()
                 log.warning(
@@ -645,7 +655,12 @@ class Shaper:
         # Set first: tasks arriving while this awaits the store must not start another round.
         self._next_housekeeping = now + self._housekeeping_interval
         self._publish_sent()
+        self._blocked_this_round = set()
         try:
+            for (address, scope), (until, code) in list(self._unsaved_blocks.items()):
+                if until > now:
+                    await self._store.suspend(address, scope, until=until, code=code, now=now)
+                del self._unsaved_blocks[(address, scope)]
             await self._leaser.refresh_activity()
             suspensions = await self._leaser.sync_suspensions()
             await self._leaser.flush()
@@ -661,7 +676,8 @@ class Shaper:
                 self._pair(known[0], known[1], provider, scope, now)
         self._epoch += 1  # the store's suspensions may differ from what runs were chosen on
         for key, pair in list(self._pairs.items()):
-            pair.state = sync_suspension(pair.state, suspensions.get(key), now)
+            if key not in self._blocked_this_round:
+                pair.state = sync_suspension(pair.state, suspensions.get(key), now)
             configured = self._limits.for_provider(pair.provider).messages_per_connection
             if pair.site_scoped and _recovered(pair, now, configured):
                 del self._pairs[key]  # back to defaults: memory grows with trouble, not sites
