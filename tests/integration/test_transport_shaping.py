@@ -9,7 +9,6 @@ that moves only when a test moves it; no assertion depends on how long anything 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
 import ssl
@@ -47,6 +46,7 @@ from eobblast.shaping import (
 from eobblast.shaping.cli import pools
 from eobblast.shaping.settings import default_warmup_text, parse_shaping
 from eobblast.transport import Transport
+from tests.conftest import splice
 
 HOUR = 3600.0
 DAY = 86_400.0
@@ -500,18 +500,8 @@ async def test_a_block_in_the_greeting_suspends_the_ip(
             writer.close()
             return
         # Everyone else reaches the scripted receiver, from their own address.
-        up_reader, up_writer = await asyncio.open_connection(
-            scripted.host, scripted.port, local_addr=(peer, 0)
-        )
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        upstream = await asyncio.open_connection(scripted.host, scripted.port, local_addr=(peer, 0))
+        await splice(reader, writer, *upstream)
 
     front = await asyncio.start_server(greet, "127.0.73.100", 0)
     port = int(front.sockets[0].getsockname()[1])

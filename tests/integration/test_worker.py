@@ -37,7 +37,7 @@ from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.state import Claim, LedgerEntry, SendLedger
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
-from tests.conftest import throwaway_pg_schema
+from tests.conftest import splice, throwaway_pg_schema
 from tests.integration.worker_stack import (
     Stack,
     accept_domains,
@@ -445,16 +445,7 @@ class Relay:
         await self._relay(reader, writer)
 
     async def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self.target)
-
-        async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await src.read(65536):
-                    dst.write(data)
-                    await dst.drain()
-            dst.close()
-
-        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+        await splice(reader, writer, *await asyncio.open_connection(*self.target))
 
     def close(self) -> None:
         if self._server is not None:
