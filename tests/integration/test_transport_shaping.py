@@ -586,6 +586,30 @@ async def test_a_block_the_store_missed_is_kept_and_written_again(store: BudgetS
     assert (blocked, "microsoft") in await store.suspensions(clock())
 
 
+async def test_workers_prune_budget_counters_older_than_two_days(store: BudgetStore) -> None:
+    # One counter per (IP, provider, hour): without pruning the shared store only grows.
+    pools = loads_pools(pools_toml("prune", [("127.0.75.1", "mta1.payer.example", '"mature"')]))
+    source = pools.pools[0].ips[0]
+    for hours_ago in (72, 1):
+        old = SimClock(T0 - hours_ago * HOUR)
+        leaser = BudgetLeaser(store, shaping_settings().plan, chunk=10, clock=old)
+        assert await leaser.acquire(source, "other")
+        await leaser.close()
+    clock = SimClock(T0)
+    shaper = make_shaper(pools, store, clock)
+    await shaper.start()
+    try:
+        await shaper.acquire("plain.test", ["mx.plain.test"])  # a housekeeping round
+    finally:
+        await shaper.aclose()
+
+    def counted(hours_ago: int) -> bool:
+        return any(u.ip == source.address for u in usage[hours_ago])
+
+    usage = {h: await store.usage(hour_bucket(T0 - h * HOUR)) for h in (72, 1)}
+    assert not counted(72) and counted(1)
+
+
 async def test_over_budget_messages_wait_for_the_next_hour_or_are_deferred(
     store: BudgetStore,
 ) -> None:

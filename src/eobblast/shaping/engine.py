@@ -65,6 +65,11 @@ Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
 
 
+# Budget counters kept in the store (hours), and how often a worker prunes older ones.
+_KEEP_HOURS = 48
+_PRUNE_EVERY = 3600.0
+
+
 class DeferReason(enum.StrEnum):
     """Why a message did not go out now: the `reason` label of the deferral metric."""
 
@@ -313,6 +318,7 @@ class Shaper:
         self._housekeeping_interval = housekeeping_interval
         self._recheck = recheck_interval
         self._next_housekeeping = 0.0
+        self._next_prune = 0.0
         # Blocks the store has not taken yet ((address, scope) -> until, code), and blocks
         # seen since this housekeeping round read the store: a read that predates them
         # must not lift them.
@@ -664,6 +670,11 @@ class Shaper:
             await self._leaser.refresh_activity()
             suspensions = await self._leaser.sync_suspensions()
             await self._leaser.flush()
+            if now >= self._next_prune:
+                # Counters of hours long gone, and expired suspensions: the shared store
+                # keeps two days of counters, whatever the number of IPs and providers.
+                await self._store.prune(hour_bucket(now) - _KEEP_HOURS, now)
+                self._next_prune = now + _PRUNE_EVERY
         except Exception:
             log.warning("budget store unavailable; shaping state not refreshed", exc_info=True)
             return
