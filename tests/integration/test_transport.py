@@ -213,6 +213,35 @@ async def test_idle_connections_expire_and_max_messages_rotates(
     assert sandbox.counts[OK] == 6
 
 
+async def test_destinations_nobody_uses_are_forgotten(sandbox: Sandbox, pki: TestPki) -> None:
+    # A worker meets many MX hosts over a run: one whose connections expired and that
+    # nobody is using leaves the pool's table.
+    now = [0.0]
+    pool = SmtpPool(
+        make_tls_context(str(pki.ca)),
+        ehlo_name="sender.test",
+        idle_expiry=10.0,
+        clock=lambda: now[0],
+    )
+    ok = PoolKey(None, *sandbox.routes[OK], OK)
+    other = PoolKey(None, *sandbox.routes[NODSN], NODSN)
+    try:
+        async with pool.connection(ok) as conn:
+            await conn.send("eob-notices@payer.test", f"a@{OK}", MESSAGE)
+        assert pool.destinations == 1 and pool.open_connections == 1
+        for _ in range(2):  # one sweep closes the expired connection, the next forgets OK
+            now[0] += 11.0
+            async with pool.connection(other) as conn:
+                await conn.send("eob-notices@payer.test", f"b@{NODSN}", MESSAGE)
+        assert pool.destinations == 1 and pool.open_connections == 1  # only NODSN's
+        async with pool.connection(ok) as conn:  # and OK comes back when needed
+            await conn.send("eob-notices@payer.test", f"c@{OK}", MESSAGE)
+        assert pool.destinations == 2
+    finally:
+        await pool.aclose()
+    assert sandbox.counts[OK] == 2 and sandbox.counts[NODSN] == 2
+
+
 async def test_mx_routes_are_cached_and_ordered() -> None:
     calls: list[str] = []
 

@@ -577,11 +577,14 @@ class _Limits:
 
 
 class _Destination:
-    __slots__ = ("idle", "limits")
+    __slots__ = ("idle", "limits", "users")
 
     def __init__(self, limits: _Limits) -> None:
         self.idle: deque[SmtpConnection] = deque()
         self.limits = limits
+        # Callers between acquire and release (waiting for a slot included): a destination
+        # is forgotten only when it has none and no idle connection.
+        self.users = 0
 
 
 class SmtpPool:
@@ -648,6 +651,11 @@ class SmtpPool:
             group.max_messages = limits.max_messages
 
     @property
+    def destinations(self) -> int:
+        """Destinations with connections open or callers using them."""
+        return len(self._destinations)
+
+    @property
     def open_connections(self) -> int:
         """Connections currently open (idle or active) across all destinations."""
         return len(self._live)
@@ -664,7 +672,12 @@ class SmtpPool:
         if self._closed:
             raise RuntimeError("pool is closed")
         dest = self._destination(key, limits)
-        await dest.limits.slots.acquire()
+        dest.users += 1
+        try:
+            await dest.limits.slots.acquire()
+        except BaseException:
+            dest.users -= 1
+            raise
         try:
             now = self._clock()
             self._sweep(now)
@@ -682,6 +695,7 @@ class SmtpPool:
             self._live.add(conn)
         except BaseException:
             dest.limits.slots.release()
+            dest.users -= 1
             raise
         conn.state = ConnectionState.ACTIVE
         metrics.CONNECTIONS_ACTIVE.inc()
@@ -704,6 +718,7 @@ class SmtpPool:
                 await self._discard(conn)
         finally:
             dest.limits.slots.release()
+            dest.users -= 1
 
     @asynccontextmanager
     async def connection(
@@ -721,7 +736,11 @@ class SmtpPool:
         if now - self._last_sweep < 1.0:
             return
         self._last_sweep = now
-        for dest in self._destinations.values():
+        for key, dest in list(self._destinations.items()):
+            if not dest.idle and not dest.users:
+                # Nothing open, nobody waiting: a worker meets many MX hosts over a run.
+                del self._destinations[key]
+                continue
             keep: deque[SmtpConnection] = deque()
             for conn in dest.idle:
                 if conn.is_usable(
