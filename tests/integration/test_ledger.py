@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
+from eobblast.errors import ConfigError
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
 from tests.conftest import PG_BASE
 
@@ -154,3 +155,13 @@ async def test_a_postgresql_store_comes_back_after_its_connection_was_dropped(
         assert (await ledger.claim(first, "w1")).kind is ClaimKind.IN_FLIGHT  # kept
     finally:
         await ledger.close()
+
+
+@pytest.mark.parametrize(
+    "url", ["postgresql://eob:S3cr%t@db.internal/eob", "postgresql://eob:S3cr3t@[db.internal/eob"]
+)
+async def test_an_unreadable_postgresql_url_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        await open_ledger(url)
+    assert "S3cr" not in str(refused.value) and "db.internal" not in str(refused.value)
+    assert refused.value.__cause__ is None and refused.value.__suppress_context__

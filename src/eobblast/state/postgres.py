@@ -25,6 +25,9 @@ async def connect_postgres(
         conn = await _connect(dsn, what)
     except psycopg.OperationalError:
         raise ConfigError(f"cannot connect to the PostgreSQL {what}") from None
+    except (psycopg.Error, ValueError):
+        # A URL psycopg cannot parse: its message quotes the URL, password included.
+        raise ConfigError(f"the PostgreSQL {what} url cannot be read") from None
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
         for statement in schema:
