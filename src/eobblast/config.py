@@ -99,6 +99,11 @@ class WorkersConfig:
     # every step has its own timeout, so it means something hung. 0: never.
     stuck_after: float = 300.0
 
+    def __post_init__(self) -> None:
+        for name in ("grace_period", "restart_delay", "stuck_after"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"workers.{name}: expected a number >= 0")
+
 
 @dataclass(frozen=True, slots=True)
 class ProtectionConfig:

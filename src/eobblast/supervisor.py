@@ -22,6 +22,18 @@ log = logging.getLogger("eobblast.supervisor")
 # A worker that dies sooner than this after starting counts as crash-looping.
 _HEALTHY_AFTER = 10.0
 _MAX_RESTART_DELAY = 30.0
+_MIN_BACKOFF = 0.5
+
+
+def _forget_gauges(pid: int | None) -> None:
+    """Drop a dead worker's live gauges (in flight, oldest in flight) from the sums: they
+    would otherwise report its last values until the supervisor itself restarts."""
+    directory = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if pid is None or not directory:
+        return
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
 
 
 def _worker_main(config: Config, index: int, log_level: str) -> None:
@@ -95,10 +107,14 @@ class Supervisor:
             if process.is_alive():
                 continue
             if index not in self._restart_at:
+                _forget_gauges(process.pid)
                 lived = now - self._started_at[index]
                 delay = self._config.workers.restart_delay
                 if lived < _HEALTHY_AFTER:
-                    delay = min(_MAX_RESTART_DELAY, max(delay, self._delay.get(index, 0) * 2))
+                    # Doubling from at least _MIN_BACKOFF: restart_delay = 0 must not make a
+                    # worker that dies at once respawn in a tight loop.
+                    previous = max(self._delay.get(index, 0), _MIN_BACKOFF / 2)
+                    delay = min(_MAX_RESTART_DELAY, max(delay, previous * 2))
                 self._delay[index] = delay
                 self._restart_at[index] = now + delay
                 log.warning(
@@ -140,6 +156,7 @@ class Supervisor:
                 log.warning("worker did not stop in time; killing", extra={"pid": process.pid})
                 process.kill()
                 await asyncio.to_thread(process.join, 5.0)
+            _forget_gauges(process.pid)
         log.info("workers stopped", extra={"count": len(processes)})
 
 
