@@ -47,7 +47,18 @@ def _worker_main(config: Config, index: int, log_level: str) -> None:
 
     async def main() -> None:
         stop = asyncio.Event()
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        parent = multiprocessing.parent_process()
+        if parent is not None:
+            # The supervisor died without stopping us (SIGKILL, OOM): drain and exit rather
+            # than run on as an orphan nobody supervises.
+            def orphaned() -> None:
+                loop.remove_reader(parent.sentinel)
+                log.warning("supervisor gone; stopping")
+                stop.set()
+
+            loop.add_reader(parent.sentinel, orphaned)
         await run_worker(config, index, stop)
 
     try:

@@ -668,6 +668,10 @@ def _children(pid: int) -> list[int]:
         return [int(child) for child in handle.read().split()]
 
 
+def _running(pid: int) -> bool:
+    return os.path.exists(f"/proc/{pid}")
+
+
 def _is_worker(pid: int) -> bool:
     with open(f"/proc/{pid}/cmdline", "rb") as handle:
         return b"spawn_main" in handle.read()
@@ -722,6 +726,34 @@ async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 60) == 0
+
+
+async def test_workers_stop_when_their_supervisor_is_killed(stack: Stack, tmp_path: Path) -> None:
+    # SIGKILL (or the OOM killer) takes the supervisor: its workers must not run on as
+    # orphans nobody restarts or stops.
+    config_file = tmp_path / "eobblast.toml"
+    config_file.write_text(tomli_w.dumps(stack.settings(count=1)))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
+        "--log-level", "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    workers: list[int] = []
+    while not workers and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+        workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
+    assert workers, "no worker started"
+    process.kill()
+    await process.wait()
+    deadline = time.monotonic() + 60
+    while _running(workers[0]) and time.monotonic() < deadline:  # noqa: ASYNC110 - polling another process
+        await asyncio.sleep(0.2)
+    alive = _running(workers[0])
+    if alive:
+        os.kill(workers[0], signal.SIGKILL)
+    assert not alive, "the worker outlived its supervisor"
 
 
 async def test_eobblast_bounces_serves_the_listeners_metrics(stack: Stack, tmp_path: Path) -> None:
