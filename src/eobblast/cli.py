@@ -24,11 +24,23 @@ console = Console(stderr=True)
 
 
 def _run(coro: Any) -> Any:
+    async def main() -> Any:
+        # SIGTERM (systemd, docker stop, timeout, a CI runner) cancels the command, so its
+        # finally blocks stop what it started: the demo's broker and workers, the portal's
+        # stores. A command with its own SIGTERM handling (run) replaces this one.
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+        return await coro
+
     try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
-        return asyncio.run(coro)
-    return uvloop.run(coro)
+        try:
+            import uvloop
+        except ImportError:  # pragma: no cover - uvloop is a dependency on Linux
+            return asyncio.run(main())
+        return uvloop.run(main())
+    except asyncio.CancelledError:
+        raise SystemExit(128 + signal.SIGTERM) from None
 
 
 @click.group()

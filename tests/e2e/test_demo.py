@@ -6,11 +6,14 @@ import email
 import email.policy
 import json
 import mailbox
+import os
 import re
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 import urllib.error
 import urllib.request
 from decimal import Decimal
@@ -363,3 +366,44 @@ def test_cli_schema_generate_and_keys(tmp_path: Path) -> None:
     assert "eob1e._domainkey.payer.test." in keys.stdout
     bad = subprocess.run([*eob, "generate"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "--count" in bad.stderr
+
+
+def _session(sid: int) -> list[int]:
+    """Processes of a session: what the demo started, however deep."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_stops_the_demo_and_everything_it_started(tmp_path: Path) -> None:
+    # timeout(1), a CI runner, docker stop: SIGTERM must not leave the broker and the
+    # workers running on their own.
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "eobblast", "demo", "--events", "3000", "--out",
+         str(tmp_path / "demo"), "--no-progress"],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while len(_session(demo.pid)) < 3 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the demo, its broker and its workers
+        assert len(_session(demo.pid)) >= 3, "the demo did not start its broker and workers"
+        demo.send_signal(signal.SIGTERM)
+        assert demo.wait(90) == 128 + signal.SIGTERM
+        deadline = time.monotonic() + 60
+        while _session(demo.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert _session(demo.pid) == []
+    finally:
+        for pid in _session(demo.pid):
+            os.kill(pid, signal.SIGKILL)
