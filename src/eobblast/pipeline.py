@@ -39,6 +39,7 @@ from eobblast.protect.policy import (
 from eobblast.protect.services import ProtectionServices
 from eobblast.protect.smime import SmimeError, smime_message
 from eobblast.render import RenderedMessage, Renderer
+from eobblast.streams.kafka import backoff_delay
 from eobblast.transport import Transport
 from eobblast.transport.pool import SmtpReplyError
 
@@ -454,7 +455,7 @@ class Pipeline:
                         type(exc).__name__,
                         extra={"event_id": event_id, "attempt": attempt},
                     )
-                await asyncio.sleep(min(0.5 * 2 ** (attempt - 1), 10.0))
+                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10.0))
 
     async def _bounce(
         self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome

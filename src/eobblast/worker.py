@@ -527,7 +527,6 @@ class Worker:
         if isinstance(checked, EventOutcome):
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
-        retried_here = False
         while True:
             # The same event id, published twice, may be sending in this worker right now:
             # looked at before and after every claim, whatever the ledger says of the owner.
@@ -539,7 +538,6 @@ class Worker:
                     # Ours but not running: left over from an attempt that failed or was
                     # cancelled here (not a crash resend, so not counted as one).
                     claim = await self._ledger.claim(event_id, self.worker_id + "-again")
-                    retried_here = True
                 running = self._sending.get(event_id)
                 if running is None:
                     break
@@ -552,9 +550,7 @@ class Worker:
         # A crash resend takes over another incarnation's claim; this worker's own "-again"
         # claim (an attempt tried here once more) is not one.
         previous_owner = claim.entry.owner if claim.entry is not None else ""
-        if claim.kind is ClaimKind.RETRY and not (
-            retried_here or previous_owner.startswith(self.worker_id)
-        ):
+        if claim.kind is ClaimKind.RETRY and not previous_owner.startswith(self.worker_id):
             metrics.RESENDS.inc()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sending[event_id] = future

@@ -655,7 +655,7 @@ class _Reader:
 
     @staticmethod
     def _only_successes(blocks: list[dict[str, str]]) -> bool:
-        actions = {(b.get("action") or "").strip().lower().split(" ")[0] for b in blocks}
+        actions = {_action(b) for b in blocks}
         return bool(actions) and actions <= _SUCCESS_ACTIONS
 
     def _dsn_recipients(self, blocks: list[dict[str, str]]) -> list[FailedRecipient]:
@@ -669,7 +669,7 @@ class _Reader:
             address = final or original or actual
             if not address:
                 continue
-            action = (block.get("action") or "").strip().lower().split(" ")[0] or None
+            action = _action(block)
             if action in _SUCCESS_ACTIONS:
                 continue
             status = _status_field(block.get("status"))
@@ -752,22 +752,19 @@ class _Reader:
         failed = [
             b
             for b in blocks
-            if (b.get("action") or "").strip().lower().split(" ")[0] not in _SUCCESS_ACTIONS
-            and (b.get("status") or b.get("diagnostic-code"))
+            if _action(b) not in _SUCCESS_ACTIONS and (b.get("status") or b.get("diagnostic-code"))
         ]
         if not failed:
             return recipients
         head, _ = self._cut_notice()
-        block = next(
-            (b for b in failed if (b.get("action") or "").lower().startswith("failed")), failed[0]
-        )
+        block = next((b for b in failed if _action(b) == "failed"), failed[0])
         status = _status_field(block.get("status"))
         diagnostic = _unwrap(_strip_type(block.get("diagnostic-code")))
         enhanced = _status_text(diagnostic or "") or status
         verdict = classify_reply(None, enhanced, diagnostic or head, rules=self.rules)
         if verdict.category is BounceCategory.OTHER:
             return recipients  # the block says nothing the text did not
-        action = (block.get("action") or "").strip().lower().split(" ")[0] or None
+        action = _action(block)
         return [
             replace(
                 r,
@@ -990,6 +987,11 @@ class _Reader:
             needs_review=problem is not None,
             problem=problem,
         )
+
+
+def _action(block: dict[str, str]) -> str | None:
+    """A DSN block's Action field, its first word in lower case ("failed"), or None."""
+    return (block.get("action") or "").strip().lower().split(" ")[0] or None
 
 
 _HTML_OR_HEADERS = frozenset({"text/html", "text/rfc822-headers"})

@@ -60,11 +60,6 @@ class PgConnection:
         self._closed = False
         self._reconnecting = asyncio.Lock()
 
-    @property
-    def connection(self) -> Any:
-        """The psycopg connection in use now."""
-        return self._conn
-
     async def _ready(self) -> None:
         if self._depth or self._closed or not (self._conn.broken or self._conn.closed):
             return

@@ -82,17 +82,19 @@ def _owner_only(path: Path) -> None:
     # A file another account owns (shared on purpose, through its group) is left as it is.
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        info = os.fstat(fd)
-        if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+        if _ours_and_open(os.fstat(fd)):
             os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
     for suffix in ("-wal", "-shm"):
         side = path.with_name(path.name + suffix)
         with contextlib.suppress(FileNotFoundError):
-            info = side.stat()
-            if stat.S_IMODE(info.st_mode) & 0o077 and info.st_uid == os.geteuid():
+            if _ours_and_open(side.stat()):
                 side.chmod(0o600)
+
+
+def _ours_and_open(info: os.stat_result) -> bool:
+    return bool(stat.S_IMODE(info.st_mode) & 0o077) and info.st_uid == os.geteuid()
 
 
 def write_transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:

@@ -787,15 +787,20 @@ class SmtpPool:
         smtp = await self._connect(key)
         return await self._secure(key, smtp, self._tls, verified=True)
 
-    async def _open_opportunistic(self, key: PoolKey) -> SmtpConnection:
-        # Verified TLS first, so a notice still teaches us whether the domain verifies;
-        # then unverified TLS; then plaintext. Only messages without PHI come here.
+    async def _greeted(self, key: PoolKey) -> aiosmtplib.SMTP:
+        """A new connection that has said EHLO."""
         smtp = await self._connect(key)
         try:
             await smtp.ehlo()
         except (TimeoutError, aiosmtplib.SMTPException, OSError):
             smtp.close()
             raise DeliveryError(ReasonCode.CONNECT_FAILED, "EHLO failed", permanent=False) from None
+        return smtp
+
+    async def _open_opportunistic(self, key: PoolKey) -> SmtpConnection:
+        # Verified TLS first, so a notice still teaches us whether the domain verifies;
+        # then unverified TLS; then plaintext. Only messages without PHI come here.
+        smtp = await self._greeted(key)
         if not smtp.supports_extension("starttls"):
             return self._plaintext(key, smtp, "plaintext")
         try:
@@ -805,14 +810,7 @@ class SmtpPool:
                 # STARTTLS offered, but no TLS we both speak (an old protocol, a broken
                 # stack): the notice goes as it would to a receiver without STARTTLS, as
                 # opportunistic TLS does, rather than waiting days for a paper fallback.
-                smtp = await self._connect(key)
-                try:
-                    await smtp.ehlo()
-                except (TimeoutError, aiosmtplib.SMTPException, OSError):
-                    smtp.close()
-                    raise DeliveryError(
-                        ReasonCode.CONNECT_FAILED, "EHLO failed", permanent=False
-                    ) from None
+                smtp = await self._greeted(key)
                 return self._plaintext(key, smtp, "plaintext_after_tls_failure")
             if exc.reason is not ReasonCode.TLS_CERT_UNTRUSTED:
                 raise
