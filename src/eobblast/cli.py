@@ -18,7 +18,7 @@ from rich.table import Table
 
 from eobblast._cli import command_config, config_option
 from eobblast.config import warn_relative_stores
-from eobblast.errors import EobblastError
+from eobblast.errors import ConfigError, EobblastError
 
 console = Console(stderr=True)
 
@@ -41,6 +41,8 @@ def _run(coro: Any) -> Any:
         return uvloop.run(main())
     except asyncio.CancelledError:
         raise SystemExit(128 + signal.SIGTERM) from None
+    except ConfigError as exc:  # a missing key, an unreadable store URL: say so, exit 1
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -114,7 +116,7 @@ def generate(count: int, seed: int, out: Path | None) -> None:
 
 @main.group()
 def keys() -> None:
-    """DKIM signing keys."""
+    """DKIM signing keys and the service's secrets."""
 
 
 @keys.command("generate")
@@ -141,6 +143,25 @@ def keys_generate(domains: tuple[str, ...], selector: str, key_dir: Path, ed2551
     for domain in domains:
         for record in generate_keys(key_dir, domain, selector, ed25519=ed25519):
             click.echo(record.zone_line())
+
+
+@keys.command("secrets")
+@config_option()
+def keys_secrets(config_path: Path | None) -> None:
+    """Create the secrets the configuration names (existing ones are kept).
+
+    The VERP key, the escrow key ring and the member-reference key. Run it once before
+    starting `eobblast bounces` or `eobblast portal`, which only read them.
+    """
+    from eobblast.protect.services import ensure_secrets
+
+    config = command_config(config_path)
+    try:
+        made = ensure_secrets(config)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    for what, path, created in made:
+        click.echo(f"{'created' if created else 'kept'} {what}: {path}")
 
 
 @main.command()
@@ -253,7 +274,8 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
         )
 
     async def serve() -> None:
-        services = await ProtectionServices.open(config)
+        # Only the workers' keys open their envelopes: a missing key ring is an error.
+        services = await ProtectionServices.open(config, create_keys=False)
         assert services.escrow is not None and services.audit is not None
         try:
             server = await serve_portal(
@@ -302,50 +324,55 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
     settings = config.bounces
 
     async def serve() -> None:
-        await wait_for_broker(config.kafka.bootstrap)
-        producer = make_producer(config.kafka.bootstrap, client_id="eobblast-bounces")
-        await producer.start()
+        async with contextlib.AsyncExitStack() as opened:
+            # Keys and stores first: a missing VERP key is said at once, not after the
+            # broker has been waited for. Only the workers' VERP key opens their return
+            # paths, so a missing one is an error, never a fresh key.
+            protection = await ProtectionServices.open(config, create_keys=False)
+            opened.push_async_callback(protection.close)
+            producer = make_producer(config.kafka.bootstrap, client_id="eobblast-bounces")
+            service = await open_bounces(
+                config,
+                protection,
+                ProducerPublisher(producer),
+                actor="bounce-listener",
+                create_key=False,
+            )
+            opened.push_async_callback(service.store.close)
+            await wait_for_broker(config.kafka.bootstrap)
+            await producer.start()
+            opened.push_async_callback(producer.stop)
+            handle = dsn_handler(service, producer, config.kafka.delivery_topic)
 
-        protection = await ProtectionServices.open(config)
-        service = await open_bounces(
-            config, protection, ProducerPublisher(producer), actor="bounce-listener"
-        )
-        handle = dsn_handler(service, producer, config.kafka.delivery_topic)
+            context = None
+            if settings.tls_cert is not None and settings.tls_key is not None:
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(settings.tls_cert, settings.tls_key)
+            listener = await serve_bounces(
+                handle,
+                host or settings.listen_address,
+                settings.listen_port if port is None else port,
+                bounce_domain=settings.bounce_domain,
+                review_dir=settings.review_dir,
+                prefix=settings.verp_prefix,
+                tls_context=context,
+                review_days=settings.review_days,
+            )
+            opened.push_async_callback(listener.stop)
+            if settings.metrics_port:
+                from eobblast.observe.metrics import serve_metrics
 
-        context = None
-        if settings.tls_cert is not None and settings.tls_key is not None:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(settings.tls_cert, settings.tls_key)
-        listener = await serve_bounces(
-            handle,
-            host or settings.listen_address,
-            settings.listen_port if port is None else port,
-            bounce_domain=settings.bounce_domain,
-            review_dir=settings.review_dir,
-            prefix=settings.verp_prefix,
-            tls_context=context,
-            review_days=settings.review_days,
-        )
-        if settings.metrics_port:
-            from eobblast.observe.metrics import serve_metrics
-
-            bound = serve_metrics(settings.metrics_port, config.metrics.address)
-            console.print(f"metrics on http://{config.metrics.address}:{bound}/metrics")
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        console.print(
-            f"bounces for *@{settings.bounce_domain} on "
-            f"{host or settings.listen_address}:{listener.port}   Ctrl-C stops"
-        )
-        try:
+                bound = serve_metrics(settings.metrics_port, config.metrics.address)
+                console.print(f"metrics on http://{config.metrics.address}:{bound}/metrics")
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(sig, stop.set)
+            console.print(
+                f"bounces for *@{settings.bounce_domain} on "
+                f"{host or settings.listen_address}:{listener.port}   Ctrl-C stops"
+            )
             await stop.wait()
-        finally:
-            await listener.stop()
-            await service.store.close()
-            await protection.close()
-            await producer.stop()
 
     _run(serve())
 

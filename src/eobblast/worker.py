@@ -647,11 +647,24 @@ class Worker:
 
 
 async def open_bounces(
-    config: Config, protection: ProtectionServices, publisher: Publisher, *, actor: str
+    config: Config,
+    protection: ProtectionServices,
+    publisher: Publisher,
+    *,
+    actor: str,
+    create_key: bool = True,
 ) -> BounceService:
-    """The bounce service as configured (its store opened; close `service.store`)."""
+    """The bounce service as configured (its store opened; close `service.store`).
+
+    The VERP key is created on first use, unless not `create_key` (the bounce listener):
+    then a missing key is a ConfigError, as a new one would open no return path.
+    """
     settings = config.bounces
-    secret = load_or_create_secret(settings.verp_key_file)
+    secret = (
+        load_or_create_secret(settings.verp_key_file)
+        if create_key
+        else load_secret(settings.verp_key_file, what="VERP key")
+    )
     # The current key signs; the previous ones still open what was signed with them.
     previous = [
         VerpKey(key_id, load_secret(path)) for key_id, path in settings.previous_verp_keys()

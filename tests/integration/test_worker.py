@@ -781,6 +781,12 @@ async def test_eobblast_bounces_serves_the_listeners_metrics(stack: Stack, tmp_p
     settings["bounces"] |= {"listen_port": listen, "metrics_port": metrics_port}
     config_file = tmp_path / "eobblast.toml"
     config_file.write_text(tomli_w.dumps(settings))
+    # The listener reads the workers' keys, never makes its own: create them as a deploy does.
+    secrets = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "keys", "secrets", "--config", str(config_file),
+        stdout=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+    assert await asyncio.wait_for(secrets.wait(), 60) == 0
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "eobblast", "bounces", "--config", str(config_file),
         stdout=asyncio.subprocess.DEVNULL,
@@ -791,7 +797,7 @@ async def test_eobblast_bounces_serves_the_listeners_metrics(stack: Stack, tmp_p
     rcpt = "bounces+" + "a" * 30 + "@" + load_config(config_file).bounces.bounce_domain
     try:
         deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and process.returncode is None:
             with contextlib.suppress(OSError):
                 async with aiosmtplib.SMTP(hostname="127.0.0.1", port=listen, timeout=5) as smtp:
                     # Shaped like a return path, readable by no one: kept for review.

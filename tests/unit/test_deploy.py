@@ -88,3 +88,33 @@ def test_prometheus_scrapes_the_workers_and_the_bounce_listener(compose: dict[st
         t for job in prometheus["scrape_configs"] for t in job["static_configs"][0]["targets"]
     }
     assert targets == {f"eobblast:{workers}", f"bounces:{bounces}"}
+
+
+@pytest.mark.parametrize("service", ["eobblast", "bounces", "portal"])
+def test_the_services_secrets_are_made_before_anyone_reads_them(
+    compose: dict[str, Any], example: Config, service: str
+) -> None:
+    # The bounce listener and the portal refuse a missing VERP key or escrow key ring:
+    # the secrets service makes them, in the volumes the services read them from.
+    secrets = compose["secrets"]
+    command = secrets["command"]
+    assert command[:3] == ["eobblast", "keys", "secrets"]
+    assert command[command.index("--config") + 1] == CONFIG_IN_CONTAINER
+    assert compose[service]["depends_on"]["secrets"] == {
+        "condition": "service_completed_successfully"
+    }
+    needed = [example.portal.key_dir / "active", example.portal.audit_key_file]
+    if example.bounces.enabled and service != "portal":
+        needed.append(example.bounces.verp_key_file)
+    for path in needed:
+        made_in = _volume_of(secrets["volumes"], path)
+        assert made_in.startswith("eobblast-") and made_in == _volume_of(
+            compose[service]["volumes"], path
+        ), path
+
+
+def _volume_of(mounts: list[str], path: Path) -> str:
+    """The volume (`name:/where`) that holds `path`: the deepest mount above it."""
+    above = [m for m in mounts if str(path).startswith(m.split(":")[1].rstrip("/") + "/")]
+    assert above, f"{path} is in no volume of {mounts}"
+    return max(above, key=lambda m: len(m.split(":")[1]))

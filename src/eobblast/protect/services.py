@@ -33,11 +33,21 @@ def load_or_create_secret(path: Path) -> bytes:
         return _load_or_create_secret(path)
 
 
-def load_secret(path: Path) -> bytes:
+# What a command that only reads the service's secrets says when one is missing.
+CREATE_SECRETS_HINT = (
+    "create the secrets once with `eobblast keys secrets --config FILE` (or start the "
+    "workers first), or copy them from the host that has them"
+)
+
+
+def load_secret(path: Path, *, what: str | None = None) -> bytes:
     """A 32-byte secret a file already holds (base64); a missing file is a ConfigError:
-    a key that opens what was made with it cannot be created afresh."""
+    a key that opens what was made with it cannot be created afresh. `what` names the
+    secret in that error, with the way to create it."""
     if not path.exists():
-        raise ConfigError(f"{path} does not exist")
+        if what is None:
+            raise ConfigError(f"{path} does not exist")
+        raise ConfigError(f"the {what} {path} does not exist: {CREATE_SECRETS_HINT}")
     return _load_or_create_secret(path)
 
 
@@ -54,13 +64,46 @@ def _load_or_create_secret(path: Path) -> bytes:
     return secret
 
 
-def load_or_create_keyring(directory: Path, *, not_keys: Collection[Path] = ()) -> KeyRing:
-    """The escrow key ring in `directory`, with a first key generated if there is none;
-    `not_keys` are other secrets kept there (see `KeyRing.from_directory`)."""
+def load_or_create_keyring(
+    directory: Path, *, not_keys: Collection[Path] = (), create: bool = True
+) -> KeyRing:
+    """The escrow key ring in `directory`, with a first key generated if there is none
+    (unless not `create`: then a ConfigError); `not_keys` are other secrets kept there
+    (see `KeyRing.from_directory`)."""
+    if not create:
+        if not (directory / "active").exists():
+            raise ConfigError(
+                f"the escrow key directory {directory} holds no key ring: {CREATE_SECRETS_HINT}"
+            )
+        return KeyRing.from_directory(directory, not_keys=not_keys)
     with _exclusive(directory):
         if (directory / "active").exists():
             return KeyRing.from_directory(directory, not_keys=not_keys)
         return KeyRing.generate(directory, not_keys=not_keys)
+
+
+def ensure_secrets(config: Config) -> list[tuple[str, Path, bool]]:
+    """Create the secrets `config` names that do not exist yet; keep those that do.
+
+    The VERP key (when bounces are on), the escrow key ring and the member-reference
+    (audit) key. The workers create them on first use, but the bounce listener and the
+    portal only read them: a key of their own would not open what the workers made.
+    Returns (what, where, created) for each.
+    """
+    portal = config.portal
+    made: list[tuple[str, Path, bool]] = []
+    if config.bounces.enabled:
+        verp = config.bounces.verp_key_file
+        existed = verp.exists()
+        load_or_create_secret(verp)
+        made.append(("VERP key", verp, not existed))
+    existed = (portal.key_dir / "active").exists()
+    load_or_create_keyring(portal.key_dir, not_keys=[portal.audit_key_file])
+    made.append(("escrow key ring", portal.key_dir, not existed))
+    existed = portal.audit_key_file.exists()
+    load_or_create_secret(portal.audit_key_file)
+    made.append(("member-reference key", portal.audit_key_file, not existed))
+    return made
 
 
 @dataclass(slots=True)
@@ -82,11 +125,23 @@ class ProtectionServices:
         return cls(org, tls, None, None, b"\0" * 32, config.portal.base_url, dt.timedelta(0))
 
     @classmethod
-    async def open(cls, config: Config) -> ProtectionServices:
-        """Open escrow and audit stores as configured."""
+    async def open(cls, config: Config, *, create_keys: bool = True) -> ProtectionServices:
+        """Open escrow and audit stores as configured.
+
+        The escrow key ring and the member-reference key are created on first use, unless
+        not `create_keys` (the portal and the bounce listener): then a missing one is a
+        ConfigError, since a fresh key would not open what the workers sealed.
+        """
         org, tls = _policy(config)
         portal = config.portal
-        keys = load_or_create_keyring(portal.key_dir, not_keys=[portal.audit_key_file])
+        keys = load_or_create_keyring(
+            portal.key_dir, not_keys=[portal.audit_key_file], create=create_keys
+        )
+        audit_key = (
+            load_or_create_secret(portal.audit_key_file)
+            if create_keys
+            else load_secret(portal.audit_key_file, what="member-reference key")
+        )
         escrow = await open_escrow(portal.escrow_url, keys)
         audit = await open_audit(portal.audit_url)
         return cls(
@@ -94,7 +149,7 @@ class ProtectionServices:
             tls,
             escrow,
             audit,
-            load_or_create_secret(portal.audit_key_file),
+            audit_key,
             portal.base_url,
             dt.timedelta(days=portal.item_days),
         )
