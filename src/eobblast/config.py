@@ -299,7 +299,7 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
         return value
     if origin is tuple:
         if isinstance(value, str):
-            value = [part.strip() for part in value.split(",") if part.strip()]
+            value = _list_from_text(value, where)
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list")
         return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
@@ -308,6 +308,24 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a table")
         return {str(k): _coerce(v, args[1], f"{where}.{k}") for k, v in value.items()}
     return value
+
+
+def _list_from_text(text: str, where: str) -> list[Any]:
+    """A list given as text (an EOBBLAST_* variable): a TOML array (`["a", "b"]`) or
+    comma-separated items (`a, b`). Quotes or brackets in the comma form are an error, not
+    part of an item: `'["gmail.com"]'` is never a domain."""
+    if text.lstrip().startswith("["):
+        parsed = parse_toml(f"v = {text}", where)["v"]
+        if not isinstance(parsed, list):  # pragma: no cover - a "[" value parses as an array
+            raise ConfigError(f"{where}: expected a list")
+        return parsed
+    items = [part.strip() for part in text.split(",") if part.strip()]
+    if any(mark in item for item in items for mark in "\"'[]"):
+        raise ConfigError(
+            f"{where}: write a list as comma-separated items (a, b) or a TOML array "
+            '(["a", "b"]); quotes and brackets cannot be part of an item'
+        )
+    return items
 
 
 def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:

@@ -103,3 +103,19 @@ def test_commands_warn_about_store_files_relative_to_the_working_directory(
     }
     assert "ledger.url" in warned and "bounces.store_url" not in warned
     assert warned["ledger.url"] == str(Path.cwd() / "relative-ledger.db")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["gmail.com, yahoo.com", '["gmail.com", "yahoo.com"]', "  [ 'gmail.com','yahoo.com' ] "],
+)
+def test_a_list_variable_is_comma_separated_or_a_toml_array(value: str) -> None:
+    config = load_config(environ={"EOBBLAST_PROTECTION__PORTAL_DOMAINS": value})
+    assert config.protection.portal_domains == ("gmail.com", "yahoo.com")
+
+
+@pytest.mark.parametrize("value", ['"gmail.com"', "gmail.com]", "'a', 'b'", '["gmail.com"'])
+def test_quotes_or_brackets_never_become_part_of_a_list_item(value: str) -> None:
+    # '"gmail.com"' used to be taken as a domain with quotes in it, matching no address.
+    with pytest.raises(ConfigError, match=r"protection\.portal_domains"):
+        load_config(environ={"EOBBLAST_PROTECTION__PORTAL_DOMAINS": value})
