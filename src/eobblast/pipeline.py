@@ -15,6 +15,7 @@ import psycopg
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.service import (
     BounceOutcome,
+    BounceReason,
     BounceService,
     Held,
     Resend,
@@ -39,6 +40,7 @@ from eobblast.protect.policy import (
 from eobblast.protect.services import ProtectionServices
 from eobblast.protect.smime import SmimeError, smime_message
 from eobblast.render import RenderedMessage, Renderer
+from eobblast.shaping import ShapingDeferred
 from eobblast.streams.kafka import backoff_delay
 from eobblast.transport import Transport
 from eobblast.transport.pool import SmtpReplyError
@@ -368,6 +370,12 @@ class Pipeline:
                 smtp_code=exc.smtp_code,
                 enhanced_status=(exc.detail.partition(" ")[2] or None) if exc.smtp_code else None,
             )
+            if isinstance(exc, ShapingDeferred):
+                # eobblast held it back itself (no budget, IPs paused): not a bounce.
+                failed = replace(failed, retry_at=dt.datetime.fromtimestamp(exc.retry_at, dt.UTC))
+                if self._bounces is None:
+                    return failed
+                return await self._postpone(event, message.rcpt_to, raw, failed)
             if self._bounces is None or _portal_instead(exc.reason, verified=verified):
                 return failed  # not a bounce: _send protects it again as a portal notice
             return await self._bounce(event, message.rcpt_to, raw, exc, failed)
@@ -456,6 +464,26 @@ class Pipeline:
                         extra={"event_id": event_id, "attempt": attempt},
                     )
                 await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10.0))
+
+    async def _postpone(
+        self, event: EobIssued, to: str, raw: bytes, deferred: EventOutcome
+    ) -> EventOutcome:
+        """Have the bounce service send it again when shaping allows (or put it on paper
+        past the age limit); the status keeps the reason `shaping_deferred`."""
+        assert self._bounces is not None and deferred.retry_at is not None
+        decided = await self._bounces.on_postponed(
+            event.event_id, event.member.id, to, raw, deferred.retry_at
+        )
+        if decided.reason == BounceReason.RETRY_SCHEDULED:
+            return replace(deferred, retry_at=decided.retry_at)
+        # Past the age limit (paper), or a report about the notice decided first.
+        return replace(
+            deferred,
+            outcome=decided.outcome,
+            reason=ReasonCode(decided.reason),
+            retry_at=decided.retry_at,
+            bounce_category=decided.category,
+        )
 
     async def _bounce(
         self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome

@@ -910,3 +910,50 @@ async def test_previous_verp_keys_are_checked(tmp_path: Path) -> None:
             missing, ProtectionServices.policy_only(missing), RecordingPublisher(), actor="t"
         )
     assert not (tmp_path / "gone.key").exists()
+
+
+# --------------------------------------------------------------------------- postponed
+
+
+async def test_a_send_shaping_held_back_is_sent_again_when_the_shaper_said(
+    service: BounceService, audit: AuditTrail
+) -> None:
+    # No budget left this hour: the notice waits for the next one, counted as postponed,
+    # with no bounce recorded against the address or in the trail.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    postponed = REGISTRY.get_sample_value("eobblast_bounce_postponed_total") or 0.0
+    soft = REGISTRY.get_sample_value(
+        "eobblast_bounces_total", {"category": "soft", "provider": "other", "source": "sync"}
+    )
+    await send_ok(service, ev1, member, address)
+    until = at(3000)
+    outcome = await service.on_postponed(ev1, member, address, raw1, until, at=at(5))
+    assert (outcome.outcome, outcome.reason) == (Outcome.DEFERRED, BounceReason.RETRY_SCHEDULED)
+    assert outcome.retry_at == until and outcome.category is None
+    assert REGISTRY.get_sample_value("eobblast_bounce_postponed_total") == postponed + 1
+    assert (
+        REGISTRY.get_sample_value(
+            "eobblast_bounces_total", {"category": "soft", "provider": "other", "source": "sync"}
+        )
+        == soft
+    )
+    assert [r.action for r in await audit.records(ev1)] == []
+    assert (await service.tick(until - dt.timedelta(seconds=1))).resends == ()
+    (resend,) = (await service.tick(until)).resends
+    assert (resend.event_id, resend.deliverable.to, resend.raw_event) == (ev1, address, raw1)
+    await service.on_delivered(ev1, address, at=until)
+    assert (await service.tick(until + service.send_lease * 2)).resends == ()
+
+
+async def test_a_notice_held_back_past_its_age_limit_goes_to_paper(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await send_ok(service, ev1, member, address)
+    too_late = T0 + service.policy.retry.max_age + dt.timedelta(hours=1)
+    outcome = await service.on_postponed(ev1, member, address, raw1, too_late, at=at(5))
+    assert (outcome.outcome, outcome.reason) == (Outcome.FALLBACK, BounceReason.RETRIES_EXHAUSTED)
+    (paper,) = [p for p in publisher.on("eob.paper-fallback") if p["event_id"] == ev1]
+    assert paper["reason"] == "retries_exhausted"

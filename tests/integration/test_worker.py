@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime as dt
 import logging
 import os
 import shutil
@@ -29,7 +30,7 @@ from eobblast.bounces.store import BounceStore, open_bounce_store
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter, DeliveryStatus
-from eobblast.observe.audit import AuditError, AuditRecord, AuditTrail
+from eobblast.observe.audit import AuditAction, AuditError, AuditRecord, AuditTrail, open_audit
 from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
@@ -811,3 +812,71 @@ async def test_eobblast_bounces_serves_the_listeners_metrics(stack: Stack, tmp_p
     finally:
         process.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(process.wait(), 30) == 0
+
+
+def _sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_what_shaping_holds_back_is_postponed_not_bounced(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # One IP on warm-up day 0 sends 5 an hour to the sandbox's provider ("other"); with no
+    # wait allowed, the rest are held back by eobblast itself. They used to go through
+    # the soft-bounce path: a bounce audit record and count, the soft-bounce schedule,
+    # and paper after 72 h of one's own throttling.
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    pools = tmp_path / "pools.toml"
+    pools.write_text(
+        'default_pool = "cold"\n[classes]\neob = "cold"\n[[pools.cold.ips]]\n'
+        f'address = "127.0.0.1"\nehlo = "mta1.payer.test"\nwarmup_start = {today}\n'
+    )
+    settings = stack.settings()
+    settings["shaping"] = {
+        "pools_file": str(pools),
+        "budgets_url": f"sqlite:///{tmp_path / 'budgets.db'}",
+        "max_wait_seconds": 0,
+    }
+    config = load_config(environ={}, overrides=settings)
+    soft_before = sum(
+        _sample("eobblast_bounces_total", category="soft", provider="other", source=source)
+        for source in ("sync", "dsn")
+    )
+    postponed_before = _sample("eobblast_bounce_postponed_total")
+    values = stack.events(12, seed=31)
+    await stack.publish(values)
+    services = await ProtectionServices.open(config)
+    _, stop, task = await start_worker(config, protection=services, bounce_store_as=lambda s: s)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=12)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await services.close()
+    final = {key: items[-1] for key, items in statuses(records).items()}
+    held = {key: s for key, s in final.items() if s.status == "deferred"}
+    delivered = [key for key, s in final.items() if s.status == "delivered"]
+    # 5 an hour (10 if the test straddles an hour): the rest wait, none is lost.
+    assert len(held) + len(delivered) == 12 and 2 <= len(held) <= 7
+    assert sum(stack.sandbox.counts.values()) == len(delivered)
+    for status in held.values():
+        assert status.reason == "shaping_deferred" and status.bounce_category is None
+        # When the budget's next hour starts, not on the soft-bounce schedule.
+        assert status.retry_at is not None and status.retry_at.timestamp() % 3600 == 0
+    assert _sample("eobblast_bounce_postponed_total") - postponed_before == len(held)
+    soft_after = sum(
+        _sample("eobblast_bounces_total", category="soft", provider="other", source=source)
+        for source in ("sync", "dsn")
+    )
+    assert soft_after == soft_before
+    store = await open_bounce_store(config.bounces.store_url)
+    audit = await open_audit(config.portal.audit_url)
+    try:
+        counts = await store.status_counts()
+        assert counts.get(EobStatus.RETRY_SCHEDULED, 0) == len(held)
+        for event_id in held:
+            actions = {r.action for r in await audit.records(event_id)}
+            assert AuditAction.BOUNCE not in actions and AuditAction.SENT not in actions
+    finally:
+        await store.close()
+        await audit.close()

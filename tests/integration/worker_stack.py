@@ -198,8 +198,8 @@ async def start_worker(
     """A worker running in this event loop (its ledger wrapped by `ledger_as`, if given).
 
     With `bounce_store_as` it runs the bounce service too, as `eobblast run` does, on the
-    bounce store that function wraps."""
-    transport = Transport.from_config(config.transport)
+    bounce store that function wraps. The transport is shaped when `config.shaping` says."""
+    transport = await Transport.open(config.transport, config.shaping)
     ledger = await open_ledger(config.ledger.url)
     if ledger_as is not None:
         ledger = ledger_as(ledger)

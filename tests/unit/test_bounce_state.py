@@ -16,6 +16,7 @@ from eobblast.bounces.category import BounceCategory as C
 from eobblast.bounces.category import HandlingAction
 from eobblast.bounces.rules import RetrySettings
 from eobblast.bounces.state import (
+    POSTPONE_FLOOR,
     AddressStatus,
     AddressVerificationFailed,
     AddressVerified,
@@ -29,6 +30,7 @@ from eobblast.bounces.state import (
     FallbackReason,
     IncidentKind,
     MaxAgeExceeded,
+    Postponed,
     PublishPaperFallback,
     PublishVerificationRequest,
     RecordIncident,
@@ -117,6 +119,41 @@ def test_soft_bounce_schedules_a_jittered_retry(draw: float, expected_seconds: f
     assert isinstance(retry, ScheduleRetry)
     assert retry.at == pytest.approx(at(0) + dt.timedelta(seconds=expected_seconds), abs=MIN)
     assert book.eobs["eob-1"].status is EobStatus.RETRY_SCHEDULED
+
+
+def test_a_postponed_send_waits_for_the_shaper_not_the_soft_bounce_schedule() -> None:
+    # eobblast held the send back itself (no budget this hour): no backoff step is used up.
+    until = at(0) + dt.timedelta(minutes=40)
+    book, effects = run([SUBMIT_1, Postponed("eob-1", "ann@example.org", at(0), until)])
+    eob = book.eobs["eob-1"]
+    assert (eob.status, eob.next_at, eob.attempt) == (EobStatus.RETRY_SCHEDULED, until, 0)
+    assert of(effects, ScheduleRetry) == [ScheduleRetry("eob-1", until, postponed=True)]
+    # Its first real soft bounce later still starts the schedule at the first step.
+    book, effects = run(
+        [RetryDue("eob-1", until), SyncReply("eob-1", "ann@example.org", until, C.SOFT)], book
+    )
+    (retry,) = of(effects, ScheduleRetry)
+    assert retry.at == until + dt.timedelta(seconds=300) and not retry.postponed
+
+
+def test_a_postponement_is_never_sooner_than_the_floor_nor_past_the_age_limit() -> None:
+    book, _ = run([SUBMIT_1, Postponed("eob-1", "ann@example.org", at(0), at(0))])
+    assert book.eobs["eob-1"].next_at == at(0) + POSTPONE_FLOOR
+    late = at(0) + POLICY.retry.max_age + dt.timedelta(hours=1)
+    book, effects = run([SUBMIT_1, Postponed("eob-1", "ann@example.org", at(1), late)])
+    assert book.eobs["eob-1"].status is EobStatus.PAPER_FALLBACK
+    (paper,) = of(effects, PublishPaperFallback)
+    assert paper.reason is FallbackReason.RETRIES_EXHAUSTED
+
+
+def test_a_postponement_about_a_notice_already_decided_changes_nothing() -> None:
+    delivered, _ = run([SUBMIT_1, SyncReply("eob-1", "ann@example.org", at(1), None)])
+    later = at(0) + dt.timedelta(hours=1)
+    book, effects = run([Postponed("eob-1", "ann@example.org", at(2), later)], delivered)
+    assert book == delivered and effects == []
+    sending, _ = run([SUBMIT_1])
+    book, effects = run([Postponed("eob-1", "bob@example.org", at(2), later)], sending)
+    assert book == sending and effects == []
 
 
 def test_backoff_grows_exponentially_up_to_the_cap() -> None:
@@ -452,6 +489,22 @@ class VerifyBeforeResend(RuleBasedStateMachine):
         else:
             event = SyncReply(eob.eob_id, address, self.now, category)
         self.step(event, draw)
+
+    @rule(
+        data=st.data(),
+        stale=st.booleans(),
+        wait=st.timedeltas(dt.timedelta(0), MAX_AGE + dt.timedelta(hours=2)),
+    )
+    def postponed(self, data: st.DataObject, stale: bool, wait: dt.timedelta) -> None:
+        # Shaping held a send back: never a send, a suppression or a hold by itself.
+        if not self.book.eobs:
+            return
+        eob = self.book.eobs[data.draw(st.sampled_from(sorted(self.book.eobs)))]
+        address = data.draw(st.sampled_from(ADDRESSES)) if stale else eob.address
+        before = self.book
+        self.step(Postponed(eob.eob_id, address, self.now, self.now + wait), 0.5)
+        assert self.book.suppressed == before.suppressed
+        assert self.book.members == before.members
 
     @rule(data=st.data(), early=st.booleans())
     def retry_due(self, data: st.DataObject, early: bool) -> None:

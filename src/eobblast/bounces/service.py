@@ -109,6 +109,11 @@ RETRIES_SCHEDULED = Counter(
     "Soft failures scheduled for another attempt.",
     registry=REGISTRY,
 )
+POSTPONED = Counter(
+    "eobblast_bounce_postponed",
+    "Sends eobblast held back itself (shaping) and scheduled for when it may send.",
+    registry=REGISTRY,
+)
 BATCHES = Counter(
     "eobblast_bounce_store_batches",
     "Bounce store transactions of gate/delivery calls: shared (several calls), split (a"
@@ -493,6 +498,8 @@ class _Work:
             case Send(deliverable=deliverable):
                 # The caller is sending right now (gate): the permission is its answer.
                 self.minted.append(deliverable)
+            case ScheduleRetry(postponed=True):
+                self.count(POSTPONED.inc)
             case ScheduleRetry():
                 self.count(RETRIES_SCHEDULED.inc)
             case PublishVerificationRequest(member_id=member_id, deadline=deadline):
@@ -940,6 +947,35 @@ class BounceService:
             eob_ids=[event_id],
             address_keys=[key] if hard else (),
             addresses=[address],
+        )
+        return outcome
+
+    async def on_postponed(
+        self,
+        event_id: str,
+        member_id: str,
+        address: str,
+        raw_event: bytes,
+        until: dt.datetime,
+        *,
+        at: dt.datetime | None = None,
+    ) -> BounceOutcome:
+        """eobblast held the send back itself (shaping: no budget, IPs paused): no bounce,
+        nothing counted against the address or the member; the notice is sent again at
+        `until` (its payload kept for that), or goes to paper past the age limit."""
+        now = at or self.clock()
+
+        async def body(work: _Work) -> BounceOutcome:
+            if work.eob(event_id) is None:
+                await work.step(
+                    state.Submitted(event_id, member_id, address, now), lease_sends=False
+                )
+            await work.tx.put_payload(event_id, member_id, raw_event)
+            await work.step(state.Postponed(event_id, address, now, until), lease_sends=True)
+            return work.outcome(event_id)
+
+        outcome, _ = await self._transact(
+            now, body, member_ids=[member_id], eob_ids=[event_id], addresses=[address]
         )
         return outcome
 

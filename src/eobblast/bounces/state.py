@@ -46,6 +46,7 @@ __all__ = [
     "MaxAgeExceeded",
     "Member",
     "PendingVerification",
+    "Postponed",
     "PublishPaperFallback",
     "PublishVerificationRequest",
     "RecordIncident",
@@ -65,6 +66,10 @@ __all__ = [
 ]
 
 RandomSource = Callable[[], float]
+
+# The earliest a postponed send is tried again: a shaper that says "now" does not make
+# the notice go round in a loop.
+POSTPONE_FLOOR = timedelta(seconds=1)
 
 
 # --------------------------------------------------------------------------- states
@@ -175,6 +180,17 @@ class SyncReply:
 
 
 @dataclass(frozen=True, slots=True)
+class Postponed:
+    """eobblast held a send back itself (shaping: no budget left, its IPs paused or
+    suspended): nothing reached the receiver, so it is no bounce. Send again at `until`."""
+
+    eob_id: str
+    address: str
+    at: datetime
+    until: datetime
+
+
+@dataclass(frozen=True, slots=True)
 class DsnReceived:
     """An asynchronous bounce for a notice (found by VERP), already classified."""
 
@@ -232,6 +248,7 @@ class VerificationTimeout:
 Event = (
     Submitted
     | SyncReply
+    | Postponed
     | DsnReceived
     | RetryDue
     | MaxAgeExceeded
@@ -274,6 +291,8 @@ class ScheduleRetry:
 
     eob_id: str
     at: datetime
+    # True when eobblast held the send back itself (Postponed), not after a failure.
+    postponed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -439,6 +458,8 @@ class _Step:
                 self._accepted(event.eob_id, event.address)
             case SyncReply(category=BounceCategory() as category):
                 self._failed(event.eob_id, event.address, category, event.at)
+            case Postponed():
+                self._postponed(event)
             case DsnReceived():
                 if event.final:
                     self._failed(event.eob_id, event.address, event.category, event.at)
@@ -522,6 +543,23 @@ class _Step:
             return
         if eob.status in (EobStatus.SENDING, EobStatus.RELEASED):
             self.eobs[eob_id] = replace(eob, status=EobStatus.DELIVERED)
+
+    def _postponed(self, event: Postponed) -> None:
+        eob = self.eobs.get(event.eob_id)
+        if eob is None or address_key(event.address) != address_key(eob.address):
+            return
+        if eob.status not in (EobStatus.SENDING, EobStatus.RELEASED):
+            return  # a report about the notice came first: it decides
+        # Not the receiver's doing: the attempt it was minted for never happened, so the
+        # soft-bounce backoff does not grow. The age limit still holds: a notice eobblast
+        # cannot send in time goes to paper, as one the receiver keeps refusing does.
+        next_at = max(event.until, event.at + POSTPONE_FLOOR)
+        eob = replace(eob, attempt=max(eob.attempt - 1, 0))
+        if next_at > eob.age_from + self.policy.retry.max_age:
+            self._paper(eob, FallbackReason.RETRIES_EXHAUSTED)
+            return
+        self.eobs[eob.eob_id] = replace(eob, status=EobStatus.RETRY_SCHEDULED, next_at=next_at)
+        self.effects.append(ScheduleRetry(eob.eob_id, next_at, postponed=True))
 
     # ------------------------------------------------------------------ failures
 
