@@ -477,13 +477,7 @@ class Pipeline:
         if decided.reason == BounceReason.RETRY_SCHEDULED:
             return replace(deferred, retry_at=decided.retry_at)
         # Past the age limit (paper), or a report about the notice decided first.
-        return replace(
-            deferred,
-            outcome=decided.outcome,
-            reason=ReasonCode(decided.reason),
-            retry_at=decided.retry_at,
-            bounce_category=decided.category,
-        )
+        return _as_decided(deferred, decided)
 
     async def _bounce(
         self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome
@@ -502,13 +496,19 @@ class Pipeline:
             # No reply at all (connect failure, timeout, lost connection): try again later.
             category=None if reply else BounceCategory.SOFT,
         )
-        return replace(
-            failed,
-            outcome=decided.outcome,
-            reason=ReasonCode(decided.reason),
-            retry_at=decided.retry_at,
-            bounce_category=decided.category,
-        )
+        return _as_decided(failed, decided)
+
+
+def _as_decided(attempt: EventOutcome, decided: BounceOutcome) -> EventOutcome:
+    """An attempt's status (latency, protection, SMTP reply) with the bounce service's
+    decision about the notice."""
+    return replace(
+        attempt,
+        outcome=decided.outcome,
+        reason=ReasonCode(decided.reason),
+        retry_at=decided.retry_at,
+        bounce_category=decided.category,
+    )
 
 
 # Delivery failures that mean "this receiver cannot be trusted with PHI right now".
