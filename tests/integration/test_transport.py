@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from eobblast.errors import DeliveryError, ReasonCode
 from eobblast.observe import metrics
 from eobblast.sandbox import Behaviour, Sandbox, SandboxDomain, TestPki, make_test_pki
 from eobblast.transport import PoolKey, Router, SmtpPool, Transport, make_tls_context
+from eobblast.transport.pool import ConnectionLimits
 from eobblast.transport.routes import Route, parse_static_routes
 
 OK = "ok.sandbox.test"
@@ -240,6 +242,117 @@ async def test_destinations_nobody_uses_are_forgotten(sandbox: Sandbox, pki: Tes
     finally:
         await pool.aclose()
     assert sandbox.counts[OK] == 2 and sandbox.counts[NODSN] == 2
+
+
+def _established_to(servers: set[tuple[str, int]]) -> int:
+    """TCP connections established to these servers, as the kernel counts them."""
+    count = 0
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        host, port = fields[2].split(":")
+        remote = (socket.inet_ntoa(struct.pack("<I", int(host, 16))), int(port, 16))
+        count += fields[3] == "01" and remote in servers
+    return count
+
+
+async def test_a_group_limit_counts_idle_connections_too(sandbox: Sandbox, pki: TestPki) -> None:
+    # Shaping limits connections per (provider, IP) whatever MX host or TLS mode they go
+    # to. Idle connections count: a receiver sees them open. One IP used to reach 8 open
+    # connections to one provider under a limit of 2.
+    pool = SmtpPool(make_tls_context(str(pki.ca)), ehlo_name="sender.test")
+    limits = ConnectionLimits(("gmail", "127.0.0.1"), max_connections=2, max_messages=100)
+    keys = [
+        PoolKey(None, *sandbox.routes[OK], OK),
+        PoolKey(None, *sandbox.routes[NODSN], NODSN),
+        PoolKey(None, *sandbox.routes[OK], OK, verified_tls=False),
+    ]
+    servers = {sandbox.routes[OK], sandbox.routes[NODSN]}
+    peak = 0
+
+    async def send(i: int) -> None:
+        nonlocal peak
+        key = keys[i % len(keys)]
+        async with pool.connection(key, limits) as conn:
+            peak = max(peak, _established_to(servers), pool.open_connections)
+            await conn.send("eob-notices@payer.test", f"m{i}@{key.tls_name}", MESSAGE)
+            peak = max(peak, _established_to(servers), pool.open_connections)
+
+    try:
+        await asyncio.gather(send(0), send(3))  # two connections to OK, idle afterwards
+        assert pool.open_connections == 2
+        await send(1)  # NODSN: one of OK's idle connections makes room
+        assert pool.open_connections == 2
+        await asyncio.gather(*(send(i) for i in range(60)))
+        assert pool.open_connections <= 2
+    finally:
+        await pool.aclose()
+    assert peak <= 2
+    assert sandbox.counts[OK] + sandbox.counts[NODSN] == 63
+
+
+async def test_a_destination_waits_for_a_slot_held_by_another_in_use(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    pool = SmtpPool(make_tls_context(str(pki.ca)), ehlo_name="sender.test")
+    limits = ConnectionLimits("one", max_connections=1, max_messages=100)
+    ok, other = PoolKey(None, *sandbox.routes[OK], OK), PoolKey(None, *sandbox.routes[NODSN], NODSN)
+    try:
+        held = await pool.acquire(ok, limits)
+        waiting = asyncio.create_task(pool.acquire(other, limits))
+        await asyncio.sleep(0.2)
+        assert not waiting.done() and pool.open_connections == 1
+        await pool.release(held)  # idle now: the waiter closes it and opens its own
+        conn = await asyncio.wait_for(waiting, 10)
+        assert conn.key == other and pool.open_connections == 1
+        await conn.send("eob-notices@payer.test", f"x@{NODSN}", MESSAGE)
+        await pool.release(conn)
+        # A caller cancelled while waiting leaves no trace.
+        held = await pool.acquire(ok, limits)
+        cancelled = asyncio.create_task(pool.acquire(other, limits))
+        await asyncio.sleep(0.1)
+        cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        await pool.release(held)
+        async with pool.connection(other, limits) as conn:
+            await conn.send("eob-notices@payer.test", f"y@{NODSN}", MESSAGE)
+    finally:
+        await pool.aclose()
+    assert sandbox.counts[NODSN] == 2
+
+
+async def test_groups_follow_shapings_figure_and_are_forgotten_when_unused(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    now = [0.0]
+    pool = SmtpPool(
+        make_tls_context(str(pki.ca)), ehlo_name="sender.test", idle_expiry=10.0,
+        clock=lambda: now[0],
+    )  # fmt: skip
+    ok = PoolKey(None, *sandbox.routes[OK], OK)
+    other = PoolKey(None, *sandbox.routes[NODSN], NODSN)
+    before = _connects("ok")
+
+    async def send(key: PoolKey, max_messages: int, n: int) -> None:
+        limits = ConnectionLimits(("other:site", "127.0.0.1"), 2, max_messages)
+        async with pool.connection(key, limits) as conn:
+            await conn.send("eob-notices@payer.test", f"m{n}@{key.tls_name}", MESSAGE)
+
+    try:
+        for n in range(2):  # lowered to one message a connection: two connections
+            await send(ok, 1, n)
+        assert _connects("ok") - before == 2
+        for n in range(3):  # shaping raised it again: one connection carries all three
+            await send(ok, 3, 2 + n)
+        assert _connects("ok") - before == 3
+        assert pool.groups == 1
+        for _ in range(3):  # expired, then OK forgotten, then its group too
+            now[0] += 11.0
+            async with pool.connection(other) as conn:
+                await conn.send("eob-notices@payer.test", f"x@{NODSN}", MESSAGE)
+        assert pool.groups == 0 and pool.destinations == 1
+    finally:
+        await pool.aclose()
 
 
 async def test_mx_routes_are_cached_and_ordered() -> None:

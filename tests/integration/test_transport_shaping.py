@@ -829,3 +829,35 @@ async def test_two_worker_processes_never_exceed_the_shared_cap(
     assert result.exit_code == 0, result.output
     row = next(line for line in result.output.splitlines() if address in line and "other" in line)
     assert "555" in row and "14" in row
+
+
+async def test_messages_per_connection_rise_again_after_quiet_hours(store: BudgetStore) -> None:
+    # A hang-up after 5 messages lowers the figure at once; it used to stay at 5 for the
+    # life of the process. Each quiet hour (rate recovered) doubles it back to 100.
+    pools = loads_pools(pools_toml("learn", [("127.0.78.1", "mta1.payer.example", '"mature"')]))
+    clock = SimClock(T0)
+    shaper = make_shaper(pools, store, clock, overrides={"gmail-like.test": "gmail"})
+    await shaper.start()
+
+    async def figure() -> int:
+        ticket = await shaper.acquire("gmail-like.test", ["mx.gmail-like.test"])
+        shaper.sent(ticket)
+        return shaper.messages_per_connection(ticket)
+
+    try:
+        ticket = await shaper.acquire("gmail-like.test", ["mx.gmail-like.test"])
+        signal = await shaper.observe(ticket, 421, "4.7.0", PUSHBACK_421, messages_on_connection=5)
+        assert signal.value == "slow_down"
+        assert shaper.messages_per_connection(ticket) == 5
+        seen = []
+        for _ in range(6):
+            clock.advance(HOUR)
+            seen.append(await figure())
+        assert seen == [10, 20, 40, 80, 100, 100]
+        # A receiver whose limit is real says so again: down at once, up an hour later.
+        ticket = await shaper.acquire("gmail-like.test", ["mx.gmail-like.test"])
+        await shaper.observe(ticket, 421, "4.7.0", PUSHBACK_421, messages_on_connection=5)
+        clock.advance(HOUR / 2)
+        assert await figure() == 5
+    finally:
+        await shaper.aclose()

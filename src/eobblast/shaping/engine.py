@@ -68,6 +68,8 @@ Sleep = Callable[[float], Awaitable[None]]
 # Budget counters kept in the store (hours), and how often a worker prunes older ones.
 _KEEP_HOURS = 48
 _PRUNE_EVERY = 3600.0
+# A lowered messages-per-connection figure rises one step after this long without a hang-up.
+_MESSAGES_RECOVERY = 3600.0
 
 
 class DeferReason(enum.StrEnum):
@@ -247,6 +249,7 @@ class _Pair:
     """One (source IP, scope)'s adaptive state in this worker."""
 
     __slots__ = (
+        "lowered_at",
         "max_messages",
         "pool",
         "provider",
@@ -271,6 +274,8 @@ class _Pair:
         self.scope = scope
         self.state = state
         self.max_messages = max_messages
+        # When a receiver's hang-up last lowered max_messages (None: not lowered since).
+        self.lowered_at: float | None = None
         self.published_rate = -1.0
 
     @property
@@ -625,6 +630,7 @@ class Shaper:
         if signal is ReplySignal.SLOW_DOWN:
             if 0 < messages_on_connection < pair.max_messages:
                 pair.max_messages = messages_on_connection
+                pair.lowered_at = now
             if not was_paused:
                 log.info(
                     "receiver asked to slow down",
@@ -690,6 +696,7 @@ class Shaper:
             if key not in self._blocked_this_round:
                 pair.state = sync_suspension(pair.state, suspensions.get(key), now)
             configured = self._limits.for_provider(pair.provider).messages_per_connection
+            _raise_messages(pair, now, configured)
             if pair.site_scoped and _recovered(pair, now, configured):
                 del self._pairs[key]  # back to defaults: memory grows with trouble, not sites
         self._rates.prune()
@@ -758,6 +765,23 @@ class Shaper:
         finally:
             if self._owns_store:
                 await self._store.close()
+
+
+def _raise_messages(pair: _Pair, now: float, configured: int) -> None:
+    """Messages per connection double back toward the configured figure, one step per quiet
+    hour once the pair's rate has recovered: a limit learnt from one hang-up is not kept
+    for the life of the process. A receiver whose limit is real hangs up again (at most
+    once an hour per pair), which lowers it again."""
+    if pair.lowered_at is None:
+        return
+    state = pair.state
+    quiet = now - pair.lowered_at >= _MESSAGES_RECOVERY
+    if not quiet or is_paused(state, now) or is_suspended(state, now):
+        return
+    if current_rate(state, now) < state.base_rate:
+        return
+    pair.max_messages = min(configured, pair.max_messages * 2)
+    pair.lowered_at = now if pair.max_messages < configured else None
 
 
 def _recovered(pair: _Pair, now: float, configured_messages: int) -> bool:

@@ -119,8 +119,10 @@ class ConnectionLimits:
     """Limits a caller (shaping) puts on one destination, instead of the pool's defaults.
 
     Destinations with the same `group` share `max_connections`: shaping limits connections
-    per (provider, source IP), whichever MX host or TLS mode they go to, and `max_messages`,
-    which only ever goes down (shaping learns receivers' per-connection limits).
+    per (provider, source IP), whichever MX host or TLS mode they go to. Every open
+    connection of the group counts, idle or in use. `max_messages` is shaping's current
+    figure (it learns receivers' per-connection limits, and raises it again as they recover):
+    the latest one given holds for the whole group.
     """
 
     group: Hashable
@@ -567,19 +569,56 @@ class SmtpConnection:
 
 
 class _Limits:
-    """Connection slots and messages per connection, shared by a group of destinations."""
+    """Connection slots and messages per connection, shared by a group of destinations.
 
-    __slots__ = ("max_messages", "slots")
+    Every open connection of the group holds a slot, idle or in use: a receiver counts the
+    connections it sees, not the ones busy at the moment. A caller that needs a new
+    connection while the group is full closes the group's oldest idle one elsewhere, or
+    waits for a connection to be returned or closed.
+    """
+
+    __slots__ = ("max_connections", "max_messages", "members", "open", "waiters")
 
     def __init__(self, max_connections: int, max_messages: int) -> None:
-        self.slots = asyncio.Semaphore(max_connections)
+        self.max_connections = max_connections
         self.max_messages = max_messages
+        self.open = 0  # connections open or being opened
+        self.members: set[_Destination] = set()
+        self.waiters: list[asyncio.Future[None]] = []
+
+    async def changed(self) -> None:
+        """Wait until a connection of the group is returned or closed."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.waiters.append(waiter)
+        try:
+            await waiter
+        finally:
+            with suppress(ValueError):
+                self.waiters.remove(waiter)
+
+    def wake(self) -> None:
+        """Every waiter looks again (idle connections, free slots)."""
+        waiters, self.waiters = self.waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def oldest_idle(self) -> SmtpConnection | None:
+        """Take the group's longest-idle connection out of its destination, if any."""
+        oldest: _Destination | None = None
+        for dest in self.members:
+            if dest.idle and (
+                oldest is None or dest.idle[0].idle_since < oldest.idle[0].idle_since
+            ):
+                oldest = dest
+        return None if oldest is None else oldest.idle.popleft()
 
 
 class _Destination:
     __slots__ = ("idle", "limits", "users")
 
     def __init__(self, limits: _Limits) -> None:
+        # Returned connections in order: the oldest left, the most recently used right.
         self.idle: deque[SmtpConnection] = deque()
         self.limits = limits
         # Callers between acquire and release (waiting for a slot included): a destination
@@ -615,7 +654,8 @@ class SmtpPool:
         self._groups: dict[Hashable, _Limits] = {}
         self._last_sweep = clock()
         self._closed = False
-        self._live: set[SmtpConnection] = set()
+        # Every open connection, with the group whose slot it holds.
+        self._live: dict[SmtpConnection, _Limits] = {}
 
     def _destination(self, key: PoolKey, limits: ConnectionLimits | None = None) -> _Destination:
         dest = self._destinations.get(key)
@@ -625,6 +665,7 @@ class SmtpPool:
             else:
                 shared = self._group(limits)
             dest = self._destinations[key] = _Destination(shared)
+            shared.members.add(dest)
         elif limits is not None:
             self.restrict(limits)
         return dest
@@ -632,23 +673,33 @@ class SmtpPool:
     def _group(self, limits: ConnectionLimits) -> _Limits:
         group = self._groups.get(limits.group)
         if group is None:
-            # The group's connection count is fixed by its first use: limits come from
-            # config, which does not change while the process runs.
             group = self._groups[limits.group] = _Limits(
                 limits.max_connections, limits.max_messages
             )
+        else:
+            self._follow(group, limits)
         return group
 
+    @staticmethod
+    def _follow(group: _Limits, limits: ConnectionLimits) -> None:
+        if limits.max_connections > group.max_connections:
+            group.wake()  # room for those waiting
+        group.max_connections = limits.max_connections
+        group.max_messages = limits.max_messages
+
     def restrict(self, limits: ConnectionLimits) -> None:
-        """Lower a group's messages per connection at once, for every connection in it.
+        """Apply a group's limits at once, for every connection in it.
 
         Shaping calls this when a receiver hung up after N messages on one connection:
         messages already waiting for a connection must not carry the old figure past N.
-        The figure never goes up again.
+        Later limits (each acquire passes shaping's current ones) may raise it again.
         """
-        group = self._group(limits)
-        if limits.max_messages < group.max_messages:
-            group.max_messages = limits.max_messages
+        self._group(limits)
+
+    @property
+    def groups(self) -> int:
+        """Connection groups with destinations or open connections."""
+        return len(self._groups)
 
     @property
     def destinations(self) -> int:
@@ -661,8 +712,17 @@ class SmtpPool:
         return len(self._live)
 
     async def _discard(self, conn: SmtpConnection) -> None:
-        self._live.discard(conn)
-        await conn.aclose()
+        """Close a connection politely; its slot is free once it is closed."""
+        try:
+            await conn.aclose()
+        finally:
+            self._forget(conn)
+
+    def _forget(self, conn: SmtpConnection) -> None:
+        group = self._live.pop(conn, None)
+        if group is not None:
+            group.open -= 1
+            group.wake()
 
     async def acquire(self, key: PoolKey, limits: ConnectionLimits | None = None) -> SmtpConnection:
         """An idle connection for `key`, or a new one; waits while the destination is full.
@@ -674,32 +734,45 @@ class SmtpPool:
         dest = self._destination(key, limits)
         dest.users += 1
         try:
-            await dest.limits.slots.acquire()
+            conn = await self._take(key, dest)
         except BaseException:
             dest.users -= 1
             raise
-        try:
+        conn.state = ConnectionState.ACTIVE
+        metrics.CONNECTIONS_ACTIVE.inc()
+        return conn
+
+    async def _take(self, key: PoolKey, dest: _Destination) -> SmtpConnection:
+        """An idle connection of `dest`, or a new one once the group has a slot for it."""
+        group = dest.limits
+        while True:
             now = self._clock()
             self._sweep(now)
             while dest.idle:
                 conn = dest.idle.pop()  # most recently used first: its socket is warm
                 metrics.CONNECTIONS_IDLE.dec()
                 if conn.is_usable(
-                    now, max_messages=dest.limits.max_messages, idle_expiry=self._idle_expiry
+                    now, max_messages=group.max_messages, idle_expiry=self._idle_expiry
                 ):
-                    conn.state = ConnectionState.ACTIVE
-                    metrics.CONNECTIONS_ACTIVE.inc()
                     return conn
                 await self._discard(conn)
-            conn = await self._open(key)
-            self._live.add(conn)
-        except BaseException:
-            dest.limits.slots.release()
-            dest.users -= 1
-            raise
-        conn.state = ConnectionState.ACTIVE
-        metrics.CONNECTIONS_ACTIVE.inc()
-        return conn
+            if group.open < group.max_connections:
+                group.open += 1
+                try:
+                    conn = await self._open(key)
+                except BaseException:
+                    group.open -= 1
+                    group.wake()
+                    raise
+                self._live[conn] = group
+                return conn
+            spare = group.oldest_idle()
+            if spare is not None:
+                # Idle at another host or TLS mode of the group: its slot is needed here.
+                metrics.CONNECTIONS_IDLE.dec()
+                await self._discard(spare)
+                continue
+            await group.changed()
 
     async def release(self, conn: SmtpConnection) -> None:
         """Return a connection: kept idle if it can carry more, closed otherwise."""
@@ -714,10 +787,10 @@ class SmtpPool:
                 conn.idle_since = now
                 dest.idle.append(conn)
                 metrics.CONNECTIONS_IDLE.inc()
+                dest.limits.wake()  # for a caller of this destination, or one that needs its slot
             else:
                 await self._discard(conn)
         finally:
-            dest.limits.slots.release()
             dest.users -= 1
 
     @asynccontextmanager
@@ -740,6 +813,7 @@ class SmtpPool:
             if not dest.idle and not dest.users:
                 # Nothing open, nobody waiting: a worker meets many MX hosts over a run.
                 del self._destinations[key]
+                dest.limits.members.discard(dest)
                 continue
             keep: deque[SmtpConnection] = deque()
             for conn in dest.idle:
@@ -749,9 +823,14 @@ class SmtpPool:
                     keep.append(conn)
                 else:
                     conn.close()
-                    self._live.discard(conn)
+                    self._forget(conn)
                     metrics.CONNECTIONS_IDLE.dec()
             dest.idle = keep
+        # Shaping's groups, one per (site, IP) ever met: kept while they have a destination
+        # or an open connection. The limits come back with the next acquire.
+        for name, group in list(self._groups.items()):
+            if not group.members and not group.open:
+                del self._groups[name]
 
     async def _connect(self, key: PoolKey) -> aiosmtplib.SMTP:
         smtp = aiosmtplib.SMTP(
