@@ -15,7 +15,6 @@ import psycopg
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.service import (
     BounceOutcome,
-    BounceReason,
     BounceService,
     Held,
     Resend,
@@ -469,14 +468,13 @@ class Pipeline:
         self, event: EobIssued, to: str, raw: bytes, deferred: EventOutcome
     ) -> EventOutcome:
         """Have the bounce service send it again when shaping allows (or put it on paper
-        past the age limit); the status keeps the reason `shaping_deferred`."""
+        past the age limit). The status says what it decided: `retry_scheduled` (eobblast
+        sends it again at `retry_at`; no bounce category), where `shaping_deferred` alone
+        would leave the claims system to publish it again."""
         assert self._bounces is not None and deferred.retry_at is not None
         decided = await self._bounces.on_postponed(
             event.event_id, event.member.id, to, raw, deferred.retry_at
         )
-        if decided.reason == BounceReason.RETRY_SCHEDULED:
-            return replace(deferred, retry_at=decided.retry_at)
-        # Past the age limit (paper), or a report about the notice decided first.
         return _as_decided(deferred, decided)
 
     async def _bounce(

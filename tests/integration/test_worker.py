@@ -860,7 +860,8 @@ async def test_what_shaping_holds_back_is_postponed_not_bounced(
     assert len(held) + len(delivered) == 12 and 2 <= len(held) <= 7
     assert sum(stack.sandbox.counts.values()) == len(delivered)
     for status in held.values():
-        assert status.reason == "shaping_deferred" and status.bounce_category is None
+        # eobblast sends it again itself: scheduled, and no bounce.
+        assert status.reason == "retry_scheduled" and status.bounce_category is None
         # When the budget's next hour starts, not on the soft-bounce schedule.
         assert status.retry_at is not None and status.retry_at.timestamp() % 3600 == 0
     assert _sample("eobblast_bounce_postponed_total") - postponed_before == len(held)

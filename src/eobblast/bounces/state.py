@@ -550,11 +550,11 @@ class _Step:
             return
         if eob.status not in (EobStatus.SENDING, EobStatus.RELEASED):
             return  # a report about the notice came first: it decides
-        # Not the receiver's doing: the attempt it was minted for never happened, so the
-        # soft-bounce backoff does not grow. The age limit still holds: a notice eobblast
-        # cannot send in time goes to paper, as one the receiver keeps refusing does.
+        # Not the receiver's doing: no bounce, and the next try is when the shaper said.
+        # The attempt stays counted (each send has its own attempt number, which names its
+        # status). The age limit still holds: a notice eobblast cannot send in time goes to
+        # paper, as one the receiver keeps refusing does.
         next_at = max(event.until, event.at + POSTPONE_FLOOR)
-        eob = replace(eob, attempt=max(eob.attempt - 1, 0))
         if next_at > eob.age_from + self.policy.retry.max_age:
             self._paper(eob, FallbackReason.RETRIES_EXHAUSTED)
             return
