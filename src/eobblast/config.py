@@ -360,6 +360,32 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
     return out
 
 
+def settings_of(config: Any) -> dict[str, Any]:
+    """A configuration as the settings a TOML file would hold (paths as strings, lists
+    for tuples): `load_config(overrides=settings_of(c))` builds `c` again."""
+
+    def plain(value: Any) -> Any:
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        if isinstance(value, Path):
+            return str(value)
+        if isinstance(value, tuple | list):
+            return [plain(item) for item in value]
+        if isinstance(value, dict):
+            return {str(key): plain(item) for key, item in value.items()}
+        return value
+
+    settings: dict[str, Any] = plain(config)
+    return settings
+
+
+def with_settings(config: Config, overrides: dict[str, Any]) -> Config:
+    """`config` with some settings replaced (by section, as in a TOML file), checked as
+    any configuration is."""
+    built: Config = _build(Config, _merge(settings_of(config), overrides), "")
+    return built
+
+
 def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in over.items():

@@ -23,7 +23,7 @@ import orjson
 
 from eobblast.bounces.listener import serve_bounces
 from eobblast.bounces.rules import DEFAULT_RULES_RESOURCE
-from eobblast.config import BouncesConfig, Config, load_config
+from eobblast.config import BouncesConfig, Config, load_config, with_settings
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import PAYERS, generate_events
@@ -419,12 +419,14 @@ async def run_demo(
             },
             "pipeline": {"allow_test_domains": True},
         }
-        services = await ProtectionServices.open(load_config(environ={}, overrides=shared))
+        # The given configuration, with the demo's own stores, keys, broker and receivers:
+        # everything else (and every EOBBLAST_* variable) reaches the workers as given.
+        services = await ProtectionServices.open(with_settings(base, shared))
         assert services.escrow is not None and services.audit is not None
         portal = await serve_portal(create_app(services.escrow, services.audit, hsts=False))
         portal_settings["base_url"] = f"{portal.url}/p/"
         # The bounce listener: receivers send their DSNs to the VERP return path's MX.
-        listener_config = load_config(environ={}, overrides=shared)
+        listener_config = with_settings(base, shared)
         bounce_producer = make_producer(broker.bootstrap, client_id="eobblast-demo-bounces")
         await bounce_producer.start()
         bounce_service = await open_bounces(
@@ -446,12 +448,13 @@ async def run_demo(
                 domains, out / "maildir", pki, bounce_route=("127.0.0.1", listener.port)
             ) as sandbox:
                 routes = {n: f"{host}:{port}" for n, (host, port) in sandbox.routes.items()}
-                config = load_config(
-                    environ={},
-                    overrides={
+                tls_policy = [*base.protection.tls_policy_domains, *DEMO_TLS_POLICY_DOMAINS]
+                config = with_settings(
+                    base,
+                    {
                         **shared,
-                        "protection": {"tls_policy_domains": list(DEMO_TLS_POLICY_DOMAINS)},
-                        "dkim": {"key_dir": str(out / "keys"), "selector": base.dkim.selector},
+                        "protection": {"tls_policy_domains": tls_policy},
+                        "dkim": {"key_dir": str(out / "keys")},
                         "transport": {"ca_bundle": str(pki.ca), "routes": routes},
                         "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
                         "workers": {"count": workers, "grace_period": 10.0},

@@ -30,6 +30,7 @@ from eobblast.protect.dkim import generate_keys
 from eobblast.protect.testcerts import MemberCertificates
 
 EVENTS = 240
+DEMO_EHLO = "mta.demo-payer.test"
 TLS_DOMAINS = ("alpha.sandbox.test", "bravo.sandbox.test", "charlie.sandbox.test")
 UNVERIFIED_DOMAINS = (
     "notls.sandbox.test",
@@ -44,12 +45,17 @@ UNVERIFIED_DOMAINS = (
 def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any], str]:
     """One `eobblast demo` run, as a user starts it, with every log line of every process."""
     out = tmp_path_factory.mktemp("demo")
+    # A setting of the user's own: it must reach the workers.
+    config = tmp_path_factory.mktemp("demo-config") / "eobblast.toml"
+    config.write_text(f'[transport]\nehlo_name = "{DEMO_EHLO}"\n')
     run = subprocess.run(
         [
             sys.executable,
             "-m",
             "eobblast",
             "demo",
+            "--config",
+            str(config),
             "--events",
             str(EVENTS),
             "--out",
@@ -84,6 +90,17 @@ def _delivered(out: Path) -> list[bytes]:
         box = mailbox.Maildir(domain_dir, factory=None, create=False)
         messages.extend(box.get_bytes(key) for key in box.keys())
     return messages
+
+
+def test_the_demo_workers_run_with_the_given_configuration(
+    demo_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    # `--config` used to reach the workers only for a few settings: they greeted with the
+    # default EHLO name whatever the file said.
+    out, _, _ = demo_run
+    messages = _delivered(out)
+    assert messages
+    assert all(f"Received: from {DEMO_EHLO} ".encode() in m for m in messages)
 
 
 def _dns_records(out: Path) -> dict[bytes, bytes]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from eobblast.config import load_config, store_files, warn_relative_stores
+from eobblast.config import load_config, store_files, warn_relative_stores, with_settings
 from eobblast.errors import ConfigError
 from eobblast.state.sqlite import sqlite_path
 
@@ -119,3 +119,14 @@ def test_quotes_or_brackets_never_become_part_of_a_list_item(value: str) -> None
     # '"gmail.com"' used to be taken as a domain with quotes in it, matching no address.
     with pytest.raises(ConfigError, match=r"protection\.portal_domains"):
         load_config(environ={"EOBBLAST_PROTECTION__PORTAL_DOMAINS": value})
+
+
+def test_a_configuration_with_some_settings_replaced_keeps_the_rest() -> None:
+    # How the demo gives its workers the user's configuration with its own stores.
+    example = load_config(EXAMPLE, environ={})
+    assert with_settings(example, {}) == example
+    changed = with_settings(example, {"ledger": {"url": "sqlite:////tmp/x.db"}})
+    assert changed.ledger.url == "sqlite:////tmp/x.db"
+    assert changed.transport == example.transport and changed.dkim == example.dkim
+    with pytest.raises(ConfigError, match="unknown setting"):
+        with_settings(example, {"ledger": {"path": "x"}})
