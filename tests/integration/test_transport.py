@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import struct
 from collections.abc import AsyncIterator
@@ -319,6 +320,92 @@ async def test_a_destination_waits_for_a_slot_held_by_another_in_use(
     finally:
         await pool.aclose()
     assert sandbox.counts[NODSN] == 2
+
+
+class Stalling:
+    """A plain SMTP server (no STARTTLS: notices only) that may never answer QUIT or EHLO."""
+
+    def __init__(self) -> None:
+        self.quiet_quit = False
+        self.quiet_ehlo = False
+        self.server: asyncio.Server | None = None
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stalling.test\r\n")
+        with contextlib.suppress(OSError):
+            while line := await reader.readline():
+                command = line[:4].upper()
+                if command == b"QUIT" and self.quiet_quit:
+                    await reader.read()  # until the client hangs up
+                    break
+                if command == b"EHLO" and self.quiet_ehlo:
+                    await reader.read()
+                    break
+                replies = {
+                    b"EHLO": b"250-stalling.test\r\n250 8BITMIME\r\n",
+                    b"QUIT": b"221 bye\r\n",
+                }
+                writer.write(replies.get(command, b"250 ok\r\n"))
+                await writer.drain()
+        writer.close()
+
+    async def __aenter__(self) -> tuple[str, int]:
+        self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[:2]
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+
+async def test_a_cancelled_close_or_open_closes_the_socket_it_gives_the_slot_back_for() -> None:
+    # A worker cancels a record (stuck, partition revoked) while its connection closes an
+    # idle one for its slot, or while a new one is being opened: the slot must not come
+    # back while the socket stays open, or the receiver sees more than the limit.
+    stalling = Stalling()
+    async with stalling as (host, port):
+        servers = {(host, port)}
+        pool = SmtpPool(make_tls_context(None), ehlo_name="sender.test")
+        limits = ConnectionLimits("one", max_connections=1, max_messages=100)
+        first, second = (PoolKey(None, host, port, n, verified_tls=False) for n in ("a", "b"))
+        try:
+            await pool.release(await pool.acquire(first, limits))  # idle at "a"
+            stalling.quiet_quit = True
+            evicting = asyncio.create_task(pool.acquire(second, limits))
+            await asyncio.sleep(0.3)  # closing "a"'s idle connection: QUIT unanswered
+            evicting.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await evicting
+            await asyncio.sleep(0.1)
+            assert pool.open_connections == 0 and _established_to(servers) == 0
+            stalling.quiet_ehlo = True
+            opening = asyncio.create_task(pool.acquire(second, limits))
+            await asyncio.sleep(0.3)  # EHLO unanswered
+            opening.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await opening
+            await asyncio.sleep(0.1)
+            assert pool.open_connections == 0 and _established_to(servers) == 0
+        finally:
+            await pool.aclose()
+
+
+async def test_closing_the_pool_fails_its_waiters_and_closes_every_idle_connection() -> None:
+    stalling = Stalling()
+    async with stalling as (host, port):
+        pool = SmtpPool(make_tls_context(None), ehlo_name="sender.test")
+        limits = ConnectionLimits("one", max_connections=1, max_messages=100)
+        keys = [PoolKey(None, host, port, n, verified_tls=False) for n in ("a", "b", "c")]
+        await pool.release(await pool.acquire(keys[2]))  # another group's idle connection
+        held = await pool.acquire(keys[0], limits)
+        waiting = asyncio.create_task(pool.acquire(keys[1], limits))
+        await asyncio.sleep(0.1)
+        closing = asyncio.create_task(pool.aclose())
+        with pytest.raises(RuntimeError, match="closed"):
+            await asyncio.wait_for(waiting, 5)
+        await pool.release(held)
+        await asyncio.wait_for(closing, 10)
+        assert pool.open_connections == 0 and _established_to({(host, port)}) == 0
 
 
 async def test_groups_follow_shapings_figure_and_are_forgotten_when_unused(

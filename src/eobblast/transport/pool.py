@@ -553,19 +553,22 @@ class SmtpConnection:
         )
 
     async def aclose(self) -> None:
-        """Say QUIT and close, ignoring a server that is already gone."""
+        """Say QUIT and close, ignoring a server that is already gone. The socket is closed
+        however this ends, a cancellation included: the pool counts it closed."""
         self.state = ConnectionState.CLOSED
         session = self.session
-        if session is not None:
-            if session.is_open:
-                with suppress(_ServerGone, TimeoutError):
-                    session.write(b"QUIT\r\n")
-                    async with asyncio.timeout(_QUIT_TIMEOUT):
-                        await session.reply()
-        elif self.smtp.is_connected:
-            with suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
-                await self.smtp.quit(timeout=_QUIT_TIMEOUT)
-        self.close()
+        try:
+            if session is not None:
+                if session.is_open:
+                    with suppress(_ServerGone, TimeoutError):
+                        session.write(b"QUIT\r\n")
+                        async with asyncio.timeout(_QUIT_TIMEOUT):
+                            await session.reply()
+            elif self.smtp.is_connected:
+                with suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
+                    await self.smtp.quit(timeout=_QUIT_TIMEOUT)
+        finally:
+            self.close()
 
 
 class _Limits:
@@ -746,6 +749,8 @@ class SmtpPool:
         """An idle connection of `dest`, or a new one once the group has a slot for it."""
         group = dest.limits
         while True:
+            if self._closed:
+                raise RuntimeError("pool is closed")
             now = self._clock()
             self._sweep(now)
             while dest.idle:
@@ -874,6 +879,9 @@ class SmtpPool:
         except (TimeoutError, aiosmtplib.SMTPException, OSError):
             smtp.close()
             raise DeliveryError(ReasonCode.CONNECT_FAILED, "EHLO failed", permanent=False) from None
+        except BaseException:  # cancelled: the slot is given back, so is the socket
+            smtp.close()
+            raise
         return smtp
 
     async def _open_opportunistic(self, key: PoolKey) -> SmtpConnection:
@@ -949,6 +957,9 @@ class SmtpPool:
             raise DeliveryError(
                 ReasonCode.TLS_HANDSHAKE_FAILED, "TLS handshake failed", permanent=False
             ) from None
+        except BaseException:  # cancelled: the slot is given back, so is the socket
+            smtp.close()
+            raise
         ssl_object = smtp.get_transport_info("ssl_object")
         if not isinstance(ssl_object, ssl.SSLObject | ssl.SSLSocket):
             smtp.close()
@@ -963,6 +974,9 @@ class SmtpPool:
             raise DeliveryError(
                 ReasonCode.CONNECT_FAILED, "EHLO after STARTTLS failed", permanent=False
             ) from None
+        except BaseException:
+            smtp.close()
+            raise
         session = None
         if smtp.supports_extension("pipelining") and smtp.transport is not None:
             # uvloop's transports do not subclass asyncio.Transport: a cast, not a check.
@@ -982,9 +996,12 @@ class SmtpPool:
         )
 
     async def aclose(self) -> None:
-        """Close every idle connection politely; active ones close when released."""
+        """Close every idle connection politely; active ones close when released, and
+        callers waiting for a connection get RuntimeError."""
         self._closed = True
-        for dest in self._destinations.values():
+        for group in {dest.limits for dest in self._destinations.values()}:
+            group.wake()
+        for dest in list(self._destinations.values()):
             while dest.idle:
                 conn = dest.idle.pop()
                 metrics.CONNECTIONS_IDLE.dec()
