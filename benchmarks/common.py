@@ -257,6 +257,7 @@ class StatusCollector:
     topic: str
     by_status: Counter[str] = field(default_factory=Counter)
     by_tls: Counter[str] = field(default_factory=Counter)
+    by_worker: Counter[str] = field(default_factory=Counter)
     # Worker clock (occurred_at) of each first status, in arrival order.
     occurred: list[float] = field(default_factory=list)
     republished: int = 0
@@ -295,6 +296,7 @@ class StatusCollector:
                 doc = orjson.loads(record.value)
                 self.by_status[doc["status"]] += 1
                 self.by_tls[str(doc.get("tls_version"))] += 1
+                self.by_worker[str(doc.get("worker"))] += 1
                 self.occurred.append(_epoch(doc["occurred_at"]))
         return read
 
