@@ -331,6 +331,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             protection = await ProtectionServices.open(config, create_keys=False)
             opened.push_async_callback(protection.close)
             producer = make_producer(config.kafka.bootstrap, client_id="eobblast-bounces")
+            opened.push_async_callback(producer.stop)  # safe before start, too
             service = await open_bounces(
                 config,
                 protection,
@@ -341,7 +342,6 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             opened.push_async_callback(service.store.close)
             await wait_for_broker(config.kafka.bootstrap)
             await producer.start()
-            opened.push_async_callback(producer.stop)
             handle = dsn_handler(service, producer, config.kafka.delivery_topic)
 
             context = None

@@ -365,6 +365,37 @@ async def simulate_claims_system(
     return answered
 
 
+def demo_worker_config(
+    base: Config,
+    shared: dict[str, Any],
+    out: Path,
+    ca: Path,
+    routes: dict[str, str],
+    workers: int,
+) -> Config:
+    """The workers' configuration: `base` (the user's file and EOBBLAST_* variables) with
+    what the demo owns replaced: its stores and keys under `out`, its broker and receivers,
+    its test CA, and sending from loopback with no IP pools (a production pool's addresses
+    and warm-up budgets stay out of it)."""
+    return with_settings(
+        base,
+        {
+            **shared,
+            "protection": {
+                "tls_policy_domains": [
+                    *base.protection.tls_policy_domains,
+                    *DEMO_TLS_POLICY_DOMAINS,
+                ]
+            },
+            "dkim": {"key_dir": str(out / "keys")},
+            "transport": {"ca_bundle": str(ca), "routes": routes, "source_address": None},
+            "shaping": {"pools_file": None},
+            "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
+            "workers": {"count": workers, "grace_period": 10.0},
+        },
+    )
+
+
 async def run_demo(
     events: int,
     out: Path,
@@ -391,6 +422,7 @@ async def run_demo(
         "bounce_domain": "bounces.sandbox.test",
         "rules_file": str(await asyncio.to_thread(demo_rules, out / "bounce_rules.toml")),
         "tick_interval": 0.5,
+        "verp_previous_keys": [],  # the demo's own key only: a production key's files stay out
     }
     async with EmbeddedBroker(log_dir=out) as broker:
         await broker.create_topics(
@@ -448,18 +480,7 @@ async def run_demo(
                 domains, out / "maildir", pki, bounce_route=("127.0.0.1", listener.port)
             ) as sandbox:
                 routes = {n: f"{host}:{port}" for n, (host, port) in sandbox.routes.items()}
-                tls_policy = [*base.protection.tls_policy_domains, *DEMO_TLS_POLICY_DOMAINS]
-                config = with_settings(
-                    base,
-                    {
-                        **shared,
-                        "protection": {"tls_policy_domains": tls_policy},
-                        "dkim": {"key_dir": str(out / "keys")},
-                        "transport": {"ca_bundle": str(pki.ca), "routes": routes},
-                        "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
-                        "workers": {"count": workers, "grace_period": 10.0},
-                    },
-                )
+                config = demo_worker_config(base, shared, out, pki.ca, routes, workers)
                 await asyncio.to_thread(write_config, out / "eobblast.toml", portal_settings)
                 addresses = await asyncio.to_thread(member_addresses, out / "events.jsonl")
                 started = time.perf_counter()

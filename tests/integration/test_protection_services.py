@@ -125,6 +125,7 @@ def test_listeners_refuse_to_make_keys_of_their_own(tmp_path: Path, command: str
         load_or_create_secret(tmp_path / "portal-keys" / "audit.key")
         refused = _eobblast(command, "--config", str(config_file))
         assert refused.returncode == 1 and "VERP key" in refused.stderr, refused.stderr
+        assert "Unclosed" not in refused.stderr  # nothing it opened is left behind
         assert str(tmp_path / "keys" / "verp.key") in refused.stderr
         assert not (tmp_path / "keys" / "verp.key").exists()
         assert len(list((tmp_path / "portal-keys").glob("k*.key"))) == 1  # none added

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from eobblast.config import load_config, store_files, warn_relative_stores, with_settings
+from eobblast.demo import demo_worker_config
 from eobblast.errors import ConfigError
 from eobblast.state.sqlite import sqlite_path
 
@@ -130,3 +131,27 @@ def test_a_configuration_with_some_settings_replaced_keeps_the_rest() -> None:
     assert changed.transport == example.transport and changed.dkim == example.dkim
     with pytest.raises(ConfigError, match="unknown setting"):
         with_settings(example, {"ledger": {"path": "x"}})
+
+
+def test_the_demo_keeps_the_users_settings_but_not_their_sending_setup(tmp_path: Path) -> None:
+    # A production file given to `eobblast demo --config`: its pipeline and transport
+    # settings reach the workers, its IP pools, source address, stores and old keys do not.
+    production = with_settings(
+        load_config(EXAMPLE, environ={}),
+        {
+            "pipeline": {"max_in_flight": 77},
+            "transport": {"ehlo_name": "mta.payer.example", "source_address": "192.0.2.10"},
+            "shaping": {"pools_file": "/etc/eobblast/pools.toml"},
+            "ledger": {"url": "postgresql://eob@db/eob"},
+            "bounces": {"verp_previous_keys": ["2:/var/lib/eobblast/keys/verp-2026.key"]},
+        },
+    )
+    shared = {"bounces": {"verp_previous_keys": []}, "pipeline": {"allow_test_domains": True}}
+    routes = {"ok.sandbox.test": "127.0.0.1:2525"}
+    config = demo_worker_config(production, shared, tmp_path, tmp_path / "ca.pem", routes, 2)
+    assert config.pipeline.max_in_flight == 77 and config.pipeline.allow_test_domains
+    assert config.transport.ehlo_name == "mta.payer.example"
+    assert config.transport.source_address is None and not config.shaping.enabled
+    assert config.ledger.url == f"sqlite:///{tmp_path / 'ledger.db'}"
+    assert config.bounces.previous_verp_keys() == []
+    assert config.transport.routes == routes and config.workers.count == 2
