@@ -48,7 +48,8 @@ log = logging.getLogger("eobblast.pipeline")
 
 # What a store that is down or locked raises: its drivers' errors, timeouts, StoreBusy.
 # Not their integrity or programming errors: a bug that fails every try is a failed event.
-_STORE_ERRORS = (
+# What a store that is down, locked or unreachable raises: worth trying again later.
+STORE_ERRORS = (
     StoreBusy,
     sqlite3.OperationalError,
     psycopg.OperationalError,
@@ -229,7 +230,7 @@ class Pipeline:
             else:
                 try:
                     gate = await self._bounces.gate(event_id, event.member.id, to, raw)
-                except _STORE_ERRORS as exc:
+                except STORE_ERRORS as exc:
                     # Its transaction rolled back: nothing decided, nothing to undo. A store
                     # outage (or a lock held too long) is waited out, not a failed notice.
                     raise StoreUnavailable("bounce store") from exc
@@ -309,7 +310,7 @@ class Pipeline:
         expires = now + services.item_ttl
         try:
             token = await self._escrow(event, services, expires, reason, now)
-        except _STORE_ERRORS as exc:
+        except STORE_ERRORS as exc:
             # Nothing sent. Tried again by the worker: the next try finds the notice
             # "sending" with no lease (a first send is not leased) and routes it afresh, or,
             # without the bounce service, escrows it afresh.
@@ -453,7 +454,7 @@ class Pipeline:
             try:
                 await self._bounces.on_delivered(event_id, address, member_id=member_id)
                 return
-            except _STORE_ERRORS as exc:
+            except STORE_ERRORS as exc:
                 attempt += 1
                 metrics.DELIVERY_RECORD_RETRIES.inc()
                 if attempt % 10 == 1:

@@ -41,7 +41,7 @@ from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
 from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, status_id
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
-from eobblast.pipeline import EventOutcome, Pipeline, bounce_event_outcome
+from eobblast.pipeline import STORE_ERRORS, EventOutcome, Pipeline, bounce_event_outcome
 from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
@@ -175,6 +175,9 @@ class Worker:
         # Per partition, its records' tasks and where each one is (for the oldest's age).
         self._tasks: dict[TopicPartition, dict[asyncio.Task[None], _InFlight]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
+        # Sent, outcome not yet in the ledger (its store was away, or the attempt was given
+        # up as stuck): a second attempt of the record records this, never sends again.
+        self._unrecorded: dict[str, tuple[EventOutcome, int]] = {}
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         # Status events acknowledged by Kafka, marked in the ledger in one batch per commit
@@ -389,10 +392,16 @@ class Worker:
         if self._unmarked:
             # Losing these marks in a crash only means a redelivered event's status is
             # published again (same status_id), never a second email. Ids acknowledged
-            # while the marks are written wait for the next commit.
+            # while the marks are written wait for the next commit, as do all of them
+            # while the ledger is away: the offsets are committed all the same.
             published = list(self._unmarked)
-            await self._ledger.mark_published(published)
-            self._unmarked.difference_update(published)
+            try:
+                await self._ledger.mark_published(published)
+            except STORE_ERRORS as exc:
+                metrics.LEDGER_MARK_FAILURES.inc()
+                log.warning("status marks not written yet: %s", type(exc).__name__)
+            else:
+                self._unmarked.difference_update(published)
         offsets = self._tracker.committable()
         if only is not None:
             keep = set(only)
@@ -527,6 +536,12 @@ class Worker:
         if isinstance(checked, EventOutcome):
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
+        if (sent := self._unrecorded.get(event_id)) is not None:
+            outcome, attempt = sent
+            await self._record(outcome, event_id, attempt, record.timestamp, info)
+            self._unrecorded.pop(event_id, None)
+            self._unmarked.add(event_id)
+            return True
         while True:
             # The same event id, published twice, may be sending in this worker right now:
             # looked at before and after every claim, whatever the ledger says of the owner.
@@ -558,7 +573,9 @@ class Worker:
             info.stage = "deliver"
             outcome = await self._pipeline.deliver(checked, start, raw=value)
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
+            self._unrecorded[event_id] = (outcome, attempt)
             await self._record(outcome, event_id, attempt, record.timestamp, info)
+            self._unrecorded.pop(event_id, None)
             self._unmarked.add(event_id)
         finally:
             # Waiters (the same event published twice) look again only once all is recorded.
@@ -619,11 +636,30 @@ class Worker:
         """A final outcome kept in order: the ledger, the metrics, then the status event."""
         if info is not None:
             info.stage = "record"
-        await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+        await self._finish(event_id, outcome)
         self._pipeline.observe(outcome)
         if info is not None:
             info.stage = "publish"
         await self._publish_status(outcome, event_id, attempt, source_ms)
+
+    async def _finish(self, event_id: str, outcome: EventOutcome) -> None:
+        """The outcome into the ledger, however long its store is away: running the record
+        again would find its claim and send a second copy. The status waits meanwhile."""
+        failures = 0
+        while True:
+            try:
+                await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+                return
+            except STORE_ERRORS as exc:
+                failures += 1
+                metrics.LEDGER_FINISH_RETRIES.inc()
+                if failures % 10 == 1:
+                    log.error(
+                        "outcome not written to the send ledger yet: %s; trying again",
+                        type(exc).__name__,
+                        extra={"event_id": event_id, "attempt": failures},
+                    )
+                await asyncio.sleep(backoff_delay(failures, base=0.5, cap=10.0))
 
     async def _publish_status(
         self, outcome: EventOutcome, event_key: str, attempt: int, source_ms: int | None

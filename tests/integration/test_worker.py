@@ -35,7 +35,7 @@ from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
-from eobblast.state import Claim, LedgerEntry, SendLedger
+from eobblast.state import Claim, LedgerEntry, SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -881,3 +881,76 @@ async def test_what_shaping_holds_back_is_postponed_not_bounced(
     finally:
         await store.close()
         await audit.close()
+
+
+class FlakyLedger(FaultyClaims):
+    """A send ledger whose store is away for its first `finishes` finishes and `marks`
+    status marks."""
+
+    def __init__(self, inner: SendLedger, *, finishes: int = 0, marks: int = 0) -> None:
+        super().__init__(inner, [])
+        self.finishes = finishes
+        self.marks = marks
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        if self.finishes > 0:
+            self.finishes -= 1
+            raise sqlite3.OperationalError("database is locked")
+        await self.inner.finish(event_id, outcome, reason)
+
+    async def mark_published(self, event_ids: Sequence[str]) -> None:
+        if self.marks > 0:
+            self.marks -= 1
+            raise sqlite3.OperationalError("database is locked")
+        await self.inner.mark_published(event_ids)
+
+
+async def test_a_ledger_away_after_the_send_never_means_a_second_email(stack: Stack) -> None:
+    # The receiver took the notice, then the ledger could not record it: running the
+    # record again found its own claim and sent a second copy.
+    retries = _sample("eobblast_ledger_finish_retries_total")
+    flaky: list[FlakyLedger] = []
+
+    def wrap(ledger: SendLedger) -> SendLedger:
+        flaky.append(FlakyLedger(ledger, finishes=3))
+        return flaky[-1]
+
+    event_id, (status,) = await one_event_through(stack, 41, ledger_as=wrap)
+    assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
+    assert flaky[0].finishes == 0
+    assert _sample("eobblast_ledger_finish_retries_total") - retries == 3
+    ledger = await open_ledger(stack.config().ledger.url)
+    try:
+        entry = await ledger.get(event_id)
+    finally:
+        await ledger.close()
+    assert entry is not None and entry.outcome == "delivered"
+
+
+async def test_status_marks_the_ledger_cannot_write_do_not_stop_the_worker(stack: Stack) -> None:
+    # mark_published raising ended the worker's loop: a restart, and in-flight sends cut.
+    flaky: list[FlakyLedger] = []
+
+    def wrap(ledger: SendLedger) -> SendLedger:
+        flaky.append(FlakyLedger(ledger, marks=1000))
+        return flaky[-1]
+
+    values = stack.events(20, seed=42)
+    await stack.publish(values)
+    _, stop, task = await start_worker(stack.config(), ledger_as=wrap)  # commits every 0.2 s
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=20)
+        await asyncio.sleep(1.0)  # several commits, each failing to mark
+        assert not task.done()
+        flaky[0].marks = 0  # back: the marks kept meanwhile are written
+        await asyncio.sleep(1.0)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert len(statuses(records)) == 20 and sum(stack.sandbox.counts.values()) == 20
+    ledger = await open_ledger(stack.config().ledger.url)
+    try:
+        entries = [await ledger.get(orjson.loads(v)["event_id"]) for v in values]
+    finally:
+        await ledger.close()
+    assert all(e is not None and e.status_published for e in entries)

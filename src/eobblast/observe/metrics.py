@@ -73,6 +73,18 @@ AUDIT_GAPS = Counter(
     "Audit records of delivered notices that could not be written (the notice stays delivered).",
     registry=REGISTRY,
 )
+LEDGER_MARK_FAILURES = Counter(
+    "eobblast_ledger_mark_failures",
+    "Times the ledger could not record acknowledged statuses (kept for the next commit; "
+    "the offsets are committed all the same).",
+    registry=REGISTRY,
+)
+LEDGER_FINISH_RETRIES = Counter(
+    "eobblast_ledger_finish_retries",
+    "Times a sent event's outcome could not be written to the send ledger yet (tried again "
+    "until it is, never by sending again; its status waits).",
+    registry=REGISTRY,
+)
 DELIVERY_RECORD_RETRIES = Counter(
     "eobblast_delivery_record_retries",
     "Times a delivered notice could not be recorded in the bounce store yet (tried again "
