@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Sequence
 
 import pytest
@@ -113,3 +114,23 @@ def test_limit_must_be_positive() -> None:
     store = Store()
     with pytest.raises(ValueError, match="limit"):
         GroupCommit(store.many, store.one, limit=0)
+
+
+async def test_a_store_that_is_away_fails_the_whole_batch_at_once() -> None:
+    # A locked SQLite file: run one by one, every item would wait out the busy timeout
+    # again, with the event loop blocked (no Kafka heartbeats) for batch-size times as long.
+    singles: list[int] = []
+    kinds: list[str] = []
+
+    async def many(items: Sequence[int]) -> list[int]:
+        await asyncio.sleep(0.01)
+        raise sqlite3.OperationalError("database is locked")
+
+    async def one(item: int) -> int:
+        singles.append(item)
+        return item
+
+    group = GroupCommit(many, one, on_batch=lambda k, n: kinds.append(k))
+    results = await asyncio.gather(*(group.submit(i) for i in range(10)), return_exceptions=True)
+    failed = [r for r in results if isinstance(r, sqlite3.OperationalError)]
+    assert len(failed) == 10 and singles == [] and kinds == ["failed"]

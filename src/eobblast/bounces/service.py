@@ -26,6 +26,7 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
+import psycopg
 from prometheus_client import Counter, Gauge
 
 from eobblast.bounces import state
@@ -64,7 +65,7 @@ from eobblast.errors import Outcome
 from eobblast.events import verification as schemas
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.observe.metrics import REGISTRY
-from eobblast.state.group import GroupCommit
+from eobblast.state.group import TRANSIENT_ERRORS, GroupCommit
 
 __all__ = [
     "BOUNCES",
@@ -655,7 +656,9 @@ class BounceService:
         # Every notice passes `gate` before and `on_delivered` after its send: concurrent
         # calls share one store transaction.
         self._group: GroupCommit[_Call, object] = GroupCommit(
-            self._transact_calls, on_batch=_count_batch
+            self._transact_calls,
+            on_batch=_count_batch,
+            transient=(StoreBusy, *TRANSIENT_ERRORS, psycopg.OperationalError),
         )
         if audit is not None and member_ref is None:
             raise ValueError("an audit trail needs member_ref (opaque member references)")

@@ -4,19 +4,29 @@ A worker keeps dozens of events in flight and each one claims the send ledger, p
 bounce gate and records its delivery: one transaction each is most of what the stores
 cost. With a `GroupCommit`, calls that arrive while a transaction runs wait and go
 together in the next one (at most `limit`). If the shared transaction fails, each of its
-calls runs again on its own, so one caller's error never becomes another's. A single call
-is not delayed: the batch starts on the next turn of the event loop.
+calls runs again on its own, so one caller's error never becomes another's; unless the
+store itself is away (locked, down: `transient` errors), when every call of the batch gets
+that error at once: one at a time, each would wait out the store's timeout again. A single
+call is not delayed: the batch starts on the next turn of the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 I = TypeVar("I")  # noqa: E741 - an item, as in the type parameters of the stdlib
 R = TypeVar("R")
+
+# A store that is locked or away: no item of the batch is at fault.
+TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
+    sqlite3.OperationalError,
+    OSError,
+    TimeoutError,
+)
 
 
 @dataclass(slots=True)
@@ -41,7 +51,8 @@ class GroupCommit(Generic[I, R]):
 
     `run_many` returns one result per item, in order, and must be all-or-nothing (one
     transaction). `on_batch(kind, size)` is told of each batch: "shared" when `run_many`
-    succeeded, "split" when it failed and the items ran alone, "single" for a lone item.
+    succeeded, "split" when it failed and the items ran alone, "failed" when it failed
+    with a `transient` error (every item gets it), "single" for a lone item.
     """
 
     def __init__(
@@ -51,6 +62,7 @@ class GroupCommit(Generic[I, R]):
         *,
         limit: int = 64,
         on_batch: Callable[[str, int], None] | None = None,
+        transient: tuple[type[BaseException], ...] = TRANSIENT_ERRORS,
     ) -> None:
         if limit < 1:
             raise ValueError("limit must be at least 1")
@@ -58,6 +70,7 @@ class GroupCommit(Generic[I, R]):
         self._run_one = run_one or self._alone
         self._limit = limit
         self._on_batch = on_batch
+        self._transient = transient
         self._waiting: list[_Waiting[I, R]] = []
         self._drainer: asyncio.Task[None] | None = None
 
@@ -96,6 +109,11 @@ class GroupCommit(Generic[I, R]):
         if len(batch) > 1:
             try:
                 results = await self._run_many([w.item for w in batch])
+            except self._transient as exc:
+                self._count("failed", len(batch))
+                for waiting in batch:
+                    _settle(waiting, None, exc)
+                return
             except Exception:
                 self._count("split", len(batch))
             else:
