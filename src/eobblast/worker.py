@@ -38,7 +38,13 @@ from eobblast.bounces.store import open_bounce_store
 from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
 from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
-from eobblast.events.status import DeliveryStatus, SourcePosition, dead_letter, status_id
+from eobblast.events.status import (
+    DeliveryStatus,
+    SourcePosition,
+    dead_letter,
+    dead_letter_key,
+    status_id,
+)
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
 from eobblast.pipeline import STORE_ERRORS, EventOutcome, Pipeline, bounce_event_outcome
@@ -618,7 +624,7 @@ class Worker:
         kafka = self._config.kafka
         await self._send(
             kafka.dlq_topic,
-            key,
+            dead_letter_key(key),
             orjson.dumps(letter.model_dump(mode="json", by_alias=True)),
         )
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"

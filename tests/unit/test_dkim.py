@@ -342,3 +342,18 @@ def test_names_that_are_not_dns_names_are_refused(
     with pytest.raises(ConfigError, match="not an ASCII DNS name"):
         generate_keys(tmp_path, domain, selector)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_long_sending_domain_is_never_cut_in_two(tmp_path: Path) -> None:
+    # dkimpy's fold cut a token longer than a line: d= of a 70-character domain named no
+    # domain once the verifier unfolded it, and every signature failed.
+    domain = ("a" * 60) + ".payer-example.test"
+    records = {
+        (r.name + ".").encode(): r.value.encode()
+        for r in generate_keys(tmp_path, domain, SELECTOR, ed25519=True)
+    }
+    long_signer = load_signer(tmp_path, domain, SELECTOR, ed25519=True)
+    message = eob_message().replace(b"payer.test", domain.encode())
+    signed = sign_message(long_signer, message)
+    assert f"d={domain};".encode() in signed
+    assert verify_rsa(signed, records) and verify_ed25519(signed, records)

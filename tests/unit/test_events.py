@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import hashlib
 import json
 from collections import Counter
 from typing import Any
@@ -13,6 +15,7 @@ import pytest
 
 from eobblast.errors import ReasonCode
 from eobblast.events import EobIssued, Rejection, json_schema, validate_event
+from eobblast.events.status import DLQ_MAX_KEY, SourcePosition, dead_letter, dead_letter_key
 from eobblast.events.synthetic import generate_events
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.render.mime import Renderer
@@ -175,3 +178,23 @@ def test_verification_result_errors_do_not_echo_key_names() -> None:
     assert "Jane" not in str(caught.value)
     assert "extra_forbidden" in str(caught.value)
     assert caught.value.reason is ReasonCode.INVALID_VALUE
+
+
+def test_a_huge_key_cannot_make_its_dead_letter_too_large_to_send() -> None:
+    # The key was kept whole (raw as the dead letter's Kafka key, and again in base64): a
+    # 7 MiB key made a record over the producer's limit, retried for ever, and the
+    # partition's commits stopped.
+    key = b"k" * (7 * 1024 * 1024)
+    letter = dead_letter(
+        b"{",
+        key,
+        reason=ReasonCode.INVALID_JSON,
+        field=None,
+        event_id=None,
+        source=SourcePosition(topic="eob.events", partition=0, offset=1),
+    )
+    assert letter.key_truncated and letter.key_size == len(key)
+    assert base64.b64decode(letter.key_base64 or "") == key[:DLQ_MAX_KEY]
+    assert len(orjson.dumps(letter.model_dump(mode="json", by_alias=True))) < 4096
+    assert dead_letter_key(key) == hashlib.sha256(key).hexdigest().encode()
+    assert dead_letter_key(b"M-123") == b"M-123" and dead_letter_key(None) is None

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import email
 import email.policy
+import re
+from email.header import decode_header, make_header
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
-from eobblast.events import EobIssued, validate_event
+from eobblast.events import EobIssued, Rejection, validate_event
 from eobblast.render import Renderer
 from eobblast.render.mime import _quoted_printable
 
@@ -153,3 +157,63 @@ def test_no_field_value_can_create_a_header(name: str) -> None:
         b"X-EOB-Event-ID",
     ]
     assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+@pytest.mark.parametrize(
+    "amount",
+    [
+        "\U00011f51\U00011f51.\U00011f50\U00011f50",  # Kawi digits
+        "\u0661\u0662.\u0665\u0660",  # Arabic-Indic
+        "\uff11\uff12.\uff15\uff10",  # fullwidth
+    ],
+)
+def test_amounts_in_other_scripts_digits_are_refused_not_a_crash(
+    event_doc: dict[str, Any], amount: str
+) -> None:
+    # The validator's \d took any script's digits; Decimal did not know some of them and
+    # the event failed with internal_error instead of going to the dead-letter topic.
+    event_doc["claim"]["lines"][0]["billed"] = amount
+    rejected = validate_event(orjson.dumps(event_doc), allow_test_domains=True)
+    assert isinstance(rejected, Rejection) and rejected.field == "claim.lines.0.billed"
+
+
+def test_negative_amounts_put_the_sign_before_the_currency(event_doc: dict[str, Any]) -> None:
+    line = event_doc["claim"]["lines"][0]
+    line["coinsurance"], line["copay"] = "-1234.00", "-0.00"
+    _, text, html = _parts(Renderer().render(_event(event_doc)).to_bytes())
+    for body in (text, html):
+        assert "-$1,234.00" in body and "$-" not in body and "-$0.00" not in body
+
+
+@pytest.mark.parametrize(
+    "event_id", ["urn:uuid:6f1c2a9e-8a55-4c1e-9a57-0d3c5c1e2b7a", "a..b.", "x"]
+)
+def test_every_event_id_makes_a_message_id_that_parses(
+    event_doc: dict[str, Any], event_id: str
+) -> None:
+    event_doc["event_id"] = event_id
+    event = _event(event_doc)
+    for raw in (
+        Renderer().render(event).to_bytes(),
+        Renderer()
+        .render_notice(event, link="https://p.test/p/x", expires=dt.date(2026, 12, 1))
+        .to_bytes(),
+    ):
+        msg = email.message_from_bytes(raw, policy=email.policy.default)
+        header = msg["Message-ID"]
+        assert not header.defects, header.defects
+        assert header.endswith(f"@{event.payer.sending_domain}>")
+
+
+def test_a_long_non_ascii_payer_name_is_folded_into_short_encoded_words(
+    event_doc: dict[str, Any],
+) -> None:
+    name = "Compañía de Seguros Médicos del Atlántico Norte " + "😀" * 150
+    event_doc["payer"]["name"] = name
+    raw = Renderer().render(_event(event_doc)).to_bytes()
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 998
+    assert all(len(word) <= 75 for word in re.findall(rb"=\?[^?]+\?[bBqQ]\?[^?]*\?=", head))
+    # RFC 2047 6.2: the space between adjacent encoded words is not part of the text.
+    value = email.message_from_bytes(raw)["From"]
+    assert str(make_header(decode_header(value))) == f"{name} <eob-notices@bluehaven.test>"

@@ -95,7 +95,8 @@ Identifier = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._
 Money = Annotated[
     str,
     BeforeValidator(_money_is_a_string),
-    StringConstraints(pattern=r"^-?\d{1,10}\.\d{2}$"),
+    # [0-9], not \d: the validator's \d takes any script's digits, which Decimal may not.
+    StringConstraints(pattern=r"^-?[0-9]{1,10}\.[0-9]{2}$"),
 ]
 Email = Annotated[str, StringConstraints(max_length=254), AfterValidator(_valid_address)]
 Domain = Annotated[
@@ -105,7 +106,7 @@ Domain = Annotated[
         pattern=r"^([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,62}$",
     ),
 ]
-Npi = Annotated[str, StringConstraints(pattern=r"^\d{10}$"), AfterValidator(_npi_checksum)]
+Npi = Annotated[str, StringConstraints(pattern=r"^[0-9]{10}$"), AfterValidator(_npi_checksum)]
 Language = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[A-Z]{2})?$")]
 ProcedureCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{4,7}$")]
 RemarkCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,6}$")]

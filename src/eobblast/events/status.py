@@ -21,6 +21,9 @@ STATUS_SCHEMA_ID = "eob.delivery/v1"
 DLQ_SCHEMA_ID = "eob.events.dlq/v1"
 # Originals above this size are kept as a prefix plus their size and digest.
 DLQ_MAX_ORIGINAL = 1024 * 1024
+# A record's key is a member id: a longer one is kept as a prefix (and the dead letter's own
+# Kafka key becomes its hash), so a huge key cannot make the dead letter too large to send.
+DLQ_MAX_KEY = 1024
 
 
 class _Out(BaseModel):
@@ -81,7 +84,11 @@ class DeadLetter(_Out):
     original_size: int
     original_sha256: str
     truncated: bool
-    key_base64: str | None = None
+    key_base64: str | None = Field(
+        default=None, description="The original key (a prefix when key_truncated)."
+    )
+    key_size: int | None = None
+    key_truncated: bool = False
     rejected_at: dt.datetime
 
 
@@ -111,9 +118,19 @@ def dead_letter(
         original_size=len(data),
         original_sha256=hashlib.sha256(data).hexdigest(),
         truncated=len(kept) < len(data),
-        key_base64=base64.b64encode(key).decode("ascii") if key is not None else None,
+        key_base64=base64.b64encode(key[:DLQ_MAX_KEY]).decode("ascii") if key is not None else None,
+        key_size=len(key) if key is not None else None,
+        key_truncated=key is not None and len(key) > DLQ_MAX_KEY,
         rejected_at=dt.datetime.now(dt.UTC),
     )
+
+
+def dead_letter_key(key: bytes | None) -> bytes | None:
+    """The dead letter's own Kafka key: the original one, or its SHA-256 (hex) when it is
+    longer than DLQ_MAX_KEY."""
+    if key is None or len(key) <= DLQ_MAX_KEY:
+        return key
+    return hashlib.sha256(key).hexdigest().encode("ascii")
 
 
 def status_json_schema() -> dict[str, Any]:

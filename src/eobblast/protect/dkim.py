@@ -6,8 +6,9 @@ from the renderer (nothing is re-parsed) and the private-key operation is OpenSS
 Relaxed canonicalisation (RFC 6376 section 3.4.2 and 3.4.4) is done here with bytes
 methods: dkimpy's regular expressions cost more than the RSA signature on an 8 KB body.
 tests/unit/test_canon.py checks it against dkimpy's on arbitrary input, and
-tests/unit/test_dkim.py round-trips signatures through `dkim.verify`. The one dkimpy helper
-still used, `fold`, is not public API: dkimpy is pinned.
+tests/unit/test_dkim.py round-trips signatures through `dkim.verify`. The signature's tags
+are folded here too: dkimpy's `fold` cuts a token longer than a line (the d= of a long
+domain) in two.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import dkim
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -272,8 +272,8 @@ class DkimSigner:
         # b= goes on lines of its own after the folded tags, so the text before it is the
         # same when hashed (b= empty) and when written (b= filled): fold never has to
         # re-decide where to break.
-        folded: bytes = dkim.fold(
-            b"; ".join(b"=".join(t) for t in tags) + b";", namelen=len(_HEADER_NAME)
+        folded = _fold_at_spaces(
+            b"; ".join(b"=".join(t) for t in tags) + b";", first_line=len(_HEADER_NAME) + 2
         )
         unsigned = folded + b"\r\n b="
         # RFC 6376 section 3.7: the signature's own field comes last, b= empty, no CRLF.
@@ -281,6 +281,23 @@ class DkimSigner:
         b64 = base64.b64encode(sign_digest(hashlib.sha256(signed + own).digest()))
         wrapped = b"\r\n ".join(b64[i : i + _B_CHUNK] for i in range(0, len(b64), _B_CHUNK))
         return _HEADER_NAME + b": " + unsigned + wrapped + b"\r\n"
+
+
+def _fold_at_spaces(text: bytes, *, first_line: int, width: int = 74) -> bytes:
+    """Fold a header value at its spaces only: lines of at most `width` where the tokens
+    allow, a longer token (d= of a long domain) whole on a line of its own. dkimpy's fold
+    cuts such a token in two, and the signature's d= then names no domain."""
+    lines: list[bytes] = []
+    line = b""
+    room = width - first_line
+    for token in text.split(b" "):
+        if line and len(line) + 1 + len(token) > room:
+            lines.append(line)
+            line, room = token, width - 1
+        else:
+            line = line + b" " + token if line else token
+    lines.append(line)
+    return b"\r\n ".join(lines)
 
 
 def relaxed_body(body: bytes) -> bytes:

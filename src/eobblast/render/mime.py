@@ -12,6 +12,7 @@ import binascii
 import datetime as dt
 import email.utils
 import hashlib
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -60,7 +61,20 @@ class RenderedMessage:
 
 
 def _money(value: Decimal) -> str:
-    return f"${value:,.2f}"
+    # The sign before the currency symbol (-$12.50), and no "-$0.00".
+    text = f"${abs(value):,.2f}"
+    return f"-{text}" if value < 0 and text != "$0.00" else text
+
+
+# A Message-ID's left part is a dot-atom: event ids may hold ":" or ".." (urn:uuid:...).
+_DOT_ATOM = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*")
+
+
+def message_id(event_id: str, domain: str, suffix: str = "") -> str:
+    """The Message-ID of an event's message: the event id itself when it is a dot-atom,
+    else its hex form (`h` + hex), so the field always parses."""
+    left = event_id if _DOT_ATOM.fullmatch(event_id) else "h" + event_id.encode().hex()
+    return f"<eob.{left}{suffix}@{domain}>"
 
 
 def _quoted_printable(text: str) -> bytes:
@@ -76,7 +90,12 @@ def _subject(language: str, key: str = "subject") -> bytes:
 
 @lru_cache(maxsize=256)
 def _from_header(payer_name: str, address: str) -> bytes:
-    return email.utils.formataddr((payer_name, address), charset="utf-8").encode("ascii")
+    if payer_name.isascii():
+        return email.utils.formataddr((payer_name, address)).encode("ascii")
+    # RFC 2047: encoded words of at most 75 characters, on folded lines (one long word
+    # would break the 998-character line limit for a long name).
+    words = Header(payer_name, "utf-8", header_name="From").encode(linesep="\r\n", maxlinelen=74)
+    return f"{words}\r\n <{address}>".encode("ascii")
 
 
 class _WordsInliner(NodeTransformer):
@@ -207,7 +226,7 @@ class Renderer:
             text_template.render(ctx),
             html_template.render(ctx),
             subject=_subject(language),
-            message_id=f"<eob.{event.event_id}@{event.payer.sending_domain}>",
+            message_id=message_id(event.event_id, event.payer.sending_domain),
             now=now,
         )
 
@@ -235,7 +254,7 @@ class Renderer:
             text_template.render(ctx),
             html_template.render(ctx),
             subject=_subject(language, "notice_subject"),
-            message_id=f"<eob.{event.event_id}.portal@{event.payer.sending_domain}>",
+            message_id=message_id(event.event_id, event.payer.sending_domain, ".portal"),
             now=now,
         )
 
