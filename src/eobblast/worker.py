@@ -50,7 +50,7 @@ from eobblast.observe import metrics
 from eobblast.pipeline import STORE_ERRORS, EventOutcome, Pipeline, bounce_event_outcome
 from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
-from eobblast.state import ClaimKind, LedgerEntry, SendLedger, open_ledger
+from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -554,11 +554,18 @@ class Worker:
             running = self._sending.get(event_id)
             if running is None:
                 info.stage = "claim"
-                claim = await self._ledger.claim(event_id, self.worker_id)
+                # Without a bounce service nobody resends a deferred notice: a copy the
+                # claims system publishes again is its retry, and is sent.
+                retry_deferred = self._bounces is None
+                claim = await self._ledger.claim(
+                    event_id, self.worker_id, retry_deferred=retry_deferred
+                )
                 if claim.kind is ClaimKind.IN_FLIGHT and event_id not in self._sending:
                     # Ours but not running: left over from an attempt that failed or was
                     # cancelled here (not a crash resend, so not counted as one).
-                    claim = await self._ledger.claim(event_id, self.worker_id + "-again")
+                    claim = await self._ledger.claim(
+                        event_id, self.worker_id + "-again", retry_deferred=retry_deferred
+                    )
                 running = self._sending.get(event_id)
                 if running is None:
                     break
@@ -571,7 +578,12 @@ class Worker:
         # A crash resend takes over another incarnation's claim; this worker's own "-again"
         # claim (an attempt tried here once more) is not one.
         previous_owner = claim.entry.owner if claim.entry is not None else ""
-        if claim.kind is ClaimKind.RETRY and not previous_owner.startswith(self.worker_id):
+        crashed = claim.entry is not None and claim.entry.state is not LedgerState.FINAL
+        if (
+            claim.kind is ClaimKind.RETRY
+            and crashed
+            and not previous_owner.startswith(self.worker_id)
+        ):
             metrics.RESENDS.inc()
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._sending[event_id] = future

@@ -59,6 +59,27 @@ async def test_dead_owner_in_flight_is_retried_and_counted(ledger: SendLedger) -
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.IN_FLIGHT
 
 
+async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
+    ledger: SendLedger,
+) -> None:
+    # Without a bounce service the claims system's new copy of a deferred event is its
+    # retry: it used to get DONE and no email, with nothing in the logs.
+    event_id = _id()
+    await ledger.claim(event_id, "w1")
+    await ledger.finish(event_id, "deferred", "temporary_failure")
+    await ledger.mark_published([event_id])
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.DONE  # bounce service on
+    retry = await ledger.claim(event_id, "w2", retry_deferred=True)
+    assert retry.kind is ClaimKind.RETRY
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.state is LedgerState.SENDING and entry.attempts == 2
+    assert entry.owner == "w2" and not entry.status_published
+    # In flight now: the same worker's second look waits, another's would take over.
+    assert (await ledger.claim(event_id, "w2", retry_deferred=True)).kind is ClaimKind.IN_FLIGHT
+    await ledger.finish(event_id, "delivered", "delivered")
+    assert (await ledger.claim(event_id, "w3", retry_deferred=True)).kind is ClaimKind.DONE
+
+
 async def test_published_flag(ledger: SendLedger) -> None:
     ids = [_id() for _ in range(3)]
     for event_id in ids:

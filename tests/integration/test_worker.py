@@ -260,10 +260,10 @@ class FaultyClaims(SendLedger):
         self.inner = inner
         self.faults = faults
 
-    async def claim(self, event_id: str, owner: str) -> Claim:
+    async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
         if self.faults:
             raise self.faults.pop(0)
-        return await self.inner.claim(event_id, owner)
+        return await self.inner.claim(event_id, owner, retry_deferred=retry_deferred)
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
         await self.inner.finish(event_id, outcome, reason)
@@ -954,3 +954,29 @@ async def test_status_marks_the_ledger_cannot_write_do_not_stop_the_worker(stack
     finally:
         await ledger.close()
     assert all(e is not None and e.status_published for e in entries)
+
+
+async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_resends_it(
+    stack: Stack,
+) -> None:
+    # Without [bounces], a deferred notice's status tells the claims system to publish it
+    # again. Its copy used to find the ledger's final row and end as a skipped duplicate.
+    (value,) = stack.events(1, seed=43)
+    event_id = orjson.loads(value)["event_id"]
+    ledger = await open_ledger(stack.config().ledger.url)
+    try:
+        await ledger.claim(event_id, "an-earlier-worker")
+        await ledger.finish(event_id, "deferred", "temporary_failure")
+        await ledger.mark_published([event_id])
+    finally:
+        await ledger.close()
+    await stack.publish([value])
+    _, stop, task = await start_worker(stack.config())
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    (status,) = statuses(records)[event_id]
+    assert (status.status, status.attempt) == ("delivered", 2)
+    assert sum(stack.sandbox.counts.values()) == 1

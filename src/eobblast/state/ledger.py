@@ -94,8 +94,10 @@ class SendLedger(abc.ABC):
     """The interface both stores implement; the same tests run against each."""
 
     @abc.abstractmethod
-    async def claim(self, event_id: str, owner: str) -> Claim:
-        """Claim an event for sending by `owner` (a worker instance id)."""
+    async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
+        """Claim an event for sending by `owner` (a worker instance id). `retry_deferred`:
+        an event whose final outcome was `deferred` is sent again (RETRY), not only
+        reported (DONE): where no bounce service resends it, a copy of it is its retry."""
 
     @abc.abstractmethod
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
@@ -114,8 +116,10 @@ class SendLedger(abc.ABC):
         """Release connections."""
 
     @staticmethod
-    def _decide(entry: LedgerEntry, owner: str) -> Claim:
+    def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool) -> Claim:
         if entry.state is LedgerState.FINAL:
+            if retry_deferred and entry.outcome == "deferred":
+                return Claim(ClaimKind.RETRY, entry)  # sent again, as the next attempt
             return Claim(ClaimKind.DONE, entry)
         if entry.owner == owner:
             return Claim(ClaimKind.IN_FLIGHT, entry)
@@ -131,19 +135,19 @@ class SqliteLedger(SendLedger):
 
     def __init__(self, path: Path) -> None:
         self._db = open_sqlite(path, [_SCHEMA])
-        self._claims: GroupCommit[tuple[str, str], Claim] = GroupCommit(self._claim_many)
+        self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
-    async def claim(self, event_id: str, owner: str) -> Claim:
+    async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
         """Claim an event for sending by `owner` (in a transaction shared with concurrent
         claims: one per batch, not one per event)."""
-        return await self._claims.submit((event_id, owner))
+        return await self._claims.submit((event_id, owner, retry_deferred))
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
         """Record the final outcome of an event (shared transaction, as claims)."""
         await self._finishes.submit((event_id, outcome, reason))
 
-    def _claim_row(self, event_id: str, owner: str) -> Claim:
+    def _claim_row(self, event_id: str, owner: str, retry_deferred: bool) -> Claim:
         db = self._db
         inserted = db.execute(
             "INSERT OR IGNORE INTO send_ledger (event_id, state, owner, updated_at)"
@@ -156,19 +160,17 @@ class SqliteLedger(SendLedger):
             f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
             (event_id,),
         ).fetchone()
-        claim = self._decide(_entry(row), owner)
+        claim = self._decide(_entry(row), owner, retry_deferred)
         if claim.kind is ClaimKind.RETRY:
             db.execute(
-                "UPDATE send_ledger SET owner = ?, attempts = attempts + 1, updated_at = ?"
-                " WHERE event_id = ?",
+                "UPDATE send_ledger SET state = 'sending', owner = ?, attempts = attempts + 1,"
+                " status_published = 0, updated_at = ? WHERE event_id = ?",
                 (owner, time.time(), event_id),
             )
         return claim
 
-    async def _claim_many(self, items: Sequence[tuple[str, str]]) -> list[Claim]:
-        return write_transaction(
-            self._db, lambda: [self._claim_row(event_id, owner) for event_id, owner in items]
-        )
+    async def _claim_many(self, items: Sequence[tuple[str, str, bool]]) -> list[Claim]:
+        return write_transaction(self._db, lambda: [self._claim_row(*item) for item in items])
 
     async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
         now = time.time()
@@ -221,7 +223,7 @@ class PostgresLedger(SendLedger):
         conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA])
         return cls(conn)
 
-    async def claim(self, event_id: str, owner: str) -> Claim:
+    async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
         """Claim an event for sending by `owner`."""
         async with self._lock, self._conn.transaction():
             cur = await self._conn.execute(
@@ -235,11 +237,12 @@ class PostgresLedger(SendLedger):
                 f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = %s FOR UPDATE",  # noqa: S608
                 (event_id,),
             )
-            claim = self._decide(_entry(await cur.fetchone()), owner)
+            claim = self._decide(_entry(await cur.fetchone()), owner, retry_deferred)
             if claim.kind is ClaimKind.RETRY:
                 await self._conn.execute(
-                    "UPDATE send_ledger SET owner = %s, attempts = attempts + 1,"
-                    " updated_at = %s WHERE event_id = %s",
+                    "UPDATE send_ledger SET state = 'sending', owner = %s,"
+                    " attempts = attempts + 1, status_published = 0, updated_at = %s"
+                    " WHERE event_id = %s",
                     (owner, time.time(), event_id),
                 )
             return claim
