@@ -51,6 +51,7 @@ from eobblast.pipeline import STORE_ERRORS, EventOutcome, Pipeline, bounce_event
 from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
+from eobblast.state.ledger import AGAIN, OWNER_HEARTBEAT
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -211,6 +212,10 @@ class Worker:
             max_poll_interval_ms=kafka.max_poll_interval_ms,
         )
         await self._start_clients()
+        # Known alive before the first claim, and until the last one is done: another
+        # worker then waits for what this one sends rather than sending it too.
+        await self._say_alive()
+        beating = asyncio.create_task(self._heartbeat())
         log.info("worker started", extra={"worker": self.worker_id})
         try:
             async with asyncio.TaskGroup() as group:
@@ -219,7 +224,26 @@ class Worker:
                     group.create_task(self._bounce_timers(stop))
                     group.create_task(self._verification_results(stop))
         finally:
-            await self._drain_and_close()
+            try:
+                await self._drain_and_close()
+            finally:
+                beating.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await beating
+                # What was abandoned in flight may be taken over at once, not in 30 s.
+                with contextlib.suppress(*STORE_ERRORS):
+                    await self._ledger.gone(self.worker_id)
+
+    async def _say_alive(self) -> None:
+        try:
+            await self._ledger.alive(self.worker_id)
+        except STORE_ERRORS as exc:
+            log.warning("could not tell the ledger this worker is alive: %s", type(exc).__name__)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(OWNER_HEARTBEAT)
+            await self._say_alive()
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """The bounce service's Publisher: one acknowledged send, bounded in time.
@@ -542,6 +566,7 @@ class Worker:
         if isinstance(checked, EventOutcome):
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
+        elsewhere = 0
         if (sent := self._unrecorded.get(event_id)) is not None:
             outcome, attempt = sent
             await self._record(outcome, event_id, attempt, record.timestamp, info)
@@ -564,8 +589,16 @@ class Worker:
                     # Ours but not running: left over from an attempt that failed or was
                     # cancelled here (not a crash resend, so not counted as one).
                     claim = await self._ledger.claim(
-                        event_id, self.worker_id + "-again", retry_deferred=retry_deferred
+                        event_id, self.worker_id + AGAIN, retry_deferred=retry_deferred
                     )
+                if claim.kind is ClaimKind.ELSEWHERE:
+                    # A live worker is sending it (it lost the partition, or the claims
+                    # system published a second copy under another key): its outcome
+                    # decides; until then, look again.
+                    metrics.CLAIM_WAITS.inc()
+                    elsewhere += 1
+                    await asyncio.sleep(backoff_delay(elsewhere, base=0.5, cap=5.0))
+                    continue
                 running = self._sending.get(event_id)
                 if running is None:
                     break

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import AsyncIterator
 
@@ -13,6 +14,7 @@ import pytest
 
 from eobblast.errors import ConfigError
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
+from eobblast.state.ledger import AGAIN, OWNER_TIMEOUT
 from tests.conftest import PG_BASE
 
 
@@ -78,6 +80,37 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
     assert (await ledger.claim(event_id, "w2", retry_deferred=True)).kind is ClaimKind.IN_FLIGHT
     await ledger.finish(event_id, "delivered", "delivered")
     assert (await ledger.claim(event_id, "w3", retry_deferred=True)).kind is ClaimKind.DONE
+
+
+async def test_an_event_in_flight_under_a_live_owner_is_not_taken_over(
+    ledger: SendLedger,
+) -> None:
+    # A worker that lost its partitions (evicted, still sending) or a second copy under
+    # another key: the other worker used to take the claim over and send a second email.
+    event_id = _id()
+    await ledger.alive("w1")
+    await ledger.claim(event_id, "w1")
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.ELSEWHERE
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.owner == "w1" and entry.attempts == 1
+    # Its own second claim (an attempt run again) is still its own.
+    assert (await ledger.claim(event_id, "w1" + AGAIN)).kind is ClaimKind.RETRY
+    # Stopped cleanly: what it left in flight is taken over at once.
+    await ledger.gone("w1" + AGAIN)  # the incarnation's id, not the second claim's
+    await ledger.gone("w1")
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.RETRY
+
+
+async def test_an_owner_silent_for_the_timeout_is_taken_for_dead(
+    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    event_id = _id()
+    await ledger.alive("w1")
+    await ledger.claim(event_id, "w1")
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.ELSEWHERE
+    later = time.time() + OWNER_TIMEOUT + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.RETRY
 
 
 async def test_published_flag(ledger: SendLedger) -> None:

@@ -274,6 +274,12 @@ class FaultyClaims(SendLedger):
     async def get(self, event_id: str) -> LedgerEntry | None:
         return await self.inner.get(event_id)
 
+    async def alive(self, owner: str) -> None:
+        await self.inner.alive(owner)
+
+    async def gone(self, owner: str) -> None:
+        await self.inner.gone(owner)
+
     async def close(self) -> None:
         await self.inner.close()
 
@@ -980,3 +986,34 @@ async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_r
     (status,) = statuses(records)[event_id]
     assert (status.status, status.attempt) == ("delivered", 2)
     assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def test_an_event_a_live_worker_is_sending_is_waited_for_not_sent_again(
+    stack: Stack,
+) -> None:
+    # Another worker, alive, holds the claim (it lost the partition while sending, or the
+    # claims system published a copy under another key): this worker waits for its outcome.
+    (value,) = stack.events(1, seed=44)
+    event_id = orjson.loads(value)["event_id"]
+    ledger = await open_ledger(stack.config().ledger.url)
+    waits = _sample("eobblast_ledger_claim_waits_total")
+    try:
+        await ledger.alive("another-worker")
+        await ledger.claim(event_id, "another-worker")
+        await stack.publish([value])
+        _, stop, task = await start_worker(stack.config())
+        try:
+            deadline = time.monotonic() + 20
+            while _sample("eobblast_ledger_claim_waits_total") < waits + 2:
+                assert time.monotonic() < deadline, "the worker never found the claim"
+                await asyncio.sleep(0.1)
+            assert sum(stack.sandbox.counts.values()) == 0
+            await ledger.finish(event_id, "delivered", "delivered")  # the other one is done
+            records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 30)
+    finally:
+        await ledger.close()
+    (status,) = statuses(records)[event_id]
+    assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 0

@@ -73,6 +73,12 @@ AUDIT_GAPS = Counter(
     "Audit records of delivered notices that could not be written (the notice stays delivered).",
     registry=REGISTRY,
 )
+CLAIM_WAITS = Counter(
+    "eobblast_ledger_claim_waits",
+    "Claims that found the event in flight under another live worker (waited for, then "
+    "claimed again, never sent a second time meanwhile).",
+    registry=REGISTRY,
+)
 LEDGER_MARK_FAILURES = Counter(
     "eobblast_ledger_mark_failures",
     "Times the ledger could not record acknowledged statuses (kept for the next commit; "

@@ -4,6 +4,12 @@ The ledger is what turns Kafka's at-least-once delivery into effectively-once em
 `claim` before sending, `finish` with the outcome, `mark_published` once the status event
 is acknowledged. Only an event that was in flight under another owner when that owner
 died is ever sent again, so duplicates are bounded by the in-flight limit.
+
+Owners (worker incarnations) say they are alive (`alive`, every OWNER_HEARTBEAT s) in
+`ledger_owners`: an event in flight under an owner seen within OWNER_TIMEOUT is `ELSEWHERE`
+(wait, claim again), not taken over, so a worker that lost its partitions but is still
+sending (evicted from the group, a second copy published under another key) is not
+doubled. An owner that stopped cleanly says so (`gone`): its events are taken over at once.
 """
 
 from __future__ import annotations
@@ -33,6 +39,17 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     updated_at DOUBLE PRECISION NOT NULL
 )
 """
+_OWNERS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_owners (
+    owner TEXT PRIMARY KEY,
+    seen_at DOUBLE PRECISION NOT NULL
+)
+"""
+# Owners say they are alive this often; one unseen for OWNER_TIMEOUT is taken for dead.
+OWNER_HEARTBEAT = 5.0
+OWNER_TIMEOUT = 30.0
+# A worker's second claim of its own event (an attempt run again) adds this to its id.
+AGAIN = "-again"
 
 
 _SCHEMA_LOCK = 0x0E0B_B1A5
@@ -51,6 +68,7 @@ class ClaimKind(enum.Enum):
     NEW = "new"  # first time: send it
     RETRY = "retry"  # another owner died while sending it: send again (bounded duplicates)
     IN_FLIGHT = "in_flight"  # this owner is sending it right now: wait, do not send twice
+    ELSEWHERE = "elsewhere"  # a live owner is sending it: wait, claim again later
     DONE = "done"  # it already has a final outcome: never send again
 
 
@@ -112,17 +130,32 @@ class SendLedger(abc.ABC):
         """The row of an event, if any."""
 
     @abc.abstractmethod
+    async def alive(self, owner: str) -> None:
+        """Record that `owner` is running (call every OWNER_HEARTBEAT s)."""
+
+    @abc.abstractmethod
+    async def gone(self, owner: str) -> None:
+        """Record that `owner` stopped: what it left in flight may be taken over at once."""
+
+    @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
 
     @staticmethod
-    def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool) -> Claim:
+    def _decide(
+        entry: LedgerEntry, owner: str, retry_deferred: bool, owner_seen: float | None
+    ) -> Claim:
+        """What a claim finds; `owner_seen`: when the entry's owner last said it was alive."""
         if entry.state is LedgerState.FINAL:
             if retry_deferred and entry.outcome == "deferred":
                 return Claim(ClaimKind.RETRY, entry)  # sent again, as the next attempt
             return Claim(ClaimKind.DONE, entry)
         if entry.owner == owner:
             return Claim(ClaimKind.IN_FLIGHT, entry)
+        same_worker = _incarnation(entry.owner) == _incarnation(owner)
+        if not same_worker and owner_seen is not None:
+            if time.time() - owner_seen < OWNER_TIMEOUT:
+                return Claim(ClaimKind.ELSEWHERE, entry)
         return Claim(ClaimKind.RETRY, entry)
 
 
@@ -134,7 +167,7 @@ class SqliteLedger(SendLedger):
     """
 
     def __init__(self, path: Path) -> None:
-        self._db = open_sqlite(path, [_SCHEMA])
+        self._db = open_sqlite(path, [_SCHEMA, _OWNERS_SCHEMA])
         self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
@@ -160,7 +193,14 @@ class SqliteLedger(SendLedger):
             f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
             (event_id,),
         ).fetchone()
-        claim = self._decide(_entry(row), owner, retry_deferred)
+        entry = _entry(row)
+        seen = None
+        if entry.state is LedgerState.SENDING and entry.owner != owner:
+            found = db.execute(
+                "SELECT seen_at FROM ledger_owners WHERE owner = ?", (_incarnation(entry.owner),)
+            ).fetchone()
+            seen = float(found[0]) if found else None
+        claim = self._decide(entry, owner, retry_deferred, seen)
         if claim.kind is ClaimKind.RETRY:
             db.execute(
                 "UPDATE send_ledger SET state = 'sending', owner = ?, attempts = attempts + 1,"
@@ -205,6 +245,24 @@ class SqliteLedger(SendLedger):
         ).fetchone()
         return _entry(row) if row else None
 
+    async def alive(self, owner: str) -> None:
+        """Record that `owner` is running."""
+        write_transaction(
+            self._db,
+            lambda: self._db.execute(
+                "INSERT INTO ledger_owners (owner, seen_at) VALUES (?, ?)"
+                " ON CONFLICT(owner) DO UPDATE SET seen_at = excluded.seen_at",
+                (owner, time.time()),
+            ),
+        )
+
+    async def gone(self, owner: str) -> None:
+        """Record that `owner` stopped."""
+        write_transaction(
+            self._db,
+            lambda: self._db.execute("DELETE FROM ledger_owners WHERE owner = ?", (owner,)),
+        )
+
     async def close(self) -> None:
         """Close the database."""
         self._db.close()
@@ -220,7 +278,7 @@ class PostgresLedger(SendLedger):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
         """Connect and create the table if needed."""
-        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA])
+        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _OWNERS_SCHEMA])
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
@@ -237,7 +295,16 @@ class PostgresLedger(SendLedger):
                 f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = %s FOR UPDATE",  # noqa: S608
                 (event_id,),
             )
-            claim = self._decide(_entry(await cur.fetchone()), owner, retry_deferred)
+            entry = _entry(await cur.fetchone())
+            seen = None
+            if entry.state is LedgerState.SENDING and entry.owner != owner:
+                cur = await self._conn.execute(
+                    "SELECT seen_at FROM ledger_owners WHERE owner = %s",
+                    (_incarnation(entry.owner),),
+                )
+                found = await cur.fetchone()
+                seen = float(found[0]) if found else None
+            claim = self._decide(entry, owner, retry_deferred, seen)
             if claim.kind is ClaimKind.RETRY:
                 await self._conn.execute(
                     "UPDATE send_ledger SET state = 'sending', owner = %s,"
@@ -277,9 +344,28 @@ class PostgresLedger(SendLedger):
             row = await cur.fetchone()
         return _entry(row) if row else None
 
+    async def alive(self, owner: str) -> None:
+        """Record that `owner` is running."""
+        async with self._lock:
+            await self._conn.execute(
+                "INSERT INTO ledger_owners (owner, seen_at) VALUES (%s, %s)"
+                " ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at",
+                (owner, time.time()),
+            )
+
+    async def gone(self, owner: str) -> None:
+        """Record that `owner` stopped."""
+        async with self._lock:
+            await self._conn.execute("DELETE FROM ledger_owners WHERE owner = %s", (owner,))
+
     async def close(self) -> None:
         """Close the connection."""
         await self._conn.close()
+
+
+def _incarnation(owner: str) -> str:
+    """The worker incarnation an owner id names (its second claims carry AGAIN)."""
+    return owner.removesuffix(AGAIN)
 
 
 async def open_ledger(url: str) -> SendLedger:
