@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,7 +51,7 @@ from eobblast.pipeline import STORE_ERRORS, EventOutcome, Pipeline, bounce_event
 from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
-from eobblast.state.ledger import AGAIN, OWNER_HEARTBEAT
+from eobblast.state.ledger import AGAIN, CLAIM_RENEW
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -193,6 +193,7 @@ class Worker:
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = False
+        self._stop: asyncio.Event | None = None
         self.duplicates_skipped = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -212,10 +213,10 @@ class Worker:
             max_poll_interval_ms=kafka.max_poll_interval_ms,
         )
         await self._start_clients()
-        # Known alive before the first claim, and until the last one is done: another
-        # worker then waits for what this one sends rather than sending it too.
-        await self._say_alive()
-        beating = asyncio.create_task(self._heartbeat())
+        self._stop = stop
+        # Until the last record is drained: another worker then waits for what this one
+        # is sending rather than sending it too.
+        renewing = asyncio.create_task(self._renew_claims())
         log.info("worker started", extra={"worker": self.worker_id})
         try:
             async with asyncio.TaskGroup() as group:
@@ -227,23 +228,24 @@ class Worker:
             try:
                 await self._drain_and_close()
             finally:
-                beating.cancel()
+                renewing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
-                    await beating
-                # What was abandoned in flight may be taken over at once, not in 30 s.
-                with contextlib.suppress(*STORE_ERRORS):
-                    await self._ledger.gone(self.worker_id)
+                    await renewing
 
-    async def _say_alive(self) -> None:
-        try:
-            await self._ledger.alive(self.worker_id)
-        except STORE_ERRORS as exc:
-            log.warning("could not tell the ledger this worker is alive: %s", type(exc).__name__)
-
-    async def _heartbeat(self) -> None:
+    async def _renew_claims(self) -> None:
+        """Every CLAIM_RENEW s: renew the claims of what this worker is sending or has sent
+        without recording yet, and record the outcomes of records given up meanwhile
+        (partition revoked, worker stopping) once the ledger takes them."""
         while True:
-            await asyncio.sleep(OWNER_HEARTBEAT)
-            await self._say_alive()
+            await asyncio.sleep(CLAIM_RENEW)
+            try:
+                await self._ledger.renew([*self._sending, *self._unrecorded], self.worker_id)
+                for event_id, (outcome, _) in list(self._unrecorded.items()):
+                    if event_id not in self._sending:  # its record's task is gone
+                        await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+                        self._unrecorded.pop(event_id, None)
+            except STORE_ERRORS as exc:
+                log.warning("claims not renewed: %s", type(exc).__name__)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """The bounce service's Publisher: one acknowledged send, bounded in time.
@@ -567,17 +569,18 @@ class Worker:
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
         elsewhere = 0
-        if (sent := self._unrecorded.get(event_id)) is not None:
-            outcome, attempt = sent
-            await self._record(outcome, event_id, attempt, record.timestamp, info)
-            self._unrecorded.pop(event_id, None)
-            self._unmarked.add(event_id)
-            return True
         while True:
             # The same event id, published twice, may be sending in this worker right now:
             # looked at before and after every claim, whatever the ledger says of the owner.
             running = self._sending.get(event_id)
             if running is None:
+                if event_id in self._unrecorded:
+                    # Sent by an earlier attempt here, its outcome not in the ledger yet
+                    # (the store was away, or the attempt was given up): recorded now,
+                    # never sent again.
+                    with self._holding(event_id):
+                        await self._record_sent(event_id, record.timestamp, info)
+                    return True
                 info.stage = "claim"
                 # Without a bounce service nobody resends a deferred notice: a copy the
                 # claims system publishes again is its retry, and is sent.
@@ -618,21 +621,35 @@ class Worker:
             and not previous_owner.startswith(self.worker_id)
         ):
             metrics.RESENDS.inc()
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._sending[event_id] = future
-        try:
+        with self._holding(event_id):
             info.stage = "deliver"
             outcome = await self._pipeline.deliver(checked, start, raw=value)
             attempt = 1 if claim.entry is None else claim.entry.attempts + 1
             self._unrecorded[event_id] = (outcome, attempt)
-            await self._record(outcome, event_id, attempt, record.timestamp, info)
-            self._unrecorded.pop(event_id, None)
-            self._unmarked.add(event_id)
+            await self._record_sent(event_id, record.timestamp, info)
+        return True
+
+    @contextlib.contextmanager
+    def _holding(self, event_id: str) -> Iterator[None]:
+        """This worker is sending or recording the event: other copies of it wait, and
+        its claim is renewed."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._sending[event_id] = future
+        try:
+            yield
         finally:
             # Waiters (the same event published twice) look again only once all is recorded.
             self._sending.pop(event_id, None)
             future.set_result(None)
-        return True
+
+    async def _record_sent(self, event_id: str, source_ms: int | None, info: _InFlight) -> None:
+        """The outcome of a send (in `_unrecorded` until the ledger has it), then its status."""
+        outcome, attempt = self._unrecorded[event_id]
+        info.stage = "record"
+        await self._finish(event_id, outcome)
+        self._unrecorded.pop(event_id, None)
+        await self._report(outcome, event_id, attempt, source_ms, info)
+        self._unmarked.add(event_id)
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
         if entry.status_published or entry.event_id in self._unmarked:
@@ -688,6 +705,17 @@ class Worker:
         if info is not None:
             info.stage = "record"
         await self._finish(event_id, outcome)
+        await self._report(outcome, event_id, attempt, source_ms, info)
+
+    async def _report(
+        self,
+        outcome: EventOutcome,
+        event_id: str,
+        attempt: int,
+        source_ms: int | None,
+        info: _InFlight | None = None,
+    ) -> None:
+        """A recorded outcome into the metrics and the status topic."""
         self._pipeline.observe(outcome)
         if info is not None:
             info.stage = "publish"
@@ -702,6 +730,10 @@ class Worker:
                 await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
                 return
             except STORE_ERRORS as exc:
+                if self._stop is not None and self._stop.is_set():
+                    # Stopping: an outcome still unwritten is left to the claim's lease (as
+                    # after a crash), not allowed to hold the worker past its grace period.
+                    raise StoreUnavailable("send ledger") from None
                 failures += 1
                 metrics.LEDGER_FINISH_RETRIES.inc()
                 if failures % 10 == 1:

@@ -14,7 +14,7 @@ import pytest
 
 from eobblast.errors import ConfigError
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
-from eobblast.state.ledger import AGAIN, OWNER_TIMEOUT
+from eobblast.state.ledger import AGAIN, CLAIM_LEASE
 from tests.conftest import PG_BASE
 
 
@@ -50,9 +50,18 @@ async def test_same_owner_in_flight_is_not_sent_twice(ledger: SendLedger) -> Non
     assert (await ledger.claim(event_id, "w1")).kind is ClaimKind.IN_FLIGHT
 
 
-async def test_dead_owner_in_flight_is_retried_and_counted(ledger: SendLedger) -> None:
+def _after_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    """From now on the clock reads one lease later: claims made so far have run out."""
+    later = time.time() + CLAIM_LEASE + 1
+    monkeypatch.setattr(time, "time", lambda: later)
+
+
+async def test_dead_owner_in_flight_is_retried_and_counted(
+    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     event_id = _id()
     await ledger.claim(event_id, "dead-worker")
+    _after_the_lease(monkeypatch)  # nobody renewed it
     retry = await ledger.claim(event_id, "w2")
     assert retry.kind is ClaimKind.RETRY
     entry = await ledger.get(event_id)
@@ -69,6 +78,8 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
     event_id = _id()
     await ledger.claim(event_id, "w1")
     await ledger.finish(event_id, "deferred", "temporary_failure")
+    # A redelivery before its status went out is not the claims system's retry.
+    assert (await ledger.claim(event_id, "w2", retry_deferred=True)).kind is ClaimKind.DONE
     await ledger.mark_published([event_id])
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.DONE  # bounce service on
     retry = await ledger.claim(event_id, "w2", retry_deferred=True)
@@ -82,34 +93,26 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
     assert (await ledger.claim(event_id, "w3", retry_deferred=True)).kind is ClaimKind.DONE
 
 
-async def test_an_event_in_flight_under_a_live_owner_is_not_taken_over(
-    ledger: SendLedger,
+async def test_an_event_whose_claim_is_renewed_is_not_taken_over(
+    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # A worker that lost its partitions (evicted, still sending) or a second copy under
     # another key: the other worker used to take the claim over and send a second email.
     event_id = _id()
-    await ledger.alive("w1")
     await ledger.claim(event_id, "w1")
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.ELSEWHERE
     entry = await ledger.get(event_id)
     assert entry is not None and entry.owner == "w1" and entry.attempts == 1
     # Its own second claim (an attempt run again) is still its own.
     assert (await ledger.claim(event_id, "w1" + AGAIN)).kind is ClaimKind.RETRY
-    # Stopped cleanly: what it left in flight is taken over at once.
-    await ledger.gone("w1" + AGAIN)  # the incarnation's id, not the second claim's
-    await ledger.gone("w1")
-    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.RETRY
-
-
-async def test_an_owner_silent_for_the_timeout_is_taken_for_dead(
-    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    event_id = _id()
-    await ledger.alive("w1")
-    await ledger.claim(event_id, "w1")
+    start = time.time()
+    monkeypatch.setattr(time, "time", lambda: start + CLAIM_LEASE - 5)
+    await ledger.renew([event_id, _id()], "w1")  # w1 is still at it (an unknown id is no-op)
+    monkeypatch.setattr(time, "time", lambda: start + CLAIM_LEASE + 10)
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.ELSEWHERE
-    later = time.time() + OWNER_TIMEOUT + 1
-    monkeypatch.setattr(time, "time", lambda: later)
+    await ledger.renew([event_id], "someone-else")  # renews only its own claims
+    # Not renewed for a whole lease: its worker died or gave it up.
+    monkeypatch.setattr(time, "time", lambda: start + 2 * CLAIM_LEASE)
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.RETRY
 
 
@@ -136,11 +139,14 @@ async def test_concurrent_claims_give_exactly_one_new(ledger: SendLedger) -> Non
     assert sum(c.kind is ClaimKind.NEW for c in kinds) == 1
 
 
-async def test_concurrent_claims_and_finishes_of_many_events(ledger: SendLedger) -> None:
+async def test_concurrent_claims_and_finishes_of_many_events(
+    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Dozens in flight at once (as a worker has them): each event's answer is its own.
     ids = [_id() for _ in range(50)]
     await ledger.finish(ids[0], "delivered", "delivered")
     await ledger.claim(ids[1], "dead-worker")
+    _after_the_lease(monkeypatch)
     claims = await asyncio.gather(*(ledger.claim(event_id, "w1") for event_id in ids))
     assert claims[0].kind is ClaimKind.DONE
     assert claims[1].kind is ClaimKind.RETRY

@@ -13,7 +13,7 @@ import signal
 import sqlite3
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -36,6 +36,7 @@ from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.state import Claim, LedgerEntry, SendLedger, open_ledger
+from eobblast.state import ledger as ledger_module
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -274,11 +275,8 @@ class FaultyClaims(SendLedger):
     async def get(self, event_id: str) -> LedgerEntry | None:
         return await self.inner.get(event_id)
 
-    async def alive(self, owner: str) -> None:
-        await self.inner.alive(owner)
-
-    async def gone(self, owner: str) -> None:
-        await self.inner.gone(owner)
+    async def renew(self, event_ids: Sequence[str], owner: str) -> None:
+        await self.inner.renew(event_ids, owner)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -967,13 +965,26 @@ async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_r
 ) -> None:
     # Without [bounces], a deferred notice's status tells the claims system to publish it
     # again. Its copy used to find the ledger's final row and end as a skipped duplicate.
-    (value,) = stack.events(1, seed=43)
-    event_id = orjson.loads(value)["event_id"]
-    ledger = await open_ledger(stack.config().ledger.url)
-    try:
+    async def deferred_earlier(ledger: SendLedger, event_id: str) -> None:
         await ledger.claim(event_id, "an-earlier-worker")
         await ledger.finish(event_id, "deferred", "temporary_failure")
         await ledger.mark_published([event_id])
+
+    status = await _after_a_ledger_row(stack, 43, deferred_earlier)
+    assert (status.status, status.attempt) == ("delivered", 2)
+    assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def _after_a_ledger_row(
+    stack: Stack, seed: int, prepare: Callable[[SendLedger, str], Awaitable[None]]
+) -> DeliveryStatus:
+    """One event through a worker after `prepare(ledger, event_id)` wrote its ledger row as
+    another worker would have: its status."""
+    (value,) = stack.events(1, seed=seed)
+    event_id = orjson.loads(value)["event_id"]
+    ledger = await open_ledger(stack.config().ledger.url)
+    try:
+        await prepare(ledger, event_id)
     finally:
         await ledger.close()
     await stack.publish([value])
@@ -984,8 +995,7 @@ async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_r
         stop.set()
         await asyncio.wait_for(task, 30)
     (status,) = statuses(records)[event_id]
-    assert (status.status, status.attempt) == ("delivered", 2)
-    assert sum(stack.sandbox.counts.values()) == 1
+    return status
 
 
 async def test_an_event_a_live_worker_is_sending_is_waited_for_not_sent_again(
@@ -998,8 +1008,7 @@ async def test_an_event_a_live_worker_is_sending_is_waited_for_not_sent_again(
     ledger = await open_ledger(stack.config().ledger.url)
     waits = _sample("eobblast_ledger_claim_waits_total")
     try:
-        await ledger.alive("another-worker")
-        await ledger.claim(event_id, "another-worker")
+        await ledger.claim(event_id, "another-worker")  # a lease of CLAIM_LEASE s
         await stack.publish([value])
         _, stop, task = await start_worker(stack.config())
         try:
@@ -1017,3 +1026,35 @@ async def test_an_event_a_live_worker_is_sending_is_waited_for_not_sent_again(
         await ledger.close()
     (status,) = statuses(records)[event_id]
     assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 0
+
+
+async def test_a_claim_nobody_renews_is_taken_over_once_its_lease_runs_out(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker that gave the record up (revoked, stopping) or died holds a claim nobody
+    # renews: another worker waits for the lease, then sends it (not never).
+    monkeypatch.setattr(ledger_module, "CLAIM_LEASE", 2.0)
+
+    async def given_up(ledger: SendLedger, event_id: str) -> None:
+        await ledger.claim(event_id, "a-worker-that-gave-it-up")
+
+    status = await _after_a_ledger_row(stack, 45, given_up)
+    assert (status.status, status.attempt) == ("delivered", 2)
+    assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def test_a_record_given_up_as_stuck_after_its_send_records_it_and_sends_nothing(
+    stack: Stack,
+) -> None:
+    # The ledger is away long enough for the attempt to be given up (stuck_after): the
+    # record runs again and records what was sent, instead of claiming and sending again.
+    flaky: list[FlakyLedger] = []
+
+    def wrap(ledger: SendLedger) -> SendLedger:
+        flaky.append(FlakyLedger(ledger, finishes=6))
+        return flaky[-1]
+
+    config = stack.config(stuck_after=1.0)
+    _, (status,) = await one_event_through(stack, 46, config, ledger_as=wrap)
+    assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
+    assert flaky[0].finishes == 0

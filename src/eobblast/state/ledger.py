@@ -5,11 +5,12 @@ The ledger is what turns Kafka's at-least-once delivery into effectively-once em
 is acknowledged. Only an event that was in flight under another owner when that owner
 died is ever sent again, so duplicates are bounded by the in-flight limit.
 
-Owners (worker incarnations) say they are alive (`alive`, every OWNER_HEARTBEAT s) in
-`ledger_owners`: an event in flight under an owner seen within OWNER_TIMEOUT is `ELSEWHERE`
-(wait, claim again), not taken over, so a worker that lost its partitions but is still
-sending (evicted from the group, a second copy published under another key) is not
-doubled. An owner that stopped cleanly says so (`gone`): its events are taken over at once.
+A claim is a lease: its owner renews it (`renew`, every CLAIM_RENEW s) while it sends the
+event or holds an outcome it could not record yet. A claim renewed within CLAIM_LEASE is
+`ELSEWHERE` to anyone else (wait, claim again), not taken over, so a worker that lost the
+partition while still sending (evicted from the group, a copy published under another key)
+is not doubled. A claim nobody renews (its worker died, or gave the record up) is taken
+over once its lease has run out.
 """
 
 from __future__ import annotations
@@ -39,15 +40,9 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     updated_at DOUBLE PRECISION NOT NULL
 )
 """
-_OWNERS_SCHEMA = """
-CREATE TABLE IF NOT EXISTS ledger_owners (
-    owner TEXT PRIMARY KEY,
-    seen_at DOUBLE PRECISION NOT NULL
-)
-"""
-# Owners say they are alive this often; one unseen for OWNER_TIMEOUT is taken for dead.
-OWNER_HEARTBEAT = 5.0
-OWNER_TIMEOUT = 30.0
+# Owners renew their claims this often; a claim not renewed for CLAIM_LEASE may be taken.
+CLAIM_RENEW = 5.0
+CLAIM_LEASE = 30.0
 # A worker's second claim of its own event (an attempt run again) adds this to its id.
 AGAIN = "-again"
 
@@ -83,6 +78,7 @@ class LedgerEntry:
     reason: str | None
     attempts: int
     status_published: bool
+    updated_at: float = 0.0  # when it was claimed or its claim last renewed
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,10 +98,11 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
         row[4],
         int(row[5]),
         bool(row[6]),
+        float(row[7]),
     )
 
 
-_COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published"
+_COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published, updated_at"
 
 
 class SendLedger(abc.ABC):
@@ -130,32 +127,28 @@ class SendLedger(abc.ABC):
         """The row of an event, if any."""
 
     @abc.abstractmethod
-    async def alive(self, owner: str) -> None:
-        """Record that `owner` is running (call every OWNER_HEARTBEAT s)."""
-
-    @abc.abstractmethod
-    async def gone(self, owner: str) -> None:
-        """Record that `owner` stopped: what it left in flight may be taken over at once."""
+    async def renew(self, event_ids: Sequence[str], owner: str) -> None:
+        """Renew `owner`'s claims of these events (those still sending under it; call
+        every CLAIM_RENEW s for what it is sending or has not recorded yet)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
 
     @staticmethod
-    def _decide(
-        entry: LedgerEntry, owner: str, retry_deferred: bool, owner_seen: float | None
-    ) -> Claim:
-        """What a claim finds; `owner_seen`: when the entry's owner last said it was alive."""
+    def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool) -> Claim:
+        """What a claim by `owner` finds in `entry`."""
         if entry.state is LedgerState.FINAL:
-            if retry_deferred and entry.outcome == "deferred":
+            # A deferred event whose status went out: a new copy is the claims system's
+            # retry (a Kafka redelivery comes before the status is marked published).
+            if retry_deferred and entry.outcome == "deferred" and entry.status_published:
                 return Claim(ClaimKind.RETRY, entry)  # sent again, as the next attempt
             return Claim(ClaimKind.DONE, entry)
         if entry.owner == owner:
             return Claim(ClaimKind.IN_FLIGHT, entry)
-        same_worker = _incarnation(entry.owner) == _incarnation(owner)
-        if not same_worker and owner_seen is not None:
-            if time.time() - owner_seen < OWNER_TIMEOUT:
-                return Claim(ClaimKind.ELSEWHERE, entry)
+        same_worker = entry.owner.removesuffix(AGAIN) == owner.removesuffix(AGAIN)
+        if not same_worker and time.time() - entry.updated_at < CLAIM_LEASE:
+            return Claim(ClaimKind.ELSEWHERE, entry)
         return Claim(ClaimKind.RETRY, entry)
 
 
@@ -167,7 +160,7 @@ class SqliteLedger(SendLedger):
     """
 
     def __init__(self, path: Path) -> None:
-        self._db = open_sqlite(path, [_SCHEMA, _OWNERS_SCHEMA])
+        self._db = open_sqlite(path, [_SCHEMA])
         self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
@@ -193,14 +186,7 @@ class SqliteLedger(SendLedger):
             f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
             (event_id,),
         ).fetchone()
-        entry = _entry(row)
-        seen = None
-        if entry.state is LedgerState.SENDING and entry.owner != owner:
-            found = db.execute(
-                "SELECT seen_at FROM ledger_owners WHERE owner = ?", (_incarnation(entry.owner),)
-            ).fetchone()
-            seen = float(found[0]) if found else None
-        claim = self._decide(entry, owner, retry_deferred, seen)
+        claim = self._decide(_entry(row), owner, retry_deferred)
         if claim.kind is ClaimKind.RETRY:
             db.execute(
                 "UPDATE send_ledger SET state = 'sending', owner = ?, attempts = attempts + 1,"
@@ -245,23 +231,18 @@ class SqliteLedger(SendLedger):
         ).fetchone()
         return _entry(row) if row else None
 
-    async def alive(self, owner: str) -> None:
-        """Record that `owner` is running."""
-        write_transaction(
-            self._db,
-            lambda: self._db.execute(
-                "INSERT INTO ledger_owners (owner, seen_at) VALUES (?, ?)"
-                " ON CONFLICT(owner) DO UPDATE SET seen_at = excluded.seen_at",
-                (owner, time.time()),
-            ),
-        )
-
-    async def gone(self, owner: str) -> None:
-        """Record that `owner` stopped."""
-        write_transaction(
-            self._db,
-            lambda: self._db.execute("DELETE FROM ledger_owners WHERE owner = ?", (owner,)),
-        )
+    async def renew(self, event_ids: Sequence[str], owner: str) -> None:
+        """Renew `owner`'s claims of these events."""
+        if event_ids:
+            now = time.time()
+            write_transaction(
+                self._db,
+                lambda: self._db.executemany(
+                    "UPDATE send_ledger SET updated_at = ? WHERE event_id = ?"
+                    " AND state = 'sending' AND owner IN (?, ?)",
+                    [(now, event_id, owner, owner + AGAIN) for event_id in event_ids],
+                ),
+            )
 
     async def close(self) -> None:
         """Close the database."""
@@ -278,7 +259,7 @@ class PostgresLedger(SendLedger):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
         """Connect and create the table if needed."""
-        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _OWNERS_SCHEMA])
+        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA])
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
@@ -295,16 +276,7 @@ class PostgresLedger(SendLedger):
                 f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = %s FOR UPDATE",  # noqa: S608
                 (event_id,),
             )
-            entry = _entry(await cur.fetchone())
-            seen = None
-            if entry.state is LedgerState.SENDING and entry.owner != owner:
-                cur = await self._conn.execute(
-                    "SELECT seen_at FROM ledger_owners WHERE owner = %s",
-                    (_incarnation(entry.owner),),
-                )
-                found = await cur.fetchone()
-                seen = float(found[0]) if found else None
-            claim = self._decide(entry, owner, retry_deferred, seen)
+            claim = self._decide(_entry(await cur.fetchone()), owner, retry_deferred)
             if claim.kind is ClaimKind.RETRY:
                 await self._conn.execute(
                     "UPDATE send_ledger SET state = 'sending', owner = %s,"
@@ -344,28 +316,19 @@ class PostgresLedger(SendLedger):
             row = await cur.fetchone()
         return _entry(row) if row else None
 
-    async def alive(self, owner: str) -> None:
-        """Record that `owner` is running."""
-        async with self._lock:
-            await self._conn.execute(
-                "INSERT INTO ledger_owners (owner, seen_at) VALUES (%s, %s)"
-                " ON CONFLICT (owner) DO UPDATE SET seen_at = EXCLUDED.seen_at",
-                (owner, time.time()),
-            )
-
-    async def gone(self, owner: str) -> None:
-        """Record that `owner` stopped."""
-        async with self._lock:
-            await self._conn.execute("DELETE FROM ledger_owners WHERE owner = %s", (owner,))
+    async def renew(self, event_ids: Sequence[str], owner: str) -> None:
+        """Renew `owner`'s claims of these events."""
+        if event_ids:
+            async with self._lock:
+                await self._conn.execute(
+                    "UPDATE send_ledger SET updated_at = %s WHERE event_id = ANY(%s)"
+                    " AND state = 'sending' AND owner IN (%s, %s)",
+                    (time.time(), list(event_ids), owner, owner + AGAIN),
+                )
 
     async def close(self) -> None:
         """Close the connection."""
         await self._conn.close()
-
-
-def _incarnation(owner: str) -> str:
-    """The worker incarnation an owner id names (its second claims carry AGAIN)."""
-    return owner.removesuffix(AGAIN)
 
 
 async def open_ledger(url: str) -> SendLedger:
