@@ -25,6 +25,7 @@ import pytest
 import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
+from eobblast import worker as worker_module
 from eobblast.bounces.state import EobStatus
 from eobblast.bounces.store import BounceStore, open_bounce_store
 from eobblast.config import Config, load_config
@@ -35,7 +36,7 @@ from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
-from eobblast.state import Claim, LedgerEntry, SendLedger, open_ledger
+from eobblast.state import Claim, LedgerEntry, LedgerState, SendLedger, open_ledger
 from eobblast.state import ledger as ledger_module
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
@@ -1058,3 +1059,53 @@ async def test_a_record_given_up_as_stuck_after_its_send_records_it_and_sends_no
     _, (status,) = await one_event_through(stack, 46, config, ledger_as=wrap)
     assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
     assert flaky[0].finishes == 0
+
+
+class DownLedger(FlakyLedger):
+    """A send ledger whose finishes fail while `down` is set."""
+
+    def __init__(self, inner: SendLedger) -> None:
+        super().__init__(inner)
+        self.down = True
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        if self.down:
+            raise sqlite3.OperationalError("database is locked")
+        await self.inner.finish(event_id, outcome, reason)
+
+
+async def test_an_outcome_given_up_with_its_partition_is_written_when_the_ledger_returns(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sent, the ledger away, then the partition revoked past the grace period: the record
+    # is given up. Its outcome, kept in memory, must reach the ledger when it returns, or
+    # the next owner would take the claim over and send a second email.
+    monkeypatch.setattr(worker_module, "CLAIM_RENEW", 0.2)
+    down: list[DownLedger] = []
+
+    def wrap(ledger: SendLedger) -> SendLedger:
+        down.append(DownLedger(ledger))
+        return down[-1]
+
+    (value,) = stack.events(1, seed=47)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    worker, stop, task = await start_worker(stack.config(grace_period=0.5), ledger_as=wrap)
+    try:
+        deadline = time.monotonic() + 30
+        while sum(stack.sandbox.counts.values()) < 1:  # sent; its finish keeps failing
+            assert time.monotonic() < deadline, "never sent"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)
+        await worker.partitions_revoked(set(worker._tasks))  # given up after 0.5 s
+        assert event_id in worker._unrecorded
+        down[0].down = False
+        while event_id in worker._unrecorded:
+            assert time.monotonic() < deadline, "the outcome was never written"
+            await asyncio.sleep(0.05)
+        entry = await down[0].inner.get(event_id)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert entry is not None and entry.state is LedgerState.FINAL
+    assert entry.outcome == "delivered" and sum(stack.sandbox.counts.values()) == 1
