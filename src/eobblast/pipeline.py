@@ -5,12 +5,12 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-import psycopg
+from prometheus_client import Counter
 
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.service import (
@@ -21,7 +21,7 @@ from eobblast.bounces.service import (
     SendPermitted,
     Settled,
 )
-from eobblast.bounces.store import StoreBusy
+from eobblast.bounces.store import STORE_ERRORS
 from eobblast.config import Config
 from eobblast.errors import ConfigError, DeliveryError, Outcome, ReasonCode, StoreUnavailable
 from eobblast.events import EobIssued, Rejection, validate_event
@@ -46,17 +46,36 @@ from eobblast.transport.pool import SmtpReplyError
 
 log = logging.getLogger("eobblast.pipeline")
 
-# What a store that is down or locked raises: its drivers' errors, timeouts, StoreBusy.
-# Not their integrity or programming errors: a bug that fails every try is a failed event.
-# What a store that is down, locked or unreachable raises: worth trying again later.
-STORE_ERRORS = (
-    StoreBusy,
-    sqlite3.OperationalError,
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    OSError,
-    TimeoutError,
-)
+
+async def until_written(
+    write: Callable[[], Awaitable[object]],
+    *,
+    what: str,
+    event_id: str,
+    retries: Counter,
+    give_up: Callable[[], bool] = lambda: False,
+) -> None:
+    """Run a store write until it lands, with backoff, however long its store is away
+    (STORE_ERRORS; anything else is raised). Each failure counts in `retries`, and every
+    tenth is logged. After a failure, `give_up()` true raises StoreUnavailable(what)."""
+    attempt = 0
+    while True:
+        try:
+            await write()
+            return
+        except STORE_ERRORS as exc:
+            if give_up():
+                raise StoreUnavailable(what) from None
+            attempt += 1
+            retries.inc()
+            if attempt % 10 == 1:
+                log.error(
+                    "not written to the %s yet: %s; trying again",
+                    what,
+                    type(exc).__name__,
+                    extra={"event_id": event_id, "attempt": attempt},
+                )
+            await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10.0))
 
 
 @dataclass(frozen=True, slots=True)
@@ -448,22 +467,14 @@ class Pipeline:
         or keep its raw event for good (a first send). The status waits meanwhile; a worker
         that gives up on the attempt (stuck_after) sends at most one more copy, as a crash
         would."""
-        assert self._bounces is not None
-        attempt = 0
-        while True:
-            try:
-                await self._bounces.on_delivered(event_id, address, member_id=member_id)
-                return
-            except STORE_ERRORS as exc:
-                attempt += 1
-                metrics.DELIVERY_RECORD_RETRIES.inc()
-                if attempt % 10 == 1:
-                    log.error(
-                        "delivery not recorded in the bounce store yet: %s; trying again",
-                        type(exc).__name__,
-                        extra={"event_id": event_id, "attempt": attempt},
-                    )
-                await asyncio.sleep(backoff_delay(attempt, base=0.5, cap=10.0))
+        bounces = self._bounces
+        assert bounces is not None
+        await until_written(
+            lambda: bounces.on_delivered(event_id, address, member_id=member_id),
+            what="bounce store",
+            event_id=event_id,
+            retries=metrics.DELIVERY_RECORD_RETRIES,
+        )
 
     async def _postpone(
         self, event: EobIssued, to: str, raw: bytes, deferred: EventOutcome

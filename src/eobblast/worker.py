@@ -34,7 +34,7 @@ from eobblast.bounces.service import (
     Publisher,
     Resend,
 )
-from eobblast.bounces.store import open_bounce_store
+from eobblast.bounces.store import STORE_ERRORS, open_bounce_store
 from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
 from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
@@ -47,7 +47,12 @@ from eobblast.events.status import (
 )
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
-from eobblast.pipeline import STORE_ERRORS, EventOutcome, Pipeline, bounce_event_outcome
+from eobblast.pipeline import (
+    EventOutcome,
+    Pipeline,
+    bounce_event_outcome,
+    until_written,
+)
 from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
@@ -723,26 +728,17 @@ class Worker:
 
     async def _finish(self, event_id: str, outcome: EventOutcome) -> None:
         """The outcome into the ledger, however long its store is away: running the record
-        again would find its claim and send a second copy. The status waits meanwhile."""
-        failures = 0
-        while True:
-            try:
-                await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
-                return
-            except STORE_ERRORS as exc:
-                if self._stop is not None and self._stop.is_set():
-                    # Stopping: an outcome still unwritten is left to the claim's lease (as
-                    # after a crash), not allowed to hold the worker past its grace period.
-                    raise StoreUnavailable("send ledger") from None
-                failures += 1
-                metrics.LEDGER_FINISH_RETRIES.inc()
-                if failures % 10 == 1:
-                    log.error(
-                        "outcome not written to the send ledger yet: %s; trying again",
-                        type(exc).__name__,
-                        extra={"event_id": event_id, "attempt": failures},
-                    )
-                await asyncio.sleep(backoff_delay(failures, base=0.5, cap=10.0))
+        again would find its claim and send a second copy. The status waits meanwhile.
+        Stopping, an outcome still unwritten is left to the claim's lease (as after a
+        crash), not allowed to hold the worker past its grace period."""
+        stop = self._stop
+        await until_written(
+            lambda: self._ledger.finish(event_id, outcome.outcome, outcome.reason),
+            what="send ledger",
+            event_id=event_id,
+            retries=metrics.LEDGER_FINISH_RETRIES,
+            give_up=lambda: stop is not None and stop.is_set(),
+        )
 
     async def _publish_status(
         self, outcome: EventOutcome, event_key: str, attempt: int, source_ms: int | None
@@ -779,11 +775,7 @@ async def open_bounces(
     then a missing key is a ConfigError, as a new one would open no return path.
     """
     settings = config.bounces
-    secret = (
-        load_or_create_secret(settings.verp_key_file)
-        if create_key
-        else load_secret(settings.verp_key_file, what="VERP key")
-    )
+    secret = load_or_create_secret(settings.verp_key_file, create=create_key, what="VERP key")
     # The current key signs; the previous ones still open what was signed with them.
     previous = [
         VerpKey(key_id, load_secret(path)) for key_id, path in settings.previous_verp_keys()

@@ -26,7 +26,6 @@ from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Protocol, TypeVar
 
-import psycopg
 from prometheus_client import Counter, Gauge
 
 from eobblast.bounces import state
@@ -52,6 +51,7 @@ from eobblast.bounces.state import (
     address_key,
 )
 from eobblast.bounces.store import (
+    STORE_ERRORS,
     BounceStore,
     BounceTx,
     ClaimKind,
@@ -65,7 +65,7 @@ from eobblast.errors import Outcome
 from eobblast.events import verification as schemas
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.observe.metrics import REGISTRY
-from eobblast.state.group import TRANSIENT_ERRORS, GroupCommit
+from eobblast.state.group import GroupCommit
 
 __all__ = [
     "BOUNCES",
@@ -658,7 +658,7 @@ class BounceService:
         self._group: GroupCommit[_Call, object] = GroupCommit(
             self._transact_calls,
             on_batch=_count_batch,
-            transient=(StoreBusy, *TRANSIENT_ERRORS, psycopg.OperationalError),
+            transient=STORE_ERRORS,
         )
         if audit is not None and member_ref is None:
             raise ValueError("an audit trail needs member_ref (opaque member references)")

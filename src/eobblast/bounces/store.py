@@ -59,6 +59,7 @@ from eobblast.bounces.state import (
 )
 from eobblast.bounces.verp import event_reference
 from eobblast.errors import EobblastError, ReasonCode
+from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store
 
@@ -112,6 +113,10 @@ class StoreBusy(EobblastError):
 
     def __init__(self) -> None:
         super().__init__(ReasonCode.INTERNAL_ERROR, "bounce store busy")
+
+
+# What any of eobblast's stores raises when it is down or locked: worth trying again later.
+STORE_ERRORS: tuple[type[BaseException], ...] = (StoreBusy, *TRANSIENT_ERRORS)
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,8 +27,11 @@ def _exclusive(directory: Path) -> Iterator[None]:
         yield
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """A 32-byte secret kept in a file (base64), created on first use with mode 0600."""
+def load_or_create_secret(path: Path, *, create: bool = True, what: str = "secret") -> bytes:
+    """A 32-byte secret kept in a file (base64), created on first use with mode 0600
+    (unless not `create`: then `load_secret(path, what=what)`)."""
+    if not create:
+        return load_secret(path, what=what)
     with _exclusive(path.parent):
         return _load_or_create_secret(path)
 
@@ -137,10 +140,8 @@ class ProtectionServices:
         keys = load_or_create_keyring(
             portal.key_dir, not_keys=[portal.audit_key_file], create=create_keys
         )
-        audit_key = (
-            load_or_create_secret(portal.audit_key_file)
-            if create_keys
-            else load_secret(portal.audit_key_file, what="member-reference key")
+        audit_key = load_or_create_secret(
+            portal.audit_key_file, create=create_keys, what="member-reference key"
         )
         escrow = await open_escrow(portal.escrow_url, keys)
         audit = await open_audit(portal.audit_url)

@@ -18,12 +18,17 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+import psycopg
+
 I = TypeVar("I")  # noqa: E741 - an item, as in the type parameters of the stdlib
 R = TypeVar("R")
 
-# A store that is locked or away: no item of the batch is at fault.
+# What a store's driver raises when the store is locked, down or unreachable (no item of a
+# batch is at fault; trying again later is right). Not integrity or programming errors.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.OperationalError,
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
     OSError,
     TimeoutError,
 )

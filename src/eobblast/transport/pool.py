@@ -599,6 +599,13 @@ class _Limits:
             with suppress(ValueError):
                 self.waiters.remove(waiter)
 
+    def follow(self, limits: ConnectionLimits) -> None:
+        """Take the caller's current limits (shaping may raise them again)."""
+        if limits.max_connections > self.max_connections:
+            self.wake()  # room for those waiting
+        self.max_connections = limits.max_connections
+        self.max_messages = limits.max_messages
+
     def wake(self) -> None:
         """Every waiter looks again (idle connections, free slots)."""
         waiters, self.waiters = self.waiters, []
@@ -680,15 +687,8 @@ class SmtpPool:
                 limits.max_connections, limits.max_messages
             )
         else:
-            self._follow(group, limits)
+            group.follow(limits)
         return group
-
-    @staticmethod
-    def _follow(group: _Limits, limits: ConnectionLimits) -> None:
-        if limits.max_connections > group.max_connections:
-            group.wake()  # room for those waiting
-        group.max_connections = limits.max_connections
-        group.max_messages = limits.max_messages
 
     def restrict(self, limits: ConnectionLimits) -> None:
         """Apply a group's limits at once, for every connection in it.
