@@ -551,3 +551,54 @@ async def test_notices_without_phi_use_what_the_receiver_offers(
             await strict.deliver(sender, f"d@{domain}", MESSAGE)
     await strict.aclose()
     assert sandbox.counts[UNTRUSTED] == sandbox.counts[NOTLS] == 1
+
+
+def _pool_waits() -> float:
+    return metrics.REGISTRY.get_sample_value("eobblast_smtp_pool_waits_total") or 0.0
+
+
+async def test_a_returned_connection_wakes_one_waiter_not_all(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    # Eight messages for one connection: each waits once, in turn. Waking every waiter on
+    # each return would have all of them look and queue again (28 waits, not 7).
+    pool = SmtpPool(make_tls_context(str(pki.ca)), ehlo_name="sender.test")
+    limits = ConnectionLimits("single", max_connections=1, max_messages=100)
+    key = PoolKey(None, *sandbox.routes[OK], OK)
+    order: list[int] = []
+
+    async def send(n: int) -> None:
+        async with pool.connection(key, limits) as conn:
+            order.append(n)
+            await conn.send("eob-notices@payer.test", f"w{n}@{OK}", MESSAGE)
+
+    before, count = _pool_waits(), sandbox.counts[OK]
+    try:
+        await asyncio.wait_for(asyncio.gather(*(send(n) for n in range(8))), 30)
+    finally:
+        await pool.aclose()
+    assert _pool_waits() - before == 7
+    assert order == list(range(8))  # in the order they asked
+    assert sandbox.counts[OK] - count == 8
+
+
+async def test_a_waiter_cancelled_after_its_turn_came_passes_the_turn_on(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    pool = SmtpPool(make_tls_context(str(pki.ca)), ehlo_name="sender.test")
+    limits = ConnectionLimits("single", max_connections=1, max_messages=100)
+    key = PoolKey(None, *sandbox.routes[OK], OK)
+    try:
+        held = await pool.acquire(key, limits)
+        first = asyncio.create_task(pool.acquire(key, limits))
+        second = asyncio.create_task(pool.acquire(key, limits))
+        await asyncio.sleep(0.1)
+        await pool.release(held)  # the first waiter's turn...
+        first.cancel()  # ...but it is cancelled before it could take the connection
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        conn = await asyncio.wait_for(second, 5)  # the turn was not lost with it
+        await conn.send("eob-notices@payer.test", f"turn@{OK}", MESSAGE)
+        await pool.release(conn)
+    finally:
+        await pool.aclose()

@@ -33,6 +33,12 @@ SMTP_CONNECTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+SMTP_POOL_WAITS = Counter(
+    "eobblast_smtp_pool_waits",
+    "Times a message waited for an SMTP connection: its destination or connection group"
+    " was at its limit, every connection busy.",
+    registry=REGISTRY,
+)
 SMTP_REPLIES = Counter(
     "eobblast_smtp_replies",
     "Final SMTP replies to message transactions, by reply class (2xx, 4xx, 5xx).",

@@ -587,17 +587,24 @@ class _Limits:
         self.max_messages = max_messages
         self.open = 0  # connections open or being opened
         self.members: set[_Destination] = set()
-        self.waiters: list[asyncio.Future[None]] = []
+        # In arrival order, with the destination each waits for.
+        self.waiters: deque[tuple[asyncio.Future[None], _Destination]] = deque()
 
-    async def changed(self) -> None:
-        """Wait until a connection of the group is returned or closed."""
+    async def changed(self, dest: _Destination) -> None:
+        """Wait until a connection of the group is returned or closed (woken in turn)."""
         waiter = asyncio.get_running_loop().create_future()
-        self.waiters.append(waiter)
+        entry = (waiter, dest)
+        self.waiters.append(entry)
         try:
-            await waiter
-        finally:
-            with suppress(ValueError):
-                self.waiters.remove(waiter)
+            await waiter  # whoever wakes it takes it out of the queue
+        except asyncio.CancelledError:
+            if waiter.cancelled():
+                with suppress(ValueError):
+                    self.waiters.remove(entry)
+            else:
+                # Woken, then cancelled before it could look: the next one looks instead.
+                self.wake_one()
+            raise
 
     def follow(self, limits: ConnectionLimits) -> None:
         """Take the caller's current limits (shaping may raise them again)."""
@@ -607,11 +614,32 @@ class _Limits:
         self.max_messages = limits.max_messages
 
     def wake(self) -> None:
-        """Every waiter looks again (idle connections, free slots)."""
-        waiters, self.waiters = self.waiters, []
-        for waiter in waiters:
+        """Every waiter looks again (limits raised, pool closing)."""
+        waiters, self.waiters = self.waiters, deque()
+        for waiter, _ in waiters:
             if not waiter.done():
                 waiter.set_result(None)
+
+    def wake_one(self, dest: _Destination | None = None) -> None:
+        """One waiter looks again: the first waiting for `dest`, else the first of all.
+
+        One connection returned or one slot freed serves one caller: waking every waiter
+        would have all but one look, find nothing and queue again (with dozens of events in
+        flight, most of the pool's work).
+        """
+        chosen = None
+        for entry in self.waiters:
+            waiter, wanted = entry
+            if waiter.done():
+                continue
+            if wanted is dest or dest is None:
+                chosen = entry
+                break
+            if chosen is None:
+                chosen = entry
+        if chosen is not None:
+            self.waiters.remove(chosen)
+            chosen[0].set_result(None)
 
     def oldest_idle(self) -> SmtpConnection | None:
         """Take the group's longest-idle connection out of its destination, if any."""
@@ -725,7 +753,7 @@ class SmtpPool:
         group = self._live.pop(conn, None)
         if group is not None:
             group.open -= 1
-            group.wake()
+            group.wake_one()
 
     async def acquire(self, key: PoolKey, limits: ConnectionLimits | None = None) -> SmtpConnection:
         """An idle connection for `key`, or a new one; waits while the destination is full.
@@ -767,7 +795,7 @@ class SmtpPool:
                     conn = await self._open(key)
                 except BaseException:
                     group.open -= 1
-                    group.wake()
+                    group.wake_one()
                     raise
                 self._live[conn] = group
                 return conn
@@ -777,7 +805,8 @@ class SmtpPool:
                 metrics.CONNECTIONS_IDLE.dec()
                 await self._discard(spare)
                 continue
-            await group.changed()
+            metrics.SMTP_POOL_WAITS.inc()
+            await group.changed(dest)
 
     async def release(self, conn: SmtpConnection) -> None:
         """Return a connection: kept idle if it can carry more, closed otherwise."""
@@ -792,7 +821,8 @@ class SmtpPool:
                 conn.idle_since = now
                 dest.idle.append(conn)
                 metrics.CONNECTIONS_IDLE.inc()
-                dest.limits.wake()  # for a caller of this destination, or one that needs its slot
+                # For a caller of this destination, or else one that needs its slot.
+                dest.limits.wake_one(dest)
             else:
                 await self._discard(conn)
         finally:
