@@ -6,9 +6,14 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import orjson
 import pytest
 
+from eobblast.events import EobIssued, validate_event
+from eobblast.events.synthetic import generate_events
 from eobblast.protect.dkim import DkimSigner, generate_keys, load_signer
+from eobblast.render import Renderer
+from tests.conftest import CLEAN
 
 OPENDKIM = shutil.which("opendkim") or (
     "/usr/sbin/opendkim" if Path("/usr/sbin/opendkim").exists() else None
@@ -77,6 +82,32 @@ def test_ed25519_signature_verifies(
     signer, conf = signer_and_conf
     _, ed_line = signer.sign(HEADERS, BODY)
     out = opendkim_verify(conf, ed_line + UNSIGNED, tmp_path)
+    assert "verification (s=eob1e, d=payer.test" in out and "succeeded" in out, out
+
+
+@pytest.mark.parametrize(
+    ("language", "name", "encoding"),
+    [("en", "Chris Curtis", b"7bit"), ("es", "Zoë Müller", b"quoted-printable")],
+)
+def test_rendered_eobs_verify_in_either_transfer_encoding(
+    signer_and_conf: tuple[DkimSigner, Path],
+    tmp_path: Path,
+    language: str,
+    name: str,
+    encoding: bytes,
+) -> None:
+    signer, conf = signer_and_conf
+    doc = orjson.loads(next(generate_events(1, seed=3, mix=CLEAN)))
+    doc["member"]["preferred_language"] = language
+    doc["member"]["name"] = name
+    event = validate_event(orjson.dumps(doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued)
+    message = Renderer().render(event)
+    assert b"Content-Transfer-Encoding: " + encoding + b"\r\n" in message.body
+    rsa_line, ed_line = signer.sign(message.headers, message.body)
+    out = opendkim_verify(conf, message.to_bytes([rsa_line]), tmp_path)
+    assert "verification (s=eob1, d=payer.test, 2048-bit key) succeeded" in out, out
+    out = opendkim_verify(conf, message.to_bytes([ed_line]), tmp_path)
     assert "verification (s=eob1e, d=payer.test" in out and "succeeded" in out, out
 
 

@@ -7,7 +7,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from eobblast.protect.dkim import relaxed_body, relaxed_header
+from eobblast.protect.dkim import _signed_header_data, relaxed_body, relaxed_header
 
 RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 
@@ -81,3 +81,33 @@ _NAMES = st.one_of(
 def test_relaxed_header_matches_dkimpy(name: bytes, value: bytes) -> None:
     ((lname, lvalue),) = RELAXED.canonicalize_headers([(name, value)])
     assert relaxed_header(name, value) == lname + b":" + lvalue
+
+
+_VALUES = st.one_of(
+    st.sampled_from([b" plain value", b" a  b", b" folded\r\n\tline", b"\tx ", b" "]), _CHUNKS
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.lists(st.tuples(_NAMES, _VALUES), max_size=8),
+    st.lists(
+        st.sampled_from([b"from", b"subject", b"content-type", b"x-trace", b"to"]), max_size=8
+    ),
+)
+def test_signed_header_data_is_dkimpys_fields_taken_bottom_up(
+    headers: list[tuple[bytes, bytes]], extra: list[bytes]
+) -> None:
+    names = [name.lower().rstrip() for name, _ in headers]
+    include = names[::2] + extra
+    # The verifier's choice (RFC 6376 section 5.4.2): each h= name takes the bottom-most
+    # occurrence not yet taken, and nothing once they are all taken.
+    taken: set[int] = set()
+    expected = b""
+    for wanted in include:
+        left = [i for i, name in enumerate(names) if name == wanted and i not in taken]
+        if left:
+            taken.add(left[-1])
+            ((lname, lvalue),) = RELAXED.canonicalize_headers([headers[left[-1]]])
+            expected += lname + b":" + lvalue
+    assert _signed_header_data(names, headers, include) == expected

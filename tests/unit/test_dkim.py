@@ -6,21 +6,36 @@ import base64
 import hashlib
 import re
 import stat
+from collections.abc import Callable
 from email.message import EmailMessage
 from email.policy import SMTP
 from pathlib import Path
 
 import dkim
+import orjson
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa, utils
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from dkim.canonicalization import CanonicalizationPolicy
 
 from eobblast.errors import ConfigError, EobblastError
-from eobblast.protect.dkim import DkimSigner, DnsRecord, generate_keys, load_signer
+from eobblast.events import EobIssued, validate_event
+from eobblast.events.synthetic import generate_events
+from eobblast.protect.dkim import (
+    DkimSigner,
+    DnsRecord,
+    _fold_at_spaces,
+    _relaxed_value,
+    _signed_header_data,
+    generate_keys,
+    load_signer,
+    relaxed_body,
+)
+from eobblast.render import Renderer
+from tests.conftest import CLEAN
 
 DOMAIN = "payer.test"
 SELECTOR = "eob1"
@@ -357,3 +372,117 @@ def test_a_long_sending_domain_is_never_cut_in_two(tmp_path: Path) -> None:
     signed = sign_message(long_signer, message)
     assert f"d={domain};".encode() in signed
     assert verify_rsa(signed, records) and verify_ed25519(signed, records)
+
+
+def rendered(language: str, name: str) -> bytes:
+    """An EOB as the renderer writes it, in `language`, for a member called `name`."""
+    doc = orjson.loads(next(generate_events(1, seed=3, mix=CLEAN)))
+    doc["member"]["preferred_language"] = language
+    doc["member"]["name"] = name
+    event = validate_event(orjson.dumps(doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued)
+    return Renderer().render(event).to_bytes()
+
+
+@pytest.mark.parametrize(
+    ("language", "name", "encoding"),
+    [("en", "Chris Curtis", b"7bit"), ("es", "Zoë Müller", b"quoted-printable")],
+)
+def test_rendered_eobs_verify_in_either_transfer_encoding(
+    signer: DkimSigner, records: dict[bytes, bytes], language: str, name: str, encoding: bytes
+) -> None:
+    message = rendered(language, name)
+    assert b"Content-Transfer-Encoding: " + encoding + b"\r\n" in message
+    signed = sign_message(signer, message)
+    assert verify_rsa(signed, records)
+    assert verify_ed25519(signed, records)
+
+
+def reference_line(
+    domain: bytes,
+    selector: bytes,
+    algorithm: bytes,
+    timestamp: bytes,
+    include: list[bytes],
+    signed: bytes,
+    body_hash: bytes,
+    sign_digest: Callable[[bytes], bytes],
+) -> bytes:
+    """A DKIM-Signature line folded and canonicalised for itself alone, nothing reused."""
+    tags = [
+        (b"v", b"1"),
+        (b"a", algorithm),
+        (b"c", b"relaxed/relaxed"),
+        (b"d", domain),
+        (b"s", selector),
+        (b"t", timestamp),
+        (b"h", b" : ".join(include)),
+        (b"bh", body_hash),
+    ]
+    text = b"; ".join(b"=".join(tag) for tag in tags) + b";"
+    unsigned = _fold_at_spaces(text, first_line=len(b"DKIM-Signature: ")) + b"\r\n b="
+    own = b"dkim-signature:" + _relaxed_value(b" " + unsigned)
+    b64 = base64.b64encode(sign_digest(hashlib.sha256(signed + own).digest()))
+    wrapped = b"\r\n ".join(b64[i : i + 69] for i in range(0, len(b64), 69))
+    return b"DKIM-Signature: " + unsigned + wrapped + b"\r\n"
+
+
+@pytest.mark.parametrize("domain", ["payer.test", ("a" * 60) + ".payer-example.test"])
+@pytest.mark.parametrize("now", [7, 999_999_999, NOW, 10**11 + 0.5])
+def test_signature_lines_are_those_folded_for_each_message_alone(
+    key_dir: Path, records: dict[bytes, bytes], domain: str, now: float
+) -> None:
+    # The signer lays each kind of field out once and fills in t= and bh=: the lines
+    # (RSA PKCS#1 v1.5 and Ed25519 are deterministic) must be byte for byte the same.
+    rsa_key = load_pem(key_dir / "payer.test.eob1.rsa.pem")  # written by `records`
+    ed_key = load_pem(key_dir / "payer.test.eob1e.ed25519.pem")
+    assert isinstance(rsa_key, rsa.RSAPrivateKey) and isinstance(ed_key, Ed25519PrivateKey)
+    signer = DkimSigner(domain, SELECTOR, rsa_key, ed25519_key=ed_key, clock=lambda: now)
+    messages = [
+        eob_message(),
+        rendered("en", "Chris Curtis"),
+        rendered("es", "Zoë Müller"),
+        b"From: a@payer.test\r\nX-Other: 1\r\n\r\n",
+    ]
+    for message in messages:
+        headers, body = split(message)
+        names = [name.lower().rstrip() for name, _ in headers]
+        include = [n for n in names if n in signer._sign] + list(signer._oversign)
+        signed = _signed_header_data(names, headers, include)
+        body_hash = base64.b64encode(hashlib.sha256(relaxed_body(body)).digest())
+        timestamp = str(int(now)).encode()
+        expected = [
+            reference_line(
+                domain.encode(),
+                SELECTOR.encode(),
+                b"rsa-sha256",
+                timestamp,
+                include,
+                signed,
+                body_hash,
+                lambda digest: rsa_key.sign(
+                    digest, padding.PKCS1v15(), utils.Prehashed(hashes.SHA256())
+                ),
+            ),
+            reference_line(
+                domain.encode(),
+                (SELECTOR + "e").encode(),
+                b"ed25519-sha256",
+                timestamp,
+                include,
+                signed,
+                body_hash,
+                ed_key.sign,
+            ),
+        ]
+        assert signer.sign(headers, body) == expected
+
+
+@pytest.mark.parametrize("name", ["x y", "a:b", "", "tab\tname", "nul\x00"])
+def test_sign_headers_must_be_field_names(
+    key_dir: Path, records: dict[bytes, bytes], name: str
+) -> None:
+    rsa_key = load_pem(key_dir / "payer.test.eob1.rsa.pem")  # written by `records`
+    assert isinstance(rsa_key, rsa.RSAPrivateKey)
+    with pytest.raises(ConfigError, match="field names"):
+        DkimSigner(DOMAIN, SELECTOR, rsa_key, sign_headers=("from", name))

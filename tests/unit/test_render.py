@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import email
 import email.policy
+import email.utils
 import re
+from decimal import Decimal
 from email.header import decode_header, make_header
 from typing import Any
 
@@ -17,7 +19,13 @@ from jinja2 import Environment, PackageLoader, StrictUndefined
 
 from eobblast.events import EobIssued, Rejection, validate_event
 from eobblast.render import Renderer
-from eobblast.render.mime import _quoted_printable
+from eobblast.render.mime import (
+    BOUNDARY_PREFIX,
+    _money,
+    _money_text,
+    _quoted_printable,
+    _transfer_encoded,
+)
 
 
 def _event(doc: dict[str, Any]) -> EobIssued:
@@ -33,6 +41,22 @@ def _parts(raw: bytes) -> tuple[email.message.EmailMessage, str, str]:
     html = msg.get_body(("html",))
     assert text is not None and html is not None
     return msg, text.get_content(), html.get_content()
+
+
+def _template_texts(renderer: Renderer, event: EobIssued) -> tuple[str, str]:
+    """The text and HTML parts as the templates write them (LF line ends)."""
+    ctx = renderer.context(event)
+    texts = []
+    for name, autoescape in (("eob.txt.j2", False), ("eob.html.j2", True)):
+        env = Environment(
+            loader=PackageLoader("eobblast.render", "templates"),
+            undefined=StrictUndefined,
+            trim_blocks=True,
+            lstrip_blocks=True,
+            autoescape=autoescape,
+        )
+        texts.append(env.get_template(name).render(ctx))
+    return texts[0], texts[1]
 
 
 def test_english_eob_is_readable_and_complete(event_doc: dict[str, Any]) -> None:
@@ -70,8 +94,6 @@ def test_unknown_language_falls_back_to_english(event_doc: dict[str, Any]) -> No
 def test_totals_add_up(event_doc: dict[str, Any]) -> None:
     event = _event(event_doc)
     ctx = Renderer().context(event)
-    from decimal import Decimal
-
     paid = sum(Decimal(line.plan_paid) for line in event.claim.lines)
     assert ctx["totals"]["plan_paid"] == f"${paid:,.2f}"
 
@@ -106,16 +128,8 @@ def test_words_compiled_in_render_like_the_plain_templates(event_doc: dict[str, 
         event_doc["member"]["preferred_language"] = language
         event = _event(event_doc)
         rendered = renderer.render(event)
-        for name, autoescape in (("eob.txt.j2", False), ("eob.html.j2", True)):
-            env = Environment(
-                loader=PackageLoader("eobblast.render", "templates"),
-                undefined=StrictUndefined,
-                trim_blocks=True,
-                lstrip_blocks=True,
-                autoescape=autoescape,
-            )
-            expected = env.get_template(name).render(renderer.context(event))
-            assert _quoted_printable(expected) in rendered.body
+        for expected in _template_texts(renderer, event):
+            assert _transfer_encoded(expected)[1] in rendered.body
 
 
 def test_headers_carry_no_phi(event_doc: dict[str, Any]) -> None:
@@ -217,3 +231,122 @@ def test_a_long_non_ascii_payer_name_is_folded_into_short_encoded_words(
     # RFC 2047 6.2: the space between adjacent encoded words is not part of the text.
     value = email.message_from_bytes(raw)["From"]
     assert str(make_header(decode_header(value))) == f"{name} <eob-notices@bluehaven.test>"
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.from_regex(r"-?[0-9]{1,10}\.[0-9]{2}", fullmatch=True))
+def test_amounts_print_as_their_decimal_value_formats(amount: str) -> None:
+    # The pattern is the schema's: most amounts skip the Decimal, none may print otherwise.
+    assert _money_text(amount) == _money(Decimal(amount))
+
+
+@pytest.mark.parametrize(
+    ("amount", "printed"),
+    [
+        ("0.00", "$0.00"),
+        ("-0.00", "$0.00"),
+        ("-0.01", "-$0.01"),
+        ("012.50", "$12.50"),
+        ("999.99", "$999.99"),
+        ("1000.00", "$1,000.00"),
+        ("-1234.00", "-$1,234.00"),
+        ("9999999999.99", "$9,999,999,999.99"),
+    ],
+)
+def test_money_examples(amount: str, printed: str) -> None:
+    assert _money_text(amount) == printed
+
+
+@pytest.mark.parametrize("amount", ["12.5", "12.345", "1e3", ".50", "+1.00", " 1.00"])
+def test_amounts_other_than_the_printable_pattern_are_refused(
+    event_doc: dict[str, Any], amount: str
+) -> None:
+    # _money_text prints such an amount's text as it is; the schema must never let it by.
+    event_doc["claim"]["lines"][0]["billed"] = amount
+    rejected = validate_event(orjson.dumps(event_doc), allow_test_domains=True)
+    assert isinstance(rejected, Rejection) and rejected.field == "claim.lines.0.billed"
+
+
+@pytest.mark.parametrize(
+    ("text", "encoding"),
+    [
+        ("plain\nlines\n", b"7bit"),
+        ("a tab\there, trailing space \n.\n", b"7bit"),
+        ("x" * 998, b"7bit"),
+        ("a\n" + "x" * 998 + "\nb", b"7bit"),
+        ("x" * 999, b"quoted-printable"),
+        ("a\n" + "x" * 999 + "\nb", b"quoted-printable"),
+        ("caf\u00e9", b"quoted-printable"),
+        ("nul \x00", b"quoted-printable"),
+        ("bell \x07", b"quoted-printable"),
+        ("delete \x7f", b"quoted-printable"),
+        ("lone\rcr", b"quoted-printable"),
+        ("crlf\r\nline", b"quoted-printable"),
+        (f"--{BOUNDARY_PREFIX}{'0' * 32}--", b"quoted-printable"),
+        (f"a {BOUNDARY_PREFIX} b", b"quoted-printable"),
+    ],
+)
+def test_parts_are_sent_7bit_only_when_they_are_7bit_data(text: str, encoding: bytes) -> None:
+    assert _transfer_encoded(text)[0] == encoding
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.sampled_from(["\n", "\r", "\r\n", "\t", " ", "=", ".", "x" * 500, BOUNDARY_PREFIX]),
+            st.text(max_size=20),
+            st.text(st.characters(max_codepoint=127), max_size=40),
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=80),
+        ),
+        max_size=30,
+    ).map("".join)
+)
+def test_a_7bit_part_is_the_text_itself_with_crlf_lines(text: str) -> None:
+    encoding, body = _transfer_encoded(text)
+    if encoding == b"quoted-printable":
+        assert body == _quoted_printable(text)
+        return
+    assert encoding == b"7bit"
+    assert body == text.replace("\n", "\r\n").encode("ascii")
+    lines = body.split(b"\r\n")
+    assert all(len(line) <= 998 and b"\r" not in line and b"\n" not in line for line in lines)
+    assert all(byte in b"\t" or 0x20 <= byte < 0x7F for byte in body.replace(b"\r\n", b""))
+    assert BOUNDARY_PREFIX.encode() not in body
+
+
+@pytest.mark.parametrize(
+    ("language", "name", "encoding"),
+    [
+        ("en", "Chris Curtis", "7bit"),
+        ("en", "Zoë Müller", "quoted-printable"),
+        ("es", "Chris Curtis", "quoted-printable"),
+    ],
+)
+def test_ascii_parts_go_7bit_and_every_part_decodes_to_what_was_rendered(
+    event_doc: dict[str, Any], language: str, name: str, encoding: str
+) -> None:
+    event_doc["member"]["preferred_language"] = language
+    event_doc["member"]["name"] = name
+    event = _event(event_doc)
+    renderer = Renderer()
+    raw = renderer.render(event).to_bytes()
+    msg = email.message_from_bytes(raw, policy=email.policy.default)
+    parts = [part for part in msg.walk() if part.get_content_maintype() == "text"]
+    assert [part["Content-Transfer-Encoding"] for part in parts] == [encoding, encoding]
+    for part, expected in zip(parts, _template_texts(renderer, event), strict=True):
+        # The email package keeps a 7bit part's CRLF; quoted-printable decodes to LF.
+        assert part.get_content().replace("\r\n", "\n") == expected
+    assert all(len(line) <= 998 for line in raw.split(b"\r\n"))
+
+
+def test_the_date_field_is_the_send_time_in_its_own_zone(event_doc: dict[str, Any]) -> None:
+    # Date fields are cached per second: one instant in two zones must still differ.
+    renderer, event = Renderer(), _event(event_doc)
+    utc = dt.datetime(2026, 11, 26, 9, 0, 0, 250_000, tzinfo=dt.UTC)
+    berlin = utc.astimezone(dt.timezone(dt.timedelta(hours=1)))
+    naive = utc.replace(tzinfo=None)
+    for when in (utc, berlin, naive, utc, utc + dt.timedelta(seconds=1)):
+        headers = dict(renderer.render(event, now=when).headers)
+        assert headers[b"Date"] == email.utils.format_datetime(when).encode()
+    assert dict(renderer.render(event, now=berlin).headers)[b"Date"].endswith(b" +0100")

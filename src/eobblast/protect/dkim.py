@@ -19,6 +19,7 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Final
 
@@ -87,6 +88,8 @@ DEFAULT_OVERSIGN_HEADERS: Final[tuple[str, ...]] = (
 _HEADER_NAME: Final = b"DKIM-Signature"
 _SIGNATURE_FIELD: Final = b"dkim-signature"
 _SPACE_RUN: Final = re.compile(rb"  +")
+# RFC 5322 section 2.2: a field name is printable US-ASCII other than ":".
+_FIELD_NAME: Final = re.compile(rb"[!-9;-~]+")
 # A DNS label: selectors and domains become file names too, so nothing else may pass.
 _LABEL: Final = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
 # b= continuation lines: " b=" + 69 characters keeps every line within 72 columns.
@@ -194,6 +197,8 @@ class DkimSigner:
         # RFC 6376 section 5.4: From is the one field that must be signed.
         if b"from" not in sign:
             raise ConfigError("DKIM sign_headers must include From")
+        if not all(_FIELD_NAME.fullmatch(name) for name in sign):
+            raise ConfigError("DKIM sign_headers must be header field names")
         self._domain = domain.encode("ascii")
         self._selector = selector.encode("ascii")
         self._rsa_key = rsa_key
@@ -259,28 +264,68 @@ class DkimSigner:
         body_hash: bytes,
         sign_digest: Callable[[bytes], bytes],
     ) -> bytes:
-        tags = [
-            (b"v", b"1"),
-            (b"a", algorithm),
-            (b"c", b"relaxed/relaxed"),
-            (b"d", self._domain),
-            (b"s", selector),
-            (b"t", timestamp),
-            (b"h", b" : ".join(include)),
-            (b"bh", body_hash),
-        ]
-        # b= goes on lines of its own after the folded tags, so the text before it is the
-        # same when hashed (b= empty) and when written (b= filled): fold never has to
-        # re-decide where to break.
-        folded = _fold_at_spaces(
-            b"; ".join(b"=".join(t) for t in tags) + b";", first_line=len(_HEADER_NAME) + 2
+        written, hashed = _signature_layout(
+            self._domain, algorithm, selector, tuple(include), len(timestamp), len(body_hash)
         )
-        unsigned = folded + b"\r\n b="
+        unsigned = written[0] + timestamp + written[1] + body_hash + written[2]
         # RFC 6376 section 3.7: the signature's own field comes last, b= empty, no CRLF.
-        own = _SIGNATURE_FIELD + b":" + _relaxed_value(b" " + unsigned)
+        own = hashed[0] + timestamp + hashed[1] + body_hash + hashed[2]
         b64 = base64.b64encode(sign_digest(hashlib.sha256(signed + own).digest()))
         wrapped = b"\r\n ".join(b64[i : i + _B_CHUNK] for i in range(0, len(b64), _B_CHUNK))
         return _HEADER_NAME + b": " + unsigned + wrapped + b"\r\n"
+
+
+# Stand-ins for the t= and bh= values while a layout is worked out: bytes that no tag
+# holds (domain and selector are DNS names, h= lists field names).
+_T_STAND_IN: Final = b"\x01"
+_BH_STAND_IN: Final = b"\x02"
+
+
+@lru_cache(maxsize=256)
+def _signature_layout(
+    domain: bytes,
+    algorithm: bytes,
+    selector: bytes,
+    include: tuple[bytes, ...],
+    timestamp_length: int,
+    body_hash_length: int,
+) -> tuple[tuple[bytes, bytes, bytes], tuple[bytes, bytes, bytes]]:
+    """A DKIM-Signature field up to its empty b=, as written (after the field name) and as
+    hashed (relaxed), each cut in three around the values of t= and bh=."""
+    # Only t= and bh= change from one message to the next, and neither value holds a
+    # space: where the tags fold, and what relaxed canonicalisation makes of them, depend
+    # on their lengths alone. So the field is laid out once, with stand-ins of the same
+    # lengths, and each signature puts its own values in their place.
+    timestamp = _T_STAND_IN * timestamp_length
+    body_hash = _BH_STAND_IN * body_hash_length
+    tags = [
+        (b"v", b"1"),
+        (b"a", algorithm),
+        (b"c", b"relaxed/relaxed"),
+        (b"d", domain),
+        (b"s", selector),
+        (b"t", timestamp),
+        (b"h", b" : ".join(include)),
+        (b"bh", body_hash),
+    ]
+    # b= goes on lines of its own after the folded tags, so the text before it is the
+    # same when hashed (b= empty) and when written (b= filled): fold never has to
+    # re-decide where to break.
+    folded = _fold_at_spaces(
+        b"; ".join(b"=".join(t) for t in tags) + b";", first_line=len(_HEADER_NAME) + 2
+    )
+    written = folded + b"\r\n b="
+    hashed = _SIGNATURE_FIELD + b":" + _relaxed_value(b" " + written)
+    return _cut(written, timestamp, body_hash), _cut(hashed, timestamp, body_hash)
+
+
+def _cut(text: bytes, first: bytes, second: bytes) -> tuple[bytes, bytes, bytes]:
+    """`text` without `first` and then `second`, each found exactly once, as three pieces."""
+    if text.count(first[:1]) != len(first) or text.count(second[:1]) != len(second):
+        raise EobblastError(ReasonCode.INTERNAL_ERROR, "DKIM tag stand-ins are not unique")
+    before, _, rest = text.partition(first)
+    middle, _, after = rest.partition(second)
+    return before, middle, after
 
 
 def _fold_at_spaces(text: bytes, *, first_line: int, width: int = 74) -> bytes:
@@ -339,7 +384,9 @@ def _relaxed_value(value: bytes) -> bytes:
         value = value.replace(b"\r\n", b"").replace(b"\n", b"")
     if b"\t" in value:
         value = value.replace(b"\t", b" ")
-    return _SPACE_RUN.sub(b" ", value).strip()
+    if b"  " in value:  # rare in a header field; a regex call costs more than the test
+        value = _SPACE_RUN.sub(b" ", value)
+    return value.strip()
 
 
 def _signed_header_data(
@@ -351,12 +398,18 @@ def _signed_header_data(
     occurrences: dict[bytes, list[int]] = {}
     for index, name in enumerate(names):
         occurrences.setdefault(name, []).append(index)
-    parts: list[bytes] = []
+    fields: list[tuple[bytes, bytes]] = []
     for wanted in include:
         left = occurrences.get(wanted)
         if left:
-            parts.append(wanted + b":" + _relaxed_value(headers[left.pop()][1]) + b"\r\n")
-    return b"".join(parts)
+            fields.append((wanted, headers[left.pop()][1]))
+    # One look at all the values at once: without a line break, a tab or a run of spaces
+    # in any of them (the usual case), relaxing a value only strips its ends.
+    values = b"".join([value for _, value in fields])
+    relax: Callable[[bytes], bytes] = (
+        _relaxed_value if b"\n" in values or b"\t" in values or b"  " in values else bytes.strip
+    )
+    return b"".join([name + b":" + relax(value) + b"\r\n" for name, value in fields])
 
 
 def _check_names(domain: str, selector: str) -> None:
