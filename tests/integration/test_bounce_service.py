@@ -17,6 +17,7 @@ import uuid
 import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import orjson
@@ -32,8 +33,8 @@ from eobblast.bounces.service import (
     SendPermitted,
     Settled,
 )
-from eobblast.bounces.state import IncidentKind
-from eobblast.bounces.store import BounceStore, open_bounce_store
+from eobblast.bounces.state import BounceBook, Eob, EobStatus, IncidentKind
+from eobblast.bounces.store import BounceStore, Slice, open_bounce_store
 from eobblast.bounces.verp import VerpKey, make_return_path
 from eobblast.config import Config, load_config
 from eobblast.errors import ConfigError, Outcome
@@ -833,6 +834,40 @@ async def test_raw_events_kept_before_zstd_still_read(tmp_path: Path) -> None:
         assert kept_now == {ev0: raw0, ev1: orjson.dumps({"event_id": ev1})}
     finally:
         await store.close()
+
+
+async def test_a_load_finds_named_notices_and_their_members_active_ones(
+    store: BounceStore,
+) -> None:
+    # More ids than one statement takes: named notices whatever their status, every active
+    # notice of the named members (not their settled ones), and those of a member reached
+    # only through a named notice of its own.
+    count = 1_100
+    members = [f"{ids()[0]}-{n}" for n in range(count)]
+
+    def notice(member_id: str, suffix: str, status: EobStatus) -> Eob:
+        return Eob(f"{member_id}-{suffix}", member_id, f"{member_id}@example.com", status, T0)
+
+    named = {m: notice(m, "named", EobStatus.DELIVERED) for m in members}
+    active = {m: notice(m, "active", EobStatus.RETRY_SCHEDULED) for m in members}
+    settled = {m: notice(m, "settled", EobStatus.PAPER_FALLBACK) for m in members}
+    stranger = notice(ids()[0], "active", EobStatus.SENDING)
+    written = [*named.values(), *active.values(), *settled.values(), stranger]
+    async with store.transaction(set(members), T0) as tx:
+        await tx.save(
+            Slice(BounceBook(), MappingProxyType({})),
+            BounceBook(eobs=MappingProxyType({e.eob_id: e for e in written})),
+            {},
+        )
+
+    unnamed = members[-1]
+    async with store.transaction(set(members), T0) as tx:
+        loaded = await tx.load(member_ids=members[:-1], eob_ids=[e.eob_id for e in named.values()])
+
+    expected = [*named.values(), *active.values()]
+    assert dict(loaded.book.eobs) == {e.eob_id: e for e in expected}
+    assert loaded.member_ids == set(members)
+    assert active[unnamed].eob_id in loaded.book.eobs
 
 
 async def test_a_delivery_record_with_a_wrong_member_hint_still_finds_the_notice(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import fields, replace
 from typing import TypeVar
 
 import pytest
@@ -25,6 +25,7 @@ from eobblast.bounces.state import (
     Deliverable,
     DsnReceived,
     Effect,
+    Eob,
     EobStatus,
     Event,
     FallbackReason,
@@ -105,6 +106,30 @@ def test_redelivered_submission_is_ignored() -> None:
 def test_accepted_reply_delivers() -> None:
     book, _ = run([SUBMIT_1, SyncReply("eob-1", "ann@example.org", at(1), None)])
     assert book.eobs["eob-1"].status is EobStatus.DELIVERED
+
+
+def test_sending_and_delivering_keep_every_other_field_of_the_notice() -> None:
+    # Every notice takes these steps, which build its next Eob field by field rather than
+    # with dataclasses.replace: a field added to Eob must be carried there too.
+    assert [f.name for f in fields(Eob)] == [
+        "eob_id",
+        "member_id",
+        "address",
+        "status",
+        "age_from",
+        "attempt",
+        "next_at",
+        "incident_recorded",
+    ]
+    retrying = Eob(
+        "eob-1", "m-1", "ann@example.org", EobStatus.RETRY_SCHEDULED, at(-5), 2, at(0), True
+    )
+    sent, _ = run([RetryDue("eob-1", at(0))], BounceBook(eobs={"eob-1": retrying}))
+    assert sent.eobs["eob-1"] == replace(
+        retrying, status=EobStatus.SENDING, attempt=3, next_at=None
+    )
+    delivered, _ = run([SyncReply("eob-1", "ann@example.org", at(1), None)], sent)
+    assert delivered.eobs["eob-1"] == replace(sent.eobs["eob-1"], status=EobStatus.DELIVERED)
 
 
 @pytest.mark.parametrize(

@@ -147,6 +147,10 @@ class Member:
     failed: frozenset[str] = frozenset()
 
 
+# What the machine knows of a member it has no record for (immutable: shared).
+_NO_MEMBER = Member()
+
+
 @dataclass(frozen=True, slots=True)
 class BounceBook:
     """The whole state: notices, members and the suppressed addresses."""
@@ -396,7 +400,7 @@ def address_key(address: str) -> str:
 def address_status(book: BounceBook, member_id: str, address: str) -> AddressStatus:
     """A member's address as the machine sees it."""
     key = address_key(address)
-    member = book.members.get(member_id, Member())
+    member = book.members.get(member_id, _NO_MEMBER)
     if member.pending is not None and key in member.pending.addresses:
         return AddressStatus.AWAITING_VERIFICATION
     if key in member.redirects:
@@ -431,7 +435,9 @@ class _WriteLog(dict[str, Eob]):
     __slots__ = ("written",)
 
     def __init__(self, eobs: Mapping[str, Eob]) -> None:
-        super().__init__(eobs)
+        # A book's read-only view copies at C speed; merged key by key, it costs more than
+        # the rest of a step on a shared transaction's book.
+        super().__init__(eobs.copy() if isinstance(eobs, MappingProxyType) else eobs)
         self.written: set[str] = set()
 
     def __setitem__(self, key: str, value: Eob) -> None:
@@ -486,7 +492,7 @@ class _Step:
 
     def _route(self, eob: Eob) -> Deliverable | FallbackReason | None:
         """Mint permission to send, or a paper reason, or None: hold for verification."""
-        member = self.members.get(eob.member_id, Member())
+        member = self.members.get(eob.member_id, _NO_MEMBER)
         if member.pending is not None:
             return None
         key = address_key(eob.address)
@@ -502,8 +508,8 @@ class _Step:
         route = self._route(eob)
         if isinstance(route, Deliverable):
             status = EobStatus.RELEASED if released else EobStatus.SENDING
-            self.eobs[eob.eob_id] = replace(
-                eob, address=route.to, status=status, attempt=route.attempt, next_at=None
+            self.eobs[eob.eob_id] = _moved(
+                eob, status, None, address=route.to, attempt=route.attempt
             )
             if released:
                 self.effects.append(ReleaseHeld(eob.eob_id, eob.member_id, route.to))
@@ -514,7 +520,7 @@ class _Step:
             self.eobs[eob.eob_id] = replace(
                 eob, status=EobStatus.HELD_FOR_VERIFICATION, next_at=None
             )
-            member = self.members.get(eob.member_id, Member())
+            member = self.members.get(eob.member_id, _NO_MEMBER)
             if member.pending is None:
                 # Held on a suppressed address no one has asked this member about yet.
                 key = address_key(eob.address)
@@ -542,7 +548,7 @@ class _Step:
         if eob is None or address_key(address) != address_key(eob.address):
             return
         if eob.status in (EobStatus.SENDING, EobStatus.RELEASED):
-            self.eobs[eob_id] = replace(eob, status=EobStatus.DELIVERED)
+            self.eobs[eob_id] = _moved(eob, EobStatus.DELIVERED, eob.next_at)
 
     def _postponed(self, event: Postponed) -> None:
         eob = self.eobs.get(event.eob_id)
@@ -621,11 +627,11 @@ class _Step:
                 self.eobs[other.eob_id] = replace(
                     other, status=EobStatus.HELD_FOR_VERIFICATION, next_at=None
                 )
-                if self.members.get(other.member_id, Member()).pending is None:
+                if self.members.get(other.member_id, _NO_MEMBER).pending is None:
                     self._request_verification(other.member_id, key, at)
 
     def _request_verification(self, member_id: str, key: str, at: datetime) -> None:
-        member = self.members.get(member_id, Member())
+        member = self.members.get(member_id, _NO_MEMBER)
         if member.pending is not None:
             # One request per member at a time; it now also covers this address.
             pending = replace(member.pending, addresses=member.pending.addresses | {key})
@@ -664,7 +670,7 @@ class _Step:
             # Whoever answered is not known to be the member: nothing is released.
             self.effects.append(RecordIncident(IncidentKind.UNVERIFIED_CHANNEL, event.member_id))
             return
-        member = self.members.get(event.member_id, Member())
+        member = self.members.get(event.member_id, _NO_MEMBER)
         verified_key = address_key(event.address)
         replaced = set(member.failed)
         if member.pending is not None:
@@ -697,6 +703,28 @@ class _Step:
         for eob in list(self.eobs.values()):
             if eob.member_id == member_id and eob.status is EobStatus.HELD_FOR_VERIFICATION:
                 self._paper(eob, reason)
+
+
+def _moved(
+    eob: Eob,
+    status: EobStatus,
+    next_at: datetime | None,
+    *,
+    address: str | None = None,
+    attempt: int | None = None,
+) -> Eob:
+    # `replace(eob, ...)` for the transitions every notice takes (sent, delivered), without
+    # replace's field-by-field introspection, which costs as much as the rest of the step.
+    return Eob(
+        eob_id=eob.eob_id,
+        member_id=eob.member_id,
+        address=eob.address if address is None else address,
+        status=status,
+        age_from=eob.age_from,
+        attempt=eob.attempt if attempt is None else attempt,
+        next_at=next_at,
+        incident_recorded=eob.incident_recorded,
+    )
 
 
 def _mint(eob_id: str, member_id: str, to: str, attempt: int) -> Deliverable:

@@ -131,6 +131,10 @@ class EobExtras:
     category: str | None = None
 
 
+# A notice the shell keeps nothing beside (immutable: shared).
+_NO_EXTRAS = EobExtras()
+
+
 @dataclass(frozen=True, slots=True)
 class Slice:
     """Part of the book, loaded under the members' locks, and the shell's extras."""
@@ -208,6 +212,11 @@ def _chunks(items: Collection[_K]) -> Iterable[list[_K]]:
         yield ordered[start : start + _IN_CHUNK]
 
 
+def _padded(chunk: list[_K], size: int) -> list[_K]:
+    # Its last item repeated: an IN list matches the same rows.
+    return chunk + chunk[-1:] * (size - len(chunk))
+
+
 # --------------------------------------------------------------------------- SQL access
 
 _EOB_COLUMNS = (
@@ -215,6 +224,18 @@ _EOB_COLUMNS = (
     " lease_until, fallback_reason, category"
 )
 _MEMBER_COLUMNS = "member_id, pending, redirects, failed"
+_UPSERT_EOB = (
+    "INSERT INTO bounce_eobs (eob_id, member_id, address, address_key, status,"
+    " age_from, attempt, next_at, incident_recorded, lease_until, fallback_reason,"
+    " category, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    " ON CONFLICT (eob_id) DO UPDATE SET address = excluded.address,"
+    " address_key = excluded.address_key, status = excluded.status,"
+    " age_from = excluded.age_from, attempt = excluded.attempt,"
+    " next_at = excluded.next_at, incident_recorded = excluded.incident_recorded,"
+    " lease_until = excluded.lease_until,"
+    " fallback_reason = excluded.fallback_reason, category = excluded.category,"
+    " updated_at = excluded.updated_at"
+)
 
 
 def _eob_from_row(row: Sequence[Any]) -> tuple[Eob, EobExtras]:
@@ -258,6 +279,10 @@ class _Sql(abc.ABC):
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
         """Run a statement and return the number of rows it changed."""
 
+    @abc.abstractmethod
+    async def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        """Run a statement once for each row of arguments, in order."""
+
 
 class BounceTx:
     """One transaction over some members' slice of the book (see BounceStore.transaction)."""
@@ -279,41 +304,42 @@ class BounceTx:
         address they involve plus `suppression_keys` (addresses about to be sent to)."""
         eobs: dict[str, Eob] = {}
         extras: dict[str, EobExtras] = {}
+        rows_seen: dict[str, tuple[Any, ...]] = {}
 
         def keep(rows: list[tuple[Any, ...]]) -> None:
             for row in rows:
+                eob_id = str(row[0])
+                if rows_seen.get(eob_id) == row:
+                    continue  # found by an earlier query too, unchanged: parsed already
+                rows_seen[eob_id] = row
                 eob, extra = _eob_from_row(row)
-                eobs[eob.eob_id] = eob
-                extras[eob.eob_id] = extra
+                eobs[eob_id] = eob
+                extras[eob_id] = extra
 
-        active = [str(s) for s in ACTIVE_STATUSES]
-        for chunk in _chunks(eob_ids):
-            keep(
-                await self._sql.all(
-                    f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
-                    f" WHERE eob_id IN ({_marks(len(chunk))})",
-                    chunk,
-                )
-            )
         members = set(member_ids)
-        for chunk in _chunks(address_keys):
-            keep(
-                await self._sql.all(
-                    f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
-                    f" WHERE address_key IN ({_marks(len(chunk))}) AND status = ?",
-                    [*chunk, str(EobStatus.RETRY_SCHEDULED)],
+        if address_keys:
+            # A bounce: named notices, then those retrying at the addresses, then the
+            # members' own, the order in which a hard bounce walks them (and asks members).
+            keep(await self._select_eobs(eob_ids=eob_ids))
+            for chunk in _chunks(address_keys):
+                keep(
+                    await self._sql.all(
+                        f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
+                        f" WHERE address_key IN ({_marks(len(chunk))}) AND status = ?",
+                        [*chunk, str(EobStatus.RETRY_SCHEDULED)],
+                    )
                 )
-            )
-        members |= {eob.member_id for eob in eobs.values()}
-        for chunk in _chunks(members):
-            keep(
-                await self._sql.all(
-                    f"SELECT {_EOB_COLUMNS} FROM bounce_eobs"  # noqa: S608
-                    f" WHERE member_id IN ({_marks(len(chunk))})"
-                    f" AND status IN ({_marks(len(active))})",
-                    [*chunk, *active],
-                )
-            )
+            members |= {eob.member_id for eob in eobs.values()}
+            keep(await self._select_eobs(member_ids=members))
+        else:
+            # The send path (gate, delivery): named notices and the members' in one query.
+            keep(await self._select_eobs(eob_ids=eob_ids, member_ids=members))
+            # A named notice of a member not named (the caller did not know it, or it
+            # moved): that member's active notices too.
+            others = {eob.member_id for eob in eobs.values()} - members
+            if others:
+                members |= others
+                keep(await self._select_eobs(member_ids=others))
         book_members: dict[str, Member] = {}
         for chunk in _chunks(members):
             for row in await self._sql.all(
@@ -336,6 +362,40 @@ class BounceTx:
             suppressed=frozenset(suppressed),
         )
         return Slice(book, MappingProxyType(extras), frozenset(keys))
+
+    async def _select_eobs(
+        self, *, eob_ids: Collection[str] = (), member_ids: Collection[str] = ()
+    ) -> list[tuple[Any, ...]]:
+        """Rows of the named notices and of the named members' active notices."""
+        ids = sorted(eob_ids)
+        members = sorted(member_ids)
+        active = [str(s) for s in ACTIVE_STATUSES]
+        found: list[tuple[Any, ...]] = []
+        for start in range(0, max(len(ids), len(members)), _IN_CHUNK):
+            id_chunk = ids[start : start + _IN_CHUNK]
+            member_chunk = members[start : start + _IN_CHUNK]
+            if id_chunk and member_chunk:
+                # Both lists as long: one statement text per size, not one per pair of
+                # sizes, or the shapes outgrow SQLite's statement cache (128 entries).
+                width = max(len(id_chunk), len(member_chunk))
+                id_chunk = _padded(id_chunk, width)
+                member_chunk = _padded(member_chunk, width)
+            terms: list[str] = []
+            args: list[str] = []
+            if id_chunk:
+                terms.append(f"eob_id IN ({_marks(len(id_chunk))})")
+                args += id_chunk
+            if member_chunk:
+                terms.append(
+                    f"(member_id IN ({_marks(len(member_chunk))})"
+                    f" AND status IN ({_marks(len(active))}))"
+                )
+                args += [*member_chunk, *active]
+            found += await self._sql.all(
+                f"SELECT {_EOB_COLUMNS} FROM bounce_eobs WHERE {' OR '.join(terms)}",  # noqa: S608
+                args,
+            )
+        return found
 
     async def suppressed(self, keys: Collection[str]) -> set[str]:
         """Which of these address keys are suppressed."""
@@ -363,21 +423,12 @@ class BounceTx:
         clears a lease); categories name why newly suppressed address keys were suppressed.
         """
         now = _us(self._now)
+        rows = []
         for eob_id, eob in after.eobs.items():
-            extra = extras.get(eob_id, EobExtras())
+            extra = extras.get(eob_id, _NO_EXTRAS)
             if before.book.eobs.get(eob_id) == eob and before.extras.get(eob_id) == extra:
                 continue
-            await self._sql.run(
-                "INSERT INTO bounce_eobs (eob_id, member_id, address, address_key, status,"
-                " age_from, attempt, next_at, incident_recorded, lease_until, fallback_reason,"
-                " category, ref, updated_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (eob_id) DO UPDATE SET address = excluded.address,"
-                " address_key = excluded.address_key, status = excluded.status,"
-                " age_from = excluded.age_from, attempt = excluded.attempt,"
-                " next_at = excluded.next_at, incident_recorded = excluded.incident_recorded,"
-                " lease_until = excluded.lease_until,"
-                " fallback_reason = excluded.fallback_reason, category = excluded.category,"
-                " updated_at = excluded.updated_at",
+            rows.append(
                 (
                     eob.eob_id,
                     eob.member_id,
@@ -393,8 +444,10 @@ class BounceTx:
                     extra.category,
                     event_reference(eob.eob_id),
                     now,
-                ),
+                )
             )
+        if rows:
+            await self._sql.many(_UPSERT_EOB, rows)
         for member_id, member in after.members.items():
             if before.book.members.get(member_id) == member:
                 continue
@@ -746,6 +799,9 @@ class _SqliteSql(_Sql):
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
         return self.db.execute(sql, tuple(args)).rowcount
 
+    async def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        self.db.executemany(sql, rows)
+
 
 class SqliteBounceStore(BounceStore):
     """The store in one SQLite file (WAL), shared by the processes of one machine.
@@ -807,6 +863,10 @@ class _PostgresSql(_Sql):
     async def run(self, sql: str, args: Sequence[Any] = ()) -> int:
         cur = await self.conn.execute(sql.replace("?", "%s"), tuple(args))
         return int(cur.rowcount)
+
+    async def many(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        async with self.conn.cursor() as cur:
+            await cur.executemany(sql.replace("?", "%s"), rows)
 
 
 class PostgresBounceStore(BounceStore):
