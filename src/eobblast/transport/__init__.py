@@ -163,7 +163,10 @@ class Transport:
                     limits = self._connection_limits(ticket)
                 try:
                     async with self._pool.connection(key, limits) as conn:
-                        return await conn.send(mail_from, rcpt_to, data)
+                        sending = await conn.start(mail_from, rcpt_to, data)
+                    # Returned to the pool with its content: the connection may carry the
+                    # next message while this one waits for its final reply.
+                    return await sending.finish()
                 except ConnectionNotAvailable as exc:
                     if ticket is not None and exc.code is not None:
                         await self._pushback(

@@ -7,7 +7,11 @@ take a message (the server said 421 or hung up before the message was accepted) 
 
 aiosmtplib opens the session (connect, EHLO, STARTTLS, EHLO again). When the server offers
 PIPELINING (RFC 2920), the transaction is ours: MAIL, RCPT and DATA go in one write, their
-replies are read in order, and the content follows the 354: two round trips, not four.
+replies are read in order, and the content follows the 354. The content is then held for
+the connection's next write: the message goes back to the pool (`Sending.finish` waits for
+its final reply), and the next message's MAIL, RCPT and DATA follow the content in the same
+write (section 3.1 allows the content to be followed by commands). With messages queued for
+a connection, that is one write and one read per message, not two of each, on both sides.
 aiosmtplib cannot do that (its protocol keeps one reply waiter and drops bytes that arrive
 while no command waits), so `_PipelinedSession` takes the TLS transport over from it.
 """
@@ -269,7 +273,16 @@ class _Reply:
 
 
 class _PipelinedSession(asyncio.Protocol):
-    """A TLS session after EHLO, read as a queue of replies of which none is dropped.
+    """A TLS session after EHLO: commands written in order, each reply given to the command
+    it answers.
+
+    Whoever writes a command first asks for its reply (`expect`); replies go to those
+    requests in order, one each, so a request given up (timed out, cancelled) still takes
+    its own reply and none is read as another's. A reply nobody asked for (a 421 before
+    the server leaves) is kept, and makes an idle connection unusable.
+
+    A message's content may be `hold`: it then goes out in the same write as whatever is
+    written next (the next message's commands, RFC 2920 section 3.1), or on `flush`.
 
     Created on aiosmtplib's transport once EHLO is answered, it becomes the transport's
     protocol: from then on aiosmtplib's `SMTP` object is only used to close the connection.
@@ -281,8 +294,10 @@ class _PipelinedSession(asyncio.Protocol):
         self._partial = b""  # a line still without its LF
         self._lines: list[bytes] = []  # the reply being received, when it has several lines
         self._size = 0
-        self._replies: deque[_Reply] = deque()
-        self._waiter: asyncio.Future[None] | None = None
+        # Requests for replies, oldest first; None for a session that ended before its reply.
+        self._expected: deque[asyncio.Future[_Reply | None]] = deque()
+        self._unsolicited: deque[_Reply] = deque()
+        self._held = b""
         self._gone = False
         transport.set_protocol(self)
 
@@ -292,12 +307,24 @@ class _PipelinedSession(asyncio.Protocol):
         return not self._gone and not self._transport.is_closing()
 
     @property
+    def timeout(self) -> float:
+        """Seconds a reply may take (the command timeout)."""
+        return self._timeout
+
+    @property
+    def awaited(self) -> int:
+        """Replies asked for and not yet received."""
+        return len(self._expected)
+
+    @property
     def has_unread(self) -> bool:
         """Whether the server sent anything nobody asked for (usually a 421 before closing)."""
-        return bool(self._replies or self._lines or self._partial)
+        return bool(self._unsolicited) or (
+            not self._expected and bool(self._lines or self._partial)
+        )
 
     def data_received(self, data: bytes) -> None:
-        """Split what arrived into complete replies."""
+        """Split what arrived into complete replies, each to the oldest request."""
         *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
             self._size += len(line) + 1
@@ -306,60 +333,110 @@ class _PipelinedSession(asyncio.Protocol):
                 return
             self._lines.append(line[4:].strip(b" \t\r"))
             if line[3:4] != b"-":
-                self._replies.append(_Reply(int(line[:3]), b"\n".join(self._lines)))
+                reply = _Reply(int(line[:3]), b"\n".join(self._lines))
                 self._lines = []
                 self._size = 0
+                if self._expected:
+                    request = self._expected.popleft()
+                    if not request.done():  # a request given up still takes its reply
+                        request.set_result(reply)
+                else:
+                    self._unsolicited.append(reply)
         if len(self._partial) > _MAX_REPLY:
             self._abandon()
-        elif self._replies:
-            self._wake()
 
     def eof_received(self) -> bool:
         """The server hung up: replies already received stay readable."""
-        self._gone = True
-        self._wake()
+        self._end()
         return False  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone."""
-        self._gone = True
-        self._wake()
+        self._end()
+
+    def expect(self) -> asyncio.Future[_Reply | None]:
+        """A request for the reply to the next command written (ask before writing it)."""
+        request: asyncio.Future[_Reply | None] = asyncio.get_running_loop().create_future()
+        if self._gone:
+            request.set_result(None)
+        else:
+            self._expected.append(request)
+        return request
 
     def write(self, data: bytes) -> None:
-        """Send bytes; raises _ServerGone when the connection is closed."""
+        """Send bytes, after any held content; raises _ServerGone when the connection is
+        closed."""
         if not self.is_open:
             raise _ServerGone
+        if self._held:
+            data, self._held = self._held + data, b""
         self._transport.write(data)
+
+    def hold(self, data: bytes) -> None:
+        """Keep bytes to go out with the next write (or `flush`)."""
+        self._held += data
+
+    def flush(self) -> None:
+        """Send held bytes now, if any (and if the connection is still open)."""
+        if self._held and self.is_open:
+            data, self._held = self._held, b""
+            self._transport.write(data)
 
     def close(self) -> None:
         """Close the transport; replies already received stay readable."""
-        self._gone = True
+        self._end()
         self._transport.close()
 
-    async def reply(self) -> _Reply:
-        """The next reply; raises _ServerGone, or TimeoutError after the command timeout."""
-        while not self._replies:
-            if self._gone:
-                raise _ServerGone
-            waiter = self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                async with asyncio.timeout(self._timeout):
-                    await waiter
-            finally:
-                self._waiter = None
-        return self._replies.popleft()
+    async def reply(self, request: asyncio.Future[_Reply | None]) -> _Reply:
+        """The reply `request` asked for; raises _ServerGone, or TimeoutError after the
+        command timeout."""
+        if not request.done():
+            async with asyncio.timeout(self._timeout):
+                await request
+        reply = request.result()
+        if reply is None:
+            raise _ServerGone
+        return reply
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+    async def command(self, line: bytes) -> _Reply:
+        """Write one command and read its reply."""
+        request = self.expect()
+        self.write(line)
+        return await self.reply(request)
+
+    def _end(self) -> None:
+        self._gone = True
+        self._held = b""
+        while self._expected:
+            request = self._expected.popleft()
+            if not request.done():
+                request.set_result(None)
 
     def _abandon(self) -> None:
         # Not SMTP, or unbounded: nothing later on this stream can be trusted.
-        self._gone = True
         self._partial = b""
         self._transport.abort()
-        self._wake()
+        self._end()
+
+
+@dataclass(slots=True, eq=False)
+class Sending:
+    """A message whose content is with the connection: its final reply is still to come.
+
+    The connection may carry other messages meanwhile (`SmtpPool.release`); `finish`
+    waits for this one's reply to the end of its data.
+    """
+
+    conn: SmtpConnection
+    final: asyncio.Future[_Reply | None] | None = None
+    done: SmtpReply | None = None
+
+    async def finish(self) -> SmtpReply:
+        """The accepting reply; raises DeliveryError (the message may have been sent)."""
+        if self.done is not None:
+            return self.done
+        assert self.final is not None and self.conn.session is not None
+        return await self.conn._final(self.conn.session, self.final)
 
 
 @dataclass(slots=True, eq=False)
@@ -402,19 +479,29 @@ class SmtpConnection:
         self.smtp.close()
 
     async def send(self, mail_from: str, rcpt_to: str, data: bytes) -> SmtpReply:
-        """Run one mail transaction; raises DeliveryError or ConnectionNotAvailable."""
+        """Run one mail transaction to its end; raises DeliveryError or
+        ConnectionNotAvailable."""
+        sending = await self.start(mail_from, rcpt_to, data)
+        if self.session is not None:
+            self.session.flush()
+        return await sending.finish()
+
+    async def start(self, mail_from: str, rcpt_to: str, data: bytes) -> Sending:
+        """Run a mail transaction up to its content, which the connection holds for the next
+        write (`Sending.finish` waits for the reply); raises DeliveryError or
+        ConnectionNotAvailable. Without PIPELINING, the whole transaction."""
         if self.session is None:
-            return await self._send_stepwise(mail_from, rcpt_to, data)
+            return Sending(self, done=await self._send_stepwise(mail_from, rcpt_to, data))
         try:
-            return await self._send_pipelined(self.session, mail_from, rcpt_to, data)
+            return await self._start_pipelined(self.session, mail_from, rcpt_to, data)
         except asyncio.CancelledError:
-            # Replies still due would be read as the next transaction's: end the session.
+            # Mid-transaction the server waits for what we no longer send: end the session.
             self.close()
             raise
 
-    async def _send_pipelined(
+    async def _start_pipelined(
         self, session: _PipelinedSession, mail_from: str, rcpt_to: str, data: bytes
-    ) -> SmtpReply:
+    ) -> Sending:
         # Built before the first write: a refused address must not leave half a group sent.
         group = (
             b"MAIL FROM:"
@@ -427,9 +514,10 @@ class SmtpConnection:
         content = _data_content(data)
         replies: list[_Reply] = []
         try:
+            requests = [session.expect() for _ in _GROUP_STAGES]
             session.write(group)
-            for _ in _GROUP_STAGES:
-                reply = await session.reply()
+            for request in requests:
+                reply = await session.reply(request)
                 if reply.code == 421:
                     # The server is closing; nothing was sent after DATA, so retrying the
                     # message on another connection cannot duplicate it.
@@ -455,9 +543,16 @@ class SmtpConnection:
                 await self._reset(session)
                 metrics.SMTP_REPLIES.labels(f"{reply.code // 100}xx").inc()
                 raise _reply_error(reply.code, reply.text, stage=stage)
+        final = session.expect()
+        session.hold(content)
+        self.messages += 1
+        return Sending(self, final)
+
+    async def _final(
+        self, session: _PipelinedSession, final: asyncio.Future[_Reply | None]
+    ) -> SmtpReply:
         try:
-            session.write(content)
-            final = await session.reply()
+            reply = await session.reply(final)
         except _ServerGone:
             self.close()
             # The message may have been accepted before the line dropped.
@@ -469,18 +564,17 @@ class SmtpConnection:
             raise DeliveryError(
                 ReasonCode.TIMEOUT, "timeout at data", permanent=False, sent=True
             ) from None
-        self.messages += 1
-        if final.code != 250:
-            if final.code == 421 or not session.is_open:
+        if reply.code != 250:
+            # The reply ended the transaction (RFC 5321 section 4.1.1.4): nothing to reset,
+            # and the connection may already carry the next message.
+            if reply.code == 421:
                 self.close()
-            else:
-                await self._reset(session)
-            metrics.SMTP_REPLIES.labels(f"{final.code // 100}xx").inc()
-            raise _reply_error(final.code, final.text, stage="data")
+            metrics.SMTP_REPLIES.labels(f"{reply.code // 100}xx").inc()
+            raise _reply_error(reply.code, reply.text, stage="data")
         _REPLIES_2XX.inc()
         return SmtpReply(
-            final.code,
-            _enhanced_status(final.text),
+            reply.code,
+            _enhanced_status(reply.text),
             self.tls_version,
             self.cipher,
             self.tls_verified,
@@ -488,18 +582,16 @@ class SmtpConnection:
 
     async def _end_refused_data(self, session: _PipelinedSession) -> None:
         try:
-            session.write(b".\r\n")
-            await session.reply()
+            await session.command(b".\r\n")
         except (_ServerGone, TimeoutError):
             self.close()
 
     async def _reset(self, session: _PipelinedSession) -> None:
-        """RSET after a refused transaction; a connection that cannot reset is closed."""
+        """RSET after a refused envelope; a connection that cannot reset is closed."""
         if self.state is ConnectionState.CLOSED:
             return
         try:
-            session.write(b"RSET\r\n")
-            reply = await session.reply()
+            reply = await session.command(b"RSET\r\n")
         except (_ServerGone, TimeoutError):
             self.close()
             return
@@ -561,9 +653,13 @@ class SmtpConnection:
             if session is not None:
                 if session.is_open:
                     with suppress(_ServerGone, TimeoutError):
-                        session.write(b"QUIT\r\n")
-                        async with asyncio.timeout(_QUIT_TIMEOUT):
-                            await session.reply()
+                        # Replies still due (a message's content, the last one sent) come
+                        # first: they get the command timeout, as they would have anyway.
+                        wait = _QUIT_TIMEOUT + (session.timeout if session.awaited else 0.0)
+                        request = session.expect()
+                        session.write(b"QUIT\r\n")  # after any content it holds
+                        async with asyncio.timeout(wait):
+                            await session.reply(request)
             elif self.smtp.is_connected:
                 with suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                     await self.smtp.quit(timeout=_QUIT_TIMEOUT)
@@ -823,6 +919,11 @@ class SmtpPool:
                 metrics.CONNECTIONS_IDLE.inc()
                 # For a caller of this destination, or else one that needs its slot.
                 dest.limits.wake_one(dest)
+                if conn.session is not None:
+                    # A caller woken for this connection writes its commands right after
+                    # the content the connection holds, in one write (it runs first: woken
+                    # before this is scheduled); without one, the content goes on its own.
+                    asyncio.get_running_loop().call_soon(conn.session.flush)
             else:
                 await self._discard(conn)
         finally:
