@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from eobblast.transport.pool import (
     SmtpConnection,
     _command_address,
     _data_content,
+    _most_ready,
     _PipelinedSession,
 )
 
@@ -545,3 +547,21 @@ async def test_a_connection_closed_with_a_reply_due_waits_for_it_before_quit() -
     assert (await last.finish()).code == 250
     await asyncio.wait_for(closing, 5)
     assert transport.closed
+
+
+async def test_an_idle_connection_with_a_reply_due_is_used_only_when_no_other_is_free() -> None:
+    busy = connection(ScriptedTransport(lambda written: None))
+    free = connection(ScriptedTransport(server()))
+    assert busy.session is not None
+    busy.session.expect()  # its last message's reply is on the way
+    idle = deque([free, busy])  # busy is the most recently used
+    assert _most_ready(idle) is free  # a message queued behind another waits longer
+    assert _most_ready(idle) is busy and not idle
+
+
+async def test_a_421_is_heard_at_once_even_if_the_server_stays_connected() -> None:
+    transport = ScriptedTransport(lambda written: b"421 4.7.0 too many\r\n")  # no hang-up
+    conn = connection(transport, timeout=30)
+    with pytest.raises(ConnectionNotAvailable) as caught:
+        await asyncio.wait_for(conn.send(SENDER, "bob@member.test", MESSAGE), 5)
+    assert caught.value.code == 421 and transport.closed

@@ -272,6 +272,16 @@ class _Reply:
     text: bytes
 
 
+@dataclass(slots=True, eq=False)
+class _Request:
+    """A request for the replies to `count` commands: `future` gets them as a list, shorter
+    if the session ended first (so a 421 before a hang-up is still read)."""
+
+    future: asyncio.Future[list[_Reply]]
+    count: int
+    replies: list[_Reply] = field(default_factory=list)
+
+
 class _PipelinedSession(asyncio.Protocol):
     """A TLS session after EHLO: commands written in order, each reply given to the command
     it answers.
@@ -294,8 +304,8 @@ class _PipelinedSession(asyncio.Protocol):
         self._partial = b""  # a line still without its LF
         self._lines: list[bytes] = []  # the reply being received, when it has several lines
         self._size = 0
-        # Requests for replies, oldest first; None for a session that ended before its reply.
-        self._expected: deque[asyncio.Future[_Reply | None]] = deque()
+        # Requests for replies, oldest first.
+        self._expected: deque[_Request] = deque()
         self._unsolicited: deque[_Reply] = deque()
         self._held = b""
         self._gone = False
@@ -337,9 +347,17 @@ class _PipelinedSession(asyncio.Protocol):
                 self._lines = []
                 self._size = 0
                 if self._expected:
-                    request = self._expected.popleft()
-                    if not request.done():  # a request given up still takes its reply
-                        request.set_result(reply)
+                    request = self._expected[0]
+                    request.replies.append(reply)
+                    if reply.code == 421:
+                        # RFC 5321 section 3.8: the server is closing the channel. Whoever
+                        # waits hears it now, not after its other replies never come.
+                        self._end()
+                    elif len(request.replies) == request.count:
+                        self._expected.popleft()
+                        # A request given up still takes its replies, for nobody.
+                        if not request.future.done():
+                            request.future.set_result(request.replies)
                 else:
                     self._unsolicited.append(reply)
         if len(self._partial) > _MAX_REPLY:
@@ -354,11 +372,12 @@ class _PipelinedSession(asyncio.Protocol):
         """The connection is gone."""
         self._end()
 
-    def expect(self) -> asyncio.Future[_Reply | None]:
-        """A request for the reply to the next command written (ask before writing it)."""
-        request: asyncio.Future[_Reply | None] = asyncio.get_running_loop().create_future()
+    def expect(self, count: int = 1) -> _Request:
+        """A request for the replies to the next `count` commands written (ask before
+        writing them)."""
+        request = _Request(asyncio.get_running_loop().create_future(), count)
         if self._gone:
-            request.set_result(None)
+            request.future.set_result([])
         else:
             self._expected.append(request)
         return request
@@ -387,16 +406,20 @@ class _PipelinedSession(asyncio.Protocol):
         self._end()
         self._transport.close()
 
-    async def reply(self, request: asyncio.Future[_Reply | None]) -> _Reply:
-        """The reply `request` asked for; raises _ServerGone, or TimeoutError after the
-        command timeout."""
-        if not request.done():
+    async def replies(self, request: _Request) -> list[_Reply]:
+        """The replies `request` asked for, fewer if the session ended first; raises
+        TimeoutError after the command timeout."""
+        if not request.future.done():
             async with asyncio.timeout(self._timeout):
-                await request
-        reply = request.result()
-        if reply is None:
+                await request.future
+        return request.future.result()
+
+    async def reply(self, request: _Request) -> _Reply:
+        """The one reply `request` asked for; raises _ServerGone, or TimeoutError."""
+        got = await self.replies(request)
+        if not got:
             raise _ServerGone
-        return reply
+        return got[0]
 
     async def command(self, line: bytes) -> _Reply:
         """Write one command and read its reply."""
@@ -409,8 +432,8 @@ class _PipelinedSession(asyncio.Protocol):
         self._held = b""
         while self._expected:
             request = self._expected.popleft()
-            if not request.done():
-                request.set_result(None)
+            if not request.future.done():
+                request.future.set_result(request.replies)
 
     def _abandon(self) -> None:
         # Not SMTP, or unbounded: nothing later on this stream can be trusted.
@@ -428,7 +451,7 @@ class Sending:
     """
 
     conn: SmtpConnection
-    final: asyncio.Future[_Reply | None] | None = None
+    final: _Request | None = None
     done: SmtpReply | None = None
 
     async def finish(self) -> SmtpReply:
@@ -512,27 +535,28 @@ class SmtpConnection:
             + b"\r\nDATA\r\n"
         )
         content = _data_content(data)
-        replies: list[_Reply] = []
+        request = session.expect(len(_GROUP_STAGES))
         try:
-            requests = [session.expect() for _ in _GROUP_STAGES]
             session.write(group)
-            for request in requests:
-                reply = await session.reply(request)
-                if reply.code == 421:
-                    # The server is closing; nothing was sent after DATA, so retrying the
-                    # message on another connection cannot duplicate it.
-                    self.close()
-                    raise _not_available(reply.code, reply.text, self.messages)
-                replies.append(reply)
+            replies = await session.replies(request)
         except _ServerGone:
             self.close()
             raise ConnectionNotAvailable from None
         except TimeoutError:
             self.close()
-            stage = _GROUP_STAGES[len(replies)]
+            stage = _GROUP_STAGES[len(request.replies)]
             raise DeliveryError(
                 ReasonCode.TIMEOUT, f"timeout at {stage}", permanent=False
             ) from None
+        for reply in replies:
+            if reply.code == 421:
+                # The server is closing; nothing was sent after DATA, so retrying the
+                # message on another connection cannot duplicate it.
+                self.close()
+                raise _not_available(reply.code, reply.text, self.messages)
+        if len(replies) < len(_GROUP_STAGES):
+            self.close()  # the server hung up before it answered them all
+            raise ConnectionNotAvailable
         for reply, stage, accepted in zip(replies, _GROUP_STAGES, _GROUP_ACCEPTS, strict=True):
             if reply.code not in accepted:
                 self.messages += 1
@@ -548,9 +572,7 @@ class SmtpConnection:
         self.messages += 1
         return Sending(self, final)
 
-    async def _final(
-        self, session: _PipelinedSession, final: asyncio.Future[_Reply | None]
-    ) -> SmtpReply:
+    async def _final(self, session: _PipelinedSession, final: _Request) -> SmtpReply:
         try:
             reply = await session.reply(final)
         except _ServerGone:
@@ -716,12 +738,12 @@ class _Limits:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def wake_one(self, dest: _Destination | None = None) -> None:
+    def wake_one(self, dest: _Destination | None = None) -> bool:
         """One waiter looks again: the first waiting for `dest`, else the first of all.
 
         One connection returned or one slot freed serves one caller: waking every waiter
         would have all but one look, find nothing and queue again (with dozens of events in
-        flight, most of the pool's work).
+        flight, most of the pool's work). True if it woke a waiter for `dest`.
         """
         chosen = None
         for entry in self.waiters:
@@ -733,9 +755,11 @@ class _Limits:
                 break
             if chosen is None:
                 chosen = entry
-        if chosen is not None:
-            self.waiters.remove(chosen)
-            chosen[0].set_result(None)
+        if chosen is None:
+            return False
+        self.waiters.remove(chosen)
+        chosen[0].set_result(None)
+        return chosen[1] is dest
 
     def oldest_idle(self) -> SmtpConnection | None:
         """Take the group's longest-idle connection out of its destination, if any."""
@@ -746,6 +770,19 @@ class _Limits:
             ):
                 oldest = dest
         return None if oldest is None else oldest.idle.popleft()
+
+
+def _most_ready(idle: deque[SmtpConnection]) -> SmtpConnection:
+    """Take the idle connection to use next: the most recently used with no reply due (its
+    socket is warm), else the most recently used (its last message's reply is on the way:
+    the new one queues behind it)."""
+    for index in range(len(idle) - 1, -1, -1):
+        session = idle[index].session
+        if session is None or not session.awaited:
+            conn = idle[index]
+            del idle[index]
+            return conn
+    return idle.pop()
 
 
 class _Destination:
@@ -878,7 +915,7 @@ class SmtpPool:
             now = self._clock()
             self._sweep(now)
             while dest.idle:
-                conn = dest.idle.pop()  # most recently used first: its socket is warm
+                conn = _most_ready(dest.idle)
                 metrics.CONNECTIONS_IDLE.dec()
                 if conn.is_usable(
                     now, max_messages=group.max_messages, idle_expiry=self._idle_expiry
@@ -918,12 +955,15 @@ class SmtpPool:
                 dest.idle.append(conn)
                 metrics.CONNECTIONS_IDLE.inc()
                 # For a caller of this destination, or else one that needs its slot.
-                dest.limits.wake_one(dest)
+                woken = dest.limits.wake_one(dest)
                 if conn.session is not None:
-                    # A caller woken for this connection writes its commands right after
-                    # the content the connection holds, in one write (it runs first: woken
-                    # before this is scheduled); without one, the content goes on its own.
-                    asyncio.get_running_loop().call_soon(conn.session.flush)
+                    if woken:
+                        # The caller woken for this connection writes its commands right
+                        # after the content the connection holds, in one write (it runs
+                        # first: it was woken before this is scheduled).
+                        asyncio.get_running_loop().call_soon(conn.session.flush)
+                    else:
+                        conn.session.flush()  # nobody waits to follow it: the content goes now
             else:
                 await self._discard(conn)
         finally:
