@@ -78,3 +78,21 @@ async def test_an_older_world_readable_store_is_narrowed_when_opened(tmp_path: P
         assert set(_modes(path).values()) == {0o600}
     finally:
         await ledger.close()
+
+
+def test_a_store_checkpoints_its_wal_every_ten_thousand_pages(tmp_path: Path) -> None:
+    # Pages written again and again (random index leaves) are copied into the database once
+    # per checkpoint: past SQLite's default of 1,000 pages, the WAL keeps growing.
+    from eobblast.state.sqlite import WAL_CHECKPOINT_PAGES, open_sqlite
+
+    path = tmp_path / "store.db"
+    db = open_sqlite(path, ["CREATE TABLE t (k INTEGER PRIMARY KEY, v BLOB)"])
+    try:
+        page = db.execute("PRAGMA page_size").fetchone()[0]
+        for _ in range(3_000):  # ~3,000 pages, one transaction each
+            db.execute("INSERT INTO t (v) VALUES (?)", (os.urandom(page - 100),))
+        wal = path.with_name(path.name + "-wal").stat().st_size
+        assert wal > 2_000 * page  # not checkpointed at 1,000
+        assert db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == WAL_CHECKPOINT_PAGES
+    finally:
+        db.close()

