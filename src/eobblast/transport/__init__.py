@@ -162,10 +162,13 @@ class Transport:
                 if ticket is not None:
                     limits = self._connection_limits(ticket)
                 try:
-                    async with self._pool.connection(key, limits) as conn:
+                    conn = await self._pool.acquire(key, limits)
+                    try:
                         sending = await conn.start(mail_from, rcpt_to, data)
-                    # Returned to the pool with its content: the connection may carry the
-                    # next message while this one waits for its final reply.
+                    finally:
+                        # Returned with its content: the connection may carry the next
+                        # message while this one waits for its final reply.
+                        await self._pool.release(conn)
                     return await sending.finish()
                 except ConnectionNotAvailable as exc:
                     if ticket is not None and exc.code is not None:
