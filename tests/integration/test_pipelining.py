@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ from eobblast.transport.pool import (
     SmtpConnection,
     _command_address,
     _data_content,
-    _most_ready,
     _PipelinedSession,
 )
 
@@ -305,16 +303,13 @@ async def test_cancelled_transaction_closes_the_connection() -> None:
     assert not conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
 
 
-async def test_rejected_content_ends_its_transaction_and_421_after_content_closes() -> None:
+async def test_rejected_content_resets_and_421_after_content_closes() -> None:
     transport = ScriptedTransport(server(final=b"554 5.7.1 spam"))
     conn = connection(transport)
     with pytest.raises(DeliveryError) as caught:
         await conn.send(SENDER, "bob@member.test", MESSAGE)
     assert caught.value.reason is ReasonCode.MESSAGE_REJECTED and caught.value.permanent
-    # The reply to the content ends the transaction: no RSET, which could land in the middle
-    # of the next message's transaction on the same connection.
-    assert transport.writes == [*GROUP]
-    assert conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
+    assert transport.writes[-1] == b"RSET\r\n"
 
     transport = ScriptedTransport(server(final=b"421 4.3.2 shutting down"))
     conn = connection(transport)
@@ -345,69 +340,6 @@ async def test_unsolicited_reply_makes_an_idle_connection_unusable() -> None:
     assert conn.session is not None
     conn.session.data_received(b"421 4.4.2 idle timeout\r\n")
     assert not conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
-
-
-async def test_the_next_message_goes_out_with_the_content_before_it() -> None:
-    # RFC 2920 section 3.1: the content may be followed by the next transaction's commands
-    # in the same write; each message still gets its own replies, in order.
-    transport = ScriptedTransport(lambda written: None)  # answered by hand below
-    conn = connection(transport)
-    assert conn.session is not None
-    started = asyncio.create_task(conn.start(SENDER, "bob@member.test", MESSAGE))
-    await asyncio.sleep(0)
-    conn.session.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    first = await asyncio.wait_for(started, 5)
-    assert transport.writes == [GROUP[0]]  # the content waits for what comes next
-    second_started = asyncio.create_task(conn.start(SENDER, "bob@member.test", MESSAGE))
-    await asyncio.sleep(0)
-    assert transport.writes == [GROUP[0], GROUP[1] + GROUP[0]]
-    # The server answers the first content, then the second group, in one read.
-    conn.session.data_received(b"250 2.0.0 Ok: first\r\n250 ok\r\n250 ok\r\n354 go\r\n")
-    second = await asyncio.wait_for(second_started, 5)
-    assert (await first.finish()).code == 250
-    conn.session.flush()
-    assert transport.writes[-1] == GROUP[1]
-    conn.session.data_received(b"554 5.7.1 second refused\r\n")
-    with pytest.raises(DeliveryError) as caught:
-        await second.finish()
-    assert caught.value.smtp_code == 554
-    assert conn.messages == 2 and conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
-
-
-async def test_a_reply_given_up_on_is_not_read_as_the_next_ones() -> None:
-    transport = ScriptedTransport(lambda written: None)  # answered by hand below
-    conn = connection(transport)
-    assert conn.session is not None
-    started = asyncio.create_task(conn.start(SENDER, "bob@member.test", MESSAGE))
-    await asyncio.sleep(0)
-    conn.session.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    first = await asyncio.wait_for(started, 5)
-    conn.session.flush()
-    waiting = asyncio.create_task(first.finish())
-    await asyncio.sleep(0)
-    waiting.cancel()  # its caller went away; its reply is still to come
-    with pytest.raises(asyncio.CancelledError):
-        await waiting
-    second_started = asyncio.create_task(conn.start(SENDER, "bob@member.test", MESSAGE))
-    await asyncio.sleep(0)
-    conn.session.data_received(b"550 5.7.1 the first one's\r\n250 ok\r\n250 ok\r\n354 go\r\n")
-    second = await asyncio.wait_for(second_started, 5)
-    conn.session.flush()
-    conn.session.data_received(b"250 2.0.0 Ok: the second one's\r\n")
-    reply = await second.finish()
-    assert reply.code == 250
-
-
-async def test_a_hang_up_with_content_held_fails_it_as_possibly_sent() -> None:
-    transport = ScriptedTransport(server(final=None))
-    conn = connection(transport)
-    held = await conn.start(SENDER, "bob@member.test", MESSAGE)
-    assert conn.session is not None
-    conn.session.eof_received()
-    with pytest.raises(DeliveryError) as caught:
-        await held.finish()
-    assert caught.value.reason is ReasonCode.CONNECTION_LOST and caught.value.sent
-    assert transport.writes == [GROUP[0]]
 
 
 # ------------------------------------------------------------------ against the sandbox
@@ -526,42 +458,3 @@ async def test_sandbox_lines_starting_with_dots_arrive_intact(
     first, second = sandbox.received
     assert _stored(first.path) == message
     assert _stored(second.path) == b".starts with a dot\r\n.\r\n"  # given its final CRLF
-
-
-async def test_a_connection_closed_with_a_reply_due_waits_for_it_before_quit() -> None:
-    # A connection at its message limit is closed as soon as its last message's content is
-    # with it: that message's reply may take the command timeout, not QUIT's two seconds.
-    transport = ScriptedTransport(lambda written: None)  # answered by hand below
-    conn = connection(transport)
-    assert conn.session is not None
-    started = asyncio.create_task(conn.start(SENDER, "bob@member.test", MESSAGE))
-    await asyncio.sleep(0)
-    conn.session.data_received(b"250 ok\r\n250 ok\r\n354 go\r\n")
-    last = await asyncio.wait_for(started, 5)
-    closing = asyncio.create_task(conn.aclose())
-    await asyncio.sleep(0)
-    assert transport.writes[-1] == GROUP[1] + b"QUIT\r\n"
-    await asyncio.sleep(2.5)  # a slow receiver, past QUIT's own timeout
-    assert not closing.done() and not transport.closed
-    conn.session.data_received(b"250 2.0.0 Ok: queued\r\n221 bye\r\n")
-    assert (await last.finish()).code == 250
-    await asyncio.wait_for(closing, 5)
-    assert transport.closed
-
-
-async def test_an_idle_connection_with_a_reply_due_is_used_only_when_no_other_is_free() -> None:
-    busy = connection(ScriptedTransport(lambda written: None))
-    free = connection(ScriptedTransport(server()))
-    assert busy.session is not None
-    busy.session.expect()  # its last message's reply is on the way
-    idle = deque([free, busy])  # busy is the most recently used
-    assert _most_ready(idle) is free  # a message queued behind another waits longer
-    assert _most_ready(idle) is busy and not idle
-
-
-async def test_a_421_is_heard_at_once_even_if_the_server_stays_connected() -> None:
-    transport = ScriptedTransport(lambda written: b"421 4.7.0 too many\r\n")  # no hang-up
-    conn = connection(transport, timeout=30)
-    with pytest.raises(ConnectionNotAvailable) as caught:
-        await asyncio.wait_for(conn.send(SENDER, "bob@member.test", MESSAGE), 5)
-    assert caught.value.code == 421 and transport.closed

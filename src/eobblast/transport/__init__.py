@@ -164,12 +164,9 @@ class Transport:
                 try:
                     conn = await self._pool.acquire(key, limits)
                     try:
-                        sending = await conn.start(mail_from, rcpt_to, data)
+                        return await conn.send(mail_from, rcpt_to, data)
                     finally:
-                        # Returned with its content: the connection may carry the next
-                        # message while this one waits for its final reply.
                         await self._pool.release(conn)
-                    return await sending.finish()
                 except ConnectionNotAvailable as exc:
                     if ticket is not None and exc.code is not None:
                         await self._pushback(

@@ -7,11 +7,7 @@ take a message (the server said 421 or hung up before the message was accepted) 
 
 aiosmtplib opens the session (connect, EHLO, STARTTLS, EHLO again). When the server offers
 PIPELINING (RFC 2920), the transaction is ours: MAIL, RCPT and DATA go in one write, their
-replies are read in order, and the content follows the 354. The content is then held for
-the connection's next write: the message goes back to the pool (`Sending.finish` waits for
-its final reply), and the next message's MAIL, RCPT and DATA follow the content in the same
-write (section 3.1 allows the content to be followed by commands). With messages queued for
-a connection, that is one write and one read per message, not two of each, on both sides.
+replies are read in order, and the content follows the 354: two round trips, not four.
 aiosmtplib cannot do that (its protocol keeps one reply waiter and drops bytes that arrive
 while no command waits), so `_PipelinedSession` takes the TLS transport over from it.
 """
@@ -272,27 +268,8 @@ class _Reply:
     text: bytes
 
 
-@dataclass(slots=True, eq=False)
-class _Request:
-    """A request for the replies to `count` commands: `future` gets them as a list, shorter
-    if the session ended first (so a 421 before a hang-up is still read)."""
-
-    future: asyncio.Future[list[_Reply]]
-    count: int
-    replies: list[_Reply] = field(default_factory=list)
-
-
 class _PipelinedSession(asyncio.Protocol):
-    """A TLS session after EHLO: commands written in order, each reply given to the command
-    it answers.
-
-    Whoever writes a command first asks for its reply (`expect`); replies go to those
-    requests in order, one each, so a request given up (timed out, cancelled) still takes
-    its own reply and none is read as another's. A reply nobody asked for (a 421 before
-    the server leaves) is kept, and makes an idle connection unusable.
-
-    A message's content may be `hold`: it then goes out in the same write as whatever is
-    written next (the next message's commands, RFC 2920 section 3.1), or on `flush`.
+    """A TLS session after EHLO, read as a queue of replies of which none is dropped.
 
     Created on aiosmtplib's transport once EHLO is answered, it becomes the transport's
     protocol: from then on aiosmtplib's `SMTP` object is only used to close the connection.
@@ -304,10 +281,8 @@ class _PipelinedSession(asyncio.Protocol):
         self._partial = b""  # a line still without its LF
         self._lines: list[bytes] = []  # the reply being received, when it has several lines
         self._size = 0
-        # Requests for replies, oldest first.
-        self._expected: deque[_Request] = deque()
-        self._unsolicited: deque[_Reply] = deque()
-        self._held = b""
+        self._replies: deque[_Reply] = deque()
+        self._waiter: asyncio.Future[None] | None = None
         self._gone = False
         transport.set_protocol(self)
 
@@ -317,24 +292,12 @@ class _PipelinedSession(asyncio.Protocol):
         return not self._gone and not self._transport.is_closing()
 
     @property
-    def timeout(self) -> float:
-        """Seconds a reply may take (the command timeout)."""
-        return self._timeout
-
-    @property
-    def awaited(self) -> int:
-        """Replies asked for and not yet received."""
-        return len(self._expected)
-
-    @property
     def has_unread(self) -> bool:
         """Whether the server sent anything nobody asked for (usually a 421 before closing)."""
-        return bool(self._unsolicited) or (
-            not self._expected and bool(self._lines or self._partial)
-        )
+        return bool(self._replies or self._lines or self._partial)
 
     def data_received(self, data: bytes) -> None:
-        """Split what arrived into complete replies, each to the oldest request."""
+        """Split what arrived into complete replies."""
         *lines, self._partial = (self._partial + data).split(b"\n")
         for line in lines:
             self._size += len(line) + 1
@@ -343,123 +306,60 @@ class _PipelinedSession(asyncio.Protocol):
                 return
             self._lines.append(line[4:].strip(b" \t\r"))
             if line[3:4] != b"-":
-                reply = _Reply(int(line[:3]), b"\n".join(self._lines))
+                self._replies.append(_Reply(int(line[:3]), b"\n".join(self._lines)))
                 self._lines = []
                 self._size = 0
-                if self._expected:
-                    request = self._expected[0]
-                    request.replies.append(reply)
-                    if reply.code == 421:
-                        # RFC 5321 section 3.8: the server is closing the channel. Whoever
-                        # waits hears it now, not after its other replies never come.
-                        self._end()
-                    elif len(request.replies) == request.count:
-                        self._expected.popleft()
-                        # A request given up still takes its replies, for nobody.
-                        if not request.future.done():
-                            request.future.set_result(request.replies)
-                else:
-                    self._unsolicited.append(reply)
         if len(self._partial) > _MAX_REPLY:
             self._abandon()
+        elif self._replies:
+            self._wake()
 
     def eof_received(self) -> bool:
         """The server hung up: replies already received stay readable."""
-        self._end()
+        self._gone = True
+        self._wake()
         return False  # let the transport close itself
 
     def connection_lost(self, exc: Exception | None) -> None:
         """The connection is gone."""
-        self._end()
-
-    def expect(self, count: int = 1) -> _Request:
-        """A request for the replies to the next `count` commands written (ask before
-        writing them)."""
-        request = _Request(asyncio.get_running_loop().create_future(), count)
-        if self._gone:
-            request.future.set_result([])
-        else:
-            self._expected.append(request)
-        return request
+        self._gone = True
+        self._wake()
 
     def write(self, data: bytes) -> None:
-        """Send bytes, after any held content; raises _ServerGone when the connection is
-        closed."""
+        """Send bytes; raises _ServerGone when the connection is closed."""
         if not self.is_open:
             raise _ServerGone
-        if self._held:
-            data, self._held = self._held + data, b""
         self._transport.write(data)
-
-    def hold(self, data: bytes) -> None:
-        """Keep bytes to go out with the next write (or `flush`)."""
-        self._held += data
-
-    def flush(self) -> None:
-        """Send held bytes now, if any (and if the connection is still open)."""
-        if self._held and self.is_open:
-            data, self._held = self._held, b""
-            self._transport.write(data)
 
     def close(self) -> None:
         """Close the transport; replies already received stay readable."""
-        self._end()
+        self._gone = True
         self._transport.close()
 
-    async def replies(self, request: _Request) -> list[_Reply]:
-        """The replies `request` asked for, fewer if the session ended first; raises
-        TimeoutError after the command timeout."""
-        if not request.future.done():
-            async with asyncio.timeout(self._timeout):
-                await request.future
-        return request.future.result()
+    async def reply(self) -> _Reply:
+        """The next reply; raises _ServerGone, or TimeoutError after the command timeout."""
+        while not self._replies:
+            if self._gone:
+                raise _ServerGone
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(self._timeout):
+                    await waiter
+            finally:
+                self._waiter = None
+        return self._replies.popleft()
 
-    async def reply(self, request: _Request) -> _Reply:
-        """The one reply `request` asked for; raises _ServerGone, or TimeoutError."""
-        got = await self.replies(request)
-        if not got:
-            raise _ServerGone
-        return got[0]
-
-    async def command(self, line: bytes) -> _Reply:
-        """Write one command and read its reply."""
-        request = self.expect()
-        self.write(line)
-        return await self.reply(request)
-
-    def _end(self) -> None:
-        self._gone = True
-        self._held = b""
-        while self._expected:
-            request = self._expected.popleft()
-            if not request.future.done():
-                request.future.set_result(request.replies)
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
 
     def _abandon(self) -> None:
         # Not SMTP, or unbounded: nothing later on this stream can be trusted.
+        self._gone = True
         self._partial = b""
         self._transport.abort()
-        self._end()
-
-
-@dataclass(slots=True, eq=False)
-class Sending:
-    """A message whose content is with the connection: its final reply is still to come.
-
-    The connection may carry other messages meanwhile (`SmtpPool.release`); `finish`
-    waits for this one's reply to the end of its data.
-    """
-
-    conn: SmtpConnection
-    final: _Request | None = None
-    done: SmtpReply | None = None
-
-    async def finish(self) -> SmtpReply:
-        """The accepting reply; raises DeliveryError (the message may have been sent)."""
-        if self.done is not None:
-            return self.done
-        assert self.final is not None and self.conn.session is not None
-        return await self.conn._final(self.conn.session, self.final)
+        self._wake()
 
 
 @dataclass(slots=True, eq=False)
@@ -502,29 +402,19 @@ class SmtpConnection:
         self.smtp.close()
 
     async def send(self, mail_from: str, rcpt_to: str, data: bytes) -> SmtpReply:
-        """Run one mail transaction to its end; raises DeliveryError or
-        ConnectionNotAvailable."""
-        sending = await self.start(mail_from, rcpt_to, data)
-        if self.session is not None:
-            self.session.flush()
-        return await sending.finish()
-
-    async def start(self, mail_from: str, rcpt_to: str, data: bytes) -> Sending:
-        """Run a mail transaction up to its content, which the connection holds for the next
-        write (`Sending.finish` waits for the reply); raises DeliveryError or
-        ConnectionNotAvailable. Without PIPELINING, the whole transaction."""
+        """Run one mail transaction; raises DeliveryError or ConnectionNotAvailable."""
         if self.session is None:
-            return Sending(self, done=await self._send_stepwise(mail_from, rcpt_to, data))
+            return await self._send_stepwise(mail_from, rcpt_to, data)
         try:
-            return await self._start_pipelined(self.session, mail_from, rcpt_to, data)
+            return await self._send_pipelined(self.session, mail_from, rcpt_to, data)
         except asyncio.CancelledError:
-            # Mid-transaction the server waits for what we no longer send: end the session.
+            # Replies still due would be read as the next transaction's: end the session.
             self.close()
             raise
 
-    async def _start_pipelined(
+    async def _send_pipelined(
         self, session: _PipelinedSession, mail_from: str, rcpt_to: str, data: bytes
-    ) -> Sending:
+    ) -> SmtpReply:
         # Built before the first write: a refused address must not leave half a group sent.
         group = (
             b"MAIL FROM:"
@@ -535,28 +425,26 @@ class SmtpConnection:
             + b"\r\nDATA\r\n"
         )
         content = _data_content(data)
-        request = session.expect(len(_GROUP_STAGES))
+        replies: list[_Reply] = []
         try:
             session.write(group)
-            replies = await session.replies(request)
+            for _ in _GROUP_STAGES:
+                reply = await session.reply()
+                if reply.code == 421:
+                    # The server is closing; nothing was sent after DATA, so retrying the
+                    # message on another connection cannot duplicate it.
+                    self.close()
+                    raise _not_available(reply.code, reply.text, self.messages)
+                replies.append(reply)
         except _ServerGone:
             self.close()
             raise ConnectionNotAvailable from None
         except TimeoutError:
             self.close()
-            stage = _GROUP_STAGES[len(request.replies)]
+            stage = _GROUP_STAGES[len(replies)]
             raise DeliveryError(
                 ReasonCode.TIMEOUT, f"timeout at {stage}", permanent=False
             ) from None
-        for reply in replies:
-            if reply.code == 421:
-                # The server is closing; nothing was sent after DATA, so retrying the
-                # message on another connection cannot duplicate it.
-                self.close()
-                raise _not_available(reply.code, reply.text, self.messages)
-        if len(replies) < len(_GROUP_STAGES):
-            self.close()  # the server hung up before it answered them all
-            raise ConnectionNotAvailable
         for reply, stage, accepted in zip(replies, _GROUP_STAGES, _GROUP_ACCEPTS, strict=True):
             if reply.code not in accepted:
                 self.messages += 1
@@ -567,14 +455,9 @@ class SmtpConnection:
                 await self._reset(session)
                 metrics.SMTP_REPLIES.labels(f"{reply.code // 100}xx").inc()
                 raise _reply_error(reply.code, reply.text, stage=stage)
-        final = session.expect()
-        session.hold(content)
-        self.messages += 1
-        return Sending(self, final)
-
-    async def _final(self, session: _PipelinedSession, final: _Request) -> SmtpReply:
         try:
-            reply = await session.reply(final)
+            session.write(content)
+            final = await session.reply()
         except _ServerGone:
             self.close()
             # The message may have been accepted before the line dropped.
@@ -586,17 +469,18 @@ class SmtpConnection:
             raise DeliveryError(
                 ReasonCode.TIMEOUT, "timeout at data", permanent=False, sent=True
             ) from None
-        if reply.code != 250:
-            # The reply ended the transaction (RFC 5321 section 4.1.1.4): nothing to reset,
-            # and the connection may already carry the next message.
-            if reply.code == 421:
+        self.messages += 1
+        if final.code != 250:
+            if final.code == 421 or not session.is_open:
                 self.close()
-            metrics.SMTP_REPLIES.labels(f"{reply.code // 100}xx").inc()
-            raise _reply_error(reply.code, reply.text, stage="data")
+            else:
+                await self._reset(session)
+            metrics.SMTP_REPLIES.labels(f"{final.code // 100}xx").inc()
+            raise _reply_error(final.code, final.text, stage="data")
         _REPLIES_2XX.inc()
         return SmtpReply(
-            reply.code,
-            _enhanced_status(reply.text),
+            final.code,
+            _enhanced_status(final.text),
             self.tls_version,
             self.cipher,
             self.tls_verified,
@@ -604,16 +488,18 @@ class SmtpConnection:
 
     async def _end_refused_data(self, session: _PipelinedSession) -> None:
         try:
-            await session.command(b".\r\n")
+            session.write(b".\r\n")
+            await session.reply()
         except (_ServerGone, TimeoutError):
             self.close()
 
     async def _reset(self, session: _PipelinedSession) -> None:
-        """RSET after a refused envelope; a connection that cannot reset is closed."""
+        """RSET after a refused transaction; a connection that cannot reset is closed."""
         if self.state is ConnectionState.CLOSED:
             return
         try:
-            reply = await session.command(b"RSET\r\n")
+            session.write(b"RSET\r\n")
+            reply = await session.reply()
         except (_ServerGone, TimeoutError):
             self.close()
             return
@@ -675,13 +561,9 @@ class SmtpConnection:
             if session is not None:
                 if session.is_open:
                     with suppress(_ServerGone, TimeoutError):
-                        # Replies still due (a message's content, the last one sent) come
-                        # first: they get the command timeout, as they would have anyway.
-                        wait = _QUIT_TIMEOUT + (session.timeout if session.awaited else 0.0)
-                        request = session.expect()
-                        session.write(b"QUIT\r\n")  # after any content it holds
-                        async with asyncio.timeout(wait):
-                            await session.reply(request)
+                        session.write(b"QUIT\r\n")
+                        async with asyncio.timeout(_QUIT_TIMEOUT):
+                            await session.reply()
             elif self.smtp.is_connected:
                 with suppress(aiosmtplib.SMTPException, OSError, asyncio.TimeoutError):
                     await self.smtp.quit(timeout=_QUIT_TIMEOUT)
@@ -720,8 +602,9 @@ class _Limits:
                 with suppress(ValueError):
                     self.waiters.remove(entry)
             else:
-                # Woken, then cancelled before it could look: the next one looks instead.
-                self.wake_one()
+                # Woken, then cancelled before it could look: the next one looks instead
+                # (one of the same destination first, as a returned connection wakes).
+                self.wake_one(dest)
             raise
 
     def follow(self, limits: ConnectionLimits) -> None:
@@ -738,12 +621,12 @@ class _Limits:
             if not waiter.done():
                 waiter.set_result(None)
 
-    def wake_one(self, dest: _Destination | None = None) -> bool:
+    def wake_one(self, dest: _Destination | None = None) -> None:
         """One waiter looks again: the first waiting for `dest`, else the first of all.
 
         One connection returned or one slot freed serves one caller: waking every waiter
         would have all but one look, find nothing and queue again (with dozens of events in
-        flight, most of the pool's work). True if it woke a waiter for `dest`.
+        flight, most of the pool's work).
         """
         chosen = None
         for entry in self.waiters:
@@ -755,11 +638,9 @@ class _Limits:
                 break
             if chosen is None:
                 chosen = entry
-        if chosen is None:
-            return False
-        self.waiters.remove(chosen)
-        chosen[0].set_result(None)
-        return chosen[1] is dest
+        if chosen is not None:
+            self.waiters.remove(chosen)
+            chosen[0].set_result(None)
 
     def oldest_idle(self) -> SmtpConnection | None:
         """Take the group's longest-idle connection out of its destination, if any."""
@@ -770,19 +651,6 @@ class _Limits:
             ):
                 oldest = dest
         return None if oldest is None else oldest.idle.popleft()
-
-
-def _most_ready(idle: deque[SmtpConnection]) -> SmtpConnection:
-    """Take the idle connection to use next: the most recently used with no reply due (its
-    socket is warm), else the most recently used (its last message's reply is on the way:
-    the new one queues behind it)."""
-    for index in range(len(idle) - 1, -1, -1):
-        session = idle[index].session
-        if session is None or not session.awaited:
-            conn = idle[index]
-            del idle[index]
-            return conn
-    return idle.pop()
 
 
 class _Destination:
@@ -915,7 +783,7 @@ class SmtpPool:
             now = self._clock()
             self._sweep(now)
             while dest.idle:
-                conn = _most_ready(dest.idle)
+                conn = dest.idle.pop()  # most recently used first: its socket is warm
                 metrics.CONNECTIONS_IDLE.dec()
                 if conn.is_usable(
                     now, max_messages=group.max_messages, idle_expiry=self._idle_expiry
@@ -955,15 +823,7 @@ class SmtpPool:
                 dest.idle.append(conn)
                 metrics.CONNECTIONS_IDLE.inc()
                 # For a caller of this destination, or else one that needs its slot.
-                woken = dest.limits.wake_one(dest)
-                if conn.session is not None:
-                    if woken:
-                        # The caller woken for this connection writes its commands right
-                        # after the content the connection holds, in one write (it runs
-                        # first: it was woken before this is scheduled).
-                        asyncio.get_running_loop().call_soon(conn.session.flush)
-                    else:
-                        conn.session.flush()  # nobody waits to follow it: the content goes now
+                dest.limits.wake_one(dest)
             else:
                 await self._discard(conn)
         finally:
