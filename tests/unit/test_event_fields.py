@@ -131,7 +131,7 @@ def test_address_fast_path_gives_email_validators_answer(address: str, allow_tes
             "o'neil!#$%&*/=?^_`{|}~-@x-1.example.com",
         ),
         ("user@1.2.3.com", False, "user@1.2.3.com"),
-        ("l" * 65 + "@b.com", False, "l" * 65 + "@b.com"),  # only strict mode limits the local part
+        ("l" * 64 + "@b.com", False, "l" * 64 + "@b.com"),
         ("a@" + "b" * 63 + ".com", False, "a@" + "b" * 63 + ".com"),
         ("a@b." + "c" * 63, False, "a@b." + "c" * 63),
         ("a@" + _DOMAIN_252, False, "a@" + _DOMAIN_252),  # 254 octets, the most there may be
@@ -178,6 +178,8 @@ def test_plain_addresses_take_the_fast_path(
         "a@" + "b" * 64 + ".com",
         "a@b." + "c" * 64,
         "a" * 64 + "@" + ".".join(["b" * 63] * 3),
+        # email_validator's answer depends on its version (2.3+: only strict mode limits it)
+        "l" * 65 + "@b.com",
     ],
 )
 @pytest.mark.parametrize("allow_test", [False, True])

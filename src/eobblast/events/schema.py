@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 
 import orjson
 from email_validator import SPECIAL_USE_DOMAIN_NAMES, EmailNotValidError, validate_email
+from email_validator.rfc_constants import CASE_INSENSITIVE_MAILBOX_NAMES
 from pydantic import (
     AfterValidator,
     AwareDatetime,
@@ -64,12 +65,10 @@ _PLAIN_ADDRESS = re.compile(rf"{_ATOM}(?:\.{_ATOM})*@(?:{_LABEL}\.)+{_TOP_LABEL}
 _EMAIL_MAX_LENGTH = 254
 _DOMAIN_MAX_LENGTH = 253
 # RFC 2142 mailbox names, which email_validator lowercases: left to it.
-_CASE_INSENSITIVE_MAILBOXES = frozenset(
-    (
-        "info", "marketing", "sales", "support", "abuse", "noc", "security", "postmaster",
-        "hostmaster", "usenet", "news", "webmaster", "www", "uucp", "ftp",
-    )
-)  # fmt: skip
+_CASE_INSENSITIVE_MAILBOXES = frozenset(CASE_INSENSITIVE_MAILBOX_NAMES)
+# A longer local part is left to email_validator: whether it refuses one depends on its
+# version (2.1-2.2 do; 2.3 and later only in strict mode).
+_LOCAL_PART_MAX_LENGTH = 64
 # "." + domain ends with one of these for a special-use name and for its subdomains.
 _SPECIAL_USE_SUFFIXES = tuple("." + name for name in SPECIAL_USE_DOMAIN_NAMES)
 _SPECIAL_USE_SUFFIXES_BUT_TEST = tuple(s for s in _SPECIAL_USE_SUFFIXES if s != ".test")
@@ -84,6 +83,7 @@ def _plain_address(value: str, *, allow_test: bool) -> str | None:
     if (
         "--" in domain
         or len(domain) > _DOMAIN_MAX_LENGTH
+        or len(local) > _LOCAL_PART_MAX_LENGTH
         or local.lower() in _CASE_INSENSITIVE_MAILBOXES
     ):
         return None
