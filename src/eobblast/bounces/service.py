@@ -51,6 +51,7 @@ from eobblast.bounces.state import (
     address_key,
 )
 from eobblast.bounces.store import (
+    NO_EXTRAS,
     STORE_ERRORS,
     BounceStore,
     BounceTx,
@@ -386,9 +387,6 @@ def _opaque_id(*parts: str) -> str:
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
 
-# What the shell keeps beside a notice it has nothing extra for (immutable: shared).
-_NO_EXTRAS = EobExtras()
-
 # A lost deadlock race (PostgreSQL) is run again; SQLite has already waited its busy timeout.
 _BUSY_RETRIES = 3
 
@@ -466,7 +464,7 @@ class _Work:
         for eob_id in transition.written:
             eob = self.book.eobs[eob_id]
             if before.eobs.get(eob_id) != eob:
-                old = self.extras.get(eob_id, _NO_EXTRAS)
+                old = self.extras.get(eob_id, NO_EXTRAS)
                 # A state change ends any lease: the notice is no longer where it was.
                 if old.lease_until is not None:
                     old = EobExtras(None, old.fallback_reason, old.category)
@@ -543,7 +541,7 @@ class _Work:
 
     def _paper(self, eob: Eob, reason: schemas.PaperFallbackReason) -> None:
         service = self.service
-        old = self.extras.get(eob.eob_id, _NO_EXTRAS)
+        old = self.extras.get(eob.eob_id, NO_EXTRAS)
         self.extras[eob.eob_id] = EobExtras(None, str(reason), old.category)
         record = schemas.PaperFallback(
             fallback_id=_opaque_id("paper", eob.eob_id),
@@ -564,7 +562,7 @@ class _Work:
     def outcome(self, eob_id: str) -> BounceOutcome:
         """What the notice's status should say, from the working copy."""
         eob = self.book.eobs.get(eob_id)
-        extra = self.extras.get(eob_id, _NO_EXTRAS)
+        extra = self.extras.get(eob_id, NO_EXTRAS)
         category = BounceCategory(extra.category) if extra.category else None
         if eob is None:
             return BounceOutcome(eob_id, Outcome.FAILED, BounceReason.UNKNOWN_EVENT)
@@ -1191,7 +1189,7 @@ def _pending(book: BounceBook, member_id: str) -> bool:
 
 
 def _leased(work: _Work, eob_id: str) -> bool:
-    return work.extras.get(eob_id, _NO_EXTRAS).lease_until is not None
+    return work.extras.get(eob_id, NO_EXTRAS).lease_until is not None
 
 
 def _minted(work: _Work, eob_id: str) -> Deliverable:

@@ -65,6 +65,7 @@ from eobblast.state.sqlite import open_sqlite, open_store
 
 __all__ = [
     "ACTIVE_STATUSES",
+    "NO_EXTRAS",
     "BounceStore",
     "BounceTx",
     "Claim",
@@ -132,7 +133,7 @@ class EobExtras:
 
 
 # A notice the shell keeps nothing beside (immutable: shared).
-_NO_EXTRAS = EobExtras()
+NO_EXTRAS = EobExtras()
 
 
 @dataclass(frozen=True, slots=True)
@@ -425,7 +426,7 @@ class BounceTx:
         now = _us(self._now)
         rows = []
         for eob_id, eob in after.eobs.items():
-            extra = extras.get(eob_id, _NO_EXTRAS)
+            extra = extras.get(eob_id, NO_EXTRAS)
             if before.book.eobs.get(eob_id) == eob and before.extras.get(eob_id) == extra:
                 continue
             rows.append(
