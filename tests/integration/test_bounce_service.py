@@ -7,20 +7,23 @@ and the audit trail a real SQLite trail. Times are passed in, so no test waits.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import sqlite3
 import subprocess
 import sys
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from eobblast.bounces.category import BounceCategory
@@ -33,9 +36,15 @@ from eobblast.bounces.service import (
     SendPermitted,
     Settled,
 )
-from eobblast.bounces.state import BounceBook, Eob, EobStatus, IncidentKind
+from eobblast.bounces.state import BounceBook, Eob, EobStatus, IncidentKind, address_key
 from eobblast.bounces.store import BounceStore, Slice, open_bounce_store
-from eobblast.bounces.verp import VerpKey, make_return_path
+from eobblast.bounces.verp import (
+    TokenKind,
+    VerpKey,
+    event_reference,
+    make_return_path,
+    read_return_path,
+)
 from eobblast.config import Config, load_config
 from eobblast.errors import ConfigError, Outcome
 from eobblast.events.verification import (
@@ -700,6 +709,178 @@ async def test_state_survives_reopening_the_store(
         assert {(r.event_id, r.raw_event) for r in result.resends} == {(ev1, raw1), (ev2, raw2)}
     finally:
         await second.close()
+
+
+@pytest.mark.parametrize(
+    ("event_id", "prefix"),
+    [
+        ("CLAIMS-2026-11-" + "7" * 30, "bounces"),  # too long for any token
+        ("eob-claims-2026-zzzzzzzz", "eob-returns-2026"),  # too long beside a long prefix
+    ],
+)
+async def test_a_dsn_for_an_id_carried_by_reference_maps_to_its_notice(
+    store: BounceStore, publisher: RecordingPublisher, event_id: str, prefix: str
+) -> None:
+    service = BounceService(
+        store, publisher, verp_keys=[VERP], bounce_domain=BOUNCE_DOMAIN, verp_prefix=prefix
+    )
+    member, address = ids()
+    await send_ok(service, event_id, member, address)
+    await service.on_delivered(event_id, address, at=at(1))
+    return_path = service.return_path(event_id)
+    token = read_return_path(return_path, [VERP], bounce_domain=BOUNCE_DOMAIN, prefix=prefix)
+    assert token is not None and token.kind is TokenKind.REF
+    dsn = delivery_status_notification(
+        behaviour=Behaviour.BOUNCE_LATER,
+        reporting_mta="mx.example.com",
+        return_path=return_path,
+        recipient=address,
+        returned_headers=f"Return-Path: <{return_path}>\r\nTo: {address}\r\n\r\n".encode(),
+        arrival=at(1),
+        queue_id="Q1",
+    )
+    report = await service.on_dsn(dsn, return_path, at=at(30))
+    assert [(r.event_id, r.outcome.outcome) for r in report.results] == [(event_id, Outcome.HELD)]
+
+
+# What the previous release indexed bounce_eobs by: every row in every index, status included.
+EARLIER_INDEXES = {
+    "bounce_eobs_member": "(member_id, status)",
+    "bounce_eobs_due": "(status, next_at)",
+    "bounce_eobs_lease": "(status, lease_until)",
+    "bounce_eobs_address": "(address_key, status)",
+    "bounce_eobs_ref": "(ref)",
+    "bounce_eobs_updated": "(status, updated_at)",
+}
+PARTIAL_INDEXES = {
+    "bounce_eobs_active_member",
+    "bounce_eobs_retry_due",
+    "bounce_eobs_retry_address",
+    "bounce_eobs_sent_lease",
+    "bounce_eobs_long_ref",
+    "bounce_eobs_settled",
+}
+
+
+async def _sql(store_url: str, statement: str) -> list[tuple[Any, ...]]:
+    """One statement on a connection of its own (what an older release left behind)."""
+    if store_url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(store_url.removeprefix("sqlite:///"))) as db:
+            rows = db.execute(statement).fetchall()
+            db.commit()
+            return rows
+    async with await psycopg.AsyncConnection.connect(store_url, autocommit=True) as conn:
+        cur = await conn.execute(statement)
+        return await cur.fetchall() if cur.description else []
+
+
+async def _bounce_eobs_indexes(store_url: str) -> set[str]:
+    query = (
+        "SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'bounce_eobs'"
+        if store_url.startswith("sqlite:///")
+        else "SELECT indexname FROM pg_indexes WHERE tablename = 'bounce_eobs'"
+        " AND schemaname = current_schema()"
+    )
+    return {str(row[0]) for row in await _sql(store_url, query)} - {
+        "sqlite_autoindex_bounce_eobs_1",
+        "bounce_eobs_pkey",
+    }
+
+
+async def test_a_store_of_the_previous_release_moves_to_partial_indexes(
+    store_url: str, publisher: RecordingPublisher
+) -> None:
+    long_id = "CLAIMS-2026-11-" + "8" * 30
+    member, address = ids()
+    retrying, _ = ids()
+    ev_retry, raw_retry = event(retrying, 1)
+    first = await open_bounce_store(store_url)
+    service = make_service(first, publisher)
+    await send_ok(service, long_id, member, address)
+    await service.on_delivered(long_id, address, at=at(1))
+    await send_ok(service, ev_retry, retrying, address)
+    deferred = await service.on_delivery_failure(
+        ev_retry, retrying, address, raw_retry, 451, "4.2.1", "451 4.2.1 Mailbox busy", at=at(2)
+    )
+    await first.close()
+    # Put the store back as the previous release had it: its indexes, a reference per row.
+    for name in PARTIAL_INDEXES:
+        await _sql(store_url, f"DROP INDEX {name}")
+    for name, columns in EARLIER_INDEXES.items():
+        await _sql(store_url, f"CREATE INDEX {name} ON bounce_eobs {columns}")
+    await _sql(
+        store_url,
+        f"UPDATE bounce_eobs SET ref = '{event_reference(ev_retry)}' WHERE eob_id = '{ev_retry}'",
+    )
+
+    second = await open_bounce_store(store_url)
+    try:
+        assert await _bounce_eobs_indexes(store_url) == PARTIAL_INDEXES
+        service = make_service(second, publisher)
+        # Everything is still found: the retry by its due time, the long id by reference.
+        assert deferred.retry_at is not None
+        due = await service.tick(deferred.retry_at)
+        assert [r.event_id for r in due.resends] == [ev_retry]
+        assert await second.resolve_reference(event_reference(long_id)) == long_id
+        assert await second.resolve_reference(event_reference(ev_retry)) == ev_retry
+        assert await second.status_counts() == {
+            EobStatus.DELIVERED: 1,
+            EobStatus.SENDING: 1,  # the retry, handed out
+        }
+    finally:
+        await second.close()
+
+
+async def test_no_statement_of_the_store_scans_the_notices(
+    tmp_path: Path, publisher: RecordingPublisher
+) -> None:
+    """Rows of settled notices stay for weeks: every lookup must go through an index (one
+    that matches its literal status terms), or it slows down as the table grows."""
+    path = tmp_path / "bounces.db"
+    store = await open_bounce_store(f"sqlite:///{path}")
+    statements: list[tuple[str, Sequence[Any]]] = []
+    runner = store._sql()
+
+    def recorded(name: str) -> Callable[..., Awaitable[Any]]:
+        original = getattr(runner, name)
+
+        async def record(sql: str, args: Sequence[Any] = ()) -> Any:
+            first = args[0] if name == "many" and args else args
+            statements.append((sql, first))
+            return await original(sql, args)
+
+        return record
+
+    for name in ("all", "run", "many"):
+        setattr(runner, name, recorded(name))
+    service = make_service(store, publisher)
+    try:
+        member, address = ids()
+        ev1, _ = event(member, 1)
+        ev2, raw2 = event(member, 2)
+        await send_ok(service, ev1, member, address)
+        await service.on_delivered(ev1, address, member_id=member, at=at(1))
+        await send_ok(service, ev2, member, address)
+        await service.on_delivery_failure(
+            ev2, member, address, raw2, 451, "4.2.1", "451 4.2.1 Mailbox busy", at=at(2)
+        )
+        await service.tick(at(86400))
+        ev3, raw3 = event(member, 3)
+        await hard_bounce(service, ev3, member, address, raw3)
+        await service.on_verification_result(verified(member, address), at=at(90000))
+        await service.store.members_retrying_at([address_key(address)])
+        await service.store.resolve_reference(event_reference(ev1))
+        await service.tick(dt.datetime.now(dt.UTC) + dt.timedelta(days=90))
+    finally:
+        await store.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        scans = set()
+        for sql, args in statements:
+            for row in db.execute(f"EXPLAIN QUERY PLAN {sql}", args):
+                if re.fullmatch(r"SCAN bounce_(eobs|members)", row[3]):
+                    scans.add(sql)
+    assert len(statements) > 20
+    assert scans == set()
 
 
 async def test_records_committed_but_not_published_go_out_on_tick(

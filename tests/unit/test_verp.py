@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from eobblast.bounces.verp import (
     TokenKind,
     VerpKey,
+    carried_by_reference,
     event_reference,
     make_return_path,
     parse_return_path,
@@ -63,6 +64,29 @@ def test_uuid_ids_are_carried_whole_and_compactly() -> None:
 def test_short_ids_are_direct_and_long_ones_by_reference(event_id: str, kind: TokenKind) -> None:
     token = read_return_path(make_return_path(event_id, KEY, DOMAIN), [KEY])
     assert token is not None and token.kind is kind
+
+
+@given(EVENT_IDS, st.from_regex(r"\A[a-z0-9][a-z0-9-]{0,15}\Z"))
+@settings(max_examples=500)
+def test_every_id_a_return_path_carries_by_reference_is_known_as_one(
+    event_id: str, prefix: str
+) -> None:
+    # The bounce store keeps references of these ids only: one it lacks could not be mapped.
+    address = make_return_path(event_id, KEY, DOMAIN, prefix=prefix)
+    token = read_return_path(address, [KEY], prefix=prefix)
+    assert token is not None
+    if token.kind is TokenKind.REF:
+        assert carried_by_reference(event_id)
+
+
+@pytest.mark.parametrize("event_id", [str(uuid.UUID(int=7, version=4)), "EV-1", "a" * 23])
+def test_uuids_and_short_ids_are_never_carried_by_reference(event_id: str) -> None:
+    assert not carried_by_reference(event_id)
+    for prefix in ("b", "bounces", "p" * 16):
+        token = read_return_path(
+            make_return_path(event_id, KEY, DOMAIN, prefix=prefix), [KEY], prefix=prefix
+        )
+        assert token is not None and token.kind is not TokenKind.REF
 
 
 def test_the_event_id_is_not_readable_in_the_address() -> None:

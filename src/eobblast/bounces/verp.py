@@ -12,8 +12,9 @@ any lookup:
 * kind TEXT: any other id of up to 31 characters of [A-Za-z0-9._:-], as a bijective
   base-66 number (at most 24 bytes);
 * kind REF: longer ids (up to 64 characters) as a reference, the first 96 bits of the id's
-  SHA-256. The ledger keeps event_reference(event_id) beside each event id it records and
-  resolves a reference by that index (pass `resolve_reference` to parse_return_path).
+  SHA-256. The bounce store keeps event_reference(event_id) beside each id that is
+  `carried_by_reference` (whatever the prefix) and resolves a reference by that index (pass
+  `resolve_reference` to parse_return_path).
 
 The tag is HMAC-SHA256 over (header, payload) truncated to 80 bits, checked in constant
 time; the payload is then encrypted with a keystream derived from the tag (an SIV
@@ -40,6 +41,7 @@ __all__ = [
     "ReturnPathToken",
     "TokenKind",
     "VerpKey",
+    "carried_by_reference",
     "event_reference",
     "make_return_path",
     "parse_return_path",
@@ -51,10 +53,11 @@ TAG_BYTES = 10
 REFERENCE_BYTES = 12
 MAX_PAYLOAD = 24
 MAX_KEY_ID = 63
+MAX_PREFIX = 16
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?\.)+[a-z][a-z0-9-]{0,62}$")
-_PREFIX = re.compile(r"^[a-z0-9][a-z0-9-]{0,15}$")
+_PREFIX = re.compile(rf"^[a-z0-9][a-z0-9-]{{0,{MAX_PREFIX - 1}}}$")
 _TOKEN = re.compile(r"^[a-z2-7]{18,60}$")
 _ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz._:-"
 _BASE = len(_ALPHABET)
@@ -97,6 +100,22 @@ class ReturnPathToken:
 def event_reference(event_id: str) -> str:
     """The ledger's lookup key for an event id carried by reference (24 hex digits)."""
     return hashlib.sha256(event_id.encode("ascii")).digest()[:REFERENCE_BYTES].hex()
+
+
+def carried_by_reference(event_id: str) -> bool:
+    """Whether a return path may carry the event by reference: true of every id whose own
+    token does not fit beside the longest prefix, so whatever the prefix, a store that keeps
+    references of these ids only can resolve every reference it is sent."""
+    room = MAX_LOCAL_PART - MAX_PREFIX - 1
+    return all(
+        _token_length(len(payload)) > room
+        for kind, payload in _payloads(event_id)
+        if kind is not TokenKind.REF
+    )
+
+
+def _token_length(payload_size: int) -> int:
+    return -(-(1 + TAG_BYTES + payload_size) * 8 // 5)  # base32 characters, unpadded
 
 
 def make_return_path(
