@@ -82,6 +82,14 @@ class LedgerConfig:
     """Where the send ledger lives: sqlite:///file on one machine, postgresql://... across."""
 
     url: str = "sqlite:///eobblast-ledger.db"
+    # How long an event is remembered once its final status is out: the window in which a
+    # duplicate (a claims system publishing it again, Kafka redelivering it) is not sent
+    # again. Keep it longer than eob.events' retention. 0: forever (the ledger only grows).
+    retention_days: float = 90.0
+
+    def __post_init__(self) -> None:
+        if self.retention_days < 0:
+            raise ConfigError("ledger.retention_days: expected a number >= 0")
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,7 @@ from eobblast.pipeline import (
 from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
-from eobblast.state.ledger import AGAIN, CLAIM_RENEW
+from eobblast.state.ledger import AGAIN, CLAIM_RENEW, PURGE_BATCH
 from eobblast.streams.kafka import (
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -83,6 +83,8 @@ PUBLISH_TIMEOUT = 10.0
 POLL_WHEN_FULL = 30.0
 # A worker takes new records once this fraction of its in-flight slots is free.
 REFILL_FRACTION = 8
+# How often each worker forgets the ledger's events past `[ledger] retention_days`.
+LEDGER_PURGE_EVERY = 60.0
 
 
 def new_worker_id(index: int) -> str:
@@ -245,6 +247,8 @@ class Worker:
         try:
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._loop(stop))
+                if self._config.ledger.retention_days > 0:
+                    group.create_task(self._forget_settled(stop))
                 if self._bounces is not None:
                     group.create_task(self._bounce_timers(stop))
                     group.create_task(self._verification_results(stop))
@@ -270,6 +274,28 @@ class Worker:
                         self._unrecorded.pop(event_id, None)
             except STORE_ERRORS as exc:
                 log.warning("claims not renewed: %s", type(exc).__name__)
+
+    async def _forget_settled(self, stop: asyncio.Event) -> None:
+        """Every LEDGER_PURGE_EVERY s: drop the ledger's events settled and reported longer
+        ago than the retention, in batches (each a short transaction of its own)."""
+        window = self._config.ledger.retention_days * 86400.0
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), LEDGER_PURGE_EVERY)
+            before = time.time() - window
+            forgotten = 0
+            try:
+                while not stop.is_set():
+                    batch = await self._ledger.purge(before)
+                    forgotten += batch
+                    if batch < PURGE_BATCH:
+                        break
+                    await asyncio.sleep(0)  # between batches, events go first
+            except STORE_ERRORS as exc:
+                log.warning("ledger not purged: %s", type(exc).__name__)
+            metrics.LEDGER_PURGED.inc(forgotten)
+            if forgotten:
+                log.info("ledger purged", extra={"events": forgotten})
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """The bounce service's Publisher: one acknowledged send, bounded in time.

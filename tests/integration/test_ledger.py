@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import psycopg
 import pytest
 
 from eobblast.errors import ConfigError
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
-from eobblast.state.ledger import AGAIN, CLAIM_LEASE
+from eobblast.state.ledger import _PURGE, AGAIN, CLAIM_LEASE
 from tests.conftest import PG_BASE
 
 
@@ -125,6 +128,48 @@ async def test_published_flag(ledger: SendLedger) -> None:
     flags = [(await ledger.get(i)).status_published for i in ids]  # type: ignore[union-attr]
     assert flags == [True, True, False]
     assert await ledger.get(_id()) is None
+
+
+async def test_purge_forgets_only_events_settled_and_reported_before_the_window(
+    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Written long ago (other tests' rows, written now, stay inside the window).
+    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+    old = [_id() for _ in range(5)]
+    unreported, sending = _id(), _id()
+    for event_id in [*old, unreported]:
+        await ledger.claim(event_id, "w1")
+        await ledger.finish(event_id, "delivered", "delivered")
+    await ledger.claim(sending, "w1")
+    await ledger.mark_published(old)
+    monkeypatch.undo()
+    recent = _id()
+    await ledger.claim(recent, "w1")
+    await ledger.finish(recent, "delivered", "delivered")
+    await ledger.mark_published([recent])
+
+    window_start = 2_000_000.0
+    assert await ledger.purge(window_start, limit=3) == 3  # in batches of the limit
+    assert await ledger.purge(window_start, limit=3) == 2
+    assert await ledger.purge(window_start, limit=3) == 0
+    assert [await ledger.get(event_id) for event_id in old] == [None] * 5
+    # Still sending, status not yet out, or inside the window: kept.
+    for event_id in (unreported, sending):
+        assert await ledger.get(event_id) is not None
+    assert (await ledger.claim(recent, "w2")).kind is ClaimKind.DONE
+    # A copy of a forgotten event is a new event.
+    assert (await ledger.claim(old[0], "w2")).kind is ClaimKind.NEW
+
+
+async def test_purge_goes_through_its_index(tmp_path: Path) -> None:
+    """A ledger of months of events: finding the expired ones must not scan the table."""
+    path = tmp_path / "ledger.db"
+    ledger = await open_ledger(f"sqlite:///{path}")
+    await ledger.close()
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {_PURGE}", (0.0, 10))]
+    assert any("send_ledger_settled" in step for step in plan), plan
+    assert not any(step.startswith("SCAN send_ledger") for step in plan), plan
 
 
 async def test_finish_without_claim_records_outcome(ledger: SendLedger) -> None:

@@ -38,6 +38,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
 from eobblast.state import Claim, LedgerEntry, LedgerState, SendLedger, open_ledger
 from eobblast.state import ledger as ledger_module
+from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker
 from eobblast.supervisor import Supervisor
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -278,6 +279,9 @@ class FaultyClaims(SendLedger):
 
     async def renew(self, event_ids: Sequence[str], owner: str) -> None:
         await self.inner.renew(event_ids, owner)
+
+    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
+        return await self.inner.purge(before, limit)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -974,6 +978,34 @@ async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_r
     status = await _after_a_ledger_row(stack, 43, deferred_earlier)
     assert (status.status, status.attempt) == ("delivered", 2)
     assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def test_a_worker_forgets_events_settled_longer_ago_than_the_retention(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "LEDGER_PURGE_EVERY", 0.2)
+    base = stack.config()
+    config = replace(base, ledger=replace(base.ledger, retention_days=5 / 86400))  # 5 s
+    values = stack.events(3, seed=52)
+    event_ids = [orjson.loads(value)["event_id"] for value in values]
+    purged = REGISTRY.get_sample_value("eobblast_ledger_purged_total") or 0.0
+    await stack.publish(values)
+    _, stop, task = await start_worker(config)
+    ledger = await open_ledger(config.ledger.url)
+    try:
+        await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=3)
+        remembered = [event_id for event_id in event_ids if await ledger.get(event_id)]
+        assert remembered, "settled events stay in the ledger for the retention"
+        deadline = time.monotonic() + 30
+        while remembered:
+            assert time.monotonic() < deadline, "settled events outlived the retention"
+            await asyncio.sleep(0.2)
+            remembered = [event_id for event_id in event_ids if await ledger.get(event_id)]
+    finally:
+        await ledger.close()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert (REGISTRY.get_sample_value("eobblast_ledger_purged_total") or 0.0) - purged == 3
 
 
 async def _after_a_ledger_row(

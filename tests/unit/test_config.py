@@ -155,3 +155,11 @@ def test_the_demo_keeps_the_users_settings_but_not_their_sending_setup(tmp_path:
     assert config.ledger.url == f"sqlite:///{tmp_path / 'ledger.db'}"
     assert config.bounces.previous_verp_keys() == []
     assert config.transport.routes == routes and config.workers.count == 2
+
+
+def test_the_ledger_retention_is_days_from_the_environment_and_never_negative() -> None:
+    assert load_config(environ={}).ledger.retention_days == 90.0
+    config = load_config(environ={"EOBBLAST_LEDGER__RETENTION_DAYS": "35"})
+    assert config.ledger.retention_days == 35.0
+    with pytest.raises(ConfigError, match=r"ledger\.retention_days"):
+        load_config(environ={"EOBBLAST_LEDGER__RETENTION_DAYS": "-1"})

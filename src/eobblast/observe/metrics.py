@@ -91,6 +91,12 @@ LEDGER_MARK_FAILURES = Counter(
     "the offsets are committed all the same).",
     registry=REGISTRY,
 )
+LEDGER_PURGED = Counter(
+    "eobblast_ledger_purged",
+    "Events the send ledger forgot: settled and reported longer ago than [ledger]"
+    " retention_days (a copy arriving later is sent again).",
+    registry=REGISTRY,
+)
 LEDGER_FINISH_RETRIES = Counter(
     "eobblast_ledger_finish_retries",
     "Times a sent event's outcome could not be written to the send ledger yet (tried again "

@@ -40,6 +40,18 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     updated_at DOUBLE PRECISION NOT NULL
 )
 """
+# Events whose final status is out, by when they were settled: what `purge` looks through.
+# Partial, so a row enters it once (when its status is published) and never moves.
+_SETTLED_INDEX = (
+    "CREATE INDEX IF NOT EXISTS send_ledger_settled ON send_ledger (updated_at)"
+    " WHERE state = 'final' AND status_published = 1"
+)
+_PURGE = (
+    "DELETE FROM send_ledger WHERE event_id IN (SELECT event_id FROM send_ledger"
+    " WHERE state = 'final' AND status_published = 1 AND updated_at < ? LIMIT ?)"
+)
+# Rows deleted per transaction: a purge never holds the ledger's write lock for long.
+PURGE_BATCH = 5_000
 # Owners renew their claims this often; a claim not renewed for CLAIM_LEASE may be taken.
 CLAIM_RENEW = 5.0
 CLAIM_LEASE = 30.0
@@ -132,6 +144,11 @@ class SendLedger(abc.ABC):
         every CLAIM_RENEW s for what it is sending or has not recorded yet)."""
 
     @abc.abstractmethod
+    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
+        """Forget up to `limit` events settled, and their status published, before `before`
+        (epoch seconds); returns how many. A copy of one arriving later is sent again."""
+
+    @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
 
@@ -160,7 +177,7 @@ class SqliteLedger(SendLedger):
     """
 
     def __init__(self, path: Path) -> None:
-        self._db = open_sqlite(path, [_SCHEMA])
+        self._db = open_sqlite(path, [_SCHEMA, _SETTLED_INDEX])
         self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
@@ -244,6 +261,12 @@ class SqliteLedger(SendLedger):
                 ),
             )
 
+    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
+        """Forget up to `limit` events settled and reported before `before`."""
+        return write_transaction(
+            self._db, lambda: self._db.execute(_PURGE, (before, limit)).rowcount
+        )
+
     async def close(self) -> None:
         """Close the database."""
         self._db.close()
@@ -259,7 +282,7 @@ class PostgresLedger(SendLedger):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
         """Connect and create the table if needed."""
-        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA])
+        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _SETTLED_INDEX])
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
@@ -325,6 +348,12 @@ class PostgresLedger(SendLedger):
                     " AND state = 'sending' AND owner IN (%s, %s)",
                     (time.time(), list(event_ids), owner, owner + AGAIN),
                 )
+
+    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
+        """Forget up to `limit` events settled and reported before `before`."""
+        async with self._lock:
+            cur = await self._conn.execute(_PURGE.replace("?", "%s"), (before, limit))
+            return int(cur.rowcount)
 
     async def close(self) -> None:
         """Close the connection."""
