@@ -83,8 +83,11 @@ PUBLISH_TIMEOUT = 10.0
 POLL_WHEN_FULL = 30.0
 # A worker takes new records once this fraction of its in-flight slots is free.
 REFILL_FRACTION = 8
-# How often each worker forgets the ledger's events past `[ledger] retention_days`.
+# How often each worker forgets the ledger's events past `[ledger] retention_days`, and
+# the pause between two batches (a backlog goes at most ~10 batches a second, so the
+# ledger's write lock stays free for claims most of the time).
 LEDGER_PURGE_EVERY = 60.0
+LEDGER_PURGE_PAUSE = 0.1
 
 
 def new_worker_id(index: int) -> str:
@@ -290,7 +293,7 @@ class Worker:
                     forgotten += batch
                     if batch < PURGE_BATCH:
                         break
-                    await asyncio.sleep(0)  # between batches, events go first
+                    await asyncio.sleep(LEDGER_PURGE_PAUSE)
             except STORE_ERRORS as exc:
                 log.warning("ledger not purged: %s", type(exc).__name__)
             metrics.LEDGER_PURGED.inc(forgotten)

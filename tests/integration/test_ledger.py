@@ -161,13 +161,46 @@ async def test_purge_forgets_only_events_settled_and_reported_before_the_window(
     assert (await ledger.claim(old[0], "w2")).kind is ClaimKind.NEW
 
 
+async def test_a_postgresql_purge_leaves_a_row_a_claim_is_taking_back(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await open_ledger(pg_schema)
+    try:
+        event_id = _id()
+        monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+        await ledger.claim(event_id, "w1")
+        await ledger.finish(event_id, "deferred", "temporary_failure")
+        await ledger.mark_published([event_id])
+        monkeypatch.undo()
+        # Another worker's claim takes the settled row back for sending (a copy of a
+        # deferred event) and has not committed when the purge comes.
+        async with await psycopg.AsyncConnection.connect(pg_schema) as other:
+            async with other.transaction():
+                await other.execute(
+                    "SELECT 1 FROM send_ledger WHERE event_id = %s FOR UPDATE", (event_id,)
+                )
+                await other.execute(
+                    "UPDATE send_ledger SET state = 'sending', status_published = 0"
+                    " WHERE event_id = %s",
+                    (event_id,),
+                )
+                purge = asyncio.create_task(ledger.purge(2_000_000.0))
+                await asyncio.sleep(0.5)
+        assert await asyncio.wait_for(purge, 10) == 0
+        entry = await ledger.get(event_id)
+        assert entry is not None and entry.state is LedgerState.SENDING
+    finally:
+        await ledger.close()
+
+
 async def test_purge_goes_through_its_index(tmp_path: Path) -> None:
     """A ledger of months of events: finding the expired ones must not scan the table."""
     path = tmp_path / "ledger.db"
     ledger = await open_ledger(f"sqlite:///{path}")
     await ledger.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {_PURGE}", (0.0, 10))]
+        purge = _PURGE.format(lock="")
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {purge}", (0.0, 10))]
     assert any("send_ledger_settled" in step for step in plan), plan
     assert not any(step.startswith("SCAN send_ledger") for step in plan), plan
 

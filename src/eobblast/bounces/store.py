@@ -567,10 +567,6 @@ _COMMON_TABLES = (
     " attempt INTEGER NOT NULL, next_at BIGINT, incident_recorded INTEGER NOT NULL,"
     " lease_until BIGINT, fallback_reason TEXT, category TEXT, ref TEXT NOT NULL,"
     " updated_at BIGINT NOT NULL)",
-    "DROP INDEX IF EXISTS bounce_eobs_member",
-    "DROP INDEX IF EXISTS bounce_eobs_due",
-    "DROP INDEX IF EXISTS bounce_eobs_lease",
-    "DROP INDEX IF EXISTS bounce_eobs_address",
     f"CREATE INDEX IF NOT EXISTS bounce_eobs_active_member ON bounce_eobs (member_id, status)"
     f" WHERE {_ACTIVE}",
     f"CREATE INDEX IF NOT EXISTS bounce_eobs_retry_due ON bounce_eobs (next_at) WHERE {_RETRYING}",
@@ -578,11 +574,15 @@ _COMMON_TABLES = (
     f" WHERE {_RETRYING}",
     "CREATE INDEX IF NOT EXISTS bounce_eobs_sent_lease ON bounce_eobs (lease_until)"
     " WHERE status IN ('sending', 'released')",
-    "DROP INDEX IF EXISTS bounce_eobs_ref",
     "CREATE INDEX IF NOT EXISTS bounce_eobs_long_ref ON bounce_eobs (ref) WHERE ref <> ''",
-    "DROP INDEX IF EXISTS bounce_eobs_updated",
     "CREATE INDEX IF NOT EXISTS bounce_eobs_settled ON bounce_eobs (status, updated_at)"
     f" WHERE {_SETTLED}",
+    # An earlier release's full indexes, dropped only once their partial successors exist:
+    # until then, other processes' statements keep an index to use.
+    *(
+        f"DROP INDEX IF EXISTS bounce_eobs_{name}"
+        for name in ("member", "due", "lease", "address", "ref", "updated")
+    ),
     "CREATE TABLE IF NOT EXISTS bounce_members ("
     " member_id TEXT PRIMARY KEY, pending TEXT, deadline BIGINT, redirects TEXT NOT NULL,"
     " failed TEXT NOT NULL, claim_until BIGINT, updated_at BIGINT NOT NULL)",

@@ -93,8 +93,8 @@ LEDGER_MARK_FAILURES = Counter(
 )
 LEDGER_PURGED = Counter(
     "eobblast_ledger_purged",
-    "Events the send ledger forgot: settled and reported longer ago than [ledger]"
-    " retention_days (a copy arriving later is sent again).",
+    "Events the send ledger forgot: settled longer ago than [ledger] retention_days, their"
+    " status published (a copy arriving later is sent again).",
     registry=REGISTRY,
 )
 LEDGER_FINISH_RETRIES = Counter(
