@@ -99,6 +99,7 @@ SETTLED_STATUSES = tuple(s for s in EobStatus if s not in ACTIVE_STATUSES)
 _ACTIVE = f"status IN ({', '.join(repr(str(s)) for s in ACTIVE_STATUSES)})"
 _SETTLED = f"status IN ({', '.join(repr(str(s)) for s in SETTLED_STATUSES)})"
 _RETRYING = f"status = '{EobStatus.RETRY_SCHEDULED}'"
+_AWAITING_REPLY = f"status IN ('{EobStatus.SENDING}', '{EobStatus.RELEASED}')"
 _IN_CHUNK = 500
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _K = TypeVar("_K", str, int)
@@ -573,7 +574,7 @@ _COMMON_TABLES = (
     "CREATE INDEX IF NOT EXISTS bounce_eobs_retry_address ON bounce_eobs (address_key)"
     f" WHERE {_RETRYING}",
     "CREATE INDEX IF NOT EXISTS bounce_eobs_sent_lease ON bounce_eobs (lease_until)"
-    " WHERE status IN ('sending', 'released')",
+    f" WHERE {_AWAITING_REPLY}",
     "CREATE INDEX IF NOT EXISTS bounce_eobs_long_ref ON bounce_eobs (ref) WHERE ref <> ''",
     "CREATE INDEX IF NOT EXISTS bounce_eobs_settled ON bounce_eobs (status, updated_at)"
     f" WHERE {_SETTLED}",
@@ -620,14 +621,14 @@ _OUTBOX_INDEX = "CREATE INDEX IF NOT EXISTS bounce_outbox_claim ON bounce_outbox
 # Claim statements: `{lock}` is FOR UPDATE SKIP LOCKED on PostgreSQL, empty on SQLite (whose
 # BEGIN IMMEDIATE already excludes every other writer).
 _CLAIM_RETRIES = (
-    "UPDATE bounce_eobs SET lease_until = ? WHERE eob_id IN ("
-    " SELECT eob_id FROM bounce_eobs WHERE status = 'retry_scheduled' AND next_at <= ?"
+    "UPDATE bounce_eobs SET lease_until = ? WHERE eob_id IN ("  # noqa: S608
+    f" SELECT eob_id FROM bounce_eobs WHERE {_RETRYING} AND next_at <= ?"
     " AND (lease_until IS NULL OR lease_until <= ?) ORDER BY next_at LIMIT ? {lock})"
     " RETURNING eob_id, member_id"
 )
 _CLAIM_LOST = (
-    "UPDATE bounce_eobs SET lease_until = ? WHERE eob_id IN ("
-    " SELECT eob_id FROM bounce_eobs WHERE status IN ('sending', 'released')"
+    "UPDATE bounce_eobs SET lease_until = ? WHERE eob_id IN ("  # noqa: S608
+    f" SELECT eob_id FROM bounce_eobs WHERE {_AWAITING_REPLY}"
     " AND lease_until IS NOT NULL AND lease_until <= ? ORDER BY lease_until LIMIT ? {lock})"
     " RETURNING eob_id, member_id"
 )
@@ -698,7 +699,7 @@ class BounceStore(abc.ABC):
         for chunk in _chunks(keys):
             rows = await self._read(
                 "SELECT DISTINCT member_id FROM bounce_eobs"  # noqa: S608
-                f" WHERE address_key IN ({_marks(len(chunk))}) AND status = 'retry_scheduled'",
+                f" WHERE address_key IN ({_marks(len(chunk))}) AND {_RETRYING}",
                 chunk,
             )
             found |= {str(r[0]) for r in rows}
