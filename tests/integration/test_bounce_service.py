@@ -565,6 +565,31 @@ async def test_housekeeping_purges_settled_notices(
     assert await store.eob(ev1) is None
 
 
+async def test_housekeeping_looks_again_only_at_notices_settled_since_it_last_purged(
+    store: BounceStore, publisher: RecordingPublisher
+) -> None:
+    member, address = ids()
+    ev1, _ = event(member, 1)
+    ev2, _ = event(member, 2)
+    service = make_service(store, publisher)
+    await send_ok(service, ev1, member, address)
+    await service.on_delivered(ev1, address, at=at(1))
+    # Rows carry the wall clock's time: purge as if days had passed (rows stay 30 days).
+    later = dt.datetime.now(dt.UTC) + service.payload_retention + dt.timedelta(days=1)
+    await service.tick(later)
+    assert ev1 not in await store.payload_ids()
+    # A notice settled before the last purge's cutoff is not walked again...
+    await send_ok(service, ev2, member, address)
+    await service.on_delivered(ev2, address, at=at(2))
+    await service.tick(later + service.housekeeping_every)
+    assert ev2 in await store.payload_ids()
+    # ...except by the first purge of a process (a restart), which looks at every notice.
+    restarted = make_service(store, publisher)
+    await restarted.tick(later + service.housekeeping_every)
+    assert ev2 not in await store.payload_ids()
+    assert await store.eob(ev2) is not None  # its row stays for late DSNs
+
+
 # --------------------------------------------------------------------------- soft bounces
 
 

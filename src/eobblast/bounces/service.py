@@ -656,6 +656,9 @@ class BounceService:
         self.claim_for = dt.timedelta(minutes=2)
         self.outbox_claim = 60.0
         self._next_purge: dt.datetime | None = None
+        # Raw events of notices settled before this are gone (purged here): the next purge
+        # looks only at notices settled since. None until this process's first purge.
+        self._payloads_purged_before: dt.datetime | None = None
         # Every notice passes `gate` before and `on_delivered` after its send: concurrent
         # calls share one store transaction.
         self._group: GroupCommit[_Call, object] = GroupCommit(
@@ -1138,10 +1141,13 @@ class BounceService:
         purged = 0
         if self._next_purge is None or now >= self._next_purge:
             self._next_purge = now + self.housekeeping_every
+            payloads_before = now - self.payload_retention
             purged = await self.store.purge(
-                payloads_before=now - self.payload_retention,
+                payloads_before=payloads_before,
                 rows_before=now - self.row_retention,
+                payloads_since=self._payloads_purged_before,
             )
+            self._payloads_purged_before = payloads_before
             for status, count in (await self.store.status_counts()).items():
                 NOTICES.labels(status).set(count)
         return TickResult(tuple(resends), tuple(outcomes), published, purged)

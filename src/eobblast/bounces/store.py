@@ -753,16 +753,27 @@ class BounceStore(abc.ABC):
                     chunk,
                 )
 
-    async def purge(self, *, payloads_before: dt.datetime, rows_before: dt.datetime) -> int:
-        """Drop raw events of settled notices older than the first time, their rows older
-        than the second; returns the number of rows dropped."""
+    async def purge(
+        self,
+        *,
+        payloads_before: dt.datetime,
+        rows_before: dt.datetime,
+        payloads_since: dt.datetime | None = None,
+    ) -> int:
+        """Drop raw events of notices settled before `payloads_before` (and, if given, not
+        before `payloads_since`: the previous purge's `payloads_before`), and rows of
+        notices settled before `rows_before`; returns the number of rows dropped.
+
+        A settled row outlives its raw event by weeks: without the lower bound every purge
+        would walk all of those rows again, under the store's write lock.
+        """
         dropped = 0
         async with self._lock, self._begin(()):
             sql = self._sql()
             dropped += await sql.run(
                 "DELETE FROM bounce_payloads WHERE eob_id IN (SELECT eob_id FROM bounce_eobs"  # noqa: S608
-                f" WHERE {_SETTLED} AND updated_at < ?)",
-                (_us(payloads_before),),
+                f" WHERE {_SETTLED} AND updated_at < ? AND updated_at >= ?)",
+                (_us(payloads_before), 0 if payloads_since is None else _us(payloads_since)),
             )
             dropped += await sql.run(
                 f"DELETE FROM bounce_eobs WHERE {_SETTLED} AND updated_at < ?"  # noqa: S608
