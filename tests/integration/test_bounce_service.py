@@ -590,6 +590,24 @@ async def test_housekeeping_looks_again_only_at_notices_settled_since_it_last_pu
     assert await store.eob(ev2) is not None  # its row stays for late DSNs
 
 
+async def test_the_notices_gauge_counts_what_is_still_moving_down_to_zero(
+    service: BounceService,
+) -> None:
+    def gauge(status: EobStatus) -> float | None:
+        return REGISTRY.get_sample_value("eobblast_bounce_notices", {"status": str(status)})
+
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    await service.tick(at(10))
+    assert gauge(EobStatus.HELD_FOR_VERIFICATION) == 1
+    released = await service.on_verification_result(verified(member, address), at=at(20))
+    await service.on_delivered(ev1, released.resends[0].to, at=at(30))
+    await service.tick(at(10) + service.housekeeping_every)  # the next housekeeping
+    assert gauge(EobStatus.HELD_FOR_VERIFICATION) == 0  # not the last count above zero
+    assert gauge(EobStatus.DELIVERED) is None  # settled notices are not counted
+
+
 # --------------------------------------------------------------------------- soft bounces
 
 

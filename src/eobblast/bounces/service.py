@@ -51,6 +51,7 @@ from eobblast.bounces.state import (
     address_key,
 )
 from eobblast.bounces.store import (
+    ACTIVE_STATUSES,
     NO_EXTRAS,
     STORE_ERRORS,
     BounceStore,
@@ -167,7 +168,8 @@ INCIDENTS = Counter(
 )
 NOTICES = Gauge(
     "eobblast_bounce_notices",
-    "Notices in the bounce store by status (held_for_verification, retry_scheduled ...).",
+    "Notices in the bounce store not yet settled, by status (sending, retry_scheduled,"
+    " held_for_verification, released).",
     ["status"],
     # Every worker reads the same shared store: the largest live reading is the value.
     multiprocess_mode="livemax",
@@ -1148,8 +1150,10 @@ class BounceService:
                 payloads_since=self._payloads_purged_before,
             )
             self._payloads_purged_before = payloads_before
-            for status, count in (await self.store.status_counts()).items():
-                NOTICES.labels(status).set(count)
+            # Settled notices are not counted: weeks of them would be read every time.
+            counts = await self.store.status_counts(settled=False)
+            for status in ACTIVE_STATUSES:
+                NOTICES.labels(status).set(counts.get(status, 0))
         return TickResult(tuple(resends), tuple(outcomes), published, purged)
 
     async def _fire(
