@@ -17,7 +17,7 @@ import pytest
 
 from eobblast.errors import ConfigError
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
-from eobblast.state.ledger import _PURGE, AGAIN, CLAIM_LEASE
+from eobblast.state.ledger import AGAIN, CLAIM_LEASE, SQLITE_PURGE
 from tests.conftest import PG_BASE
 
 
@@ -199,8 +199,7 @@ async def test_purge_goes_through_its_index(tmp_path: Path) -> None:
     ledger = await open_ledger(f"sqlite:///{path}")
     await ledger.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        purge = _PURGE.format(lock="")
-        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {purge}", (0.0, 10))]
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {SQLITE_PURGE}", (0.0, 10))]
     assert any("send_ledger_settled" in step for step in plan), plan
     assert not any(step.startswith("SCAN send_ledger") for step in plan), plan
 

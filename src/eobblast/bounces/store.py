@@ -785,13 +785,10 @@ class BounceStore(abc.ABC):
     async def status_counts(self, *, settled: bool = True) -> dict[str, int]:
         """Notices by status (statuses with none left out). `settled=False` counts only
         the notices still moving, cheap however many settled rows the store keeps."""
-        active = f"SELECT status, COUNT(*) FROM bounce_eobs WHERE {_ACTIVE} GROUP BY status"  # noqa: S608
         # Each part over its own partial index: settled rows are counted from theirs alone.
-        sql = (
-            f"SELECT status, COUNT(*) FROM bounce_eobs WHERE {_SETTLED} GROUP BY status"  # noqa: S608
-            f" UNION ALL {active}"
-            if settled
-            else active
+        sql = " UNION ALL ".join(
+            f"SELECT status, COUNT(*) FROM bounce_eobs WHERE {where} GROUP BY status"  # noqa: S608
+            for where in ((_SETTLED, _ACTIVE) if settled else (_ACTIVE,))
         )
         rows = await self._read(sql, ())
         return {str(r[0]): int(r[1]) for r in rows}

@@ -53,6 +53,8 @@ _PURGE = (
     "DELETE FROM send_ledger WHERE event_id IN (SELECT event_id FROM send_ledger"
     " WHERE state = 'final' AND status_published = 1 AND updated_at < ? LIMIT ?{lock})"
 )
+SQLITE_PURGE = _PURGE.format(lock="")
+_PG_PURGE = _PURGE.format(lock=" FOR UPDATE SKIP LOCKED").replace("?", "%s")
 # Rows deleted per transaction (~10-30 ms of the ledger's write lock on SQLite).
 PURGE_BATCH = 1_000
 # Owners renew their claims this often; a claim not renewed for CLAIM_LEASE may be taken.
@@ -266,9 +268,8 @@ class SqliteLedger(SendLedger):
 
     async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
         """Forget up to `limit` events settled and reported before `before`."""
-        purge = _PURGE.format(lock="")
         return write_transaction(
-            self._db, lambda: self._db.execute(purge, (before, limit)).rowcount
+            self._db, lambda: self._db.execute(SQLITE_PURGE, (before, limit)).rowcount
         )
 
     async def close(self) -> None:
@@ -360,8 +361,7 @@ class PostgresLedger(SendLedger):
     async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
         """Forget up to `limit` events settled and reported before `before`."""
         async with self._lock:
-            purge = _PURGE.format(lock=" FOR UPDATE SKIP LOCKED").replace("?", "%s")
-            cur = await self._conn.execute(purge, (before, limit))
+            cur = await self._conn.execute(_PG_PURGE, (before, limit))
             return int(cur.rowcount)
 
     async def close(self) -> None:
