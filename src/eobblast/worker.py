@@ -217,8 +217,9 @@ class Worker:
         self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         # Status events acknowledged by Kafka, marked in the ledger in one batch per commit
-        # and remembered here until then, so a duplicate arriving meanwhile is skipped.
-        self._unmarked: set[str] = set()
+        # and remembered here until then, so a duplicate arriving meanwhile is skipped:
+        # event id -> the attempt whose status it is.
+        self._unmarked: dict[str, int] = {}
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
         self._stopping = False
@@ -479,14 +480,16 @@ class Worker:
             # published again (same status_id), never a second email. Ids acknowledged
             # while the marks are written wait for the next commit, as do all of them
             # while the ledger is away: the offsets are committed all the same.
-            published = list(self._unmarked)
+            published = list(self._unmarked.items())
             try:
                 await self._ledger.mark_published(published)
             except STORE_ERRORS as exc:
                 metrics.LEDGER_MARK_FAILURES.inc()
                 log.warning("status marks not written yet: %s", type(exc).__name__)
             else:
-                self._unmarked.difference_update(published)
+                for event_id, attempt in published:
+                    if self._unmarked.get(event_id) == attempt:
+                        del self._unmarked[event_id]
         offsets = self._tracker.committable()
         if only is not None:
             keep = set(only)
@@ -702,7 +705,7 @@ class Worker:
         await self._finish(event_id, outcome)
         self._unrecorded.pop(event_id, None)
         await self._report(outcome, event_id, attempt, source_ms, info)
-        self._unmarked.add(event_id)
+        self._unmarked[event_id] = attempt
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
         if entry.status_published or entry.event_id in self._unmarked:
@@ -716,7 +719,7 @@ class Worker:
             0.0,
         )
         await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms)
-        self._unmarked.add(entry.event_id)
+        self._unmarked[entry.event_id] = entry.attempts
         return True
 
     async def _reject(

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -33,6 +33,9 @@ async def ledger(ledger_url: str) -> AsyncIterator[SendLedger]:
     await opened.close()
 
 
+_YEAR = 365 * 86400
+
+
 def _id() -> str:
     return str(uuid.uuid4())
 
@@ -53,18 +56,27 @@ async def test_same_owner_in_flight_is_not_sent_twice(ledger: SendLedger) -> Non
     assert (await ledger.claim(event_id, "w1")).kind is ClaimKind.IN_FLIGHT
 
 
-def _after_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
-    """From now on the clock reads one lease later: claims made so far have run out."""
-    later = time.time() + CLAIM_LEASE + 1
-    monkeypatch.setattr(time, "time", lambda: later)
+async def _age(url: str, event_ids: Sequence[str], seconds: float) -> None:
+    """Time passes for these rows: their claims, renewals and outcomes are `seconds` older.
+
+    Rows are aged rather than the clock moved: a PostgreSQL ledger reads the server's clock.
+    """
+    sql = "UPDATE send_ledger SET updated_at = updated_at - {0} WHERE event_id = {0}"
+    if url.startswith("sqlite:///"):
+        with contextlib.closing(sqlite3.connect(url.removeprefix("sqlite:///"))) as db, db:
+            db.executemany(sql.format("?"), [(seconds, event_id) for event_id in event_ids])
+        return
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for event_id in event_ids:
+            await conn.execute(sql.format("%s"), (seconds, event_id))
 
 
 async def test_dead_owner_in_flight_is_retried_and_counted(
-    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: SendLedger, ledger_url: str
 ) -> None:
     event_id = _id()
     await ledger.claim(event_id, "dead-worker")
-    _after_the_lease(monkeypatch)  # nobody renewed it
+    await _age(ledger_url, [event_id], CLAIM_LEASE + 1)  # nobody renewed it
     retry = await ledger.claim(event_id, "w2")
     assert retry.kind is ClaimKind.RETRY
     entry = await ledger.get(event_id)
@@ -83,7 +95,7 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
     await ledger.finish(event_id, "deferred", "temporary_failure")
     # A redelivery before its status went out is not the claims system's retry.
     assert (await ledger.claim(event_id, "w2", retry_deferred=True)).kind is ClaimKind.DONE
-    await ledger.mark_published([event_id])
+    await ledger.mark_published([(event_id, 1)])
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.DONE  # bounce service on
     retry = await ledger.claim(event_id, "w2", retry_deferred=True)
     assert retry.kind is ClaimKind.RETRY
@@ -97,7 +109,7 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
 
 
 async def test_an_event_whose_claim_is_renewed_is_not_taken_over(
-    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: SendLedger, ledger_url: str
 ) -> None:
     # A worker that lost its partitions (evicted, still sending) or a second copy under
     # another key: the other worker used to take the claim over and send a second email.
@@ -108,15 +120,38 @@ async def test_an_event_whose_claim_is_renewed_is_not_taken_over(
     assert entry is not None and entry.owner == "w1" and entry.attempts == 1
     # Its own second claim (an attempt run again) is still its own.
     assert (await ledger.claim(event_id, "w1" + AGAIN)).kind is ClaimKind.RETRY
-    start = time.time()
-    monkeypatch.setattr(time, "time", lambda: start + CLAIM_LEASE - 5)
+    await _age(ledger_url, [event_id], CLAIM_LEASE - 5)
     await ledger.renew([event_id, _id()], "w1")  # w1 is still at it (an unknown id is no-op)
-    monkeypatch.setattr(time, "time", lambda: start + CLAIM_LEASE + 10)
+    await _age(ledger_url, [event_id], 15)  # a lease and 10 s after the claim
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.ELSEWHERE
     await ledger.renew([event_id], "someone-else")  # renews only its own claims
     # Not renewed for a whole lease: its worker died or gave it up.
-    monkeypatch.setattr(time, "time", lambda: start + 2 * CLAIM_LEASE)
+    await _age(ledger_url, [event_id], CLAIM_LEASE - 15)
     assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.RETRY
+
+
+async def test_postgresql_leases_keep_the_servers_time_not_the_workers(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Workers on several machines: one whose clock ran a minute ahead took over every claim
+    # made in the last minute (a second email each), one whose clock lagged renewed its
+    # claims into the past.
+    ledger = await open_ledger(pg_schema)
+    try:
+        taken, renewed = _id(), _id()
+        await ledger.claim(taken, "w1")
+        await ledger.claim(renewed, "w1")
+        now = time.time()
+        monkeypatch.setattr(time, "time", lambda: now + 2 * CLAIM_LEASE)
+        assert (await ledger.claim(taken, "w2")).kind is ClaimKind.ELSEWHERE
+        monkeypatch.setattr(time, "time", lambda: now - 2 * CLAIM_LEASE)
+        await _age(pg_schema, [renewed], CLAIM_LEASE - 5)
+        await ledger.renew([renewed], "w1")
+        monkeypatch.undo()
+        await _age(pg_schema, [renewed], 10)  # 5 s past the first lease, 10 s into the new
+        assert (await ledger.claim(renewed, "w2")).kind is ClaimKind.ELSEWHERE
+    finally:
+        await ledger.close()
 
 
 async def test_published_flag(ledger: SendLedger) -> None:
@@ -124,31 +159,55 @@ async def test_published_flag(ledger: SendLedger) -> None:
     for event_id in ids:
         await ledger.claim(event_id, "w1")
         await ledger.finish(event_id, "rejected", "invalid_json")
-    await ledger.mark_published(ids[:2])
+    await ledger.mark_published([(event_id, 1) for event_id in ids[:2]])
     flags = [(await ledger.get(i)).status_published for i in ids]  # type: ignore[union-attr]
     assert flags == [True, True, False]
     assert await ledger.get(_id()) is None
 
 
-async def test_purge_forgets_only_events_settled_and_reported_before_the_window(
-    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+async def test_a_status_mark_counts_only_for_its_own_settled_attempt(
+    ledger: SendLedger, ledger_url: str
 ) -> None:
-    # Written long ago (other tests' rows, written now, stay inside the window).
-    monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
+    # A worker's mark for attempt 1 written late, after another worker had taken the event
+    # over: it said attempt 2's status was out, and a redelivery of the event, finding it
+    # settled and reported, never published attempt 2's status.
+    event_id = _id()
+    await ledger.claim(event_id, "w1")
+    await _age(ledger_url, [event_id], CLAIM_LEASE + 1)  # w1 stalled
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.RETRY
+    await ledger.finish(event_id, "delivered", "delivered")  # w1 finishes after all
+    await ledger.mark_published([(event_id, 1)])  # w1's status
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.attempts == 2 and not entry.status_published
+    # A mark for an attempt still sending is not taken either.
+    sending = _id()
+    await ledger.claim(sending, "w1")
+    await ledger.mark_published([(sending, 1)])
+    assert not (await ledger.get(sending)).status_published  # type: ignore[union-attr]
+    # The settled attempt's own mark is.
+    await ledger.mark_published([(event_id, 2), (_id(), 1)])
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.status_published
+
+
+async def test_purge_forgets_only_events_settled_and_reported_before_the_window(
+    ledger: SendLedger, ledger_url: str
+) -> None:
     old = [_id() for _ in range(5)]
     unreported, sending = _id(), _id()
     for event_id in [*old, unreported]:
         await ledger.claim(event_id, "w1")
         await ledger.finish(event_id, "delivered", "delivered")
     await ledger.claim(sending, "w1")
-    await ledger.mark_published(old)
-    monkeypatch.undo()
+    await ledger.mark_published([(event_id, 1) for event_id in old])
+    # Written long ago (other tests' rows, written now, stay inside the window).
+    await _age(ledger_url, [*old, unreported, sending], 10 * _YEAR)
     recent = _id()
     await ledger.claim(recent, "w1")
     await ledger.finish(recent, "delivered", "delivered")
-    await ledger.mark_published([recent])
+    await ledger.mark_published([(recent, 1)])
 
-    window_start = 2_000_000.0
+    window_start = time.time() - 5 * _YEAR
     assert await ledger.purge(window_start, limit=3) == 3  # in batches of the limit
     assert await ledger.purge(window_start, limit=3) == 2
     assert await ledger.purge(window_start, limit=3) == 0
@@ -161,17 +220,14 @@ async def test_purge_forgets_only_events_settled_and_reported_before_the_window(
     assert (await ledger.claim(old[0], "w2")).kind is ClaimKind.NEW
 
 
-async def test_a_postgresql_purge_leaves_a_row_a_claim_is_taking_back(
-    pg_schema: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_a_postgresql_purge_leaves_a_row_a_claim_is_taking_back(pg_schema: str) -> None:
     ledger = await open_ledger(pg_schema)
     try:
         event_id = _id()
-        monkeypatch.setattr(time, "time", lambda: 1_000_000.0)
         await ledger.claim(event_id, "w1")
         await ledger.finish(event_id, "deferred", "temporary_failure")
-        await ledger.mark_published([event_id])
-        monkeypatch.undo()
+        await ledger.mark_published([(event_id, 1)])
+        await _age(pg_schema, [event_id], 10 * _YEAR)
         # Another worker's claim takes the settled row back for sending (a copy of a
         # deferred event) and has not committed when the purge comes.
         async with await psycopg.AsyncConnection.connect(pg_schema) as other:
@@ -184,7 +240,7 @@ async def test_a_postgresql_purge_leaves_a_row_a_claim_is_taking_back(
                     " WHERE event_id = %s",
                     (event_id,),
                 )
-                purge = asyncio.create_task(ledger.purge(2_000_000.0))
+                purge = asyncio.create_task(ledger.purge(time.time() - 5 * _YEAR))
                 await asyncio.sleep(0.5)
         assert await asyncio.wait_for(purge, 10) == 0
         entry = await ledger.get(event_id)
@@ -217,13 +273,13 @@ async def test_concurrent_claims_give_exactly_one_new(ledger: SendLedger) -> Non
 
 
 async def test_concurrent_claims_and_finishes_of_many_events(
-    ledger: SendLedger, monkeypatch: pytest.MonkeyPatch
+    ledger: SendLedger, ledger_url: str
 ) -> None:
     # Dozens in flight at once (as a worker has them): each event's answer is its own.
     ids = [_id() for _ in range(50)]
     await ledger.finish(ids[0], "delivered", "delivered")
     await ledger.claim(ids[1], "dead-worker")
-    _after_the_lease(monkeypatch)
+    await _age(ledger_url, [ids[1]], CLAIM_LEASE + 1)
     claims = await asyncio.gather(*(ledger.claim(event_id, "w1") for event_id in ids))
     assert claims[0].kind is ClaimKind.DONE
     assert claims[1].kind is ClaimKind.RETRY

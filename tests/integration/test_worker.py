@@ -271,8 +271,8 @@ class FaultyClaims(SendLedger):
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
         await self.inner.finish(event_id, outcome, reason)
 
-    async def mark_published(self, event_ids: Sequence[str]) -> None:
-        await self.inner.mark_published(event_ids)
+    async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
+        await self.inner.mark_published(marks)
 
     async def get(self, event_id: str) -> LedgerEntry | None:
         return await self.inner.get(event_id)
@@ -907,11 +907,11 @@ class FlakyLedger(FaultyClaims):
             raise sqlite3.OperationalError("database is locked")
         await self.inner.finish(event_id, outcome, reason)
 
-    async def mark_published(self, event_ids: Sequence[str]) -> None:
+    async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
         if self.marks > 0:
             self.marks -= 1
             raise sqlite3.OperationalError("database is locked")
-        await self.inner.mark_published(event_ids)
+        await self.inner.mark_published(marks)
 
 
 async def test_a_ledger_away_after_the_send_never_means_a_second_email(stack: Stack) -> None:
@@ -973,7 +973,7 @@ async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_r
     async def deferred_earlier(ledger: SendLedger, event_id: str) -> None:
         await ledger.claim(event_id, "an-earlier-worker")
         await ledger.finish(event_id, "deferred", "temporary_failure")
-        await ledger.mark_published([event_id])
+        await ledger.mark_published([(event_id, 1)])
 
     status = await _after_a_ledger_row(stack, 43, deferred_earlier)
     assert (status.status, status.attempt) == ("delivered", 2)

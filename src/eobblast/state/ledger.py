@@ -11,6 +11,12 @@ event or holds an outcome it could not record yet. A claim renewed within CLAIM_
 partition while still sending (evicted from the group, a copy published under another key)
 is not doubled. A claim nobody renews (its worker died, or gave the record up) is taken
 over once its lease has run out.
+
+Leases are timed by one clock: the machine's for SQLite (one machine), the server's for
+PostgreSQL (workers on machines whose clocks disagree must not cut each other's leases short).
+
+A status mark names the attempt it is for: a late mark from an earlier attempt must not
+say that a later attempt's status is out.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ _SETTLED_INDEX = (
     "CREATE INDEX IF NOT EXISTS send_ledger_settled ON send_ledger (updated_at)"
     " WHERE state = 'final' AND status_published = 1"
 )
+_COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published, updated_at"
 # `{lock}`: on PostgreSQL the rows are locked as they are chosen, and rows a claim holds are
 # skipped (its DELETE would otherwise wait, then delete a row the claim has just taken back
 # for sending: only `event_id` is checked again after a wait, not the state).
@@ -55,6 +62,42 @@ _PURGE = (
 )
 SQLITE_PURGE = _PURGE.format(lock="")
 _PG_PURGE = _PURGE.format(lock=" FOR UPDATE SKIP LOCKED").replace("?", "%s")
+# A status mark counts only for the attempt it names, once that attempt is settled.
+_SQLITE_MARK = (
+    "UPDATE send_ledger SET status_published = 1"
+    " WHERE event_id = ? AND attempts = ? AND state = 'final'"
+)
+# One statement for a batch of marks: the pairs unnested side by side.
+_PG_MARK = (
+    "UPDATE send_ledger SET status_published = 1 FROM unnest(%s::text[], %s::int[])"
+    " AS mark(event_id, attempts) WHERE send_ledger.event_id = mark.event_id"
+    " AND send_ledger.attempts = mark.attempts AND state = 'final'"
+)
+# On PostgreSQL every time written or compared is the server's clock, in epoch seconds
+# (extract(epoch from clock_timestamp())): leases do not depend on the workers' clocks.
+_PG_CLAIM = (
+    "INSERT INTO send_ledger (event_id, state, owner, updated_at) VALUES (%s, 'sending', %s,"
+    " extract(epoch from clock_timestamp())) ON CONFLICT (event_id) DO NOTHING"
+)
+_PG_CLAIMED = (
+    "SELECT event_id, state, owner, outcome, reason, attempts, status_published, updated_at,"
+    " extract(epoch from clock_timestamp()) FROM send_ledger WHERE event_id = %s FOR UPDATE"
+)
+_PG_RETAKE = (
+    "UPDATE send_ledger SET state = 'sending', owner = %s, attempts = attempts + 1,"
+    " status_published = 0, updated_at = extract(epoch from clock_timestamp())"
+    " WHERE event_id = %s"
+)
+_PG_FINISH = (
+    "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
+    " VALUES (%s, 'final', '', %s, %s, extract(epoch from clock_timestamp()))"
+    " ON CONFLICT (event_id) DO UPDATE SET state = 'final', outcome = EXCLUDED.outcome,"
+    " reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at"
+)
+_PG_RENEW = (
+    "UPDATE send_ledger SET updated_at = extract(epoch from clock_timestamp())"
+    " WHERE event_id = ANY(%s) AND state = 'sending' AND owner IN (%s, %s)"
+)
 # Rows deleted per transaction (~10-30 ms of the ledger's write lock on SQLite).
 PURGE_BATCH = 1_000
 # Owners renew their claims this often; a claim not renewed for CLAIM_LEASE may be taken.
@@ -119,9 +162,6 @@ def _entry(row: Sequence[Any]) -> LedgerEntry:
     )
 
 
-_COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published, updated_at"
-
-
 class SendLedger(abc.ABC):
     """The interface both stores implement; the same tests run against each."""
 
@@ -136,8 +176,9 @@ class SendLedger(abc.ABC):
         """Record the final outcome of an event."""
 
     @abc.abstractmethod
-    async def mark_published(self, event_ids: Sequence[str]) -> None:
-        """Record that these events' status events were acknowledged by Kafka."""
+    async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
+        """Record that the status events of these (event id, attempt) pairs were acknowledged
+        by Kafka. A mark for an attempt other than the event's settled last one is ignored."""
 
     @abc.abstractmethod
     async def get(self, event_id: str) -> LedgerEntry | None:
@@ -151,15 +192,16 @@ class SendLedger(abc.ABC):
     @abc.abstractmethod
     async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
         """Forget up to `limit` events settled, and their status published, before `before`
-        (epoch seconds); returns how many. A copy of one arriving later is sent again."""
+        (epoch seconds); returns how many. A copy of one arriving later is sent again.
+        (`before` is the caller's clock: seconds of skew are nothing to a window of days.)"""
 
     @abc.abstractmethod
     async def close(self) -> None:
         """Release connections."""
 
     @staticmethod
-    def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool) -> Claim:
-        """What a claim by `owner` finds in `entry`."""
+    def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool, now: float) -> Claim:
+        """What a claim by `owner` finds in `entry`, at `now` by the ledger's clock."""
         if entry.state is LedgerState.FINAL:
             # A deferred event whose status went out: a new copy is the claims system's
             # retry (a Kafka redelivery comes before the status is marked published).
@@ -169,7 +211,7 @@ class SendLedger(abc.ABC):
         if entry.owner == owner:
             return Claim(ClaimKind.IN_FLIGHT, entry)
         same_worker = entry.owner.removesuffix(AGAIN) == owner.removesuffix(AGAIN)
-        if not same_worker and time.time() - entry.updated_at < CLAIM_LEASE:
+        if not same_worker and now - entry.updated_at < CLAIM_LEASE:
             return Claim(ClaimKind.ELSEWHERE, entry)
         return Claim(ClaimKind.RETRY, entry)
 
@@ -208,7 +250,7 @@ class SqliteLedger(SendLedger):
             f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = ?",  # noqa: S608
             (event_id,),
         ).fetchone()
-        claim = self._decide(_entry(row), owner, retry_deferred)
+        claim = self._decide(_entry(row), owner, retry_deferred, time.time())
         if claim.kind is ClaimKind.RETRY:
             db.execute(
                 "UPDATE send_ledger SET state = 'sending', owner = ?, attempts = attempts + 1,"
@@ -234,16 +276,10 @@ class SqliteLedger(SendLedger):
         )
         return [None] * len(items)
 
-    async def mark_published(self, event_ids: Sequence[str]) -> None:
-        """Record that these events' status events were acknowledged."""
-        if event_ids:
-            write_transaction(
-                self._db,
-                lambda: self._db.executemany(
-                    "UPDATE send_ledger SET status_published = 1 WHERE event_id = ?",
-                    [(event_id,) for event_id in event_ids],
-                ),
-            )
+    async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
+        """Record that these attempts' status events were acknowledged."""
+        if marks:
+            write_transaction(self._db, lambda: self._db.executemany(_SQLITE_MARK, marks))
 
     async def get(self, event_id: str) -> LedgerEntry | None:
         """The row of an event, if any."""
@@ -295,47 +331,28 @@ class PostgresLedger(SendLedger):
         async with self._lock, self._conn.transaction():
             row = None
             while row is None:
-                cur = await self._conn.execute(
-                    "INSERT INTO send_ledger (event_id, state, owner, updated_at)"
-                    " VALUES (%s, 'sending', %s, %s) ON CONFLICT (event_id) DO NOTHING",
-                    (event_id, owner, time.time()),
-                )
+                cur = await self._conn.execute(_PG_CLAIM, (event_id, owner))
                 if cur.rowcount:
                     return Claim(ClaimKind.NEW)
-                cur = await self._conn.execute(
-                    f"SELECT {_COLUMNS} FROM send_ledger WHERE event_id = %s FOR UPDATE",  # noqa: S608
-                    (event_id,),
-                )
+                cur = await self._conn.execute(_PG_CLAIMED, (event_id,))
                 # None: a purge deleted the row in between; the event is new again.
                 row = await cur.fetchone()
-            claim = self._decide(_entry(row), owner, retry_deferred)
+            claim = self._decide(_entry(row), owner, retry_deferred, float(row[-1]))
             if claim.kind is ClaimKind.RETRY:
-                await self._conn.execute(
-                    "UPDATE send_ledger SET state = 'sending', owner = %s,"
-                    " attempts = attempts + 1, status_published = 0, updated_at = %s"
-                    " WHERE event_id = %s",
-                    (owner, time.time(), event_id),
-                )
+                await self._conn.execute(_PG_RETAKE, (owner, event_id))
             return claim
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
         """Record the final outcome of an event."""
         async with self._lock:
-            await self._conn.execute(
-                "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
-                " VALUES (%s, 'final', '', %s, %s, %s) ON CONFLICT (event_id) DO UPDATE SET"
-                " state = 'final', outcome = EXCLUDED.outcome, reason = EXCLUDED.reason,"
-                " updated_at = EXCLUDED.updated_at",
-                (event_id, outcome, reason, time.time()),
-            )
+            await self._conn.execute(_PG_FINISH, (event_id, outcome, reason))
 
-    async def mark_published(self, event_ids: Sequence[str]) -> None:
-        """Record that these events' status events were acknowledged."""
-        if event_ids:
+    async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
+        """Record that these attempts' status events were acknowledged."""
+        if marks:
             async with self._lock:
                 await self._conn.execute(
-                    "UPDATE send_ledger SET status_published = 1 WHERE event_id = ANY(%s)",
-                    (list(event_ids),),
+                    _PG_MARK, ([event_id for event_id, _ in marks], [a for _, a in marks])
                 )
 
     async def get(self, event_id: str) -> LedgerEntry | None:
@@ -352,11 +369,7 @@ class PostgresLedger(SendLedger):
         """Renew `owner`'s claims of these events."""
         if event_ids:
             async with self._lock:
-                await self._conn.execute(
-                    "UPDATE send_ledger SET updated_at = %s WHERE event_id = ANY(%s)"
-                    " AND state = 'sending' AND owner IN (%s, %s)",
-                    (time.time(), list(event_ids), owner, owner + AGAIN),
-                )
+                await self._conn.execute(_PG_RENEW, (list(event_ids), owner, owner + AGAIN))
 
     async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
         """Forget up to `limit` events settled and reported before `before`."""
