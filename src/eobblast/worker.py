@@ -88,6 +88,11 @@ REFILL_FRACTION = 8
 # ledger's write lock stays free for claims most of the time).
 LEDGER_PURGE_EVERY = 60.0
 LEDGER_PURGE_PAUSE = 0.1
+# How often a worker compares its clock with a PostgreSQL ledger server's, and the gap above
+# which it warns: the ledger's leases use the server's clock, but the bounce store's retry
+# times and leases and the shaping budgets use the workers'.
+CLOCK_CHECK_EVERY = 60.0
+CLOCK_SKEW_WARN = 2.0
 
 
 def new_worker_id(index: int) -> str:
@@ -253,6 +258,7 @@ class Worker:
                 group.create_task(self._loop(stop))
                 if self._config.ledger.retention_days > 0:
                     group.create_task(self._forget_settled(stop))
+                group.create_task(self._watch_clock(stop))
                 if self._bounces is not None:
                     group.create_task(self._bounce_timers(stop))
                     group.create_task(self._verification_results(stop))
@@ -300,6 +306,29 @@ class Worker:
             metrics.LEDGER_PURGED.inc(forgotten)
             if forgotten:
                 log.info("ledger purged", extra={"events": forgotten})
+
+    async def _watch_clock(self, stop: asyncio.Event) -> None:
+        """Every CLOCK_CHECK_EVERY s, from the start: this machine's clock against the ledger
+        server's (`eobblast_clock_skew_seconds`), with a warning past CLOCK_SKEW_WARN. A
+        ledger on this machine (SQLite) shares its clock: nothing to watch."""
+        while not stop.is_set():
+            try:
+                offset = await self._ledger.clock_offset()
+            except STORE_ERRORS as exc:
+                log.warning("clock not compared with the ledger: %s", type(exc).__name__)
+            else:
+                if offset is None:
+                    return
+                metrics.CLOCK_SKEW.set(abs(offset))
+                if abs(offset) > CLOCK_SKEW_WARN:
+                    # Positive: the server's clock reads later than this machine's.
+                    log.warning(
+                        "clock differs from the ledger server's; keep the machines' clocks"
+                        " in step (NTP)",
+                        extra={"server_minus_local_seconds": round(offset, 1)},
+                    )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), CLOCK_CHECK_EVERY)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """The bounce service's Publisher: one acknowledged send, bounded in time.

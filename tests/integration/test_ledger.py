@@ -154,6 +154,28 @@ async def test_postgresql_leases_keep_the_servers_time_not_the_workers(
         await ledger.close()
 
 
+async def test_a_postgresql_ledger_measures_this_clock_against_the_servers(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ledger = await open_ledger(pg_schema)
+    try:
+        offset = await ledger.clock_offset()
+        assert offset is not None and abs(offset) < 1  # the server runs on this machine
+        real = time.time
+        monkeypatch.setattr(time, "time", lambda: real() + 90)  # this clock 90 s ahead
+        assert await ledger.clock_offset() == pytest.approx(-90, abs=1)
+    finally:
+        await ledger.close()
+
+
+async def test_a_sqlite_ledger_shares_this_machines_clock(tmp_path: Path) -> None:
+    ledger = await open_ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    try:
+        assert await ledger.clock_offset() is None
+    finally:
+        await ledger.close()
+
+
 async def test_published_flag(ledger: SendLedger) -> None:
     ids = [_id() for _ in range(3)]
     for event_id in ids:

@@ -16,6 +16,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, cast
 
 import aiosmtplib
@@ -31,6 +32,7 @@ from eobblast.bounces.store import BounceStore, open_bounce_store
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter, DeliveryStatus
+from eobblast.observe import metrics
 from eobblast.observe.audit import AuditAction, AuditError, AuditRecord, AuditTrail, open_audit
 from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import EscrowStore
@@ -1004,6 +1006,33 @@ async def test_a_worker_forgets_events_settled_longer_ago_than_the_retention(
         await asyncio.wait_for(task, 30)
     # Recorded, then forgotten (not never recorded): the purge counted exactly these.
     assert (REGISTRY.get_sample_value("eobblast_ledger_purged_total") or 0.0) - purged == 3
+
+
+async def test_a_worker_whose_clock_is_off_the_ledger_servers_says_so(
+    stack: Stack,
+    pg_ledger_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The bounce store's retry times and the shaping budgets read the workers' clocks: a
+    # machine whose clock drifted must show in the metrics and the log.
+    stack.ledger_url = pg_ledger_url
+    real = time.time
+    monkeypatch.setattr(ledger_module, "time", SimpleNamespace(time=lambda: real() + 90))
+    metrics.CLOCK_SKEW.set(0)
+    caplog.set_level(logging.WARNING, logger="eobblast.worker")
+    _, stop, task = await start_worker(stack.config())
+    try:
+        deadline = time.monotonic() + 30
+        while _sample("eobblast_clock_skew_seconds") == 0:
+            assert time.monotonic() < deadline, "the worker never compared clocks"
+            await asyncio.sleep(0.1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert _sample("eobblast_clock_skew_seconds") == pytest.approx(90, abs=1)
+    (warning,) = [r for r in caplog.records if "clock" in r.getMessage()]
+    assert warning.server_minus_local_seconds == pytest.approx(-90, abs=1)  # type: ignore[attr-defined]
 
 
 async def _after_a_ledger_row(

@@ -52,6 +52,13 @@ OLDEST_IN_FLIGHT = Gauge(
     multiprocess_mode="livemax",
     registry=REGISTRY,
 )
+CLOCK_SKEW = Gauge(
+    "eobblast_clock_skew_seconds",
+    "How far a worker's clock is from its PostgreSQL ledger server's, either way (largest"
+    " of the workers).",
+    multiprocess_mode="livemax",
+    registry=REGISTRY,
+)
 STUCK = Counter(
     "eobblast_events_stuck",
     "Events reported in flight longer than [workers] stuck_after, by the stage they were in.",

@@ -199,6 +199,11 @@ class SendLedger(abc.ABC):
     async def close(self) -> None:
         """Release connections."""
 
+    async def clock_offset(self) -> float | None:
+        """The ledger's clock minus this process's, in seconds; None where they are the same
+        clock (a ledger on this machine)."""
+        return None
+
     @staticmethod
     def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool, now: float) -> Claim:
         """What a claim by `owner` finds in `entry`, at `now` by the ledger's clock."""
@@ -376,6 +381,15 @@ class PostgresLedger(SendLedger):
         async with self._lock:
             cur = await self._conn.execute(_PG_PURGE, (before, limit))
             return int(cur.rowcount)
+
+    async def clock_offset(self) -> float:
+        """The server's clock minus this process's (within half a round trip)."""
+        async with self._lock:
+            sent = time.time()
+            cur = await self._conn.execute("SELECT extract(epoch from clock_timestamp())")
+            row = await cur.fetchone()
+            received = time.time()
+        return float(row[0]) - (sent + received) / 2
 
     async def close(self) -> None:
         """Close the connection."""
