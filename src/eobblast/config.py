@@ -82,9 +82,10 @@ class LedgerConfig:
     """Where the send ledger lives: sqlite:///file on one machine, postgresql://... across."""
 
     url: str = "sqlite:///eobblast-ledger.db"
-    # How long an event is remembered once settled (and its status published): the window
-    # in which a duplicate (a claims system publishing it again, Kafka redelivering it) is
-    # not sent again. Keep it longer than eob.events' retention. 0: forever.
+    # How long an event is remembered once settled (and its status published; twice that
+    # if its status mark was lost): the window in which a duplicate (a claims system
+    # publishing it again, Kafka redelivering it) is not sent again. Keep it longer than
+    # eob.events' retention. 0: forever.
     retention_days: float = 90.0
 
     def __post_init__(self) -> None:

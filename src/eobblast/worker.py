@@ -92,6 +92,7 @@ LEDGER_PURGE_PAUSE = 0.1
 # which it warns: the ledger's leases use the server's clock, but the bounce store's retry
 # times and leases and the shaping budgets use the workers'.
 CLOCK_CHECK_EVERY = 60.0
+CLOCK_CHECK_TIMEOUT = 10.0
 CLOCK_SKEW_WARN = 2.0
 
 
@@ -287,16 +288,21 @@ class Worker:
 
     async def _forget_settled(self, stop: asyncio.Event) -> None:
         """Every LEDGER_PURGE_EVERY s: drop the ledger's events settled and reported longer
-        ago than the retention, in batches (each a short transaction of its own)."""
+        ago than the retention (unreported: twice that), in batches (each a short
+        transaction of its own)."""
         window = self._config.ledger.retention_days * 86400.0
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), LEDGER_PURGE_EVERY)
-            before = time.time() - window
+            now = time.time()
+            # An event whose status mark was lost (its worker stopped or crashed before
+            # writing it) is kept for a second window: its status went out, or a
+            # redelivery of its record would find the outcome and publish it.
+            before, unmarked_before = now - window, now - 2 * window
             forgotten = 0
             try:
                 while not stop.is_set():
-                    batch = await self._ledger.purge(before)
+                    batch = await self._ledger.purge(before, unmarked_before)
                     forgotten += batch
                     if batch < PURGE_BATCH:
                         break
@@ -313,8 +319,9 @@ class Worker:
         ledger on this machine (SQLite) shares its clock: nothing to watch."""
         while not stop.is_set():
             try:
-                offset = await self._ledger.clock_offset()
-            except STORE_ERRORS as exc:
+                async with asyncio.timeout(CLOCK_CHECK_TIMEOUT):
+                    offset = await self._ledger.clock_offset()
+            except Exception as exc:  # a check only: never a reason to restart the worker
                 log.warning("clock not compared with the ledger: %s", type(exc).__name__)
             else:
                 if offset is None:
@@ -737,7 +744,9 @@ class Worker:
         self._unmarked[event_id] = attempt
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
-        if entry.status_published or entry.event_id in self._unmarked:
+        # Skipped only if this very attempt's status is out: a status of an earlier attempt
+        # here (taken over since, by a worker that died before publishing) is not it.
+        if entry.status_published or self._unmarked.get(entry.event_id) == entry.attempts:
             self.duplicates_skipped += 1
             metrics.DUPLICATES.inc()
             return True

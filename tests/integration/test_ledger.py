@@ -212,30 +212,34 @@ async def test_a_status_mark_counts_only_for_its_own_settled_attempt(
     assert entry is not None and entry.status_published
 
 
-async def test_purge_forgets_only_events_settled_and_reported_before_the_window(
+async def test_purge_forgets_events_settled_before_the_window_and_unmarked_ones_later(
     ledger: SendLedger, ledger_url: str
 ) -> None:
     old = [_id() for _ in range(5)]
-    unreported, sending = _id(), _id()
-    for event_id in [*old, unreported]:
+    unmarked, unmarked_longer, sending = _id(), _id(), _id()
+    for event_id in [*old, unmarked, unmarked_longer]:
         await ledger.claim(event_id, "w1")
         await ledger.finish(event_id, "delivered", "delivered")
     await ledger.claim(sending, "w1")
     await ledger.mark_published([(event_id, 1) for event_id in old])
     # Written long ago (other tests' rows, written now, stay inside the window).
-    await _age(ledger_url, [*old, unreported, sending], 10 * _YEAR)
+    await _age(ledger_url, [*old, unmarked, sending], 10 * _YEAR)
+    # Its worker crashed before writing the mark, long enough ago for that to be moot.
+    await _age(ledger_url, [unmarked_longer], 30 * _YEAR)
     recent = _id()
     await ledger.claim(recent, "w1")
     await ledger.finish(recent, "delivered", "delivered")
     await ledger.mark_published([(recent, 1)])
 
-    window_start = time.time() - 5 * _YEAR
-    assert await ledger.purge(window_start, limit=3) == 3  # in batches of the limit
-    assert await ledger.purge(window_start, limit=3) == 2
-    assert await ledger.purge(window_start, limit=3) == 0
+    window = (time.time() - 5 * _YEAR, time.time() - 20 * _YEAR)
+    assert await ledger.purge(*window, limit=4) == 4  # in batches of the limit
+    assert await ledger.purge(*window, limit=4) == 2
+    assert await ledger.purge(*window, limit=4) == 0
     assert [await ledger.get(event_id) for event_id in old] == [None] * 5
-    # Still sending, status not yet out, or inside the window: kept.
-    for event_id in (unreported, sending):
+    assert await ledger.get(unmarked_longer) is None
+    # Still sending, status mark missing for less than the second window, or inside the
+    # window: kept.
+    for event_id in (unmarked, sending):
         assert await ledger.get(event_id) is not None
     assert (await ledger.claim(recent, "w2")).kind is ClaimKind.DONE
     # A copy of a forgotten event is a new event.
@@ -262,7 +266,7 @@ async def test_a_postgresql_purge_leaves_a_row_a_claim_is_taking_back(pg_schema:
                     " WHERE event_id = %s",
                     (event_id,),
                 )
-                purge = asyncio.create_task(ledger.purge(time.time() - 5 * _YEAR))
+                purge = asyncio.create_task(ledger.purge(time.time() - 5 * _YEAR, 0.0))
                 await asyncio.sleep(0.5)
         assert await asyncio.wait_for(purge, 10) == 0
         entry = await ledger.get(event_id)
@@ -277,9 +281,45 @@ async def test_purge_goes_through_its_index(tmp_path: Path) -> None:
     ledger = await open_ledger(f"sqlite:///{path}")
     await ledger.close()
     with contextlib.closing(sqlite3.connect(path)) as db:
-        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {SQLITE_PURGE}", (0.0, 10))]
-    assert any("send_ledger_settled" in step for step in plan), plan
+        plan = [row[3] for row in db.execute(f"EXPLAIN QUERY PLAN {SQLITE_PURGE}", (0.0, 0.0, 10))]
+    assert any("send_ledger_final" in step for step in plan), plan
     assert not any(step.startswith("SCAN send_ledger") for step in plan), plan
+
+
+async def test_a_ledger_indexed_by_an_earlier_release_is_indexed_again(ledger_url: str) -> None:
+    # The earlier index left out events whose status mark was never written: the purge
+    # could not find them, and they stayed for good.
+    async def indexes() -> set[str]:
+        if ledger_url.startswith("sqlite:///"):
+            path = ledger_url.removeprefix("sqlite:///")
+            with contextlib.closing(sqlite3.connect(path)) as db:
+                sql = "SELECT name FROM sqlite_master WHERE tbl_name = 'send_ledger'"
+                return {row[0] for row in db.execute(sql)}
+        async with await psycopg.AsyncConnection.connect(ledger_url) as conn:
+            cur = await conn.execute(
+                "SELECT indexname FROM pg_indexes WHERE tablename = 'send_ledger'"
+                " AND schemaname = current_schema()"
+            )
+            return {row[0] for row in await cur.fetchall()}
+
+    ledger = await open_ledger(ledger_url)
+    await ledger.close()
+    earlier = (
+        "CREATE INDEX send_ledger_settled ON send_ledger (updated_at)"
+        " WHERE state = 'final' AND status_published = 1"
+    )
+    if ledger_url.startswith("sqlite:///"):
+        path = ledger_url.removeprefix("sqlite:///")
+        with contextlib.closing(sqlite3.connect(path)) as db, db:
+            db.execute(earlier)
+    else:
+        async with await psycopg.AsyncConnection.connect(ledger_url, autocommit=True) as conn:
+            await conn.execute(earlier)
+    assert "send_ledger_settled" in await indexes()
+    ledger = await open_ledger(ledger_url)
+    await ledger.close()
+    found = await indexes()
+    assert "send_ledger_final" in found and "send_ledger_settled" not in found
 
 
 async def test_finish_without_claim_records_outcome(ledger: SendLedger) -> None:

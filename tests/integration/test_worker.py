@@ -38,7 +38,14 @@ from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
-from eobblast.state import Claim, LedgerEntry, LedgerState, SendLedger, open_ledger
+from eobblast.state import (
+    Claim,
+    ClaimKind,
+    LedgerEntry,
+    LedgerState,
+    SendLedger,
+    open_ledger,
+)
 from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker
@@ -282,8 +289,8 @@ class FaultyClaims(SendLedger):
     async def renew(self, event_ids: Sequence[str], owner: str) -> None:
         await self.inner.renew(event_ids, owner)
 
-    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
-        return await self.inner.purge(before, limit)
+    async def purge(self, before: float, unmarked_before: float, limit: int = PURGE_BATCH) -> int:
+        return await self.inner.purge(before, unmarked_before, limit)
 
     async def close(self) -> None:
         await self.inner.close()
@@ -930,11 +937,7 @@ async def test_a_ledger_away_after_the_send_never_means_a_second_email(stack: St
     assert status.status == "delivered" and sum(stack.sandbox.counts.values()) == 1
     assert flaky[0].finishes == 0
     assert _sample("eobblast_ledger_finish_retries_total") - retries == 3
-    ledger = await open_ledger(stack.config().ledger.url)
-    try:
-        entry = await ledger.get(event_id)
-    finally:
-        await ledger.close()
+    entry = await _ledger_entry(stack, event_id)
     assert entry is not None and entry.outcome == "delivered"
 
 
@@ -980,6 +983,69 @@ async def test_a_deferred_event_published_again_is_sent_when_no_bounce_service_r
     status = await _after_a_ledger_row(stack, 43, deferred_earlier)
     assert (status.status, status.attempt) == ("delivered", 2)
     assert sum(stack.sandbox.counts.values()) == 1
+    # The second attempt's status mark is written: its row can be forgotten in time.
+    assert status.event_id is not None
+    entry = await _ledger_entry(stack, status.event_id)
+    assert entry is not None and entry.attempts == 2 and entry.status_published
+
+
+async def test_a_status_this_worker_published_for_an_earlier_attempt_is_not_the_later_ones(
+    stack: Stack,
+) -> None:
+    # This worker sent attempt 1 and published its status; its lease had run out, another
+    # worker took the event over (attempt 2) and died before publishing anything, and this
+    # worker then recorded its outcome over attempt 2. The taken-over record, redelivered
+    # here before the mark of attempt 1 was written, was skipped as a duplicate: attempt
+    # 2's status never went out and its row stayed unmarked.
+    (value,) = stack.events(1, seed=53)
+    event_id = orjson.loads(value)["event_id"]
+    ledger = await open_ledger(stack.config().ledger.url)
+    try:
+        await ledger.claim(event_id, "this-worker")
+        await _age_ledger_rows(stack, [event_id], 60)
+        assert (await ledger.claim(event_id, "a-worker-that-died")).kind is ClaimKind.RETRY
+        await ledger.finish(event_id, "delivered", "delivered")
+    finally:
+        await ledger.close()
+    flaky: list[FlakyLedger] = []
+
+    def wrap(inner: SendLedger) -> SendLedger:
+        flaky.append(FlakyLedger(inner, marks=1_000_000))  # attempt 1's mark stays pending
+        return flaky[-1]
+
+    worker, stop, task = await start_worker(stack.config(), ledger_as=wrap)
+    try:
+        worker._unmarked[event_id] = 1  # as _record_sent leaves it
+        await stack.publish([value])
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+        flaky[0].marks = 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    ((status,),) = statuses(records).values()
+    assert (status.event_id, status.status, status.attempt) == (event_id, "delivered", 2)
+    assert sum(stack.sandbox.counts.values()) == 0  # a status published again, no email
+    entry = await _ledger_entry(stack, event_id)
+    assert entry is not None and entry.attempts == 2 and entry.status_published
+
+
+async def _ledger_entry(stack: Stack, event_id: str) -> LedgerEntry | None:
+    """The event's row in the stack's ledger, as it stands now."""
+    ledger = await open_ledger(stack.config().ledger.url)
+    try:
+        return await ledger.get(event_id)
+    finally:
+        await ledger.close()
+
+
+async def _age_ledger_rows(stack: Stack, event_ids: Sequence[str], seconds: float) -> None:
+    """Time passes for these rows of the stack's SQLite ledger."""
+    path = stack.config().ledger.url.removeprefix("sqlite:///")
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.executemany(
+            "UPDATE send_ledger SET updated_at = updated_at - ? WHERE event_id = ?",
+            [(seconds, event_id) for event_id in event_ids],
+        )
 
 
 async def test_a_worker_forgets_events_settled_longer_ago_than_the_retention(
@@ -1033,6 +1099,24 @@ async def test_a_worker_whose_clock_is_off_the_ledger_servers_says_so(
     assert _sample("eobblast_clock_skew_seconds") == pytest.approx(90, abs=1)
     (warning,) = [r for r in caplog.records if "clock" in r.getMessage()]
     assert warning.server_minus_local_seconds == pytest.approx(-90, abs=1)  # type: ignore[attr-defined]
+
+
+class UnreadableClock(FlakyLedger):
+    """A ledger whose clock cannot be read (a driver fault, not a store outage)."""
+
+    async def clock_offset(self) -> float | None:
+        raise ValueError("no clock")
+
+
+async def test_a_clock_that_cannot_be_compared_does_not_stop_the_worker(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="eobblast.worker")
+    _, (status,) = await one_event_through(stack, 54, ledger_as=UnreadableClock)
+    assert status.status == "delivered"
+    assert sum(stack.sandbox.counts.values()) == 1
+    (warning,) = [r for r in caplog.records if "clock" in r.getMessage()]
+    assert warning.getMessage() == "clock not compared with the ledger: ValueError"
 
 
 async def _after_a_ledger_row(

@@ -46,19 +46,21 @@ CREATE TABLE IF NOT EXISTS send_ledger (
     updated_at DOUBLE PRECISION NOT NULL
 )
 """
-# Events whose final status is out, by when they were settled: what `purge` looks through.
-# Partial, so a row enters it once (when its status is published) and never moves.
-_SETTLED_INDEX = (
-    "CREATE INDEX IF NOT EXISTS send_ledger_settled ON send_ledger (updated_at)"
-    " WHERE state = 'final' AND status_published = 1"
+# Settled events, by when they were settled: what `purge` looks through. Partial, so a
+# row enters it once (when its outcome is recorded) and sending rows stay out of it.
+_FINAL_INDEX = (
+    "CREATE INDEX IF NOT EXISTS send_ledger_final ON send_ledger (updated_at) WHERE state = 'final'"
 )
+# An earlier release's index of the same rows, less those whose status mark was not written.
+_OLD_INDEX = "DROP INDEX IF EXISTS send_ledger_settled"
 _COLUMNS = "event_id, state, owner, outcome, reason, attempts, status_published, updated_at"
 # `{lock}`: on PostgreSQL the rows are locked as they are chosen, and rows a claim holds are
 # skipped (its DELETE would otherwise wait, then delete a row the claim has just taken back
 # for sending: only `event_id` is checked again after a wait, not the state).
 _PURGE = (
     "DELETE FROM send_ledger WHERE event_id IN (SELECT event_id FROM send_ledger"
-    " WHERE state = 'final' AND status_published = 1 AND updated_at < ? LIMIT ?{lock})"
+    " WHERE state = 'final' AND updated_at < ? AND (status_published = 1 OR updated_at < ?)"
+    " LIMIT ?{lock})"
 )
 SQLITE_PURGE = _PURGE.format(lock="")
 _PG_PURGE = _PURGE.format(lock=" FOR UPDATE SKIP LOCKED").replace("?", "%s")
@@ -103,6 +105,8 @@ PURGE_BATCH = 1_000
 # Owners renew their claims this often; a claim not renewed for CLAIM_LEASE may be taken.
 CLAIM_RENEW = 5.0
 CLAIM_LEASE = 30.0
+# Round trips per clock comparison; the quickest one's reading counts.
+CLOCK_SAMPLES = 3
 # A worker's second claim of its own event (an attempt run again) adds this to its id.
 AGAIN = "-again"
 
@@ -190,10 +194,12 @@ class SendLedger(abc.ABC):
         every CLAIM_RENEW s for what it is sending or has not recorded yet)."""
 
     @abc.abstractmethod
-    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
-        """Forget up to `limit` events settled, and their status published, before `before`
-        (epoch seconds); returns how many. A copy of one arriving later is sent again.
-        (`before` is the caller's clock: seconds of skew are nothing to a window of days.)"""
+    async def purge(self, before: float, unmarked_before: float, limit: int = PURGE_BATCH) -> int:
+        """Forget up to `limit` events settled before `before` (epoch seconds) whose status
+        is marked published, or settled before `unmarked_before` whose mark never came (a
+        worker that stopped or crashed with marks unwritten); returns how many. A copy of
+        one arriving later is sent again. (The times are the caller's clock: seconds of
+        skew are nothing to a window of days.)"""
 
     @abc.abstractmethod
     async def close(self) -> None:
@@ -229,7 +235,7 @@ class SqliteLedger(SendLedger):
     """
 
     def __init__(self, path: Path) -> None:
-        self._db = open_sqlite(path, [_SCHEMA, _SETTLED_INDEX])
+        self._db = open_sqlite(path, [_SCHEMA, _FINAL_INDEX, _OLD_INDEX])
         self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
@@ -307,10 +313,11 @@ class SqliteLedger(SendLedger):
                 ),
             )
 
-    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
-        """Forget up to `limit` events settled and reported before `before`."""
+    async def purge(self, before: float, unmarked_before: float, limit: int = PURGE_BATCH) -> int:
+        """Forget up to `limit` events settled long enough ago."""
         return write_transaction(
-            self._db, lambda: self._db.execute(SQLITE_PURGE, (before, limit)).rowcount
+            self._db,
+            lambda: self._db.execute(SQLITE_PURGE, (before, unmarked_before, limit)).rowcount,
         )
 
     async def close(self) -> None:
@@ -328,7 +335,9 @@ class PostgresLedger(SendLedger):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
         """Connect and create the table if needed."""
-        conn = await connect_postgres(dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _SETTLED_INDEX])
+        conn = await connect_postgres(
+            dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _FINAL_INDEX, _OLD_INDEX]
+        )
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
@@ -376,20 +385,24 @@ class PostgresLedger(SendLedger):
             async with self._lock:
                 await self._conn.execute(_PG_RENEW, (list(event_ids), owner, owner + AGAIN))
 
-    async def purge(self, before: float, limit: int = PURGE_BATCH) -> int:
-        """Forget up to `limit` events settled and reported before `before`."""
+    async def purge(self, before: float, unmarked_before: float, limit: int = PURGE_BATCH) -> int:
+        """Forget up to `limit` events settled long enough ago."""
         async with self._lock:
-            cur = await self._conn.execute(_PG_PURGE, (before, limit))
+            cur = await self._conn.execute(_PG_PURGE, (before, unmarked_before, limit))
             return int(cur.rowcount)
 
     async def clock_offset(self) -> float:
-        """The server's clock minus this process's (within half a round trip)."""
+        """The server's clock minus this process's, from the quickest of a few round trips
+        (a reconnection or a stalled loop would put seconds of error into one)."""
+        samples: list[tuple[float, float]] = []
         async with self._lock:
-            sent = time.time()
-            cur = await self._conn.execute("SELECT extract(epoch from clock_timestamp())")
-            row = await cur.fetchone()
-            received = time.time()
-        return float(row[0]) - (sent + received) / 2
+            for _ in range(CLOCK_SAMPLES):
+                sent = time.time()
+                cur = await self._conn.execute("SELECT extract(epoch from clock_timestamp())")
+                row = await cur.fetchone()
+                received = time.time()
+                samples.append((received - sent, float(row[0]) - (sent + received) / 2))
+        return min(samples)[1]
 
     async def close(self) -> None:
         """Close the connection."""
