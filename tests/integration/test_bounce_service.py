@@ -357,6 +357,30 @@ async def test_a_lost_release_is_handed_out_again(service: BounceService) -> Non
     assert (await service.tick(at(60) + service.send_lease)).resends == ()
 
 
+async def test_a_lost_release_claimed_twice_is_handed_out_once(
+    service: BounceService, store: BounceStore, publisher: RecordingPublisher
+) -> None:
+    # A tick fires its claims one after another; one that fires after its claim ran out
+    # (slow publishes before it) found the row claimed again by another worker, and both
+    # handed the notice out: two emails.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    result = await service.on_verification_result(verified(member, address), at=at(60))
+    assert [r.event_id for r in result.resends] == [ev1]
+    lost = at(60) + service.send_lease  # nobody reported the resend
+    first = await store.claim_timers(lost, limit=10, claim_for=service.claim_for)
+    assert [c.eob_id for c in first] == [ev1]
+    later = lost + service.claim_for + dt.timedelta(seconds=1)  # the first claim ran out
+    other = make_service(store, publisher)
+    second = await store.claim_timers(later, limit=10, claim_for=other.claim_for)
+    assert [c.eob_id for c in second] == [ev1]
+    late = await service._fire(first[0].kind, member, ev1, lost)
+    assert late.resends == []
+    fired = await other._fire(second[0].kind, member, ev1, later)
+    assert [(r.event_id, r.to) for r in fired.resends] == [(ev1, address)]
+
+
 async def test_dsn_hard_bounce_through_verp(
     service: BounceService, publisher: RecordingPublisher
 ) -> None:

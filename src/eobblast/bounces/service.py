@@ -1175,6 +1175,10 @@ class BounceService:
                 # a report that came in meanwhile moved the notice on, and then it is over.
                 if eob.status not in (EobStatus.SENDING, EobStatus.RELEASED):
                     return
+                # Fired after this claim ran out (a slow tick), the row may be another
+                # worker's claim by now: its lease is no longer the one this claim wrote.
+                if work.extras.get(eob_id, NO_EXTRAS).lease_until != now + self.claim_for:
+                    return
                 # Nobody reported the resend: route it afresh (bounded duplicates, as for
                 # an event whose worker died mid-send).
                 work.set_eob(replace(eob, status=EobStatus.RETRY_SCHEDULED, next_at=now))
