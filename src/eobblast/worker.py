@@ -58,6 +58,7 @@ from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
 from eobblast.state.ledger import AGAIN, CLAIM_RENEW, PURGE_BATCH
 from eobblast.streams.kafka import (
+    DEFAULT_REBALANCE_TIMEOUT_MS,
     AIOKafkaConsumer,
     AIOKafkaProducer,
     KafkaError,
@@ -75,6 +76,12 @@ log = logging.getLogger("eobblast.worker")
 
 # An offset commit waits no longer than this (aiokafka retries retriable errors without end).
 COMMIT_TIMEOUT = 10.0
+# How much longer than asked a fetch may wait before the loop looks at `stop` again.
+FETCH_EXTRA_WAIT = 1.0
+# What a status mark may fail with and be tried again at the next commit.
+MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
+# Rounds of cancelling abandoned tasks (a second each) before giving up on them.
+CANCEL_ROUNDS = 5
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka.
 PUBLISH_TIMEOUT = 10.0
 # A worker full of in-flight events this long (at most; a quarter of the consumer's
@@ -116,7 +123,7 @@ def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None
     tasks.pop(task, None)
 
 
-async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = 5) -> None:
+async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = CANCEL_ROUNDS) -> None:
     """Cancel `tasks` and wait until they have ended (bounded).
 
     A cancellation can be lost: Python 3.11's `wait_for` (inside aiosmtplib) returns a
@@ -132,6 +139,15 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = 5) -> N
         _, tasks = await asyncio.wait(tasks, timeout=1.0)
     if tasks:
         log.warning("tasks still running after cancellation", extra={"count": len(tasks)})
+
+
+def revocation_timeout_ms(grace_period: float) -> int:
+    """The consumer's rebalance timeout: long enough for `partitions_revoked` to finish
+    (in-flight work for up to the grace period, cancellation rounds, the status marks and
+    the offset commit), or the group would drop this member while it still works, and its
+    commit of the finished records would fail."""
+    seconds = grace_period + CANCEL_ROUNDS * 1.0 + 2 * COMMIT_TIMEOUT + 5.0
+    return max(DEFAULT_REBALANCE_TIMEOUT_MS, int(seconds * 1000))
 
 
 # gc thresholds for a worker's steady state (generation 0 objects, 1 and 2 collections).
@@ -247,6 +263,7 @@ class Worker:
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
             max_poll_interval_ms=kafka.max_poll_interval_ms,
+            rebalance_timeout_ms=revocation_timeout_ms(self._config.workers.grace_period),
         )
         await self._start_clients()
         self._stop = stop
@@ -283,7 +300,9 @@ class Worker:
                     if event_id not in self._sending:  # its record's task is gone
                         await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
                         self._unrecorded.pop(event_id, None)
-            except STORE_ERRORS as exc:
+            except Exception as exc:
+                # Not only the store's errors: a renewer that died would let every claim
+                # of this worker run out while it still sends (a second email each).
                 log.warning("claims not renewed: %s", type(exc).__name__)
 
     async def _forget_settled(self, stop: asyncio.Event) -> None:
@@ -415,6 +434,10 @@ class Worker:
         for decided in outcomes:
             await self._record(bounce_event_outcome(decided, 0.0), decided.event_id, 1, None)
         for resend in resends:
+            if self._stopping or (self._stop is not None and self._stop.is_set()):
+                # Stopping: each resend is a whole delivery, and the drain waits for this.
+                # What is left keeps its lease, runs out and is handed out again by a tick.
+                break
             start = time.perf_counter()
             checked = self._pipeline.validate(resend.raw_event, start)
             if isinstance(checked, EventOutcome):
@@ -487,7 +510,12 @@ class Worker:
     async def _fetch(self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int) -> None:
         """Take at most `limit` records and start a task for each."""
         try:
-            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
+            # Bounded: during a rebalance getmany waits for the new assignment however
+            # long that takes, and the loop must still see `stop` (SIGTERM's grace).
+            async with asyncio.timeout(wait_ms / 1000 + FETCH_EXTRA_WAIT):
+                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
+        except TimeoutError:
+            return
         except KafkaError:
             log.warning("fetch failed; retrying", exc_info=True)
             await asyncio.sleep(0.5)
@@ -518,8 +546,9 @@ class Worker:
             # while the ledger is away: the offsets are committed all the same.
             published = list(self._unmarked.items())
             try:
-                await self._ledger.mark_published(published)
-            except STORE_ERRORS as exc:
+                async with asyncio.timeout(COMMIT_TIMEOUT):
+                    await self._ledger.mark_published(published)
+            except MARK_ERRORS as exc:
                 metrics.LEDGER_MARK_FAILURES.inc()
                 log.warning("status marks not written yet: %s", type(exc).__name__)
             else:

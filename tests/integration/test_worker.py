@@ -1119,6 +1119,49 @@ async def test_a_clock_that_cannot_be_compared_does_not_stop_the_worker(
     assert warning.getMessage() == "clock not compared with the ledger: ValueError"
 
 
+class RenewFailsOnce(FlakyLedger):
+    """A ledger whose first renewal fails with an error that is not a store outage."""
+
+    def __init__(self, inner: SendLedger) -> None:
+        super().__init__(inner)
+        self.renewals = 0
+
+    async def renew(self, event_ids: Sequence[str], owner: str) -> None:
+        self.renewals += 1
+        if self.renewals == 1:
+            raise ValueError("not a store error")
+        await self.inner.renew(event_ids, owner)
+
+
+async def test_claims_are_still_renewed_after_a_renewal_fails_oddly(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The renewer caught only store errors: any other one ended it for good, and every
+    # claim of the worker then ran out while it was still sending (a second email each).
+    monkeypatch.setattr(worker_module, "CLAIM_RENEW", 0.1)
+    ledgers: list[RenewFailsOnce] = []
+
+    def wrap(inner: SendLedger) -> SendLedger:
+        ledgers.append(RenewFailsOnce(inner))
+        return ledgers[-1]
+
+    worker, stop, task = await start_worker(stack.config(), ledger_as=wrap)
+    try:
+        deadline = time.monotonic() + 20
+        while ledgers[0].renewals < 3:
+            assert time.monotonic() < deadline, "the renewer stopped after its failure"
+            await asyncio.sleep(0.05)
+        assert worker._consumer is not None
+        # The group waits for a revocation as long as the worker may take to finish it.
+        grace = stack.config().workers.grace_period
+        expected = worker_module.revocation_timeout_ms(grace)
+        assert worker._consumer._coordinator._rebalance_timeout_ms == expected
+        assert expected >= (grace + 2 * worker_module.COMMIT_TIMEOUT) * 1000
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
 async def _after_a_ledger_row(
     stack: Stack, seed: int, prepare: Callable[[SendLedger, str], Awaitable[None]]
 ) -> DeliveryStatus:
