@@ -154,6 +154,10 @@ class Pipeline:
             config.dkim.key_dir, config.dkim.selector, ed25519=config.dkim.ed25519
         )
         self._allow_test_domains = config.pipeline.allow_test_domains
+        # Notices the receiver took whose delivery the bounce store has not recorded yet,
+        # by event id: an attempt run again (the worker gave the first up as stuck while
+        # the store was away) records the delivery instead of sending a second copy.
+        self._sent_unrecorded: dict[str, EventOutcome] = {}
 
     async def process(self, raw: bytes) -> EventOutcome:
         """Carry one event as far as it may go; never raises for bad input or failed delivery."""
@@ -208,6 +212,9 @@ class Pipeline:
         the gate's.
         """
         try:
+            if event.event_id in self._sent_unrecorded:
+                to = resend.to if resend is not None else event.member.email
+                return await self._record_sent_again(event.event_id, to, event.member.id)
             return await self._send(event, start, time.perf_counter(), raw, resend)
         except StoreUnavailable:
             raise
@@ -400,28 +407,21 @@ class Pipeline:
             return await self._bounce(event, message.rcpt_to, raw, exc, failed)
         timing.delivered()
         if self._bounces is not None:
-            await self._record_delivery(event_id, message.rcpt_to, event.member.id)
+            self._sent_unrecorded[event_id] = timing.outcome(
+                event_id,
+                Outcome.DELIVERED,
+                ReasonCode.DELIVERED,
+                protection=decision,
+                smtp_code=reply.code,
+                enhanced_status=reply.enhanced,
+                tls_version=reply.tls_version,
+            )
+            await self._recorded(event_id, message.rcpt_to, event.member.id)
         if reply.tls_verified and reply.tls_version is not None:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
             )
-        try:
-            await self._protection.record(
-                event_id,
-                AuditAction.SENT,
-                actor=self._actor,
-                member_id=event.member.id,
-                protection=decision.level,
-                reason=decision.reason,
-            )
-        except Exception as exc:
-            # Delivered is delivered: a FAILED status would make the claims system send it
-            # again, perhaps on paper. The trail's gap is logged (by type: a driver's message
-            # could quote a value) and counted, for someone to mend.
-            metrics.AUDIT_GAPS.inc()
-            log.error(
-                "audit record not written: %s", type(exc).__name__, extra={"event_id": event_id}
-            )
+        await self._audit_sent(event_id, event.member.id, decision.level, decision.reason)
         log.debug("delivered", extra={"event_id": event_id, "tls": reply.tls_version})
         return timing.outcome(
             event_id,
@@ -461,12 +461,50 @@ class Pipeline:
             now=now,
         )
 
+    async def _recorded(self, event_id: str, address: str, member_id: str) -> EventOutcome:
+        """Record a delivery the receiver accepted (see `_record_delivery`); its outcome."""
+        await self._record_delivery(event_id, address, member_id)
+        return self._sent_unrecorded.pop(event_id)
+
+    async def _record_sent_again(self, event_id: str, address: str, member_id: str) -> EventOutcome:
+        """An attempt run again after its send: only what the first did not get to write."""
+        outcome = await self._recorded(event_id, address, member_id)
+        if outcome.protection is not None and outcome.protection_reason is not None:
+            await self._audit_sent(
+                event_id,
+                member_id,
+                ProtectionLevel(outcome.protection),
+                PolicyReason(outcome.protection_reason),
+            )
+        return outcome
+
+    async def _audit_sent(
+        self, event_id: str, member_id: str, level: ProtectionLevel, reason: PolicyReason
+    ) -> None:
+        try:
+            await self._protection.record(
+                event_id,
+                AuditAction.SENT,
+                actor=self._actor,
+                member_id=member_id,
+                protection=level,
+                reason=reason,
+            )
+        except Exception as exc:
+            # Delivered is delivered: a FAILED status would make the claims system send it
+            # again, perhaps on paper. The trail's gap is logged (by type: a driver's message
+            # could quote a value) and counted, for someone to mend.
+            metrics.AUDIT_GAPS.inc()
+            log.error(
+                "audit record not written: %s", type(exc).__name__, extra={"event_id": event_id}
+            )
+
     async def _record_delivery(self, event_id: str, address: str, member_id: str) -> None:
         """Tell the bounce service the receiver took the notice, however long its store is
         away: a notice left "sending" would be sent again (a resend, once its lease ends)
         or keep its raw event for good (a first send). The status waits meanwhile; a worker
-        that gives up on the attempt (stuck_after) sends at most one more copy, as a crash
-        would."""
+        that gives up on the attempt (stuck_after) runs it again, and that only records
+        the delivery (`_sent_unrecorded`)."""
         bounces = self._bounces
         assert bounces is not None
         await until_written(

@@ -392,6 +392,25 @@ async def test_a_delivery_the_bounce_store_missed_at_first_is_recorded_and_repor
     assert kept is not None and kept[0].status is EobStatus.DELIVERED
 
 
+async def test_a_delivery_record_outlasting_stuck_after_does_not_send_again(
+    stack: Stack,
+) -> None:
+    # The receiver took the notice, then the bounce store was away longer than stuck_after:
+    # the attempt was given up and run again, the gate found the notice still "sending" and
+    # permitted it, and the member got a second copy.
+    config = stack.config(stuck_after=1.0)
+    flaky = FlakyBounceStore(failures=6, after=1)  # the gate passes, then the store is away
+    event_id, (status,) = await one_event_through(stack, 26, config, bounce_store_as=flaky.wrap)
+    assert status.status == "delivered" and flaky.failures == 0
+    assert sum(stack.sandbox.counts.values()) == 1
+    store = await open_bounce_store(config.bounces.store_url)
+    try:
+        kept = await store.eob(event_id)
+    finally:
+        await store.close()
+    assert kept is not None and kept[0].status is EobStatus.DELIVERED
+
+
 class FlakyEscrow:
     """An escrow store whose database is away for its first `failures` writes."""
 
