@@ -406,24 +406,8 @@ class Pipeline:
                 return failed  # not a bounce: _send protects it again as a portal notice
             return await self._bounce(event, message.rcpt_to, raw, exc, failed)
         timing.delivered()
-        if self._bounces is not None:
-            self._sent_unrecorded[event_id] = timing.outcome(
-                event_id,
-                Outcome.DELIVERED,
-                ReasonCode.DELIVERED,
-                protection=decision,
-                smtp_code=reply.code,
-                enhanced_status=reply.enhanced,
-                tls_version=reply.tls_version,
-            )
-            await self._recorded(event_id, message.rcpt_to, event.member.id)
-        if reply.tls_verified and reply.tls_version is not None:
-            self._protection.tls.record_verified(
-                message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
-            )
-        await self._audit_sent(event_id, event.member.id, decision.level, decision.reason)
-        log.debug("delivered", extra={"event_id": event_id, "tls": reply.tls_version})
-        return timing.outcome(
+        # Its latency ends at the receiver's acceptance, not after the records below.
+        delivered = timing.outcome(
             event_id,
             Outcome.DELIVERED,
             ReasonCode.DELIVERED,
@@ -432,6 +416,16 @@ class Pipeline:
             enhanced_status=reply.enhanced,
             tls_version=reply.tls_version,
         )
+        if self._bounces is not None:
+            self._sent_unrecorded[event_id] = delivered
+            await self._recorded(event_id, message.rcpt_to, event.member.id)
+        if reply.tls_verified and reply.tls_version is not None:
+            self._protection.tls.record_verified(
+                message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
+            )
+        await self._audit_sent(event_id, event.member.id, decision.level, decision.reason)
+        log.debug("delivered", extra={"event_id": event_id, "tls": reply.tls_version})
+        return delivered
 
     async def _escrow(
         self,
