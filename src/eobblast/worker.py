@@ -61,6 +61,7 @@ from eobblast.streams.kafka import (
     DEFAULT_REBALANCE_TIMEOUT_MS,
     AIOKafkaConsumer,
     AIOKafkaProducer,
+    IllegalStateError,
     KafkaError,
     RebalanceListener,
     TopicPartition,
@@ -414,20 +415,33 @@ class Worker:
     async def _verification_batch(self, consumer: AIOKafkaConsumer) -> None:
         assert self._bounces is not None
         batch = await consumer.getmany(timeout_ms=200)
-        for tp, records in batch.items():
-            for record in records:
-                try:
-                    result = parse_verification_result(
-                        record.value, allow_test_domains=self._config.pipeline.allow_test_domains
-                    )
-                except VerificationResultError as exc:
-                    log.warning("verification result refused", extra={"why": exc.detail})
-                    continue
-                decided = await self._bounces.on_verification_result(result)
-                await self._settle(decided.resends, decided.outcomes)
-            # Only once every release of the batch went out (or is leased for tick).
-            async with asyncio.timeout(COMMIT_TIMEOUT):
-                await consumer.commit({tp: records[-1].offset + 1})
+        # Where each partition of the batch starts again if it fails: the consumer's
+        # position is past the whole batch already, and the next batch's commit would
+        # otherwise pass over the answers not applied.
+        again = {tp: records[0].offset for tp, records in batch.items() if records}
+        try:
+            for tp, records in batch.items():
+                for record in records:
+                    try:
+                        result = parse_verification_result(
+                            record.value,
+                            allow_test_domains=self._config.pipeline.allow_test_domains,
+                        )
+                    except VerificationResultError as exc:
+                        log.warning("verification result refused", extra={"why": exc.detail})
+                        continue
+                    decided = await self._bounces.on_verification_result(result)
+                    await self._settle(decided.resends, decided.outcomes)
+                # Only once every release of the batch went out (or is leased for tick).
+                async with asyncio.timeout(COMMIT_TIMEOUT):
+                    await consumer.commit({tp: records[-1].offset + 1})
+                again.pop(tp, None)
+        except BaseException:
+            for tp, offset in again.items():
+                # A partition this consumer no longer has is its new owner's to read.
+                with contextlib.suppress(IllegalStateError):
+                    consumer.seek(tp, offset)
+            raise
 
     async def _settle(self, resends: Sequence[Resend], outcomes: Sequence[BounceOutcome]) -> None:
         """Send what the bounce service hands back; publish every notice's new status."""

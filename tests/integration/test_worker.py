@@ -27,14 +27,17 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from eobblast import worker as worker_module
+from eobblast.bounces.service import BounceService
 from eobblast.bounces.state import EobStatus
-from eobblast.bounces.store import BounceStore, open_bounce_store
+from eobblast.bounces.store import BounceStore, StoreBusy, open_bounce_store
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter, DeliveryStatus
+from eobblast.events.verification import AddressVerificationFailed, FailureReason, dump
 from eobblast.observe import metrics
 from eobblast.observe.audit import AuditAction, AuditError, AuditRecord, AuditTrail, open_audit
 from eobblast.observe.metrics import REGISTRY
+from eobblast.pipeline import Pipeline
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, make_test_pki
@@ -48,8 +51,9 @@ from eobblast.state import (
 )
 from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
-from eobblast.streams import EmbeddedBroker
+from eobblast.streams import EmbeddedBroker, TopicPartition, make_consumer, make_producer
 from eobblast.supervisor import Supervisor
+from eobblast.worker import Worker, new_worker_id
 from tests.conftest import service_logging, splice, throwaway_pg_schema
 from tests.integration.worker_stack import (
     Stack,
@@ -409,6 +413,72 @@ async def _bounce_status(config: Config, event_id: str) -> EobStatus | None:
     finally:
         await store.close()
     return None if kept is None else kept[0].status
+
+
+class VerificationsFailingOnce:
+    """The bounce service's side of verification results, its store busy once: at the
+    second result of the first batch."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.failed = False
+
+    async def on_verification_result(self, result: Any) -> Any:
+        if len(self.applied) == 1 and not self.failed:
+            self.failed = True
+            raise StoreBusy
+        self.applied.append(result.member_id)
+        return SimpleNamespace(resends=(), outcomes=())
+
+
+async def test_verification_results_after_a_failure_mid_batch_are_not_passed_over(
+    stack: Stack,
+) -> None:
+    # The consumer's position was past the whole batch when one result failed: the next
+    # batch's commit passed over the results not applied, until their deadline sent the
+    # member's notices to paper.
+    config = stack.config()
+    topic, members = config.bounces.results_topic, [f"M-{n}" for n in range(3)]
+    await stack.broker.create_topics({topic: 1})
+    producer = make_producer(stack.broker.bootstrap, client_id="verifier")
+    await producer.start()
+    try:
+        for member in members:
+            failed = AddressVerificationFailed(
+                member_id=member, reason=FailureReason.NO_ANSWER, at=dt.datetime.now(dt.UTC)
+            )
+            await producer.send_and_wait(topic, dump(failed), key=member.encode())
+    finally:
+        await producer.stop()
+    service = VerificationsFailingOnce()
+    worker = Worker(
+        config,
+        cast(Pipeline, None),  # no resends: the pipeline is not reached
+        cast(SendLedger, None),
+        worker_id=new_worker_id(0),
+        bounces=cast(BounceService, service),
+    )
+    consumer = make_consumer(
+        stack.broker.bootstrap,
+        config.bounces.results_group_id,
+        [topic],
+        client_id="verification-test",
+        max_poll_records=100,
+        session_timeout_ms=3000,
+        heartbeat_interval_ms=500,
+    )
+    await consumer.start()
+    try:
+        deadline = time.monotonic() + 30
+        while set(service.applied) != set(members):
+            assert time.monotonic() < deadline, f"applied only {service.applied}"
+            with contextlib.suppress(StoreBusy):
+                await worker._verification_batch(consumer)
+        assert service.failed
+        # Applied twice changes nothing; the commit is past the last one only now.
+        assert await consumer.committed(TopicPartition(topic, 0)) == 3
+    finally:
+        await consumer.stop()
 
 
 class FlakyEscrow:

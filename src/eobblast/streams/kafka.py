@@ -23,6 +23,7 @@ from aiokafka.client import AIOKafkaClient  # type: ignore[import-untyped]
 from aiokafka.errors import (  # type: ignore[import-untyped]
     CommitFailedError,
     ConsumerStoppedError,
+    IllegalStateError,
     KafkaError,
     MessageSizeTooLargeError,
     TopicAlreadyExistsError,
@@ -44,6 +45,7 @@ __all__ = [
     "BrokerUnavailable",
     "CommitFailedError",
     "ConsumerStoppedError",
+    "IllegalStateError",
     "KafkaError",
     "MessageSizeTooLargeError",
     "RebalanceListener",
