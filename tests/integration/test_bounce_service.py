@@ -344,6 +344,43 @@ async def test_an_unverified_channel_releases_nothing(
     assert kinds == [IncidentKind.HARD_BOUNCE, IncidentKind.UNVERIFIED_CHANNEL]
 
 
+async def test_an_answer_to_an_earlier_request_releases_nothing(
+    service: BounceService, store: BounceStore, publisher: RecordingPublisher
+) -> None:
+    # Verified at Y, released to Y, bounced at Y again: a new request. The first answer,
+    # delivered again (its batch failed after applying it), used to release the notice to
+    # Y once more and lift Y's suppression.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    (first_request,) = [
+        AddressVerificationRequested.model_validate(r).request_id for r in publisher.on(REQUESTS)
+    ]
+    new_address = f"new-{address}"
+    answer = verified(member, new_address).model_copy(update={"at": at(50)})
+    released = await service.on_verification_result(answer, at=at(60))
+    assert [r.to for r in released.resends] == [new_address]
+    bounced = await service.on_delivery_failure(
+        ev1, member, new_address, raw1, 550, "5.1.1", "550 5.1.1 User unknown", at=at(70)
+    )
+    assert bounced.outcome is Outcome.HELD and await store.is_suppressed(new_address)
+    assert len(publisher.on(REQUESTS)) == 2
+    for stale in (answer, answer.model_copy(update={"at": at(3600), "request_id": first_request})):
+        again = await service.on_verification_result(stale, at=at(80))
+        assert not again.accepted and again.resends == ()
+        assert await store.is_suppressed(new_address)
+    failed = AddressVerificationFailed(member_id=member, reason=FailureReason.NO_ANSWER, at=at(65))
+    assert (await service.on_verification_result(failed, at=at(80))).outcomes == ()
+    # An answer to the request now open is taken.
+    current = AddressVerificationRequested.model_validate(publisher.on(REQUESTS)[-1])
+    third = f"third-{address}"
+    answer = verified(member, third).model_copy(
+        update={"at": at(75), "request_id": current.request_id}
+    )
+    taken = await service.on_verification_result(answer, at=at(90))
+    assert taken.accepted and [r.to for r in taken.resends] == [third]
+
+
 async def test_a_lost_release_is_handed_out_again(service: BounceService) -> None:
     member, address = ids()
     ev1, raw1 = event(member, 1)

@@ -1110,12 +1110,34 @@ class BounceService:
             label = "failed"
         addresses = [result.address] if isinstance(result, schemas.AddressVerified) else []
 
-        async def body(work: _Work) -> None:
+        async def body(work: _Work) -> bool:
+            if self._answers_an_earlier_request(result, work.book):
+                work.count(lambda: VERIFICATION_RESULTS.labels("stale").inc())
+                return False
             await work.step(event, lease_sends=True)
             work.count(lambda: VERIFICATION_RESULTS.labels(label).inc())
+            return True
 
-        _, work = await self._transact(now, body, member_ids=[member_id], addresses=addresses)
-        return VerificationOutcome(accepted, tuple(work.resends), tuple(work.settled))
+        current, work = await self._transact(now, body, member_ids=[member_id], addresses=addresses)
+        return VerificationOutcome(accepted and current, tuple(work.resends), tuple(work.settled))
+
+    def _answers_an_earlier_request(
+        self,
+        result: schemas.AddressVerified | schemas.AddressVerificationFailed,
+        book: BounceBook,
+    ) -> bool:
+        """Whether a result is for a verification request older than the member's pending
+        one: a copy delivered again (a batch that failed after applying it), or an answer
+        that crossed a new bounce. Applied, it would release the held notices to an address
+        that has bounced since, or send them to paper for a request still open."""
+        member = book.members.get(result.member_id)
+        if member is None or member.pending is None:
+            return False
+        if result.request_id is not None:
+            return result.request_id != self.request_id(result.member_id, book)
+        # Without the request's id: an answer given before the request was made predates
+        # the bounce that made it.
+        return result.at < member.pending.requested_at
 
     # ------------------------------------------------------------------ timers
 
