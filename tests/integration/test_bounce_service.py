@@ -37,7 +37,13 @@ from eobblast.bounces.service import (
     Settled,
 )
 from eobblast.bounces.state import BounceBook, Eob, EobStatus, IncidentKind, address_key
-from eobblast.bounces.store import PURGE_ROWS, BounceStore, Slice, open_bounce_store
+from eobblast.bounces.store import (
+    PURGE_ROWS,
+    BounceStore,
+    Slice,
+    StoreBusy,
+    open_bounce_store,
+)
 from eobblast.bounces.verp import (
     TokenKind,
     VerpKey,
@@ -379,6 +385,28 @@ async def test_an_answer_to_an_earlier_request_releases_nothing(
     )
     taken = await service.on_verification_result(answer, at=at(90))
     assert taken.accepted and [r.to for r in taken.resends] == [third]
+
+
+async def test_a_tick_whose_housekeeping_fails_still_hands_out_its_timers_work(
+    service: BounceService, store: BounceStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The timers' work was committed (resends leased), then the purge found the store busy
+    # and tick raised: the worker dropped the resends until their lease ran out, and the
+    # statuses of notices sent to paper were never published.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await service.gate(ev1, member, address, raw1, at=T0)
+    deferred = await service.on_delivery_failure(
+        ev1, member, address, raw1, 451, "4.2.1", "451 4.2.1 Mailbox busy", at=at(1)
+    )
+    assert deferred.retry_at is not None
+
+    async def busy(**_: Any) -> int:
+        raise StoreBusy
+
+    monkeypatch.setattr(store, "purge", busy)
+    result = await service.tick(deferred.retry_at)
+    assert [r.event_id for r in result.resends] == [ev1] and result.purged == 0
 
 
 async def test_a_lost_release_is_handed_out_again(service: BounceService) -> None:

@@ -1159,24 +1159,35 @@ class BounceService:
                 continue
             resends.extend(work.resends)
             outcomes.extend(work.settled)
-        published = await self._publish(
-            await self.store.claim_outbox(limit=limit, claim_for=self.outbox_claim)
-        )
-        purged = 0
-        if self._next_purge is None or now >= self._next_purge:
-            self._next_purge = now + self.housekeeping_every
-            payloads_before = now - self.payload_retention
-            purged = await self.store.purge(
-                payloads_before=payloads_before,
-                rows_before=now - self.row_retention,
-                payloads_since=self._payloads_purged_before,
+        # The timers' work is committed: whatever fails below, the caller gets it (resends
+        # leased to it, statuses nothing else would publish).
+        published = purged = 0
+        try:
+            published = await self._publish(
+                await self.store.claim_outbox(limit=limit, claim_for=self.outbox_claim)
             )
-            self._payloads_purged_before = payloads_before
-            # Settled notices are not counted: weeks of them would be read every time.
-            counts = await self.store.status_counts(settled=False)
-            for status in ACTIVE_STATUSES:
-                NOTICES.labels(status).set(counts.get(status, 0))
+            purged = await self._housekeeping(now)
+        except Exception as exc:
+            log.warning("bounce store housekeeping failed: %s", type(exc).__name__)
         return TickResult(tuple(resends), tuple(outcomes), published, purged)
+
+    async def _housekeeping(self, now: dt.datetime) -> int:
+        """Every housekeeping_every: purge what is past retention, count the notices."""
+        if self._next_purge is not None and now < self._next_purge:
+            return 0
+        self._next_purge = now + self.housekeeping_every
+        payloads_before = now - self.payload_retention
+        purged = await self.store.purge(
+            payloads_before=payloads_before,
+            rows_before=now - self.row_retention,
+            payloads_since=self._payloads_purged_before,
+        )
+        self._payloads_purged_before = payloads_before
+        # Settled notices are not counted: weeks of them would be read every time.
+        counts = await self.store.status_counts(settled=False)
+        for status in ACTIVE_STATUSES:
+            NOTICES.labels(status).set(counts.get(status, 0))
+        return purged
 
     async def _fire(
         self, kind: ClaimKind, member_id: str, eob_id: str | None, now: dt.datetime
