@@ -9,6 +9,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 from prometheus_client import Counter
 
@@ -46,23 +47,25 @@ from eobblast.transport.pool import SmtpReplyError
 
 log = logging.getLogger("eobblast.pipeline")
 
+T = TypeVar("T")
+
 
 async def until_written(
-    write: Callable[[], Awaitable[object]],
+    write: Callable[[], Awaitable[T]],
     *,
     what: str,
     event_id: str,
     retries: Counter,
     give_up: Callable[[], bool] = lambda: False,
-) -> None:
+) -> T:
     """Run a store write until it lands, with backoff, however long its store is away
-    (STORE_ERRORS; anything else is raised). Each failure counts in `retries`, and every
-    tenth is logged. After a failure, `give_up()` true raises StoreUnavailable(what)."""
+    (STORE_ERRORS; anything else is raised); its result. Each failure counts in `retries`,
+    and every tenth is logged. After a failure, `give_up()` true raises
+    StoreUnavailable(what)."""
     attempt = 0
     while True:
         try:
-            await write()
-            return
+            return await write()
         except STORE_ERRORS as exc:
             if give_up():
                 raise StoreUnavailable(what) from None
@@ -516,8 +519,12 @@ class Pipeline:
         sends it again at `retry_at`; no bounce category), where `shaping_deferred` alone
         would leave the claims system to publish it again."""
         assert self._bounces is not None and deferred.retry_at is not None
-        decided = await self._bounces.on_postponed(
-            event.event_id, event.member.id, to, raw, deferred.retry_at
+        bounces, retry_at = self._bounces, deferred.retry_at
+        decided = await until_written(
+            lambda: bounces.on_postponed(event.event_id, event.member.id, to, raw, retry_at),
+            what="bounce store",
+            event_id=event.event_id,
+            retries=metrics.DELIVERY_RECORD_RETRIES,
         )
         return _as_decided(deferred, decided)
 
@@ -525,18 +532,26 @@ class Pipeline:
         self, event: EobIssued, to: str, raw: bytes, exc: DeliveryError, failed: EventOutcome
     ) -> EventOutcome:
         """Hand a failed delivery to verify-before-resend; the status says what it decided."""
-        assert self._bounces is not None
+        bounces = self._bounces
+        assert bounces is not None
         reply = exc if isinstance(exc, SmtpReplyError) else None
-        decided = await self._bounces.on_delivery_failure(
-            event.event_id,
-            event.member.id,
-            to,
-            raw,
-            reply.smtp_code if reply else None,
-            reply.enhanced if reply else None,
-            reply.reply_text if reply else None,
-            # No reply at all (connect failure, timeout, lost connection): try again later.
-            category=None if reply else BounceCategory.SOFT,
+        # However long the store is away: a failure it never heard of would leave the notice
+        # "sending" for good, and a hard bounce without its suppression and hold.
+        decided = await until_written(
+            lambda: bounces.on_delivery_failure(
+                event.event_id,
+                event.member.id,
+                to,
+                raw,
+                reply.smtp_code if reply else None,
+                reply.enhanced if reply else None,
+                reply.reply_text if reply else None,
+                # No reply at all (connect failure, timeout, lost connection): try later.
+                category=None if reply else BounceCategory.SOFT,
+            ),
+            what="bounce store",
+            event_id=event.event_id,
+            retries=metrics.DELIVERY_RECORD_RETRIES,
         )
         return _as_decided(failed, decided)
 

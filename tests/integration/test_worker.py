@@ -40,7 +40,7 @@ from eobblast.observe.metrics import REGISTRY
 from eobblast.pipeline import Pipeline
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
-from eobblast.sandbox import Sandbox, make_test_pki
+from eobblast.sandbox import Behaviour, Sandbox, make_test_pki
 from eobblast.state import (
     Claim,
     ClaimKind,
@@ -74,12 +74,17 @@ def pg_ledger_url() -> Iterator[str]:
         yield url
 
 
+HARD_REJECT = "reject-hard-"
+
+
 @pytest.fixture
 async def stack(
     broker: EmbeddedBroker,
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
-    domains = accept_domains(20)
+    # Recipients whose local part starts with "reject-hard-" are refused (550 5.1.1).
+    rules = ((HARD_REJECT, Behaviour.REJECT),)
+    domains = [replace(d, recipient_rules=rules) for d in accept_domains(20)]
     pki = make_test_pki(tmp_path / "pki", [d.name for d in domains])
     prepare(tmp_path)
     async with Sandbox(domains, tmp_path / "mail", pki) as sandbox:
@@ -403,6 +408,32 @@ async def test_a_delivery_record_outlasting_stuck_after_does_not_send_again(
     assert status.status == "delivered" and flaky.failures == 0
     assert sum(stack.sandbox.counts.values()) == 1
     assert await _bounce_status(config, event_id) is EobStatus.DELIVERED
+
+
+async def test_a_hard_bounce_the_bounce_store_hears_late_is_held_not_failed(
+    stack: Stack,
+) -> None:
+    # The receiver refused the address while the bounce store was away: the notice ended
+    # failed/internal_error, stayed "sending" in the store for good (its raw event kept),
+    # and the address was neither suppressed nor its member asked to verify it.
+    (value,) = stack.events(1, seed=55)
+    doc = orjson.loads(value)
+    domain = doc["member"]["email"].rpartition("@")[2]
+    doc["member"]["email"] = f"{HARD_REJECT}1@{domain}"
+    doc["member"]["consent"]["electronic_delivery"] = True
+    config = stack.config()
+    flaky = FlakyBounceStore(failures=3, after=1)  # the gate passes, then the store is away
+    await stack.publish([orjson.dumps(doc)])
+    _, stop, task = await start_worker(config, bounce_store_as=flaky.wrap)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    ((status,),) = statuses(records).values()
+    assert (status.status, status.reason) == ("held", "awaiting_verification")
+    assert flaky.failures == 0 and sum(stack.sandbox.counts.values()) == 0
+    assert await _bounce_status(config, doc["event_id"]) is EobStatus.HELD_FOR_VERIFICATION
 
 
 async def _bounce_status(config: Config, event_id: str) -> EobStatus | None:

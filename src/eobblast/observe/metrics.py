@@ -112,8 +112,8 @@ LEDGER_FINISH_RETRIES = Counter(
 )
 DELIVERY_RECORD_RETRIES = Counter(
     "eobblast_delivery_record_retries",
-    "Times a delivered notice could not be recorded in the bounce store yet (tried again "
-    "until it is; its status waits).",
+    "Times a delivery's outcome (delivered, refused, or postponed by shaping) could not be "
+    "recorded in the bounce store yet (tried again until it is; its status waits).",
     registry=REGISTRY,
 )
 
