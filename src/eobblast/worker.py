@@ -452,6 +452,17 @@ class Worker:
                 # Stopping: each resend is a whole delivery, and the drain waits for this.
                 # What is left keeps its lease, runs out and is handed out again by a tick.
                 break
+            assert self._bounces is not None
+            try:
+                # Handed out with others: the address may have bounced since, for one of them.
+                confirmed = await self._bounces.confirm_resend(resend)
+            except STORE_ERRORS:
+                log.warning(
+                    "resend put off: store unavailable", extra={"event_id": resend.event_id}
+                )
+                continue
+            if not confirmed:
+                continue
             start = time.perf_counter()
             checked = self._pipeline.validate(resend.raw_event, start)
             if isinstance(checked, EventOutcome):

@@ -409,6 +409,40 @@ async def test_a_tick_whose_housekeeping_fails_still_hands_out_its_timers_work(
     assert [r.event_id for r in result.resends] == [ev1] and result.purged == 0
 
 
+async def test_a_resend_whose_address_bounced_since_it_was_handed_out_is_not_sent(
+    service: BounceService, store: BounceStore
+) -> None:
+    # Three held notices released to Y and sent one after another: the first bounced at Y
+    # (suppressed, a new request), and the other two still went to Y.
+    member, address = ids()
+    held = [event(member, n) for n in (1, 2, 3)]
+    await hard_bounce(service, held[0][0], member, address, held[0][1])
+    for event_id, raw in held[1:]:
+        assert isinstance(await service.gate(event_id, member, address, raw, at=at(2)), Held)
+    new_address = f"new-{address}"
+    released = await service.on_verification_result(verified(member, new_address), at=at(60))
+    first, *others = sorted(released.resends, key=lambda r: r.event_id)
+    assert len(others) == 2
+    assert await service.confirm_resend(first, at=at(61))
+    await service.on_delivery_failure(
+        first.event_id,
+        member,
+        new_address,
+        first.raw_event,
+        550,
+        "5.1.1",
+        "550 5.1.1 gone",
+        at=at(62),
+    )
+    assert [await service.confirm_resend(r, at=at(63)) for r in others] == [False, False]
+    # Their leases ended: the next tick holds them at once, it sends nothing.
+    assert (await service.tick(at(64))).resends == ()
+    statuses = {(await store.eob(r.event_id))[0].status for r in others}  # type: ignore[index]
+    assert statuses == {EobStatus.HELD_FOR_VERIFICATION}
+    # A resend whose notice moved on (here: held) is not confirmed either.
+    assert not await service.confirm_resend(others[0], at=at(65))
+
+
 async def test_a_lost_release_is_handed_out_again(service: BounceService) -> None:
     member, address = ids()
     ev1, raw1 = event(member, 1)

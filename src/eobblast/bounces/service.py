@@ -35,6 +35,7 @@ from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
 from eobblast.bounces.rules import BounceRules, default_rules
 from eobblast.bounces.state import (
+    AddressStatus,
     BounceBook,
     BouncePolicy,
     Deliverable,
@@ -49,6 +50,7 @@ from eobblast.bounces.state import (
     SuppressAddress,
     Transition,
     address_key,
+    address_status,
 )
 from eobblast.bounces.store import (
     ACTIVE_STATUSES,
@@ -141,6 +143,12 @@ RESENDS_ISSUED = Counter(
     "eobblast_bounce_resends",
     "Notices handed out to be sent again, by why (retry, release, lost).",
     ["why"],
+    registry=REGISTRY,
+)
+RESENDS_WITHDRAWN = Counter(
+    "eobblast_bounce_resends_withdrawn",
+    "Resends not sent after all: between hand-out and send, their address bounced (for"
+    " another notice) or the notice moved on.",
     registry=REGISTRY,
 )
 VERIFICATION_REQUESTS = Counter(
@@ -1085,6 +1093,44 @@ class BounceService:
             addresses=named,
         )
         return DsnReport(inbound, results)
+
+    async def confirm_resend(self, resend: Resend, *, at: dt.datetime | None = None) -> bool:
+        """Just before a resend goes out: whether its permission still holds, its lease
+        renewed for the send if so.
+
+        Resends are handed out in batches (a release, a tick's retries) and sent one after
+        another: the first can bounce at an address the others name, or a lease run out and
+        another worker take the notice over. Such a resend is not sent. If its address went
+        bad, its lease is ended, so the next tick routes the notice afresh (a hold, now).
+        """
+        now = at or self.clock()
+        permitted = resend.deliverable
+        eob_id, member_id, to = permitted.eob_id, permitted.member_id, permitted.to
+
+        async def body(work: _Work) -> bool:
+            eob = work.eob(eob_id)
+            if (
+                eob is None
+                or eob.status not in (EobStatus.SENDING, EobStatus.RELEASED)
+                or eob.attempt != permitted.attempt
+                or address_key(eob.address) != address_key(to)
+            ):
+                work.count(RESENDS_WITHDRAWN.inc)  # a report or another worker moved it on
+                return False
+            extra = work.extras.get(eob_id, NO_EXTRAS)
+            if _pending(work.book, member_id) or (
+                address_status(work.book, member_id, to) is not AddressStatus.ACTIVE
+            ):
+                work.extras[eob_id] = replace(extra, lease_until=now)
+                work.count(RESENDS_WITHDRAWN.inc)
+                return False
+            work.extras[eob_id] = replace(extra, lease_until=now + self.send_lease)
+            return True
+
+        confirmed = await self._grouped(
+            now, body, member_ids=[member_id], eob_ids=[eob_id], addresses=[to]
+        )
+        return bool(confirmed)
 
     # ------------------------------------------------------------------ verification
 
