@@ -1010,6 +1010,20 @@ async def test_a_postgresql_purge_joins_the_payloads_once(pg_url: str) -> None:
     assert "Anti Join" in plan and "SubPlan" not in plan, plan
 
 
+async def test_a_postgresql_store_opens_while_another_worker_writes(pg_url: str) -> None:
+    # CREATE INDEX IF NOT EXISTS takes a lock that waits for every open write on the table,
+    # even when the index exists: a starting worker stalled behind a long transaction, and
+    # every other worker's writes queued behind it.
+    store = await open_bounce_store(pg_url)
+    await store.close()
+    async with await psycopg.AsyncConnection.connect(pg_url) as writer:
+        async with writer.transaction():
+            await writer.execute("UPDATE bounce_eobs SET attempt = attempt WHERE false")
+            await writer.execute("LOCK TABLE bounce_eobs IN ROW EXCLUSIVE MODE")
+            opened = await asyncio.wait_for(open_bounce_store(pg_url), 10)
+            await opened.close()
+
+
 async def test_no_statement_of_the_store_scans_the_notices(
     tmp_path: Path, publisher: RecordingPublisher
 ) -> None:

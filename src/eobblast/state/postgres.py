@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
@@ -31,8 +32,20 @@ async def connect_postgres(
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
         for statement in schema:
+            index = _NEW_INDEX.match(statement)
+            if index is not None:
+                # CREATE INDEX IF NOT EXISTS locks the table against writes even when the
+                # index is there: a starting worker would wait behind every open write, and
+                # every other worker's writes behind it.
+                cur = await conn.execute("SELECT to_regclass(%s)", (index.group(1),))
+                row = await cur.fetchone()
+                if row is not None and row[0] is not None:
+                    continue
             await conn.execute(statement)
     return PgConnection(conn, dsn, what)
+
+
+_NEW_INDEX = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
 
 
 async def _connect(dsn: str, what: str) -> Any:
