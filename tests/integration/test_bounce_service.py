@@ -296,6 +296,25 @@ async def test_other_members_on_a_suppressed_address_are_held_and_asked(
     ]
 
 
+async def test_a_late_report_for_a_notice_on_paper_does_not_bring_its_raw_event_back(
+    service: BounceService, store: BounceStore
+) -> None:
+    # A report of an old attempt arriving after the notice went to paper wrote its raw event
+    # (PHI) back; nothing dropped it again, and it outlived the payload retention.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    failed = AddressVerificationFailed(member_id=member, reason=FailureReason.NO_ANSWER, at=at(60))
+    await service.on_verification_result(failed, at=at(60))
+    assert ev1 not in await store.payload_ids()
+    late = await service.on_delivery_failure(
+        ev1, member, address, raw1, 451, "4.2.1", "451 4.2.1 Mailbox busy", at=at(70)
+    )
+    assert late.outcome is Outcome.FALLBACK
+    await service.on_postponed(ev1, member, address, raw1, at(600), at=at(71))
+    assert ev1 not in await store.payload_ids()
+
+
 async def test_verification_failed_sends_each_held_notice_to_paper(
     service: BounceService, publisher: RecordingPublisher
 ) -> None:

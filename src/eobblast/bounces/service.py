@@ -947,8 +947,8 @@ class BounceService:
                 await work.step(
                     state.Submitted(event_id, member_id, address, now), lease_sends=False
                 )
-            await work.tx.put_payload(event_id, member_id, raw_event)
             before = work.eob(event_id)
+            await _keep_payload(work, event_id, member_id, raw_event)
             transition = await work.step(
                 state.SyncReply(event_id, address, now, category),
                 lease_sends=True,
@@ -989,7 +989,7 @@ class BounceService:
                 await work.step(
                     state.Submitted(event_id, member_id, address, now), lease_sends=False
                 )
-            await work.tx.put_payload(event_id, member_id, raw_event)
+            await _keep_payload(work, event_id, member_id, raw_event)
             await work.step(state.Postponed(event_id, address, now, until), lease_sends=True)
             return work.outcome(event_id)
 
@@ -1274,6 +1274,15 @@ class BounceService:
     async def outstanding(self) -> Mapping[str, int]:
         """Notices by status in the store (for summaries)."""
         return await self.store.status_counts()
+
+
+async def _keep_payload(work: _Work, event_id: str, member_id: str, raw_event: bytes) -> None:
+    """Keep the raw event of a notice still in flight (for its retry or its hold). A late
+    report of an attempt whose notice has moved on (on paper, delivered) must not bring
+    the raw event back: nothing would ever drop it again."""
+    eob = work.eob(event_id)
+    if eob is not None and eob.status in (EobStatus.SENDING, EobStatus.RELEASED):
+        await work.tx.put_payload(event_id, member_id, raw_event)
 
 
 def _pending(book: BounceBook, member_id: str) -> bool:
