@@ -151,6 +151,20 @@ def revocation_timeout_ms(grace_period: float) -> int:
     return max(DEFAULT_REBALANCE_TIMEOUT_MS, int(seconds * 1000))
 
 
+async def _started(start: Callable[[], Awaitable[None]]) -> None:
+    """Start one Kafka client, trying again with backoff while the broker is away."""
+    attempt = 0
+    while True:
+        try:
+            await start()
+            return
+        except (KafkaError, OSError):
+            attempt += 1
+            if attempt % 10 == 1:
+                log.warning("Kafka clients cannot start yet", extra={"attempt": attempt})
+            await asyncio.sleep(backoff_delay(attempt))
+
+
 # gc thresholds for a worker's steady state (generation 0 objects, 1 and 2 collections).
 WORKER_GC_THRESHOLDS = (20_000, 50, 100)
 
@@ -394,7 +408,9 @@ class Worker:
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         )
-        await consumer.start()
+        # Retried like the main clients': a broker away at start-up would otherwise end this
+        # task, and with it the worker and its deliveries.
+        await _started(consumer.start)
         failures = 0
         try:
             while not stop.is_set():
@@ -482,17 +498,10 @@ class Worker:
 
     async def _start_clients(self) -> None:
         assert self._producer is not None and self._consumer is not None
-        attempt = 0
-        while True:
-            try:
-                await self._producer.start()
-                await self._consumer.start()
-                return
-            except (KafkaError, OSError):
-                attempt += 1
-                if attempt % 10 == 1:
-                    log.warning("Kafka clients cannot start yet", extra={"attempt": attempt})
-                await asyncio.sleep(backoff_delay(attempt))
+        # One at a time: a producer started twice (its consumer failing to start after it)
+        # would run two sender tasks, one of them never stopped.
+        await _started(self._producer.start)
+        await _started(self._consumer.start)
 
     async def _loop(self, stop: asyncio.Event) -> None:
         assert self._consumer is not None
