@@ -218,17 +218,41 @@ class Pipeline:
             if event.event_id in self._sent_unrecorded:
                 to = resend.to if resend is not None else event.member.email
                 return await self._record_sent_again(event.event_id, to, event.member.id)
-            return await self._send(event, start, time.perf_counter(), raw, resend)
+            outcome = await self._send(event, start, time.perf_counter(), raw, resend)
         except StoreUnavailable:
             raise
         except Exception:
             # A bug must not stop the run or lose the event: it is recorded as failed.
             log.exception("internal error while processing an event")
-            return EventOutcome(
+            outcome = EventOutcome(
                 event.event_id,
                 Outcome.FAILED,
                 ReasonCode.INTERNAL_ERROR,
                 time.perf_counter() - start,
+            )
+        if outcome.outcome is Outcome.FAILED and resend is None and self._bounces is not None:
+            await self._not_sent(event)
+        return outcome
+
+    async def _not_sent(self, event: EobIssued) -> None:
+        """A first send that failed before a message went out: the bounce service forgets
+        the notice (see `BounceService.on_not_sent`), however long its store is away."""
+        bounces = self._bounces
+        assert bounces is not None
+        try:
+            await until_written(
+                lambda: bounces.on_not_sent(event.event_id, event.member.id),
+                what="bounce store",
+                event_id=event.event_id,
+                retries=metrics.DELIVERY_RECORD_RETRIES,
+            )
+        except Exception as exc:
+            # The failed outcome stands; the notice stays "sending" in the store. By type
+            # only: a driver's message can quote the row it choked on.
+            log.error(
+                "bounce store not told of a notice not sent: %s",
+                type(exc).__name__,
+                extra={"event_id": event.event_id},
             )
 
     async def _send(

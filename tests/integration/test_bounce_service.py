@@ -315,6 +315,28 @@ async def test_a_late_report_for_a_notice_on_paper_does_not_bring_its_raw_event_
     assert ev1 not in await store.payload_ids()
 
 
+async def test_only_a_first_send_that_went_nowhere_is_forgotten(
+    service: BounceService, store: BounceStore
+) -> None:
+    member, address = ids()
+    (ev1, raw1), (ev2, raw2) = event(member, 1), event(member, 2)
+    await service.gate(ev1, member, address, raw1, at=T0)
+    await service.gate(ev2, member, address, raw2, at=T0)
+    await service.on_delivered(ev2, address, at=at(1))
+    await service.on_not_sent(ev1, member, at=at(2))
+    await service.on_not_sent(ev2, member, at=at(2))  # delivered: kept
+    assert await store.eob(ev1) is None and ev1 not in await store.payload_ids()
+    assert (await store.eob(ev2))[0].status is EobStatus.DELIVERED  # type: ignore[index]
+    # A resend (leased) is left to its lease.
+    other, bad = ids()
+    ev3, raw3 = event(other, 3)
+    await hard_bounce(service, ev3, other, bad, raw3)
+    released = await service.on_verification_result(verified(other, f"new-{bad}"), at=at(60))
+    assert [r.event_id for r in released.resends] == [ev3]
+    await service.on_not_sent(ev3, other, at=at(61))
+    assert (await store.eob(ev3))[0].status is EobStatus.RELEASED  # type: ignore[index]
+
+
 async def test_verification_failed_sends_each_held_notice_to_paper(
     service: BounceService, publisher: RecordingPublisher
 ) -> None:

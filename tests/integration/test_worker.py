@@ -436,6 +436,27 @@ async def test_a_hard_bounce_the_bounce_store_hears_late_is_held_not_failed(
     assert await _bounce_status(config, doc["event_id"]) is EobStatus.HELD_FOR_VERIFICATION
 
 
+async def test_a_first_send_that_fails_before_anything_goes_out_leaves_no_notice_behind(
+    stack: Stack,
+) -> None:
+    # A notice that had to go to the portal, with no portal configured, ended failed; in
+    # the bounce store it stayed "sending" for good, its raw event (PHI) with it.
+    settings = stack.settings()
+    settings["protection"] = {"tls_policy_domains": []}  # unknown receivers: portal notices
+    config = load_config(environ={}, overrides=settings)
+    event_id, (status,) = await one_event_through(
+        stack, 56, config, bounce_store_as=lambda store: store
+    )
+    assert (status.status, status.reason) == ("failed", "portal_unavailable")
+    assert sum(stack.sandbox.counts.values()) == 0
+    assert await _bounce_status(config, event_id) is None
+    store = await open_bounce_store(config.bounces.store_url)
+    try:
+        assert event_id not in await store.payload_ids()
+    finally:
+        await store.close()
+
+
 async def _bounce_status(config: Config, event_id: str) -> EobStatus | None:
     """The notice's status in the bounce store, as it stands now."""
     store = await open_bounce_store(config.bounces.store_url)

@@ -435,6 +435,8 @@ class _Work:
         self.resends: list[Resend] = []
         self.settled: list[BounceOutcome] = []
         self.drop: set[str] = set()
+        # Notices to forget altogether (first sends that ended before anything was sent).
+        self.forget: set[str] = set()
         # Permissions minted for the caller's own send (gate), from Send effects.
         self.minted: list[Deliverable] = []
 
@@ -600,6 +602,8 @@ class _Work:
         await self.tx.save(self.loaded, self.book, self.extras, categories=self.categories)
         if self.drop:
             await self.tx.drop_payloads(self.drop)
+        if self.forget:
+            await self.tx.forget(self.forget)
         return await self.tx.enqueue(self.outbox, self.service.outbox_claim)
 
 
@@ -1093,6 +1097,23 @@ class BounceService:
             addresses=named,
         )
         return DsnReport(inbound, results)
+
+    async def on_not_sent(
+        self, event_id: str, member_id: str, *, at: dt.datetime | None = None
+    ) -> None:
+        """A send the gate permitted ended before anything went out (no portal for it, its
+        S/MIME encryption failed, an internal error): its outcome is the pipeline's (failed),
+        and the notice is forgotten, or it would stay "sending" for good, its raw event with
+        it. A resend is left alone (its lease runs out and a tick routes it again), and so is
+        a notice anything was recorded for since."""
+        now = at or self.clock()
+
+        async def body(work: _Work) -> None:
+            eob = work.eob(event_id)
+            if eob is not None and eob.status is EobStatus.SENDING and not _leased(work, event_id):
+                work.forget.add(event_id)
+
+        await self._transact(now, body, member_ids=[member_id], eob_ids=[event_id])
 
     async def confirm_resend(self, resend: Resend, *, at: dt.datetime | None = None) -> bool:
         """Just before a resend goes out: whether its permission still holds, its lease

@@ -542,6 +542,15 @@ class BounceTx:
                 chunk,
             )
 
+    async def forget(self, eob_ids: Collection[str]) -> None:
+        """Forget these notices altogether: their rows and their raw events."""
+        await self.drop_payloads(eob_ids)
+        for chunk in _chunks(eob_ids):
+            await self._sql.run(
+                f"DELETE FROM bounce_eobs WHERE eob_id IN ({_marks(len(chunk))})",  # noqa: S608
+                chunk,
+            )
+
     async def record_incident(
         self, kind: IncidentKind, member_id: str, eob_id: str | None, category: str | None
     ) -> None:
