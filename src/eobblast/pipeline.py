@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -157,10 +158,12 @@ class Pipeline:
             config.dkim.key_dir, config.dkim.selector, ed25519=config.dkim.ed25519
         )
         self._allow_test_domains = config.pipeline.allow_test_domains
-        # Notices the receiver took whose delivery the bounce store has not recorded yet,
-        # by event id: an attempt run again (the worker gave the first up as stuck while
-        # the store was away) records the delivery instead of sending a second copy.
-        self._sent_unrecorded: dict[str, EventOutcome] = {}
+        # First sends the receiver took whose delivery the bounce store has not recorded
+        # yet, by event id, with the address they went to: an attempt run again (the worker
+        # gave the first up as stuck while the store was away) records the delivery instead
+        # of sending a second copy. Oldest first; bounded (an attempt cut short for good,
+        # its partition gone elsewhere, leaves its entry behind).
+        self._sent_unrecorded: OrderedDict[str, tuple[EventOutcome, str]] = OrderedDict()
 
     async def process(self, raw: bytes) -> EventOutcome:
         """Carry one event as far as it may go; never raises for bad input or failed delivery."""
@@ -215,9 +218,9 @@ class Pipeline:
         the gate's.
         """
         try:
-            if event.event_id in self._sent_unrecorded:
-                to = resend.to if resend is not None else event.member.email
-                return await self._record_sent_again(event.event_id, to, event.member.id)
+            sent = self._sent_unrecorded.get(event.event_id) if resend is None else None
+            if sent is not None:
+                return await self._record_sent_again(event.event_id, sent, event.member.id)
             outcome = await self._send(event, start, time.perf_counter(), raw, resend)
         except StoreUnavailable:
             raise
@@ -230,7 +233,7 @@ class Pipeline:
                 ReasonCode.INTERNAL_ERROR,
                 time.perf_counter() - start,
             )
-        if outcome.outcome is Outcome.FAILED and resend is None and self._bounces is not None:
+        if outcome.reason in _NOTHING_SENT and resend is None and self._bounces is not None:
             await self._not_sent(event)
         return outcome
 
@@ -444,8 +447,9 @@ class Pipeline:
             tls_version=reply.tls_version,
         )
         if self._bounces is not None:
-            self._sent_unrecorded[event_id] = delivered
-            await self._recorded(event_id, message.rcpt_to, event.member.id)
+            self._remember_sent(event_id, delivered, message.rcpt_to)
+            await self._record_delivery(event_id, message.rcpt_to, event.member.id)
+            self._sent_unrecorded.pop(event_id, None)
         if reply.tls_verified and reply.tls_version is not None:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
@@ -482,14 +486,21 @@ class Pipeline:
             now=now,
         )
 
-    async def _recorded(self, event_id: str, address: str, member_id: str) -> EventOutcome:
-        """Record a delivery the receiver accepted (see `_record_delivery`); its outcome."""
-        await self._record_delivery(event_id, address, member_id)
-        return self._sent_unrecorded.pop(event_id)
+    def _remember_sent(self, event_id: str, outcome: EventOutcome, address: str) -> None:
+        self._sent_unrecorded[event_id] = (outcome, address)
+        self._sent_unrecorded.move_to_end(event_id)
+        while len(self._sent_unrecorded) > _SENT_UNRECORDED_MAX:
+            self._sent_unrecorded.popitem(last=False)
 
-    async def _record_sent_again(self, event_id: str, address: str, member_id: str) -> EventOutcome:
-        """An attempt run again after its send: only what the first did not get to write."""
-        outcome = await self._recorded(event_id, address, member_id)
+    async def _record_sent_again(
+        self, event_id: str, sent: tuple[EventOutcome, str], member_id: str
+    ) -> EventOutcome:
+        """An attempt run again after its send: only what the first did not get to write,
+        at the address the message went to (the gate may have named another than the
+        event's)."""
+        outcome, address = sent
+        await self._record_delivery(event_id, address, member_id)
+        self._sent_unrecorded.pop(event_id, None)
         if outcome.protection is not None and outcome.protection_reason is not None:
             await self._audit_sent(
                 event_id,
@@ -591,6 +602,14 @@ def _as_decided(attempt: EventOutcome, decided: BounceOutcome) -> EventOutcome:
         bounce_category=decided.category,
     )
 
+
+# Failures decided before any message went out: the bounce service forgets such a first
+# send (an internal error is not one: it may come after the receiver took the message).
+_NOTHING_SENT = frozenset(
+    {ReasonCode.PORTAL_UNAVAILABLE, ReasonCode.NO_PORTAL_IDENTITY, ReasonCode.SMIME_FAILED}
+)
+# First sends remembered as sent but not recorded in the bounce store, at most.
+_SENT_UNRECORDED_MAX = 10_000
 
 # Delivery failures that mean "this receiver cannot be trusted with PHI right now".
 _TLS_FAILURES = frozenset(

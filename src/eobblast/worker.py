@@ -77,8 +77,6 @@ log = logging.getLogger("eobblast.worker")
 
 # An offset commit waits no longer than this (aiokafka retries retriable errors without end).
 COMMIT_TIMEOUT = 10.0
-# How much longer than asked a fetch may wait before the loop looks at `stop` again.
-FETCH_EXTRA_WAIT = 1.0
 # What a status mark may fail with and be tried again at the next commit.
 MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
 # Rounds of cancelling abandoned tasks (a second each) before giving up on them.
@@ -151,18 +149,20 @@ def revocation_timeout_ms(grace_period: float) -> int:
     return max(DEFAULT_REBALANCE_TIMEOUT_MS, int(seconds * 1000))
 
 
-async def _started(start: Callable[[], Awaitable[None]]) -> None:
-    """Start one Kafka client, trying again with backoff while the broker is away."""
+async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event | None = None) -> bool:
+    """Start one Kafka client, trying again with backoff while the broker is away; False
+    if `stop` was set first."""
     attempt = 0
-    while True:
+    while stop is None or not stop.is_set():
         try:
             await start()
-            return
+            return True
         except (KafkaError, OSError):
             attempt += 1
             if attempt % 10 == 1:
                 log.warning("Kafka clients cannot start yet", extra={"attempt": attempt})
             await asyncio.sleep(backoff_delay(attempt))
+    return False
 
 
 # gc thresholds for a worker's steady state (generation 0 objects, 1 and 2 collections).
@@ -410,7 +410,8 @@ class Worker:
         )
         # Retried like the main clients': a broker away at start-up would otherwise end this
         # task, and with it the worker and its deliveries.
-        await _started(consumer.start)
+        if not await _started(consumer.start, stop):
+            return
         failures = 0
         try:
             while not stop.is_set():
@@ -544,12 +545,10 @@ class Worker:
     async def _fetch(self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int) -> None:
         """Take at most `limit` records and start a task for each."""
         try:
-            # Bounded: during a rebalance getmany waits for the new assignment however
-            # long that takes, and the loop must still see `stop` (SIGTERM's grace).
-            async with asyncio.timeout(wait_ms / 1000 + FETCH_EXTRA_WAIT):
-                batch = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
-        except TimeoutError:
-            return
+            # Never cancelled from here: aiokafka counts a fetch under way in a context
+            # that a cancellation leaves open, which turns its max_poll_interval watchdog
+            # off for good. During a rebalance this waits for the new assignment.
+            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
         except KafkaError:
             log.warning("fetch failed; retrying", exc_info=True)
             await asyncio.sleep(0.5)

@@ -33,7 +33,13 @@ from eobblast.bounces.store import BounceStore, StoreBusy, open_bounce_store
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key
 from eobblast.events.status import DeadLetter, DeliveryStatus
-from eobblast.events.verification import AddressVerificationFailed, FailureReason, dump
+from eobblast.events.verification import (
+    AddressVerificationFailed,
+    AddressVerified,
+    FailureReason,
+    VerificationChannel,
+    dump,
+)
 from eobblast.observe import metrics
 from eobblast.observe.audit import AuditAction, AuditError, AuditRecord, AuditTrail, open_audit
 from eobblast.observe.metrics import REGISTRY
@@ -53,7 +59,7 @@ from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker, TopicPartition, make_consumer, make_producer
 from eobblast.supervisor import Supervisor
-from eobblast.worker import Worker, new_worker_id
+from eobblast.worker import Worker, new_worker_id, open_bounces
 from tests.conftest import service_logging, splice, throwaway_pg_schema
 from tests.integration.worker_stack import (
     Stack,
@@ -455,6 +461,61 @@ async def test_a_first_send_that_fails_before_anything_goes_out_leaves_no_notice
         assert event_id not in await store.payload_ids()
     finally:
         await store.close()
+
+
+class NoPublisher:
+    async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        """Records of the set-up's own bounce service go nowhere."""
+
+
+async def test_a_redirected_delivery_outlasting_stuck_after_is_recorded_where_it_went(
+    stack: Stack,
+) -> None:
+    # The member's address A bounced and C was verified since: the gate sends the next
+    # notice, which still names A, to C. When recording that delivery outlasted stuck_after,
+    # the attempt run again recorded it at A; the store did not match it, and the notice
+    # stayed "sending" for good with its raw event.
+    config = stack.config(stuck_after=1.0)
+    first, second = stack.events(2, seed=57)
+    doc, doc2 = orjson.loads(first), orjson.loads(second)
+    member, domain = doc["member"]["id"], doc["member"]["email"].rpartition("@")[2]
+    old, verified = f"{HARD_REJECT}old@{domain}", f"verified@{domain}"
+    doc2["member"].update(id=member, email=old)
+    doc2["member"]["consent"]["electronic_delivery"] = True
+    service = await open_bounces(
+        config, ProtectionServices.policy_only(config), NoPublisher(), actor="set-up"
+    )
+    try:
+        await service.gate(doc["event_id"], member, old, first)
+        await service.on_delivery_failure(
+            doc["event_id"], member, old, first, 550, "5.1.1", "550 5.1.1 User unknown"
+        )
+        answer = AddressVerified.model_validate(
+            {
+                "member_id": member,
+                "address": verified,
+                "channel": VerificationChannel.PHONE,
+                "verified_by": "csr-1",
+                "at": dt.datetime.now(dt.UTC),
+            },
+            context={"allow_test_domains": True},
+        )
+        (released,) = (await service.on_verification_result(answer)).resends
+        await service.on_delivered(released.event_id, verified)  # sent meanwhile
+    finally:
+        await service.store.close()
+    flaky = FlakyBounceStore(failures=6, after=1)  # the gate passes, then the store is away
+    await stack.publish([orjson.dumps(doc2)])
+    _, stop, task = await start_worker(config, bounce_store_as=flaky.wrap)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    ((status,),) = statuses(records).values()
+    assert status.status == "delivered" and flaky.failures == 0
+    assert [r.rcpt_tos for r in stack.sandbox.received] == [(verified,)]
+    assert await _bounce_status(config, doc2["event_id"]) is EobStatus.DELIVERED
 
 
 async def _bounce_status(config: Config, event_id: str) -> EobStatus | None:
@@ -1297,6 +1358,8 @@ async def test_claims_are_still_renewed_after_a_renewal_fails_oddly(
         grace = stack.config().workers.grace_period
         expected = worker_module.revocation_timeout_ms(grace)
         assert worker._consumer._coordinator._rebalance_timeout_ms == expected
+        # and a JoinGroup request waits that long without timing out first
+        assert worker._consumer._client._request_timeout_ms >= expected + 5_000
         assert expected >= (grace + 2 * worker_module.COMMIT_TIMEOUT) * 1000
     finally:
         stop.set()

@@ -80,6 +80,8 @@ DEFAULT_HEARTBEAT_INTERVAL_MS = 1_000
 # How long on_partitions_revoked may take to finish in-flight sends and commit (Kafka);
 # below the 40 s request timeout, which a JoinGroup must also fit in.
 DEFAULT_REBALANCE_TIMEOUT_MS = 30_000
+# aiokafka's own default for a request to the broker.
+DEFAULT_REQUEST_TIMEOUT_MS = 40_000
 # Not calling getmany for this long evicts the member: pause partitions, keep polling.
 DEFAULT_MAX_POLL_INTERVAL_MS = 300_000
 # One reachability probe, and one topic creation, never wait longer than this.
@@ -161,6 +163,9 @@ def make_consumer(
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,
         rebalance_timeout_ms=rebalance_timeout_ms,
+        # A JoinGroup waits up to the rebalance timeout for the other members: its request
+        # must not time out first (the client would drop the coordinator and join again).
+        request_timeout_ms=max(DEFAULT_REQUEST_TIMEOUT_MS, rebalance_timeout_ms + 5_000),
         max_poll_interval_ms=max_poll_interval_ms,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
