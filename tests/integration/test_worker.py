@@ -428,17 +428,9 @@ async def test_a_hard_bounce_the_bounce_store_hears_late_is_held_not_failed(
     doc["member"]["email"] = f"{HARD_REJECT}1@{domain}"
     doc["member"]["consent"]["electronic_delivery"] = True
     config = stack.config()
-    flaky = FlakyBounceStore(failures=3, after=1)  # the gate passes, then the store is away
-    await stack.publish([orjson.dumps(doc)])
-    _, stop, task = await start_worker(config, bounce_store_as=flaky.wrap)
-    try:
-        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    ((status,),) = statuses(records).values()
+    status = await _through_a_store_away(stack, config, doc, failures=3)
     assert (status.status, status.reason) == ("held", "awaiting_verification")
-    assert flaky.failures == 0 and sum(stack.sandbox.counts.values()) == 0
+    assert sum(stack.sandbox.counts.values()) == 0
     assert await _bounce_status(config, doc["event_id"]) is EobStatus.HELD_FOR_VERIFICATION
 
 
@@ -461,6 +453,24 @@ async def test_a_first_send_that_fails_before_anything_goes_out_leaves_no_notice
         assert event_id not in await store.payload_ids()
     finally:
         await store.close()
+
+
+async def _through_a_store_away(
+    stack: Stack, config: Config, doc: dict[str, Any], *, failures: int
+) -> DeliveryStatus:
+    """One event through a worker whose bounce store lets the gate pass, then is away for
+    `failures` transactions: its status (after the store took everything)."""
+    flaky = FlakyBounceStore(failures=failures, after=1)
+    await stack.publish([orjson.dumps(doc)])
+    _, stop, task = await start_worker(config, bounce_store_as=flaky.wrap)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert flaky.failures == 0
+    ((status,),) = statuses(records).values()
+    return status
 
 
 class NoPublisher:
@@ -504,16 +514,8 @@ async def test_a_redirected_delivery_outlasting_stuck_after_is_recorded_where_it
         await service.on_delivered(released.event_id, verified)  # sent meanwhile
     finally:
         await service.store.close()
-    flaky = FlakyBounceStore(failures=6, after=1)  # the gate passes, then the store is away
-    await stack.publish([orjson.dumps(doc2)])
-    _, stop, task = await start_worker(config, bounce_store_as=flaky.wrap)
-    try:
-        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
-    finally:
-        stop.set()
-        await asyncio.wait_for(task, 30)
-    ((status,),) = statuses(records).values()
-    assert status.status == "delivered" and flaky.failures == 0
+    status = await _through_a_store_away(stack, config, doc2, failures=6)
+    assert status.status == "delivered"
     assert [r.rcpt_tos for r in stack.sandbox.received] == [(verified,)]
     assert await _bounce_status(config, doc2["event_id"]) is EobStatus.DELIVERED
 
