@@ -215,7 +215,8 @@ class Pipeline:
         decided or sent, and the caller tries again later. Anything else ends as an outcome.
         `raw` is the event as consumed (kept by the bounce service for a hold or a retry);
         `resend` is the bounce service's permission for a retry or a release, in place of
-        the gate's.
+        the gate's. An event this pipeline already sent, whose delivery the bounce store
+        has not recorded yet (an attempt given up as stuck), is only recorded.
         """
         try:
             sent = self._sent_unrecorded.get(event.event_id) if resend is None else None
