@@ -35,6 +35,7 @@ from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
 from eobblast.bounces.rules import BounceRules, default_rules
 from eobblast.bounces.state import (
+    AWAITING_REPLY,
     AddressStatus,
     BounceBook,
     BouncePolicy,
@@ -1101,8 +1102,8 @@ class BounceService:
     async def on_not_sent(
         self, event_id: str, member_id: str, *, at: dt.datetime | None = None
     ) -> None:
-        """A send the gate permitted ended before anything went out (no portal for it, its
-        S/MIME encryption failed, an internal error): its outcome is the pipeline's (failed),
+        """A send the gate permitted ended before anything went out (no portal for it, or
+        its S/MIME encryption failed): its outcome is the pipeline's (failed),
         and the notice is forgotten, or it would stay "sending" for good, its raw event with
         it. A resend is left alone (its lease runs out and a tick routes it again), and so is
         a notice anything was recorded for since."""
@@ -1132,7 +1133,7 @@ class BounceService:
             eob = work.eob(eob_id)
             if (
                 eob is None
-                or eob.status not in (EobStatus.SENDING, EobStatus.RELEASED)
+                or eob.status not in AWAITING_REPLY
                 or eob.attempt != permitted.attempt
                 or address_key(eob.address) != address_key(to)
             ):
@@ -1148,10 +1149,9 @@ class BounceService:
             work.extras[eob_id] = replace(extra, lease_until=now + self.send_lease)
             return True
 
-        confirmed = await self._grouped(
+        return await self._grouped(
             now, body, member_ids=[member_id], eob_ids=[eob_id], addresses=[to]
         )
-        return bool(confirmed)
 
     # ------------------------------------------------------------------ verification
 
@@ -1273,7 +1273,7 @@ class BounceService:
             if kind is ClaimKind.LOST_SEND:
                 # The claim found the lease run out (and now holds the row for this tick);
                 # a report that came in meanwhile moved the notice on, and then it is over.
-                if eob.status not in (EobStatus.SENDING, EobStatus.RELEASED):
+                if eob.status not in AWAITING_REPLY:
                     return
                 # Fired after this claim ran out (a slow tick), the row may be another
                 # worker's claim by now: its lease is no longer the one this claim wrote.
@@ -1302,7 +1302,7 @@ async def _keep_payload(work: _Work, event_id: str, member_id: str, raw_event: b
     report of an attempt whose notice has moved on (on paper, delivered) must not bring
     the raw event back: nothing would ever drop it again."""
     eob = work.eob(event_id)
-    if eob is not None and eob.status in (EobStatus.SENDING, EobStatus.RELEASED):
+    if eob is not None and eob.status in AWAITING_REPLY:
         await work.tx.put_payload(event_id, member_id, raw_event)
 
 

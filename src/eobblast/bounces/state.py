@@ -32,6 +32,7 @@ from eobblast.bounces.category import BounceCategory, HandlingAction
 from eobblast.bounces.rules import BounceRules, RetrySettings, VerificationSettings, default_rules
 
 __all__ = [
+    "AWAITING_REPLY",
     "AddressStatus",
     "AddressVerificationFailed",
     "AddressVerified",
@@ -84,6 +85,10 @@ class EobStatus(enum.StrEnum):
     HELD_FOR_VERIFICATION = "held_for_verification"
     RELEASED = "released"  # sent to the verified address, reply pending
     PAPER_FALLBACK = "paper_fallback"  # final
+
+
+# Handed to the transport, its reply not in yet: the statuses a report can still move on.
+AWAITING_REPLY = (EobStatus.SENDING, EobStatus.RELEASED)
 
 
 class AddressStatus(enum.StrEnum):
@@ -547,14 +552,14 @@ class _Step:
         eob = self.eobs.get(eob_id)
         if eob is None or address_key(address) != address_key(eob.address):
             return
-        if eob.status in (EobStatus.SENDING, EobStatus.RELEASED):
+        if eob.status in AWAITING_REPLY:
             self.eobs[eob_id] = _moved(eob, EobStatus.DELIVERED, eob.next_at)
 
     def _postponed(self, event: Postponed) -> None:
         eob = self.eobs.get(event.eob_id)
         if eob is None or address_key(event.address) != address_key(eob.address):
             return
-        if eob.status not in (EobStatus.SENDING, EobStatus.RELEASED):
+        if eob.status not in AWAITING_REPLY:
             return  # a report about the notice came first: it decides
         # Not the receiver's doing: no bounce, and the next try is when the shaper said.
         # The attempt stays counted (each send has its own attempt number, which names its
