@@ -149,13 +149,43 @@ def revocation_timeout_ms(grace_period: float) -> int:
     return max(DEFAULT_REBALANCE_TIMEOUT_MS, int(seconds * 1000))
 
 
-async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event | None = None) -> bool:
-    """Start one Kafka client, trying again with backoff while the broker is away; False
-    if `stop` was set first."""
-    attempt = 0
-    while stop is None or not stop.is_set():
+async def _done_unless_stopped(future: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+    """Wait until `future` is done or `stop` is set; whether `future` is done.
+
+    `future` is left running when `stop` comes first. A consumer's getmany waits for the
+    end of a rebalance, which another member can hold open for its rebalance timeout:
+    a stopping worker does not wait for it, and a getmany must never be cancelled while
+    the consumer lives on (see `Worker._fetch`).
+    """
+    if not future.done() and not stop.is_set():
+        stopping = asyncio.ensure_future(stop.wait())
         try:
-            await start()
+            await asyncio.wait((future, stopping), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+    return future.done()
+
+
+def _retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback for a future nobody awaits any more: its error is not news."""
+    if not future.cancelled():
+        future.exception()
+
+
+async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+    """Start one Kafka client, trying again with backoff while the broker is away; False
+    if `stop` was set first (a consumer's start waits for its first partitions, as long
+    as a rebalance lasts)."""
+    attempt = 0
+    while not stop.is_set():
+        try:
+            starting = asyncio.ensure_future(start())
+            if not await _done_unless_stopped(starting, stop):
+                # The client is stopped next, which ends what its start left behind.
+                starting.add_done_callback(_retrieved)
+                starting.cancel()
+                return False
+            starting.result()
             return True
         except (KafkaError, OSError):
             attempt += 1
@@ -261,12 +291,22 @@ class Worker:
         self._producer: AIOKafkaProducer | None = None
         self._stopping = False
         self._stop: asyncio.Event | None = None
+        # Fetches left running when the worker was told to stop (see `_fetched`).
+        self._abandoned_fetches: list[asyncio.Future[Any]] = []
         self.duplicates_skipped = 0
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain within the grace period and commit."""
         kafka = self._config.kafka
-        await wait_for_broker(kafka.bootstrap)
+        self._stop = stop
+        reaching = asyncio.ensure_future(wait_for_broker(kafka.bootstrap))
+        if not await _done_unless_stopped(reaching, stop):
+            reaching.cancel()
+            log.info(
+                "worker stopped before the broker was reached", extra={"worker": self.worker_id}
+            )
+            return
+        reaching.result()
         self._producer = make_producer(kafka.bootstrap, client_id=self.worker_id)
         self._consumer = make_consumer(
             kafka.bootstrap,
@@ -280,13 +320,13 @@ class Worker:
             max_poll_interval_ms=kafka.max_poll_interval_ms,
             rebalance_timeout_ms=revocation_timeout_ms(self._config.workers.grace_period),
         )
-        await self._start_clients()
-        self._stop = stop
         # Until the last record is drained: another worker then waits for what this one
         # is sending rather than sending it too.
         renewing = asyncio.create_task(self._renew_claims())
-        log.info("worker started", extra={"worker": self.worker_id})
         try:
+            if not await self._start_clients(stop):
+                return  # told to stop first: nothing was taken, the clients are closed
+            log.info("worker started", extra={"worker": self.worker_id})
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._loop(stop))
                 if self._config.ledger.retention_days > 0:
@@ -416,7 +456,7 @@ class Worker:
         try:
             while not stop.is_set():
                 try:
-                    await self._verification_batch(consumer)
+                    await self._verification_batch(consumer, stop)
                     failures = 0
                 except Exception as exc:
                     # Kafka trouble, a rebalance mid-batch (CommitFailedError), a busy store:
@@ -429,9 +469,12 @@ class Worker:
             with contextlib.suppress(KafkaError, OSError):
                 await consumer.stop()
 
-    async def _verification_batch(self, consumer: AIOKafkaConsumer) -> None:
+    async def _verification_batch(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         assert self._bounces is not None
-        batch = await consumer.getmany(timeout_ms=200)
+        fetching = asyncio.ensure_future(consumer.getmany(timeout_ms=200))
+        if not await self._fetched(fetching, stop):
+            return
+        batch = fetching.result()
         # Where each partition of the batch starts again if it fails: the consumer's
         # position is past the whole batch already, and the next batch's commit would
         # otherwise pass over the answers not applied.
@@ -439,6 +482,10 @@ class Worker:
         try:
             for tp, records in batch.items():
                 for record in records:
+                    if stop.is_set():
+                        # What is left (this partition's rest included: nothing of it is
+                        # committed) comes again to whoever reads the results next.
+                        return
                     try:
                         result = parse_verification_result(
                             record.value,
@@ -497,12 +544,14 @@ class Worker:
                 continue
             await self._record(outcome, resend.event_id, resend.deliverable.attempt, None)
 
-    async def _start_clients(self) -> None:
+    async def _start_clients(self, stop: asyncio.Event) -> bool:
+        """Start the producer, then the consumer; False if `stop` came first."""
         assert self._producer is not None and self._consumer is not None
         # One at a time: a producer started twice (its consumer failing to start after it)
         # would run two sender tasks, one of them never stopped.
-        await _started(self._producer.start)
-        await _started(self._consumer.start)
+        return await _started(self._producer.start, stop) and await _started(
+            self._consumer.start, stop
+        )
 
     async def _loop(self, stop: asyncio.Event) -> None:
         assert self._consumer is not None
@@ -529,12 +578,12 @@ class Worker:
                     # Full this long means something is stuck: poll, every partition
                     # paused, so the group keeps this member (max_poll_interval_ms).
                     consumer.pause(*consumer.assignment())
-                    await self._fetch(consumer, 0, 1)
+                    await self._fetch(consumer, 0, 1, stop)
                     polled = time.monotonic()
             else:
                 if paused := consumer.paused():
                     consumer.resume(*paused)
-                await self._fetch(consumer, 100, free)
+                await self._fetch(consumer, 100, free, stop)
                 polled = time.monotonic()
             if time.monotonic() >= next_commit:
                 await self._commit()
@@ -542,13 +591,17 @@ class Worker:
                 next_commit = time.monotonic() + commit_every
             metrics.IN_FLIGHT.set(self._tracker.in_flight)
 
-    async def _fetch(self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int) -> None:
-        """Take at most `limit` records and start a task for each."""
+    async def _fetch(
+        self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int, stop: asyncio.Event
+    ) -> None:
+        """Take at most `limit` records and start a task for each (none once stopping)."""
+        # During a rebalance this waits for the new assignment, unless the worker is told
+        # to stop (see `_fetched`).
+        fetching = asyncio.ensure_future(consumer.getmany(timeout_ms=wait_ms, max_records=limit))
+        if not await self._fetched(fetching, stop):
+            return
         try:
-            # Never cancelled from here: aiokafka counts a fetch under way in a context
-            # that a cancellation leaves open, which turns its max_poll_interval watchdog
-            # off for good. During a rebalance this waits for the new assignment.
-            batch = await consumer.getmany(timeout_ms=wait_ms, max_records=limit)
+            batch = fetching.result()
         except KafkaError:
             log.warning("fetch failed; retrying", exc_info=True)
             await asyncio.sleep(0.5)
@@ -562,6 +615,22 @@ class Worker:
                 tasks = self._tasks.setdefault(tp, {})
                 tasks[task] = info
                 task.add_done_callback(functools.partial(_discard, tasks))
+
+    async def _fetched(self, fetching: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+        """Whether a getmany finished before `stop` was set (or this task was cancelled).
+
+        One that did not is left running, never cancelled while its consumer lives: aiokafka
+        counts a fetch under way in a context that a cancellation leaves open, which turns
+        its max_poll_interval watchdog off for good. It is cancelled once the worker's
+        consumers are stopped, and what it returns is never handed out, so never committed.
+        """
+        try:
+            await _done_unless_stopped(fetching, stop)
+        finally:
+            if not fetching.done():
+                fetching.add_done_callback(_retrieved)
+                self._abandoned_fetches.append(fetching)
+        return fetching.done()
 
     def _watch(self) -> None:
         """The age of the oldest event in flight, for the gauge."""
@@ -630,6 +699,9 @@ class Worker:
                 await self._commit()
             with contextlib.suppress(KafkaError, OSError):
                 await self._consumer.stop()
+        for fetching in self._abandoned_fetches:
+            # Their consumers are closed: the fetch context no longer matters.
+            fetching.cancel()
         if self._producer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await self._producer.stop()

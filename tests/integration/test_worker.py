@@ -58,6 +58,7 @@ from eobblast.state import (
 from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker, TopicPartition, make_consumer, make_producer
+from eobblast.streams.kafka import RebalanceListener
 from eobblast.supervisor import Supervisor
 from eobblast.worker import Worker, new_worker_id, open_bounces
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -229,6 +230,101 @@ async def test_two_workers_split_and_one_takes_over(stack: Stack) -> None:
     assert workers == {first.worker_id, second.worker_id}
     received = sum(stack.sandbox.counts.values())
     assert 1500 <= received <= 1500 + stack.max_in_flight
+
+
+class SlowToGiveUp(RebalanceListener):
+    """A group member that, once armed, holds every rebalance for `hold` seconds."""
+
+    def __init__(self, hold: float) -> None:
+        self.hold = hold
+        self.armed = False
+        self.assignments = 0
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        if self.armed:
+            await asyncio.sleep(self.hold)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.assignments += 1
+
+
+async def _member(stack: Stack, config: Config, name: str, listener: Any) -> Any:
+    consumer = make_consumer(
+        stack.broker.bootstrap,
+        config.kafka.group_id,
+        [config.kafka.events_topic],
+        client_id=name,
+        max_poll_records=1,
+        rebalance_listener=listener,
+        session_timeout_ms=config.kafka.session_timeout_ms,
+        heartbeat_interval_ms=config.kafka.heartbeat_interval_ms,
+        rebalance_timeout_ms=120_000,
+    )
+    await consumer.start()
+    return consumer
+
+
+@pytest.mark.parametrize("when", ["running", "starting"])
+async def test_a_worker_told_to_stop_during_a_rebalance_stops_within_its_grace(
+    stack: Stack, caplog: pytest.LogCaptureFixture, when: str
+) -> None:
+    # Another member of the group takes 20 s to give its partitions up, so a rebalance
+    # stays open that long. The worker, waiting for its partitions meanwhile (new ones
+    # when running, its first ones when starting), is told to stop: it leaves within its
+    # grace period rather than when the rebalance ends (a supervisor would kill it at
+    # grace + 5 s, sends in flight and all).
+    grace = 2.0
+    config = stack.config(grace_period=grace)
+    slow = SlowToGiveUp(hold=20.0)
+    holder = await _member(stack, config, "slow-holder", slow)
+    caplog.set_level(logging.INFO, logger="eobblast")
+    joining: asyncio.Task[Any] | None = None
+    slow.armed = when == "starting"
+    _, stop, task = await start_worker(config)
+    try:
+        if when == "running":
+            async with asyncio.timeout(30):
+                while "worker started" not in caplog.text:  # noqa: ASYNC110 - a log line
+                    await asyncio.sleep(0.1)
+            slow.armed = True
+            # A third member joins: a rebalance starts, the holder sits on its partitions.
+            joining = asyncio.create_task(_member(stack, config, "joiner", None))
+        await asyncio.sleep(4.0)  # the worker waits for the holder
+        # The rebalance is still open: the holder has not had its partitions back.
+        assert slow.assignments == (1 if when == "starting" else 2)
+        stop.set()
+        # The grace period, and a few seconds to leave the group and close the clients.
+        stopped, _ = await asyncio.wait({task}, timeout=grace + 5.0)
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(task, 90)
+        if joining is not None:
+            with contextlib.suppress(Exception):
+                await (await asyncio.wait_for(joining, 90)).stop()
+        await holder.stop()
+    assert stopped, "the worker waited for the rebalance to end"
+    assert "worker stopped" in caplog.text
+    assert ("worker started" in caplog.text) == (when == "running")
+
+
+async def test_a_worker_told_to_stop_before_it_reached_the_broker_stops(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Nothing listens where the worker looks for its broker: it keeps trying until told to
+    # stop, then stops at once (it has taken nothing).
+    settings = stack.settings()
+    settings["kafka"]["bootstrap"] = f"127.0.0.1:{free_port()}"
+    config = load_config(environ={}, overrides=settings)
+    caplog.set_level(logging.INFO, logger="eobblast")
+    _, stop, task = await start_worker(config)
+    await asyncio.sleep(1.5)
+    assert not task.done()
+    stop.set()
+    stopped, _ = await asyncio.wait({task}, timeout=5.0)
+    assert stopped, "the worker went on waiting for its broker"
+    await task
+    assert "worker stopped before the broker was reached" in caplog.text
 
 
 async def test_broker_down_at_start_then_lost_mid_run(
@@ -563,14 +659,10 @@ class VerificationsFailingOnce:
         return SimpleNamespace(resends=(), outcomes=())
 
 
-async def test_verification_results_after_a_failure_mid_batch_are_not_passed_over(
-    stack: Stack,
-) -> None:
-    # The consumer's position was past the whole batch when one result failed: the next
-    # batch's commit passed over the results not applied, until their deadline sent the
-    # member's notices to paper.
+async def _verification_failures(stack: Stack, members: Sequence[str]) -> tuple[Config, Any]:
+    """Publish a failed verification for each member; a started consumer of the results."""
     config = stack.config()
-    topic, members = config.bounces.results_topic, [f"M-{n}" for n in range(3)]
+    topic = config.bounces.results_topic
     await stack.broker.create_topics({topic: 1})
     producer = make_producer(stack.broker.bootstrap, client_id="verifier")
     await producer.start()
@@ -582,14 +674,6 @@ async def test_verification_results_after_a_failure_mid_batch_are_not_passed_ove
             await producer.send_and_wait(topic, dump(failed), key=member.encode())
     finally:
         await producer.stop()
-    service = VerificationsFailingOnce()
-    worker = Worker(
-        config,
-        cast(Pipeline, None),  # no resends: the pipeline is not reached
-        cast(SendLedger, None),
-        worker_id=new_worker_id(0),
-        bounces=cast(BounceService, service),
-    )
     consumer = make_consumer(
         stack.broker.bootstrap,
         config.bounces.results_group_id,
@@ -600,15 +684,73 @@ async def test_verification_results_after_a_failure_mid_batch_are_not_passed_ove
         heartbeat_interval_ms=500,
     )
     await consumer.start()
+    return config, consumer
+
+
+def _verification_worker(config: Config, service: Any) -> Worker:
+    return Worker(
+        config,
+        cast(Pipeline, None),  # no resends: the pipeline is not reached
+        cast(SendLedger, None),
+        worker_id=new_worker_id(0),
+        bounces=cast(BounceService, service),
+    )
+
+
+async def test_verification_results_after_a_failure_mid_batch_are_not_passed_over(
+    stack: Stack,
+) -> None:
+    # The consumer's position was past the whole batch when one result failed: the next
+    # batch's commit passed over the results not applied, until their deadline sent the
+    # member's notices to paper.
+    members = [f"M-{n}" for n in range(3)]
+    config, consumer = await _verification_failures(stack, members)
+    service = VerificationsFailingOnce()
+    worker = _verification_worker(config, service)
     try:
         deadline = time.monotonic() + 30
         while set(service.applied) != set(members):
             assert time.monotonic() < deadline, f"applied only {service.applied}"
             with contextlib.suppress(StoreBusy):
-                await worker._verification_batch(consumer)
+                await worker._verification_batch(consumer, asyncio.Event())
         assert service.failed
         # Applied twice changes nothing; the commit is past the last one only now.
+        topic = config.bounces.results_topic
         assert await consumer.committed(TopicPartition(topic, 0)) == 3
+    finally:
+        await consumer.stop()
+
+
+class VerificationsUntilStopped:
+    """The bounce service's side of verification results; the worker is told to stop
+    while the first one is applied."""
+
+    def __init__(self) -> None:
+        self.applied: list[str] = []
+        self.stop = asyncio.Event()
+
+    async def on_verification_result(self, result: Any) -> Any:
+        self.applied.append(result.member_id)
+        self.stop.set()
+        return SimpleNamespace(resends=(), outcomes=())
+
+
+async def test_a_stopping_worker_leaves_the_rest_of_a_verification_batch_uncommitted(
+    stack: Stack,
+) -> None:
+    # Each verification result can release resends, which a stopping worker no longer
+    # sends: what is left of the batch stays uncommitted for the next reader.
+    members = [f"M-{n}" for n in range(3)]
+    config, consumer = await _verification_failures(stack, members)
+    service = VerificationsUntilStopped()
+    worker = _verification_worker(config, service)
+    try:
+        async with asyncio.timeout(30):
+            while not service.applied:
+                await worker._verification_batch(consumer, service.stop)
+        assert service.applied == ["M-0"]
+        topic = config.bounces.results_topic
+        assert await consumer.committed(TopicPartition(topic, 0)) is None
     finally:
         await consumer.stop()
 
