@@ -89,10 +89,18 @@ class RecordingPublisher:
     def __init__(self) -> None:
         self.records: list[tuple[str, bytes, bytes]] = []
         self.failing = False
+        self.slow = False  # every publish times out
+        self.refused: set[str] = set()  # topics this publisher may not write to
+        self.attempts = 0
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
+        self.attempts += 1
         if self.failing:
             raise ConnectionError("broker down")
+        if self.slow:
+            raise TimeoutError
+        if topic in self.refused:
+            raise PermissionError("topic authorization failed")
         self.records.append((topic, key, value))
 
     def on(self, topic: str) -> list[dict[str, object]]:
@@ -1131,6 +1139,35 @@ async def test_records_committed_but_not_published_go_out_on_tick(
     assert [r["member_id"] for r in publisher.on(REQUESTS)] == [member]
     await service.tick(at(6))
     assert len(publisher.on(REQUESTS)) == 1
+
+
+async def test_a_topic_that_refuses_records_does_not_hold_back_the_other_topics(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    # A verification request and a paper fallback wait in the outbox (the broker was
+    # away). Once it is back, the requests' topic still refuses them (an ACL, say): the
+    # paper fallback goes out all the same, and the request once its topic takes it.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    publisher.failing = True
+    service.outbox_claim = 0.0  # the failing publisher's claim runs out at once
+    await hard_bounce(service, ev1, member, address, raw1)
+    failed = AddressVerificationFailed(member_id=member, reason=FailureReason.NO_ANSWER, at=at(60))
+    await service.on_verification_result(failed, at=at(60))
+    assert publisher.records == []
+    # A publish that times out stops them all: the next would wait as long.
+    publisher.failing, publisher.slow = False, True
+    tried = publisher.attempts
+    assert (await service.tick(at(61))).published == 0
+    assert publisher.attempts == tried + 1
+    publisher.slow, publisher.refused = False, {REQUESTS}
+    assert (await service.tick(at(61))).published == 1
+    assert [p["event_id"] for p in publisher.on(PAPER)] == [ev1]
+    assert publisher.on(REQUESTS) == []
+    publisher.refused = set()
+    assert (await service.tick(at(62))).published == 1
+    assert [r["member_id"] for r in publisher.on(REQUESTS)] == [member]
+    assert len(publisher.on(PAPER)) == 1
 
 
 async def test_a_redelivered_event_whose_sender_died_is_routed_again(

@@ -805,14 +805,34 @@ class BounceService:
             callback()
 
     async def _publish(self, records: Sequence[tuple[int, OutboxMessage]]) -> int:
+        """Publish records in order; acknowledge in the outbox those Kafka took.
+
+        A topic stops at its first failure, so its records keep their order; the other
+        topics go on (one topic refusing records, an ACL say, must not hold back the
+        paper fallbacks or the verification requests of another). A publish that timed out
+        stops them all: the broker is slow or away, and each try would wait as long again
+        (this can hold the shared transaction queue).
+        """
         done: list[int] = []
+        stopped: set[str] = set()
         try:
             for seq, message in records:
-                await self.publisher.publish(message.topic, message.key, message.value)
+                if message.topic in stopped:
+                    continue
+                try:
+                    await self.publisher.publish(message.topic, message.key, message.value)
+                except Exception as exc:
+                    # Committed in the outbox: tick publishes it once this claim runs out.
+                    log.warning(
+                        "bounce records not published yet (%s); tick retries",
+                        type(exc).__name__,
+                        extra={"topic": message.topic},
+                    )
+                    if isinstance(exc, TimeoutError):
+                        break
+                    stopped.add(message.topic)
+                    continue
                 done.append(seq)
-        except Exception as exc:
-            # Committed in the outbox: tick publishes it once this claim runs out.
-            log.warning("bounce records not published yet (%s); tick retries", type(exc).__name__)
         finally:
             await self.store.ack_outbox(done)
         return len(done)
