@@ -87,6 +87,7 @@ def unique_group() -> str:
 
 # --- kcat against Tansu -------------------------------------------------------------------
 API_VERSIONS = 18
+JOIN_GROUP = 11
 
 
 def _read_uvarint(data: bytes, pos: int) -> tuple[int, int]:
@@ -139,6 +140,11 @@ class ApiVersionsShim:
     version mis-parses. The relay removes them from ApiVersions v3+ responses and passes
     every other byte through unchanged. The broker must advertise the relay's port, so that
     the connections kcat opens after bootstrapping also go through it.
+
+    While `holding_joins` is set, it also holds back the answers to JoinGroup requests (and
+    everything after them on their connections) until `release_joins()`: as Apache Kafka
+    does while a rebalance waits for a member that has not joined again, which Tansu does
+    not.
     """
 
     def __init__(self, upstream_host: str, upstream_port: int, *, host: str = "127.0.0.1"):
@@ -148,6 +154,9 @@ class ApiVersionsShim:
         self._tasks: set[asyncio.Task[None]] = set()
         self.port = 0
         self.rewritten = 0
+        self.holding_joins = False
+        self.held = 0  # JoinGroup answers held back so far
+        self._released = asyncio.Event()
 
     @property
     def bootstrap(self) -> str:
@@ -158,6 +167,11 @@ class ApiVersionsShim:
         """Listen on `port` (0: any free one)."""
         self._server = await asyncio.start_server(self._accept, self._host, port)
         self.port = self._server.sockets[0].getsockname()[1]
+
+    def release_joins(self) -> None:
+        """Pass the JoinGroup answers held back, and hold no more."""
+        self.holding_joins = False
+        self._released.set()
 
     async def stop(self) -> None:
         """Stop listening and drop every relayed connection."""
@@ -178,9 +192,10 @@ class ApiVersionsShim:
             async with asyncio.timeout(5):
                 upstream_reader, upstream_writer = await asyncio.open_connection(*self._upstream)
             rewrite: set[int] = set()
+            hold: set[int] = set()
             async with asyncio.TaskGroup() as group:
-                group.create_task(self._requests(reader, upstream_writer, rewrite))
-                group.create_task(self._responses(upstream_reader, writer, rewrite))
+                group.create_task(self._requests(reader, upstream_writer, rewrite, hold))
+                group.create_task(self._responses(upstream_reader, writer, rewrite, hold))
         except* (OSError, asyncio.IncompleteReadError, TimeoutError):
             pass
         finally:
@@ -200,21 +215,35 @@ class ApiVersionsShim:
             yield await reader.readexactly(size)
 
     async def _requests(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rewrite: set[int]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        rewrite: set[int],
+        hold: set[int],
     ) -> None:
         async for frame in self._frames(reader):
             api_key, api_version, correlation = struct.unpack(">hhi", frame[:8])
             if api_key == API_VERSIONS and api_version >= 3:
                 rewrite.add(correlation)
+            if api_key == JOIN_GROUP and self.holding_joins:
+                hold.add(correlation)
             writer.write(struct.pack(">i", len(frame)) + frame)
             await writer.drain()
         writer.close()
 
     async def _responses(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rewrite: set[int]
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        rewrite: set[int],
+        hold: set[int],
     ) -> None:
         async for frame in self._frames(reader):
             (correlation,) = struct.unpack(">i", frame[:4])
+            if correlation in hold:
+                hold.discard(correlation)
+                self.held += 1
+                await self._released.wait()
             if correlation in rewrite:
                 rewrite.discard(correlation)
                 stripped = strip_api_versions_tags(frame)

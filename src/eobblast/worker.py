@@ -83,6 +83,10 @@ MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
 CANCEL_ROUNDS = 5
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka.
 PUBLISH_TIMEOUT = 10.0
+# A stopping worker waits this long for a Kafka consumer to leave its group. Longer means a
+# rebalance holds the consumer's JoinGroup (Kafka answers it once every member has joined,
+# or the rebalance timeout has passed): the consumer is then left to the process's end.
+CLOSE_TIMEOUT = 3.0
 # A worker full of in-flight events this long (at most; a quarter of the consumer's
 # max_poll_interval_ms if that is less) still polls, all partitions paused, so the group
 # does not evict it.
@@ -149,21 +153,64 @@ def revocation_timeout_ms(grace_period: float) -> int:
     return max(DEFAULT_REBALANCE_TIMEOUT_MS, int(seconds * 1000))
 
 
-async def _done_unless_stopped(future: asyncio.Future[Any], stop: asyncio.Event) -> bool:
-    """Wait until `future` is done or `stop` is set; whether `future` is done.
+async def _done_unless_stopped(
+    future: asyncio.Future[Any], stop: asyncio.Event | asyncio.Future[Any]
+) -> bool:
+    """Wait until `future` is done or `stop` is set (an event, or a future that ends when
+    it is); whether `future` is done.
 
     `future` is left running when `stop` comes first. A consumer's getmany waits for the
     end of a rebalance, which another member can hold open for its rebalance timeout:
     a stopping worker does not wait for it, and a getmany must never be cancelled while
-    the consumer lives on (see `Worker._fetch`).
+    the consumer lives on (see `Worker._fetched`).
     """
-    if not future.done() and not stop.is_set():
+    if future.done():
+        return True
+    if isinstance(stop, asyncio.Event):
+        if stop.is_set():
+            return False
         stopping = asyncio.ensure_future(stop.wait())
         try:
             await asyncio.wait((future, stopping), return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
+    elif not stop.done():
+        await asyncio.wait((future, stop), return_when=asyncio.FIRST_COMPLETED)
     return future.done()
+
+
+async def _ran_unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool:
+    """Run `work` until it ends (True; its error is raised) or `stop` is set (False; it is
+    cancelled, as it is if this task is)."""
+    task = asyncio.ensure_future(work)
+    try:
+        ended = await _done_unless_stopped(task, stop)
+    finally:
+        if not task.done():
+            task.add_done_callback(_retrieved)
+            task.cancel()
+    if ended:
+        task.result()
+    return ended
+
+
+async def _stopped_within(stop: Callable[[], Awaitable[None]], what: str) -> None:
+    """Stop a Kafka client, waiting at most CLOSE_TIMEOUT (see there)."""
+    closing = asyncio.ensure_future(stop())
+    done, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
+    if not done:
+        # The event loop's end cancels it; the group drops the member after its session.
+        closing.add_done_callback(_retrieved)
+        log.warning("Kafka client not closed in time: a rebalance holds it", extra={"client": what})
+        return
+    with contextlib.suppress(KafkaError, OSError):
+        closing.result()
+
+
+async def _pause(seconds: float, stop: asyncio.Event) -> None:
+    """Sleep `seconds`, or until `stop` is set."""
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -179,19 +226,13 @@ async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event) ->
     attempt = 0
     while not stop.is_set():
         try:
-            starting = asyncio.ensure_future(start())
-            if not await _done_unless_stopped(starting, stop):
-                # The client is stopped next, which ends what its start left behind.
-                starting.add_done_callback(_retrieved)
-                starting.cancel()
-                return False
-            starting.result()
-            return True
+            # Stopped: the client is stopped next, which ends what its start left behind.
+            return await _ran_unless_stopped(start(), stop)
         except (KafkaError, OSError):
             attempt += 1
             if attempt % 10 == 1:
                 log.warning("Kafka clients cannot start yet", extra={"attempt": attempt})
-            await asyncio.sleep(backoff_delay(attempt))
+            await _pause(backoff_delay(attempt), stop)
     return False
 
 
@@ -299,14 +340,11 @@ class Worker:
         """Work until `stop` is set, then drain within the grace period and commit."""
         kafka = self._config.kafka
         self._stop = stop
-        reaching = asyncio.ensure_future(wait_for_broker(kafka.bootstrap))
-        if not await _done_unless_stopped(reaching, stop):
-            reaching.cancel()
+        if not await _ran_unless_stopped(wait_for_broker(kafka.bootstrap), stop):
             log.info(
                 "worker stopped before the broker was reached", extra={"worker": self.worker_id}
             )
             return
-        reaching.result()
         self._producer = make_producer(kafka.bootstrap, client_id=self.worker_id)
         self._consumer = make_consumer(
             kafka.bootstrap,
@@ -448,12 +486,12 @@ class Worker:
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
         )
-        # Retried like the main clients': a broker away at start-up would otherwise end this
-        # task, and with it the worker and its deliveries.
-        if not await _started(consumer.start, stop):
-            return
         failures = 0
         try:
+            # Retried like the main clients': a broker away at start-up would otherwise end
+            # this task, and with it the worker and its deliveries.
+            if not await _started(consumer.start, stop):
+                return
             while not stop.is_set():
                 try:
                     await self._verification_batch(consumer, stop)
@@ -464,10 +502,9 @@ class Worker:
                     # nothing. Stopping the worker for it would stop its deliveries too.
                     failures += 1
                     log.warning("verification results failed: %s", type(exc).__name__)
-                    await asyncio.sleep(backoff_delay(failures))
+                    await _pause(backoff_delay(failures), stop)
         finally:
-            with contextlib.suppress(KafkaError, OSError):
-                await consumer.stop()
+            await _stopped_within(consumer.stop, "verification consumer")
 
     async def _verification_batch(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         assert self._bounces is not None
@@ -554,6 +591,14 @@ class Worker:
         )
 
     async def _loop(self, stop: asyncio.Event) -> None:
+        # One waiter for every fetch of the loop: a fetch is a few events, a task each.
+        stopping = asyncio.ensure_future(stop.wait())
+        try:
+            await self._take_until(stop, stopping)
+        finally:
+            stopping.cancel()
+
+    async def _take_until(self, stop: asyncio.Event, stopping: asyncio.Future[Any]) -> None:
         assert self._consumer is not None
         consumer = self._consumer
         limit = max(1, self._config.pipeline.max_in_flight)
@@ -578,12 +623,12 @@ class Worker:
                     # Full this long means something is stuck: poll, every partition
                     # paused, so the group keeps this member (max_poll_interval_ms).
                     consumer.pause(*consumer.assignment())
-                    await self._fetch(consumer, 0, 1, stop)
+                    await self._fetch(consumer, 0, 1, stopping)
                     polled = time.monotonic()
             else:
                 if paused := consumer.paused():
                     consumer.resume(*paused)
-                await self._fetch(consumer, 100, free, stop)
+                await self._fetch(consumer, 100, free, stopping)
                 polled = time.monotonic()
             if time.monotonic() >= next_commit:
                 await self._commit()
@@ -592,7 +637,7 @@ class Worker:
             metrics.IN_FLIGHT.set(self._tracker.in_flight)
 
     async def _fetch(
-        self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int, stop: asyncio.Event
+        self, consumer: AIOKafkaConsumer, wait_ms: int, limit: int, stop: asyncio.Future[Any]
     ) -> None:
         """Take at most `limit` records and start a task for each (none once stopping)."""
         # During a rebalance this waits for the new assignment, unless the worker is told
@@ -616,7 +661,9 @@ class Worker:
                 tasks[task] = info
                 task.add_done_callback(functools.partial(_discard, tasks))
 
-    async def _fetched(self, fetching: asyncio.Future[Any], stop: asyncio.Event) -> bool:
+    async def _fetched(
+        self, fetching: asyncio.Future[Any], stop: asyncio.Event | asyncio.Future[Any]
+    ) -> bool:
         """Whether a getmany finished before `stop` was set (or this task was cancelled).
 
         One that did not is left running, never cancelled while its consumer lives: aiokafka
@@ -697,8 +744,7 @@ class Worker:
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await self._commit()
-            with contextlib.suppress(KafkaError, OSError):
-                await self._consumer.stop()
+            await _stopped_within(self._consumer.stop, "consumer")
         for fetching in self._abandoned_fetches:
             # Their consumers are closed: the fetch context no longer matters.
             fetching.cancel()

@@ -264,6 +264,18 @@ async def _member(stack: Stack, config: Config, name: str, listener: Any) -> Any
     return consumer
 
 
+async def _wind_down(
+    stop: asyncio.Event, task: asyncio.Task[None], joining: asyncio.Task[Any] | None
+) -> None:
+    """Stop the worker and the member that joined, whatever state the test left them in."""
+    stop.set()
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(task, 90)
+    if joining is not None:
+        with contextlib.suppress(Exception):
+            await (await asyncio.wait_for(joining, 90)).stop()
+
+
 @pytest.mark.parametrize("when", ["running", "starting"])
 async def test_a_worker_told_to_stop_during_a_rebalance_stops_within_its_grace(
     stack: Stack, caplog: pytest.LogCaptureFixture, when: str
@@ -296,16 +308,49 @@ async def test_a_worker_told_to_stop_during_a_rebalance_stops_within_its_grace(
         # The grace period, and a few seconds to leave the group and close the clients.
         stopped, _ = await asyncio.wait({task}, timeout=grace + 5.0)
     finally:
-        stop.set()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(task, 90)
-        if joining is not None:
-            with contextlib.suppress(Exception):
-                await (await asyncio.wait_for(joining, 90)).stop()
+        await _wind_down(stop, task, joining)
         await holder.stop()
     assert stopped, "the worker waited for the rebalance to end"
     assert "worker stopped" in caplog.text
     assert ("worker started" in caplog.text) == (when == "running")
+
+
+async def test_a_worker_whose_join_the_broker_holds_stops_within_its_grace(
+    kcat_broker: tuple[EmbeddedBroker, ApiVersionsShim],
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Apache Kafka answers a JoinGroup only once every member has joined again (or the
+    # rebalance timeout, grace + ~30 s here, has passed). A worker told to stop while its
+    # join waits leaves without the answer: closing its consumer would wait for it.
+    running, shim = kcat_broker
+    grace = 2.0
+    async with _stack_on(running, tmp_path) as stack:
+        settings = stack.settings(grace_period=grace)
+        settings["kafka"]["bootstrap"] = shim.bootstrap
+        config = load_config(environ={}, overrides=settings)
+        caplog.set_level(logging.INFO, logger="eobblast")
+        _, stop, task = await start_worker(config)
+        joining: asyncio.Task[Any] | None = None
+        try:
+            async with asyncio.timeout(30):
+                while "worker started" not in caplog.text:  # noqa: ASYNC110 - a log line
+                    await asyncio.sleep(0.1)
+            shim.holding_joins = True
+            # Another member joins; the worker gives its partitions up and joins again.
+            joining = asyncio.create_task(_member(stack, config, "joiner", None))
+            async with asyncio.timeout(30):
+                while shim.held < 2:  # noqa: ASYNC110 - the relay's counter
+                    await asyncio.sleep(0.1)
+            stop.set()
+            stopped, _ = await asyncio.wait({task}, timeout=grace + 5.0)
+        finally:
+            stop.set()
+            shim.release_joins()
+            await _wind_down(stop, task, joining)
+    assert stopped, "the worker waited for the broker's answer to its join"
+    assert "worker stopped" in caplog.text
+    assert "Kafka client not closed in time: a rebalance holds it" in caplog.text
 
 
 async def test_a_worker_told_to_stop_before_it_reached_the_broker_stops(
