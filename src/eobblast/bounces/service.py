@@ -671,9 +671,6 @@ class BounceService:
         self.claim_for = dt.timedelta(minutes=2)
         self.outbox_claim = 60.0
         self._next_purge: dt.datetime | None = None
-        # Raw events of notices settled before this are gone (purged here): the next purge
-        # looks only at notices settled since. None until this process's first purge.
-        self._payloads_purged_before: dt.datetime | None = None
         # Every notice passes `gate` before and `on_delivered` after its send: concurrent
         # calls share one store transaction.
         self._group: GroupCommit[_Call, object] = GroupCommit(
@@ -1263,13 +1260,9 @@ class BounceService:
         if self._next_purge is not None and now < self._next_purge:
             return 0
         self._next_purge = now + self.housekeeping_every
-        payloads_before = now - self.payload_retention
         purged = await self.store.purge(
-            payloads_before=payloads_before,
-            rows_before=now - self.row_retention,
-            payloads_since=self._payloads_purged_before,
+            payloads_before=now - self.payload_retention, rows_before=now - self.row_retention
         )
-        self._payloads_purged_before = payloads_before
         # Settled notices are not counted: weeks of them would be read every time.
         counts = await self.store.status_counts(settled=False)
         for status in ACTIVE_STATUSES:

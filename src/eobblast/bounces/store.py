@@ -14,7 +14,9 @@ listener and the timers:
   one table with PHI, kept apart so it can be access-controlled, and compressed;
 * `bounce_incidents`: incidents for ops (ids and codes only);
 * `bounce_outbox`: records to publish to Kafka, written in the same transaction as the state
-  they announce, so a crash between commit and publish loses nothing.
+  they announce, so a crash between commit and publish loses nothing;
+* `bounce_marks`: where housekeeping got to (the last purge's cutoff for raw events), so
+  that no process walks again what another purged.
 
 Settled notices' rows stay for weeks (a late DSN still finds its event), so the indexes of
 `bounce_eobs` other than its key and the purge's are partial: a notice is in the member,
@@ -104,6 +106,17 @@ _SETTLED = f"status IN ({', '.join(repr(str(s)) for s in SETTLED_STATUSES)})"
 PURGE_ROWS = (
     f"DELETE FROM bounce_eobs WHERE {_SETTLED} AND updated_at < ? AND NOT EXISTS"  # noqa: S608
     " (SELECT 1 FROM bounce_payloads p WHERE p.eob_id = bounce_eobs.eob_id)"
+)
+_PURGE_PAYLOADS = (
+    "DELETE FROM bounce_payloads WHERE eob_id IN (SELECT eob_id FROM bounce_eobs"  # noqa: S608
+    f" WHERE {_SETTLED} AND updated_at < ? AND updated_at >= ?)"
+)
+# Where the store's housekeeping got to, shared by every process (`bounce_marks`).
+_PAYLOADS_PURGED = "payloads_purged_before"
+_GET_MARK = "SELECT at FROM bounce_marks WHERE name = ?"
+_SET_MARK = (
+    "INSERT INTO bounce_marks (name, at) VALUES (?, ?) ON CONFLICT (name)"
+    " DO UPDATE SET at = excluded.at WHERE bounce_marks.at < excluded.at"
 )
 _RETRYING = f"status = '{EobStatus.RETRY_SCHEDULED}'"
 _AWAITING_REPLY = f"status IN ('{EobStatus.SENDING}', '{EobStatus.RELEASED}')"
@@ -606,6 +619,7 @@ _COMMON_TABLES = (
     "CREATE INDEX IF NOT EXISTS bounce_members_deadline ON bounce_members (deadline)",
     "CREATE TABLE IF NOT EXISTS bounce_suppressed ("
     " address_key TEXT PRIMARY KEY, category TEXT NOT NULL, suppressed_at BIGINT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS bounce_marks (name TEXT PRIMARY KEY, at BIGINT NOT NULL)",
 )
 _SQLITE_TABLES = (
     *_COMMON_TABLES,
@@ -769,28 +783,25 @@ class BounceStore(abc.ABC):
                     chunk,
                 )
 
-    async def purge(
-        self,
-        *,
-        payloads_before: dt.datetime,
-        rows_before: dt.datetime,
-        payloads_since: dt.datetime | None = None,
-    ) -> int:
-        """Drop raw events of notices settled before `payloads_before` (and, if given, not
-        before `payloads_since`: the previous purge's `payloads_before`), and rows of
-        notices settled before `rows_before`; returns the number of rows dropped.
+    async def purge(self, *, payloads_before: dt.datetime, rows_before: dt.datetime) -> int:
+        """Drop raw events of notices settled before `payloads_before`, and rows of notices
+        settled before `rows_before`; returns the number of rows dropped.
 
-        A settled row outlives its raw event by weeks: without the lower bound every purge
-        would walk all of those rows again, under the store's write lock.
+        Raw events are looked for only among notices settled since the last purge's
+        `payloads_before`, which the store keeps for every process. A settled row outlives
+        its raw event by weeks: walking all of those again, under the store's write lock,
+        held every gate for seconds at a few million rows, each time a worker started.
+        Notices are settled at their process's now, days after any purge's cutoff.
         """
         dropped = 0
+        cutoff = _us(payloads_before)
         async with self._lock, self._begin(()):
             sql = self._sql()
-            dropped += await sql.run(
-                "DELETE FROM bounce_payloads WHERE eob_id IN (SELECT eob_id FROM bounce_eobs"  # noqa: S608
-                f" WHERE {_SETTLED} AND updated_at < ? AND updated_at >= ?)",
-                (_us(payloads_before), 0 if payloads_since is None else _us(payloads_since)),
-            )
+            marks = await sql.all(_GET_MARK, (_PAYLOADS_PURGED,))
+            since = int(marks[0][0]) if marks else 0
+            if since < cutoff:
+                dropped += await sql.run(_PURGE_PAYLOADS, (cutoff, since))
+                await sql.run(_SET_MARK, (_PAYLOADS_PURGED, cutoff))
             dropped += await sql.run(PURGE_ROWS, (_us(rows_before),))
         return dropped
 
