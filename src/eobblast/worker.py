@@ -33,6 +33,7 @@ from eobblast.bounces.service import (
     DsnReport,
     Publisher,
     Resend,
+    TopicRefused,
 )
 from eobblast.bounces.store import STORE_ERRORS, open_bounce_store
 from eobblast.bounces.verp import VerpKey
@@ -59,6 +60,7 @@ from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open
 from eobblast.state.ledger import AGAIN, CLAIM_RENEW, PURGE_BATCH
 from eobblast.streams.kafka import (
     DEFAULT_REBALANCE_TIMEOUT_MS,
+    TOPIC_ERRORS,
     AIOKafkaConsumer,
     AIOKafkaProducer,
     IllegalStateError,
@@ -81,11 +83,15 @@ COMMIT_TIMEOUT = 10.0
 MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
 # Rounds of cancelling abandoned tasks (a second each) before giving up on them.
 CANCEL_ROUNDS = 5
-# One bounce-service record (verification request, paper fallback) waits this long for Kafka.
+# One bounce-service record (verification request, paper fallback) waits this long for Kafka,
+# and at most METADATA_TIMEOUT of it for its topic's partitions (a topic the producer has
+# published to is known at once).
 PUBLISH_TIMEOUT = 10.0
-# A stopping worker waits this long for a Kafka consumer to leave its group. Longer means a
-# rebalance holds the consumer's JoinGroup (Kafka answers it once every member has joined,
-# or the rebalance timeout has passed): the consumer is then left to the process's end.
+METADATA_TIMEOUT = 3.0
+# A stopping worker waits this long for its Kafka clients to stop. Longer means a rebalance
+# holds a consumer's JoinGroup (Kafka answers it once every member has joined, or the
+# rebalance timeout has passed), or the producer holds a record the broker never took: the
+# client is then left to the process's end.
 CLOSE_TIMEOUT = 3.0
 # A worker full of in-flight events this long (at most; a quarter of the consumer's
 # max_poll_interval_ms if that is less) still polls, all partitions paused, so the group
@@ -192,19 +198,6 @@ async def _ran_unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool
     if ended:
         task.result()
     return ended
-
-
-async def _stopped_within(stop: Callable[[], Awaitable[None]], what: str) -> None:
-    """Stop a Kafka client, waiting at most CLOSE_TIMEOUT (see there)."""
-    closing = asyncio.ensure_future(stop())
-    done, _ = await asyncio.wait({closing}, timeout=CLOSE_TIMEOUT)
-    if not done:
-        # The event loop's end cancels it; the group drops the member after its session.
-        closing.add_done_callback(_retrieved)
-        log.warning("Kafka client not closed in time: a rebalance holds it", extra={"client": what})
-        return
-    with contextlib.suppress(KafkaError, OSError):
-        closing.result()
 
 
 async def _pause(seconds: float, stop: asyncio.Event) -> None:
@@ -334,6 +327,8 @@ class Worker:
         self._stop: asyncio.Event | None = None
         # Fetches left running when the worker was told to stop (see `_fetched`).
         self._abandoned_fetches: list[asyncio.Future[Any]] = []
+        # Kafka clients being stopped, and what each is (see `_closed`).
+        self._closings: dict[asyncio.Future[Any], str] = {}
         self.duplicates_skipped = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -450,15 +445,14 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), CLOCK_CHECK_EVERY)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """The bounce service's Publisher: one acknowledged send, bounded in time.
+        """The bounce service's Publisher (`publish_acknowledged`).
 
         It raises rather than retrying: the record stays in the bounce store's outbox and
         `tick` publishes it later. Retrying here would hold the bounce store's shared
         transaction queue, and with it every gate and delivery record of this worker.
         """
         assert self._producer is not None
-        async with asyncio.timeout(PUBLISH_TIMEOUT):
-            await self._producer.send_and_wait(topic, value, key=key)
+        await publish_acknowledged(self._producer, topic, key, value)
 
     async def _bounce_timers(self, stop: asyncio.Event) -> None:
         """Due retries, lost resends and verification deadlines, claimed by one worker each."""
@@ -504,7 +498,8 @@ class Worker:
                     log.warning("verification results failed: %s", type(exc).__name__)
                     await _pause(backoff_delay(failures), stop)
         finally:
-            await _stopped_within(consumer.stop, "verification consumer")
+            # Closed beside the drain, not before it: its grace period starts now.
+            self._close("verification consumer", consumer.stop)
 
     async def _verification_batch(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
         assert self._bounces is not None
@@ -744,14 +739,45 @@ class Worker:
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await self._commit()
-            await _stopped_within(self._consumer.stop, "consumer")
-        for fetching in self._abandoned_fetches:
-            # Their consumers are closed: the fetch context no longer matters.
-            fetching.cancel()
+            self._close("consumer", self._consumer.stop)
         if self._producer is not None:
-            with contextlib.suppress(KafkaError, OSError):
-                await self._producer.stop()
+            self._close("producer", self._producer.stop)
+        await self._closed()
+        for fetching in self._abandoned_fetches:
+            # Their consumers are closed, or left to the process's end: the fetch context
+            # no longer matters.
+            fetching.cancel()
         log.info("worker stopped", extra={"worker": self.worker_id})
+
+    def _close(self, what: str, stop: Callable[[], Awaitable[None]]) -> None:
+        """Start stopping a Kafka client; `_closed` waits for every one started."""
+        closing = asyncio.ensure_future(stop())
+        closing.add_done_callback(_retrieved)  # whoever waits for it may be cancelled
+        self._closings[closing] = what
+
+    async def _closed(self) -> None:
+        """Wait for the clients being stopped, CLOSE_TIMEOUT at most (see there).
+
+        A consumer whose JoinGroup a rebalance holds, or a producer with a record the broker
+        never took, is left to the process's end; the group drops such a member after its
+        session timeout.
+        """
+        if not self._closings:
+            return
+        done, late = await asyncio.wait(self._closings, timeout=CLOSE_TIMEOUT)
+        for closing in done:
+            error = None if closing.cancelled() else closing.exception()
+            if error is not None and not isinstance(error, (KafkaError, OSError)):
+                log.warning(
+                    "Kafka client close failed: %s",
+                    type(error).__name__,
+                    extra={"client": self._closings[closing]},
+                )
+        for closing in late:
+            log.warning(
+                "Kafka client not closed in time", extra={"client": self._closings[closing]}
+            )
+        self._closings.clear()
 
     async def _handle(self, tp: TopicPartition, record: Any, info: _InFlight) -> None:
         # One member's notices are sent in the order they were published: a record waits
@@ -1068,15 +1094,36 @@ async def open_bounces(
     )
 
 
+async def publish_acknowledged(
+    producer: AIOKafkaProducer, topic: str, key: bytes, value: bytes
+) -> None:
+    """One record, acknowledged by Kafka within PUBLISH_TIMEOUT (else TimeoutError).
+
+    Trouble with the topic alone raises TopicRefused, so the bounce service holds back
+    only that topic's records: the producer waits up to its request timeout for a topic
+    it does not know, which here ends after METADATA_TIMEOUT.
+    """
+    try:
+        try:
+            async with asyncio.timeout(METADATA_TIMEOUT):
+                await producer.partitions_for(topic)
+        except TimeoutError:
+            raise TopicRefused("topic not known to the broker") from None
+        async with asyncio.timeout(PUBLISH_TIMEOUT):
+            await producer.send_and_wait(topic, value, key=key)
+    except TOPIC_ERRORS as exc:
+        raise TopicRefused(type(exc).__name__) from None
+
+
 class ProducerPublisher:
-    """A Publisher over a started Kafka producer (waits for the acknowledgement)."""
+    """A Publisher over a started Kafka producer (`publish_acknowledged`)."""
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """Produce one record and wait until Kafka has it."""
-        await self._producer.send_and_wait(topic, value, key=key)
+        await publish_acknowledged(self._producer, topic, key, value)
 
 
 def dsn_handler(

@@ -35,6 +35,7 @@ from eobblast.bounces.service import (
     Held,
     SendPermitted,
     Settled,
+    TopicRefused,
 )
 from eobblast.bounces.state import BounceBook, Eob, EobStatus, IncidentKind, address_key
 from eobblast.bounces.store import (
@@ -100,7 +101,7 @@ class RecordingPublisher:
         if self.slow:
             raise TimeoutError
         if topic in self.refused:
-            raise PermissionError("topic authorization failed")
+            raise TopicRefused("TopicAuthorizationFailedError")
         self.records.append((topic, key, value))
 
     def on(self, topic: str) -> list[dict[str, object]]:
@@ -1154,12 +1155,14 @@ async def test_a_topic_that_refuses_records_does_not_hold_back_the_other_topics(
     failed = AddressVerificationFailed(member_id=member, reason=FailureReason.NO_ANSWER, at=at(60))
     await service.on_verification_result(failed, at=at(60))
     assert publisher.records == []
-    # A publish that times out stops them all: the next would wait as long.
-    publisher.failing, publisher.slow = False, True
-    tried = publisher.attempts
-    assert (await service.tick(at(61))).published == 0
-    assert publisher.attempts == tried + 1
-    publisher.slow, publisher.refused = False, {REQUESTS}
+    # A failure that is not the topic's stops them all: the next would wait as long.
+    for trouble in ("failing", "slow"):
+        setattr(publisher, trouble, True)
+        tried = publisher.attempts
+        assert (await service.tick(at(61))).published == 0
+        assert publisher.attempts == tried + 1
+        setattr(publisher, trouble, False)
+    publisher.refused = {REQUESTS}
     assert (await service.tick(at(61))).published == 1
     assert [p["event_id"] for p in publisher.on(PAPER)] == [ev1]
     assert publisher.on(REQUESTS) == []

@@ -227,11 +227,17 @@ def provider_of(address: str) -> Provider:
 # --------------------------------------------------------------------------- results
 
 
+class TopicRefused(Exception):
+    """A publisher's failure that concerns one topic only (an ACL, a topic that does not
+    exist, a record it will not take): records for the other topics still go."""
+
+
 class Publisher(Protocol):
     """Where records for Kafka go; the worker implements it with its producer."""
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """Publish one record and return once Kafka acknowledged it (raise if it did not)."""
+        """Publish one record and return once Kafka acknowledged it (raise if it did not:
+        TopicRefused if the trouble is the topic, anything else if it is the broker)."""
         ...
 
 
@@ -804,9 +810,9 @@ class BounceService:
     async def _publish(self, records: Sequence[tuple[int, OutboxMessage]]) -> int:
         """Publish records in order; acknowledge in the outbox those Kafka took.
 
-        A topic stops at its first failure, so its records keep their order; the other
-        topics go on (one topic refusing records, an ACL say, must not hold back the
-        paper fallbacks or the verification requests of another). A publish that timed out
+        A topic the publisher refuses (TopicRefused: an ACL, say) stops at that record, so
+        its records keep their order, and the other topics go on: it must not hold back
+        the paper fallbacks or the verification requests of another. Any other failure
         stops them all: the broker is slow or away, and each try would wait as long again
         (this can hold the shared transaction queue).
         """
@@ -825,7 +831,7 @@ class BounceService:
                         type(exc).__name__,
                         extra={"topic": message.topic},
                     )
-                    if isinstance(exc, TimeoutError):
+                    if not isinstance(exc, TopicRefused):
                         break
                     stopped.add(message.topic)
                     continue

@@ -24,9 +24,15 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
     CommitFailedError,
     ConsumerStoppedError,
     IllegalStateError,
+    InvalidTopicError,
     KafkaError,
     MessageSizeTooLargeError,
+    PolicyViolationError,
+    RecordListTooLargeError,
+    RecordTooLargeError,
     TopicAlreadyExistsError,
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
 )
 
 from eobblast.errors import EobblastError, ReasonCode
@@ -40,6 +46,7 @@ __all__ = [
     "MAX_PARTITION_FETCH_BYTES",
     "MAX_REQUEST_SIZE",
     "PROBE_TIMEOUT",
+    "TOPIC_ERRORS",
     "AIOKafkaConsumer",
     "AIOKafkaProducer",
     "BrokerUnavailable",
@@ -61,6 +68,18 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+# What a produce fails with when the trouble is one topic (an ACL, a topic that does not
+# exist, a record it will not take), not the broker: records for other topics still go.
+TOPIC_ERRORS: tuple[type[BaseException], ...] = (
+    TopicAuthorizationFailedError,
+    UnknownTopicOrPartitionError,
+    InvalidTopicError,
+    PolicyViolationError,
+    MessageSizeTooLargeError,
+    RecordTooLargeError,
+    RecordListTooLargeError,
+)
 
 # A record larger than this is refused by the producer before it reaches the network
 # (MessageSizeTooLargeError). 16 MiB lets a DLQ record carry a 10 MB poison value plus
