@@ -70,6 +70,7 @@ from eobblast.streams.kafka import (
     backoff_delay,
     make_consumer,
     make_producer,
+    metadata_heard_since,
     wait_for_broker,
 )
 from eobblast.streams.offsets import OffsetTracker
@@ -1104,10 +1105,13 @@ async def publish_acknowledged(
     it does not know, which here ends after METADATA_TIMEOUT.
     """
     try:
+        asked = time.time()
         try:
             async with asyncio.timeout(METADATA_TIMEOUT):
                 await producer.partitions_for(topic)
         except TimeoutError:
+            if not metadata_heard_since(producer, asked):
+                raise  # the broker did not answer: its trouble, not the topic's
             raise TopicRefused("topic not known to the broker") from None
         async with asyncio.timeout(PUBLISH_TIMEOUT):
             await producer.send_and_wait(topic, value, key=key)

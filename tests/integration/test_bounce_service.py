@@ -39,6 +39,7 @@ from eobblast.bounces.service import (
 )
 from eobblast.bounces.state import BounceBook, Eob, EobStatus, IncidentKind, address_key
 from eobblast.bounces.store import (
+    PURGE_OVERLAP,
     PURGE_ROWS,
     BounceStore,
     Slice,
@@ -760,6 +761,14 @@ async def test_housekeeping_looks_again_only_at_notices_settled_since_it_last_pu
     restarted = make_service(store, publisher)
     await restarted.tick(later + service.housekeeping_every)
     assert ev2 in await store.payload_ids()
+    # A notice stamped just before the cutoff (its transaction's time was taken before it
+    # waited, or its worker's clock is behind) is looked at again all the same.
+    ev3, _ = event(member, 3)
+    await send_ok(restarted, ev3, member, address)
+    cutoff = later + service.housekeeping_every - service.payload_retention
+    await restarted.on_delivered(ev3, address, at=cutoff - PURGE_OVERLAP / 2)
+    await restarted.tick(later + 2 * service.housekeeping_every)
+    assert ev3 not in await store.payload_ids()
 
 
 async def test_the_notices_gauge_counts_what_is_still_moving_down_to_zero(

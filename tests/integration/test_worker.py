@@ -827,6 +827,9 @@ async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(
                 await own.stop()
                 with pytest.raises(TimeoutError):
                     await publish(producer, "eob.paper-fallback", b"M", b"{}")
+                # A topic this producer has not met: no broker answers, so not its fault.
+                with pytest.raises(TimeoutError):
+                    await publish(producer, "eob.address-verification", b"M", b"{}")
             finally:
                 # Bounded: a record the broker never took keeps a producer's stop waiting.
                 await asyncio.wait({asyncio.ensure_future(producer.stop())}, timeout=3)

@@ -111,6 +111,9 @@ _PURGE_PAYLOADS = (
     "DELETE FROM bounce_payloads WHERE eob_id IN (SELECT eob_id FROM bounce_eobs"  # noqa: S608
     f" WHERE {_SETTLED} AND updated_at < ? AND updated_at >= ?)"
 )
+# How far before the last purge's cutoff a purge looks again for raw events (see `purge`).
+PURGE_OVERLAP = dt.timedelta(hours=1)
+_PURGE_OVERLAP_US = int(PURGE_OVERLAP.total_seconds() * 1_000_000)
 # Where the store's housekeeping got to, shared by every process (`bounce_marks`).
 _PAYLOADS_PURGED = "payloads_purged_before"
 _GET_MARK = "SELECT at FROM bounce_marks WHERE name = ?"
@@ -788,17 +791,20 @@ class BounceStore(abc.ABC):
         settled before `rows_before`; returns the number of rows dropped.
 
         Raw events are looked for only among notices settled since the last purge's
-        `payloads_before`, which the store keeps for every process. A settled row outlives
-        its raw event by weeks: walking all of those again, under the store's write lock,
-        held every gate for seconds at a few million rows, each time a worker started.
-        Notices are settled at their process's now, days after any purge's cutoff.
+        `payloads_before` (which the store keeps for every process) less PURGE_OVERLAP. A
+        settled row outlives its raw event by weeks: walking all of those again, under the
+        store's write lock, held every gate for seconds at a few million rows, each time a
+        worker started. The overlap takes in notices stamped a little before that cutoff:
+        a transaction's time is taken before it waits for the store (a tick's, before its
+        timers' publishes), commits on PostgreSQL can land after another worker's purge,
+        and workers' clocks differ.
         """
         dropped = 0
         cutoff = _us(payloads_before)
         async with self._lock, self._begin(()):
             sql = self._sql()
             marks = await sql.all(_GET_MARK, (_PAYLOADS_PURGED,))
-            since = int(marks[0][0]) if marks else 0
+            since = max(0, int(marks[0][0]) - _PURGE_OVERLAP_US) if marks else 0
             if since < cutoff:
                 dropped += await sql.run(_PURGE_PAYLOADS, (cutoff, since))
                 await sql.run(_SET_MARK, (_PAYLOADS_PURGED, cutoff))

@@ -62,6 +62,7 @@ __all__ = [
     "create_topics",
     "make_consumer",
     "make_producer",
+    "metadata_heard_since",
     "parse_bootstrap",
     "probe_broker",
     "wait_for_broker",
@@ -140,6 +141,16 @@ class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Partitions were assigned; fetching starts at their committed offsets."""
+
+
+def metadata_heard_since(producer: AIOKafkaProducer, since: float) -> bool:
+    """Whether `producer` has had cluster metadata from the broker since `since` (a
+    `time.time()`): when it waits for a topic's partitions, whether the broker answers and
+    does not know the topic, or does not answer at all."""
+    # aiokafka keeps the time of the last metadata response on its cluster view; a release
+    # without it counts as answering, which blames the topic.
+    heard = getattr(producer.client.cluster, "_last_successful_refresh_ms", None)
+    return heard is None or heard / 1000 >= since
 
 
 def make_consumer(
