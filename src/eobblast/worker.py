@@ -316,7 +316,7 @@ class Worker:
         # Sent, outcome not yet in the ledger (its store was away, or the attempt was given
         # up as stuck): a second attempt of the record records this, never sends again.
         self._unrecorded: dict[str, tuple[EventOutcome, int]] = {}
-        self._by_key: dict[bytes | None, asyncio.Task[None]] = {}
+        self._by_key: dict[bytes, asyncio.Task[None]] = {}
         self._slot_freed = asyncio.Event()
         # Status events acknowledged by Kafka, marked in the ledger in one batch per commit
         # and remembered here until then, so a duplicate arriving meanwhile is skipped:
@@ -782,16 +782,18 @@ class Worker:
 
     async def _handle(self, tp: TopicPartition, record: Any, info: _InFlight) -> None:
         # One member's notices are sent in the order they were published: a record waits
-        # for the previous record with the same key (the member id) to finish.
-        key = record.key
-        previous = self._by_key.get(key)
+        # for the previous record with the same key (the member id) to finish. A record
+        # without a key is refused (missing_key): it has no order to keep.
+        key: bytes | None = record.key
+        previous = self._by_key.get(key) if key else None
         current = asyncio.current_task()
         assert current is not None
-        self._by_key[key] = current
+        if key:
+            self._by_key[key] = current
         try:
             published = await self._attempts(tp, record, info, previous)
         finally:
-            if self._by_key.get(key) is current:
+            if key and self._by_key.get(key) is current:
                 del self._by_key[key]
         if published:
             self._tracker.mark_done(tp, record.offset)

@@ -835,6 +835,34 @@ async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(
                 await asyncio.wait({asyncio.ensure_future(producer.stop())}, timeout=3)
 
 
+async def test_records_of_one_member_wait_for_each_other_records_without_one_do_not(
+    stack: Stack,
+) -> None:
+    # Same key (member id): one after the other, in order. No key: refused (missing_key)
+    # with nothing to keep in order, so poison across partitions is not handled in single
+    # file.
+    worker = _verification_worker(stack.config(), None)
+    waited: dict[int, asyncio.Task[Any] | None] = {}
+
+    async def attempts(tp: Any, record: Any, info: Any, previous: Any) -> bool:
+        waited[record.offset] = previous
+        await asyncio.sleep(0.05)
+        return False  # nothing published: the offset tracker is left alone
+
+    worker._attempts = attempts  # type: ignore[method-assign]
+    tp = TopicPartition("events", 0)
+    records = [(None, 1), (b"", 2), (None, 3), (b"M-1", 4), (b"M-1", 5)]
+    tasks = [
+        asyncio.create_task(
+            worker._handle(tp, SimpleNamespace(key=key, offset=offset), cast(Any, None))
+        )
+        for key, offset in records
+    ]
+    await asyncio.gather(*tasks)
+    assert waited == {1: None, 2: None, 3: None, 4: None, 5: tasks[3]}
+    assert worker._by_key == {}
+
+
 class FlakyEscrow:
     """An escrow store whose database is away for its first `failures` writes."""
 
