@@ -86,9 +86,10 @@ MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
 CANCEL_ROUNDS = 5
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka,
 # and at most METADATA_TIMEOUT of it for its topic's partitions (a topic the producer has
-# published to is known at once).
+# published to is known at once). A topic refused is not tried again for REFUSED_FOR s.
 PUBLISH_TIMEOUT = 10.0
 METADATA_TIMEOUT = 3.0
+REFUSED_FOR = 60.0
 # A stopping worker waits this long for its Kafka clients to stop. Longer means a rebalance
 # holds a consumer's JoinGroup (Kafka answers it once every member has joined, or the
 # rebalance timeout has passed), or the producer holds a record the broker never took: the
@@ -330,6 +331,9 @@ class Worker:
         self._abandoned_fetches: list[asyncio.Future[Any]] = []
         # Kafka clients being stopped, and what each is (see `_closed`).
         self._closings: dict[asyncio.Future[Any], str] = {}
+        # When the main loop saw `stop` (the grace period counts from there).
+        self._stop_seen: float | None = None
+        self._publisher: ProducerPublisher | None = None
         self.duplicates_skipped = 0
 
     async def run(self, stop: asyncio.Event) -> None:
@@ -342,6 +346,7 @@ class Worker:
             )
             return
         self._producer = make_producer(kafka.bootstrap, client_id=self.worker_id)
+        self._publisher = ProducerPublisher(self._producer)
         self._consumer = make_consumer(
             kafka.bootstrap,
             kafka.group_id,
@@ -367,8 +372,15 @@ class Worker:
                     group.create_task(self._forget_settled(stop))
                 group.create_task(self._watch_clock(stop))
                 if self._bounces is not None:
-                    group.create_task(self._bounce_timers(stop))
-                    group.create_task(self._verification_results(stop))
+                    # A resend under way, or a status its broker does not take, keeps these
+                    # going after stop: they get the grace period the records get.
+                    group.create_task(
+                        self._within_grace(
+                            stop,
+                            group.create_task(self._bounce_timers(stop)),
+                            group.create_task(self._verification_results(stop)),
+                        )
+                    )
         finally:
             try:
                 await self._drain_and_close()
@@ -376,6 +388,23 @@ class Worker:
                 renewing.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await renewing
+
+    async def _within_grace(self, stop: asyncio.Event, *tasks: asyncio.Task[None]) -> None:
+        """Once `stop` is set, give `tasks` the rest of the grace period, then cancel them
+        (a resend cut short is sent again once its lease runs out, as a record's is)."""
+        await _done_unless_stopped(asyncio.gather(*tasks, return_exceptions=True), stop)
+        if not stop.is_set():
+            return
+        _, late = await asyncio.wait(tasks, timeout=self._grace_left())
+        await _cancel_and_wait(late)
+
+    def _grace_left(self) -> float:
+        """What is left of the grace period, counted from when the worker first saw that it
+        is stopping (or from now)."""
+        if self._stop_seen is None:
+            self._stop_seen = time.monotonic()
+        elapsed = time.monotonic() - self._stop_seen
+        return max(0.0, self._config.workers.grace_period - elapsed)
 
     async def _renew_claims(self) -> None:
         """Every CLAIM_RENEW s: renew the claims of what this worker is sending or has sent
@@ -400,8 +429,7 @@ class Worker:
         transaction of its own)."""
         window = self._config.ledger.retention_days * 86400.0
         while not stop.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), LEDGER_PURGE_EVERY)
+            await _pause(LEDGER_PURGE_EVERY, stop)
             now = time.time()
             # An event whose status mark was lost (its worker stopped or crashed before
             # writing it) is kept for a second window: its status went out, or a
@@ -442,18 +470,17 @@ class Worker:
                         " in step (NTP)",
                         extra={"server_minus_local_seconds": round(offset, 1)},
                     )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), CLOCK_CHECK_EVERY)
+            await _pause(CLOCK_CHECK_EVERY, stop)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-        """The bounce service's Publisher (`publish_acknowledged`).
+        """The bounce service's Publisher (`ProducerPublisher`).
 
         It raises rather than retrying: the record stays in the bounce store's outbox and
         `tick` publishes it later. Retrying here would hold the bounce store's shared
         transaction queue, and with it every gate and delivery record of this worker.
         """
-        assert self._producer is not None
-        await publish_acknowledged(self._producer, topic, key, value)
+        assert self._publisher is not None
+        await self._publisher.publish(topic, key, value)
 
     async def _bounce_timers(self, stop: asyncio.Event) -> None:
         """Due retries, lost resends and verification deadlines, claimed by one worker each."""
@@ -465,8 +492,7 @@ class Worker:
             except Exception as exc:
                 # Claims run out and another tick (here or elsewhere) takes the timers again.
                 log.warning("bounce timers failed: %s", type(exc).__name__)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self._config.bounces.tick_interval)
+            await _pause(self._config.bounces.tick_interval, stop)
 
     async def _verification_results(self, stop: asyncio.Event) -> None:
         """Consume AddressVerified / AddressVerificationFailed; release or fall back."""
@@ -499,7 +525,7 @@ class Worker:
                     log.warning("verification results failed: %s", type(exc).__name__)
                     await _pause(backoff_delay(failures), stop)
         finally:
-            # Closed beside the drain, not before it: its grace period starts now.
+            # Only started here: `_closed` waits for it with the worker's other clients.
             self._close("verification consumer", consumer.stop)
 
     async def _verification_batch(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
@@ -593,6 +619,9 @@ class Worker:
             await self._take_until(stop, stopping)
         finally:
             stopping.cancel()
+        if stop.is_set() and self._stop_seen is None:
+            # The grace period starts now, for records in flight and the bounce tasks alike.
+            self._stop_seen = time.monotonic()
 
     async def _take_until(self, stop: asyncio.Event, stopping: asyncio.Future[Any]) -> None:
         assert self._consumer is not None
@@ -735,7 +764,7 @@ class Worker:
         self._stopping = True
         pending = [task for tasks in self._tasks.values() for task in tasks]
         if pending:
-            _, not_done = await asyncio.wait(pending, timeout=self._config.workers.grace_period)
+            _, not_done = await asyncio.wait(pending, timeout=self._grace_left())
             await _cancel_and_wait(not_done)
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
@@ -1107,29 +1136,44 @@ async def publish_acknowledged(
     it does not know, which here ends after METADATA_TIMEOUT.
     """
     try:
-        asked = time.time()
-        try:
-            async with asyncio.timeout(METADATA_TIMEOUT):
-                await producer.partitions_for(topic)
-        except TimeoutError:
-            if not metadata_heard_since(producer, asked):
-                raise  # the broker did not answer: its trouble, not the topic's
-            raise TopicRefused("topic not known to the broker") from None
         async with asyncio.timeout(PUBLISH_TIMEOUT):
+            asked = time.time()
+            try:
+                async with asyncio.timeout(METADATA_TIMEOUT):
+                    await producer.partitions_for(topic)
+            except TimeoutError:
+                if not metadata_heard_since(producer, asked):
+                    raise  # the broker did not answer: its trouble, not the topic's
+                raise TopicRefused("topic not known to the broker") from None
             await producer.send_and_wait(topic, value, key=key)
     except TOPIC_ERRORS as exc:
         raise TopicRefused(type(exc).__name__) from None
 
 
 class ProducerPublisher:
-    """A Publisher over a started Kafka producer (`publish_acknowledged`)."""
+    """The bounce service's Publisher over a started Kafka producer (`publish_acknowledged`).
+
+    A topic refused once is refused again at once for REFUSED_FOR seconds: each try at a
+    topic the broker does not know waits METADATA_TIMEOUT, and the bounce service publishes
+    while its shared transaction queue waits. Its records stay in the outbox for `tick`.
+    """
 
     def __init__(self, producer: AIOKafkaProducer) -> None:
         self._producer = producer
+        self._refused: dict[str, float] = {}  # topic: until when (monotonic)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """Produce one record and wait until Kafka has it."""
-        await publish_acknowledged(self._producer, topic, key, value)
+        until = self._refused.get(topic)
+        if until is not None:
+            if time.monotonic() < until:
+                raise TopicRefused("topic refused a moment ago")
+            del self._refused[topic]
+        try:
+            await publish_acknowledged(self._producer, topic, key, value)
+        except TopicRefused:
+            self._refused[topic] = time.monotonic() + REFUSED_FOR
+            raise
 
 
 def dsn_handler(

@@ -29,7 +29,7 @@ from eobblast.sandbox import Behaviour, Sandbox, SandboxDomain, make_test_pki
 from eobblast.state import open_ledger
 from eobblast.streams import EmbeddedBroker, make_producer
 from eobblast.transport import Transport
-from eobblast.worker import Worker, _LateBound, new_worker_id, open_bounces
+from eobblast.worker import ProducerPublisher, Worker, _LateBound, new_worker_id, open_bounces
 from tests.integration.worker_stack import CLEAN, Stack, prepare, read_topic
 
 DOMAIN = "b.w31.sandbox.test"
@@ -124,14 +124,9 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
     # The listener's own service (another "process"), publishing through its own producer.
     producer = make_producer(broker.bootstrap, client_id="bounce-listener")
     await producer.start()
-
-    class ProducerPublisher:
-        async def publish(self, topic: str, key: bytes, value: bytes) -> None:
-            await producer.send_and_wait(topic, value, key=key)
-
     protection_l = await ProtectionServices.open(config)
     listener_service = await open_bounces(
-        config, protection_l, ProducerPublisher(), actor="bounce-listener"
+        config, protection_l, ProducerPublisher(producer), actor="bounce-listener"
     )
     handler_box["service"] = listener_service
 

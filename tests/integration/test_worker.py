@@ -240,9 +240,11 @@ class SlowToGiveUp(RebalanceListener):
         self.hold = hold
         self.armed = False
         self.assignments = 0
+        self.holding = asyncio.Event()  # a rebalance is being held
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if self.armed:
+            self.holding.set()
             await asyncio.sleep(self.hold)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -302,7 +304,8 @@ async def test_a_worker_told_to_stop_during_a_rebalance_stops_within_its_grace(
             slow.armed = True
             # A third member joins: a rebalance starts, the holder sits on its partitions.
             joining = asyncio.create_task(_member(stack, config, "joiner", None))
-        await asyncio.sleep(4.0)  # the worker waits for the holder
+        await asyncio.wait_for(slow.holding.wait(), 30)
+        await asyncio.sleep(2.0)  # the worker has given its partitions up and waits
         # The rebalance is still open: the holder has not had its partitions back.
         assert slow.assignments == (1 if when == "starting" else 2)
         stop.set()
@@ -353,6 +356,33 @@ async def test_a_worker_whose_join_the_broker_holds_stops_within_its_grace(
     assert "worker stopped" in caplog.text
     late = [r for r in caplog.records if r.getMessage() == "Kafka client not closed in time"]
     assert [getattr(r, "client", None) for r in late] == ["consumer"]
+
+
+async def test_a_bounce_tick_that_does_not_end_does_not_keep_a_stopping_worker(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A tick's resend under way, or a status its broker does not take, went on after stop
+    # for as long as it lasted: the drain (and its grace period) waited behind it.
+    grace = 2.0
+    config = stack.config(grace_period=grace)
+    caplog.set_level(logging.INFO, logger="eobblast")
+    worker, stop, task = await start_worker(config, bounce_store_as=lambda store: store)
+    ticking = asyncio.Event()
+
+    async def endless_tick(*args: Any, **kwargs: Any) -> Any:
+        ticking.set()
+        await asyncio.sleep(3600)
+
+    assert worker._bounces is not None
+    worker._bounces.tick = endless_tick  # type: ignore[method-assign]
+    try:
+        await asyncio.wait_for(ticking.wait(), 30)
+        stop.set()
+        stopped, _ = await asyncio.wait({task}, timeout=grace + 5.0)
+    finally:
+        await _wind_down(stop, task, None)
+    assert stopped, "the worker waited for its bounce tick"
+    assert "worker stopped" in caplog.text
 
 
 async def test_a_worker_told_to_stop_before_it_reached_the_broker_stops(
@@ -807,7 +837,8 @@ async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(
 ) -> None:
     # The bounce service holds back only a refused topic's records (TopicRefused); any
     # other failure (the broker away) holds back every topic's.
-    monkeypatch.setattr(worker_module, "PUBLISH_TIMEOUT", 1.0)
+    monkeypatch.setattr(worker_module, "PUBLISH_TIMEOUT", 2.0)
+    monkeypatch.setattr(worker_module, "METADATA_TIMEOUT", 1.0)
     publish = worker_module.publish_acknowledged
     async with EmbeddedBroker(log_dir=tmp_path / "tansu") as own:
         await own.create_topics({"eob.paper-fallback": 1})
@@ -818,8 +849,12 @@ async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(
                 if name == "elsewhere":
                     # Not a topic name Kafka allows: its partitions never become known. (Its
                     # own producer: asking for it drops what the producer knew of others.)
+                    publisher = worker_module.ProducerPublisher(producer)
                     with pytest.raises(TopicRefused, match="not known"):
-                        await publish(producer, "no topic!", b"M", b"{}")
+                        await publisher.publish("no topic!", b"M", b"{}")
+                    # Refused again at once for a while, not after another wait.
+                    with pytest.raises(TopicRefused, match="a moment ago"):
+                        await publisher.publish("no topic!", b"M", b"{}")
                     continue
                 await publish(producer, "eob.paper-fallback", b"M", b"{}")
                 with pytest.raises(TopicRefused, match="MessageSizeTooLargeError"):
