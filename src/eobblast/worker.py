@@ -60,6 +60,7 @@ from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open
 from eobblast.state.ledger import AGAIN, CLAIM_RENEW, PURGE_BATCH
 from eobblast.streams.kafka import (
     DEFAULT_REBALANCE_TIMEOUT_MS,
+    RECORD_ERRORS,
     TOPIC_ERRORS,
     AIOKafkaConsumer,
     AIOKafkaProducer,
@@ -86,10 +87,12 @@ MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
 CANCEL_ROUNDS = 5
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka,
 # and at most METADATA_TIMEOUT of it for its topic's partitions (a topic the producer has
-# published to is known at once). A topic refused is not tried again for REFUSED_FOR s.
+# published to is known at once). A topic refused is not tried again for REFUSED_FOR s,
+# well inside the bounce outbox's claim (60 s), so the tick that takes its records again
+# finds it asked afresh.
 PUBLISH_TIMEOUT = 10.0
 METADATA_TIMEOUT = 3.0
-REFUSED_FOR = 60.0
+REFUSED_FOR = 30.0
 # A stopping worker waits this long for its Kafka clients to stop. Longer means a rebalance
 # holds a consumer's JoinGroup (Kafka answers it once every member has joined, or the
 # rebalance timeout has passed), or the producer holds a record the broker never took: the
@@ -1148,6 +1151,8 @@ async def publish_acknowledged(
             await producer.send_and_wait(topic, value, key=key)
     except TOPIC_ERRORS as exc:
         raise TopicRefused(type(exc).__name__) from None
+    except RECORD_ERRORS as exc:
+        raise TopicRefused(type(exc).__name__, record_only=True) from None
 
 
 class ProducerPublisher:
@@ -1171,8 +1176,9 @@ class ProducerPublisher:
             del self._refused[topic]
         try:
             await publish_acknowledged(self._producer, topic, key, value)
-        except TopicRefused:
-            self._refused[topic] = time.monotonic() + REFUSED_FOR
+        except TopicRefused as refused:
+            if not refused.record_only:
+                self._refused[topic] = time.monotonic() + REFUSED_FOR
             raise
 
 

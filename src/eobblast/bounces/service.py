@@ -229,7 +229,12 @@ def provider_of(address: str) -> Provider:
 
 class TopicRefused(Exception):
     """A publisher's failure that concerns one topic only (an ACL, a topic that does not
-    exist, a record it will not take): records for the other topics still go."""
+    exist, a record it will not take): records for the other topics still go.
+    `record_only`: the trouble is this record (its size), not the topic's other records."""
+
+    def __init__(self, detail: str, *, record_only: bool = False) -> None:
+        super().__init__(detail)
+        self.record_only = record_only
 
 
 class Publisher(Protocol):

@@ -46,6 +46,7 @@ __all__ = [
     "MAX_PARTITION_FETCH_BYTES",
     "MAX_REQUEST_SIZE",
     "PROBE_TIMEOUT",
+    "RECORD_ERRORS",
     "TOPIC_ERRORS",
     "AIOKafkaConsumer",
     "AIOKafkaProducer",
@@ -71,11 +72,14 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 # What a produce fails with when the trouble is one topic (an ACL, a topic that does not
-# exist, a record it will not take), not the broker: records for other topics still go.
+# exist), not the broker: records for other topics still go. RECORD_ERRORS: the trouble is
+# that one record (its size, a broker policy), not the topic's other records.
 TOPIC_ERRORS: tuple[type[BaseException], ...] = (
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
     InvalidTopicError,
+)
+RECORD_ERRORS: tuple[type[BaseException], ...] = (
     PolicyViolationError,
     MessageSizeTooLargeError,
     RecordTooLargeError,
