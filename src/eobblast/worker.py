@@ -35,7 +35,7 @@ from eobblast.bounces.service import (
     Resend,
     TopicRefused,
 )
-from eobblast.bounces.store import STORE_ERRORS, open_bounce_store
+from eobblast.bounces.store import STORE_ERRORS, OutboxMessage, open_bounce_store
 from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
 from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
@@ -570,9 +570,16 @@ class Worker:
             raise
 
     async def _settle(self, resends: Sequence[Resend], outcomes: Sequence[BounceOutcome]) -> None:
-        """Send what the bounce service hands back; publish every notice's new status."""
+        """Send what the bounce service hands back; record every notice's new outcome."""
+        assert self._bounces is not None
         for decided in outcomes:
-            await self._record(bounce_event_outcome(decided, 0.0), decided.event_id, 1, None)
+            outcome = bounce_event_outcome(decided, 0.0)
+            if self._bounces.status_record is None:
+                await self._record(outcome, decided.event_id, 1, None)
+                continue
+            # Its status went out through the bounce store's outbox, committed with it.
+            await self._finish(decided.event_id, outcome)
+            self._pipeline.observe(outcome)
         for resend in resends:
             if self._stopping or (self._stop is not None and self._stop.is_set()):
                 # Stopping: each resend is a whole delivery, and the drain waits for this.
@@ -1111,6 +1118,13 @@ async def open_bounces(
         VerpKey(key_id, load_secret(path)) for key_id, path in settings.previous_verp_keys()
     ]
     store = await open_bounce_store(settings.store_url)
+    delivery_topic = config.kafka.delivery_topic
+
+    def status_of(decided: BounceOutcome) -> OutboxMessage:
+        outcome = bounce_event_outcome(decided, 0.0)
+        value = status_record(outcome, decided.event_id, 1, actor, None)
+        return OutboxMessage(delivery_topic, decided.event_id.encode(), value)
+
     return BounceService(
         store,
         publisher,
@@ -1126,6 +1140,7 @@ async def open_bounces(
         ),
         send_lease=dt.timedelta(seconds=settings.send_lease_seconds),
         payload_retention=dt.timedelta(hours=settings.payload_retention_hours),
+        status_record=status_of,
     )
 
 

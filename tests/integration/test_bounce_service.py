@@ -42,6 +42,7 @@ from eobblast.bounces.store import (
     PURGE_OVERLAP,
     PURGE_ROWS,
     BounceStore,
+    OutboxMessage,
     Slice,
     StoreBusy,
     open_bounce_store,
@@ -345,6 +346,37 @@ async def test_only_a_first_send_that_went_nowhere_is_forgotten(
     assert [r.event_id for r in released.resends] == [ev3]
     await service.on_not_sent(ev3, other, at=at(61))
     assert (await store.eob(ev3))[0].status is EobStatus.RELEASED  # type: ignore[index]
+
+
+DELIVERY = "eob.delivery"
+
+
+def delivery_status(decided: Any) -> OutboxMessage:
+    """A stand-in for the worker's eob.delivery/v1 record of a settled notice."""
+    value = orjson.dumps({"event_id": decided.event_id, "status": str(decided.outcome)})
+    return OutboxMessage(DELIVERY, decided.event_id.encode(), value)
+
+
+async def test_a_notice_the_service_sends_to_paper_has_its_status_in_the_outbox(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    # The status of a notice settled by a verification result (or a timer) is committed
+    # with it: a worker that ends right after the commit no longer loses it, the tick
+    # publishes it.
+    service.status_record = delivery_status
+    service.outbox_claim = 0.0  # the failing publisher's claim runs out at once
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    publisher.failing = True  # the broker goes away as the answer comes
+    failed = AddressVerificationFailed(member_id=member, reason=FailureReason.NO_ANSWER, at=at(60))
+    result = await service.on_verification_result(failed, at=at(60))
+    assert [o.event_id for o in result.outcomes] == [ev1]
+    assert publisher.on(DELIVERY) == []
+    publisher.failing = False
+    await service.tick(at(61))
+    assert publisher.on(DELIVERY) == [{"event_id": ev1, "status": "fallback"}]
+    assert [p["event_id"] for p in publisher.on(PAPER)] == [ev1]
 
 
 async def test_verification_failed_sends_each_held_notice_to_paper(

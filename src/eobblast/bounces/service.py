@@ -580,7 +580,10 @@ class _Work:
             )
         )
         self.drop.add(eob.eob_id)
-        self.settled.append(self.outcome(eob.eob_id))
+        settled = self.outcome(eob.eob_id)
+        self.settled.append(settled)
+        if service.status_record is not None:
+            self.outbox.append(service.status_record(settled))
         self.count(lambda: PAPER_FALLBACKS.labels(str(reason)).inc())
 
     def outcome(self, eob_id: str) -> BounceOutcome:
@@ -655,6 +658,7 @@ class BounceService:
         housekeeping_every: dt.timedelta = dt.timedelta(minutes=1),
         random: Callable[[], float] = _random.random,
         clock: Callable[[], dt.datetime] | None = None,
+        status_record: Callable[[BounceOutcome], OutboxMessage] | None = None,
     ) -> None:
         self.store = store
         self.publisher = publisher
@@ -678,6 +682,10 @@ class BounceService:
         self.housekeeping_every = housekeeping_every
         self.random = random
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
+        # The status event of a notice this service settles itself (paper fallback after a
+        # timer or a verification result), written to the outbox in the same transaction:
+        # nothing else would publish it if the process ended right after the commit.
+        self.status_record = status_record
         # Timer claims outlive one slow tick; outbox claims a slow publish.
         self.claim_for = dt.timedelta(minutes=2)
         self.outbox_claim = 60.0
