@@ -1105,11 +1105,13 @@ async def open_bounces(
     *,
     actor: str,
     create_key: bool = True,
+    worker_id: str | None = None,
 ) -> BounceService:
     """The bounce service as configured (its store opened; close `service.store`).
 
     The VERP key is created on first use, unless not `create_key` (the bounce listener):
-    then a missing key is a ConfigError, as a new one would open no return path.
+    then a missing key is a ConfigError, as a new one would open no return path. The
+    status events it writes name `worker_id` (default: `actor`) as their worker.
     """
     settings = config.bounces
     secret = load_or_create_secret(settings.verp_key_file, create=create_key, what="VERP key")
@@ -1122,7 +1124,7 @@ async def open_bounces(
 
     def status_of(decided: BounceOutcome) -> OutboxMessage:
         outcome = bounce_event_outcome(decided, 0.0)
-        value = status_record(outcome, decided.event_id, 1, actor, None)
+        value = status_record(outcome, decided.event_id, 1, worker_id or actor, None)
         return OutboxMessage(delivery_topic, decided.event_id.encode(), value)
 
     return BounceService(
@@ -1236,7 +1238,9 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     publisher = _LateBound()
     bounces = None
     if config.bounces.enabled:
-        bounces = await open_bounces(config, protection, publisher, actor=f"worker-{index}")
+        bounces = await open_bounces(
+            config, protection, publisher, actor=f"worker-{index}", worker_id=worker_id
+        )
     pipeline = Pipeline(
         config, transport, protection=protection, actor=f"worker-{index}", bounces=bounces
     )

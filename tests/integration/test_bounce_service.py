@@ -377,6 +377,14 @@ async def test_a_notice_the_service_sends_to_paper_has_its_status_in_the_outbox(
     await service.tick(at(61))
     assert publisher.on(DELIVERY) == [{"event_id": ev1, "status": "fallback"}]
     assert [p["event_id"] for p in publisher.on(PAPER)] == [ev1]
+    # A notice a send (here its gate) sends to paper has its status from its worker, with
+    # the send's attempt and details: none in the outbox, or consumers would see two.
+    ev2, raw2 = event(member, 2)
+    gate = await service.gate(ev2, member, address, raw2, at=at(70))
+    assert isinstance(gate, Settled) and gate.outcome.outcome is Outcome.FALLBACK
+    await service.tick(at(71))
+    assert [p["event_id"] for p in publisher.on(PAPER)] == [ev1, ev2]
+    assert publisher.on(DELIVERY) == [{"event_id": ev1, "status": "fallback"}]
 
 
 async def test_verification_failed_sends_each_held_notice_to_paper(

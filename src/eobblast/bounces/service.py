@@ -580,11 +580,19 @@ class _Work:
             )
         )
         self.drop.add(eob.eob_id)
-        settled = self.outcome(eob.eob_id)
-        self.settled.append(settled)
-        if service.status_record is not None:
-            self.outbox.append(service.status_record(settled))
+        self.settled.append(self.outcome(eob.eob_id))
         self.count(lambda: PAPER_FALLBACKS.labels(str(reason)).inc())
+
+    def publish_settled(self) -> None:
+        """Put the status of each notice settled here into the outbox, committed with it.
+
+        Only where the service settles notices on its own (timers, verification results):
+        nothing else would publish those statuses if the process ended after the commit.
+        A send's or a DSN's caller publishes the status of what it settled itself, with
+        the send's attempt and details.
+        """
+        if self.service.status_record is not None:
+            self.outbox.extend(map(self.service.status_record, self.settled))
 
     def outcome(self, eob_id: str) -> BounceOutcome:
         """What the notice's status should say, from the working copy."""
@@ -682,9 +690,9 @@ class BounceService:
         self.housekeeping_every = housekeeping_every
         self.random = random
         self.clock = clock or (lambda: dt.datetime.now(dt.UTC))
-        # The status event of a notice this service settles itself (paper fallback after a
-        # timer or a verification result), written to the outbox in the same transaction:
-        # nothing else would publish it if the process ended right after the commit.
+        # The status event of a notice this service settles on its own (paper fallback after
+        # a timer or a verification result), written to the outbox in the same transaction
+        # (`_Work.publish_settled`).
         self.status_record = status_record
         # Timer claims outlive one slow tick; outbox claims a slow publish.
         self.claim_for = dt.timedelta(minutes=2)
@@ -1219,6 +1227,7 @@ class BounceService:
                 return False
             await work.step(event, lease_sends=True)
             work.count(lambda: VERIFICATION_RESULTS.labels(label).inc())
+            work.publish_settled()
             return True
 
         current, work = await self._transact(now, body, member_ids=[member_id], addresses=addresses)
@@ -1317,8 +1326,12 @@ class BounceService:
                 work.count(lambda: RESENDS_ISSUED.labels("lost").inc())
             await work.step(state.RetryDue(eob_id, now), lease_sends=True)
 
+        async def settling(work: _Work) -> None:
+            await body(work)
+            work.publish_settled()
+
         _, work = await self._transact(
-            now, body, member_ids=[member_id], eob_ids=[eob_id] if eob_id else ()
+            now, settling, member_ids=[member_id], eob_ids=[eob_id] if eob_id else ()
         )
         return work
 
