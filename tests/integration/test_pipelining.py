@@ -342,6 +342,115 @@ async def test_unsolicited_reply_makes_an_idle_connection_unusable() -> None:
     assert not conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
 
 
+# ------------------------------------------------------------------ handed over (RFC 2920 3.1)
+
+
+def _group(rcpt: str) -> bytes:
+    return b"MAIL FROM:<eob-notices@payer.test>\r\nRCPT TO:<" + rcpt.encode() + b">\r\nDATA\r\n"
+
+
+def handover_server(finals: list[bytes | None]) -> Script:
+    """Answers a write that may hold one message's content and the next one's commands:
+    the content's final reply (the next of `finals`; None: silence) and the group's."""
+    group_ok = b"250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 End data\r\n"
+
+    def answer(written: bytes) -> bytes | None:
+        if written == b"QUIT\r\n":
+            return b"221 2.0.0 Bye\r\n"
+        if written.startswith(b"MAIL FROM:"):
+            return group_ok
+        content, end, group = written.partition(b"\r\n.\r\n")
+        assert end and content, f"unexpected write {written[:20]!r}"
+        final = finals.pop(0)
+        if final is None:
+            return None
+        return final + b"\r\n" + (group_ok if group.startswith(b"MAIL FROM:") else b"")
+
+    return answer
+
+
+def hand_to(conn: SmtpConnection, rcpt: str, message: bytes) -> list[asyncio.Task[Any]]:
+    """Make `conn` hand itself over once, as the pool does: the next caller's transaction
+    starts (on the next turn of the loop) as the content goes."""
+    started: list[asyncio.Task[Any]] = []
+
+    def offer(_: SmtpConnection) -> bool:
+        if started:
+            return False
+        started.append(asyncio.create_task(conn.send(SENDER, rcpt, message)))
+        return True
+
+    conn.offer_next = offer
+    return started
+
+
+SECOND = MESSAGE.replace(b"X-Probe: 1", b"X-Probe: 2")
+
+
+async def test_handed_connection_sends_its_commands_with_the_content() -> None:
+    transport = ScriptedTransport(handover_server([b"250 2.0.0 first", b"250 2.6.0 second"]))
+    conn = connection(transport)
+    second = hand_to(conn, "carol@member.test", SECOND)
+    first = await conn.send(SENDER, "bob@member.test", MESSAGE)
+    assert (first.code, first.enhanced) == (250, "2.0.0")
+    assert ((await second[0]).code, (await second[0]).enhanced) == (250, "2.6.0")
+    # Three writes for two messages: the second's MAIL, RCPT and DATA rode with the
+    # first's content, and its replies were read after the first's final reply.
+    assert transport.writes == [
+        _group("bob@member.test"),
+        _data_content(MESSAGE) + _group("carol@member.test"),
+        _data_content(SECOND),
+    ]
+    assert conn.messages == 2
+
+
+async def test_refused_content_before_a_handover_sends_no_rset() -> None:
+    transport = ScriptedTransport(handover_server([b"554 5.7.1 spam", b"250 2.0.0 Ok"]))
+    conn = connection(transport)
+    second = hand_to(conn, "carol@member.test", SECOND)
+    with pytest.raises(DeliveryError) as caught:
+        await conn.send(SENDER, "bob@member.test", MESSAGE)
+    assert caught.value.reason is ReasonCode.MESSAGE_REJECTED
+    # RSET would have landed in the second message's content, after its DATA.
+    assert (await second[0]).code == 250
+    assert b"RSET" not in b"".join(transport.writes)
+    assert conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
+
+
+async def test_421_to_the_content_sends_the_handed_message_elsewhere() -> None:
+    transport = ScriptedTransport(handover_server([b"421 4.3.2 shutting down"]))
+    conn = connection(transport)
+    second = hand_to(conn, "carol@member.test", SECOND)
+    with pytest.raises(DeliveryError) as caught:
+        await conn.send(SENDER, "bob@member.test", MESSAGE)
+    assert caught.value.smtp_code == 421 and transport.closed
+    # Only its commands went: another connection may carry it without a duplicate.
+    with pytest.raises(ConnectionNotAvailable):
+        await second[0]
+    assert transport.writes[-1] == _data_content(MESSAGE) + _group("carol@member.test")
+
+
+async def test_handed_caller_cancelled_leaves_the_first_its_reply() -> None:
+    transport = ScriptedTransport(handover_server([None]))
+    conn = connection(transport)
+    second = hand_to(conn, "carol@member.test", SECOND)
+    first = asyncio.create_task(conn.send(SENDER, "bob@member.test", MESSAGE))
+    for _ in range(5):  # the group, its replies, then two turns until the held write
+        await asyncio.sleep(0)
+    assert len(transport.writes) == 2
+    second[0].cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await second[0]
+    assert not transport.closed  # the first still waits for its final reply
+    assert conn.session is not None
+    conn.session.data_received(b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
+    assert (await first).code == 250
+    await asyncio.sleep(0)
+    # The second's replies came, unread: the session ends rather than give them to a third.
+    assert transport.closed
+    assert not conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
+
+
 # ------------------------------------------------------------------ against the sandbox
 
 
@@ -458,3 +567,106 @@ async def test_sandbox_lines_starting_with_dots_arrive_intact(
     first, second = sandbox.received
     assert _stored(first.path) == message
     assert _stored(second.path) == b".starts with a dot\r\n.\r\n"  # given its final CRLF
+
+
+def _handovers() -> float:
+    return float(metrics.SMTP_HANDOVERS._value.get())
+
+
+def _active() -> float:
+    return float(metrics.CONNECTIONS_ACTIVE._value.get())
+
+
+def _probe(i: int) -> bytes:
+    return MESSAGE.replace(b"X-Probe: 1", f"X-Probe: {i}".encode())
+
+
+async def test_sandbox_busy_connection_hands_itself_to_the_next_message(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    transport = _transport(sandbox, pki, max_connections_per_destination=1)
+    before, handed = _connects(), _handovers()
+    rcpts = [f"unknown-{i}@{OK}" if i % 5 == 3 else f"m{i}@{OK}" for i in range(20)]
+    results = await asyncio.gather(
+        *(transport.deliver(SENDER, rcpt, _probe(i)) for i, rcpt in enumerate(rcpts)),
+        return_exceptions=True,
+    )
+    await transport.aclose()
+    for rcpt, result in zip(rcpts, results, strict=True):
+        if rcpt.startswith("unknown-"):
+            assert isinstance(result, DeliveryError)
+            assert result.reason is ReasonCode.RECIPIENT_REJECTED
+        else:
+            assert not isinstance(result, BaseException) and result.code == 250
+    # One connection, handed to the next message waiting by every message that sent its
+    # content, but the last (a refused recipient sends none, and hands nothing over).
+    sent = [rcpt for rcpt in rcpts if not rcpt.startswith("unknown-")]
+    assert _connects() - before == 1
+    assert _handovers() - handed == len(sent) - 1
+    # Each message reached the recipient it was meant for, intact.
+    by_rcpt = {r.rcpt_tos: _stored(r.path) for r in sandbox.received}
+    expected = {(rcpt,): _probe(i) for i, rcpt in enumerate(rcpts) if rcpt.startswith("m")}
+    assert by_rcpt == expected
+    assert _active() == 0
+
+
+async def test_sandbox_handovers_keep_the_messages_per_connection_limit(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    transport = _transport(
+        sandbox, pki, max_connections_per_destination=1, max_messages_per_connection=3
+    )
+    before, handed = _connects(), _handovers()
+    replies = await asyncio.gather(
+        *(transport.deliver(SENDER, f"m{i}@{OK}", _probe(i)) for i in range(10))
+    )
+    await transport.aclose()
+    assert {r.code for r in replies} == {250}
+    assert sandbox.counts[OK] == 10
+    # 3 + 3 + 3 + 1: within each connection the second and third were handed over.
+    assert _connects() - before == 4
+    assert _handovers() - handed == 6
+
+
+async def test_sandbox_421_to_a_handed_message_moves_it_to_a_fresh_connection(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    transport = _transport(sandbox, pki, max_connections_per_destination=1)
+    replies = await asyncio.gather(
+        *(transport.deliver(SENDER, f"m{i}@{CLOSER}", _probe(i)) for i in range(CLOSE_AFTER * 3))
+    )
+    await transport.aclose()
+    assert {r.code for r in replies} == {250}
+    # Each message once: a 421 to commands sent with another's content sends nothing twice.
+    assert sorted(r.rcpt_tos for r in sandbox.received) == sorted(
+        (f"m{i}@{CLOSER}",) for i in range(CLOSE_AFTER * 3)
+    )
+
+
+async def test_sandbox_handed_caller_cancelled_gives_the_connection_back(
+    sandbox: Sandbox, pki: TestPki
+) -> None:
+    transport = _transport(sandbox, pki, max_connections_per_destination=1)
+    pool = transport.pool
+    offer = pool._offer_next
+    waiting: list[asyncio.Task[Any]] = []
+
+    def offer_then_cancel(conn: SmtpConnection) -> bool:
+        handed = offer(conn)
+        if handed:
+            waiting[0].cancel()  # handed the connection, cancelled before it could take it
+        return handed
+
+    pool._offer_next = offer_then_cancel  # type: ignore[method-assign]
+    before = _connects()
+    first = asyncio.create_task(transport.deliver(SENDER, f"first@{OK}", MESSAGE))
+    waiting.append(asyncio.create_task(transport.deliver(SENDER, f"second@{OK}", SECOND)))
+    assert (await first).code == 250
+    with pytest.raises(asyncio.CancelledError):
+        await waiting[0]
+    # The connection came back whole: idle, and the next message takes it.
+    assert pool.open_connections == 1 and _active() == 0
+    assert (await transport.deliver(SENDER, f"third@{OK}", MESSAGE)).code == 250
+    await transport.aclose()
+    assert _connects() - before == 1
+    assert [r.rcpt_tos for r in sandbox.received] == [(f"first@{OK}",), (f"third@{OK}",)]

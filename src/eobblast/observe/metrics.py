@@ -33,6 +33,12 @@ SMTP_CONNECTS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+SMTP_HANDOVERS = Counter(
+    "eobblast_smtp_handovers",
+    "Messages whose MAIL, RCPT and DATA went out with the previous message's content on"
+    " the same connection (RFC 2920 section 3.1): one round trip per message, not two.",
+    registry=REGISTRY,
+)
 SMTP_POOL_WAITS = Counter(
     "eobblast_smtp_pool_waits",
     "Times a message waited for an SMTP connection: its destination or connection group"

@@ -8,8 +8,12 @@ take a message (the server said 421 or hung up before the message was accepted) 
 aiosmtplib opens the session (connect, EHLO, STARTTLS, EHLO again). When the server offers
 PIPELINING (RFC 2920), the transaction is ours: MAIL, RCPT and DATA go in one write, their
 replies are read in order, and the content follows the 354: two round trips, not four.
-aiosmtplib cannot do that (its protocol keeps one reply waiter and drops bytes that arrive
-while no command waits), so `_PipelinedSession` takes the TLS transport over from it.
+When the content goes, a caller waiting for a connection to the same destination is handed
+this one, and its MAIL, RCPT and DATA go out in the same write as the content (RFC 2920
+section 3.1: content may open a group). A busy connection then takes one round trip per
+message, and its replies are read in the order their commands went. aiosmtplib cannot do
+that (its protocol keeps one reply waiter and drops bytes that arrive while no command
+waits), so `_PipelinedSession` takes the TLS transport over from it.
 """
 
 from __future__ import annotations
@@ -284,6 +288,8 @@ class _PipelinedSession(asyncio.Protocol):
         self._replies: deque[_Reply] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._gone = False
+        # Bytes held back a moment, so that the next transaction's commands go with them.
+        self._held: list[bytes] | None = None
         transport.set_protocol(self)
 
     @property
@@ -325,14 +331,34 @@ class _PipelinedSession(asyncio.Protocol):
         self._gone = True
         self._wake()
 
-    def write(self, data: bytes) -> None:
-        """Send bytes; raises _ServerGone when the connection is closed."""
+    def write(self, data: bytes, *, hold: bool = False) -> None:
+        """Send bytes; raises _ServerGone when the connection is closed.
+
+        With `hold`, they go out two turns of the event loop later (a caller handed this
+        connection is woken on the next turn and writes at once), together with whatever
+        is written meanwhile: one TLS record and one system call, not two. Writes always
+        leave in the order they were made.
+        """
         if not self.is_open:
             raise _ServerGone
-        self._transport.write(data)
+        if self._held is not None:
+            self._held.append(data)
+        elif hold:
+            self._held = [data]
+            loop = asyncio.get_running_loop()
+            loop.call_soon(loop.call_soon, self._flush)
+        else:
+            self._transport.write(data)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and self.is_open:
+            self._transport.write(b"".join(held))
 
     def close(self) -> None:
-        """Close the transport; replies already received stay readable."""
+        """Close the transport once what is held has gone; replies already received stay
+        readable."""
+        self._flush()
         self._gone = True
         self._transport.close()
 
@@ -358,6 +384,7 @@ class _PipelinedSession(asyncio.Protocol):
         # Not SMTP, or unbounded: nothing later on this stream can be trusted.
         self._gone = True
         self._partial = b""
+        self._held = None
         self._transport.abort()
         self._wake()
 
@@ -379,6 +406,14 @@ class SmtpConnection:
     messages: int = 0
     state: ConnectionState = ConnectionState.IDLE
     idle_since: float = field(default_factory=time.monotonic)
+    # Callers between the pool's acquire and release: two while one handed this connection
+    # waits for the replies to the message before its own.
+    users: int = 0
+    # Set by the pool: offers this connection to a caller waiting for its destination, as a
+    # message's content goes; true when one was handed it.
+    offer_next: Callable[[SmtpConnection], bool] | None = None
+    # Done once the last transaction begun on the session has read all its replies.
+    _reading: asyncio.Future[None] | None = None
 
     def is_usable(self, now: float, *, max_messages: int, idle_expiry: float) -> bool:
         """Whether the connection may carry another message."""
@@ -405,16 +440,6 @@ class SmtpConnection:
         """Run one mail transaction; raises DeliveryError or ConnectionNotAvailable."""
         if self.session is None:
             return await self._send_stepwise(mail_from, rcpt_to, data)
-        try:
-            return await self._send_pipelined(self.session, mail_from, rcpt_to, data)
-        except asyncio.CancelledError:
-            # Replies still due would be read as the next transaction's: end the session.
-            self.close()
-            raise
-
-    async def _send_pipelined(
-        self, session: _PipelinedSession, mail_from: str, rcpt_to: str, data: bytes
-    ) -> SmtpReply:
         # Built before the first write: a refused address must not leave half a group sent.
         group = (
             b"MAIL FROM:"
@@ -425,9 +450,37 @@ class SmtpConnection:
             + b"\r\nDATA\r\n"
         )
         content = _data_content(data)
+        before = self._reading
+        mine = self._reading = asyncio.get_running_loop().create_future()
+        try:
+            return await self._send_pipelined(self.session, group, content, before)
+        except asyncio.CancelledError:
+            # Replies still due would be read as the next transaction's: end the session,
+            # once the message before ours (if this connection was handed over) has read
+            # its own reply.
+            if before is not None and not before.done():
+                before.add_done_callback(lambda _: self.close())
+            else:
+                self.close()
+            raise
+        finally:
+            if not mine.done():
+                mine.set_result(None)
+
+    async def _send_pipelined(
+        self,
+        session: _PipelinedSession,
+        group: bytes,
+        content: bytes,
+        before: asyncio.Future[None] | None,
+    ) -> SmtpReply:
         replies: list[_Reply] = []
         try:
             session.write(group)
+            if before is not None and not before.done():
+                # Handed over as the message before ours went: its final reply comes
+                # first. (Its reader closes the session on a timeout: no wait for ever.)
+                await asyncio.shield(before)
             for _ in _GROUP_STAGES:
                 reply = await session.reply()
                 if reply.code == 421:
@@ -455,8 +508,16 @@ class SmtpConnection:
                 await self._reset(session)
                 metrics.SMTP_REPLIES.labels(f"{reply.code // 100}xx").inc()
                 raise _reply_error(reply.code, reply.text, stage=stage)
+        # The next caller of this destination may send its commands with our content.
+        handed = self.offer_next is not None and self.offer_next(self)
         try:
-            session.write(content)
+            session.write(content, hold=handed)
+        except _ServerGone:
+            # Closed before any of the content went (by the transaction before ours, say,
+            # after its 421): another connection may carry it.
+            self.close()
+            raise ConnectionNotAvailable from None
+        try:
             final = await session.reply()
         except _ServerGone:
             self.close()
@@ -473,7 +534,9 @@ class SmtpConnection:
         if final.code != 250:
             if final.code == 421 or not session.is_open:
                 self.close()
-            else:
+            elif not handed:
+                # Not needed after the reply to the content (the transaction is over), but
+                # harmless; never with the next caller's commands already sent.
                 await self._reset(session)
             metrics.SMTP_REPLIES.labels(f"{final.code // 100}xx").inc()
             raise _reply_error(final.code, final.text, stage="data")
@@ -587,25 +650,42 @@ class _Limits:
         self.max_messages = max_messages
         self.open = 0  # connections open or being opened
         self.members: set[_Destination] = set()
-        # In arrival order, with the destination each waits for.
-        self.waiters: deque[tuple[asyncio.Future[None], _Destination]] = deque()
+        # In arrival order, with the destination each waits for. A waiter's result is a
+        # connection handed to it (`hand_over`), or None: look again.
+        self.waiters: deque[tuple[asyncio.Future[SmtpConnection | None], _Destination]] = deque()
 
-    async def changed(self, dest: _Destination) -> None:
-        """Wait until a connection of the group is returned or closed (woken in turn)."""
-        waiter = asyncio.get_running_loop().create_future()
+    async def changed(
+        self, dest: _Destination, give_back: Callable[[SmtpConnection], None]
+    ) -> SmtpConnection | None:
+        """Wait until a connection of the group is returned or closed (woken in turn); the
+        connection handed over to this caller, if one was (`give_back` returns it when the
+        caller is cancelled before it could take it)."""
+        waiter: asyncio.Future[SmtpConnection | None] = asyncio.get_running_loop().create_future()
         entry = (waiter, dest)
         self.waiters.append(entry)
         try:
-            await waiter  # whoever wakes it takes it out of the queue
+            return await waiter  # whoever wakes it takes it out of the queue
         except asyncio.CancelledError:
             if waiter.cancelled():
                 with suppress(ValueError):
                     self.waiters.remove(entry)
+            elif (handed := waiter.result()) is not None:
+                give_back(handed)
             else:
                 # Woken, then cancelled before it could look: the next one looks instead
                 # (one of the same destination first, as a returned connection wakes).
                 self.wake_one(dest)
             raise
+
+    def hand_over(self, dest: _Destination, conn: SmtpConnection) -> bool:
+        """Give `conn` to the first caller waiting for `dest`, if there is one."""
+        for entry in self.waiters:
+            waiter, wanted = entry
+            if wanted is dest and not waiter.done():
+                self.waiters.remove(entry)
+                waiter.set_result(conn)
+                return True
+        return False
 
     def follow(self, limits: ConnectionLimits) -> None:
         """Take the caller's current limits (shaping may raise them again)."""
@@ -770,8 +850,6 @@ class SmtpPool:
         except BaseException:
             dest.users -= 1
             raise
-        conn.state = ConnectionState.ACTIVE
-        metrics.CONNECTIONS_ACTIVE.inc()
         return conn
 
     async def _take(self, key: PoolKey, dest: _Destination) -> SmtpConnection:
@@ -788,7 +866,7 @@ class SmtpPool:
                 if conn.is_usable(
                     now, max_messages=group.max_messages, idle_expiry=self._idle_expiry
                 ):
-                    return conn
+                    return self._first_user(conn)
                 await self._discard(conn)
             if group.open < group.max_connections:
                 group.open += 1
@@ -799,7 +877,8 @@ class SmtpPool:
                     group.wake_one()
                     raise
                 self._live[conn] = group
-                return conn
+                conn.offer_next = self._offer_next
+                return self._first_user(conn)
             spare = group.oldest_idle()
             if spare is not None:
                 # Idle at another host or TLS mode of the group: its slot is needed here.
@@ -807,27 +886,78 @@ class SmtpPool:
                 await self._discard(spare)
                 continue
             metrics.SMTP_POOL_WAITS.inc()
-            await group.changed(dest)
+            handed = await group.changed(dest, self._give_back)
+            if handed is not None:
+                return handed  # still active for the caller before (`_offer_next`)
+
+    @staticmethod
+    def _first_user(conn: SmtpConnection) -> SmtpConnection:
+        conn.users = 1
+        conn.state = ConnectionState.ACTIVE
+        metrics.CONNECTIONS_ACTIVE.inc()
+        return conn
+
+    def _offer_next(self, conn: SmtpConnection) -> bool:
+        """Hand `conn`, whose caller is about to send its content, to the next caller
+        waiting for its destination: that caller's commands go with the content. Only a
+        connection with room for both messages, and only one caller at a time."""
+        dest = self._destinations.get(conn.key)
+        session = conn.session
+        if (
+            dest is None
+            or self._closed
+            or conn.users != 1
+            or conn.state is ConnectionState.CLOSED
+            or session is None
+            or not session.is_open
+            or session.has_unread
+            or conn.messages + 2 > dest.limits.max_messages
+        ):
+            return False
+        if not dest.limits.hand_over(dest, conn):
+            return False
+        conn.users = 2
+        metrics.SMTP_HANDOVERS.inc()
+        return True
+
+    def _give_back(self, conn: SmtpConnection) -> None:
+        """A caller handed `conn` was cancelled before it could take it (nothing sent)."""
+        conn.users -= 1
+        if conn.users > 0:
+            return
+        # Its first caller has released it meanwhile: back to idle, or closed (no QUIT:
+        # this runs in a cancellation), as a release would.
+        if not self._kept_idle(conn, self._destination(conn.key)):
+            conn.close()
+            self._forget(conn)
 
     async def release(self, conn: SmtpConnection) -> None:
-        """Return a connection: kept idle if it can carry more, closed otherwise."""
+        """Return a connection: kept idle if it can carry more, closed otherwise (once the
+        caller it was handed to has returned it too)."""
         dest = self._destination(conn.key)
-        metrics.CONNECTIONS_ACTIVE.dec()
-        now = self._clock()
+        conn.users -= 1
         try:
-            if not self._closed and conn.is_usable(
-                now, max_messages=dest.limits.max_messages, idle_expiry=float("inf")
-            ):
-                conn.state = ConnectionState.IDLE
-                conn.idle_since = now
-                dest.idle.append(conn)
-                metrics.CONNECTIONS_IDLE.inc()
-                # For a caller of this destination, or else one that needs its slot.
-                dest.limits.wake_one(dest)
-            else:
+            if conn.users == 0 and not self._kept_idle(conn, dest):
                 await self._discard(conn)
         finally:
             dest.users -= 1
+
+    def _kept_idle(self, conn: SmtpConnection, dest: _Destination) -> bool:
+        """A connection nobody uses any more, kept idle if it can carry more (False: the
+        caller closes it)."""
+        metrics.CONNECTIONS_ACTIVE.dec()
+        now = self._clock()
+        if self._closed or not conn.is_usable(
+            now, max_messages=dest.limits.max_messages, idle_expiry=float("inf")
+        ):
+            return False
+        conn.state = ConnectionState.IDLE
+        conn.idle_since = now
+        dest.idle.append(conn)
+        metrics.CONNECTIONS_IDLE.inc()
+        # For a caller of this destination, or else one that needs its slot.
+        dest.limits.wake_one(dest)
+        return True
 
     @asynccontextmanager
     async def connection(
