@@ -369,14 +369,23 @@ def handover_server(finals: list[bytes | None]) -> Script:
     return answer
 
 
-def hand_to(conn: SmtpConnection, rcpt: str, message: bytes) -> list[asyncio.Task[Any]]:
+def hand_to(
+    conn: SmtpConnection,
+    rcpt: str,
+    message: bytes,
+    *,
+    during_hold: Callable[[], object] | None = None,
+) -> list[asyncio.Task[Any]]:
     """Make `conn` hand itself over once, as the pool does: the next caller's transaction
-    starts (on the next turn of the loop) as the content goes."""
+    starts (on the next turn of the loop) as the content goes. `during_hold` runs on that
+    turn too, while the content is still held back."""
     started: list[asyncio.Task[Any]] = []
 
     def offer(_: SmtpConnection) -> bool:
         if started:
             return False
+        if during_hold is not None:
+            asyncio.get_running_loop().call_soon(during_hold)
         started.append(asyncio.create_task(conn.send(SENDER, rcpt, message)))
         return True
 
@@ -442,13 +451,64 @@ async def test_handed_caller_cancelled_leaves_the_first_its_reply() -> None:
     with pytest.raises(asyncio.CancelledError):
         await second[0]
     assert not transport.closed  # the first still waits for its final reply
+    # From the cancellation on, nobody may take the connection: the second's DATA is open.
+    assert not conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
     assert conn.session is not None
     conn.session.data_received(b"250 2.0.0 Ok\r\n250 2.1.0 Ok\r\n250 2.1.5 Ok\r\n354 go\r\n")
     assert (await first).code == 250
     await asyncio.sleep(0)
     # The second's replies came, unread: the session ends rather than give them to a third.
     assert transport.closed
-    assert not conn.is_usable(conn.idle_since, max_messages=10, idle_expiry=10)
+
+
+async def test_first_caller_gone_before_reading_its_reply_fails_the_handed_one_cleanly() -> None:
+    transport = ScriptedTransport(handover_server([None]))
+    conn = connection(transport)
+    second = hand_to(conn, "carol@member.test", SECOND)
+    first = asyncio.create_task(conn.send(SENDER, "bob@member.test", MESSAGE))
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert conn.session is not None and len(transport.writes) == 2
+    # Every reply arrives, and the first caller is cancelled in the same turn: its final
+    # reply stays unread. The second must not take it for the reply to its MAIL.
+    conn.session.data_received(b"554 5.7.1 first refused\r\n250 Ok\r\n250 Ok\r\n354 go\r\n")
+    first.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await first
+    with pytest.raises(ConnectionNotAvailable):  # not sent: another connection carries it
+        await second[0]
+    assert transport.closed
+
+
+async def test_first_caller_cancelled_while_its_content_is_held_sends_nothing() -> None:
+    transport = ScriptedTransport(handover_server([]))
+    conn = connection(transport)
+    tasks: list[asyncio.Task[Any]] = []
+    second = hand_to(conn, "carol@member.test", SECOND, during_hold=lambda: tasks[0].cancel())
+    tasks.append(asyncio.create_task(conn.send(SENDER, "bob@member.test", MESSAGE)))
+    with pytest.raises(asyncio.CancelledError):
+        await tasks[0]
+    with pytest.raises(ConnectionNotAvailable):
+        await second[0]
+    # Cancelled before its content left: none of it went, nor the second's commands.
+    assert transport.writes == [_group("bob@member.test")] and transport.closed
+
+
+async def test_session_ended_while_content_is_held_means_not_sent() -> None:
+    transport = ScriptedTransport(handover_server([]))
+    conn = connection(transport)
+
+    def hang_up() -> None:
+        assert conn.session is not None
+        conn.session.eof_received()
+
+    second = hand_to(conn, "carol@member.test", SECOND, during_hold=hang_up)
+    # The content never left: not "lost during DATA" (maybe delivered), but unsent.
+    with pytest.raises(ConnectionNotAvailable):
+        await conn.send(SENDER, "bob@member.test", MESSAGE)
+    with pytest.raises(ConnectionNotAvailable):
+        await second[0]
+    assert transport.writes == [_group("bob@member.test")]
 
 
 # ------------------------------------------------------------------ against the sandbox

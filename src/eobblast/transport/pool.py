@@ -290,6 +290,8 @@ class _PipelinedSession(asyncio.Protocol):
         self._gone = False
         # Bytes held back a moment, so that the next transaction's commands go with them.
         self._held: list[bytes] | None = None
+        # Held bytes never went: the session ended first.
+        self.held_dropped = False
         transport.set_protocol(self)
 
     @property
@@ -354,11 +356,17 @@ class _PipelinedSession(asyncio.Protocol):
         held, self._held = self._held, None
         if held and self.is_open:
             self._transport.write(b"".join(held))
+        elif held:
+            self.held_dropped = True
 
-    def close(self) -> None:
-        """Close the transport once what is held has gone; replies already received stay
-        readable."""
-        self._flush()
+    def close(self, *, send_held: bool = True) -> None:
+        """Close the transport, once what is held has gone (or dropping it); replies
+        already received stay readable."""
+        if send_held:
+            self._flush()
+        elif self._held:
+            self._held = None
+            self.held_dropped = True
         self._gone = True
         self._transport.close()
 
@@ -384,7 +392,9 @@ class _PipelinedSession(asyncio.Protocol):
         # Not SMTP, or unbounded: nothing later on this stream can be trusted.
         self._gone = True
         self._partial = b""
-        self._held = None
+        if self._held:
+            self._held = None
+            self.held_dropped = True
         self._transport.abort()
         self._wake()
 
@@ -429,11 +439,12 @@ class SmtpConnection:
             and now - self.idle_since < idle_expiry
         )
 
-    def close(self) -> None:
-        """Drop the connection at once, without a QUIT."""
+    def close(self, *, send_held: bool = True) -> None:
+        """Drop the connection at once, without a QUIT (`send_held=False`: what the
+        session holds back does not go either)."""
         self.state = ConnectionState.CLOSED
         if self.session is not None:
-            self.session.close()
+            self.session.close(send_held=send_held)
         self.smtp.close()
 
     async def send(self, mail_from: str, rcpt_to: str, data: bytes) -> SmtpReply:
@@ -455,13 +466,16 @@ class SmtpConnection:
         try:
             return await self._send_pipelined(self.session, group, content, before)
         except asyncio.CancelledError:
-            # Replies still due would be read as the next transaction's: end the session,
-            # once the message before ours (if this connection was handed over) has read
-            # its own reply.
+            # Replies still due would be read as the next transaction's: end the session.
             if before is not None and not before.done():
+                # Handed over, and the message before ours still waits for its reply: the
+                # session ends once it has read it. Nobody may take the connection
+                # meanwhile (no handover, no RSET, no QUIT after our DATA).
+                self.state = ConnectionState.CLOSED
                 before.add_done_callback(lambda _: self.close())
             else:
-                self.close()
+                # Our content, if still held back, does not go: not sent is not sent.
+                self.close(send_held=False)
             raise
         finally:
             if not mine.done():
@@ -480,7 +494,12 @@ class SmtpConnection:
             if before is not None and not before.done():
                 # Handed over as the message before ours went: its final reply comes
                 # first. (Its reader closes the session on a timeout: no wait for ever.)
+                metrics.SMTP_HANDOVERS.inc()
                 await asyncio.shield(before)
+                if not session.is_open:
+                    # It ended early (cancelled, timed out, 421): a reply of its own may
+                    # be the next one unread. Nothing of ours went beyond the commands.
+                    raise _ServerGone
             for _ in _GROUP_STAGES:
                 reply = await session.reply()
                 if reply.code == 421:
@@ -521,6 +540,9 @@ class SmtpConnection:
             final = await session.reply()
         except _ServerGone:
             self.close()
+            if session.held_dropped:
+                # The session ended while our content was held back: none of it went.
+                raise ConnectionNotAvailable from None
             # The message may have been accepted before the line dropped.
             raise DeliveryError(
                 ReasonCode.CONNECTION_LOST, "lost during DATA", permanent=False, sent=True
@@ -617,12 +639,14 @@ class SmtpConnection:
 
     async def aclose(self) -> None:
         """Say QUIT and close, ignoring a server that is already gone. The socket is closed
-        however this ends, a cancellation included: the pool counts it closed."""
+        however this ends, a cancellation included: the pool counts it closed. A session
+        already marked closed (a transaction's replies still due) gets no QUIT."""
+        polite = self.state is not ConnectionState.CLOSED
         self.state = ConnectionState.CLOSED
         session = self.session
         try:
             if session is not None:
-                if session.is_open:
+                if session.is_open and polite:
                     with suppress(_ServerGone, TimeoutError):
                         session.write(b"QUIT\r\n")
                         async with asyncio.timeout(_QUIT_TIMEOUT):
@@ -917,7 +941,6 @@ class SmtpPool:
         if not dest.limits.hand_over(dest, conn):
             return False
         conn.users = 2
-        metrics.SMTP_HANDOVERS.inc()
         return True
 
     def _give_back(self, conn: SmtpConnection) -> None:
