@@ -88,7 +88,7 @@ from common import (
     system_cpu_seconds,
     write_run_config,
 )
-from eobblast.config import Config
+from eobblast.config import Config, PipelineConfig
 from eobblast.demo import member_key
 from eobblast.events.synthetic import PAYERS, generate_events
 from eobblast.streams import EmbeddedBroker
@@ -597,7 +597,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated worker counts, one run each (default: 1,2)",
     )
     parser.add_argument("--partitions", type=int, default=8, help="eob.events partitions")
-    parser.add_argument("--in-flight", type=int, default=64, help="pipeline.max_in_flight")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        # What `eobblast run` holds unless told otherwise: the product as it ships.
+        default=PipelineConfig().max_in_flight,
+        help="pipeline.max_in_flight (default: eobblast's own, %(default)s)",
+    )
     parser.add_argument(
         "--connections", type=int, default=16, help="max_connections_per_destination"
     )
