@@ -316,7 +316,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
     from eobblast.observe.logs import configure_logging
     from eobblast.protect.services import ProtectionServices
     from eobblast.streams import make_producer, wait_for_broker
-    from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces
+    from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces, stop_in_time
 
     configure_logging("INFO")
     config = command_config(config_path)
@@ -331,7 +331,9 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             protection = await ProtectionServices.open(config, create_keys=False)
             opened.push_async_callback(protection.close)
             producer = make_producer(config.kafka.bootstrap, client_id="eobblast-bounces")
-            opened.push_async_callback(producer.stop)  # safe before start, too
+            # Safe before start, too. Bounded: with the broker away, a status not yet taken
+            # would keep the stop waiting for the producer's request timeout (40 s).
+            opened.push_async_callback(stop_in_time, "producer", producer.stop)
             service = await open_bounces(
                 config,
                 protection,

@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -209,6 +209,36 @@ async def _pause(seconds: float, stop: asyncio.Event) -> None:
     """Sleep `seconds`, or until `stop` is set."""
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(stop.wait(), seconds)
+
+
+async def closed_in_time(closings: Mapping[asyncio.Future[Any], str]) -> None:
+    """Wait for Kafka clients being stopped (each future named by its client), CLOSE_TIMEOUT
+    at most (see there).
+
+    A consumer whose JoinGroup a rebalance holds, or a producer with a record the broker
+    never took, is left to the process's end; the group drops such a member after its
+    session timeout.
+    """
+    if not closings:
+        return
+    done, late = await asyncio.wait(closings, timeout=CLOSE_TIMEOUT)
+    for closing in done:
+        error = None if closing.cancelled() else closing.exception()
+        if error is not None and not isinstance(error, (KafkaError, OSError)):
+            log.warning(
+                "Kafka client close failed: %s",
+                type(error).__name__,
+                extra={"client": closings[closing]},
+            )
+    for closing in late:
+        log.warning("Kafka client not closed in time", extra={"client": closings[closing]})
+
+
+async def stop_in_time(client: str, stop: Callable[[], Awaitable[None]]) -> None:
+    """Stop one Kafka client (`stop`, named `client` in logs), CLOSE_TIMEOUT at most."""
+    closing = asyncio.ensure_future(stop())
+    closing.add_done_callback(_retrieved)  # left running when late: its error is not news
+    await closed_in_time({closing: client})
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -796,27 +826,8 @@ class Worker:
         self._closings[closing] = what
 
     async def _closed(self) -> None:
-        """Wait for the clients being stopped, CLOSE_TIMEOUT at most (see there).
-
-        A consumer whose JoinGroup a rebalance holds, or a producer with a record the broker
-        never took, is left to the process's end; the group drops such a member after its
-        session timeout.
-        """
-        if not self._closings:
-            return
-        done, late = await asyncio.wait(self._closings, timeout=CLOSE_TIMEOUT)
-        for closing in done:
-            error = None if closing.cancelled() else closing.exception()
-            if error is not None and not isinstance(error, (KafkaError, OSError)):
-                log.warning(
-                    "Kafka client close failed: %s",
-                    type(error).__name__,
-                    extra={"client": self._closings[closing]},
-                )
-        for closing in late:
-            log.warning(
-                "Kafka client not closed in time", extra={"client": self._closings[closing]}
-            )
+        """Wait for the clients being stopped, CLOSE_TIMEOUT at most (`closed_in_time`)."""
+        await closed_in_time(self._closings)
         self._closings.clear()
 
     async def _handle(self, tp: TopicPartition, record: Any, info: _InFlight) -> None:

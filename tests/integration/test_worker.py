@@ -358,6 +358,29 @@ async def test_a_worker_whose_join_the_broker_holds_stops_within_its_grace(
     assert [getattr(r, "client", None) for r in late] == ["consumer"]
 
 
+async def test_a_producer_whose_broker_went_away_is_stopped_in_time(
+    kcat_broker: tuple[EmbeddedBroker, ApiVersionsShim], caplog: pytest.LogCaptureFixture
+) -> None:
+    # What `eobblast bounces` does on SIGTERM: a status it had not got acknowledged, the
+    # broker gone, kept the producer's stop waiting for its request timeout (40 s).
+    running, shim = kcat_broker
+    topic = "bounce-statuses"
+    await running.create_topics({topic: 1})
+    producer = make_producer(shim.bootstrap, client_id="listener")
+    await producer.start()
+    await producer.send_and_wait(topic, b"taken", key=b"k")
+    await shim.stop()  # the broker is away: connections dropped, none taken
+    pending = await producer.send(topic, b"never taken", key=b"k")
+    caplog.set_level(logging.WARNING, logger="eobblast")
+    started = time.monotonic()
+    await worker_module.stop_in_time("producer", producer.stop)
+    assert time.monotonic() - started < worker_module.CLOSE_TIMEOUT + 1
+    # The stop was still waiting for that record when it was left to the process's end.
+    assert not pending.done()
+    late = [r for r in caplog.records if r.getMessage() == "Kafka client not closed in time"]
+    assert [getattr(r, "client", None) for r in late] == ["producer"]
+
+
 async def test_a_bounce_tick_that_does_not_end_does_not_keep_a_stopping_worker(
     stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
