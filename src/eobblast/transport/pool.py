@@ -422,8 +422,9 @@ class SmtpConnection:
     # Set by the pool: offers this connection to a caller waiting for its destination, as a
     # message's content goes; true when one was handed it.
     offer_next: Callable[[SmtpConnection], bool] | None = None
-    # Done once the last transaction begun on the session has read all its replies.
-    _reading: asyncio.Future[None] | None = None
+    # Done once the last transaction begun on the session is over: true when it read the
+    # reply to its content (every reply of its own), false when it ended otherwise.
+    _reading: asyncio.Future[bool] | None = None
 
     def is_usable(self, now: float, *, max_messages: int, idle_expiry: float) -> bool:
         """Whether the connection may carry another message."""
@@ -464,7 +465,7 @@ class SmtpConnection:
         before = self._reading
         mine = self._reading = asyncio.get_running_loop().create_future()
         try:
-            return await self._send_pipelined(self.session, group, content, before)
+            return await self._send_pipelined(self.session, group, content, before, mine)
         except asyncio.CancelledError:
             # Replies still due would be read as the next transaction's: end the session.
             if before is not None and not before.done():
@@ -479,14 +480,15 @@ class SmtpConnection:
             raise
         finally:
             if not mine.done():
-                mine.set_result(None)
+                mine.set_result(False)
 
     async def _send_pipelined(
         self,
         session: _PipelinedSession,
         group: bytes,
         content: bytes,
-        before: asyncio.Future[None] | None,
+        before: asyncio.Future[bool] | None,
+        mine: asyncio.Future[bool],
     ) -> SmtpReply:
         replies: list[_Reply] = []
         try:
@@ -495,10 +497,11 @@ class SmtpConnection:
                 # Handed over as the message before ours went: its final reply comes
                 # first. (Its reader closes the session on a timeout: no wait for ever.)
                 metrics.SMTP_HANDOVERS.inc()
-                await asyncio.shield(before)
-                if not session.is_open:
-                    # It ended early (cancelled, timed out, 421): a reply of its own may
-                    # be the next one unread. Nothing of ours went beyond the commands.
+                if not await asyncio.shield(before):
+                    # It ended without its final reply (cancelled, timed out, cut off):
+                    # that reply may be the next one unread. Nothing of ours went beyond
+                    # the commands. (After a clean end our replies are read even if the
+                    # server has hung up since: a 421 of its own still says why.)
                     raise _ServerGone
             for _ in _GROUP_STAGES:
                 reply = await session.reply()
@@ -538,6 +541,7 @@ class SmtpConnection:
             raise ConnectionNotAvailable from None
         try:
             final = await session.reply()
+            mine.set_result(True)  # the next caller's replies come next
         except _ServerGone:
             self.close()
             if session.held_dropped:
