@@ -94,6 +94,7 @@ class RecordingPublisher:
         self.failing = False
         self.slow = False  # every publish times out
         self.refused: set[str] = set()  # topics this publisher may not write to
+        self.too_large: set[bytes] = set()  # keys whose records the topic refuses (size)
         self.attempts = 0
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
@@ -104,6 +105,8 @@ class RecordingPublisher:
             raise TimeoutError
         if topic in self.refused:
             raise TopicRefused("TopicAuthorizationFailedError")
+        if key in self.too_large:
+            raise TopicRefused("MessageSizeTooLargeError", record_only=True)
         self.records.append((topic, key, value))
 
     def on(self, topic: str) -> list[dict[str, object]]:
@@ -1219,6 +1222,30 @@ async def test_a_topic_that_refuses_records_does_not_hold_back_the_other_topics(
     assert (await service.tick(at(62))).published == 1
     assert [r["member_id"] for r in publisher.on(REQUESTS)] == [member]
     assert len(publisher.on(PAPER)) == 1
+
+
+async def test_a_record_its_topic_refuses_holds_back_only_its_own_key(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    # Two members' verification requests wait in the outbox (the broker was away). The
+    # topic then refuses the first one's record for itself (too large, say): the second
+    # member's request must not wait behind it for good.
+    first, first_address = ids()
+    second, second_address = ids()
+    publisher.failing = True
+    service.outbox_claim = 0.0  # the failing publisher's claim runs out at once
+    for member, address in ((first, first_address), (second, second_address)):
+        ev, raw = event(member, 1)
+        await hard_bounce(service, ev, member, address, raw)
+    assert publisher.records == []
+    publisher.failing = False
+    publisher.too_large = {first.encode()}
+    assert (await service.tick(at(5))).published == 1
+    assert [r["member_id"] for r in publisher.on(REQUESTS)] == [second]
+    # Still in the outbox, in its place: out once the topic takes it.
+    publisher.too_large = set()
+    assert (await service.tick(at(6))).published == 1
+    assert [r["member_id"] for r in publisher.on(REQUESTS)] == [second, first]
 
 
 async def test_a_redelivered_event_whose_sender_died_is_routed_again(

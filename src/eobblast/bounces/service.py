@@ -833,15 +833,18 @@ class BounceService:
 
         A topic the publisher refuses (TopicRefused: an ACL, say) stops at that record, so
         its records keep their order, and the other topics go on: it must not hold back
-        the paper fallbacks or the verification requests of another. Any other failure
+        the paper fallbacks or the verification requests of another. A record the topic
+        refuses for itself (its size: `record_only`) stops only the records of its key
+        there, which keep their order; the topic's other keys go on. Any other failure
         stops them all: the broker is slow or away, and each try would wait as long again
         (this can hold the shared transaction queue).
         """
         done: list[int] = []
         stopped: set[str] = set()
+        held: set[tuple[str, bytes]] = set()  # (topic, key)
         try:
             for seq, message in records:
-                if message.topic in stopped:
+                if message.topic in stopped or (message.topic, message.key) in held:
                     continue
                 try:
                     await self.publisher.publish(message.topic, message.key, message.value)
@@ -854,7 +857,10 @@ class BounceService:
                     )
                     if not isinstance(exc, TopicRefused):
                         break
-                    stopped.add(message.topic)
+                    if exc.record_only:
+                        held.add((message.topic, message.key))
+                    else:
+                        stopped.add(message.topic)
                     continue
                 done.append(seq)
         finally:
