@@ -292,10 +292,17 @@ def _being_cancelled() -> bool:
 def status_record(
     outcome: EventOutcome, event_key: str, attempt: int, worker: str, source_ms: int | None
 ) -> bytes:
-    """An eob.delivery/v1 status event for `outcome`, serialised (key: `event_key`)."""
+    """An eob.delivery/v1 status event for `outcome`, serialised (key: `event_key`).
+
+    A notice goes to paper once, whichever attempt or process reports it: the worker whose
+    resend found it settled, and the bounce store's outbox (attempt 1) when a timer or a
+    verification result settled it. Its `fallback` status has one id, so consumers see
+    one final status; `attempt` still says which attempt reported it.
+    """
     source = dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC) if source_ms is not None else None
+    id_attempt = 1 if outcome.outcome is Outcome.FALLBACK else attempt
     status = DeliveryStatus(
-        status_id=status_id(event_key, outcome.outcome, attempt),
+        status_id=status_id(event_key, outcome.outcome, id_attempt),
         event_id=outcome.event_id,
         status=outcome.outcome,
         reason=outcome.reason,
