@@ -95,6 +95,7 @@ class RecordingPublisher:
         self.slow = False  # every publish times out
         self.refused: set[str] = set()  # topics this publisher may not write to
         self.too_large: set[bytes] = set()  # keys whose records the topic refuses (size)
+        self.too_large_values: set[bytes] = set()  # records the topic refuses (size)
         self.attempts = 0
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
@@ -105,7 +106,7 @@ class RecordingPublisher:
             raise TimeoutError
         if topic in self.refused:
             raise TopicRefused("TopicAuthorizationFailedError")
-        if key in self.too_large:
+        if key in self.too_large or value in self.too_large_values:
             raise TopicRefused("MessageSizeTooLargeError", record_only=True)
         self.records.append((topic, key, value))
 
@@ -1246,6 +1247,21 @@ async def test_a_record_its_topic_refuses_holds_back_only_its_own_key(
     publisher.too_large = set()
     assert (await service.tick(at(6))).published == 1
     assert [r["member_id"] for r in publisher.on(REQUESTS)] == [second, first]
+
+
+async def test_records_of_a_refused_key_stay_in_order_behind_it(
+    service: BounceService, publisher: RecordingPublisher
+) -> None:
+    # One round, one topic: the first record of key "a" is refused for itself (too large).
+    # The later record of "a", which the topic would take, must not overtake it; "b" goes
+    # on.
+    round_ = [
+        (seq, OutboxMessage(REQUESTS, key, value))
+        for seq, key, value in ((1, b"a", b"a1"), (2, b"b", b"b1"), (3, b"a", b"a2"))
+    ]
+    publisher.too_large_values = {b"a1"}
+    assert await service._publish(round_) == 1
+    assert publisher.records == [(REQUESTS, b"b", b"b1")]
 
 
 async def test_a_redelivered_event_whose_sender_died_is_routed_again(
