@@ -59,6 +59,7 @@ from common import (
     publish,
     write_run_config,
 )
+from eobblast.config import PipelineConfig
 from eobblast.demo import member_key
 from eobblast.streams import EmbeddedBroker
 
@@ -398,7 +399,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     parser.add_argument("--partitions", type=int, default=8, help="eob.events partitions")
-    parser.add_argument("--in-flight", type=int, default=64, help="pipeline.max_in_flight")
+    parser.add_argument(
+        "--in-flight",
+        type=int,
+        # The bound under test: what `eobblast run` holds unless told otherwise.
+        default=PipelineConfig().max_in_flight,
+        help="pipeline.max_in_flight (default: eobblast's own, %(default)s)",
+    )
     parser.add_argument(
         "--connections", type=int, default=16, help="max_connections_per_destination"
     )
