@@ -344,7 +344,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             opened.push_async_callback(service.store.close)
             await wait_for_broker(config.kafka.bootstrap)
             await producer.start()
-            handle = dsn_handler(service, producer, config.kafka.delivery_topic)
+            handle = dsn_handler(service, producer)
 
             context = None
             if settings.tls_cert is not None and settings.tls_key is not None:

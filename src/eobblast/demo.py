@@ -468,7 +468,7 @@ async def run_demo(
             actor="bounce-listener",
         )
         listener = await serve_bounces(
-            dsn_handler(bounce_service, bounce_producer, kafka.delivery_topic),
+            dsn_handler(bounce_service, bounce_producer),
             "127.0.0.1",
             0,
             bounce_domain=listener_config.bounces.bounce_domain,

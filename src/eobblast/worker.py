@@ -236,9 +236,14 @@ async def closed_in_time(closings: Mapping[asyncio.Future[Any], str]) -> None:
 
 async def stop_in_time(client: str, stop: Callable[[], Awaitable[None]]) -> None:
     """Stop one Kafka client (`stop`, named `client` in logs), CLOSE_TIMEOUT at most."""
+    await closed_in_time({_stopping(stop): client})
+
+
+def _stopping(stop: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
+    """A Kafka client's stop, started; left running when late, its error is not news."""
     closing = asyncio.ensure_future(stop())
-    closing.add_done_callback(_retrieved)  # left running when late: its error is not news
-    await closed_in_time({closing: client})
+    closing.add_done_callback(_retrieved)
+    return closing
 
 
 def _retrieved(future: asyncio.Future[Any]) -> None:
@@ -828,9 +833,7 @@ class Worker:
 
     def _close(self, what: str, stop: Callable[[], Awaitable[None]]) -> None:
         """Start stopping a Kafka client; `_closed` waits for every one started."""
-        closing = asyncio.ensure_future(stop())
-        closing.add_done_callback(_retrieved)  # whoever waits for it may be cancelled
-        self._closings[closing] = what
+        self._closings[_stopping(stop)] = what
 
     async def _closed(self) -> None:
         """Wait for the clients being stopped, CLOSE_TIMEOUT at most (`closed_in_time`)."""
@@ -1218,20 +1221,19 @@ class ProducerPublisher:
 
 
 def dsn_handler(
-    service: BounceService, producer: AIOKafkaProducer, delivery_topic: str
+    service: BounceService, producer: AIOKafkaProducer
 ) -> Callable[[bytes, str], Awaitable[DsnReport]]:
-    """The bounce listener's handler: apply a DSN, then publish the notice's new status."""
+    """The bounce listener's handler: apply a DSN, then publish the notice's new status
+    (the record the service's outbox would carry: `open_bounces`)."""
+    record = service.status_record
+    assert record is not None, "a service from open_bounces"
 
     async def handle(raw: bytes, envelope_to: str) -> DsnReport:
         report = await service.on_dsn(raw, envelope_to)
         for result in report.results:
             # The notice's status changed after its delivery status was published.
-            outcome = bounce_event_outcome(result.outcome, 0.0)
-            await producer.send_and_wait(
-                delivery_topic,
-                status_record(outcome, result.event_id, 1, "bounce-listener", None),
-                key=result.event_id.encode(),
-            )
+            status = record(result.outcome)
+            await producer.send_and_wait(status.topic, status.value, key=status.key)
         return report
 
     return handle

@@ -184,10 +184,16 @@ def connection(transport: ScriptedTransport, timeout: float = 5.0) -> SmtpConnec
     return SmtpConnection(key, aiosmtplib.SMTP(), "TLSv1.3", "TEST", session=session)
 
 
-GROUP = (
-    b"MAIL FROM:<eob-notices@payer.test>\r\nRCPT TO:<bob@member.test>\r\nDATA\r\n",
-    _data_content(MESSAGE),
-)
+def _group(rcpt: str) -> bytes:
+    return b"MAIL FROM:<eob-notices@payer.test>\r\nRCPT TO:<" + rcpt.encode() + b">\r\nDATA\r\n"
+
+
+def _probe(i: int) -> bytes:
+    """MESSAGE, told apart by its X-Probe field."""
+    return MESSAGE.replace(b"X-Probe: 1", f"X-Probe: {i}".encode())
+
+
+GROUP = (_group("bob@member.test"), _data_content(MESSAGE))
 
 
 @pytest.mark.parametrize("split", [False, True])
@@ -345,10 +351,6 @@ async def test_unsolicited_reply_makes_an_idle_connection_unusable() -> None:
 # ------------------------------------------------------------------ handed over (RFC 2920 3.1)
 
 
-def _group(rcpt: str) -> bytes:
-    return b"MAIL FROM:<eob-notices@payer.test>\r\nRCPT TO:<" + rcpt.encode() + b">\r\nDATA\r\n"
-
-
 def handover_server(finals: list[bytes | None]) -> Script:
     """Answers a write that may hold one message's content and the next one's commands:
     the content's final reply (the next of `finals`; None: silence) and the group's."""
@@ -393,7 +395,7 @@ def hand_to(
     return started
 
 
-SECOND = MESSAGE.replace(b"X-Probe: 1", b"X-Probe: 2")
+SECOND = _probe(2)
 
 
 async def test_handed_connection_sends_its_commands_with_the_content() -> None:
@@ -658,10 +660,6 @@ def _handovers() -> float:
 
 def _active() -> float:
     return float(metrics.CONNECTIONS_ACTIVE._value.get())
-
-
-def _probe(i: int) -> bytes:
-    return MESSAGE.replace(b"X-Probe: 1", f"X-Probe: {i}".encode())
 
 
 async def test_sandbox_busy_connection_hands_itself_to_the_next_message(

@@ -893,7 +893,7 @@ async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(
                     await publish(producer, "eob.address-verification", b"M", b"{}")
             finally:
                 # Bounded: a record the broker never took keeps a producer's stop waiting.
-                await asyncio.wait({asyncio.ensure_future(producer.stop())}, timeout=3)
+                await worker_module.stop_in_time("producer", producer.stop)
 
 
 async def test_records_of_one_member_wait_for_each_other_records_without_one_do_not(

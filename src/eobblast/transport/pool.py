@@ -353,20 +353,25 @@ class _PipelinedSession(asyncio.Protocol):
             self._transport.write(data)
 
     def _flush(self) -> None:
+        if not self.is_open:
+            self._drop_held()
+            return
         held, self._held = self._held, None
-        if held and self.is_open:
+        if held:
             self._transport.write(b"".join(held))
-        elif held:
+
+    def _drop_held(self) -> None:
+        if self._held:
             self.held_dropped = True
+        self._held = None
 
     def close(self, *, send_held: bool = True) -> None:
         """Close the transport, once what is held has gone (or dropping it); replies
         already received stay readable."""
         if send_held:
             self._flush()
-        elif self._held:
-            self._held = None
-            self.held_dropped = True
+        else:
+            self._drop_held()
         self._gone = True
         self._transport.close()
 
@@ -392,9 +397,7 @@ class _PipelinedSession(asyncio.Protocol):
         # Not SMTP, or unbounded: nothing later on this stream can be trusted.
         self._gone = True
         self._partial = b""
-        if self._held:
-            self._held = None
-            self.held_dropped = True
+        self._drop_held()
         self._transport.abort()
         self._wake()
 
@@ -707,13 +710,11 @@ class _Limits:
 
     def hand_over(self, dest: _Destination, conn: SmtpConnection) -> bool:
         """Give `conn` to the first caller waiting for `dest`, if there is one."""
-        for entry in self.waiters:
-            waiter, wanted = entry
-            if wanted is dest and not waiter.done():
-                self.waiters.remove(entry)
-                waiter.set_result(conn)
-                return True
-        return False
+        waiter = self._take_waiter(dest, or_any=False)
+        if waiter is None:
+            return False
+        waiter.set_result(conn)
+        return True
 
     def follow(self, limits: ConnectionLimits) -> None:
         """Take the caller's current limits (shaping may raise them again)."""
@@ -736,6 +737,15 @@ class _Limits:
         would have all but one look, find nothing and queue again (with dozens of events in
         flight, most of the pool's work).
         """
+        waiter = self._take_waiter(dest, or_any=True)
+        if waiter is not None:
+            waiter.set_result(None)
+
+    def _take_waiter(
+        self, dest: _Destination | None, *, or_any: bool
+    ) -> asyncio.Future[SmtpConnection | None] | None:
+        """Take the first live waiter for `dest` (None: for any) out of the queue; failing
+        that, with `or_any`, the first live one of all."""
         chosen = None
         for entry in self.waiters:
             waiter, wanted = entry
@@ -744,11 +754,12 @@ class _Limits:
             if wanted is dest or dest is None:
                 chosen = entry
                 break
-            if chosen is None:
+            if or_any and chosen is None:
                 chosen = entry
-        if chosen is not None:
-            self.waiters.remove(chosen)
-            chosen[0].set_result(None)
+        if chosen is None:
+            return None
+        self.waiters.remove(chosen)
+        return chosen[0]
 
     def oldest_idle(self) -> SmtpConnection | None:
         """Take the group's longest-idle connection out of its destination, if any."""
@@ -935,6 +946,7 @@ class SmtpPool:
             dest is None
             or self._closed
             or conn.users != 1
+            or dest.users < 2  # nobody but its own caller: nobody waits for it
             or conn.state is ConnectionState.CLOSED
             or session is None
             or not session.is_open
