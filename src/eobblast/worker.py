@@ -19,7 +19,7 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,6 +153,12 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = CANCEL_
         _, tasks = await asyncio.wait(tasks, timeout=1.0)
     if tasks:
         log.warning("tasks still running after cancellation", extra={"count": len(tasks)})
+
+
+async def _ended_or_cancelled(tasks: Collection[asyncio.Task[None]], seconds: float) -> None:
+    """Give `tasks` (at least one) `seconds` to end, then cancel what is left."""
+    _, late = await asyncio.wait(tasks, timeout=seconds)
+    await _cancel_and_wait(late)
 
 
 def revocation_timeout_ms(grace_period: float) -> int:
@@ -440,8 +446,7 @@ class Worker:
         await _done_unless_stopped(asyncio.gather(*tasks, return_exceptions=True), stop)
         if not stop.is_set():
             return
-        _, late = await asyncio.wait(tasks, timeout=self._grace_left())
-        await _cancel_and_wait(late)
+        await _ended_or_cancelled(tasks, self._grace_left())
 
     def _grace_left(self) -> float:
         """What is left of the grace period, counted from when the worker first saw that it
@@ -616,10 +621,8 @@ class Worker:
         assert self._bounces is not None
         for decided in outcomes:
             outcome = bounce_event_outcome(decided, 0.0)
-            if self._bounces.status_record is None:
-                await self._record(outcome, decided.event_id, 1, None)
-                continue
-            # Its status went out through the bounce store's outbox, committed with it.
+            # Its status went out through the bounce store's outbox, committed with it
+            # (a worker's bounce service comes from `open_bounces`, which sets status_record).
             await self._finish(decided.event_id, outcome)
             self._pipeline.observe(outcome)
         for resend in resends:
@@ -801,10 +804,8 @@ class Worker:
         pending = [task for tp in revoked for task in self._tasks.get(tp, ())]
         try:
             if pending:
-                budget = self._config.workers.grace_period
-                _, not_done = await asyncio.wait(pending, timeout=budget)
-                # Abandoned: redelivered to the new owner, the ledger decides.
-                await _cancel_and_wait(not_done)
+                # Abandoned after that: redelivered to the new owner, the ledger decides.
+                await _ended_or_cancelled(pending, self._config.workers.grace_period)
             await self._commit(revoked)
         finally:
             self._tracker.forget(revoked)
@@ -816,8 +817,7 @@ class Worker:
         self._stopping = True
         pending = [task for tasks in self._tasks.values() for task in tasks]
         if pending:
-            _, not_done = await asyncio.wait(pending, timeout=self._grace_left())
-            await _cancel_and_wait(not_done)
+            await _ended_or_cancelled(pending, self._grace_left())
         if self._consumer is not None:
             with contextlib.suppress(KafkaError, OSError):
                 await self._commit()
