@@ -85,7 +85,7 @@ def _events(out: Path) -> list[EobIssued]:
 
 
 def _delivered(out: Path) -> list[bytes]:
-    messages = []
+    messages: list[bytes] = []
     for domain_dir in (out / "maildir").iterdir():
         box = mailbox.Maildir(domain_dir, factory=None, create=False)
         messages.extend(box.get_bytes(key) for key in box.keys())

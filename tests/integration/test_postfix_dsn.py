@@ -278,8 +278,9 @@ async def stack(tmp_path: Path, pki: TestPki) -> AsyncIterator[Stack]:
     root: Path | None = None
     try:
         routes = {**sandbox.routes, BOUNCE_DOMAIN: (HOST, listener.port)}
-        root, relay = await asyncio.to_thread(_configure, routes)
-        await _start_postfix(relay, root / "queue")
+        root_dir, relay = await asyncio.to_thread(_configure, routes)
+        root = root_dir
+        await _start_postfix(relay, root_dir / "queue")
         yield Stack(relay, service, listener, reports)
     finally:
         if root is not None:

@@ -188,7 +188,7 @@ async def test_the_dsn_is_rfc_3464(tmp_path: Path, pki: TestPki) -> None:
     assert dsn.get_content_type() == "multipart/report"
     assert dsn.get_param("report-type") == "delivery-status"
     assert str(dsn["To"]) == return_path
-    parts = [part.get_content_type() for part in dsn.iter_parts()]  # type: ignore[attr-defined]
+    parts = [part.get_content_type() for part in dsn.iter_parts()]
     assert parts == ["text/plain", "message/delivery-status", "text/rfc822-headers"]
     status = got[0].decode()
     assert "Action: failed" in status and "Status: 5.1.1" in status

@@ -65,7 +65,7 @@ def _transport(sandbox: Sandbox, pki: TestPki, **settings: object) -> Transport:
 
 
 def _connects(result: str) -> float:
-    return metrics.SMTP_CONNECTS.labels(result)._value.get()
+    return float(metrics.SMTP_CONNECTS.labels(result)._value.get())
 
 
 async def test_many_messages_share_few_connections(sandbox: Sandbox, pki: TestPki) -> None:
@@ -351,7 +351,8 @@ class Stalling:
 
     async def __aenter__(self) -> tuple[str, int]:
         self.server = await asyncio.start_server(self.handle, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[:2]
+        host, port = self.server.sockets[0].getsockname()[:2]
+        return str(host), int(port)
 
     async def __aexit__(self, *exc: object) -> None:
         assert self.server is not None

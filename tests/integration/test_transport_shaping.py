@@ -174,6 +174,12 @@ def sample(name: str, **labels: str) -> float:
 # ---------------------------------------------------------------------------- receivers
 
 
+def _peer_ip(session: Session) -> str:
+    peer = session.peer
+    assert peer is not None
+    return str(peer[0])
+
+
 @dataclass
 class Scripted:
     """An aiosmtpd handler with PIPELINING that answers as a test tells it to."""
@@ -196,7 +202,7 @@ class Scripted:
     ) -> str:
         count = getattr(session, "mails", 0)
         if self.close_after is not None and count >= self.close_after:
-            self.events.append(("421", str(session.peer[0]), ""))
+            self.events.append(("421", _peer_ip(session), ""))
             return self.close_reply
         session.mails = count + 1  # type: ignore[attr-defined]
         envelope.mail_from = address
@@ -205,7 +211,7 @@ class Scripted:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, options: Any
     ) -> str:
-        ip = str(session.peer[0])
+        ip = _peer_ip(session)
         reply = self.refuse.get((ip, address.rpartition("@")[2]))
         if reply is not None:
             self.events.append(("refused", ip, address))
@@ -214,7 +220,7 @@ class Scripted:
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        self.events.append(("ok", str(session.peer[0]), envelope.rcpt_tos[0]))
+        self.events.append(("ok", _peer_ip(session), envelope.rcpt_tos[0]))
         return "250 2.0.0 Ok: queued"
 
     def accepted(self) -> list[tuple[str, str]]:

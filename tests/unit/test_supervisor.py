@@ -56,7 +56,7 @@ def _set_gauge() -> None:
 
 def _in_flight(directory: str) -> float | None:
     registry = CollectorRegistry()
-    multiprocess.MultiProcessCollector(registry, path=directory)
+    multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     return registry.get_sample_value("eobblast_events_in_flight")
 
 
