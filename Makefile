@@ -19,7 +19,8 @@ $(STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
-# Debian tools the tests and benchmarks verify against (smtp-sink, opendkim, kcat).
+# Debian tools the tests and benchmarks verify against (smtp-sink, opendkim, kcat,
+# promtool for the alert rules and the metrics endpoint).
 # Installed only when missing and when we are root; otherwise the tests that need
 # them say so and skip.
 system-deps:
@@ -35,6 +36,18 @@ system-deps:
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	  else \
 	    echo "missing Debian packages:$$missing (not root: install them yourself)"; \
+	  fi; \
+	fi
+	@# promtool only: the package's Prometheus server is stopped and disabled where systemd
+	@# would start it (containers' policy-rc.d already keeps it from starting).
+	@if ! command -v promtool >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian package prometheus (for promtool)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends prometheus >/dev/null; \
+	    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi; \
+	  else \
+	    echo "missing Debian package: prometheus, for promtool (not root: install it yourself)"; \
 	  fi; \
 	fi
 

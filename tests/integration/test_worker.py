@@ -11,6 +11,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
@@ -1265,15 +1266,31 @@ def _is_worker(pid: int) -> bool:
         return b"spawn_main" in handle.read()
 
 
-async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+async def _exposition(port: int) -> str:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"http://127.0.0.1:{port}/metrics", timeout=5)
     response.raise_for_status()
+    return response.text
+
+
+async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(response.text)
+        for family in text_string_to_metric_families(await _exposition(port))
         for sample in family.samples
     }
+
+
+def _promtool_problems(exposition: str) -> str | None:
+    """What Prometheus's own linter says of a scrape (None: no promtool here)."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        return None
+    checked = subprocess.run(
+        [promtool, "check", "metrics"], input=exposition, capture_output=True, text=True,
+        timeout=60, check=False,
+    )  # fmt: skip
+    return checked.stdout + checked.stderr if checked.returncode else ""
 
 
 async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
@@ -1301,6 +1318,9 @@ async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
         scraped = await _scrape(port)
         assert scraped[delivered] == total  # both workers' counts, summed
         assert scraped.get(restarts, 0) == 0
+        # The endpoint Prometheus scrapes, as Prometheus's own linter reads it (Debian
+        # prometheus; make system-deps installs it).
+        assert _promtool_problems(await _exposition(port)) in ("", None)
         workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
         assert len(workers) == 2
         os.kill(workers[0], signal.SIGKILL)

@@ -1,0 +1,253 @@
+"""deploy/: the alert rules and the Grafana dashboard ops run on eobblast's metrics.
+
+Prometheus's own `promtool` (Debian `prometheus`) checks the rules, runs their unit tests
+(deploy/alerts.test.yml) and parses every dashboard query. Beside it, every metric, label
+and label value the rules, their tests and the dashboard name must be one eobblast
+exports: a renamed metric would otherwise leave an alert that can never fire.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client import CollectorRegistry
+
+import eobblast.bounces.listener
+import eobblast.shaping.engine
+import eobblast.worker  # noqa: F401 - registers the workers' metrics
+from eobblast.bounces.category import BounceCategory
+from eobblast.bounces.state import EobStatus
+from eobblast.errors import Outcome, ReasonCode
+from eobblast.observe.metrics import REGISTRY, SupervisorMetrics
+
+ROOT = Path(__file__).parents[2]
+DEPLOY = ROOT / "deploy"
+DASHBOARD = DEPLOY / "grafana/dashboards/eobblast.json"
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(
+    PROMTOOL is None, reason="promtool not installed (Debian prometheus; make system-deps)"
+)
+# Labels Prometheus adds at scrape (and `le`, a histogram bucket's bound).
+SCRAPE_LABELS = {"job", "instance"}
+# Label values with a fixed vocabulary in eobblast, by label name.
+VOCABULARY: dict[str, set[str]] = {
+    "outcome": {str(o) for o in Outcome},
+    "category": {str(c) for c in BounceCategory},
+    "status": {str(s) for s in EobStatus},
+    "result": {"handled", "review", "rejected_recipient", "handler_error", "review_dropped"},
+}
+
+
+@dataclass(frozen=True)
+class Exported:
+    kind: str
+    labels: frozenset[str]
+
+
+def _registries() -> Iterator[CollectorRegistry]:
+    yield REGISTRY
+    yield SupervisorMetrics().registry
+
+
+def exported() -> dict[str, Exported]:
+    """eobblast's metrics by the names their series carry, with their label names."""
+    found: dict[str, Exported] = {}
+    for registry in _registries():
+        for collector in list(registry._collector_to_names):
+            name = getattr(collector, "_name", None)
+            kind = getattr(collector, "_type", None)
+            if not isinstance(name, str) or not name.startswith("eobblast_"):
+                continue
+            labels = frozenset(getattr(collector, "_labelnames", ()))
+            suffixes = {
+                "counter": ("_total",),
+                "histogram": ("_bucket", "_sum", "_count"),
+            }.get(str(kind), ("",))
+            for suffix in suffixes:
+                extra = {"le"} if suffix == "_bucket" else set()
+                found[name + suffix] = Exported(str(kind), labels | extra)
+    return found
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
+    return [rule for group in groups for rule in group["rules"]]
+
+
+def dashboard_panels() -> list[dict[str, Any]]:
+    panels: list[dict[str, Any]] = json.loads(DASHBOARD.read_text())["panels"]
+    return [panel for panel in panels if panel["type"] != "row"]
+
+
+def dashboard_queries() -> list[str]:
+    # Grafana fills $__rate_interval in; Prometheus sees a plain range.
+    return [
+        target["expr"].replace("$__rate_interval", "5m")
+        for panel in dashboard_panels()
+        for target in panel["targets"]
+    ]
+
+
+_SELECTOR = re.compile(r"\b(eobblast_[a-z_]+)\s*(\{[^}]*\})?")
+_MATCHER = re.compile(r'([a-z_]+)\s*(=~|!~|!=|=)\s*"([^"]*)"')
+_GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
+
+
+def _problems(expr: str, metrics: dict[str, Exported]) -> list[str]:
+    """What in one PromQL expression names something eobblast does not export."""
+    problems = []
+    named: set[str] = set()
+    for name, matchers in _SELECTOR.findall(expr):
+        metric = metrics.get(name)
+        if metric is None:
+            problems.append(f"{name}: not a metric eobblast exports")
+            continue
+        named |= metric.labels
+        for label, op, value in _MATCHER.findall(matchers or ""):
+            if label not in metric.labels | SCRAPE_LABELS:
+                problems.append(f"{name}: no label {label!r}")
+            known = VOCABULARY.get(label)
+            values = value.split("|") if op in ("=~", "!~") else [value]
+            if known is not None and not set(values) <= known:
+                problems.append(f"{name}: {label} has no value among {sorted(set(values) - known)}")
+    for grouping in _GROUPING.findall(expr):
+        for label in filter(None, (part.strip() for part in grouping.split(","))):
+            if label not in named | SCRAPE_LABELS:
+                problems.append(f"grouping by {label!r}, which no metric of {expr!r} has")
+    return problems
+
+
+def _promtool(*args: str, cwd: Path = DEPLOY) -> subprocess.CompletedProcess[str]:
+    assert PROMTOOL is not None
+    return subprocess.run(
+        [PROMTOOL, *args], cwd=cwd, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+@needs_promtool
+def test_prometheus_config_and_alert_rules_pass_promtool() -> None:
+    checked = _promtool("check", "config", "prometheus.yml")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert "alerts.yml" in checked.stdout  # the rules are loaded, not just present
+
+
+@needs_promtool
+def test_every_alert_fires_and_stays_quiet_as_its_unit_tests_say() -> None:
+    tested = _promtool("test", "rules", "alerts.test.yml")
+    assert tested.returncode == 0, tested.stdout + tested.stderr
+
+
+def test_every_alert_has_a_unit_test_in_which_it_fires() -> None:
+    tests = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())
+    assert tests["rule_files"] == ["alerts.yml"]
+    firing = {
+        check["alertname"]
+        for test in tests["tests"]
+        for check in test.get("alert_rule_test", ())
+        if check.get("exp_alerts")
+    }
+    names = [rule["alert"] for rule in alert_rules()]
+    assert len(names) == len(set(names))
+    assert set(names) <= firing, f"no test fires {sorted(set(names) - firing)}"
+
+
+def test_alerts_carry_a_severity_and_say_what_to_do() -> None:
+    for rule in alert_rules():
+        assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
+        assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_rules_their_tests_and_the_dashboard_name_only_what_eobblast_exports() -> None:
+    metrics = exported()
+    assert "eobblast_events_total" in metrics and "eobblast_stage_seconds_bucket" in metrics
+    expressions = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
+    tests = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())
+    expressions += [series["series"] for test in tests["tests"] for series in test["input_series"]]
+    problems = [problem for expr in expressions for problem in _problems(expr, metrics)]
+    assert problems == []
+
+
+def test_the_name_check_catches_what_would_never_match() -> None:
+    # The checker itself: a renamed metric, a label it lacks, a value outside its
+    # vocabulary, a grouping by a label nobody has.
+    metrics = exported()
+    assert _problems('sum(rate(eobblast_events_total{outcome="delivered"}[5m]))', metrics) == []
+    assert _problems("rate(eobblast_event_total[5m])", metrics)
+    assert _problems('rate(eobblast_events_total{provider="gmail"}[5m])', metrics)
+    assert _problems('rate(eobblast_events_total{outcome=~"delivered|bounced"}[5m])', metrics)
+    assert _problems("sum by (pool) (rate(eobblast_events_total[5m]))", metrics)
+    assert _problems('eobblast_bounce_notices{status="held"}', metrics)
+
+
+def test_dead_letter_reasons_in_the_rules_are_eobblast_reason_codes() -> None:
+    reasons = {str(code) for code in ReasonCode}
+    tests = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())
+    used = {
+        value
+        for test in tests["tests"]
+        for series in test["input_series"]
+        for label, _, value in _MATCHER.findall(series["series"])
+        if label == "reason" and "eobblast_events_total" in series["series"]
+    }
+    assert used and used <= reasons
+
+
+@needs_promtool
+def test_every_dashboard_query_is_valid_promql(tmp_path: Path) -> None:
+    # Each query as a recording rule: promtool parses it with Prometheus's own parser.
+    rules = [
+        {"record": f"eobblast_dashboard:query_{i}", "expr": expr}
+        for i, expr in enumerate(dashboard_queries())
+    ]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    checked = _promtool("check", "rules", str(path), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert f"{len(rules)} rules found" in checked.stdout
+
+
+def test_dashboard_covers_what_ops_watch_on_the_provisioned_datasource() -> None:
+    provisioned = yaml.safe_load(
+        (DEPLOY / "grafana/provisioning/datasources/prometheus.yml").read_text()
+    )["datasources"]
+    uids = {source["uid"] for source in provisioned}
+    panels = dashboard_panels()
+    for panel in panels:
+        assert panel["datasource"]["uid"] in uids, panel["title"]
+        assert panel["targets"], panel["title"]
+    queries = " ".join(dashboard_queries())
+    # Throughput, deferrals, bounce rates, warm-up per IP, held notices, paper fallbacks.
+    for metric in (
+        "eobblast_events_total",
+        "eobblast_shaping_deferred_total",
+        "eobblast_bounces_total",
+        "eobblast_shaping_warmup_day",
+        "eobblast_bounce_notices",
+        "eobblast_paper_fallbacks_total",
+        "eobblast_worker_restarts_total",
+    ):
+        assert metric in queries, metric
+    ids = [panel["id"] for panel in json.loads(DASHBOARD.read_text())["panels"]]
+    assert len(ids) == len(set(ids))
+    provider = yaml.safe_load((DEPLOY / "grafana/provisioning/dashboards/eobblast.yml").read_text())
+    assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
+
+
+def test_compose_mounts_the_rules_and_the_dashboard() -> None:
+    services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
+    assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in services["prometheus"]["volumes"]
+    grafana = services["grafana"]["volumes"]
+    assert "./grafana/dashboards:/var/lib/grafana/dashboards:ro" in grafana
+    assert "./grafana/provisioning:/etc/grafana/provisioning:ro" in grafana
+    # Neither has authentication set up here: reachable from this host only.
+    for name in ("prometheus", "grafana"):
+        assert all(port.startswith("127.0.0.1:") for port in services[name]["ports"]), name
