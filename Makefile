@@ -44,7 +44,7 @@ system-deps:
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing Debian package prometheus (for promtool)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
-	      --no-install-recommends prometheus >/dev/null; \
+	      --no-install-recommends prometheus >/dev/null || exit 1; \
 	    if [ -d /run/systemd/system ]; then systemctl disable --now prometheus || true; fi; \
 	  else \
 	    echo "missing Debian package: prometheus, for promtool (not root: install it yourself)"; \

@@ -1269,6 +1269,7 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     # What the other workers (and this one before a restart) learned of receivers' TLS.
     tls = TlsSync(protection.tls, await open_tls_store(config.ledger.url))
     await tls.sync()
+    metrics.show_rejections_from_zero()
     sharing = asyncio.create_task(tls.run(stop, config.protection.tls_sync_seconds))
     settle_heap()
     try:

@@ -479,6 +479,10 @@ async def test_a_block_suspends_the_ip_for_that_provider_only(
         sample("eobblast_shaping_block_alerts_total", **labels) == 1
     )  # one alert, not one per reply
     assert sample("eobblast_shaping_suspended", pool=pool, ip=clean, provider="microsoft") == 0
+    # The IP never blocked is exported at 0 all the same: an alert on any increase sees
+    # its first block (a labelled series otherwise appears only with its first count).
+    clean_blocks = {"pool": pool, "ip": clean, "provider": "microsoft"}
+    assert REGISTRY.get_sample_value("eobblast_shaping_block_alerts_total", clean_blocks) == 0
 
     # Another worker sharing the store skips the blocked IP from its first message.
     other = make_shaper(pools, store, clock, overrides=overrides)

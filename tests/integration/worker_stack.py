@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import orjson
+import tomli_w
 
 from eobblast.bounces.store import BounceStore
 from eobblast.config import Config, load_config
@@ -21,7 +24,7 @@ from eobblast.events.status import DeliveryStatus
 from eobblast.events.synthetic import Mix, generate_events
 from eobblast.pipeline import Pipeline
 from eobblast.protect.services import ProtectionServices
-from eobblast.sandbox import Sandbox, SandboxDomain, TestPki
+from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
 from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.transport import Transport
@@ -137,6 +140,32 @@ class Stack:
         finally:
             await producer.stop()
         return count
+
+
+async def start_eobblast_run(
+    settings: dict[str, Any], config_file: Path
+) -> asyncio.subprocess.Process:
+    """`eobblast run` as an operator starts it, on `settings` written to `config_file`."""
+    await asyncio.to_thread(config_file.write_text, tomli_w.dumps(settings))
+    return await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
+        "--log-level", "WARNING",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+@contextlib.asynccontextmanager
+async def sandbox_stack(
+    broker: EmbeddedBroker, directory: Path, domains: Sequence[SandboxDomain]
+) -> AsyncIterator[Stack]:
+    """A Stack on `broker` with its topics, keys and a running sandbox of `domains`."""
+    pki = make_test_pki(directory / "pki", [d.name for d in domains])
+    prepare(directory)
+    async with Sandbox(domains, directory / "mail", pki) as sandbox:
+        built = Stack(broker, sandbox, pki, directory)
+        await built.create_topics()
+        yield built
 
 
 def prepare(directory: Path) -> None:

@@ -40,6 +40,8 @@ __all__ = ["BOUNCE_MESSAGES", "BounceListener", "serve_bounces"]
 
 log = logging.getLogger("eobblast.bounces.listener")
 
+# What became of each message at the bounce listener (BOUNCE_MESSAGES's `result`).
+RESULTS = ("handled", "review", "rejected_recipient", "handler_error", "review_dropped")
 BOUNCE_MESSAGES = Counter(
     "eobblast_bounce_messages",
     "Messages at the bounce listener by result (handled, review, rejected_recipient, "
@@ -287,6 +289,10 @@ class BounceListener:
             raise RuntimeError("bounce listener already started")
         await asyncio.to_thread(self._prepare_review)
         _quiet_aiosmtpd_logging()
+        # Every result counted from 0: an alert on the first handler error needs a sample
+        # before it (a labelled series appears only when first counted).
+        for result in RESULTS:
+            BOUNCE_MESSAGES.labels(result)
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._session, self._host, self._port)
         log.info("bounce listener on %s:%d", self._host, self.port)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
+from eobblast.errors import INPUT_REASONS, Outcome
+
 # The one piece of module-level mutable state allowed: the metrics registry.
 REGISTRY = CollectorRegistry(auto_describe=True)
 
@@ -128,6 +130,17 @@ STAGES = ("validate", "render", "sign", "deliver", "total")
 STAGE = {stage: STAGE_SECONDS.labels(stage) for stage in STAGES}
 CONNECTIONS_IDLE = SMTP_CONNECTIONS.labels("idle")
 CONNECTIONS_ACTIVE = SMTP_CONNECTIONS.labels("active")
+
+
+def show_rejections_from_zero() -> None:
+    """Export every dead-letter reason's count from 0, before the first rejection.
+
+    A labelled series appears only when it is first counted, and Prometheus's increase()
+    needs a sample before the change: the first events rejected for a reason after a
+    worker starts (often the only ones) would never reach an alert on them.
+    """
+    for reason in INPUT_REASONS:
+        EVENTS.labels(Outcome.REJECTED, reason)
 
 
 def serve_metrics(port: int, address: str = "127.0.0.1") -> int:

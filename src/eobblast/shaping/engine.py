@@ -725,6 +725,9 @@ class Shaper:
                 for provider in plan.providers.names:
                     cap = plan.hourly_cap(source, provider, now, activity)
                     HOURLY_CAP.labels(pool.name, source.address, provider).set(cap)
+                    # Counted from 0, so an alert sees the first block of a pair (a
+                    # labelled series appears only when first counted).
+                    BLOCK_ALERTS.labels(pool.name, source.address, provider)
         for pair in self._pairs.values():
             self._publish_pair(pair, now)
 
