@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import shutil
 import sys
 import time
 import uuid
@@ -147,8 +148,11 @@ async def start_eobblast_run(
 ) -> asyncio.subprocess.Process:
     """`eobblast run` as an operator starts it, on `settings` written to `config_file`."""
     await asyncio.to_thread(config_file.write_text, tomli_w.dumps(settings))
+    # setpriv (util-linux) has Linux stop the supervisor if the test process dies, even by
+    # SIGKILL; it then runs Python in its place (same pid).
+    die_with_parent = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
     return await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
+        *die_with_parent, sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
         "--log-level", "WARNING",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

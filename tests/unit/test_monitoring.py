@@ -26,7 +26,8 @@ from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.listener import RESULTS
 from eobblast.bounces.service import Provider
 from eobblast.bounces.state import EobStatus
-from eobblast.errors import Outcome, ReasonCode
+from eobblast.errors import INPUT_REASONS, Outcome, ReasonCode
+from eobblast.events.schema import _TYPE_TO_REASON
 from eobblast.observe.metrics import REGISTRY, SupervisorMetrics
 from eobblast.shaping.engine import DeferReason
 
@@ -89,9 +90,13 @@ def exported() -> dict[str, Exported]:
     return found
 
 
-def alert_rules() -> list[dict[str, Any]]:
+def rules() -> list[dict[str, Any]]:
     groups = yaml.safe_load((DEPLOY / "alerts.yml").read_text())["groups"]
     return [rule for group in groups for rule in group["rules"]]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [rule for rule in rules() if "alert" in rule]
 
 
 def dashboard_panels() -> list[dict[str, Any]]:
@@ -123,6 +128,12 @@ def _labels_of(expr: str, metrics: dict[str, Exported]) -> set[str]:
     return labels
 
 
+def _labels_of_every(expr: str, metrics: dict[str, Exported]) -> set[str]:
+    """Labels every metric of `expr` has (what on()/ignoring() may match both sides by)."""
+    sets = [metrics[name].labels for name, _ in _SELECTOR.findall(expr) if name in metrics]
+    return set(SCRAPE_LABELS) | (set.intersection(*map(set, sets)) if sets else set())
+
+
 def _argument(expr: str, start: int) -> str:
     """The parenthesised argument that begins at or after `start` (what `by (...)` groups)."""
     opening = expr.index("(", start)
@@ -152,28 +163,58 @@ def _problems(expr: str, metrics: dict[str, Exported]) -> list[str]:
             values = set(value.split("|")) if op in ("=~", "!~") else {value}
             if not values <= known:
                 problems.append(f"{name}: {label} has no value among {sorted(values - known)}")
+        pairs = dict((label, double or single) for label, op, double, single in
+                     _MATCHER.findall(matchers or "") if op == "=")  # fmt: skip
+        if pairs.get("outcome") == "rejected" and "reason" in pairs:
+            if pairs["reason"] not in INPUT_REASONS:
+                problems.append(f"{name}: no event is rejected for {pairs['reason']!r}")
+    if re.search(r"\)\s*(by|without)\s*\(", expr):
+        problems.append("write `sum by (...) (...)`: the checker reads the prefix form only")
     for clause in _CLAUSE.finditer(expr):
         kind, listed = clause.groups()
-        # by/without group what follows (sum by (x) (...)); the others match both sides.
-        scope = _argument(expr, clause.end()) if kind in ("by", "without") else expr
-        available = _labels_of(scope, metrics)
+        # by/without group what follows (sum by (x) (...)); on/ignoring match both sides,
+        # so every metric must have the label.
+        if kind in ("by", "without"):
+            try:
+                available = _labels_of(_argument(expr, clause.end()), metrics)
+            except ValueError:
+                continue  # the suffix form, reported above
+        elif kind in ("on", "ignoring"):
+            available = _labels_of_every(expr, metrics)
+        else:
+            available = _labels_of(expr, metrics)
         for label in filter(None, (part.strip() for part in listed.split(","))):
             if label not in available:
                 problems.append(f"{kind} ({label}): no metric it applies to has that label")
     return problems
 
 
+_AGGREGATION = re.compile(r"(sum|max|min|avg|count)\s*(?:(by)\s*\(([^)]*)\))?\s*\(")
+
+
 def _output_labels(expr: str, metrics: dict[str, Exported]) -> set[str]:
-    """Labels the result of a query or rule keeps (the outermost aggregation's `by`)."""
+    """Labels the result of a query or rule keeps, for the shapes used here: an
+    aggregation (its `by` labels), histogram_quantile over one (less `le`), a selector
+    with functions and comparisons (its metric's labels), a series recorded here, or a
+    parenthesised left operand of one of these. Any other shape fails."""
     stripped = expr.strip()
-    if re.match(r"(sum|max|min|avg|count|histogram_quantile)\b", stripped):
-        grouping = _CLAUSE.search(stripped)
-        return (
-            set()
-            if grouping is None
-            else {part.strip() for part in grouping.group(2).split(",") if part.strip()}
-        )
-    return _labels_of(stripped, metrics)
+    if stripped.startswith("("):
+        # A binary operation keeps its left operand's labels (no on()/group_* here).
+        return _output_labels(_argument(stripped, 0)[1:-1], metrics)
+    quantile = re.match(r"histogram_quantile\s*\([^,]+,\s*", stripped)
+    if quantile:
+        return _output_labels(stripped[quantile.end() :], metrics) - {"le"}
+    aggregation = _AGGREGATION.match(stripped)
+    if aggregation:
+        return {part.strip() for part in (aggregation.group(3) or "").split(",") if part.strip()}
+    if re.match(r"(rate|increase|eobblast_|up\b)", stripped):
+        return _labels_of(stripped, metrics)
+    recorded = re.match(r"eobblast:[a-z0-9_:]+", stripped)
+    if recorded:
+        # A series this file records: what its own expression keeps.
+        (source,) = [rule["expr"] for rule in rules() if rule.get("record") == recorded.group()]
+        return _output_labels(source, metrics)
+    raise AssertionError(f"shape not understood, say what it keeps: {expr!r}")
 
 
 def _promtool(*args: str, cwd: Path = DEPLOY) -> subprocess.CompletedProcess[str]:
@@ -210,6 +251,32 @@ def test_every_alert_has_a_unit_test_in_which_it_fires() -> None:
     assert set(names) <= firing, f"no test fires {sorted(set(names) - firing)}"
 
 
+def test_every_recorded_series_is_used_by_an_alert() -> None:
+    records = {rule["record"] for rule in rules() if "record" in rule}
+    used = " ".join(rule["expr"] for rule in alert_rules())
+    assert records and all(record in used for record in records)
+
+
+def test_every_reason_an_event_is_rejected_for_is_an_input_reason() -> None:
+    # The worker exports these from 0 so a dead-letter alert sees the first one: a
+    # rejection reason missing from the list would miss its first alert.
+    rejected = {
+        *_TYPE_TO_REASON.values(),
+        ReasonCode.UNSUPPORTED_SCHEMA,  # the schema literal
+        ReasonCode.WRONG_TYPE,  # any *_type or *_parsing error
+        ReasonCode.INVALID_VALUE,  # any other validation error
+        ReasonCode.NOT_AN_OBJECT,
+        ReasonCode.EVENT_TOO_LARGE,
+        ReasonCode.INVALID_UTF8,
+        ReasonCode.EMPTY_VALUE,  # the worker's own: no value, no key
+        ReasonCode.MISSING_KEY,
+    }
+    assert rejected <= set(INPUT_REASONS)
+    # ...and every code declared in ReasonCode's input block, before the gate's.
+    codes = list(ReasonCode)
+    assert tuple(codes[: codes.index(ReasonCode.NO_CONSENT)]) == INPUT_REASONS
+
+
 def test_alerts_carry_a_severity_and_say_what_to_do() -> None:
     for rule in alert_rules():
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
@@ -219,7 +286,7 @@ def test_alerts_carry_a_severity_and_say_what_to_do() -> None:
 def test_rules_their_tests_and_the_dashboard_name_only_what_eobblast_exports() -> None:
     metrics = exported()
     assert "eobblast_events_total" in metrics and "eobblast_stage_seconds_bucket" in metrics
-    expressions = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
+    expressions = [rule["expr"] for rule in rules()] + dashboard_queries()
     tests = yaml.safe_load((DEPLOY / "alerts.test.yml").read_text())
     expressions += [series["series"] for test in tests["tests"] for series in test["input_series"]]
     problems = [problem for expr in expressions for problem in _problems(expr, metrics)]
@@ -252,6 +319,9 @@ def test_the_name_check_catches_what_would_never_match() -> None:
         "sum by (pool) (rate(eobblast_events_total[5m]))",
         "sum by (reason) (rate(eobblast_bounces_total[5m])) / sum(rate(eobblast_events_total[5m]))",
         "sum(rate(eobblast_bounces_total[1h])) / on(bogus) sum(rate(eobblast_events_total[1h]))",
+        "rate(eobblast_events_total[5m]) / on(reason) rate(eobblast_bounces_total[5m])",
+        "sum(rate(eobblast_events_total[5m])) by (reason)",
+        'eobblast_events_total{outcome="rejected", reason="delivered"}',
     ]
     for expr in wrong:
         assert _problems(expr, metrics), expr
