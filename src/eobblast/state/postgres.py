@@ -17,10 +17,8 @@ async def connect_postgres(
     """A store's autocommit connection with its schema created.
 
     Workers starting together would race on `CREATE ... IF NOT EXISTS`: a transaction-level
-    advisory lock (one id per store) serialises them. An index the store lacks (a new
-    release's, on a table an earlier one filled) is built afterwards, CONCURRENTLY: a plain
-    CREATE INDEX would stop every worker's writes to the table until it is built. A failed
-    connection is a ConfigError naming the store, never the DSN (it may carry a password).
+    advisory lock (one id per store) serialises them. A failed connection is a ConfigError
+    naming the store, never the DSN (it may carry a password).
     """
     import psycopg
 
@@ -31,7 +29,6 @@ async def connect_postgres(
     except (psycopg.Error, ValueError):
         # A URL psycopg cannot parse: its message quotes the URL, password included.
         raise ConfigError(f"the PostgreSQL {what} url cannot be read") from None
-    missing: list[tuple[str, str]] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
         for statement in schema:
@@ -40,57 +37,15 @@ async def connect_postgres(
                 # CREATE INDEX IF NOT EXISTS locks the table against writes even when the
                 # index is there: a starting worker would wait behind every open write, and
                 # every other worker's writes behind it.
-                if await _index_valid(conn, index.group(1)) is not True:
-                    missing.append((index.group(1), statement))
-                continue
+                cur = await conn.execute("SELECT to_regclass(%s)", (index.group(1),))
+                row = await cur.fetchone()
+                if row is not None and row[0] is not None:
+                    continue
             await conn.execute(statement)
-    for name, statement in missing:
-        await _build_concurrently(conn, name, statement, schema_lock + _BUILD_LOCK_OFFSET)
     return PgConnection(conn, dsn, what)
 
 
-# Non-unique indexes only: a unique one may back an ON CONFLICT, needed before any write.
-_NEW_INDEX = re.compile(r"\s*CREATE\s+INDEX\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
-# The lock of an index build, apart from the schema lock: a worker waiting on the schema
-# lock in its transaction must not be one the build waits for (CREATE INDEX CONCURRENTLY
-# waits for older transactions), or the two would deadlock.
-_BUILD_LOCK_OFFSET = 0x100
-_CREATE_INDEX = re.compile(r"^\s*CREATE\s+INDEX", re.I)
-
-
-async def _index_valid(conn: Any, name: str) -> bool | None:
-    """Whether the index is there and usable (None: not there; False: a build that died)."""
-    cur = await conn.execute(
-        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)", (name,)
-    )
-    row = await cur.fetchone()
-    return None if row is None else bool(row[0])
-
-
-async def _build_concurrently(conn: Any, name: str, statement: str, build_lock: int) -> None:
-    """Build an index without stopping writes to its table (CREATE INDEX CONCURRENTLY).
-
-    One worker builds; the others start without waiting (the index speeds queries up, none
-    needs it). An index left invalid by a build that died is dropped and built again, by
-    whoever holds the build lock: never one another worker is still building.
-    """
-    from psycopg import sql
-
-    cur = await conn.execute("SELECT pg_try_advisory_lock(%s)", (build_lock,))
-    row = await cur.fetchone()
-    if row is None or not row[0]:
-        return  # another worker is building it
-    try:
-        state = await _index_valid(conn, name)
-        if state is True:
-            return
-        if state is False:
-            await conn.execute(
-                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
-            )
-        await conn.execute(_CREATE_INDEX.sub("CREATE INDEX CONCURRENTLY", statement, count=1))
-    finally:
-        await conn.execute("SELECT pg_advisory_unlock(%s)", (build_lock,))
+_NEW_INDEX = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
 
 
 async def _connect(dsn: str, what: str) -> Any:
