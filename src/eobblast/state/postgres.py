@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
 from eobblast.errors import ConfigError
+
+log = logging.getLogger("eobblast.state")
 
 
 async def connect_postgres(
@@ -19,6 +22,12 @@ async def connect_postgres(
     Workers starting together would race on `CREATE ... IF NOT EXISTS`: a transaction-level
     advisory lock (one id per store) serialises them. A failed connection is a ConfigError
     naming the store, never the DSN (it may carry a password).
+
+    An index a new release adds to a table an earlier one filled is built in the
+    background, CONCURRENTLY (`_upgrade_indexes`), and an old index it replaces is dropped
+    only once the new ones are valid: inside the schema transaction either would take a
+    lock that stops every worker's writes to the table until it is done. Indexes of a
+    table this transaction creates are made with it (it is empty).
     """
     import psycopg
 
@@ -29,23 +38,146 @@ async def connect_postgres(
     except (psycopg.Error, ValueError):
         # A URL psycopg cannot parse: its message quotes the URL, password included.
         raise ConfigError(f"the PostgreSQL {what} url cannot be read") from None
+    statements = list(schema)
+    builds: list[tuple[str, str]] = []  # (index, its CREATE INDEX), for the background
+    drops: list[str] = []
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
-        for statement in schema:
+        # Which tables were there before: a table created here gets its indexes at once.
+        existed = {
+            table: await _exists(conn, table)
+            for statement in statements
+            if (table := _index_table(statement)) is not None
+        }
+        for statement in statements:
             index = _NEW_INDEX.match(statement)
+            dropped = _DROP_INDEX.match(statement)
             if index is not None:
+                name = index.group("name")
                 # CREATE INDEX IF NOT EXISTS locks the table against writes even when the
                 # index is there: a starting worker would wait behind every open write, and
                 # every other worker's writes behind it.
-                cur = await conn.execute("SELECT to_regclass(%s)", (index.group(1),))
-                row = await cur.fetchone()
-                if row is not None and row[0] is not None:
-                    continue
-            await conn.execute(statement)
-    return PgConnection(conn, dsn, what)
+                if index.group("unique") or not existed.get(_index_table(statement) or ""):
+                    # Unique ones may back an ON CONFLICT: never left for later.
+                    if not await _exists(conn, name):
+                        await conn.execute(statement)
+                elif await _index_valid(conn, name) is not True:
+                    builds.append((name, statement))
+            elif dropped is not None:
+                if await _exists(conn, dropped.group(1)):
+                    drops.append(dropped.group(1))
+            else:
+                await conn.execute(statement)
+    upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
+    return PgConnection(conn, dsn, what, upgrading)
 
 
-_NEW_INDEX = re.compile(r"\s*CREATE\s+(?:UNIQUE\s+)?INDEX\s+IF\s+NOT\s+EXISTS\s+(\w+)", re.I)
+_NEW_INDEX = re.compile(
+    r"\s*CREATE\s+(?P<unique>UNIQUE\s+)?INDEX\s+IF\s+NOT\s+EXISTS\s+(?P<name>\w+)"
+    r"\s+ON\s+(?P<table>\w+)",
+    re.I,
+)
+_DROP_INDEX = re.compile(r"\s*DROP\s+INDEX\s+IF\s+EXISTS\s+(\w+)\s*$", re.I)
+_CREATE_INDEX = re.compile(r"^\s*CREATE\s+INDEX", re.I)
+# Two-key advisory locks (namespace, hashtext(schema.index)): one builder per index of a
+# store, apart from the schema lock (a CONCURRENTLY build waits for older transactions,
+# one of which may be a worker waiting for the schema lock) and from other schemas'.
+_BUILD_LOCKS = 0x0E0B_1DE0
+_TRY_BUILD_LOCK = "SELECT pg_try_advisory_lock(%s::int4, hashtext(current_schema() || '.' || %s))"
+_BUILD_UNLOCK = "SELECT pg_advisory_unlock(%s::int4, hashtext(current_schema() || '.' || %s))"
+
+
+def _index_table(statement: str) -> str | None:
+    index = _NEW_INDEX.match(statement)
+    return None if index is None else index.group("table")
+
+
+async def _exists(conn: Any, name: str) -> bool:
+    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+    row = await cur.fetchone()
+    return bool(row and row[0])
+
+
+async def _index_valid(conn: Any, name: str) -> bool | None:
+    """Whether the index is there and usable (None: not there; False: a build that died)."""
+    cur = await conn.execute(
+        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)", (name,)
+    )
+    row = await cur.fetchone()
+    return None if row is None else bool(row[0])
+
+
+async def _upgrade_indexes(
+    dsn: str, what: str, builds: Sequence[tuple[str, str]], drops: Sequence[str]
+) -> None:
+    """Build a new release's indexes CONCURRENTLY on their own connection, then drop the
+    indexes they replace, while the store is in use.
+
+    Nothing here is needed for the store to be right, only fast: a build another worker
+    holds, or one that fails, is left to the next start (an index it left invalid is
+    dropped and built again then), and the old indexes stay until the new ones are valid.
+    """
+    import psycopg
+    from psycopg import sql
+
+    try:
+        conn = await _connect(dsn, f"{what} index build")
+    except psycopg.Error as exc:
+        log.warning("index build not started: %s", type(exc).__name__, extra={"store": what})
+        return
+    try:
+        # Built by an operator's role limits, a large index would never finish.
+        await conn.execute("SET statement_timeout = 0")
+        await conn.execute("SET lock_timeout = 0")
+        complete = True
+        for name, statement in builds:
+            complete = await _build(conn, what, name, statement) and complete
+        for name in drops if complete else ():
+            log.info("dropping a replaced index", extra={"store": what, "index": name})
+            await conn.execute(
+                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
+            )
+    except psycopg.Error as exc:
+        log.warning("index upgrade stopped: %s", type(exc).__name__, extra={"store": what})
+    except asyncio.CancelledError:
+        # The store closed first: stop the server's work too (a cut-short build leaves an
+        # invalid index, built again at the next start).
+        with contextlib.suppress(Exception):
+            await conn.cancel_safe()
+        raise
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.close()
+
+
+async def _build(conn: Any, what: str, name: str, statement: str) -> bool:
+    """Build one index CONCURRENTLY unless another worker is; whether it is valid now."""
+    import psycopg
+    from psycopg import sql
+
+    cur = await conn.execute(_TRY_BUILD_LOCK, (_BUILD_LOCKS, name))
+    row = await cur.fetchone()
+    if not (row and row[0]):
+        log.info("index built by another worker", extra={"store": what, "index": name})
+        return False
+    try:
+        state = await _index_valid(conn, name)
+        if state is True:
+            return True
+        if state is False:  # what a build cut short left
+            await conn.execute(
+                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
+            )
+        log.info("building an index concurrently", extra={"store": what, "index": name})
+        await conn.execute(_CREATE_INDEX.sub("CREATE INDEX CONCURRENTLY", statement, count=1))
+        log.info("index built", extra={"store": what, "index": name})
+        return True
+    except psycopg.Error as exc:
+        log.warning("index not built: %s", type(exc).__name__, extra={"store": what, "index": name})
+        return False
+    finally:
+        with contextlib.suppress(Exception):
+            await conn.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, name))
 
 
 async def _connect(dsn: str, what: str) -> Any:
@@ -65,13 +197,17 @@ class PgConnection:
     transaction it never reconnects: what followed would not be part of it.
     """
 
-    def __init__(self, conn: Any, dsn: str, what: str) -> None:
+    def __init__(
+        self, conn: Any, dsn: str, what: str, upgrading: Awaitable[None] | None = None
+    ) -> None:
         self._conn = conn
         self._dsn = dsn
         self._what = what
         self._depth = 0
         self._closed = False
         self._reconnecting = asyncio.Lock()
+        # Indexes being built for this release, on a connection of their own.
+        self.upgrading = None if upgrading is None else asyncio.ensure_future(upgrading)
 
     async def _ready(self) -> None:
         if self._depth or self._closed or not (self._conn.broken or self._conn.closed):
@@ -103,6 +239,10 @@ class PgConnection:
         return self._conn.cursor(*args, **kwargs)
 
     async def close(self) -> None:
-        """Close for good: no reconnecting after this."""
+        """Close for good: no reconnecting after this (an index build under way stops)."""
         self._closed = True
+        if self.upgrading is not None and not self.upgrading.done():
+            self.upgrading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.upgrading
         await self._conn.close()
