@@ -17,9 +17,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 import psycopg
 import pytest
 
+from eobblast.bounces.store import open_bounce_store
+from eobblast.observe.audit import open_audit
+from eobblast.state import postgres
 from eobblast.state.ledger import _SCHEMA, open_ledger
 from eobblast.state.postgres import _BUILD_LOCKS, _BUILD_UNLOCK, _TRY_BUILD_LOCK
 from tests.conftest import throwaway_pg_schema
+from tests.integration.test_bounce_service import EARLIER_INDEXES, PARTIAL_INDEXES
 
 NEW = "send_ledger_final"
 OLD = "send_ledger_settled"
@@ -126,28 +130,25 @@ async def test_a_fresh_store_gets_its_indexes_at_once(url: str) -> None:
             await ledger.close()
 
 
-async def test_a_build_another_worker_holds_is_left_to_it(old_ledger: str) -> None:
+async def test_an_upgrade_another_worker_holds_is_left_to_it_until_it_stops(
+    old_ledger: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     url = old_ledger
+    monkeypatch.setattr(postgres, "UPGRADE_POLL", 0.1)
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as other:
-        cur = await other.execute(_TRY_BUILD_LOCK, (_BUILD_LOCKS, NEW))
+        cur = await other.execute(_TRY_BUILD_LOCK, (_BUILD_LOCKS, "ledger"))
         row = await cur.fetchone()
         assert row is not None and row[0], "the build lock is this test's schema's own"
         ledger = await open_ledger(url)
-        assert ledger._conn.upgrading is not None  # type: ignore[attr-defined]
-        await asyncio.wait_for(ledger._conn.upgrading, 30)  # type: ignore[attr-defined]
-        await ledger.close()
-        # Not built here, and the old index kept: the other worker's build is under way.
-        assert await _index_valid(url, NEW) is None
-        assert await _index_valid(url, OLD) is True
-        await other.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, NEW))
-    ledger = await open_ledger(url)  # the next start builds it
-    try:
-        await _until(
-            "built at the next start",
-            lambda: _both(url, new=True, old=None),
-        )
-    finally:
-        await ledger.close()
+        try:
+            await asyncio.sleep(0.5)  # several looks at the lock
+            # Not built here, and the old index kept: the other worker is upgrading.
+            assert await _both(url, new=None, old=True)
+            # It stops half-way (its build lock goes with it): this worker finishes.
+            await other.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, "ledger"))
+            await _until("built by this worker", lambda: _both(url, new=True, old=None))
+        finally:
+            await ledger.close()
 
 
 async def _both(url: str, *, new: bool | None, old: bool | None) -> bool:
@@ -199,3 +200,68 @@ async def test_an_index_made_invalid_is_built_again(old_ledger: str) -> None:
         await _until("built again", lambda: _both(url, new=True, old=None))
     finally:
         await ledger.close()
+
+
+async def test_workers_starting_together_upgrade_a_bounce_store_once(
+    url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Six partial indexes replace six full ones. Each worker building some of them at
+    # once deadlocked the builds (two CONCURRENTLY builds on one table), and no worker
+    # then dropped the old ones, having not built them all.
+    first = await open_bounce_store(url)
+    await first.close()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        for name in PARTIAL_INDEXES:
+            await conn.execute(f"DROP INDEX {name}")
+        for name, columns in EARLIER_INDEXES.items():
+            await conn.execute(f"CREATE INDEX {name} ON bounce_eobs {columns}")
+        await conn.execute(
+            "INSERT INTO bounce_eobs (eob_id, member_id, address, address_key, status,"
+            " age_from, attempt, incident_recorded, ref, updated_at)"
+            " SELECT 'e' || i, 'm' || i, 'a' || i || '@x.test', 'a' || i || '@x.test',"
+            " CASE WHEN i % 3 = 0 THEN 'retry_scheduled' ELSE 'delivered' END,"
+            " 1, 1, 0, '', 1 FROM generate_series(1, 30000) AS i"
+        )
+
+    async def indexes() -> set[str]:
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid"
+                " WHERE i.indrelid = to_regclass('bounce_eobs') AND i.indisvalid"
+                " AND NOT i.indisprimary"
+            )
+            return {str(row[0]) for row in await cur.fetchall()}
+
+    with caplog.at_level(logging.WARNING, logger="eobblast.state"):
+        stores = await asyncio.gather(*(open_bounce_store(url) for _ in range(3)))
+        try:
+
+            async def upgraded() -> bool:
+                return await indexes() == PARTIAL_INDEXES
+
+            await _until("the partial indexes built and the full ones dropped", upgraded, 60)
+        finally:
+            for store in stores:
+                await store.close()
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+async def test_an_audit_trail_opens_while_another_worker_writes_to_it(url: str) -> None:
+    # Its append-only triggers were replaced at every start: CREATE OR REPLACE TRIGGER
+    # waited behind any open audit write, and every later write waited behind it.
+    trail = await open_audit(url)
+    await trail.close()
+    async with await psycopg.AsyncConnection.connect(url) as writing:
+        await writing.execute(
+            "INSERT INTO audit_trail (at, event_id, action, actor)"
+            " VALUES (now(), 'e1', 'sent', 'w')"
+        )
+        trail = await asyncio.wait_for(open_audit(url), 10)
+        await trail.close()
+        await writing.commit()
+    # The triggers are there all the same: the trail stays append-only.
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.RaiseException):
+            await conn.execute("DELETE FROM audit_trail")
+        with pytest.raises(psycopg.errors.RaiseException):
+            await conn.execute("TRUNCATE audit_trail")

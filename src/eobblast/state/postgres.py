@@ -27,7 +27,8 @@ async def connect_postgres(
     background, CONCURRENTLY (`_upgrade_indexes`), and an old index it replaces is dropped
     only once the new ones are valid: inside the schema transaction either would take a
     lock that stops every worker's writes to the table until it is done. Indexes of a
-    table this transaction creates are made with it (it is empty).
+    table this transaction creates are made with it (it is empty). A trigger is created
+    only when missing: CREATE OR REPLACE TRIGGER would lock its table at every start.
     """
     import psycopg
 
@@ -66,6 +67,11 @@ async def connect_postgres(
             elif dropped is not None:
                 if await _exists(conn, dropped.group(1)):
                     drops.append(dropped.group(1))
+            elif (trigger := _TRIGGER.match(statement)) is not None:
+                # CREATE OR REPLACE TRIGGER locks its table against writes, as a new index
+                # would: made once (a changed trigger takes a new name).
+                if not await _has_trigger(conn, trigger.group("name"), trigger.group("table")):
+                    await conn.execute(statement)
             else:
                 await conn.execute(statement)
     upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
@@ -79,12 +85,21 @@ _NEW_INDEX = re.compile(
 )
 _DROP_INDEX = re.compile(r"\s*DROP\s+INDEX\s+IF\s+EXISTS\s+(\w+)\s*$", re.I)
 _CREATE_INDEX = re.compile(r"^\s*CREATE\s+INDEX", re.I)
-# Two-key advisory locks (namespace, hashtext(schema.index)): one builder per index of a
-# store, apart from the schema lock (a CONCURRENTLY build waits for older transactions,
-# one of which may be a worker waiting for the schema lock) and from other schemas'.
+_TRIGGER = re.compile(
+    r"\s*CREATE\s+OR\s+REPLACE\s+TRIGGER\s+(?P<name>\w+)\s.*?\sON\s+(?P<table>\w+)\s",
+    re.I | re.S,
+)
+# Two-key advisory locks (namespace, hashtext(schema.store)): one worker upgrades a store's
+# indexes, one after another (two CONCURRENTLY builds on a table deadlock each other).
+# Apart from the schema lock (a CONCURRENTLY build waits for older transactions, one of
+# which may be a worker waiting for the schema lock) and from other schemas' stores.
 _BUILD_LOCKS = 0x0E0B_1DE0
 _TRY_BUILD_LOCK = "SELECT pg_try_advisory_lock(%s::int4, hashtext(current_schema() || '.' || %s))"
 _BUILD_UNLOCK = "SELECT pg_advisory_unlock(%s::int4, hashtext(current_schema() || '.' || %s))"
+# How often a worker whose store another worker is upgrading looks whether it still is (it
+# takes over if that worker stopped half-way). Never a waiting lock call: its snapshot
+# would be one the build waits for.
+UPGRADE_POLL = 5.0
 
 
 def _index_table(statement: str) -> str | None:
@@ -96,6 +111,13 @@ async def _exists(conn: Any, name: str) -> bool:
     cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+async def _has_trigger(conn: Any, name: str, table: str) -> bool:
+    cur = await conn.execute(
+        "SELECT 1 FROM pg_trigger WHERE tgname = %s AND tgrelid = to_regclass(%s)", (name, table)
+    )
+    return await cur.fetchone() is not None
 
 
 async def _index_valid(conn: Any, name: str) -> bool | None:
@@ -110,15 +132,16 @@ async def _index_valid(conn: Any, name: str) -> bool | None:
 async def _upgrade_indexes(
     dsn: str, what: str, builds: Sequence[tuple[str, str]], drops: Sequence[str]
 ) -> None:
-    """Build a new release's indexes CONCURRENTLY on their own connection, then drop the
-    indexes they replace, while the store is in use.
+    """Build a new release's indexes CONCURRENTLY on a connection of their own, then drop
+    the indexes they replace, while the store is in use.
 
-    Nothing here is needed for the store to be right, only fast: a build another worker
-    holds, or one that fails, is left to the next start (an index it left invalid is
-    dropped and built again then), and the old indexes stay until the new ones are valid.
+    One worker does it (the store's build lock); the others look again every UPGRADE_POLL
+    seconds and finish what is left if that worker stopped. Nothing here is needed for the
+    store to be right, only fast: a build that fails is logged and left to the next start
+    (which drops an index it left invalid and builds it again), and the old indexes stay
+    until every new one is valid.
     """
     import psycopg
-    from psycopg import sql
 
     try:
         conn = await _connect(dsn, f"{what} index build")
@@ -126,58 +149,62 @@ async def _upgrade_indexes(
         log.warning("index build not started: %s", type(exc).__name__, extra={"store": what})
         return
     try:
-        # Built by an operator's role limits, a large index would never finish.
+        # Built under an operator's role limits, a large index would never finish.
         await conn.execute("SET statement_timeout = 0")
         await conn.execute("SET lock_timeout = 0")
-        complete = True
-        for name, statement in builds:
-            complete = await _build(conn, what, name, statement) and complete
-        for name in drops if complete else ():
-            log.info("dropping a replaced index", extra={"store": what, "index": name})
-            await conn.execute(
-                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
-            )
-    except psycopg.Error as exc:
-        log.warning("index upgrade stopped: %s", type(exc).__name__, extra={"store": what})
+        while True:
+            cur = await conn.execute(_TRY_BUILD_LOCK, (_BUILD_LOCKS, what))
+            row = await cur.fetchone()
+            if row and row[0]:
+                break
+            await asyncio.sleep(UPGRADE_POLL)
+        try:
+            await _upgrade_locked(conn, what, builds, drops)
+        finally:
+            await conn.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, what))
     except asyncio.CancelledError:
-        # The store closed first: stop the server's work too (a cut-short build leaves an
-        # invalid index, built again at the next start).
-        with contextlib.suppress(Exception):
-            await conn.cancel_safe()
+        # The store closed first: psycopg cancels the statement on the server (a build cut
+        # short leaves an invalid index, built again at the next start).
         raise
+    except Exception as exc:
+        log.warning("index upgrade stopped: %s", type(exc).__name__, extra={"store": what})
     finally:
         with contextlib.suppress(Exception):
             await conn.close()
 
 
-async def _build(conn: Any, what: str, name: str, statement: str) -> bool:
-    """Build one index CONCURRENTLY unless another worker is; whether it is valid now."""
+async def _upgrade_locked(
+    conn: Any, what: str, builds: Sequence[tuple[str, str]], drops: Sequence[str]
+) -> None:
+    """The upgrade, with the store's build lock held: each index still missing or invalid
+    is built (another worker may have built some since), then the old ones dropped."""
     import psycopg
     from psycopg import sql
 
-    cur = await conn.execute(_TRY_BUILD_LOCK, (_BUILD_LOCKS, name))
-    row = await cur.fetchone()
-    if not (row and row[0]):
-        log.info("index built by another worker", extra={"store": what, "index": name})
-        return False
-    try:
+    complete = True
+    for name, statement in builds:
         state = await _index_valid(conn, name)
         if state is True:
-            return True
-        if state is False:  # what a build cut short left
+            continue
+        try:
+            if state is False:  # what a build cut short left
+                await conn.execute(
+                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
+                )
+            log.info("building an index concurrently", extra={"store": what, "index": name})
+            await conn.execute(_CREATE_INDEX.sub("CREATE INDEX CONCURRENTLY", statement, count=1))
+            log.info("index built", extra={"store": what, "index": name})
+        except psycopg.Error as exc:
+            log.warning(
+                "index not built: %s", type(exc).__name__, extra={"store": what, "index": name}
+            )
+            complete = False
+    for name in drops if complete else ():
+        if await _exists(conn, name):
+            log.info("dropping a replaced index", extra={"store": what, "index": name})
             await conn.execute(
                 sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
             )
-        log.info("building an index concurrently", extra={"store": what, "index": name})
-        await conn.execute(_CREATE_INDEX.sub("CREATE INDEX CONCURRENTLY", statement, count=1))
-        log.info("index built", extra={"store": what, "index": name})
-        return True
-    except psycopg.Error as exc:
-        log.warning("index not built: %s", type(exc).__name__, extra={"store": what, "index": name})
-        return False
-    finally:
-        with contextlib.suppress(Exception):
-            await conn.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, name))
 
 
 async def _connect(dsn: str, what: str) -> Any:
