@@ -265,3 +265,35 @@ async def test_an_audit_trail_opens_while_another_worker_writes_to_it(url: str) 
             await conn.execute("DELETE FROM audit_trail")
         with pytest.raises(psycopg.errors.RaiseException):
             await conn.execute("TRUNCATE audit_trail")
+
+
+async def test_the_old_index_stays_if_the_new_one_is_not_really_there(
+    old_ledger: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Something else holds the new index's name: CREATE INDEX ... IF NOT EXISTS succeeds
+    # without building it. The old index is kept all the same.
+    url = old_ledger
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(f"CREATE TABLE {NEW} (x int)")
+    ledger = await open_ledger(url)
+    try:
+        await asyncio.wait_for(ledger._conn.upgrading, 30)  # type: ignore[attr-defined]
+    finally:
+        await ledger.close()
+    assert await _index_valid(url, OLD) is True
+
+
+async def test_an_audit_trigger_disabled_by_hand_is_enabled_again(url: str) -> None:
+    trail = await open_audit(url)
+    await trail.close()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        await conn.execute(
+            "INSERT INTO audit_trail (at, event_id, action, actor)"
+            " VALUES (now(), 'e1', 'sent', 'w')"
+        )
+        await conn.execute("ALTER TABLE audit_trail DISABLE TRIGGER audit_trail_no_change")
+    trail = await open_audit(url)
+    await trail.close()
+    async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.RaiseException):
+            await conn.execute("DELETE FROM audit_trail")

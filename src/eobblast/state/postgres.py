@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import re
+import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
@@ -86,7 +88,7 @@ _NEW_INDEX = re.compile(
 _DROP_INDEX = re.compile(r"\s*DROP\s+INDEX\s+IF\s+EXISTS\s+(\w+)\s*$", re.I)
 _CREATE_INDEX = re.compile(r"^\s*CREATE\s+INDEX", re.I)
 _TRIGGER = re.compile(
-    r"\s*CREATE\s+OR\s+REPLACE\s+TRIGGER\s+(?P<name>\w+)\s.*?\sON\s+(?P<table>\w+)\s",
+    r"\s*CREATE\s+OR\s+REPLACE\s+TRIGGER\s+(?P<name>\w+)\s.*?\sON\s+(?P<table>\w+)(?:\s|$)",
     re.I | re.S,
 )
 # Two-key advisory locks (namespace, hashtext(schema.store)): one worker upgrades a store's
@@ -100,6 +102,8 @@ _BUILD_UNLOCK = "SELECT pg_advisory_unlock(%s::int4, hashtext(current_schema() |
 # takes over if that worker stopped half-way). Never a waiting lock call: its snapshot
 # would be one the build waits for.
 UPGRADE_POLL = 5.0
+# How long a worker waits for another's upgrade before it leaves it to that worker.
+UPGRADE_WAIT = 3600.0
 
 
 def _index_table(statement: str) -> str | None:
@@ -107,24 +111,36 @@ def _index_table(statement: str) -> str | None:
     return None if index is None else index.group("table")
 
 
+# Names looked up in this store's own schema (the first of the search path), never another's.
+_EXISTS = "SELECT to_regclass(format('%%I.%%I', current_schema(), %s::text)) IS NOT NULL"
+_INDEX_VALID = (
+    "SELECT i.indisvalid FROM pg_index i"
+    " WHERE i.indexrelid = to_regclass(format('%%I.%%I', current_schema(), %s::text))"
+)
+_TRIGGER_ENABLED = (
+    "SELECT tgenabled <> 'D' FROM pg_trigger WHERE tgname = %s"
+    " AND tgrelid = to_regclass(format('%%I.%%I', current_schema(), %s::text))"
+)
+
+
 async def _exists(conn: Any, name: str) -> bool:
-    cur = await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,))
+    cur = await conn.execute(_EXISTS, (name,))
     row = await cur.fetchone()
     return bool(row and row[0])
 
 
 async def _has_trigger(conn: Any, name: str, table: str) -> bool:
-    cur = await conn.execute(
-        "SELECT 1 FROM pg_trigger WHERE tgname = %s AND tgrelid = to_regclass(%s)", (name, table)
-    )
-    return await cur.fetchone() is not None
+    """Whether the trigger is there and enabled (one disabled by hand is made again)."""
+    cur = await conn.execute(_TRIGGER_ENABLED, (name, table))
+    row = await cur.fetchone()
+    if row is not None and not row[0]:
+        log.warning("a disabled trigger is enabled again", extra={"trigger": name})
+    return bool(row and row[0])
 
 
 async def _index_valid(conn: Any, name: str) -> bool | None:
     """Whether the index is there and usable (None: not there; False: a build that died)."""
-    cur = await conn.execute(
-        "SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(%s)", (name,)
-    )
+    cur = await conn.execute(_INDEX_VALID, (name,))
     row = await cur.fetchone()
     return None if row is None else bool(row[0])
 
@@ -136,31 +152,34 @@ async def _upgrade_indexes(
     the indexes they replace, while the store is in use.
 
     One worker does it (the store's build lock); the others look again every UPGRADE_POLL
-    seconds and finish what is left if that worker stopped. Nothing here is needed for the
-    store to be right, only fast: a build that fails is logged and left to the next start
-    (which drops an index it left invalid and builds it again), and the old indexes stay
-    until every new one is valid.
+    seconds, on a connection opened for each look, and finish what is left if that worker
+    stopped, for up to UPGRADE_WAIT. Nothing here is needed for the store to be right, only
+    fast: a build that fails is logged (a worker that takes over tries it once more, then
+    the next start), and the old indexes stay until every new one is valid. Session-level
+    advisory locks need a direct (or session-pooled) connection to PostgreSQL.
     """
     import psycopg
 
+    deadline = time.monotonic() + UPGRADE_WAIT
     try:
-        conn = await _connect(dsn, f"{what} index build")
-    except psycopg.Error as exc:
-        log.warning("index build not started: %s", type(exc).__name__, extra={"store": what})
-        return
-    try:
-        # Built under an operator's role limits, a large index would never finish.
-        await conn.execute("SET statement_timeout = 0")
-        await conn.execute("SET lock_timeout = 0")
         while True:
+            conn = await _build_connection(dsn, what)
             cur = await conn.execute(_TRY_BUILD_LOCK, (_BUILD_LOCKS, what))
             row = await cur.fetchone()
             if row and row[0]:
                 break
-            await asyncio.sleep(UPGRADE_POLL)
-        try:
-            await _upgrade_locked(conn, what, builds, drops)
-        finally:
+            await conn.close()
+            if time.monotonic() > deadline:
+                log.info("index upgrade left to the worker doing it", extra={"store": what})
+                return
+            await asyncio.sleep(UPGRADE_POLL * random.uniform(0.8, 1.2))
+    except psycopg.Error as exc:
+        log.warning("index upgrade not started: %s", type(exc).__name__, extra={"store": what})
+        return
+    try:
+        await _upgrade_locked(conn, what, builds, drops)
+        # Closing the connection releases the lock, should this fail.
+        with contextlib.suppress(psycopg.Error):
             await conn.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, what))
     except asyncio.CancelledError:
         # The store closed first: psycopg cancels the statement on the server (a build cut
@@ -171,6 +190,26 @@ async def _upgrade_indexes(
     finally:
         with contextlib.suppress(Exception):
             await conn.close()
+
+
+async def _build_connection(dsn: str, what: str) -> Any:
+    """A connection for index builds: no statement or lock timeout (a large index would
+    never finish under an operator's role limits), and a client that vanished is noticed
+    (its session would otherwise hold the build lock for hours)."""
+    import psycopg
+
+    conn = await _connect(dsn, f"{what} index build")
+    for setting in (
+        "SET statement_timeout = 0",
+        "SET lock_timeout = 0",
+        "SET tcp_keepalives_idle = 60",
+        "SET tcp_keepalives_interval = 10",
+        "SET tcp_keepalives_count = 6",
+        "SET client_connection_check_interval = '10s'",  # PostgreSQL 14 and later
+    ):
+        with contextlib.suppress(psycopg.errors.UndefinedObject):
+            await conn.execute(setting)
+    return conn
 
 
 async def _upgrade_locked(
@@ -198,6 +237,11 @@ async def _upgrade_locked(
             log.warning(
                 "index not built: %s", type(exc).__name__, extra={"store": what, "index": name}
             )
+            complete = False
+    # Valid now, here: a CREATE INDEX ... IF NOT EXISTS succeeds without building anything
+    # when something else already has the name.
+    for name, _ in builds:
+        if await _index_valid(conn, name) is not True:
             complete = False
     for name in drops if complete else ():
         if await _exists(conn, name):
