@@ -30,7 +30,8 @@ async def connect_postgres(
     only once the new ones are valid: inside the schema transaction either would take a
     lock that stops every worker's writes to the table until it is done. Indexes of a
     table this transaction creates are made with it (it is empty). A trigger is created
-    only when missing: CREATE OR REPLACE TRIGGER would lock its table at every start.
+    only when missing or disabled: CREATE OR REPLACE TRIGGER would lock its table at every
+    start.
     """
     import psycopg
 
@@ -48,9 +49,9 @@ async def connect_postgres(
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
         # Which tables were there before: a table created here gets its indexes at once.
         existed = {
-            table: await _exists(conn, table)
+            index.group("table"): await _exists(conn, index.group("table"))
             for statement in statements
-            if (table := _index_table(statement)) is not None
+            if (index := _NEW_INDEX.match(statement)) is not None
         }
         for statement in statements:
             index = _NEW_INDEX.match(statement)
@@ -60,7 +61,7 @@ async def connect_postgres(
                 # CREATE INDEX IF NOT EXISTS locks the table against writes even when the
                 # index is there: a starting worker would wait behind every open write, and
                 # every other worker's writes behind it.
-                if index.group("unique") or not existed.get(_index_table(statement) or ""):
+                if index.group("unique") or not existed[index.group("table")]:
                     # Unique ones may back an ON CONFLICT: never left for later.
                     if not await _exists(conn, name):
                         await conn.execute(statement)
@@ -104,11 +105,6 @@ _BUILD_UNLOCK = "SELECT pg_advisory_unlock(%s::int4, hashtext(current_schema() |
 UPGRADE_POLL = 5.0
 # How long a worker waits for another's upgrade before it leaves it to that worker.
 UPGRADE_WAIT = 3600.0
-
-
-def _index_table(statement: str) -> str | None:
-    index = _NEW_INDEX.match(statement)
-    return None if index is None else index.group("table")
 
 
 # Names looked up in this store's own schema (the first of the search path), never another's.
