@@ -57,24 +57,10 @@ class ReasonCode(enum.StrEnum):
     UNKNOWN_EVENT = "unknown_event"
 
 
-# Why input is parked on the dead-letter topic (outcome rejected): nothing was sent.
-INPUT_REASONS = (
-    ReasonCode.INVALID_JSON,
-    ReasonCode.INVALID_UTF8,
-    ReasonCode.EVENT_TOO_LARGE,
-    ReasonCode.NOT_AN_OBJECT,
-    ReasonCode.UNSUPPORTED_SCHEMA,
-    ReasonCode.MISSING_FIELD,
-    ReasonCode.UNKNOWN_FIELD,
-    ReasonCode.WRONG_TYPE,
-    ReasonCode.MONEY_NOT_DECIMAL_STRING,
-    ReasonCode.FIELD_TOO_LARGE,
-    ReasonCode.CONTROL_CHARACTERS,
-    ReasonCode.INVALID_ADDRESS,
-    ReasonCode.INVALID_VALUE,
-    ReasonCode.EMPTY_VALUE,
-    ReasonCode.MISSING_KEY,
-)
+# Why input is parked on the dead-letter topic (outcome rejected): nothing was sent. The
+# codes declared in ReasonCode's input block, before the gate's first.
+_CODES = list(ReasonCode)
+INPUT_REASONS = tuple(_CODES[: _CODES.index(ReasonCode.NO_CONSENT)])
 
 
 class Outcome(enum.StrEnum):

@@ -21,7 +21,13 @@ import pytest
 import yaml
 
 from eobblast.streams import EmbeddedBroker
-from tests.integration.worker_stack import Stack, accept_domains, sandbox_stack, start_eobblast_run
+from tests.integration.worker_stack import (
+    Stack,
+    accept_domains,
+    sandbox_stack,
+    start_eobblast_run,
+    until,
+)
 from tests.kafka_fixtures import free_port
 
 ROOT = Path(__file__).parents[2]
@@ -116,16 +122,6 @@ async def _alerts(client: httpx.AsyncClient) -> list[dict[str, Any]]:
     return alerts
 
 
-async def _until(what: str, check: Any, seconds: float = 60.0) -> Any:
-    deadline = time.monotonic() + seconds
-    while True:
-        found = await check()
-        if found:
-            return found
-        assert time.monotonic() < deadline, f"not within {seconds:.0f} s: {what}"
-        await asyncio.sleep(0.5)
-
-
 async def test_the_first_dead_letter_after_start_fires_its_alert(
     stack: Stack, tmp_path: Path
 ) -> None:
@@ -139,7 +135,7 @@ async def test_the_first_dead_letter_after_start_fires_its_alert(
         async def zero() -> bool:
             return [float(s["value"][1]) for s in await _query(client, rejected)] == [0.0]
 
-        await _until("the worker exports rejections at 0", zero)
+        await until("the worker exports rejections at 0", zero, 60, every=0.5)
         await stack.publish([b"this is not json"] * 3, keys=[b"m-1"] * 3)
 
         async def firing() -> list[dict[str, Any]]:
@@ -150,7 +146,7 @@ async def test_the_first_dead_letter_after_start_fires_its_alert(
                 and alert["state"] == "firing"
             ]
 
-        alerts = await _until("EobblastDeadLetters fires", firing)
+        alerts = await until("EobblastDeadLetters fires", firing, 60, every=0.5)
         assert [alert["labels"] for alert in alerts] == [
             {"alertname": "EobblastDeadLetters", "reason": "invalid_json", "severity": "warning"}
         ]

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import psycopg
 import pytest
@@ -24,6 +23,7 @@ from eobblast.state.ledger import _SCHEMA, open_ledger
 from eobblast.state.postgres import _BUILD_LOCKS, _BUILD_UNLOCK, _TRY_BUILD_LOCK
 from tests.conftest import throwaway_pg_schema
 from tests.integration.test_bounce_service import EARLIER_INDEXES, PARTIAL_INDEXES
+from tests.integration.worker_stack import until
 
 NEW = "send_ledger_final"
 OLD = "send_ledger_settled"
@@ -54,18 +54,7 @@ async def old_ledger(url: str) -> AsyncIterator[str]:
 async def _index_valid(url: str, name: str) -> bool | None:
     """None: no such index; False: there but invalid (a build cut short)."""
     async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
-        cur = await conn.execute(
-            "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)", (name,)
-        )
-        row = await cur.fetchone()
-    return None if row is None else bool(row[0])
-
-
-async def _until(what: str, check: Callable[[], Awaitable[bool]], seconds: float = 30) -> None:
-    deadline = time.monotonic() + seconds
-    while not await check():
-        assert time.monotonic() < deadline, f"not within {seconds:.0f} s: {what}"
-        await asyncio.sleep(0.05)
+        return await postgres._index_valid(conn, name)
 
 
 async def _builder_blocked_by(url: str, blocker: int) -> int:
@@ -82,7 +71,7 @@ async def _builder_blocked_by(url: str, blocker: int) -> int:
             found.extend(row[0] for row in await cur.fetchall())
         return bool(found)
 
-    await _until("the index build waits for the open write", waiting)
+    await until("the index build waits for the open write", waiting)
     return found[0]
 
 
@@ -107,10 +96,10 @@ async def test_the_new_index_is_built_while_other_workers_go_on_writing(
             assert await _index_valid(url, NEW) is False  # being built
             await writing.commit()
 
-            async def swapped() -> bool:
-                return await _index_valid(url, NEW) is True and await _index_valid(url, OLD) is None
-
-            await _until("the new index built and the old one dropped", swapped)
+            await until(
+                "the new index built and the old one dropped",
+                lambda: _both(url, new=True, old=None),
+            )
             entry = await ledger.get("meanwhile")
             assert entry is not None and entry.outcome == "delivered"
         finally:
@@ -146,7 +135,7 @@ async def test_an_upgrade_another_worker_holds_is_left_to_it_until_it_stops(
             assert await _both(url, new=None, old=True)
             # It stops half-way (its build lock goes with it): this worker finishes.
             await other.execute(_BUILD_UNLOCK, (_BUILD_LOCKS, "ledger"))
-            await _until("built by this worker", lambda: _both(url, new=True, old=None))
+            await until("built by this worker", lambda: _both(url, new=True, old=None))
         finally:
             await ledger.close()
 
@@ -179,7 +168,7 @@ async def test_a_build_cut_short_leaves_the_store_working_and_is_done_again(
         await writing.commit()
     ledger = await open_ledger(url)  # the next start drops the invalid one and builds it
     try:
-        await _until("built again", lambda: _both(url, new=True, old=None))
+        await until("built again", lambda: _both(url, new=True, old=None))
     finally:
         await ledger.close()
 
@@ -197,7 +186,7 @@ async def test_an_index_made_invalid_is_built_again(old_ledger: str) -> None:
         )
     ledger = await open_ledger(url)
     try:
-        await _until("built again", lambda: _both(url, new=True, old=None))
+        await until("built again", lambda: _both(url, new=True, old=None))
     finally:
         await ledger.close()
 
@@ -239,7 +228,7 @@ async def test_workers_starting_together_upgrade_a_bounce_store_once(
             async def upgraded() -> bool:
                 return await indexes() == PARTIAL_INDEXES
 
-            await _until("the partial indexes built and the full ones dropped", upgraded, 60)
+            await until("the partial indexes built and the full ones dropped", upgraded, 60)
         finally:
             for store in stores:
                 await store.close()

@@ -1221,12 +1221,7 @@ async def test_events_published_with_kcat_are_delivered(
 ) -> None:
     # A client no one here wrote plays the claims system: kcat -P -K: (key:value lines).
     running, shim = kcat_broker
-    domains = accept_domains(22)
-    pki = make_test_pki(tmp_path / "pki", [d.name for d in domains])
-    prepare(tmp_path)
-    async with Sandbox(domains, tmp_path / "mail", pki) as sandbox:
-        stack = Stack(running, sandbox, pki, tmp_path)
-        await stack.create_topics()
+    async with sandbox_stack(running, tmp_path, accept_domains(22)) as stack:
         values = stack.events(25, seed=12)
         lines = b"".join(member_key(v) + b"|" + v + b"\n" for v in values)
         kcat = await asyncio.create_subprocess_exec(
@@ -1251,7 +1246,7 @@ async def test_events_published_with_kcat_are_delivered(
     grouped = statuses(records)
     assert len(grouped) == 25
     assert {items[0].status for items in grouped.values()} == {"delivered"}
-    assert sum(sandbox.counts.values()) == 25
+    assert sum(stack.sandbox.counts.values()) == 25
 
 
 def _children(pid: int) -> list[int]:

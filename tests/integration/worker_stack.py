@@ -10,10 +10,10 @@ import sys
 import time
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import tomli_w
@@ -30,6 +30,8 @@ from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
 from eobblast.transport import Transport
 from eobblast.worker import Worker, _LateBound, new_worker_id, open_bounces
+
+T = TypeVar("T")
 
 CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 
@@ -170,6 +172,17 @@ async def sandbox_stack(
         built = Stack(broker, sandbox, pki, directory)
         await built.create_topics()
         yield built
+
+
+async def until(
+    what: str, check: Callable[[], Awaitable[T]], seconds: float = 30.0, every: float = 0.05
+) -> T:
+    """`check()`'s first truthy result, looked for every `every` s for up to `seconds`."""
+    deadline = time.monotonic() + seconds
+    while not (found := await check()):
+        assert time.monotonic() < deadline, f"not within {seconds:.0f} s: {what}"
+        await asyncio.sleep(every)
+    return found
 
 
 def prepare(directory: Path) -> None:

@@ -309,6 +309,12 @@ class Shaper:
                 raise ConfigError(f"shaping.provider_overrides.{domain}: no provider {name!r}")
         self._pools = pools
         self._plan = settings.plan
+        # Block alerts counted from 0, so an alert sees the first block of a pair (a
+        # labelled series appears only when first counted).
+        for pool in pools.pools:
+            for source in pool.ips:
+                for provider in providers.names:
+                    BLOCK_ALERTS.labels(pool.name, source.address, provider)
         self._limits = settings.limits
         self._policy = settings.backoff
         self._leaser = leaser
@@ -725,9 +731,6 @@ class Shaper:
                 for provider in plan.providers.names:
                     cap = plan.hourly_cap(source, provider, now, activity)
                     HOURLY_CAP.labels(pool.name, source.address, provider).set(cap)
-                    # Counted from 0, so an alert sees the first block of a pair (a
-                    # labelled series appears only when first counted).
-                    BLOCK_ALERTS.labels(pool.name, source.address, provider)
         for pair in self._pairs.values():
             self._publish_pair(pair, now)
 

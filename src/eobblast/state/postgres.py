@@ -48,11 +48,12 @@ async def connect_postgres(
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
         # Which tables were there before: a table created here gets its indexes at once.
-        existed = {
-            index.group("table"): await _exists(conn, index.group("table"))
+        tables = {
+            index.group("table")
             for statement in statements
             if (index := _NEW_INDEX.match(statement)) is not None
         }
+        existed = {table: await _exists(conn, table) for table in tables}
         for statement in statements:
             index = _NEW_INDEX.match(statement)
             dropped = _DROP_INDEX.match(statement)
