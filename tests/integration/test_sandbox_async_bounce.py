@@ -132,6 +132,8 @@ async def test_accept_then_hard_bounce_holds_the_notice(stack: Stack) -> None:
     row = await stack.store.eob("ev-gone-1")
     assert row is not None and row[0].status is EobStatus.HELD_FOR_VERIFICATION
     assert [t for t, _, _ in stack.publisher.records] == ["eob.address-verification"]
+    # The sandbox counts its DSN once the listener has replied, after the report exists.
+    await eventually(lambda: stack.sandbox.dsns_sent != {})
     assert stack.sandbox.dsns_sent == {LATER: 1}
     # The DSN is RFC 3464: multipart/report with a message/delivery-status part.
     accepted = stack.sandbox.received[0]
