@@ -72,7 +72,7 @@ from eobblast.bounces.verp import carried_by_reference, event_reference
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.postgres import connect_postgres
-from eobblast.state.sqlite import open_sqlite, open_store
+from eobblast.state.sqlite import begin_immediate, is_busy, open_sqlite, open_store
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -881,8 +881,8 @@ class SqliteBounceStore(BounceStore):
     """The store in one SQLite file (WAL), shared by the processes of one machine.
 
     Statements are small indexed reads and writes that run on the event loop's thread, as
-    the send ledger's do; `BEGIN IMMEDIATE` makes every change exclusive, and `busy_timeout`
-    covers the moments another process holds the write lock.
+    the send ledger's do; `BEGIN IMMEDIATE` makes every change exclusive, and a change waits
+    for another process's write lock with the loop running (`begin_immediate`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -898,9 +898,9 @@ class SqliteBounceStore(BounceStore):
         self, member_ids: Collection[str], address_keys: Collection[str] = ()
     ) -> AsyncIterator[None]:
         try:
-            self._db.execute("BEGIN IMMEDIATE")
+            await begin_immediate(self._db)
         except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+            if is_busy(exc):
                 raise StoreBusy from None
             raise
         try:

@@ -198,7 +198,7 @@ class SqliteAuditTrail(AuditTrail):
 
     async def _append_many(self, records: Sequence[AuditRecord]) -> list[None]:
         rows = [_sqlite_row(r) for r in records]
-        write_transaction(self._db, lambda: self._db.executemany(_INSERT.format("?"), rows))
+        await write_transaction(self._db, lambda: self._db.executemany(_INSERT.format("?"), rows))
         return [None] * len(records)
 
     async def records(

@@ -36,7 +36,7 @@ from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.state.postgres import connect_postgres
-from eobblast.state.sqlite import open_sqlite, open_store
+from eobblast.state.sqlite import begin_immediate, open_sqlite, open_store, write_transaction
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -580,14 +580,14 @@ class SqliteEscrow(EscrowStore):
         self._db.execute("PRAGMA secure_delete=ON")
 
     async def _insert(self, values: tuple[Any, ...]) -> None:
-        self._db.execute(_INSERT.format("?"), values)
+        await write_transaction(self._db, lambda: self._db.execute(_INSERT.format("?"), values))
 
     async def _fetch(self, token_sha256: str) -> ItemRow | None:
         return _row(self._db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
 
     async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult:
         db = self._db
-        db.execute("BEGIN IMMEDIATE")
+        await begin_immediate(db)
         try:
             row = _row(db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
             result, change = decide(row)
@@ -600,10 +600,14 @@ class SqliteEscrow(EscrowStore):
         return result
 
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
-        return list(self._db.execute(_DELETE.format("?"), (now,)).fetchall())
+        return await write_transaction(
+            self._db, lambda: list(self._db.execute(_DELETE.format("?"), (now,)).fetchall())
+        )
 
     async def _discard(self, item_id: str) -> None:
-        self._db.execute(_DISCARD.format("?"), (item_id,))
+        await write_transaction(
+            self._db, lambda: self._db.execute(_DISCARD.format("?"), (item_id,))
+        )
 
     async def ping(self) -> None:
         """Raise if the database cannot be read."""

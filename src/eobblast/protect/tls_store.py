@@ -116,7 +116,7 @@ class SqliteTlsStore(TlsStore):
             ).fetchone()
             self._db.executemany(_SQLITE_MERGE, [(*row, version) for row in _rows(records)])
 
-        write_transaction(self._db, work)
+        await write_transaction(self._db, work)
 
     async def changed(self, position: float | None) -> tuple[list[TlsRecord], float | None]:
         """Rows written after `position` (every row for None), and the position reached."""
@@ -133,7 +133,7 @@ class SqliteTlsStore(TlsStore):
             "DELETE FROM tls_knowledge WHERE (verified_at IS NULL OR verified_at < ?)"
             " AND (failed_at IS NULL OR failed_at < ?)"
         )
-        return write_transaction(
+        return await write_transaction(
             self._db, lambda: self._db.execute(sql, (verified_before, failed_before)).rowcount
         )
 

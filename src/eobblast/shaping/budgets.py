@@ -33,7 +33,7 @@ from eobblast.shaping.warmup import (
     hour_bucket,
 )
 from eobblast.state.postgres import PgConnection, connect_postgres
-from eobblast.state.sqlite import open_sqlite, open_store
+from eobblast.state.sqlite import begin_immediate, open_sqlite, open_store, write_transaction
 
 if TYPE_CHECKING:
     pass
@@ -287,7 +287,8 @@ class SqliteBudgetStore(BudgetStore):
     """Budgets in one SQLite file (WAL), shared by the worker processes of one machine.
 
     Like the send ledger, statements are microsecond single-row writes run on the event
-    loop's thread; `busy_timeout` covers the moments another process holds the write lock.
+    loop's thread; a write waits for another process's write lock with the loop running
+    (`begin_immediate`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -303,7 +304,7 @@ class SqliteBudgetStore(BudgetStore):
         key = request.key
         db = self._db
         # IMMEDIATE takes the write lock up front, so the three statements commit as one.
-        db.execute("BEGIN IMMEDIATE")
+        await begin_immediate(db)
         try:
             row = self._one(
                 _SUSPENDED, {"ip": key.ip, "provider": key.provider, "now": request.now}
@@ -323,7 +324,7 @@ class SqliteBudgetStore(BudgetStore):
     async def release(self, key: BudgetKey, *, unused: int, sent: int, deferred: int) -> None:
         """Give back unspent units and report spent/deferred counts."""
         params = _key_params(key, unused=unused, sent=sent, deferred=deferred)
-        self._db.execute(_sqlite(_RELEASE), params)
+        await write_transaction(self._db, lambda: self._db.execute(_sqlite(_RELEASE), params))
 
     async def usage(self, hour: int) -> list[BudgetUsage]:
         """Every counter of one hour."""
@@ -342,11 +343,12 @@ class SqliteBudgetStore(BudgetStore):
     async def suspend(self, ip: str, provider: str, *, until: float, code: str, now: float) -> None:
         """Suspend an IP for one provider, for every worker."""
         params = {"ip": ip, "provider": provider, "until": until, "code": code, "now": now}
-        self._db.execute(_sqlite(_SUSPEND), params)
+        await write_transaction(self._db, lambda: self._db.execute(_sqlite(_SUSPEND), params))
 
     async def resume(self, ip: str, provider: str) -> None:
         """Lift a suspension."""
-        self._db.execute(_sqlite(_RESUME), {"ip": ip, "provider": provider})
+        params = {"ip": ip, "provider": provider}
+        await write_transaction(self._db, lambda: self._db.execute(_sqlite(_RESUME), params))
 
     async def suspensions(self, now: float) -> dict[tuple[str, str], Suspension]:
         """Suspensions in force at `now`."""
@@ -355,8 +357,13 @@ class SqliteBudgetStore(BudgetStore):
 
     async def prune(self, before_hour: int, now: float) -> None:
         """Delete old counters and expired suspensions."""
-        self._db.execute(_sqlite(_PRUNE_BUDGETS), {"hour": before_hour})
-        self._db.execute(_sqlite(_PRUNE_SUSPENSIONS), {"now": now})
+        db = self._db
+
+        def prune() -> None:
+            db.execute(_sqlite(_PRUNE_BUDGETS), {"hour": before_hour})
+            db.execute(_sqlite(_PRUNE_SUSPENSIONS), {"now": now})
+
+        await write_transaction(db, prune)
 
     async def close(self) -> None:
         """Close the database."""

@@ -231,7 +231,8 @@ class SqliteLedger(SendLedger):
     """The ledger in one SQLite file (WAL), shared by the worker processes of one machine.
 
     Statements are tiny single-row writes that finish in microseconds, so they run on the
-    event loop's thread; a `busy_timeout` covers the moments another process holds the lock.
+    event loop's thread; a write waits for another process's lock with the loop running
+    (`begin_immediate`).
     """
 
     def __init__(self, path: Path) -> None:
@@ -271,11 +272,11 @@ class SqliteLedger(SendLedger):
         return claim
 
     async def _claim_many(self, items: Sequence[tuple[str, str, bool]]) -> list[Claim]:
-        return write_transaction(self._db, lambda: [self._claim_row(*item) for item in items])
+        return await write_transaction(self._db, lambda: [self._claim_row(*item) for item in items])
 
     async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
         now = time.time()
-        write_transaction(
+        await write_transaction(
             self._db,
             lambda: self._db.executemany(
                 "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
@@ -290,7 +291,7 @@ class SqliteLedger(SendLedger):
     async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
         """Record that these attempts' status events were acknowledged."""
         if marks:
-            write_transaction(self._db, lambda: self._db.executemany(_SQLITE_MARK, marks))
+            await write_transaction(self._db, lambda: self._db.executemany(_SQLITE_MARK, marks))
 
     async def get(self, event_id: str) -> LedgerEntry | None:
         """The row of an event, if any."""
@@ -304,7 +305,7 @@ class SqliteLedger(SendLedger):
         """Renew `owner`'s claims of these events."""
         if event_ids:
             now = time.time()
-            write_transaction(
+            await write_transaction(
                 self._db,
                 lambda: self._db.executemany(
                     "UPDATE send_ledger SET updated_at = ? WHERE event_id = ?"
@@ -315,7 +316,7 @@ class SqliteLedger(SendLedger):
 
     async def purge(self, before: float, unmarked_before: float, limit: int = PURGE_BATCH) -> int:
         """Forget up to `limit` events settled long enough ago."""
-        return write_transaction(
+        return await write_transaction(
             self._db,
             lambda: self._db.execute(SQLITE_PURGE, (before, unmarked_before, limit)).rowcount,
         )

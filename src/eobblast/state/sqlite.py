@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import sqlite3
@@ -56,10 +57,19 @@ async def open_store(
 # transactions than with 1,000 pages, as `synchronous=NORMAL` syncs only at checkpoints.
 WAL_CHECKPOINT_PAGES = 10_000
 
+# How long a write waits for another process's write lock before it fails ("database is
+# locked"), and how much of that SQLite may spend blocking the event loop at a time (see
+# `begin_immediate`).
+LOCK_WAIT = 10.0
+BLOCKING_WAIT_MS = 20
+_WAIT_LONG = f"PRAGMA busy_timeout={int(LOCK_WAIT * 1000)}"
+_WAIT_SHORT = f"PRAGMA busy_timeout={BLOCKING_WAIT_MS}"
+
 
 def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
-    """A store's connection (its directory created): autocommit, WAL, `busy_timeout`, its
-    schema created.
+    """A store's connection (its directory created): autocommit, WAL, a `busy_timeout` of
+    `LOCK_WAIT`, its schema created. Writes take the lock with `begin_immediate`, which
+    waits for another process's write lock without stopping the event loop.
 
     Switching to WAL needs a moment of exclusive access, which SQLite does not wait for:
     processes starting together retry briefly instead of failing. `synchronous=NORMAL` is
@@ -69,9 +79,9 @@ def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
     statements = list(schema)
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     _owner_only(path)
-    db = sqlite3.connect(path, isolation_level=None, timeout=10.0)
-    db.execute("PRAGMA busy_timeout=10000")
-    deadline = time.monotonic() + 10.0
+    db = sqlite3.connect(path, isolation_level=None, timeout=LOCK_WAIT)
+    db.execute(_WAIT_LONG)
+    deadline = time.monotonic() + LOCK_WAIT
     while True:
         try:
             db.execute("PRAGMA journal_mode=WAL")
@@ -109,13 +119,46 @@ def _ours_and_open(info: os.stat_result) -> bool:
     return bool(stat.S_IMODE(info.st_mode) & 0o077) and info.st_uid == os.geteuid()
 
 
-def write_transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:
-    """Run `work` (synchronous statements on `db`) in one write transaction.
+async def begin_immediate(db: sqlite3.Connection) -> None:
+    """`BEGIN IMMEDIATE` on `db`, waiting up to `LOCK_WAIT` for another process's write lock
+    with the event loop running; `sqlite3.OperationalError` ("database is locked") after.
+
+    SQLite's own busy handler sleeps on the calling thread, which is the event loop's: a
+    worker whose store another process holds for a while (a long purge, a checkpoint, an
+    admin command) would stop its Kafka heartbeats, its SMTP sessions and its metrics for as
+    long. It may block only for `BLOCKING_WAIT_MS` (most waits are over by then); longer,
+    the loop runs between tries. Nothing else on `db` runs inside a transaction while this
+    waits: none is open yet, and the work after it is synchronous.
+    """
+    deadline = time.monotonic() + LOCK_WAIT
+    delay = 0.002
+    while True:
+        db.execute(_WAIT_SHORT)
+        try:
+            db.execute("BEGIN IMMEDIATE")
+            return
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc) or time.monotonic() >= deadline:
+                raise
+        finally:
+            db.execute(_WAIT_LONG)
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """Whether SQLite gave up waiting for another connection's lock."""
+    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+async def write_transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:
+    """Run `work` (synchronous statements on `db`) in one write transaction, its lock taken
+    by `begin_immediate`.
 
     The stores' connections are in autocommit mode, where every statement, and every row of
     an executemany, would be a commit of its own.
     """
-    db.execute("BEGIN IMMEDIATE")
+    await begin_immediate(db)
     try:
         result = work()
         db.execute("COMMIT")
