@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 import eobblast.state.sqlite as sqlite_state
-from eobblast.bounces.store import StoreBusy, open_bounce_store
+from eobblast.bounces.store import OutboxMessage, StoreBusy, open_bounce_store
 from eobblast.observe.audit import AuditAction, AuditRecord, open_audit
 from eobblast.shaping.budgets import BudgetKey, LeaseRequest, open_budgets
 from eobblast.state.ledger import open_ledger
@@ -120,15 +120,30 @@ async def bounce_transaction(path: Path) -> Write:
     return Write("bounce store", write, written, store.close)
 
 
+async def bounce_outbox_ack(path: Path) -> Write:
+    store = await open_bounce_store(f"sqlite:///{path}")
+    async with store.transaction(["M-lock-1"], NOW) as tx:
+        ids = await tx.enqueue([OutboxMessage("eob.delivery", b"ev-lock-1", b"{}")], 60.0)
+
+    async def written() -> bool:
+        return _rows(path, "bounce_outbox") == 0
+
+    return Write("bounce outbox", lambda: store.ack_outbox(ids), written, store.close)
+
+
 def _payload_kept(path: Path) -> bool:
+    return _rows(path, "bounce_payloads") == 1
+
+
+def _rows(path: Path, table: str) -> int:
     db = sqlite3.connect(path)
     try:
-        return bool(db.execute("SELECT count(*) FROM bounce_payloads").fetchone()[0] == 1)
+        return int(db.execute(f"SELECT count(*) FROM {table}").fetchone()[0])
     finally:
         db.close()
 
 
-WRITES = [ledger_claim, audit_append, budget_lease, bounce_transaction]
+WRITES = [ledger_claim, audit_append, budget_lease, bounce_transaction, bounce_outbox_ack]
 
 
 @pytest.mark.parametrize("opened", WRITES, ids=lambda f: f.__name__)
@@ -175,8 +190,10 @@ async def test_a_write_gives_up_after_the_lock_wait_and_the_store_still_works(
     store = await opened(path)
     try:
         async with lock_held_elsewhere(path) as release:
+            # Within LOCK_WAIT and a margin, where SQLite's own wait would take 10 s.
             with pytest.raises(error):
-                await store.write()
+                async with asyncio.timeout(5):
+                    await store.write()
             assert not await store.written()
             await release()
         await store.write()

@@ -776,10 +776,10 @@ class BounceStore(abc.ABC):
         ]
 
     async def ack_outbox(self, ids: Collection[int]) -> None:
-        """Forget records Kafka has acknowledged."""
+        """Forget records Kafka has acknowledged (in one transaction)."""
         if not ids:
             return
-        async with self._lock:
+        async with self._lock, self._begin(()):
             for chunk in _chunks(ids):
                 await self._sql().run(
                     f"DELETE FROM bounce_outbox WHERE seq IN ({_marks(len(chunk))})",  # noqa: S608

@@ -127,8 +127,11 @@ async def begin_immediate(db: sqlite3.Connection) -> None:
     worker whose store another process holds for a while (a long purge, a checkpoint, an
     admin command) would stop its Kafka heartbeats, its SMTP sessions and its metrics for as
     long. It may block only for `BLOCKING_WAIT_MS` (most waits are over by then); longer,
-    the loop runs between tries. Nothing else on `db` runs inside a transaction while this
-    waits: none is open yet, and the work after it is synchronous.
+    the loop runs between tries. Every write to a store's connection takes its lock here
+    (reads need none in WAL mode). Another write on `db` may run while this waits, but not
+    inside a half-done transaction: the work after `write_transaction`'s begin is
+    synchronous, and the bounce store, whose transactions await, holds its own lock around
+    this call and its whole transaction.
     """
     deadline = time.monotonic() + LOCK_WAIT
     delay = 0.002
