@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from rich.table import Table
 
 from eobblast._cli import command_config, config_option
 from eobblast.config import warn_relative_stores
-from eobblast.errors import ConfigError, EobblastError
+from eobblast.errors import INPUT_REASONS, ConfigError, EobblastError
 
 console = Console(stderr=True)
 
@@ -377,6 +378,142 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             await stop.wait()
 
     _run(serve())
+
+
+_REASONS = click.Choice([*(str(reason) for reason in INPUT_REASONS), "unreadable"])
+
+
+def _dlq_selection(
+    reasons: tuple[str, ...], event_ids: tuple[str, ...], positions: tuple[str, ...]
+) -> Any:
+    from eobblast.dlq import Selection
+
+    for position in positions:
+        partition, sep, offset = position.partition(":")
+        if not (sep and partition.isdigit() and offset.isdigit()):
+            raise click.BadParameter(f"{position!r} is not PARTITION:OFFSET", param_hint="--at")
+    return Selection(frozenset(reasons), frozenset(event_ids), frozenset(positions))
+
+
+def _dlq_filters(command: Any) -> Any:
+    for option in reversed(
+        [
+            click.option("--reason", "reasons", multiple=True, type=_REASONS,
+                         help="Only dead letters with this reason code (repeatable)."),
+            click.option("--event-id", "event_ids", multiple=True,
+                         help="Only dead letters of this event id (repeatable)."),
+            click.option("--at", "positions", multiple=True, metavar="PARTITION:OFFSET",
+                         help="Only the dead letter at this position of the DLQ (repeatable)."),
+        ]
+    ):  # fmt: skip
+        command = option(command)
+    return command
+
+
+@main.group()
+def dlq() -> None:
+    """Rejected input parked on the dead-letter topic: list it, send it back.
+
+    Neither command prints an original's bytes or key (PHI, a member id)."""
+
+
+@dlq.command("list")
+@config_option()
+@_dlq_filters
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per dead letter.")
+def dlq_list(
+    config_path: Path | None,
+    reasons: tuple[str, ...],
+    event_ids: tuple[str, ...],
+    positions: tuple[str, ...],
+    as_json: bool,
+) -> None:
+    """List the dead letters: reason, field, event id, where each was read, its size."""
+    from eobblast.dlq import dead_letters
+
+    kafka = command_config(config_path).kafka
+    selection = _dlq_selection(reasons, event_ids, positions)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+
+    async def listing() -> Counter[str]:
+        by_reason: Counter[str] = Counter()
+        columns = ["position", "rejected at", "reason", "field", "event id", "read at"]
+        table = Table(*columns, "bytes", "replayable", title=f"dead letters on {kafka.dlq_topic}")
+        async for parked in dead_letters(kafka.bootstrap, kafka.dlq_topic, selection):
+            by_reason[parked.reason] += 1
+            row = parked.summary()
+            if as_json:
+                click.echo(orjson.dumps(row))
+                continue
+            table.add_row(
+                row["position"],
+                row.get("rejected_at", ""),
+                row["reason"],
+                row.get("field") or "",
+                row.get("event_id") or "",
+                row.get("source", ""),
+                f"{row.get('original_size', '')}",
+                "yes" if row["replayable"] else f"no: {row['not_replayable']}",
+            )
+        if not as_json:
+            out.print(table)
+        return by_reason
+
+    by_reason = _dlq_run(listing(), kafka.bootstrap)
+    total = sum(by_reason.values())
+    counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
+    click.echo(f"{total} dead letters" + (f": {counts}" if counts else ""), err=True)
+
+
+@dlq.command("replay")
+@config_option()
+@_dlq_filters
+@click.option("--all", "everything", is_flag=True, help="Every dead letter (no filter needed).")
+@click.option("--dry-run", is_flag=True, help="Count what would be sent; send nothing.")
+def dlq_replay(
+    config_path: Path | None,
+    reasons: tuple[str, ...],
+    event_ids: tuple[str, ...],
+    positions: tuple[str, ...],
+    everything: bool,
+    dry_run: bool,
+) -> None:
+    """Publish the selected dead letters' originals to the input topic again.
+
+    For records that eobblast rejected and would now accept (after an upgrade or a
+    configuration change): each goes back with its original key, so a member's notices
+    keep their order. An event delivered meanwhile is not sent again (the send ledger), and
+    a record rejected again is parked again. Originals kept only in part (over 1 MiB) are
+    skipped. Running it twice sends the records twice; the ledger still sends one email.
+    """
+    from eobblast.dlq import replay
+
+    kafka = command_config(config_path).kafka
+    selection = _dlq_selection(reasons, event_ids, positions)
+    if selection.empty and not everything:
+        raise click.UsageError("name what to replay (--reason, --event-id, --at) or say --all")
+    report = _dlq_run(
+        replay(kafka.bootstrap, kafka.dlq_topic, kafka.events_topic, selection, dry_run=dry_run),
+        kafka.bootstrap,
+    )
+    click.echo(orjson.dumps({"dry_run": dry_run, **report.as_dict()}))
+    verb = "would be sent" if dry_run else f"sent back to {kafka.events_topic}"
+    replayed, skipped = sum(report.replayed.values()), sum(report.skipped.values())
+    click.echo(f"{replayed} {verb}; {skipped} skipped", err=True)
+
+
+def _dlq_run(coro: Any, bootstrap: str) -> Any:
+    from eobblast.streams.kafka import BrokerUnavailable, KafkaError
+
+    try:
+        return _run(coro)
+    except BrokerUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
+    except KafkaError as exc:
+        raise click.ClickException(
+            f"Kafka at {bootstrap}: {type(exc).__name__}; what was sent before stays sent, "
+            "and running the command again is safe (the send ledger sends one email)"
+        ) from None
 
 
 def _register_pools() -> None:

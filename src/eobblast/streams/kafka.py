@@ -10,7 +10,9 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
@@ -59,6 +61,7 @@ __all__ = [
     "RebalanceListener",
     "TopicCreationFailed",
     "TopicPartition",
+    "TopicRecord",
     "backoff_delay",
     "create_topics",
     "make_consumer",
@@ -66,6 +69,7 @@ __all__ = [
     "metadata_heard_since",
     "parse_bootstrap",
     "probe_broker",
+    "read_to_end",
     "wait_for_broker",
 ]
 
@@ -393,3 +397,78 @@ def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
         message = entry[2] if len(entry) > 2 else None
         errors.append((str(topic), int(code), None if message is None else str(message)))
     return errors
+
+
+@dataclass(frozen=True, slots=True)
+class TopicRecord:
+    """One record read back from a topic."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    timestamp_ms: int
+    headers: tuple[tuple[str, bytes], ...] = ()
+
+
+async def read_to_end(
+    bootstrap: str, topic: str, *, client_id: str, stall_timeout: float = 30.0
+) -> AsyncIterator[TopicRecord]:
+    """Every record of `topic`, from the start of each partition until a fetch finds nothing
+    more at or past the end offset the broker gave when the read began (Tansu gives the
+    start of a partition's last batch there, not its end, so that offset alone would miss
+    records). No consumer group, nothing committed; records are yielded as fetched, so
+    memory does not grow with the topic. Close the iterator (`contextlib.aclosing`) to
+    stop early.
+
+    Raises BrokerUnavailable if the broker is unreachable, does not know the topic, or
+    yields nothing for `stall_timeout` seconds while records are still due.
+    """
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id=client_id,
+        group_id=None,
+        enable_auto_commit=False,
+        auto_offset_reset="earliest",
+        max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
+        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+    )
+    try:
+        await consumer.start()
+    except KafkaError as exc:
+        await consumer.stop()
+        raise BrokerUnavailable(f"Kafka at {bootstrap}: {type(exc).__name__}") from None
+    try:
+        await consumer.topics()  # metadata for every topic, this one included
+        partitions = sorted(consumer.partitions_for_topic(topic) or ())
+        if not partitions:
+            raise BrokerUnavailable(f"Kafka at {bootstrap} has no topic {topic}")
+        tps = [TopicPartition(topic, p) for p in partitions]
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = {tp: int(end) for tp, end in (await consumer.end_offsets(tps)).items()}
+        due = set(tps)
+        last_progress = time.monotonic()
+        while due:
+            batch = await consumer.getmany(*due, timeout_ms=500)
+            for tp, records in batch.items():
+                for record in records:
+                    yield TopicRecord(
+                        tp.partition,
+                        record.offset,
+                        record.key,
+                        record.value,
+                        record.timestamp,
+                        tuple(record.headers or ()),
+                    )
+            if batch:
+                last_progress = time.monotonic()
+            behind = {tp for tp in due if await consumer.position(tp) < ends[tp]}
+            if behind and not batch and time.monotonic() - last_progress > stall_timeout:
+                raise BrokerUnavailable(
+                    f"Kafka at {bootstrap} sent nothing of {topic} for {stall_timeout:.0f} s"
+                )
+            # A partition is read once a fetch finds nothing more where its end was.
+            due = {tp for tp in due if tp in batch or tp in behind}
+    finally:
+        await consumer.stop()

@@ -1,0 +1,96 @@
+"""`eobblast dlq`: what it selects, what it refuses to replay, and its errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from eobblast.cli import main
+from eobblast.dlq import Parked, Selection
+from eobblast.errors import ReasonCode
+from eobblast.events.status import SourcePosition, dead_letter
+
+
+def parked(
+    offset: int, reason: ReasonCode, event_id: str | None, value: bytes, key: bytes | None
+) -> Parked:
+    source = SourcePosition(topic="eob.events", partition=0, offset=offset)
+    letter = dead_letter(value, key, reason=reason, field=None, event_id=event_id, source=source)
+    return Parked(0, offset, letter)
+
+
+def test_a_selection_matches_every_criterion_given() -> None:
+    a = parked(1, ReasonCode.INVALID_ADDRESS, "ev-a", b"{}", b"M1")
+    b = parked(2, ReasonCode.INVALID_ADDRESS, "ev-b", b"{}", b"M2")
+    c = parked(3, ReasonCode.INVALID_JSON, None, b"x", b"M3")
+    assert [p in Selection() for p in (a, b, c)] == [True, True, True]
+    by_reason = Selection(reasons=frozenset({"invalid_address"}))
+    assert [p in by_reason for p in (a, b, c)] == [True, True, False]
+    both = Selection(reasons=frozenset({"invalid_address"}), event_ids=frozenset({"ev-b"}))
+    assert [p in both for p in (a, b, c)] == [False, True, False]
+    at = Selection(positions=frozenset({"0:3"}))
+    assert [p in at for p in (a, b, c)] == [False, False, True]
+    unreadable = Parked(0, 9, None)
+    assert unreadable.reason == "unreadable" and unreadable in Selection(
+        reasons=frozenset({"unreadable"})
+    )
+
+
+def test_only_whole_originals_with_their_key_are_replayable() -> None:
+    assert parked(1, ReasonCode.INVALID_JSON, None, b"x", b"M1").not_replayable() is None
+    big = b"x" * (1024 * 1024 + 1)
+    assert parked(2, ReasonCode.EVENT_TOO_LARGE, None, big, b"M1").not_replayable() == (
+        "original_truncated"
+    )
+    assert parked(3, ReasonCode.MISSING_KEY, "e", b"{}", b"").not_replayable() == "key_missing"
+    assert parked(4, ReasonCode.MISSING_KEY, "e", b"{}", None).not_replayable() == "key_missing"
+    long_key = b"M" * 2000
+    assert parked(5, ReasonCode.INVALID_JSON, None, b"x", long_key).not_replayable() == (
+        "key_truncated"
+    )
+    assert Parked(0, 6, None).not_replayable() == "unreadable"
+
+
+def test_a_summary_holds_neither_the_original_nor_the_key() -> None:
+    row = parked(1, ReasonCode.INVALID_ADDRESS, "ev-a", b'{"name": "Jane Roe"}', b"M-777").summary()
+    text = repr(row)
+    assert "Jane" not in text and "M-777" not in text
+    assert "SmFuZSBSb2U" not in text and "TS03Nzc" not in text  # nor in base64
+    assert row["event_id"] == "ev-a" and row["reason"] == "invalid_address"
+    assert dt.datetime.fromisoformat(row["rejected_at"]).tzinfo is not None
+
+
+def _config(tmp_path: Path, port: int) -> Path:
+    path = tmp_path / "eobblast.toml"
+    path.write_text(f'[kafka]\nbootstrap = "127.0.0.1:{port}"\n')
+    return path
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_replay_wants_a_selection_and_positions_are_checked(tmp_path: Path) -> None:
+    config = str(_config(tmp_path, _closed_port()))
+    runner = CliRunner()
+    nothing = runner.invoke(main, ["dlq", "replay", "--config", config])
+    assert nothing.exit_code == 2 and "--all" in nothing.output
+    bad = runner.invoke(main, ["dlq", "replay", "--config", config, "--at", "three"])
+    assert bad.exit_code == 2 and "PARTITION:OFFSET" in bad.output
+    reason = runner.invoke(main, ["dlq", "list", "--config", config, "--reason", "nonsense"])
+    assert reason.exit_code == 2
+
+
+@pytest.mark.parametrize("command", [["list"], ["replay", "--all"]])
+def test_an_unreachable_broker_is_a_clear_error(tmp_path: Path, command: list[str]) -> None:
+    port = _closed_port()
+    result = CliRunner().invoke(main, ["dlq", *command, "--config", str(_config(tmp_path, port))])
+    assert result.exit_code == 1, result.output
+    assert f"Kafka at 127.0.0.1:{port}" in result.output
+    assert "Traceback" not in result.output
