@@ -388,11 +388,18 @@ def _dlq_selection(
 ) -> Any:
     from eobblast.dlq import Selection
 
+    normal = set()
     for position in positions:
         partition, sep, offset = position.partition(":")
-        if not (sep and partition.isdigit() and offset.isdigit()):
+        if not (sep and partition.isascii() and offset.isascii()):
             raise click.BadParameter(f"{position!r} is not PARTITION:OFFSET", param_hint="--at")
-    return Selection(frozenset(reasons), frozenset(event_ids), frozenset(positions))
+        try:
+            normal.add(f"{int(partition)}:{int(offset)}")
+        except ValueError:
+            raise click.BadParameter(
+                f"{position!r} is not PARTITION:OFFSET", param_hint="--at"
+            ) from None
+    return Selection(frozenset(reasons), frozenset(event_ids), frozenset(normal))
 
 
 def _dlq_filters(command: Any) -> Any:
@@ -481,17 +488,21 @@ def dlq_replay(
     """Publish the selected dead letters' originals to the input topic again.
 
     For records that eobblast rejected and would now accept (after an upgrade or a
-    configuration change): each goes back with its original key, so a member's notices
-    keep their order. An event delivered meanwhile is not sent again (the send ledger), and
-    a record rejected again is parked again. Originals kept only in part (over 1 MiB) are
-    skipped. Running it twice sends the records twice; the ledger still sends one email.
+    configuration change): each goes back under its original key (the member id), after
+    the member's later notices. An event delivered meanwhile under the same event id is not
+    sent again (the send ledger, within its retention), and a record refused again is
+    parked again. Originals kept only in part (over 1 MiB), empty ones and keyless ones are
+    skipped. Running it twice publishes the records twice; the ledger still sends one email
+    per event id.
     """
     from eobblast.dlq import replay
 
     kafka = command_config(config_path).kafka
     selection = _dlq_selection(reasons, event_ids, positions)
-    if selection.empty and not everything:
-        raise click.UsageError("name what to replay (--reason, --event-id, --at) or say --all")
+    if selection.empty == (not everything):
+        raise click.UsageError(
+            "name what to replay (--reason, --event-id, --at) or say --all, not both"
+        )
     report = _dlq_run(
         replay(kafka.bootstrap, kafka.dlq_topic, kafka.events_topic, selection, dry_run=dry_run),
         kafka.bootstrap,
@@ -508,11 +519,11 @@ def _dlq_run(coro: Any, bootstrap: str) -> Any:
     try:
         return _run(coro)
     except BrokerUnavailable as exc:
-        raise click.ClickException(str(exc)) from None
+        raise click.ClickException(exc.detail) from None
     except KafkaError as exc:
         raise click.ClickException(
-            f"Kafka at {bootstrap}: {type(exc).__name__}; what was sent before stays sent, "
-            "and running the command again is safe (the send ledger sends one email)"
+            f"Kafka at {bootstrap}: {type(exc).__name__}; some records may have been sent "
+            "back already; running the command again is safe (one email per event id)"
         ) from None
 
 

@@ -3,15 +3,17 @@ back to the input topic once what rejected them is fixed.
 
 A dead letter holds the original bytes and key: PHI and a member id. Nothing here prints,
 logs or returns them to a caller: a listing shows the reason, the field, the event id, where
-the record was read and its size. A replayed record goes back to the input topic exactly as
-the claims system published it (same key, so the member's order holds), with a header
-naming the dead letter it came from. The send ledger keeps an event that was delivered
-meanwhile from being sent twice.
+the record was read and its size. A replayed record goes back to the input topic as the
+claims system published it, under the same key (the member id), with a header naming the
+dead letter it came from: it lands after the member's later notices. The send ledger keeps
+an event delivered meanwhile under the same event id, within its retention, from being
+sent twice.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import contextlib
 from collections import Counter
 from collections.abc import AsyncGenerator
@@ -59,6 +61,8 @@ class Parked:
             return UNREADABLE
         if letter.truncated:
             return "original_truncated"  # over 1 MiB: only a prefix was kept
+        if not letter.original_size:
+            return "original_empty"  # nothing to send (and refused again)
         if not letter.key_base64:
             return "key_missing"  # no member id to keep the order by: refused again
         if letter.key_truncated:
@@ -69,6 +73,9 @@ class Parked:
         """What an operator may see: no original bytes, no key."""
         letter = self.letter
         row: dict[str, Any] = {"position": self.position, "reason": self.reason}
+        row |= dict.fromkeys(
+            ("rejected_at", "field", "event_id", "source", "original_size", "original_sha256")
+        )
         if letter is not None:
             row |= {
                 "rejected_at": letter.rejected_at.isoformat(),
@@ -78,9 +85,9 @@ class Parked:
                 "original_size": letter.original_size,
                 "original_sha256": letter.original_sha256,
             }
-        row["replayable"] = self.not_replayable() is None
-        if not row["replayable"]:
-            row["not_replayable"] = self.not_replayable()
+        why_not = self.not_replayable()
+        row["replayable"] = why_not is None
+        row["not_replayable"] = why_not
         return row
 
 
@@ -111,7 +118,10 @@ class Selection:
 def _parked(record: TopicRecord) -> Parked:
     try:
         letter = DeadLetter.model_validate_json(record.value or b"")
-    except pydantic.ValidationError:
+        # What replay would send must decode: a damaged record is unreadable, not a crash.
+        base64.b64decode(letter.original_base64, validate=True)
+        base64.b64decode(letter.key_base64 or "", validate=True)
+    except (pydantic.ValidationError, binascii.Error):
         letter = None
     return Parked(record.partition, record.offset, letter)
 
@@ -120,10 +130,12 @@ async def dead_letters(
     bootstrap: str, topic: str, selection: Selection = Selection()
 ) -> AsyncGenerator[Parked, None]:
     """The selected dead letters on `topic`, oldest first per partition."""
-    async for record in read_to_end(bootstrap, topic, client_id="eobblast-dlq"):
-        parked = _parked(record)
-        if parked in selection:
-            yield parked
+    records = read_to_end(bootstrap, topic, client_id="eobblast-dlq")
+    async with contextlib.aclosing(records):  # closed (its consumer stopped) if we stop early
+        async for record in records:
+            parked = _parked(record)
+            if parked in selection:
+                yield parked
 
 
 @dataclass(slots=True)

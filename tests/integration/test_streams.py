@@ -30,6 +30,7 @@ from eobblast.streams.kafka import (
     MAX_REQUEST_SIZE,
     AIOKafkaConsumer,
     MessageSizeTooLargeError,
+    read_to_end,
 )
 from tests.kafka_fixtures import (
     FAST_GROUP,
@@ -392,3 +393,49 @@ def test_backoff_doubles_caps_and_keeps_half() -> None:
     assert backoff_delay(10_000) <= 5.0
     with pytest.raises(ValueError):
         backoff_delay(0)
+
+
+async def test_read_to_end_reads_what_was_there_once_and_stops_while_records_arrive(
+    broker: EmbeddedBroker, topic_factory: TopicFactory
+) -> None:
+    topic = await topic_factory(partitions=3)
+    big = b"b" * (1400 * 1024)  # larger than one partition fetch (1 MiB)
+    # Batches of several records (one send_batch-like burst per partition) and single ones:
+    # Tansu reports a partition's end inside its last batch.
+    first = [(f"k{i % 10}".encode(), f"v{i}".encode()) for i in range(40)]
+    async with running_client(make_producer(broker.bootstrap, client_id="burst")) as producer:
+        await asyncio.gather(*[await producer.send(topic, v, key=k) for k, v in first])
+    await produce(broker.bootstrap, topic, [(b"k0", big), (b"k1", b"single")])
+    await produce(broker.bootstrap, topic, [(b"k2", f"w{i}".encode()) for i in range(5)])
+    there = {value for _, value in first} | {big, b"single"} | {f"w{i}".encode() for i in range(5)}
+
+    async def keep_appending(stop: asyncio.Event) -> int:
+        sent = 0
+        async with running_client(make_producer(broker.bootstrap, client_id="appender")) as p:
+            while not stop.is_set():
+                await p.send_and_wait(topic, f"late{sent}".encode(), key=b"k1")
+                sent += 1
+                await asyncio.sleep(0.05)
+        return sent
+
+    stop = asyncio.Event()
+    appender = asyncio.create_task(keep_appending(stop))
+    await asyncio.sleep(0.3)  # records arriving before and during the read
+    try:
+        async with asyncio.timeout(60):
+            records = [r async for r in read_to_end(broker.bootstrap, topic, client_id="t")]
+    finally:
+        stop.set()
+        appended = await appender
+    values = [r.value for r in records]
+    assert appended > 0
+    assert there <= set(values)  # everything there at the start, the big record too
+    positions = [(r.partition, r.offset) for r in records]
+    assert len(positions) == len(set(positions))  # each once
+    assert len({r.partition for r in records}) > 1
+
+
+async def test_read_to_end_of_a_missing_topic_says_so(broker: EmbeddedBroker) -> None:
+    with pytest.raises(BrokerUnavailable, match="has no topic no-such-topic"):
+        async for _ in read_to_end(broker.bootstrap, "no-such-topic", client_id="t"):
+            pass

@@ -9,10 +9,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from eobblast.cli import main
-from eobblast.dlq import Parked, Selection
+from eobblast.cli import _dlq_selection, main
+from eobblast.dlq import Parked, Selection, _parked
 from eobblast.errors import ReasonCode
 from eobblast.events.status import SourcePosition, dead_letter
+from eobblast.streams.kafka import TopicRecord
 
 
 def parked(
@@ -53,6 +54,20 @@ def test_only_whole_originals_with_their_key_are_replayable() -> None:
         "key_truncated"
     )
     assert Parked(0, 6, None).not_replayable() == "unreadable"
+    assert parked(7, ReasonCode.EMPTY_VALUE, None, b"", b"M1").not_replayable() == (
+        "original_empty"
+    )
+
+
+def test_a_damaged_dead_letter_is_unreadable_not_a_crash() -> None:
+    good = parked(1, ReasonCode.INVALID_JSON, None, b"x", b"M1").letter
+    assert good is not None
+    for damage in ({"original_base64": "not base64!"}, {"key_base64": "%%%"}):
+        value = good.model_copy(update=damage).model_dump_json(by_alias=True).encode()
+        record = TopicRecord(0, 5, b"M1", value, 0)
+        assert _parked(record).letter is None and _parked(record).reason == "unreadable"
+    assert _parked(TopicRecord(0, 6, None, b"{not json", 0)).reason == "unreadable"
+    assert _parked(TopicRecord(0, 7, None, good.model_dump_json(by_alias=True).encode(), 0)).letter
 
 
 def test_a_summary_holds_neither_the_original_nor_the_key() -> None:
@@ -62,6 +77,8 @@ def test_a_summary_holds_neither_the_original_nor_the_key() -> None:
     assert "SmFuZSBSb2U" not in text and "TS03Nzc" not in text  # nor in base64
     assert row["event_id"] == "ev-a" and row["reason"] == "invalid_address"
     assert dt.datetime.fromisoformat(row["rejected_at"]).tzinfo is not None
+    # Every row has the same keys, an unreadable record's as nulls.
+    assert Parked(0, 9, None).summary().keys() == row.keys()
 
 
 def _config(tmp_path: Path, port: int) -> Path:
@@ -81,8 +98,11 @@ def test_replay_wants_a_selection_and_positions_are_checked(tmp_path: Path) -> N
     runner = CliRunner()
     nothing = runner.invoke(main, ["dlq", "replay", "--config", config])
     assert nothing.exit_code == 2 and "--all" in nothing.output
-    bad = runner.invoke(main, ["dlq", "replay", "--config", config, "--at", "three"])
-    assert bad.exit_code == 2 and "PARTITION:OFFSET" in bad.output
+    for wrong in ("three", "1:²", "1", "a:b"):
+        bad = runner.invoke(main, ["dlq", "replay", "--config", config, "--at", wrong])
+        assert bad.exit_code == 2 and "PARTITION:OFFSET" in bad.output, wrong
+    both = runner.invoke(main, ["dlq", "replay", "--config", config, "--all", "--at", "0:1"])
+    assert both.exit_code == 2 and "not both" in both.output
     reason = runner.invoke(main, ["dlq", "list", "--config", config, "--reason", "nonsense"])
     assert reason.exit_code == 2
 
@@ -94,3 +114,7 @@ def test_an_unreachable_broker_is_a_clear_error(tmp_path: Path, command: list[st
     assert result.exit_code == 1, result.output
     assert f"Kafka at 127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output
+
+
+def test_positions_are_compared_as_numbers() -> None:
+    assert _dlq_selection((), (), ("0:03", "002:10")).positions == {"0:3", "2:10"}

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from aiokafka import (  # type: ignore[import-untyped]
@@ -413,13 +413,17 @@ class TopicRecord:
 
 async def read_to_end(
     bootstrap: str, topic: str, *, client_id: str, stall_timeout: float = 30.0
-) -> AsyncIterator[TopicRecord]:
-    """Every record of `topic`, from the start of each partition until a fetch finds nothing
-    more at or past the end offset the broker gave when the read began (Tansu gives the
-    start of a partition's last batch there, not its end, so that offset alone would miss
-    records). No consumer group, nothing committed; records are yielded as fetched, so
-    memory does not grow with the topic. Close the iterator (`contextlib.aclosing`) to
-    stop early.
+) -> AsyncGenerator[TopicRecord, None]:
+    """Every record of `topic` that was there when the read began: each partition from its
+    start until the position reaches the end offset the broker gave then. No consumer
+    group, nothing committed; records are yielded as fetched, so memory does not grow with
+    the topic, and records appended meanwhile do not keep the read going. Close the
+    iterator (`contextlib.aclosing`) to stop early.
+
+    Tansu gives as a partition's end the offset after the first record of its last batch,
+    not after the last record: the position moves a whole batch at a time, so it passes
+    that offset only once the batch is read, and all of it is yielded (the records past
+    the offset included).
 
     Raises BrokerUnavailable if the broker is unreachable, does not know the topic, or
     yields nothing for `stall_timeout` seconds while records are still due.
@@ -447,7 +451,7 @@ async def read_to_end(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = {tp: int(end) for tp, end in (await consumer.end_offsets(tps)).items()}
-        due = set(tps)
+        due = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
         last_progress = time.monotonic()
         while due:
             batch = await consumer.getmany(*due, timeout_ms=500)
@@ -463,12 +467,13 @@ async def read_to_end(
                     )
             if batch:
                 last_progress = time.monotonic()
-            behind = {tp for tp in due if await consumer.position(tp) < ends[tp]}
-            if behind and not batch and time.monotonic() - last_progress > stall_timeout:
+            read = {tp for tp in due if await consumer.position(tp) >= ends[tp]}
+            if read:
+                consumer.pause(*read)  # no more fetching for those
+                due -= read
+            if due and not batch and time.monotonic() - last_progress > stall_timeout:
                 raise BrokerUnavailable(
                     f"Kafka at {bootstrap} sent nothing of {topic} for {stall_timeout:.0f} s"
                 )
-            # A partition is read once a fetch finds nothing more where its end was.
-            due = {tp for tp in due if tp in batch or tp in behind}
     finally:
         await consumer.stop()
