@@ -435,7 +435,8 @@ def dlq_list(
     positions: tuple[str, ...],
     as_json: bool,
 ) -> None:
-    """List the dead letters: reason, field, event id, where each was read, its size."""
+    """List the dead letters: position, time, reason code, field, event id, where each was
+    read, its size and SHA-256, whether it can be replayed."""
     from eobblast.dlq import dead_letters
 
     kafka = command_config(config_path).kafka
@@ -454,12 +455,12 @@ def dlq_list(
                 continue
             table.add_row(
                 row["position"],
-                row.get("rejected_at", ""),
+                row["rejected_at"] or "",
                 row["reason"],
-                row.get("field") or "",
-                row.get("event_id") or "",
-                row.get("source", ""),
-                f"{row.get('original_size', '')}",
+                row["field"] or "",
+                row["event_id"] or "",
+                row["source"] or "",
+                "" if row["original_size"] is None else str(row["original_size"]),
                 "yes" if row["replayable"] else f"no: {row['not_replayable']}",
             )
         if not as_json:
@@ -491,9 +492,9 @@ def dlq_replay(
     configuration change): each goes back under its original key (the member id), after
     the member's later notices. An event delivered meanwhile under the same event id is not
     sent again (the send ledger, within its retention), and a record refused again is
-    parked again. Originals kept only in part (over 1 MiB), empty ones and keyless ones are
-    skipped. Running it twice publishes the records twice; the ledger still sends one email
-    per event id.
+    parked again. Unreadable records, originals kept only in part (over 1 MiB), empty ones,
+    and records whose key is missing or was cut (over 1 KiB) are skipped. Running it twice
+    publishes the records twice; the ledger still sends one email per event id.
     """
     from eobblast.dlq import replay
 
@@ -506,6 +507,8 @@ def dlq_replay(
     report = _dlq_run(
         replay(kafka.bootstrap, kafka.dlq_topic, kafka.events_topic, selection, dry_run=dry_run),
         kafka.bootstrap,
+        "; some records may have been sent back already; running the command again is safe"
+        " (one email per event id)",
     )
     click.echo(orjson.dumps({"dry_run": dry_run, **report.as_dict()}))
     verb = "would be sent" if dry_run else f"sent back to {kafka.events_topic}"
@@ -513,7 +516,7 @@ def dlq_replay(
     click.echo(f"{replayed} {verb}; {skipped} skipped", err=True)
 
 
-def _dlq_run(coro: Any, bootstrap: str) -> Any:
+def _dlq_run(coro: Any, bootstrap: str, after_failure: str = "") -> Any:
     from eobblast.streams.kafka import BrokerUnavailable, KafkaError
 
     try:
@@ -522,8 +525,7 @@ def _dlq_run(coro: Any, bootstrap: str) -> Any:
         raise click.ClickException(exc.detail) from None
     except KafkaError as exc:
         raise click.ClickException(
-            f"Kafka at {bootstrap}: {type(exc).__name__}; some records may have been sent "
-            "back already; running the command again is safe (one email per event id)"
+            f"Kafka at {bootstrap}: {type(exc).__name__}{after_failure}"
         ) from None
 
 

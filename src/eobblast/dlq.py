@@ -3,7 +3,7 @@ back to the input topic once what rejected them is fixed.
 
 A dead letter holds the original bytes and key: PHI and a member id. Nothing here prints,
 logs or returns them to a caller: a listing shows the reason, the field, the event id, where
-the record was read and its size. A replayed record goes back to the input topic as the
+the record was read, its size and SHA-256. A replayed record goes back to the input topic as the
 claims system published it, under the same key (the member id), with a header naming the
 dead letter it came from: it lands after the member's later notices. The send ledger keeps
 an event delivered meanwhile under the same event id, within its retention, from being
@@ -140,7 +140,8 @@ async def dead_letters(
 
 @dataclass(slots=True)
 class ReplayReport:
-    """What a replay did (or, dry, would do), counted by reason code."""
+    """What a replay did (or, dry, would do): replayed records counted by reason code,
+    skipped ones by cause."""
 
     replayed: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # by why not
@@ -165,7 +166,8 @@ async def replay(
 ) -> ReplayReport:
     """Publish the selected dead letters' originals to `events_topic` again, each with its
     original key and a header naming its dead letter; acknowledged by the broker before
-    this returns. Originals kept only in part, or without their whole key, are skipped.
+    this returns. Unreadable records, originals kept only in part or empty, and records
+    without their whole key are skipped.
 
     The dead letters to send are chosen in a first read of the topic, and sent in a second:
     one the worker parks again meanwhile (a record still refused) is not sent a second time.

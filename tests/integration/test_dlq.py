@@ -17,7 +17,7 @@ import tomli_w
 
 from eobblast.config import load_config
 from eobblast.dlq import REPLAY_HEADER
-from eobblast.streams import EmbeddedBroker
+from eobblast.streams import EmbeddedBroker, make_producer
 from eobblast.streams.kafka import read_to_end
 from tests.integration.worker_stack import (
     Stack,
@@ -93,6 +93,13 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     events = stack.events(4, seed=41)
     config = tmp_path / "eobblast.toml"
     await park(stack, events, config)
+    # A record on the DLQ that is no dead letter (written by something else).
+    producer = make_producer(stack.broker.bootstrap, client_id="test-other")
+    await producer.start()
+    try:
+        await producer.send_and_wait(stack.dlq_topic, b"garbage", key=b"x")
+    finally:
+        await producer.stop()
 
     code, out, err = await eobblast("dlq", "list", "--config", str(config), "--json")
     assert code == 0, err
@@ -105,6 +112,7 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
         "invalid_json": 1,
         "event_too_large": 1,
         "missing_key": 1,
+        "unreadable": 1,
     }
     ids = {orjson.loads(raw)["event_id"] for raw in events}
     assert {row["event_id"] for row in by_reason["invalid_address"]} == ids
@@ -112,9 +120,15 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     assert all(row["replayable"] for row in by_reason["invalid_address"])
     assert by_reason["event_too_large"][0]["not_replayable"] == "original_truncated"
     assert by_reason["missing_key"][0]["not_replayable"] == "key_missing"
-    assert all(row["source"].startswith(f"{stack.events_topic}/") for row in rows)
+    assert all(
+        row["source"].startswith(f"{stack.events_topic}/")
+        for row in rows
+        if row["reason"] != "unreadable"
+    )
+    assert by_reason["unreadable"][0]["not_replayable"] == "unreadable"
     assert (
-        "7 dead letters: event_too_large 1, invalid_address 4, invalid_json 1, missing_key 1" in err
+        "8 dead letters: event_too_large 1, invalid_address 4, invalid_json 1, missing_key 1,"
+        " unreadable 1" in err
     )
 
     # The table an operator reads, and a filter.
@@ -124,6 +138,11 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     assert code == 0, err
     assert "invalid_json" in table and "invalid_address" not in table
     assert "1 dead letters: invalid_json 1" in err
+    code, unreadable, err = await eobblast(
+        "dlq", "list", "--config", str(config), "--reason", "unreadable"
+    )
+    assert code == 0, err
+    assert "no: unreadable" in unreadable and "None" not in unreadable
 
     for text in (out, err, table):
         for secret in phi_of(events):

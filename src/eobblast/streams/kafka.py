@@ -124,7 +124,8 @@ FETCH_MAX_WAIT_MS = 100
 
 
 class BrokerUnavailable(EobblastError):
-    """No Kafka broker could be started or reached; the detail says why."""
+    """No Kafka broker could be started or reached, or it could not give what was asked (a
+    topic it does not have, a read that stalled); the detail says why."""
 
     def __init__(self, detail: str) -> None:
         super().__init__(ReasonCode.INTERNAL_ERROR, detail)
