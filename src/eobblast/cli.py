@@ -388,18 +388,18 @@ def _dlq_selection(
 ) -> Any:
     from eobblast.dlq import Selection
 
-    normal = set()
+    wanted_positions = set()
     for position in positions:
-        partition, sep, offset = position.partition(":")
-        if not (sep and partition.isascii() and offset.isascii()):
-            raise click.BadParameter(f"{position!r} is not PARTITION:OFFSET", param_hint="--at")
+        partition, _, offset = position.partition(":")
         try:
-            normal.add(f"{int(partition)}:{int(offset)}")
+            if not position.isascii():
+                raise ValueError(position)
+            wanted_positions.add(f"{int(partition)}:{int(offset)}")
         except ValueError:
             raise click.BadParameter(
                 f"{position!r} is not PARTITION:OFFSET", param_hint="--at"
             ) from None
-    return Selection(frozenset(reasons), frozenset(event_ids), frozenset(normal))
+    return Selection(frozenset(reasons), frozenset(event_ids), frozenset(wanted_positions))
 
 
 def _dlq_filters(command: Any) -> Any:
@@ -445,8 +445,17 @@ def dlq_list(
 
     async def listing() -> Counter[str]:
         by_reason: Counter[str] = Counter()
-        columns = ["position", "rejected at", "reason", "field", "event id", "read at"]
-        table = Table(*columns, "bytes", "replayable", title=f"dead letters on {kafka.dlq_topic}")
+        table = Table(
+            "position",
+            "rejected at",
+            "reason",
+            "field",
+            "event id",
+            "read at",
+            "bytes",
+            "replayable",
+            title=f"dead letters on {kafka.dlq_topic}",
+        )
         async for parked in dead_letters(kafka.bootstrap, kafka.dlq_topic, selection):
             by_reason[parked.reason] += 1
             row = parked.summary()
@@ -510,10 +519,10 @@ def dlq_replay(
         "; some records may have been sent back already; running the command again is safe"
         " (one email per event id)",
     )
-    click.echo(orjson.dumps({"dry_run": dry_run, **report.as_dict()}))
+    counts = report.as_dict()
+    click.echo(orjson.dumps({"dry_run": dry_run, **counts}))
     verb = "would be sent" if dry_run else f"sent back to {kafka.events_topic}"
-    replayed, skipped = sum(report.replayed.values()), sum(report.skipped.values())
-    click.echo(f"{replayed} {verb}; {skipped} skipped", err=True)
+    click.echo(f"{counts['replayed']} {verb}; {counts['skipped']} skipped", err=True)
 
 
 def _dlq_run(coro: Any, bootstrap: str, after_failure: str = "") -> Any:

@@ -24,11 +24,10 @@ import pydantic
 
 from eobblast.events.status import DeadLetter
 from eobblast.streams.kafka import (
-    BrokerUnavailable,
-    KafkaError,
     TopicRecord,
     make_producer,
     read_to_end,
+    start_or_unavailable,
 )
 
 REPLAY_HEADER = "eobblast-replay-of"
@@ -184,11 +183,7 @@ async def replay(
         report.replayed.update(wanted.values())
         return report
     producer = make_producer(bootstrap, client_id="eobblast-dlq-replay")
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        await producer.stop()
-        raise BrokerUnavailable(f"Kafka at {bootstrap}: {type(exc).__name__}") from None
+    await start_or_unavailable(producer, bootstrap)
     try:
         pending = []
         async with contextlib.aclosing(dead_letters(bootstrap, dlq_topic)) as letters:
@@ -214,6 +209,6 @@ async def replay(
             await sent  # raises if the broker refused it: no report then
     finally:
         await producer.stop()
-    report.skipped["gone"] += len(wanted)  # removed by retention between the two reads
-    report.skipped -= Counter()  # no zero counts
+    if wanted:
+        report.skipped["gone"] = len(wanted)  # removed by retention between the two reads
     return report

@@ -115,7 +115,7 @@ async def bounce_transaction(path: Path) -> Write:
             await tx.put_payload("ev-lock-1", "M-lock-1", b"{}")
 
     async def written() -> bool:
-        return _payload_kept(path)
+        return _rows(path, "bounce_payloads") == 1
 
     return Write("bounce store", write, written, store.close)
 
@@ -129,10 +129,6 @@ async def bounce_outbox_ack(path: Path) -> Write:
         return _rows(path, "bounce_outbox") == 0
 
     return Write("bounce outbox", lambda: store.ack_outbox(ids), written, store.close)
-
-
-def _payload_kept(path: Path) -> bool:
-    return _rows(path, "bounce_payloads") == 1
 
 
 def _rows(path: Path, table: str) -> int:

@@ -36,7 +36,7 @@ from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.state.postgres import connect_postgres
-from eobblast.state.sqlite import begin_immediate, open_sqlite, open_store, write_transaction
+from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -587,17 +587,15 @@ class SqliteEscrow(EscrowStore):
 
     async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult:
         db = self._db
-        await begin_immediate(db)
-        try:
+
+        def work() -> PickupResult:
             row = _row(db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
             result, change = decide(row)
             if change is not None and row is not None:
                 db.execute(_UPDATE.format("?"), _update_args(change, row.item_id))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return result
+            return result
+
+        return await write_transaction(db, work)
 
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
         return await write_transaction(

@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from eobblast.shaping.pools import SourceIp
 from eobblast.shaping.warmup import (
@@ -33,10 +33,7 @@ from eobblast.shaping.warmup import (
     hour_bucket,
 )
 from eobblast.state.postgres import PgConnection, connect_postgres
-from eobblast.state.sqlite import begin_immediate, open_sqlite, open_store, write_transaction
-
-if TYPE_CHECKING:
-    pass
+from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 _SCHEMA = (
     """
@@ -302,10 +299,8 @@ class SqliteBudgetStore(BudgetStore):
     async def lease(self, request: LeaseRequest) -> Lease:
         """Atomically take up to `want` units of the key's remaining budget."""
         key = request.key
-        db = self._db
-        # IMMEDIATE takes the write lock up front, so the three statements commit as one.
-        await begin_immediate(db)
-        try:
+
+        def take() -> Lease:
             row = self._one(
                 _SUSPENDED, {"ip": key.ip, "provider": key.provider, "now": request.now}
             )
@@ -315,11 +310,10 @@ class SqliteBudgetStore(BudgetStore):
                 activity = _activity(self._one(_TOUCH, _touch_params(request)))
             else:
                 activity = _activity(self._one(_ACTIVITY, {"ip": key.ip}))
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
-        return Lease(int(granted), int(used), activity, suspended_until)
+            return Lease(int(granted), int(used), activity, suspended_until)
+
+        # IMMEDIATE takes the write lock up front, so the three statements commit as one.
+        return await write_transaction(self._db, take)
 
     async def release(self, key: BudgetKey, *, unused: int, sent: int, deferred: int) -> None:
         """Give back unspent units and report spent/deferred counts."""

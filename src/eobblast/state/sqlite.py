@@ -151,7 +151,7 @@ async def begin_immediate(db: sqlite3.Connection) -> None:
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:
     """Whether SQLite gave up waiting for another connection's lock."""
-    return exc.sqlite_errorcode & 0xFF in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+    return (exc.sqlite_errorcode & 0xFF) in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 async def write_transaction(db: sqlite3.Connection, work: Callable[[], T]) -> T:

@@ -70,6 +70,7 @@ __all__ = [
     "parse_bootstrap",
     "probe_broker",
     "read_to_end",
+    "start_or_unavailable",
     "wait_for_broker",
 ]
 
@@ -400,6 +401,15 @@ def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
     return errors
 
 
+async def start_or_unavailable(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str) -> None:
+    """Start a consumer or producer; if it cannot, stop it and raise BrokerUnavailable."""
+    try:
+        await client.start()
+    except KafkaError as exc:
+        await client.stop()
+        raise BrokerUnavailable(f"Kafka at {bootstrap}: {type(exc).__name__}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class TopicRecord:
     """One record read back from a topic."""
@@ -438,11 +448,7 @@ async def read_to_end(
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
-    try:
-        await consumer.start()
-    except KafkaError as exc:
-        await consumer.stop()
-        raise BrokerUnavailable(f"Kafka at {bootstrap}: {type(exc).__name__}") from None
+    await start_or_unavailable(consumer, bootstrap)
     try:
         await consumer.topics()  # metadata for every topic, this one included
         partitions = sorted(consumer.partitions_for_topic(topic) or ())
