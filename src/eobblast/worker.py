@@ -713,6 +713,7 @@ class Worker:
             if time.monotonic() >= next_commit:
                 await self._commit()
                 self._watch()
+                await self._measure_backlog(consumer)
                 next_commit = time.monotonic() + commit_every
             metrics.IN_FLIGHT.set(self._tracker.in_flight)
 
@@ -798,6 +799,24 @@ class Worker:
             log.warning("offset commit failed: %s", type(exc).__name__)
             return
         self._tracker.mark_committed(offsets)
+
+    async def _measure_backlog(self, consumer: AIOKafkaConsumer) -> None:
+        """The backlog gauge: for this worker's partitions, the records up to the broker's
+        high watermark not taken yet, plus the records in flight. A partition no fetch has
+        answered for yet (its high watermark unknown) counts once one has."""
+        waiting = 0
+        for tp in consumer.assignment():
+            high = consumer.highwater(tp)
+            if high is None:
+                continue
+            try:
+                # Known once a fetch answered: no request to the broker.
+                async with asyncio.timeout(1):
+                    taken = await consumer.position(tp)
+            except (KafkaError, TimeoutError):
+                continue  # revoked meanwhile, or not known after all: next time
+            waiting += max(0, high - taken)
+        metrics.BACKLOG.set(waiting + self._tracker.in_flight)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""

@@ -74,6 +74,7 @@ from tests.integration.worker_stack import (
     start_eobblast_run,
     start_worker,
     statuses,
+    until,
 )
 from tests.kafka_fixtures import ApiVersionsShim, free_port
 
@@ -1854,3 +1855,45 @@ async def test_an_outcome_given_up_with_its_partition_is_written_when_the_ledger
         await asyncio.wait_for(task, 30)
     assert entry is not None and entry.state is LedgerState.FINAL
     assert entry.outcome == "delivered" and sum(stack.sandbox.counts.values()) == 1
+
+
+class GatedClaims(FaultyClaims):
+    """A send ledger whose claims wait until the gate opens: events stay in flight."""
+
+    def __init__(self, inner: SendLedger, gate: asyncio.Event) -> None:
+        super().__init__(inner, [])
+        self.gate = gate
+
+    async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
+        await self.gate.wait()
+        return await self.inner.claim(event_id, owner, retry_deferred=retry_deferred)
+
+
+async def test_the_backlog_gauge_counts_what_is_not_accounted_for(stack: Stack) -> None:
+    # Claims held: the worker takes max_in_flight events and waits. The gauge counts those
+    # and every one still on the broker, then falls to zero once all are delivered.
+    count = 150
+    await stack.publish(stack.events(count, seed=57))
+    gate = asyncio.Event()
+    _, stop, task = await start_worker(
+        stack.config(), ledger_as=lambda ledger: GatedClaims(ledger, gate)
+    )
+    try:
+        await until(
+            "every event counted as backlog",
+            lambda: _ready(_sample("eobblast_backlog_events") == count),
+        )
+        assert _sample("eobblast_events_in_flight") == stack.max_in_flight < count
+        gate.set()
+        await until(
+            "every event delivered", lambda: _ready(sum(stack.sandbox.counts.values()) == count)
+        )
+        await until("no backlog", lambda: _ready(_sample("eobblast_backlog_events") == 0))
+    finally:
+        gate.set()
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
+async def _ready(value: bool) -> bool:
+    return value

@@ -79,6 +79,13 @@ IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
+BACKLOG = Gauge(
+    "eobblast_backlog_events",
+    "Input events the workers have not accounted for yet: on the broker past what they took"
+    " (up to each partition's high watermark), plus those in flight.",
+    multiprocess_mode="livesum",
+    registry=REGISTRY,
+)
 RESENDS = Counter(
     "eobblast_resends",
     "Events sent again because the worker that was sending them died (bounded by in-flight).",
