@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import gc
 import logging
+import math
 import os
 import socket
 import time
@@ -112,6 +113,11 @@ LEDGER_PURGE_PAUSE = 0.1
 # How often a worker compares its clock with a PostgreSQL ledger server's, and the gap above
 # which it warns: the ledger's leases use the server's clock, but the bounce store's retry
 # times and leases and the shaping budgets use the workers'.
+# A fetch response carries a partition's high watermark, but a full worker fetches nothing
+# new (aiokafka holds the records it has; a long-full worker pauses its partitions): the
+# backlog gauge asks the broker for the end offsets this often, within END_OFFSETS_TIMEOUT.
+END_OFFSETS_EVERY = 15.0
+END_OFFSETS_TIMEOUT = 1.0
 CLOCK_CHECK_EVERY = 60.0
 CLOCK_CHECK_TIMEOUT = 10.0
 CLOCK_SKEW_WARN = 2.0
@@ -380,6 +386,9 @@ class Worker:
         self._stop: asyncio.Event | None = None
         # Fetches left running when the worker was told to stop (see `_fetched`).
         self._abandoned_fetches: list[asyncio.Future[Any]] = []
+        # End offsets the broker gave for the backlog gauge, and when they were asked for.
+        self._ends: dict[TopicPartition, int] = {}
+        self._ends_asked = -math.inf
         # Kafka clients being stopped, and what each is (see `_closed`).
         self._closings: dict[asyncio.Future[Any], str] = {}
         # When the main loop saw `stop` (the grace period counts from there).
@@ -801,21 +810,33 @@ class Worker:
         self._tracker.mark_committed(offsets)
 
     async def _measure_backlog(self, consumer: AIOKafkaConsumer) -> None:
-        """The backlog gauge: for this worker's partitions, the records up to the broker's
-        high watermark not taken yet, plus the records in flight. A partition no fetch has
-        answered for yet (its high watermark unknown) counts once one has."""
+        """The backlog gauge: for this worker's partitions, the records up to the end of
+        each not taken yet, plus the records in flight. The end is the later of the last
+        fetch's high watermark and the end offset the broker last gave (asked for every
+        END_OFFSETS_EVERY s: a full worker fetches nothing new). A partition whose end is
+        not known yet counts once it is."""
+        if time.monotonic() - self._ends_asked >= END_OFFSETS_EVERY:
+            self._ends_asked = time.monotonic()
+            try:
+                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
+                    ends = await consumer.end_offsets(list(consumer.assignment()))
+                self._ends = {tp: int(end) for tp, end in ends.items()}
+            except (KafkaError, TimeoutError):
+                pass  # the fetches' high watermarks meanwhile; asked again next time
         waiting = 0
-        for tp in consumer.assignment():
-            high = consumer.highwater(tp)
-            if high is None:
+        for tp in list(consumer.assignment()):
+            if tp not in consumer.assignment():
+                continue  # revoked while this awaited
+            end = max(consumer.highwater(tp) or 0, self._ends.get(tp, 0))
+            if not end:
                 continue
             try:
-                # Known once a fetch answered: no request to the broker.
-                async with asyncio.timeout(1):
+                # Known once a fetch answered or the partition was assigned: no request.
+                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
                     taken = await consumer.position(tp)
             except (KafkaError, TimeoutError):
                 continue  # revoked meanwhile, or not known after all: next time
-            waiting += max(0, high - taken)
+            waiting += max(0, end - taken)
         metrics.BACKLOG.set(waiting + self._tracker.in_flight)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:

@@ -1869,10 +1869,14 @@ class GatedClaims(FaultyClaims):
         return await self.inner.claim(event_id, owner, retry_deferred=retry_deferred)
 
 
-async def test_the_backlog_gauge_counts_what_is_not_accounted_for(stack: Stack) -> None:
+async def test_the_backlog_gauge_counts_what_is_not_accounted_for(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # Claims held: the worker takes max_in_flight events and waits. The gauge counts those
-    # and every one still on the broker, then falls to zero once all are delivered.
-    count = 150
+    # and every one still on the broker, also those published while the worker is full
+    # (it fetches nothing then), then falls to zero once all are delivered.
+    monkeypatch.setattr(worker_module, "END_OFFSETS_EVERY", 0.5)
+    count, later = 150, 100
     await stack.publish(stack.events(count, seed=57))
     gate = asyncio.Event()
     _, stop, task = await start_worker(
@@ -1884,9 +1888,23 @@ async def test_the_backlog_gauge_counts_what_is_not_accounted_for(stack: Stack) 
             lambda: _ready(_sample("eobblast_backlog_events") == count),
         )
         assert _sample("eobblast_events_in_flight") == stack.max_in_flight < count
+        # One record per batch: Tansu's end offset is one past the first record of a
+        # partition's last batch (Kafka's is past its last record).
+        producer = make_producer(stack.broker.bootstrap, client_id="test-claims")
+        await producer.start()
+        try:
+            for value in stack.events(later, seed=58):
+                await producer.send_and_wait(stack.events_topic, value, key=member_key(value))
+        finally:
+            await producer.stop()
+        await until(
+            "the events published meanwhile counted",
+            lambda: _ready(_sample("eobblast_backlog_events") == count + later),
+        )
         gate.set()
         await until(
-            "every event delivered", lambda: _ready(sum(stack.sandbox.counts.values()) == count)
+            "every event delivered",
+            lambda: _ready(sum(stack.sandbox.counts.values()) == count + later),
         )
         await until("no backlog", lambda: _ready(_sample("eobblast_backlog_events") == 0))
     finally:
