@@ -186,14 +186,16 @@ async def replay(
     await start_or_unavailable(producer, bootstrap)
     try:
         pending = []
-        async with contextlib.aclosing(dead_letters(bootstrap, dlq_topic)) as letters:
-            async for parked in letters:
-                reason = wanted.pop((parked.partition, parked.offset), None)
+        records = read_to_end(bootstrap, dlq_topic, client_id="eobblast-dlq")
+        async with contextlib.aclosing(records):
+            async for record in records:
+                # Only the chosen ones are parsed again (the first read checked them).
+                reason = wanted.pop((record.partition, record.offset), None)
                 if reason is None:
                     continue
-                letter = parked.letter
+                letter = _parked(record).letter
                 assert letter is not None and letter.key_base64
-                origin = f"{dlq_topic}/{parked.partition}/{parked.offset}".encode()
+                origin = f"{dlq_topic}/{record.partition}/{record.offset}".encode()
                 pending.append(
                     await producer.send(
                         events_topic,

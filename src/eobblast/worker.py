@@ -15,7 +15,6 @@ import datetime as dt
 import functools
 import gc
 import logging
-import math
 import os
 import socket
 import time
@@ -110,14 +109,14 @@ REFILL_FRACTION = 8
 # ledger's write lock stays free for claims most of the time).
 LEDGER_PURGE_EVERY = 60.0
 LEDGER_PURGE_PAUSE = 0.1
-# How often a worker compares its clock with a PostgreSQL ledger server's, and the gap above
-# which it warns: the ledger's leases use the server's clock, but the bounce store's retry
-# times and leases and the shaping budgets use the workers'.
 # A fetch response carries a partition's high watermark, but a full worker fetches nothing
 # new (aiokafka holds the records it has; a long-full worker pauses its partitions): the
 # backlog gauge asks the broker for the end offsets this often, within END_OFFSETS_TIMEOUT.
 END_OFFSETS_EVERY = 15.0
 END_OFFSETS_TIMEOUT = 1.0
+# How often a worker compares its clock with a PostgreSQL ledger server's, and the gap above
+# which it warns: the ledger's leases use the server's clock, but the bounce store's retry
+# times and leases and the shaping budgets use the workers'.
 CLOCK_CHECK_EVERY = 60.0
 CLOCK_CHECK_TIMEOUT = 10.0
 CLOCK_SKEW_WARN = 2.0
@@ -386,9 +385,8 @@ class Worker:
         self._stop: asyncio.Event | None = None
         # Fetches left running when the worker was told to stop (see `_fetched`).
         self._abandoned_fetches: list[asyncio.Future[Any]] = []
-        # End offsets the broker gave for the backlog gauge, and when they were asked for.
+        # End offsets the broker last gave, for the backlog gauge (`_ask_end_offsets`).
         self._ends: dict[TopicPartition, int] = {}
-        self._ends_asked = -math.inf
         # Kafka clients being stopped, and what each is (see `_closed`).
         self._closings: dict[asyncio.Future[Any], str] = {}
         # When the main loop saw `stop` (the grace period counts from there).
@@ -431,6 +429,7 @@ class Worker:
                 if self._config.ledger.retention_days > 0:
                     group.create_task(self._forget_settled(stop))
                 group.create_task(self._watch_clock(stop))
+                group.create_task(self._ask_end_offsets(stop))
                 if self._bounces is not None:
                     # A resend under way, or a status its broker does not take, keeps these
                     # going after stop: they get the grace period the records get.
@@ -530,6 +529,21 @@ class Worker:
                         extra={"server_minus_local_seconds": round(offset, 1)},
                     )
             await _pause(CLOCK_CHECK_EVERY, stop)
+
+    async def _ask_end_offsets(self, stop: asyncio.Event) -> None:
+        """Every END_OFFSETS_EVERY s, the end offsets of this worker's partitions, for the
+        backlog gauge (see END_OFFSETS_EVERY); off the take loop, which never waits for
+        them."""
+        consumer = self._consumer
+        assert consumer is not None
+        while not stop.is_set():
+            try:
+                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
+                    ends = await consumer.end_offsets(list(consumer.assignment()))
+                self._ends = {tp: int(end) for tp, end in ends.items()}
+            except (KafkaError, TimeoutError):
+                pass  # the fetches' high watermarks meanwhile; asked again next time
+            await _pause(END_OFFSETS_EVERY, stop)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
         """The bounce service's Publisher (`ProducerPublisher`).
@@ -812,17 +826,9 @@ class Worker:
     async def _measure_backlog(self, consumer: AIOKafkaConsumer) -> None:
         """The backlog gauge: for this worker's partitions, the records up to the end of
         each not taken yet, plus the records in flight. The end is the later of the last
-        fetch's high watermark and the end offset the broker last gave (asked for every
-        END_OFFSETS_EVERY s: a full worker fetches nothing new). A partition whose end is
-        not known yet counts once it is."""
-        if time.monotonic() - self._ends_asked >= END_OFFSETS_EVERY:
-            self._ends_asked = time.monotonic()
-            try:
-                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
-                    ends = await consumer.end_offsets(list(consumer.assignment()))
-                self._ends = {tp: int(end) for tp, end in ends.items()}
-            except (KafkaError, TimeoutError):
-                pass  # the fetches' high watermarks meanwhile; asked again next time
+        fetch's high watermark and the end offset the broker last gave (`_ask_end_offsets`:
+        a full worker fetches nothing new). A partition whose end is not known yet counts
+        once it is."""
         waiting = 0
         for tp in list(consumer.assignment()):
             if tp not in consumer.assignment():

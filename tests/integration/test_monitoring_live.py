@@ -22,6 +22,7 @@ import yaml
 
 from eobblast.streams import EmbeddedBroker
 from tests.integration.worker_stack import (
+    DIE_WITH_PARENT,
     Stack,
     accept_domains,
     sandbox_stack,
@@ -35,9 +36,6 @@ PROMETHEUS = shutil.which("prometheus")
 pytestmark = pytest.mark.skipif(
     PROMETHEUS is None, reason="prometheus not installed (Debian prometheus; make system-deps)"
 )
-# util-linux's setpriv asks Linux to stop the server when the test process dies, even by
-# SIGKILL, then runs it (no Python runs in the forked child).
-DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
 
 
 @pytest.fixture

@@ -33,6 +33,10 @@ from eobblast.worker import Worker, _LateBound, new_worker_id, open_bounces
 
 T = TypeVar("T")
 
+# util-linux's setpriv has Linux stop a server the tests start when the test process dies,
+# even by SIGKILL; it then runs the server in its place (same pid, no Python in between).
+DIE_WITH_PARENT = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
+
 CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
 
 
@@ -150,11 +154,8 @@ async def start_eobblast_run(
 ) -> asyncio.subprocess.Process:
     """`eobblast run` as an operator starts it, on `settings` written to `config_file`."""
     await asyncio.to_thread(config_file.write_text, tomli_w.dumps(settings))
-    # setpriv (util-linux) has Linux stop the supervisor if the test process dies, even by
-    # SIGKILL; it then runs Python in its place (same pid).
-    die_with_parent = ["setpriv", "--pdeathsig", "TERM"] if shutil.which("setpriv") else []
     return await asyncio.create_subprocess_exec(
-        *die_with_parent, sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
+        *DIE_WITH_PARENT, sys.executable, "-m", "eobblast", "run", "--config", str(config_file),
         "--log-level", "WARNING",
         stdout=asyncio.subprocess.DEVNULL,
         stderr=asyncio.subprocess.DEVNULL,

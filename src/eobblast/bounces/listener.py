@@ -44,8 +44,7 @@ log = logging.getLogger("eobblast.bounces.listener")
 RESULTS = ("handled", "review", "rejected_recipient", "handler_error", "review_dropped")
 BOUNCE_MESSAGES = Counter(
     "eobblast_bounce_messages",
-    "Messages at the bounce listener by result (handled, review, rejected_recipient, "
-    "handler_error, review_dropped).",
+    f"Messages at the bounce listener by result ({', '.join(RESULTS)}).",
     ["result"],
     registry=REGISTRY,
 )

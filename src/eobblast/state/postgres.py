@@ -215,7 +215,6 @@ async def _upgrade_locked(
     """The upgrade, with the store's build lock held: each index still missing or invalid
     is built (another worker may have built some since), then the old ones dropped."""
     import psycopg
-    from psycopg import sql
 
     complete = True
     for name, statement in builds:
@@ -224,9 +223,7 @@ async def _upgrade_locked(
             continue
         try:
             if state is False:  # what a build cut short left
-                await conn.execute(
-                    sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
-                )
+                await _drop_concurrently(conn, name)
             log.info("building an index concurrently", extra={"store": what, "index": name})
             await conn.execute(_CREATE_INDEX.sub("CREATE INDEX CONCURRENTLY", statement, count=1))
             log.info("index built", extra={"store": what, "index": name})
@@ -243,9 +240,13 @@ async def _upgrade_locked(
     for name in drops if complete else ():
         if await _exists(conn, name):
             log.info("dropping a replaced index", extra={"store": what, "index": name})
-            await conn.execute(
-                sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name))
-            )
+            await _drop_concurrently(conn, name)
+
+
+async def _drop_concurrently(conn: Any, name: str) -> None:
+    from psycopg import sql
+
+    await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
 
 
 async def _connect(dsn: str, what: str) -> Any:

@@ -89,7 +89,7 @@ def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
                 db.execute(statement)
             break
         except sqlite3.OperationalError as exc:
-            if "locked" not in str(exc) or time.monotonic() > deadline:
+            if not is_busy(exc) or time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
     db.execute("PRAGMA synchronous=NORMAL")
