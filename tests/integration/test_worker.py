@@ -234,18 +234,21 @@ async def test_two_workers_split_and_one_takes_over(stack: Stack) -> None:
 
 
 class SlowToGiveUp(RebalanceListener):
-    """A group member that, once armed, holds every rebalance for `hold` seconds."""
+    """A group member that, once armed, holds every rebalance for `hold` seconds, or until
+    `released` is set."""
 
     def __init__(self, hold: float) -> None:
         self.hold = hold
         self.armed = False
         self.assignments = 0
         self.holding = asyncio.Event()  # a rebalance is being held
+        self.released = asyncio.Event()  # the test has seen what it came for
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         if self.armed:
             self.holding.set()
-            await asyncio.sleep(self.hold)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.released.wait(), self.hold)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         self.assignments += 1
@@ -312,6 +315,7 @@ async def test_a_worker_told_to_stop_during_a_rebalance_stops_within_its_grace(
         # The grace period, and a few seconds to leave the group and close the clients.
         stopped, _ = await asyncio.wait({task}, timeout=grace + 5.0)
     finally:
+        slow.released.set()  # no need to sit out the rest of the hold
         await _wind_down(stop, task, joining)
         await holder.stop()
     assert stopped, "the worker waited for the rebalance to end"
