@@ -436,15 +436,21 @@ def dlq_list(
     as_json: bool,
 ) -> None:
     """List the dead letters: position, time, reason code, field, event id, where each was
-    read, its size and SHA-256, whether it can be replayed."""
-    from eobblast.dlq import dead_letters
+    read, its size and SHA-256, whether it can be replayed.
 
-    kafka = command_config(config_path).kafka
+    An original that this eobblast, with this configuration, would still refuse is not
+    replayable: `still_refused`, with the reason code it gets now (`refused_now`)."""
+    from eobblast.dlq import dead_letters, refusal_check
+
+    config = command_config(config_path)
+    kafka = config.kafka
+    check = refusal_check(allow_test_domains=config.pipeline.allow_test_domains)
     selection = _dlq_selection(reasons, event_ids, positions)
     out = Console(width=None if sys.stdout.isatty() else 200)
 
-    async def listing() -> Counter[str]:
+    async def listing() -> tuple[Counter[str], int]:
         by_reason: Counter[str] = Counter()
+        replayable = 0
         table = Table(
             "position",
             "rejected at",
@@ -456,9 +462,10 @@ def dlq_list(
             "replayable",
             title=f"dead letters on {kafka.dlq_topic}",
         )
-        async for parked in dead_letters(kafka.bootstrap, kafka.dlq_topic, selection):
+        async for parked in dead_letters(kafka.bootstrap, kafka.dlq_topic, selection, check):
             by_reason[parked.reason] += 1
             row = parked.summary()
+            replayable += row["replayable"]
             if as_json:
                 click.echo(orjson.dumps(row))
                 continue
@@ -470,16 +477,26 @@ def dlq_list(
                 row["event_id"] or "",
                 row["source"] or "",
                 "" if row["original_size"] is None else str(row["original_size"]),
-                "yes" if row["replayable"] else f"no: {row['not_replayable']}",
+                _replayable_cell(row),
             )
         if not as_json:
             out.print(table)
-        return by_reason
+        return by_reason, replayable
 
-    by_reason = _dlq_run(listing(), kafka.bootstrap)
+    by_reason, replayable = _dlq_run(listing(), kafka.bootstrap)
     total = sum(by_reason.values())
     counts = ", ".join(f"{reason} {n}" for reason, n in sorted(by_reason.items()))
-    click.echo(f"{total} dead letters" + (f": {counts}" if counts else ""), err=True)
+    click.echo(
+        f"{total} dead letters" + (f": {counts}" if counts else "") + f"; {replayable} replayable",
+        err=True,
+    )
+
+
+def _replayable_cell(row: dict[str, Any]) -> str:
+    if row["replayable"]:
+        return "yes"
+    now = f" ({row['refused_now']})" if row["refused_now"] else ""
+    return f"no: {row['not_replayable']}{now}"
 
 
 @dlq.command("replay")
@@ -500,32 +517,72 @@ def dlq_replay(
     For records that eobblast rejected and would now accept (after an upgrade or a
     configuration change): each goes back under its original key (the member id), after
     the member's later notices. An event delivered meanwhile under the same event id is not
-    sent again (the send ledger, within its retention), and a record refused again is
-    parked again. Unreadable records, originals kept only in part (over 1 MiB), empty ones,
-    and records whose key is missing or was cut (over 1 KiB) are skipped. Running it twice
-    publishes the records twice; the ledger still sends one email per event id.
+    sent again (the send ledger, within its retention). Each original is checked first as
+    the workers would check it, by this eobblast with this configuration: one still refused
+    is skipped (`still_refused`; `still_refused_by_reason` gives the reason codes it gets
+    now), so run it where the fix (upgrade, setting) is in place. Unreadable records,
+    originals kept only in part (over 1 MiB), empty ones, and records whose key is missing
+    or was cut (over 1 KiB) are skipped too, and so is a record the broker refuses for
+    itself (too large for the topic, a policy; its DLQ position is printed), the others
+    going on. Running it twice publishes the records twice; the ledger still sends one email
+    per event id. If the broker fails part way, the counts printed say how many records it
+    acknowledged (`replayed`) and how many it did not (`not_acknowledged`: some may have
+    reached the topic all the same), and the command exits 1.
     """
-    from eobblast.dlq import replay
+    from eobblast.dlq import ReplayInterrupted, refusal_check, replay
 
-    kafka = command_config(config_path).kafka
+    config = command_config(config_path)
+    kafka = config.kafka
     selection = _dlq_selection(reasons, event_ids, positions)
     if selection.empty == (not everything):
         raise click.UsageError(
             "name what to replay (--reason, --event-id, --at) or say --all, not both"
         )
-    report = _dlq_run(
-        replay(kafka.bootstrap, kafka.dlq_topic, kafka.events_topic, selection, dry_run=dry_run),
-        kafka.bootstrap,
-        "; some records may have been sent back already; running the command again is safe"
-        " (one email per event id)",
-    )
+    check = refusal_check(allow_test_domains=config.pipeline.allow_test_domains)
+    try:
+        report = _dlq_run(
+            replay(
+                kafka.bootstrap,
+                kafka.dlq_topic,
+                kafka.events_topic,
+                selection,
+                check=check,
+                dry_run=dry_run,
+            ),
+            kafka.bootstrap,
+        )
+    except ReplayInterrupted as stopped:
+        counts = stopped.report.as_dict()
+        click.echo(orjson.dumps({"dry_run": False, "interrupted": True, **counts}))
+        _refused_by_broker(counts)
+        raise click.ClickException(
+            f"Kafka at {kafka.bootstrap}: {stopped}; {counts['replayed']} records were sent"
+            f" back to {kafka.events_topic} and acknowledged, {counts['not_acknowledged']}"
+            " were not (some of those may have reached it); running the command again is"
+            " safe (one email per event id)"
+        ) from None
     counts = report.as_dict()
-    click.echo(orjson.dumps({"dry_run": dry_run, **counts}))
+    click.echo(orjson.dumps({"dry_run": dry_run, "interrupted": False, **counts}))
+    _refused_by_broker(counts)
     verb = "would be sent" if dry_run else f"sent back to {kafka.events_topic}"
-    click.echo(f"{counts['replayed']} {verb}; {counts['skipped']} skipped", err=True)
+    still = sum(counts["still_refused_by_reason"].values())
+    click.echo(
+        f"{counts['replayed']} {verb}; {counts['skipped']} skipped"
+        + (f" ({still} still refused)" if still else ""),
+        err=True,
+    )
 
 
-def _dlq_run(coro: Any, bootstrap: str, after_failure: str = "") -> Any:
+def _refused_by_broker(counts: dict[str, Any]) -> None:
+    if counts["refused_by_broker_at"]:
+        click.echo(
+            "refused by the broker (too large for the topic, or a policy), at "
+            + ", ".join(counts["refused_by_broker_at"]),
+            err=True,
+        )
+
+
+def _dlq_run(coro: Any, bootstrap: str) -> Any:
     from eobblast.streams.kafka import BrokerUnavailable, KafkaError
 
     try:
@@ -533,9 +590,7 @@ def _dlq_run(coro: Any, bootstrap: str, after_failure: str = "") -> Any:
     except BrokerUnavailable as exc:
         raise click.ClickException(exc.detail) from None
     except KafkaError as exc:
-        raise click.ClickException(
-            f"Kafka at {bootstrap}: {type(exc).__name__}{after_failure}"
-        ) from None
+        raise click.ClickException(f"Kafka at {bootstrap}: {type(exc).__name__}") from None
 
 
 def _register_pools() -> None:

@@ -8,22 +8,31 @@ claims system published it, under the same key (the member id), with a header na
 dead letter it came from: it lands after the member's later notices. The send ledger keeps
 an event delivered meanwhile under the same event id, within its retention, from being
 sent twice.
+
+Given a `Check` (the workers' validation under the configuration at hand), an original that
+it still refuses is not replayable (`still_refused`, with the reason code it gets now): sent
+back, it would only be parked again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import contextlib
 from collections import Counter
-from collections.abc import AsyncGenerator
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pydantic
 
+from eobblast.events.schema import Rejection, validate_event
 from eobblast.events.status import DeadLetter
 from eobblast.streams.kafka import (
+    RECORD_ERRORS,
+    BrokerUnavailable,
+    KafkaError,
     TopicRecord,
     make_producer,
     read_to_end,
@@ -32,6 +41,20 @@ from eobblast.streams.kafka import (
 
 REPLAY_HEADER = "eobblast-replay-of"
 UNREADABLE = "unreadable"
+STILL_REFUSED = "still_refused"
+
+# The reason code a worker would refuse an original with now, or None if it would take it.
+Check = Callable[[bytes], str | None]
+
+
+def refusal_check(*, allow_test_domains: bool) -> Check:
+    """The workers' validation of an `eob.events` value under these settings, as a Check."""
+
+    def check(original: bytes) -> str | None:
+        event = validate_event(original, allow_test_domains=allow_test_domains)
+        return str(event.reason) if isinstance(event, Rejection) else None
+
+    return check
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,6 +65,8 @@ class Parked:
     partition: int
     offset: int
     letter: DeadLetter | None
+    # The reason code the check gave the original (None: accepted now, or not checked).
+    refused_now: str | None = None
 
     @property
     def reason(self) -> str:
@@ -66,6 +91,8 @@ class Parked:
             return "key_missing"  # no member id to keep the order by: refused again
         if letter.key_truncated:
             return "key_truncated"
+        if self.refused_now is not None:
+            return STILL_REFUSED  # sent back, it would only be parked again
         return None
 
     def summary(self) -> dict[str, Any]:
@@ -87,6 +114,7 @@ class Parked:
         why_not = self.not_replayable()
         row["replayable"] = why_not is None
         row["not_replayable"] = why_not
+        row["refused_now"] = self.refused_now
         return row
 
 
@@ -125,25 +153,38 @@ def _parked(record: TopicRecord) -> Parked:
     return Parked(record.partition, record.offset, letter)
 
 
+def _checked(parked: Parked, check: Check) -> Parked:
+    """`parked` with the check's verdict on its original, if it could be sent at all."""
+    if parked.letter is None or parked.not_replayable() is not None:
+        return parked
+    return replace(parked, refused_now=check(base64.b64decode(parked.letter.original_base64)))
+
+
 async def dead_letters(
-    bootstrap: str, topic: str, selection: Selection = Selection()
+    bootstrap: str, topic: str, selection: Selection = Selection(), check: Check | None = None
 ) -> AsyncGenerator[Parked, None]:
-    """The selected dead letters on `topic`, oldest first per partition."""
+    """The selected dead letters on `topic`, oldest first per partition; each original
+    that could be sent again is run through `check`, if given."""
     records = read_to_end(bootstrap, topic, client_id="eobblast-dlq")
     async with contextlib.aclosing(records):  # closed (its consumer stopped) if we stop early
         async for record in records:
             parked = _parked(record)
             if parked in selection:
-                yield parked
+                yield parked if check is None else _checked(parked, check)
 
 
 @dataclass(slots=True)
 class ReplayReport:
-    """What a replay did (or, dry, would do): replayed records counted by reason code,
-    skipped ones by cause."""
+    """What a replay did (or, dry, would do): replayed records (acknowledged by the broker)
+    counted by reason code, skipped ones by cause, those still refused by the reason code
+    they get now, the positions of those the broker refused, and how many chosen records
+    were not acknowledged because the replay stopped part way."""
 
     replayed: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # by why not
+    still_refused: Counter[str] = field(default_factory=Counter)  # by today's reason code
+    refused_at: list[str] = field(default_factory=list)  # partition:offset in the DLQ
+    not_acknowledged: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready counts."""
@@ -152,7 +193,20 @@ class ReplayReport:
             "replayed_by_reason": dict(sorted(self.replayed.items())),
             "skipped": sum(self.skipped.values()),
             "skipped_by_cause": dict(sorted(self.skipped.items())),
+            "still_refused_by_reason": dict(sorted(self.still_refused.items())),
+            "refused_by_broker_at": sorted(self.refused_at),
+            "not_acknowledged": self.not_acknowledged,
         }
+
+
+class ReplayInterrupted(Exception):
+    """The broker failed a replay part way: `report` counts what it had acknowledged."""
+
+    def __init__(self, report: ReplayReport, cause: BaseException) -> None:
+        detail = cause.detail if isinstance(cause, BrokerUnavailable) else type(cause).__name__
+        super().__init__(detail)
+        self.report = report
+        self.cause = cause
 
 
 async def replay(
@@ -161,56 +215,97 @@ async def replay(
     events_topic: str,
     selection: Selection,
     *,
+    check: Check | None = None,
     dry_run: bool = False,
 ) -> ReplayReport:
     """Publish the selected dead letters' originals to `events_topic` again, each with its
     original key and a header naming its dead letter; acknowledged by the broker before
-    this returns. Unreadable records, originals kept only in part or empty, and records
-    without their whole key are skipped.
+    this returns. Unreadable records, originals kept only in part or empty, records
+    without their whole key and, given a `check`, originals it still refuses are skipped;
+    so is a record the broker refuses for itself (its size, a policy), and the rest go on.
 
     The dead letters to send are chosen in a first read of the topic, and sent in a second:
     one the worker parks again meanwhile (a record still refused) is not sent a second time.
+    If the broker fails part way, ReplayInterrupted carries the counts of what it took.
     """
     report = ReplayReport()
     wanted: dict[tuple[int, int], str] = {}
-    async for parked in dead_letters(bootstrap, dlq_topic, selection):
+    async for parked in dead_letters(bootstrap, dlq_topic, selection, check):
         why_not = parked.not_replayable()
         if why_not is not None:
             report.skipped[why_not] += 1
+            if parked.refused_now is not None:
+                report.still_refused[parked.refused_now] += 1
         else:
             wanted[parked.partition, parked.offset] = parked.reason
     if dry_run or not wanted:
         report.replayed.update(wanted.values())
         return report
+    chosen = len(wanted)
     producer = make_producer(bootstrap, client_id="eobblast-dlq-replay")
     await start_or_unavailable(producer, bootstrap)
+    failure: BaseException | None = None
     try:
-        pending = []
-        records = read_to_end(bootstrap, dlq_topic, client_id="eobblast-dlq")
-        async with contextlib.aclosing(records):
-            async for record in records:
-                # Only the chosen ones are parsed again (the first read checked them).
-                reason = wanted.pop((record.partition, record.offset), None)
-                if reason is None:
-                    continue
-                letter = _parked(record).letter
-                assert letter is not None and letter.key_base64
-                origin = f"{dlq_topic}/{record.partition}/{record.offset}".encode()
-                pending.append(
-                    await producer.send(
-                        events_topic,
-                        base64.b64decode(letter.original_base64),
-                        key=base64.b64decode(letter.key_base64),
-                        headers=[(REPLAY_HEADER, origin)],
-                    )
-                )
+        pending: list[tuple[str, str, asyncio.Future[Any]]] = []
+        try:
+            await _send_chosen(producer, bootstrap, dlq_topic, events_topic, wanted, pending)
+        except (KafkaError, BrokerUnavailable) as exc:
+            failure = exc
+        for reason, position, sent in pending:
+            try:
+                await sent
+            except RECORD_ERRORS:
+                report.refused_at.append(position)
+            except KafkaError as exc:
+                failure = failure or exc
+            else:
                 report.replayed[reason] += 1
-                if not wanted:
-                    break
-        for sent in pending:
-            await sent  # raises if the broker refused it: no report then
     finally:
-        await producer.stop()
+        try:
+            await producer.stop()
+        except KafkaError as exc:
+            failure = failure or exc
+    if report.refused_at:
+        report.skipped["refused_by_broker"] = len(report.refused_at)
+    if failure is not None:
+        report.not_acknowledged = chosen - sum(report.replayed.values()) - len(report.refused_at)
+        raise ReplayInterrupted(report, failure) from failure
     if wanted:
         report.skipped["gone"] = len(wanted)  # removed by retention between the two reads
     return report
+
+
+async def _send_chosen(
+    producer: Any,
+    bootstrap: str,
+    dlq_topic: str,
+    events_topic: str,
+    wanted: dict[tuple[int, int], str],
+    pending: list[tuple[str, str, asyncio.Future[Any]]],
+) -> None:
+    """Send the originals at the `wanted` positions (taking each out of it), appending each
+    send's reason, position and future to `pending`; a record the producer refuses before
+    sending it (too large) gets a failed future."""
+    records = read_to_end(bootstrap, dlq_topic, client_id="eobblast-dlq")
+    async with contextlib.aclosing(records):
+        async for record in records:
+            # Only the chosen ones are parsed again (the first read checked them).
+            reason = wanted.pop((record.partition, record.offset), None)
+            if reason is None:
+                continue
+            letter = _parked(record).letter
+            assert letter is not None and letter.key_base64
+            origin = f"{dlq_topic}/{record.partition}/{record.offset}".encode()
+            try:
+                future = await producer.send(
+                    events_topic,
+                    base64.b64decode(letter.original_base64),
+                    key=base64.b64decode(letter.key_base64),
+                    headers=[(REPLAY_HEADER, origin)],
+                )
+            except RECORD_ERRORS as refused:
+                future = asyncio.get_running_loop().create_future()
+                future.set_exception(refused)
+            pending.append((reason, f"{record.partition}:{record.offset}", future))
+            if not wanted:
+                return

@@ -14,9 +14,13 @@ from typing import Any
 import orjson
 import pytest
 import tomli_w
+from aiokafka.record.default_records import (  # type: ignore[import-untyped]
+    DefaultRecordBatchBuilder,
+)
 
 from eobblast.config import load_config
 from eobblast.dlq import REPLAY_HEADER
+from eobblast.events.schema import Rejection, validate_event
 from eobblast.streams import EmbeddedBroker, make_producer
 from eobblast.streams.kafka import read_to_end
 from tests.integration.worker_stack import (
@@ -48,8 +52,14 @@ def write_config(stack: Stack, path: Path, **pipeline: Any) -> Path:
 
 
 async def eobblast(*args: str) -> tuple[int, str, str]:
+    return await eobblast_with("", *args)
+
+
+async def eobblast_with(setup: str, *args: str) -> tuple[int, str, str]:
+    """`eobblast ARGS` in a new process that first runs the Python statement `setup`."""
+    script = f"{setup}\nimport sys\nfrom eobblast.cli import main\nmain(sys.argv[1:])"
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "eobblast", *args,
+        sys.executable, "-c", script, *args,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
     )  # fmt: skip
     out, err = await asyncio.wait_for(proc.communicate(), 120)
@@ -117,7 +127,12 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     ids = {orjson.loads(raw)["event_id"] for raw in events}
     assert {row["event_id"] for row in by_reason["invalid_address"]} == ids
     assert all(row["field"] == "member.email" for row in by_reason["invalid_address"])
-    assert all(row["replayable"] for row in by_reason["invalid_address"])
+    # Under the configuration that parked them, they would be parked again.
+    assert all(
+        (row["not_replayable"], row["refused_now"]) == ("still_refused", "invalid_address")
+        for row in by_reason["invalid_address"]
+    )
+    assert by_reason["invalid_json"][0]["refused_now"] == "invalid_json"
     assert by_reason["event_too_large"][0]["not_replayable"] == "original_truncated"
     assert by_reason["missing_key"][0]["not_replayable"] == "key_missing"
     assert all(
@@ -128,7 +143,7 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     assert by_reason["unreadable"][0]["not_replayable"] == "unreadable"
     assert (
         "8 dead letters: event_too_large 1, invalid_address 4, invalid_json 1, missing_key 1,"
-        " unreadable 1" in err
+        " unreadable 1; 0 replayable" in err
     )
 
     # The table an operator reads, and a filter.
@@ -144,7 +159,28 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     assert code == 0, err
     assert "no: unreadable" in unreadable and "None" not in unreadable
 
-    for text in (out, err, table):
+    # Once the configuration accepts test domains, those four could go back; the rest not.
+    write_config(stack, config)
+    code, fixed, err = await eobblast("dlq", "list", "--config", str(config), "--json")
+    assert code == 0, err
+    assert err.endswith("; 4 replayable\n")
+    replayable: dict[str, set[bool]] = {}
+    for row in map(orjson.loads, fixed.splitlines()):
+        replayable.setdefault(row["reason"], set()).add(row["replayable"])
+    assert replayable == {
+        "invalid_address": {True},
+        "invalid_json": {False},
+        "event_too_large": {False},
+        "missing_key": {False},
+        "unreadable": {False},
+    }
+    code, refused, err = await eobblast(
+        "dlq", "list", "--config", str(config), "--reason", "invalid_json"
+    )
+    assert code == 0, err
+    assert "no: still_refused (invalid_json)" in refused
+
+    for text in (out, err, table, fixed, refused):
         for secret in phi_of(events):
             assert secret not in text
         assert "M-poison" not in text and "not json at all" not in text
@@ -161,42 +197,61 @@ async def test_replay_sends_parked_events_back_and_the_worker_delivers_them_once
     # Nothing named: refused. A dry run sends nothing.
     code, _, err = await eobblast("dlq", "replay", "--config", str(config))
     assert code == 2 and "--all" in err
-    code, out, err = await eobblast(
-        "dlq", "replay", "--config", str(config), "--reason", "invalid_address", "--dry-run"
-    )
-    assert code == 0, err
-    assert orjson.loads(out) == {
+    # Under the configuration that parked them, nothing would go: each would be parked again.
+    # Once it accepts test domains, all four would.
+    dry_runs = []
+    for accepting in (False, True):
+        if accepting:
+            write_config(stack, config)
+        code, out, err = await eobblast(
+            "dlq", "replay", "--config", str(config), "--reason", "invalid_address", "--dry-run"
+        )
+        assert code == 0, err
+        dry_runs.append(orjson.loads(out))
+    common = {
         "dry_run": True,
-        "replayed": 4,
-        "replayed_by_reason": {"invalid_address": 4},
-        "skipped": 0,
-        "skipped_by_cause": {},
+        "interrupted": False,
+        "refused_by_broker_at": [],
+        "not_acknowledged": 0,
     }
+    assert dry_runs == [
+        common
+        | {"replayed": 0, "replayed_by_reason": {}, "skipped": 4}
+        | {"skipped_by_cause": {"still_refused": 4}}
+        | {"still_refused_by_reason": {"invalid_address": 4}},
+        common
+        | {"replayed": 4, "replayed_by_reason": {"invalid_address": 4}, "skipped": 0}
+        | {"skipped_by_cause": {}, "still_refused_by_reason": {}},
+    ]
     assert len(await _records(stack, stack.events_topic)) == len(before)
 
-    # The configuration now accepts them: sent back, each with its key and its origin.
-    write_config(stack, config)
+    # The configuration now accepts them: sent back, each with its key and its origin. The
+    # poison is refused still, so it stays where it is.
     code, out, err = await eobblast("dlq", "replay", "--config", str(config), "--all")
     assert code == 0, err
     report = orjson.loads(out)
-    assert report["replayed_by_reason"] == {"invalid_address": 4, "invalid_json": 1}
-    assert report["skipped_by_cause"] == {"key_missing": 1, "original_truncated": 1}
+    assert report["replayed_by_reason"] == {"invalid_address": 4}
+    assert report["skipped_by_cause"] == {
+        "key_missing": 1,
+        "original_truncated": 1,
+        "still_refused": 1,
+    }
+    assert report["still_refused_by_reason"] == {"invalid_json": 1}
     after = await _records(stack, stack.events_topic)
     replayed = [record for record in after if record.headers]
-    assert len(after) == len(before) + 5 == len(before) + len(replayed)
-    assert sorted(r.value for r in replayed if r.value in events) == sorted(events)
+    assert len(after) == len(before) + 4 == len(before) + len(replayed)
+    assert sorted(r.value for r in replayed) == sorted(events)
     keys = {orjson.loads(raw)["member"]["id"].encode(): raw for raw in events}
     for record in replayed:
         [(name, origin)] = record.headers
         assert name == REPLAY_HEADER and origin.decode().startswith(f"{stack.dlq_topic}/0/")
-        if record.value in events:
-            assert keys[record.key] == record.value  # the original key: the member's order holds
+        assert keys[record.key] == record.value  # the original key: the member's order holds
     for text in (out, err):
         for secret in phi_of(events):
             assert secret not in text
 
-    # The worker (same group, past the parked records) delivers the four; the poison is
-    # parked again. Replaying once more sends no second email.
+    # The worker (same group, past the parked records) delivers the four. Replaying once
+    # more sends no second email.
     ids = {orjson.loads(raw)["event_id"] for raw in events}
     worker, stop, task = await start_worker(load_config(config))
     try:
@@ -211,6 +266,56 @@ async def test_replay_sends_parked_events_back_and_the_worker_delivers_them_once
         stop.set()
         await asyncio.wait_for(task, 30)
     assert sum(stack.sandbox.counts.values()) == len(events)
+
+
+async def test_a_record_the_broker_refuses_is_skipped_and_the_others_go(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # An event with fifty service lines is parked first, five ordinary ones after it. The
+    # broker (here the producer's own limit, lowered just under that record's size) refuses
+    # the big one: it is skipped, its DLQ position is printed, and the five still go.
+    config = tmp_path / "eobblast.toml"
+    events = stack.events(6, seed=44)
+    doc = orjson.loads(events[0])
+    doc["claim"]["lines"] = (doc["claim"]["lines"] * 50)[:50]
+    events[0] = orjson.dumps(doc)
+    assert not isinstance(validate_event(events[0], allow_test_domains=True), Rejection)
+    assert all(len(raw) < len(events[0]) - 1000 for raw in events[1:])
+    await park(stack, events[:1], config)
+    await stack.publish(events[1:])
+    _, stop, task = await start_worker(load_config(config))
+    letters = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=len(events) + 3)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    # (park also publishes it without a key: that one is parked as missing_key)
+    [at] = [
+        i
+        for i, letter in enumerate(map(orjson.loads, (v for _, v in letters)))
+        if (letter["event_id"], letter["reason"]) == (doc["event_id"], "invalid_address")
+    ]
+    big = DefaultRecordBatchBuilder.estimate_size_in_bytes(
+        letters[at][0], events[0], [(REPLAY_HEADER, f"{stack.dlq_topic}/0/{at}".encode())]
+    )
+    write_config(stack, config)
+    before = len(await _records(stack, stack.events_topic))
+
+    code, out, err = await eobblast_with(
+        f"import eobblast.streams.kafka as k; k.MAX_REQUEST_SIZE = {big - 1}",
+        "dlq", "replay", "--config", str(config), "--all",
+    )  # fmt: skip
+    assert code == 0, err
+    report = orjson.loads(out)
+    assert report["interrupted"] is False
+    assert report["replayed_by_reason"] == {"invalid_address": 5}
+    assert report["skipped_by_cause"]["refused_by_broker"] == 1
+    assert report["refused_by_broker_at"] == [f"0:{at}"]
+    assert report["not_acknowledged"] == 0
+    assert f"refused by the broker (too large for the topic, or a policy), at 0:{at}" in err
+    after = await _records(stack, stack.events_topic)
+    assert len(after) == before + 5
+    assert sorted(r.value for r in after if r.headers) == sorted(events[1:])
+    for secret in phi_of(events):
+        assert secret not in out and secret not in err
 
 
 async def _delivered(stack: Stack, ids: set[str]) -> bool:

@@ -2,18 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from aiokafka.errors import RequestTimedOutError  # type: ignore[import-untyped]
 from click.testing import CliRunner
 
+from eobblast import dlq as dlq_module
 from eobblast.cli import _dlq_selection, main
-from eobblast.dlq import Parked, Selection, _parked
+from eobblast.dlq import Parked, Selection, _checked, _parked, refusal_check
 from eobblast.errors import ReasonCode
 from eobblast.events.status import SourcePosition, dead_letter
-from eobblast.streams.kafka import TopicRecord
+from eobblast.events.synthetic import generate_events
+from eobblast.streams.kafka import (
+    BrokerUnavailable,
+    KafkaError,
+    MessageSizeTooLargeError,
+    TopicRecord,
+)
 
 
 def parked(
@@ -57,6 +68,26 @@ def test_only_whole_originals_with_their_key_are_replayable() -> None:
     assert parked(7, ReasonCode.EMPTY_VALUE, None, b"", b"M1").not_replayable() == (
         "original_empty"
     )
+
+
+def test_an_original_the_workers_would_refuse_again_is_not_replayable() -> None:
+    [raw] = generate_events(1, seed=7, domains=["mail.example.test"], weights=None)
+    strict = refusal_check(allow_test_domains=False)
+    lenient = refusal_check(allow_test_domains=True)
+    assert (strict(raw), lenient(raw)) == ("invalid_address", None)
+    parked_test_domain = parked(1, ReasonCode.INVALID_ADDRESS, "ev-a", raw, b"M1")
+    still = _checked(parked_test_domain, strict)
+    assert (still.not_replayable(), still.refused_now) == ("still_refused", "invalid_address")
+    assert still.summary()["refused_now"] == "invalid_address"
+    fixed = _checked(parked_test_domain, lenient)
+    assert (fixed.not_replayable(), fixed.refused_now) == (None, None)
+    # The reason it gets now, which need not be the one it was parked for.
+    bad_json = _checked(parked(2, ReasonCode.UNSUPPORTED_SCHEMA, None, b"{", b"M1"), lenient)
+    assert bad_json.refused_now == "invalid_json"
+    # What cannot be sent anyway is not checked: its cause stays the reason it is skipped.
+    cut = _checked(parked(3, ReasonCode.INVALID_JSON, None, b"x", b"M" * 2000), lenient)
+    assert (cut.not_replayable(), cut.refused_now) == ("key_truncated", None)
+    assert _checked(Parked(0, 4, None), lenient).not_replayable() == "unreadable"
 
 
 def test_a_damaged_dead_letter_is_unreadable_not_a_crash() -> None:
@@ -118,3 +149,90 @@ def test_an_unreachable_broker_is_a_clear_error(tmp_path: Path, command: list[st
 
 def test_positions_are_compared_as_numbers() -> None:
     assert _dlq_selection((), (), ("0:03", "002:10")).positions == {"0:3", "2:10"}
+
+
+class _Producer:
+    """A producer whose sends end as `outcomes` says, by send: "ok", "refused" (the record,
+    at send), "timeout" (after it was sent); `stop` raises `stop_error` if set."""
+
+    def __init__(self, outcomes: list[str], stop_error: BaseException | None = None) -> None:
+        self.outcomes = outcomes
+        self.stop_error = stop_error
+        self.sent: list[bytes] = []
+
+    async def send(self, topic: str, value: bytes, **_: Any) -> asyncio.Future[None]:
+        outcome = self.outcomes[len(self.sent)]
+        self.sent.append(value)
+        if outcome == "refused":
+            raise MessageSizeTooLargeError("too large")
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if outcome == "timeout":
+            future.set_exception(RequestTimedOutError())
+        else:
+            future.set_result(None)
+        return future
+
+    async def stop(self) -> None:
+        if self.stop_error is not None:
+            raise self.stop_error
+
+
+def _replay_against(
+    monkeypatch: pytest.MonkeyPatch, producer: _Producer, *, second_read_fails_after: int = 99
+) -> dlq_module.ReplayReport:
+    """`replay --all` of six replayable dead letters, with `producer` and a DLQ read that
+    fails in the sending phase after `second_read_fails_after` records."""
+    letters = [
+        TopicRecord(0, i, b"M1", parked(i, ReasonCode.INVALID_ADDRESS, f"ev-{i}", b"{}", b"M1")
+                    .letter.model_dump_json(by_alias=True).encode(), 0)  # type: ignore[union-attr]
+        for i in range(6)
+    ]  # fmt: skip
+    reads = 0
+
+    async def read_to_end(*_: Any, **__: Any) -> AsyncIterator[TopicRecord]:
+        nonlocal reads
+        reads += 1
+        for count, record in enumerate(letters):
+            if reads == 2 and count == second_read_fails_after:
+                raise BrokerUnavailable("sent nothing of the DLQ for 30 s")
+            yield record
+
+    async def started(*_: Any) -> None:
+        return None
+
+    monkeypatch.setattr(dlq_module, "read_to_end", read_to_end)
+    monkeypatch.setattr(dlq_module, "make_producer", lambda *_, **__: producer)
+    monkeypatch.setattr(dlq_module, "start_or_unavailable", started)
+    return asyncio.run(dlq_module.replay("b:1", "dlq", "events", Selection()))
+
+
+def test_a_replay_counts_only_what_the_broker_acknowledged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Two sends time out after going out: the rest are still waited for and counted.
+    producer = _Producer(["ok", "timeout", "ok", "ok", "timeout", "ok"])
+    with pytest.raises(dlq_module.ReplayInterrupted) as stopped:
+        _replay_against(monkeypatch, producer)
+    assert len(producer.sent) == 6
+    counts = stopped.value.report.as_dict()
+    assert (counts["replayed"], counts["not_acknowledged"]) == (4, 2)
+    assert str(stopped.value) == "RequestTimedOutError"
+
+    # A record refused for itself is skipped and the others go: no interruption.
+    report = _replay_against(monkeypatch, _Producer(["ok", "ok", "refused", "ok", "ok", "ok"]))
+    assert report.as_dict()["replayed"] == 5
+    assert report.as_dict()["refused_by_broker_at"] == ["0:2"]
+    assert report.skipped == {"refused_by_broker": 1}
+
+    # The DLQ read stalls after three: those three were acknowledged, three never sent.
+    with pytest.raises(dlq_module.ReplayInterrupted) as stalled:
+        _replay_against(monkeypatch, _Producer(["ok"] * 6), second_read_fails_after=3)
+    counts = stalled.value.report.as_dict()
+    assert (counts["replayed"], counts["not_acknowledged"]) == (3, 3)
+    assert str(stalled.value) == "sent nothing of the DLQ for 30 s"
+
+    # Everything acknowledged, then the producer's stop fails: the counts still come out.
+    with pytest.raises(dlq_module.ReplayInterrupted) as at_stop:
+        _replay_against(monkeypatch, _Producer(["ok"] * 6, stop_error=KafkaError()))
+    counts = at_stop.value.report.as_dict()
+    assert (counts["replayed"], counts["not_acknowledged"]) == (6, 0)
