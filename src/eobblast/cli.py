@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedCo
 from rich.table import Table
 
 from eobblast._cli import command_config, config_option
-from eobblast.config import warn_relative_stores
+from eobblast.config import Config, warn_relative_stores
 from eobblast.errors import INPUT_REASONS, ConfigError, EobblastError
 
 console = Console(stderr=True)
@@ -227,6 +227,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     configure_logging(log_level)
     config = command_config(config_path)
     warn_relative_stores(config)
+    _check_signing_keys(config)
     metrics_dir = prepare_multiprocess_metrics()
 
     async def supervise() -> None:
@@ -245,6 +246,24 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
         await supervisor.run(stop)
 
     _run(supervise())
+
+
+def _check_signing_keys(config: Config) -> None:
+    """Refuse to start workers that could sign nothing: every notice would fail."""
+    from eobblast.protect.dkim import signing_domains
+
+    key_dir, selector = config.dkim.key_dir, config.dkim.selector
+    domains = signing_domains(key_dir, selector)
+    if not domains:
+        raise click.ClickException(
+            f"no DKIM key for selector {selector!r} in {key_dir}: every notice would fail"
+            f" (no_signing_key). Create one per sending domain with `eobblast keys generate"
+            f" -d DOMAIN --key-dir {key_dir} --selector {selector}`, or point [dkim] key_dir"
+            " at the keys"
+        )
+    logging.getLogger("eobblast.cli").info(
+        "DKIM keys found", extra={"key_dir": str(key_dir), "domains": domains}
+    )
 
 
 @main.command()

@@ -112,27 +112,58 @@ def bounce_event_outcome(decided: BounceOutcome, latency: float) -> EventOutcome
     )
 
 
-class SignerStore:
-    """DKIM signers per sending domain, loaded once from the key directory."""
+# A sending domain whose key could not be loaded is looked for again after this many seconds,
+# so a key added (or mended) while the workers run is used without a restart.
+MISSING_KEY_RETRY = 60.0
+# Domains remembered as keyless at most: an input naming ever new domains cannot grow it.
+MISSING_KEYS_KEPT = 1024
 
-    def __init__(self, key_dir: Path, selector: str, *, ed25519: bool) -> None:
+
+class SignerStore:
+    """DKIM signers per sending domain, loaded from the key directory when first needed.
+
+    A domain without a usable key gets None (its mail is never sent unsigned), logged with
+    the cause once per `MISSING_KEY_RETRY`, after which the directory is read again.
+    """
+
+    def __init__(
+        self,
+        key_dir: Path,
+        selector: str,
+        *,
+        ed25519: bool,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._key_dir = key_dir
         self._selector = selector
         self._ed25519 = ed25519
-        self._signers: dict[str, DkimSigner | None] = {}
+        self._clock = clock
+        self._signers: dict[str, DkimSigner] = {}
+        self._missing: dict[str, float] = {}  # domain -> when to look for its key again
 
     def get(self, domain: str) -> DkimSigner | None:
-        """The signer for a domain, or None when it has no key (such mail is never sent)."""
-        if domain not in self._signers:
-            try:
-                signer: DkimSigner | None = load_signer(
-                    self._key_dir, domain, self._selector, ed25519=self._ed25519
-                )
-            except ConfigError:
-                log.error("no DKIM key for sending domain", extra={"domain": domain})
-                signer = None
-            self._signers[domain] = signer
-        return self._signers[domain]
+        """The signer for a domain, or None when it has no usable key."""
+        signer = self._signers.get(domain)
+        if signer is not None:
+            return signer
+        now = self._clock()
+        if now < self._missing.get(domain, now):
+            return None
+        try:
+            signer = load_signer(self._key_dir, domain, self._selector, ed25519=self._ed25519)
+        except ConfigError as exc:
+            # The cause names the key file (domain and selector), never an event's content.
+            log.error(
+                "no DKIM key for sending domain",
+                extra={"domain": domain, "cause": exc.detail, "retry_in_s": MISSING_KEY_RETRY},
+            )
+            if len(self._missing) >= MISSING_KEYS_KEPT:
+                self._missing.clear()
+            self._missing[domain] = now + MISSING_KEY_RETRY
+            return None
+        self._missing.pop(domain, None)
+        self._signers[domain] = signer
+        return signer
 
 
 class Pipeline:

@@ -24,6 +24,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 from eobblast.errors import ConfigError, EobblastError
 from eobblast.events import EobIssued, validate_event
 from eobblast.events.synthetic import generate_events
+from eobblast.pipeline import MISSING_KEY_RETRY, MISSING_KEYS_KEPT, SignerStore
 from eobblast.protect.dkim import (
     DkimSigner,
     DnsRecord,
@@ -33,6 +34,7 @@ from eobblast.protect.dkim import (
     generate_keys,
     load_signer,
     relaxed_body,
+    signing_domains,
 )
 from eobblast.render import Renderer
 from tests.conftest import CLEAN
@@ -486,3 +488,35 @@ def test_sign_headers_must_be_field_names(
     assert isinstance(rsa_key, rsa.RSAPrivateKey)
     with pytest.raises(ConfigError, match="field names"):
         DkimSigner(DOMAIN, SELECTOR, rsa_key, sign_headers=("from", name))
+
+
+def test_a_missing_key_is_looked_for_again_after_a_while(tmp_path: Path) -> None:
+    now = [0.0]
+    store = SignerStore(tmp_path, "eob1", ed25519=False, clock=lambda: now[0])
+    assert store.get("payer.example") is None
+    generate_keys(tmp_path, "payer.example", "eob1", ed25519=False)
+    # Known as keyless until the retry time: the directory is not read on every notice.
+    now[0] = MISSING_KEY_RETRY - 1
+    assert store.get("payer.example") is None
+    now[0] = MISSING_KEY_RETRY
+    signer = store.get("payer.example")
+    assert signer is not None and store.get("payer.example") is signer
+    # Once loaded, a key stays: removing the file does not stop the domain's mail.
+    (tmp_path / "payer.example.eob1.rsa.pem").unlink()
+    now[0] += 10 * MISSING_KEY_RETRY
+    assert store.get("payer.example") is signer
+
+
+def test_keyless_domains_remembered_are_bounded(tmp_path: Path) -> None:
+    store = SignerStore(tmp_path, "eob1", ed25519=False, clock=lambda: 0.0)
+    for n in range(3 * MISSING_KEYS_KEPT):
+        assert store.get(f"d{n}.example") is None
+        assert len(store._missing) <= MISSING_KEYS_KEPT
+
+
+def test_signing_domains_are_read_from_the_key_file_names(tmp_path: Path) -> None:
+    assert signing_domains(tmp_path / "absent", "eob1") == []
+    generate_keys(tmp_path, "b.example", "eob1", ed25519=True)
+    generate_keys(tmp_path, "a.example", "eob1", ed25519=False)
+    generate_keys(tmp_path, "c.example", "other", ed25519=False)
+    assert signing_domains(tmp_path, "eob1") == ["a.example", "b.example"]

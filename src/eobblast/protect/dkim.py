@@ -419,6 +419,17 @@ def _check_names(domain: str, selector: str) -> None:
             raise ConfigError(f"DKIM {what} {name!r} is not an ASCII DNS name")
 
 
+def signing_domains(key_dir: Path, selector: str) -> list[str]:
+    """The domains that have an RSA key file for `selector` in `key_dir`, by file name
+    (whether each loads is found out when it is first used)."""
+    suffix = f".{selector}.rsa.pem"
+    try:
+        names = [path.name for path in key_dir.iterdir()]
+    except OSError:
+        return []
+    return sorted(name[: -len(suffix)] for name in names if name.endswith(suffix))
+
+
 def _rsa_path(key_dir: Path, domain: str, selector: str) -> Path:
     return key_dir / f"{domain}.{selector}.rsa.pem"
 
