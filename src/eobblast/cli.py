@@ -250,20 +250,31 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
 
 def _check_signing_keys(config: Config) -> None:
     """Refuse to start workers that could sign nothing: every notice would fail."""
-    from eobblast.protect.dkim import signing_domains
+    from eobblast.protect.dkim import load_signer, signing_domains
 
-    key_dir, selector = config.dkim.key_dir, config.dkim.selector
-    domains = signing_domains(key_dir, selector)
-    if not domains:
+    dkim = config.dkim
+    log = logging.getLogger("eobblast.cli")
+    try:
+        found = signing_domains(dkim.key_dir, dkim.selector)
+    except ConfigError as exc:
+        raise click.ClickException(exc.detail) from None
+    usable = []
+    for domain in found:
+        try:
+            load_signer(dkim.key_dir, domain, dkim.selector, ed25519=dkim.ed25519)
+        except ConfigError as exc:
+            log.error("DKIM key unusable", extra={"domain": domain, "cause": exc.detail})
+        else:
+            usable.append(domain)
+    if not usable:
+        keys = "an RSA key" + (" and an Ed25519 key ([dkim] ed25519 is on)" if dkim.ed25519 else "")
         raise click.ClickException(
-            f"no DKIM key for selector {selector!r} in {key_dir}: every notice would fail"
-            f" (no_signing_key). Create one per sending domain with `eobblast keys generate"
-            f" -d DOMAIN --key-dir {key_dir} --selector {selector}`, or point [dkim] key_dir"
-            " at the keys"
+            f"no usable DKIM key for selector {dkim.selector!r} in {dkim.key_dir} (each sending"
+            f" domain needs {keys}): every notice would fail (no_signing_key). Create them"
+            f" with `eobblast keys generate -d DOMAIN --key-dir {dkim.key_dir} --selector"
+            f" {dkim.selector}`, or point [dkim] key_dir at the keys"
         )
-    logging.getLogger("eobblast.cli").info(
-        "DKIM keys found", extra={"key_dir": str(key_dir), "domains": domains}
-    )
+    log.info("DKIM keys found", extra={"key_dir": str(dkim.key_dir), "domains": usable})
 
 
 @main.command()

@@ -157,8 +157,9 @@ class SignerStore:
                 "no DKIM key for sending domain",
                 extra={"domain": domain, "cause": exc.detail, "retry_in_s": MISSING_KEY_RETRY},
             )
+            self._missing.pop(domain, None)  # kept in order of retry time
             if len(self._missing) >= MISSING_KEYS_KEPT:
-                self._missing.clear()
+                del self._missing[next(iter(self._missing))]  # the one due soonest
             self._missing[domain] = now + MISSING_KEY_RETRY
             return None
         self._missing.pop(domain, None)

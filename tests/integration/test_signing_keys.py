@@ -84,20 +84,38 @@ async def test_a_key_added_while_the_workers_run_is_used_without_a_restart(
             assert phi not in caplog.text
 
 
-async def test_eobblast_run_refuses_to_start_without_any_signing_key(tmp_path: Path) -> None:
+async def eobblast_run(config: Path) -> tuple[int | None, str]:
+    """`eobblast run --config CONFIG` until it exits (within a minute): code and output."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "run", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    return proc.returncode, out.decode()
+
+
+async def test_eobblast_run_refuses_to_start_without_a_usable_signing_key(
+    tmp_path: Path,
+) -> None:
     # Workers that could sign nothing would fail every notice: the operator hears it at once.
     config = tmp_path / "eobblast.toml"
     keys = tmp_path / "keys"
     config.write_text(f'[kafka]\nbootstrap = "127.0.0.1:1"\n[dkim]\nkey_dir = "{keys}"\n')
     keys.mkdir()
-    generate_keys(keys, "payer.example", "other", ed25519=False)  # another selector's
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "eobblast", "run", "--config", str(config),
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode == 1
-    message = err.decode()
-    assert f"no DKIM key for selector 'eob1' in {keys}" in message
-    assert f"eobblast keys generate -d DOMAIN --key-dir {keys} --selector eob1" in message
-    assert "worker started" not in out.decode() + message
+    generate_keys(keys, "payer.example", "other", ed25519=True)  # another selector's
+    code, out = await eobblast_run(config)
+    assert code == 1
+    assert f"no usable DKIM key for selector 'eob1' in {keys}" in out
+    assert f"eobblast keys generate -d DOMAIN --key-dir {keys} --selector eob1" in out
+    assert "worker started" not in out
+
+    # The selector's RSA key alone, while [dkim] ed25519 is on (the default): nothing could
+    # be signed either, and the log says what is wrong with the key that is there.
+    generate_keys(keys, "payer.example", "eob1", ed25519=False)
+    code, out = await eobblast_run(config)
+    assert code == 1
+    assert "an RSA key and an Ed25519 key ([dkim] ed25519 is on)" in out
+    [unusable] = [orjson.loads(line) for line in out.splitlines() if "key unusable" in line]
+    assert unusable["domain"] == "payer.example"
+    assert "payer.example.eob1e.ed25519.pem" in unusable["cause"]
+    assert "worker started" not in out

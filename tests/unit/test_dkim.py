@@ -507,11 +507,19 @@ def test_a_missing_key_is_looked_for_again_after_a_while(tmp_path: Path) -> None
     assert store.get("payer.example") is signer
 
 
-def test_keyless_domains_remembered_are_bounded(tmp_path: Path) -> None:
+def test_keyless_domains_remembered_are_bounded_and_the_oldest_goes_first(
+    tmp_path: Path,
+) -> None:
     store = SignerStore(tmp_path, "eob1", ed25519=False, clock=lambda: 0.0)
-    for n in range(3 * MISSING_KEYS_KEPT):
+    for n in range(MISSING_KEYS_KEPT + 1):
         assert store.get(f"d{n}.example") is None
-        assert len(store._missing) <= MISSING_KEYS_KEPT
+    assert len(store._missing) == MISSING_KEYS_KEPT
+    # Within the retry time: the first domain was let go and is read again; the last is
+    # still known as keyless (one line in the log a minute, not one per notice).
+    for n in (0, MISSING_KEYS_KEPT):
+        generate_keys(tmp_path, f"d{n}.example", "eob1", ed25519=False)
+    assert store.get("d0.example") is not None
+    assert store.get(f"d{MISSING_KEYS_KEPT}.example") is None
 
 
 def test_signing_domains_are_read_from_the_key_file_names(tmp_path: Path) -> None:
@@ -520,3 +528,6 @@ def test_signing_domains_are_read_from_the_key_file_names(tmp_path: Path) -> Non
     generate_keys(tmp_path, "a.example", "eob1", ed25519=False)
     generate_keys(tmp_path, "c.example", "other", ed25519=False)
     assert signing_domains(tmp_path, "eob1") == ["a.example", "b.example"]
+    not_a_directory = tmp_path / "a.example.eob1.rsa.pem"
+    with pytest.raises(ConfigError, match="cannot be read"):
+        signing_domains(not_a_directory, "eob1")

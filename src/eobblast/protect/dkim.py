@@ -421,12 +421,14 @@ def _check_names(domain: str, selector: str) -> None:
 
 def signing_domains(key_dir: Path, selector: str) -> list[str]:
     """The domains that have an RSA key file for `selector` in `key_dir`, by file name
-    (whether each loads is found out when it is first used)."""
+    (none if the directory does not exist); ConfigError if it cannot be listed."""
     suffix = f".{selector}.rsa.pem"
     try:
         names = [path.name for path in key_dir.iterdir()]
-    except OSError:
+    except FileNotFoundError:
         return []
+    except OSError as exc:
+        raise ConfigError(f"DKIM key directory {key_dir} cannot be read ({exc.strerror})") from None
     return sorted(name[: -len(suffix)] for name in names if name.endswith(suffix))
 
 
