@@ -235,10 +235,20 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
         if config.metrics.port:
             from eobblast.observe.metrics import serve_multiprocess_metrics
 
+            def health() -> tuple[bool, dict[str, object]]:
+                seen = supervisor.health
+                return seen.ok, seen.as_dict()
+
             port = serve_multiprocess_metrics(
-                config.metrics.port, config.metrics.address, str(metrics_dir), supervisor.metrics
+                config.metrics.port,
+                config.metrics.address,
+                str(metrics_dir),
+                supervisor.metrics,
+                health,
             )
-            console.print(f"metrics on http://{config.metrics.address}:{port}/metrics")
+            console.print(
+                f"metrics on http://{config.metrics.address}:{port}/metrics, health on /healthz"
+            )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -12,6 +12,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -74,6 +75,35 @@ def worker_count(config: Config) -> int:
     return config.workers.count if config.workers.count > 0 else (os.cpu_count() or 1)
 
 
+@dataclass(frozen=True, slots=True)
+class Health:
+    """What `/healthz` reports of the workers, as the supervisor last saw them."""
+
+    status: str  # ok, degraded (a worker dead or crash-looping), stopping
+    workers: int
+    alive: int
+    restarting: tuple[int, ...] = ()  # dead, waiting for their restart
+    # Died within _HEALTHY_AFTER of a start, and not alive that long since.
+    crash_looping: tuple[int, ...] = ()
+    restarts: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every worker runs and none is crash-looping."""
+        return self.status == "ok"
+
+    def as_dict(self) -> dict[str, object]:
+        """JSON-ready."""
+        return {
+            "status": self.status,
+            "workers": self.workers,
+            "alive": self.alive,
+            "restarting": list(self.restarting),
+            "crash_looping": list(self.crash_looping),
+            "restarts": self.restarts,
+        }
+
+
 class Supervisor:
     """Starts N worker processes, restarts any that die, stops them all gracefully."""
 
@@ -94,7 +124,11 @@ class Supervisor:
         self._started_at: dict[int, float] = {}
         self._restart_at: dict[int, float] = {}
         self._delay: dict[int, float] = {}
+        self._looping: set[int] = set()
+        self._restarts = 0
         self.metrics = SupervisorMetrics()
+        # Replaced whole by the supervisor's loop; read by the metrics server's threads.
+        self.health = Health("stopping", self._count, 0)
 
     @property
     def pids(self) -> dict[int, int | None]:
@@ -116,12 +150,15 @@ class Supervisor:
         now = time.monotonic()
         for index, process in list(self._processes.items()):
             if process.is_alive():
+                if now - self._started_at[index] >= _HEALTHY_AFTER:
+                    self._looping.discard(index)
                 continue
             if index not in self._restart_at:
                 _forget_gauges(process.pid)
                 lived = now - self._started_at[index]
                 delay = self._config.workers.restart_delay
                 if lived < _HEALTHY_AFTER:
+                    self._looping.add(index)
                     # Doubling from at least _MIN_BACKOFF: restart_delay = 0 must not make a
                     # worker that dies at once respawn in a tight loop.
                     previous = max(self._delay.get(index, 0), _MIN_BACKOFF / 2)
@@ -134,16 +171,26 @@ class Supervisor:
                 )
             if now >= self._restart_at[index]:
                 del self._restart_at[index]
+                self._restarts += 1
                 self.metrics.worker_restarts.inc()
                 if self._on_restart is not None:
                     self._on_restart(index, process.exitcode)
                 process.close()
                 self._spawn(index)
+        self._see_health()
+
+    def _see_health(self) -> None:
+        restarting = tuple(sorted(self._restart_at))
+        looping = tuple(sorted(self._looping))
+        alive = len(self._processes) - len(restarting)
+        status = "ok" if alive == self._count and not looping else "degraded"
+        self.health = Health(status, self._count, alive, restarting, looping, self._restarts)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run the workers until `stop` is set, then stop them within the grace period."""
         for index in range(self._count):
             self._spawn(index)
+        self._see_health()
         try:
             while not stop.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -152,6 +199,7 @@ class Supervisor:
                 if not stop.is_set():
                     self._check()
         finally:
+            self.health = replace(self.health, status="stopping")
             await self._stop_all()
 
     async def _stop_all(self) -> None:

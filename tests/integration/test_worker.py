@@ -1275,6 +1275,12 @@ async def _exposition(port: int) -> str:
     return response.text
 
 
+async def _health(port: int) -> tuple[int, dict[str, Any]]:
+    async with httpx.AsyncClient() as client:
+        reply = await client.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+    return reply.status_code, orjson.loads(reply.content)
+
+
 async def _scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     return {
         (sample.name, tuple(sorted(sample.labels.items()))): sample.value
@@ -1298,11 +1304,12 @@ def _promtool_problems(exposition: str) -> str | None:
 async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
     stack: Stack, tmp_path: Path
 ) -> None:
-    # The command an operator runs: two worker processes, one metrics endpoint for both.
+    # The command an operator runs: two worker processes, one metrics endpoint for both,
+    # and /healthz beside it for the orchestrator.
     total = 200
     await stack.publish(stack.events(total, seed=12))
     port = free_port()
-    settings = stack.settings(count=2)
+    settings = stack.settings(count=2, restart_delay=3.0)
     settings["metrics"] = {"port": port, "address": "127.0.0.1"}
     process = await start_eobblast_run(settings, tmp_path / "eobblast.toml")
     delivered = ("eobblast_events_total", (("outcome", "delivered"), ("reason", "delivered")))
@@ -1318,13 +1325,25 @@ async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
         assert _promtool_problems(await _exposition(port)) in ("", None)
         workers = [pid for pid in _children(process.pid) if _is_worker(pid)]
         assert len(workers) == 2
+        code, health = await _health(port)
+        assert (code, health["status"], health["alive"]) == (200, "ok", 2)
         os.kill(workers[0], signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (await _scrape(port)).get(restarts, 0) < 1 and time.monotonic() < deadline:  # noqa: ASYNC110 - polling another process
+        seen = []  # /healthz while the worker is down, then back
+        while (await _scrape(port)).get(restarts, 0) < 1 and time.monotonic() < deadline:
+            seen.append(await _health(port))
             await asyncio.sleep(0.2)
         scraped = await _scrape(port)
         assert scraped[restarts] == 1
         assert scraped[delivered] == total  # a dead worker's counts are kept
+        down = [health for code, health in seen if code == 503]
+        assert any(health["alive"] == 1 and health["restarting"] == [0] for health in down)
+        # Back to 200 once the new worker runs (if the dead one had lived under 10 s, once
+        # the new one has lived that long: a crash loop is not health).
+        while (await _health(port))[0] != 200 and time.monotonic() < deadline + 15:  # noqa: ASYNC110 - polling another process
+            await asyncio.sleep(0.2)
+        code, health = await _health(port)
+        assert (code, health["alive"], health["restarts"]) == (200, 2, 1)
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)

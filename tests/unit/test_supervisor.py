@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, cast
 
+import orjson
 import pytest
 from prometheus_client import CollectorRegistry, multiprocess
 
 from eobblast.config import load_config
-from eobblast.supervisor import Supervisor, _forget_gauges
+from eobblast.observe.metrics import SupervisorMetrics, serve_multiprocess_metrics
+from eobblast.supervisor import _HEALTHY_AFTER, Health, Supervisor, _forget_gauges
 
 
 class DeadAtOnce:
@@ -26,12 +32,18 @@ class DeadAtOnce:
         pass
 
 
-class NoSpawn(Supervisor):
-    """A supervisor whose workers die as soon as they are started."""
+class Fake(Supervisor):
+    """A supervisor whose worker processes are `process()`, not real ones."""
+
+    process: Callable[[], Any] = DeadAtOnce
 
     def _spawn(self, index: int) -> None:
-        self._processes[index] = DeadAtOnce()  # type: ignore[assignment]
+        self._processes[index] = self.process()
         self._started_at[index] = time.monotonic()
+
+
+class NoSpawn(Fake):
+    """A supervisor whose workers die as soon as they are started."""
 
 
 def test_a_worker_that_keeps_dying_is_restarted_with_backoff_even_at_delay_zero() -> None:
@@ -79,3 +91,97 @@ def test_negative_worker_timings_are_refused() -> None:
     for name in ("restart_delay", "grace_period", "stuck_after"):
         with pytest.raises(ConfigError, match=f"workers.{name}"):
             load_config(environ={}, overrides={"workers": {name: -1}})
+
+
+class Running:
+    """A worker process that is running, until `die` is called."""
+
+    pid = None
+    exitcode: int | None = None
+
+    def __init__(self) -> None:
+        self.alive = True
+
+    def is_alive(self) -> bool:
+        return self.alive
+
+    def die(self) -> None:
+        self.alive, self.exitcode = False, -9
+
+    def close(self) -> None:
+        pass
+
+
+class Healthy(Fake):
+    """A supervisor of `Running` processes."""
+
+    process = Running
+
+
+def test_health_says_which_workers_are_down_or_crash_looping() -> None:
+    config = load_config(environ={}, overrides={"workers": {"restart_delay": 5}})
+    supervisor = Healthy(config, workers=2)
+    assert supervisor.health.status == "stopping"  # not started
+    for index in (0, 1):
+        supervisor._spawn(index)
+    supervisor._check()
+    assert supervisor.health == Health("ok", 2, 2)
+    assert supervisor.health.ok
+
+    # Worker 1 dies within seconds of its start: down, then back but crash-looping.
+    cast(Running, supervisor._processes[1]).die()
+    supervisor._check()
+    assert supervisor.health == Health("degraded", 2, 1, (1,), (1,))
+    supervisor._restart_at[1] = 0.0  # its restart is due
+    supervisor._check()
+    assert supervisor.health == Health("degraded", 2, 2, (), (1,), restarts=1)
+    assert not supervisor.health.ok
+    # Alive long enough since: healthy again.
+    supervisor._started_at[1] -= _HEALTHY_AFTER
+    supervisor._check()
+    assert supervisor.health == Health("ok", 2, 2, restarts=1)
+
+    # A worker that had run a long while dies: down until restarted, not crash-looping.
+    supervisor._started_at[0] -= _HEALTHY_AFTER
+    cast(Running, supervisor._processes[0]).die()
+    supervisor._check()
+    assert supervisor.health == Health("degraded", 2, 1, (0,), (), restarts=1)
+    assert supervisor.health.as_dict() == {
+        "status": "degraded",
+        "workers": 2,
+        "alive": 1,
+        "restarting": [0],
+        "crash_looping": [],
+        "restarts": 1,
+    }
+
+
+def _get(url: str) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as reply:
+            return int(reply.status), reply.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def test_healthz_answers_beside_the_metrics(tmp_path: Path) -> None:
+    seen: list[tuple[bool, dict[str, object]]] = [(True, {"status": "ok"})]
+    supervisor = SupervisorMetrics()
+    supervisor.worker_restarts.inc()
+    port = serve_multiprocess_metrics(
+        0, "127.0.0.1", str(tmp_path), supervisor, health=lambda: seen[-1]
+    )
+    base = f"http://127.0.0.1:{port}"
+    assert _get(f"{base}/healthz") == (200, b'{"status":"ok"}\n')
+    seen.append((False, {"status": "degraded", "alive": 1}))
+    code, body = _get(f"{base}/healthz")
+    assert (code, orjson.loads(body)) == (503, {"status": "degraded", "alive": 1})
+    code, body = _get(f"{base}/metrics")
+    assert code == 200 and b"eobblast_worker_restarts_total 1.0" in body
+    request = urllib.request.Request(f"{base}/healthz", data=b"", method="POST")
+    try:
+        urllib.request.urlopen(request, timeout=10)
+    except urllib.error.HTTPError as error:
+        assert error.code == 405
+    else:
+        raise AssertionError("POST /healthz was answered")

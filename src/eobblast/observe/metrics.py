@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+import socket
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+import orjson
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    make_wsgi_app,
+    start_http_server,
+)
 
 from eobblast.errors import INPUT_REASONS, Outcome
 
@@ -174,15 +189,61 @@ class SupervisorMetrics:
 
 
 def serve_multiprocess_metrics(
-    port: int, address: str, directory: str, supervisor: SupervisorMetrics | None = None
+    port: int,
+    address: str,
+    directory: str,
+    supervisor: SupervisorMetrics | None = None,
+    health: Callable[[], tuple[bool, dict[str, object]]] | None = None,
 ) -> int:
     """Serve the summed metrics of every worker process (prometheus multiprocess mode),
-    and the supervisor's own."""
+    and the supervisor's own; with `health`, also GET /healthz: 200 when it says ok, else
+    503, with its JSON body either way."""
     from prometheus_client import multiprocess
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry, path=directory)  # type: ignore[no-untyped-call]
     if supervisor is not None:
         registry.register(supervisor.registry)
-    server, _thread = start_http_server(port, addr=address, registry=registry)
+    if health is None:
+        server, _thread = start_http_server(port, addr=address, registry=registry)
+        return int(server.server_port)
+    return _serve(port, address, _with_health(make_wsgi_app(registry), health))
+
+
+def _with_health(
+    metrics_app: Callable[..., Iterable[bytes]],
+    health: Callable[[], tuple[bool, dict[str, object]]],
+) -> Callable[..., Iterable[bytes]]:
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != "/healthz":
+            return metrics_app(environ, start_response)
+        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+            start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
+            return [b""]
+        ok, body = health()
+        start_response(
+            "200 OK" if ok else "503 Service Unavailable",
+            [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+        )
+        return [orjson.dumps(body) + b"\n"]
+
+    return app
+
+
+class _Quiet(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """No access log: probes every few seconds would drown the service's own lines."""
+
+
+def _serve(port: int, address: str, app: Callable[..., Iterable[bytes]]) -> int:
+    """Serve a WSGI app from daemon threads, as prometheus_client serves its own; returns
+    the port bound."""
+    family = socket.getaddrinfo(address, port, type=socket.SOCK_STREAM)[0][0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        daemon_threads = True
+        address_family = family
+
+    server = make_server(address, port, app, Server, handler_class=_Quiet)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return int(server.server_port)
