@@ -235,16 +235,12 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
         if config.metrics.port:
             from eobblast.observe.metrics import serve_multiprocess_metrics
 
-            def health() -> tuple[bool, dict[str, object]]:
-                seen = supervisor.health
-                return seen.ok, seen.as_dict()
-
             port = serve_multiprocess_metrics(
                 config.metrics.port,
                 config.metrics.address,
                 str(metrics_dir),
                 supervisor.metrics,
-                health,
+                supervisor.health_report,
             )
             console.print(
                 f"metrics on http://{config.metrics.address}:{port}/metrics, health on /healthz"

@@ -11,8 +11,9 @@ import shutil
 import signal
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 
@@ -22,6 +23,11 @@ from eobblast.observe.metrics import SupervisorMetrics
 log = logging.getLogger("eobblast.supervisor")
 # A worker that dies sooner than this after starting counts as crash-looping.
 _HEALTHY_AFTER = 10.0
+# So does one restarted this many times within _LOOP_WINDOW seconds, however long each ran.
+_LOOP_RESTARTS = 3
+_LOOP_WINDOW = 300.0
+# The supervisor's loop renews its health every 0.2 s; older than this, it is not news.
+_HEALTH_STALE = 5.0
 _MAX_RESTART_DELAY = 30.0
 _MIN_BACKOFF = 0.5
 
@@ -79,13 +85,15 @@ def worker_count(config: Config) -> int:
 class Health:
     """What `/healthz` reports of the workers, as the supervisor last saw them."""
 
-    status: str  # ok, degraded (a worker dead or crash-looping), stopping
+    status: str  # starting, ok, degraded (a worker dead or crash-looping), stopping
     workers: int
     alive: int
     restarting: tuple[int, ...] = ()  # dead, waiting for their restart
-    # Died within _HEALTHY_AFTER of a start, and not alive that long since.
+    # Died within _HEALTHY_AFTER of a start and not alive that long since, or restarted
+    # _LOOP_RESTARTS times within _LOOP_WINDOW.
     crash_looping: tuple[int, ...] = ()
     restarts: int = 0
+    seen_at: float = field(default_factory=time.monotonic, compare=False)
 
     @property
     def ok(self) -> bool:
@@ -124,11 +132,21 @@ class Supervisor:
         self._started_at: dict[int, float] = {}
         self._restart_at: dict[int, float] = {}
         self._delay: dict[int, float] = {}
-        self._looping: set[int] = set()
+        self._looping: set[int] = set()  # died within _HEALTHY_AFTER of their start
+        self._restarted: dict[int, deque[float]] = {}  # restart times, within _LOOP_WINDOW
         self._restarts = 0
         self.metrics = SupervisorMetrics()
         # Replaced whole by the supervisor's loop; read by the metrics server's threads.
-        self.health = Health("stopping", self._count, 0)
+        self.health = Health("starting", self._count, 0)
+
+    def health_report(self) -> tuple[bool, dict[str, object]]:
+        """What /healthz answers: whether all is well, and the JSON body. A snapshot the
+        loop has not renewed for _HEALTH_STALE seconds is reported as `stale`."""
+        seen = self.health  # one read: the loop replaces it whole
+        body = seen.as_dict()
+        if seen.status == "ok" and time.monotonic() - seen.seen_at > _HEALTH_STALE:
+            return False, body | {"status": "stale"}
+        return seen.ok, body
 
     @property
     def pids(self) -> dict[int, int | None]:
@@ -157,7 +175,9 @@ class Supervisor:
                 _forget_gauges(process.pid)
                 lived = now - self._started_at[index]
                 delay = self._config.workers.restart_delay
-                if lived < _HEALTHY_AFTER:
+                if lived >= _HEALTHY_AFTER:
+                    self._looping.discard(index)  # it ran long enough before it died
+                else:
                     self._looping.add(index)
                     # Doubling from at least _MIN_BACKOFF: restart_delay = 0 must not make a
                     # worker that dies at once respawn in a tight loop.
@@ -172,6 +192,7 @@ class Supervisor:
             if now >= self._restart_at[index]:
                 del self._restart_at[index]
                 self._restarts += 1
+                self._restarted.setdefault(index, deque()).append(now)
                 self.metrics.worker_restarts.inc()
                 if self._on_restart is not None:
                     self._on_restart(index, process.exitcode)
@@ -180,8 +201,13 @@ class Supervisor:
         self._see_health()
 
     def _see_health(self) -> None:
+        now = time.monotonic()
+        for times in self._restarted.values():
+            while times and times[0] <= now - _LOOP_WINDOW:
+                times.popleft()
+        often = {index for index, times in self._restarted.items() if len(times) >= _LOOP_RESTARTS}
         restarting = tuple(sorted(self._restart_at))
-        looping = tuple(sorted(self._looping))
+        looping = tuple(sorted(self._looping | often))
         alive = len(self._processes) - len(restarting)
         status = "ok" if alive == self._count and not looping else "degraded"
         self.health = Health(status, self._count, alive, restarting, looping, self._restarts)

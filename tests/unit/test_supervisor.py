@@ -6,7 +6,9 @@ import multiprocessing
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,7 +18,14 @@ from prometheus_client import CollectorRegistry, multiprocess
 
 from eobblast.config import load_config
 from eobblast.observe.metrics import SupervisorMetrics, serve_multiprocess_metrics
-from eobblast.supervisor import _HEALTHY_AFTER, Health, Supervisor, _forget_gauges
+from eobblast.supervisor import (
+    _HEALTHY_AFTER,
+    _LOOP_RESTARTS,
+    _LOOP_WINDOW,
+    Health,
+    Supervisor,
+    _forget_gauges,
+)
 
 
 class DeadAtOnce:
@@ -121,7 +130,7 @@ class Healthy(Fake):
 def test_health_says_which_workers_are_down_or_crash_looping() -> None:
     config = load_config(environ={}, overrides={"workers": {"restart_delay": 5}})
     supervisor = Healthy(config, workers=2)
-    assert supervisor.health.status == "stopping"  # not started
+    assert supervisor.health.status == "starting"
     for index in (0, 1):
         supervisor._spawn(index)
     supervisor._check()
@@ -154,6 +163,37 @@ def test_health_says_which_workers_are_down_or_crash_looping() -> None:
         "crash_looping": [],
         "restarts": 1,
     }
+    supervisor._restart_at[0] = 0.0
+    supervisor._check()
+    assert supervisor.health.ok
+
+
+def test_a_worker_restarted_again_and_again_is_crash_looping_however_long_it_ran() -> None:
+    config = load_config(environ={}, overrides={"workers": {"restart_delay": 0}})
+    supervisor = Healthy(config, workers=1)
+    supervisor._spawn(0)
+    statuses = []
+    for _ in range(_LOOP_RESTARTS):
+        supervisor._started_at[0] -= _HEALTHY_AFTER  # it ran long enough each time
+        cast(Running, supervisor._processes[0]).die()
+        supervisor._check()  # restarted at once (restart_delay 0, not a short life)
+        statuses.append((supervisor.health.status, supervisor.health.crash_looping))
+    assert statuses[:-1] == [("ok", ())] * (_LOOP_RESTARTS - 1)
+    assert statuses[-1] == ("degraded", (0,))
+    # The restarts age out of the window: healthy again.
+    supervisor._restarted[0] = deque(t - _LOOP_WINDOW for t in supervisor._restarted[0])
+    supervisor._check()
+    assert supervisor.health.ok
+
+
+def test_a_health_the_loop_stopped_renewing_is_not_reported_as_ok() -> None:
+    supervisor = Healthy(load_config(environ={}, overrides={}), workers=1)
+    supervisor._spawn(0)
+    supervisor._check()
+    assert supervisor.health_report() == (True, supervisor.health.as_dict())
+    supervisor.health = replace(supervisor.health, seen_at=time.monotonic() - 60)
+    ok, body = supervisor.health_report()
+    assert not ok and body["status"] == "stale"
 
 
 def _get(url: str) -> tuple[int, bytes]:
@@ -176,8 +216,17 @@ def test_healthz_answers_beside_the_metrics(tmp_path: Path) -> None:
     seen.append((False, {"status": "degraded", "alive": 1}))
     code, body = _get(f"{base}/healthz")
     assert (code, orjson.loads(body)) == (503, {"status": "degraded", "alive": 1})
-    code, body = _get(f"{base}/metrics")
-    assert code == 200 and b"eobblast_worker_restarts_total 1.0" in body
+    for path in ("/metrics", "/"):
+        code, body = _get(f"{base}{path}")
+        assert code == 200 and b"eobblast_worker_restarts_total 1.0" in body
+    assert _get(f"{base}/healthz/")[0] == 503
+    # A probe at a wrong path is told so, not given the metrics as a 200.
+    for wrong in ("/health", "/readyz", "/healthz/x"):
+        assert _get(f"{base}{wrong}")[0] == 404, wrong
+    head = urllib.request.Request(f"{base}/healthz", method="HEAD")
+    seen.append((True, {"status": "ok"}))
+    with urllib.request.urlopen(head, timeout=10) as reply:
+        assert (reply.status, reply.read()) == (200, b"")
     request = urllib.request.Request(f"{base}/healthz", data=b"", method="POST")
     try:
         urllib.request.urlopen(request, timeout=10)

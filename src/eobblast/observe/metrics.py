@@ -215,9 +215,15 @@ def _with_health(
     health: Callable[[], tuple[bool, dict[str, object]]],
 ) -> Callable[..., Iterable[bytes]]:
     def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-        if environ.get("PATH_INFO") != "/healthz":
+        path = environ.get("PATH_INFO", "").rstrip("/")
+        if path in ("", "/metrics", "/favicon.ico"):
             return metrics_app(environ, start_response)
-        if environ.get("REQUEST_METHOD") not in ("GET", "HEAD"):
+        if path != "/healthz":
+            # Not the metrics text: a probe pointed at a wrong path must not read as healthy.
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"/metrics or /healthz\n"]
+        method = environ.get("REQUEST_METHOD")
+        if method not in ("GET", "HEAD"):
             start_response("405 Method Not Allowed", [("Allow", "GET, HEAD")])
             return [b""]
         ok, body = health()
@@ -225,7 +231,7 @@ def _with_health(
             "200 OK" if ok else "503 Service Unavailable",
             [("Content-Type", "application/json"), ("Cache-Control", "no-store")],
         )
-        return [orjson.dumps(body) + b"\n"]
+        return [] if method == "HEAD" else [orjson.dumps(body) + b"\n"]
 
     return app
 
