@@ -194,9 +194,14 @@ class ReplayReport:
             "skipped": sum(self.skipped.values()),
             "skipped_by_cause": dict(sorted(self.skipped.items())),
             "still_refused_by_reason": dict(sorted(self.still_refused.items())),
-            "refused_by_broker_at": sorted(self.refused_at),
+            "refused_by_broker_at": sorted(self.refused_at, key=_position_order),
             "not_acknowledged": self.not_acknowledged,
         }
+
+
+def _position_order(position: str) -> tuple[int, int]:
+    partition, _, offset = position.partition(":")
+    return int(partition), int(offset)
 
 
 class ReplayInterrupted(Exception):
