@@ -41,6 +41,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.protect.testcerts import MemberCertificates
 from eobblast.sandbox import Sandbox, TestPki, default_sandbox_domains, make_test_pki
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
+from eobblast.streams.kafka import ReadAgain
 from eobblast.supervisor import Supervisor
 from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces
 
@@ -261,12 +262,13 @@ async def collect_statuses(
     try:
         # Done when every event is final and nothing has changed for a moment (a DSN may
         # still turn a delivered notice into a held one shortly after).
+        holes = ReadAgain(group=True)
         while time.monotonic() < deadline and not failed():
             if tally.total >= expected and time.monotonic() - tally.changed_at > settle:
                 break
             batch = await consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                for record in records:
+            for tp, records in batch.items():
+                for record in await holes.records(consumer, tp, records):
                     status = DeliveryStatus.model_validate_json(record.value)
                     if tally.add(record.key.decode(), status) and on_status is not None:
                         on_status(status)
@@ -324,10 +326,11 @@ async def simulate_claims_system(
     await producer.start()
     answered: Counter[str] = Counter()
     try:
+        holes = ReadAgain(group=True)
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200)
-            for records in batch.values():
-                for record in records:
+            for tp, records in batch.items():
+                for record in await holes.records(consumer, tp, records):
                     request = AddressVerificationRequested.model_validate_json(record.value)
                     member = request.member_id
                     now = dt.datetime.now(dt.UTC)

@@ -66,6 +66,7 @@ from eobblast.streams.kafka import (
     AIOKafkaProducer,
     IllegalStateError,
     KafkaError,
+    ReadAgain,
     RebalanceListener,
     TopicPartition,
     backoff_delay,
@@ -349,6 +350,19 @@ class _Listener(RebalanceListener):
         log.info("partitions assigned", extra={"partitions": len(assigned)})
 
 
+class _Forgets(RebalanceListener):
+    """Forgets revoked partitions' offsets: whoever reads them next may move on."""
+
+    def __init__(self, holes: ReadAgain) -> None:
+        self._holes = holes
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self._holes.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Nothing to do: a partition starts where its first fetch does."""
+
+
 class Worker:
     """Consumes events, delivers them through the pipeline and accounts for every one."""
 
@@ -367,6 +381,8 @@ class Worker:
         self._bounces = bounces
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
+        self._holes = ReadAgain(group=True)
+        self._result_holes = ReadAgain(group=True)  # the verification results consumer's
         # Per partition, its records' tasks and where each one is (for the oldest's age).
         self._tasks: dict[TopicPartition, dict[asyncio.Task[None], _InFlight]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
@@ -579,6 +595,7 @@ class Worker:
             max_poll_records=100,
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
+            rebalance_listener=_Forgets(self._result_holes),
         )
         failures = 0
         try:
@@ -606,7 +623,11 @@ class Worker:
         fetching = asyncio.ensure_future(consumer.getmany(timeout_ms=200))
         if not await self._fetched(fetching, stop):
             return
-        batch = fetching.result()
+        batch = {
+            tp: taken
+            for tp, records in fetching.result().items()
+            if (taken := await self._result_holes.records(consumer, tp, records))
+        }
         # Where each partition of the batch starts again if it fails: the consumer's
         # position is past the whole batch already, and the next batch's commit would
         # otherwise pass over the answers not applied.
@@ -757,7 +778,7 @@ class Worker:
             return
         now = time.monotonic()
         for tp, records in batch.items():
-            for record in records:
+            for record in await self._holes.records(consumer, tp, records):
                 self._tracker.handed_out(tp, record.offset)
                 info = _InFlight(tp.partition, record.offset, now)
                 task = asyncio.create_task(self._handle(tp, record, info))
@@ -855,6 +876,7 @@ class Worker:
             await self._commit(revoked)
         finally:
             self._tracker.forget(revoked)
+            self._holes.forget(revoked)
             for tp in revoked:
                 self._tasks.pop(tp, None)
         log.info("partitions revoked", extra={"partitions": len(revoked)})

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from eobblast.observe import metrics
 from eobblast.streams import (
     BrokerUnavailable,
     EmbeddedBroker,
@@ -30,6 +31,7 @@ from eobblast.streams.kafka import (
     MAX_REQUEST_SIZE,
     AIOKafkaConsumer,
     MessageSizeTooLargeError,
+    ReadAgain,
     read_to_end,
 )
 from tests.kafka_fixtures import (
@@ -439,3 +441,34 @@ async def test_read_to_end_of_a_missing_topic_says_so(broker: EmbeddedBroker) ->
     with pytest.raises(BrokerUnavailable, match="has no topic no-such-topic"):
         async for _ in read_to_end(broker.bootstrap, "no-such-topic", client_id="t"):
             pass
+
+
+async def test_a_hole_at_the_start_of_a_partition_is_read_again_from_the_committed_offset(
+    broker: EmbeddedBroker, topic_factory: TopicFactory
+) -> None:
+    # A group's committed offset is 3, and the first fetch hands out records from 6 on (as
+    # Tansu can while a produce before them is still being stored): the reader takes none
+    # of them, goes back to 3, and then gets 3 to 9, each once and in order.
+    topic = await topic_factory(partitions=1)
+    await produce(broker.bootstrap, topic, [(b"k", b"v%d" % i) for i in range(10)])
+    tp = TopicPartition(topic, 0)
+    group = unique_group()
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False
+    )
+    holes = ReadAgain(group=True)
+    rereads = metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total")
+    async with running_client(consumer):
+        consumer.assign([tp])
+        async with asyncio.timeout(10):
+            await consumer.commit({tp: 3})
+        consumer.seek(tp, 6)
+        taken: list[int] = []
+        async with asyncio.timeout(20):
+            while len(taken) < 7:
+                batch = await consumer.getmany(timeout_ms=200)
+                for got in batch.values():
+                    taken += [r.offset for r in await holes.records(consumer, tp, got)]
+    assert taken == list(range(3, 10))
+    assert rereads is not None
+    assert metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total") == rereads + 1

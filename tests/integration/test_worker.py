@@ -1320,6 +1320,8 @@ async def test_eobblast_run_serves_every_workers_metrics_and_counts_restarts(
         scraped = await _scrape(port)
         assert scraped[delivered] == total  # both workers' counts, summed
         assert scraped.get(restarts, 0) == 0
+        # One producer wrote the events: no hole in their offsets, none read again.
+        assert scraped.get(("eobblast_offset_rereads_total", ()), 0) == 0
         # The endpoint Prometheus scrapes, as Prometheus's own linter reads it (Debian
         # prometheus; make system-deps installs it).
         assert _promtool_problems(await _exposition(port)) in ("", None)

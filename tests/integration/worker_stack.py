@@ -28,6 +28,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
 from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
+from eobblast.streams.kafka import ReadAgain
 from eobblast.transport import Transport
 from eobblast.worker import Worker, _LateBound, new_worker_id, open_bounces
 
@@ -194,7 +195,11 @@ def prepare(directory: Path) -> None:
 async def read_topic(
     bootstrap: str, topic: str, *, until: int, seconds: float = 60.0
 ) -> list[tuple[bytes | None, bytes]]:
-    """Records of a topic from the start until `until` distinct keys (or records) were seen."""
+    """Records of a topic from the start until `until` distinct keys (or records) were seen.
+
+    A hole in a partition's offsets is read again, as eobblast's own readers do: on Tansu a
+    reader that follows a partition while several producers write it can otherwise miss
+    records the broker acknowledged (`OffsetGaps`)."""
     consumer = make_consumer(
         bootstrap,
         f"reader-{uuid.uuid4().hex[:8]}",
@@ -208,11 +213,12 @@ async def read_topic(
     records: list[tuple[bytes | None, bytes]] = []
     keys: set[bytes | None] = set()
     deadline = time.monotonic() + seconds
+    holes = ReadAgain(group=True)
     try:
         while len(keys) < until and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
-            for items in batch.values():
-                for record in items:
+            for tp, items in batch.items():
+                for record in await holes.records(consumer, tp, items):
                     records.append((record.key, record.value))
                     keys.add(record.key if record.key is not None else record.value)
     finally:

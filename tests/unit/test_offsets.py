@@ -14,7 +14,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from eobblast.streams.offsets import OffsetTracker
+from eobblast.streams.offsets import OffsetGaps, OffsetTracker
 
 P0 = ("eob.events", 0)
 P1 = ("eob.events", 1)
@@ -256,3 +256,82 @@ class TrackerMachine(RuleBasedStateMachine):
 
 TrackerMachine.TestCase.settings = settings(max_examples=200, stateful_step_count=60)
 test_tracker_state_machine = TrackerMachine.TestCase
+
+
+P = ("eob.events", 0)
+
+
+def test_a_hole_is_read_again_once_before_it_is_believed() -> None:
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps()
+    assert gaps.take(P, [10, 11, 12]) == (3, None)  # a first fetch starts anywhere
+    # 13-14 skipped (a batch the broker had not stored yet): take 15's predecessors only,
+    # and read again from 13.
+    assert gaps.take(P, [15, 16]) == (0, 13)
+    assert gaps.take(P, [13, 14, 15, 16]) == (4, None)  # they came: nothing lost
+    # Within a fetch, too: the records before the hole are taken.
+    assert gaps.take(P, [17, 18, 21, 22]) == (2, 19)
+    # Read again, the hole is still there: a real one (a transaction marker, compaction).
+    assert gaps.take(P, [21, 22]) == (2, None)
+    # Another hole later is read again as well.
+    assert gaps.take(P, [23, 30]) == (1, 24)
+    assert gaps.take(P, [30]) == (1, None)
+    # Offsets from before (a seek back after a failure) are taken as they come.
+    assert gaps.take(P, [25, 26]) == (2, None)
+    assert gaps.take(P, []) == (0, None)
+    assert gaps.take(P, [27]) == (1, None)
+
+
+def test_partitions_are_separate_and_a_forgotten_one_starts_anywhere() -> None:
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps()
+    other = ("eob.events", 1)
+    assert gaps.take(P, [0, 1]) == (2, None)
+    assert gaps.take(other, [100]) == (1, None)
+    assert gaps.take(P, [5]) == (0, 2)
+    assert gaps.take(other, [101]) == (1, None)
+    # Revoked and given back after another member read on: no hole to read again.
+    gaps.forget([P])
+    assert not gaps.knows(P)
+    assert gaps.take(P, [500, 501]) == (2, None)
+    assert gaps.take(P, [505]) == (0, 502)
+    # Told where the next fetch starts, a first fetch that starts later is a hole.
+    gaps.forget([P])
+    gaps.expect(P, 600)
+    assert gaps.take(P, [603]) == (0, 600)
+
+
+@given(
+    st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=60),
+    st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=30),
+)
+@settings(max_examples=200, deadline=None)
+def test_a_reader_that_rereads_holes_gets_every_record_a_late_broker_stored(
+    late: list[int], sizes: list[int]
+) -> None:
+    # A partition of 0..N-1 whose batches reach the broker's store late (a fetch sees a
+    # batch `late[i]` fetches after it could first have): a reader that re-reads each hole
+    # once, where the batch has landed by then, gets every offset in order.
+    offsets = list(range(sum(sizes)))
+    batches, start = [], 0
+    for size in sizes:
+        batches.append(offsets[start : start + size])
+        start += size
+    stored_at = [late[i % len(late)] > 0 for i in range(len(batches))]  # late on first look
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps()
+    gaps.expect(P, 0)  # where the reader starts: a first fetch that skips is a hole too
+    position, got, looks = 0, [], 0
+    while position < len(offsets) and looks < 10 * len(offsets) + 10:
+        looks += 1
+        # What a broker serves from `position`: stored batches at or after it, skipping
+        # one not stored yet (on its first look only: it lands right after).
+        served = []
+        for index, batch in enumerate(batches):
+            if batch[-1] < position:
+                continue
+            if stored_at[index]:
+                stored_at[index] = False  # stored once this fetch has seen it missing
+                continue
+            served += [offset for offset in batch if offset >= position]
+        count, again = gaps.take(P, served)
+        got += served[:count]
+        position = again if again is not None else (served[count - 1] + 1 if count else position)
+    assert got == offsets

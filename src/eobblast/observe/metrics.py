@@ -165,6 +165,14 @@ def show_rejections_from_zero() -> None:
         EVENTS.labels(Outcome.REJECTED, reason)
 
 
+OFFSET_REREADS = Counter(
+    "eobblast_offset_rereads",
+    "Holes in a partition's fetched offsets read again before being believed (transaction"
+    " markers, compaction, or a broker that served a batch out of order).",
+    registry=REGISTRY,
+)
+
+
 def serve_metrics(port: int, address: str = "127.0.0.1") -> int:
     """Serve /metrics over HTTP; returns the port actually bound."""
     server, _thread = start_http_server(port, addr=address, registry=REGISTRY)

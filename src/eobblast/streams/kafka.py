@@ -11,8 +11,9 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
@@ -38,6 +39,8 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 )
 
 from eobblast.errors import EobblastError, ReasonCode
+from eobblast.observe import metrics
+from eobblast.streams.offsets import OffsetGaps
 
 __all__ = [
     "ADMIN_TIMEOUT",
@@ -422,6 +425,58 @@ class TopicRecord:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
+# How long a partition's first fetch waits to learn where it started (ReadAgain).
+START_TIMEOUT = 5.0
+
+
+class ReadAgain:
+    """A consumer's fetched records without the holes a broker did not mean (`OffsetGaps`):
+    at a hole, the records before it are taken and the consumer is sent back to read the
+    partition again from the hole, once.
+
+    A partition's first fetch is checked against where it starts: given by `expect`, or
+    else, for a group consumer, the group's committed offset (or the partition's first
+    offset when none is committed, as `auto_offset_reset="earliest"` reads). Forget a
+    partition when it is revoked or repositioned."""
+
+    def __init__(self, *, group: bool) -> None:
+        self._group = group
+        self._gaps: OffsetGaps[TopicPartition] = OffsetGaps()
+
+    def expect(self, tp: TopicPartition, offset: int) -> None:
+        """`tp`'s next fetch starts at `offset`."""
+        self._gaps.expect(tp, offset)
+
+    def forget(self, tps: Iterable[TopicPartition]) -> None:
+        """Forget these partitions: their next fetch starts where it may."""
+        self._gaps.forget(tps)
+
+    async def records(
+        self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: Sequence[Any]
+    ) -> Sequence[Any]:
+        """The records of `tp` from `consumer`'s fetch to take."""
+        if records and self._group and not self._gaps.knows(tp):
+            try:
+                async with asyncio.timeout(START_TIMEOUT):
+                    start = await consumer.committed(tp)
+                    if start is None:
+                        start = (await consumer.beginning_offsets([tp]))[tp]
+                self._gaps.expect(tp, int(start))
+            except (KafkaError, OSError, TimeoutError) as exc:
+                # Not known: this first fetch is taken as it came, as before.
+                log.debug("start offset unknown: %s", type(exc).__name__)
+        count, again = self._gaps.take(tp, [record.offset for record in records])
+        if again is not None:
+            metrics.OFFSET_REREADS.inc()
+            log.debug(
+                "offsets skip; reading again",
+                extra={"topic": tp.topic, "partition": tp.partition, "offset": again},
+            )
+            with contextlib.suppress(IllegalStateError):  # revoked meanwhile: not ours
+                consumer.seek(tp, again)
+        return records[:count]
+
+
 async def read_to_end(
     bootstrap: str, topic: str, *, client_id: str, stall_timeout: float = 30.0
 ) -> AsyncGenerator[TopicRecord, None]:
@@ -458,12 +513,18 @@ async def read_to_end(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = {tp: int(end) for tp, end in (await consumer.end_offsets(tps)).items()}
-        due = {tp for tp in tps if await consumer.position(tp) < ends[tp]}
+        holes = ReadAgain(group=False)
+        due = set()
+        for tp in tps:
+            start = await consumer.position(tp)
+            holes.expect(tp, start)
+            if start < ends[tp]:
+                due.add(tp)
         last_progress = time.monotonic()
         while due:
             batch = await consumer.getmany(*due, timeout_ms=500)
             for tp, records in batch.items():
-                for record in records:
+                for record in await holes.records(consumer, tp, records):
                     yield TopicRecord(
                         tp.partition,
                         record.offset,

@@ -10,7 +10,7 @@ arithmetic: a partition's offsets may have gaps (transaction markers, compaction
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -119,3 +119,56 @@ class OffsetTracker(Generic[K]):
             state = self._partitions.pop(key, None)
             if state is not None:
                 self._in_flight -= len(state.pending)
+
+
+class OffsetGaps(Generic[K]):
+    """Holes in the offsets a consumer is handed, read again once before they are believed.
+
+    Offsets of a partition may skip for good reasons (transaction markers, compaction), and
+    for a bad one: Tansu stores a produce's records after raising the partition's high
+    watermark, so while two producers write one partition a fetch can return the later
+    producer's batch before the earlier one's is stored. Those records were acknowledged,
+    and a later read finds them, but a consumer that moved past them never does (Apache
+    Kafka cannot do this: its high watermark passes only records that are stored).
+
+    So at a hole, the records before it are taken and the partition is read again from the
+    first missing offset; if the hole is still there on that read, it is real.
+    """
+
+    def __init__(self) -> None:
+        self._next: dict[K, int] = {}  # the offset expected next, per partition
+        self._reread: dict[K, int] = {}  # a hole read again from this offset
+
+    def take(self, key: K, offsets: Sequence[int]) -> tuple[int, int | None]:
+        """Of a partition's fetched `offsets` (ascending), how many to take, and where to
+        read again from (None: take them all). A partition neither seen nor `expect`ed
+        since `forget` starts wherever its first fetch does."""
+        expected = self._next.get(key)
+        for index, offset in enumerate(offsets):
+            if expected is not None and offset > expected:
+                if self._reread.get(key) != expected:
+                    self._reread[key] = expected
+                    self._next[key] = expected
+                    return index, expected
+                del self._reread[key]  # read again, and still a hole: a real one
+            elif expected is not None and offset == expected:
+                self._reread.pop(key, None)  # the records came on the read again
+            expected = offset + 1
+        if expected is not None:
+            self._next[key] = expected
+        return len(offsets), None
+
+    def knows(self, key: K) -> bool:
+        """Whether an offset is expected next for this partition."""
+        return key in self._next
+
+    def expect(self, key: K, offset: int) -> None:
+        """The partition's next fetch starts at `offset` (where the consumer was put): a
+        first fetch that starts later is a hole, too."""
+        self._next[key] = offset
+
+    def forget(self, keys: Iterable[K]) -> None:
+        """Forget these partitions (revoked, or repositioned: read from wherever next)."""
+        for key in keys:
+            self._next.pop(key, None)
+            self._reread.pop(key, None)
