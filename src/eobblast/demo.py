@@ -256,19 +256,20 @@ async def collect_statuses(
         max_poll_records=1000,
         session_timeout_ms=3000,
         heartbeat_interval_ms=1000,
+        rebalance_listener=(listening := ReadAgain().listener()),
     )
+    holes = listening.holes
     await consumer.start()
     deadline = time.monotonic() + wait_seconds
     try:
         # Done when every event is final and nothing has changed for a moment (a DSN may
         # still turn a delivered notice into a held one shortly after).
-        holes = ReadAgain(group=True)
         while time.monotonic() < deadline and not failed():
             if tally.total >= expected and time.monotonic() - tally.changed_at > settle:
                 break
             batch = await consumer.getmany(timeout_ms=200)
             for tp, records in batch.items():
-                for record in await holes.records(consumer, tp, records):
+                for record in holes.records(consumer, tp, records):
                     status = DeliveryStatus.model_validate_json(record.value)
                     if tally.add(record.key.decode(), status) and on_status is not None:
                         on_status(status)
@@ -320,17 +321,18 @@ async def simulate_claims_system(
         max_poll_records=100,
         session_timeout_ms=3000,
         heartbeat_interval_ms=1000,
+        rebalance_listener=(listening := ReadAgain().listener()),
     )
+    holes = listening.holes
     producer = make_producer(bootstrap, client_id="eobblast-demo-claims")
     await consumer.start()
     await producer.start()
     answered: Counter[str] = Counter()
     try:
-        holes = ReadAgain(group=True)
         while not stop.is_set():
             batch = await consumer.getmany(timeout_ms=200)
             for tp, records in batch.items():
-                for record in await holes.records(consumer, tp, records):
+                for record in holes.records(consumer, tp, records):
                     request = AddressVerificationRequested.model_validate_json(record.value)
                     member = request.member_id
                     now = dt.datetime.now(dt.UTC)

@@ -347,20 +347,7 @@ class _Listener(RebalanceListener):
         await self._worker.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        log.info("partitions assigned", extra={"partitions": len(assigned)})
-
-
-class _Forgets(RebalanceListener):
-    """Forgets revoked partitions' offsets: whoever reads them next may move on."""
-
-    def __init__(self, holes: ReadAgain) -> None:
-        self._holes = holes
-
-    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self._holes.forget(revoked)
-
-    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Nothing to do: a partition starts where its first fetch does."""
+        await self._worker.partitions_assigned(assigned)
 
 
 class Worker:
@@ -381,8 +368,7 @@ class Worker:
         self._bounces = bounces
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self._holes = ReadAgain(group=True)
-        self._result_holes = ReadAgain(group=True)  # the verification results consumer's
+        self._holes = ReadAgain()
         # Per partition, its records' tasks and where each one is (for the oldest's age).
         self._tasks: dict[TopicPartition, dict[asyncio.Task[None], _InFlight]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
@@ -595,7 +581,7 @@ class Worker:
             max_poll_records=100,
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-            rebalance_listener=_Forgets(self._result_holes),
+            rebalance_listener=(listening := ReadAgain().listener()),
         )
         failures = 0
         try:
@@ -605,7 +591,7 @@ class Worker:
                 return
             while not stop.is_set():
                 try:
-                    await self._verification_batch(consumer, stop)
+                    await self._verification_batch(consumer, listening.holes, stop)
                     failures = 0
                 except Exception as exc:
                     # Kafka trouble, a rebalance mid-batch (CommitFailedError), a busy store:
@@ -618,7 +604,9 @@ class Worker:
             # Only started here: `_closed` waits for it with the worker's other clients.
             self._close("verification consumer", consumer.stop)
 
-    async def _verification_batch(self, consumer: AIOKafkaConsumer, stop: asyncio.Event) -> None:
+    async def _verification_batch(
+        self, consumer: AIOKafkaConsumer, holes: ReadAgain, stop: asyncio.Event
+    ) -> None:
         assert self._bounces is not None
         fetching = asyncio.ensure_future(consumer.getmany(timeout_ms=200))
         if not await self._fetched(fetching, stop):
@@ -626,7 +614,7 @@ class Worker:
         batch = {
             tp: taken
             for tp, records in fetching.result().items()
-            if (taken := await self._result_holes.records(consumer, tp, records))
+            if (taken := holes.records(consumer, tp, records))
         }
         # Where each partition of the batch starts again if it fails: the consumer's
         # position is past the whole batch already, and the next batch's commit would
@@ -778,7 +766,7 @@ class Worker:
             return
         now = time.monotonic()
         for tp, records in batch.items():
-            for record in await self._holes.records(consumer, tp, records):
+            for record in self._holes.records(consumer, tp, records):
                 self._tracker.handed_out(tp, record.offset)
                 info = _InFlight(tp.partition, record.offset, now)
                 task = asyncio.create_task(self._handle(tp, record, info))
@@ -865,6 +853,12 @@ class Worker:
                 continue  # revoked meanwhile, or not known after all: next time
             waiting += max(0, end - taken)
         metrics.BACKLOG.set(waiting + self._tracker.in_flight)
+
+    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        """Learn where the assigned partitions start, so a first fetch that skips is seen."""
+        log.info("partitions assigned", extra={"partitions": len(assigned)})
+        if self._consumer is not None:
+            await self._holes.assigned(self._consumer, assigned)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""

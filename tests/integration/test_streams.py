@@ -32,6 +32,7 @@ from eobblast.streams.kafka import (
     AIOKafkaConsumer,
     MessageSizeTooLargeError,
     ReadAgain,
+    ReadAgainListener,
     read_to_end,
 )
 from tests.kafka_fixtures import (
@@ -446,29 +447,41 @@ async def test_read_to_end_of_a_missing_topic_says_so(broker: EmbeddedBroker) ->
 async def test_a_hole_at_the_start_of_a_partition_is_read_again_from_the_committed_offset(
     broker: EmbeddedBroker, topic_factory: TopicFactory
 ) -> None:
-    # A group's committed offset is 3, and the first fetch hands out records from 6 on (as
-    # Tansu can while a produce before them is still being stored): the reader takes none
-    # of them, goes back to 3, and then gets 3 to 9, each once and in order.
+    # A group's committed offset is 3, and the first fetch after the assignment hands out
+    # records from 6 on (as Tansu can while a produce before them is still being stored):
+    # the reader takes none of them, goes back to 3, and gets 3 to 9, each once, in order.
     topic = await topic_factory(partitions=1)
     await produce(broker.bootstrap, topic, [(b"k", b"v%d" % i) for i in range(10)])
     tp = TopicPartition(topic, 0)
     group = unique_group()
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=broker.bootstrap, group_id=group, enable_auto_commit=False
-    )
-    holes = ReadAgain(group=True)
-    rereads = metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total")
-    async with running_client(consumer):
-        consumer.assign([tp])
+    async with running_client(
+        AIOKafkaConsumer(bootstrap_servers=broker.bootstrap, group_id=group)
+    ) as committer:
+        committer.assign([tp])
         async with asyncio.timeout(10):
-            await consumer.commit({tp: 3})
-        consumer.seek(tp, 6)
-        taken: list[int] = []
+            await committer.commit({tp: 3})
+
+    class SkipsAhead(ReadAgainListener):
+        """Learns where the partition starts, then moves the consumer past it."""
+
+        async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+            await super().on_partitions_assigned(assigned)
+            assert self.consumer is not None
+            self.consumer.seek(tp, 6)
+
+    listening = SkipsAhead(ReadAgain())
+    consumer = make_consumer(
+        broker.bootstrap, group, [topic], client_id="t", max_poll_records=100,
+        rebalance_listener=listening, **FAST_GROUP,
+    )  # fmt: skip
+    rereads = metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total")
+    taken: list[int] = []
+    async with running_client(consumer):
         async with asyncio.timeout(20):
             while len(taken) < 7:
                 batch = await consumer.getmany(timeout_ms=200)
                 for got in batch.values():
-                    taken += [r.offset for r in await holes.records(consumer, tp, got)]
+                    taken += [r.offset for r in listening.holes.records(consumer, tp, got)]
     assert taken == list(range(3, 10))
     assert rereads is not None
     assert metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total") == rereads + 1

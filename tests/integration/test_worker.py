@@ -60,7 +60,7 @@ from eobblast.state import (
 from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker, TopicPartition, make_consumer, make_producer
-from eobblast.streams.kafka import RebalanceListener
+from eobblast.streams.kafka import ReadAgain, RebalanceListener
 from eobblast.supervisor import Supervisor
 from eobblast.worker import Worker, new_worker_id, open_bounces
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -815,12 +815,13 @@ async def test_verification_results_after_a_failure_mid_batch_are_not_passed_ove
     config, consumer = await _verification_failures(stack, members)
     service = VerificationsFailingOnce()
     worker = _verification_worker(config, service)
+    holes = ReadAgain()
     try:
         deadline = time.monotonic() + 30
         while set(service.applied) != set(members):
             assert time.monotonic() < deadline, f"applied only {service.applied}"
             with contextlib.suppress(StoreBusy):
-                await worker._verification_batch(consumer, asyncio.Event())
+                await worker._verification_batch(consumer, holes, asyncio.Event())
         assert service.failed
         # Applied twice changes nothing; the commit is past the last one only now.
         topic = config.bounces.results_topic
@@ -855,7 +856,7 @@ async def test_a_stopping_worker_leaves_the_rest_of_a_verification_batch_uncommi
     try:
         async with asyncio.timeout(30):
             while not service.applied:
-                await worker._verification_batch(consumer, service.stop)
+                await worker._verification_batch(consumer, ReadAgain(), service.stop)
         assert service.applied == ["M-0"]
         topic = config.bounces.results_topic
         assert await consumer.committed(TopicPartition(topic, 0)) is None

@@ -208,17 +208,18 @@ async def read_topic(
         max_poll_records=2000,
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
+        rebalance_listener=(listening := ReadAgain().listener()),
     )
+    holes = listening.holes
     await consumer.start()
     records: list[tuple[bytes | None, bytes]] = []
     keys: set[bytes | None] = set()
     deadline = time.monotonic() + seconds
-    holes = ReadAgain(group=True)
     try:
         while len(keys) < until and time.monotonic() < deadline:
             batch = await consumer.getmany(timeout_ms=200)
             for tp, items in batch.items():
-                for record in await holes.records(consumer, tp, items):
+                for record in holes.records(consumer, tp, items):
                     records.append((record.key, record.value))
                     keys.add(record.key if record.key is not None else record.value)
     finally:

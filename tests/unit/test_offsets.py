@@ -261,19 +261,25 @@ test_tracker_state_machine = TrackerMachine.TestCase
 P = ("eob.events", 0)
 
 
-def test_a_hole_is_read_again_once_before_it_is_believed() -> None:
-    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps()
+def test_a_hole_is_read_again_until_it_is_old_enough_to_believe() -> None:
+    now = [0.0]
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=1.0, clock=lambda: now[0])
     assert gaps.take(P, [10, 11, 12]) == (3, None)  # a first fetch starts anywhere
-    # 13-14 skipped (a batch the broker had not stored yet): take 15's predecessors only,
-    # and read again from 13.
+    # 13-14 skipped (a batch the broker had not stored yet): nothing of 15 on is taken,
+    # and the partition is read again from 13.
     assert gaps.take(P, [15, 16]) == (0, 13)
     assert gaps.take(P, [13, 14, 15, 16]) == (4, None)  # they came: nothing lost
     # Within a fetch, too: the records before the hole are taken.
     assert gaps.take(P, [17, 18, 21, 22]) == (2, 19)
-    # Read again, the hole is still there: a real one (a transaction marker, compaction).
+    # Read again at once, still a hole: read again while it is young...
+    now[0] = 0.5
+    assert gaps.take(P, [21, 22]) == (0, 19)
+    # ... and believed once it is `settle` old (a transaction marker, compaction).
+    now[0] = 1.0
     assert gaps.take(P, [21, 22]) == (2, None)
-    # Another hole later is read again as well.
+    # Another hole later is read again as well, once at least.
     assert gaps.take(P, [23, 30]) == (1, 24)
+    now[0] = 5.0
     assert gaps.take(P, [30]) == (1, None)
     # Offsets from before (a seek back after a failure) are taken as they come.
     assert gaps.take(P, [25, 26]) == (2, None)
@@ -281,8 +287,15 @@ def test_a_hole_is_read_again_once_before_it_is_believed() -> None:
     assert gaps.take(P, [27]) == (1, None)
 
 
+def test_a_hole_is_read_again_at_least_once_even_without_a_settle_time() -> None:
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=0.0, clock=lambda: 7.0)
+    gaps.expect(P, 0)
+    assert gaps.take(P, [2]) == (0, 0)
+    assert gaps.take(P, [2]) == (1, None)
+
+
 def test_partitions_are_separate_and_a_forgotten_one_starts_anywhere() -> None:
-    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps()
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=0.0)
     other = ("eob.events", 1)
     assert gaps.take(P, [0, 1]) == (2, None)
     assert gaps.take(other, [100]) == (1, None)
@@ -300,38 +313,45 @@ def test_partitions_are_separate_and_a_forgotten_one_starts_anywhere() -> None:
 
 
 @given(
-    st.lists(st.integers(min_value=0, max_value=3), min_size=1, max_size=60),
+    st.lists(st.booleans(), min_size=1, max_size=60),
     st.lists(st.integers(min_value=1, max_value=5), min_size=1, max_size=30),
+    st.sets(st.integers(min_value=0, max_value=120)),
 )
 @settings(max_examples=200, deadline=None)
 def test_a_reader_that_rereads_holes_gets_every_record_a_late_broker_stored(
-    late: list[int], sizes: list[int]
+    late: list[bool], sizes: list[int], missing: set[int]
 ) -> None:
-    # A partition of 0..N-1 whose batches reach the broker's store late (a fetch sees a
-    # batch `late[i]` fetches after it could first have): a reader that re-reads each hole
-    # once, where the batch has landed by then, gets every offset in order.
-    offsets = list(range(sum(sizes)))
+    # A partition whose batches may reach the broker's store late (a fetch that could have
+    # served one finds it missing once; it lands right after), and whose offsets also
+    # have real holes (`missing`: transaction markers). A reader that re-reads each hole
+    # until it is `settle` old gets every record, in order, and believes every real hole.
     batches, start = [], 0
     for size in sizes:
-        batches.append(offsets[start : start + size])
+        batch = [o for o in range(start, start + size) if o not in missing]
         start += size
-    stored_at = [late[i % len(late)] > 0 for i in range(len(batches))]  # late on first look
-    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps()
+        if batch:
+            batches.append(batch)
+    records = [offset for batch in batches for offset in batch]
+    stored_late = [late[i % len(late)] for i in range(len(batches))]
+    now = [0.0]
+    gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=0.05, clock=lambda: now[0])
     gaps.expect(P, 0)  # where the reader starts: a first fetch that skips is a hole too
     position, got, looks = 0, [], 0
-    while position < len(offsets) and looks < 10 * len(offsets) + 10:
+    while got != records and looks < 50 * (len(records) + 10):
         looks += 1
-        # What a broker serves from `position`: stored batches at or after it, skipping
-        # one not stored yet (on its first look only: it lands right after).
+        now[0] += 0.01  # each fetch takes a while
         served = []
         for index, batch in enumerate(batches):
             if batch[-1] < position:
                 continue
-            if stored_at[index]:
-                stored_at[index] = False  # stored once this fetch has seen it missing
+            if stored_late[index]:
+                stored_late[index] = False  # missing from this fetch, stored by the next
                 continue
             served += [offset for offset in batch if offset >= position]
         count, again = gaps.take(P, served)
         got += served[:count]
-        position = again if again is not None else (served[count - 1] + 1 if count else position)
-    assert got == offsets
+        if again is not None:
+            position = again
+        elif count:
+            position = served[count - 1] + 1
+    assert got == records

@@ -213,6 +213,8 @@ def make_consumer(
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
     )
     consumer.subscribe(topics=list(topics), listener=rebalance_listener)
+    if isinstance(rebalance_listener, ReadAgainListener):
+        rebalance_listener.consumer = consumer  # it learns where assigned partitions start
     return consumer
 
 
@@ -425,23 +427,25 @@ class TopicRecord:
     headers: tuple[tuple[str, bytes], ...] = ()
 
 
-# How long a partition's first fetch waits to learn where it started (ReadAgain).
+# How long a rebalance's assignment waits to learn where each partition starts (ReadAgain).
 START_TIMEOUT = 5.0
+# A hole in a partition's offsets is read again until it is this old, then believed.
+HOLE_SETTLE = 0.02
 
 
 class ReadAgain:
     """A consumer's fetched records without the holes a broker did not mean (`OffsetGaps`):
     at a hole, the records before it are taken and the consumer is sent back to read the
-    partition again from the hole, once.
+    partition again from the hole, until the hole is `HOLE_SETTLE` old.
 
-    A partition's first fetch is checked against where it starts: given by `expect`, or
-    else, for a group consumer, the group's committed offset (or the partition's first
-    offset when none is committed, as `auto_offset_reset="earliest"` reads). Forget a
-    partition when it is revoked or repositioned."""
+    For consumers that start where they were put or at the group's committed offset, else
+    at the earliest: a partition's first fetch is checked against where it starts, given
+    by `expect` or learnt by `assigned` when a rebalance assigns it. Forget a partition
+    when it is revoked or repositioned. Nothing here awaits between a fetch and its
+    records being taken, so a rebalance cannot come in between."""
 
-    def __init__(self, *, group: bool) -> None:
-        self._group = group
-        self._gaps: OffsetGaps[TopicPartition] = OffsetGaps()
+    def __init__(self) -> None:
+        self._gaps: OffsetGaps[TopicPartition] = OffsetGaps(settle=HOLE_SETTLE)
 
     def expect(self, tp: TopicPartition, offset: int) -> None:
         """`tp`'s next fetch starts at `offset`."""
@@ -451,20 +455,29 @@ class ReadAgain:
         """Forget these partitions: their next fetch starts where it may."""
         self._gaps.forget(tps)
 
-    async def records(
+    async def assigned(self, consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]) -> None:
+        """Learn where newly assigned partitions start (from a rebalance listener's
+        `on_partitions_assigned`): the group's committed offsets, else the earliest. Not
+        learnt (the broker slow or away), a first fetch is taken as it comes."""
+        wanted = list(tps)
+        if not wanted:
+            return
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                committed = await asyncio.gather(*(consumer.committed(tp) for tp in wanted))
+                starts = dict(zip(wanted, committed, strict=True))
+                if missing := [tp for tp, start in starts.items() if start is None]:
+                    starts |= await consumer.beginning_offsets(missing)
+        except (KafkaError, OSError, TimeoutError) as exc:
+            log.debug("start offsets unknown: %s", type(exc).__name__)
+            return
+        for tp, start in starts.items():
+            self._gaps.expect(tp, int(start))
+
+    def records(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: Sequence[Any]
     ) -> Sequence[Any]:
         """The records of `tp` from `consumer`'s fetch to take."""
-        if records and self._group and not self._gaps.knows(tp):
-            try:
-                async with asyncio.timeout(START_TIMEOUT):
-                    start = await consumer.committed(tp)
-                    if start is None:
-                        start = (await consumer.beginning_offsets([tp]))[tp]
-                self._gaps.expect(tp, int(start))
-            except (KafkaError, OSError, TimeoutError) as exc:
-                # Not known: this first fetch is taken as it came, as before.
-                log.debug("start offset unknown: %s", type(exc).__name__)
         count, again = self._gaps.take(tp, [record.offset for record in records])
         if again is not None:
             metrics.OFFSET_REREADS.inc()
@@ -475,6 +488,26 @@ class ReadAgain:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile: not ours
                 consumer.seek(tp, again)
         return records[:count]
+
+    def listener(self) -> ReadAgainListener:
+        """A rebalance listener that keeps this up to date (`make_consumer` gives it its
+        consumer)."""
+        return ReadAgainListener(self)
+
+
+class ReadAgainListener(RebalanceListener):
+    """Forgets revoked partitions and learns where assigned ones start (`ReadAgain`)."""
+
+    def __init__(self, holes: ReadAgain) -> None:
+        self.holes = holes
+        self.consumer: AIOKafkaConsumer | None = None
+
+    async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        self.holes.forget(revoked)
+
+    async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        if self.consumer is not None:
+            await self.holes.assigned(self.consumer, assigned)
 
 
 async def read_to_end(
@@ -513,7 +546,7 @@ async def read_to_end(
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
         ends = {tp: int(end) for tp, end in (await consumer.end_offsets(tps)).items()}
-        holes = ReadAgain(group=False)
+        holes = ReadAgain()
         due = set()
         for tp in tps:
             start = await consumer.position(tp)
@@ -524,7 +557,7 @@ async def read_to_end(
         while due:
             batch = await consumer.getmany(*due, timeout_ms=500)
             for tp, records in batch.items():
-                for record in await holes.records(consumer, tp, records):
+                for record in holes.records(consumer, tp, records):
                     yield TopicRecord(
                         tp.partition,
                         record.offset,

@@ -9,8 +9,9 @@ arithmetic: a partition's offsets may have gaps (transaction markers, compaction
 
 from __future__ import annotations
 
+import time
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -122,7 +123,7 @@ class OffsetTracker(Generic[K]):
 
 
 class OffsetGaps(Generic[K]):
-    """Holes in the offsets a consumer is handed, read again once before they are believed.
+    """Holes in the offsets a consumer is handed, read again before they are believed.
 
     Offsets of a partition may skip for good reasons (transaction markers, compaction), and
     for a bad one: Tansu stores a produce's records after raising the partition's high
@@ -132,12 +133,17 @@ class OffsetGaps(Generic[K]):
     Kafka cannot do this: its high watermark passes only records that are stored).
 
     So at a hole, the records before it are taken and the partition is read again from the
-    first missing offset; if the hole is still there on that read, it is real.
+    first missing offset, and again while the hole is younger than `settle` seconds; a hole
+    still there after that is real.
     """
 
-    def __init__(self) -> None:
+    def __init__(
+        self, *, settle: float = 0.02, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._settle = settle
+        self._clock = clock
         self._next: dict[K, int] = {}  # the offset expected next, per partition
-        self._reread: dict[K, int] = {}  # a hole read again from this offset
+        self._reread: dict[K, tuple[int, float]] = {}  # a hole read again: offset, first seen
 
     def take(self, key: K, offsets: Sequence[int]) -> tuple[int, int | None]:
         """Of a partition's fetched `offsets` (ascending), how many to take, and where to
@@ -146,13 +152,16 @@ class OffsetGaps(Generic[K]):
         expected = self._next.get(key)
         for index, offset in enumerate(offsets):
             if expected is not None and offset > expected:
-                if self._reread.get(key) != expected:
-                    self._reread[key] = expected
+                seen = self._reread.get(key)
+                now = self._clock()
+                if seen is None or seen[0] != expected or now - seen[1] < self._settle:
+                    if seen is None or seen[0] != expected:
+                        self._reread[key] = (expected, now)  # first seen: read it again
                     self._next[key] = expected
                     return index, expected
-                del self._reread[key]  # read again, and still a hole: a real one
+                del self._reread[key]  # read again, still a hole, and not young: real
             elif expected is not None and offset == expected:
-                self._reread.pop(key, None)  # the records came on the read again
+                self._reread.pop(key, None)  # the records came on a read again
             expected = offset + 1
         if expected is not None:
             self._next[key] = expected
