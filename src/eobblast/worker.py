@@ -369,6 +369,8 @@ class Worker:
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._holes = ReadAgain()
+        # Partitions assigned and taken up by the listener, not revoked since.
+        self._owned: set[TopicPartition] = set()
         # Per partition, its records' tasks and where each one is (for the oldest's age).
         self._tasks: dict[TopicPartition, dict[asyncio.Task[None], _InFlight]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
@@ -766,6 +768,13 @@ class Worker:
             return
         now = time.monotonic()
         for tp, records in batch.items():
+            if tp not in self._owned:
+                # Fetched for a partition revoked meanwhile (its new owner reads it from the
+                # committed offset), or assigned but not yet taken up by the listener (read
+                # again once it is): not handed out.
+                with contextlib.suppress(IllegalStateError):
+                    consumer.seek(tp, records[0].offset)
+                continue
             for record in self._holes.records(consumer, tp, records):
                 self._tracker.handed_out(tp, record.offset)
                 info = _InFlight(tp.partition, record.offset, now)
@@ -859,9 +868,11 @@ class Worker:
         log.info("partitions assigned", extra={"partitions": len(assigned)})
         if self._consumer is not None:
             await self._holes.assigned(self._consumer, assigned)
+        self._owned |= assigned
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""
+        self._owned -= revoked  # first, before any wait: nothing more of them is handed out
         pending = [task for tp in revoked for task in self._tasks.get(tp, ())]
         try:
             if pending:

@@ -143,7 +143,8 @@ class OffsetGaps(Generic[K]):
         self._settle = settle
         self._clock = clock
         self._next: dict[K, int] = {}  # the offset expected next, per partition
-        self._reread: dict[K, tuple[int, float]] = {}  # a hole read again: offset, first seen
+        # A hole being read again: its offset, when it was first seen, when last read again.
+        self._reread: dict[K, tuple[int, float, float]] = {}
 
     def take(self, key: K, offsets: Sequence[int]) -> tuple[int, int | None]:
         """Of a partition's fetched `offsets` (ascending), how many to take, and where to
@@ -154,12 +155,15 @@ class OffsetGaps(Generic[K]):
             if expected is not None and offset > expected:
                 seen = self._reread.get(key)
                 now = self._clock()
-                if seen is None or seen[0] != expected or now - seen[1] < self._settle:
-                    if seen is None or seen[0] != expected:
-                        self._reread[key] = (expected, now)  # first seen: read it again
+                first = seen[1] if seen is not None and seen[0] == expected else now
+                # Believed only when what shows it came from a read asked for `settle`
+                # after the hole was first seen (records wait in the consumer's buffer: the
+                # time they are taken says nothing of when they were fetched).
+                if seen is None or seen[0] != expected or seen[2] - first < self._settle:
+                    self._reread[key] = (expected, first, now)
                     self._next[key] = expected
                     return index, expected
-                del self._reread[key]  # read again, still a hole, and not young: real
+                del self._reread[key]  # read again late enough, still a hole: a real one
             elif expected is not None and offset == expected:
                 self._reread.pop(key, None)  # the records came on a read again
             expected = offset + 1
