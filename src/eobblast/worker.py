@@ -767,6 +767,7 @@ class Worker:
             await asyncio.sleep(0.5)
             return
         now = time.monotonic()
+        skipped = False
         for tp, records in batch.items():
             if tp not in self._owned:
                 # Fetched for a partition revoked meanwhile (its new owner reads it from the
@@ -774,6 +775,7 @@ class Worker:
                 # again once it is): not handed out.
                 with contextlib.suppress(IllegalStateError):
                     consumer.seek(tp, records[0].offset)
+                skipped = True
                 continue
             for record in self._holes.records(consumer, tp, records):
                 self._tracker.handed_out(tp, record.offset)
@@ -782,6 +784,8 @@ class Worker:
                 tasks = self._tasks.setdefault(tp, {})
                 tasks[task] = info
                 task.add_done_callback(functools.partial(_discard, tasks))
+        if skipped and not any(tp in self._owned for tp in batch):
+            await asyncio.sleep(0.01)  # the listener is on its way: no busy fetching meanwhile
 
     async def _fetched(
         self, fetching: asyncio.Future[Any], stop: asyncio.Event | asyncio.Future[Any]
@@ -866,9 +870,11 @@ class Worker:
     async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
         """Learn where the assigned partitions start, so a first fetch that skips is seen."""
         log.info("partitions assigned", extra={"partitions": len(assigned)})
-        if self._consumer is not None:
-            await self._holes.assigned(self._consumer, assigned)
-        self._owned |= assigned
+        try:
+            if self._consumer is not None:
+                await self._holes.assigned(self._consumer, assigned)
+        finally:
+            self._owned |= assigned  # whatever happened: records of them are handed out
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
         """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""
