@@ -575,6 +575,7 @@ def dlq_replay(
             "name what to replay (--reason, --event-id, --at) or say --all, not both"
         )
     check = refusal_check(allow_test_domains=config.pipeline.allow_test_domains)
+    stopped: ReplayInterrupted | None = None
     try:
         report = _dlq_run(
             replay(
@@ -587,19 +588,23 @@ def dlq_replay(
             ),
             kafka.bootstrap,
         )
-    except ReplayInterrupted as stopped:
-        counts = stopped.report.as_dict()
-        click.echo(orjson.dumps({"dry_run": False, "interrupted": True, **counts}))
-        _refused_by_broker(counts)
+    except ReplayInterrupted as exc:  # a dry run sends nothing, so is never interrupted
+        report, stopped = exc.report, exc
+    counts = report.as_dict()
+    click.echo(orjson.dumps({"dry_run": dry_run, "interrupted": stopped is not None, **counts}))
+    if counts["refused_by_broker_at"]:
+        click.echo(
+            "refused by the broker (too large for the topic, or a policy), at "
+            + ", ".join(counts["refused_by_broker_at"]),
+            err=True,
+        )
+    if stopped is not None:
         raise click.ClickException(
             f"Kafka at {kafka.bootstrap}: {stopped}; {counts['replayed']} records were sent"
             f" back to {kafka.events_topic} and acknowledged, {counts['not_acknowledged']}"
             " were not (some of those may have reached it); running the command again is"
             " safe (one email per event id)"
-        ) from None
-    counts = report.as_dict()
-    click.echo(orjson.dumps({"dry_run": dry_run, "interrupted": False, **counts}))
-    _refused_by_broker(counts)
+        )
     verb = "would be sent" if dry_run else f"sent back to {kafka.events_topic}"
     still = sum(counts["still_refused_by_reason"].values())
     click.echo(
@@ -607,15 +612,6 @@ def dlq_replay(
         + (f" ({still} still refused)" if still else ""),
         err=True,
     )
-
-
-def _refused_by_broker(counts: dict[str, Any]) -> None:
-    if counts["refused_by_broker_at"]:
-        click.echo(
-            "refused by the broker (too large for the topic, or a policy), at "
-            + ", ".join(counts["refused_by_broker_at"]),
-            err=True,
-        )
 
 
 def _dlq_run(coro: Any, bootstrap: str) -> Any:

@@ -248,6 +248,7 @@ async def collect_statuses(
     settle: float = 2.0,
 ) -> None:
     """Read eob.delivery until every event has a final status or the time is up."""
+    holes = ReadAgain()
     consumer = make_consumer(
         bootstrap,
         f"eobblast-demo-{time.time_ns()}",
@@ -256,9 +257,8 @@ async def collect_statuses(
         max_poll_records=1000,
         session_timeout_ms=3000,
         heartbeat_interval_ms=1000,
-        rebalance_listener=(listening := ReadAgain().listener()),
+        rebalance_listener=holes.listener(),
     )
-    holes = listening.holes
     await consumer.start()
     deadline = time.monotonic() + wait_seconds
     try:
@@ -313,6 +313,7 @@ async def simulate_claims_system(
     Every other member confirms a corrected address (the bouncing prefix removed); the
     rest cannot be reached, and their notices fall back to paper.
     """
+    holes = ReadAgain()
     consumer = make_consumer(
         bootstrap,
         f"eobblast-demo-claims-{time.time_ns()}",
@@ -321,9 +322,8 @@ async def simulate_claims_system(
         max_poll_records=100,
         session_timeout_ms=3000,
         heartbeat_interval_ms=1000,
-        rebalance_listener=(listening := ReadAgain().listener()),
+        rebalance_listener=holes.listener(),
     )
-    holes = listening.holes
     producer = make_producer(bootstrap, client_id="eobblast-demo-claims")
     await consumer.start()
     await producer.start()

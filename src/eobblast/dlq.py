@@ -183,7 +183,7 @@ class ReplayReport:
     replayed: Counter[str] = field(default_factory=Counter)
     skipped: Counter[str] = field(default_factory=Counter)  # by why not
     still_refused: Counter[str] = field(default_factory=Counter)  # by today's reason code
-    refused_at: list[str] = field(default_factory=list)  # partition:offset in the DLQ
+    refused_at: list[tuple[int, int]] = field(default_factory=list)  # (partition, offset)
     not_acknowledged: int = 0
 
     def as_dict(self) -> dict[str, Any]:
@@ -194,14 +194,9 @@ class ReplayReport:
             "skipped": sum(self.skipped.values()),
             "skipped_by_cause": dict(sorted(self.skipped.items())),
             "still_refused_by_reason": dict(sorted(self.still_refused.items())),
-            "refused_by_broker_at": sorted(self.refused_at, key=_position_order),
+            "refused_by_broker_at": [f"{p}:{o}" for p, o in sorted(self.refused_at)],
             "not_acknowledged": self.not_acknowledged,
         }
-
-
-def _position_order(position: str) -> tuple[int, int]:
-    partition, _, offset = position.partition(":")
-    return int(partition), int(offset)
 
 
 class ReplayInterrupted(Exception):
@@ -211,7 +206,6 @@ class ReplayInterrupted(Exception):
         detail = cause.detail if isinstance(cause, BrokerUnavailable) else type(cause).__name__
         super().__init__(detail)
         self.report = report
-        self.cause = cause
 
 
 async def replay(
@@ -230,7 +224,7 @@ async def replay(
     so is a record the broker refuses for itself (its size, a policy), and the rest go on.
 
     The dead letters to send are chosen in a first read of the topic, and sent in a second:
-    one the worker parks again meanwhile (a record still refused) is not sent a second time.
+    one a worker parks again meanwhile is not sent a second time.
     If the broker fails part way, ReplayInterrupted carries the counts of what it took.
     """
     report = ReplayReport()
@@ -251,7 +245,7 @@ async def replay(
     await start_or_unavailable(producer, bootstrap)
     failure: BaseException | None = None
     try:
-        pending: list[tuple[str, str, asyncio.Future[Any]]] = []
+        pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]] = []
         try:
             await _send_chosen(producer, bootstrap, dlq_topic, events_topic, wanted, pending)
         except (KafkaError, BrokerUnavailable) as exc:
@@ -286,7 +280,7 @@ async def _send_chosen(
     dlq_topic: str,
     events_topic: str,
     wanted: dict[tuple[int, int], str],
-    pending: list[tuple[str, str, asyncio.Future[Any]]],
+    pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]],
 ) -> None:
     """Send the originals at the `wanted` positions (taking each out of it), appending each
     send's reason, position and future to `pending`; a record the producer refuses before
@@ -311,6 +305,6 @@ async def _send_chosen(
             except RECORD_ERRORS as refused:
                 future = asyncio.get_running_loop().create_future()
                 future.set_exception(refused)
-            pending.append((reason, f"{record.partition}:{record.offset}", future))
+            pending.append((reason, (record.partition, record.offset), future))
             if not wanted:
                 return

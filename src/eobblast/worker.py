@@ -575,6 +575,7 @@ class Worker:
         """Consume AddressVerified / AddressVerificationFailed; release or fall back."""
         assert self._bounces is not None
         kafka, settings = self._config.kafka, self._config.bounces
+        holes = ReadAgain()
         consumer = make_consumer(
             kafka.bootstrap,
             settings.results_group_id,
@@ -583,7 +584,7 @@ class Worker:
             max_poll_records=100,
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
-            rebalance_listener=(listening := ReadAgain().listener()),
+            rebalance_listener=holes.listener(),
         )
         failures = 0
         try:
@@ -593,7 +594,7 @@ class Worker:
                 return
             while not stop.is_set():
                 try:
-                    await self._verification_batch(consumer, listening.holes, stop)
+                    await self._verification_batch(consumer, holes, stop)
                     failures = 0
                 except Exception as exc:
                     # Kafka trouble, a rebalance mid-batch (CommitFailedError), a busy store:
@@ -621,7 +622,7 @@ class Worker:
         # Where each partition of the batch starts again if it fails: the consumer's
         # position is past the whole batch already, and the next batch's commit would
         # otherwise pass over the answers not applied.
-        again = {tp: records[0].offset for tp, records in batch.items() if records}
+        again = {tp: records[0].offset for tp, records in batch.items()}
         try:
             for tp, records in batch.items():
                 for record in records:
@@ -767,7 +768,6 @@ class Worker:
             await asyncio.sleep(0.5)
             return
         now = time.monotonic()
-        skipped = False
         for tp, records in batch.items():
             if tp not in self._owned:
                 # Fetched for a partition revoked meanwhile (its new owner reads it from the
@@ -775,7 +775,6 @@ class Worker:
                 # again once it is): not handed out.
                 with contextlib.suppress(IllegalStateError):
                     consumer.seek(tp, records[0].offset)
-                skipped = True
                 continue
             for record in self._holes.records(consumer, tp, records):
                 self._tracker.handed_out(tp, record.offset)
@@ -784,7 +783,7 @@ class Worker:
                 tasks = self._tasks.setdefault(tp, {})
                 tasks[task] = info
                 task.add_done_callback(functools.partial(_discard, tasks))
-        if skipped and not any(tp in self._owned for tp in batch):
+        if batch and self._owned.isdisjoint(batch):
             await asyncio.sleep(0.01)  # the listener is on its way: no busy fetching meanwhile
 
     async def _fetched(

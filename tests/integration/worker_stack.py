@@ -200,6 +200,7 @@ async def read_topic(
     A hole in a partition's offsets is read again, as eobblast's own readers do: on Tansu a
     reader that follows a partition while several producers write it can otherwise miss
     records the broker acknowledged (`OffsetGaps`)."""
+    holes = ReadAgain()
     consumer = make_consumer(
         bootstrap,
         f"reader-{uuid.uuid4().hex[:8]}",
@@ -208,9 +209,8 @@ async def read_topic(
         max_poll_records=2000,
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
-        rebalance_listener=(listening := ReadAgain().listener()),
+        rebalance_listener=holes.listener(),
     )
-    holes = listening.holes
     await consumer.start()
     records: list[tuple[bytes | None, bytes]] = []
     keys: set[bytes | None] = set()

@@ -258,62 +258,58 @@ TrackerMachine.TestCase.settings = settings(max_examples=200, stateful_step_coun
 test_tracker_state_machine = TrackerMachine.TestCase
 
 
-P = ("eob.events", 0)
-
-
 def test_a_hole_is_read_again_until_it_is_old_enough_to_believe() -> None:
     now = [0.0]
     gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=1.0, clock=lambda: now[0])
-    assert gaps.take(P, [10, 11, 12]) == (3, None)  # a first fetch starts anywhere
+    assert gaps.take(P0, [10, 11, 12]) == (3, None)  # a first fetch starts anywhere
     # 13-14 skipped (a batch the broker had not stored yet): nothing of 15 on is taken,
     # and the partition is read again from 13.
-    assert gaps.take(P, [15, 16]) == (0, 13)
-    assert gaps.take(P, [13, 14, 15, 16]) == (4, None)  # they came: nothing lost
+    assert gaps.take(P0, [15, 16]) == (0, 13)
+    assert gaps.take(P0, [13, 14, 15, 16]) == (4, None)  # they came: nothing lost
     # Within a fetch, too: the records before the hole are taken.
-    assert gaps.take(P, [17, 18, 21, 22]) == (2, 19)
+    assert gaps.take(P0, [17, 18, 21, 22]) == (2, 19)
     # Still a hole: read again while the reads asked for are younger than `settle`...
     now[0] = 0.5
-    assert gaps.take(P, [21, 22]) == (0, 19)
+    assert gaps.take(P0, [21, 22]) == (0, 19)
     now[0] = 1.0
-    assert gaps.take(P, [21, 22]) == (0, 19)  # what shows it was asked for at 0.5
+    assert gaps.take(P0, [21, 22]) == (0, 19)  # what shows it was asked for at 0.5
     # ... and believed once a read asked for `settle` after it was first seen shows it
     # still (a transaction marker, compaction).
-    assert gaps.take(P, [21, 22]) == (2, None)
+    assert gaps.take(P0, [21, 22]) == (2, None)
     # Records taken long after they were fetched say nothing of when: a hole first seen
     # at 1.0 and shown again at 5.0 by a read asked for at 1.0 is read once more.
-    assert gaps.take(P, [23, 30]) == (1, 24)
+    assert gaps.take(P0, [23, 30]) == (1, 24)
     now[0] = 5.0
-    assert gaps.take(P, [30]) == (0, 24)
-    assert gaps.take(P, [30]) == (1, None)
+    assert gaps.take(P0, [30]) == (0, 24)
+    assert gaps.take(P0, [30]) == (1, None)
     # Offsets from before (a seek back after a failure) are taken as they come.
-    assert gaps.take(P, [25, 26]) == (2, None)
-    assert gaps.take(P, []) == (0, None)
-    assert gaps.take(P, [27]) == (1, None)
+    assert gaps.take(P0, [25, 26]) == (2, None)
+    assert gaps.take(P0, []) == (0, None)
+    assert gaps.take(P0, [27]) == (1, None)
 
 
 def test_a_hole_is_read_again_at_least_once_even_without_a_settle_time() -> None:
     gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=0.0, clock=lambda: 7.0)
-    gaps.expect(P, 0)
-    assert gaps.take(P, [2]) == (0, 0)
-    assert gaps.take(P, [2]) == (1, None)
+    gaps.expect(P0, 0)
+    assert gaps.take(P0, [2]) == (0, 0)
+    assert gaps.take(P0, [2]) == (1, None)
 
 
 def test_partitions_are_separate_and_a_forgotten_one_starts_anywhere() -> None:
     gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=0.0)
-    other = ("eob.events", 1)
-    assert gaps.take(P, [0, 1]) == (2, None)
-    assert gaps.take(other, [100]) == (1, None)
-    assert gaps.take(P, [5]) == (0, 2)
-    assert gaps.take(other, [101]) == (1, None)
+    assert gaps.take(P0, [0, 1]) == (2, None)
+    assert gaps.take(P1, [100]) == (1, None)
+    assert gaps.take(P0, [5]) == (0, 2)
+    assert gaps.take(P1, [101]) == (1, None)
     # Revoked and given back after another member read on: no hole to read again.
-    gaps.forget([P])
-    assert not gaps.knows(P)
-    assert gaps.take(P, [500, 501]) == (2, None)
-    assert gaps.take(P, [505]) == (0, 502)
+    gaps.forget([P0])
+    assert not gaps.knows(P0)
+    assert gaps.take(P0, [500, 501]) == (2, None)
+    assert gaps.take(P0, [505]) == (0, 502)
     # Told where the next fetch starts, a first fetch that starts later is a hole.
-    gaps.forget([P])
-    gaps.expect(P, 600)
-    assert gaps.take(P, [603]) == (0, 600)
+    gaps.forget([P0])
+    gaps.expect(P0, 600)
+    assert gaps.take(P0, [603]) == (0, 600)
 
 
 @given(
@@ -339,7 +335,7 @@ def test_a_reader_that_rereads_holes_gets_every_record_a_late_broker_stored(
     stored_late = [late[i % len(late)] for i in range(len(batches))]
     now = [0.0]
     gaps: OffsetGaps[tuple[str, int]] = OffsetGaps(settle=0.05, clock=lambda: now[0])
-    gaps.expect(P, 0)  # where the reader starts: a first fetch that skips is a hole too
+    gaps.expect(P0, 0)  # where the reader starts: a first fetch that skips is a hole too
     position, looks = 0, 0
     got: list[int] = []
     while got != records and looks < 50 * (len(records) + 10):
@@ -353,7 +349,7 @@ def test_a_reader_that_rereads_holes_gets_every_record_a_late_broker_stored(
                 stored_late[index] = False  # missing from this fetch, stored by the next
                 continue
             served += [offset for offset in batch if offset >= position]
-        count, again = gaps.take(P, served)
+        count, again = gaps.take(P0, served)
         got += served[:count]
         if again is not None:
             position = again

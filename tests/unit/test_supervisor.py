@@ -41,18 +41,15 @@ class DeadAtOnce:
         pass
 
 
-class Fake(Supervisor):
-    """A supervisor whose worker processes are `process()`, not real ones."""
+class NoSpawn(Supervisor):
+    """A supervisor whose worker processes are `process()`, not real ones: by default,
+    ones that die as soon as they are started."""
 
     process: Callable[[], Any] = DeadAtOnce
 
     def _spawn(self, index: int) -> None:
         self._processes[index] = self.process()
         self._started_at[index] = time.monotonic()
-
-
-class NoSpawn(Fake):
-    """A supervisor whose workers die as soon as they are started."""
 
 
 def test_a_worker_that_keeps_dying_is_restarted_with_backoff_even_at_delay_zero() -> None:
@@ -121,7 +118,7 @@ class Running:
         pass
 
 
-class Healthy(Fake):
+class Healthy(NoSpawn):
     """A supervisor of `Running` processes."""
 
     process = Running

@@ -430,18 +430,18 @@ class TopicRecord:
 # How long a rebalance's assignment waits to learn where its partitions start (ReadAgain):
 # the member sends no heartbeats meanwhile, and tests run 3 s sessions.
 START_TIMEOUT = 1.0
-# A hole in a partition's offsets is read again until it is this old, then believed.
+# A hole is believed once a read asked for this long after it was first seen still shows it.
 HOLE_SETTLE = 0.02
 
 
 class ReadAgain:
     """A consumer's fetched records without the holes a broker did not mean (`OffsetGaps`):
     at a hole, the records before it are taken and the consumer is sent back to read the
-    partition again from the hole, until the hole is `HOLE_SETTLE` old.
+    partition again from the hole, until a read asked for `HOLE_SETTLE` after the hole was
+    first seen still shows it.
 
-    For consumers that start where they were put or at the group's committed offset, else
-    at the earliest: a partition's first fetch is checked against where it starts, given
-    by `expect` or learnt by `assigned` when a rebalance assigns it. Forget a partition
+    A partition's first fetch is checked against where it starts: given by `expect`, or
+    learnt by `assigned` (the consumer's position) when a rebalance assigns it. Forget a partition
     when it is revoked or repositioned. Nothing here awaits between a fetch and its
     records being taken, so a rebalance cannot come in between."""
 

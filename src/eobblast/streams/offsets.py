@@ -133,13 +133,11 @@ class OffsetGaps(Generic[K]):
     Kafka cannot do this: its high watermark passes only records that are stored).
 
     So at a hole, the records before it are taken and the partition is read again from the
-    first missing offset, and again while the hole is younger than `settle` seconds; a hole
-    still there after that is real.
+    first missing offset, until a read asked for at least `settle` seconds after the hole was
+    first seen still shows it: then it is real.
     """
 
-    def __init__(
-        self, *, settle: float = 0.02, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, *, settle: float, clock: Callable[[], float] = time.monotonic) -> None:
         self._settle = settle
         self._clock = clock
         self._next: dict[K, int] = {}  # the offset expected next, per partition
