@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eobblast._holes import HOLE_SETTLE, MAX_HOLE_SETTLE
 from eobblast._toml import parse_toml, read_text
 from eobblast.errors import ConfigError
 from eobblast.shaping.engine import ShapingConfig
@@ -71,10 +72,18 @@ class KafkaConfig:
     max_poll_interval_ms: int = 300_000
     # How often finished offsets are committed (seconds).
     commit_interval: float = 0.2
+    # Where a partition's offsets skip, the workers read it again from the hole until a read
+    # asked for this long (seconds) after it was first seen still shows it: Tansu can hand
+    # out a later batch before an earlier one is stored. Each real hole (a transaction's
+    # marker, compaction) holds its partition this long, fetched again meanwhile. 0:
+    # believe every hole at once, right for Apache Kafka, whose holes are all real.
+    hole_settle: float = HOLE_SETTLE
 
     def __post_init__(self) -> None:
         if self.max_poll_interval_ms < 1000:
             raise ConfigError("kafka.max_poll_interval_ms: expected at least 1000")
+        if not 0 <= self.hole_settle <= MAX_HOLE_SETTLE:
+            raise ConfigError(f"kafka.hole_settle: expected seconds from 0 to {MAX_HOLE_SETTLE:g}")
 
 
 @dataclass(frozen=True, slots=True)

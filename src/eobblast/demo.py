@@ -21,6 +21,7 @@ from typing import Any
 
 import orjson
 
+from eobblast._holes import HOLE_SETTLE
 from eobblast.bounces.listener import serve_bounces
 from eobblast.bounces.rules import DEFAULT_RULES_RESOURCE
 from eobblast.config import BouncesConfig, Config, load_config, with_settings
@@ -397,6 +398,11 @@ def demo_worker_config(
             "shaping": {"pools_file": None},
             "ledger": {"url": f"sqlite:///{out / 'ledger.db'}"},
             "workers": {"count": workers, "grace_period": 10.0},
+            # The demo's broker is Tansu: its holes are read again, whatever was given.
+            "kafka": {
+                **shared.get("kafka", {}),
+                "hole_settle": max(base.kafka.hole_settle, HOLE_SETTLE),
+            },
         },
     )
 

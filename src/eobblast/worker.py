@@ -368,7 +368,7 @@ class Worker:
         self._bounces = bounces
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
-        self._holes = ReadAgain()
+        self._holes = self._read_again()
         # Partitions assigned and taken up by the listener, not revoked since.
         self._owned: set[TopicPartition] = set()
         # Per partition, its records' tasks and where each one is (for the oldest's age).
@@ -571,11 +571,15 @@ class Worker:
                 log.warning("bounce timers failed: %s", type(exc).__name__)
             await _pause(self._config.bounces.tick_interval, stop)
 
+    def _read_again(self) -> ReadAgain:
+        """A reader's hole checks, as `kafka.hole_settle` says (both consumers use one)."""
+        return ReadAgain(self._config.kafka.hole_settle)
+
     async def _verification_results(self, stop: asyncio.Event) -> None:
         """Consume AddressVerified / AddressVerificationFailed; release or fall back."""
         assert self._bounces is not None
         kafka, settings = self._config.kafka, self._config.bounces
-        holes = ReadAgain()
+        holes = self._read_again()
         consumer = make_consumer(
             kafka.bootstrap,
             settings.results_group_id,

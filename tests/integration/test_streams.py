@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from eobblast._holes import HOLE_SETTLE
 from eobblast.observe import metrics
 from eobblast.streams import (
     BrokerUnavailable,
@@ -444,12 +445,21 @@ async def test_read_to_end_of_a_missing_topic_says_so(broker: EmbeddedBroker) ->
             pass
 
 
+@pytest.mark.parametrize(
+    ("settle", "first", "rereads"),
+    [
+        pytest.param(HOLE_SETTLE, 3, 1, id="read-again"),
+        # kafka.hole_settle = 0, for Apache Kafka: the hole is believed, nothing read again.
+        pytest.param(0.0, 6, 0, id="believed-at-once"),
+    ],
+)
 async def test_a_hole_at_the_start_of_a_partition_is_read_again_from_the_committed_offset(
-    broker: EmbeddedBroker, topic_factory: TopicFactory
+    broker: EmbeddedBroker, topic_factory: TopicFactory, settle: float, first: int, rereads: int
 ) -> None:
     # A group's committed offset is 3, and the first fetch after the assignment hands out
     # records from 6 on (as Tansu can while a produce before them is still being stored):
     # the reader takes none of them, goes back to 3, and gets 3 to 9, each once, in order.
+    # Told to believe holes at once, it takes 6 to 9 as fetched.
     topic = await topic_factory(partitions=1)
     await produce(broker.bootstrap, topic, [(b"k", b"v%d" % i) for i in range(10)])
     tp = TopicPartition(topic, 0)
@@ -469,19 +479,19 @@ async def test_a_hole_at_the_start_of_a_partition_is_read_again_from_the_committ
             assert self.consumer is not None
             self.consumer.seek(tp, 6)
 
-    listening = SkipsAhead(ReadAgain())
+    listening = SkipsAhead(ReadAgain(settle))
     consumer = make_consumer(
         broker.bootstrap, group, [topic], client_id="t", max_poll_records=100,
         rebalance_listener=listening, **FAST_GROUP,
     )  # fmt: skip
-    rereads = metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total")
+    before = metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total")
     taken: list[int] = []
     async with running_client(consumer):
         async with asyncio.timeout(20):
-            while len(taken) < 7:
+            while len(taken) < 10 - first:
                 batch = await consumer.getmany(timeout_ms=200)
                 for got in batch.values():
                     taken += [r.offset for r in listening.holes.records(consumer, tp, got)]
-    assert taken == list(range(3, 10))
-    assert rereads is not None
-    assert metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total") == rereads + 1
+    assert taken == list(range(first, 10))
+    assert before is not None
+    assert metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total") == before + rereads

@@ -42,6 +42,14 @@ def test_environment_overrides_file() -> None:
     assert config.dkim.ed25519 is False
 
 
+def test_hole_settle_defaults_to_reading_holes_again_and_zero_turns_it_off() -> None:
+    # Tansu (the default, embedded broker) needs its holes read again; Apache Kafka's are
+    # all real, and an operator there turns the re-reads off.
+    assert load_config(None, environ={}).kafka.hole_settle == 0.02
+    config = load_config(EXAMPLE, environ={"EOBBLAST_KAFKA__HOLE_SETTLE": "0"})
+    assert config.kafka.hole_settle == 0
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -54,6 +62,8 @@ def test_environment_overrides_file() -> None:
         ("[protection]\ntls_sync_seconds = 0\n", r"protection\.tls_sync_seconds"),
         ("[bounces]\nreview_days = 0\n", r"bounces\.review_days"),
         ("[kafka]\nmax_poll_interval_ms = 500\n", r"kafka\.max_poll_interval_ms"),
+        ("[kafka]\nhole_settle = -0.01\n", r"kafka\.hole_settle: expected seconds from 0"),
+        ("[kafka]\nhole_settle = 2\n", r"kafka\.hole_settle: expected seconds from 0 to 1"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
@@ -144,9 +154,14 @@ def test_the_demo_keeps_the_users_settings_but_not_their_sending_setup(tmp_path:
             "shaping": {"pools_file": "/etc/eobblast/pools.toml"},
             "ledger": {"url": "postgresql://eob@db/eob"},
             "bounces": {"verp_previous_keys": ["2:/var/lib/eobblast/keys/verp-2026.key"]},
+            "kafka": {"hole_settle": 0},  # right for Apache Kafka, not for the demo's Tansu
         },
     )
-    shared = {"bounces": {"verp_previous_keys": []}, "pipeline": {"allow_test_domains": True}}
+    shared = {
+        "bounces": {"verp_previous_keys": []},
+        "pipeline": {"allow_test_domains": True},
+        "kafka": {"bootstrap": "127.0.0.1:19092"},
+    }
     routes = {"ok.sandbox.test": "127.0.0.1:2525"}
     config = demo_worker_config(production, shared, tmp_path, tmp_path / "ca.pem", routes, 2)
     assert config.pipeline.max_in_flight == 77 and config.pipeline.allow_test_domains
@@ -155,6 +170,7 @@ def test_the_demo_keeps_the_users_settings_but_not_their_sending_setup(tmp_path:
     assert config.ledger.url == f"sqlite:///{tmp_path / 'ledger.db'}"
     assert config.bounces.previous_verp_keys() == []
     assert config.transport.routes == routes and config.workers.count == 2
+    assert config.kafka.bootstrap == "127.0.0.1:19092" and config.kafka.hole_settle == 0.02
 
 
 def test_the_ledger_retention_is_days_from_the_environment_and_never_negative() -> None:

@@ -38,6 +38,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
     UnknownTopicOrPartitionError,
 )
 
+from eobblast._holes import HOLE_SETTLE
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.observe import metrics
 from eobblast.streams.offsets import OffsetGaps
@@ -430,31 +431,36 @@ class TopicRecord:
 # How long a rebalance's assignment waits to learn where its partitions start (ReadAgain):
 # the member sends no heartbeats meanwhile, and tests run 3 s sessions.
 START_TIMEOUT = 1.0
-# A hole is believed once a read asked for this long after it was first seen still shows it.
-HOLE_SETTLE = 0.02
 
 
 class ReadAgain:
     """A consumer's fetched records without the holes a broker did not mean (`OffsetGaps`):
     at a hole, the records before it are taken and the consumer is sent back to read the
-    partition again from the hole, until a read asked for `HOLE_SETTLE` after the hole was
-    first seen still shows it.
+    partition again from the hole, until a read asked for `settle` seconds after the hole
+    was first seen still shows it. With `settle` 0 every hole is believed at once and
+    nothing is read again: right for Apache Kafka, whose holes are all real.
 
     A partition's first fetch is checked against where it starts: given by `expect`, or
     learnt by `assigned` (the consumer's position) when a rebalance assigns it. Forget a partition
     when it is revoked or repositioned. Nothing here awaits between a fetch and its
     records being taken, so a rebalance cannot come in between."""
 
-    def __init__(self) -> None:
-        self._gaps: OffsetGaps[TopicPartition] = OffsetGaps(settle=HOLE_SETTLE)
+    def __init__(self, settle: float = HOLE_SETTLE) -> None:
+        if not settle >= 0:  # NaN too
+            raise ValueError("settle must be a number of seconds, 0 or more")
+        self._gaps: OffsetGaps[TopicPartition] | None = (
+            OffsetGaps(settle=settle) if settle > 0 else None
+        )
 
     def expect(self, tp: TopicPartition, offset: int) -> None:
         """`tp`'s next fetch starts at `offset`."""
-        self._gaps.expect(tp, offset)
+        if self._gaps is not None:
+            self._gaps.expect(tp, offset)
 
     def forget(self, tps: Iterable[TopicPartition]) -> None:
         """Forget these partitions: their next fetch starts where it may."""
-        self._gaps.forget(tps)
+        if self._gaps is not None:
+            self._gaps.forget(tps)
 
     async def assigned(self, consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]) -> None:
         """Learn where newly assigned partitions start (from a rebalance listener's
@@ -462,12 +468,15 @@ class ReadAgain:
         group's committed offset (or its reset policy). A partition whose records were
         taken already keeps what those said; one not learnt in time (the listener holds
         the member's heartbeats) has its first fetch taken as it comes."""
+        gaps = self._gaps
+        if gaps is None:
+            return
         try:
             async with asyncio.timeout(START_TIMEOUT):
                 for tp in tps:
                     start = await consumer.position(tp)
-                    if not self._gaps.knows(tp):
-                        self._gaps.expect(tp, start)
+                    if not gaps.knows(tp):
+                        gaps.expect(tp, start)
         except Exception as exc:  # whatever it is, the reader goes on as before
             log.debug("start offsets unknown: %s", type(exc).__name__)
 
@@ -475,6 +484,8 @@ class ReadAgain:
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: Sequence[Any]
     ) -> Sequence[Any]:
         """The records of `tp` from `consumer`'s fetch to take."""
+        if self._gaps is None:
+            return records
         count, again = self._gaps.take(tp, [record.offset for record in records])
         if again is not None:
             metrics.OFFSET_REREADS.inc()
