@@ -33,7 +33,7 @@ class _Consumer:
     def seek(self, tp: TopicPartition, offset: int) -> None:
         self.seeks.append((tp, offset))
 
-    async def position(self, tp: TopicPartition) -> int:
+    async def committed(self, tp: TopicPartition) -> int:
         return 3
 
 
@@ -90,7 +90,7 @@ async def test_a_worker_reads_holes_again_as_kafka_hole_settle_says(
     worker = _worker(hole_settle=settle)
     consumer = _Consumer()
     worker._consumer = cast(AIOKafkaConsumer, consumer)
-    await worker.partitions_assigned({TP})  # starts at the consumer's position: 3
+    await worker.partitions_assigned({TP})  # starts at the group's committed offset: 3
     consumer.batch = {TP: _records(3, 4, 7)}
     assert await _fetch(worker, consumer) == taken
     assert consumer.seeks == [(TP, offset) for offset in seeks]

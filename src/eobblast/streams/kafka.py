@@ -464,19 +464,30 @@ class ReadAgain:
 
     async def assigned(self, consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]) -> None:
         """Learn where newly assigned partitions start (from a rebalance listener's
-        `on_partitions_assigned`): the consumer's position, which aiokafka sets from the
-        group's committed offset (or its reset policy). A partition whose records were
-        taken already keeps what those said; one not learnt in time (the listener holds
-        the member's heartbeats) has its first fetch taken as it comes."""
+        `on_partitions_assigned`): the group's committed offset or, with none, the
+        partition's first (`make_consumer`'s consumers start at the earliest), both asked
+        of the broker. Not the consumer's position: aiokafka may have fetched from the
+        partition before the listener runs, and that fetch may have skipped. A partition
+        whose records were taken already keeps what those said; one not learnt in time
+        (the listener holds the member's heartbeats) has its first fetch taken as it
+        comes."""
         gaps = self._gaps
         if gaps is None:
             return
         try:
             async with asyncio.timeout(START_TIMEOUT):
+                uncommitted = []
                 for tp in tps:
-                    start = await consumer.position(tp)
-                    if not gaps.knows(tp):
+                    start = await consumer.committed(tp)
+                    if start is None:
+                        uncommitted.append(tp)
+                    elif not gaps.knows(tp):
                         gaps.expect(tp, start)
+                if uncommitted:
+                    firsts = await consumer.beginning_offsets(uncommitted)
+                    for tp in uncommitted:
+                        if not gaps.knows(tp):
+                            gaps.expect(tp, firsts[tp])
         except Exception as exc:  # whatever it is, the reader goes on as before
             log.debug("start offsets unknown: %s", type(exc).__name__)
 
