@@ -67,12 +67,13 @@ from eobblast.streams.kafka import (
     IllegalStateError,
     KafkaError,
     ReadAgain,
-    RebalanceListener,
+    ReadAgainListener,
     TopicPartition,
     backoff_delay,
     make_consumer,
     make_producer,
     metadata_heard_since,
+    retrieved,
     wait_for_broker,
 )
 from eobblast.streams.offsets import OffsetTracker
@@ -210,7 +211,7 @@ async def _ran_unless_stopped(work: Awaitable[Any], stop: asyncio.Event) -> bool
         ended = await _done_unless_stopped(task, stop)
     finally:
         if not task.done():
-            task.add_done_callback(_retrieved)
+            task.add_done_callback(retrieved)
             task.cancel()
     if ended:
         task.result()
@@ -254,14 +255,8 @@ async def stop_in_time(client: str, stop: Callable[[], Awaitable[None]]) -> None
 def _stopping(stop: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
     """A Kafka client's stop, started; left running when late, its error is not news."""
     closing = asyncio.ensure_future(stop())
-    closing.add_done_callback(_retrieved)
+    closing.add_done_callback(retrieved)
     return closing
-
-
-def _retrieved(future: asyncio.Future[Any]) -> None:
-    """A done callback for a future nobody awaits any more: its error is not news."""
-    if not future.cancelled():
-        future.exception()
 
 
 async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
@@ -339,15 +334,22 @@ def status_record(
     return orjson.dumps(status.model_dump(mode="json", by_alias=True))
 
 
-class _Listener(RebalanceListener):
+class _Listener(ReadAgainListener):
+    """The worker's rebalance listener: its `ReadAgain` lets go of revoked partitions
+    before the worker drains them (nothing more of them is handed out meanwhile), and
+    learns where assigned ones start before their records are handed out."""
+
     def __init__(self, worker: Worker) -> None:
+        super().__init__(worker._holes)
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        await super().on_partitions_revoked(revoked)
         await self._worker.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        await self._worker.partitions_assigned(assigned)
+        log.info("partitions assigned", extra={"partitions": len(assigned)})
+        await super().on_partitions_assigned(assigned)
 
 
 class Worker:
@@ -369,8 +371,6 @@ class Worker:
         self.worker_id = worker_id
         self._tracker: OffsetTracker[TopicPartition] = OffsetTracker()
         self._holes = self._read_again()
-        # Partitions assigned and taken up by the listener, not revoked since.
-        self._owned: set[TopicPartition] = set()
         # Per partition, its records' tasks and where each one is (for the oldest's age).
         self._tasks: dict[TopicPartition, dict[asyncio.Task[None], _InFlight]] = {}
         self._sending: dict[str, asyncio.Future[None]] = {}
@@ -572,7 +572,7 @@ class Worker:
             await _pause(self._config.bounces.tick_interval, stop)
 
     def _read_again(self) -> ReadAgain:
-        """A reader's hole checks, as `kafka.hole_settle` says (both consumers use one)."""
+        """A reader's hole checks, as `kafka.hole_settle` says (one per consumer)."""
         return ReadAgain(self._config.kafka.hole_settle)
 
     async def _verification_results(self, stop: asyncio.Event) -> None:
@@ -773,13 +773,8 @@ class Worker:
             return
         now = time.monotonic()
         for tp, records in batch.items():
-            if tp not in self._owned:
-                # Fetched for a partition revoked meanwhile (its new owner reads it from the
-                # committed offset), or assigned but not yet taken up by the listener (read
-                # again once it is): not handed out.
-                with contextlib.suppress(IllegalStateError):
-                    consumer.seek(tp, records[0].offset)
-                continue
+            # Not of a partition revoked meanwhile (its new owner reads it from the committed
+            # offset), nor of one the listener has not taken up yet (read again once it has).
             for record in self._holes.records(consumer, tp, records):
                 self._tracker.handed_out(tp, record.offset)
                 info = _InFlight(tp.partition, record.offset, now)
@@ -787,7 +782,7 @@ class Worker:
                 tasks = self._tasks.setdefault(tp, {})
                 tasks[task] = info
                 task.add_done_callback(functools.partial(_discard, tasks))
-        if batch and self._owned.isdisjoint(batch):
+        if batch and not any(self._holes.holds(tp) for tp in batch):
             await asyncio.sleep(0.01)  # the listener is on its way: no busy fetching meanwhile
 
     async def _fetched(
@@ -804,7 +799,7 @@ class Worker:
             await _done_unless_stopped(fetching, stop)
         finally:
             if not fetching.done():
-                fetching.add_done_callback(_retrieved)
+                fetching.add_done_callback(retrieved)
                 self._abandoned_fetches.append(fetching)
         return fetching.done()
 
@@ -870,18 +865,9 @@ class Worker:
             waiting += max(0, end - taken)
         metrics.BACKLOG.set(waiting + self._tracker.in_flight)
 
-    async def partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        """Learn where the assigned partitions start, so a first fetch that skips is seen."""
-        log.info("partitions assigned", extra={"partitions": len(assigned)})
-        try:
-            if self._consumer is not None:
-                await self._holes.assigned(self._consumer, assigned)
-        finally:
-            self._owned |= assigned  # whatever happened: records of them are handed out
-
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish the in-flight work of revoked partitions (bounded), commit, forget them."""
-        self._owned -= revoked  # first, before any wait: nothing more of them is handed out
+        """Finish the in-flight work of revoked partitions (bounded), commit, forget them
+        (after the listener's `ReadAgain` has let go of them: none is handed out now)."""
         pending = [task for tp in revoked for task in self._tasks.get(tp, ())]
         try:
             if pending:
@@ -890,7 +876,6 @@ class Worker:
             await self._commit(revoked)
         finally:
             self._tracker.forget(revoked)
-            self._holes.forget(revoked)
             for tp in revoked:
                 self._tasks.pop(tp, None)
         log.info("partitions revoked", extra={"partitions": len(revoked)})

@@ -62,6 +62,8 @@ __all__ = [
     "IllegalStateError",
     "KafkaError",
     "MessageSizeTooLargeError",
+    "ReadAgain",
+    "ReadAgainListener",
     "RebalanceListener",
     "TopicCreationFailed",
     "TopicPartition",
@@ -74,6 +76,7 @@ __all__ = [
     "parse_bootstrap",
     "probe_broker",
     "read_to_end",
+    "retrieved",
     "start_or_unavailable",
     "wait_for_broker",
 ]
@@ -441,9 +444,14 @@ class ReadAgain:
     nothing is read again: right for Apache Kafka, whose holes are all real.
 
     A partition's first fetch is checked against where it starts: given by `expect`, or
-    learnt by `assigned` (the consumer's position) when a rebalance assigns it. Forget a partition
-    when it is revoked or repositioned. Nothing here awaits between a fetch and its
-    records being taken, so a rebalance cannot come in between."""
+    learnt by `assigned` (asked of the broker) when a rebalance assigns it. Forget a
+    partition when it is repositioned. A group consumer's reader, once its listener
+    (`listener`, or a `ReadAgainListener` of one's own, one per consumer) has been told of
+    a revocation (aiokafka tells it, of nothing, before every join), takes only records of
+    partitions the listener has taken up: aiokafka can hand out a fetch before the
+    listener has run, and a reader can take a fetch handed out before a revocation after
+    it. Such records are fetched again once the partition is held. Nothing here awaits
+    between a fetch and its records being taken, so a rebalance cannot come in between."""
 
     def __init__(self, settle: float = HOLE_SETTLE) -> None:
         if not settle >= 0:  # NaN too
@@ -451,6 +459,8 @@ class ReadAgain:
         self._gaps: OffsetGaps[TopicPartition] | None = (
             OffsetGaps(settle=settle) if settle > 0 else None
         )
+        # Partitions the listener has taken up and not let go of; None: no listener (yet).
+        self._held: set[TopicPartition] | None = None
 
     def expect(self, tp: TopicPartition, offset: int) -> None:
         """`tp`'s next fetch starts at `offset`."""
@@ -462,39 +472,85 @@ class ReadAgain:
         if self._gaps is not None:
             self._gaps.forget(tps)
 
-    async def assigned(self, consumer: AIOKafkaConsumer, tps: Iterable[TopicPartition]) -> None:
-        """Learn where newly assigned partitions start (from a rebalance listener's
-        `on_partitions_assigned`): the group's committed offset or, with none, the
-        partition's first (`make_consumer`'s consumers start at the earliest), both asked
-        of the broker. Not the consumer's position: aiokafka may have fetched from the
-        partition before the listener runs, and that fetch may have skipped. A partition
-        whose records were taken already keeps what those said; one not learnt in time
-        (the listener holds the member's heartbeats) has its first fetch taken as it
-        comes."""
-        gaps = self._gaps
-        if gaps is None:
-            return
+    def holds(self, tp: TopicPartition) -> bool:
+        """Whether records of `tp` are taken (always, without a listener)."""
+        return self._held is None or tp in self._held
+
+    async def assigned(
+        self, consumer: AIOKafkaConsumer | None, tps: Iterable[TopicPartition]
+    ) -> None:
+        """Learn where newly assigned partitions start, then take them up (from a rebalance
+        listener's `on_partitions_assigned`).
+
+        The start is the group's committed offset or, with none, the partition's first
+        (`make_consumer`'s consumers start at the earliest), asked of the broker: not the
+        consumer's position, which a fetch handed out before the listener ran has moved. A
+        partition whose records were taken already keeps what those said; one not learnt
+        within START_TIMEOUT (the listener holds the member's heartbeats) has its first
+        fetch taken as it comes, as has every one without a consumer to ask."""
+        tps = list(tps)
         try:
-            async with asyncio.timeout(START_TIMEOUT):
-                uncommitted = []
-                for tp in tps:
-                    start = await consumer.committed(tp)
-                    if start is None:
-                        uncommitted.append(tp)
-                    elif not gaps.knows(tp):
-                        gaps.expect(tp, start)
-                if uncommitted:
-                    firsts = await consumer.beginning_offsets(uncommitted)
-                    for tp in uncommitted:
-                        if not gaps.knows(tp):
-                            gaps.expect(tp, firsts[tp])
-        except Exception as exc:  # whatever it is, the reader goes on as before
-            log.debug("start offsets unknown: %s", type(exc).__name__)
+            if self._gaps is not None and consumer is not None:
+                await self._learn_starts(self._gaps, consumer, tps)
+        finally:
+            if self._held is not None:
+                self._held.update(tps)  # whatever happened: their records are taken
+
+    def revoked(self, tps: Iterable[TopicPartition]) -> None:
+        """Let go of these partitions (from `on_partitions_revoked`, before anything else):
+        no more of their records are taken, and they are forgotten. The first call turns
+        the gate on: from then on only partitions `assigned` has taken up are taken."""
+        tps = list(tps)
+        if self._held is None:
+            self._held = set()
+        self._held.difference_update(tps)
+        self.forget(tps)
+
+    async def _learn_starts(
+        self,
+        gaps: OffsetGaps[TopicPartition],
+        consumer: AIOKafkaConsumer,
+        tps: list[TopicPartition],
+    ) -> None:
+        if not tps:
+            return  # a member left without partitions
+        # All at once (aiokafka asks for one partition's commit at a time; the requests
+        # are pipelined on one connection), and the first offsets beside them (used for
+        # the partitions with no commit).
+        lookups = {asyncio.ensure_future(consumer.committed(tp)): tp for tp in tps}
+        firsts = asyncio.ensure_future(consumer.beginning_offsets(tps))
+        for lookup in (*lookups, firsts):
+            lookup.add_done_callback(retrieved)
+        try:
+            await asyncio.wait((*lookups, firsts), timeout=START_TIMEOUT)
+        finally:
+            for lookup in (*lookups, firsts):
+                lookup.cancel()  # those not done
+        learnt = 0
+        errors: set[str] = set()
+        for lookup, tp in lookups.items():
+            found, start = lookup, _answer(lookup)
+            if start is None and _failure(lookup) is None:  # nothing committed
+                found, start = firsts, (_answer(firsts) or {}).get(tp)
+            if (failure := _failure(found)) is not None:
+                errors.add(failure)
+            learnt += _learn(gaps, tp, start)
+        if learnt < len(tps):
+            log.info(
+                "start offsets unknown: a first fetch is taken as it comes",
+                extra={"partitions": len(tps) - learnt, "errors": sorted(errors)},
+            )
 
     def records(
         self, consumer: AIOKafkaConsumer, tp: TopicPartition, records: Sequence[Any]
     ) -> Sequence[Any]:
         """The records of `tp` from `consumer`'s fetch to take."""
+        if not records:
+            return records
+        if not self.holds(tp):
+            with contextlib.suppress(IllegalStateError):  # revoked: its new owner reads it
+                consumer.seek(tp, records[0].offset)
+            return ()
         if self._gaps is None:
             return records
         count, again = self._gaps.take(tp, [record.offset for record in records])
@@ -514,19 +570,45 @@ class ReadAgain:
         return ReadAgainListener(self)
 
 
+def _learn(gaps: OffsetGaps[TopicPartition], tp: TopicPartition, start: int | None) -> bool:
+    """Expect `tp` to start at `start` unless its records said already; whether it is known."""
+    if start is not None and start >= 0 and not gaps.knows(tp):
+        gaps.expect(tp, start)
+    return gaps.knows(tp)
+
+
+def _failure(future: asyncio.Future[Any]) -> str | None:
+    """Why a lookup gave no answer (the kind of its error), or None if it answered."""
+    if not future.done() or future.cancelled():  # cancelled just now: it takes a turn
+        return "TimeoutError"
+    exc = future.exception()
+    return None if exc is None else type(exc).__name__
+
+
+def _answer(future: asyncio.Future[Any]) -> Any:
+    """What a lookup answered, or None if it did not."""
+    return None if _failure(future) is not None else future.result()
+
+
+def retrieved(future: asyncio.Future[Any]) -> None:
+    """A done callback for a future nobody awaits any more: its error is not news."""
+    if not future.cancelled():
+        future.exception()
+
+
 class ReadAgainListener(RebalanceListener):
-    """Forgets revoked partitions and learns where assigned ones start (`ReadAgain`)."""
+    """Lets go of revoked partitions, and learns where assigned ones start before taking
+    them up (`ReadAgain`). Its `ReadAgain` then takes only records of partitions it holds."""
 
     def __init__(self, holes: ReadAgain) -> None:
         self.holes = holes
         self.consumer: AIOKafkaConsumer | None = None
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        self.holes.forget(revoked)
+        self.holes.revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
-        if self.consumer is not None:
-            await self.holes.assigned(self.consumer, assigned)
+        await self.holes.assigned(self.consumer, assigned)
 
 
 async def read_to_end(
