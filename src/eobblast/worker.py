@@ -335,16 +335,15 @@ def status_record(
 
 
 class _Listener(ReadAgainListener):
-    """The worker's rebalance listener: its `ReadAgain` lets go of revoked partitions
-    before the worker drains them (nothing more of them is handed out meanwhile), and
-    learns where assigned ones start before their records are handed out."""
+    """The worker's rebalance listener: the worker lets go of revoked partitions and
+    drains them (`Worker.partitions_revoked`); its `ReadAgain` learns where assigned ones
+    start before their records are handed out."""
 
     def __init__(self, worker: Worker) -> None:
         super().__init__(worker._holes)
         self._worker = worker
 
     async def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        await super().on_partitions_revoked(revoked)
         await self._worker.partitions_revoked(revoked)
 
     async def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
@@ -427,7 +426,10 @@ class Worker:
         try:
             if not await self._start_clients(stop):
                 return  # told to stop first: nothing was taken, the clients are closed
-            log.info("worker started", extra={"worker": self.worker_id})
+            log.info(
+                "worker started",
+                extra={"worker": self.worker_id, "hole_settle": self._config.kafka.hole_settle},
+            )
             async with asyncio.TaskGroup() as group:
                 group.create_task(self._loop(stop))
                 if self._config.ledger.retention_days > 0:
@@ -866,8 +868,8 @@ class Worker:
         metrics.BACKLOG.set(waiting + self._tracker.in_flight)
 
     async def partitions_revoked(self, revoked: set[TopicPartition]) -> None:
-        """Finish the in-flight work of revoked partitions (bounded), commit, forget them
-        (after the listener's `ReadAgain` has let go of them: none is handed out now)."""
+        """Let go of revoked partitions, finish their in-flight work (bounded), commit."""
+        self._holes.revoked(revoked)  # first, before any wait: none is handed out now
         pending = [task for tp in revoked for task in self._tasks.get(tp, ())]
         try:
             if pending:

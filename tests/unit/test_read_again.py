@@ -105,11 +105,15 @@ async def _fetch(worker: Worker, consumer: _Consumer) -> list[int]:
     return sorted(info.offset for info in started.values())
 
 
-async def test_records_are_handed_out_only_while_the_worker_holds_their_partition() -> None:
+@pytest.mark.parametrize("settle", [0.02, 0.0])
+async def test_records_are_handed_out_only_while_the_worker_holds_their_partition(
+    settle: float,
+) -> None:
     # aiokafka can hand out a fetch of a partition before on_partitions_assigned has run,
     # and one of a partition revoked meanwhile: neither is handed out, and the consumer is
     # sent back to the first record, so nothing is skipped once the partition is held.
-    worker, consumer, listener = _worker()
+    # Holes believed at once or not, the gate is the same.
+    worker, consumer, listener = _worker(hole_settle=settle)
     await _joining(listener)
 
     consumer.batch = {TP: _records(3, 4)}
@@ -183,13 +187,15 @@ async def test_an_assignment_of_no_partitions_is_no_error(caplog: pytest.LogCapt
 async def test_where_assigned_partitions_start_is_asked_of_the_broker(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # The group's commit for one, the first offset for one with none, nothing for one
-    # whose lookup never answers (its first fetch is taken as it comes) and for one whose
-    # first offset is unknown (-1): every one is held all the same.
+    # The group's commit for one, the first offset for one with none and for one whose
+    # commit retention has passed, nothing for one whose lookup never answers (its first
+    # fetch is taken as it comes) and for one whose first offset is unknown (-1): every
+    # one is held all the same.
     monkeypatch.setattr(kafka, "START_TIMEOUT", 0.2)
-    tps = [TopicPartition("eob.events", n) for n in range(4)]
+    tps = [TopicPartition("eob.events", n) for n in range(5)]
     consumer = _Consumer(
-        committed={tps[0]: 3, tps[1]: None, tps[3]: None}, firsts={tps[1]: 0, tps[3]: -1}
+        committed={tps[0]: 3, tps[1]: None, tps[3]: None, tps[4]: 2},
+        firsts={tps[1]: 0, tps[3]: -1, tps[4]: 5},
     )
     holes = ReadAgain()
     listener = holes.listener()
@@ -204,6 +210,7 @@ async def test_where_assigned_partitions_start_is_asked_of_the_broker(
     assert consumer.seeks == [(tps[0], 3), (tps[1], 0)]
     assert _take(holes, consumer, tps[2], 7, 8) == [7, 8]
     assert _take(holes, consumer, tps[3], 4) == [4]
+    assert _take(holes, consumer, tps[4], 5, 6) == [5, 6]
 
 
 async def test_first_offsets_not_known_leave_the_partitions_without_a_commit_unchecked(

@@ -445,13 +445,13 @@ class ReadAgain:
 
     A partition's first fetch is checked against where it starts: given by `expect`, or
     learnt by `assigned` (asked of the broker) when a rebalance assigns it. Forget a
-    partition when it is repositioned. A group consumer's reader, once its listener
-    (`listener`, or a `ReadAgainListener` of one's own, one per consumer) has been told of
-    a revocation (aiokafka tells it, of nothing, before every join), takes only records of
-    partitions the listener has taken up: aiokafka can hand out a fetch before the
-    listener has run, and a reader can take a fetch handed out before a revocation after
-    it. Such records are fetched again once the partition is held. Nothing here awaits
-    between a fetch and its records being taken, so a rebalance cannot come in between."""
+    partition when it is repositioned.
+
+    A group consumer's reader takes only records of partitions its listener (one per
+    consumer) has taken up, once the listener has been told of a revocation (aiokafka
+    tells it before every join, the first included): aiokafka can hand out a fetch before
+    the listener has run, and a reader can take a fetch handed out before a revocation
+    after it. Such records are fetched again once the partition is held."""
 
     def __init__(self, settle: float = HOLE_SETTLE) -> None:
         if not settle >= 0:  # NaN too
@@ -482,12 +482,12 @@ class ReadAgain:
         """Learn where newly assigned partitions start, then take them up (from a rebalance
         listener's `on_partitions_assigned`).
 
-        The start is the group's committed offset or, with none, the partition's first
-        (`make_consumer`'s consumers start at the earliest), asked of the broker: not the
-        consumer's position, which a fetch handed out before the listener ran has moved. A
-        partition whose records were taken already keeps what those said; one not learnt
-        within START_TIMEOUT (the listener holds the member's heartbeats) has its first
-        fetch taken as it comes, as has every one without a consumer to ask."""
+        The start is the group's committed offset or, with none (or one retention has
+        passed), the partition's first (`make_consumer`'s consumers start at the earliest),
+        asked of the broker: not the consumer's position, which a fetch handed out before
+        the listener ran has moved. A partition not learnt within START_TIMEOUT (the
+        listener holds the member's heartbeats) has its first fetch taken as it comes, as
+        has every one without a consumer to ask."""
         tps = list(tps)
         try:
             if self._gaps is not None and consumer is not None:
@@ -514,31 +514,44 @@ class ReadAgain:
     ) -> None:
         if not tps:
             return  # a member left without partitions
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + START_TIMEOUT
         # All at once (aiokafka asks for one partition's commit at a time; the requests
-        # are pipelined on one connection), and the first offsets beside them (used for
-        # the partitions with no commit).
+        # are pipelined on one connection), the first offsets beside them: a partition
+        # starts at its commit, or at its first offset if it has none or retention has
+        # passed it.
         lookups = {asyncio.ensure_future(consumer.committed(tp)): tp for tp in tps}
         firsts = asyncio.ensure_future(consumer.beginning_offsets(tps))
-        for lookup in (*lookups, firsts):
+        everything = (*lookups, firsts)
+        for lookup in everything:
             lookup.add_done_callback(retrieved)
         try:
-            await asyncio.wait((*lookups, firsts), timeout=START_TIMEOUT)
+            await asyncio.wait(lookups, timeout=START_TIMEOUT)
+            if any(_outcome(lookup) == (None, None) for lookup in lookups):  # no commit
+                await asyncio.wait((firsts,), timeout=max(0.0, deadline - loop.time()))
         finally:
-            for lookup in (*lookups, firsts):
+            for lookup in everything:
                 lookup.cancel()  # those not done
-        learnt = 0
+        first_offsets, first_error = _outcome(firsts)
+        unknown = 0
         errors: set[str] = set()
         for lookup, tp in lookups.items():
-            found, start = lookup, _answer(lookup)
-            if start is None and _failure(lookup) is None:  # nothing committed
-                found, start = firsts, (_answer(firsts) or {}).get(tp)
-            if (failure := _failure(found)) is not None:
-                errors.add(failure)
-            learnt += _learn(gaps, tp, start)
-        if learnt < len(tps):
+            start, error = _outcome(lookup)
+            first = None if first_offsets is None else first_offsets.get(tp)
+            if start is None and error is None:
+                start, error = first, first_error
+            elif start is not None and first is not None:
+                start = max(start, first)
+            if error is not None:
+                errors.add(error)
+            if start is None or start < 0:
+                unknown += 1
+            elif not gaps.knows(tp):  # (a reader without a gate may have taken records)
+                gaps.expect(tp, start)
+        if unknown:
             log.info(
                 "start offsets unknown: a first fetch is taken as it comes",
-                extra={"partitions": len(tps) - learnt, "errors": sorted(errors)},
+                extra={"partitions": unknown, "errors": sorted(errors)},
             )
 
     def records(
@@ -570,24 +583,13 @@ class ReadAgain:
         return ReadAgainListener(self)
 
 
-def _learn(gaps: OffsetGaps[TopicPartition], tp: TopicPartition, start: int | None) -> bool:
-    """Expect `tp` to start at `start` unless its records said already; whether it is known."""
-    if start is not None and start >= 0 and not gaps.knows(tp):
-        gaps.expect(tp, start)
-    return gaps.knows(tp)
-
-
-def _failure(future: asyncio.Future[Any]) -> str | None:
-    """Why a lookup gave no answer (the kind of its error), or None if it answered."""
+def _outcome(future: asyncio.Future[Any]) -> tuple[Any, str | None]:
+    """A lookup's answer, or None and why not (the kind of its error)."""
     if not future.done() or future.cancelled():  # cancelled just now: it takes a turn
-        return "TimeoutError"
-    exc = future.exception()
-    return None if exc is None else type(exc).__name__
-
-
-def _answer(future: asyncio.Future[Any]) -> Any:
-    """What a lookup answered, or None if it did not."""
-    return None if _failure(future) is not None else future.result()
+        return None, "TimeoutError"
+    if (exc := future.exception()) is not None:
+        return None, type(exc).__name__
+    return future.result(), None
 
 
 def retrieved(future: asyncio.Future[Any]) -> None:
