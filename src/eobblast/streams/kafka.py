@@ -444,8 +444,7 @@ class ReadAgain:
     nothing is read again: right for Apache Kafka, whose holes are all real.
 
     A partition's first fetch is checked against where it starts: given by `expect`, or
-    learnt by `assigned` (asked of the broker) when a rebalance assigns it. Forget a
-    partition when it is repositioned.
+    learnt by `assigned` (asked of the broker) when a rebalance assigns it.
 
     A group consumer's reader takes only records of partitions its listener (one per
     consumer) has taken up, once the listener has been told of a revocation (aiokafka
@@ -466,11 +465,6 @@ class ReadAgain:
         """`tp`'s next fetch starts at `offset`."""
         if self._gaps is not None:
             self._gaps.expect(tp, offset)
-
-    def forget(self, tps: Iterable[TopicPartition]) -> None:
-        """Forget these partitions: their next fetch starts where it may."""
-        if self._gaps is not None:
-            self._gaps.forget(tps)
 
     def holds(self, tp: TopicPartition) -> bool:
         """Whether records of `tp` are taken (always, without a listener)."""
@@ -504,7 +498,8 @@ class ReadAgain:
         if self._held is None:
             self._held = set()
         self._held.difference_update(tps)
-        self.forget(tps)
+        if self._gaps is not None:
+            self._gaps.forget(tps)
 
     async def _learn_starts(
         self,
