@@ -19,8 +19,8 @@ $(STAMP): $(PY) pyproject.toml
 
 venv: $(STAMP)
 
-# Debian tools the tests and benchmarks verify against (smtp-sink, opendkim, kcat,
-# promtool for the alert rules and the metrics endpoint).
+# Debian tools the tests and benchmarks verify against (smtp-sink, opendkim, kcat, socat
+# as the TLS front of a test broker, promtool for the alert rules and the metrics endpoint).
 # Installed only when missing and when we are root; otherwise the tests that need
 # them say so and skip.
 system-deps:
@@ -28,6 +28,7 @@ system-deps:
 	command -v smtp-sink >/dev/null || missing="$$missing postfix"; \
 	command -v opendkim >/dev/null || missing="$$missing opendkim opendkim-tools"; \
 	command -v kcat >/dev/null || missing="$$missing kcat"; \
+	command -v socat >/dev/null || missing="$$missing socat"; \
 	command -v chromedriver >/dev/null || missing="$$missing chromium chromium-driver"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections import Counter
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 import orjson
@@ -20,6 +20,9 @@ from rich.table import Table
 from eobblast._cli import command_config, config_option
 from eobblast.config import Config, warn_relative_stores
 from eobblast.errors import INPUT_REASONS, ConfigError, EobblastError
+
+if TYPE_CHECKING:
+    from eobblast.streams import KafkaSecurity
 
 console = Console(stderr=True)
 
@@ -227,6 +230,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     configure_logging(log_level)
     config = command_config(config_path)
     warn_relative_stores(config)
+    _kafka_security(config)  # checked here, once: each worker builds its own
     _check_signing_keys(config)
     metrics_dir = prepare_multiprocess_metrics()
 
@@ -353,10 +357,12 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
     from eobblast.observe.logs import configure_logging
     from eobblast.protect.services import ProtectionServices
     from eobblast.streams import make_producer, wait_for_broker
+    from eobblast.streams.kafka import BrokerUnavailable, start_or_unavailable
     from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces, stop_in_time
 
     configure_logging("INFO")
     config = command_config(config_path)
+    security = _kafka_security(config)
     warn_relative_stores(config, {"bounces.store_url", "portal.escrow_url", "portal.audit_url"})
     settings = config.bounces
 
@@ -367,7 +373,9 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             # paths, so a missing one is an error, never a fresh key.
             protection = await ProtectionServices.open(config, create_keys=False)
             opened.push_async_callback(protection.close)
-            producer = make_producer(config.kafka.bootstrap, client_id="eobblast-bounces")
+            producer = make_producer(
+                config.kafka.bootstrap, client_id="eobblast-bounces", security=security
+            )
             # Safe before start, too. Bounded: with the broker away, a status not yet taken
             # would keep the stop waiting for the producer's request timeout (40 s).
             opened.push_async_callback(stop_in_time, "producer", producer.stop)
@@ -379,8 +387,11 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
                 create_key=False,
             )
             opened.push_async_callback(service.store.close)
-            await wait_for_broker(config.kafka.bootstrap)
-            await producer.start()
+            await wait_for_broker(config.kafka.bootstrap, security=security)
+            try:
+                await start_or_unavailable(producer, config.kafka.bootstrap)
+            except BrokerUnavailable as exc:  # gone again since the probe: said, no traceback
+                raise click.ClickException(exc.detail) from None
             handle = dsn_handler(service, producer)
 
             context = None
@@ -480,6 +491,7 @@ def dlq_list(
 
     config = command_config(config_path)
     kafka = config.kafka
+    security = _kafka_security(config)
     check = refusal_check(allow_test_domains=config.pipeline.allow_test_domains)
     selection = _dlq_selection(reasons, event_ids, positions)
     out = Console(width=None if sys.stdout.isatty() else 200)
@@ -498,7 +510,9 @@ def dlq_list(
             "replayable",
             title=f"dead letters on {kafka.dlq_topic}",
         )
-        async for parked in dead_letters(kafka.bootstrap, kafka.dlq_topic, selection, check):
+        async for parked in dead_letters(
+            kafka.bootstrap, kafka.dlq_topic, selection, check, security=security
+        ):
             by_reason[parked.reason] += 1
             row = parked.summary()
             replayable += row["replayable"]
@@ -569,6 +583,7 @@ def dlq_replay(
 
     config = command_config(config_path)
     kafka = config.kafka
+    security = _kafka_security(config)
     selection = _dlq_selection(reasons, event_ids, positions)
     if selection.empty == (not everything):
         raise click.UsageError(
@@ -585,6 +600,7 @@ def dlq_replay(
                 selection,
                 check=check,
                 dry_run=dry_run,
+                security=security,
             ),
             kafka.bootstrap,
         )
@@ -612,6 +628,26 @@ def dlq_replay(
         + (f" ({still} still refused)" if still else ""),
         err=True,
     )
+
+
+def _kafka_security(config: Config) -> KafkaSecurity:
+    """The Kafka clients' TLS and SASL settings, loaded (a file that cannot be read is a
+    ConfigError now, not a worker that dies); a warning if events would cross a network to
+    the brokers unencrypted."""
+    from eobblast.streams import kafka_security, unprotected_brokers
+
+    try:
+        security = kafka_security(config.kafka)
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if unprotected_brokers(config.kafka.bootstrap, security):
+        logging.getLogger("eobblast.cli").warning(
+            "Kafka traffic is not encrypted: events carry PHI (and a SASL PLAIN login its"
+            " password); set kafka.security_protocol to SSL or SASL_SSL for brokers on"
+            " another machine",
+            extra={"bootstrap": config.kafka.bootstrap},
+        )
+    return security
 
 
 def _dlq_run(coro: Any, bootstrap: str) -> Any:

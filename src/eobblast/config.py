@@ -19,6 +19,9 @@ from eobblast.state.sqlite import sqlite_path
 
 _log = logging.getLogger("eobblast.config")
 
+KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")
+KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
+
 
 @dataclass(frozen=True, slots=True)
 class DkimConfig:
@@ -78,12 +81,64 @@ class KafkaConfig:
     # marker, compaction) holds its partition this long, fetched again meanwhile. 0:
     # believe every hole at once, right for Apache Kafka, whose holes are all real.
     hole_settle: float = HOLE_SETTLE
+    # How every client (workers, `eobblast bounces`, `eobblast dlq`) reaches the brokers:
+    # PLAINTEXT, SSL (TLS, the brokers' certificates verified, host names included),
+    # SASL_SSL (TLS and a SASL login) or SASL_PLAINTEXT. Events carry PHI: use SSL or
+    # SASL_SSL to brokers on another machine.
+    security_protocol: str = "PLAINTEXT"
+    # The CA bundle the brokers' certificates are verified against (None: the system's).
+    ssl_ca_file: Path | None = None
+    # A client certificate and its key (unencrypted PEM), for brokers that ask for one.
+    ssl_cert_file: Path | None = None
+    ssl_key_file: Path | None = None
+    # SASL_*: PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512, the user, and a file holding the
+    # password (its first line; readable by the service account only).
+    sasl_mechanism: str = ""
+    sasl_username: str = ""
+    sasl_password_file: Path | None = None
 
     def __post_init__(self) -> None:
         if self.max_poll_interval_ms < 1000:
             raise ConfigError("kafka.max_poll_interval_ms: expected at least 1000")
         if not 0 <= self.hole_settle <= MAX_HOLE_SETTLE:
             raise ConfigError(f"kafka.hole_settle: expected seconds from 0 to {MAX_HOLE_SETTLE:g}")
+        # Spelt as Kafka's clients accept them, in either case.
+        object.__setattr__(self, "security_protocol", self.security_protocol.upper())
+        object.__setattr__(self, "sasl_mechanism", self.sasl_mechanism.upper())
+        if self.security_protocol not in KAFKA_SECURITY_PROTOCOLS:
+            raise ConfigError(
+                "kafka.security_protocol: expected one of " + ", ".join(KAFKA_SECURITY_PROTOCOLS)
+            )
+        if self.ssl_key_file is not None and self.ssl_cert_file is None:
+            raise ConfigError("kafka.ssl_key_file: needs kafka.ssl_cert_file")
+        if not self.uses_tls and (self.ssl_ca_file or self.ssl_cert_file):
+            raise ConfigError(
+                f"kafka.ssl_*: set, but kafka.security_protocol is {self.security_protocol}"
+            )
+        if self.uses_sasl:
+            if self.sasl_mechanism not in KAFKA_SASL_MECHANISMS:
+                raise ConfigError(
+                    "kafka.sasl_mechanism: expected one of " + ", ".join(KAFKA_SASL_MECHANISMS)
+                )
+            if not self.sasl_username or self.sasl_password_file is None:
+                raise ConfigError(
+                    f"kafka.security_protocol {self.security_protocol}: needs "
+                    "kafka.sasl_username and kafka.sasl_password_file"
+                )
+        elif self.sasl_mechanism or self.sasl_username or self.sasl_password_file:
+            raise ConfigError(
+                f"kafka.sasl_*: set, but kafka.security_protocol is {self.security_protocol}"
+            )
+
+    @property
+    def uses_tls(self) -> bool:
+        """Whether the clients speak TLS to the brokers."""
+        return self.security_protocol in ("SSL", "SASL_SSL")
+
+    @property
+    def uses_sasl(self) -> bool:
+        """Whether the clients log in with SASL."""
+        return self.security_protocol.startswith("SASL_")
 
 
 @dataclass(frozen=True, slots=True)

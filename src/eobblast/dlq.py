@@ -30,9 +30,11 @@ import pydantic
 from eobblast.events.schema import Rejection, validate_event
 from eobblast.events.status import DeadLetter
 from eobblast.streams.kafka import (
+    PLAINTEXT,
     RECORD_ERRORS,
     BrokerUnavailable,
     KafkaError,
+    KafkaSecurity,
     TopicRecord,
     make_producer,
     read_to_end,
@@ -161,11 +163,16 @@ def _checked(parked: Parked, check: Check) -> Parked:
 
 
 async def dead_letters(
-    bootstrap: str, topic: str, selection: Selection = Selection(), check: Check | None = None
+    bootstrap: str,
+    topic: str,
+    selection: Selection = Selection(),
+    check: Check | None = None,
+    *,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> AsyncGenerator[Parked, None]:
     """The selected dead letters on `topic`, oldest first per partition; each original
     that could be sent again is run through `check`, if given."""
-    records = read_to_end(bootstrap, topic, client_id="eobblast-dlq")
+    records = read_to_end(bootstrap, topic, client_id="eobblast-dlq", security=security)
     async with contextlib.aclosing(records):  # closed (its consumer stopped) if we stop early
         async for record in records:
             parked = _parked(record)
@@ -216,6 +223,7 @@ async def replay(
     *,
     check: Check | None = None,
     dry_run: bool = False,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> ReplayReport:
     """Publish the selected dead letters' originals to `events_topic` again, each with its
     original key and a header naming its dead letter; acknowledged by the broker before
@@ -229,7 +237,7 @@ async def replay(
     """
     report = ReplayReport()
     wanted: dict[tuple[int, int], str] = {}
-    async for parked in dead_letters(bootstrap, dlq_topic, selection, check):
+    async for parked in dead_letters(bootstrap, dlq_topic, selection, check, security=security):
         why_not = parked.not_replayable()
         if why_not is not None:
             report.skipped[why_not] += 1
@@ -241,13 +249,15 @@ async def replay(
         report.replayed.update(wanted.values())
         return report
     chosen = len(wanted)
-    producer = make_producer(bootstrap, client_id="eobblast-dlq-replay")
+    producer = make_producer(bootstrap, client_id="eobblast-dlq-replay", security=security)
     await start_or_unavailable(producer, bootstrap)
     failure: BaseException | None = None
     try:
         pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]] = []
         try:
-            await _send_chosen(producer, bootstrap, dlq_topic, events_topic, wanted, pending)
+            await _send_chosen(
+                producer, bootstrap, dlq_topic, events_topic, wanted, pending, security
+            )
         except (KafkaError, BrokerUnavailable) as exc:
             failure = exc
         for reason, position, sent in pending:
@@ -281,11 +291,12 @@ async def _send_chosen(
     events_topic: str,
     wanted: dict[tuple[int, int], str],
     pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]],
+    security: KafkaSecurity,
 ) -> None:
     """Send the originals at the `wanted` positions (taking each out of it), appending each
     send's reason, position and future to `pending`; a record the producer refuses before
     sending it (too large) gets a failed future."""
-    records = read_to_end(bootstrap, dlq_topic, client_id="eobblast-dlq")
+    records = read_to_end(bootstrap, dlq_topic, client_id="eobblast-dlq", security=security)
     async with contextlib.aclosing(records):
         async for record in records:
             # Only the chosen ones are parsed again (the first read checked them).

@@ -59,6 +59,7 @@ from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
 from eobblast.state.ledger import AGAIN, CLAIM_RENEW, PURGE_BATCH
 from eobblast.streams.kafka import (
+    CONNECT_ERRORS,
     DEFAULT_REBALANCE_TIMEOUT_MS,
     RECORD_ERRORS,
     TOPIC_ERRORS,
@@ -70,6 +71,8 @@ from eobblast.streams.kafka import (
     ReadAgainListener,
     TopicPartition,
     backoff_delay,
+    error_text,
+    kafka_security,
     make_consumer,
     make_producer,
     metadata_heard_since,
@@ -268,10 +271,13 @@ async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event) ->
         try:
             # Stopped: the client is stopped next, which ends what its start left behind.
             return await _ran_unless_stopped(start(), stop)
-        except (KafkaError, OSError):
+        except CONNECT_ERRORS as error:
             attempt += 1
             if attempt % 10 == 1:
-                log.warning("Kafka clients cannot start yet", extra={"attempt": attempt})
+                log.warning(
+                    "Kafka clients cannot start yet",
+                    extra={"attempt": attempt, "error": error_text(error)},
+                )
             await _pause(backoff_delay(attempt), stop)
     return False
 
@@ -396,17 +402,20 @@ class Worker:
         self._stop_seen: float | None = None
         self._publisher: ProducerPublisher | None = None
         self.duplicates_skipped = 0
+        # TLS context and SASL login for every Kafka client of this worker.
+        self._security = kafka_security(config.kafka)
 
     async def run(self, stop: asyncio.Event) -> None:
         """Work until `stop` is set, then drain within the grace period and commit."""
         kafka = self._config.kafka
         self._stop = stop
-        if not await _ran_unless_stopped(wait_for_broker(kafka.bootstrap), stop):
+        security = self._security
+        if not await _ran_unless_stopped(wait_for_broker(kafka.bootstrap, security=security), stop):
             log.info(
                 "worker stopped before the broker was reached", extra={"worker": self.worker_id}
             )
             return
-        self._producer = make_producer(kafka.bootstrap, client_id=self.worker_id)
+        self._producer = make_producer(kafka.bootstrap, client_id=self.worker_id, security=security)
         self._publisher = ProducerPublisher(self._producer)
         self._consumer = make_consumer(
             kafka.bootstrap,
@@ -419,6 +428,7 @@ class Worker:
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
             max_poll_interval_ms=kafka.max_poll_interval_ms,
             rebalance_timeout_ms=revocation_timeout_ms(self._config.workers.grace_period),
+            security=security,
         )
         # Until the last record is drained: another worker then waits for what this one
         # is sending rather than sending it too.
@@ -591,6 +601,7 @@ class Worker:
             session_timeout_ms=kafka.session_timeout_ms,
             heartbeat_interval_ms=kafka.heartbeat_interval_ms,
             rebalance_listener=holes.listener(),
+            security=self._security,
         )
         failures = 0
         try:

@@ -28,7 +28,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
 from eobblast.state import SendLedger, open_ledger
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
-from eobblast.streams.kafka import ReadAgain
+from eobblast.streams.kafka import PLAINTEXT, KafkaSecurity, ReadAgain
 from eobblast.transport import Transport
 from eobblast.worker import Worker, _LateBound, new_worker_id, open_bounces
 
@@ -193,7 +193,12 @@ def prepare(directory: Path) -> None:
 
 
 async def read_topic(
-    bootstrap: str, topic: str, *, until: int, seconds: float = 60.0
+    bootstrap: str,
+    topic: str,
+    *,
+    until: int,
+    seconds: float = 60.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> list[tuple[bytes | None, bytes]]:
     """Records of a topic from the start until `until` distinct keys (or records) were seen.
 
@@ -210,6 +215,7 @@ async def read_topic(
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
         rebalance_listener=holes.listener(),
+        security=security,
     )
     await consumer.start()
     records: list[tuple[bytes | None, bytes]] = []

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
+import ssl
 import time
 from collections.abc import AsyncGenerator, Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from aiokafka import (  # type: ignore[import-untyped]
     AIOKafkaConsumer,
@@ -37,20 +39,26 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
     TopicAuthorizationFailedError,
     UnknownTopicOrPartitionError,
 )
+from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 
 from eobblast._holes import HOLE_SETTLE
-from eobblast.errors import EobblastError, ReasonCode
+from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe import metrics
 from eobblast.streams.offsets import OffsetGaps
 
+if TYPE_CHECKING:
+    from eobblast.config import KafkaConfig
+
 __all__ = [
     "ADMIN_TIMEOUT",
+    "CONNECT_ERRORS",
     "DEFAULT_HEARTBEAT_INTERVAL_MS",
     "DEFAULT_MAX_POLL_INTERVAL_MS",
     "DEFAULT_REBALANCE_TIMEOUT_MS",
     "DEFAULT_SESSION_TIMEOUT_MS",
     "MAX_PARTITION_FETCH_BYTES",
     "MAX_REQUEST_SIZE",
+    "PLAINTEXT",
     "PROBE_TIMEOUT",
     "RECORD_ERRORS",
     "TOPIC_ERRORS",
@@ -61,6 +69,7 @@ __all__ = [
     "ConsumerStoppedError",
     "IllegalStateError",
     "KafkaError",
+    "KafkaSecurity",
     "MessageSizeTooLargeError",
     "ReadAgain",
     "ReadAgainListener",
@@ -70,6 +79,8 @@ __all__ = [
     "TopicRecord",
     "backoff_delay",
     "create_topics",
+    "error_text",
+    "kafka_security",
     "make_consumer",
     "make_producer",
     "metadata_heard_since",
@@ -78,6 +89,7 @@ __all__ = [
     "read_to_end",
     "retrieved",
     "start_or_unavailable",
+    "unprotected_brokers",
     "wait_for_broker",
 ]
 
@@ -146,6 +158,100 @@ class TopicCreationFailed(EobblastError):
         super().__init__(ReasonCode.INTERNAL_ERROR, detail)
 
 
+# What starting a client (or probing a broker) fails with when the broker is away or will
+# not let it in. aiokafka's SCRAM login raises KeyError (the server's last message has no
+# verifier: it refused the password) or ValueError (a wrong server signature) rather than
+# a KafkaError; a TLS handshake that fails verification raises ssl.SSLError, an OSError.
+# (A worker retries these for ever, logging each tenth: a bug raising KeyError at start
+# would show there. aiokafka's reconnects while running catch only OSError and KafkaError,
+# so a login refused then, by a broker that answers as Tansu does, surfaces from the
+# client's own calls; Apache Kafka refuses logins with a KafkaError.)
+CONNECT_ERRORS: tuple[type[BaseException], ...] = (KafkaError, OSError, KeyError, ValueError)
+
+
+@dataclass(frozen=True, slots=True)
+class KafkaSecurity:
+    """How a client reaches the brokers: TLS and a SASL login, or neither (`PLAINTEXT`).
+    Build it from the settings with `kafka_security`; the password never shows in repr."""
+
+    protocol: str = "PLAINTEXT"
+    ssl_context: ssl.SSLContext | None = None
+    sasl_mechanism: str | None = None
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for aiokafka's clients."""
+        options: dict[str, Any] = {"security_protocol": self.protocol}
+        if self.ssl_context is not None:
+            options["ssl_context"] = self.ssl_context
+        if self.sasl_mechanism is not None:
+            options["sasl_mechanism"] = self.sasl_mechanism
+            options["sasl_plain_username"] = self.username
+            options["sasl_plain_password"] = self.password
+        return options
+
+
+PLAINTEXT = KafkaSecurity()
+
+
+def kafka_security(settings: KafkaConfig) -> KafkaSecurity:
+    """The clients' security from `[kafka]`: its TLS context built (the brokers' certificates
+    and host names verified, TLS 1.2 at least) and its SASL password read. ConfigError,
+    naming the setting, when a file cannot be read or a key or certificate not loaded."""
+    context = None
+    if settings.uses_tls:
+        try:
+            context = create_ssl_context(cafile=settings.ssl_ca_file)
+        except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+            raise ConfigError(
+                f"kafka.ssl_ca_file: cannot be loaded ({error_text(error)})"
+            ) from None
+        if settings.ssl_cert_file is not None:
+            try:
+                # Never OpenSSL's prompt on a terminal: an encrypted key fails to load.
+                context.load_cert_chain(settings.ssl_cert_file, settings.ssl_key_file, b"")
+            except (OSError, ValueError) as error:
+                raise ConfigError(
+                    f"kafka.ssl_cert_file/ssl_key_file: cannot be loaded ({error_text(error)})"
+                ) from None
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if not settings.uses_sasl:
+        return KafkaSecurity(settings.security_protocol, context)
+    assert settings.sasl_password_file is not None  # KafkaConfig checks it
+    try:
+        text = settings.sasl_password_file.read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as error:
+        raise ConfigError(
+            f"kafka.sasl_password_file: cannot be read ({type(error).__name__})"
+        ) from None
+    password = text.splitlines()[0] if text else ""
+    if not password:
+        raise ConfigError("kafka.sasl_password_file: is empty")
+    return KafkaSecurity(
+        settings.security_protocol,
+        context,
+        settings.sasl_mechanism,
+        settings.sasl_username,
+        password,
+    )
+
+
+def unprotected_brokers(bootstrap: str, security: KafkaSecurity) -> bool:
+    """Whether events would cross a network to the brokers in the clear: no TLS, and a
+    bootstrap host that is not a loopback address."""
+    if security.ssl_context is not None:
+        return False
+    for host, _ in parse_bootstrap(bootstrap):
+        try:
+            if not ipaddress.ip_address(host).is_loopback:
+                return True
+        except ValueError:
+            if host != "localhost":
+                return True
+    return False
+
+
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
     """Typed base for rebalance listeners (aiokafka requires a ConsumerRebalanceListener).
 
@@ -182,6 +288,7 @@ def make_consumer(
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS,
     rebalance_timeout_ms: int = DEFAULT_REBALANCE_TIMEOUT_MS,
     max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> AIOKafkaConsumer:
     """A group consumer subscribed to `topics`, not started, that never commits on its own.
 
@@ -215,6 +322,7 @@ def make_consumer(
         request_timeout_ms=max(DEFAULT_REQUEST_TIMEOUT_MS, rebalance_timeout_ms + 5_000),
         max_poll_interval_ms=max_poll_interval_ms,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        **security.options(),
     )
     consumer.subscribe(topics=list(topics), listener=rebalance_listener)
     if isinstance(rebalance_listener, ReadAgainListener):
@@ -222,7 +330,9 @@ def make_consumer(
     return consumer
 
 
-def make_producer(bootstrap: str, *, client_id: str) -> AIOKafkaProducer:
+def make_producer(
+    bootstrap: str, *, client_id: str, security: KafkaSecurity = PLAINTEXT
+) -> AIOKafkaProducer:
     """A producer, not started, that waits for all in-sync replicas to acknowledge.
 
     Records up to `MAX_REQUEST_SIZE` bytes (serialized) are accepted; a larger one fails at
@@ -237,6 +347,7 @@ def make_producer(bootstrap: str, *, client_id: str) -> AIOKafkaProducer:
         enable_idempotence=False,
         linger_ms=PRODUCER_LINGER_MS,
         max_request_size=MAX_REQUEST_SIZE,
+        **security.options(),
     )
 
 
@@ -252,17 +363,24 @@ def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
     return hosts
 
 
-async def probe_broker(bootstrap: str) -> None:
+async def probe_broker(bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> None:
     """Return once a broker of `bootstrap` answers a metadata request; raise OSError if not.
 
     Bounded by `PROBE_TIMEOUT` (TimeoutError); wrap it in `asyncio.timeout` for less. A plain
-    TCP connect comes first, so an absent broker costs no aiokafka error log line.
+    TCP connect comes first (with its TLS handshake, under TLS), so an absent broker costs
+    no aiokafka error log line, and a certificate that fails verification raises its own
+    `ssl.SSLCertVerificationError` rather than aiokafka's "unable to bootstrap".
     """
     async with asyncio.timeout(PROBE_TIMEOUT):
         last_error: OSError | None = None
         for host, port in parse_bootstrap(bootstrap):
             try:
-                _, writer = await asyncio.open_connection(host, port)
+                _, writer = await asyncio.open_connection(
+                    host,
+                    port,
+                    ssl=security.ssl_context,
+                    server_hostname=host if security.ssl_context is not None else None,
+                )
             except OSError as error:
                 last_error = error
                 continue
@@ -276,11 +394,16 @@ async def probe_broker(bootstrap: str) -> None:
             bootstrap_servers=bootstrap,
             client_id="eobblast-probe",
             request_timeout_ms=int(PROBE_TIMEOUT * 1000),
+            **security.options(),
         )
         try:
             await client.bootstrap()
-        except KafkaError as error:
-            raise OSError(f"{type(error).__name__}: {error}") from error
+        except CONNECT_ERRORS as error:
+            if isinstance(error, OSError):
+                raise
+            refused = security.sasl_mechanism is not None and not isinstance(error, KafkaError)
+            why = "SASL login refused" if refused else error
+            raise OSError(f"{type(error).__name__}: {why}") from error
         finally:
             await client.close()
 
@@ -306,6 +429,7 @@ def backoff_delay(
 async def wait_for_broker(
     bootstrap: str,
     *,
+    security: KafkaSecurity = PLAINTEXT,
     deadline: float | None = None,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
     log_every: float = 30.0,
@@ -316,8 +440,10 @@ async def wait_for_broker(
 
     `deadline` is an event-loop time (`loop.time()`, as for `asyncio.timeout_at`); once it
     passes, BrokerUnavailable is raised. None: keep trying. `on_retry(attempt, error, delay)`
-    is called after each failed attempt. A warning naming only the bootstrap address and the
-    attempt count is logged at the first failure and then at most once per `log_every` s.
+    is called after each failed attempt. A warning naming only the bootstrap address, the
+    attempt count and the error (a refused connection, a certificate that failed
+    verification, a refused login) is logged at the first failure and then at most once per
+    `log_every` s.
     """
     loop = asyncio.get_running_loop()
     started = loop.time()
@@ -330,7 +456,7 @@ async def wait_for_broker(
         attempt += 1
         try:
             async with asyncio.timeout_at(deadline):
-                await probe_broker(bootstrap)
+                await probe_broker(bootstrap, security)
         except (OSError, TimeoutError) as error:
             now = loop.time()
             if deadline is None or now < deadline:
@@ -347,7 +473,7 @@ async def wait_for_broker(
                 last_logged = now
                 log.warning(
                     "Kafka unreachable, retrying",
-                    extra={"bootstrap": bootstrap, "attempt": attempt},
+                    extra={"bootstrap": bootstrap, "attempt": attempt, "error": error_text(error)},
                 )
             if on_retry is not None:
                 on_retry(attempt, error, delay)
@@ -360,12 +486,20 @@ async def wait_for_broker(
             return attempt
 
 
+def error_text(error: BaseException) -> str:
+    """An error's kind and message, for a log line (broker addresses, TLS and login
+    failures: nothing of an event)."""
+    text = f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    return text[:300]
+
+
 async def create_topics(
     bootstrap: str,
     partitions_by_topic: Mapping[str, int],
     *,
     replication_factor: int = 1,
     exist_ok: bool = True,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> None:
     """Create topics with the given partition counts through the admin API (works on Tansu).
 
@@ -378,6 +512,7 @@ async def create_topics(
         bootstrap_servers=bootstrap,
         client_id="eobblast-admin",
         request_timeout_ms=int(ADMIN_TIMEOUT * 1000),
+        **security.options(),
     )
     try:
         async with asyncio.timeout(ADMIN_TIMEOUT):
@@ -414,9 +549,9 @@ async def start_or_unavailable(client: AIOKafkaConsumer | AIOKafkaProducer, boot
     """Start a consumer or producer; if it cannot, stop it and raise BrokerUnavailable."""
     try:
         await client.start()
-    except KafkaError as exc:
+    except CONNECT_ERRORS as exc:
         await client.stop()
-        raise BrokerUnavailable(f"Kafka at {bootstrap}: {type(exc).__name__}") from None
+        raise BrokerUnavailable(f"Kafka at {bootstrap}: {error_text(exc)}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -609,7 +744,12 @@ class ReadAgainListener(RebalanceListener):
 
 
 async def read_to_end(
-    bootstrap: str, topic: str, *, client_id: str, stall_timeout: float = 30.0
+    bootstrap: str,
+    topic: str,
+    *,
+    client_id: str,
+    stall_timeout: float = 30.0,
+    security: KafkaSecurity = PLAINTEXT,
 ) -> AsyncGenerator[TopicRecord, None]:
     """Every record of `topic` that was there when the read began: each partition from its
     start until the position reaches the end offset the broker gave then. No consumer
@@ -633,6 +773,7 @@ async def read_to_end(
         auto_offset_reset="earliest",
         max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
+        **security.options(),
     )
     await start_or_unavailable(consumer, bootstrap)
     try:

@@ -1,0 +1,339 @@
+"""Kafka over TLS and with a SASL login, against a real broker.
+
+Tansu (the embedded broker) speaks no TLS itself, so each test broker advertises the port of
+socat's TLS front (Debian `socat`, OpenSSL) in front of it: every client connection after
+the bootstrap goes through TLS, and a client that does not speak it reaches nothing. The
+SASL tests run Tansu with `--authentication`: its memory storage cannot hold a user before
+logins are required, so they show the SCRAM exchange taking place and being refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import shutil
+import ssl
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import orjson
+import pytest
+import tomli_w
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from eobblast.config import KafkaConfig, load_config
+from eobblast.demo import member_key
+from eobblast.sandbox import Sandbox, TestPki, make_test_pki
+from eobblast.streams import EmbeddedBroker, resolve_tansu_binary
+from eobblast.streams.kafka import (
+    PLAINTEXT,
+    BrokerUnavailable,
+    KafkaSecurity,
+    create_topics,
+    kafka_security,
+    make_producer,
+    probe_broker,
+)
+from tests.integration.worker_stack import (
+    DIE_WITH_PARENT,
+    Stack,
+    accept_domains,
+    prepare,
+    read_topic,
+    start_worker,
+    statuses,
+    until,
+)
+from tests.kafka_fixtures import free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("socat") is None, reason="needs Debian socat")
+
+DOMAINS = accept_domains(44)
+LOOPBACK = "127.0.0.1"
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> TestPki:
+    """One test CA for the receivers and the broker's front (which is 127.0.0.1)."""
+    return make_test_pki(tmp_path / "pki", [LOOPBACK, *(d.name for d in DOMAINS)])
+
+
+@contextlib.contextmanager
+def tls_front(
+    port: int, target: int, cert: Path, key: Path, client_ca: Path | None
+) -> Iterator[None]:
+    """socat terminating TLS on `port` for the broker on `target`; with `client_ca`, it asks
+    for a client certificate signed by it."""
+    verify = f"verify=1,cafile={client_ca}" if client_ca else "verify=0"
+    front = subprocess.Popen(
+        [
+            *DIE_WITH_PARENT,
+            "socat",
+            f"OPENSSL-LISTEN:{port},bind={LOOPBACK},reuseaddr,fork,cert={cert},key={key},{verify}",
+            f"TCP:{LOOPBACK}:{target}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield
+    finally:
+        front.terminate()
+        front.wait(5)
+
+
+async def _listening(port: int) -> bool:
+    try:
+        _, writer = await asyncio.open_connection(LOOPBACK, port)
+    except OSError:
+        return False
+    writer.close()
+    with contextlib.suppress(OSError):
+        await writer.wait_closed()
+    return True
+
+
+@dataclass(frozen=True, slots=True)
+class TlsKafka:
+    """A broker reachable only through TLS at `bootstrap`."""
+
+    broker: EmbeddedBroker
+    bootstrap: str
+
+
+@contextlib.asynccontextmanager
+async def tls_kafka(
+    directory: Path, pki: TestPki, *, client_ca: Path | None = None
+) -> AsyncIterator[TlsKafka]:
+    try:
+        resolve_tansu_binary()
+    except BrokerUnavailable as error:
+        pytest.skip(f"no Kafka broker for integration tests: {error.detail}")
+    broker_port = free_port()
+    while (tls_port := free_port()) == broker_port:
+        pass
+    with tls_front(tls_port, broker_port, pki.server_cert, pki.server_key, client_ca):
+        broker = EmbeddedBroker(port=broker_port, advertised_port=tls_port, log_dir=directory)
+        await broker.start()
+        try:
+            await until("the TLS front listens", lambda: _listening(tls_port), seconds=10)
+            yield TlsKafka(broker, f"{LOOPBACK}:{tls_port}")
+        finally:
+            await broker.stop()
+
+
+def _ssl(pki: TestPki, **more: str) -> KafkaSecurity:
+    settings = KafkaConfig(security_protocol="SSL", ssl_ca_file=pki.ca)
+    if more:
+        settings = load_config(
+            environ={},
+            overrides={"kafka": {"security_protocol": "SSL", "ssl_ca_file": str(pki.ca), **more}},
+        ).kafka
+    return kafka_security(settings)
+
+
+async def test_a_worker_reads_and_reports_through_tls(tmp_path: Path, pki: TestPki) -> None:
+    async with tls_kafka(tmp_path, pki) as kafka:
+        security = _ssl(pki)
+        prepare(tmp_path)
+        async with Sandbox(DOMAINS, tmp_path / "mail", pki) as sandbox:
+            stack = Stack(kafka.broker, sandbox, pki, tmp_path)
+            settings = stack.settings()
+            settings["kafka"] |= {
+                "bootstrap": kafka.bootstrap,
+                "security_protocol": "SSL",
+                "ssl_ca_file": str(pki.ca),
+            }
+            config = load_config(environ={}, overrides=settings)
+            topics = {stack.events_topic: 2, stack.delivery_topic: 1, stack.dlq_topic: 1}
+            await create_topics(kafka.bootstrap, topics, security=security)
+            events = stack.events(20)
+            producer = make_producer(kafka.bootstrap, client_id="claims", security=security)
+            await producer.start()
+            try:
+                for value in events:
+                    await producer.send_and_wait(stack.events_topic, value, key=member_key(value))
+                await producer.send_and_wait(stack.events_topic, b"not json", key=b"M-poison")
+            finally:
+                await producer.stop()
+            _, stop, task = await start_worker(config)
+            try:
+                grouped = statuses(
+                    await read_topic(
+                        kafka.bootstrap, stack.delivery_topic, until=21, security=security
+                    )
+                )
+            finally:
+                stop.set()
+                await task
+            # The poison went to the DLQ, which `eobblast dlq list` reads through TLS too.
+            config_file = tmp_path / "eobblast.toml"
+            config_file.write_text(tomli_w.dumps(settings))
+            listing = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "eobblast", "dlq", "list", "--config", str(config_file),
+                "--json", stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(listing.communicate(), 120)
+        assert listing.returncode == 0, err.decode()
+        assert [orjson.loads(line)["reason"] for line in out.splitlines()] == ["invalid_json"]
+        assert b"not encrypted" not in err  # loopback and TLS: no warning
+        outcomes = Counter((s.status, s.reason) for items in grouped.values() for s in items)
+        assert outcomes == {("delivered", "delivered"): 20, ("rejected", "invalid_json"): 1}
+        assert len(sandbox.received) == 20
+
+
+async def test_the_brokers_certificate_is_verified(tmp_path: Path, pki: TestPki) -> None:
+    other = make_test_pki(tmp_path / "other-pki", [LOOPBACK])
+    async with tls_kafka(tmp_path, pki) as kafka:
+        await probe_broker(kafka.bootstrap, _ssl(pki))
+        # Another CA's trust, and the system's: the handshake fails, nothing is sent.
+        for trust in (_ssl(other), kafka_security(KafkaConfig(security_protocol="SSL"))):
+            with pytest.raises(ssl.SSLCertVerificationError, match="CERTIFICATE_VERIFY_FAILED"):
+                await probe_broker(kafka.bootstrap, trust)
+        # A client that speaks no TLS gets no answer from the TLS port.
+        with pytest.raises(OSError):
+            await probe_broker(kafka.bootstrap, PLAINTEXT)
+        # The host name counts: a valid certificate of the same CA for another host fails.
+        wrong_port = free_port()
+        with tls_front(
+            wrong_port, kafka.broker.port, pki.wrong_host_cert, pki.wrong_host_key, None
+        ):
+            await until("the second front listens", lambda: _listening(wrong_port), seconds=10)
+            with pytest.raises(ssl.SSLCertVerificationError, match=r"mismatch"):
+                await probe_broker(f"{LOOPBACK}:{wrong_port}", _ssl(pki))
+
+
+async def test_a_worker_that_cannot_verify_the_broker_waits_and_says_why(
+    tmp_path: Path, pki: TestPki, caplog: pytest.LogCaptureFixture
+) -> None:
+    other = make_test_pki(tmp_path / "other-pki", [LOOPBACK])
+    async with tls_kafka(tmp_path, pki) as kafka:
+        prepare(tmp_path)
+        async with Sandbox(DOMAINS, tmp_path / "mail", pki) as sandbox:
+            settings = Stack(kafka.broker, sandbox, pki, tmp_path).settings()
+            settings["kafka"] |= {
+                "bootstrap": kafka.bootstrap,
+                "security_protocol": "SSL",
+                "ssl_ca_file": str(other.ca),
+            }
+            config = load_config(environ={}, overrides=settings)
+            with caplog.at_level(logging.WARNING, logger="eobblast.streams"):
+                _, stop, task = await start_worker(config)
+                try:
+
+                    async def told() -> bool:
+                        return any("CERTIFICATE_VERIFY_FAILED" in str(getattr(r, "error", ""))
+                                   for r in caplog.records)  # fmt: skip
+
+                    await until("the worker says why it cannot reach Kafka", told, seconds=40)
+                    assert not task.done()  # waiting for a broker it can trust, not dead
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(task, 15)
+
+
+def _client_certificate(pki: TestPki, directory: Path) -> tuple[Path, Path]:
+    """A client certificate (clientAuth) signed by the test CA."""
+    ca_cert = x509.load_pem_x509_certificate(pki.ca.read_bytes())
+    ca_key = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "eobblast-worker")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "client.pem", directory / "client.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_a_client_certificate_is_presented_when_asked(tmp_path: Path, pki: TestPki) -> None:
+    if not isinstance(
+        serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None),
+        ec.EllipticCurvePrivateKey,
+    ):
+        pytest.skip("the test CA's key is not an EC key")
+    cert, key = _client_certificate(pki, tmp_path)
+    async with tls_kafka(tmp_path, pki, client_ca=pki.ca) as kafka:
+        with pytest.raises(OSError):  # no certificate: the front hangs up
+            await probe_broker(kafka.bootstrap, _ssl(pki))
+        mutual = _ssl(pki, ssl_cert_file=str(cert), ssl_key_file=str(key))
+        await probe_broker(kafka.bootstrap, mutual)
+        await create_topics(kafka.bootstrap, {"mtls": 1}, security=mutual)
+        producer = make_producer(kafka.bootstrap, client_id="mtls", security=mutual)
+        await producer.start()
+        try:
+            sent = await producer.send_and_wait("mtls", b"x", key=b"k")
+        finally:
+            await producer.stop()
+        assert sent.offset == 0
+
+
+@pytest.fixture
+def authenticating_broker(tmp_path: Path) -> Iterator[str]:
+    """Tansu requiring a SASL login of every client (SCRAM only)."""
+    try:
+        binary = resolve_tansu_binary()
+    except BrokerUnavailable as error:
+        pytest.skip(f"no Kafka broker for integration tests: {error.detail}")
+    port = free_port()
+    address = f"tcp://{LOOPBACK}:{port}"
+    with (tmp_path / "tansu-auth.log").open("wb") as log:
+        broker = subprocess.Popen(
+            [*DIE_WITH_PARENT, binary, "broker", "--listener-url", address,
+             "--advertised-listener-url", address, "--authentication"],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            yield f"{LOOPBACK}:{port}"
+        finally:
+            broker.terminate()
+            broker.wait(5)
+
+
+async def test_a_sasl_login_is_made_and_its_refusal_reported(
+    authenticating_broker: str, tmp_path: Path
+) -> None:
+    await until("the broker listens", lambda: _listening(int(authenticating_broker.split(":")[1])))
+    secret = tmp_path / "password"
+    secret.write_text("not-on-file\n")
+    security = kafka_security(
+        KafkaConfig(
+            security_protocol="SASL_PLAINTEXT",
+            sasl_mechanism="SCRAM-SHA-512",
+            sasl_username="eobblast",
+            sasl_password_file=secret,
+        )
+    )
+    # The SCRAM exchange runs to the broker's final answer, which refuses the login.
+    with pytest.raises(OSError, match="SASL login refused"):
+        await probe_broker(authenticating_broker, security)
+    # Without a login the broker hangs up at the first request instead.
+    with pytest.raises(OSError) as plain:
+        await probe_broker(authenticating_broker, PLAINTEXT)
+    assert "SASL" not in str(plain.value)
