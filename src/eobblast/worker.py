@@ -410,6 +410,7 @@ class Worker:
         kafka = self._config.kafka
         self._stop = stop
         security = self._security
+        metrics.KAFKA_ANSWERED.set(time.time())  # how long it has waited, until answered
         if not await _ran_unless_stopped(wait_for_broker(kafka.bootstrap, security=security), stop):
             log.info(
                 "worker stopped before the broker was reached", extra={"worker": self.worker_id}
@@ -436,6 +437,7 @@ class Worker:
         try:
             if not await self._start_clients(stop):
                 return  # told to stop first: nothing was taken, the clients are closed
+            metrics.KAFKA_ANSWERED.set(time.time())
             log.info(
                 "worker started",
                 extra={"worker": self.worker_id, "hole_settle": self._config.kafka.hole_settle},
@@ -549,14 +551,21 @@ class Worker:
     async def _ask_end_offsets(self, stop: asyncio.Event) -> None:
         """Every END_OFFSETS_EVERY s, the end offsets of this worker's partitions, for the
         backlog gauge (see END_OFFSETS_EVERY); off the take loop, which never waits for
-        them."""
+        them. An answer also renews `eobblast_kafka_answered_timestamp_seconds` (a worker
+        without partitions asks for the cluster's metadata instead), which stops when the
+        brokers are out of reach: aiokafka reconnects on its own, and an idle worker or one
+        that cannot fetch looks the same from the take loop."""
         consumer = self._consumer
         assert consumer is not None
         while not stop.is_set():
             try:
                 async with asyncio.timeout(END_OFFSETS_TIMEOUT):
-                    ends = await consumer.end_offsets(list(consumer.assignment()))
-                self._ends = {tp: int(end) for tp, end in ends.items()}
+                    if assigned := list(consumer.assignment()):
+                        ends = await consumer.end_offsets(assigned)
+                        self._ends = {tp: int(end) for tp, end in ends.items()}
+                    else:
+                        await consumer.topics()  # a round trip all the same
+                metrics.KAFKA_ANSWERED.set(time.time())
             except (KafkaError, TimeoutError):
                 pass  # the fetches' high watermarks meanwhile; asked again next time
             await _pause(END_OFFSETS_EVERY, stop)

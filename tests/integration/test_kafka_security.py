@@ -13,10 +13,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import os
 import shutil
+import signal
 import ssl
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -30,8 +33,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from eobblast import worker as worker_module
 from eobblast.config import KafkaConfig, load_config
 from eobblast.demo import member_key
+from eobblast.observe import metrics
 from eobblast.sandbox import Sandbox, TestPki, make_test_pki
 from eobblast.streams import EmbeddedBroker, resolve_tansu_binary
 from eobblast.streams.kafka import (
@@ -83,11 +88,13 @@ def tls_front(
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        start_new_session=True,  # its children (one per connection) end with it
     )
     try:
         yield
     finally:
-        front.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(front.pid, signal.SIGTERM)
         front.wait(5)
 
 
@@ -239,6 +246,60 @@ async def test_a_worker_that_cannot_verify_the_broker_waits_and_says_why(
                 finally:
                     stop.set()
                     await asyncio.wait_for(task, 15)
+
+
+def _answered() -> float:
+    value = metrics.REGISTRY.get_sample_value("eobblast_kafka_answered_timestamp_seconds")
+    assert value is not None
+    return value
+
+
+async def test_a_worker_times_the_brokers_answers_and_they_stop_out_of_reach(
+    tmp_path: Path, pki: TestPki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_module, "END_OFFSETS_EVERY", 0.2)
+
+    async def answered_since(moment: float) -> bool:
+        return _answered() > moment
+
+    broker_port = free_port()
+    while (tls_port := free_port()) == broker_port:
+        pass
+    cert, key = pki.server_cert, pki.server_key
+    broker = EmbeddedBroker(port=broker_port, advertised_port=tls_port, log_dir=tmp_path)
+    prepare(tmp_path)
+    with contextlib.ExitStack() as front:
+        front.enter_context(tls_front(tls_port, broker_port, cert, key, None))
+        await broker.start()
+        try:
+            await until("the TLS front listens", lambda: _listening(tls_port), seconds=10)
+            async with Sandbox(DOMAINS, tmp_path / "mail", pki) as sandbox:
+                stack = Stack(broker, sandbox, pki, tmp_path)
+                settings = stack.settings()
+                settings["kafka"] |= {
+                    "bootstrap": f"{LOOPBACK}:{tls_port}",
+                    "security_protocol": "SSL",
+                    "ssl_ca_file": str(pki.ca),
+                }
+                config = load_config(environ={}, overrides=settings)
+                topics = {stack.events_topic: 2}
+                await create_topics(config.kafka.bootstrap, topics, security=_ssl(pki))
+                started = time.time()
+                _, stop, task = await start_worker(config)
+                try:
+                    await until("answered", lambda: answered_since(started + 0.5), seconds=40)
+                    front.close()  # every connection to the brokers cut
+                    await asyncio.sleep(1.5)  # a question in flight may still be answered
+                    last = _answered()
+                    await asyncio.sleep(3)  # fifteen rounds of asking
+                    assert _answered() == last  # no answer: the alert's clock runs
+                    front.enter_context(tls_front(tls_port, broker_port, cert, key, None))
+                    await until("answered again", lambda: answered_since(last), seconds=40)
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(task, 30)
+        finally:
+            await broker.stop()
 
 
 def _client_certificate(pki: TestPki, directory: Path) -> tuple[Path, Path]:

@@ -94,6 +94,13 @@ IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
+KAFKA_ANSWERED = Gauge(
+    "eobblast_kafka_answered_timestamp_seconds",
+    "When the brokers last answered a worker (Unix time; it asks every 15 s), or the"
+    " worker's start until they first do: the oldest of the live workers'.",
+    multiprocess_mode="livemin",
+    registry=REGISTRY,
+)
 BACKLOG = Gauge(
     "eobblast_backlog_events",
     "Input events the workers have not accounted for yet: on the broker past what they took"
