@@ -42,7 +42,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.protect.testcerts import MemberCertificates
 from eobblast.sandbox import Sandbox, TestPki, default_sandbox_domains, make_test_pki
 from eobblast.streams import EmbeddedBroker, make_consumer, make_producer
-from eobblast.streams.kafka import ReadAgain
+from eobblast.streams.kafka import PLAINTEXT, ReadAgain
 from eobblast.supervisor import Supervisor
 from eobblast.worker import ProducerPublisher, dsn_handler, open_bounces
 
@@ -218,7 +218,7 @@ def member_key(raw: bytes) -> bytes:
 
 async def publish_events(bootstrap: str, topic: str, path: Path) -> int:
     """Publish every line of a JSON Lines file to `topic`, keyed by member id."""
-    producer = make_producer(bootstrap, client_id="eobblast-demo-claims")
+    producer = make_producer(bootstrap, client_id="eobblast-demo-claims", security=PLAINTEXT)
     await producer.start()
     count = 0
     try:
@@ -259,6 +259,7 @@ async def collect_statuses(
         session_timeout_ms=3000,
         heartbeat_interval_ms=1000,
         rebalance_listener=holes.listener(),
+        security=PLAINTEXT,
     )
     await consumer.start()
     deadline = time.monotonic() + wait_seconds
@@ -324,8 +325,9 @@ async def simulate_claims_system(
         session_timeout_ms=3000,
         heartbeat_interval_ms=1000,
         rebalance_listener=holes.listener(),
+        security=PLAINTEXT,
     )
-    producer = make_producer(bootstrap, client_id="eobblast-demo-claims")
+    producer = make_producer(bootstrap, client_id="eobblast-demo-claims", security=PLAINTEXT)
     await consumer.start()
     await producer.start()
     answered: Counter[str] = Counter()
@@ -470,7 +472,9 @@ async def run_demo(
         portal_settings["base_url"] = f"{portal.url}/p/"
         # The bounce listener: receivers send their DSNs to the VERP return path's MX.
         listener_config = with_settings(base, shared)
-        bounce_producer = make_producer(broker.bootstrap, client_id="eobblast-demo-bounces")
+        bounce_producer = make_producer(
+            broker.bootstrap, client_id="eobblast-demo-bounces", security=PLAINTEXT
+        )
         await bounce_producer.start()
         bounce_service = await open_bounces(
             listener_config,

@@ -30,7 +30,6 @@ import pydantic
 from eobblast.events.schema import Rejection, validate_event
 from eobblast.events.status import DeadLetter
 from eobblast.streams.kafka import (
-    PLAINTEXT,
     RECORD_ERRORS,
     BrokerUnavailable,
     KafkaError,
@@ -168,7 +167,7 @@ async def dead_letters(
     selection: Selection = Selection(),
     check: Check | None = None,
     *,
-    security: KafkaSecurity = PLAINTEXT,
+    security: KafkaSecurity,
 ) -> AsyncGenerator[Parked, None]:
     """The selected dead letters on `topic`, oldest first per partition; each original
     that could be sent again is run through `check`, if given."""
@@ -223,7 +222,7 @@ async def replay(
     *,
     check: Check | None = None,
     dry_run: bool = False,
-    security: KafkaSecurity = PLAINTEXT,
+    security: KafkaSecurity,
 ) -> ReplayReport:
     """Publish the selected dead letters' originals to `events_topic` again, each with its
     original key and a header naming its dead letter; acknowledged by the broker before

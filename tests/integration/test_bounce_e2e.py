@@ -28,6 +28,7 @@ from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Behaviour, Sandbox, SandboxDomain, make_test_pki
 from eobblast.state import open_ledger
 from eobblast.streams import EmbeddedBroker, make_producer
+from eobblast.streams.kafka import PLAINTEXT
 from eobblast.transport import Transport
 from eobblast.worker import ProducerPublisher, Worker, _LateBound, new_worker_id, open_bounces
 from tests.integration.worker_stack import CLEAN, Stack, prepare, read_topic
@@ -122,7 +123,7 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
         },
     )
     # The listener's own service (another "process"), publishing through its own producer.
-    producer = make_producer(broker.bootstrap, client_id="bounce-listener")
+    producer = make_producer(broker.bootstrap, client_id="bounce-listener", security=PLAINTEXT)
     await producer.start()
     protection_l = await ProtectionServices.open(config)
     listener_service = await open_bounces(
@@ -181,7 +182,7 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
                 )
             ),
         ]
-        claims = make_producer(broker.bootstrap, client_id="claims")
+        claims = make_producer(broker.bootstrap, client_id="claims", security=PLAINTEXT)
         await claims.start()
         for member, value in zip(members[1:3], results, strict=True):
             await claims.send_and_wait(f"{prefix}.verification-results", value, key=member.encode())

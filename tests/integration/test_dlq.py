@@ -22,7 +22,7 @@ from eobblast.config import load_config
 from eobblast.dlq import REPLAY_HEADER
 from eobblast.events.schema import Rejection, validate_event
 from eobblast.streams import EmbeddedBroker, make_producer
-from eobblast.streams.kafka import read_to_end
+from eobblast.streams.kafka import PLAINTEXT, read_to_end
 from tests.integration.worker_stack import (
     Stack,
     accept_domains,
@@ -104,7 +104,7 @@ async def test_list_shows_why_each_event_was_parked_and_no_phi(
     config = tmp_path / "eobblast.toml"
     await park(stack, events, config)
     # A record on the DLQ that is no dead letter (written by something else).
-    producer = make_producer(stack.broker.bootstrap, client_id="test-other")
+    producer = make_producer(stack.broker.bootstrap, client_id="test-other", security=PLAINTEXT)
     await producer.start()
     try:
         await producer.send_and_wait(stack.dlq_topic, b"garbage", key=b"x")
@@ -332,4 +332,9 @@ async def _skipped(worker: Any, count: int) -> bool:
 
 async def _records(stack: Stack, topic: str) -> list[Any]:
     """Every record of `topic` so far."""
-    return [r async for r in read_to_end(stack.broker.bootstrap, topic, client_id="test")]
+    return [
+        r
+        async for r in read_to_end(
+            stack.broker.bootstrap, topic, client_id="test", security=PLAINTEXT
+        )
+    ]

@@ -30,6 +30,7 @@ from eobblast.streams import (
 )
 from eobblast.streams.kafka import (
     MAX_REQUEST_SIZE,
+    PLAINTEXT,
     AIOKafkaConsumer,
     MessageSizeTooLargeError,
     ReadAgain,
@@ -61,7 +62,9 @@ async def running_client(client: Client, *, seconds: float = 20) -> AsyncIterato
 
 async def produce(bootstrap: str, topic: str, items: list[tuple[bytes, bytes]]) -> None:
     """Send (key, value) pairs and wait until the broker has them all."""
-    async with running_client(make_producer(bootstrap, client_id="test-producer")) as producer:
+    async with running_client(
+        make_producer(bootstrap, client_id="test-producer", security=PLAINTEXT)
+    ) as producer:
         async with asyncio.timeout(20):
             for key, value in items:
                 await producer.send_and_wait(topic, value, key=key)
@@ -96,7 +99,13 @@ async def test_group_consumer_commits_explicit_offsets(
     await produce(broker.bootstrap, topic, [(f"k{i}".encode(), b"v%d" % i) for i in range(20)])
     tracker: OffsetTracker[TopicPartition] = OffsetTracker()
     consumer = make_consumer(
-        broker.bootstrap, unique_group(), [topic], client_id="t", max_poll_records=7, **FAST_GROUP
+        broker.bootstrap,
+        unique_group(),
+        [topic],
+        client_id="t",
+        max_poll_records=7,
+        security=PLAINTEXT,
+        **FAST_GROUP,
     )
     async with running_client(consumer):
         records = await take(consumer, 20)
@@ -123,7 +132,13 @@ async def test_new_member_resumes_after_the_committed_offset(
     group = unique_group()
     tracker: OffsetTracker[TopicPartition] = OffsetTracker()
     first = make_consumer(
-        broker.bootstrap, group, [topic], client_id="a", max_poll_records=10, **FAST_GROUP
+        broker.bootstrap,
+        group,
+        [topic],
+        client_id="a",
+        max_poll_records=10,
+        security=PLAINTEXT,
+        **FAST_GROUP,
     )
     async with running_client(first):
         records = await take(first, 10)
@@ -139,7 +154,13 @@ async def test_new_member_resumes_after_the_committed_offset(
             await first.commit(offsets)
 
     second = make_consumer(
-        broker.bootstrap, group, [topic], client_id="b", max_poll_records=10, **FAST_GROUP
+        broker.bootstrap,
+        group,
+        [topic],
+        client_id="b",
+        max_poll_records=10,
+        security=PLAINTEXT,
+        **FAST_GROUP,
     )
     async with running_client(second):
         again = await take(second, 4)
@@ -185,6 +206,7 @@ async def test_two_members_split_partitions_and_one_takes_over(
         client_id="one",
         max_poll_records=10,
         rebalance_listener=listener_one,
+        security=PLAINTEXT,
         **FAST_GROUP,
     )
     two = make_consumer(
@@ -194,6 +216,7 @@ async def test_two_members_split_partitions_and_one_takes_over(
         client_id="two",
         max_poll_records=10,
         rebalance_listener=listener_two,
+        security=PLAINTEXT,
         **FAST_GROUP,
     )
     stop_one, stop_two = asyncio.Event(), asyncio.Event()
@@ -308,7 +331,7 @@ async def test_broker_lost_and_back_on_the_same_port(
 ) -> None:
     async with EmbeddedBroker(log_dir=tmp_path) as lost:
         port = lost.port
-        assert await wait_for_broker(lost.bootstrap) == 1
+        assert await wait_for_broker(lost.bootstrap, security=PLAINTEXT) == 1
         await lost.stop()
         retries: list[tuple[int, str, float]] = []
 
@@ -326,6 +349,7 @@ async def test_broker_lost_and_back_on_the_same_port(
                     on_retry=lambda n, error, delay: retries.append(
                         (n, type(error).__name__, delay)
                     ),
+                    security=PLAINTEXT,
                 )
         assert lost.port == port
         assert attempts == len(retries) + 1 >= 2
@@ -339,7 +363,7 @@ async def test_broker_lost_and_back_on_the_same_port(
 async def test_wait_for_broker_gives_up_at_the_deadline() -> None:
     loop = asyncio.get_running_loop()
     with pytest.raises(BrokerUnavailable, match=r"unreachable after .* ConnectionRefused"):
-        await wait_for_broker("127.0.0.1:1", deadline=loop.time() + 0.5)
+        await wait_for_broker("127.0.0.1:1", deadline=loop.time() + 0.5, security=PLAINTEXT)
 
 
 async def test_ten_megabyte_value_goes_through(
@@ -355,7 +379,13 @@ async def test_ten_megabyte_value_goes_through(
     big = os.urandom(10 * 1024 * 1024)
     await produce(broker.bootstrap, topic, [(b"big", big), (b"small", b"after")])
     consumer = make_consumer(
-        broker.bootstrap, unique_group(), [topic], client_id="t", max_poll_records=10, **FAST_GROUP
+        broker.bootstrap,
+        unique_group(),
+        [topic],
+        client_id="t",
+        max_poll_records=10,
+        security=PLAINTEXT,
+        **FAST_GROUP,
     )
     async with running_client(consumer):
         records = await take(consumer, 2)
@@ -368,7 +398,9 @@ async def test_value_over_max_request_size_fails_before_the_network(
     broker: EmbeddedBroker, topic_factory: TopicFactory
 ) -> None:
     topic = await topic_factory(partitions=1)
-    async with running_client(make_producer(broker.bootstrap, client_id="t")) as producer:
+    async with running_client(
+        make_producer(broker.bootstrap, client_id="t", security=PLAINTEXT)
+    ) as producer:
         with pytest.raises(MessageSizeTooLargeError):
             async with asyncio.timeout(10):
                 await producer.send_and_wait(topic, bytes(MAX_REQUEST_SIZE + 1))
@@ -407,7 +439,9 @@ async def test_read_to_end_reads_what_was_there_once_and_stops_while_records_arr
     # Batches of several records (one send_batch-like burst per partition) and single ones:
     # Tansu reports a partition's end inside its last batch.
     first = [(f"k{i % 10}".encode(), f"v{i}".encode()) for i in range(40)]
-    async with running_client(make_producer(broker.bootstrap, client_id="burst")) as producer:
+    async with running_client(
+        make_producer(broker.bootstrap, client_id="burst", security=PLAINTEXT)
+    ) as producer:
         await asyncio.gather(*[await producer.send(topic, v, key=k) for k, v in first])
     await produce(broker.bootstrap, topic, [(b"k0", big), (b"k1", b"single")])
     await produce(broker.bootstrap, topic, [(b"k2", f"w{i}".encode()) for i in range(5)])
@@ -415,7 +449,9 @@ async def test_read_to_end_reads_what_was_there_once_and_stops_while_records_arr
 
     async def keep_appending(stop: asyncio.Event) -> int:
         sent = 0
-        async with running_client(make_producer(broker.bootstrap, client_id="appender")) as p:
+        async with running_client(
+            make_producer(broker.bootstrap, client_id="appender", security=PLAINTEXT)
+        ) as p:
             while not stop.is_set():
                 await p.send_and_wait(topic, f"late{sent}".encode(), key=b"k1")
                 sent += 1
@@ -427,7 +463,12 @@ async def test_read_to_end_reads_what_was_there_once_and_stops_while_records_arr
     await asyncio.sleep(0.3)  # records arriving before and during the read
     try:
         async with asyncio.timeout(60):
-            records = [r async for r in read_to_end(broker.bootstrap, topic, client_id="t")]
+            records = [
+                r
+                async for r in read_to_end(
+                    broker.bootstrap, topic, client_id="t", security=PLAINTEXT
+                )
+            ]
     finally:
         stop.set()
         appended = await appender
@@ -441,7 +482,9 @@ async def test_read_to_end_reads_what_was_there_once_and_stops_while_records_arr
 
 async def test_read_to_end_of_a_missing_topic_says_so(broker: EmbeddedBroker) -> None:
     with pytest.raises(BrokerUnavailable, match="has no topic no-such-topic"):
-        async for _ in read_to_end(broker.bootstrap, "no-such-topic", client_id="t"):
+        async for _ in read_to_end(
+            broker.bootstrap, "no-such-topic", client_id="t", security=PLAINTEXT
+        ):
             pass
 
 
@@ -496,7 +539,7 @@ async def test_a_hole_at_the_start_of_a_partition_is_read_again_from_the_committ
     listening = SkipsAhead(ReadAgain(settle))
     consumer = make_consumer(
         broker.bootstrap, group, [topic], client_id="t", max_poll_records=100,
-        rebalance_listener=listening, **FAST_GROUP,
+        rebalance_listener=listening, security=PLAINTEXT, **FAST_GROUP,
     )  # fmt: skip
     before = metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total")
     taken: list[int] = []

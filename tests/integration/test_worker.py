@@ -60,7 +60,7 @@ from eobblast.state import (
 from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker, TopicPartition, make_consumer, make_producer
-from eobblast.streams.kafka import ReadAgain, RebalanceListener
+from eobblast.streams.kafka import PLAINTEXT, ReadAgain, RebalanceListener
 from eobblast.supervisor import Supervisor
 from eobblast.worker import Worker, new_worker_id, open_bounces
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -265,6 +265,7 @@ async def _member(stack: Stack, config: Config, name: str, listener: Any) -> Any
         session_timeout_ms=config.kafka.session_timeout_ms,
         heartbeat_interval_ms=config.kafka.heartbeat_interval_ms,
         rebalance_timeout_ms=120_000,
+        security=PLAINTEXT,
     )
     await consumer.start()
     return consumer
@@ -370,7 +371,7 @@ async def test_a_producer_whose_broker_went_away_is_stopped_in_time(
     running, shim = kcat_broker
     topic = "bounce-statuses"
     await running.create_topics({topic: 1})
-    producer = make_producer(shim.bootstrap, client_id="listener")
+    producer = make_producer(shim.bootstrap, client_id="listener", security=PLAINTEXT)
     await producer.start()
     await producer.send_and_wait(topic, b"taken", key=b"k")
     await shim.stop()  # the broker is away: connections dropped, none taken
@@ -772,7 +773,7 @@ async def _verification_failures(stack: Stack, members: Sequence[str]) -> tuple[
     config = stack.config()
     topic = config.bounces.results_topic
     await stack.broker.create_topics({topic: 1})
-    producer = make_producer(stack.broker.bootstrap, client_id="verifier")
+    producer = make_producer(stack.broker.bootstrap, client_id="verifier", security=PLAINTEXT)
     await producer.start()
     try:
         for member in members:
@@ -790,6 +791,7 @@ async def _verification_failures(stack: Stack, members: Sequence[str]) -> tuple[
         max_poll_records=100,
         session_timeout_ms=3000,
         heartbeat_interval_ms=500,
+        security=PLAINTEXT,
     )
     await consumer.start()
     return config, consumer
@@ -875,7 +877,7 @@ async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(
     async with EmbeddedBroker(log_dir=tmp_path / "tansu") as own:
         await own.create_topics({"eob.paper-fallback": 1})
         for name in ("elsewhere", "bounces"):
-            producer = make_producer(own.bootstrap, client_id=name)
+            producer = make_producer(own.bootstrap, client_id=name, security=PLAINTEXT)
             await producer.start()
             try:
                 if name == "elsewhere":
@@ -1916,7 +1918,9 @@ async def test_the_backlog_gauge_counts_what_is_not_accounted_for(
         assert _sample("eobblast_events_in_flight") == stack.max_in_flight < count
         # One record per batch: Tansu's end offset is one past the first record of a
         # partition's last batch (Kafka's is past its last record).
-        producer = make_producer(stack.broker.bootstrap, client_id="test-claims")
+        producer = make_producer(
+            stack.broker.bootstrap, client_id="test-claims", security=PLAINTEXT
+        )
         await producer.start()
         try:
             for value in stack.events(later, seed=58):

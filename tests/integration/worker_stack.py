@@ -135,7 +135,7 @@ class Stack:
 
     async def publish(self, values: Iterable[bytes], *, keys: Sequence[bytes] | None = None) -> int:
         """Publish values to the events topic (keyed by member id unless keys are given)."""
-        producer = make_producer(self.broker.bootstrap, client_id="test-claims")
+        producer = make_producer(self.broker.bootstrap, client_id="test-claims", security=PLAINTEXT)
         await producer.start()
         count = 0
         try:

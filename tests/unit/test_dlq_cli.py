@@ -20,6 +20,7 @@ from eobblast.errors import ReasonCode
 from eobblast.events.status import SourcePosition, dead_letter
 from eobblast.events.synthetic import generate_events
 from eobblast.streams.kafka import (
+    PLAINTEXT,
     BrokerUnavailable,
     KafkaError,
     MessageSizeTooLargeError,
@@ -207,7 +208,7 @@ def _replay_against(
     monkeypatch.setattr(dlq_module, "read_to_end", read_to_end)
     monkeypatch.setattr(dlq_module, "make_producer", lambda *_, **__: producer)
     monkeypatch.setattr(dlq_module, "start_or_unavailable", started)
-    return asyncio.run(dlq_module.replay("b:1", "dlq", "events", Selection()))
+    return asyncio.run(dlq_module.replay("b:1", "dlq", "events", Selection(), security=PLAINTEXT))
 
 
 def test_a_replay_counts_only_what_the_broker_acknowledged(

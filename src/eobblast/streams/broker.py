@@ -22,7 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Self
 
-from eobblast.streams.kafka import BrokerUnavailable, create_topics, probe_broker
+from eobblast.streams.kafka import PLAINTEXT, BrokerUnavailable, create_topics, probe_broker
 
 __all__ = ["BrokerUnavailable", "EmbeddedBroker", "resolve_tansu_binary"]
 
@@ -237,7 +237,7 @@ class EmbeddedBroker:
                 )
             try:
                 async with asyncio.timeout(min(1.0, remaining)):
-                    await probe_broker(self.bootstrap)
+                    await probe_broker(self.bootstrap, security=PLAINTEXT)
             except (OSError, TimeoutError) as error:
                 last_error = error
                 await asyncio.sleep(_READY_POLL_INTERVAL)

@@ -288,7 +288,7 @@ def make_consumer(
     heartbeat_interval_ms: int = DEFAULT_HEARTBEAT_INTERVAL_MS,
     rebalance_timeout_ms: int = DEFAULT_REBALANCE_TIMEOUT_MS,
     max_poll_interval_ms: int = DEFAULT_MAX_POLL_INTERVAL_MS,
-    security: KafkaSecurity = PLAINTEXT,
+    security: KafkaSecurity,
 ) -> AIOKafkaConsumer:
     """A group consumer subscribed to `topics`, not started, that never commits on its own.
 
@@ -330,9 +330,7 @@ def make_consumer(
     return consumer
 
 
-def make_producer(
-    bootstrap: str, *, client_id: str, security: KafkaSecurity = PLAINTEXT
-) -> AIOKafkaProducer:
+def make_producer(bootstrap: str, *, client_id: str, security: KafkaSecurity) -> AIOKafkaProducer:
     """A producer, not started, that waits for all in-sync replicas to acknowledge.
 
     Records up to `MAX_REQUEST_SIZE` bytes (serialized) are accepted; a larger one fails at
@@ -363,7 +361,7 @@ def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
     return hosts
 
 
-async def probe_broker(bootstrap: str, security: KafkaSecurity = PLAINTEXT) -> None:
+async def probe_broker(bootstrap: str, security: KafkaSecurity) -> None:
     """Return once a broker of `bootstrap` answers a metadata request; raise OSError if not.
 
     Bounded by `PROBE_TIMEOUT` (TimeoutError); wrap it in `asyncio.timeout` for less. A plain
@@ -429,7 +427,7 @@ def backoff_delay(
 async def wait_for_broker(
     bootstrap: str,
     *,
-    security: KafkaSecurity = PLAINTEXT,
+    security: KafkaSecurity,
     deadline: float | None = None,
     on_retry: Callable[[int, BaseException, float], None] | None = None,
     log_every: float = 30.0,
@@ -749,7 +747,7 @@ async def read_to_end(
     *,
     client_id: str,
     stall_timeout: float = 30.0,
-    security: KafkaSecurity = PLAINTEXT,
+    security: KafkaSecurity,
 ) -> AsyncGenerator[TopicRecord, None]:
     """Every record of `topic` that was there when the read began: each partition from its
     start until the position reaches the end offset the broker gave then. No consumer
