@@ -119,6 +119,9 @@ LEDGER_PURGE_PAUSE = 0.1
 # backlog gauge asks the broker for the end offsets this often, within END_OFFSETS_TIMEOUT.
 END_OFFSETS_EVERY = 15.0
 END_OFFSETS_TIMEOUT = 1.0
+# When those go unanswered, how long the cluster's metadata may take to come instead (the
+# brokers then count as answering: eobblast_kafka_answered_timestamp_seconds).
+METADATA_ANSWER_TIMEOUT = 5.0
 # How often a worker compares its clock with a PostgreSQL ledger server's, and the gap above
 # which it warns: the ledger's leases use the server's clock, but the bounce store's retry
 # times and leases and the shaping budgets use the workers'.
@@ -410,7 +413,6 @@ class Worker:
         kafka = self._config.kafka
         self._stop = stop
         security = self._security
-        metrics.KAFKA_ANSWERED.set(time.time())  # how long it has waited, until answered
         if not await _ran_unless_stopped(wait_for_broker(kafka.bootstrap, security=security), stop):
             log.info(
                 "worker stopped before the broker was reached", extra={"worker": self.worker_id}
@@ -551,23 +553,30 @@ class Worker:
     async def _ask_end_offsets(self, stop: asyncio.Event) -> None:
         """Every END_OFFSETS_EVERY s, the end offsets of this worker's partitions, for the
         backlog gauge (see END_OFFSETS_EVERY); off the take loop, which never waits for
-        them. An answer also renews `eobblast_kafka_answered_timestamp_seconds` (a worker
-        without partitions asks for the cluster's metadata instead), which stops when the
-        brokers are out of reach: aiokafka reconnects on its own, and an idle worker or one
-        that cannot fetch looks the same from the take loop."""
+        them. An answer also renews `eobblast_kafka_answered_timestamp_seconds`, which
+        stops when the brokers are out of reach (aiokafka reconnects on its own, and from
+        the take loop an idle worker looks like one that cannot fetch). Without partitions,
+        or without an answer from every one's leader, the cluster's metadata is asked for
+        instead: any broker's answer counts."""
         consumer = self._consumer
         assert consumer is not None
         while not stop.is_set():
+            answered = False
             try:
-                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
-                    if assigned := list(consumer.assignment()):
+                if assigned := list(consumer.assignment()):
+                    async with asyncio.timeout(END_OFFSETS_TIMEOUT):
                         ends = await consumer.end_offsets(assigned)
-                        self._ends = {tp: int(end) for tp, end in ends.items()}
-                    else:
-                        await consumer.topics()  # a round trip all the same
-                metrics.KAFKA_ANSWERED.set(time.time())
+                    self._ends = {tp: int(end) for tp, end in ends.items()}
+                    answered = True
             except (KafkaError, TimeoutError):
                 pass  # the fetches' high watermarks meanwhile; asked again next time
+            if not answered:
+                with contextlib.suppress(KafkaError, TimeoutError):
+                    async with asyncio.timeout(METADATA_ANSWER_TIMEOUT):
+                        await consumer.topics()
+                    answered = True
+            if answered:
+                metrics.KAFKA_ANSWERED.set(time.time())
             await _pause(END_OFFSETS_EVERY, stop)
 
     async def publish(self, topic: str, key: bytes, value: bytes) -> None:
@@ -1340,6 +1349,9 @@ class _LateBound:
 
 async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     """Build the pipeline, the ledger and the worker, and run until `stop` is set."""
+    # From the start: the gauge would read 0 until set, and the oldest of the workers' is
+    # the one served (0 would mean "never", and hide the others' age).
+    metrics.KAFKA_ANSWERED.set(time.time())
     worker_id = new_worker_id(index)
     transport = await Transport.open(config.transport, config.shaping)
     ledger = await open_ledger(config.ledger.url)
