@@ -269,9 +269,9 @@ async def collect_statuses(
         while time.monotonic() < deadline and not failed():
             if tally.total >= expected and time.monotonic() - tally.changed_at > settle:
                 break
-            batch = await consumer.getmany(timeout_ms=200)
-            for tp, records in batch.items():
-                for record in holes.records(consumer, tp, records):
+            batch = await holes.take(consumer, await consumer.getmany(timeout_ms=200))
+            for records in batch.values():
+                for record in records:
                     status = DeliveryStatus.model_validate_json(record.value)
                     if tally.add(record.key.decode(), status) and on_status is not None:
                         on_status(status)
@@ -333,9 +333,9 @@ async def simulate_claims_system(
     answered: Counter[str] = Counter()
     try:
         while not stop.is_set():
-            batch = await consumer.getmany(timeout_ms=200)
-            for tp, records in batch.items():
-                for record in holes.records(consumer, tp, records):
+            batch = await holes.take(consumer, await consumer.getmany(timeout_ms=200))
+            for records in batch.values():
+                for record in records:
                     request = AddressVerificationRequested.model_validate_json(record.value)
                     member = request.member_id
                     now = dt.datetime.now(dt.UTC)

@@ -649,11 +649,7 @@ class Worker:
         fetching = asyncio.ensure_future(consumer.getmany(timeout_ms=200))
         if not await self._fetched(fetching, stop):
             return
-        batch = {
-            tp: taken
-            for tp, records in fetching.result().items()
-            if (taken := holes.records(consumer, tp, records))
-        }
+        batch = await holes.take(consumer, fetching.result())
         # Where each partition of the batch starts again if it fails: the consumer's
         # position is past the whole batch already, and the next batch's commit would
         # otherwise pass over the answers not applied.
@@ -802,19 +798,18 @@ class Worker:
             log.warning("fetch failed; retrying", exc_info=True)
             await asyncio.sleep(0.5)
             return
+        # Not of a partition revoked meanwhile (its new owner reads it from the committed
+        # offset), nor of one the listener has not taken up yet (read again once it has).
+        taken = await self._holes.take(consumer, batch)
         now = time.monotonic()
-        for tp, records in batch.items():
-            # Not of a partition revoked meanwhile (its new owner reads it from the committed
-            # offset), nor of one the listener has not taken up yet (read again once it has).
-            for record in self._holes.records(consumer, tp, records):
+        for tp, records in taken.items():
+            tasks = self._tasks.setdefault(tp, {})
+            for record in records:
                 self._tracker.handed_out(tp, record.offset)
                 info = _InFlight(tp.partition, record.offset, now)
                 task = asyncio.create_task(self._handle(tp, record, info))
-                tasks = self._tasks.setdefault(tp, {})
                 tasks[task] = info
                 task.add_done_callback(functools.partial(_discard, tasks))
-        if batch and not any(self._holes.holds(tp) for tp in batch):
-            await asyncio.sleep(0.01)  # the listener is on its way: no busy fetching meanwhile
 
     async def _fetched(
         self, fetching: asyncio.Future[Any], stop: asyncio.Event | asyncio.Future[Any]

@@ -223,9 +223,9 @@ async def read_topic(
     deadline = time.monotonic() + seconds
     try:
         while len(keys) < until and time.monotonic() < deadline:
-            batch = await consumer.getmany(timeout_ms=200)
-            for tp, items in batch.items():
-                for record in holes.records(consumer, tp, items):
+            batch = await holes.take(consumer, await consumer.getmany(timeout_ms=200))
+            for items in batch.values():
+                for record in items:
                     records.append((record.key, record.value))
                     keys.add(record.key if record.key is not None else record.value)
     finally:

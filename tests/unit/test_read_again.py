@@ -172,6 +172,32 @@ async def test_a_reader_with_a_listener_takes_only_what_the_listener_holds() -> 
     assert _take(unused, consumer, TP, 5) == [5]
 
 
+async def test_a_fetch_refused_whole_pauses_the_reader_and_one_taken_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Refused whole, the fetch is thrown away (the consumer is sent back): without a pause
+    # the reader would fetch again at once, over and over, until the listener has run.
+    monkeypatch.setattr(kafka, "REFUSED_PAUSE", 30.0)
+    holes = ReadAgain()
+    listener = holes.listener()
+    consumer = _Consumer()
+    listener.consumer = cast(AIOKafkaConsumer, consumer)
+    await _joining(listener)
+    other = TopicPartition("eob.events", 1)
+    fetch = {TP: _records(3, 4), other: _records(8)}
+    taking = asyncio.ensure_future(holes.take(cast(AIOKafkaConsumer, consumer), fetch))
+    await asyncio.sleep(0.2)
+    assert not taking.done()  # pausing
+    taking.cancel()
+    assert sorted(consumer.seeks) == [(TP, 3), (other, 8)]
+    # One partition held: what it has is taken at once; an empty fetch pauses nothing.
+    await listener.on_partitions_assigned({TP})
+    async with asyncio.timeout(5):
+        taken = await holes.take(cast(AIOKafkaConsumer, consumer), fetch)
+        assert await holes.take(cast(AIOKafkaConsumer, consumer), {}) == {}
+    assert {tp: [r.offset for r in records] for tp, records in taken.items()} == {TP: [3, 4]}
+
+
 async def test_an_assignment_of_no_partitions_is_no_error(caplog: pytest.LogCaptureFixture) -> None:
     # A member gets none when the group has more members than the topic partitions: there
     # is nothing to ask the broker, and nothing to report.

@@ -567,6 +567,8 @@ class TopicRecord:
 # How long a rebalance's assignment waits to learn where its partitions start (ReadAgain):
 # the member sends no heartbeats meanwhile, and tests run 3 s sessions.
 START_TIMEOUT = 1.0
+# A reader's pause after a fetch refused whole, while its listener takes up the partitions.
+REFUSED_PAUSE = 0.01
 
 
 class ReadAgain:
@@ -704,6 +706,22 @@ class ReadAgain:
             with contextlib.suppress(IllegalStateError):  # revoked meanwhile: not ours
                 consumer.seek(tp, again)
         return records[:count]
+
+    async def take(
+        self, consumer: AIOKafkaConsumer, batch: Mapping[TopicPartition, Sequence[Any]]
+    ) -> dict[TopicPartition, Sequence[Any]]:
+        """The records of a fetch (`getmany`'s answer) to take, by partition (`records`).
+        A fetch only of partitions the listener does not hold yet (it is on its way) is
+        refused whole after a pause of REFUSED_PAUSE: each refusal sends the consumer back,
+        which drops what it had fetched, and the reader would fetch again at once."""
+        taken = {
+            tp: kept
+            for tp, records in batch.items()
+            if (kept := self.records(consumer, tp, records))
+        }
+        if batch and not any(self.holds(tp) for tp in batch):
+            await asyncio.sleep(REFUSED_PAUSE)
+        return taken
 
     def listener(self) -> ReadAgainListener:
         """A rebalance listener that keeps this up to date (`make_consumer` gives it its
