@@ -389,7 +389,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             opened.push_async_callback(service.store.close)
             await wait_for_broker(config.kafka.bootstrap, security=security)
             try:
-                await start_or_unavailable(producer, config.kafka.bootstrap)
+                await start_or_unavailable(producer, config.kafka.bootstrap, security)
             except BrokerUnavailable as exc:  # gone again since the probe: said, no traceback
                 raise click.ClickException(exc.detail) from None
             handle = dsn_handler(service, producer)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from eobblast._bootstrap import parse_bootstrap
 from eobblast._holes import HOLE_SETTLE, MAX_HOLE_SETTLE
 from eobblast._toml import parse_toml, read_text
 from eobblast.errors import ConfigError
@@ -98,6 +99,10 @@ class KafkaConfig:
     sasl_password_file: Path | None = None
 
     def __post_init__(self) -> None:
+        try:
+            parse_bootstrap(self.bootstrap)
+        except ValueError as error:
+            raise ConfigError(f"kafka.bootstrap: {error}") from None
         if self.max_poll_interval_ms < 1000:
             raise ConfigError("kafka.max_poll_interval_ms: expected at least 1000")
         if not 0 <= self.hole_settle <= MAX_HOLE_SETTLE:

@@ -249,7 +249,7 @@ async def replay(
         return report
     chosen = len(wanted)
     producer = make_producer(bootstrap, client_id="eobblast-dlq-replay", security=security)
-    await start_or_unavailable(producer, bootstrap)
+    await start_or_unavailable(producer, bootstrap, security)
     failure: BaseException | None = None
     try:
         pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]] = []

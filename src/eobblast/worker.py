@@ -67,11 +67,12 @@ from eobblast.streams.kafka import (
     AIOKafkaProducer,
     IllegalStateError,
     KafkaError,
+    KafkaSecurity,
     ReadAgain,
     ReadAgainListener,
     TopicPartition,
     backoff_delay,
-    error_text,
+    connect_error_text,
     kafka_security,
     make_consumer,
     make_producer,
@@ -265,7 +266,9 @@ def _stopping(stop: Callable[[], Awaitable[None]]) -> asyncio.Future[None]:
     return closing
 
 
-async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event) -> bool:
+async def _started(
+    start: Callable[[], Awaitable[None]], stop: asyncio.Event, security: KafkaSecurity
+) -> bool:
     """Start one Kafka client, trying again with backoff while the broker is away; False
     if `stop` was set first (a consumer's start waits for its first partitions, as long
     as a rebalance lasts)."""
@@ -279,7 +282,7 @@ async def _started(start: Callable[[], Awaitable[None]], stop: asyncio.Event) ->
             if attempt % 10 == 1:
                 log.warning(
                     "Kafka clients cannot start yet",
-                    extra={"attempt": attempt, "error": error_text(error)},
+                    extra={"attempt": attempt, "error": connect_error_text(error, security)},
                 )
             await _pause(backoff_delay(attempt), stop)
     return False
@@ -568,10 +571,11 @@ class Worker:
                         ends = await consumer.end_offsets(assigned)
                     self._ends = {tp: int(end) for tp, end in ends.items()}
                     answered = True
-            except (KafkaError, TimeoutError):
+            # A timeout (an OSError), the broker away, a login refused again.
+            except CONNECT_ERRORS:
                 pass  # the fetches' high watermarks meanwhile; asked again next time
             if not answered:
-                with contextlib.suppress(KafkaError, TimeoutError):
+                with contextlib.suppress(*CONNECT_ERRORS):
                     async with asyncio.timeout(METADATA_ANSWER_TIMEOUT):
                         await consumer.topics()
                     answered = True
@@ -625,7 +629,7 @@ class Worker:
         try:
             # Retried like the main clients': a broker away at start-up would otherwise end
             # this task, and with it the worker and its deliveries.
-            if not await _started(consumer.start, stop):
+            if not await _started(consumer.start, stop, self._security):
                 return
             while not stop.is_set():
                 try:
@@ -729,8 +733,9 @@ class Worker:
         assert self._producer is not None and self._consumer is not None
         # One at a time: a producer started twice (its consumer failing to start after it)
         # would run two sender tasks, one of them never stopped.
-        return await _started(self._producer.start, stop) and await _started(
-            self._consumer.start, stop
+        security = self._security
+        return await _started(self._producer.start, stop, security) and await _started(
+            self._consumer.start, stop, security
         )
 
     async def _loop(self, stop: asyncio.Event) -> None:

@@ -12,7 +12,13 @@ import pytest
 from eobblast.config import load_config
 from eobblast.errors import ConfigError
 from eobblast.sandbox import make_test_pki
-from eobblast.streams.kafka import PLAINTEXT, KafkaSecurity, kafka_security, unprotected_brokers
+from eobblast.streams.kafka import (
+    PLAINTEXT,
+    KafkaSecurity,
+    connect_error_text,
+    kafka_security,
+    unprotected_brokers,
+)
 
 
 def _kafka(environ: dict[str, str] | None = None, **kafka: Any) -> Any:
@@ -202,3 +208,35 @@ def test_run_stops_at_start_naming_a_file_it_cannot_load(tmp_path: Path) -> None
     assert result.exit_code == 1
     assert "kafka.ssl_ca_file: cannot be loaded (FileNotFoundError" in result.output
     assert "Traceback" not in result.output
+
+
+def test_a_bootstrap_that_is_not_host_port_is_refused_at_load() -> None:
+    with pytest.raises(ConfigError, match=r"kafka\.bootstrap: bootstrap entry 'kafka' is not"):
+        _kafka(bootstrap="kafka")
+    assert _kafka(bootstrap="k1:9093, [::1]:9093").bootstrap == "k1:9093, [::1]:9093"
+
+
+def test_a_password_file_others_may_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = _sasl(tmp_path, "secret\n")
+    assert settings.sasl_password_file is not None
+    settings.sasl_password_file.chmod(0o644)
+    with caplog.at_level(logging.WARNING, logger="eobblast.streams"):
+        kafka_security(settings)
+    assert [r.getMessage() for r in caplog.records] == [
+        "kafka.sasl_password_file may be read by others than its owner: chmod 600"
+    ]
+    caplog.clear()
+    settings.sasl_password_file.chmod(0o600)
+    with caplog.at_level(logging.WARNING, logger="eobblast.streams"):
+        kafka_security(settings)
+    assert not caplog.records
+
+
+def test_a_refused_scram_login_is_named_as_such(tmp_path: Path) -> None:
+    # aiokafka's SCRAM client fails on the server's refusal with KeyError('v').
+    sasl = kafka_security(_sasl(tmp_path, "secret"))
+    assert connect_error_text(KeyError("v"), sasl) == "KeyError: SASL login refused"
+    assert connect_error_text(KeyError("v"), PLAINTEXT) == "KeyError: 'v'"
+    assert connect_error_text(OSError("refused"), sasl) == "OSError: refused"

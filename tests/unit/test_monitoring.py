@@ -80,6 +80,8 @@ def exported() -> dict[str, Exported]:
             if not isinstance(name, str) or not name.startswith("eobblast_"):
                 continue
             labels = frozenset(getattr(collector, "_labelnames", ()))
+            if getattr(collector, "_multiprocess_mode", None) in ("all", "liveall"):
+                labels |= {"pid"}  # one series per process, as the supervisor serves it
             suffixes = {
                 "counter": ("_total",),
                 "histogram": ("_bucket", "_sum", "_count"),

@@ -94,11 +94,13 @@ IN_FLIGHT = Gauge(
     multiprocess_mode="livesum",
     registry=REGISTRY,
 )
+# One series per live worker (a `pid` label): a worker just spawned reads 0 until it sets
+# it, and a minimum over the processes would hide the others' age for that moment.
 KAFKA_ANSWERED = Gauge(
     "eobblast_kafka_answered_timestamp_seconds",
     "When the brokers last answered a worker (Unix time; it asks every 15 s), or the"
-    " worker's start until they first do: the oldest of the live workers'.",
-    multiprocess_mode="livemin",
+    " worker's start until they first do.",
+    multiprocess_mode="liveall",
     registry=REGISTRY,
 )
 BACKLOG = Gauge(

@@ -291,7 +291,9 @@ class EmbeddedBroker:
 
     async def create_topics(self, names_with_partitions: Mapping[str, int]) -> None:
         """Create topics with the given partition counts (existing ones are left alone)."""
-        await create_topics(self.bootstrap, names_with_partitions, replication_factor=1)
+        await create_topics(
+            self.bootstrap, names_with_partitions, replication_factor=1, security=PLAINTEXT
+        )
 
     async def __aenter__(self) -> Self:
         await self.start()

@@ -41,6 +41,7 @@ from aiokafka.errors import (  # type: ignore[import-untyped]
 )
 from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 
+from eobblast._bootstrap import parse_bootstrap
 from eobblast._holes import HOLE_SETTLE
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe import metrics
@@ -78,6 +79,7 @@ __all__ = [
     "TopicPartition",
     "TopicRecord",
     "backoff_delay",
+    "connect_error_text",
     "create_topics",
     "error_text",
     "kafka_security",
@@ -174,7 +176,7 @@ class KafkaSecurity:
     """How a client reaches the brokers: TLS and a SASL login, or neither (`PLAINTEXT`).
     Build it from the settings with `kafka_security`; the password never shows in repr."""
 
-    protocol: str = "PLAINTEXT"
+    protocol: str
     ssl_context: ssl.SSLContext | None = None
     sasl_mechanism: str | None = None
     username: str | None = None
@@ -192,7 +194,7 @@ class KafkaSecurity:
         return options
 
 
-PLAINTEXT = KafkaSecurity()
+PLAINTEXT = KafkaSecurity("PLAINTEXT")
 
 
 def kafka_security(settings: KafkaConfig) -> KafkaSecurity:
@@ -220,6 +222,11 @@ def kafka_security(settings: KafkaConfig) -> KafkaSecurity:
         return KafkaSecurity(settings.security_protocol, context)
     assert settings.sasl_password_file is not None  # KafkaConfig checks it
     try:
+        if settings.sasl_password_file.stat().st_mode & 0o077:
+            log.warning(
+                "kafka.sasl_password_file may be read by others than its owner: chmod 600",
+                extra={"file": str(settings.sasl_password_file)},
+            )
         text = settings.sasl_password_file.read_text(encoding="utf-8")
     except (OSError, UnicodeError) as error:
         raise ConfigError(
@@ -349,25 +356,14 @@ def make_producer(bootstrap: str, *, client_id: str, security: KafkaSecurity) ->
     )
 
 
-def parse_bootstrap(bootstrap: str) -> list[tuple[str, int]]:
-    """`"h1:9092,h2:9092"` as `[(host, port), ...]`; IPv6 hosts in brackets."""
-    hosts: list[tuple[str, int]] = []
-    for part in bootstrap.split(","):
-        item = part.strip()
-        host, sep, port = item.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"bootstrap entry {item!r} is not host:port")
-        hosts.append((host.strip("[]"), int(port)))
-    return hosts
-
-
 async def probe_broker(bootstrap: str, security: KafkaSecurity) -> None:
     """Return once a broker of `bootstrap` answers a metadata request; raise OSError if not.
 
-    Bounded by `PROBE_TIMEOUT` (TimeoutError); wrap it in `asyncio.timeout` for less. A plain
-    TCP connect comes first (with its TLS handshake, under TLS), so an absent broker costs
-    no aiokafka error log line, and a certificate that fails verification raises its own
-    `ssl.SSLCertVerificationError` rather than aiokafka's "unable to bootstrap".
+    Bounded by `PROBE_TIMEOUT` (TimeoutError); wrap it in `asyncio.timeout` for less. A
+    connection of its own comes first (with its TLS handshake, under TLS), so an absent
+    broker costs no aiokafka error log line, and a certificate that fails verification
+    raises its own `ssl.SSLCertVerificationError` rather than aiokafka's "unable to
+    bootstrap".
     """
     async with asyncio.timeout(PROBE_TIMEOUT):
         last_error: OSError | None = None
@@ -399,9 +395,7 @@ async def probe_broker(bootstrap: str, security: KafkaSecurity) -> None:
         except CONNECT_ERRORS as error:
             if isinstance(error, OSError):
                 raise
-            refused = security.sasl_mechanism is not None and not isinstance(error, KafkaError)
-            why = "SASL login refused" if refused else error
-            raise OSError(f"{type(error).__name__}: {why}") from error
+            raise OSError(connect_error_text(error, security)) from error
         finally:
             await client.close()
 
@@ -491,13 +485,21 @@ def error_text(error: BaseException) -> str:
     return text[:300]
 
 
+def connect_error_text(error: BaseException, security: KafkaSecurity) -> str:
+    """`error_text` of what connecting or starting a client raised: aiokafka's SCRAM login
+    raises KeyError or ValueError when it is refused (see CONNECT_ERRORS), said so."""
+    if security.sasl_mechanism is not None and isinstance(error, KeyError | ValueError):
+        return f"{type(error).__name__}: SASL login refused"
+    return error_text(error)
+
+
 async def create_topics(
     bootstrap: str,
     partitions_by_topic: Mapping[str, int],
     *,
     replication_factor: int = 1,
     exist_ok: bool = True,
-    security: KafkaSecurity = PLAINTEXT,
+    security: KafkaSecurity,
 ) -> None:
     """Create topics with the given partition counts through the admin API (works on Tansu).
 
@@ -543,13 +545,17 @@ def _topic_errors(response: object) -> list[tuple[str, int, str | None]]:
     return errors
 
 
-async def start_or_unavailable(client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str) -> None:
+async def start_or_unavailable(
+    client: AIOKafkaConsumer | AIOKafkaProducer, bootstrap: str, security: KafkaSecurity
+) -> None:
     """Start a consumer or producer; if it cannot, stop it and raise BrokerUnavailable."""
     try:
         await client.start()
     except CONNECT_ERRORS as exc:
         await client.stop()
-        raise BrokerUnavailable(f"Kafka at {bootstrap}: {error_text(exc)}") from None
+        raise BrokerUnavailable(
+            f"Kafka at {bootstrap}: {connect_error_text(exc, security)}"
+        ) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -791,7 +797,7 @@ async def read_to_end(
         fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
         **security.options(),
     )
-    await start_or_unavailable(consumer, bootstrap)
+    await start_or_unavailable(consumer, bootstrap, security)
     try:
         await consumer.topics()  # metadata for every topic, this one included
         partitions = sorted(consumer.partitions_for_topic(topic) or ())
