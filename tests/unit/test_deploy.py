@@ -118,3 +118,27 @@ def _volume_of(mounts: list[str], path: Path) -> str:
     above = [m for m in mounts if str(path).startswith(m.split(":")[1].rstrip("/") + "/")]
     assert above, f"{path} is in no volume of {mounts}"
     return max(above, key=lambda m: len(m.split(":")[1]))
+
+
+def test_every_eobblast_service_loads_the_example_with_its_environment(
+    compose: dict[str, Any],
+) -> None:
+    # What each container runs with: the mounted file, then its EOBBLAST_* variables (a
+    # setting there that does not fit the file, such as a Kafka protocol the file's TLS
+    # settings contradict, would stop the service at start).
+    services = {
+        name: service
+        for name, service in compose.items()
+        if service.get("command", [None])[0] == "eobblast" and "--config" in service["command"]
+    }
+    assert {"eobblast", "bounces"} <= set(services)
+    for name, service in services.items():
+        environ = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+        config = load_config(ROOT / "config/eobblast.example.toml", environ=environ)
+        if "EOBBLAST_KAFKA__BOOTSTRAP" in environ:
+            assert config.kafka.bootstrap == environ["EOBBLAST_KAFKA__BOOTSTRAP"], name
+    workers = load_config(
+        ROOT / "config/eobblast.example.toml",
+        environ={k: str(v) for k, v in compose["eobblast"]["environment"].items()},
+    )
+    assert workers.kafka.hole_settle == 0  # Apache Kafka's holes are all real
