@@ -60,8 +60,10 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check src tests benchmarks
 	$(VENV)/bin/mypy
 
+# Two processes (pytest-xdist), each test file whole in one: a file's tests share its
+# sandbox addresses.
 test: $(STAMP) system-deps lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile
 
 bench: $(STAMP) system-deps
 	$(PY) benchmarks/bench_core.py
