@@ -1349,8 +1349,8 @@ class _LateBound:
 
 async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     """Build the pipeline, the ledger and the worker, and run until `stop` is set."""
-    # From the start: the gauge would read 0 until set, and the oldest of the workers' is
-    # the one served (0 would mean "never", and hide the others' age).
+    # From the start: until set the gauge reads 0, which the alert and dashboard leave out,
+    # so a worker still building its pipeline would not count as waiting for Kafka.
     metrics.KAFKA_ANSWERED.set(time.time())
     worker_id = new_worker_id(index)
     transport = await Transport.open(config.transport, config.shaping)

@@ -392,9 +392,7 @@ async def probe_broker(bootstrap: str, security: KafkaSecurity) -> None:
         )
         try:
             await client.bootstrap()
-        except CONNECT_ERRORS as error:
-            if isinstance(error, OSError):
-                raise
+        except (KafkaError, KeyError, ValueError) as error:  # CONNECT_ERRORS, less OSError
             raise OSError(connect_error_text(error, security)) from error
         finally:
             await client.close()
