@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiosmtplib
 import orjson
 import pytest
 import tomli_w
@@ -38,7 +39,13 @@ from eobblast import worker as worker_module
 from eobblast.config import KafkaConfig, load_config
 from eobblast.demo import member_key
 from eobblast.observe import metrics
-from eobblast.sandbox import Sandbox, TestPki, make_test_pki
+from eobblast.sandbox import (
+    Behaviour,
+    Sandbox,
+    TestPki,
+    delivery_status_notification,
+    make_test_pki,
+)
 from eobblast.streams import EmbeddedBroker, resolve_tansu_binary
 from eobblast.streams.kafka import (
     PLAINTEXT,
@@ -421,3 +428,137 @@ async def test_a_sasl_login_is_made_and_its_refusal_reported(
     with pytest.raises(OSError) as plain:
         await probe_broker(authenticating_broker, PLAINTEXT)
     assert "SASL" not in str(plain.value)
+
+
+async def _eobblast(*args: str) -> tuple[int, str, str]:
+    """`eobblast ARGS` in a new process: its return code, stdout and stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def _records(
+    bootstrap: str, topic: str, count: int, security: KafkaSecurity
+) -> list[tuple[bytes | None, bytes]]:
+    """The topic's records once it holds at least `count`."""
+
+    async def enough() -> list[tuple[bytes | None, bytes]]:
+        found = await read_topic(bootstrap, topic, until=count, seconds=3, security=security)
+        return found if len(found) >= count else []
+
+    return await until(f"{count} records on {topic}", enough, seconds=60)
+
+
+async def test_replay_and_the_bounce_listener_go_through_tls(tmp_path: Path, pki: TestPki) -> None:
+    # The two clients the first test leaves out: `eobblast dlq replay`'s producer, and
+    # `eobblast bounces`, which publishes what a DSN says.
+    async with tls_kafka(tmp_path, pki) as kafka:
+        security = _ssl(pki)
+        prepare(tmp_path)
+        async with Sandbox(DOMAINS, tmp_path / "mail", pki) as sandbox:
+            stack = Stack(kafka.broker, sandbox, pki, tmp_path)
+            settings = _tls_settings(stack, kafka.bootstrap, pki.ca)
+            verification = f"{stack.prefix}.verification"
+            settings["bounces"] |= {
+                "verification_topic": verification,
+                "paper_topic": f"{stack.prefix}.paper",
+                "listen_port": free_port(),
+            }
+            config = load_config(environ={}, overrides=settings)
+            topics = {stack.events_topic: 2, stack.delivery_topic: 1, stack.dlq_topic: 1}
+            topics |= {
+                config.bounces.results_topic: 1,
+                verification: 1,
+                config.bounces.paper_topic: 1,
+            }
+            await create_topics(kafka.bootstrap, topics, security=security)
+            events = stack.events(2, seed=5)
+            producer = make_producer(kafka.bootstrap, client_id="claims", security=security)
+            await producer.start()
+            try:
+                for value in events:
+                    await producer.send_and_wait(stack.events_topic, value, key=member_key(value))
+            finally:
+                await producer.stop()
+            # A worker that refuses test domains parks both.
+            refusing = load_config(
+                environ={},
+                overrides={
+                    **settings,
+                    "pipeline": settings["pipeline"] | {"allow_test_domains": False},
+                },
+            )
+            _, stop, task = await start_worker(refusing)
+            try:
+                parked = await read_topic(
+                    kafka.bootstrap, stack.dlq_topic, until=2, security=security
+                )
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+            assert len(parked) == 2
+            config_file = tmp_path / "eobblast.toml"
+            config_file.write_text(tomli_w.dumps(settings))
+            code, out, err = await _eobblast("dlq", "replay", "--config", str(config_file), "--all")
+            assert code == 0, err
+            assert orjson.loads(out)["replayed_by_reason"] == {"invalid_address": 2}
+            # The replayed events are delivered; the bounce service's keys are made.
+            _, stop, task = await start_worker(config, bounce_store_as=lambda store: store)
+            try:
+                reported = await _records(kafka.bootstrap, stack.delivery_topic, 4, security)
+            finally:
+                stop.set()
+                await asyncio.wait_for(task, 30)
+            finals = {key: items[-1].status for key, items in statuses(reported).items()}
+            assert list(finals.values()) == ["delivered", "delivered"]
+            code, _, err = await _eobblast("keys", "secrets", "--config", str(config_file))
+            assert code == 0, err
+            listener = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "eobblast", "bounces", "--config", str(config_file),
+                stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            try:
+                # A receiver's late DSN for the first notice: user unknown, a hard bounce.
+                sent = sandbox.received[0]
+                dsn = delivery_status_notification(
+                    behaviour=Behaviour.BOUNCE_LATER,
+                    reporting_mta=sent.domain,
+                    return_path=sent.mail_from,
+                    recipient=sent.rcpt_tos[0],
+                    returned_headers=sent.path.read_bytes().split(b"\r\n\r\n", 1)[0] + b"\r\n",
+                    arrival=dt.datetime.now(dt.UTC),
+                    queue_id=sent.queue_id,
+                )
+
+                async def handed_over() -> bool:
+                    assert listener.returncode is None, "eobblast bounces stopped"
+                    try:
+                        async with aiosmtplib.SMTP(
+                            hostname=LOOPBACK, port=config.bounces.listen_port, timeout=5
+                        ) as smtp:
+                            await smtp.sendmail("", [sent.mail_from], dsn)
+                    except (OSError, aiosmtplib.SMTPException):
+                        return False  # not listening yet, or waiting for the broker
+                    return True
+
+                await until("the listener takes the DSN", handed_over, seconds=60, every=0.5)
+                asked = await read_topic(kafka.bootstrap, verification, until=1, security=security)
+                after = statuses(await _records(kafka.bootstrap, stack.delivery_topic, 5, security))
+            finally:
+                with contextlib.suppress(ProcessLookupError):
+                    listener.send_signal(signal.SIGTERM)
+                _, listener_err = await asyncio.wait_for(listener.communicate(), 30)
+        assert listener.returncode == 0, listener_err.decode()
+        assert b"not encrypted" not in listener_err
+        # The listener published through TLS: the notice's bounce, and the request to verify
+        # its member's address.
+        changed = {key: items[2:] for key, items in after.items() if len(items) > 2}
+        [(bounced_id, later)] = changed.items()
+        assert [s.status for s in after[bounced_id][:2]] == ["rejected", "delivered"]
+        assert later and "delivered" not in {s.status for s in later}
+        members = {orjson.loads(e)["event_id"]: orjson.loads(e)["member"]["id"] for e in events}
+        assert [orjson.loads(value)["member_id"] for _, value in asked] == [members[bounced_id]]
