@@ -558,19 +558,23 @@ class Worker:
         backlog gauge (see END_OFFSETS_EVERY); off the take loop, which never waits for
         them. An answer also renews `eobblast_kafka_answered_timestamp_seconds`, which
         stops when the brokers are out of reach (aiokafka reconnects on its own, and from
-        the take loop an idle worker looks like one that cannot fetch). Without partitions,
-        or without an answer from every one's leader, the cluster's metadata is asked for
-        instead: any broker's answer counts."""
+        the take loop an idle worker looks like one that cannot fetch). A worker without
+        partitions asks for the end offset of the events topic's first partition: one small
+        answer, where the cluster's metadata lists every topic. Without an answer from
+        every leader asked, the cluster's metadata is asked for instead: any broker's
+        answer counts."""
         consumer = self._consumer
         assert consumer is not None
+        first = TopicPartition(self._config.kafka.events_topic, 0)
         while not stop.is_set():
             answered = False
             try:
-                if assigned := list(consumer.assignment()):
-                    async with asyncio.timeout(END_OFFSETS_TIMEOUT):
-                        ends = await consumer.end_offsets(assigned)
+                assigned = list(consumer.assignment())
+                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
+                    ends = await consumer.end_offsets(assigned or [first])
+                if assigned:
                     self._ends = {tp: int(end) for tp, end in ends.items()}
-                    answered = True
+                answered = True
             # A timeout (an OSError), the broker away, a login refused again.
             except CONNECT_ERRORS:
                 pass  # the fetches' high watermarks meanwhile; asked again next time

@@ -1963,3 +1963,54 @@ async def test_the_backlog_gauge_counts_what_is_not_accounted_for(
 
 async def _ready(value: bool) -> bool:
     return value
+
+
+async def test_a_worker_without_partitions_asks_one_end_offset_not_every_topic(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # One partition, two workers: one of them idle. It still renews the answered gauge, with
+    # one end offset each time; the cluster's metadata (every topic) is for a broker that
+    # does not answer that.
+    monkeypatch.setattr(worker_module, "END_OFFSETS_EVERY", 0.2)
+    asked: dict[int, list[str]] = {}
+
+    def counted(name: str) -> Callable[..., Awaitable[Any]]:
+        method = getattr(AIOKafkaConsumer, name)
+
+        async def call(self: AIOKafkaConsumer, *args: Any) -> Any:
+            asked.setdefault(id(self), []).append(name)
+            return await method(self, *args)
+
+        return call
+
+    for name in ("topics", "end_offsets"):
+        monkeypatch.setattr(AIOKafkaConsumer, name, counted(name))
+    settings = stack.settings()
+    settings["kafka"]["events_topic"] = f"{stack.prefix}.one"
+    await stack.broker.create_topics({settings["kafka"]["events_topic"]: 1})
+    config = load_config(environ={}, overrides=settings)
+    workers = [await start_worker(config, index) for index in range(2)]
+    try:
+
+        async def one_idle() -> Any:
+            held = [bool(w._consumer and w._consumer.assignment()) for w, _, _ in workers]
+            joined = all(w._consumer is not None for w, _, _ in workers)
+            return joined and sorted(held) == [False, True] and workers[held.index(False)][0]
+
+        idle = await until("one worker holds the partition", one_idle, seconds=40)
+        await asyncio.sleep(8)  # the second join's rebalance is over
+        assert (await one_idle()) is idle
+        consumer = idle._consumer
+        assert consumer is not None
+        before = len(asked.get(id(consumer), []))
+        answered = _sample("eobblast_kafka_answered_timestamp_seconds")
+        await asyncio.sleep(2)  # ten rounds
+        assert (await one_idle()) is idle
+        rounds = asked[id(consumer)][before:]
+        assert rounds and set(rounds) == {"end_offsets"}
+        assert _sample("eobblast_kafka_answered_timestamp_seconds") > answered
+    finally:
+        for _, stop, _ in workers:
+            stop.set()
+        for _, _, task in workers:
+            await asyncio.wait_for(task, 30)
