@@ -565,16 +565,21 @@ class Worker:
         answer counts."""
         consumer = self._consumer
         assert consumer is not None
-        first = TopicPartition(self._config.kafka.events_topic, 0)
+        events_topic = self._config.kafka.events_topic
         while not stop.is_set():
             answered = False
             try:
-                assigned = list(consumer.assignment())
-                async with asyncio.timeout(END_OFFSETS_TIMEOUT):
-                    ends = await consumer.end_offsets(assigned or [first])
-                if assigned:
-                    self._ends = {tp: int(end) for tp, end in ends.items()}
-                answered = True
+                asked = assigned = list(consumer.assignment())
+                # Only a partition the metadata knows: another is asked for again and again
+                # until the timeout (the cluster's metadata, below, instead at once).
+                if not assigned and 0 in (consumer.partitions_for_topic(events_topic) or ()):
+                    asked = [TopicPartition(events_topic, 0)]
+                if asked:
+                    async with asyncio.timeout(END_OFFSETS_TIMEOUT):
+                        ends = await consumer.end_offsets(asked)
+                    if assigned:
+                        self._ends = {tp: int(end) for tp, end in ends.items()}
+                    answered = True
             # A timeout (an OSError), the broker away, a login refused again.
             except CONNECT_ERRORS:
                 pass  # the fetches' high watermarks meanwhile; asked again next time
