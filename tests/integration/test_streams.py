@@ -28,6 +28,7 @@ from eobblast.streams import (
     make_producer,
     wait_for_broker,
 )
+from eobblast.streams import kafka as kafka_module
 from eobblast.streams.kafka import (
     MAX_REQUEST_SIZE,
     PLAINTEXT,
@@ -553,3 +554,46 @@ async def test_a_hole_at_the_start_of_a_partition_is_read_again_from_the_committ
     assert taken == list(range(first, 10))
     assert before is not None
     assert metrics.REGISTRY.get_sample_value("eobblast_offset_rereads_total") == before + rereads
+
+
+async def test_every_reader_takes_committed_records_only(
+    broker: EmbeddedBroker, topic_factory: TopicFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A claims system that aborts a transaction takes its events back. Tansu refuses
+    # transactional producers, so this shows what each kind of reader asks the brokers for
+    # (Kafka then leaves out aborted records and holds back open transactions), and that it
+    # reads what was written without a transaction as before.
+    asked: list[str | None] = []
+
+    class Asked(AIOKafkaConsumer):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            asked.append(kwargs.get("isolation_level"))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(kafka_module, "AIOKafkaConsumer", Asked)
+    topic = await topic_factory(partitions=1)
+    await produce(broker.bootstrap, topic, [(b"k", b"v")])
+    consumer = make_consumer(
+        broker.bootstrap,
+        unique_group(),
+        [topic],
+        client_id="t",
+        max_poll_records=10,
+        security=PLAINTEXT,
+        **FAST_GROUP,
+    )
+    async with running_client(consumer):
+        grouped = [value for *_, value in await take(consumer, 1)]
+    read = [
+        r.value
+        async for r in read_to_end(broker.bootstrap, topic, client_id="t", security=PLAINTEXT)
+    ]
+    assert grouped == read == [b"v"]
+    assert asked == ["read_committed", "read_committed"]
+    # And no consumer is made another way.
+    made = [
+        path.name
+        for path in Path(kafka_module.__file__).parents[1].rglob("*.py")
+        for _ in range(path.read_text().count("AIOKafkaConsumer("))
+    ]
+    assert made == ["kafka.py", "kafka.py"]

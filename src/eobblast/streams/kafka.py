@@ -143,6 +143,11 @@ PRODUCER_LINGER_MS = 5
 # event at most this late (the client's default, 500 ms, showed as ~60 ms more before the
 # first status of a burst); a busy one gets its records at once either way.
 FETCH_MAX_WAIT_MS = 100
+# Every reader takes only committed records. A claims system that publishes in a
+# transaction and aborts it has taken those events back: sending one would email a notice
+# that was never issued. A partition is read up to its last stable offset: a transaction
+# still open holds back its records and every later one of that partition until it ends.
+ISOLATION_LEVEL = "read_committed"
 
 
 class BrokerUnavailable(EobblastError):
@@ -283,6 +288,17 @@ def metadata_heard_since(producer: AIOKafkaProducer, since: float) -> bool:
     return heard is None or heard / 1000 >= since
 
 
+def _reader_options(security: KafkaSecurity) -> dict[str, Any]:
+    """What every consumer eobblast makes is given: fetch bounds, committed records only
+    (`ISOLATION_LEVEL`), and the brokers' security."""
+    return {
+        "max_partition_fetch_bytes": MAX_PARTITION_FETCH_BYTES,
+        "fetch_max_wait_ms": FETCH_MAX_WAIT_MS,
+        "isolation_level": ISOLATION_LEVEL,
+        **security.options(),
+    }
+
+
 def make_consumer(
     bootstrap: str,
     group_id: str,
@@ -320,7 +336,6 @@ def make_consumer(
         enable_auto_commit=False,
         auto_offset_reset="earliest",
         max_poll_records=max_poll_records,
-        max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
         session_timeout_ms=session_timeout_ms,
         heartbeat_interval_ms=heartbeat_interval_ms,
         rebalance_timeout_ms=rebalance_timeout_ms,
@@ -328,8 +343,7 @@ def make_consumer(
         # must not time out first (the client would drop the coordinator and join again).
         request_timeout_ms=max(DEFAULT_REQUEST_TIMEOUT_MS, rebalance_timeout_ms + 5_000),
         max_poll_interval_ms=max_poll_interval_ms,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        **security.options(),
+        **_reader_options(security),
     )
     consumer.subscribe(topics=list(topics), listener=rebalance_listener)
     if isinstance(rebalance_listener, ReadAgainListener):
@@ -791,9 +805,7 @@ async def read_to_end(
         group_id=None,
         enable_auto_commit=False,
         auto_offset_reset="earliest",
-        max_partition_fetch_bytes=MAX_PARTITION_FETCH_BYTES,
-        fetch_max_wait_ms=FETCH_MAX_WAIT_MS,
-        **security.options(),
+        **_reader_options(security),
     )
     await start_or_unavailable(consumer, bootstrap, security)
     try:
