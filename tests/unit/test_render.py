@@ -21,6 +21,7 @@ from eobblast.events import EobIssued, Rejection, validate_event
 from eobblast.render import Renderer
 from eobblast.render.mime import (
     BOUNDARY_PREFIX,
+    _from_header,
     _money,
     _money_text,
     _quoted_printable,
@@ -231,6 +232,46 @@ def test_a_long_non_ascii_payer_name_is_folded_into_short_encoded_words(
     # RFC 2047 6.2: the space between adjacent encoded words is not part of the text.
     value = email.message_from_bytes(raw)["From"]
     assert str(make_header(decode_header(value))) == f"{name} <eob-notices@bluehaven.test>"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "Aseguradora Médica del Pacífico Occidental y Compañía de Seguros de Salud S.A. de C.V."
+        " — División Beneficios",
+        'Seguros "La Única", S.A. (México)',
+        "Compañía a=?utf-8?q?x?= Ñ",
+        "Caja de Previsión Social",
+    ],
+)
+def test_a_non_ascii_payer_name_reads_back_whole_in_either_email_parser(name: str) -> None:
+    # Encoded words stand between ASCII words, and a run of others is one encoded word when
+    # it fits: Python's email parser keeps a space between two adjacent encoded words that
+    # RFC 2047 says is not there ("Compa ñía"); other readers follow the RFC.
+    raw = b"From: " + _from_header(name, "eob@payer.test") + b"\r\n\r\n"
+    modern = email.message_from_bytes(raw, policy=email.policy.default)["From"]
+    assert not modern.defects
+    assert modern.addresses[0].display_name == name
+    assert modern.addresses[0].addr_spec == "eob@payer.test"
+    legacy = email.message_from_bytes(raw)["From"]
+    assert str(make_header(decode_header(legacy))) == f"{name} <eob@payer.test>"
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.text(st.characters(blacklist_categories=("Cc", "Cs")), min_size=1, max_size=200).filter(
+        lambda name: not name.isascii()
+    )
+)
+def test_any_non_ascii_payer_name_reads_back_and_keeps_to_the_line_limits(name: str) -> None:
+    raw = b"From: " + _from_header(name, "eob@payer.test") + b"\r\n\r\n"
+    head = raw.partition(b"\r\n\r\n")[0]
+    assert max(len(line) for line in head.split(b"\r\n")) <= 78
+    assert all(len(word) <= 75 for word in re.findall(rb"=\?[^?]+\?[bBqQ]\?[^?]*\?=", head))
+    legacy = email.message_from_bytes(raw)["From"]
+    assert str(make_header(decode_header(legacy))) == f"{name} <eob@payer.test>"
+    modern = email.message_from_bytes(raw, policy=email.policy.default)["From"]
+    assert modern.addresses[0].addr_spec == "eob@payer.test"
 
 
 @settings(max_examples=500, deadline=None)

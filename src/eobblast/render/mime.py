@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import binascii
 import datetime as dt
+import email.charset
 import email.utils
 import hashlib
+import itertools
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -155,10 +157,77 @@ def _subject(language: str, key: str = "subject") -> bytes:
 def _from_header(payer_name: str, address: str) -> bytes:
     if payer_name.isascii():
         return email.utils.formataddr((payer_name, address)).encode("ascii")
-    # RFC 2047: encoded words of at most 75 characters, on folded lines (one long word
-    # would break the 998-character line limit for a long name).
-    words = Header(payer_name, "utf-8", header_name="From").encode(linesep="\r\n", maxlinelen=74)
-    return f"{words}\r\n <{address}>".encode("ascii")
+    return f"{_folded(_phrase_words(payer_name), len('From: '))}\r\n <{address}>".encode("ascii")
+
+
+# RFC 5322 atext: a word of only these stands in a display name as it is.
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,75}")
+_UTF8 = email.charset.Charset("utf-8")
+_ENCODED_WORD = 75  # at most, RFC 2047
+
+
+def _phrase_words(name: str) -> list[str]:
+    """A non-ASCII display name as the words of an RFC 2047 phrase: ASCII words as they
+    are, each run of the others as encoded words.
+
+    Encoded words meet only inside a run too long for one: RFC 2047 says the space between
+    two encoded words is no part of the text, but Python's email parser, for one, keeps a
+    space there and shows "Compañía" split as "Compa ñía". The standard library's own
+    folding splits runs anywhere, so the words are chosen here and only encoded by it.
+    """
+    if name != " ".join(name.split()):
+        return _encoded_words(name)  # spaces of its own (doubled, leading): kept encoded
+    words: list[str] = []
+    run: list[str] = []
+    for word in name.split():
+        if _ATOM.fullmatch(word) and "=?" not in word:
+            if run:
+                words += _encoded_words(" ".join(run))
+                run.clear()
+            words.append(word)
+        else:
+            run.append(word)
+    if run:
+        words += _encoded_words(" ".join(run))
+    return words
+
+
+def _encoded_words(text: str) -> list[str]:
+    """`text` as encoded words of at most 75 characters, split after a space where one is
+    not enough (the space goes with the word before it), within a word only where that
+    word alone is too long."""
+    encoded: list[str] = []
+    pending = ""
+    for piece in re.findall(r"[^ ]+ *| +", text):  # each word with the spaces after it
+        if len(_UTF8.header_encode(pending + piece)) <= _ENCODED_WORD:
+            pending += piece
+            continue
+        if pending:
+            encoded.append(_UTF8.header_encode(pending))
+            pending = ""
+        if len(_UTF8.header_encode(piece)) <= _ENCODED_WORD:
+            pending = piece
+        else:
+            lines = _UTF8.header_encode_lines(piece, itertools.repeat(_ENCODED_WORD))
+            encoded += [line for line in lines if line]
+    if pending:
+        encoded.append(_UTF8.header_encode(pending))
+    return encoded
+
+
+def _folded(words: list[str], start: int) -> str:
+    """The words on lines of at most 76 characters (a line's first character counted
+    from `start`), folded with CRLF and a space."""
+    lines = [words[0]]
+    width = start + len(words[0])
+    for word in words[1:]:
+        if width + 1 + len(word) > 76:
+            lines.append(word)
+            width = 1 + len(word)
+        else:
+            lines[-1] += " " + word
+            width += 1 + len(word)
+    return "\r\n ".join(lines)
 
 
 class _WordsInliner(NodeTransformer):
