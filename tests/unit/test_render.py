@@ -13,7 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from jinja2 import Environment, PackageLoader, StrictUndefined
 
@@ -242,6 +242,8 @@ def test_a_long_non_ascii_payer_name_is_folded_into_short_encoded_words(
         'Seguros "La Única", S.A. (México)',
         "Compañía a=?utf-8?q?x?= Ñ",
         "Caja de Previsión Social",
+        # ASCII, but with what looks like an encoded word: shown as it is, not decoded.
+        "Banco =?utf-8?b?U2VndXJv?=",
     ],
 )
 def test_a_non_ascii_payer_name_reads_back_whole_in_either_email_parser(name: str) -> None:
@@ -263,11 +265,15 @@ def test_a_non_ascii_payer_name_reads_back_whole_in_either_email_parser(name: st
         lambda name: not name.isascii()
     )
 )
+@example("Ñ" + "a" * 70)  # the longest Q-encoded first word
+@example("A" * 70 + " é")  # the longest atom first
+@example("株式会社\u3000日本健康保険組合連合会東京都支部第一事業部")
 def test_any_non_ascii_payer_name_reads_back_and_keeps_to_the_line_limits(name: str) -> None:
     raw = b"From: " + _from_header(name, "eob@payer.test") + b"\r\n\r\n"
     head = raw.partition(b"\r\n\r\n")[0]
-    assert max(len(line) for line in head.split(b"\r\n")) <= 78
-    assert all(len(word) <= 75 for word in re.findall(rb"=\?[^?]+\?[bBqQ]\?[^?]*\?=", head))
+    # RFC 2047: a line with an encoded word is at most 76 characters; the address's own
+    # line aside.
+    assert max(len(line) for line in head.split(b"\r\n")[:-1]) <= 76
     legacy = email.message_from_bytes(raw)["From"]
     assert str(make_header(decode_header(legacy))) == f"{name} <eob@payer.test>"
     modern = email.message_from_bytes(raw, policy=email.policy.default)["From"]

@@ -155,25 +155,31 @@ def _subject(language: str, key: str = "subject") -> bytes:
 
 @lru_cache(maxsize=256)
 def _from_header(payer_name: str, address: str) -> bytes:
-    if payer_name.isascii():
+    # An ASCII name that holds "=?" goes encoded too: as it is, a reader would decode what
+    # looks like an encoded word in it and show whatever text that carries.
+    if payer_name.isascii() and "=?" not in payer_name:
         return email.utils.formataddr((payer_name, address)).encode("ascii")
     return f"{_folded(_phrase_words(payer_name), len('From: '))}\r\n <{address}>".encode("ascii")
 
 
-# RFC 5322 atext: a word of only these stands in a display name as it is.
-_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,75}")
+# RFC 5322 atext: a word of only these stands in a display name as it is. At most 70
+# characters, as an encoded word: the first line holds "From: " too, and a line with
+# encoded words has at most 76 (RFC 2047).
+_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]{1,70}")
 _UTF8 = email.charset.Charset("utf-8")
-_ENCODED_WORD = 75  # at most, RFC 2047
+_ENCODED_WORD = 70
 
 
 def _phrase_words(name: str) -> list[str]:
-    """A non-ASCII display name as the words of an RFC 2047 phrase: ASCII words as they
-    are, each run of the others as encoded words.
+    """A display name (non-ASCII, or holding "=?") as the words of an RFC 2047 phrase:
+    ASCII words as they are, each run of the others as encoded words.
 
     Encoded words meet only inside a run too long for one: RFC 2047 says the space between
-    two encoded words is no part of the text, but Python's email parser, for one, keeps a
-    space there and shows "Compañía" split as "Compa ñía". The standard library's own
-    folding splits runs anywhere, so the words are chosen here and only encoded by it.
+    two encoded words is no part of the text, but Python's email parser (CPython
+    gh-128110), for one, keeps a space there and showed "Compañía" split as "Compa ñía".
+    The standard library's own folding splits runs anywhere, so the words are chosen here
+    and only encoded by it. A run that needs more than one encoded word still reads in such
+    a parser with a space doubled (split after a space) or added (a long word split).
     """
     if name != " ".join(name.split()):
         return _encoded_words(name)  # spaces of its own (doubled, leading): kept encoded
@@ -193,12 +199,12 @@ def _phrase_words(name: str) -> list[str]:
 
 
 def _encoded_words(text: str) -> list[str]:
-    """`text` as encoded words of at most 75 characters, split after a space where one is
+    """`text` as encoded words of at most 70 characters, split after a space where one is
     not enough (the space goes with the word before it), within a word only where that
     word alone is too long."""
     encoded: list[str] = []
     pending = ""
-    for piece in re.findall(r"[^ ]+ *| +", text):  # each word with the spaces after it
+    for piece in re.findall(r"\S+\s*|\s+", text):  # each word with the spaces after it
         if len(_UTF8.header_encode(pending + piece)) <= _ENCODED_WORD:
             pending += piece
             continue
