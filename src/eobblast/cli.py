@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import signal
 import sys
@@ -208,14 +209,18 @@ def sandbox(out: Path, port: int) -> None:
     _run(serve())
 
 
-@main.command()
-@config_option()
-@click.option(
+# What `run` starts, and what `check` checks the events topic's partitions against.
+_workers_option = click.option(
     "--workers",
     type=click.IntRange(min=1),
     default=None,
     help="Worker processes (default: [workers] count, or one per core).",
 )
+
+
+@main.command()
+@config_option()
+@_workers_option
 @click.option(
     "--log-level",
     default="INFO",
@@ -260,31 +265,49 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
 
 def _check_signing_keys(config: Config) -> None:
     """Refuse to start workers that could sign nothing: every notice would fail."""
-    from eobblast.protect.dkim import load_signer, signing_domains
+    from eobblast.preflight import no_signing_key_text, signing_keys
 
-    dkim = config.dkim
     log = logging.getLogger("eobblast.cli")
     try:
-        found = signing_domains(dkim.key_dir, dkim.selector)
+        keys = signing_keys(config)
     except ConfigError as exc:
         raise click.ClickException(exc.detail) from None
-    usable = []
-    for domain in found:
-        try:
-            load_signer(dkim.key_dir, domain, dkim.selector, ed25519=dkim.ed25519)
-        except ConfigError as exc:
-            log.error("DKIM key unusable", extra={"domain": domain, "cause": exc.detail})
-        else:
-            usable.append(domain)
-    if not usable:
-        keys = "an RSA key" + (" and an Ed25519 key ([dkim] ed25519 is on)" if dkim.ed25519 else "")
-        raise click.ClickException(
-            f"no usable DKIM key for selector {dkim.selector!r} in {dkim.key_dir} (each sending"
-            f" domain needs {keys}): every notice would fail (no_signing_key). Create them"
-            f" with `eobblast keys generate -d DOMAIN --key-dir {dkim.key_dir} --selector"
-            f" {dkim.selector}`, or point [dkim] key_dir at the keys"
-        )
-    log.info("DKIM keys found", extra={"key_dir": str(dkim.key_dir), "domains": usable})
+    for domain, cause in keys.unusable.items():
+        log.error("DKIM key unusable", extra={"domain": domain, "cause": cause})
+    if not keys.usable:
+        raise click.ClickException(no_signing_key_text(config))
+    log.info("DKIM keys found", extra={"key_dir": str(config.dkim.key_dir), "domains": keys.usable})
+
+
+@main.command()
+@config_option()
+@_workers_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
+def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
+    """Check what `eobblast run` needs, changing nothing: DKIM keys, the brokers and the
+    topics, the stores, the static SMTP routes. Exits 1 if any check fails."""
+    from rich.markup import escape
+
+    from eobblast.preflight import Verdict, preflight
+    from eobblast.supervisor import worker_count
+
+    config = command_config(config_path)
+    findings = _run(preflight(config, workers=workers or worker_count(config)))
+    if as_json:
+        for finding in findings:
+            click.echo(orjson.dumps(dataclasses.asdict(finding)))
+    else:
+        table = Table(title=f"eobblast check: {config_path or 'defaults'}")
+        for column in ("check", "result", "detail"):
+            table.add_column(column)
+        styles = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "bold red"}
+        for finding in findings:
+            result = f"[{styles.get(finding.verdict, 'dim')}]{finding.verdict}[/]"
+            table.add_row(finding.check, result, escape(finding.detail))
+        console.print(table)
+    failed = [finding.check for finding in findings if finding.verdict is Verdict.FAIL]
+    if failed:
+        raise click.ClickException(f"{len(failed)} check(s) failed: {', '.join(failed)}")
 
 
 @main.command()

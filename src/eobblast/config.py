@@ -311,9 +311,8 @@ class Config:
     bounces: BouncesConfig = field(default_factory=BouncesConfig)
 
 
-def store_files(config: Config) -> dict[str, Path]:
-    """The SQLite file of every store `eobblast run` opens with this configuration and a
-    `sqlite:///` URL, by setting."""
+def store_urls(config: Config) -> dict[str, str]:
+    """The URL of every store `eobblast run` opens with this configuration, by setting."""
     urls = {
         "ledger.url": config.ledger.url,
         "portal.escrow_url": config.portal.escrow_url,
@@ -323,7 +322,13 @@ def store_files(config: Config) -> dict[str, Path]:
         urls["bounces.store_url"] = config.bounces.store_url
     if config.shaping.enabled:
         urls["shaping.budgets_url"] = config.shaping.budgets_url
-    files = {name: sqlite_path(url, name) for name, url in urls.items()}
+    return urls
+
+
+def store_files(config: Config) -> dict[str, Path]:
+    """The SQLite file of every store `eobblast run` opens with this configuration and a
+    `sqlite:///` URL, by setting."""
+    files = {name: sqlite_path(url, name) for name, url in store_urls(config).items()}
     return {name: path for name, path in files.items() if path is not None}
 
 

@@ -562,3 +562,24 @@ async def test_replay_and_the_bounce_listener_go_through_tls(tmp_path: Path, pki
         assert later and "delivered" not in {s.status for s in later}
         members = {orjson.loads(e)["event_id"]: orjson.loads(e)["member"]["id"] for e in events}
         assert [orjson.loads(value)["member_id"] for _, value in asked] == [members[bounced_id]]
+
+
+async def test_eobblast_check_reaches_the_brokers_through_tls_or_says_why(
+    tmp_path: Path, pki: TestPki
+) -> None:
+    other = make_test_pki(tmp_path / "other-pki", [LOOPBACK])
+    async with tls_kafka(tmp_path, pki) as kafka:
+        prepare(tmp_path)
+        async with Sandbox(DOMAINS, tmp_path / "mail", pki) as sandbox:
+            stack = Stack(kafka.broker, sandbox, pki, tmp_path)
+            verdicts = []
+            for ca in (pki.ca, other.ca):
+                config_file = tmp_path / "eobblast.toml"
+                config_file.write_text(tomli_w.dumps(_tls_settings(stack, kafka.bootstrap, ca)))
+                _, out, _ = await _eobblast("check", "--config", str(config_file), "--json")
+                [found] = [
+                    f for line in out.splitlines() if (f := orjson.loads(line))["check"] == "kafka"
+                ]
+                verdicts.append((found["verdict"], found["detail"]))
+    assert verdicts[0] == ("ok", f"{kafka.bootstrap} answered (SSL)")
+    assert verdicts[1][0] == "fail" and "CERTIFICATE_VERIFY_FAILED" in verdicts[1][1]

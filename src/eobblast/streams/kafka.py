@@ -91,6 +91,7 @@ __all__ = [
     "read_to_end",
     "retrieved",
     "start_or_unavailable",
+    "topic_partitions",
     "unprotected_brokers",
     "wait_for_broker",
 ]
@@ -503,6 +504,26 @@ def connect_error_text(error: BaseException, security: KafkaSecurity) -> str:
     if security.sasl_mechanism is not None and isinstance(error, KeyError | ValueError):
         return f"{type(error).__name__}: SASL login refused"
     return error_text(error)
+
+
+async def topic_partitions(bootstrap: str, security: KafkaSecurity) -> dict[str, int]:
+    """Every topic the brokers know, with its number of partitions. The cluster's metadata
+    is asked for whole, so no topic is created by asking (as asking for one by name may,
+    where the brokers create topics on first use). Raises what connecting raises."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap,
+        client_id="eobblast-check",
+        group_id=None,
+        enable_auto_commit=False,
+        **_reader_options(security),
+    )
+    await start_or_unavailable(consumer, bootstrap, security)
+    try:
+        async with asyncio.timeout(PROBE_TIMEOUT):
+            topics = await consumer.topics()
+        return {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in topics}
+    finally:
+        await consumer.stop()
 
 
 async def create_topics(
