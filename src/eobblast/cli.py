@@ -297,14 +297,14 @@ def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
         for finding in findings:
             click.echo(orjson.dumps(dataclasses.asdict(finding)))
     else:
-        table = Table(title=f"eobblast check: {config_path or 'defaults'}")
+        table = Table(title=escape(f"eobblast check: {config_path or 'defaults'}"))
         for column in ("check", "result", "detail"):
             table.add_column(column)
         styles = {Verdict.OK: "green", Verdict.WARN: "yellow", Verdict.FAIL: "bold red"}
         for finding in findings:
             result = f"[{styles.get(finding.verdict, 'dim')}]{finding.verdict}[/]"
-            table.add_row(finding.check, result, escape(finding.detail))
-        console.print(table)
+            table.add_row(escape(finding.check), result, escape(finding.detail))
+        Console().print(table)  # the report itself: standard output
     failed = [finding.check for finding in findings if finding.verdict is Verdict.FAIL]
     if failed:
         raise click.ClickException(f"{len(failed)} check(s) failed: {', '.join(failed)}")

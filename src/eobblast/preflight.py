@@ -1,25 +1,33 @@
 """`eobblast check`: what `eobblast run` needs, checked before it runs, without changing
 anything.
 
-Each check gives a `Finding`: the DKIM keys the workers sign with, the brokers (reached with
-the configured TLS and SASL settings), the topics the workers read and write, every store
-(a SQLite file's directory, a PostgreSQL server) and the static SMTP routes. Nothing is
-created: no topic, no table, no key, no file. Details name settings, files, hosts and
-topics, never a store URL (it may carry a password) and nothing of an event.
+Each check gives a `Finding`: the DKIM keys the workers sign with; the files the workers
+read at start (the transport's CA bundle, the shaping pools and warm-up files, the bounce
+rules); the brokers (reached with the configured TLS and SASL settings); the topics the
+workers read and write; every store (where a SQLite file would be, a PostgreSQL server and
+its schema); each static SMTP route (its greeting and a STARTTLS verified as delivery
+verifies it). Nothing is created: no topic, no table, no key, no file. Details name
+settings, files, hosts and topics, never a store URL (it may carry a password) and nothing
+of an event. Not checked: the secrets the workers create when missing (VERP, escrow and
+member-reference keys) and routes found by MX lookups.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import os
+import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
+from eobblast.shaping.pools import load_pools
+from eobblast.shaping.settings import load_shaping
 from eobblast.state.sqlite import POSTGRES_PREFIXES, sqlite_path
 from eobblast.streams.kafka import (
     CONNECT_ERRORS,
@@ -29,7 +37,13 @@ from eobblast.streams.kafka import (
     probe_broker,
     topic_partitions,
 )
-from eobblast.transport import Route, parse_static_routes
+from eobblast.transport import (
+    Route,
+    RouteTrouble,
+    make_tls_context,
+    parse_static_routes,
+    probe_route,
+)
 
 # How long one server (broker, PostgreSQL, SMTP route) may take to answer.
 ANSWER_TIMEOUT = 10.0
@@ -91,14 +105,12 @@ def no_signing_key_text(config: Config) -> str:
 
 async def preflight(config: Config, *, workers: int) -> list[Finding]:
     """Every check, in order, for `eobblast run` with `workers` worker processes."""
-    findings = [_dkim(config)]
+    findings = [_dkim(config), *_files(config)]
     findings += await _kafka(config, workers)
     findings += await asyncio.gather(
         *(_store(setting, url) for setting, url in store_urls(config).items())
     )
-    findings += await asyncio.gather(
-        *(_route(domain, route.host, route.port) for domain, route in _routes(config))
-    )
+    findings += await _routes(config)
     return findings
 
 
@@ -114,6 +126,39 @@ def _dkim(config: Config) -> Finding:
         broken = "; ".join(f"{domain}: {cause}" for domain, cause in keys.unusable.items())
         return Finding("dkim keys", Verdict.WARN, f"{detail}; unusable: {broken}")
     return Finding("dkim keys", Verdict.OK, detail)
+
+
+def _files(config: Config) -> list[Finding]:
+    """The files the workers read at start, read the way they read them."""
+    found = []
+    ca = config.transport.ca_bundle
+    try:
+        make_tls_context(str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        found.append(Finding("transport ca_bundle", Verdict.FAIL, f"{ca}: {reason}"))
+    else:
+        trust = str(ca) if ca else "the system's CA certificates"
+        found.append(Finding("transport ca_bundle", Verdict.OK, trust))
+    loads: list[tuple[str, Path | None, Callable[[], object]]] = []
+    shaping = config.shaping
+    if shaping.pools_file is not None:  # shaping on
+        pools = shaping.pools_file
+        loads.append(("shaping pools_file", pools, lambda: load_pools(pools)))
+        loads.append(
+            ("shaping warmup_file", shaping.warmup_file, lambda: load_shaping(shaping.warmup_file))
+        )
+    if config.bounces.enabled:
+        rules = config.bounces.rules_file
+        loads.append(("bounces rules_file", rules, lambda: load_rules(rules)))
+    for check, path, load in loads:
+        try:
+            load()
+        except ConfigError as exc:
+            found.append(Finding(check, Verdict.FAIL, exc.detail))
+        else:
+            found.append(Finding(check, Verdict.OK, str(path or "the packaged default")))
+    return found
 
 
 async def _kafka(config: Config, workers: int) -> list[Finding]:
@@ -171,11 +216,18 @@ async def _store(setting: str, url: str) -> Finding:
     except ConfigError as exc:
         return Finding(check, Verdict.FAIL, exc.detail)
     if path is not None:
-        return _sqlite_file(check, path)
+        try:
+            return _sqlite_file(check, path)
+        except OSError as exc:
+            return Finding(check, Verdict.FAIL, f"{path}: {exc.strerror or type(exc).__name__}")
     if not url.startswith(POSTGRES_PREFIXES):
         return Finding(
             check, Verdict.FAIL, f"{setting} must start with sqlite:/// or postgresql://"
         )
+    return await _postgres(check, url)
+
+
+async def _postgres(check: str, url: str) -> Finding:
     import psycopg
 
     try:
@@ -184,48 +236,61 @@ async def _store(setting: str, url: str) -> Finding:
                 url, autocommit=True, connect_timeout=int(ANSWER_TIMEOUT)
             )
             try:
-                await conn.execute("SELECT 1")
+                cursor = await conn.execute(
+                    "SELECT current_schema(), has_schema_privilege(current_schema(), 'CREATE')"
+                )
+                schema, can_create = await cursor.fetchone() or (None, False)
             finally:
                 await conn.close()
+    except psycopg.ProgrammingError:
+        # Its message may quote the URL, password included.
+        return Finding(check, Verdict.FAIL, "the PostgreSQL URL cannot be parsed")
     except (psycopg.Error, OSError) as exc:  # TimeoutError is an OSError
-        # The message may quote the URL, password included: its kind only.
-        return Finding(check, Verdict.FAIL, f"PostgreSQL not reached ({type(exc).__name__})")
-    return Finding(check, Verdict.OK, "PostgreSQL answered")
+        state = getattr(exc, "sqlstate", None)
+        why = type(exc).__name__ + (f", SQLSTATE {state}" if state else "")
+        return Finding(check, Verdict.FAIL, f"PostgreSQL not reached ({why})")
+    if schema is None:
+        return Finding(check, Verdict.FAIL, "PostgreSQL answered; its search_path names no schema")
+    if not can_create:
+        why = f"PostgreSQL answered; no CREATE in schema {schema} (fine if the tables are there)"
+        return Finding(check, Verdict.WARN, why)
+    return Finding(check, Verdict.OK, f"PostgreSQL answered (schema {schema})")
 
 
 def _sqlite_file(check: str, path: Path) -> Finding:
-    if path.exists():
-        if not (path.is_file() and os.access(path, os.R_OK | os.W_OK)):
-            return Finding(check, Verdict.FAIL, f"{path} cannot be read and written")
-        found = Finding(check, Verdict.OK, f"{path} (exists)")
-    elif path.parent.is_dir() and os.access(path.parent, os.W_OK | os.X_OK):
-        found = Finding(check, Verdict.OK, f"{path} (created at the first start)")
-    else:
-        return Finding(check, Verdict.FAIL, f"{path}: its directory is missing or not writable")
+    # The first start creates the file and any missing directories (`open_sqlite`); SQLite
+    # writes its WAL beside the file.
+    existing = path if path.exists() else next(p for p in path.parents if p.exists())
+    directory = existing.parent if existing == path else existing
+    if existing == path and not (path.is_file() and os.access(path, os.R_OK | os.W_OK)):
+        return Finding(check, Verdict.FAIL, f"{path} cannot be read and written")
+    if not (directory.is_dir() and os.access(directory, os.W_OK | os.X_OK)):
+        return Finding(check, Verdict.FAIL, f"{path}: {directory} is not a writable directory")
+    detail = f"{path} (exists)" if existing == path else f"{path} (created at the first start)"
     if not path.is_absolute():
         # Started from another directory, `eobblast run` would find another, empty store.
-        return Finding(check, Verdict.WARN, f"{found.detail}, relative to {Path.cwd()}")
-    return found
+        return Finding(check, Verdict.WARN, f"{detail}, relative to {Path.cwd()}")
+    return Finding(check, Verdict.OK, detail)
 
 
-def _routes(config: Config) -> list[tuple[str, Route]]:
-    return sorted(parse_static_routes(config.transport.routes).items())
-
-
-async def _route(domain: str, host: str, port: int) -> Finding:
-    check = f"route {domain}"
-    writer = None
+async def _routes(config: Config) -> list[Finding]:
+    transport = config.transport
     try:
-        async with asyncio.timeout(ANSWER_TIMEOUT):
-            reader, writer = await asyncio.open_connection(host, port)
-            greeting = await reader.readline()
-    except OSError as exc:
-        return Finding(check, Verdict.FAIL, f"{host}:{port} not reached ({type(exc).__name__})")
-    finally:
-        if writer is not None:
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-    if not greeting.startswith(b"220"):
-        return Finding(check, Verdict.FAIL, f"{host}:{port} did not greet as an SMTP server")
-    return Finding(check, Verdict.OK, f"{host}:{port} greets")
+        routes = sorted(parse_static_routes(transport.routes).items())
+    except ConfigError as exc:
+        return [Finding("routes", Verdict.FAIL, exc.detail)]
+    try:
+        context = make_tls_context(str(transport.ca_bundle) if transport.ca_bundle else None)
+    except (OSError, ssl.SSLError):
+        return [Finding(f"route {d}", Verdict.SKIPPED, "no CA bundle") for d, _ in routes]
+    wait = max(transport.connect_timeout, transport.command_timeout)
+
+    async def probe(domain: str, route: Route) -> Finding:
+        check = f"route {domain}"
+        try:
+            version = await probe_route(route, context, transport.ehlo_name, wait)
+        except RouteTrouble as trouble:
+            return Finding(check, Verdict.FAIL, str(trouble))
+        return Finding(check, Verdict.OK, f"{route.host}:{route.port} greets, {version} verified")
+
+    return list(await asyncio.gather(*(probe(domain, route) for domain, route in routes)))

@@ -4,22 +4,36 @@ receivers: what it finds, what it names, and that it changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 import tomli_w
 
+from eobblast.sandbox import make_test_pki
 from eobblast.streams import EmbeddedBroker
 from eobblast.streams.kafka import PLAINTEXT, topic_partitions
 from tests.conftest import throwaway_pg_schema
 from tests.integration.worker_stack import Stack, accept_domains, sandbox_stack
-from tests.kafka_fixtures import free_port
 
-PASSWORD = "s3cret-pw"  # in a store URL: never in what check prints
+# In store URLs: never in what check prints. libpq quotes the second in its error message.
+PASSWORD = "s3cret-pw"
+UNPARSABLE = "s3cret%zz"
+
+
+@contextlib.contextmanager
+def refusing_port() -> Iterator[int]:
+    """A loopback port bound and not listening, for the test's duration: connections to it
+    are refused, and no other test can take it meanwhile."""
+    with socket.socket() as bound:
+        bound.bind(("127.0.0.1", 0))
+        yield bound.getsockname()[1]
 
 
 @pytest.fixture
@@ -64,14 +78,16 @@ async def check(
 async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_path: Path) -> None:
     await _bounce_topics(stack)
     settings = _settings(stack)
-    with throwaway_pg_schema("check") as pg_url:
-        settings["ledger"]["url"] = pg_url
-        # More workers than the events topic has partitions: a warning, not a failure.
-        code, findings, text = await check(settings, tmp_path / "eobblast.toml", "--workers", "6")
+    # A store whose directory the first start makes: fine.
+    settings["portal"]["escrow_url"] = f"sqlite:///{tmp_path / 'new' / 'escrow.db'}"
+    # More workers than the events topic has partitions: a warning, not a failure.
+    code, findings, text = await check(settings, tmp_path / "eobblast.toml", "--workers", "6")
     assert code == 0, text
     verdicts = {name: finding["verdict"] for name, finding in findings.items()}
     assert verdicts == {
         "dkim keys": "ok",
+        "transport ca_bundle": "ok",
+        "bounces rules_file": "ok",
         "kafka": "ok",
         "topic events": "warn",
         "topic delivery": "ok",
@@ -88,11 +104,30 @@ async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_pat
     assert findings["topic events"]["detail"] == (
         f"{stack.events_topic}: 4 partition(s) for 6 workers: 2 would have nothing to read"
     )
-    assert findings["store ledger.url"]["detail"] == "PostgreSQL answered"
     assert "created at the first start" in findings["store portal.escrow_url"]["detail"]
-    # Read, not made: the stores' files are still to be created.
-    assert not (tmp_path / "escrow.db").exists()
+    for domain in stack.domains:  # STARTTLS, verified against the configured CA
+        assert findings[f"route {domain}"]["detail"].endswith("TLSv1.3 verified")
+    # Read, not made: the stores' files and directories are still to be created.
+    assert not (tmp_path / "new").exists()
     assert not (tmp_path / "bounces.db").exists()
+
+
+async def test_a_postgresql_store_is_reached_and_nothing_is_created(
+    stack: Stack, tmp_path: Path
+) -> None:
+    await _bounce_topics(stack)
+    settings = _settings(stack)
+    with throwaway_pg_schema("check") as pg_url:
+        settings["ledger"]["url"] = pg_url
+        code, findings, text = await check(settings, tmp_path / "eobblast.toml")
+        with psycopg.connect(pg_url) as conn:
+            tables = conn.execute(
+                "SELECT count(*) FROM pg_tables WHERE schemaname = current_schema()"
+            ).fetchone()
+    assert code == 0, text
+    assert findings["store ledger.url"]["verdict"] == "ok"
+    assert findings["store ledger.url"]["detail"].startswith("PostgreSQL answered (schema check_")
+    assert tables == (0,)
 
 
 async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path: Path) -> None:
@@ -100,42 +135,65 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     settings = _settings(stack)
     missing_topic = f"{stack.prefix}.typo"
     settings["kafka"]["delivery_topic"] = missing_topic
-    settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{free_port()}/eob"
-    settings["portal"]["escrow_url"] = f"sqlite:///{tmp_path / 'no-such-dir' / 'escrow.db'}"
+    (tmp_path / "a-file").write_text("")
+    settings["portal"]["escrow_url"] = f"sqlite:///{tmp_path / 'a-file' / 'escrow.db'}"
     domain = stack.domains[0]
-    settings["transport"]["routes"][domain] = f"127.0.0.1:{free_port()}"
     settings["dkim"]["key_dir"] = str(tmp_path / "empty-keys")
     (tmp_path / "empty-keys").mkdir()
-    code, findings, text = await check(settings, tmp_path / "eobblast.toml")
+    settings["bounces"]["rules_file"] = str(tmp_path / "no-rules.toml")
+    with refusing_port() as pg_port, refusing_port() as smtp_port:
+        settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
+        settings["bounces"]["store_url"] = f"postgresql://eob:{UNPARSABLE}@127.0.0.1:{pg_port}/eob"
+        settings["transport"]["routes"][domain] = f"127.0.0.1:{smtp_port}"
+        code, findings, text = await check(settings, tmp_path / "eobblast.toml")
     assert code == 1
     failed = {name for name, finding in findings.items() if finding["verdict"] == "fail"}
     assert failed == {
         "dkim keys",
+        "bounces rules_file",
         "topic delivery",
         "store ledger.url",
+        "store bounces.store_url",
         "store portal.escrow_url",
         f"route {domain}",
     }
-    assert "Error: 5 check(s) failed" in text
+    assert "Error: 7 check(s) failed" in text
     assert findings["topic delivery"]["detail"] == f"{missing_topic} is not on the brokers"
     assert "eobblast keys generate" in findings["dkim keys"]["detail"]
+    assert "no-rules.toml" in findings["bounces rules_file"]["detail"]
     assert findings["store ledger.url"]["detail"].startswith("PostgreSQL not reached")
-    assert "no-such-dir" in findings["store portal.escrow_url"]["detail"]
-    assert PASSWORD not in text
+    assert findings["store bounces.store_url"]["detail"] == "the PostgreSQL URL cannot be parsed"
+    assert "is not a writable directory" in findings["store portal.escrow_url"]["detail"]
+    assert findings[f"route {domain}"]["detail"].startswith(f"127.0.0.1:{smtp_port} not reached")
+    for secret in (PASSWORD, UNPARSABLE, "s3cret"):
+        assert secret not in text
     # Asking created nothing: the misspelt topic is still not there.
     assert missing_topic not in await topic_partitions(stack.broker.bootstrap, PLAINTEXT)
-    assert not (tmp_path / "no-such-dir").exists()
+
+
+async def test_a_route_whose_certificate_is_not_trusted_fails(stack: Stack, tmp_path: Path) -> None:
+    await _bounce_topics(stack)
+    settings = _settings(stack)
+    other = make_test_pki(tmp_path / "other-pki", ["elsewhere.test"])
+    settings["transport"]["ca_bundle"] = str(other.ca)
+    code, findings, _ = await check(settings, tmp_path / "eobblast.toml")
+    assert code == 1
+    for domain in stack.domains:
+        finding = findings[f"route {domain}"]
+        assert finding["verdict"] == "fail"
+        assert "TLS failed (CERTIFICATE_VERIFY_FAILED)" in finding["detail"]
 
 
 async def test_brokers_out_of_reach_fail_and_their_topics_are_not_checked(
     stack: Stack, tmp_path: Path
 ) -> None:
     settings = _settings(stack)
-    settings["kafka"]["bootstrap"] = f"127.0.0.1:{free_port()}"
-    code, findings, _ = await check(settings, tmp_path / "eobblast.toml")
+    with refusing_port() as port:
+        settings["kafka"]["bootstrap"] = f"127.0.0.1:{port}"
+        code, findings, _ = await check(settings, tmp_path / "eobblast.toml")
     assert code == 1
     assert findings["kafka"]["verdict"] == "fail"
-    assert "Connection refused" in findings["kafka"]["detail"]
+    assert "ConnectionRefusedError" in findings["kafka"]["detail"]
     topics = {name: f for name, f in findings.items() if name.startswith("topic ")}
     assert len(topics) == 6
     assert {f["verdict"] for f in topics.values()} == {"skipped"}

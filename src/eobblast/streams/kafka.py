@@ -510,20 +510,18 @@ async def topic_partitions(bootstrap: str, security: KafkaSecurity) -> dict[str,
     """Every topic the brokers know, with its number of partitions. The cluster's metadata
     is asked for whole, so no topic is created by asking (as asking for one by name may,
     where the brokers create topics on first use). Raises what connecting raises."""
-    consumer = AIOKafkaConsumer(
+    client = AIOKafkaClient(
         bootstrap_servers=bootstrap,
         client_id="eobblast-check",
-        group_id=None,
-        enable_auto_commit=False,
-        **_reader_options(security),
+        request_timeout_ms=int(PROBE_TIMEOUT * 1000),
+        **security.options(),
     )
-    await start_or_unavailable(consumer, bootstrap, security)
     try:
-        async with asyncio.timeout(PROBE_TIMEOUT):
-            topics = await consumer.topics()
-        return {topic: len(consumer.partitions_for_topic(topic) or ()) for topic in topics}
+        await client.bootstrap()
+        cluster = await client.fetch_all_metadata()
     finally:
-        await consumer.stop()
+        await client.close()
+    return {topic: len(cluster.partitions_for_topic(topic) or ()) for topic in cluster.topics()}
 
 
 async def create_topics(

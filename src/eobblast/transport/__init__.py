@@ -18,12 +18,14 @@ from eobblast.transport.pool import (
     SmtpReplyError,
     make_tls_context,
 )
+from eobblast.transport.probe import RouteTrouble, probe_route
 from eobblast.transport.routes import Route, Router, parse_static_routes
 
 __all__ = [
     "ConnectionLimits",
     "PoolKey",
     "Route",
+    "RouteTrouble",
     "Router",
     "SmtpPool",
     "SmtpReply",
@@ -31,6 +33,7 @@ __all__ = [
     "Transport",
     "make_tls_context",
     "parse_static_routes",
+    "probe_route",
 ]
 
 # A 421 or a hang-up before the message was accepted is retried on a fresh connection.
