@@ -284,7 +284,9 @@ def test_pathological_text_is_classified_quickly() -> None:
     start = time.perf_counter()
     for text in ("a" * 100_000, "550 " * 20_000, "mailbox " * 10_000 + "full", "@" * 50_000):
         classify_reply(550, None, text)
-    assert time.perf_counter() - start < 1.0
+    # A hang guard, not a speed measure (benchmarks measure speed): a pattern that
+    # backtracked on these texts would take minutes; classifying them takes milliseconds.
+    assert time.perf_counter() - start < 60.0
 
 
 # --------------------------------------------------------------------------- rules table

@@ -81,13 +81,10 @@ def parsed() -> list[tuple[dict[str, Any], ParsedBounce]]:
 
 
 @needs_corpus
-def test_every_message_parses_quickly_and_without_raising() -> None:
-    start = time.perf_counter()
+def test_every_message_parses_without_raising() -> None:
     results = [parse_bounce(raw) for _, raw in corpus()]
-    elapsed = time.perf_counter() - start
     assert len(results) == 632
     assert all(isinstance(r, ParsedBounce) for r in results)
-    assert elapsed < 5.0
 
 
 @needs_corpus
@@ -301,7 +298,10 @@ def test_deeply_nested_multiparts_are_bounded() -> None:
     start = time.perf_counter()
     result = parse_bounce(raw)
     assert isinstance(result, ParsedBounce)
-    assert time.perf_counter() - start < 5.0
+    # A hang guard, not a speed measure (benchmarks measure speed): it took 7 s once in a
+    # loaded CI run where it usually takes 2; work that grew with the nesting's square
+    # would take many minutes.
+    assert time.perf_counter() - start < 60.0
 
 
 def test_huge_headers_and_bodies_are_bounded() -> None:
@@ -315,6 +315,8 @@ def test_huge_headers_and_bodies_are_bounded() -> None:
     )
     start = time.perf_counter()
     result = parse_bounce(raw)
-    assert time.perf_counter() - start < 5.0
+    # A hang guard, not a speed measure (benchmarks measure speed): work quadratic in
+    # these 2 MB would take many minutes on any machine; the parse takes well under 1 s.
+    assert time.perf_counter() - start < 60.0
     assert result.is_bounce is True
     assert len(result.recipients) <= 100
