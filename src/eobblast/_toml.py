@@ -13,11 +13,13 @@ from eobblast.errors import ConfigError
 
 def read_text(path: Path, what: str = "") -> str:
     """A UTF-8 file's text; an I/O problem is a ConfigError ("cannot read <what> <path>")."""
+    named = f"{what} {path}" if what else str(path)
     try:
         return path.read_text(encoding="utf-8")
     except OSError as exc:
-        named = f"{what} {path}" if what else str(path)
         raise ConfigError(f"cannot read {named}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"cannot read {named}: not UTF-8 (byte {exc.start})") from None
 
 
 def read_toml(path: Path) -> dict[str, Any]:

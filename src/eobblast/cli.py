@@ -284,8 +284,9 @@ def _check_signing_keys(config: Config) -> None:
 @_workers_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per check.")
 def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
-    """Check what `eobblast run` needs, changing nothing: DKIM keys, the brokers and the
-    topics, the stores, the static SMTP routes. Exits 1 if any check fails."""
+    """Check what `eobblast run` needs, changing nothing: DKIM keys, the files read at
+    start, the brokers and the topics, the stores, the static SMTP routes (STARTTLS
+    verified). Exits 1 if any check fails."""
     from rich.markup import escape
 
     from eobblast.preflight import Verdict, preflight

@@ -26,6 +26,7 @@ from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
+from eobblast.shaping.engine import ShapingConfig
 from eobblast.shaping.pools import load_pools
 from eobblast.shaping.settings import load_shaping
 from eobblast.state.sqlite import POSTGRES_PREFIXES, sqlite_path
@@ -44,8 +45,10 @@ from eobblast.transport import (
     parse_static_routes,
     probe_route,
 )
+from eobblast.transport.probe import where
 
-# How long one server (broker, PostgreSQL, SMTP route) may take to answer.
+# How long the brokers' metadata and a PostgreSQL server may take to answer. SMTP routes get
+# the transport's own timeouts.
 ANSWER_TIMEOUT = 10.0
 
 
@@ -145,9 +148,7 @@ def _files(config: Config) -> list[Finding]:
     if shaping.pools_file is not None:  # shaping on
         pools = shaping.pools_file
         loads.append(("shaping pools_file", pools, lambda: load_pools(pools)))
-        loads.append(
-            ("shaping warmup_file", shaping.warmup_file, lambda: load_shaping(shaping.warmup_file))
-        )
+        loads.append(("shaping warmup_file", shaping.warmup_file, lambda: _providers(shaping)))
     if config.bounces.enabled:
         rules = config.bounces.rules_file
         loads.append(("bounces rules_file", rules, lambda: load_rules(rules)))
@@ -159,6 +160,15 @@ def _files(config: Config) -> list[Finding]:
         else:
             found.append(Finding(check, Verdict.OK, str(path or "the packaged default")))
     return found
+
+
+def _providers(shaping: ShapingConfig) -> None:
+    """The warm-up file, and the providers `provider_overrides` names in it (as `Shaper`
+    checks them at start)."""
+    providers = load_shaping(shaping.warmup_file).plan.providers.names
+    for domain, name in shaping.provider_overrides.items():
+        if name not in providers:
+            raise ConfigError(f"shaping.provider_overrides.{domain}: no provider {name!r}")
 
 
 async def _kafka(config: Config, workers: int) -> list[Finding]:
@@ -177,9 +187,13 @@ async def _kafka(config: Config, workers: int) -> list[Finding]:
         failed = Finding("kafka", Verdict.FAIL, exc.detail)
     else:
         try:
-            async with asyncio.timeout(ANSWER_TIMEOUT):
-                await probe_broker(kafka.bootstrap, security)
-                known = await topic_partitions(kafka.bootstrap, security)
+            await probe_broker(kafka.bootstrap, security)  # bounded, and says why it failed
+            try:
+                async with asyncio.timeout(ANSWER_TIMEOUT):
+                    known = await topic_partitions(kafka.bootstrap, security)
+            except TimeoutError:
+                late = f"the cluster's metadata did not come within {ANSWER_TIMEOUT:.0f} s"
+                raise BrokerUnavailable(f"Kafka at {kafka.bootstrap}: {late}") from None
         except BrokerUnavailable as exc:
             failed = Finding("kafka", Verdict.FAIL, exc.detail)
         except TimeoutError:
@@ -201,7 +215,8 @@ def _topic(
     check: str, topic: str, partitions: int | None, workers: int, *, events: bool
 ) -> Finding:
     if partitions is None:
-        return Finding(check, Verdict.FAIL, f"{topic} is not on the brokers")
+        why = "is not on the brokers, or this client may not see it (Describe ACL)"
+        return Finding(check, Verdict.FAIL, f"{topic} {why}")
     detail = f"{topic}: {partitions} partition(s)"
     if events and partitions < workers:
         idle = f"{workers - partitions} would have nothing to read"
@@ -229,7 +244,13 @@ async def _store(setting: str, url: str) -> Finding:
 
 async def _postgres(check: str, url: str) -> Finding:
     import psycopg
+    from psycopg.conninfo import conninfo_to_dict
 
+    try:
+        password = str(conninfo_to_dict(url).get("password") or "")
+    except (psycopg.ProgrammingError, ValueError):
+        # Its message may quote the URL, password included.
+        return Finding(check, Verdict.FAIL, "the PostgreSQL URL cannot be parsed")
     try:
         async with asyncio.timeout(ANSWER_TIMEOUT):
             conn = await psycopg.AsyncConnection.connect(
@@ -242,18 +263,21 @@ async def _postgres(check: str, url: str) -> Finding:
                 schema, can_create = await cursor.fetchone() or (None, False)
             finally:
                 await conn.close()
-    except psycopg.ProgrammingError:
-        # Its message may quote the URL, password included.
-        return Finding(check, Verdict.FAIL, "the PostgreSQL URL cannot be parsed")
-    except (psycopg.Error, OSError) as exc:  # TimeoutError is an OSError
-        state = getattr(exc, "sqlstate", None)
-        why = type(exc).__name__ + (f", SQLSTATE {state}" if state else "")
-        return Finding(check, Verdict.FAIL, f"PostgreSQL not reached ({why})")
+    except TimeoutError:
+        return Finding(check, Verdict.FAIL, f"PostgreSQL did not answer in {ANSWER_TIMEOUT:.0f} s")
+    except (psycopg.Error, OSError, ValueError) as exc:
+        # libpq says which host, port, user or database; never the password, and should
+        # it ever, it is taken out.
+        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if password:
+            said = said.replace(password, "***")
+        return Finding(check, Verdict.FAIL, f"PostgreSQL: {said}")
     if schema is None:
         return Finding(check, Verdict.FAIL, "PostgreSQL answered; its search_path names no schema")
     if not can_create:
-        why = f"PostgreSQL answered; no CREATE in schema {schema} (fine if the tables are there)"
-        return Finding(check, Verdict.WARN, why)
+        # The workers create their tables IF NOT EXISTS at every start: that needs CREATE.
+        why = f"PostgreSQL answered; this role may not CREATE in schema {schema}"
+        return Finding(check, Verdict.FAIL, why)
     return Finding(check, Verdict.OK, f"PostgreSQL answered (schema {schema})")
 
 
@@ -284,13 +308,24 @@ async def _routes(config: Config) -> list[Finding]:
     except (OSError, ssl.SSLError):
         return [Finding(f"route {d}", Verdict.SKIPPED, "no CA bundle") for d, _ in routes]
     wait = max(transport.connect_timeout, transport.command_timeout)
+    # Connection, greeting, EHLO, STARTTLS, EHLO: as long as delivery would wait.
+    whole = transport.connect_timeout + 4 * transport.command_timeout
 
     async def probe(domain: str, route: Route) -> Finding:
         check = f"route {domain}"
         try:
-            version = await probe_route(route, context, transport.ehlo_name, wait)
+            async with asyncio.timeout(whole):
+                version = await probe_route(
+                    route,
+                    context,
+                    ehlo_name=transport.ehlo_name,
+                    source_address=transport.source_address,
+                    wait=wait,
+                )
         except RouteTrouble as trouble:
             return Finding(check, Verdict.FAIL, str(trouble))
-        return Finding(check, Verdict.OK, f"{route.host}:{route.port} greets, {version} verified")
+        except TimeoutError:
+            return Finding(check, Verdict.FAIL, f"{where(route)}: no end within {whole:.0f} s")
+        return Finding(check, Verdict.OK, f"{where(route)} greets, {version} verified")
 
     return list(await asyncio.gather(*(probe(domain, route) for domain, route in routes)))

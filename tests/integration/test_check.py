@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -158,10 +159,12 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
         f"route {domain}",
     }
     assert "Error: 7 check(s) failed" in text
-    assert findings["topic delivery"]["detail"] == f"{missing_topic} is not on the brokers"
+    assert findings["topic delivery"]["detail"].startswith(f"{missing_topic} is not on the brokers")
     assert "eobblast keys generate" in findings["dkim keys"]["detail"]
     assert "no-rules.toml" in findings["bounces rules_file"]["detail"]
-    assert findings["store ledger.url"]["detail"].startswith("PostgreSQL not reached")
+    assert findings["store ledger.url"]["detail"].endswith(
+        f"port {pg_port} failed: Connection refused"
+    )
     assert findings["store bounces.store_url"]["detail"] == "the PostgreSQL URL cannot be parsed"
     assert "is not a writable directory" in findings["store portal.escrow_url"]["detail"]
     assert findings[f"route {domain}"]["detail"].startswith(f"127.0.0.1:{smtp_port} not reached")
@@ -181,7 +184,9 @@ async def test_a_route_whose_certificate_is_not_trusted_fails(stack: Stack, tmp_
     for domain in stack.domains:
         finding = findings[f"route {domain}"]
         assert finding["verdict"] == "fail"
-        assert "TLS failed (CERTIFICATE_VERIFY_FAILED)" in finding["detail"]
+        assert (
+            "TLS failed (CERTIFICATE_VERIFY_FAILED: unable to get local issuer" in finding["detail"]
+        )
 
 
 async def test_brokers_out_of_reach_fail_and_their_topics_are_not_checked(
@@ -198,3 +203,41 @@ async def test_brokers_out_of_reach_fail_and_their_topics_are_not_checked(
     assert len(topics) == 6
     assert {f["verdict"] for f in topics.values()} == {"skipped"}
     assert findings["dkim keys"]["verdict"] == "ok"
+
+
+async def test_files_the_workers_read_at_start_are_read_and_the_report_goes_to_stdout(
+    stack: Stack, tmp_path: Path
+) -> None:
+    await _bounce_topics(stack)
+    settings = _settings(stack)
+    settings["transport"]["ca_bundle"] = str(tmp_path / "no-ca.pem")
+    (tmp_path / "rules.toml").write_bytes(b"\xff\xfe not UTF-8")
+    settings["bounces"]["rules_file"] = str(tmp_path / "rules.toml")
+    pools = tmp_path / "pools.toml"
+    pools.write_text(
+        'default_pool = "p"\n[classes]\neob = "p"\n[[pools.p.ips]]\n'
+        'address = "127.0.0.1"\nehlo = "mta1.payer.test"\nwarmup_start = 2026-01-01\n'
+    )
+    settings["shaping"] = {"pools_file": str(pools), "provider_overrides": {"x.test": "nope"}}
+    code, findings, _ = await check(settings, tmp_path / "eobblast.toml")
+    assert code == 1
+    assert findings["transport ca_bundle"]["verdict"] == "fail"
+    assert {findings[f"route {d}"]["verdict"] for d in stack.domains} == {"skipped"}
+    assert findings["bounces rules_file"]["detail"].endswith("not UTF-8 (byte 0)")
+    assert findings["shaping pools_file"]["verdict"] == "ok"
+    assert findings["shaping warmup_file"]["detail"] == (
+        "shaping.provider_overrides.x.test: no provider 'nope'"
+    )
+    # A route that does not parse is a finding too; and the table goes to standard output.
+    settings["transport"]["routes"] = {"x.test": "no-port"}
+    (tmp_path / "eobblast.toml").write_text(tomli_w.dumps(settings))
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "check", "--config", str(tmp_path / "eobblast.toml"),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env=os.environ | {"COLUMNS": "250"},  # one line per check
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 120)
+    assert process.returncode == 1
+    table = out.decode()
+    assert "routes" in table and "route for x.test: expected host:port" in table
+    assert "Error:" in err.decode() and "Error:" not in table
