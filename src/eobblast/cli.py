@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import signal
 import sys
@@ -296,7 +295,7 @@ def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
     findings = _run(preflight(config, workers=workers or worker_count(config)))
     if as_json:
         for finding in findings:
-            click.echo(orjson.dumps(dataclasses.asdict(finding)))
+            click.echo(orjson.dumps(finding))
     else:
         table = Table(title=escape(f"eobblast check: {config_path or 'defaults'}"))
         for column in ("check", "result", "detail"):
@@ -305,7 +304,8 @@ def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
         for finding in findings:
             result = f"[{styles.get(finding.verdict, 'dim')}]{finding.verdict}[/]"
             table.add_row(escape(finding.check), result, escape(finding.detail))
-        Console().print(table)  # the report itself: standard output
+        # The report itself: standard output, a line per check in a log or a pipe too.
+        Console(width=None if sys.stdout.isatty() else 240).print(table)
     failed = [finding.check for finding in findings if finding.verdict is Verdict.FAIL]
     if failed:
         raise click.ClickException(f"{len(failed)} check(s) failed: {', '.join(failed)}")

@@ -6,10 +6,12 @@ read at start (the transport's CA bundle, the shaping pools and warm-up files, t
 rules); the brokers (reached with the configured TLS and SASL settings); the topics the
 workers read and write; every store (where a SQLite file would be, a PostgreSQL server and
 its schema); each static SMTP route (its greeting and a STARTTLS verified as delivery
-verifies it). Nothing is created: no topic, no table, no key, no file. Details name
-settings, files, hosts and topics, never a store URL (it may carry a password) and nothing
-of an event. Not checked: the secrets the workers create when missing (VERP, escrow and
-member-reference keys) and routes found by MX lookups.
+verifies it, from `[transport] source_address`); the secrets the workers read. Nothing is
+created: no topic, no table, no key, no file. Details name settings, files, hosts and
+topics, never a store URL (it may carry a password) and nothing of an event. Not checked:
+the escrow key ring; the brokers' ACLs (whether this client may read, write and join the
+group, beyond seeing the topics); routes found by MX lookups; routes from the shaping
+pools' own addresses and EHLO names; whether the metrics port can be bound.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
+from eobblast.protect.services import load_secret
 from eobblast.shaping.engine import ShapingConfig
 from eobblast.shaping.pools import load_pools
 from eobblast.shaping.settings import load_shaping
@@ -38,14 +41,8 @@ from eobblast.streams.kafka import (
     probe_broker,
     topic_partitions,
 )
-from eobblast.transport import (
-    Route,
-    RouteTrouble,
-    make_tls_context,
-    parse_static_routes,
-    probe_route,
-)
-from eobblast.transport.probe import where
+from eobblast.transport import Route, make_tls_context, parse_static_routes
+from eobblast.transport.probe import RouteTrouble, probe_route, where
 
 # How long the brokers' metadata and a PostgreSQL server may take to answer. SMTP routes get
 # the transport's own timeouts.
@@ -145,7 +142,8 @@ def _files(config: Config) -> list[Finding]:
         found.append(Finding("transport ca_bundle", Verdict.OK, trust))
     loads: list[tuple[str, Path | None, Callable[[], object]]] = []
     shaping = config.shaping
-    if shaping.pools_file is not None:  # shaping on
+    if shaping.enabled:
+        assert shaping.pools_file is not None
         pools = shaping.pools_file
         loads.append(("shaping pools_file", pools, lambda: load_pools(pools)))
         loads.append(("shaping warmup_file", shaping.warmup_file, lambda: _providers(shaping)))
@@ -159,6 +157,32 @@ def _files(config: Config) -> list[Finding]:
             found.append(Finding(check, Verdict.FAIL, exc.detail))
         else:
             found.append(Finding(check, Verdict.OK, str(path or "the packaged default")))
+    return found + _secrets(config)
+
+
+def _secrets(config: Config) -> list[Finding]:
+    """The secrets the workers read: made at the first start when missing, except the
+    previous VERP keys, which must be there; one that is there must load."""
+    wanted = [("portal audit_key_file", config.portal.audit_key_file, True)]
+    if config.bounces.enabled:
+        wanted.append(("bounces verp_key_file", config.bounces.verp_key_file, True))
+        try:
+            previous = config.bounces.previous_verp_keys()
+        except ConfigError as exc:
+            return [Finding("bounces verp_previous_keys", Verdict.FAIL, exc.detail)]
+        for key_id, path in previous:
+            wanted.append((f"bounces verp_previous_keys {key_id}", path, False))
+    found = []
+    for check, path, made in wanted:
+        if made and not path.exists():
+            found.append(Finding(check, Verdict.OK, f"{path} (created at the first start)"))
+            continue
+        try:
+            load_secret(path)
+        except ConfigError as exc:
+            found.append(Finding(check, Verdict.FAIL, exc.detail))
+        else:
+            found.append(Finding(check, Verdict.OK, f"{path} (exists)"))
     return found
 
 
@@ -173,42 +197,40 @@ def _providers(shaping: ShapingConfig) -> None:
 
 async def _kafka(config: Config, workers: int) -> list[Finding]:
     kafka = config.kafka
-    topics = {"events": kafka.events_topic, "delivery": kafka.delivery_topic}
-    topics["dlq"] = kafka.dlq_topic
+    topics = {
+        "events": kafka.events_topic,
+        "delivery": kafka.delivery_topic,
+        "dlq": kafka.dlq_topic,
+    }
     if config.bounces.enabled:
         bounces = config.bounces
         topics["verification"] = bounces.verification_topic
         topics["verification results"] = bounces.results_topic
         topics["paper fallback"] = bounces.paper_topic
-    checks = [f"topic {name}" for name in topics]
     try:
         security = kafka_security(kafka)
+        await probe_broker(kafka.bootstrap, security)  # bounded, and says why it failed
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            known = await topic_partitions(kafka.bootstrap, security)
     except ConfigError as exc:
-        failed = Finding("kafka", Verdict.FAIL, exc.detail)
+        failed = exc.detail
+    except BrokerUnavailable as exc:
+        failed = exc.detail
+    except TimeoutError:
+        failed = f"Kafka at {kafka.bootstrap}: no answer within {ANSWER_TIMEOUT:.0f} s"
+    except CONNECT_ERRORS as exc:
+        failed = f"Kafka at {kafka.bootstrap}: {connect_error_text(exc, security)}"
     else:
-        try:
-            await probe_broker(kafka.bootstrap, security)  # bounded, and says why it failed
-            try:
-                async with asyncio.timeout(ANSWER_TIMEOUT):
-                    known = await topic_partitions(kafka.bootstrap, security)
-            except TimeoutError:
-                late = f"the cluster's metadata did not come within {ANSWER_TIMEOUT:.0f} s"
-                raise BrokerUnavailable(f"Kafka at {kafka.bootstrap}: {late}") from None
-        except BrokerUnavailable as exc:
-            failed = Finding("kafka", Verdict.FAIL, exc.detail)
-        except TimeoutError:
-            failed = Finding("kafka", Verdict.FAIL, f"Kafka at {kafka.bootstrap} did not answer")
-        except CONNECT_ERRORS as exc:
-            text = connect_error_text(exc, security)
-            failed = Finding("kafka", Verdict.FAIL, f"Kafka at {kafka.bootstrap}: {text}")
-        else:
-            answered = f"{kafka.bootstrap} answered ({security.protocol})"
-            found = [Finding("kafka", Verdict.OK, answered)]
-            for check, topic in zip(checks, topics.values(), strict=True):
-                events = check == checks[0]
-                found.append(_topic(check, topic, known.get(topic), workers, events=events))
-            return found
-    return [failed, *(Finding(check, Verdict.SKIPPED, "Kafka not reached") for check in checks)]
+        answered = f"{kafka.bootstrap} answered ({security.protocol})"
+        return [
+            Finding("kafka", Verdict.OK, answered),
+            *(
+                _topic(f"topic {name}", topic, known.get(topic), workers, events=name == "events")
+                for name, topic in topics.items()
+            ),
+        ]
+    skipped = (Finding(f"topic {name}", Verdict.SKIPPED, "Kafka not reached") for name in topics)
+    return [Finding("kafka", Verdict.FAIL, failed), *skipped]
 
 
 def _topic(

@@ -117,7 +117,8 @@ LEDGER_PURGE_EVERY = 60.0
 LEDGER_PURGE_PAUSE = 0.1
 # A fetch response carries a partition's high watermark, but a full worker fetches nothing
 # new (aiokafka holds the records it has; a long-full worker pauses its partitions): the
-# backlog gauge asks the broker for the end offsets this often, within END_OFFSETS_TIMEOUT.
+# backlog gauge asks the broker for the end offsets this often, within END_OFFSETS_TIMEOUT
+# (read_committed: the last stable offsets, short of an open transaction's records).
 END_OFFSETS_EVERY = 15.0
 END_OFFSETS_TIMEOUT = 1.0
 # When those go unanswered, how long the cluster's metadata may take to come instead (the
@@ -569,11 +570,11 @@ class Worker:
         while not stop.is_set():
             answered = False
             try:
-                asked = assigned = list(consumer.assignment())
+                assigned = list(consumer.assignment())
                 # Only a partition the metadata knows: another is asked for again and again
                 # until the timeout (the cluster's metadata, below, instead at once).
-                if not assigned and 0 in (consumer.partitions_for_topic(events_topic) or ()):
-                    asked = [TopicPartition(events_topic, 0)]
+                known = 0 in (consumer.partitions_for_topic(events_topic) or ())
+                asked = assigned or ([TopicPartition(events_topic, 0)] if known else [])
                 if asked:
                     async with asyncio.timeout(END_OFFSETS_TIMEOUT):
                         ends = await consumer.end_offsets(asked)
@@ -886,8 +887,9 @@ class Worker:
     async def _measure_backlog(self, consumer: AIOKafkaConsumer) -> None:
         """The backlog gauge: for this worker's partitions, the records up to the end of
         each not taken yet, plus the records in flight. The end is the later of the last
-        fetch's high watermark and the end offset the broker last gave (`_ask_end_offsets`:
-        a full worker fetches nothing new). A partition whose end is not known yet counts
+        fetch's high watermark (open transactions' records included) and the end offset
+        the broker last gave (`_ask_end_offsets`, the last stable offset: a full worker
+        fetches nothing new). A partition whose end is not known yet counts
         once it is."""
         waiting = 0
         for tp in list(consumer.assignment()):

@@ -89,6 +89,8 @@ async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_pat
         "dkim keys": "ok",
         "transport ca_bundle": "ok",
         "bounces rules_file": "ok",
+        "portal audit_key_file": "ok",
+        "bounces verp_key_file": "ok",
         "kafka": "ok",
         "topic events": "warn",
         "topic delivery": "ok",
@@ -142,6 +144,7 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     settings["dkim"]["key_dir"] = str(tmp_path / "empty-keys")
     (tmp_path / "empty-keys").mkdir()
     settings["bounces"]["rules_file"] = str(tmp_path / "no-rules.toml")
+    settings["bounces"]["verp_previous_keys"] = [f"7:{tmp_path / 'retired-verp.key'}"]
     with refusing_port() as pg_port, refusing_port() as smtp_port:
         settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
         settings["bounces"]["store_url"] = f"postgresql://eob:{UNPARSABLE}@127.0.0.1:{pg_port}/eob"
@@ -152,13 +155,15 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     assert failed == {
         "dkim keys",
         "bounces rules_file",
+        "bounces verp_previous_keys 7",
         "topic delivery",
         "store ledger.url",
         "store bounces.store_url",
         "store portal.escrow_url",
         f"route {domain}",
     }
-    assert "Error: 7 check(s) failed" in text
+    assert "Error: 8 check(s) failed" in text
+    assert "retired-verp.key does not exist" in findings["bounces verp_previous_keys 7"]["detail"]
     assert findings["topic delivery"]["detail"].startswith(f"{missing_topic} is not on the brokers")
     assert "eobblast keys generate" in findings["dkim keys"]["detail"]
     assert "no-rules.toml" in findings["bounces rules_file"]["detail"]

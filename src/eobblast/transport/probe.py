@@ -11,7 +11,8 @@ from eobblast.transport.routes import Route
 
 
 class RouteTrouble(Exception):
-    """Why a route would not carry notices (no address, no URL, no message content)."""
+    """Why a route would not carry notices: host, port and what failed, no email address
+    and no message content."""
 
 
 def where(route: Route) -> str:
