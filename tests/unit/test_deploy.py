@@ -52,7 +52,7 @@ def test_workers_get_the_mounted_configuration_and_keys(
     mounts = {volume.split(":")[1]: volume.split(":")[0] for volume in workers["volumes"]}
     assert mounts[CONFIG_IN_CONTAINER] == "../config/eobblast.example.toml"
     # Keys are generated before the workers start, into the directory they read.
-    assert workers["depends_on"]["keys"] == {"condition": "service_completed_successfully"}
+    assert _waits_for(compose, "eobblast", "keys")
     keys = compose["keys"]["command"]
     assert keys[:3] == ["eobblast", "keys", "generate"]
     key_dir = keys[keys.index("--key-dir") + 1]
@@ -100,9 +100,7 @@ def test_the_services_secrets_are_made_before_anyone_reads_them(
     command = secrets["command"]
     assert command[:3] == ["eobblast", "keys", "secrets"]
     assert command[command.index("--config") + 1] == CONFIG_IN_CONTAINER
-    assert compose[service]["depends_on"]["secrets"] == {
-        "condition": "service_completed_successfully"
-    }
+    assert _waits_for(compose, service, "secrets")
     needed = [example.portal.key_dir / "active", example.portal.audit_key_file]
     if example.bounces.enabled and service != "portal":
         needed.append(example.bounces.verp_key_file)
@@ -111,6 +109,17 @@ def test_the_services_secrets_are_made_before_anyone_reads_them(
         assert made_in.startswith("eobblast-") and made_in == _volume_of(
             compose[service]["volumes"], path
         ), path
+
+
+def _waits_for(compose: dict[str, Any], service: str, first: str) -> bool:
+    """Whether `service` starts only after `first` completed successfully, directly or
+    through services that themselves must complete first."""
+    waits = compose[service].get("depends_on") or {}
+    return any(
+        condition == {"condition": "service_completed_successfully"}
+        and (name == first or _waits_for(compose, name, first))
+        for name, condition in waits.items()
+    )
 
 
 def _volume_of(mounts: list[str], path: Path) -> str:
@@ -142,3 +151,19 @@ def test_every_eobblast_service_loads_the_example_with_its_environment(
         environ={k: str(v) for k, v in compose["eobblast"]["environment"].items()},
     )
     assert workers.kafka.hole_settle == 0  # Apache Kafka's holes are all real
+
+
+def test_the_workers_start_only_once_check_passed_on_what_they_will_see(
+    compose: dict[str, Any],
+) -> None:
+    check, workers = compose["check"], compose["eobblast"]
+    assert check["command"] == ["eobblast", "check", "--config", CONFIG_IN_CONTAINER]
+    assert workers["depends_on"] == {"check": {"condition": "service_completed_successfully"}}
+    # It runs after what the workers waited for before, on the same files and broker.
+    assert set(check["depends_on"]) == {"topics", "keys", "secrets"}
+    assert {c["condition"] for c in check["depends_on"].values()} == {
+        "service_completed_successfully"
+    }
+    assert check["volumes"] == workers["volumes"]
+    bootstrap = "EOBBLAST_KAFKA__BOOTSTRAP"
+    assert check["environment"][bootstrap] == workers["environment"][bootstrap]
