@@ -9,7 +9,7 @@ its schema); each static SMTP route (its greeting and a STARTTLS verified as del
 verifies it, from `[transport] source_address`); the secrets the workers read. Nothing is
 created: no topic, no table, no key, no file. Details name settings, files, hosts and
 topics, never a store URL (it may carry a password) and nothing of an event. Not checked:
-the escrow key ring; the brokers' ACLs (whether this client may read, write and join the
+the brokers' ACLs (whether this client may read, write and join the
 group, beyond seeing the topics); routes found by MX lookups; routes from the shaping
 pools' own addresses and EHLO names; whether the metrics port can be bound.
 """
@@ -28,7 +28,7 @@ from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
-from eobblast.protect.services import load_secret
+from eobblast.protect.services import load_or_create_keyring, load_secret
 from eobblast.shaping.engine import ShapingConfig
 from eobblast.shaping.pools import load_pools
 from eobblast.shaping.settings import load_shaping
@@ -172,7 +172,7 @@ def _secrets(config: Config) -> list[Finding]:
             return [Finding("bounces verp_previous_keys", Verdict.FAIL, exc.detail)]
         for key_id, path in previous:
             wanted.append((f"bounces verp_previous_keys {key_id}", path, False))
-    found = []
+    found = [_keyring(config)]
     for check, path, made in wanted:
         if made and not path.exists():
             found.append(Finding(check, Verdict.OK, f"{path} (created at the first start)"))
@@ -193,6 +193,20 @@ def _providers(shaping: ShapingConfig) -> None:
     for domain, name in shaping.provider_overrides.items():
         if name not in providers:
             raise ConfigError(f"shaping.provider_overrides.{domain}: no provider {name!r}")
+
+
+def _keyring(config: Config) -> Finding:
+    """The escrow key ring, read if it is there (the first start makes it otherwise)."""
+    portal = config.portal
+    if not (portal.key_dir / "active").exists():
+        detail = f"{portal.key_dir} (created at the first start)"
+        return Finding("portal key_dir", Verdict.OK, detail)
+    try:
+        load_or_create_keyring(portal.key_dir, not_keys=[portal.audit_key_file], create=False)
+    except (ConfigError, ValueError) as exc:
+        detail = exc.detail if isinstance(exc, ConfigError) else "an escrow key does not load"
+        return Finding("portal key_dir", Verdict.FAIL, f"{portal.key_dir}: {detail}")
+    return Finding("portal key_dir", Verdict.OK, f"{portal.key_dir} (escrow key ring)")
 
 
 async def _kafka(config: Config, workers: int) -> list[Finding]:

@@ -89,6 +89,7 @@ async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_pat
         "dkim keys": "ok",
         "transport ca_bundle": "ok",
         "bounces rules_file": "ok",
+        "portal key_dir": "ok",
         "portal audit_key_file": "ok",
         "bounces verp_key_file": "ok",
         "kafka": "ok",
@@ -145,6 +146,11 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     (tmp_path / "empty-keys").mkdir()
     settings["bounces"]["rules_file"] = str(tmp_path / "no-rules.toml")
     settings["bounces"]["verp_previous_keys"] = [f"7:{tmp_path / 'retired-verp.key'}"]
+    # An escrow key ring whose key files are not base64 text.
+    ring = tmp_path / "ring"
+    ring.mkdir()
+    (ring / "active").write_bytes(b"\xff\xfe")
+    settings["portal"]["key_dir"] = str(ring)
     with refusing_port() as pg_port, refusing_port() as smtp_port:
         settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
         settings["bounces"]["store_url"] = f"postgresql://eob:{UNPARSABLE}@127.0.0.1:{pg_port}/eob"
@@ -156,13 +162,14 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
         "dkim keys",
         "bounces rules_file",
         "bounces verp_previous_keys 7",
+        "portal key_dir",
         "topic delivery",
         "store ledger.url",
         "store bounces.store_url",
         "store portal.escrow_url",
         f"route {domain}",
     }
-    assert "Error: 8 check(s) failed" in text
+    assert "Error: 9 check(s) failed" in text
     assert "retired-verp.key does not exist" in findings["bounces verp_previous_keys 7"]["detail"]
     assert findings["topic delivery"]["detail"].startswith(f"{missing_topic} is not on the brokers")
     assert "eobblast keys generate" in findings["dkim keys"]["detail"]
