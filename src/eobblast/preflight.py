@@ -29,10 +29,10 @@ from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
 from eobblast.protect.services import load_or_create_keyring, load_secret
-from eobblast.shaping.engine import ShapingConfig
+from eobblast.shaping.engine import checked_overrides
 from eobblast.shaping.pools import load_pools
 from eobblast.shaping.settings import load_shaping
-from eobblast.state.sqlite import POSTGRES_PREFIXES, sqlite_path
+from eobblast.state.sqlite import store_location
 from eobblast.streams.kafka import (
     CONNECT_ERRORS,
     BrokerUnavailable,
@@ -105,12 +105,13 @@ def no_signing_key_text(config: Config) -> str:
 
 async def preflight(config: Config, *, workers: int) -> list[Finding]:
     """Every check, in order, for `eobblast run` with `workers` worker processes."""
-    findings = [_dkim(config), *_files(config)]
+    trusted, context = _trust(config)
+    findings = [_dkim(config), trusted, *_files(config)]
     findings += await _kafka(config, workers)
     findings += await asyncio.gather(
         *(_store(setting, url) for setting, url in store_urls(config).items())
     )
-    findings += await _routes(config)
+    findings += await _routes(config, context)
     return findings
 
 
@@ -128,25 +129,37 @@ def _dkim(config: Config) -> Finding:
     return Finding("dkim keys", Verdict.OK, detail)
 
 
+def _trust(config: Config) -> tuple[Finding, ssl.SSLContext | None]:
+    """The TLS context delivery verifies receivers with (None if the CA bundle does not
+    load), and the finding about it."""
+    ca = config.transport.ca_bundle
+    try:
+        context = make_tls_context(str(ca) if ca else None)
+    except (OSError, ssl.SSLError) as exc:
+        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
+        return Finding("transport ca_bundle", Verdict.FAIL, f"{ca}: {reason}"), None
+    trust = str(ca) if ca else "the system's CA certificates"
+    return Finding("transport ca_bundle", Verdict.OK, trust), context
+
+
 def _files(config: Config) -> list[Finding]:
     """The files the workers read at start, read the way they read them."""
     found = []
-    ca = config.transport.ca_bundle
-    try:
-        make_tls_context(str(ca) if ca else None)
-    except (OSError, ssl.SSLError) as exc:
-        reason = getattr(exc, "reason", None) or exc.strerror or type(exc).__name__
-        found.append(Finding("transport ca_bundle", Verdict.FAIL, f"{ca}: {reason}"))
-    else:
-        trust = str(ca) if ca else "the system's CA certificates"
-        found.append(Finding("transport ca_bundle", Verdict.OK, trust))
     loads: list[tuple[str, Path | None, Callable[[], object]]] = []
     shaping = config.shaping
     if shaping.enabled:
         assert shaping.pools_file is not None
         pools = shaping.pools_file
         loads.append(("shaping pools_file", pools, lambda: load_pools(pools)))
-        loads.append(("shaping warmup_file", shaping.warmup_file, lambda: _providers(shaping)))
+        loads.append(
+            (
+                "shaping warmup_file",
+                shaping.warmup_file,
+                lambda: checked_overrides(
+                    load_shaping(shaping.warmup_file), shaping.provider_overrides
+                ),
+            )
+        )
     if config.bounces.enabled:
         rules = config.bounces.rules_file
         loads.append(("bounces rules_file", rules, lambda: load_rules(rules)))
@@ -184,15 +197,6 @@ def _secrets(config: Config) -> list[Finding]:
         else:
             found.append(Finding(check, Verdict.OK, f"{path} (exists)"))
     return found
-
-
-def _providers(shaping: ShapingConfig) -> None:
-    """The warm-up file, and the providers `provider_overrides` names in it (as `Shaper`
-    checks them at start)."""
-    providers = load_shaping(shaping.warmup_file).plan.providers.names
-    for domain, name in shaping.provider_overrides.items():
-        if name not in providers:
-            raise ConfigError(f"shaping.provider_overrides.{domain}: no provider {name!r}")
 
 
 def _keyring(config: Config) -> Finding:
@@ -263,19 +267,15 @@ def _topic(
 async def _store(setting: str, url: str) -> Finding:
     check = f"store {setting}"
     try:
-        path = sqlite_path(url, setting)
+        location = store_location(url, setting)
     except ConfigError as exc:
         return Finding(check, Verdict.FAIL, exc.detail)
-    if path is not None:
-        try:
-            return _sqlite_file(check, path)
-        except OSError as exc:
-            return Finding(check, Verdict.FAIL, f"{path}: {exc.strerror or type(exc).__name__}")
-    if not url.startswith(POSTGRES_PREFIXES):
-        return Finding(
-            check, Verdict.FAIL, f"{setting} must start with sqlite:/// or postgresql://"
-        )
-    return await _postgres(check, url)
+    if isinstance(location, str):
+        return await _postgres(check, location)
+    try:
+        return _sqlite_file(check, location)
+    except OSError as exc:
+        return Finding(check, Verdict.FAIL, f"{location}: {exc.strerror or type(exc).__name__}")
 
 
 async def _postgres(check: str, url: str) -> Finding:
@@ -333,15 +333,13 @@ def _sqlite_file(check: str, path: Path) -> Finding:
     return Finding(check, Verdict.OK, detail)
 
 
-async def _routes(config: Config) -> list[Finding]:
+async def _routes(config: Config, context: ssl.SSLContext | None) -> list[Finding]:
     transport = config.transport
     try:
         routes = sorted(parse_static_routes(transport.routes).items())
     except ConfigError as exc:
         return [Finding("routes", Verdict.FAIL, exc.detail)]
-    try:
-        context = make_tls_context(str(transport.ca_bundle) if transport.ca_bundle else None)
-    except (OSError, ssl.SSLError):
+    if context is None:
         return [Finding(f"route {d}", Verdict.SKIPPED, "no CA bundle") for d, _ in routes]
     wait = max(transport.connect_timeout, transport.command_timeout)
     # Connection, greeting, EHLO, STARTTLS, EHLO: as long as delivery would wait.

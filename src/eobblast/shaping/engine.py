@@ -283,6 +283,16 @@ class _Pair:
         return self.scope != self.provider
 
 
+def checked_overrides(settings: ShapingSettings, overrides: Mapping[str, str]) -> dict[str, str]:
+    """`[shaping] provider_overrides` by lower-case domain; ConfigError for one that names a
+    provider the warm-up file does not have."""
+    checked = {domain.lower(): name for domain, name in overrides.items()}
+    for domain, name in checked.items():
+        if name not in settings.plan.providers.names:
+            raise ConfigError(f"shaping.provider_overrides.{domain}: no provider {name!r}")
+    return checked
+
+
 class Shaper:
     """One worker's shaping engine over its pools, warm-up plan, limits and shared budgets."""
 
@@ -303,10 +313,7 @@ class Shaper:
         owns_store: bool = False,
     ) -> None:
         providers = settings.plan.providers
-        overrides = {domain.lower(): name for domain, name in (provider_overrides or {}).items()}
-        for domain, name in overrides.items():
-            if name not in providers.names:
-                raise ConfigError(f"shaping.provider_overrides.{domain}: no provider {name!r}")
+        overrides = checked_overrides(settings, provider_overrides or {})
         self._pools = pools
         self._plan = settings.plan
         # Block alerts counted from 0, so an alert sees the first block of a pair (a

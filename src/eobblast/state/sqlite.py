@@ -33,6 +33,17 @@ def sqlite_path(url: str, what: str) -> Path | None:
     return Path(rest)
 
 
+def store_location(url: str, what: str) -> Path | str:
+    """Where a store's URL points: its SQLite file, or the PostgreSQL URL itself;
+    ConfigError for any other scheme."""
+    path = sqlite_path(url, what)
+    if path is not None:
+        return path
+    if url.startswith(POSTGRES_PREFIXES):
+        return url
+    raise ConfigError(f"{what} url must start with sqlite:/// or postgresql://")
+
+
 async def open_store(
     url: str,
     what: str,
@@ -40,12 +51,10 @@ async def open_store(
     postgres: Callable[[str], Awaitable[S]],
 ) -> S:
     """A store opened from its URL: a SQLite file (one machine) or PostgreSQL (across)."""
-    path = sqlite_path(url, what)
-    if path is not None:
-        return sqlite(path)
-    if url.startswith(POSTGRES_PREFIXES):
-        return await postgres(url)
-    raise ConfigError(f"{what} url must start with sqlite:/// or postgresql://")
+    location = store_location(url, what)
+    if isinstance(location, Path):
+        return sqlite(location)
+    return await postgres(location)
 
 
 # Pages written to the WAL before a checkpoint copies them into the database (SQLite's
