@@ -85,7 +85,7 @@ class Parked:
         if letter is None:
             return UNREADABLE
         if letter.truncated:
-            return "original_truncated"  # over 1 MiB: only a prefix was kept
+            return "original_truncated"  # over 256 KiB: only a prefix was kept
         if not letter.original_size:
             return "original_empty"  # nothing to send (and refused again)
         if not letter.key_base64:

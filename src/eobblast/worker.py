@@ -40,11 +40,13 @@ from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
 from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
 from eobblast.events.status import (
+    DeadLetter,
     DeliveryStatus,
     SourcePosition,
     dead_letter,
     dead_letter_key,
     status_id,
+    without_original,
 )
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.observe import metrics
@@ -1156,11 +1158,12 @@ class Worker:
             source=position,
         )
         kafka = self._config.kafka
-        await self._send(
-            kafka.dlq_topic,
-            dead_letter_key(key),
-            orjson.dumps(letter.model_dump(mode="json", by_alias=True)),
-        )
+
+        def cut() -> bytes:
+            metrics.DEAD_LETTERS_CUT.inc()
+            return _letter_bytes(without_original(letter))
+
+        await self._send(kafka.dlq_topic, dead_letter_key(key), _letter_bytes(letter), cut=cut)
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
         await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
         return True
@@ -1213,19 +1216,43 @@ class Worker:
         value = status_record(outcome, event_key, attempt, self.worker_id, source_ms)
         await self._send(self._config.kafka.delivery_topic, event_key.encode(), value)
 
-    async def _send(self, topic: str, key: bytes | None, value: bytes) -> None:
-        # A status must reach Kafka before its offset may be committed: retry until it does.
+    async def _send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes,
+        *,
+        cut: Callable[[], bytes] | None = None,
+    ) -> None:
+        """Produce one record, retrying until Kafka has it: a status or dead letter must be
+        there before its offset may be committed. A record the topic refuses for itself
+        (its size, a policy) is sent as `cut()` instead, if given: retrying the same bytes
+        would hold the partition for ever."""
         assert self._producer is not None
         attempt = 0
         while True:
             try:
                 await self._producer.send_and_wait(topic, value, key=key)
                 return
-            except KafkaError:
+            except KafkaError as exc:
+                if cut is not None and isinstance(exc, RECORD_ERRORS):
+                    log.warning(
+                        "record refused by its topic; sending it cut",
+                        extra={"topic": topic, "error": type(exc).__name__},
+                    )
+                    value, cut = cut(), None
+                    continue
                 attempt += 1
                 if attempt % 20 == 1:
-                    log.warning("status publish failed; retrying", extra={"attempt": attempt})
+                    log.warning(
+                        "publish failed; retrying",
+                        extra={"topic": topic, "error": type(exc).__name__, "attempt": attempt},
+                    )
                 await asyncio.sleep(backoff_delay(attempt))
+
+
+def _letter_bytes(letter: DeadLetter) -> bytes:
+    return orjson.dumps(letter.model_dump(mode="json", by_alias=True))
 
 
 async def open_bounces(

@@ -6,6 +6,8 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import functools
+import hashlib
 import logging
 import os
 import shutil
@@ -35,6 +37,7 @@ from eobblast.bounces.state import EobStatus
 from eobblast.bounces.store import BounceStore, StoreBusy, open_bounce_store
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key, prepare_keys
+from eobblast.events.schema import MAX_EVENT_BYTES
 from eobblast.events.status import DeadLetter, DeliveryStatus
 from eobblast.events.synthetic import PAYERS
 from eobblast.events.verification import (
@@ -180,10 +183,49 @@ async def test_poison_input_is_parked_and_the_worker_goes_on(stack: Stack) -> No
     assert base64.b64decode(by_reason["invalid_json"].original_base64) == b"this is not json"
     big = by_reason["event_too_large"]
     assert big.truncated and big.original_size > 10 * 1024 * 1024
+    # A prefix as large as the largest event accepted: the dead letter fits a DLQ topic
+    # with Apache Kafka's default max.message.bytes (1 MiB).
+    assert len(base64.b64decode(big.original_base64)) == MAX_EVENT_BYTES
+    assert max(len(v) for _, v in dlq_records) < 1_000_000
     assert by_reason["unsupported_schema"].event_id == "e-wrong"
     grouped = statuses(status_records)
     assert len(grouped) == 7
     # the good event after all the poison was delivered
+    assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def test_a_dead_letter_its_topic_refuses_whole_is_parked_without_the_original(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's producer takes records up to 64 KiB, as a DLQ topic whose max.message.bytes
+    # is 64 KiB would: before, the worker retried the same dead letter for ever and the
+    # partition behind it stopped.
+    monkeypatch.setattr(
+        worker_module, "make_producer", functools.partial(make_producer, max_request_size=65536)
+    )
+    cut_before = REGISTRY.get_sample_value("eobblast_dead_letters_cut_total") or 0.0
+    poison = b"{" + b"x" * (200 * 1024)  # not JSON, under the 256 KiB event limit
+    good = stack.events(1, seed=12)
+    await stack.publish([poison, good[0]], keys=[b"member-1", b"member-2"])
+    _, stop, task = await start_worker(stack.config())
+    status_records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=2)
+    dlq_records = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=1)
+    stop.set()
+    await asyncio.wait_for(task, 30)
+    [(_, value)] = dlq_records
+    letter = DeadLetter.model_validate_json(value)
+    assert str(letter.reason) == "invalid_json"
+    assert letter.original_base64 == "" and letter.truncated
+    assert letter.original_size == len(poison)
+    assert letter.original_sha256 == hashlib.sha256(poison).hexdigest()
+    assert letter.source.topic == stack.events_topic
+    assert REGISTRY.get_sample_value("eobblast_dead_letters_cut_total") == cut_before + 1
+    # The record after it was worked: its partition did not stop.
+    grouped = statuses(status_records)
+    assert sorted(s.status for items in grouped.values() for s in items) == [
+        "delivered",
+        "rejected",
+    ]
     assert sum(stack.sandbox.counts.values()) == 1
 
 

@@ -15,12 +15,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from eobblast.errors import Outcome, ReasonCode
-from eobblast.events.schema import export_schema
+from eobblast.events.schema import MAX_EVENT_BYTES, export_schema
 
 STATUS_SCHEMA_ID = "eob.delivery/v1"
 DLQ_SCHEMA_ID = "eob.events.dlq/v1"
-# Originals above this size are kept as a prefix plus their size and digest.
-DLQ_MAX_ORIGINAL = 1024 * 1024
+# Originals above this size are kept as a prefix plus their size and digest. A larger one
+# is refused as event_too_large, so it could never be replayed; the original itself stays on
+# the input topic at `source` within its retention. Base64 and the envelope keep every dead
+# letter under 360 KiB, well inside Apache Kafka's default max.message.bytes (1 MiB).
+DLQ_MAX_ORIGINAL = MAX_EVENT_BYTES
 # A record's key is a member id: a longer one is kept as a prefix (and the dead letter's own
 # Kafka key becomes its hash), so a huge key cannot make the dead letter too large to send.
 DLQ_MAX_KEY = 1024
@@ -123,6 +126,16 @@ def dead_letter(
         key_truncated=key is not None and len(key) > DLQ_MAX_KEY,
         rejected_at=dt.datetime.now(dt.UTC),
     )
+
+
+def without_original(letter: DeadLetter) -> DeadLetter:
+    """The dead letter with no original bytes, for a DLQ topic that refused it whole.
+
+    Its size, digest and source position still say which record it was.
+    """
+    if not letter.original_base64:
+        return letter
+    return letter.model_copy(update={"original_base64": "", "truncated": True})
 
 
 def dead_letter_key(key: bytes | None) -> bytes | None:

@@ -174,6 +174,14 @@ def show_rejections_from_zero() -> None:
         EVENTS.labels(Outcome.REJECTED, reason)
 
 
+DEAD_LETTERS_CUT = Counter(
+    "eobblast_dead_letters_cut",
+    "Dead letters the DLQ topic refused whole (a record too large for it, or a policy) and"
+    " that were parked without the original's bytes: its size, SHA-256 and source position"
+    " still name it on the input topic.",
+    registry=REGISTRY,
+)
+
 OFFSET_REREADS = Counter(
     "eobblast_offset_rereads",
     "Holes in a partition's fetched offsets read again before being believed (transaction"

@@ -114,9 +114,11 @@ RECORD_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 # A record larger than this is refused by the producer before it reaches the network
-# (MessageSizeTooLargeError). 16 MiB lets a DLQ record carry a 10 MB poison value plus
-# headers. Tansu accepts records of any size (120 MB tested); Apache Kafka refuses records
-# over the topic's max.message.bytes (1 MiB by default), so the DLQ topic needs it raised.
+# (MessageSizeTooLargeError). eobblast's own records are far smaller (a dead letter keeps at
+# most 256 KiB of the original); `eobblast dlq replay` republishes originals of any size the
+# input topic took. Tansu accepts records of any size (120 MB tested); Apache Kafka refuses
+# records over the topic's max.message.bytes (1 MiB by default), and a dead letter the DLQ
+# topic refuses so is parked without the original (`Worker._send`).
 MAX_REQUEST_SIZE = 16 * 1024 * 1024
 # Per-partition fetch size. Both Kafka and Tansu return the first record batch of a partition
 # even when it is larger than this, so an oversized record is still delivered (and rejected
@@ -352,10 +354,17 @@ def make_consumer(
     return consumer
 
 
-def make_producer(bootstrap: str, *, client_id: str, security: KafkaSecurity) -> AIOKafkaProducer:
+def make_producer(
+    bootstrap: str,
+    *,
+    client_id: str,
+    security: KafkaSecurity,
+    max_request_size: int | None = None,
+) -> AIOKafkaProducer:
     """A producer, not started, that waits for all in-sync replicas to acknowledge.
 
-    Records up to `MAX_REQUEST_SIZE` bytes (serialized) are accepted; a larger one fails at
+    Records up to `max_request_size` bytes (serialized; default `MAX_REQUEST_SIZE`, read at
+    each call) are accepted; a larger one fails at
     `send` with `MessageSizeTooLargeError` without touching the network. No idempotence
     (Tansu refuses InitProducerId): a retried send may write a record twice, so whoever
     reads what this producer writes must tolerate duplicates.
@@ -366,7 +375,7 @@ def make_producer(bootstrap: str, *, client_id: str, security: KafkaSecurity) ->
         acks="all",
         enable_idempotence=False,
         linger_ms=PRODUCER_LINGER_MS,
-        max_request_size=MAX_REQUEST_SIZE,
+        max_request_size=MAX_REQUEST_SIZE if max_request_size is None else max_request_size,
         **security.options(),
     )
 
