@@ -375,9 +375,7 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
 )
 def bounces(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Receive asynchronous bounces (DSNs) for VERP return paths until interrupted."""
-    import ssl
-
-    from eobblast.bounces.listener import serve_bounces
+    from eobblast.bounces.listener import load_tls_context, serve_bounces
     from eobblast.observe.logs import configure_logging
     from eobblast.protect.services import ProtectionServices
     from eobblast.streams import make_producer, wait_for_broker
@@ -389,6 +387,12 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
     security = _kafka_security(config)
     warn_relative_stores(config, {"bounces.store_url", "portal.escrow_url", "portal.audit_url"})
     settings = config.bounces
+    context = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        try:  # before keys, stores and the broker: a wrong path is said at once
+            context = load_tls_context(settings.tls_cert, settings.tls_key)
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
 
     async def serve() -> None:
         async with contextlib.AsyncExitStack() as opened:
@@ -417,11 +421,6 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             except BrokerUnavailable as exc:  # gone again since the probe: said, no traceback
                 raise click.ClickException(exc.detail) from None
             handle = dsn_handler(service, producer)
-
-            context = None
-            if settings.tls_cert is not None and settings.tls_key is not None:
-                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-                context.load_cert_chain(settings.tls_cert, settings.tls_key)
             listener = await serve_bounces(
                 handle,
                 host or settings.listen_address,
@@ -431,6 +430,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
                 prefix=settings.verp_prefix,
                 tls_context=context,
                 review_days=settings.review_days,
+                review_max_messages=settings.review_max_messages,
             )
             opened.push_async_callback(listener.stop)
             if settings.metrics_port:

@@ -254,8 +254,13 @@ class BouncesConfig:
     review_dir: Path = Path("bounce-review")
     # Reports kept for review are deleted this many days after they arrived.
     review_days: float = 30.0
+    # At most this many reports wait for review (a flood of junk must not fill the disk);
+    # past it the listener answers 452 and the sender keeps the report and retries.
+    review_max_messages: int = 10_000
     # `eobblast bounces` serves its metrics here, on [metrics] address (0: none).
     metrics_port: int = 0
+    # STARTTLS for the listener: a certificate chain and its key (unencrypted PEM), both or
+    # neither. Reports from receivers that ignore RET=HDRS can carry a whole notice back.
     tls_cert: Path | None = None
     tls_key: Path | None = None
     verification_topic: str = "eob.address-verification"
@@ -269,6 +274,13 @@ class BouncesConfig:
     def __post_init__(self) -> None:
         if not self.review_days > 0:
             raise ConfigError("bounces.review_days: expected a number > 0")
+        if not self.review_max_messages > 0:
+            raise ConfigError("bounces.review_max_messages: expected a whole number > 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            # One alone used to run the listener without TLS, and nobody was told.
+            raise ConfigError(
+                "bounces.tls_cert and bounces.tls_key: set both (STARTTLS) or neither"
+            )
         ids = [self.verp_key_id, *(key_id for key_id, _ in self.previous_verp_keys())]
         if len(set(ids)) != len(ids):
             raise ConfigError("bounces.verp_previous_keys: each key needs an id of its own")

@@ -1,4 +1,5 @@
-"""The bounce listener over real SMTP: VERP recipients only, mapping, the review pile, 451s."""
+"""The bounce listener over real SMTP: VERP recipients only, mapping, the review pile, 451s,
+452s when the review pile is full, STARTTLS and its settings."""
 
 from __future__ import annotations
 
@@ -6,16 +7,22 @@ import base64
 import datetime as dt
 import email
 import json
+import logging
 import os
 import quopri
 import ssl
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import aiosmtplib
 import pytest
+import tomli_w
 
+from eobblast.bounces import listener as listener_module
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import InboundBounce, MappedBy, ReviewReason, read_bounce
@@ -24,12 +31,16 @@ from eobblast.bounces.listener import (
     MAX_REVIEW_BYTES,
     REDACTED,
     BounceListener,
+    is_loopback,
+    load_tls_context,
     serve_bounces,
     without_notice_bodies,
 )
 from eobblast.bounces.verp import VerpKey, make_return_path
+from eobblast.errors import ConfigError
 from eobblast.events import EobIssued, validate_event
 from eobblast.events.synthetic import generate_events
+from eobblast.observe.metrics import REGISTRY
 from eobblast.render.mime import Renderer
 from eobblast.sandbox import Behaviour, delivery_status_notification, make_test_pki
 
@@ -102,6 +113,15 @@ def dsn_for(event_id: str, address: str, *, to: str | None = None) -> bytes:
 
 def review_files(listener: BounceListener) -> list[Path]:
     return sorted((listener.review_dir / "new").iterdir())
+
+
+def new_listener(
+    recorder: Recorder, review_dir: Path, *, host: str = HOST, **options: Any
+) -> BounceListener:
+    """A listener on a free port, not started (`async with` it)."""
+    return BounceListener(
+        recorder, host=host, port=0, bounce_domain=DOMAIN, review_dir=review_dir, **options
+    )
 
 
 async def test_verp_dsn_is_mapped_to_its_event(
@@ -349,14 +369,7 @@ async def test_a_large_report_kept_for_review_is_cut_to_size(
 async def test_review_files_are_deleted_after_review_days(
     recorder: Recorder, tmp_path: Path
 ) -> None:
-    listener = BounceListener(
-        recorder,
-        host=HOST,
-        port=0,
-        bounce_domain=DOMAIN,
-        review_dir=tmp_path / "r",
-        review_days=2,
-    )
+    listener = new_listener(recorder, tmp_path / "r", review_days=2)
     async with listener:
         await send(
             listener,
@@ -418,16 +431,8 @@ async def test_corpus_bounces_over_smtp(listener: BounceListener, recorder: Reco
 
 async def test_starttls(tmp_path: Path, recorder: Recorder) -> None:
     pki = make_test_pki(tmp_path / "pki", [DOMAIN])
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    context.load_cert_chain(pki.server_cert, pki.server_key)
-    async with BounceListener(
-        recorder,
-        host=HOST,
-        port=0,
-        bounce_domain=DOMAIN,
-        review_dir=tmp_path / "review",
-        tls_context=context,
-    ) as listener:
+    context = load_tls_context(pki.server_cert, pki.server_key)
+    async with new_listener(recorder, tmp_path / "review", tls_context=context) as listener:
         client = ssl.create_default_context(cafile=str(pki.ca))
         event_id = str(uuid.uuid4())
         smtp = aiosmtplib.SMTP(
@@ -439,3 +444,138 @@ async def test_starttls(tmp_path: Path, recorder: Recorder) -> None:
         await smtp.sendmail("", [rcpt], dsn_for(event_id, "gone@example.org"))
         await smtp.quit()
     assert [i.event_id for i in recorder.seen] == [event_id]
+
+
+def _refused_for_review() -> float:
+    return (
+        REGISTRY.get_sample_value("eobblast_bounce_messages_total", {"result": "review_full"})
+        or 0.0
+    )
+
+
+async def test_a_full_review_pile_makes_the_sender_retry(
+    recorder: Recorder, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reports nobody could act on (complaints among them) used to be answered 250 and
+    # thrown away once the pile was full: now the sender keeps them and tries again.
+    async with new_listener(recorder, tmp_path / "review", review_max_messages=2) as listener:
+        chat = b"Subject: hello\r\n\r\njust chatting\r\n"
+        for letter in "ab":
+            await send(listener, chat, "bounces+" + letter * 30 + "@" + DOMAIN)
+        assert len(review_files(listener)) == 2
+        refused_before = _refused_for_review()
+        with pytest.raises(aiosmtplib.SMTPDataError) as refused:
+            await send(listener, chat, "bounces+" + "c" * 30 + "@" + DOMAIN)
+        assert (refused.value.code, refused.value.message) == (
+            452,
+            "4.3.1 Review pile full, try again later",
+        )
+        assert len(review_files(listener)) == 2
+        assert listener.stats["review_full"] == 1 and listener.stats["handled"] == 2
+        assert _refused_for_review() == refused_before + 1
+        # A report the handler acts on needs no room in the pile: still accepted.
+        event_id = str(uuid.uuid4())
+        rcpt = make_return_path(event_id, KEY, DOMAIN)
+        await send(listener, dsn_for(event_id, "gone@example.org"), rcpt)
+        assert listener.stats["handled"] == 3
+        # A person reads one (Maildir: new/ to cur/); the retried report then gets in.
+        monkeypatch.setattr(listener_module, "_RECOUNT_FULL_EVERY", 0.0)
+        first = review_files(listener)[0]
+        first.rename(listener.review_dir / "cur" / first.name)
+        await send(listener, chat, "bounces+" + "c" * 30 + "@" + DOMAIN)
+        assert len(review_files(listener)) == 2 and listener.stats["review"] == 3
+
+
+def test_the_review_cap_must_be_positive(recorder: Recorder, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="review_max_messages"):
+        new_listener(recorder, tmp_path, review_max_messages=0)
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.0.0.2", True),
+        ("::1", True),
+        ("localhost", True),
+        ("0.0.0.0", False),
+        ("::", False),
+        ("", False),
+        ("192.0.2.25", False),
+        ("mx.payer.example", False),
+    ],
+)
+def test_which_listen_addresses_are_loopback(host: str, loopback: bool) -> None:
+    assert is_loopback(host) is loopback
+
+
+async def test_listening_beyond_loopback_without_tls_warns_once(
+    recorder: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pki = make_test_pki(tmp_path / "pki", [DOMAIN])
+    contexts = {
+        ("0.0.0.0", False): None,
+        ("0.0.0.0", True): load_tls_context(pki.server_cert, pki.server_key),
+        (HOST, False): None,
+    }
+    warned = {}
+    for (host, tls), context in contexts.items():
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="eobblast.bounces.listener"):
+            async with new_listener(recorder, tmp_path / "review", host=host, tls_context=context):
+                pass
+        warned[host, tls] = [r.getMessage() for r in caplog.records]
+    assert warned == {
+        ("0.0.0.0", False): [
+            "bounce listener on 0.0.0.0 without TLS: a receiver that ignores RET=HDRS returns"
+            " the whole notice (PHI), in the clear; set bounces.tls_cert and bounces.tls_key"
+        ],
+        ("0.0.0.0", True): [],
+        (HOST, False): [],
+    }
+
+
+def test_a_tls_pair_that_cannot_be_loaded_is_a_config_error(tmp_path: Path) -> None:
+    pki = make_test_pki(tmp_path / "pki", [DOMAIN])
+    missing = tmp_path / "absent.pem"
+    with pytest.raises(ConfigError, match=r"bounces\.tls_cert: cannot read .*FileNotFoundError"):
+        load_tls_context(missing, pki.server_key)
+    with pytest.raises(ConfigError, match=r"bounces\.tls_key: cannot read .*IsADirectoryError"):
+        load_tls_context(pki.server_cert, tmp_path)
+    with pytest.raises(
+        ConfigError, match=r"bounces\.tls_cert/bounces\.tls_key: cannot be loaded \(SSLError"
+    ):
+        load_tls_context(pki.server_cert, pki.untrusted_key)  # not the certificate's key
+
+
+@pytest.mark.parametrize("case", ["cert only", "key only", "missing cert", "wrong key"])
+def test_eobblast_bounces_refuses_tls_settings_it_cannot_use(tmp_path: Path, case: str) -> None:
+    # One of the two used to run the listener without TLS, unsaid; a wrong file, a
+    # traceback after the broker had been waited for. Now: exit 1 at once, naming it.
+    pki = make_test_pki(tmp_path / "pki", [DOMAIN])
+    tls = {
+        "cert only": {"tls_cert": str(pki.server_cert)},
+        "key only": {"tls_key": str(pki.server_key)},
+        "missing cert": {"tls_cert": str(tmp_path / "absent.pem"), "tls_key": str(pki.server_key)},
+        "wrong key": {"tls_cert": str(pki.server_cert), "tls_key": str(pki.untrusted_key)},
+    }[case]
+    expected = {
+        "cert only": "bounces.tls_cert and bounces.tls_key: set both (STARTTLS) or neither",
+        "key only": "bounces.tls_cert and bounces.tls_key: set both (STARTTLS) or neither",
+        "missing cert": f"bounces.tls_cert: cannot read {tmp_path / 'absent.pem'}"
+        " (FileNotFoundError)",
+        "wrong key": "bounces.tls_cert/bounces.tls_key: cannot be loaded (SSLError",
+    }[case]
+    config_file = tmp_path / "eobblast.toml"
+    # Nothing listens at this broker, and no key exists: the TLS settings are said first.
+    settings = {"kafka": {"bootstrap": "127.0.0.1:9"}, "bounces": {"listen_port": 0, **tls}}
+    config_file.write_text(tomli_w.dumps(settings))
+    done = subprocess.run(
+        [sys.executable, "-m", "eobblast", "bounces", "--config", str(config_file)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+    )
+    assert done.returncode == 1, done.stderr
+    assert expected in done.stderr and "Traceback" not in done.stderr

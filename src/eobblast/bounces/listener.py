@@ -5,12 +5,17 @@ recipient gets 550), hands each message to a handler (`BounceService.on_dsn` in 
 which parses, maps and acts), and keeps what the handler could not read or map in a review
 Maildir for a person. A handler that raises (the store is down, say) makes the listener
 answer 451, so the sending MTA keeps the report and tries again: nothing is lost, and
-handling the same report twice changes nothing.
+handling the same report twice changes nothing. So does a full review pile (452): a
+report nobody could act on, a complaint among them, is never accepted and then dropped.
 
 The server runs on the caller's event loop (not aiosmtpd's threaded Controller), so the
 handler shares the loop with the store's connections. The review pile holds the reports
 with the body of any returned notice cut out (its headers stay: they name the event), in a
 private directory (0700), each file deleted `review_days` after it arrived.
+
+STARTTLS is offered when a certificate and key are configured (`load_tls_context`); a
+listener on a non-loopback address without them says so at start, since a receiver that
+ignores RET=HDRS returns the whole notice.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
+import ipaddress
 import itertools
 import logging
 import os
@@ -33,15 +39,17 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import Counter
 
 from eobblast.bounces.inbound import BounceHandler, ReviewReason
+from eobblast.errors import ConfigError
 from eobblast.observe.metrics import REGISTRY
 from eobblast.render.mime import BOUNDARY_PREFIX
 
-__all__ = ["BOUNCE_MESSAGES", "BounceListener", "serve_bounces"]
+__all__ = ["BOUNCE_MESSAGES", "BounceListener", "load_tls_context", "serve_bounces"]
 
 log = logging.getLogger("eobblast.bounces.listener")
 
-# What became of each message at the bounce listener (BOUNCE_MESSAGES's `result`).
-RESULTS = ("handled", "review", "rejected_recipient", "handler_error", "review_dropped")
+# What became of each message at the bounce listener (BOUNCE_MESSAGES's `result`);
+# review_full: refused with 452 because the review pile was full (the sender retries).
+RESULTS = ("handled", "review", "rejected_recipient", "handler_error", "review_full")
 BOUNCE_MESSAGES = Counter(
     "eobblast_bounce_messages",
     f"Messages at the bounce listener by result ({', '.join(RESULTS)}).",
@@ -64,8 +72,11 @@ _NOTICE_BODY = re.compile(
     _BOUNDARY + rb"[\t ]*\r?$.*?(?:" + _BOUNDARY + rb"--[\t ]*\r?$|\Z)", re.M | re.S
 )
 REDACTED = b"[eobblast: the body of the returned notice was removed; it may hold PHI]\r"
-# The review pile is swept at most this often (seconds).
+# The review pile is swept at most this often (seconds); while it is full, counted again
+# at most this often, so reports flow again soon after a person has cleared it.
 _SWEEP_EVERY = 3600.0
+_RECOUNT_FULL_EVERY = 60.0
+REVIEW_FULL_REPLY = "452 4.3.1 Review pile full, try again later"
 
 
 _MARK = b"--" + BOUNDARY_PREFIX.encode()
@@ -231,11 +242,13 @@ class BounceListener:
         server_name: str | None = None,
         handler_timeout: float = 30.0,
         data_size_limit: int = DEFAULT_DATA_LIMIT,
-        max_review: int = DEFAULT_MAX_REVIEW,
+        review_max_messages: int = DEFAULT_MAX_REVIEW,
         review_days: float = DEFAULT_REVIEW_DAYS,
     ) -> None:
         if not review_days > 0:
             raise ValueError("review_days must be > 0")
+        if not review_max_messages > 0:
+            raise ValueError("review_max_messages must be > 0")
         self._handler = handler
         self._host = host
         self._port = port
@@ -246,7 +259,7 @@ class BounceListener:
         self._server_name = server_name or self._domain
         self._timeout = handler_timeout
         self._data_limit = data_size_limit
-        self._max_review = max_review
+        self._max_review = review_max_messages
         self._review_seconds = review_days * 86400.0
         self._swept_at = 0.0
         self._server: asyncio.Server | None = None
@@ -259,7 +272,7 @@ class BounceListener:
             "review": 0,
             "rejected_recipient": 0,
             "handler_error": 0,
-            "review_dropped": 0,
+            "review_full": 0,
         }
 
     @property
@@ -295,6 +308,13 @@ class BounceListener:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(self._session, self._host, self._port)
         log.info("bounce listener on %s:%d", self._host, self.port)
+        if self._tls is None and not is_loopback(self._host):
+            log.warning(
+                "bounce listener on %s without TLS: a receiver that ignores RET=HDRS returns"
+                " the whole notice (PHI), in the clear; set bounces.tls_cert and"
+                " bounces.tls_key",
+                self._host or "all addresses",
+            )
 
     def _session(self) -> _ListenerSMTP:
         return _ListenerSMTP(
@@ -352,8 +372,8 @@ class BounceListener:
                 log.error("bounce handler failed (%s); the sender will retry", type(exc).__name__)
                 return "451 4.3.0 Temporary failure processing the report, try again later"
             review = review or result.review_reason
-        if review is not None:
-            await self._keep_for_review(content, review)
+        if review is not None and not await self._keep_for_review(content, review):
+            return REVIEW_FULL_REPLY
         self.stats["handled"] += 1
         BOUNCE_MESSAGES.labels("handled").inc()
         return "250 2.0.0 Ok"
@@ -382,15 +402,22 @@ class BounceListener:
             log.info("review pile swept", extra={"removed": removed})
         return removed
 
-    async def _keep_for_review(self, content: bytes, reason: ReviewReason) -> None:
-        if time.time() - self._swept_at > _SWEEP_EVERY:
+    async def _keep_for_review(self, content: bytes, reason: ReviewReason) -> bool:
+        """Keep a report for a person; False when the pile is full and it was not kept."""
+        full = self._review_count >= self._max_review
+        if time.time() - self._swept_at > (_RECOUNT_FULL_EVERY if full else _SWEEP_EVERY):
             await asyncio.to_thread(self.sweep_review)
         if self._review_count >= self._max_review:
-            # A flood of junk at the bounce address must not fill the disk.
-            self.stats["review_dropped"] += 1
-            BOUNCE_MESSAGES.labels("review_dropped").inc()
-            log.warning("review pile full; message dropped", extra={"reason": str(reason)})
-            return
+            # A flood of junk at the bounce address must not fill the disk, and a complaint
+            # in it must not vanish: refused, so the sender keeps it and tries again.
+            self.stats["review_full"] += 1
+            BOUNCE_MESSAGES.labels("review_full").inc()
+            log.warning(
+                "review pile full (bounces.review_max_messages); report refused with 452,"
+                " the sender will retry",
+                extra={"reason": str(reason)},
+            )
+            return False
         self._review_count += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{next(self._seq)}.{reason}"
         header = f"X-EOB-Review-Reason: {reason}\r\n".encode()
@@ -402,6 +429,7 @@ class BounceListener:
         self.stats["review"] += 1
         BOUNCE_MESSAGES.labels("review").inc()
         log.info("bounce kept for review", extra={"reason": str(reason)})
+        return True
 
     def _write_review(self, name: str, data: bytes) -> None:
         # Maildir delivery: write under tmp/, then rename into new/, never a partial file.
@@ -422,6 +450,7 @@ async def serve_bounces(
     prefix: str = "bounces",
     tls_context: ssl.SSLContext | None = None,
     review_days: float = DEFAULT_REVIEW_DAYS,
+    review_max_messages: int = DEFAULT_MAX_REVIEW,
 ) -> BounceListener:
     """Start a bounce listener on the running loop; the caller stops it."""
     listener = BounceListener(
@@ -433,9 +462,41 @@ async def serve_bounces(
         prefix=prefix,
         tls_context=tls_context,
         review_days=review_days,
+        review_max_messages=review_max_messages,
     )
     await listener.start()
     return listener
+
+
+def load_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
+    """The listener's STARTTLS context from `bounces.tls_cert` and `bounces.tls_key`;
+    ConfigError naming the setting and the kind of failure when they cannot be loaded."""
+    for setting, path in (("bounces.tls_cert", cert), ("bounces.tls_key", key)):
+        try:
+            with path.open("rb"):
+                pass
+        except OSError as error:
+            raise ConfigError(f"{setting}: cannot read {path} ({type(error).__name__})") from None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        # Never OpenSSL's prompt on a terminal: an encrypted key fails to load.
+        context.load_cert_chain(cert, key, b"")
+    except (OSError, ValueError) as error:  # ssl.SSLError is an OSError
+        raise ConfigError(
+            "bounces.tls_cert/bounces.tls_key: cannot be loaded"
+            f" ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
+    return context
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address reaches this machine only ("" and 0.0.0.0: every address)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name, or "": not known to be loopback
+        return False
 
 
 def _quiet_aiosmtpd_logging() -> None:
