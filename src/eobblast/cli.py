@@ -236,6 +236,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     warn_relative_stores(config)
     _kafka_security(config)  # checked here, once: each worker builds its own
     _check_signing_keys(config)
+    _check_stores(config)
     metrics_dir = prepare_multiprocess_metrics()
 
     async def supervise() -> None:
@@ -276,6 +277,17 @@ def _check_signing_keys(config: Config) -> None:
     if not keys.usable:
         raise click.ClickException(no_signing_key_text(config))
     log.info("DKIM keys found", extra={"key_dir": str(config.dkim.key_dir), "domains": keys.usable})
+
+
+def _check_stores(config: Config) -> None:
+    """Refuse to start workers that could not open a store: each would die at its start,
+    and be restarted, forever. The cause is `eobblast check`'s, without the store URL."""
+    from eobblast.preflight import Verdict, stores
+
+    failed = [f for f in _run(stores(config)) if f.verdict is Verdict.FAIL]
+    if failed:
+        causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
+        raise click.ClickException(f"{causes} (no worker started)")
 
 
 @main.command()

@@ -8,10 +8,11 @@ workers read and write; every store (where a SQLite file would be, a PostgreSQL 
 its schema); each static SMTP route (its greeting and a STARTTLS verified as delivery
 verifies it, from `[transport] source_address`); the secrets the workers read. Nothing is
 created: no topic, no table, no key, no file. Details name settings, files, hosts and
-topics, never a store URL (it may carry a password) and nothing of an event. Not checked:
-the brokers' ACLs (whether this client may read, write and join the
-group, beyond seeing the topics); routes found by MX lookups; routes from the shaping
-pools' own addresses and EHLO names; whether the metrics port can be bound.
+topics, never a store URL (it may carry a password) and nothing of an event. `eobblast
+run` calls the same checks of the stores (`stores`), and refuses to start on a failure.
+Not checked: the brokers' ACLs (whether this client may read, write and join the group,
+beyond seeing the topics); routes found by MX lookups; routes from the shaping pools' own
+addresses and EHLO names; whether the metrics port can be bound.
 """
 
 from __future__ import annotations
@@ -108,11 +109,17 @@ async def preflight(config: Config, *, workers: int) -> list[Finding]:
     trusted, context = _trust(config)
     findings = [_dkim(config), trusted, *_files(config)]
     findings += await _kafka(config, workers)
-    findings += await asyncio.gather(
-        *(_store(setting, url) for setting, url in store_urls(config).items())
-    )
+    findings += await stores(config)
     findings += await _routes(config, context)
     return findings
+
+
+async def stores(config: Config) -> list[Finding]:
+    """Every store `eobblast run` opens: a PostgreSQL server reached and its schema, a
+    SQLite file's place looked at; nothing created."""
+    return list(
+        await asyncio.gather(*(_store(setting, url) for setting, url in store_urls(config).items()))
+    )
 
 
 def _dkim(config: Config) -> Finding:

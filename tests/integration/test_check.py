@@ -8,6 +8,7 @@ import contextlib
 import os
 import socket
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from eobblast.sandbox import make_test_pki
 from eobblast.streams import EmbeddedBroker
 from eobblast.streams.kafka import PLAINTEXT, topic_partitions
 from tests.conftest import throwaway_pg_schema
-from tests.integration.worker_stack import Stack, accept_domains, sandbox_stack
+from tests.integration.worker_stack import DIE_WITH_PARENT, Stack, accept_domains, sandbox_stack
 
 # In store URLs: never in what check prints. libpq quotes the second in its error message.
 PASSWORD = "s3cret-pw"
@@ -74,6 +75,24 @@ async def check(
         finding = orjson.loads(line)
         findings[finding.pop("check")] = finding
     return process.returncode, findings, out.decode() + err.decode()
+
+
+async def run(settings: dict[str, Any], path: Path, seconds: float = 30.0) -> tuple[int, str]:
+    """`eobblast run` on `settings`, from `path`'s directory, until it exits by itself
+    within `seconds` (it failed to start): its exit code and output."""
+    await asyncio.to_thread(path.write_text, tomli_w.dumps(settings))
+    process = await asyncio.create_subprocess_exec(
+        *DIE_WITH_PARENT, sys.executable, "-m", "eobblast", "run", "--config", str(path),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=path.parent,
+    )  # fmt: skip
+    try:
+        out, _ = await asyncio.wait_for(process.communicate(), seconds)
+    except TimeoutError:
+        process.terminate()  # the supervisor stops the workers it started
+        await asyncio.wait_for(process.wait(), 60)
+        pytest.fail(f"eobblast run still running after {seconds:.0f} s: it started")
+    assert process.returncode is not None
+    return process.returncode, out.decode()
 
 
 async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_path: Path) -> None:
@@ -253,3 +272,32 @@ async def test_files_the_workers_read_at_start_are_read_and_the_report_goes_to_s
     table = out.decode()
     assert "routes" in table and "route for x.test: expected host:port" in table
     assert "Error:" in err.decode() and "Error:" not in table
+
+
+async def test_run_refuses_to_start_on_a_store_it_cannot_open_saying_what_check_says(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # Workers would die opening the ledger and be restarted forever: run stops first, with
+    # the cause check gives (libpq's words, no URL, no password) and without a traceback.
+    await _bounce_topics(stack)
+    settings = _settings(stack)
+    with refusing_port() as pg_port:
+        settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
+        settings["bounces"]["store_url"] = f"postgresql://eob:{UNPARSABLE}@127.0.0.1:{pg_port}/eob"
+        _, findings, _ = await check(settings, tmp_path / "check.toml")
+        started = time.monotonic()
+        code, out = await run(settings, tmp_path / "eobblast.toml")
+        took = time.monotonic() - started
+    assert code == 1
+    ledger = findings["store ledger.url"]["detail"]
+    assert ledger.endswith(f"port {pg_port} failed: Connection refused")
+    error = out.strip().splitlines()[-1]
+    assert error == (
+        f"Error: store ledger.url: {ledger}; store bounces.store_url: the PostgreSQL URL"
+        " cannot be parsed (no worker started)"
+    )
+    assert "Traceback" not in out
+    assert '"msg":"worker started"' not in out  # the supervisor's log line
+    for secret in (PASSWORD, UNPARSABLE, "s3cret"):
+        assert secret not in out
+    assert took < 20  # a refused connection is answered at once: no waiting for a timeout
