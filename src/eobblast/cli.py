@@ -234,6 +234,7 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     configure_logging(log_level)
     config = command_config(config_path)
     warn_relative_stores(config)
+    _warn_of_placeholders(config)
     _kafka_security(config)  # checked here, once: each worker builds its own
     _check_signing_keys(config)
     _check_stores(config)
@@ -277,6 +278,17 @@ def _check_signing_keys(config: Config) -> None:
     if not keys.usable:
         raise click.ClickException(no_signing_key_text(config))
     log.info("DKIM keys found", extra={"key_dir": str(config.dkim.key_dir), "domains": keys.usable})
+
+
+def _warn_of_placeholders(config: Config) -> None:
+    """Warn of what `eobblast check` finds likely not meant (a reserved name in portal links
+    or return paths, shaping off) without refusing: the tests and the demo mean them."""
+    from eobblast.preflight import Verdict, placeholder_settings
+
+    log = logging.getLogger("eobblast.cli")
+    for finding in placeholder_settings(config):
+        if finding.verdict is not Verdict.OK:
+            log.warning("%s: %s", finding.check, finding.detail, extra={"check": finding.check})
 
 
 def _check_stores(config: Config) -> None:

@@ -3,16 +3,18 @@ anything.
 
 Each check gives a `Finding`: the DKIM keys the workers sign with; the files the workers
 read at start (the transport's CA bundle, the shaping pools and warm-up files, the bounce
-rules); the brokers (reached with the configured TLS and SASL settings); the topics the
-workers read and write; every store (where a SQLite file would be, a PostgreSQL server and
-its schema); each static SMTP route (its greeting and a STARTTLS verified as delivery
-verifies it, from `[transport] source_address`); the secrets the workers read. Nothing is
-created: no topic, no table, no key, no file. Details name settings, files, hosts and
-topics, never a store URL (it may carry a password) and nothing of an event. `eobblast
-run` calls the same checks of the stores (`stores`), and refuses to start on a failure.
-Not checked: the brokers' ACLs (whether this client may read, write and join the group,
-beyond seeing the topics); routes found by MX lookups; routes from the shaping pools' own
-addresses and EHLO names; whether the metrics port can be bound.
+rules); settings that work but were likely not meant (a reserved name in portal links or
+return paths, shaping off); the brokers (reached with the configured TLS and SASL
+settings); the topics the workers read and write; every store (where a SQLite file would
+be, a PostgreSQL server and its schema); each static SMTP route (its greeting and a
+STARTTLS verified as delivery verifies it, from `[transport] source_address`); the secrets
+the workers read. Nothing is created: no topic, no table, no key, no file. Details name
+settings, files, hosts and topics, never a store URL (it may carry a password) and nothing
+of an event. `eobblast run` calls the same checks of the stores (refusing to start on a
+failure) and of the placeholder settings (warning). Not checked: the brokers' ACLs
+(whether this client may read, write and join the group, beyond seeing the topics); routes
+found by MX lookups; routes from the shaping pools' own addresses and EHLO names; whether
+the metrics port can be bound.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
@@ -107,7 +110,7 @@ def no_signing_key_text(config: Config) -> str:
 async def preflight(config: Config, *, workers: int) -> list[Finding]:
     """Every check, in order, for `eobblast run` with `workers` worker processes."""
     trusted, context = _trust(config)
-    findings = [_dkim(config), trusted, *_files(config)]
+    findings = [_dkim(config), trusted, *_files(config), *placeholder_settings(config)]
     findings += await _kafka(config, workers)
     findings += await stores(config)
     findings += await _routes(config, context)
@@ -120,6 +123,74 @@ async def stores(config: Config) -> list[Finding]:
     return list(
         await asyncio.gather(*(_store(setting, url) for setting, url in store_urls(config).items()))
     )
+
+
+# Names nobody can register (RFC 2606, RFC 6761), and every name below them: what
+# placeholders, documentation and tests are made of.
+RESERVED_NAMES = (
+    "example.com",
+    "example.net",
+    "example.org",
+    "example",
+    "test",
+    "invalid",
+    "localhost",
+)
+
+
+def reserved_name(host: str) -> bool:
+    """Whether `host` is a reserved name (RFC 2606, RFC 6761) or a name below one."""
+    name = host.strip().lower().rstrip(".")
+    return any(name == reserved or name.endswith("." + reserved) for reserved in RESERVED_NAMES)
+
+
+def placeholder_settings(config: Config) -> list[Finding]:
+    """Settings that work but that the operator likely did not mean: a reserved name in what
+    members and receivers see (portal links, return paths; the defaults are such names),
+    and shaping off."""
+    base_url = config.portal.base_url
+    try:
+        host = urlsplit(base_url).hostname
+    except ValueError:  # an unclosed [IPv6] bracket
+        host = None
+    found = [
+        _seen_name(
+            "portal base_url",
+            base_url,
+            host,
+            lost="members' portal links would lead nowhere",
+            fix="Set [portal] base_url to the portal's public address",
+        )
+    ]
+    if config.bounces.enabled:
+        domain = config.bounces.bounce_domain
+        found.append(
+            _seen_name(
+                "bounces bounce_domain",
+                domain,
+                domain,
+                lost="return paths there reach no bounce listener (bounces are lost, receivers"
+                " may refuse the mail)",
+                fix="Set [bounces] bounce_domain to a domain whose MX is `eobblast bounces`",
+            )
+        )
+    if not config.shaping.enabled:
+        why = (
+            "not set: shaping is off (no IP warm-up, no per-provider caps), every connection"
+            " goes from [transport] source_address as fast as receivers take it"
+        )
+        found.append(Finding("shaping pools_file", Verdict.WARN, why))
+    return found
+
+
+def _seen_name(check: str, value: str, host: str | None, *, lost: str, fix: str) -> Finding:
+    """A setting whose host members or receivers see: FAIL when it has none or a reserved one."""
+    if not host:
+        return Finding(check, Verdict.FAIL, f"{value} has no host name: {lost}")
+    if reserved_name(host):
+        named = host if value == host else f"{value}: {host}"
+        return Finding(check, Verdict.FAIL, f"{named} is a reserved name (RFC 2606): {lost}. {fix}")
+    return Finding(check, Verdict.OK, value)
 
 
 def _dkim(config: Config) -> Finding:

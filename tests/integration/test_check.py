@@ -27,6 +27,9 @@ from tests.integration.worker_stack import DIE_WITH_PARENT, Stack, accept_domain
 # In store URLs: never in what check prints. libpq quotes the second in its error message.
 PASSWORD = "s3cret-pw"
 UNPARSABLE = "s3cret%zz"
+# What members and receivers would see: names of a real deployment, not reserved ones.
+BASE_URL = "https://eob.acme-health.com/p/"
+BOUNCE_DOMAIN = "bounces.acme-health.com"
 
 
 @contextlib.contextmanager
@@ -49,7 +52,9 @@ def _settings(stack: Stack) -> dict[str, Any]:
     settings["bounces"] |= {
         "verification_topic": f"{stack.prefix}.verification",
         "paper_topic": f"{stack.prefix}.paper",
+        "bounce_domain": BOUNCE_DOMAIN,
     }
+    settings["portal"]["base_url"] = BASE_URL
     return settings
 
 
@@ -111,6 +116,9 @@ async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_pat
         "portal key_dir": "ok",
         "portal audit_key_file": "ok",
         "bounces verp_key_file": "ok",
+        "portal base_url": "ok",
+        "bounces bounce_domain": "ok",
+        "shaping pools_file": "warn",
         "kafka": "ok",
         "topic events": "warn",
         "topic delivery": "ok",
@@ -128,6 +136,12 @@ async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_pat
         f"{stack.events_topic}: 4 partition(s) for 6 workers: 2 would have nothing to read"
     )
     assert "created at the first start" in findings["store portal.escrow_url"]["detail"]
+    assert findings["portal base_url"]["detail"] == BASE_URL
+    assert findings["bounces bounce_domain"]["detail"] == BOUNCE_DOMAIN
+    # No pools file: it works, unshaped. A new IP sending at full speed is likely not meant.
+    assert findings["shaping pools_file"]["detail"].startswith(
+        "not set: shaping is off (no IP warm-up, no per-provider caps)"
+    )
     for domain in stack.domains:  # STARTTLS, verified against the configured CA
         assert findings[f"route {domain}"]["detail"].endswith("TLSv1.3 verified")
     # Read, not made: the stores' files and directories are still to be created.
@@ -170,6 +184,8 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     ring.mkdir()
     (ring / "active").write_bytes(b"\xff\xfe")
     settings["portal"]["key_dir"] = str(ring)
+    # The placeholder defaults: portal links to example.com, return paths in .test.
+    del settings["portal"]["base_url"], settings["bounces"]["bounce_domain"]
     with refusing_port() as pg_port, refusing_port() as smtp_port:
         settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
         settings["bounces"]["store_url"] = f"postgresql://eob:{UNPARSABLE}@127.0.0.1:{pg_port}/eob"
@@ -187,8 +203,10 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
         "store bounces.store_url",
         "store portal.escrow_url",
         f"route {domain}",
+        "portal base_url",
+        "bounces bounce_domain",
     }
-    assert "Error: 9 check(s) failed" in text
+    assert "Error: 11 check(s) failed" in text
     assert "retired-verp.key does not exist" in findings["bounces verp_previous_keys 7"]["detail"]
     assert findings["topic delivery"]["detail"].startswith(f"{missing_topic} is not on the brokers")
     assert "eobblast keys generate" in findings["dkim keys"]["detail"]
@@ -198,6 +216,12 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     )
     assert findings["store bounces.store_url"]["detail"] == "the PostgreSQL URL cannot be parsed"
     assert "is not a writable directory" in findings["store portal.escrow_url"]["detail"]
+    assert findings["portal base_url"]["detail"].startswith(
+        "https://eob.example.com/p/: eob.example.com is a reserved name (RFC 2606)"
+    )
+    assert findings["bounces bounce_domain"]["detail"].startswith(
+        "bounces.eobblast.test is a reserved name (RFC 2606)"
+    )
     assert findings[f"route {domain}"]["detail"].startswith(f"127.0.0.1:{smtp_port} not reached")
     for secret in (PASSWORD, UNPARSABLE, "s3cret"):
         assert secret not in text
@@ -301,3 +325,35 @@ async def test_run_refuses_to_start_on_a_store_it_cannot_open_saying_what_check_
     for secret in (PASSWORD, UNPARSABLE, "s3cret"):
         assert secret not in out
     assert took < 20  # a refused connection is answered at once: no waiting for a timeout
+
+
+async def test_run_warns_of_placeholder_names_and_shaping_off(stack: Stack, tmp_path: Path) -> None:
+    # Tests mean .test names and no shaping: run says so in its log at start, and goes on.
+    # (An empty key directory then stops it before any worker starts.)
+    settings = stack.settings()  # the defaults' portal base_url and bounce_domain
+    settings["dkim"]["key_dir"] = str(tmp_path / "no-keys")
+    (tmp_path / "no-keys").mkdir()
+    code, out = await run(settings, tmp_path / "eobblast.toml")
+    assert code == 1 and "no usable DKIM key" in out
+    logged = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
+    warned = {doc["check"]: doc for doc in logged if doc["level"] == "warning" and "check" in doc}
+    assert set(warned) == {"portal base_url", "bounces bounce_domain", "shaping pools_file"}
+    assert warned["portal base_url"]["msg"].startswith(
+        "portal base_url: https://eob.example.com/p/: eob.example.com is a reserved name"
+    )
+    assert warned["bounces bounce_domain"]["msg"].startswith(
+        "bounces bounce_domain: bounces.eobblast.test is a reserved name"
+    )
+    assert "shaping is off" in warned["shaping pools_file"]["msg"]
+
+    # Real names and a pools file: nothing to warn of.
+    settings = _settings(stack) | {"dkim": settings["dkim"]}
+    pools = tmp_path / "pools.toml"
+    pools.write_text(
+        'default_pool = "p"\n[classes]\neob = "p"\n[[pools.p.ips]]\n'
+        'address = "127.0.0.1"\nehlo = "mta1.acme-health.com"\nwarmup_start = 2026-01-01\n'
+    )
+    settings["shaping"] = {"pools_file": str(pools)}
+    code, out = await run(settings, tmp_path / "eobblast.toml")
+    assert code == 1 and "no usable DKIM key" in out
+    assert '"check"' not in out
