@@ -445,9 +445,17 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
     # EOBBLAST_TRANSPORT__CA_BUNDLE=/x -> {"transport": {"ca_bundle": "/x"}}
     out: dict[str, Any] = {}
     for key, value in environ.items():
-        if not key.startswith("EOBBLAST_") or "__" not in key:
+        if not key.startswith("EOBBLAST_"):
             continue
         path = key.removeprefix("EOBBLAST_").lower().split("__")
+        if len(path) < 2 or not all(path):
+            # A mistyped name (EOBBLAST_KAFKA_BOOTSTRAP) would leave the default in force
+            # unnoticed, as an unknown setting in the file would not. The value may be a
+            # secret's path or a host: only the name is shown.
+            raise ConfigError(
+                f"environment variable {key}: expected EOBBLAST_<SECTION>__<SETTING>, "
+                "two underscores between them (e.g. EOBBLAST_KAFKA__BOOTSTRAP)"
+            )
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})

@@ -42,6 +42,19 @@ def test_environment_overrides_file() -> None:
     assert config.dkim.ed25519 is False
 
 
+@pytest.mark.parametrize(
+    "name", ["EOBBLAST_KAFKA_BOOTSTRAP", "EOBBLAST_KAFKA__", "EOBBLAST___BOOTSTRAP", "EOBBLAST_"]
+)
+def test_a_mistyped_environment_override_is_refused_not_ignored(name: str) -> None:
+    # One underscore where two belong left the default broker in force, without a word.
+    with pytest.raises(ConfigError, match="EOBBLAST_<SECTION>__<SETTING>") as caught:
+        load_config(EXAMPLE, environ={name: "kafka-secret-host:9093", "OTHER_VAR": "x"})
+    assert name in str(caught.value) and "kafka-secret-host" not in str(caught.value)
+    # an unknown setting through the environment was refused already, as in the file
+    with pytest.raises(ConfigError, match="unknown setting"):
+        load_config(EXAMPLE, environ={"EOBBLAST_KAFKA__BOOTSTRP": "x:1"})
+
+
 def test_hole_settle_defaults_to_reading_holes_again_and_zero_turns_it_off() -> None:
     # Tansu (the default, embedded broker) needs its holes read again; Apache Kafka's are
     # all real, and an operator there turns the re-reads off.
