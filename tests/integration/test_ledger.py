@@ -108,6 +108,32 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
     assert (await ledger.claim(event_id, "w3", retry_deferred=True)).kind is ClaimKind.DONE
 
 
+async def test_an_event_held_for_want_of_consent_is_tried_again_by_a_new_copy(
+    ledger: SendLedger,
+) -> None:
+    # Held for no consent used to be final for the retention period: the claims system's
+    # copy published once the member consented got the old `held` again, and no email.
+    event_id = _id()
+    await ledger.claim(event_id, "w1")
+    await ledger.finish(event_id, "held", "no_consent")
+    # A redelivery before its status went out is not a new copy.
+    assert (await ledger.claim(event_id, "w2")).kind is ClaimKind.DONE
+    await ledger.mark_published([(event_id, 1)])
+    retry = await ledger.claim(event_id, "w2")  # with or without a bounce service
+    assert retry.kind is ClaimKind.RETRY
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.state is LedgerState.SENDING and entry.attempts == 2
+    await ledger.finish(event_id, "delivered", "delivered")
+    await ledger.mark_published([(event_id, 2)])
+    assert (await ledger.claim(event_id, "w3")).kind is ClaimKind.DONE
+    # Held for another reason stays final.
+    other = _id()
+    await ledger.claim(other, "w1")
+    await ledger.finish(other, "held", "awaiting_verification")
+    await ledger.mark_published([(other, 1)])
+    assert (await ledger.claim(other, "w2", retry_deferred=True)).kind is ClaimKind.DONE
+
+
 async def test_an_event_whose_claim_is_renewed_is_not_taken_over(
     ledger: SendLedger, ledger_url: str
 ) -> None:

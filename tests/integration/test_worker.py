@@ -229,6 +229,58 @@ async def test_a_dead_letter_its_topic_refuses_whole_is_parked_without_the_origi
     assert sum(stack.sandbox.counts.values()) == 1
 
 
+async def test_a_notice_held_for_want_of_consent_goes_out_once_consent_comes(
+    stack: Stack,
+) -> None:
+    # Held for no consent was final: the claims system's copy published once the member
+    # had consented got the old `held` status again, and no email, for the retention period.
+    (value,) = stack.events(1, seed=61)
+    doc = orjson.loads(value)
+    doc["member"]["consent"]["electronic_delivery"] = False
+    withheld = orjson.dumps(doc)
+    doc["member"]["consent"]["electronic_delivery"] = True
+    consented = orjson.dumps(doc)
+    event_id = doc["event_id"]
+    worker, stop, task = await start_worker(stack.config(), bounce_store_as=lambda store: store)
+    topic = (stack.broker.bootstrap, stack.delivery_topic)
+
+    async def next_status(count: int) -> DeliveryStatus:
+        async def seen() -> list[DeliveryStatus]:  # (read_topic counts keys: these share one)
+            found = statuses(await read_topic(*topic, until=1)).get(event_id, [])
+            return found if len(found) >= count else []
+
+        found = await until(f"status {count}", seen, seconds=60, every=0.2)
+        assert len(found) == count
+
+        async def published() -> bool:
+            entry = await worker._ledger.get(event_id)
+            return entry is not None and entry.status_published
+
+        await until("its status marked published", published)
+        return found[-1]
+
+    try:
+        await stack.publish([withheld])
+        held = await next_status(1)
+        assert (held.status, held.reason, held.attempt) == ("held", "no_consent", 1)
+        assert sum(stack.sandbox.counts.values()) == 0
+        await stack.publish([consented])
+        sent = await next_status(2)
+        assert (sent.status, sent.attempt) == ("delivered", 2)
+        # A third copy is the same event again: a duplicate, not sent a second time.
+        skipped = worker.duplicates_skipped
+        await stack.publish([consented])
+
+        async def skipped_it() -> bool:
+            return worker.duplicates_skipped > skipped
+
+        await until("the third copy skipped", skipped_it)
+        assert sum(stack.sandbox.counts.values()) == 1
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+
+
 @pytest.mark.parametrize("store", ["sqlite", "postgresql"])
 async def test_republished_and_redelivered_events_are_sent_once(
     stack: Stack, store: str, request: pytest.FixtureRequest
