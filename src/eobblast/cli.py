@@ -619,7 +619,8 @@ def dlq_replay(
     the workers would check it, by this eobblast with this configuration: one still refused
     is skipped (`still_refused`; `still_refused_by_reason` gives the reason codes it gets
     now), so run it where the fix (upgrade, setting) is in place. Unreadable records,
-    originals kept only in part (over 1 MiB), empty ones, and records whose key is missing
+    originals kept only in part (over 256 KiB) or not at all (the DLQ topic refused the
+    whole letter), empty ones, and records whose key is missing
     or was cut (over 1 KiB) are skipped too, and so is a record the broker refuses for
     itself (too large for the topic, a policy; its DLQ position is printed), the others
     going on. Running it twice publishes the records twice; the ledger still sends one email

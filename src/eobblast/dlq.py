@@ -85,6 +85,8 @@ class Parked:
         if letter is None:
             return UNREADABLE
         if letter.truncated:
+            if not letter.original_base64:
+                return "original_not_kept"  # the DLQ topic refused the whole letter
             return "original_truncated"  # over 256 KiB: only a prefix was kept
         if not letter.original_size:
             return "original_empty"  # nothing to send (and refused again)

@@ -1159,9 +1159,12 @@ class Worker:
         )
         kafka = self._config.kafka
 
-        def cut() -> bytes:
+        def cut() -> bytes | None:
+            smaller = without_original(letter)
+            if smaller is letter:
+                return None  # nothing to leave out
             metrics.DEAD_LETTERS_CUT.inc()
-            return _letter_bytes(without_original(letter))
+            return _letter_bytes(smaller)
 
         await self._send(kafka.dlq_topic, dead_letter_key(key), _letter_bytes(letter), cut=cut)
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
@@ -1222,12 +1225,12 @@ class Worker:
         key: bytes | None,
         value: bytes,
         *,
-        cut: Callable[[], bytes] | None = None,
+        cut: Callable[[], bytes | None] | None = None,
     ) -> None:
         """Produce one record, retrying until Kafka has it: a status or dead letter must be
         there before its offset may be committed. A record the topic refuses for itself
-        (its size, a policy) is sent as `cut()` instead, if given: retrying the same bytes
-        would hold the partition for ever."""
+        (its size, a policy) is sent as `cut()` instead, if given and it has a smaller
+        one: retrying the same bytes would hold the partition for ever."""
         assert self._producer is not None
         attempt = 0
         while True:
@@ -1235,18 +1238,27 @@ class Worker:
                 await self._producer.send_and_wait(topic, value, key=key)
                 return
             except KafkaError as exc:
-                if cut is not None and isinstance(exc, RECORD_ERRORS):
+                error = type(exc).__name__
+                refused = isinstance(exc, RECORD_ERRORS)
+                smaller = cut() if cut is not None and refused else None
+                cut = None
+                if smaller is not None:
                     log.warning(
                         "record refused by its topic; sending it cut",
-                        extra={"topic": topic, "error": type(exc).__name__},
+                        extra={"topic": topic, "error": error},
                     )
-                    value, cut = cut(), None
+                    value = smaller
                     continue
                 attempt += 1
                 if attempt % 20 == 1:
-                    log.warning(
-                        "publish failed; retrying",
-                        extra={"topic": topic, "error": type(exc).__name__, "attempt": attempt},
+                    # A record its topic refuses as it is waits for the topic's settings to
+                    # change (max.message.bytes, a policy): an operator's, so an error.
+                    level = logging.ERROR if refused else logging.WARNING
+                    what = "record refused by its topic" if refused else "publish failed"
+                    log.log(
+                        level,
+                        f"{what}; retrying",
+                        extra={"topic": topic, "error": error, "attempt": attempt},
                     )
                 await asyncio.sleep(backoff_delay(attempt))
 

@@ -22,6 +22,7 @@ import aiosmtplib
 import pytest
 import tomli_w
 
+from eobblast._net import is_loopback
 from eobblast.bounces import listener as listener_module
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
@@ -31,7 +32,6 @@ from eobblast.bounces.listener import (
     MAX_REVIEW_BYTES,
     REDACTED,
     BounceListener,
-    is_loopback,
     load_tls_context,
     serve_bounces,
     without_notice_bodies,
@@ -509,7 +509,7 @@ def test_which_listen_addresses_are_loopback(host: str, loopback: bool) -> None:
     assert is_loopback(host) is loopback
 
 
-async def test_listening_beyond_loopback_without_tls_warns_once(
+async def test_listening_beyond_loopback_without_tls_warns_at_start(
     recorder: Recorder, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     pki = make_test_pki(tmp_path / "pki", [DOMAIN])

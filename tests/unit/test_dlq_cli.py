@@ -17,7 +17,7 @@ from eobblast import dlq as dlq_module
 from eobblast.cli import _dlq_selection, main
 from eobblast.dlq import Parked, Selection, _checked, _parked, refusal_check
 from eobblast.errors import ReasonCode
-from eobblast.events.status import SourcePosition, dead_letter
+from eobblast.events.status import SourcePosition, dead_letter, without_original
 from eobblast.events.synthetic import generate_events
 from eobblast.streams.kafka import (
     PLAINTEXT,
@@ -55,10 +55,20 @@ def test_a_selection_matches_every_criterion_given() -> None:
 
 def test_only_whole_originals_with_their_key_are_replayable() -> None:
     assert parked(1, ReasonCode.INVALID_JSON, None, b"x", b"M1").not_replayable() is None
-    big = b"x" * (1024 * 1024 + 1)
+    big = b"x" * (256 * 1024 + 1)
     assert parked(2, ReasonCode.EVENT_TOO_LARGE, None, big, b"M1").not_replayable() == (
         "original_truncated"
     )
+    # A letter its topic refused whole went out without the original: not a prefix of it.
+    whole = parked(8, ReasonCode.INVALID_JSON, None, b"x" * 1000, b"M1").letter
+    assert whole is not None
+    cut = without_original(whole)
+    assert (cut.original_base64, cut.original_size, cut.truncated) == ("", 1000, True)
+    assert cut.original_sha256 == whole.original_sha256
+    assert Parked(0, 8, cut).not_replayable() == "original_not_kept"
+    # An empty original has nothing to leave out: the same letter.
+    empty = parked(9, ReasonCode.EMPTY_VALUE, None, b"", b"M1").letter
+    assert empty is not None and without_original(empty) is empty
     assert parked(3, ReasonCode.MISSING_KEY, "e", b"{}", b"").not_replayable() == "key_missing"
     assert parked(4, ReasonCode.MISSING_KEY, "e", b"{}", None).not_replayable() == "key_missing"
     long_key = b"M" * 2000

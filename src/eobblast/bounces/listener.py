@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import ipaddress
 import itertools
 import logging
 import os
@@ -38,6 +37,7 @@ from typing import Any, Self
 from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import Counter
 
+from eobblast._net import is_loopback
 from eobblast.bounces.inbound import BounceHandler, ReviewReason
 from eobblast.errors import ConfigError
 from eobblast.observe.metrics import REGISTRY
@@ -487,16 +487,6 @@ def load_tls_context(cert: Path, key: Path) -> ssl.SSLContext:
             f" ({type(error).__name__}: {str(error)[:200]})"
         ) from None
     return context
-
-
-def is_loopback(host: str) -> bool:
-    """Whether a listen address reaches this machine only ("" and 0.0.0.0: every address)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:  # a host name, or "": not known to be loopback
-        return False
 
 
 def _quiet_aiosmtpd_logging() -> None:

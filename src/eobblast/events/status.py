@@ -83,7 +83,10 @@ class DeadLetter(_Out):
     field: str | None = None
     event_id: str | None = None
     source: SourcePosition
-    original_base64: str = Field(description="The original value (a prefix when truncated).")
+    original_base64: str = Field(
+        description="The original value (a prefix when truncated; empty when truncated and"
+        " the dead-letter topic refused the whole letter)."
+    )
     original_size: int
     original_sha256: str
     truncated: bool

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import random
 import ssl
@@ -43,6 +42,7 @@ from aiokafka.helpers import create_ssl_context  # type: ignore[import-untyped]
 
 from eobblast._bootstrap import parse_bootstrap
 from eobblast._holes import HOLE_SETTLE
+from eobblast._net import is_loopback
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe import metrics
 from eobblast.streams.offsets import OffsetGaps
@@ -257,14 +257,7 @@ def unprotected_brokers(bootstrap: str, security: KafkaSecurity) -> bool:
     bootstrap host that is not a loopback address."""
     if security.ssl_context is not None:
         return False
-    for host, _ in parse_bootstrap(bootstrap):
-        try:
-            if not ipaddress.ip_address(host).is_loopback:
-                return True
-        except ValueError:
-            if host != "localhost":
-                return True
-    return False
+    return not all(is_loopback(host) for host, _ in parse_bootstrap(bootstrap))
 
 
 class RebalanceListener(ConsumerRebalanceListener):  # type: ignore[misc]
