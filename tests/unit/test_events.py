@@ -177,7 +177,48 @@ def test_verification_result_errors_do_not_echo_key_names() -> None:
         parse_verification_result(orjson.dumps(doc))
     assert "Jane" not in str(caught.value)
     assert "extra_forbidden" in str(caught.value)
-    assert caught.value.reason is ReasonCode.INVALID_VALUE
+    assert (caught.value.reason, caught.value.field) == (ReasonCode.UNKNOWN_FIELD, None)
+
+
+FAILED_RESULT = {
+    "schema": "eob.address-verification-failed/v1",
+    "member_id": "M-1",
+    "reason": "no_answer",
+    "at": "2026-11-26T09:00:00Z",
+}
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason", "field"),
+    [
+        (None, ReasonCode.EMPTY_VALUE, None),  # a tombstone
+        (b"", ReasonCode.EMPTY_VALUE, None),
+        (b"{not json", ReasonCode.INVALID_JSON, None),
+        (b"x" * (16 * 1024 + 1), ReasonCode.EVENT_TOO_LARGE, None),
+        (b"[1, 2]", ReasonCode.NOT_AN_OBJECT, None),
+        (
+            orjson.dumps(FAILED_RESULT | {"schema": "eob.issued/v1"}),
+            ReasonCode.UNSUPPORTED_SCHEMA,
+            "schema",
+        ),
+        (orjson.dumps({"member_id": "M-1"}), ReasonCode.MISSING_FIELD, "schema"),
+        (orjson.dumps(FAILED_RESULT | {"member_id": None}), ReasonCode.WRONG_TYPE, "member_id"),
+        (orjson.dumps(FAILED_RESULT | {"reason": "lost"}), ReasonCode.INVALID_VALUE, "reason"),
+        (
+            orjson.dumps({k: v for k, v in FAILED_RESULT.items() if k != "at"}),
+            ReasonCode.MISSING_FIELD,
+            "at",
+        ),
+    ],
+)
+def test_a_verification_result_refused_gets_an_input_reason_and_its_field(
+    raw: bytes | None, reason: ReasonCode, field: str | None
+) -> None:
+    # The reason goes onto the dead letter and into the metric: the schema id that tells
+    # the two results apart is no field of either.
+    with pytest.raises(VerificationResultError) as caught:
+        parse_verification_result(raw)
+    assert (caught.value.reason, caught.value.field) == (reason, field)
 
 
 def test_a_huge_key_cannot_make_its_dead_letter_too_large_to_send() -> None:

@@ -308,6 +308,9 @@ _TYPE_TO_REASON = {
     "invalid_address": ReasonCode.INVALID_ADDRESS,
     "model_type": ReasonCode.WRONG_TYPE,
     "model_attributes_type": ReasonCode.WRONG_TYPE,
+    # A union of record types told apart by their schema id (the verification results).
+    "union_tag_invalid": ReasonCode.UNSUPPORTED_SCHEMA,
+    "union_tag_not_found": ReasonCode.MISSING_FIELD,
 }
 
 
@@ -321,13 +324,23 @@ def _reason_for(error_type: str, loc: tuple[int | str, ...]) -> ReasonCode:
     return ReasonCode.INVALID_VALUE
 
 
-def error_field(error: ErrorDetails) -> str | None:
+def reason_of(error: ErrorDetails) -> ReasonCode:
+    """The reason code of a validation error of a record read from Kafka."""
+    loc = tuple(error["loc"])
+    reason = _reason_for(error["type"], loc)
+    if reason is ReasonCode.WRONG_TYPE and loc == ():
+        return ReasonCode.NOT_AN_OBJECT
+    return reason
+
+
+def error_field(error: ErrorDetails, *, skip: int = 0) -> str | None:
     """The dotted path of a validation error, without text taken from the input.
 
     For an unknown key the path stops at the object holding it: the key itself is the
-    producer's text and could be PHI (a map keyed by patient name, say).
+    producer's text and could be PHI (a map keyed by patient name, say). `skip` leading
+    parts name no field (a tagged union's tag).
     """
-    loc = tuple(error["loc"])
+    loc = tuple(error["loc"])[skip:]
     if error["type"] == "extra_forbidden":
         loc = loc[:-1]
     return ".".join(str(part) for part in loc) or None
@@ -360,10 +373,7 @@ def validate_event(raw: bytes, *, allow_test_domains: bool = False) -> EobIssued
         )
     except ValidationError as exc:
         first = exc.errors(include_url=False, include_input=False, include_context=False)[0]
-        loc = tuple(first["loc"])
-        reason = _reason_for(first["type"], loc)
-        if reason is ReasonCode.WRONG_TYPE and loc == ():
-            reason = ReasonCode.NOT_AN_OBJECT
+        reason = reason_of(first)
         field = error_field(first)
         event_id = None if reason is ReasonCode.INVALID_JSON else _salvage_event_id(raw)
         return Rejection(reason, event_id, field)

@@ -22,7 +22,7 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eobblast.errors import EobblastError, ReasonCode
-from eobblast.events.schema import Email, Identifier, error_field, export_schema
+from eobblast.events.schema import Email, Identifier, error_field, export_schema, reason_of
 
 __all__ = [
     "PAPER_FALLBACK_SCHEMA_ID",
@@ -170,29 +170,39 @@ _RESULT: TypeAdapter[AddressVerified | AddressVerificationFailed] = TypeAdapter(
 
 
 class VerificationResultError(EobblastError):
-    """A verification result could not be read; the detail names a field, never a value."""
+    """A verification result could not be read: an input reason code, the field path (or
+    None) and a detail naming them, never a value."""
 
-    def __init__(self, detail: str) -> None:
-        super().__init__(ReasonCode.INVALID_VALUE, detail)
+    def __init__(self, reason: ReasonCode, detail: str, field: str | None = None) -> None:
+        super().__init__(reason, detail)
+        self.field = field
 
 
 def parse_verification_result(
-    raw: bytes, *, allow_test_domains: bool = False
+    raw: bytes | None, *, allow_test_domains: bool = False
 ) -> AddressVerified | AddressVerificationFailed:
-    """Validate one record from `eob.address-verification.results`."""
+    """Validate one record's value from `eob.address-verification.results`."""
+    if not raw:
+        # A tombstone, or a value a producer forgot: nothing to apply.
+        raise VerificationResultError(ReasonCode.EMPTY_VALUE, "verification result empty")
     if len(raw) > MAX_RESULT_BYTES:
-        raise VerificationResultError("verification result too large")
+        raise VerificationResultError(ReasonCode.EVENT_TOO_LARGE, "verification result too large")
     try:
         doc = orjson.loads(raw)
     except orjson.JSONDecodeError:
-        raise VerificationResultError("verification result is not JSON") from None
+        raise VerificationResultError(
+            ReasonCode.INVALID_JSON, "verification result is not JSON"
+        ) from None
     try:
         return _RESULT.validate_python(doc, context={"allow_test_domains": allow_test_domains})
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
-        where = error_field(first) or "schema"
+        # A result's path starts with its schema id (the union's tag), which is no field.
+        tag_error = first["type"] in ("union_tag_invalid", "union_tag_not_found")
+        where = "schema" if tag_error else error_field(first, skip=1)
+        at = f" field {where}" if where else ""
         raise VerificationResultError(
-            f"verification result field {where}: {first['type']}"
+            reason_of(first), f"verification result{at}: {first['type']}", where
         ) from None
 
 
