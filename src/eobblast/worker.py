@@ -682,8 +682,8 @@ class Worker:
                             record.value,
                             allow_test_domains=self._config.pipeline.allow_test_domains,
                         )
-                    except VerificationResultError as exc:
-                        log.warning("verification result refused", extra={"why": exc.detail})
+                    except VerificationResultError as refused:
+                        await self._refuse_result(tp, record, refused)
                         continue
                     decided = await self._bounces.on_verification_result(result)
                     await self._settle(decided.resends, decided.outcomes)
@@ -697,6 +697,25 @@ class Worker:
                 with contextlib.suppress(IllegalStateError):
                     consumer.seek(tp, offset)
             raise
+
+    async def _refuse_result(
+        self, tp: TopicPartition, record: Any, refused: VerificationResultError
+    ) -> None:
+        """Park a verification result that cannot be read, before its offset is committed,
+        and count it: the member's held notices would otherwise go to paper at their
+        deadline with nobody knowing why."""
+        position = SourcePosition(topic=tp.topic, partition=tp.partition, offset=record.offset)
+        # The reason and the field, never the value (an address, a member id).
+        log.warning(
+            "verification result refused; parked on the DLQ",
+            extra={
+                "reason": str(refused.reason),
+                "field": refused.field,
+                "source": f"{tp.topic}/{tp.partition}/{record.offset}",
+            },
+        )
+        await self._park(record.value, record.key, position, refused.reason, refused.field)
+        metrics.VERIFICATION_RESULTS_REFUSED.labels(refused.reason).inc()
 
     async def _settle(self, resends: Sequence[Resend], outcomes: Sequence[BounceOutcome]) -> None:
         """Send what the bounce service hands back; record every notice's new outcome."""
@@ -1149,15 +1168,28 @@ class Worker:
         source_ms: int | None,
     ) -> bool:
         self._pipeline.observe(outcome)
-        letter = dead_letter(
-            value,
-            key,
-            reason=outcome.reason,
-            field=outcome.field,
-            event_id=outcome.event_id,
-            source=position,
+        await self._park(
+            value, key, position, outcome.reason, outcome.field, event_id=outcome.event_id
         )
-        kafka = self._config.kafka
+        fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
+        await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
+        return True
+
+    async def _park(
+        self,
+        value: bytes | None,
+        key: bytes | None,
+        position: SourcePosition,
+        reason: ReasonCode,
+        field: str | None,
+        *,
+        event_id: str | None = None,
+    ) -> None:
+        """A refused record onto the dead-letter topic, acknowledged by Kafka (without its
+        original's bytes if the topic refuses the whole letter)."""
+        letter = dead_letter(
+            value, key, reason=reason, field=field, event_id=event_id, source=position
+        )
 
         def cut() -> bytes | None:
             smaller = without_original(letter)
@@ -1166,10 +1198,8 @@ class Worker:
             metrics.DEAD_LETTERS_CUT.inc()
             return _letter_bytes(smaller)
 
-        await self._send(kafka.dlq_topic, dead_letter_key(key), _letter_bytes(letter), cut=cut)
-        fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
-        await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
-        return True
+        dlq_topic = self._config.kafka.dlq_topic
+        await self._send(dlq_topic, dead_letter_key(key), _letter_bytes(letter), cut=cut)
 
     async def _record(
         self,

@@ -66,7 +66,7 @@ from eobblast.state import (
 from eobblast.state import ledger as ledger_module
 from eobblast.state.ledger import PURGE_BATCH
 from eobblast.streams import EmbeddedBroker, TopicPartition, make_consumer, make_producer
-from eobblast.streams.kafka import PLAINTEXT, ReadAgain, RebalanceListener
+from eobblast.streams.kafka import PLAINTEXT, ReadAgain, RebalanceListener, read_to_end
 from eobblast.supervisor import Supervisor
 from eobblast.worker import Worker, new_worker_id, open_bounces
 from tests.conftest import service_logging, splice, throwaway_pg_schema
@@ -811,14 +811,7 @@ async def test_a_redirected_delivery_outlasting_stuck_after_is_recorded_where_it
     old, verified = f"{HARD_REJECT}old@{domain}", f"verified@{domain}"
     doc2["member"].update(id=member, email=old)
     doc2["member"]["consent"]["electronic_delivery"] = True
-    service = await open_bounces(
-        config, ProtectionServices.policy_only(config), NoPublisher(), actor="set-up"
-    )
-    try:
-        await service.gate(doc["event_id"], member, old, first)
-        await service.on_delivery_failure(
-            doc["event_id"], member, old, first, 550, "5.1.1", "550 5.1.1 User unknown"
-        )
+    async with _hard_bounced(config, doc["event_id"], member, old, first) as service:
         answer = AddressVerified.model_validate(
             {
                 "member_id": member,
@@ -831,12 +824,29 @@ async def test_a_redirected_delivery_outlasting_stuck_after_is_recorded_where_it
         )
         (released,) = (await service.on_verification_result(answer)).resends
         await service.on_delivered(released.event_id, verified)  # sent meanwhile
-    finally:
-        await service.store.close()
     status = await _through_a_store_away(stack, config, doc2, failures=6)
     assert status.status == "delivered"
     assert [r.rcpt_tos for r in stack.sandbox.received] == [(verified,)]
     assert await _bounce_status(config, doc2["event_id"]) is EobStatus.DELIVERED
+
+
+@contextlib.asynccontextmanager
+async def _hard_bounced(
+    config: Config, event_id: str, member: str, address: str, raw: bytes
+) -> AsyncIterator[BounceService]:
+    """A bounce service (its own store, closed after) on which the notice `raw` was sent to
+    `address` and refused for good: held, its member asked to verify the address."""
+    service = await open_bounces(
+        config, ProtectionServices.policy_only(config), NoPublisher(), actor="set-up"
+    )
+    try:
+        await service.gate(event_id, member, address, raw)
+        await service.on_delivery_failure(
+            event_id, member, address, raw, 550, "5.1.1", "550 5.1.1 User unknown"
+        )
+        yield service
+    finally:
+        await service.store.close()
 
 
 async def _bounce_status(config: Config, event_id: str) -> EobStatus | None:
@@ -880,10 +890,15 @@ async def _verification_failures(stack: Stack, members: Sequence[str]) -> tuple[
             await producer.send_and_wait(topic, dump(failed), key=member.encode())
     finally:
         await producer.stop()
+    return config, await _results_consumer(stack, config)
+
+
+async def _results_consumer(stack: Stack, config: Config) -> Any:
+    """A started consumer of the verification results, in the workers' group."""
     consumer = make_consumer(
         stack.broker.bootstrap,
         config.bounces.results_group_id,
-        [topic],
+        [config.bounces.results_topic],
         client_id="verification-test",
         max_poll_records=100,
         session_timeout_ms=3000,
@@ -891,7 +906,7 @@ async def _verification_failures(stack: Stack, members: Sequence[str]) -> tuple[
         security=PLAINTEXT,
     )
     await consumer.start()
-    return config, consumer
+    return consumer
 
 
 def _verification_worker(config: Config, service: Any) -> Worker:
@@ -961,6 +976,93 @@ async def test_a_stopping_worker_leaves_the_rest_of_a_verification_batch_uncommi
         assert await consumer.committed(TopicPartition(topic, 0)) is None
     finally:
         await consumer.stop()
+
+
+async def test_a_verification_result_that_cannot_be_read_is_parked_and_the_next_applied(
+    stack: Stack,
+) -> None:
+    # A result the worker could not read was logged and its offset committed: no dead
+    # letter, no metric, no alert. The member's held notices went to paper at their
+    # deadline, and nobody learned that the answer had come, unreadable.
+    config = stack.config()
+    results = config.bounces.results_topic
+    await stack.broker.create_topics({results: 1})
+    (value,) = stack.events(1, seed=59)
+    doc = orjson.loads(value)
+    member, domain = doc["member"]["id"], doc["member"]["email"].rpartition("@")[2]
+    old, verified = f"{HARD_REJECT}old@{domain}", f"verified@{domain}"
+    doc["member"]["email"] = old
+    doc["member"]["consent"]["electronic_delivery"] = True
+    raw = orjson.dumps(doc)
+    async with _hard_bounced(config, doc["event_id"], member, old, raw):
+        pass
+    assert await _bounce_status(config, doc["event_id"]) is EobStatus.HELD_FOR_VERIFICATION
+
+    answer = {
+        "member_id": member,
+        "address": verified,
+        "channel": "phone",
+        "verified_by": "csr-1",
+        "at": dt.datetime.now(dt.UTC).isoformat(),
+    }
+    not_json = b"member " + member.encode() + b" verified " + verified.encode()
+    unknown_schema = orjson.dumps(answer | {"schema": "eob.address-verified/v2"})
+    good = orjson.dumps(answer | {"schema": "eob.address-verified/v1"})
+    refused = "eobblast_verification_results_refused_total"
+    before = {
+        reason: _sample(refused, reason=reason) for reason in ("invalid_json", "unsupported_schema")
+    }
+    producer = make_producer(stack.broker.bootstrap, client_id="verifier", security=PLAINTEXT)
+    await producer.start()
+    try:
+        for record in (not_json, unknown_schema, good):
+            await producer.send_and_wait(results, record, key=member.encode())
+    finally:
+        await producer.stop()
+
+    _, stop, task = await start_worker(config, bounce_store_as=lambda store: store)
+    try:
+        letters = await until("both parked", lambda: _values(stack, stack.dlq_topic, 2))
+        # The answer after them was applied: the held notice went to the verified address.
+        await until("the notice released", lambda: _received_by(stack, verified))
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    parked = [DeadLetter.model_validate_json(letter) for letter in letters]
+    assert [(str(p.reason), p.field) for p in parked] == [
+        ("invalid_json", None),
+        ("unsupported_schema", "schema"),
+    ]
+    assert [(p.source.topic, p.source.partition, p.source.offset) for p in parked] == [
+        (results, 0, 0),
+        (results, 0, 1),
+    ]
+    assert [base64.b64decode(p.original_base64) for p in parked] == [not_json, unknown_schema]
+    assert all(base64.b64decode(p.key_base64 or "") == member.encode() for p in parked)
+    for reason, count in before.items():
+        assert _sample(refused, reason=reason) == count + 1
+    assert await _bounce_status(config, doc["event_id"]) is not EobStatus.HELD_FOR_VERIFICATION
+    consumer = await _results_consumer(stack, config)
+    try:
+        # Committed past all three: the two refused ones only once they were parked.
+        assert await consumer.committed(TopicPartition(results, 0)) == 3
+    finally:
+        await consumer.stop()
+
+
+async def _values(stack: Stack, topic: str, count: int) -> list[bytes]:
+    """The values on `topic`, once it holds `count` records (else none)."""
+    found = [
+        record.value or b""
+        async for record in read_to_end(
+            stack.broker.bootstrap, topic, client_id="test", security=PLAINTEXT
+        )
+    ]
+    return found if len(found) >= count else []
+
+
+async def _received_by(stack: Stack, address: str) -> bool:
+    return any(address in received.rcpt_tos for received in stack.sandbox.received)
 
 
 async def test_bounce_records_name_the_topic_when_the_trouble_is_the_topic(

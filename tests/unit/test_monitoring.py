@@ -56,6 +56,7 @@ VOCABULARY: dict[tuple[str, str], set[str]] = {
     ("eobblast_verification_results_total", "result"): {
         "verified", "unverified_channel", "failed", "timeout", "stale",
     },
+    ("eobblast_verification_results_refused_total", "reason"): {str(r) for r in INPUT_REASONS},
 }  # fmt: skip
 
 

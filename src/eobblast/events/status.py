@@ -68,7 +68,8 @@ class DeliveryStatus(_Out):
 
 
 class SourcePosition(_Out):
-    """Where the rejected record was read."""
+    """Where the rejected record was read: the input topic, or the address-verification
+    results topic."""
 
     topic: str
     partition: int
@@ -76,7 +77,8 @@ class SourcePosition(_Out):
 
 
 class DeadLetter(_Out):
-    """A rejected input record, parked with its reason and the original bytes."""
+    """A rejected input record (an event, or an address-verification result), parked with
+    its reason and the original bytes. Only one read from the input topic can be replayed."""
 
     schema_: Literal["eob.events.dlq/v1"] = Field(default="eob.events.dlq/v1", alias="schema")
     reason: ReasonCode

@@ -163,15 +163,27 @@ CONNECTIONS_IDLE = SMTP_CONNECTIONS.labels("idle")
 CONNECTIONS_ACTIVE = SMTP_CONNECTIONS.labels("active")
 
 
+VERIFICATION_RESULTS_REFUSED = Counter(
+    "eobblast_verification_results_refused",
+    "Address-verification results that could not be read (not JSON, a schema eobblast does"
+    " not know, a field missing...), parked on the dead-letter topic, by reason code: the"
+    " member's held notices wait for an answer that will not come.",
+    ["reason"],
+    registry=REGISTRY,
+)
+
+
 def show_rejections_from_zero() -> None:
     """Export every dead-letter reason's count from 0, before the first rejection.
 
     A labelled series appears only when it is first counted, and Prometheus's increase()
-    needs a sample before the change: the first events rejected for a reason after a
-    worker starts (often the only ones) would never reach an alert on them.
+    needs a sample before the change: the first events (or verification results) rejected
+    for a reason after a worker starts (often the only ones) would never reach an alert on
+    them.
     """
     for reason in INPUT_REASONS:
         EVENTS.labels(Outcome.REJECTED, reason)
+        VERIFICATION_RESULTS_REFUSED.labels(reason)
 
 
 DEAD_LETTERS_CUT = Counter(
