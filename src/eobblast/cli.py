@@ -534,7 +534,9 @@ def dlq_list(
     read, its size and SHA-256, whether it can be replayed.
 
     An original that this eobblast, with this configuration, would still refuse is not
-    replayable: `still_refused`, with the reason code it gets now (`refused_now`)."""
+    replayable: `still_refused`, with the reason code it gets now (`refused_now`). One read
+    from another topic than the input topic (an address-verification result the workers
+    could not read) is not replayable either: `other_topic`."""
     from eobblast.dlq import dead_letters, refusal_check
 
     config = command_config(config_path)
@@ -559,7 +561,12 @@ def dlq_list(
             title=f"dead letters on {kafka.dlq_topic}",
         )
         async for parked in dead_letters(
-            kafka.bootstrap, kafka.dlq_topic, selection, check, security=security
+            kafka.bootstrap,
+            kafka.dlq_topic,
+            selection,
+            check,
+            events_topic=kafka.events_topic,
+            security=security,
         ):
             by_reason[parked.reason] += 1
             row = parked.summary()
@@ -618,11 +625,12 @@ def dlq_replay(
     sent again (the send ledger, within its retention). Each original is checked first as
     the workers would check it, by this eobblast with this configuration: one still refused
     is skipped (`still_refused`; `still_refused_by_reason` gives the reason codes it gets
-    now), so run it where the fix (upgrade, setting) is in place. Unreadable records,
-    originals kept only in part (over 256 KiB) or not at all (the DLQ topic refused the
-    whole letter), empty ones, and records whose key is missing
-    or was cut (over 1 KiB) are skipped too, and so is a record the broker refuses for
-    itself (too large for the topic, a policy; its DLQ position is printed), the others
+    now), so run it where the fix (upgrade, setting) is in place. Dead letters read from
+    another topic (address-verification results: `other_topic`) are never sent to the
+    input topic. Unreadable records, originals kept only in part (over 256 KiB) or not at
+    all (the DLQ topic refused the whole letter), empty ones, and records whose key is
+    missing or was cut (over 1 KiB) are skipped too, and so is a record the broker refuses
+    for itself (too large for the topic, a policy; its DLQ position is printed), the others
     going on. Running it twice publishes the records twice; the ledger still sends one email
     per event id. If the broker fails part way, the counts printed say how many records it
     acknowledged (`replayed`) and how many it did not (`not_acknowledged`: some may have

@@ -12,6 +12,11 @@ sent twice.
 Given a `Check` (the workers' validation under the configuration at hand), an original that
 it still refuses is not replayable (`still_refused`, with the reason code it gets now): sent
 back, it would only be parked again.
+
+The workers park more than input events there: an address-verification result they could
+not read is parked too, its `source` naming the results topic. Such an original is no
+`eob.issued/v1` event, and is never sent to the input topic (`other_topic`): the claims
+system answers again on the results topic.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from eobblast.streams.kafka import (
 REPLAY_HEADER = "eobblast-replay-of"
 UNREADABLE = "unreadable"
 STILL_REFUSED = "still_refused"
+OTHER_TOPIC = "other_topic"
 
 # The reason code a worker would refuse an original with now, or None if it would take it.
 Check = Callable[[bytes], str | None]
@@ -68,6 +74,8 @@ class Parked:
     letter: DeadLetter | None
     # The reason code the check gave the original (None: accepted now, or not checked).
     refused_now: str | None = None
+    # The letter was read from another topic than the input topic replay sends to.
+    other_topic: bool = False
 
     @property
     def reason(self) -> str:
@@ -84,6 +92,8 @@ class Parked:
         letter = self.letter
         if letter is None:
             return UNREADABLE
+        if self.other_topic:
+            return OTHER_TOPIC  # a verification result, say: no event for the input topic
         if letter.truncated:
             if not letter.original_base64:
                 return "original_not_kept"  # the DLQ topic refused the whole letter
@@ -145,7 +155,8 @@ class Selection:
         )
 
 
-def _parked(record: TopicRecord) -> Parked:
+def _parked(record: TopicRecord, events_topic: str) -> Parked:
+    """The dead letter of a DLQ record; replay would send its original to `events_topic`."""
     try:
         letter = DeadLetter.model_validate_json(record.value or b"")
         # What replay would send must decode: a damaged record is unreadable, not a crash.
@@ -153,7 +164,8 @@ def _parked(record: TopicRecord) -> Parked:
         base64.b64decode(letter.key_base64 or "", validate=True)
     except (pydantic.ValidationError, binascii.Error):
         letter = None
-    return Parked(record.partition, record.offset, letter)
+    elsewhere = letter is not None and letter.source.topic != events_topic
+    return Parked(record.partition, record.offset, letter, other_topic=elsewhere)
 
 
 def _checked(parked: Parked, check: Check) -> Parked:
@@ -169,14 +181,15 @@ async def dead_letters(
     selection: Selection = Selection(),
     check: Check | None = None,
     *,
+    events_topic: str,
     security: KafkaSecurity,
 ) -> AsyncGenerator[Parked, None]:
     """The selected dead letters on `topic`, oldest first per partition; each original
-    that could be sent again is run through `check`, if given."""
+    that could be sent again to `events_topic` is run through `check`, if given."""
     records = read_to_end(bootstrap, topic, client_id="eobblast-dlq", security=security)
     async with contextlib.aclosing(records):  # closed (its consumer stopped) if we stop early
         async for record in records:
-            parked = _parked(record)
+            parked = _parked(record, events_topic)
             if parked in selection:
                 yield parked if check is None else _checked(parked, check)
 
@@ -228,8 +241,9 @@ async def replay(
 ) -> ReplayReport:
     """Publish the selected dead letters' originals to `events_topic` again, each with its
     original key and a header naming its dead letter; acknowledged by the broker before
-    this returns. Unreadable records, originals kept only in part or empty, records
-    without their whole key and, given a `check`, originals it still refuses are skipped;
+    this returns. Unreadable records, letters read from another topic than `events_topic`
+    (verification results), originals kept only in part or empty, records without their
+    whole key and, given a `check`, originals it still refuses are skipped;
     so is a record the broker refuses for itself (its size, a policy), and the rest go on.
 
     The dead letters to send are chosen in a first read of the topic, and sent in a second:
@@ -238,7 +252,10 @@ async def replay(
     """
     report = ReplayReport()
     wanted: dict[tuple[int, int], str] = {}
-    async for parked in dead_letters(bootstrap, dlq_topic, selection, check, security=security):
+    letters = dead_letters(
+        bootstrap, dlq_topic, selection, check, events_topic=events_topic, security=security
+    )
+    async for parked in letters:
         why_not = parked.not_replayable()
         if why_not is not None:
             report.skipped[why_not] += 1
@@ -304,7 +321,7 @@ async def _send_chosen(
             reason = wanted.pop((record.partition, record.offset), None)
             if reason is None:
                 continue
-            letter = _parked(record).letter
+            letter = _parked(record, events_topic).letter
             assert letter is not None and letter.key_base64
             origin = f"{dlq_topic}/{record.partition}/{record.offset}".encode()
             try:

@@ -318,6 +318,62 @@ async def test_a_record_the_broker_refuses_is_skipped_and_the_others_go(
         assert secret not in out and secret not in err
 
 
+async def test_a_verification_result_parked_is_listed_and_never_replayed(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # A verification result the workers cannot read is parked on the same DLQ. Its original
+    # is no record of eob.events: one that happens to be a valid event (published to the
+    # wrong topic) would pass replay's check and be sent to eob.events.
+    config_file = write_config(stack, tmp_path / "eobblast.toml")
+    config = load_config(config_file)
+    results = config.bounces.results_topic
+    await stack.broker.create_topics({results: 1})
+    (misrouted,) = stack.events(1, seed=45)
+    member = orjson.loads(misrouted)["member"]["id"].encode()
+    producer = make_producer(stack.broker.bootstrap, client_id="verifier", security=PLAINTEXT)
+    await producer.start()
+    try:
+        await producer.send_and_wait(results, misrouted, key=member)
+        await producer.send_and_wait(results, b"not json at all", key=b"M-results-2")
+    finally:
+        await producer.stop()
+    _, stop, task = await start_worker(config, bounce_store_as=lambda store: store)
+    try:
+        await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    before = await _records(stack, stack.events_topic)
+
+    code, out, err = await eobblast("dlq", "list", "--config", str(config_file), "--json")
+    assert code == 0, err
+    rows = [orjson.loads(line) for line in out.splitlines()]
+    assert [(row["reason"], row["field"], row["source"]) for row in rows] == [
+        ("unsupported_schema", "schema", f"{results}/0/0"),
+        ("invalid_json", None, f"{results}/0/1"),
+    ]
+    assert all(
+        (row["replayable"], row["not_replayable"], row["refused_now"])
+        == (False, "other_topic", None)
+        for row in rows
+    )
+    assert err.endswith("; 0 replayable\n")
+    code, table, err = await eobblast("dlq", "list", "--config", str(config_file))
+    assert code == 0, err
+    assert results in table and "no: other_topic" in table
+
+    code, out, err = await eobblast("dlq", "replay", "--config", str(config_file), "--all")
+    assert code == 0, err
+    report = orjson.loads(out)
+    assert (report["replayed"], report["skipped"]) == (0, 2)
+    assert report["skipped_by_cause"] == {"other_topic": 2}
+    assert report["still_refused_by_reason"] == {}
+    assert len(await _records(stack, stack.events_topic)) == len(before)
+    for text in (out, err, table):
+        for secret in phi_of([misrouted]):
+            assert secret not in text
+
+
 async def _delivered(stack: Stack, ids: set[str]) -> bool:
     records = [(r.key, r.value or b"") for r in await _records(stack, stack.delivery_topic)]
     done = {

@@ -36,6 +36,11 @@ def parked(
     return Parked(0, offset, letter)
 
 
+def letter_record(offset: int, letter: Any) -> TopicRecord:
+    """A record of the DLQ holding `letter`."""
+    return TopicRecord(0, offset, b"M1", letter.model_dump_json(by_alias=True).encode(), 0)
+
+
 def test_a_selection_matches_every_criterion_given() -> None:
     a = parked(1, ReasonCode.INVALID_ADDRESS, "ev-a", b"{}", b"M1")
     b = parked(2, ReasonCode.INVALID_ADDRESS, "ev-b", b"{}", b"M2")
@@ -107,9 +112,35 @@ def test_a_damaged_dead_letter_is_unreadable_not_a_crash() -> None:
     for damage in ({"original_base64": "not base64!"}, {"key_base64": "%%%"}):
         value = good.model_copy(update=damage).model_dump_json(by_alias=True).encode()
         record = TopicRecord(0, 5, b"M1", value, 0)
-        assert _parked(record).letter is None and _parked(record).reason == "unreadable"
-    assert _parked(TopicRecord(0, 6, None, b"{not json", 0)).reason == "unreadable"
-    assert _parked(TopicRecord(0, 7, None, good.model_dump_json(by_alias=True).encode(), 0)).letter
+        unreadable = _parked(record, "eob.events")
+        assert unreadable.letter is None and unreadable.reason == "unreadable"
+    assert _parked(TopicRecord(0, 6, None, b"{not json", 0), "eob.events").reason == "unreadable"
+    assert _parked(letter_record(7, good), "eob.events").letter
+
+
+def test_a_dead_letter_read_from_another_topic_is_never_replayable() -> None:
+    # A verification result the workers could not read is parked on the same DLQ; an
+    # original that happens to be a valid eob.issued/v1 event (published to the wrong
+    # topic) would otherwise pass the check and go to the input topic.
+    [raw] = generate_events(1, seed=8, domains=["mail.example.test"], weights=None)
+    results = SourcePosition(topic="eob.address-verification.results", partition=2, offset=9)
+    letter = dead_letter(
+        raw, b"M1", reason=ReasonCode.UNSUPPORTED_SCHEMA, field="schema", event_id=None,
+        source=results,
+    )  # fmt: skip
+    lenient = refusal_check(allow_test_domains=True)
+    assert lenient(raw) is None
+    elsewhere = _checked(_parked(letter_record(3, letter), "eob.events"), lenient)
+    assert (elsewhere.not_replayable(), elsewhere.refused_now) == ("other_topic", None)
+    row = elsewhere.summary()
+    assert row["source"] == "eob.address-verification.results/2/9"
+    assert (row["replayable"], row["reason"], row["field"]) == (
+        False,
+        "unsupported_schema",
+        "schema",
+    )
+    # Read against the topic it came from, the same letter would be replayable.
+    assert _parked(letter_record(3, letter), results.topic).not_replayable() is None
 
 
 def test_a_summary_holds_neither_the_original_nor_the_key() -> None:
@@ -198,10 +229,9 @@ def _replay_against(
     """`replay --all` of six replayable dead letters, with `producer` and a DLQ read that
     fails in the sending phase after `second_read_fails_after` records."""
     letters = [
-        TopicRecord(0, i, b"M1", parked(i, ReasonCode.INVALID_ADDRESS, f"ev-{i}", b"{}", b"M1")
-                    .letter.model_dump_json(by_alias=True).encode(), 0)  # type: ignore[union-attr]
+        letter_record(i, parked(i, ReasonCode.INVALID_ADDRESS, f"ev-{i}", b"{}", b"M1").letter)
         for i in range(0, 6 * offset_step, offset_step)
-    ]  # fmt: skip
+    ]
     reads = 0
 
     async def read_to_end(*_: Any, **__: Any) -> AsyncIterator[TopicRecord]:
@@ -218,7 +248,9 @@ def _replay_against(
     monkeypatch.setattr(dlq_module, "read_to_end", read_to_end)
     monkeypatch.setattr(dlq_module, "make_producer", lambda *_, **__: producer)
     monkeypatch.setattr(dlq_module, "start_or_unavailable", started)
-    return asyncio.run(dlq_module.replay("b:1", "dlq", "events", Selection(), security=PLAINTEXT))
+    return asyncio.run(
+        dlq_module.replay("b:1", "dlq", "eob.events", Selection(), security=PLAINTEXT)
+    )
 
 
 def test_a_replay_counts_only_what_the_broker_acknowledged(
