@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -452,3 +453,17 @@ async def test_an_unreadable_postgresql_url_is_refused_without_echoing_it(url: s
         await open_ledger(url)
     assert "S3cr" not in str(refused.value) and "db.internal" not in str(refused.value)
     assert refused.value.__cause__ is None and refused.value.__suppress_context__
+
+
+async def test_a_postgresql_ledger_it_cannot_reach_says_why_without_the_password() -> None:
+    # The worker's error said only "cannot connect": libpq's reason (which port, refused)
+    # is what tells an operator what to fix. The password never shows.
+    with socket.socket() as bound:  # bound, not listening: connections are refused
+        bound.bind(("127.0.0.1", 0))
+        port = bound.getsockname()[1]
+        with pytest.raises(ConfigError) as refused:
+            await open_ledger(f"postgresql://eob:Sup3rS3cret@127.0.0.1:{port}/eob")
+    said = refused.value.detail
+    assert said.startswith("cannot connect to the PostgreSQL ledger: ")
+    assert f"port {port} failed" in said and "refused" in said
+    assert "Sup3rS3cret" not in said and refused.value.__cause__ is None

@@ -16,6 +16,20 @@ from eobblast.errors import ConfigError
 log = logging.getLogger("eobblast.state")
 
 
+def libpq_reason(exc: BaseException, dsn: str) -> str:
+    """What libpq said of a failed connection, for an operator: its first line (which host,
+    port, user or database, and why), never the password, which is masked should it appear."""
+    import psycopg
+    from psycopg.conninfo import conninfo_to_dict
+
+    said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+    try:
+        password = str(conninfo_to_dict(dsn).get("password") or "")
+    except (psycopg.ProgrammingError, ValueError):  # unreadable: show nothing of what was said
+        return type(exc).__name__
+    return said.replace(password, "***") if password else said
+
+
 async def connect_postgres(
     dsn: str, what: str, schema_lock: int, schema: Iterable[str]
 ) -> PgConnection:
@@ -37,8 +51,9 @@ async def connect_postgres(
 
     try:
         conn = await _connect(dsn, what)
-    except psycopg.OperationalError:
-        raise ConfigError(f"cannot connect to the PostgreSQL {what}") from None
+    except psycopg.OperationalError as exc:
+        said = libpq_reason(exc, dsn)
+        raise ConfigError(f"cannot connect to the PostgreSQL {what}: {said}") from None
     except (psycopg.Error, ValueError):
         # A URL psycopg cannot parse: its message quotes the URL, password included.
         raise ConfigError(f"the PostgreSQL {what} url cannot be read") from None
