@@ -22,6 +22,7 @@ from eobblast.config import Config, warn_relative_stores
 from eobblast.errors import INPUT_REASONS, ConfigError, EobblastError
 
 if TYPE_CHECKING:
+    from eobblast.preflight import Finding
     from eobblast.streams import KafkaSecurity
 
 console = Console(stderr=True)
@@ -157,10 +158,12 @@ def keys_secrets(config_path: Path | None) -> None:
     The VERP key, the escrow key ring and the member-reference key. Run it once before
     starting `eobblast bounces` or `eobblast portal`, which only read them.
     """
-    from eobblast.protect.services import ensure_secrets
+    from eobblast.protect.services import ensure_secrets, refuse_new_keys, shared_secrets
 
     config = command_config(config_path)
     try:
+        # Not on a host of a deployment whose stores already record other keys.
+        _run(refuse_new_keys(shared_secrets(config)))
         made = ensure_secrets(config)
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
@@ -292,11 +295,15 @@ def _warn_of_placeholders(config: Config) -> None:
 
 
 def _check_stores(config: Config) -> None:
-    """Refuse to start workers that could not open a store: each would die at its start,
-    and be restarted, forever. The cause is `eobblast check`'s, without the store URL."""
-    from eobblast.preflight import Verdict, stores
+    """Refuse to start workers that could not open a store, or whose secrets are not the
+    ones the stores record (another host's): each would die at its start, and be
+    restarted, forever. The cause is `eobblast check`'s, without the store URL."""
+    from eobblast.preflight import Verdict, secret_files, stores
 
-    failed = [f for f in _run(stores(config)) if f.verdict is Verdict.FAIL]
+    async def checks() -> list[Finding]:
+        return [*await stores(config), *await secret_files(config)]
+
+    failed = [f for f in _run(checks()) if f.verdict is Verdict.FAIL]
     if failed:
         causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
         raise click.ClickException(f"{causes} (no worker started)")

@@ -8,13 +8,14 @@ return paths, shaping off); the brokers (reached with the configured TLS and SAS
 settings); the topics the workers read and write; every store (where a SQLite file would
 be, a PostgreSQL server and its schema); each static SMTP route (its greeting and a
 STARTTLS verified as delivery verifies it, from `[transport] source_address`); the secrets
-the workers read. Nothing is created: no topic, no table, no key, no file. Details name
-settings, files, hosts and topics, never a store URL (it may carry a password) and nothing
-of an event. `eobblast run` calls the same checks of the stores (refusing to start on a
-failure) and of the placeholder settings (warning). Not checked: the brokers' ACLs
-(whether this client may read, write and join the group, beyond seeing the topics); routes
-found by MX lookups; routes from the shaping pools' own addresses and EHLO names; whether
-the metrics port can be bound.
+the workers read, and whether each is the key its store records (every host must hold the
+same). Nothing is created: no topic, no table, no key, no file. Details name settings,
+files, hosts and topics, never a store URL (it may carry a password), nothing of an event
+and nothing of a key. `eobblast run` calls the same checks of the stores and the secrets
+(refusing to start on a failure) and of the placeholder settings (warning). Not checked:
+the brokers' ACLs (whether this client may read, write and join the group, beyond seeing
+the topics); routes found by MX lookups; routes from the shaping pools' own addresses and
+EHLO names; whether the metrics port can be bound.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import os
+import sqlite3
 import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,10 +34,17 @@ from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
-from eobblast.protect.services import load_or_create_keyring, load_secret
+from eobblast.protect.services import (
+    SharedSecret,
+    load_or_create_keyring,
+    load_secret,
+    secret_trouble,
+    shared_secrets,
+)
 from eobblast.shaping.engine import checked_overrides
 from eobblast.shaping.pools import load_pools
 from eobblast.shaping.settings import load_shaping
+from eobblast.state.fingerprints import recorded_fingerprints
 from eobblast.state.sqlite import store_location
 from eobblast.streams.kafka import (
     CONNECT_ERRORS,
@@ -110,7 +119,8 @@ def no_signing_key_text(config: Config) -> str:
 async def preflight(config: Config, *, workers: int) -> list[Finding]:
     """Every check, in order, for `eobblast run` with `workers` worker processes."""
     trusted, context = _trust(config)
-    findings = [_dkim(config), trusted, *_files(config), *placeholder_settings(config)]
+    findings = [_dkim(config), trusted, *_files(config), *await secret_files(config)]
+    findings += placeholder_settings(config)
     findings += await _kafka(config, workers)
     findings += await stores(config)
     findings += await _routes(config, context)
@@ -248,47 +258,66 @@ def _files(config: Config) -> list[Finding]:
             found.append(Finding(check, Verdict.FAIL, exc.detail))
         else:
             found.append(Finding(check, Verdict.OK, str(path or "the packaged default")))
-    return found + _secrets(config)
-
-
-def _secrets(config: Config) -> list[Finding]:
-    """The secrets the workers read: made at the first start when missing, except the
-    previous VERP keys, which must be there; one that is there must load."""
-    wanted = [("portal audit_key_file", config.portal.audit_key_file, True)]
-    if config.bounces.enabled:
-        wanted.append(("bounces verp_key_file", config.bounces.verp_key_file, True))
-        try:
-            previous = config.bounces.previous_verp_keys()
-        except ConfigError as exc:
-            return [Finding("bounces verp_previous_keys", Verdict.FAIL, exc.detail)]
-        for key_id, path in previous:
-            wanted.append((f"bounces verp_previous_keys {key_id}", path, False))
-    found = [_keyring(config)]
-    for check, path, made in wanted:
-        if made and not path.exists():
-            found.append(Finding(check, Verdict.OK, f"{path} (created at the first start)"))
-            continue
-        try:
-            load_secret(path)
-        except ConfigError as exc:
-            found.append(Finding(check, Verdict.FAIL, exc.detail))
-        else:
-            found.append(Finding(check, Verdict.OK, f"{path} (exists)"))
     return found
 
 
-def _keyring(config: Config) -> Finding:
-    """The escrow key ring, read if it is there (the first start makes it otherwise)."""
-    portal = config.portal
-    if not (portal.key_dir / "active").exists():
-        detail = f"{portal.key_dir} (created at the first start)"
-        return Finding("portal key_dir", Verdict.OK, detail)
+async def secret_files(config: Config) -> list[Finding]:
+    """The secrets the workers read, each compared with what its store records (read, as
+    every check is): one that is missing is made at the first start, unless its store
+    records one already (another host's, which a new key would not be); the previous VERP
+    keys must be there; one that is there must load, and be the key its store records."""
     try:
-        load_or_create_keyring(portal.key_dir, not_keys=[portal.audit_key_file], create=False)
-    except (ConfigError, ValueError) as exc:
-        detail = exc.detail if isinstance(exc, ConfigError) else "an escrow key does not load"
-        return Finding("portal key_dir", Verdict.FAIL, f"{portal.key_dir}: {detail}")
-    return Finding("portal key_dir", Verdict.OK, f"{portal.key_dir} (escrow key ring)")
+        wanted = shared_secrets(config)
+    except ConfigError as exc:
+        return [Finding("bounces verp_previous_keys", Verdict.FAIL, exc.detail)]
+    urls = {secret.url: secret.store for secret in wanted}
+    read = await asyncio.gather(*(_recorded(url, store) for url, store in urls.items()))
+    recorded = dict(zip(urls, read, strict=True))
+    not_keys = [config.portal.audit_key_file]
+    return [_secret_file(secret, recorded[secret.url], not_keys) for secret in wanted]
+
+
+async def _recorded(url: str, store: str) -> dict[str, str] | str:
+    """The fingerprints a store records, or why they could not be read."""
+    import psycopg
+
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            return await recorded_fingerprints(url, store)
+    except ConfigError as exc:
+        return exc.detail
+    except TimeoutError:
+        return f"no answer in {ANSWER_TIMEOUT:.0f} s"
+    except (psycopg.Error, sqlite3.Error, OSError) as exc:
+        return type(exc).__name__
+
+
+def _secret_file(
+    secret: SharedSecret, recorded: dict[str, str] | str, not_keys: list[Path]
+) -> Finding:
+    ours: dict[str, str] | None = None
+    if secret.made and not secret.exists():
+        detail = f"{secret.path} (created at the first start)"
+    elif secret.key_id is None:
+        try:
+            ours = load_or_create_keyring(secret.path, not_keys=not_keys, create=False).fingerprints
+        except (ConfigError, ValueError) as exc:
+            why = exc.detail if isinstance(exc, ConfigError) else "an escrow key does not load"
+            return Finding(secret.check, Verdict.FAIL, f"{secret.path}: {why}")
+        detail = f"{secret.path} (escrow key ring)"
+    else:
+        try:
+            ours = secret.of(load_secret(secret.path))
+        except ConfigError as exc:
+            return Finding(secret.check, Verdict.FAIL, exc.detail)
+        detail = f"{secret.path} (exists)"
+    if isinstance(recorded, str):
+        why = f"not compared with the keys the {secret.store} store records: {recorded}"
+        return Finding(secret.check, Verdict.OK, f"{detail}; {why}")
+    trouble = secret_trouble(secret, ours, recorded)
+    if trouble is not None:
+        return Finding(secret.check, Verdict.FAIL, trouble)
+    return Finding(secret.check, Verdict.OK, detail)
 
 
 async def _kafka(config: Config, workers: int) -> list[Finding]:

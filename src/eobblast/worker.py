@@ -56,7 +56,14 @@ from eobblast.pipeline import (
     bounce_event_outcome,
     until_written,
 )
-from eobblast.protect.services import ProtectionServices, load_or_create_secret, load_secret
+from eobblast.protect.services import (
+    ProtectionServices,
+    agree_secrets,
+    load_or_create_secret,
+    load_secret,
+    refuse_new_keys,
+    verp_secrets,
+)
 from eobblast.protect.tls_store import TlsSync, open_tls_store
 from eobblast.state import ClaimKind, LedgerEntry, LedgerState, SendLedger, open_ledger
 from eobblast.state.ledger import AGAIN, CLAIM_RENEW, PURGE_BATCH
@@ -1309,15 +1316,24 @@ async def open_bounces(
     """The bounce service as configured (its store opened; close `service.store`).
 
     The VERP key is created on first use, unless not `create_key` (the bounce listener):
-    then a missing key is a ConfigError, as a new one would open no return path. The
-    status events it writes name `worker_id` (default: `actor`) as their worker.
+    then a missing key is a ConfigError, as a new one would open no return path. The bounce
+    store records the keys' fingerprints: a ConfigError if it records others (another
+    host's), or if a missing key would be made where it records one. The status events it
+    writes name `worker_id` (default: `actor`) as their worker.
     """
     settings = config.bounces
+    shared = verp_secrets(config)
+    if create_key:
+        await refuse_new_keys(shared[:1])
     secret = load_or_create_secret(settings.verp_key_file, create=create_key, what="VERP key")
     # The current key signs; the previous ones still open what was signed with them.
     previous = [
         VerpKey(key_id, load_secret(path)) for key_id, path in settings.previous_verp_keys()
     ]
+    verp_keys = [VerpKey(settings.verp_key_id, secret), *previous]
+    await agree_secrets(
+        [(each, each.of(key.secret)) for each, key in zip(shared, verp_keys, strict=True)]
+    )
     store = await open_bounce_store(settings.store_url)
     delivery_topic = config.kafka.delivery_topic
 
@@ -1330,7 +1346,7 @@ async def open_bounces(
         store,
         publisher,
         rules=load_rules(settings.rules_file) if settings.rules_file else None,
-        verp_keys=[VerpKey(settings.verp_key_id, secret), *previous],
+        verp_keys=verp_keys,
         bounce_domain=settings.bounce_domain,
         verp_prefix=settings.verp_prefix,
         audit=protection.audit,

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.state.fingerprints import fingerprint
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
@@ -84,6 +85,7 @@ class KeyRing:
         if active not in keys:
             raise ConfigError("the active escrow key is not in the key ring")
         self._aead = {key_id: AESGCM(key) for key_id, key in keys.items()}
+        self._fingerprints = {key_id: fingerprint(key) for key_id, key in keys.items()}
         self._active = active
 
     @property
@@ -95,6 +97,11 @@ class KeyRing:
     def key_ids(self) -> frozenset[str]:
         """Every key id the ring can open."""
         return frozenset(self._aead)
+
+    @property
+    def fingerprints(self) -> dict[str, str]:
+        """Key id -> the key's fingerprint, which the escrow store records (never the key)."""
+        return dict(self._fingerprints)
 
     @classmethod
     def from_mapping(cls, keys: Mapping[str, str], active: str) -> KeyRing:

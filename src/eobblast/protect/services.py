@@ -5,8 +5,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import functools
 import secrets
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from eobblast.errors import ConfigError
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, member_ref, open_audit
 from eobblast.protect.escrow import EscrowStore, KeyRing, open_escrow
 from eobblast.protect.policy import OrgPolicy, TlsCache
+from eobblast.state.fingerprints import agree_fingerprints, fingerprint, recorded_fingerprints
 
 
 @contextlib.contextmanager
@@ -109,6 +111,184 @@ def ensure_secrets(config: Config) -> list[tuple[str, Path, bool]]:
     return made
 
 
+@dataclass(frozen=True, slots=True)
+class SharedSecret:
+    """A secret kept in a file (or a key ring in a directory) that every host of a
+    deployment must hold the same, and the store that records its fingerprints.
+
+    Its keys are recorded as "`what` `key id`" ("VERP key 1", "escrow key k2026...") or,
+    without an id, as `what` ("member-reference key").
+    """
+
+    what: str
+    key_id: str | None  # None: a key ring, whose ids come with its keys
+    setting: str  # where its file is set, as errors name it: "[bounces] verp_key_file"
+    check: str  # its name in `eobblast check`: "bounces verp_key_file"
+    path: Path
+    store: str  # the URL setting of the store that records it
+    url: str
+    lost: str  # what goes wrong when hosts hold different keys
+    made: bool = True  # a missing file is made at the first start (not a rotated-out key)
+
+    def exists(self) -> bool:
+        """Whether this host holds it (a key ring: its `active` file)."""
+        return (self.path / "active" if self.key_id is None else self.path).exists()
+
+    def recorded_as(self, key_id: str) -> str:
+        """The name a store records a key's fingerprint under."""
+        return f"{self.what} {key_id}".rstrip()
+
+    def of(self, key: bytes) -> dict[str, str]:
+        """Key id -> fingerprint, for a secret of one key."""
+        assert self.key_id is not None, "a key ring's fingerprints come from the ring"
+        return {self.key_id: fingerprint(key)}
+
+
+def portal_secrets(config: Config) -> tuple[SharedSecret, SharedSecret]:
+    """The escrow key ring (recorded by the escrow) and the member-reference key (by the
+    audit trail, whose references it makes)."""
+    portal = config.portal
+    return (
+        SharedSecret(
+            "escrow key",
+            None,
+            "[portal] key_dir",
+            "portal key_dir",
+            portal.key_dir,
+            "portal.escrow_url",
+            portal.escrow_url,
+            "a portal link from one host would not open with another host's key ring",
+        ),
+        SharedSecret(
+            "member-reference key",
+            "",
+            "[portal] audit_key_file",
+            "portal audit_key_file",
+            portal.audit_key_file,
+            "portal.audit_url",
+            portal.audit_url,
+            "the audit trail would name one member by different references",
+        ),
+    )
+
+
+def verp_secrets(config: Config) -> list[SharedSecret]:
+    """The VERP key and the previous ones (`verp_previous_keys`, which are not made), in
+    the order the bounce service takes them; the bounce store records them."""
+    bounces = config.bounces
+    keys = [(bounces.verp_key_id, "verp_key_file", bounces.verp_key_file, "")]
+    keys += [
+        (key_id, "verp_previous_keys", path, f" {key_id}")
+        for key_id, path in bounces.previous_verp_keys()
+    ]
+    return [
+        SharedSecret(
+            "VERP key",
+            str(key_id),
+            f"[bounces] {name}",
+            f"bounces {name}{suffix}",
+            path,
+            "bounces.store_url",
+            bounces.store_url,
+            "bounces of mail one host signed would match no notice on another, and hard"
+            " bounces would never be suppressed",
+            made=not suffix,
+        )
+        for key_id, name, path, suffix in keys
+    ]
+
+
+def shared_secrets(config: Config) -> list[SharedSecret]:
+    """Every secret `config` names that the hosts of a deployment must share."""
+    verp = verp_secrets(config) if config.bounces.enabled else []
+    return [*portal_secrets(config), *verp]
+
+
+def secret_trouble(
+    secret: SharedSecret, ours: Mapping[str, str] | None, recorded: Mapping[str, str]
+) -> str | None:
+    """Why this host must not use `secret` with a store that records `recorded` (name ->
+    fingerprint), or None if it may. `ours`: its keys' fingerprints by key id; None when
+    its file is missing and a new key would be made.
+
+    Refused: a key that differs from the one recorded under its id; a missing file the
+    store records a key for (a new one would differ); a key ring that holds none of the
+    keys recorded (made on this host, not copied). A key ring with a key the store does
+    not know yet is a rotation; one that lacks some recorded keys may have retired them.
+    """
+    if secret.key_id is None:
+        theirs = {n: f for n, f in recorded.items() if n.startswith(f"{secret.what} ")}
+    else:
+        name = secret.recorded_as(secret.key_id)
+        theirs = {name: recorded[name]} if name in recorded else {}
+    if not theirs:
+        return None
+    files = "the key ring's files" if secret.key_id is None else "the key file"
+    copy = (
+        f"copy {files} from the host that first used the {secret.store} store to"
+        f" {secret.path} (every host needs the same), then start again"
+    )
+    if ours is None:
+        return (
+            f"{secret.setting} {secret.path} does not exist, but the {secret.store} store"
+            f" records another host's {secret.what}: one made here would differ"
+            f" ({secret.lost}); {copy}"
+        )
+    mine = {secret.recorded_as(key_id): value for key_id, value in ours.items()}
+    differing = sorted(name for name, value in mine.items() if theirs.get(name, value) != value)
+    if differing:
+        return (
+            f"{', '.join(differing)} in {secret.setting} {secret.path} is not the key the"
+            f" {secret.store} store records ({secret.lost}); {copy}"
+        )
+    if not mine.keys() & theirs.keys():
+        return (
+            f"{secret.setting} {secret.path} holds none of the keys the {secret.store} store"
+            f" records ({', '.join(sorted(theirs))}): it was made on this host"
+            f" ({secret.lost}); {copy}"
+        )
+    return None
+
+
+def _refuse(
+    secret: SharedSecret, ours: Mapping[str, str] | None, recorded: Mapping[str, str]
+) -> None:
+    trouble = secret_trouble(secret, ours, recorded)
+    if trouble is not None:
+        raise ConfigError(trouble)
+
+
+async def refuse_new_keys(wanted: Iterable[SharedSecret]) -> None:
+    """Before missing secrets are made: a ConfigError if a store records a key for one
+    already (another host's, which a new key would not be)."""
+    for secret in wanted:
+        if not secret.exists():
+            _refuse(secret, None, await recorded_fingerprints(secret.url, secret.store))
+
+
+async def agree_secrets(used: Sequence[tuple[SharedSecret, Mapping[str, str]]]) -> None:
+    """Record in their stores the fingerprints (by key id) of the secrets this host uses,
+    where none is recorded yet; a ConfigError, recording nothing, if a store records keys
+    they disagree with (`secret_trouble`)."""
+    by_url: dict[str, list[tuple[SharedSecret, Mapping[str, str]]]] = {}
+    for secret, ours in used:
+        by_url.setdefault(secret.url, []).append((secret, ours))
+    for url, group in by_url.items():
+        names = {
+            s.recorded_as(key_id): value for s, ours in group for key_id, value in ours.items()
+        }
+        await agree_fingerprints(
+            url, group[0][0].store, names, functools.partial(_refuse_all, group)
+        )
+
+
+def _refuse_all(
+    used: Sequence[tuple[SharedSecret, Mapping[str, str]]], recorded: Mapping[str, str]
+) -> None:
+    for secret, ours in used:
+        _refuse(secret, ours, recorded)
+
+
 @dataclass(slots=True)
 class ProtectionServices:
     """What the pipeline needs to choose and apply a protection level."""
@@ -133,16 +313,23 @@ class ProtectionServices:
 
         The escrow key ring and the member-reference key are created on first use, unless
         not `create_keys` (the portal and the bounce listener): then a missing one is a
-        ConfigError, since a fresh key would not open what the workers sealed.
+        ConfigError, since a fresh key would not open what the workers sealed. The escrow
+        and the audit trail record their fingerprints; a ConfigError if they record others
+        (another host's: `secret_trouble`), or if a missing key would be made where they
+        record one.
         """
         org, tls = _policy(config)
         portal = config.portal
+        ring, reference = portal_secrets(config)
+        if create_keys:
+            await refuse_new_keys((ring, reference))
         keys = load_or_create_keyring(
             portal.key_dir, not_keys=[portal.audit_key_file], create=create_keys
         )
         audit_key = load_or_create_secret(
             portal.audit_key_file, create=create_keys, what="member-reference key"
         )
+        await agree_secrets([(ring, keys.fingerprints), (reference, reference.of(audit_key))])
         escrow = await open_escrow(portal.escrow_url, keys)
         audit = await open_audit(portal.audit_url)
         return cls(
