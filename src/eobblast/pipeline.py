@@ -233,6 +233,17 @@ class Pipeline:
             )
         return event
 
+    @staticmethod
+    def withheld(event: EobIssued, start: float) -> EventOutcome | None:
+        """The event's HELD outcome when its member has not consented to e-delivery: no
+        email is sent to them, whatever else the event says."""
+        if event.member.consent.electronic_delivery:
+            return None
+        log.info("event held", extra={"event_id": event.event_id, "reason": ReasonCode.NO_CONSENT})
+        return EventOutcome(
+            event.event_id, Outcome.HELD, ReasonCode.NO_CONSENT, time.perf_counter() - start
+        )
+
     async def deliver(
         self,
         event: EobIssued,
@@ -300,11 +311,9 @@ class Pipeline:
         resend: Resend | None,
     ) -> EventOutcome:
         event_id = event.event_id
-        if not event.member.consent.electronic_delivery:
-            log.info("event held", extra={"event_id": event_id, "reason": ReasonCode.NO_CONSENT})
-            return EventOutcome(
-                event_id, Outcome.HELD, ReasonCode.NO_CONSENT, time.perf_counter() - start
-            )
+        withheld = self.withheld(event, start)
+        if withheld is not None:
+            return withheld
         signer = self._signers.get(event.payer.sending_domain)
         if signer is None:
             return EventOutcome(

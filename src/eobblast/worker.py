@@ -1066,6 +1066,9 @@ class Worker:
         if isinstance(checked, EventOutcome):
             return await self._reject(checked, value, key, position, record.timestamp)
         event_id = info.event_id = checked.event_id
+        withheld = self._pipeline.withheld(checked, start)
+        if withheld is not None:
+            return await self._withhold(withheld, record.timestamp, info)
         elsewhere = 0
         while True:
             # The same event id, published twice, may be sending in this worker right now:
@@ -1148,6 +1151,24 @@ class Worker:
         self._unrecorded.pop(event_id, None)
         await self._report(outcome, event_id, attempt, source_ms, info)
         self._unmarked[event_id] = attempt
+
+    async def _withhold(self, held: EventOutcome, source_ms: int | None, info: _InFlight) -> bool:
+        """A copy without the member's e-delivery consent: held, nothing sent, so never
+        claimed. The ledger then keeps no copy carrying consent from being claimed and sent
+        (attempt 1, as any event); a copy of an event such a copy settled, or is sending,
+        is a duplicate of it. Each held copy is reported, under the same status_id."""
+        assert held.event_id is not None
+        info.stage = "claim"
+        entry = await self._ledger.get(held.event_id)
+        if entry is not None and not _withheld(entry):
+            if entry.state is LedgerState.FINAL:
+                info.stage = "publish"
+                return await self._republish(entry, source_ms)
+            self.duplicates_skipped += 1  # its sending copy reports it
+            metrics.DUPLICATES.inc()
+            return True
+        await self._report(held, held.event_id, 1, source_ms, info)
+        return True
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
         # Skipped only if this very attempt's status is out: a status of an earlier attempt
@@ -1298,6 +1319,12 @@ class Worker:
                         extra={"topic": topic, "error": error, "attempt": attempt},
                     )
                 await asyncio.sleep(backoff_delay(attempt))
+
+
+def _withheld(entry: LedgerEntry) -> bool:
+    """Whether a ledger row is a copy held for want of consent (kept by releases that
+    claimed such copies)."""
+    return entry.outcome == Outcome.HELD and entry.reason == ReasonCode.NO_CONSENT
 
 
 def _letter_bytes(letter: DeadLetter) -> bytes:

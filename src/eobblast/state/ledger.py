@@ -174,9 +174,10 @@ class SendLedger(abc.ABC):
     async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
         """Claim an event for sending by `owner` (a worker instance id). `retry_deferred`:
         an event whose final outcome was `deferred` is sent again (RETRY), not only
-        reported (DONE): where no bounce service resends it, a copy of it is its retry. An
-        event held for want of consent is always tried again: the claims system's new copy
-        may carry the member's consent. Neither sent an email, so neither copy is a second."""
+        reported (DONE): where no bounce service resends it, a copy of it is its retry. A
+        row of an event held for want of consent (earlier releases claimed such copies; the
+        workers now claim only copies that carry consent) is always tried again: it sent
+        no email."""
 
     @abc.abstractmethod
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
@@ -217,14 +218,12 @@ class SendLedger(abc.ABC):
     def _decide(entry: LedgerEntry, owner: str, retry_deferred: bool, now: float) -> Claim:
         """What a claim by `owner` finds in `entry`, at `now` by the ledger's clock."""
         if entry.state is LedgerState.FINAL:
-            # A deferred event, or one held for want of consent, whose status went out: a
-            # new copy is the claims system's retry (a Kafka redelivery comes before the
-            # status is marked published).
-            again = (retry_deferred and entry.outcome == Outcome.DEFERRED) or (
-                entry.outcome == Outcome.HELD and entry.reason == ReasonCode.NO_CONSENT
-            )
-            if again and entry.status_published:
-                return Claim(ClaimKind.RETRY, entry)  # tried again, as the next attempt
+            # A deferred event whose status went out: a new copy is the claims system's
+            # retry (a Kafka redelivery comes before the status is marked published).
+            if retry_deferred and entry.outcome == Outcome.DEFERRED and entry.status_published:
+                return Claim(ClaimKind.RETRY, entry)  # sent again, as the next attempt
+            if entry.outcome == Outcome.HELD and entry.reason == ReasonCode.NO_CONSENT:
+                return Claim(ClaimKind.RETRY, entry)  # only a copy with consent claims
             return Claim(ClaimKind.DONE, entry)
         if entry.owner == owner:
             return Claim(ClaimKind.IN_FLIGHT, entry)
