@@ -22,7 +22,6 @@ from eobblast.config import Config, warn_relative_stores
 from eobblast.errors import INPUT_REASONS, ConfigError, EobblastError
 
 if TYPE_CHECKING:
-    from eobblast.preflight import Finding
     from eobblast.streams import KafkaSecurity
 
 console = Console(stderr=True)
@@ -230,7 +229,11 @@ _workers_option = click.option(
     type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"]),
 )
 def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
-    """Consume eob.events from Kafka with one worker per core until SIGTERM or Ctrl-C."""
+    """Consume eob.events from Kafka with one worker per core until SIGTERM or Ctrl-C.
+
+    Starts no worker while a PostgreSQL store does not answer (it waits, and says why), or
+    when any store fails `eobblast check`'s checks otherwise or a secret is not the one its
+    store records (it exits 1)."""
     from eobblast.observe.logs import configure_logging
     from eobblast.supervisor import Supervisor, prepare_multiprocess_metrics
 
@@ -240,7 +243,9 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
     _warn_of_placeholders(config)
     _kafka_security(config)  # checked here, once: each worker builds its own
     _check_signing_keys(config)
-    _check_stores(config)
+    if not _run(_stores_answered(config)):
+        return  # SIGTERM or Ctrl-C while waiting: nothing started, nothing to stop
+    _check_secrets(config)  # against what the stores, answering now, record
     metrics_dir = prepare_multiprocess_metrics()
 
     async def supervise() -> None:
@@ -294,19 +299,64 @@ def _warn_of_placeholders(config: Config) -> None:
             log.warning("%s: %s", finding.check, finding.detail, extra={"check": finding.check})
 
 
-def _check_stores(config: Config) -> None:
-    """Refuse to start workers that could not open a store, or whose secrets are not the
-    ones the stores record (another host's): each would die at its start, and be
-    restarted, forever. The cause is `eobblast check`'s, without the store URL."""
-    from eobblast.preflight import Verdict, secret_files, stores
+def _check_secrets(config: Config) -> None:
+    """Refuse to start workers whose secrets are not the ones the stores record (another
+    host's): each would die at its start, and be restarted, forever. The cause is
+    `eobblast check`'s."""
+    from eobblast.preflight import Verdict, secret_files
 
-    async def checks() -> list[Finding]:
-        return [*await stores(config), *await secret_files(config)]
-
-    failed = [f for f in _run(checks()) if f.verdict is Verdict.FAIL]
+    failed = [f for f in _run(secret_files(config)) if f.verdict is Verdict.FAIL]
     if failed:
         causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
         raise click.ClickException(f"{causes} (no worker started)")
+
+
+# The longest `run` waits between two looks at a store that does not answer yet.
+STORE_RETRY_CAP = 30.0
+
+
+async def _stores_answered(config: Config) -> bool:
+    """Wait until every store passes `eobblast check`'s store checks (True), or SIGTERM or
+    Ctrl-C comes first (False). A PostgreSQL server that does not answer may be starting
+    with eobblast: waited for, as the workers wait for brokers. Any other failure (a URL,
+    a right, a SQLite place) stops run at once, with the cause `check` gives and never the
+    URL: each worker would die at its start, and be restarted, forever."""
+    from eobblast.preflight import Verdict, stores
+    from eobblast.streams.kafka import backoff_delay
+
+    log = logging.getLogger("eobblast.cli")
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+    attempt = 0
+    try:
+        while failed := [f for f in await stores(config) if f.verdict is Verdict.FAIL]:
+            attempt += 1
+            if not all(finding.may_heal for finding in failed):
+                causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
+                raise click.ClickException(f"{causes} (no worker started)")
+            delay = backoff_delay(attempt, base=1.0, cap=STORE_RETRY_CAP)
+            for finding in failed:
+                log.error(
+                    "%s: %s; waiting for it, no worker started",
+                    finding.check,
+                    finding.detail,
+                    extra={"check": finding.check, "attempt": attempt, "retry_in": round(delay, 1)},
+                )
+            await asyncio.sleep(delay)
+    except asyncio.CancelledError:
+        # Ours (the signal handlers above): a stop asked for, not an error.
+        task.uncancel()
+        log.info("stopped while waiting for the stores; no worker started")
+        return False
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+    if attempt:
+        log.info("stores answer", extra={"attempts": attempt + 1})
+    return True
 
 
 @main.command()
@@ -326,7 +376,9 @@ def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
     findings = _run(preflight(config, workers=workers or worker_count(config)))
     if as_json:
         for finding in findings:
-            click.echo(orjson.dumps(finding))
+            # The documented fields: whether a failure may heal is `run`'s concern.
+            said = {"check": finding.check, "verdict": finding.verdict, "detail": finding.detail}
+            click.echo(orjson.dumps(said))
     else:
         table = Table(title=escape(f"eobblast check: {config_path or 'defaults'}"))
         for column in ("check", "result", "detail"):

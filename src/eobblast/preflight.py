@@ -11,11 +11,12 @@ STARTTLS verified as delivery verifies it, from `[transport] source_address`); t
 the workers read, and whether each is the key its store records (every host must hold the
 same). Nothing is created: no topic, no table, no key, no file. Details name settings,
 files, hosts and topics, never a store URL (it may carry a password), nothing of an event
-and nothing of a key. `eobblast run` calls the same checks of the stores and the secrets
-(refusing to start on a failure) and of the placeholder settings (warning). Not checked:
-the brokers' ACLs (whether this client may read, write and join the group, beyond seeing
-the topics); routes found by MX lookups; routes from the shaping pools' own addresses and
-EHLO names; whether the metrics port can be bound.
+and nothing of a key. `eobblast run` calls the same checks of the stores (waiting while a
+failure `may_heal`, refusing to start on any other), of the secrets (refusing to start on a
+failure) and of the placeholder settings (warning). Not checked: the brokers' ACLs (whether
+this client may read, write and join the group, beyond seeing the topics); routes found by
+MX lookups; routes from the shaping pools' own addresses and EHLO names; whether the
+metrics port can be bound.
 """
 
 from __future__ import annotations
@@ -78,6 +79,9 @@ class Finding:
     check: str
     verdict: Verdict
     detail: str
+    # A failure that may end by itself: a server that does not answer yet (`eobblast run`
+    # waits for it). Not one that waiting cannot end: a URL, a right, a file.
+    may_heal: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,14 +411,18 @@ async def _postgres(check: str, url: str) -> Finding:
             finally:
                 await conn.close()
     except TimeoutError:
-        return Finding(check, Verdict.FAIL, f"PostgreSQL did not answer in {ANSWER_TIMEOUT:.0f} s")
+        said = f"PostgreSQL did not answer in {ANSWER_TIMEOUT:.0f} s"
+        return Finding(check, Verdict.FAIL, said, may_heal=True)
     except (psycopg.Error, OSError, ValueError) as exc:
         # libpq says which host, port, user or database; never the password, and should
         # it ever, it is taken out.
         said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if password:
             said = said.replace(password, "***")
-        return Finding(check, Verdict.FAIL, f"PostgreSQL: {said}")
+        # libpq's connection-level errors (refused, reset, the server starting up or
+        # shutting down, a database or role an init script has yet to make) may pass.
+        healing = isinstance(exc, psycopg.OperationalError | OSError)
+        return Finding(check, Verdict.FAIL, f"PostgreSQL: {said}", may_heal=healing)
     if schema is None:
         return Finding(check, Verdict.FAIL, "PostgreSQL answered; its search_path names no schema")
     if not can_create:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import sys
 import time
@@ -85,19 +86,32 @@ async def check(
 async def run(settings: dict[str, Any], path: Path, seconds: float = 30.0) -> tuple[int, str]:
     """`eobblast run` on `settings`, from `path`'s directory, until it exits by itself
     within `seconds` (it failed to start): its exit code and output."""
+    async with running(settings, path) as process:
+        try:
+            out, _ = await asyncio.wait_for(process.communicate(), seconds)
+        except TimeoutError:
+            pytest.fail(f"eobblast run still running after {seconds:.0f} s: it started or waits")
+    assert process.returncode is not None
+    return process.returncode, out.decode()
+
+
+@contextlib.asynccontextmanager
+async def running(
+    settings: dict[str, Any], path: Path
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """`eobblast run` on `settings`, from `path`'s directory, its output (stderr too) on its
+    stdout; terminated at the end if it still runs."""
     await asyncio.to_thread(path.write_text, tomli_w.dumps(settings))
     process = await asyncio.create_subprocess_exec(
         *DIE_WITH_PARENT, sys.executable, "-m", "eobblast", "run", "--config", str(path),
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=path.parent,
     )  # fmt: skip
     try:
-        out, _ = await asyncio.wait_for(process.communicate(), seconds)
-    except TimeoutError:
-        process.terminate()  # the supervisor stops the workers it started
-        await asyncio.wait_for(process.wait(), 60)
-        pytest.fail(f"eobblast run still running after {seconds:.0f} s: it started")
-    assert process.returncode is not None
-    return process.returncode, out.decode()
+        yield process
+    finally:
+        if process.returncode is None:
+            process.terminate()  # the supervisor stops the workers it started
+            await asyncio.wait_for(process.communicate(), 60)
 
 
 async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_path: Path) -> None:
@@ -298,11 +312,13 @@ async def test_files_the_workers_read_at_start_are_read_and_the_report_goes_to_s
     assert "Error:" in err.decode() and "Error:" not in table
 
 
-async def test_run_refuses_to_start_on_a_store_it_cannot_open_saying_what_check_says(
+async def test_run_refuses_to_start_on_a_store_waiting_cannot_heal_saying_what_check_says(
     stack: Stack, tmp_path: Path
 ) -> None:
-    # Workers would die opening the ledger and be restarted forever: run stops first, with
-    # the cause check gives (libpq's words, no URL, no password) and without a traceback.
+    # Workers would die opening the bounce store and be restarted forever: a URL that cannot
+    # be parsed will not get better, so run stops at once, with the causes check gives
+    # (libpq's words, no URL, no password), without a traceback and without waiting for
+    # the ledger's server, which refuses now but might answer later.
     await _bounce_topics(stack)
     settings = _settings(stack)
     with refusing_port() as pg_port:
@@ -322,9 +338,101 @@ async def test_run_refuses_to_start_on_a_store_it_cannot_open_saying_what_check_
     )
     assert "Traceback" not in out
     assert '"msg":"worker started"' not in out  # the supervisor's log line
+    assert '"level":"error"' not in out  # no "waiting for it": it did not wait
     for secret in (PASSWORD, UNPARSABLE, "s3cret"):
         assert secret not in out
     assert took < 20  # a refused connection is answered at once: no waiting for a timeout
+
+
+async def said(process: asyncio.subprocess.Process, seen: list[str], text: str) -> None:
+    """Read `process`'s output into `seen`, a line at a time, until a line holds `text`."""
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(60):
+            while line := await process.stdout.readline():
+                seen.append(line.decode())
+                if text in seen[-1]:
+                    return
+    except TimeoutError:
+        pass
+    pytest.fail(f"eobblast run did not say {text!r}:\n{''.join(seen)}")
+
+
+def _waits(seen: list[str]) -> list[dict[str, Any]]:
+    """What run logged as errors while it waited for a store."""
+    logged = (orjson.loads(line) for line in seen if line.startswith("{"))
+    return [doc for doc in logged if doc["level"] == "error" and "retry_in" in doc]
+
+
+async def test_run_waits_for_a_postgresql_server_that_does_not_answer_yet(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # A database that starts with eobblast (one compose stack, one host's boot) is waited
+    # for, as brokers are: run says why at each attempt, starts no worker meanwhile, and
+    # starts them once the server answers.
+    await _bounce_topics(stack)
+    settings = _settings(stack)
+    settings["workers"]["count"] = 1
+    seen: list[str] = []
+    with throwaway_pg_schema("runwait") as pg_url, socket.socket() as refusing:
+        refusing.bind(("127.0.0.1", 0))  # connections refused: bound, not listening
+        pg_port = refusing.getsockname()[1]
+        # The machine's server, through pg_port once it listens. Trust: the password is
+        # never asked for, and never shown.
+        ledger_url = pg_url.replace("@127.0.0.1:5432/", f":{PASSWORD}@127.0.0.1:{pg_port}/")
+        settings["ledger"]["url"] = ledger_url
+        assert PASSWORD in settings["ledger"]["url"]
+        async with running(settings, tmp_path / "eobblast.toml") as process:
+            await said(process, seen, "waiting for it")
+            await said(process, seen, "waiting for it")  # and again, after a pause
+            assert not any('"msg":"worker started"' in line for line in seen)
+            refusing.close()  # its port, for socat: PostgreSQL answers there now
+            socat = await asyncio.create_subprocess_exec(
+                *DIE_WITH_PARENT, "socat",
+                f"TCP-LISTEN:{pg_port},bind=127.0.0.1,reuseaddr,fork", "TCP:127.0.0.1:5432",
+            )  # fmt: skip
+            try:
+                await said(process, seen, '"msg":"worker started"')
+                process.terminate()
+                rest, _ = await asyncio.wait_for(process.communicate(), 60)
+            finally:
+                socat.terminate()
+                await socat.wait()
+    assert process.returncode == 0
+    out = "".join(seen) + rest.decode()
+    waits = _waits(seen)
+    attempts = [doc["attempt"] for doc in waits]
+    assert len(attempts) >= 2 and attempts == list(range(1, len(attempts) + 1)), attempts
+    for doc in waits:
+        assert doc["check"] == "store ledger.url"
+        assert doc["msg"].startswith("store ledger.url: PostgreSQL: connection failed: ")
+        assert doc["msg"].endswith(
+            f"port {pg_port} failed: Connection refused; waiting for it, no worker started"
+        )
+    assert '"msg":"stores answer"' in out
+    assert "Traceback" not in out
+    for secret in (PASSWORD, "s3cret"):
+        assert secret not in out
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+async def test_run_waiting_for_a_store_stops_at_once_on_sigterm_or_ctrl_c(
+    stack: Stack, tmp_path: Path, stop: signal.Signals
+) -> None:
+    settings = _settings(stack)
+    seen: list[str] = []
+    with refusing_port() as pg_port:
+        settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
+        async with running(settings, tmp_path / "eobblast.toml") as process:
+            await said(process, seen, "waiting for it")
+            process.send_signal(stop)
+            rest, _ = await asyncio.wait_for(process.communicate(), 5)
+    out = "".join(seen) + rest.decode()
+    assert process.returncode == 0, out  # stopped as asked, nothing to stop
+    assert '"msg":"stopped while waiting for the stores; no worker started"' in out
+    assert "Traceback" not in out and "Aborted" not in out
+    assert '"msg":"worker started"' not in out
+    assert PASSWORD not in out
 
 
 async def test_run_warns_of_placeholder_names_and_shaping_off(stack: Stack, tmp_path: Path) -> None:

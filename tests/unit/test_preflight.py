@@ -1,11 +1,15 @@
-"""The preflight's pure decisions: which names are placeholders."""
+"""The preflight's pure decisions: which names are placeholders, which store failures
+waiting cannot heal."""
 
 from __future__ import annotations
+
+import asyncio
+from pathlib import Path
 
 import pytest
 
 from eobblast.config import load_config
-from eobblast.preflight import Verdict, placeholder_settings, reserved_name
+from eobblast.preflight import Verdict, placeholder_settings, reserved_name, stores
 
 
 @pytest.mark.parametrize(
@@ -62,3 +66,31 @@ def test_a_base_url_without_a_host_fails_and_bounces_off_have_no_domain() -> Non
     [portal, _] = placeholder_settings(config)
     assert (portal.check, portal.verdict) == ("portal base_url", Verdict.FAIL)
     assert portal.detail.startswith("/p/ has no host name")
+
+
+@pytest.mark.parametrize(
+    ("setting", "url"),
+    [
+        ("ledger", {"url": "postgresql://eob:s3cret%zz@127.0.0.1:1/eob"}),
+        ("portal", {"escrow_url": "sqlite:///{tmp}/a-file/escrow.db"}),
+    ],
+)
+def test_store_failures_that_waiting_cannot_heal_are_marked_so(
+    setting: str, url: dict[str, str], tmp_path: Path
+) -> None:
+    # `eobblast run` waits for a PostgreSQL server that does not answer yet; a URL that
+    # cannot be parsed or a directory that cannot be written will not get better.
+    stores_in = {
+        "ledger": {"url": f"sqlite:///{tmp_path / 'ledger.db'}"},
+        "portal": {
+            "escrow_url": f"sqlite:///{tmp_path / 'escrow.db'}",
+            "audit_url": f"sqlite:///{tmp_path / 'audit.db'}",
+        },
+        "bounces": {"store_url": f"sqlite:///{tmp_path / 'bounces.db'}"},
+        "shaping": {"budgets_url": f"sqlite:///{tmp_path / 'budgets.db'}"},
+    }
+    (tmp_path / "a-file").touch()
+    stores_in[setting] |= {name: value.format(tmp=tmp_path) for name, value in url.items()}
+    found = asyncio.run(stores(load_config(environ={}, overrides=stores_in)))
+    [failed] = [f for f in found if f.verdict is Verdict.FAIL]
+    assert not failed.may_heal, failed
