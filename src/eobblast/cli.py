@@ -366,7 +366,9 @@ async def _stores_answered(config: Config) -> bool:
 def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
     """Check what `eobblast run` needs, changing nothing: DKIM keys, the files read at
     start, the brokers and the topics, the stores, the static SMTP routes (STARTTLS
-    verified). Exits 1 if any check fails."""
+    verified), and the names members and receivers see: a reserved name (example.com,
+    .example, .test, .local, ...) in [portal] base_url or [bounces] bounce_domain fails, no
+    [shaping] pools_file (shaping off) is a warning. Exits 1 if any check fails."""
     from rich.markup import escape
 
     from eobblast.preflight import Verdict, preflight

@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from email_validator import SPECIAL_USE_DOMAIN_NAMES
+
 from eobblast.bounces.rules import load_rules
 from eobblast.config import Config, store_urls
 from eobblast.errors import ConfigError
@@ -139,21 +141,28 @@ async def stores(config: Config) -> list[Finding]:
     )
 
 
-# Names nobody can register (RFC 2606, RFC 6761), and every name below them: what
-# placeholders, documentation and tests are made of.
-RESERVED_NAMES = (
-    "example.com",
-    "example.net",
-    "example.org",
-    "example",
-    "test",
-    "invalid",
-    "localhost",
+# Names no member's mail client or browser, and no receiver on the Internet, can reach, and
+# every name below them: what placeholders, documentation and tests are made of (RFC 2606),
+# the special-use names (RFC 6761: .test, .invalid, .localhost, .local, .onion, .arpa with
+# home.arpa; email_validator's list of them) and .internal, which ICANN keeps for private
+# networks.
+RESERVED_NAMES = tuple(
+    dict.fromkeys(
+        (
+            "example.com",
+            "example.net",
+            "example.org",
+            "example",
+            *SPECIAL_USE_DOMAIN_NAMES,
+            "internal",
+        )
+    )
 )
 
 
 def reserved_name(host: str) -> bool:
-    """Whether `host` is a reserved name (RFC 2606, RFC 6761) or a name below one."""
+    """Whether `host` is a reserved or special-use name (`RESERVED_NAMES`) or a name below
+    one."""
     name = host.strip().lower().rstrip(".")
     return any(name == reserved or name.endswith("." + reserved) for reserved in RESERVED_NAMES)
 
@@ -203,7 +212,7 @@ def _seen_name(check: str, value: str, host: str | None, *, lost: str, fix: str)
         return Finding(check, Verdict.FAIL, f"{value} has no host name: {lost}")
     if reserved_name(host):
         named = host if value == host else f"{value}: {host}"
-        return Finding(check, Verdict.FAIL, f"{named} is a reserved name (RFC 2606): {lost}. {fix}")
+        return Finding(check, Verdict.FAIL, f"{named} is a reserved name: {lost}. {fix}")
     return Finding(check, Verdict.OK, value)
 
 

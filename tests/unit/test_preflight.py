@@ -7,7 +7,9 @@ import asyncio
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from eobblast.cli import main
 from eobblast.config import load_config
 from eobblast.preflight import Verdict, placeholder_settings, reserved_name, stores
 
@@ -25,6 +27,13 @@ from eobblast.preflight import Verdict, placeholder_settings, reserved_name, sto
         "wrong-host.sandbox.invalid",
         "localhost",
         "portal.localhost",
+        # Special-use names no member or receiver reaches either (RFC 6761, ICANN).
+        "eob.payer.local",
+        "local",
+        "bounces.payerxyz.onion",
+        "portal.internal",
+        "eob.home.arpa",
+        "1.0.0.127.in-addr.arpa",
     ],
 )
 def test_reserved_names_and_the_names_below_them_are_reserved(host: str) -> None:
@@ -43,6 +52,14 @@ def test_reserved_names_and_the_names_below_them_are_reserved(host: str) -> None
         "testing.test-payer.com",
         "localhost.acme-health.com",
         "127.0.0.1",
+        # .net and .org are not reserved (example.net and example.org are), nor a
+        # special-use label anywhere but at the end.
+        "eob.acme-health.net",
+        "bounces.acme-health.org",
+        "local.acme-health.com",
+        "internal-payer.com",
+        "onion.net",
+        "arpa.org",
     ],
 )
 def test_names_that_only_look_alike_are_not_reserved(host: str) -> None:
@@ -94,3 +111,10 @@ def test_store_failures_that_waiting_cannot_heal_are_marked_so(
     found = asyncio.run(stores(load_config(environ={}, overrides=stores_in)))
     [failed] = [f for f in found if f.verdict is Verdict.FAIL]
     assert not failed.may_heal, failed
+
+
+def test_check_says_it_fails_on_reserved_names_and_warns_of_shaping_off() -> None:
+    said = " ".join(CliRunner().invoke(main, ["check", "--help"]).output.split())
+    assert "a reserved name" in said and "[portal] base_url" in said
+    assert "[bounces] bounce_domain fails" in said
+    assert "no [shaping] pools_file (shaping off) is a warning" in said
