@@ -15,6 +15,7 @@ import pytest
 import yaml
 
 from eobblast.config import Config, load_config
+from eobblast.preflight import Verdict, placeholder_settings
 
 ROOT = Path(__file__).parents[2]
 CONFIG_IN_CONTAINER = "/etc/eobblast/eobblast.toml"
@@ -129,6 +130,48 @@ def _volume_of(mounts: list[str], path: Path) -> str:
     return max(above, key=lambda m: len(m.split(":")[1]))
 
 
+# What `docker compose up` is run with (README, "Deploying").
+DEPLOYMENT = {
+    "EOB_PORTAL_URL": "https://eob.acme-health.com/p/",
+    "EOB_BOUNCE_DOMAIN": "bounces.acme-health.com",
+}
+# The settings compose sets from them, in every service that loads the configuration and
+# checks, sends, serves or receives under these names.
+NAMED = {
+    "EOB_PORTAL_URL": "EOBBLAST_PORTAL__BASE_URL",
+    "EOB_BOUNCE_DOMAIN": "EOBBLAST_BOUNCES__BOUNCE_DOMAIN",
+}
+
+
+class MissingVariable(Exception):
+    """A `${NAME:?message}` whose NAME is unset or empty: compose refuses the file."""
+
+
+def _interpolated(value: object, environ: dict[str, str]) -> str:
+    """`value` as compose passes it: `$$` is `$`; `${NAME}`, `${NAME:-default}`,
+    `${NAME-default}`, `${NAME:?message}` and `${NAME?message}` are resolved in `environ`."""
+
+    def resolve(match: re.Match[str]) -> str:
+        if match["escaped"]:
+            return "$"
+        name, op, arg = match["name"], match["op"] or "", match["arg"] or ""
+        found = environ.get(name)
+        unset = found is None or (op.startswith(":") and not found)
+        if op.endswith("?") and unset:
+            raise MissingVariable(f"required variable {name} is missing a value: {arg}")
+        if op.endswith("-") and unset:
+            return arg
+        return found or ""
+
+    pattern = r"(?P<escaped>\$\$)|\$\{(?P<name>\w+)(?:(?P<op>:?[-?])(?P<arg>[^}]*))?\}"
+    return re.sub(pattern, resolve, str(value))
+
+
+def _environment(service: dict[str, Any], environ: dict[str, str]) -> dict[str, str]:
+    """What the service's container gets as its environment."""
+    return {k: _interpolated(v, environ) for k, v in (service.get("environment") or {}).items()}
+
+
 def test_every_eobblast_service_loads_the_example_with_its_environment(
     compose: dict[str, Any],
 ) -> None:
@@ -140,17 +183,45 @@ def test_every_eobblast_service_loads_the_example_with_its_environment(
         for name, service in compose.items()
         if service.get("command", [None])[0] == "eobblast" and "--config" in service["command"]
     }
-    assert {"eobblast", "bounces"} <= set(services)
+    assert {"eobblast", "bounces", "check", "portal"} <= set(services)
     for name, service in services.items():
-        environ = {k: str(v) for k, v in (service.get("environment") or {}).items()}
+        environ = _environment(service, DEPLOYMENT)
         config = load_config(ROOT / "config/eobblast.example.toml", environ=environ)
         if "EOBBLAST_KAFKA__BOOTSTRAP" in environ:
             assert config.kafka.bootstrap == environ["EOBBLAST_KAFKA__BOOTSTRAP"], name
     workers = load_config(
         ROOT / "config/eobblast.example.toml",
-        environ={k: str(v) for k, v in compose["eobblast"]["environment"].items()},
+        environ=_environment(compose["eobblast"], DEPLOYMENT),
     )
     assert workers.kafka.hole_settle == 0  # Apache Kafka's holes are all real
+
+
+@pytest.mark.parametrize("service", ["check", "eobblast", "bounces", "portal"])
+def test_the_deployments_own_names_are_required_and_pass_check(
+    compose: dict[str, Any], service: str
+) -> None:
+    # The example's payer.example names fail `eobblast check`, which the workers wait for:
+    # the stack starts only with the deployment's own portal address and bounce domain.
+    config = load_config(
+        ROOT / "config/eobblast.example.toml",
+        environ=_environment(compose[service], DEPLOYMENT),
+    )
+    assert config.portal.base_url == DEPLOYMENT["EOB_PORTAL_URL"]
+    assert config.bounces.bounce_domain == DEPLOYMENT["EOB_BOUNCE_DOMAIN"]
+    found = {f.check: f.verdict for f in placeholder_settings(config)}
+    assert found["portal base_url"] is found["bounces bounce_domain"] is Verdict.OK
+    for variable, setting in NAMED.items():
+        assert setting in compose[service]["environment"]
+        without = {name: value for name, value in DEPLOYMENT.items() if name != variable}
+        for environ in (without, without | {variable: ""}):  # unset or empty: compose stops
+            with pytest.raises(MissingVariable, match=f"{variable} is missing a value: set "):
+                _environment(compose[service], environ)
+
+
+def test_the_examples_own_names_are_placeholders(example: Config) -> None:
+    # Why the compose file requires the names: what the example holds fails check.
+    found = {f.check: f.verdict for f in placeholder_settings(example)}
+    assert found["portal base_url"] is found["bounces bounce_domain"] is Verdict.FAIL
 
 
 def test_the_workers_start_only_once_check_passed_on_what_they_will_see(
