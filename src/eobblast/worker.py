@@ -684,6 +684,10 @@ class Worker:
                         # What is left (this partition's rest included: nothing of it is
                         # committed) comes again to whoever reads the results next.
                         return
+                    if record.value is None:
+                        # A tombstone (the topic is compacted, a key erased): a deletion
+                        # marker, not a result to apply or to park.
+                        continue
                     try:
                         result = parse_verification_result(
                             record.value,
@@ -691,6 +695,11 @@ class Worker:
                         )
                     except VerificationResultError as refused:
                         await self._refuse_result(tp, record, refused)
+                        # Committed at once (what came before it is applied): a failure
+                        # later in the batch must not park and count it a second time.
+                        async with asyncio.timeout(COMMIT_TIMEOUT):
+                            await consumer.commit({tp: record.offset + 1})
+                        again[tp] = record.offset + 1
                         continue
                     decided = await self._bounces.on_verification_result(result)
                     await self._settle(decided.resends, decided.outcomes)

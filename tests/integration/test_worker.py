@@ -878,15 +878,20 @@ class VerificationsFailingOnce:
         return SimpleNamespace(resends=(), outcomes=())
 
 
-async def _verification_failures(stack: Stack, members: Sequence[str]) -> tuple[Config, Any]:
-    """Publish a failed verification for each member; a started consumer of the results."""
+async def _verification_failures(
+    stack: Stack, members: Sequence[str], *, unreadable_at: int | None = None
+) -> tuple[Config, Any]:
+    """Publish a failed verification for each member (and a record that is not JSON at
+    `unreadable_at`, if given); a started consumer of the results."""
     config = stack.config()
     topic = config.bounces.results_topic
     await stack.broker.create_topics({topic: 1})
     producer = make_producer(stack.broker.bootstrap, client_id="verifier", security=PLAINTEXT)
     await producer.start()
     try:
-        for member in members:
+        for index, member in enumerate(members):
+            if index == unreadable_at:
+                await producer.send_and_wait(topic, b"not json", key=b"M-x")
             failed = AddressVerificationFailed(
                 member_id=member, reason=FailureReason.NO_ANSWER, at=dt.datetime.now(dt.UTC)
             )
@@ -947,6 +952,36 @@ async def test_verification_results_after_a_failure_mid_batch_are_not_passed_ove
         await consumer.stop()
 
 
+async def test_a_parked_result_is_not_parked_again_when_its_batch_fails_later(
+    stack: Stack,
+) -> None:
+    # The batch's offsets were committed only at its end: a failure after the parked
+    # record sent the batch back to its start, and the record was parked and counted again.
+    members = [f"M-{n}" for n in range(3)]
+    config, consumer = await _verification_failures(stack, members, unreadable_at=1)
+    service = VerificationsFailingOnce()  # fails at M-1, after the unreadable record
+    worker = _verification_worker(config, service)
+    worker._producer = make_producer(
+        stack.broker.bootstrap, client_id="verification-test", security=PLAINTEXT
+    )
+    await worker._producer.start()
+    refused = "eobblast_verification_results_refused_total"
+    before = _sample(refused, reason="invalid_json")
+    try:
+        deadline = time.monotonic() + 30
+        while set(service.applied) != set(members):
+            assert time.monotonic() < deadline, f"applied only {service.applied}"
+            with contextlib.suppress(StoreBusy):
+                await worker._verification_batch(consumer, ReadAgain(), asyncio.Event())
+        assert service.failed and service.applied == members  # M-0 not applied twice
+        assert await consumer.committed(TopicPartition(config.bounces.results_topic, 0)) == 4
+    finally:
+        await consumer.stop()
+        await worker._producer.stop()
+    letters = await _values(stack, stack.dlq_topic, 1)
+    assert len(letters) == 1 and _sample(refused, reason="invalid_json") == before + 1
+
+
 class VerificationsUntilStopped:
     """The bounce service's side of verification results; the worker is told to stop
     while the first one is applied."""
@@ -982,7 +1017,7 @@ async def test_a_stopping_worker_leaves_the_rest_of_a_verification_batch_uncommi
 
 
 async def test_a_verification_result_that_cannot_be_read_is_parked_and_the_next_applied(
-    stack: Stack,
+    stack: Stack, caplog: pytest.LogCaptureFixture
 ) -> None:
     # A result the worker could not read was logged and its offset committed: no dead
     # letter, no metric, no alert. The member's held notices went to paper at their
@@ -1018,11 +1053,13 @@ async def test_a_verification_result_that_cannot_be_read_is_parked_and_the_next_
     producer = make_producer(stack.broker.bootstrap, client_id="verifier", security=PLAINTEXT)
     await producer.start()
     try:
-        for record in (not_json, unknown_schema, good):
+        # (a tombstone among them: a compacted topic's deletion marker, skipped)
+        for record in (not_json, None, unknown_schema, good):
             await producer.send_and_wait(results, record, key=member.encode())
     finally:
         await producer.stop()
 
+    caplog.set_level(logging.DEBUG, logger="eobblast")
     _, stop, task = await start_worker(config, bounce_store_as=lambda store: store)
     try:
         letters = await until("both parked", lambda: _values(stack, stack.dlq_topic, 2))
@@ -1038,8 +1075,12 @@ async def test_a_verification_result_that_cannot_be_read_is_parked_and_the_next_
     ]
     assert [(p.source.topic, p.source.partition, p.source.offset) for p in parked] == [
         (results, 0, 0),
-        (results, 0, 1),
+        (results, 0, 2),
     ]
+    # Logged by reason and field: never the member id or the address the value carried.
+    logged = [str(vars(r)) for r in caplog.records if r.name.startswith("eobblast")]
+    assert any("verification result refused" in line for line in logged)
+    assert not [line for line in logged if member in line or verified in line]
     assert [base64.b64decode(p.original_base64) for p in parked] == [not_json, unknown_schema]
     assert all(base64.b64decode(p.key_base64 or "") == member.encode() for p in parked)
     for reason, count in before.items():
@@ -1047,8 +1088,8 @@ async def test_a_verification_result_that_cannot_be_read_is_parked_and_the_next_
     assert await _bounce_status(config, doc["event_id"]) is not EobStatus.HELD_FOR_VERIFICATION
     consumer = await _results_consumer(stack, config)
     try:
-        # Committed past all three: the two refused ones only once they were parked.
-        assert await consumer.committed(TopicPartition(results, 0)) == 3
+        # Committed past all four: the two refused ones only once they were parked.
+        assert await consumer.committed(TopicPartition(results, 0)) == 4
     finally:
         await consumer.stop()
 
