@@ -441,6 +441,17 @@ def _build(cls: type[Any], data: dict[str, Any], where: str) -> Any:
     return cls(**kwargs)
 
 
+def _setting_named(name: str) -> str | None:
+    """`SECTION__SETTING` for a `section_setting` that names a real setting, else None."""
+    for section in dataclasses.fields(Config):
+        setting = name.removeprefix(section.name + "_")
+        if setting != name and isinstance(section.default_factory, type):
+            known = {f.name for f in dataclasses.fields(section.default_factory)}
+            if setting in known:
+                return f"{section.name.upper()}__{setting.upper()}"
+    return None
+
+
 def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
     # EOBBLAST_TRANSPORT__CA_BUNDLE=/x -> {"transport": {"ca_bundle": "/x"}}
     out: dict[str, Any] = {}
@@ -448,10 +459,22 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
         if not key.startswith("EOBBLAST_"):
             continue
         path = key.removeprefix("EOBBLAST_").lower().split("__")
-        if len(path) < 2 or not all(path):
-            # A mistyped name (EOBBLAST_KAFKA_BOOTSTRAP) would leave the default in force
-            # unnoticed, as an unknown setting in the file would not. The value may be a
-            # secret's path or a host: only the name is shown.
+        if len(path) < 2:
+            # Not an override. Kubernetes service links (EOBBLAST_SERVICE_HOST,
+            # EOBBLAST_PORT_9464_TCP...) look like this and must not stop a start; one
+            # that names a real setting with one underscore (EOBBLAST_KAFKA_BOOTSTRAP)
+            # is likely a typo that leaves the default in force: said, by name only (the
+            # value may be a secret's path or a host).
+            meant = _setting_named(path[0])
+            if meant is not None:
+                _log.warning(
+                    "environment variable %s is not read: an override is EOBBLAST_%s, with"
+                    " two underscores",
+                    key,
+                    meant,
+                )
+            continue
+        if not all(path):
             raise ConfigError(
                 f"environment variable {key}: expected EOBBLAST_<SECTION>__<SETTING>, "
                 "two underscores between them (e.g. EOBBLAST_KAFKA__BOOTSTRAP)"

@@ -42,17 +42,33 @@ def test_environment_overrides_file() -> None:
     assert config.dkim.ed25519 is False
 
 
-@pytest.mark.parametrize(
-    "name", ["EOBBLAST_KAFKA_BOOTSTRAP", "EOBBLAST_KAFKA__", "EOBBLAST___BOOTSTRAP", "EOBBLAST_"]
-)
-def test_a_mistyped_environment_override_is_refused_not_ignored(name: str) -> None:
+def test_a_mistyped_environment_override_is_said_and_service_links_are_left_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     # One underscore where two belong left the default broker in force, without a word.
-    with pytest.raises(ConfigError, match="EOBBLAST_<SECTION>__<SETTING>") as caught:
-        load_config(EXAMPLE, environ={name: "kafka-secret-host:9093", "OTHER_VAR": "x"})
-    assert name in str(caught.value) and "kafka-secret-host" not in str(caught.value)
-    # an unknown setting through the environment was refused already, as in the file
+    # Kubernetes service links (a Service named eobblast, eobblast-portal) look alike and
+    # must not stop a start, nor be taken as settings.
+    environ = {
+        "EOBBLAST_KAFKA_BOOTSTRAP": "kafka-secret-host:9093",
+        "EOBBLAST_SERVICE_HOST": "10.0.0.7",
+        "EOBBLAST_PORT_9464_TCP": "tcp://10.0.0.7:9464",
+        "EOBBLAST_PORTAL_SERVICE_PORT": "8443",
+        "EOBBLAST_": "x",
+    }
+    with caplog.at_level(logging.WARNING, logger="eobblast.config"):
+        config = load_config(EXAMPLE, environ=environ)
+    assert config.kafka.bootstrap == load_config(EXAMPLE, environ={}).kafka.bootstrap
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "environment variable EOBBLAST_KAFKA_BOOTSTRAP is not read: an override is"
+        " EOBBLAST_KAFKA__BOOTSTRAP, with two underscores"
+    ]
+    # a name with the two underscores is read, and an unknown setting there refused
     with pytest.raises(ConfigError, match="unknown setting"):
         load_config(EXAMPLE, environ={"EOBBLAST_KAFKA__BOOTSTRP": "x:1"})
+    with pytest.raises(ConfigError, match="EOBBLAST_<SECTION>__<SETTING>") as caught:
+        load_config(EXAMPLE, environ={"EOBBLAST_KAFKA__": "kafka-secret-host:9093"})
+    assert "kafka-secret-host" not in str(caught.value)
 
 
 def test_hole_settle_defaults_to_reading_holes_again_and_zero_turns_it_off() -> None:
