@@ -274,6 +274,8 @@ def _at_once(starts: Sequence[Callable[[], object]]) -> list[BaseException | Non
         thread.start()
     for thread in threads:
         thread.join(timeout=120)
+    # A host still waiting has neither won nor been refused: its None says nothing.
+    assert not any(thread.is_alive() for thread in threads), "a host hangs"
     return outcomes
 
 
