@@ -155,19 +155,59 @@ def keys_secrets(config_path: Path | None) -> None:
     """Create the secrets the configuration names (existing ones are kept).
 
     The VERP key, the escrow key ring and the member-reference key. Run it once before
-    starting `eobblast bounces` or `eobblast portal`, which only read them.
+    starting `eobblast bounces` or `eobblast portal`, which only read them. The stores
+    record them, as a first start would: it exits 1, making nothing, where a store
+    records another host's.
     """
-    from eobblast.protect.services import ensure_secrets, refuse_new_keys, shared_secrets
+    from eobblast.protect.services import hold_secrets, shared_secrets
 
     config = command_config(config_path)
     try:
-        # Not on a host of a deployment whose stores already record other keys.
-        _run(refuse_new_keys(shared_secrets(config)))
-        made = ensure_secrets(config)
+        wanted = shared_secrets(config)
+        existed = {secret: secret.exists() for secret in wanted}
+        _run(hold_secrets(wanted, create=True))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
-    for what, path, created in made:
-        click.echo(f"{'created' if created else 'kept'} {what}: {path}")
+    # The VERP key first, as this command has always listed them.
+    for secret in sorted(wanted, key=lambda secret: secret.argument != "verp"):
+        if secret.made:
+            what = "escrow key ring" if secret.key_id is None else secret.what
+            said = "kept" if existed[secret] else "created"
+            click.echo(f"{said} {what}: {secret.path}")
+
+
+@keys.command("record")
+@config_option()
+@click.argument(
+    "secrets", nargs=-1, required=True, type=click.Choice(["verp", "escrow", "member-reference"])
+)
+@click.option("--yes", is_flag=True, help="Change the stores (without it: say what would change).")
+def keys_record(config_path: Path | None, secrets: tuple[str, ...], yes: bool) -> None:
+    """Make the stores record this host's keys of SECRETS, replacing the ones recorded.
+
+    After a rotation that the stores refuse (a VERP key id used again with a new key, a
+    new member-reference key, an escrow key ring whose recorded keys are all retired):
+    the stores then record exactly this host's keys of each SECRET (verp: the VERP key
+    and the previous ones), and a host with other keys is refused from then on. Copy
+    these keys to every other host. Prints what changed, by name (never a key).
+    """
+    from eobblast.protect.services import record_secrets, shared_secrets
+
+    config = command_config(config_path)
+    if "verp" in secrets and not config.bounces.enabled:
+        raise click.ClickException("[bounces] enabled is false: there is no VERP key to record")
+    try:
+        wanted = [s for s in shared_secrets(config) if s.argument in secrets]
+        said = _run(record_secrets(wanted, write=yes))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    if not said:
+        click.echo("the stores record these keys already: nothing to change")
+        return
+    for line in said:
+        click.echo(line if yes else f"would have {line}")
+    if not yes:
+        raise click.ClickException("nothing changed: run again with --yes to make these changes")
 
 
 @main.command()

@@ -39,8 +39,6 @@ from eobblast.errors import ConfigError
 from eobblast.protect.dkim import load_signer, signing_domains
 from eobblast.protect.services import (
     SharedSecret,
-    load_or_create_keyring,
-    load_secret,
     secret_trouble,
     shared_secrets,
 )
@@ -286,8 +284,7 @@ async def secret_files(config: Config) -> list[Finding]:
     urls = {secret.url: secret.store for secret in wanted}
     read = await asyncio.gather(*(_recorded(url, store) for url, store in urls.items()))
     recorded = dict(zip(urls, read, strict=True))
-    not_keys = [config.portal.audit_key_file]
-    return [_secret_file(secret, recorded[secret.url], not_keys) for secret in wanted]
+    return [_secret_file(secret, recorded[secret.url]) for secret in wanted]
 
 
 async def _recorded(url: str, store: str) -> dict[str, str] | str:
@@ -305,25 +302,21 @@ async def _recorded(url: str, store: str) -> dict[str, str] | str:
         return type(exc).__name__
 
 
-def _secret_file(
-    secret: SharedSecret, recorded: dict[str, str] | str, not_keys: list[Path]
-) -> Finding:
+def _secret_file(secret: SharedSecret, recorded: dict[str, str] | str) -> Finding:
     ours: dict[str, str] | None = None
-    if secret.made and not secret.exists():
+    if not secret.exists():
+        if not secret.made:
+            return Finding(secret.check, Verdict.FAIL, secret.missing_previous())
         detail = f"{secret.path} (created at the first start)"
-    elif secret.key_id is None:
-        try:
-            ours = load_or_create_keyring(secret.path, not_keys=not_keys, create=False).fingerprints
-        except (ConfigError, ValueError) as exc:
-            why = exc.detail if isinstance(exc, ConfigError) else "an escrow key does not load"
-            return Finding(secret.check, Verdict.FAIL, f"{secret.path}: {why}")
-        detail = f"{secret.path} (escrow key ring)"
     else:
         try:
-            ours = secret.of(load_secret(secret.path))
-        except ConfigError as exc:
-            return Finding(secret.check, Verdict.FAIL, exc.detail)
-        detail = f"{secret.path} (exists)"
+            ours = secret.fingerprints(secret.load(create=False))
+        except (ConfigError, ValueError) as exc:
+            why = exc.detail if isinstance(exc, ConfigError) else "an escrow key does not load"
+            # A key file's errors name it; a key ring's name a key, or nothing.
+            where = "" if secret.key_id is not None else f"{secret.path}: "
+            return Finding(secret.check, Verdict.FAIL, where + why)
+        detail = f"{secret.path} ({'escrow key ring' if secret.key_id is None else 'exists'})"
     if isinstance(recorded, str):
         why = f"not compared with the keys the {secret.store} store records: {recorded}"
         return Finding(secret.check, Verdict.OK, f"{detail}; {why}")

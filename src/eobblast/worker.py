@@ -58,10 +58,7 @@ from eobblast.pipeline import (
 )
 from eobblast.protect.services import (
     ProtectionServices,
-    agree_secrets,
-    load_or_create_secret,
-    load_secret,
-    refuse_new_keys,
+    hold_secrets,
     verp_secrets,
 )
 from eobblast.protect.tls_store import TlsSync, open_tls_store
@@ -1359,17 +1356,9 @@ async def open_bounces(
     """
     settings = config.bounces
     shared = verp_secrets(config)
-    if create_key:
-        await refuse_new_keys(shared[:1])
-    secret = load_or_create_secret(settings.verp_key_file, create=create_key, what="VERP key")
+    held = await hold_secrets(shared, create=create_key)
     # The current key signs; the previous ones still open what was signed with them.
-    previous = [
-        VerpKey(key_id, load_secret(path)) for key_id, path in settings.previous_verp_keys()
-    ]
-    verp_keys = [VerpKey(settings.verp_key_id, secret), *previous]
-    await agree_secrets(
-        [(each, each.of(key.secret)) for each, key in zip(shared, verp_keys, strict=True)]
-    )
+    verp_keys = [VerpKey(int(secret.single_id), held.key(secret)) for secret in shared]
     store = await open_bounce_store(settings.store_url)
     delivery_topic = config.kafka.delivery_topic
 

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from eobblast.config import load_config
-from eobblast.protect.services import portal_secrets, secret_trouble, verp_secrets
+from eobblast.protect.services import (
+    missed_rotations,
+    portal_secrets,
+    secret_trouble,
+    verp_secrets,
+)
+from eobblast.state.fingerprints import Recorded, fingerprint
 
 CONFIG = load_config(
     environ={}, overrides={"bounces": {"verp_previous_keys": ["3:/keys/verp-3.key"]}}
@@ -59,3 +65,58 @@ def test_what_is_refused() -> None:
     # first start, and at a rotation to a new VERP key id.
     assert secret_trouble(VERP, None, {}) is None
     assert secret_trouble(VERP, None, {"VERP key 2": "v"}) is None
+
+
+def test_what_to_do_is_said() -> None:
+    recorded = {"escrow key k1": "a", "VERP key 1": "v"}
+    missing = str(secret_trouble(VERP, None, recorded))
+    differs = str(secret_trouble(VERP, {"1": "other"}, recorded))
+    made_here = str(secret_trouble(RING, {"k9": "b"}, recorded))
+    for said in (missing, differs, made_here):
+        assert "from the host whose keys the" in said and "first used" not in said
+    # Recording this host's keys instead is for keys it holds, not for one it would make.
+    assert "`eobblast keys record --config FILE verp --yes`" in differs
+    assert "`eobblast keys record --config FILE escrow --yes`" in made_here
+    assert "keys record" not in missing
+    assert "a previous key is never made" in PREVIOUS.missing_previous()
+
+
+def test_a_fingerprint_depends_on_the_name_it_is_recorded_under() -> None:
+    key = bytes(range(32))
+    assert fingerprint("VERP key 1", key) != fingerprint("member-reference key", key)
+    assert fingerprint("VERP key 1", key) != fingerprint("VERP key 2", key)
+    assert fingerprint("VERP key 1", key) == fingerprint("VERP key 1", bytes(range(32)))
+
+
+def _at(**names: int) -> dict[str, Recorded]:
+    """Recorded at the times given, by name (`VERP_1`: "VERP key 1")."""
+    return {name.replace("_", " key "): Recorded("f", at) for name, at in names.items()}
+
+
+@pytest.mark.parametrize(
+    ("ours", "recorded", "missed"),
+    [
+        # Holds the newest VERP key (and the previous one): nothing missed.
+        ({"1": "f", "2": "f"}, _at(VERP_1=1, VERP_2=2), []),
+        # Key 1 retired: nothing missed either.
+        ({"2": "f"}, _at(VERP_1=1, VERP_2=2), []),
+        # Still signs with key 1 while the store records key 2 since: missed.
+        ({"1": "f"}, _at(VERP_1=1, VERP_2=2), ["VERP key 2"]),
+        # Key 1 recorded again after key 2 (`keys record`): nothing newer.
+        ({"1": "f"}, _at(VERP_1=3, VERP_2=2), []),
+        # A key of this host's that the store does not know yet is the newest.
+        ({"3": "f"}, _at(VERP_1=1, VERP_2=2), []),
+        # Other secrets' keys are no rotation of this one.
+        ({"1": "f"}, _at(VERP_1=1, escrow_k2=9), []),
+    ],
+)
+def test_a_rotation_this_host_missed(
+    ours: dict[str, str], recorded: dict[str, Recorded], missed: list[str]
+) -> None:
+    assert missed_rotations([(VERP, ours)], recorded) == missed
+
+
+def test_a_ring_that_missed_a_rotation() -> None:
+    recorded = _at(escrow_k1=1, escrow_k2=2, VERP_1=5)
+    assert missed_rotations([(RING, {"k1": "f"})], recorded) == ["escrow key k2"]
+    assert missed_rotations([(RING, {"k1": "f", "k2": "f"})], recorded) == []

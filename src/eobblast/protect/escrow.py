@@ -85,7 +85,7 @@ class KeyRing:
         if active not in keys:
             raise ConfigError("the active escrow key is not in the key ring")
         self._aead = {key_id: AESGCM(key) for key_id, key in keys.items()}
-        self._fingerprints = {key_id: fingerprint(key) for key_id, key in keys.items()}
+        self._keys = dict(keys)
         self._active = active
 
     @property
@@ -98,10 +98,10 @@ class KeyRing:
         """Every key id the ring can open."""
         return frozenset(self._aead)
 
-    @property
-    def fingerprints(self) -> dict[str, str]:
-        """Key id -> the key's fingerprint, which the escrow store records (never the key)."""
-        return dict(self._fingerprints)
+    def fingerprints(self, recorded_as: Callable[[str], str]) -> dict[str, str]:
+        """Key id -> the fingerprint of the key, recorded under `recorded_as(key id)` (the
+        escrow store records it, never the key)."""
+        return {key_id: fingerprint(recorded_as(key_id), key) for key_id, key in self._keys.items()}
 
     @classmethod
     def from_mapping(cls, keys: Mapping[str, str], active: str) -> KeyRing:

@@ -6,10 +6,12 @@ import base64
 import contextlib
 import datetime as dt
 import functools
+import logging
 import secrets
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeAlias
 
 from eobblast._files import file_lock, write_whole
 from eobblast.config import Config
@@ -17,7 +19,15 @@ from eobblast.errors import ConfigError
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, member_ref, open_audit
 from eobblast.protect.escrow import EscrowStore, KeyRing, open_escrow
 from eobblast.protect.policy import OrgPolicy, TlsCache
-from eobblast.state.fingerprints import agree_fingerprints, fingerprint, recorded_fingerprints
+from eobblast.state.fingerprints import (
+    Change,
+    Recorded,
+    change_fingerprints,
+    fingerprint,
+    recorded_fingerprints,
+)
+
+log = logging.getLogger("eobblast.secrets")
 
 
 @contextlib.contextmanager
@@ -87,30 +97,6 @@ def load_or_create_keyring(
         return KeyRing.generate(directory, not_keys=not_keys)
 
 
-def ensure_secrets(config: Config) -> list[tuple[str, Path, bool]]:
-    """Create the secrets `config` names that do not exist yet; keep those that do.
-
-    The VERP key (when bounces are on), the escrow key ring and the member-reference
-    (audit) key. The workers create them on first use, but the bounce listener and the
-    portal only read them: a key of their own would not open what the workers made.
-    Returns (what, where, created) for each.
-    """
-    portal = config.portal
-    made: list[tuple[str, Path, bool]] = []
-    if config.bounces.enabled:
-        verp = config.bounces.verp_key_file
-        existed = verp.exists()
-        load_or_create_secret(verp)
-        made.append(("VERP key", verp, not existed))
-    existed = (portal.key_dir / "active").exists()
-    load_or_create_keyring(portal.key_dir, not_keys=[portal.audit_key_file])
-    made.append(("escrow key ring", portal.key_dir, not existed))
-    existed = portal.audit_key_file.exists()
-    load_or_create_secret(portal.audit_key_file)
-    made.append(("member-reference key", portal.audit_key_file, not existed))
-    return made
-
-
 @dataclass(frozen=True, slots=True)
 class SharedSecret:
     """A secret kept in a file (or a key ring in a directory) that every host of a
@@ -121,6 +107,7 @@ class SharedSecret:
     """
 
     what: str
+    argument: str  # its name for `eobblast keys record`: "verp", "escrow", "member-reference"
     key_id: str | None  # None: a key ring, whose ids come with its keys
     setting: str  # where its file is set, as errors name it: "[bounces] verp_key_file"
     check: str  # its name in `eobblast check`: "bounces verp_key_file"
@@ -129,6 +116,7 @@ class SharedSecret:
     url: str
     lost: str  # what goes wrong when hosts hold different keys
     made: bool = True  # a missing file is made at the first start (not a rotated-out key)
+    not_keys: tuple[Path, ...] = ()  # other secrets kept in a key ring's directory
 
     def exists(self) -> bool:
         """Whether this host holds it (a key ring: its `active` file)."""
@@ -138,10 +126,39 @@ class SharedSecret:
         """The name a store records a key's fingerprint under."""
         return f"{self.what} {key_id}".rstrip()
 
-    def of(self, key: bytes) -> dict[str, str]:
-        """Key id -> fingerprint, for a secret of one key."""
-        assert self.key_id is not None, "a key ring's fingerprints come from the ring"
-        return {self.key_id: fingerprint(key)}
+    def records(self, name: str) -> bool:
+        """Whether a store records a key of this kind under `name` (for a VERP key: of any
+        VERP key id)."""
+        return name == self.what or name.startswith(f"{self.what} ")
+
+    @property
+    def single_id(self) -> str:
+        """The key id of a secret of one key."""
+        assert self.key_id is not None, "a key ring's ids come with its keys"
+        return self.key_id
+
+    def load(self, *, create: bool) -> KeyRing | bytes:
+        """This host's key ring or key; a missing one is made if `create` (never a previous
+        key), else a ConfigError."""
+        if self.key_id is None:
+            return load_or_create_keyring(self.path, not_keys=self.not_keys, create=create)
+        if not self.made and not self.path.exists():
+            raise ConfigError(self.missing_previous())
+        return load_or_create_secret(self.path, create=create and self.made, what=self.what)
+
+    def fingerprints(self, held: KeyRing | bytes) -> dict[str, str]:
+        """Key id -> fingerprint of what `load` returned."""
+        if isinstance(held, KeyRing):
+            return held.fingerprints(self.recorded_as)
+        return {self.single_id: fingerprint(self.recorded_as(self.single_id), held)}
+
+    def missing_previous(self) -> str:
+        """Why a previous key that is not there stops a start."""
+        return (
+            f"{self.setting} {self.path} does not exist: a previous key is never made (a new"
+            f" one would open nothing signed before); copy it from the host whose keys the"
+            f" {self.store} store records, or take it out of {self.setting}"
+        )
 
 
 def portal_secrets(config: Config) -> tuple[SharedSecret, SharedSecret]:
@@ -151,6 +168,7 @@ def portal_secrets(config: Config) -> tuple[SharedSecret, SharedSecret]:
     return (
         SharedSecret(
             "escrow key",
+            "escrow",
             None,
             "[portal] key_dir",
             "portal key_dir",
@@ -158,9 +176,11 @@ def portal_secrets(config: Config) -> tuple[SharedSecret, SharedSecret]:
             "portal.escrow_url",
             portal.escrow_url,
             "a portal link from one host would not open with another host's key ring",
+            not_keys=(portal.audit_key_file,),
         ),
         SharedSecret(
             "member-reference key",
+            "member-reference",
             "",
             "[portal] audit_key_file",
             "portal audit_key_file",
@@ -173,8 +193,8 @@ def portal_secrets(config: Config) -> tuple[SharedSecret, SharedSecret]:
 
 
 def verp_secrets(config: Config) -> list[SharedSecret]:
-    """The VERP key and the previous ones (`verp_previous_keys`, which are not made), in
-    the order the bounce service takes them; the bounce store records them."""
+    """The VERP key, which signs, then the previous ones (`verp_previous_keys`, which are
+    not made); the bounce store records them."""
     bounces = config.bounces
     keys = [(bounces.verp_key_id, "verp_key_file", bounces.verp_key_file, "")]
     keys += [
@@ -184,6 +204,7 @@ def verp_secrets(config: Config) -> list[SharedSecret]:
     return [
         SharedSecret(
             "VERP key",
+            "verp",
             str(key_id),
             f"[bounces] {name}",
             f"bounces {name}{suffix}",
@@ -217,15 +238,17 @@ def secret_trouble(
     not know yet is a rotation; one that lacks some recorded keys may have retired them.
     """
     if secret.key_id is None:
-        theirs = {n: f for n, f in recorded.items() if n.startswith(f"{secret.what} ")}
+        theirs = {n: f for n, f in recorded.items() if secret.records(n)}
     else:
         name = secret.recorded_as(secret.key_id)
         theirs = {name: recorded[name]} if name in recorded else {}
     if not theirs:
         return None
     files = "the key ring's files" if secret.key_id is None else "the key file"
+    # The host whose keys the store records: the first to start (after an upgrade, the
+    # first to start with this release), or the last an operator recorded.
     copy = (
-        f"copy {files} from the host that first used the {secret.store} store to"
+        f"copy {files} from the host whose keys the {secret.store} store records to"
         f" {secret.path} (every host needs the same), then start again"
     )
     if ours is None:
@@ -234,20 +257,43 @@ def secret_trouble(
             f" records another host's {secret.what}: one made here would differ"
             f" ({secret.lost}); {copy}"
         )
+    keep = (
+        f"; or, if this host's are the ones to keep (after a rotation), record them:"
+        f" `eobblast keys record --config FILE {secret.argument} --yes`"
+    )
     mine = {secret.recorded_as(key_id): value for key_id, value in ours.items()}
     differing = sorted(name for name, value in mine.items() if theirs.get(name, value) != value)
     if differing:
         return (
             f"{', '.join(differing)} in {secret.setting} {secret.path} is not the key the"
-            f" {secret.store} store records ({secret.lost}); {copy}"
+            f" {secret.store} store records ({secret.lost}); {copy}{keep}"
         )
     if not mine.keys() & theirs.keys():
         return (
             f"{secret.setting} {secret.path} holds none of the keys the {secret.store} store"
-            f" records ({', '.join(sorted(theirs))}): it was made on this host"
-            f" ({secret.lost}); {copy}"
+            f" records ({', '.join(sorted(theirs))}): it was made or rotated on this host"
+            f" alone ({secret.lost}); {copy}{keep}"
         )
     return None
+
+
+def missed_rotations(
+    used: Sequence[tuple[SharedSecret, Mapping[str, str]]], recorded: Mapping[str, Recorded]
+) -> list[str]:
+    """The keys a store records (by name) that are newer than every key of the same secret
+    this host holds: a rotation made on another host and not copied here yet. `used`:
+    each secret with its keys' fingerprints by key id."""
+    held: dict[str, tuple[SharedSecret, set[str]]] = {}
+    for secret, ours in used:
+        held.setdefault(secret.what, (secret, set()))[1].update(map(secret.recorded_as, ours))
+    missed: list[str] = []
+    for secret, names in held.values():
+        theirs = {name: row.at for name, row in recorded.items() if secret.records(name)}
+        if not names <= theirs.keys():
+            continue  # a key of this host's is recorded now: the newest there is
+        newest = max(theirs[name] for name in names)
+        missed += sorted(name for name, at in theirs.items() if at > newest)
+    return missed
 
 
 def _refuse(
@@ -266,27 +312,122 @@ async def refuse_new_keys(wanted: Iterable[SharedSecret]) -> None:
             _refuse(secret, None, await recorded_fingerprints(secret.url, secret.store))
 
 
-async def agree_secrets(used: Sequence[tuple[SharedSecret, Mapping[str, str]]]) -> None:
-    """Record in their stores the fingerprints (by key id) of the secrets this host uses,
-    where none is recorded yet; a ConfigError, recording nothing, if a store records keys
-    they disagree with (`secret_trouble`)."""
+@dataclass(frozen=True, slots=True)
+class HeldSecrets:
+    """This host's keys of the shared secrets, as `hold_secrets` loaded them."""
+
+    held: Mapping[SharedSecret, KeyRing | bytes]
+
+    def ring(self, secret: SharedSecret) -> KeyRing:
+        """A key ring's keys."""
+        ring = self.held[secret]
+        assert isinstance(ring, KeyRing), f"{secret.what} is no key ring"
+        return ring
+
+    def key(self, secret: SharedSecret) -> bytes:
+        """A secret's one key."""
+        key = self.held[secret]
+        assert isinstance(key, bytes), f"{secret.what} is a key ring"
+        return key
+
+
+async def hold_secrets(wanted: Sequence[SharedSecret], *, create: bool) -> HeldSecrets:
+    """This host's keys of `wanted`, agreed with the stores that record them.
+
+    What every start does: if `create`, missing secrets are made (never a previous key),
+    unless a store records a key for one (another host's: a ConfigError before anything
+    is made); without `create`, a missing one is a ConfigError. Then the stores record
+    the keys they do not know yet, or refuse them (`agree_secrets`).
+    """
+    for secret in wanted:
+        if not secret.made and not secret.exists():
+            raise ConfigError(secret.missing_previous())
+    if create:
+        await refuse_new_keys(secret for secret in wanted if secret.made)
+    held = {secret: secret.load(create=create) for secret in wanted}
+    await agree_secrets([(secret, secret.fingerprints(held[secret])) for secret in wanted])
+    return HeldSecrets(held)
+
+
+# Secrets with their keys' fingerprints by key id.
+Used: TypeAlias = Sequence[tuple[SharedSecret, Mapping[str, str]]]
+
+
+def _by_store(used: Used) -> dict[str, list[tuple[SharedSecret, Mapping[str, str]]]]:
     by_url: dict[str, list[tuple[SharedSecret, Mapping[str, str]]]] = {}
     for secret, ours in used:
         by_url.setdefault(secret.url, []).append((secret, ours))
-    for url, group in by_url.items():
-        names = {
-            s.recorded_as(key_id): value for s, ours in group for key_id, value in ours.items()
-        }
-        await agree_fingerprints(
-            url, group[0][0].store, names, functools.partial(_refuse_all, group)
+    return by_url
+
+
+def _names(used: Used) -> dict[str, str]:
+    """Name -> fingerprint of the keys in `used`, as a store records them."""
+    return {s.recorded_as(key_id): value for s, ours in used for key_id, value in ours.items()}
+
+
+async def agree_secrets(used: Used) -> None:
+    """Record in their stores the fingerprints (by key id) of the secrets this host uses,
+    where none is recorded yet; a ConfigError, recording nothing, if a store records keys
+    they disagree with (`secret_trouble`). A warning names each key a store records that
+    is newer than those of its secret here (`missed_rotations`)."""
+    for group in _by_store(used).values():
+        missed: list[str] = []
+        await change_fingerprints(
+            group[0][0].url, group[0][0].store, functools.partial(_agree, group, missed)
         )
+        for name in missed:
+            log.warning(
+                "the %s store records %s, newer than this host's keys: copy the rotated"
+                " secret from the host whose keys it records",
+                group[0][0].store,
+                name,
+                extra={"secret": name},
+            )
 
 
-def _refuse_all(
-    used: Sequence[tuple[SharedSecret, Mapping[str, str]]], recorded: Mapping[str, str]
-) -> None:
+def _agree(used: Used, missed: list[str], recorded: Mapping[str, Recorded]) -> Change:
+    fingerprints = {name: row.fingerprint for name, row in recorded.items()}
     for secret, ours in used:
-        _refuse(secret, ours, recorded)
+        _refuse(secret, ours, fingerprints)
+    missed += missed_rotations(used, recorded)
+    return Change({n: v for n, v in _names(used).items() if n not in recorded})
+
+
+async def record_secrets(wanted: Sequence[SharedSecret], *, write: bool) -> list[str]:
+    """Make the stores record this host's keys of `wanted` and no other key of theirs, so
+    that hosts with these keys are accepted (after a rotation that reused a VERP key id,
+    a new member-reference key, an escrow ring whose recorded keys were all retired).
+    What changed, by name ("recorded VERP key 2", "replaced VERP key 1", "forgot escrow
+    key k1"); if not `write`, what would change, and nothing does."""
+    for secret in wanted:
+        if not secret.exists():
+            raise ConfigError(
+                f"{secret.setting} {secret.path} does not exist: this host holds no"
+                f" {secret.what} to record"
+            )
+    used = [(secret, secret.fingerprints(secret.load(create=False))) for secret in wanted]
+    said: list[str] = []
+    for group in _by_store(used).values():
+        url, store = group[0][0].url, group[0][0].store
+        if write:
+            await change_fingerprints(url, store, functools.partial(_adopt, group, said))
+        else:
+            recorded = await recorded_fingerprints(url, store)
+            _adopt(group, said, {n: Recorded(value, 0) for n, value in recorded.items()})
+    return said
+
+
+def _adopt(used: Used, said: list[str], recorded: Mapping[str, Recorded]) -> Change:
+    ours = _names(used)
+    forget = {n for n in recorded if n not in ours and any(s.records(n) for s, _ in used)}
+    record = {
+        n: value
+        for n, value in ours.items()
+        if n not in recorded or recorded[n].fingerprint != value
+    }
+    said += [f"forgot {n}" for n in sorted(forget)]
+    said += [f"{'replaced' if n in recorded else 'recorded'} {n}" for n in sorted(record)]
+    return Change(record, frozenset(forget))
 
 
 @dataclass(slots=True)
@@ -321,23 +462,15 @@ class ProtectionServices:
         org, tls = _policy(config)
         portal = config.portal
         ring, reference = portal_secrets(config)
-        if create_keys:
-            await refuse_new_keys((ring, reference))
-        keys = load_or_create_keyring(
-            portal.key_dir, not_keys=[portal.audit_key_file], create=create_keys
-        )
-        audit_key = load_or_create_secret(
-            portal.audit_key_file, create=create_keys, what="member-reference key"
-        )
-        await agree_secrets([(ring, keys.fingerprints), (reference, reference.of(audit_key))])
-        escrow = await open_escrow(portal.escrow_url, keys)
+        held = await hold_secrets((ring, reference), create=create_keys)
+        escrow = await open_escrow(portal.escrow_url, held.ring(ring))
         audit = await open_audit(portal.audit_url)
         return cls(
             org,
             tls,
             escrow,
             audit,
-            audit_key,
+            held.key(reference),
             portal.base_url,
             dt.timedelta(days=portal.item_days),
         )
