@@ -1360,6 +1360,9 @@ async def open_bounces(
     # The current key signs; the previous ones still open what was signed with them.
     verp_keys = [VerpKey(int(secret.single_id), held.key(secret)) for secret in shared]
     store = await open_bounce_store(settings.store_url)
+    if protection.escrow is not None:
+        # The raw events kept for resends carry PHI: sealed at rest, as escrowed notices are.
+        store.sealer = protection.escrow.keys
     delivery_topic = config.kafka.delivery_topic
 
     def status_of(decided: BounceOutcome) -> OutboxMessage:

@@ -152,6 +152,9 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
     protection = await ProtectionServices.open(config)
     publisher = _LateBound()
     bounces = await open_bounces(config, protection, publisher, actor="worker-0")
+    # The raw events kept for resends are sealed with the escrow's key ring: the release to
+    # the verified address below opens one.
+    assert protection.escrow is not None and bounces.store.sealer is protection.escrow.keys
     pipeline = Pipeline(config, transport, protection=protection, bounces=bounces)
     worker = Worker(config, pipeline, ledger, worker_id=new_worker_id(0), bounces=bounces)
     publisher.target = worker

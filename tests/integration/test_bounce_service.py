@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import os
 import re
 import sqlite3
 import subprocess
@@ -26,6 +27,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+import zstandard
 
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
@@ -70,6 +72,7 @@ from eobblast.events.verification import (
 )
 from eobblast.observe.audit import AuditAction, AuditTrail, member_ref, open_audit
 from eobblast.observe.metrics import REGISTRY
+from eobblast.protect.escrow import KeyRing
 from eobblast.protect.services import ProtectionServices, load_or_create_secret
 from eobblast.sandbox import Behaviour, delivery_status_notification
 from eobblast.worker import open_bounces
@@ -1386,6 +1389,41 @@ async def test_raw_events_kept_before_zstd_still_read(tmp_path: Path) -> None:
         assert kept_now == {ev0: raw0, ev1: orjson.dumps({"event_id": ev1})}
     finally:
         await store.close()
+
+
+async def test_raw_events_are_sealed_at_rest_and_earlier_ones_still_read(
+    store: BounceStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The raw events kept for resends (names, addresses, claim amounts) were only
+    # compressed: anyone who could read the table or a backup read the PHI.
+    store.sealer = KeyRing({"k1": os.urandom(32)}, "k1")
+    service = make_service(store, RecordingPublisher())
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    gate = await service.gate(ev1, member, address, raw1, at=T0)
+    assert isinstance(gate, SendPermitted)
+    [(kept,)] = await store._read("SELECT raw FROM bounce_payloads WHERE eob_id = ?", [ev1])
+    kept = bytes(kept)
+    assert kept[:1] == b"\x01" and member.encode() not in kept
+    with pytest.raises(zstandard.ZstdError):
+        zstandard.ZstdDecompressor().decompress(kept)
+    # A row kept before sealing (a zstd frame) still reads beside a sealed one.
+    ev0, raw0 = event(member, 0)
+    store.sealer, sealer = None, store.sealer
+    async with store.transaction({member}, T0) as tx:
+        await tx.put_payload(ev0, member, raw0)
+    store.sealer = sealer
+    async with store.transaction({member}, T0) as tx:
+        assert await tx.payloads([ev0, ev1]) == {ev0: raw0, ev1: raw1}
+    # Another host's key ring cannot open it: left out (its notice goes to paper), logged
+    # by event id, never sent from here.
+    store.sealer = KeyRing({"k1": os.urandom(32)}, "k1")
+    with caplog.at_level(logging.ERROR, logger="eobblast.bounces"):
+        async with store.transaction({member}, T0) as tx:
+            assert await tx.payloads([ev0, ev1]) == {ev0: raw0}
+    [logged] = [r for r in caplog.records if r.name == "eobblast.bounces"]
+    assert logged.getMessage() == "kept raw event cannot be opened"
+    assert getattr(logged, "event_id", None) == ev1
 
 
 async def test_a_load_finds_named_notices_and_their_members_active_ones(

@@ -11,7 +11,8 @@ listener and the timers:
 * `bounce_suppressed`: suppressed addresses (by their comparison key);
 * `bounce_payloads`: the raw events of notices that may have to be sent again (held,
   awaiting a retry, or recently sent and still open to an asynchronous bounce). It is the
-  one table with PHI, kept apart so it can be access-controlled, and compressed;
+  one table with PHI, kept apart so it can be access-controlled, compressed, and sealed
+  (AES-256-GCM) with the escrow's key ring where the store has one (`sealer`);
 * `bounce_incidents`: incidents for ops (ids and codes only);
 * `bounce_outbox`: records to publish to Kafka, written in the same transaction as the state
   they announce, so a crash between commit and publish loses nothing;
@@ -46,6 +47,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import enum
+import logging
 import sqlite3
 import time
 import zlib
@@ -53,7 +55,7 @@ from collections.abc import AsyncIterator, Collection, Iterable, Mapping, Sequen
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import orjson
 import zstandard
@@ -73,6 +75,8 @@ from eobblast.errors import EobblastError, ReasonCode
 from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import begin_immediate, is_busy, open_sqlite, open_store
+
+log = logging.getLogger("eobblast.bounces")
 
 __all__ = [
     "ACTIVE_STATUSES",
@@ -132,6 +136,23 @@ _K = TypeVar("_K", str, int)
 _ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
 _PACK = zstandard.ZstdCompressor(level=1)
 _UNPACK = zstandard.ZstdDecompressor()
+
+
+# A sealed payload is an escrow envelope, whose first byte is its version (1): neither a zstd
+# frame (0x28) nor a zlib stream (0x78), so rows written before sealing still read.
+_SEALED_VERSION = 1
+# Sealed for this item id and no other: an escrow envelope copied into the table does not open.
+_PAYLOAD_ITEM = "bounce-payload/"
+
+
+class Sealer(Protocol):
+    """What seals a kept raw event at rest (the escrow's `KeyRing`)."""
+
+    def seal(self, item_id: str, plaintext: bytes) -> bytes:
+        """Encrypt `plaintext` for `item_id`."""
+
+    def open(self, item_id: str, envelope: bytes) -> bytes:
+        """Decrypt what `seal` made for `item_id`; an EobblastError if it does not verify."""
 
 
 def pack_payload(raw: bytes) -> bytes:
@@ -331,9 +352,10 @@ class _Sql(abc.ABC):
 class BounceTx:
     """One transaction over some members' slice of the book (see BounceStore.transaction)."""
 
-    def __init__(self, sql: _Sql, now: dt.datetime) -> None:
+    def __init__(self, sql: _Sql, now: dt.datetime, sealer: Sealer | None = None) -> None:
         self._sql = sql
         self._now = now
+        self._sealer = sealer
 
     async def load(
         self,
@@ -530,16 +552,21 @@ class BounceTx:
             await self._sql.run("DELETE FROM bounce_suppressed WHERE address_key = ?", (key,))
 
     async def put_payload(self, eob_id: str, member_id: str, raw: bytes) -> None:
-        """Keep a notice's raw event (compressed), replacing an older copy."""
+        """Keep a notice's raw event (compressed, and sealed if the store has a sealer),
+        replacing an older copy."""
+        kept = pack_payload(raw)
+        if self._sealer is not None:
+            kept = self._sealer.seal(_PAYLOAD_ITEM + eob_id, kept)
         await self._sql.run(
             "INSERT INTO bounce_payloads (eob_id, member_id, raw, stored_at) VALUES (?, ?, ?, ?)"
             " ON CONFLICT (eob_id) DO UPDATE SET raw = excluded.raw,"
             " stored_at = excluded.stored_at",
-            (eob_id, member_id, pack_payload(raw), _us(self._now)),
+            (eob_id, member_id, kept, _us(self._now)),
         )
 
     async def payloads(self, eob_ids: Collection[str]) -> dict[str, bytes]:
-        """The raw events kept for these notices (absent ones are missing from the result)."""
+        """The raw events kept for these notices (absent ones are missing from the result,
+        and so are sealed ones this store cannot open: logged, their notices go to paper)."""
         found: dict[str, bytes] = {}
         for chunk in _chunks(eob_ids):
             rows = await self._sql.all(
@@ -547,8 +574,26 @@ class BounceTx:
                 f" WHERE eob_id IN ({_marks(len(chunk))})",
                 chunk,
             )
-            found.update({str(row[0]): unpack_payload(bytes(row[1])) for row in rows})
+            for eob_id, kept in rows:
+                raw = self._unsealed(str(eob_id), bytes(kept))
+                if raw is not None:
+                    found[str(eob_id)] = unpack_payload(raw)
         return found
+
+    def _unsealed(self, eob_id: str, kept: bytes) -> bytes | None:
+        if kept[:1] != bytes((_SEALED_VERSION,)):
+            return kept  # kept before payloads were sealed, or by a store without a sealer
+        try:
+            if self._sealer is None:
+                raise EobblastError(ReasonCode.INTERNAL_ERROR, "no key ring to open it with")
+            return self._sealer.open(_PAYLOAD_ITEM + eob_id, kept)
+        except EobblastError as exc:
+            # Another key ring's (a host's keys not copied), or damaged: never sent again
+            # from here; its notice goes to paper, as a payload kept too briefly does.
+            log.error(
+                "kept raw event cannot be opened", extra={"event_id": eob_id, "error": exc.detail}
+            )
+            return None
 
     async def drop_payloads(self, eob_ids: Collection[str]) -> None:
         """Forget the raw events of these notices."""
@@ -686,6 +731,8 @@ class BounceStore(abc.ABC):
     def __init__(self) -> None:
         # One connection per store: its statements and transactions take turns.
         self._lock = asyncio.Lock()
+        # What seals the raw events kept (the escrow's key ring; `open_bounces` sets it).
+        self.sealer: Sealer | None = None
 
     @abc.abstractmethod
     def _sql(self) -> _Sql:
@@ -709,7 +756,7 @@ class BounceStore(abc.ABC):
         """A transaction over these members' slice; changes to them (and to the suppression
         of these addresses) are serialised."""
         async with self._lock, self._begin(member_ids, address_keys):
-            yield BounceTx(self._sql(), now)
+            yield BounceTx(self._sql(), now, self.sealer)
 
     async def _read(self, sql: str, args: Sequence[Any]) -> list[tuple[Any, ...]]:
         async with self._lock:
