@@ -328,12 +328,17 @@ def status_record(
     A notice goes to paper once, whichever attempt or process reports it: the worker whose
     resend found it settled, and the bounce store's outbox (attempt 1) when a timer or a
     verification result settled it. Its `fallback` status has one id, so consumers see
-    one final status; `attempt` still says which attempt reported it.
+    one final status; `attempt` still says which attempt reported it. A copy held for want
+    of consent is no attempt of the send that a copy with consent makes later (attempt 1,
+    which the bounce service may hold for verification): its id is apart from theirs.
     """
     source = dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC) if source_ms is not None else None
     id_attempt = 1 if outcome.outcome is Outcome.FALLBACK else attempt
+    id_status = str(outcome.outcome)
+    if outcome.outcome is Outcome.HELD and outcome.reason is ReasonCode.NO_CONSENT:
+        id_status += "/" + ReasonCode.NO_CONSENT
     status = DeliveryStatus(
-        status_id=status_id(event_key, outcome.outcome, id_attempt),
+        status_id=status_id(event_key, id_status, id_attempt),
         event_id=outcome.event_id,
         status=outcome.outcome,
         reason=outcome.reason,

@@ -112,17 +112,22 @@ async def test_a_deferred_event_is_sent_again_only_where_nobody_else_resends_it(
 async def test_a_row_held_for_want_of_consent_is_claimed_again(ledger: SendLedger) -> None:
     # Earlier releases claimed copies without consent and kept `held` as final for the
     # retention period: the copy published once the member consented got no email. Only
-    # copies with consent claim now, so such a row is tried again, status out or not.
+    # copies with consent claim now, so such a row is new again (attempt 1: the held copy
+    # sent nothing, and the bounce service numbers the send's resends from 2), status out
+    # or not.
     event_id = _id()
     await ledger.claim(event_id, "w1")
     await ledger.finish(event_id, "held", "no_consent")
-    retry = await ledger.claim(event_id, "w2")  # with or without a bounce service
-    assert retry.kind is ClaimKind.RETRY
+    again = await ledger.claim(event_id, "w2")  # with or without a bounce service
+    assert again.kind is ClaimKind.NEW and again.entry is None
     entry = await ledger.get(event_id)
-    assert entry is not None and entry.state is LedgerState.SENDING and entry.attempts == 2
+    assert entry is not None and entry.state is LedgerState.SENDING and entry.attempts == 1
+    assert (entry.owner, entry.outcome, entry.status_published) == ("w2", None, False)
     await ledger.finish(event_id, "delivered", "delivered")
-    await ledger.mark_published([(event_id, 2)])
-    assert (await ledger.claim(event_id, "w3")).kind is ClaimKind.DONE
+    await ledger.mark_published([(event_id, 1)])
+    done = await ledger.claim(event_id, "w3")
+    assert done.kind is ClaimKind.DONE and done.entry is not None
+    assert done.entry.status_published and done.entry.outcome == "delivered"
     # Held for another reason stays final.
     other = _id()
     await ledger.claim(other, "w1")

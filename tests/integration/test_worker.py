@@ -38,7 +38,7 @@ from eobblast.bounces.store import BounceStore, StoreBusy, open_bounce_store
 from eobblast.config import Config, load_config
 from eobblast.demo import member_key, prepare_keys
 from eobblast.events.schema import MAX_EVENT_BYTES
-from eobblast.events.status import DeadLetter, DeliveryStatus
+from eobblast.events.status import DeadLetter, DeliveryStatus, status_id
 from eobblast.events.synthetic import PAYERS
 from eobblast.events.verification import (
     AddressVerificationFailed,
@@ -266,6 +266,9 @@ async def test_a_notice_held_for_want_of_consent_goes_out_once_consent_comes(
         first, second = await statuses_of_event(2)
         assert (first.status, first.reason, first.attempt) == ("held", "no_consent", 1)
         assert second.status_id == first.status_id
+        # Apart from the statuses of the send a copy with consent makes (attempt 1 too,
+        # which the bounce service may hold for verification).
+        assert first.status_id != status_id(event_id, "held", 1)
         assert await worker._ledger.get(event_id) is None
         assert sum(stack.sandbox.counts.values()) == 0
         # With consent now on file: sent, as the event's first attempt.

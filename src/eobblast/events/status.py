@@ -100,7 +100,7 @@ class DeadLetter(_Out):
     rejected_at: dt.datetime
 
 
-def status_id(event_key: str, status: Outcome, attempt: int) -> str:
+def status_id(event_key: str, status: str, attempt: int) -> str:
     """A stable id for a status, so consumers can recognise a republished one."""
     return hashlib.sha256(f"{event_key}|{status}|{attempt}".encode()).hexdigest()[:32]
 

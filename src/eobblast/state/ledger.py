@@ -91,6 +91,11 @@ _PG_RETAKE = (
     " status_published = 0, updated_at = extract(epoch from clock_timestamp())"
     " WHERE event_id = %s"
 )
+_PG_RESTART = (
+    "UPDATE send_ledger SET state = 'sending', owner = %s, attempts = 1, outcome = NULL,"
+    " reason = NULL, status_published = 0, updated_at = extract(epoch from clock_timestamp())"
+    " WHERE event_id = %s"
+)
 _PG_FINISH = (
     "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
     " VALUES (%s, 'final', '', %s, %s, extract(epoch from clock_timestamp()))"
@@ -176,8 +181,8 @@ class SendLedger(abc.ABC):
         an event whose final outcome was `deferred` is sent again (RETRY), not only
         reported (DONE): where no bounce service resends it, a copy of it is its retry. A
         row of an event held for want of consent (earlier releases claimed such copies; the
-        workers now claim only copies that carry consent) is always tried again: it sent
-        no email."""
+        workers now claim only copies that carry consent) is claimed as NEW, from attempt 1:
+        it sent no email."""
 
     @abc.abstractmethod
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
@@ -223,7 +228,8 @@ class SendLedger(abc.ABC):
             if retry_deferred and entry.outcome == Outcome.DEFERRED and entry.status_published:
                 return Claim(ClaimKind.RETRY, entry)  # sent again, as the next attempt
             if entry.outcome == Outcome.HELD and entry.reason == ReasonCode.NO_CONSENT:
-                return Claim(ClaimKind.RETRY, entry)  # only a copy with consent claims
+                # Only a copy with consent claims; that copy sent nothing: new, attempt 1.
+                return Claim(ClaimKind.NEW)
             return Claim(ClaimKind.DONE, entry)
         if entry.owner == owner:
             return Claim(ClaimKind.IN_FLIGHT, entry)
@@ -273,6 +279,13 @@ class SqliteLedger(SendLedger):
             db.execute(
                 "UPDATE send_ledger SET state = 'sending', owner = ?, attempts = attempts + 1,"
                 " status_published = 0, updated_at = ? WHERE event_id = ?",
+                (owner, time.time(), event_id),
+            )
+        elif claim.kind is ClaimKind.NEW:  # a row that sent nothing, taken from the start
+            db.execute(
+                "UPDATE send_ledger SET state = 'sending', owner = ?, attempts = 1,"
+                " outcome = NULL, reason = NULL, status_published = 0, updated_at = ?"
+                " WHERE event_id = ?",
                 (owner, time.time(), event_id),
             )
         return claim
@@ -361,6 +374,8 @@ class PostgresLedger(SendLedger):
             claim = self._decide(_entry(row), owner, retry_deferred, float(row[-1]))
             if claim.kind is ClaimKind.RETRY:
                 await self._conn.execute(_PG_RETAKE, (owner, event_id))
+            elif claim.kind is ClaimKind.NEW:  # a row that sent nothing, taken from the start
+                await self._conn.execute(_PG_RESTART, (owner, event_id))
             return claim
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
