@@ -466,7 +466,8 @@ def _env_overrides(environ: typing.Mapping[str, str]) -> dict[str, Any]:
             # is likely a typo that leaves the default in force: said, by name only (the
             # value may be a secret's path or a host).
             meant = _setting_named(path[0])
-            if meant is not None:
+            # (a service link's value is an address, tcp://10.0.0.7:9464: no typo of ours)
+            if meant is not None and "://" not in value:
                 _log.warning(
                     "environment variable %s is not read: an override is EOBBLAST_%s, with"
                     " two underscores",

@@ -46,6 +46,7 @@ from eobblast.shaping.engine import checked_overrides
 from eobblast.shaping.pools import load_pools
 from eobblast.shaping.settings import load_shaping
 from eobblast.state.fingerprints import recorded_fingerprints
+from eobblast.state.postgres import libpq_reason
 from eobblast.state.sqlite import store_location
 from eobblast.streams.kafka import (
     CONNECT_ERRORS,
@@ -396,7 +397,7 @@ async def _postgres(check: str, url: str) -> Finding:
     from psycopg.conninfo import conninfo_to_dict
 
     try:
-        password = str(conninfo_to_dict(url).get("password") or "")
+        conninfo_to_dict(url)
     except (psycopg.ProgrammingError, ValueError):
         # Its message may quote the URL, password included.
         return Finding(check, Verdict.FAIL, "the PostgreSQL URL cannot be parsed")
@@ -416,11 +417,7 @@ async def _postgres(check: str, url: str) -> Finding:
         said = f"PostgreSQL did not answer in {ANSWER_TIMEOUT:.0f} s"
         return Finding(check, Verdict.FAIL, said, may_heal=True)
     except (psycopg.Error, OSError, ValueError) as exc:
-        # libpq says which host, port, user or database; never the password, and should
-        # it ever, it is taken out.
-        said = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        if password:
-            said = said.replace(password, "***")
+        said = libpq_reason(exc, url)
         # libpq's connection-level errors (refused, reset, the server starting up or
         # shutting down, a database or role an init script has yet to make) may pass.
         healing = isinstance(exc, psycopg.OperationalError | OSError)

@@ -19,6 +19,7 @@ import pytest
 from eobblast.errors import ConfigError
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
 from eobblast.state.ledger import AGAIN, CLAIM_LEASE, SQLITE_PURGE
+from eobblast.state.postgres import libpq_reason
 from tests.conftest import PG_BASE
 
 
@@ -468,3 +469,21 @@ async def test_a_postgresql_ledger_it_cannot_reach_says_why_without_the_password
     assert said.startswith("cannot connect to the PostgreSQL ledger: ")
     assert f"port {port} failed" in said and "refused" in said
     assert "Sup3rS3cret" not in said and refused.value.__cause__ is None
+
+
+@pytest.mark.parametrize(
+    ("said", "shown"),
+    [
+        (
+            'connection to server at "db" failed: refused',
+            'connection to server at "db" failed: refused',
+        ),
+        ("password authentication failed: eob\nDETAIL: more", None),
+        ('FATAL: role "ebb-eob-x" does not exist', None),
+    ],
+)
+def test_a_libpq_message_holding_the_password_is_not_shown(said: str, shown: str | None) -> None:
+    # Masking the password in the line ("***") also masked it inside a user or host name
+    # ("ebb-***-x"), which told the password; such a line is not shown at all.
+    reason = libpq_reason(psycopg.OperationalError(said), "postgresql://eob:eob@db/eob")
+    assert reason == (shown or "OperationalError (its message is not shown: it holds the password)")

@@ -53,6 +53,7 @@ def test_a_mistyped_environment_override_is_said_and_service_links_are_left_alon
         "EOBBLAST_SERVICE_HOST": "10.0.0.7",
         "EOBBLAST_PORT_9464_TCP": "tcp://10.0.0.7:9464",
         "EOBBLAST_PORTAL_SERVICE_PORT": "8443",
+        "EOBBLAST_METRICS_PORT": "tcp://10.0.0.8:9464",  # a Service named eobblast-metrics
         "EOBBLAST_": "x",
     }
     with caplog.at_level(logging.WARNING, logger="eobblast.config"):

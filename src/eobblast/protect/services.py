@@ -269,10 +269,15 @@ def secret_trouble(
             f" {secret.store} store records ({secret.lost}); {copy}{keep}"
         )
     if not mine.keys() & theirs.keys():
+        # Recording this ring forgets the keys the other hosts hold: said so, as this is
+        # also what a host that made its own ring would be told.
         return (
             f"{secret.setting} {secret.path} holds none of the keys the {secret.store} store"
             f" records ({', '.join(sorted(theirs))}): it was made or rotated on this host"
-            f" alone ({secret.lost}); {copy}{keep}"
+            f" alone ({secret.lost}); {copy}; or, only if this ring is to replace the one"
+            f" every host holds (its old keys retired on purpose; what was sealed with"
+            f" them alone can then not be opened), record it:"
+            f" `eobblast keys record --config FILE {secret.argument} --yes`"
         )
     return None
 
@@ -368,20 +373,20 @@ def _names(used: Used) -> dict[str, str]:
 async def agree_secrets(used: Used) -> None:
     """Record in their stores the fingerprints (by key id) of the secrets this host uses,
     where none is recorded yet; a ConfigError, recording nothing, if a store records keys
-    they disagree with (`secret_trouble`). A warning names each key a store records that
-    is newer than those of its secret here (`missed_rotations`)."""
+    they disagree with (`secret_trouble`), or a key newer than those of its secret here
+    (`missed_rotations`): a rotation not copied here, with which this host could not
+    open what other hosts seal or sign now (raw events kept for resends would go to
+    paper, bounces of their mail would match nothing)."""
     for group in _by_store(used).values():
         missed: list[str] = []
-        await change_fingerprints(
-            group[0][0].url, group[0][0].store, functools.partial(_agree, group, missed)
-        )
-        for name in missed:
-            log.warning(
-                "the %s store records %s, newer than this host's keys: copy the rotated"
-                " secret from the host whose keys it records",
-                group[0][0].store,
-                name,
-                extra={"secret": name},
+        store = group[0][0].store
+        await change_fingerprints(group[0][0].url, store, functools.partial(_agree, group, missed))
+        if missed:
+            paths = sorted({str(secret.path) for secret, _ in group})
+            raise ConfigError(
+                f"the {store} store records {', '.join(missed)}, newer than this host's keys:"
+                f" a rotation made on another host; copy the rotated files from the host"
+                f" whose keys the store records to {', '.join(paths)}, then start again"
             )
 
 

@@ -18,7 +18,9 @@ log = logging.getLogger("eobblast.state")
 
 def libpq_reason(exc: BaseException, dsn: str) -> str:
     """What libpq said of a failed connection, for an operator: its first line (which host,
-    port, user or database, and why), never the password, which is masked should it appear."""
+    port, user or database, and why). libpq never quotes the password; should the line
+    hold it all the same, none of the line is shown (masking it would also mask a user or
+    host name that happens to contain it, and so tell the password)."""
     import psycopg
     from psycopg.conninfo import conninfo_to_dict
 
@@ -27,7 +29,9 @@ def libpq_reason(exc: BaseException, dsn: str) -> str:
         password = str(conninfo_to_dict(dsn).get("password") or "")
     except (psycopg.ProgrammingError, ValueError):  # unreadable: show nothing of what was said
         return type(exc).__name__
-    return said.replace(password, "***") if password else said
+    if password and password in said:
+        return f"{type(exc).__name__} (its message is not shown: it holds the password)"
+    return said
 
 
 async def connect_postgres(
