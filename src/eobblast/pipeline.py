@@ -236,12 +236,19 @@ class Pipeline:
     @staticmethod
     def withheld(event: EobIssued, start: float) -> EventOutcome | None:
         """The event's HELD outcome when its member has not consented to e-delivery: no
-        email is sent to them, whatever else the event says."""
+        email is sent to them, whatever else the event says (`record_withheld` audits it)."""
         if event.member.consent.electronic_delivery:
             return None
         log.info("event held", extra={"event_id": event.event_id, "reason": ReasonCode.NO_CONSENT})
         return EventOutcome(
             event.event_id, Outcome.HELD, ReasonCode.NO_CONSENT, time.perf_counter() - start
+        )
+
+    async def record_withheld(self, event: EobIssued) -> None:
+        """Audit a notice held for want of e-delivery consent (`held`, `no_consent`): the
+        trail says what became of every notice, sent or not."""
+        await self._audit(
+            event.event_id, AuditAction.HELD, event.member.id, reason=ReasonCode.NO_CONSENT
         )
 
     async def deliver(
@@ -313,6 +320,7 @@ class Pipeline:
         event_id = event.event_id
         withheld = self.withheld(event, start)
         if withheld is not None:
+            await self.record_withheld(event)
             return withheld
         signer = self._signers.get(event.payer.sending_domain)
         if signer is None:
@@ -496,7 +504,9 @@ class Pipeline:
             self._protection.tls.record_verified(
                 message.rcpt_to.rpartition("@")[2].lower(), dt.datetime.now(dt.UTC)
             )
-        await self._audit_sent(event_id, event.member.id, decision.level, decision.reason)
+        await self._audit_sent(
+            event_id, event.member.id, decision.level, decision.reason, message.rcpt_to
+        )
         log.debug("delivered", extra={"event_id": event_id, "tls": reply.tls_version})
         return delivered
 
@@ -549,25 +559,49 @@ class Pipeline:
                 member_id,
                 ProtectionLevel(outcome.protection),
                 PolicyReason(outcome.protection_reason),
+                address,
             )
         return outcome
 
     async def _audit_sent(
-        self, event_id: str, member_id: str, level: ProtectionLevel, reason: PolicyReason
+        self,
+        event_id: str,
+        member_id: str,
+        level: ProtectionLevel,
+        reason: PolicyReason,
+        to: str,
+    ) -> None:
+        """The one record of a delivered notice: how it was protected (the level chosen,
+        and why) and where it went (`to`, as its opaque reference: the verified address
+        when verify-before-resend replaced the event's)."""
+        await self._audit(
+            event_id, AuditAction.SENT, member_id, protection=level, reason=reason, recipient=to
+        )
+
+    async def _audit(
+        self,
+        event_id: str,
+        action: AuditAction,
+        member_id: str,
+        *,
+        reason: str,
+        protection: str | None = None,
+        recipient: str | None = None,
     ) -> None:
         try:
             await self._protection.record(
                 event_id,
-                AuditAction.SENT,
+                action,
                 actor=self._actor,
                 member_id=member_id,
-                protection=level,
+                protection=protection,
                 reason=reason,
+                recipient=recipient,
             )
         except Exception as exc:
-            # Delivered is delivered: a FAILED status would make the claims system send it
-            # again, perhaps on paper. The trail's gap is logged (by type: a driver's message
-            # could quote a value) and counted, for someone to mend.
+            # What happened stands (delivered is delivered: a FAILED status would make the
+            # claims system send it again, perhaps on paper). The trail's gap is logged (by
+            # type: a driver's message could quote a value) and counted, for someone to mend.
             metrics.AUDIT_GAPS.inc()
             log.error(
                 "audit record not written: %s", type(exc).__name__, extra={"event_id": event_id}

@@ -39,6 +39,7 @@ from eobblast.bounces.store import STORE_ERRORS, OutboxMessage, open_bounce_stor
 from eobblast.bounces.verp import VerpKey
 from eobblast.config import Config
 from eobblast.errors import Outcome, ReasonCode, StoreUnavailable
+from eobblast.events import EobIssued
 from eobblast.events.status import (
     DeadLetter,
     DeliveryStatus,
@@ -1079,7 +1080,7 @@ class Worker:
         event_id = info.event_id = checked.event_id
         withheld = self._pipeline.withheld(checked, start)
         if withheld is not None:
-            return await self._withhold(withheld, record.timestamp, info)
+            return await self._withhold(checked, withheld, record.timestamp, info)
         elsewhere = 0
         while True:
             # The same event id, published twice, may be sending in this worker right now:
@@ -1163,11 +1164,14 @@ class Worker:
         await self._report(outcome, event_id, attempt, source_ms, info)
         self._unmarked[event_id] = attempt
 
-    async def _withhold(self, held: EventOutcome, source_ms: int | None, info: _InFlight) -> bool:
+    async def _withhold(
+        self, event: EobIssued, held: EventOutcome, source_ms: int | None, info: _InFlight
+    ) -> bool:
         """A copy without the member's e-delivery consent: held, nothing sent, so never
         claimed. The ledger then keeps no copy carrying consent from being claimed and sent
         (attempt 1, as any event); a copy of an event such a copy settled, or is sending,
-        is a duplicate of it. Each held copy is reported, under the same status_id."""
+        is a duplicate of it. Each held copy is audited and reported, under the same
+        status_id."""
         assert held.event_id is not None
         info.stage = "claim"
         entry = await self._ledger.get(held.event_id)
@@ -1178,6 +1182,7 @@ class Worker:
             self.duplicates_skipped += 1  # its sending copy reports it
             metrics.DUPLICATES.inc()
             return True
+        await self._pipeline.record_withheld(event)
         await self._report(held, held.event_id, 1, source_ms, info)
         return True
 
@@ -1383,7 +1388,9 @@ async def open_bounces(
         bounce_domain=settings.bounce_domain,
         verp_prefix=settings.verp_prefix,
         audit=protection.audit,
-        member_ref=protection.member_ref if protection.audit is not None else None,
+        # Keys the trail's references (the same on every host, as `portal_secrets` makes
+        # sure).
+        reference_key=protection.audit_key if protection.audit is not None else None,
         actor=actor,
         topics=BounceTopics(
             settings.verification_topic, settings.paper_topic, settings.results_topic

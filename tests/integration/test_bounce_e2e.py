@@ -23,6 +23,7 @@ from eobblast.events.verification import (
     VerificationChannel,
     dump,
 )
+from eobblast.observe.audit import AuditAction, open_audit, recipient_ref
 from eobblast.pipeline import Pipeline
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Behaviour, Sandbox, SandboxDomain, make_test_pki
@@ -44,6 +45,11 @@ def fast_rules(path: Path) -> Path:
     text = text.replace("max_delay_seconds = 14400", "max_delay_seconds = 2")
     path.write_text(text)
     return path
+
+
+def files_text(directory: Path, pattern: str) -> str:
+    """The bytes of the files (a SQLite database, its WAL) as text, to look for names in."""
+    return b"".join(p.read_bytes() for p in sorted(directory.glob(pattern))).decode("latin-1")
 
 
 async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> None:
@@ -222,3 +228,35 @@ async def test_bounces_end_to_end(broker: EmbeddedBroker, tmp_path: Path) -> Non
     fixed = [r for r in sandbox.received if r.rcpt_tos == (f"fixed-2@{DOMAIN}",)]
     assert len(fixed) == 1
     assert all(r.mail_from.startswith("bounces+") for r in sandbox.received)
+
+    # The audit trail, written by the worker and the listener: where each notice went,
+    # its release to the verified address, its paper fallback; nobody named.
+    key = protection.audit_key
+    trail = await open_audit(config.portal.audit_url)
+    try:
+        trails = {e: await trail.records(e) for e in event_ids}
+    finally:
+        await trail.close()
+
+    def actions(event_id: str) -> list[AuditAction]:
+        return [r.action for r in trails[event_id]]
+
+    def sent_to(event_id: str) -> list[str | None]:
+        return [r.recipient_ref for r in trails[event_id] if r.action is AuditAction.SENT]
+
+    assert sent_to(event_ids[0]) == [recipient_ref(key, f"ok-1@{DOMAIN}")]
+    # Bounced, held, released to the address the member verified by phone, sent there.
+    assert actions(event_ids[1])[-2:] == [AuditAction.RELEASED, AuditAction.SENT]
+    (released,) = [r for r in trails[event_ids[1]] if r.action is AuditAction.RELEASED]
+    assert (released.reason, released.recipient_ref) == (
+        "phone",
+        recipient_ref(key, f"fixed-2@{DOMAIN}"),
+    )
+    assert sent_to(event_ids[1]) == [recipient_ref(key, f"fixed-2@{DOMAIN}")]
+    # Delivered, bounced later by DSN, verification failed: paper.
+    assert sent_to(event_ids[2]) == [recipient_ref(key, f"gone-3@{DOMAIN}")]
+    assert actions(event_ids[2])[-1] is AuditAction.PAPER_FALLBACK
+    assert trails[event_ids[2]][-1].reason == "verification_failed"
+    written = await asyncio.to_thread(files_text, tmp_path, "audit.db*")
+    for name in [*members, *locals_, "fixed-2", DOMAIN]:
+        assert name not in written

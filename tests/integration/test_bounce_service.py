@@ -145,15 +145,20 @@ def publisher() -> RecordingPublisher:
 
 
 def make_service(
-    store: BounceStore, publisher: RecordingPublisher, audit: AuditTrail | None = None
+    store: BounceStore,
+    publisher: RecordingPublisher,
+    audit: AuditTrail | None = None,
+    *,
+    key: bytes | None = None,
 ) -> BounceService:
+    """The service under test; with an audit trail (or a `key`), keyed as the workers' is."""
     return BounceService(
         store,
         publisher,
         verp_keys=[VERP],
         bounce_domain=BOUNCE_DOMAIN,
         audit=audit,
-        member_ref=(lambda member_id: member_ref(AUDIT_KEY, member_id)) if audit else None,
+        reference_key=key or (AUDIT_KEY if audit else None),
         random=lambda: 0.0,  # no jitter: the schedule is exact
         clock=lambda: T0,
     )

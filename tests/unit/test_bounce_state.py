@@ -289,8 +289,8 @@ def test_verified_address_releases_every_held_notice_exactly_once() -> None:
     verified = AddressVerified("m-1", "ann.new@example.org", "phone", "agent-7", at(60))
     book, effects = run([verified], held_book())
     assert of(effects, ReleaseHeld) == [
-        ReleaseHeld("eob-1", "m-1", "ann.new@example.org"),
-        ReleaseHeld("eob-2", "m-1", "ann.new@example.org"),
+        ReleaseHeld("eob-1", "m-1", "ann.new@example.org", "phone"),
+        ReleaseHeld("eob-2", "m-1", "ann.new@example.org", "phone"),
     ]
     assert sends(effects) == [("eob-1", "ann.new@example.org"), ("eob-2", "ann.new@example.org")]
     assert {e.status for e in book.eobs.values()} == {EobStatus.RELEASED}

@@ -17,6 +17,7 @@ Nothing here logs a member id or an address: logs carry event ids, codes and cou
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import enum
 import hashlib
@@ -68,7 +69,13 @@ from eobblast.bounces.store import (
 from eobblast.bounces.verp import VerpKey, make_return_path
 from eobblast.errors import Outcome
 from eobblast.events import verification as schemas
-from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.observe.audit import (
+    AuditAction,
+    AuditRecord,
+    AuditTrail,
+    member_ref,
+    recipient_ref,
+)
 from eobblast.observe.metrics import REGISTRY
 from eobblast.state.group import GroupCommit
 
@@ -427,6 +434,8 @@ class _Audit:
     action: AuditAction
     member_id: str
     reason: str
+    # The address a released notice goes to (written as its opaque reference).
+    recipient: str | None = None
 
 
 class _Work:
@@ -495,7 +504,7 @@ class _Work:
                 self.extras[eob_id] = old
         if target is not None and category is not None and target in self.book.eobs:
             self.extras[target] = replace(self.extras[target], category=str(category))
-        released = {e.eob_id for e in transition.effects if isinstance(e, ReleaseHeld)}
+        released = {e.eob_id: e.channel for e in transition.effects if isinstance(e, ReleaseHeld)}
         for effect in transition.effects:
             await self._carry_out(effect, lease_sends, category, released)
         return transition
@@ -505,7 +514,7 @@ class _Work:
         effect: state.Effect,
         lease_sends: bool,
         category: BounceCategory | None,
-        released: set[str],
+        released: Mapping[str, str],
     ) -> None:
         service = self.service
         match effect:
@@ -522,6 +531,16 @@ class _Work:
                 self.extras[eob_id] = replace(self.extras[eob_id], lease_until=until)
                 why = "release" if eob_id in released else "retry"
                 self.resends.append(Resend(deliverable, raw, released=eob_id in released))
+                if eob_id in released:
+                    self.audits.append(
+                        _Audit(
+                            eob_id,
+                            AuditAction.RELEASED,
+                            deliverable.member_id,
+                            released[eob_id],
+                            recipient=deliverable.to,
+                        )
+                    )
                 self.count(lambda: RESENDS_ISSUED.labels(why).inc())
             case Send(deliverable=deliverable):
                 # The caller is sending right now (gate): the permission is its answer.
@@ -581,6 +600,7 @@ class _Work:
         )
         self.drop.add(eob.eob_id)
         self.settled.append(self.outcome(eob.eob_id))
+        self.audits.append(_Audit(eob.eob_id, AuditAction.PAPER_FALLBACK, eob.member_id, reason))
         self.count(lambda: PAPER_FALLBACKS.labels(str(reason)).inc())
 
     def publish_settled(self) -> None:
@@ -657,7 +677,7 @@ class BounceService:
         bounce_domain: str | None = None,
         verp_prefix: str = "bounces",
         audit: AuditTrail | None = None,
-        member_ref: Callable[[str], str] | None = None,
+        reference_key: bytes | None = None,
         actor: str = "eobblast-bounces",
         topics: BounceTopics | None = None,
         send_lease: dt.timedelta = dt.timedelta(minutes=10),
@@ -676,7 +696,9 @@ class BounceService:
         self.bounce_domain = bounce_domain
         self.verp_prefix = verp_prefix
         self.audit = audit
-        self.member_ref = member_ref
+        # The member-reference key: the trail's opaque references (members, addresses)
+        # are keyed with it, the same on every host.
+        self.reference_key = reference_key
         self.actor = actor
         self.topics = topics or BounceTopics()
         # How long a handed-out resend may take before `tick` takes it back.
@@ -705,8 +727,8 @@ class BounceService:
             on_batch=_count_batch,
             transient=STORE_ERRORS,
         )
-        if audit is not None and member_ref is None:
-            raise ValueError("an audit trail needs member_ref (opaque member references)")
+        if audit is not None and reference_key is None:
+            raise ValueError("an audit trail needs reference_key (opaque member references)")
 
     def return_path(self, event_id: str) -> str:
         """The envelope sender (MAIL FROM) for an event's message: its VERP address, signed
@@ -823,8 +845,8 @@ class BounceService:
 
     async def _after_commit(self, work: _Work, outbox_ids: list[int]) -> None:
         await self._publish(list(zip(outbox_ids, work.outbox, strict=True)))
-        for audit in work.audits:
-            await self._audit(audit, work.now)
+        # Together, so a release of many notices shares the trail's commits (group commit).
+        await asyncio.gather(*(self._audit(audit, work.now) for audit in work.audits))
         for callback in work.after_commit:
             callback()
 
@@ -868,15 +890,17 @@ class BounceService:
         return len(done)
 
     async def _audit(self, audit: _Audit, now: dt.datetime) -> None:
-        if self.audit is None or self.member_ref is None:
+        if self.audit is None or self.reference_key is None:
             return
+        key = self.reference_key
         record = AuditRecord(
             event_id=audit.event_id,
             action=audit.action,
             actor=self.actor,
             at=now,
-            member_ref=self.member_ref(audit.member_id),
+            member_ref=member_ref(key, audit.member_id),
             reason=audit.reason,
+            recipient_ref=None if audit.recipient is None else recipient_ref(key, audit.recipient),
         )
         try:
             await self.audit.append(record)
@@ -929,6 +953,7 @@ class BounceService:
                     if pending_before
                     else BounceReason.ADDRESS_SUPPRESSED
                 )
+                work.audits.append(_Audit(event_id, AuditAction.HELD, member_id, reason))
                 return Held(reason, event_id)
             if eob.status is EobStatus.SENDING:
                 if self.payload_retention > dt.timedelta(0):

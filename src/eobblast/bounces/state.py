@@ -18,7 +18,6 @@ shell loads the member's slice plus the suppression status of the addresses invo
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import math
 from collections.abc import Callable, Mapping
@@ -26,8 +25,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from types import MappingProxyType
 
-import idna
-
+from eobblast._addresses import address_key
 from eobblast.bounces.category import BounceCategory, HandlingAction
 from eobblast.bounces.rules import BounceRules, RetrySettings, VerificationSettings, default_rules
 
@@ -342,7 +340,8 @@ class SuppressAddress:
 
 @dataclass(frozen=True, slots=True)
 class ReleaseHeld:
-    """Record (status event, audit) that a held notice is released to a verified address.
+    """Record (status event, audit) that a held notice is released to a verified address,
+    verified through `channel`.
 
     Informational: the Send that follows it is what sends.
     """
@@ -350,6 +349,7 @@ class ReleaseHeld:
     eob_id: str
     member_id: str
     to: str
+    channel: str
 
 
 Effect = (
@@ -389,17 +389,6 @@ class BouncePolicy:
 
 
 # --------------------------------------------------------------------------- queries
-
-
-def address_key(address: str) -> str:
-    """How addresses are compared: case-insensitively (conservative for suppression), an
-    internationalised domain in its ASCII form (a report may name it either way)."""
-    key = address.strip().strip("<>").lower()
-    local, at, domain = key.rpartition("@")
-    if at and not domain.isascii():
-        with contextlib.suppress(idna.IDNAError, UnicodeError):
-            return f"{local}@{idna.encode(domain, uts46=True).decode('ascii')}"
-    return key
 
 
 def address_status(book: BounceBook, member_id: str, address: str) -> AddressStatus:
@@ -509,15 +498,16 @@ class _Step:
             return None
         return _mint(eob.eob_id, eob.member_id, target, eob.attempt + 1)
 
-    def _send_or_hold(self, eob: Eob, at: datetime, *, released: bool = False) -> None:
+    def _send_or_hold(self, eob: Eob, at: datetime, *, released_by: str | None = None) -> None:
+        """`released_by`: the verification channel that released a held notice."""
         route = self._route(eob)
         if isinstance(route, Deliverable):
-            status = EobStatus.RELEASED if released else EobStatus.SENDING
+            status = EobStatus.SENDING if released_by is None else EobStatus.RELEASED
             self.eobs[eob.eob_id] = _moved(
                 eob, status, None, address=route.to, attempt=route.attempt
             )
-            if released:
-                self.effects.append(ReleaseHeld(eob.eob_id, eob.member_id, route.to))
+            if released_by is not None:
+                self.effects.append(ReleaseHeld(eob.eob_id, eob.member_id, route.to, released_by))
             self.effects.append(Send(route))
         elif isinstance(route, FallbackReason):
             self._paper(eob, route)
@@ -696,7 +686,7 @@ class _Step:
             if eob.member_id == event.member_id and eob.status is EobStatus.HELD_FOR_VERIFICATION:
                 # Retries after a release are bounded from the release, not the first send.
                 released = replace(eob, address=event.address, age_from=event.at, attempt=0)
-                self._send_or_hold(released, event.at, released=True)
+                self._send_or_hold(released, event.at, released_by=event.channel)
 
     def _verification_over(self, member_id: str, reason: FallbackReason) -> None:
         member = self.members.get(member_id)

@@ -2,9 +2,11 @@
 
 Compliance officers read it. A record holds an event id, an opaque member reference (a
 keyed HMAC of the member id, never the id itself), an action, the protection level, a
-reason code, the actor and the time; every text field is a short machine token, checked
-on the way in, so no free text (and so no PHI) can be written. The store is append-only:
-the API has no update or delete, and the table refuses them with triggers.
+reason code, the actor and the time; a notice sent or released also an opaque reference
+to the address it went to (a keyed HMAC of the address, never the address). Every text
+field is a short machine token, checked on the way in, so no free text (and so no PHI) can
+be written. The store is append-only: the API has no update or delete, and the table
+refuses them with triggers.
 """
 
 from __future__ import annotations
@@ -21,22 +23,28 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from eobblast._addresses import address_key
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.state.group import GroupCommit
 from eobblast.state.postgres import connect_postgres
-from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
+from eobblast.state.sqlite import add_column, open_sqlite, open_store, write_transaction
 
 _EVENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _TOKEN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # A member reference is hex, so a raw member id (or a name) cannot be passed by mistake.
 _MEMBER_REF = re.compile(r"^[0-9a-f]{32,64}$")
 _MEMBER_REF_CONTEXT = b"eobblast.member_ref.v1\x00"
+_RECIPIENT_REF_CONTEXT = b"eobblast.recipient_ref.v1\x00"
 
 
 class AuditAction(enum.StrEnum):
-    """What happened."""
+    """What happened. New members may be added; none is ever removed or renamed (the
+    trail keeps what earlier releases wrote, and reads it back)."""
 
+    # Written by releases before the SENT record carried the protection (one record per
+    # notice, not two); still read in older trails, never written now.
     PROTECTION_CHOSEN = "protection_chosen"
+    # Delivered to the receiver: the protection level and reason, and `recipient_ref`.
     SENT = "sent"
     BOUNCE = "bounce"
     INCIDENT = "incident"
@@ -45,6 +53,14 @@ class AuditAction(enum.StrEnum):
     PORTAL_PICKUP_FAILED = "portal_pickup_failed"
     PORTAL_LOCKED = "portal_locked"
     PORTAL_EXPIRED_PURGED = "portal_expired_purged"
+    # Not sent: no e-delivery consent (reason `no_consent`), or the address is suppressed
+    # or awaiting verification (verify-before-resend).
+    HELD = "held"
+    # A held notice let go to the address the member verified (reason: the channel);
+    # `recipient_ref` names that address. Its SENT record follows once it is delivered.
+    RELEASED = "released"
+    # Handed to paper mail instead (reason: why, as in the eob.paper-fallback event).
+    PAPER_FALLBACK = "paper_fallback"
 
 
 class AuditError(EobblastError):
@@ -67,6 +83,7 @@ class AuditRecord:
     reason: str | None = None
     item_id: str | None = None
     seq: int | None = None
+    recipient_ref: str | None = None
 
 
 def member_ref(key: bytes, member_id: str) -> str:
@@ -81,12 +98,29 @@ def member_ref(key: bytes, member_id: str) -> str:
     return digest.hexdigest()[:32]
 
 
+def recipient_ref(key: bytes, address: str) -> str:
+    """The opaque reference to an email address the trail stores: HMAC-SHA256 of the
+    address as eobblast compares addresses (case-insensitive), 128 bits, with the
+    member-reference key.
+
+    So a compliance officer holding an address (and the key) can tell whether a notice
+    went there, and records of notices sent to one address match; the trail alone names
+    no address, and a guessed address cannot be confirmed against it without the key.
+    """
+    if len(key) < 16:
+        raise ConfigError("the member reference key must be at least 16 bytes")
+    digest = hmac.new(key, _RECIPIENT_REF_CONTEXT + address_key(address).encode(), hashlib.sha256)
+    return digest.hexdigest()[:32]
+
+
 def _check(record: AuditRecord) -> None:
     # Messages name the field, never its value: the value may be what must not leak.
     if not _EVENT_ID.match(record.event_id):
         raise AuditError("audit event_id is not an event id")
     if record.member_ref is not None and not _MEMBER_REF.match(record.member_ref):
         raise AuditError("audit member_ref is not an opaque reference")
+    if record.recipient_ref is not None and not _MEMBER_REF.match(record.recipient_ref):
+        raise AuditError("audit recipient_ref is not an opaque reference")
     for name in ("actor", "protection", "reason", "item_id"):
         value = getattr(record, name)
         if value is not None and not _TOKEN.match(value):
@@ -101,7 +135,9 @@ def _iso(when: dt.datetime) -> str:
     return when.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-_COLUMNS = "seq, at, event_id, action, actor, member_ref, protection, reason, item_id"
+_COLUMNS = (
+    "seq, at, event_id, action, actor, member_ref, protection, reason, item_id, recipient_ref"
+)
 
 
 def _record(row: Sequence[Any]) -> AuditRecord:
@@ -118,6 +154,7 @@ def _record(row: Sequence[Any]) -> AuditRecord:
         reason=row[7],
         item_id=row[8],
         seq=int(row[0]),
+        recipient_ref=row[9],
     )
 
 
@@ -155,7 +192,7 @@ _SQLITE_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS audit_trail ("
     " seq INTEGER PRIMARY KEY AUTOINCREMENT,"
     " at TEXT NOT NULL, event_id TEXT NOT NULL, action TEXT NOT NULL, actor TEXT NOT NULL,"
-    " member_ref TEXT, protection TEXT, reason TEXT, item_id TEXT)",
+    " member_ref TEXT, protection TEXT, reason TEXT, item_id TEXT, recipient_ref TEXT)",
     "CREATE INDEX IF NOT EXISTS audit_trail_event_id ON audit_trail (event_id)",
     "CREATE INDEX IF NOT EXISTS audit_trail_at ON audit_trail (at)",
     "CREATE TRIGGER IF NOT EXISTS audit_trail_no_update BEFORE UPDATE ON audit_trail"
@@ -164,9 +201,12 @@ _SQLITE_SCHEMA = (
     " BEGIN SELECT RAISE(ABORT, 'audit_trail is append-only'); END",
 )
 
+# `recipient_ref` came with a later release: a table an earlier one made gets it on open
+# (its rows read NULL there), and the earlier release's workers, whose INSERTs name their
+# columns, go on writing to it during a rolling upgrade.
 _INSERT = (
     "INSERT INTO audit_trail (at, event_id, action, actor, member_ref, protection, reason,"
-    " item_id) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
+    " item_id, recipient_ref) VALUES ({0}, {0}, {0}, {0}, {0}, {0}, {0}, {0}, {0})"
 )
 
 
@@ -180,6 +220,7 @@ def _sqlite_row(record: AuditRecord) -> tuple[str | None, ...]:
         record.protection,
         record.reason,
         record.item_id,
+        record.recipient_ref,
     )
 
 
@@ -188,6 +229,7 @@ class SqliteAuditTrail(AuditTrail):
 
     def __init__(self, path: Path) -> None:
         self._db = open_sqlite(path, _SQLITE_SCHEMA)
+        add_column(self._db, "audit_trail", "recipient_ref", "TEXT")
         # One record per event sent: concurrent appends share one commit.
         self._appends: GroupCommit[AuditRecord, None] = GroupCommit(self._append_many)
 
@@ -223,7 +265,9 @@ _PG_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS audit_trail ("
     " seq BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,"
     " at TIMESTAMPTZ NOT NULL, event_id TEXT NOT NULL, action TEXT NOT NULL,"
-    " actor TEXT NOT NULL, member_ref TEXT, protection TEXT, reason TEXT, item_id TEXT)",
+    " actor TEXT NOT NULL, member_ref TEXT, protection TEXT, reason TEXT, item_id TEXT,"
+    " recipient_ref TEXT)",
+    "ALTER TABLE audit_trail ADD COLUMN IF NOT EXISTS recipient_ref TEXT",
     "CREATE INDEX IF NOT EXISTS audit_trail_event_id ON audit_trail (event_id)",
     "CREATE INDEX IF NOT EXISTS audit_trail_at ON audit_trail (at)",
     "CREATE OR REPLACE FUNCTION audit_trail_append_only() RETURNS trigger LANGUAGE plpgsql"
@@ -264,6 +308,7 @@ class PostgresAuditTrail(AuditTrail):
                     record.protection,
                     record.reason,
                     record.item_id,
+                    record.recipient_ref,
                 ),
             )
 

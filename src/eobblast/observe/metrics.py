@@ -122,7 +122,8 @@ DUPLICATES = Counter(
 )
 AUDIT_GAPS = Counter(
     "eobblast_audit_write_failures",
-    "Audit records of delivered notices that could not be written (the notice stays delivered).",
+    "Audit records of delivered or held notices that could not be written (the notice stays"
+    " as it is: delivered, or held).",
     registry=REGISTRY,
 )
 CLAIM_WAITS = Counter(

@@ -16,7 +16,14 @@ from typing import TypeAlias
 from eobblast._files import file_lock, write_whole
 from eobblast.config import Config
 from eobblast.errors import ConfigError
-from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, member_ref, open_audit
+from eobblast.observe.audit import (
+    AuditAction,
+    AuditRecord,
+    AuditTrail,
+    member_ref,
+    open_audit,
+    recipient_ref,
+)
 from eobblast.protect.escrow import EscrowStore, KeyRing, open_escrow
 from eobblast.protect.policy import OrgPolicy, TlsCache
 from eobblast.state.fingerprints import (
@@ -484,6 +491,10 @@ class ProtectionServices:
         """The opaque reference to a member that the audit trail stores."""
         return member_ref(self.audit_key, member_id)
 
+    def recipient_ref(self, address: str) -> str:
+        """The opaque reference to an address that the audit trail stores."""
+        return recipient_ref(self.audit_key, address)
+
     async def record(
         self,
         event_id: str,
@@ -493,8 +504,10 @@ class ProtectionServices:
         member_id: str,
         protection: str | None,
         reason: str | None,
+        recipient: str | None = None,
     ) -> None:
-        """Append to the audit trail, when there is one."""
+        """Append to the audit trail, when there is one; `recipient` (the address the
+        notice went to) is written only as its opaque reference."""
         if self.audit is None:
             return
         await self.audit.append(
@@ -506,6 +519,7 @@ class ProtectionServices:
                 member_ref=self.member_ref(member_id),
                 protection=protection,
                 reason=reason,
+                recipient_ref=None if recipient is None else self.recipient_ref(recipient),
             )
         )
 

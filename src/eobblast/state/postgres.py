@@ -49,7 +49,9 @@ async def connect_postgres(
     lock that stops every worker's writes to the table until it is done. Indexes of a
     table this transaction creates are made with it (it is empty). A trigger is created
     only when missing or disabled: CREATE OR REPLACE TRIGGER would lock its table at every
-    start.
+    start. A column a new release adds (`ALTER TABLE t ADD COLUMN IF NOT EXISTS c ...`,
+    nullable, no default: no row is rewritten) is added only when missing, for the same
+    reason: the ALTER takes its table's strongest lock before it looks.
     """
     import psycopg
 
@@ -90,6 +92,9 @@ async def connect_postgres(
             elif dropped is not None:
                 if await _exists(conn, dropped.group(1)):
                     drops.append(dropped.group(1))
+            elif (column := _ADD_COLUMN.match(statement)) is not None:
+                if not await _has_column(conn, column.group("table"), column.group("column")):
+                    await conn.execute(statement)
             elif (trigger := _TRIGGER.match(statement)) is not None:
                 # CREATE OR REPLACE TRIGGER locks its table against writes, as a new index
                 # would: made once (a changed trigger takes a new name).
@@ -104,6 +109,10 @@ async def connect_postgres(
 _NEW_INDEX = re.compile(
     r"\s*CREATE\s+(?P<unique>UNIQUE\s+)?INDEX\s+IF\s+NOT\s+EXISTS\s+(?P<name>\w+)"
     r"\s+ON\s+(?P<table>\w+)",
+    re.I,
+)
+_ADD_COLUMN = re.compile(
+    r"\s*ALTER\s+TABLE\s+(?P<table>\w+)\s+ADD\s+COLUMN\s+IF\s+NOT\s+EXISTS\s+(?P<column>\w+)\s",
     re.I,
 )
 _DROP_INDEX = re.compile(r"\s*DROP\s+INDEX\s+IF\s+EXISTS\s+(\w+)\s*$", re.I)
@@ -133,6 +142,10 @@ _INDEX_VALID = (
     "SELECT i.indisvalid FROM pg_index i"
     " WHERE i.indexrelid = to_regclass(format('%%I.%%I', current_schema(), %s::text))"
 )
+_HAS_COLUMN = (
+    "SELECT 1 FROM pg_attribute WHERE attname = %s AND NOT attisdropped"
+    " AND attrelid = to_regclass(format('%%I.%%I', current_schema(), %s::text))"
+)
 _TRIGGER_ENABLED = (
     "SELECT tgenabled <> 'D' FROM pg_trigger WHERE tgname = %s"
     " AND tgrelid = to_regclass(format('%%I.%%I', current_schema(), %s::text))"
@@ -143,6 +156,11 @@ async def _exists(conn: Any, name: str) -> bool:
     cur = await conn.execute(_EXISTS, (name,))
     row = await cur.fetchone()
     return bool(row and row[0])
+
+
+async def _has_column(conn: Any, table: str, column: str) -> bool:
+    cur = await conn.execute(_HAS_COLUMN, (column, table))
+    return await cur.fetchone() is not None
 
 
 async def _has_trigger(conn: Any, name: str, table: str) -> bool:

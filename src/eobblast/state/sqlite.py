@@ -106,6 +106,20 @@ def open_sqlite(path: Path, schema: Iterable[str]) -> sqlite3.Connection:
     return db
 
 
+def add_column(db: sqlite3.Connection, table: str, column: str, declaration: str) -> None:
+    """Add a column a new release brings to a table an earlier one made, if it is missing
+    (SQLite has no ADD COLUMN IF NOT EXISTS). Nullable, no default: existing rows read it
+    as NULL, and the earlier release's INSERTs, which name their columns, still work. Two
+    processes starting together may both try: the second finds it there."""
+    if any(row[1] == column for row in db.execute(f"PRAGMA table_info({table})")):
+        return
+    try:
+        db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+    except sqlite3.OperationalError as exc:
+        if "duplicate column" not in str(exc):
+            raise
+
+
 def _owner_only(path: Path) -> None:
     # Stores hold raw events, escrowed notices and audit records: readable by their owner
     # only, whatever the umask. SQLite gives its -wal and -shm files the database file's
