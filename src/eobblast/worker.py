@@ -1388,8 +1388,8 @@ async def open_bounces(
         bounce_domain=settings.bounce_domain,
         verp_prefix=settings.verp_prefix,
         audit=protection.audit,
-        # Keys the trail's references (the same on every host, as `portal_secrets` makes
-        # sure).
+        # Keys the trail's references and the verification requests' ids (the same on
+        # every host, as `portal_secrets` makes sure).
         reference_key=protection.audit_key if protection.audit is not None else None,
         actor=actor,
         topics=BounceTopics(

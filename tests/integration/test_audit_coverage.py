@@ -1,12 +1,15 @@
 """The audit trail accounts for what became of every notice, on SQLite and PostgreSQL:
 holds, releases to a verified address, paper fallbacks, and where each notice went, as
-opaque references only; and a trail an earlier release made keeps its rows and takes the
-new records."""
+opaque references only; verification requests' ids are keyed, so the trail gives no
+member id away; and a trail an earlier release made keeps its rows and takes the new
+records."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import hashlib
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -16,11 +19,13 @@ import orjson
 import psycopg
 import pytest
 
-from eobblast.bounces.service import Held
-from eobblast.bounces.store import open_bounce_store
+from eobblast.bounces.service import BounceService, Held
+from eobblast.bounces.store import BounceStore, open_bounce_store
 from eobblast.config import load_config
 from eobblast.events.verification import (
     AddressVerificationFailed,
+    AddressVerificationRequested,
+    AddressVerified,
     FailureReason,
 )
 from eobblast.observe.audit import (
@@ -38,7 +43,10 @@ from tests.conftest import throwaway_pg_schema
 from tests.integration.test_bounce_e2e import files_text
 from tests.integration.test_bounce_service import (
     AUDIT_KEY,
+    BOUNCE_DOMAIN,
+    REQUESTS,
     T0,
+    VERP,
     RecordingPublisher,
     at,
     hard_bounce,
@@ -93,6 +101,12 @@ def event(member_id: str, n: int) -> tuple[str, bytes]:
     holds event ids)."""
     event_id = f"eob-{uuid.uuid4().hex[:12]}-{n}"
     return event_id, orjson.dumps({"event_id": event_id, "member": {"id": member_id}})
+
+
+def unkeyed_request_id(member_id: str, requested_at: dt.datetime) -> str:
+    """The id earlier releases gave a verification request: anyone can compute it."""
+    parts = ("verification", member_id, requested_at.isoformat())
+    return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
 
 
 # ------------------------------------------------------------------ the trail's schema
@@ -216,6 +230,22 @@ async def test_a_trail_an_earlier_release_made_keeps_its_rows_and_takes_recipien
 # ------------------------------------------------------------------ verify-before-resend
 
 
+def keyed(
+    store: BounceStore, publisher: RecordingPublisher, key: bytes = AUDIT_KEY
+) -> BounceService:
+    """A bounce service as this release's workers build it (with the member-reference key)."""
+    return make_service(store, publisher, key=key)
+
+
+def requests_of(publisher: RecordingPublisher, member_id: str) -> list[str]:
+    found = [AddressVerificationRequested.model_validate(r) for r in publisher.on(REQUESTS)]
+    return [r.request_id for r in found if r.member_id == member_id]
+
+
+def answer(member_id: str, address: str, request_id: str) -> AddressVerified:
+    return verified(member_id, address).model_copy(update={"request_id": request_id})
+
+
 async def test_holds_releases_and_paper_are_recorded_naming_nobody(
     urls: tuple[str, str],
 ) -> None:
@@ -262,9 +292,72 @@ async def test_holds_releases_and_paper_are_recorded_naming_nobody(
         (member_ref(AUDIT_KEY, member), recipient_ref(AUDIT_KEY, new_address))
     }
     assert all(r.recipient_ref is None for r in records if r.action is not AuditAction.RELEASED)
+    # The incident of no notice is named by the open request's id, which is keyed: its
+    # time stands beside it, and an unkeyed id would give the member away to anyone who
+    # tries member ids (earlier releases' ids did).
+    (request_id,) = requests_of(publisher, member)
+    (incident,) = [r for r in records if r.reason == "unverified_channel"]
+    assert incident.event_id == request_id
+    for candidate in (member, other, "M-0000000000"):
+        for when in (at(1), incident.at, at(0)):
+            assert unkeyed_request_id(candidate, when) != incident.event_id
     assert_names_nobody(
         await everything_in(audit_url), [member, other, address, new_address, other_address]
     )
+
+
+async def test_request_ids_are_keyed_stable_across_restarts_and_still_answered_after_upgrade(
+    urls: tuple[str, str],
+) -> None:
+    store_url, _ = urls
+    publisher = RecordingPublisher()
+    # The earlier release asks member A: its request's id is a bare hash.
+    store = await open_bounce_store(store_url)
+    earlier = BounceService(
+        store, publisher, verp_keys=[VERP], bounce_domain=BOUNCE_DOMAIN, clock=lambda: T0
+    )
+    a, a_address = ids()
+    ev_a, raw_a = event(a, 1)
+    await hard_bounce(earlier, ev_a, a, a_address, raw_a)
+    await store.close()
+    (outstanding,) = requests_of(publisher, a)
+    assert outstanding == unkeyed_request_id(a, at(1))
+
+    # Upgraded: this release asks member B under a keyed id.
+    store = await open_bounce_store(store_url)
+    b, b_address = ids()
+    ev_b, raw_b = event(b, 1)
+    await hard_bounce(keyed(store, publisher), ev_b, b, b_address, raw_b)
+    await store.close()
+    (asked,) = requests_of(publisher, b)
+    assert asked != unkeyed_request_id(b, at(1))
+
+    # Restarted: the answer quoting that id is the open request's, and releases. A host
+    # with another key would not know the id (it is keyed): to it the answer is stale.
+    store = await open_bounce_store(store_url)
+    try:
+        stranger = await keyed(store, publisher, b"s" * 32).on_verification_result(
+            answer(b, f"new-{b_address}", asked), at=at(100)
+        )
+        assert not stranger.accepted and stranger.resends == ()
+        restarted = keyed(store, publisher)
+        taken = await restarted.on_verification_result(
+            answer(b, f"new-{b_address}", asked), at=at(110)
+        )
+        assert taken.accepted and [r.event_id for r in taken.resends] == [ev_b]
+
+        # The request outstanding at the upgrade: its answer quotes the bare hash the
+        # earlier release published, and still releases; an id of no request does not.
+        wrong = await restarted.on_verification_result(
+            answer(a, f"new-{a_address}", "0" * 32), at=at(120)
+        )
+        assert not wrong.accepted and wrong.resends == ()
+        taken = await restarted.on_verification_result(
+            answer(a, f"new-{a_address}", outstanding), at=at(130)
+        )
+        assert taken.accepted and [r.event_id for r in taken.resends] == [ev_a]
+    finally:
+        await store.close()
 
 
 # ------------------------------------------------------------------ a real worker

@@ -21,6 +21,7 @@ import asyncio
 import datetime as dt
 import enum
 import hashlib
+import hmac
 import logging
 import random as _random
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
@@ -412,8 +413,28 @@ class TickResult:
 
 
 def _opaque_id(*parts: str) -> str:
-    # Deterministic ids (request, fallback): a republished record carries the same one.
+    # Deterministic ids: a republished record carries the same one. Unkeyed, so only for
+    # ids of what is no secret (a paper fallback's, of its event id).
     return hashlib.sha256("\x00".join(parts).encode()).hexdigest()[:32]
+
+
+_REQUEST_ID_CONTEXT = b"eobblast.verification_request.v1\x00"
+
+
+def _request_id(key: bytes | None, member_id: str, stamp: str) -> str:
+    """A verification request's id, of its member and the time it was made, keyed with
+    the member-reference key: the audit trail stores it (an incident's event id) beside
+    that time, and an unkeyed hash would give the member id away to anyone trying ids."""
+    if key is None:
+        return _legacy_request_id(member_id, stamp)
+    data = _REQUEST_ID_CONTEXT + f"{member_id}\x00{stamp}".encode()
+    return hmac.new(key, data, hashlib.sha256).hexdigest()[:32]
+
+
+def _legacy_request_id(member_id: str, stamp: str) -> str:
+    """The unkeyed id earlier releases gave a request (and a service without the key
+    still does)."""
+    return _opaque_id("verification", member_id, stamp)
 
 
 # A lost deadlock race (PostgreSQL) is run again; SQLite has already waited its busy timeout.
@@ -697,7 +718,7 @@ class BounceService:
         self.verp_prefix = verp_prefix
         self.audit = audit
         # The member-reference key: the trail's opaque references (members, addresses)
-        # are keyed with it, the same on every host.
+        # and the verification requests' ids are keyed with it, the same on every host.
         self.reference_key = reference_key
         self.actor = actor
         self.topics = topics or BounceTopics()
@@ -740,12 +761,17 @@ class BounceService:
         )
 
     def request_id(self, member_id: str, book: BounceBook, when: dt.datetime | None = None) -> str:
-        """The id of a member's outstanding verification request (stable across republishes)."""
+        """The id of a member's outstanding verification request (stable across republishes
+        and restarts: of the member, the time the request was made and the key)."""
+        return _request_id(
+            self.reference_key, member_id, self._request_stamp(member_id, book, when)
+        )
+
+    def _request_stamp(self, member_id: str, book: BounceBook, when: dt.datetime | None) -> str:
         member = book.members.get(member_id)
         if member is not None and member.pending is not None:
             when = member.pending.requested_at
-        stamp = (when or self.clock()).isoformat()
-        return _opaque_id("verification", member_id, stamp)
+        return (when or self.clock()).isoformat()
 
     # ------------------------------------------------------------------ transactions
 
@@ -1277,7 +1303,14 @@ class BounceService:
         if member is None or member.pending is None:
             return False
         if result.request_id is not None:
-            return result.request_id != self.request_id(result.member_id, book)
+            # The pending request's id, or the unkeyed id an earlier release gave the same
+            # request (made before an upgrade, or by a host not yet upgraded): its answer
+            # quotes that one. Both name the member's pending request, and no other.
+            stamp = self._request_stamp(result.member_id, book, None)
+            return result.request_id not in (
+                _request_id(self.reference_key, result.member_id, stamp),
+                _legacy_request_id(result.member_id, stamp),
+            )
         # Without the request's id: an answer given before the request was made predates
         # the bounce that made it.
         return result.at < member.pending.requested_at
