@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import logging
 import signal
 import sys
@@ -710,6 +711,11 @@ def _replayable_cell(row: dict[str, Any]) -> str:
 @_dlq_filters
 @click.option("--all", "everything", is_flag=True, help="Every dead letter (no filter needed).")
 @click.option("--dry-run", is_flag=True, help="Count what would be sent; send nothing.")
+@click.option(
+    "--actor",
+    metavar="NAME",
+    help="Who runs the replay, as the audit trail records it (default: the OS user).",
+)
 def dlq_replay(
     config_path: Path | None,
     reasons: tuple[str, ...],
@@ -717,6 +723,7 @@ def dlq_replay(
     positions: tuple[str, ...],
     everything: bool,
     dry_run: bool,
+    actor: str | None,
 ) -> None:
     """Publish the selected dead letters' originals to the input topic again.
 
@@ -736,8 +743,13 @@ def dlq_replay(
     per event id. If the broker fails part way, the counts printed say how many records it
     acknowledged (`replayed`) and how many it did not (`not_acknowledged`: some may have
     reached the topic all the same), and the command exits 1.
+
+    Each record sent back is written to the audit trail (`[portal] audit_url`:
+    `dlq_replayed`, with who ran it, `--actor` or the OS user, its event id and the opaque
+    member reference), so the command needs the trail and the member-reference key
+    (`[portal] audit_key_file`) the workers use; without them it sends nothing.
     """
-    from eobblast.dlq import ReplayInterrupted, refusal_check, replay
+    from eobblast.dlq import ReplayInterrupted, ReplayNotAudited, refusal_check, replay
 
     config = command_config(config_path)
     kafka = config.kafka
@@ -747,11 +759,16 @@ def dlq_replay(
         raise click.UsageError(
             "name what to replay (--reason, --event-id, --at) or say --all, not both"
         )
+    replayer = None if dry_run else _replay_actor(actor)
+    if replayer is not None:
+        warn_relative_stores(config, {"portal.audit_url"})
     check = refusal_check(allow_test_domains=config.pipeline.allow_test_domains)
     stopped: ReplayInterrupted | None = None
-    try:
-        report = _dlq_run(
-            replay(
+
+    async def replayed() -> Any:
+        audit = None if replayer is None else await _replay_audit(config, replayer)
+        try:
+            return await replay(
                 kafka.bootstrap,
                 kafka.dlq_topic,
                 kafka.events_topic,
@@ -759,11 +776,23 @@ def dlq_replay(
                 check=check,
                 dry_run=dry_run,
                 security=security,
-            ),
-            kafka.bootstrap,
-        )
+                audit=audit,
+            )
+        finally:
+            if audit is not None:
+                await audit.trail.close()
+
+    try:
+        report = _dlq_run(replayed(), kafka.bootstrap)
     except ReplayInterrupted as exc:  # a dry run sends nothing, so is never interrupted
         report, stopped = exc.report, exc
+    except ReplayNotAudited as exc:
+        click.echo(orjson.dumps({"dry_run": dry_run, "interrupted": False, **exc.report.as_dict()}))
+        raise click.ClickException(
+            f"{sum(exc.report.replayed.values())} records were sent back to"
+            f" {kafka.events_topic}, but the audit trail did not record them ({exc}):"
+            " record the replay by hand from the counts above"
+        ) from None
     counts = report.as_dict()
     click.echo(orjson.dumps({"dry_run": dry_run, "interrupted": stopped is not None, **counts}))
     if counts["refused_by_broker_at"]:
@@ -786,6 +815,34 @@ def dlq_replay(
         + (f" ({still} still refused)" if still else ""),
         err=True,
     )
+
+
+def _replay_actor(actor: str | None) -> str:
+    """Who the audit trail says replayed: `--actor`, else the OS user."""
+    from eobblast.observe.audit import is_token
+
+    if actor is None:
+        try:
+            actor = getpass.getuser()
+        except (OSError, KeyError):  # no name in the environment or the password database
+            raise click.UsageError("say who replays with --actor (no OS user name)") from None
+    if not is_token(actor):
+        raise click.BadParameter(
+            "a short name: letters, digits and . _ : - (at most 64)", param_hint="--actor"
+        )
+    return actor
+
+
+async def _replay_audit(config: Config, actor: str) -> Any:
+    """The audit trail and member-reference key a replay is recorded with (ConfigError if
+    this host lacks the key: a new one would name members differently)."""
+    from eobblast.dlq import ReplayAudit
+    from eobblast.observe.audit import open_audit
+    from eobblast.protect.services import hold_secrets, portal_secrets
+
+    _, reference = portal_secrets(config)
+    held = await hold_secrets([reference], create=False)
+    return ReplayAudit(await open_audit(config.portal.audit_url), held.key(reference), actor)
 
 
 def _kafka_security(config: Config) -> KafkaSecurity:

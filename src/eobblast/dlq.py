@@ -17,6 +17,10 @@ The workers park more than input events there: an address-verification result th
 not read is parked too, its `source` naming the results topic. Such an original is no
 `eob.issued/v1` event, and is never sent to the input topic (`other_topic`): the claims
 system answers again on the results topic.
+
+A replay sends PHI on its way again at someone's say-so: given a `ReplayAudit`, each
+original the broker acknowledged is recorded in the audit trail (`dlq_replayed`: who ran
+it, the event id, the opaque member reference, the reason it was parked, its position).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import datetime as dt
 from collections import Counter
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field, replace
@@ -34,6 +39,7 @@ import pydantic
 
 from eobblast.events.schema import Rejection, validate_event
 from eobblast.events.status import DeadLetter
+from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, member_ref
 from eobblast.streams.kafka import (
     RECORD_ERRORS,
     BrokerUnavailable,
@@ -229,6 +235,55 @@ class ReplayInterrupted(Exception):
         self.report = report
 
 
+class ReplayNotAudited(Exception):
+    """Records were replayed (`report`), but the audit trail did not take their records."""
+
+    def __init__(self, report: ReplayReport, cause: BaseException) -> None:
+        # By type only: a driver's message can quote the row it choked on.
+        super().__init__(type(cause).__name__)
+        self.report = report
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayAudit:
+    """Where a replay is recorded: the trail, the member-reference key (its references
+    match the workers'), and who runs the replay (a short token: an account name)."""
+
+    trail: AuditTrail
+    key: bytes
+    actor: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Sent:
+    """One original handed to the producer: what the audit record needs, and its future."""
+
+    reason: str
+    position: tuple[int, int]
+    future: asyncio.Future[Any]
+    event_id: str | None = None
+    key: bytes = field(default=b"", repr=False)  # the member id: never printed or returned
+
+    def record(self, audit: ReplayAudit, now: dt.datetime) -> AuditRecord:
+        """The audit record of this original, once the broker took it."""
+        partition, offset = self.position
+        try:
+            reference = member_ref(audit.key, self.key.decode()) if self.key else None
+        except UnicodeDecodeError:
+            reference = None  # not a member id the workers would have keyed anything by
+        return AuditRecord(
+            # A letter without an event id (the original's was missing or unreadable when
+            # it was parked) is named by its position in the dead-letter topic.
+            event_id=self.event_id or f"dlq:{partition}:{offset}",
+            action=AuditAction.DLQ_REPLAYED,
+            actor=audit.actor,
+            at=now,
+            member_ref=reference,
+            reason=self.reason,
+            item_id=f"{partition}:{offset}",
+        )
+
+
 async def replay(
     bootstrap: str,
     dlq_topic: str,
@@ -238,6 +293,7 @@ async def replay(
     check: Check | None = None,
     dry_run: bool = False,
     security: KafkaSecurity,
+    audit: ReplayAudit | None = None,
 ) -> ReplayReport:
     """Publish the selected dead letters' originals to `events_topic` again, each with its
     original key and a header naming its dead letter; acknowledged by the broker before
@@ -245,6 +301,8 @@ async def replay(
     (verification results), originals kept only in part or empty, records without their
     whole key and, given a `check`, originals it still refuses are skipped;
     so is a record the broker refuses for itself (its size, a policy), and the rest go on.
+    Given `audit`, each original the broker acknowledged is recorded in the audit trail,
+    also when the broker fails part way (ReplayNotAudited if the trail refuses them).
 
     The dead letters to send are chosen in a first read of the topic, and sent in a second:
     one a worker parks again meanwhile is not sent a second time.
@@ -270,23 +328,25 @@ async def replay(
     producer = make_producer(bootstrap, client_id="eobblast-dlq-replay", security=security)
     await start_or_unavailable(producer, bootstrap, security)
     failure: BaseException | None = None
+    acknowledged: list[_Sent] = []
     try:
-        pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]] = []
+        pending: list[_Sent] = []
         try:
             await _send_chosen(
                 producer, bootstrap, dlq_topic, events_topic, wanted, pending, security
             )
         except (KafkaError, BrokerUnavailable) as exc:
             failure = exc
-        for reason, position, sent in pending:
+        for sent in pending:
             try:
-                await sent
+                await sent.future
             except RECORD_ERRORS:
-                report.refused_at.append(position)
+                report.refused_at.append(sent.position)
             except KafkaError as exc:
                 failure = failure or exc
             else:
-                report.replayed[reason] += 1
+                report.replayed[sent.reason] += 1
+                acknowledged.append(sent)
     finally:
         try:
             await producer.stop()
@@ -296,6 +356,14 @@ async def replay(
         report.skipped["refused_by_broker"] = len(report.refused_at)
     if failure is not None:
         report.not_acknowledged = chosen - sum(report.replayed.values()) - len(report.refused_at)
+    if audit is not None and acknowledged:
+        now = dt.datetime.now(dt.UTC)
+        try:
+            # Together: the trail's appends share commits (group commit).
+            await asyncio.gather(*(audit.trail.append(s.record(audit, now)) for s in acknowledged))
+        except Exception as exc:
+            raise ReplayNotAudited(report, exc) from None
+    if failure is not None:
         raise ReplayInterrupted(report, failure) from failure
     if wanted:
         report.skipped["gone"] = len(wanted)  # removed by retention between the two reads
@@ -308,12 +376,12 @@ async def _send_chosen(
     dlq_topic: str,
     events_topic: str,
     wanted: dict[tuple[int, int], str],
-    pending: list[tuple[str, tuple[int, int], asyncio.Future[Any]]],
+    pending: list[_Sent],
     security: KafkaSecurity,
 ) -> None:
     """Send the originals at the `wanted` positions (taking each out of it), appending each
-    send's reason, position and future to `pending`; a record the producer refuses before
-    sending it (too large) gets a failed future."""
+    send (reason, position, future, event id and key) to `pending`; a record the producer
+    refuses before sending it (too large) gets a failed future."""
     records = read_to_end(bootstrap, dlq_topic, client_id="eobblast-dlq", security=security)
     async with contextlib.aclosing(records):
         async for record in records:
@@ -324,16 +392,18 @@ async def _send_chosen(
             letter = _parked(record, events_topic).letter
             assert letter is not None and letter.key_base64
             origin = f"{dlq_topic}/{record.partition}/{record.offset}".encode()
+            key = base64.b64decode(letter.key_base64)
             try:
                 future = await producer.send(
                     events_topic,
                     base64.b64decode(letter.original_base64),
-                    key=base64.b64decode(letter.key_base64),
+                    key=key,
                     headers=[(REPLAY_HEADER, origin)],
                 )
             except RECORD_ERRORS as refused:
                 future = asyncio.get_running_loop().create_future()
                 future.set_exception(refused)
-            pending.append((reason, (record.partition, record.offset), future))
+            position = (record.partition, record.offset)
+            pending.append(_Sent(reason, position, future, letter.event_id, key))
             if not wanted:
                 return

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import getpass
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +22,11 @@ from aiokafka.record.default_records import (  # type: ignore[import-untyped]
 from eobblast.config import load_config
 from eobblast.dlq import REPLAY_HEADER
 from eobblast.events.schema import Rejection, validate_event
+from eobblast.observe.audit import AuditAction, AuditRecord, member_ref, open_audit
+from eobblast.protect.services import ProtectionServices
 from eobblast.streams import EmbeddedBroker, make_producer
 from eobblast.streams.kafka import PLAINTEXT, read_to_end
+from tests.integration.test_bounce_e2e import files_text
 from tests.integration.worker_stack import (
     Stack,
     accept_domains,
@@ -74,11 +78,20 @@ async def park(stack: Stack, events: list[bytes], config_file: Path) -> None:
     await stack.publish(poison, keys=[b"M-poison-1", b"M-poison-2"])
     await stack.publish([events[0]], keys=[b""])  # no key: missing_key
     config = write_config(stack, config_file, **REFUSING)
+    await member_reference_key(config)
     _, stop, task = await start_worker(load_config(config))
     parked = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=len(events) + 3)
     stop.set()
     await asyncio.wait_for(task, 30)
     assert len(parked) == len(events) + 3
+
+
+async def member_reference_key(config: Path) -> bytes:
+    """The member-reference key, made as `eobblast run` makes it: a replay is recorded in
+    the audit trail with it."""
+    services = await ProtectionServices.open(load_config(config))
+    await services.close()
+    return services.audit_key
 
 
 def phi_of(events: list[bytes]) -> list[str]:
@@ -193,6 +206,7 @@ async def test_replay_sends_parked_events_back_and_the_worker_delivers_them_once
     config = tmp_path / "eobblast.toml"
     await park(stack, events, config)
     before = await _records(stack, stack.events_topic)
+    key = await member_reference_key(config)
 
     # Nothing named: refused. A dry run sends nothing.
     code, _, err = await eobblast("dlq", "replay", "--config", str(config))
@@ -224,6 +238,7 @@ async def test_replay_sends_parked_events_back_and_the_worker_delivers_them_once
         | {"skipped_by_cause": {}, "still_refused_by_reason": {}},
     ]
     assert len(await _records(stack, stack.events_topic)) == len(before)
+    assert await _replays(stack) == []  # nothing sent, nothing recorded
 
     # The configuration now accepts them: sent back, each with its key and its origin. The
     # poison is refused still, so it stays where it is.
@@ -249,6 +264,17 @@ async def test_replay_sends_parked_events_back_and_the_worker_delivers_them_once
     for text in (out, err):
         for secret in phi_of(events):
             assert secret not in text
+    # Each one recorded: who replayed which event, of which member (opaque), from where.
+    members = {orjson.loads(raw)["event_id"]: orjson.loads(raw)["member"]["id"] for raw in events}
+    replays = await _replays(stack)
+    assert sorted(r.event_id for r in replays) == sorted(members)
+    for record in replays:
+        assert (record.actor, record.reason) == (getpass.getuser(), "invalid_address")
+        assert record.member_ref == member_ref(key, members[record.event_id])
+        assert record.item_id is not None and record.item_id.startswith("0:")
+    written = repr(replays) + await asyncio.to_thread(files_text, tmp_path, "audit.db*")
+    for secret in phi_of(events):
+        assert secret not in written
 
     # The worker (same group, past the parked records) delivers the four. Replaying once
     # more sends no second email.
@@ -257,10 +283,13 @@ async def test_replay_sends_parked_events_back_and_the_worker_delivers_them_once
     try:
         await until("the replayed events delivered", lambda: _delivered(stack, ids))
         code, out, err = await eobblast(
-            "dlq", "replay", "--config", str(config), "--reason", "invalid_address"
-        )
+            "dlq", "replay", "--config", str(config), "--reason", "invalid_address",
+            "--actor", "ops-jane",
+        )  # fmt: skip
         assert code == 0, err
         assert orjson.loads(out)["replayed"] == len(events)
+        again = (await _replays(stack))[len(replays) :]
+        assert [r.actor for r in again] == ["ops-jane"] * len(events)
         await until("the second replay seen as duplicates", lambda: _skipped(worker, len(events)))
     finally:
         stop.set()
@@ -325,6 +354,7 @@ async def test_a_verification_result_parked_is_listed_and_never_replayed(
     # is no record of eob.events: one that happens to be a valid event (published to the
     # wrong topic) would pass replay's check and be sent to eob.events.
     config_file = write_config(stack, tmp_path / "eobblast.toml")
+    await member_reference_key(config_file)
     config = load_config(config_file)
     results = config.bounces.results_topic
     await stack.broker.create_topics({results: 1})
@@ -394,3 +424,12 @@ async def _records(stack: Stack, topic: str) -> list[Any]:
             stack.broker.bootstrap, topic, client_id="test", security=PLAINTEXT
         )
     ]
+
+
+async def _replays(stack: Stack) -> list[AuditRecord]:
+    """The trail's records of replays."""
+    trail = await open_audit(stack.config().portal.audit_url)
+    try:
+        return [r for r in await trail.records() if r.action is AuditAction.DLQ_REPLAYED]
+    finally:
+        await trail.close()

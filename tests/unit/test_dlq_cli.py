@@ -15,10 +15,13 @@ from click.testing import CliRunner
 
 from eobblast import dlq as dlq_module
 from eobblast.cli import _dlq_selection, main
-from eobblast.dlq import Parked, Selection, _checked, _parked, refusal_check
+from eobblast.config import load_config
+from eobblast.dlq import Parked, ReplayAudit, Selection, _checked, _parked, refusal_check
 from eobblast.errors import ReasonCode
 from eobblast.events.status import SourcePosition, dead_letter, without_original
 from eobblast.events.synthetic import generate_events
+from eobblast.observe.audit import AuditAction, AuditError, AuditTrail, member_ref, open_audit
+from eobblast.protect.services import hold_secrets, portal_secrets
 from eobblast.streams.kafka import (
     PLAINTEXT,
     BrokerUnavailable,
@@ -154,9 +157,19 @@ def test_a_summary_holds_neither_the_original_nor_the_key() -> None:
     assert Parked(0, 9, None).summary().keys() == row.keys()
 
 
-def _config(tmp_path: Path, port: int) -> Path:
+def _config(tmp_path: Path, port: int, *, audit_key: bool = True) -> Path:
+    """A configuration with its audit trail and member-reference key (made, unless not
+    `audit_key`, as the workers' first start would) under `tmp_path`."""
     path = tmp_path / "eobblast.toml"
-    path.write_text(f'[kafka]\nbootstrap = "127.0.0.1:{port}"\n')
+    path.write_text(
+        f'[kafka]\nbootstrap = "127.0.0.1:{port}"\n[portal]\n'
+        f'audit_url = "sqlite:///{tmp_path / "audit.db"}"\n'
+        f'audit_key_file = "{tmp_path / "keys" / "audit.key"}"\n'
+        f'escrow_url = "sqlite:///{tmp_path / "escrow.db"}"\n'
+        f'key_dir = "{tmp_path / "keys"}"\n'
+    )
+    if audit_key:
+        asyncio.run(hold_secrets(portal_secrets(load_config(path))[1:], create=True))
     return path
 
 
@@ -176,6 +189,9 @@ def test_replay_wants_a_selection_and_positions_are_checked(tmp_path: Path) -> N
         assert bad.exit_code == 2 and "PARTITION:OFFSET" in bad.output, wrong
     both = runner.invoke(main, ["dlq", "replay", "--config", config, "--all", "--at", "0:1"])
     assert both.exit_code == 2 and "not both" in both.output
+    for wrong in ("Jane Roe", "jane@example.com", "-x", "a" * 65):
+        bad = runner.invoke(main, ["dlq", "replay", "--config", config, "--all", "--actor", wrong])
+        assert bad.exit_code == 2 and "--actor" in bad.output, wrong
     reason = runner.invoke(main, ["dlq", "list", "--config", config, "--reason", "nonsense"])
     assert reason.exit_code == 2
 
@@ -187,6 +203,17 @@ def test_an_unreachable_broker_is_a_clear_error(tmp_path: Path, command: list[st
     assert result.exit_code == 1, result.output
     assert f"Kafka at 127.0.0.1:{port}" in result.output
     assert "Traceback" not in result.output and "internal_error" not in result.output
+
+
+def test_a_replay_without_the_member_reference_key_sends_nothing(tmp_path: Path) -> None:
+    # It could not be recorded in the audit trail: refused before Kafka is asked anything.
+    config = _config(tmp_path, _closed_port(), audit_key=False)
+    result = CliRunner().invoke(main, ["dlq", "replay", "--config", str(config), "--all"])
+    assert result.exit_code == 1, result.output
+    assert "member-reference key" in result.output and "Kafka at" not in result.output
+    # A dry run sends nothing, so records nothing and needs no key.
+    dry = CliRunner().invoke(main, ["dlq", "replay", "--config", str(config), "--all", "--dry-run"])
+    assert "member-reference key" not in dry.output and "Kafka at" in dry.output
 
 
 def test_positions_are_compared_as_numbers() -> None:
@@ -225,11 +252,18 @@ def _replay_against(
     *,
     second_read_fails_after: int = 99,
     offset_step: int = 1,
+    audit: ReplayAudit | None = None,
 ) -> dlq_module.ReplayReport:
-    """`replay --all` of six replayable dead letters, with `producer` and a DLQ read that
-    fails in the sending phase after `second_read_fails_after` records."""
+    """`replay --all` of six replayable dead letters (members M0..M5; the last without an
+    event id), with `producer` and a DLQ read that fails in the sending phase after
+    `second_read_fails_after` records; recorded in `audit`, if given."""
     letters = [
-        letter_record(i, parked(i, ReasonCode.INVALID_ADDRESS, f"ev-{i}", b"{}", b"M1").letter)
+        letter_record(
+            i,
+            parked(
+                i, ReasonCode.INVALID_ADDRESS, f"ev-{i}" if i < 5 else None, b"{}", f"M{i}".encode()
+            ).letter,
+        )
         for i in range(0, 6 * offset_step, offset_step)
     ]
     reads = 0
@@ -249,8 +283,65 @@ def _replay_against(
     monkeypatch.setattr(dlq_module, "make_producer", lambda *_, **__: producer)
     monkeypatch.setattr(dlq_module, "start_or_unavailable", started)
     return asyncio.run(
-        dlq_module.replay("b:1", "dlq", "eob.events", Selection(), security=PLAINTEXT)
+        dlq_module.replay("b:1", "dlq", "eob.events", Selection(), security=PLAINTEXT, audit=audit)
     )
+
+
+KEY = b"r" * 32
+
+
+def _trail(path: Path) -> AuditTrail:
+    return asyncio.run(open_audit(f"sqlite:///{path}"))
+
+
+def test_a_replay_records_who_replayed_what_the_broker_took(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    trail = _trail(tmp_path / "audit.db")
+    audit = ReplayAudit(trail, KEY, "ops-jane")
+    # Two sends time out: only the four the broker took are recorded, before the error.
+    producer = _Producer(["ok", "timeout", "ok", "ok", "timeout", "ok"])
+    with pytest.raises(dlq_module.ReplayInterrupted):
+        _replay_against(monkeypatch, producer, audit=audit)
+    records = asyncio.run(trail.records())
+    assert [(r.event_id, r.item_id) for r in records] == [
+        ("ev-0", "0:0"),
+        ("ev-2", "0:2"),
+        ("ev-3", "0:3"),
+        ("dlq:0:5", "0:5"),  # a letter without an event id: named by its position
+    ]
+    assert {(r.action, r.actor, r.reason) for r in records} == {
+        (AuditAction.DLQ_REPLAYED, "ops-jane", "invalid_address")
+    }
+    assert [r.member_ref for r in records] == [member_ref(KEY, f"M{i}") for i in (0, 2, 3, 5)]
+    assert "M0" not in repr(records)
+    # A dry run sends nothing and records nothing.
+    asyncio.run(
+        dlq_module.replay(
+            "b:1", "dlq", "eob.events", Selection(), security=PLAINTEXT, audit=audit, dry_run=True
+        )
+    )
+    assert len(asyncio.run(trail.records())) == 4
+    asyncio.run(trail.close())
+
+
+class _RefusingTrail(AuditTrail):
+    async def append(self, record: Any) -> None:
+        raise AuditError("audit database unavailable")
+
+    async def records(self, event_id: str | None = None, since: Any = None) -> list[Any]:
+        return []
+
+    async def close(self) -> None:
+        return None
+
+
+def test_a_replay_the_trail_refuses_says_what_was_sent(monkeypatch: pytest.MonkeyPatch) -> None:
+    audit = ReplayAudit(_RefusingTrail(), KEY, "ops-jane")
+    with pytest.raises(dlq_module.ReplayNotAudited) as refused:
+        _replay_against(monkeypatch, _Producer(["ok"] * 6), audit=audit)
+    assert refused.value.report.as_dict()["replayed"] == 6
+    assert str(refused.value) == "AuditError"
 
 
 def test_a_replay_counts_only_what_the_broker_acknowledged(

@@ -61,6 +61,9 @@ class AuditAction(enum.StrEnum):
     RELEASED = "released"
     # Handed to paper mail instead (reason: why, as in the eob.paper-fallback event).
     PAPER_FALLBACK = "paper_fallback"
+    # An operator sent a dead letter back to the input topic (`eobblast dlq replay`; the
+    # actor is who ran it, reason the code it was parked with, item_id its DLQ position).
+    DLQ_REPLAYED = "dlq_replayed"
 
 
 class AuditError(EobblastError):
@@ -111,6 +114,11 @@ def recipient_ref(key: bytes, address: str) -> str:
         raise ConfigError("the member reference key must be at least 16 bytes")
     digest = hmac.new(key, _RECIPIENT_REF_CONTEXT + address_key(address).encode(), hashlib.sha256)
     return digest.hexdigest()[:32]
+
+
+def is_token(value: str) -> bool:
+    """Whether `value` may stand in a record's short-code fields (actor, reason ...)."""
+    return _TOKEN.match(value) is not None
 
 
 def _check(record: AuditRecord) -> None:
