@@ -107,7 +107,7 @@ def answer(driver: Any, dob: dt.date, last4: str) -> str:
         ("Month", f"{dob.month:02d}"),
         ("Day", f"{dob.day:02d}"),
         ("Year", str(dob.year)),
-        ("Last 4 characters of your member ID", last4),
+        ("Last 4 digits of your member ID", last4),
     ):
         label = driver.find_element(By.XPATH, f'//label[normalize-space()="{label_text}"]')
         field = driver.find_element(By.ID, label.get_attribute("for"))
@@ -138,16 +138,16 @@ async def test_member_picks_up_once_and_guesses_lock(
     event_doc: dict[str, Any],
 ) -> None:
     escrow, audit, server = stack
-    token, event = await escrowed(escrow, audit, event_doc)
+    # A dependant's id: its last 4 digits (8901) are what the notice and the form ask for.
+    dependant = {**event_doc, "member": {**event_doc["member"], "id": "XYZ123456789-01"}}
+    token, event = await escrowed(escrow, audit, dependant)
     assert event.member.date_of_birth is not None
     link = f"{server.url}/p/{token}"
 
     form = await asyncio.to_thread(visit, browser, link)
     assert "Date of birth" in form and event.member.name not in form
 
-    shown = await asyncio.to_thread(
-        answer, browser, event.member.date_of_birth, event.member.id[-4:]
-    )
+    shown = await asyncio.to_thread(answer, browser, event.member.date_of_birth, "8901")
     assert event.member.name in shown
     assert "NOT A BILL" in shown
     title = await asyncio.to_thread(lambda: browser.title)

@@ -86,7 +86,8 @@ class Eob:
 
     @property
     def last4(self) -> str:
-        return self.event.member.id[-4:]
+        """What the notice asks for: the last 4 digits of the member id."""
+        return "".join(ch for ch in self.event.member.id if ch.isdigit())[-4:]
 
     def secrets(self) -> list[str]:
         """Strings that are PHI, or the token: none may be stored or logged."""
@@ -278,15 +279,41 @@ async def test_pickup_shows_the_eob_once_with_strict_headers(
     assert [r.actor for r in records] == ["worker-1", "portal", "portal"]
 
 
-async def test_a_member_id_ending_in_punctuation_can_be_picked_up(
+@pytest.mark.parametrize(
+    ("member_id", "digits"), [("XYZ123456789-01", "8901"), ("ABC-12", "12"), ("M.7:X_9", "79")]
+)
+async def test_members_answer_with_the_last_4_digits_of_their_id(
+    stores: Stores,
+    client: httpx.AsyncClient,
+    event_doc: dict[str, Any],
+    member_id: str,
+    digits: str,
+) -> None:
+    # The notice and the form ask for the last 4 *digits*: a dependant's "XYZ123456789-01"
+    # is 8901, not "9-01" (which locked members out). An id with fewer digits: all of them.
+    doc = {**event_doc, "member": {**event_doc["member"], "id": member_id}}
+    eob = await escrow(stores, doc)
+    form = await client.get(f"/p/{eob.token}")
+    assert "Last 4 digits of your member ID" in form.text and "fewer than 4 digits" in form.text
+    assert re.search(r'<input id="last4"[^>]* inputmode="numeric" pattern="\[0-9\]\*"', form.text)
+    # Its last four characters: a typo, not a guess (not counted), answered with the rule.
+    typed = await submit(client, eob.token, eob.dob, member_id[-4:], csrf=csrf_of(form.text))
+    assert typed.status_code == 422 and "last 4 digits of your member ID" in typed.text
+    response = await submit(client, eob.token, eob.dob, digits)
+    assert response.status_code == 200 and eob.html in response.text
+    assert await actions(stores, eob.event.event_id) == [
+        ("portal_escrowed", None),
+        ("portal_pickup", "identity_verified"),
+    ]
+
+
+async def test_the_spanish_form_asks_for_digits_too(
     stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
 ) -> None:
-    # Member ids may hold . _ : - (dependants' "-01"): their last four are what is typed.
-    doc = {**event_doc, "member": {**event_doc["member"], "id": "XYZ123456789-01"}}
-    eob = await escrow(stores, doc)
-    assert eob.last4 == "9-01"
-    response = await submit(client, eob.token, eob.dob, eob.last4)
-    assert response.status_code == 200 and eob.html in response.text
+    eob = await escrow(stores, event_doc, language="es")
+    form = await client.get(f"/p/{eob.token}")
+    assert "Últimos 4 dígitos de su número de miembro" in form.text
+    assert "menos de 4 dígitos" in form.text and "caracteres" not in form.text
 
 
 async def test_two_simultaneous_right_answers_open_once(

@@ -22,7 +22,8 @@ from eobblast.protect.escrow import (
     PickupOpened,
     PickupRefused,
     attempt_pickup,
-    last4_of,
+    identity_matches,
+    last4_digits,
     link_failure,
 )
 
@@ -125,7 +126,7 @@ DOB = dt.date(1961, 4, 2)
 
 
 def row(keys: KeyRing, **changes: Any) -> ItemRow:
-    payload = orjson.dumps({"html": "<p>EOB</p>", "dob": DOB.isoformat(), "last4": "7890"})
+    payload = orjson.dumps({"html": "<p>EOB</p>", "dob": DOB.isoformat(), "last4_digits": "7890"})
     base = ItemRow(
         item_id=ITEM,
         event_id="evt-1",
@@ -147,12 +148,41 @@ def test_right_answers_open_once() -> None:
     assert change is not None and change.picked_up_at == NOW
 
 
-def test_member_id_suffix_is_case_insensitive() -> None:
-    assert last4_of("M12ab") == "12AB"
+@pytest.mark.parametrize(
+    ("member_id", "digits"),
+    [
+        ("XYZ123456789-01", "8901"),  # a dependant's suffix: what "last 4 digits" means
+        ("M1234567890", "7890"),
+        ("AB-12", "12"),  # fewer than 4 digits: all of them
+        ("7", "7"),
+        ("1.2:3_4-5", "2345"),
+        ("ABCD-XY", ""),  # none: no answer can match
+    ],
+)
+def test_the_check_takes_the_last_4_digits_of_the_member_id(member_id: str, digits: str) -> None:
+    assert last4_digits(member_id) == digits
+    payload = {"dob": DOB.isoformat(), "last4_digits": last4_digits(member_id)}
+    assert identity_matches(payload, DOB, f" {digits} ") is bool(digits)
+    if member_id[-4:] != digits:  # the last four characters are not the answer
+        assert not identity_matches(payload, DOB, member_id[-4:])
+    assert not identity_matches(payload, dt.date(1961, 4, 3), digits)
+    assert not identity_matches(payload, DOB, "")
+
+
+def test_items_sealed_with_the_last_4_characters_open_with_the_digits() -> None:
+    # Items escrowed before the check took digits hold "9-01" for XYZ123456789-01: the
+    # member following the notice types 8901, which ends in the 901 known.
+    legacy = {"dob": DOB.isoformat(), "last4": "9-01"}
+    assert identity_matches(legacy, DOB, "8901")
+    assert identity_matches(legacy, DOB, "901")
+    assert not identity_matches(legacy, DOB, "8900")
+    assert not identity_matches(legacy, DOB, "01")
+    assert not identity_matches(legacy, dt.date(2000, 1, 1), "8901")
+    assert identity_matches({"dob": DOB.isoformat(), "last4": "7890"}, DOB, "7890")
+    assert not identity_matches({"dob": DOB.isoformat(), "last4": "ABCD"}, DOB, "")
     keys = ring("k1")
-    payload = orjson.dumps({"html": "x", "dob": DOB.isoformat(), "last4": "12AB"})
-    item = row(keys, envelope=keys.seal(ITEM, payload))
-    result, _ = attempt_pickup(keys, item, DOB, "12ab", NOW, 5)
+    sealed = keys.seal(ITEM, orjson.dumps({"html": "x", **legacy}))
+    result, _ = attempt_pickup(keys, row(keys, envelope=sealed), DOB, "8901", NOW, 5)
     assert isinstance(result, PickupOpened)
 
 

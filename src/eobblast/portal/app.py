@@ -58,8 +58,8 @@ log = logging.getLogger("eobblast.portal")
 
 ACTOR = "portal"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
-# The characters a member id may have (events.schema.Identifier): "XYZ123456789-01" ends "9-01".
-_LAST4 = re.compile(r"^[A-Za-z0-9._:-]{1,4}$")
+# The last 4 digits of the member id ("XYZ123456789-01": 8901), all of them when it has fewer.
+_LAST4 = re.compile(r"^[0-9]{1,4}$")
 _MAX_FORM_BYTES = 2048
 _CSRF_COOKIE = "portal_csrf"
 _CSRF_CONTEXT = b"eobblast.portal.csrf.v1\x00"
@@ -120,11 +120,13 @@ _STRINGS: dict[str, dict[str, str]] = {
         "month": "Month",
         "day": "Day",
         "year": "Year",
-        "last4_label": "Last 4 characters of your member ID",
-        "last4_hint": "Your member ID is on your insurance card.",
+        "last4_label": "Last 4 digits of your member ID",
+        "last4_hint": "Your member ID is on your insurance card. Enter its last 4 digits"
+        " only, leaving out letters and dashes; if it has fewer than 4 digits, enter all of"
+        " them.",
         "submit": "Show my notice",
         "wrong": "The details you entered do not match our records. Attempts left: {left}.",
-        "invalid": "Enter your date of birth as month, day and year, and the last 4 characters"
+        "invalid": "Enter your date of birth as month, day and year, and the last 4 digits"
         " of your member ID.",
         "csrf": "This page had expired. Please enter your details again. If this keeps"
         " happening, allow cookies for this site.",
@@ -153,13 +155,15 @@ _STRINGS: dict[str, dict[str, str]] = {
         "month": "Mes",
         "day": "Día",
         "year": "Año",
-        "last4_label": "Últimos 4 caracteres de su número de miembro",
-        "last4_hint": "Su número de miembro está en su tarjeta de seguro.",
+        "last4_label": "Últimos 4 dígitos de su número de miembro",
+        "last4_hint": "Su número de miembro está en su tarjeta de seguro. Ingrese solo sus"
+        " últimos 4 dígitos, sin letras ni guiones; si tiene menos de 4 dígitos, ingréselos"
+        " todos.",
         "submit": "Mostrar mi aviso",
         "wrong": "Los datos que ingresó no coinciden con nuestros registros."
         " Intentos restantes: {left}.",
         "invalid": "Ingrese su fecha de nacimiento como mes, día y año, y los últimos 4"
-        " caracteres de su número de miembro.",
+        " dígitos de su número de miembro.",
         "csrf": "Esta página había caducado. Ingrese sus datos de nuevo. Si esto se repite,"
         " permita las cookies para este sitio.",
         "unknown_title": "Este enlace no es válido",

@@ -22,6 +22,7 @@ import hashlib
 import hmac
 import re
 import secrets
+import string
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -224,7 +225,8 @@ def _split(envelope: bytes) -> tuple[str, bytes, bytes, bytes, bytes]:
 class EscrowItem:
     """What to escrow for one EOB.
 
-    `member_id` and `date_of_birth` are sealed with the HTML (they are the identity check);
+    The last four digits of `member_id` and `date_of_birth` are sealed with the HTML (they
+    are the identity check; the rest of the id is not kept);
     `member_ref` is the opaque pseudonym (see `observe.audit.member_ref`) kept in clear
     for the audit trail. A member without a date of birth on file cannot use the portal.
     """
@@ -325,14 +327,35 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
+def last4_digits(member_id: str) -> str:
+    """The last four digits of a member id, other characters skipped ("XYZ123456789-01":
+    "8901"); every digit of an id with fewer than four, and "" for an id without any."""
+    return "".join(ch for ch in member_id if ch in string.digits)[-4:]
+
+
 def normalise_last4(value: str) -> str:
-    """The member-id suffix as compared: trimmed, upper case."""
-    return value.strip().upper()
+    """A member's answer as compared: without the spaces around it."""
+    return value.strip()
 
 
-def last4_of(member_id: str) -> str:
-    """The last four characters of a member id (the whole id if shorter)."""
-    return normalise_last4(member_id[-4:])
+def identity_matches(payload: Mapping[str, Any], dob: dt.date, last4: str) -> bool:
+    """Whether the answers match a sealed payload's date of birth and member-id digits.
+
+    Both are compared together, in constant time: the reply never tells which was wrong.
+    An id without a digit never matches (the date of birth alone is not enough).
+    """
+    answer = normalise_last4(last4)
+    if "last4_digits" in payload:
+        digits = str(payload["last4_digits"])
+    else:
+        # Sealed before the check took digits: the id's last four characters ("9-01"),
+        # whose digits ("901") must end the member's answer ("8901"). Such items expire
+        # within [portal] item_days of the upgrade.
+        digits = last4_digits(str(payload["last4"]))
+        answer = answer[-len(digits) :] if digits else answer
+    expected = f"{payload['dob']}|{digits}".encode()
+    given = f"{dob.isoformat()}|{answer}".encode()
+    return hmac.compare_digest(expected, given) and bool(digits)
 
 
 def link_failure(row: ItemRow | None, now: float) -> PickupFailure | None:
@@ -361,11 +384,7 @@ def attempt_pickup(
     if failure is not None or row is None or row.envelope is None:
         return _refused(failure or PickupFailure.UNKNOWN, row), None
     payload = orjson.loads(keys.open(row.item_id, row.envelope))
-    expected = f"{payload['dob']}|{payload['last4']}".encode()
-    given = f"{dob.isoformat()}|{normalise_last4(last4)}".encode()
-    # Both answers are checked together, in constant time: the reply never tells which
-    # of the two was wrong.
-    if hmac.compare_digest(expected, given):
+    if identity_matches(payload, dob, last4):
         opened = PickupOpened(row.item_id, row.event_id, row.member_ref, str(payload["html"]))
         return opened, RowChange(row.failed_attempts, row.locked, now)
     attempts = row.failed_attempts + 1
@@ -452,7 +471,7 @@ class EscrowStore(abc.ABC):
             {
                 "html": item.html,
                 "dob": item.date_of_birth.isoformat(),
-                "last4": last4_of(item.member_id),
+                "last4_digits": last4_digits(item.member_id),
             }
         )
         await self._insert(
