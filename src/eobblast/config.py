@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import logging
 import os
 import types
@@ -10,9 +11,11 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from eobblast._bootstrap import parse_bootstrap
 from eobblast._holes import HOLE_SETTLE, MAX_HOLE_SETTLE
+from eobblast._net import is_loopback
 from eobblast._toml import parse_toml, read_text
 from eobblast.errors import ConfigError
 from eobblast.shaping.engine import ShapingConfig
@@ -207,29 +210,77 @@ class ProtectionConfig:
             raise ConfigError("protection.tls_sync_seconds: expected a number > 0")
 
 
+# [portal] bounds: (least, most).
+PORTAL_ITEM_DAYS = (1, 90)
+PORTAL_LOCKOUT_AFTER = (1, 10)
+
+
 @dataclass(frozen=True, slots=True)
 class PortalConfig:
     """The secure portal: where escrowed EOBs live and how members reach them."""
 
-    # The pickup link is base_url + token.
+    # The pickup link is base_url + token: https, or http on localhost or a loopback
+    # address only (the demo, tests); its path ends in "/".
     base_url: str = "https://eob.example.com/p/"
     escrow_url: str = "sqlite:///eobblast-escrow.db"
     key_dir: Path = Path("portal-keys")
+    # Days an escrowed EOB waits for its member (the link's life), 1 to 90.
     item_days: int = 30
+    # Wrong answers that lock a link for good, 1 to 10.
     lockout_after: int = 5
     audit_url: str = "sqlite:///eobblast-audit.db"
     # HMAC key (file) for the opaque member references in the audit trail.
     audit_key_file: Path = Path("portal-keys/audit.key")
     listen_address: str = "127.0.0.1"
     listen_port: int = 8443
-    # Addresses of the reverse proxies in front of the portal: their X-Forwarded-For is
-    # believed, so rate limits count each member's client, not the proxy. Empty: ignored.
+    # Addresses (or networks) of the reverse proxies in front of the portal: their
+    # X-Forwarded-For is believed, so rate limits count each member's client, not the
+    # proxy. Empty: ignored.
     trusted_proxies: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        problem = _pickup_url_problem(self.base_url)
+        if problem is not None:
+            raise ConfigError(f"portal.base_url: {problem}")
+        for name, (least, most) in (
+            ("item_days", PORTAL_ITEM_DAYS),
+            ("lockout_after", PORTAL_LOCKOUT_AFTER),
+        ):
+            if not least <= getattr(self, name) <= most:
+                raise ConfigError(f"portal.{name}: expected a whole number from {least} to {most}")
+        if not 0 <= self.listen_port <= 65535:
+            raise ConfigError("portal.listen_port: expected a port from 0 to 65535")
+        for proxy in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(proxy)
+            except ValueError:
+                # uvicorn would take any other text as a name no client ever has, or, "*",
+                # believe every client's X-Forwarded-For: each would pick its own limit.
+                raise ConfigError(
+                    f"portal.trusted_proxies: expected IP addresses or networks, not {proxy!r}"
+                ) from None
 
     @property
     def forwarded_allow_ips(self) -> str | None:
         """`trusted_proxies` as the portal server takes them (None: no forwarding headers)."""
         return ",".join(self.trusted_proxies) or None
+
+
+def _pickup_url_problem(url: str) -> str | None:
+    """What is wrong with a pickup-link prefix, or None."""
+    try:
+        parts = urlsplit(url)
+        host, _port = parts.hostname, parts.port
+    except ValueError:  # an unclosed [IPv6] bracket, a port that is no number
+        return f"{url!r} is not a URL"
+    if parts.scheme not in ("https", "http") or not host:
+        return f"expected https://HOST/PATH/, not {url!r}"
+    if parts.scheme == "http" and not is_loopback(host):
+        # Members would get their EOB without TLS, HSTS or a Secure cookie.
+        return "expected https:// (http only on localhost or a loopback address)"
+    if not parts.path.endswith("/") or parts.query or parts.fragment:
+        return "expected a path ending in / and no query (the link is base_url + token)"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

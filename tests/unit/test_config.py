@@ -212,3 +212,52 @@ def test_the_ledger_retention_is_days_from_the_environment_and_never_negative() 
     assert config.ledger.retention_days == 35.0
     with pytest.raises(ConfigError, match=r"ledger\.retention_days"):
         load_config(environ={"EOBBLAST_LEDGER__RETENTION_DAYS": "-1"})
+
+
+@pytest.mark.parametrize(
+    ("portal", "message"),
+    [
+        # Over plain HTTP the EOB would be served without HSTS, its cookie not Secure.
+        ({"base_url": "http://eob.acme-health.com/p/"}, r"portal\.base_url: expected https://"),
+        ({"base_url": "http://10.1.2.3:8443/p/"}, r"portal\.base_url: expected https://"),
+        ({"base_url": "ftp://eob.acme-health.com/p/"}, r"portal\.base_url: expected https://HOST"),
+        ({"base_url": "/p/"}, r"portal\.base_url: expected https://HOST"),
+        ({"base_url": "https://[eob/p/"}, r"portal\.base_url: .* is not a URL"),
+        ({"base_url": "https://eob.acme-health.com/p"}, r"portal\.base_url: expected a path"),
+        ({"base_url": "https://eob.acme-health.com/?t="}, r"portal\.base_url: expected a path"),
+        ({"lockout_after": 0}, r"portal\.lockout_after: expected a whole number from 1 to 10"),
+        ({"lockout_after": 1000}, r"portal\.lockout_after: expected a whole number from 1"),
+        ({"item_days": 0}, r"portal\.item_days: expected a whole number from 1 to 90"),
+        ({"item_days": -3}, r"portal\.item_days"),
+        ({"item_days": 3650}, r"portal\.item_days"),
+        ({"listen_port": 70000}, r"portal\.listen_port: expected a port"),
+        # uvicorn believes "*" from anyone, and takes a typo as a name no client has.
+        ({"trusted_proxies": ["*"]}, r"portal\.trusted_proxies: expected IP addresses"),
+        ({"trusted_proxies": ["proxy.internal"]}, r"portal\.trusted_proxies: expected IP"),
+    ],
+)
+def test_portal_settings_are_checked(portal: dict[str, object], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(environ={}, overrides={"portal": portal})
+
+
+def test_portal_links_over_plain_http_only_on_this_machine() -> None:
+    # The demo and the tests serve the portal on loopback without TLS.
+    for base_url in ("http://127.0.0.1:8443/p/", "http://localhost/p/", "http://[::1]:80/p/"):
+        assert load_config(environ={}, overrides={"portal": {"base_url": base_url}})
+    environ = {
+        "EOBBLAST_PORTAL__BASE_URL": "http://eob.acme-health.com/p/",
+        "EOBBLAST_PORTAL__LOCKOUT_AFTER": "3",
+    }
+    with pytest.raises(ConfigError, match=r"portal\.base_url"):
+        load_config(EXAMPLE, environ=environ)
+    config = load_config(
+        EXAMPLE,
+        environ={
+            "EOBBLAST_PORTAL__TRUSTED_PROXIES": "172.31.254.1, 10.0.0.0/8, ::1",
+            "EOBBLAST_PORTAL__LOCKOUT_AFTER": "10",
+            "EOBBLAST_PORTAL__ITEM_DAYS": "90",
+        },
+    )
+    assert config.portal.forwarded_allow_ips == "172.31.254.1,10.0.0.0/8,::1"
+    assert (config.portal.lockout_after, config.portal.item_days) == (10, 90)

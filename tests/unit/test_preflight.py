@@ -11,6 +11,7 @@ from click.testing import CliRunner
 
 from eobblast.cli import main
 from eobblast.config import load_config
+from eobblast.errors import ConfigError
 from eobblast.preflight import Verdict, placeholder_settings, reserved_name, stores
 
 
@@ -75,14 +76,20 @@ def test_the_defaults_are_placeholders() -> None:
     }
 
 
-def test_a_base_url_without_a_host_fails_and_bounces_off_have_no_domain() -> None:
+def test_a_base_url_without_a_host_is_refused_and_bounces_off_have_no_domain() -> None:
+    # The configuration itself refuses it now (PortalConfig), before any check runs.
+    with pytest.raises(ConfigError, match=r"portal\.base_url: expected https://HOST"):
+        load_config(environ={}, overrides={"portal": {"base_url": "/p/"}})
     config = load_config(
         environ={},
-        overrides={"portal": {"base_url": "/p/"}, "bounces": {"enabled": False}},
+        overrides={
+            "portal": {"base_url": "https://eob.acme-health.com/p/"},
+            "bounces": {"enabled": False},
+        },
     )
-    [portal, _] = placeholder_settings(config)
-    assert (portal.check, portal.verdict) == ("portal base_url", Verdict.FAIL)
-    assert portal.detail.startswith("/p/ has no host name")
+    [portal, shaping] = placeholder_settings(config)
+    assert (portal.check, portal.verdict) == ("portal base_url", Verdict.OK)
+    assert shaping.check == "shaping pools_file"
 
 
 @pytest.mark.parametrize(
