@@ -477,11 +477,18 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
                     # Shared by every portal process and kept across restarts.
                     csrf_secret=csrf_secret_from(services.audit_key),
                     https=https,
+                    access_days=config.portal.access_days,
                 ),
                 host or config.portal.listen_address,
                 config.portal.listen_port if port is None else port,
                 forwarded_allow_ips=config.portal.forwarded_allow_ips,
             )
+            if config.portal.metrics_port:
+                from eobblast.observe.metrics import serve_metrics
+
+                # Its own port, never the portal's: /metrics must not face members.
+                bound = serve_metrics(config.portal.metrics_port, config.metrics.address)
+                console.print(f"metrics on http://{config.metrics.address}:{bound}/metrics")
             console.print(f"portal on {server.url}/p/<token>   Ctrl-C stops")
             await server.wait()
         finally:

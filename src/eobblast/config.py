@@ -213,6 +213,8 @@ class ProtectionConfig:
 # [portal] bounds: (least, most).
 PORTAL_ITEM_DAYS = (1, 90)
 PORTAL_LOCKOUT_AFTER = (1, 10)
+# Six years, the retention HIPAA asks of required documentation.
+PORTAL_ACCESS_DAYS = (1, 2192)
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,8 +237,13 @@ class PortalConfig:
     listen_port: int = 8443
     # Addresses (or networks) of the reverse proxies in front of the portal: their
     # X-Forwarded-For is believed, so rate limits count each member's client, not the
-    # proxy. Empty: ignored.
+    # proxy, and access records name it. Empty: ignored.
     trusted_proxies: tuple[str, ...] = ()
+    # Days the portal's access records (each pickup attempt's client address and
+    # User-Agent, in the escrow store) are kept, 1 to 2192.
+    access_days: int = 365
+    # `eobblast portal` serves its metrics here, on [metrics] address (0: none).
+    metrics_port: int = 0
 
     def __post_init__(self) -> None:
         problem = _pickup_url_problem(self.base_url)
@@ -245,11 +252,15 @@ class PortalConfig:
         for name, (least, most) in (
             ("item_days", PORTAL_ITEM_DAYS),
             ("lockout_after", PORTAL_LOCKOUT_AFTER),
+            ("access_days", PORTAL_ACCESS_DAYS),
         ):
             if not least <= getattr(self, name) <= most:
                 raise ConfigError(f"portal.{name}: expected a whole number from {least} to {most}")
-        if not 0 <= self.listen_port <= 65535:
-            raise ConfigError("portal.listen_port: expected a port from 0 to 65535")
+        for name in ("listen_port", "metrics_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                raise ConfigError(f"portal.{name}: expected a port from 0 to 65535")
+        if self.metrics_port and self.metrics_port == self.listen_port:
+            raise ConfigError("portal.metrics_port: expected another port than listen_port")
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import email
 import logging
 import re
+import signal
 import sqlite3
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -18,6 +21,8 @@ import httpx
 import orjson
 import psycopg
 import pytest
+import tomli_w
+from prometheus_client.parser import text_string_to_metric_families
 
 from eobblast.config import load_config
 from eobblast.events import EobIssued, validate_event
@@ -29,6 +34,7 @@ from eobblast.observe.audit import (
     member_ref,
     open_audit,
 )
+from eobblast.observe.metrics import REGISTRY
 from eobblast.portal import (
     PortalServer,
     Rate,
@@ -38,15 +44,19 @@ from eobblast.portal import (
     serve_portal,
 )
 from eobblast.protect.escrow import (
+    AccessRecord,
     EscrowItem,
     EscrowStore,
     KeyRing,
+    PickupClient,
     PickupFailure,
     escrow_eob,
     open_escrow,
 )
+from eobblast.protect.services import ProtectionServices
 from eobblast.render.mime import Renderer
 from tests.conftest import service_logging, throwaway_pg_schema
+from tests.kafka_fixtures import free_port
 
 REF_KEY = b"member-ref-key-for-tests-only-32"
 NOW = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
@@ -137,7 +147,9 @@ def clock() -> Clock:
     return Clock(NOW)
 
 
-async def start(stores: Stores, clock: Clock, **options: Any) -> PortalServer:
+async def start(
+    stores: Stores, clock: Clock, *, forwarded_allow_ips: str | None = None, **options: Any
+) -> PortalServer:
     settings: dict[str, Any] = {
         "lockout_after": LOCKOUT,
         "per_ip": GENEROUS,
@@ -146,7 +158,8 @@ async def start(stores: Stores, clock: Clock, **options: Any) -> PortalServer:
         "clock": clock,
     }
     settings.update(options)
-    return await serve_portal(create_app(stores.escrow, stores.audit, **settings))
+    app = create_app(stores.escrow, stores.audit, **settings)
+    return await serve_portal(app, forwarded_allow_ips=forwarded_allow_ips)
 
 
 @pytest.fixture
@@ -216,16 +229,17 @@ async def submit(
         form = await client.get(f"/p/{token}")
         assert form.status_code == 200, form.text
         csrf = csrf_of(form.text)
-    return await client.post(
-        f"/p/{token}",
-        data={
-            "csrf": csrf,
-            "dob_month": str(dob.month),
-            "dob_day": str(dob.day),
-            "dob_year": str(dob.year),
-            "last4": last4,
-        },
-    )
+    return await client.post(f"/p/{token}", data={"csrf": csrf, **fields(dob, last4)})
+
+
+def fields(dob: dt.date, last4: str) -> dict[str, str]:
+    """The identity form's answers as a browser posts them (without its csrf field)."""
+    return {
+        "dob_month": str(dob.month),
+        "dob_day": str(dob.day),
+        "dob_year": str(dob.year),
+        "last4": last4,
+    }
 
 
 def wrong_dob(eob: Eob) -> dt.date:
@@ -597,6 +611,235 @@ async def test_portal_processes_sharing_the_reference_key_accept_each_others_for
     assert accepted.status_code == 200 and eob.html in accepted.text
 
 
+# ---------------------------------------------------------------- who tried, and what ops see
+
+
+async def test_each_attempt_is_kept_with_the_members_address_and_user_agent(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    # Behind the TLS proxy (trusted), the address is the one its X-Forwarded-For names.
+    eob = await escrow(stores, event_doc)
+    agent = "Mozilla/5.0 (X11; Linux x86_64; rv:128.0) " + " ".join(["Gecko/20100101"] * 12)
+    server = await start(stores, clock, forwarded_allow_ips="127.0.0.1")
+    try:
+        headers = {"user-agent": agent, "x-forwarded-for": "198.51.100.7"}
+        async with httpx.AsyncClient(base_url=server.url, headers=headers) as http:
+            assert (await submit(http, eob.token, wrong_dob(eob), eob.last4)).status_code == 403
+            assert (await submit(http, eob.token, eob.dob, eob.last4)).status_code == 200
+            http.headers["x-forwarded-for"] = "2001:db8::7"
+            used = await http.post(f"/p/{eob.token}", data=fields(eob.dob, eob.last4))
+            assert used.status_code == 410
+            assert (
+                await http.post("/p/" + "A" * 43, data=fields(eob.dob, eob.last4))
+            ).status_code == 404
+    finally:
+        await server.stop()
+    records = await stores.escrow.access_records(event_id=eob.event.event_id)
+    assert [(r.outcome, r.client.address) for r in records] == [
+        ("wrong_answer", "198.51.100.7"),
+        ("picked_up", "198.51.100.7"),
+        ("already_used", "2001:db8::7"),
+    ]
+    assert {r.client.user_agent for r in records} == {agent[:128]}
+    assert {r.at for r in records} == {NOW} and len({r.item_id for r in records}) == 1
+    everything = await stores.escrow.access_records()
+    assert [(r.outcome, r.item_id, r.event_id, r.client.address) for r in everything[3:]] == [
+        ("unknown", None, None, "2001:db8::7")
+    ]
+    # Kept [portal] access_days, apart from the items (which go at expiry).
+    assert await stores.escrow.purge_access(NOW) == 0
+    assert await stores.escrow.purge_access(NOW + dt.timedelta(seconds=1)) == 4
+    assert await stores.escrow.access_records() == []
+
+
+async def test_the_app_forgets_access_records_after_access_days(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    eob = await escrow(stores, event_doc)
+    someone = PickupClient("192.0.2.1", "curl/8.5.0")
+    for days_ago in (3, 1):
+        at = NOW - dt.timedelta(days=days_ago)
+        await stores.escrow.record_access(
+            AccessRecord(at, "expired", None, eob.event.event_id, someone)
+        )
+    server = await start(stores, clock, purge_interval=0.05, access_days=2)
+    try:
+        async with asyncio.timeout(5):
+            while True:
+                if len(await stores.escrow.access_records()) == 1:
+                    break
+                await asyncio.sleep(0.02)
+    finally:
+        await server.stop()
+    [kept] = await stores.escrow.access_records()
+    assert kept.at == NOW - dt.timedelta(days=1)
+
+
+def metric(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+def portal_counts() -> dict[str, float]:
+    counts = {
+        outcome: metric("eobblast_portal_pickups_total", outcome=outcome)
+        for outcome in ("picked_up", "wrong_answer", "locked", "already_used", "unknown")
+    }
+    counts["lockouts"] = metric("eobblast_portal_lockouts_total")
+    counts["limited_client"] = metric("eobblast_portal_rate_limited_total", limit="client")
+    counts["limited_link"] = metric("eobblast_portal_rate_limited_total", limit="link")
+    counts["audit_gaps"] = metric("eobblast_audit_write_failures_total")
+    return counts
+
+
+async def test_ops_see_pickups_lockouts_and_refusals_in_the_metrics(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    before = portal_counts()
+    eob = await escrow(stores, event_doc)
+    other = await escrow(stores, event_doc)
+    server = await start(stores, clock, per_link=Rate(burst=LOCKOUT + 1, per_minute=0.01))
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            csrf = csrf_of((await http.get(f"/p/{eob.token}")).text)
+            codes = [
+                (await submit(http, eob.token, wrong_dob(eob), eob.last4, csrf=csrf)).status_code
+                for _ in range(LOCKOUT + 2)
+            ]
+            assert codes == [403] * (LOCKOUT - 1) + [423, 423, 429]
+            assert (await submit(http, other.token, other.dob, other.last4)).status_code == 200
+            assert (await http.post(f"/p/{'B' * 43}", data={"last4": "1"})).status_code == 404
+    finally:
+        await server.stop()
+    after = portal_counts()
+    assert {name: after[name] - before[name] for name in after} == {
+        "picked_up": 1,
+        "wrong_answer": LOCKOUT,
+        "locked": 1,
+        "already_used": 0,
+        "unknown": 1,
+        "lockouts": 1,
+        "limited_client": 0,
+        "limited_link": 1,
+        "audit_gaps": 0,
+    }
+    # Outcomes not met yet are exported at 0: an alert on the first one needs a sample.
+    assert (
+        REGISTRY.get_sample_value("eobblast_portal_pickups_total", {"outcome": "expired"})
+        is not None
+    )
+
+
+class TrailFailingOn:
+    """The audit trail, except that appends of one action fail (the disk, say)."""
+
+    def __init__(self, inner: AuditTrail, action: AuditAction) -> None:
+        self._inner = inner
+        self._action = action
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    async def append(self, record: AuditRecord) -> None:
+        if record.action is self._action:
+            raise sqlite3.OperationalError("disk I/O error")
+        await self._inner.append(record)
+
+
+async def test_a_pickup_whose_audit_record_fails_is_counted_and_kept_in_the_access_records(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any]
+) -> None:
+    # The EOB is already spent: the member still gets it, and ops are told (the counter
+    # EobblastAuditGap watches) with what to reconcile the audit trail from.
+    eob = await escrow(stores, event_doc)
+    trail = cast(AuditTrail, TrailFailingOn(stores.audit, AuditAction.PORTAL_PICKUP))
+    before = portal_counts()["audit_gaps"]
+    server = await serve_portal(create_app(stores.escrow, trail, purge_interval=None, clock=clock))
+    try:
+        async with httpx.AsyncClient(base_url=server.url) as http:
+            shown = await submit(http, eob.token, eob.dob, eob.last4)
+    finally:
+        await server.stop()
+    assert shown.status_code == 200 and shown.text == eob.html
+    assert portal_counts()["audit_gaps"] == before + 1
+    assert await actions(stores, eob.event.event_id) == [("portal_escrowed", None)]
+    [record] = await stores.escrow.access_records(event_id=eob.event.event_id)
+    assert (record.outcome, record.client.address) == ("picked_up", "127.0.0.1")
+
+
+async def test_eobblast_portal_serves_its_metrics_and_sees_members_through_the_proxy(
+    tmp_path: Path, event_doc: dict[str, Any]
+) -> None:
+    # The command ops run: its own metrics port (never the members'), [portal]
+    # trusted_proxies naming the TLS proxy (here, this machine), http links on loopback.
+    listen, metrics_port = free_port(), free_port()
+    settings = {
+        "portal": {
+            "base_url": f"http://127.0.0.1:{listen}/p/",
+            "escrow_url": f"sqlite:///{tmp_path / 'escrow.db'}",
+            "audit_url": f"sqlite:///{tmp_path / 'audit.db'}",
+            "key_dir": str(tmp_path / "portal-keys"),
+            "audit_key_file": str(tmp_path / "portal-keys" / "audit.key"),
+            "listen_port": listen,
+            "metrics_port": metrics_port,
+            "trusted_proxies": ["127.0.0.1"],
+        },
+        "bounces": {"enabled": False},
+    }
+    config_file = tmp_path / "eobblast.toml"
+    config_file.write_text(tomli_w.dumps(settings))
+    config = load_config(config_file, environ={})
+    services = await ProtectionServices.open(config)  # as a worker: makes the keys
+    try:
+        assert services.escrow is not None and services.audit is not None
+        eob = await escrow(Stores("", services.escrow, services.audit), event_doc)
+    finally:
+        await services.close()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "eobblast", "portal", "--config", str(config_file),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{listen}", timeout=5) as http:
+            async with asyncio.timeout(30):
+                while True:
+                    with contextlib.suppress(httpx.TransportError):
+                        if (await http.get("/healthz")).status_code == 200:
+                            break
+                    assert process.returncode is None, "eobblast portal exited"
+                    await asyncio.sleep(0.1)
+            headers = {"x-forwarded-for": "203.0.113.5", "user-agent": "Member-Browser/1.0"}
+            form = await http.get(f"/p/{eob.token}", headers=headers)
+            wrong = await http.post(
+                f"/p/{eob.token}",
+                data={**fields(wrong_dob(eob), eob.last4), "csrf": csrf_of(form.text)},
+                headers=headers,
+            )
+            assert wrong.status_code == 403
+            assert (await http.get("/metrics")).status_code == 404  # not on the members' port
+            scraped = (await http.get(f"http://127.0.0.1:{metrics_port}/metrics")).text
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(process.wait(), 30) == 128 + signal.SIGTERM
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(scraped)
+        for sample in family.samples
+    }
+    assert samples[("eobblast_portal_pickups_total", (("outcome", "wrong_answer"),))] == 1
+    assert samples[("eobblast_portal_pickups_total", (("outcome", "picked_up"),))] == 0
+    assert samples[("eobblast_portal_lockouts_total", ())] == 0
+    assert samples[("eobblast_portal_rate_limited_total", (("limit", "client"),))] == 0
+    assert samples[("eobblast_audit_write_failures_total", ())] == 0
+    services = await ProtectionServices.open(config, create_keys=False)
+    try:
+        assert services.escrow is not None
+        [record] = await services.escrow.access_records(event_id=eob.event.event_id)
+    finally:
+        await services.close()
+    assert record.outcome == "wrong_answer"
+    assert record.client == PickupClient("203.0.113.5", "Member-Browser/1.0")
+
+
 async def test_healthz(client: httpx.AsyncClient) -> None:
     health = await client.get("/healthz")
     assert health.status_code == 200 and health.json() == {"status": "ok"}
@@ -606,7 +849,7 @@ async def test_healthz(client: httpx.AsyncClient) -> None:
 
 
 def raw_bytes(url: str) -> bytes:
-    """Every byte the database holds for the portal and audit tables."""
+    """Every byte the database holds for the portal (items, access records) and audit tables."""
     if url.startswith("sqlite:///"):
         db = Path(url.removeprefix("sqlite:///"))
         on_disk = [db, db.with_name(db.name + "-wal")]
@@ -614,7 +857,7 @@ def raw_bytes(url: str) -> bytes:
     chunks: list[bytes] = []
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("CHECKPOINT")  # flush shared buffers, so the files hold every row
-        for table in ("portal_items", "audit_trail"):
+        for table in ("portal_items", "portal_access", "audit_trail"):
             chunks += [text.encode() for (text,) in conn.execute(f"SELECT t::text FROM {table} t")]
             # The table's own file and its TOAST table's (where a large envelope lives).
             relations = conn.execute(

@@ -230,7 +230,9 @@ def test_the_ledger_retention_is_days_from_the_environment_and_never_negative() 
         ({"item_days": 0}, r"portal\.item_days: expected a whole number from 1 to 90"),
         ({"item_days": -3}, r"portal\.item_days"),
         ({"item_days": 3650}, r"portal\.item_days"),
-        ({"listen_port": 70000}, r"portal\.listen_port: expected a port"),
+        ({"access_days": 0}, r"portal\.access_days: expected a whole number from 1 to 2192"),
+        ({"metrics_port": 70000}, r"portal\.metrics_port: expected a port"),
+        ({"metrics_port": 8443}, r"portal\.metrics_port: expected another port than listen"),
         # uvicorn believes "*" from anyone, and takes a typo as a name no client has.
         ({"trusted_proxies": ["*"]}, r"portal\.trusted_proxies: expected IP addresses"),
         ({"trusted_proxies": ["proxy.internal"]}, r"portal\.trusted_proxies: expected IP"),

@@ -18,6 +18,7 @@ from eobblast.protect.escrow import (
     EscrowIntegrityError,
     ItemRow,
     KeyRing,
+    PickupClient,
     PickupFailure,
     PickupOpened,
     PickupRefused,
@@ -184,6 +185,14 @@ def test_items_sealed_with_the_last_4_characters_open_with_the_digits() -> None:
     sealed = keys.seal(ITEM, orjson.dumps({"html": "x", **legacy}))
     result, _ = attempt_pickup(keys, row(keys, envelope=sealed), DOB, "8901", NOW, 5)
     assert isinstance(result, PickupOpened)
+
+
+def test_a_pickup_client_is_stored_as_an_address_and_a_short_printable_agent() -> None:
+    client = PickupClient.of("2001:DB8::0001", "Mozilla/5.0 \x00\u00e9" + "x" * 500)
+    assert client.address == "2001:db8::1"
+    assert client.user_agent.startswith("Mozilla/5.0 ??") and len(client.user_agent) == 128
+    assert PickupClient.of("not-an-address", None) == PickupClient("unknown", "")
+    assert PickupClient.of(None, "curl/8") == PickupClient("unknown", "curl/8")
 
 
 @pytest.mark.parametrize(

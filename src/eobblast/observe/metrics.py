@@ -122,8 +122,8 @@ DUPLICATES = Counter(
 )
 AUDIT_GAPS = Counter(
     "eobblast_audit_write_failures",
-    "Audit records of delivered or held notices that could not be written (the notice stays"
-    " as it is: delivered, or held).",
+    "Audit records that could not be written: of delivered or held notices (the notice"
+    " stays as it is), and of pickup attempts at the portal (the member's answer stands).",
     registry=REGISTRY,
 )
 CLAIM_WAITS = Counter(

@@ -7,7 +7,11 @@ fetch links before people do; only a POST with the right answers does.
 
 Nothing here logs or audits the token, the answers or any EOB content: log lines and
 audit records carry opaque item ids and event ids only. uvicorn's access log is off,
-since it would print the token in every request line.
+since it would print the token in every request line. Who made each pickup attempt (the
+client's address as seen through the trusted proxies, the start of its User-Agent) is kept
+in the portal's own access records in the escrow store (`portal_access`, [portal]
+access_days), never in a log line: logs travel further, and an address beside an event id
+identifies a member.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from typing import Any
 import uvicorn
 from jinja2 import Environment, PackageLoader, StrictUndefined
 from markupsafe import Markup
+from prometheus_client import Counter
 from starlette.applications import Starlette
 from starlette.datastructures import MutableHeaders
 from starlette.requests import Request
@@ -42,15 +47,20 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.observe.metrics import AUDIT_GAPS, REGISTRY
 from eobblast.protect.escrow import (
     DEFAULT_LOCKOUT_AFTER,
+    PICKED_UP,
     PORTAL_PROTECTION,
+    AccessRecord,
     EscrowIntegrityError,
     EscrowStore,
     LinkStatus,
+    PickupClient,
     PickupFailure,
     PickupOpened,
     PickupRefused,
+    access_outcome,
     hash_token,
 )
 
@@ -60,6 +70,31 @@ ACTOR = "portal"
 _TOKEN = re.compile(r"^[A-Za-z0-9_-]{43}$")  # secrets.token_urlsafe(32)
 # The last 4 digits of the member id ("XYZ123456789-01": 8901), all of them when it has fewer.
 _LAST4 = re.compile(r"^[0-9]{1,4}$")
+DEFAULT_ACCESS_DAYS = 365
+
+# What became of each answered pickup attempt (a POST with a link): PICKED_UP, why it was
+# refused, or `unavailable` (the store failed: the generic 503 page).
+UNAVAILABLE = "unavailable"
+PICKUP_OUTCOMES = (PICKED_UP, *(str(failure) for failure in PickupFailure), UNAVAILABLE)
+# Which limit refused a request with 429: the client's (its address) or the link's.
+RATE_LIMITS = ("client", "link")
+PORTAL_PICKUPS = Counter(
+    "eobblast_portal_pickups",
+    f"Pickup attempts at the portal by outcome ({', '.join(PICKUP_OUTCOMES)}).",
+    ["outcome"],
+    registry=REGISTRY,
+)
+PORTAL_LOCKOUTS = Counter(
+    "eobblast_portal_lockouts",
+    "Pickup links locked for good after [portal] lockout_after wrong answers.",
+    registry=REGISTRY,
+)
+PORTAL_RATE_LIMITED = Counter(
+    "eobblast_portal_rate_limited",
+    "Portal requests refused with 429, by the limit that refused them (client, link).",
+    ["limit"],
+    registry=REGISTRY,
+)
 _MAX_FORM_BYTES = 2048
 _CSRF_COOKIE = "portal_csrf"
 _CSRF_CONTEXT = b"eobblast.portal.csrf.v1\x00"
@@ -450,7 +485,9 @@ class _Portal:
             await self.audit.append(record)
         except Exception as exc:
             # The member still gets the answer (a notice already marked picked up must
-            # not be lost to them); the gap is logged loudly for ops to reconcile.
+            # not be lost to them); the gap is logged and counted (EobblastAuditGap) for
+            # ops to reconcile from the log and the access records.
+            AUDIT_GAPS.inc()
             log.error(
                 "portal audit append failed",
                 extra={
@@ -461,11 +498,32 @@ class _Portal:
                 },
             )
 
+    async def _access(self, record: AccessRecord) -> None:
+        """Write an access record the attempt's own transaction did not (a dead link)."""
+        try:
+            await self.escrow.record_access(record)
+        except Exception as exc:  # the refusal stands; the gap is counted as an audit gap
+            AUDIT_GAPS.inc()
+            log.error(
+                "portal access record failed",
+                extra={
+                    "event_id": record.event_id,
+                    "item_id": record.item_id,
+                    "exc_type": type(exc).__name__,
+                },
+            )
+
     # ---- handlers
 
     def _client_wait(self, request: Request) -> float:
         client = request.client.host if request.client else "unknown"
         return self.per_ip.take(client, time.monotonic())
+
+    @staticmethod
+    def _client(request: Request) -> PickupClient:
+        # request.client is the X-Forwarded-For client when the peer is a trusted proxy.
+        address = request.client.host if request.client else None
+        return PickupClient.of(address, request.headers.get("user-agent"))
 
     async def _link(self, token: str) -> LinkStatus:
         if not _TOKEN.match(token):
@@ -476,6 +534,7 @@ class _Portal:
         """GET /p/{token}: the identity form, or why the link cannot be used."""
         wait = self._client_wait(request)
         if wait:
+            PORTAL_RATE_LIMITED.labels("client").inc()
             return self._too_many(wait)
         token = request.path_params["token"]
         try:
@@ -490,16 +549,19 @@ class _Portal:
         """POST /p/{token}: check the answers; the EOB once, or a counted refusal."""
         token = request.path_params["token"]
         token_sha256 = hash_token(token)
-        wait = max(self._client_wait(request), self.per_link.take(token_sha256, time.monotonic()))
-        if wait:
-            log.info("portal attempt rate limited")
-            return self._too_many(wait)
+        client_wait = self._client_wait(request)
+        link_wait = self.per_link.take(token_sha256, time.monotonic())
+        if client_wait or link_wait:
+            limit = "client" if client_wait else "link"
+            PORTAL_RATE_LIMITED.labels(limit).inc()
+            log.info("portal attempt rate limited", extra={"limit": limit})
+            return self._too_many(max(client_wait, link_wait))
         try:
             link = await self._link(token)
         except EobblastError as exc:
-            return self._unavailable(exc, None)
+            return self._unavailable(exc, None, attempt=True)
         if link.failure is not None:
-            return await self._refuse_dead_link(link)
+            return await self._refuse_dead_link(request, link)
         try:
             return await self._check(request, token, token_sha256, link)
         except EscrowIntegrityError as exc:
@@ -512,9 +574,9 @@ class _Portal:
                     link.member_ref,
                     "escrow_integrity",
                 )
-            return self._unavailable(exc, link.item_id)
+            return self._unavailable(exc, link.item_id, attempt=True)
         except EobblastError as exc:
-            return self._unavailable(exc, link.item_id)
+            return self._unavailable(exc, link.item_id, attempt=True)
 
     async def _check(
         self, request: Request, token: str, token_sha256: str, link: LinkStatus
@@ -545,8 +607,14 @@ class _Portal:
                 request, token_sha256, link.language, status=422, error=strings["invalid"]
             )
         result = await self.escrow.verify_and_open(
-            token, dob, last4, self.clock(), lockout_after=self.lockout_after
+            token,
+            dob,
+            last4,
+            self.clock(),
+            lockout_after=self.lockout_after,
+            client=self._client(request),
         )
+        PORTAL_PICKUPS.labels(access_outcome(result)).inc()
         if isinstance(result, PickupOpened):
             return await self._opened(result)
         return await self._refused(request, token_sha256, link, result)
@@ -579,6 +647,7 @@ class _Portal:
         ids = {"item_id": result.item_id, "event_id": result.event_id}
         log.info("portal pickup refused", extra={**ids, "reason": str(result.reason)})
         if result.just_locked and result.event_id is not None:
+            PORTAL_LOCKOUTS.inc()
             await self._record(
                 AuditAction.PORTAL_LOCKED,
                 result.event_id,
@@ -600,9 +669,14 @@ class _Portal:
             )
         return self._refusal(result.reason, link.language)
 
-    async def _refuse_dead_link(self, link: LinkStatus) -> Response:
+    async def _refuse_dead_link(self, request: Request, link: LinkStatus) -> Response:
         """A POST to a link that is used, expired, locked or unknown: said so, and audited."""
         assert link.failure is not None
+        PORTAL_PICKUPS.labels(str(link.failure)).inc()
+        client = self._client(request)
+        await self._access(
+            AccessRecord(self.clock(), str(link.failure), link.item_id, link.event_id, client)
+        )
         if link.event_id is not None:
             await self._record(
                 AuditAction.PORTAL_PICKUP_FAILED,
@@ -617,13 +691,19 @@ class _Portal:
         )
         return self._refusal(link.failure, link.language)
 
-    def _unavailable(self, exc: EobblastError, item_id: str | None) -> Response:
+    def _unavailable(
+        self, exc: EobblastError, item_id: str | None, *, attempt: bool = False
+    ) -> Response:
         # The reason code only: never the exception's text.
         log.error("portal cannot serve a link", extra={"item_id": item_id, "reason": exc.reason})
+        if attempt:
+            PORTAL_PICKUPS.labels(UNAVAILABLE).inc()
         return self._notice("en", 503, "error_title", "error")
 
     async def server_error(self, request: Request, exc: Exception) -> Response:
         """Any unexpected failure: the generic page, never a traceback or a detail."""
+        if request.method == "POST":  # only pickup attempts are posted
+            PORTAL_PICKUPS.labels(UNAVAILABLE).inc()
         response = self._notice("en", 503, "error_title", "error")
         # Starlette answers errors outside the middleware stack: the headers go on here.
         for name, value in _HEADERS:
@@ -686,11 +766,18 @@ async def purge_and_record(
 
 
 async def _purge_forever(
-    escrow: EscrowStore, audit: AuditTrail, interval: float, clock: Callable[[], dt.datetime]
+    escrow: EscrowStore,
+    audit: AuditTrail,
+    interval: float,
+    clock: Callable[[], dt.datetime],
+    access_days: float,
 ) -> None:
     while True:
         try:
             await purge_and_record(escrow, audit, clock())
+            forgotten = await escrow.purge_access(clock() - dt.timedelta(days=access_days))
+            if forgotten:
+                log.info("portal purged old access records", extra={"count": forgotten})
         except Exception as exc:  # a database hiccup must not end purging for good
             log.warning("portal purge failed", extra={"exc_type": type(exc).__name__})
         await asyncio.sleep(interval)
@@ -709,11 +796,13 @@ def create_app(
     clock: Callable[[], dt.datetime] = _utcnow,
     hsts: bool = True,
     https: bool = False,
+    access_days: float = DEFAULT_ACCESS_DAYS,
 ) -> Starlette:
     """The portal's ASGI app. It does not own (or close) the escrow and the audit trail.
 
     `csrf_secret` must be shared by every portal process behind one address (a random
-    one is made per process otherwise); `purge_interval=None` leaves purging to others.
+    one is made per process otherwise); `purge_interval=None` leaves purging (of expired
+    items, and of access records older than `access_days`) to others.
     `https`: members reach the portal over HTTPS (its pickup links are https), though this
     hop may be plain HTTP from a TLS proxy: HSTS and `Secure` cookies regardless. Without
     it, both follow the scheme of the request as the server sees it.
@@ -735,7 +824,8 @@ def create_app(
         task = None
         if purge_interval is not None:
             task = asyncio.create_task(
-                _purge_forever(escrow, audit, purge_interval, clock), name="portal-purge"
+                _purge_forever(escrow, audit, purge_interval, clock, access_days),
+                name="portal-purge",
             )
         try:
             yield
@@ -745,6 +835,12 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
 
+    # Every outcome and limit counted from 0: an alert on the first lockout or 429 needs a
+    # sample before it (a labelled series appears only when first counted).
+    for outcome in PICKUP_OUTCOMES:
+        PORTAL_PICKUPS.labels(outcome)
+    for limit in RATE_LIMITS:
+        PORTAL_RATE_LIMITED.labels(limit)
     app = Starlette(
         routes=[
             Route("/healthz", portal.healthz, methods=["GET"]),

@@ -20,6 +20,7 @@ import datetime as dt
 import enum
 import hashlib
 import hmac
+import ipaddress
 import re
 import secrets
 import string
@@ -274,6 +275,50 @@ class PickupRefused:
 
 
 PickupResult = PickupOpened | PickupRefused
+# An access record's outcome of a pickup that opened; the others are PickupFailure values.
+PICKED_UP = "picked_up"
+# What an access record keeps of a User-Agent: enough to tell a browser from a script.
+USER_AGENT_CHARS = 128
+
+
+@dataclass(frozen=True, slots=True)
+class PickupClient:
+    """Who made a pickup attempt, as the portal saw them: the client's address (through
+    its trusted proxies) and the start of its User-Agent, printable ASCII only."""
+
+    address: str
+    user_agent: str
+
+    @classmethod
+    def of(cls, address: str | None, user_agent: str | None) -> PickupClient:
+        """A client from what the request says, made fit to store: an IP address (or
+        "unknown") and at most USER_AGENT_CHARS printable characters."""
+        try:
+            shown = str(ipaddress.ip_address(address or ""))
+        except ValueError:
+            shown = "unknown"
+        agent = "".join(
+            ch if " " <= ch <= "~" else "?" for ch in (user_agent or "")[:USER_AGENT_CHARS]
+        )
+        return cls(shown, agent)
+
+
+@dataclass(frozen=True, slots=True)
+class AccessRecord:
+    """One pickup attempt in the portal's access records (`portal_access`): when, what
+    came of it (PICKED_UP or a PickupFailure), for which item (None: the link matched
+    none) and who made it. Never the token or an answer."""
+
+    at: dt.datetime
+    outcome: str
+    item_id: str | None
+    event_id: str | None
+    client: PickupClient
+
+
+def access_outcome(result: PickupResult) -> str:
+    """What an attempt's access record says came of it."""
+    return PICKED_UP if isinstance(result, PickupOpened) else str(result.reason)
 
 
 @dataclass(frozen=True, slots=True)
@@ -410,6 +455,8 @@ def _refused(reason: PickupFailure, row: ItemRow | None) -> PickupRefused:
 
 # One attempt decided against its row, inside the store's row-locking transaction.
 _Decide = Callable[[ItemRow | None], tuple[PickupResult, RowChange | None]]
+# The attempt's access record, made from its result in the same transaction.
+_Record = Callable[[PickupResult], AccessRecord]
 
 
 def _epoch(when: dt.datetime) -> float:
@@ -504,16 +551,33 @@ class EscrowStore(abc.ABC):
         now: dt.datetime,
         *,
         lockout_after: int = DEFAULT_LOCKOUT_AFTER,
+        client: PickupClient | None = None,
     ) -> PickupResult:
         """Check the answers: the EOB once (then the link is spent), or why not.
 
-        A wrong answer is counted; the `lockout_after`-th locks the item for good.
+        A wrong answer is counted; the `lockout_after`-th locks the item for good. With
+        `client`, the attempt's access record is written in the same transaction: no
+        pickup without it.
         """
         at = _epoch(now)
         return await self._in_row_transaction(
             hash_token(token),
             lambda row: attempt_pickup(self._keys, row, dob, last4, at, lockout_after),
+            None if client is None else _recorder(now, client),
         )
+
+    async def record_access(self, record: AccessRecord) -> None:
+        """Write an access record of an attempt decided without `verify_and_open` (a link
+        already used, expired, locked or unknown)."""
+        await self._insert_access(_access_args(record))
+
+    async def access_records(self, *, event_id: str | None = None) -> list[AccessRecord]:
+        """The access records kept (of one event's item), oldest first."""
+        return [_access_record(values) for values in await self._select_access(event_id)]
+
+    async def purge_access(self, before: dt.datetime) -> int:
+        """Delete the access records of attempts made before `before`; returns how many."""
+        return await self._delete_access(_epoch(before))
 
     async def purge_expired(self, now: dt.datetime) -> int:
         """Delete every item whose time is up; returns how many."""
@@ -541,7 +605,18 @@ class EscrowStore(abc.ABC):
     async def _fetch(self, token_sha256: str) -> ItemRow | None: ...
 
     @abc.abstractmethod
-    async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult: ...
+    async def _in_row_transaction(
+        self, token_sha256: str, decide: _Decide, record: _Record | None
+    ) -> PickupResult: ...
+
+    @abc.abstractmethod
+    async def _insert_access(self, values: tuple[Any, ...]) -> None: ...
+
+    @abc.abstractmethod
+    async def _select_access(self, event_id: str | None) -> list[Sequence[Any]]: ...
+
+    @abc.abstractmethod
+    async def _delete_access(self, before: float) -> int: ...
 
     @abc.abstractmethod
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]: ...
@@ -584,6 +659,64 @@ def _table(blob: str) -> str:
 
 
 _INDEX = "CREATE INDEX IF NOT EXISTS portal_items_expires_at ON portal_items (expires_at)"
+# The portal's access records: one row per pickup attempt, with the client's address and
+# User-Agent, kept [portal] access_days (apart from the items, which go at expiry).
+_ACCESS_TABLE = (
+    "CREATE TABLE IF NOT EXISTS portal_access ("
+    " at DOUBLE PRECISION NOT NULL,"
+    " outcome TEXT NOT NULL,"
+    " item_id TEXT,"
+    " event_id TEXT,"
+    " client TEXT NOT NULL,"
+    " user_agent TEXT NOT NULL)"
+)
+_ACCESS_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS portal_access_at ON portal_access (at)",
+    "CREATE INDEX IF NOT EXISTS portal_access_event_id ON portal_access (event_id)",
+)
+_SCHEMA = (_INDEX, _ACCESS_TABLE, *_ACCESS_INDEXES)
+_INSERT_ACCESS = (
+    "INSERT INTO portal_access (at, outcome, item_id, event_id, client, user_agent)"
+    " VALUES ({0}, {0}, {0}, {0}, {0}, {0})"
+)
+_SELECT_ACCESS = "SELECT at, outcome, item_id, event_id, client, user_agent FROM portal_access"
+_DELETE_ACCESS = "DELETE FROM portal_access WHERE at < {0}"
+
+
+def _recorder(now: dt.datetime, client: PickupClient) -> _Record:
+    def record(result: PickupResult) -> AccessRecord:
+        return AccessRecord(now, access_outcome(result), result.item_id, result.event_id, client)
+
+    return record
+
+
+def _access_args(record: AccessRecord) -> tuple[Any, ...]:
+    return (
+        _epoch(record.at),
+        record.outcome,
+        record.item_id,
+        record.event_id,
+        record.client.address,
+        record.client.user_agent,
+    )
+
+
+def _access_record(values: Sequence[Any]) -> AccessRecord:
+    return AccessRecord(
+        dt.datetime.fromtimestamp(float(values[0]), dt.UTC),
+        str(values[1]),
+        None if values[2] is None else str(values[2]),
+        None if values[3] is None else str(values[3]),
+        PickupClient(str(values[4]), str(values[5])),
+    )
+
+
+def _select_access(placeholder: str, event_id: str | None) -> tuple[str, tuple[Any, ...]]:
+    if event_id is None:
+        return _SELECT_ACCESS + " ORDER BY at", ()
+    return _SELECT_ACCESS + f" WHERE event_id = {placeholder} ORDER BY at", (event_id,)
+
+
 _SCHEMA_LOCK = 0x0E0B_E5C0
 
 
@@ -601,7 +734,7 @@ class SqliteEscrow(EscrowStore):
 
     def __init__(self, path: Path, keys: KeyRing) -> None:
         super().__init__(keys)
-        self._db = open_sqlite(path, [_table("BLOB"), _INDEX])
+        self._db = open_sqlite(path, [_table("BLOB"), *_SCHEMA])
         # Deleted rows are overwritten, not left readable in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
 
@@ -611,7 +744,9 @@ class SqliteEscrow(EscrowStore):
     async def _fetch(self, token_sha256: str) -> ItemRow | None:
         return _row(self._db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
 
-    async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult:
+    async def _in_row_transaction(
+        self, token_sha256: str, decide: _Decide, record: _Record | None
+    ) -> PickupResult:
         db = self._db
 
         def work() -> PickupResult:
@@ -619,9 +754,25 @@ class SqliteEscrow(EscrowStore):
             result, change = decide(row)
             if change is not None and row is not None:
                 db.execute(_UPDATE.format("?"), _update_args(change, row.item_id))
+            if record is not None:
+                db.execute(_INSERT_ACCESS.format("?"), _access_args(record(result)))
             return result
 
         return await write_transaction(db, work)
+
+    async def _insert_access(self, values: tuple[Any, ...]) -> None:
+        await write_transaction(
+            self._db, lambda: self._db.execute(_INSERT_ACCESS.format("?"), values)
+        )
+
+    async def _select_access(self, event_id: str | None) -> list[Sequence[Any]]:
+        statement, args = _select_access("?", event_id)
+        return list(self._db.execute(statement, args).fetchall())
+
+    async def _delete_access(self, before: float) -> int:
+        return await write_transaction(
+            self._db, lambda: self._db.execute(_DELETE_ACCESS.format("?"), (before,)).rowcount
+        )
 
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
         return await write_transaction(
@@ -653,7 +804,7 @@ class PostgresEscrow(EscrowStore):
     @classmethod
     async def connect(cls, dsn: str, keys: KeyRing) -> PostgresEscrow:
         """Connect and create the table if needed."""
-        conn = await connect_postgres(dsn, "escrow", _SCHEMA_LOCK, (_table("BYTEA"), _INDEX))
+        conn = await connect_postgres(dsn, "escrow", _SCHEMA_LOCK, (_table("BYTEA"), *_SCHEMA))
         return cls(conn, keys)
 
     async def _insert(self, values: tuple[Any, ...]) -> None:
@@ -665,7 +816,9 @@ class PostgresEscrow(EscrowStore):
             cur = await self._conn.execute(_SELECT.format("%s"), (token_sha256,))
             return _row(await cur.fetchone())
 
-    async def _in_row_transaction(self, token_sha256: str, decide: _Decide) -> PickupResult:
+    async def _in_row_transaction(
+        self, token_sha256: str, decide: _Decide, record: _Record | None
+    ) -> PickupResult:
         async with self._lock, self._conn.transaction():
             # FOR UPDATE: two simultaneous correct answers must not both open the item.
             cur = await self._conn.execute(_SELECT.format("%s") + " FOR UPDATE", (token_sha256,))
@@ -673,7 +826,24 @@ class PostgresEscrow(EscrowStore):
             result, change = decide(row)
             if change is not None and row is not None:
                 await self._conn.execute(_UPDATE.format("%s"), _update_args(change, row.item_id))
+            if record is not None:
+                await self._conn.execute(_INSERT_ACCESS.format("%s"), _access_args(record(result)))
         return result
+
+    async def _insert_access(self, values: tuple[Any, ...]) -> None:
+        async with self._lock:
+            await self._conn.execute(_INSERT_ACCESS.format("%s"), values)
+
+    async def _select_access(self, event_id: str | None) -> list[Sequence[Any]]:
+        statement, args = _select_access("%s", event_id)
+        async with self._lock:
+            cur = await self._conn.execute(statement, args)
+            return list(await cur.fetchall())
+
+    async def _delete_access(self, before: float) -> int:
+        async with self._lock:
+            cur = await self._conn.execute(_DELETE_ACCESS.format("%s"), (before,))
+            return int(cur.rowcount)
 
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
         async with self._lock:
