@@ -7,6 +7,7 @@ and the configuration is actually passed.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from pathlib import Path
 from typing import Any
@@ -14,18 +15,21 @@ from typing import Any
 import pytest
 import yaml
 
-from eobblast.config import Config, load_config
+from eobblast.config import Config, load_config, store_files
 from eobblast.preflight import Verdict, placeholder_settings
 
 ROOT = Path(__file__).parents[2]
 CONFIG_IN_CONTAINER = "/etc/eobblast/eobblast.toml"
 
 
+def compose_file() -> dict[str, Any]:
+    loaded: dict[str, Any] = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())
+    return loaded
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
-    services: dict[str, Any] = yaml.safe_load((ROOT / "deploy/docker-compose.yml").read_text())[
-        "services"
-    ]
+    services: dict[str, Any] = compose_file()["services"]
     return services
 
 
@@ -81,17 +85,33 @@ def test_the_image_runs_with_the_configuration_and_owns_its_state() -> None:
     assert "/var/lib/eobblast/keys" in dockerfile and "chown -R eobblast" in dockerfile
 
 
-def test_prometheus_scrapes_the_workers_and_the_bounce_listener(compose: dict[str, Any]) -> None:
+def test_prometheus_scrapes_the_workers_the_bounce_listener_and_the_portal(
+    compose: dict[str, Any],
+) -> None:
     workers = compose["eobblast"]["environment"]["EOBBLAST_METRICS__PORT"]
     bounces = compose["bounces"]["environment"]["EOBBLAST_BOUNCES__METRICS_PORT"]
+    portal = load_config(
+        ROOT / "config/eobblast.example.toml",
+        environ=_environment(compose["portal"], DEPLOYMENT),
+    )
+    assert portal.portal.metrics_port and portal.metrics.address == "0.0.0.0"
     prometheus = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
     targets = {
-        t for job in prometheus["scrape_configs"] for t in job["static_configs"][0]["targets"]
+        job["job_name"]: t
+        for job in prometheus["scrape_configs"]
+        for t in job["static_configs"][0]["targets"]
     }
-    assert targets == {f"eobblast:{workers}", f"bounces:{bounces}"}
+    assert targets == {
+        "eobblast": f"eobblast:{workers}",
+        "eobblast-bounces": f"bounces:{bounces}",
+        "eobblast-portal": f"portal:{portal.portal.metrics_port}",
+    }
+    # Members reach the pickup port only: the metrics port is for Prometheus.
+    published = [port.rsplit(":", 1)[1] for port in compose["portal"]["ports"]]
+    assert published == [str(portal.portal.listen_port)]
 
 
-@pytest.mark.parametrize("service", ["eobblast", "bounces", "portal"])
+@pytest.mark.parametrize("service", ["check", "eobblast", "bounces", "portal"])
 def test_the_services_secrets_are_made_before_anyone_reads_them(
     compose: dict[str, Any], example: Config, service: str
 ) -> None:
@@ -103,13 +123,88 @@ def test_the_services_secrets_are_made_before_anyone_reads_them(
     assert command[command.index("--config") + 1] == CONFIG_IN_CONTAINER
     assert _waits_for(compose, service, "secrets")
     needed = [example.portal.key_dir / "active", example.portal.audit_key_file]
-    if example.bounces.enabled and service != "portal":
+    if example.bounces.enabled and service not in ("portal", "check"):
         needed.append(example.bounces.verp_key_file)
     for path in needed:
         made_in = _volume_of(secrets["volumes"], path)
         assert made_in.startswith("eobblast-") and made_in == _volume_of(
             compose[service]["volumes"], path
         ), path
+
+
+def _loads_the_configuration(service: dict[str, Any]) -> bool:
+    command = service.get("command") or [None]
+    return command[0] == "eobblast" and "--config" in command
+
+
+@pytest.mark.parametrize("service", ["secrets", "check", "eobblast", "bounces", "portal"])
+def test_keys_are_on_volumes_of_their_own_never_beside_the_stores(
+    compose: dict[str, Any], example: Config, service: str
+) -> None:
+    # One backup of the data volume (escrow.db, audit.db...) must not also hold the escrow
+    # key ring and the member-reference key that open and pseudonymise it.
+    mounts = compose[service]["volumes"]
+    keys = [example.portal.key_dir / "active", example.portal.audit_key_file]
+    if service != "portal":  # the portal gets neither the DKIM nor the VERP key
+        keys += [example.dkim.key_dir / "example.eob1.rsa.pem", example.bounces.verp_key_file]
+    key_volumes = {_volume_of(mounts, path).split(":")[0] for path in keys}
+    store_volumes = {
+        _volume_of(mounts, path).split(":")[0] for path in store_files(example).values()
+    }
+    assert store_volumes == {"eobblast-state"}
+    assert not key_volumes & store_volumes, key_volumes
+    assert {_volume_of(mounts, path) for path in keys[:2]} == {
+        f"eobblast-portal-keys:{example.portal.key_dir}"
+    }
+
+
+def test_every_service_that_reads_the_portal_keys_mounts_them(
+    compose: dict[str, Any], example: Config
+) -> None:
+    # Any eobblast service that loads the configuration and opens the escrow or the audit
+    # trail: without the volume, it would find (or make) keys on the data volume.
+    mount = f"eobblast-portal-keys:{example.portal.key_dir}"
+    readers = {name for name, service in compose.items() if mount in service.get("volumes", [])}
+    assert readers == {
+        name for name, service in compose.items() if _loads_the_configuration(service)
+    }
+    assert readers == {"secrets", "check", "eobblast", "bounces", "portal"}
+
+
+def test_the_image_makes_every_key_volume_private_to_the_service_user(
+    compose: dict[str, Any],
+) -> None:
+    # A new named volume starts with the ownership and mode of the image's directory: one
+    # the image lacks would be root's, and `eobblast keys secrets` could not write there.
+    dockerfile = (ROOT / "deploy/Dockerfile").read_text()
+    made = dockerfile.split("mkdir -p", 1)[1].split("&&", 1)[0].split()
+    private = dockerfile.split("chmod 0700", 1)[1].split("\n", 1)[0].split()
+    key_mounts = {
+        volume.split(":")[1]
+        for service in compose.values()
+        for volume in service.get("volumes", [])
+        if volume.split(":")[0].endswith("-keys")
+    }
+    assert key_mounts == {"/var/lib/eobblast/keys", "/var/lib/eobblast/portal-keys"}
+    assert key_mounts <= set(made) and key_mounts <= set(private)
+
+
+def test_the_portal_trusts_the_proxy_on_this_host_and_no_one_else(
+    compose: dict[str, Any],
+) -> None:
+    # A TLS proxy on the host reaches the portal through its published port: the portal
+    # sees it at the compose network's gateway. Trusting it gives each member their own
+    # rate limit; trusting more would let any container choose its own.
+    [network] = compose_file()["networks"]["default"]["ipam"]["config"]
+    config = load_config(
+        ROOT / "config/eobblast.example.toml",
+        environ=_environment(compose["portal"], DEPLOYMENT),
+    )
+    assert config.portal.trusted_proxies == (network["gateway"],)
+    assert ipaddress.ip_address(network["gateway"]) in ipaddress.ip_network(network["subnet"])
+    elsewhere = _environment(compose["portal"], DEPLOYMENT | {"EOB_PORTAL_PROXIES": "192.0.2.8"})
+    config = load_config(ROOT / "config/eobblast.example.toml", environ=elsewhere)
+    assert config.portal.forwarded_allow_ips == "192.0.2.8"
 
 
 def _waits_for(compose: dict[str, Any], service: str, first: str) -> bool:

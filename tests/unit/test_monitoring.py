@@ -29,6 +29,7 @@ from eobblast.bounces.state import EobStatus
 from eobblast.errors import INPUT_REASONS, Outcome, ReasonCode
 from eobblast.events.schema import _TYPE_TO_REASON
 from eobblast.observe.metrics import REGISTRY, SupervisorMetrics
+from eobblast.portal.app import PICKUP_OUTCOMES, RATE_LIMITS
 from eobblast.shaping.engine import DeferReason
 
 ROOT = Path(__file__).parents[2]
@@ -57,6 +58,8 @@ VOCABULARY: dict[tuple[str, str], set[str]] = {
         "verified", "unverified_channel", "failed", "timeout", "stale",
     },
     ("eobblast_verification_results_refused_total", "reason"): {str(r) for r in INPUT_REASONS},
+    ("eobblast_portal_pickups_total", "outcome"): set(PICKUP_OUTCOMES),
+    ("eobblast_portal_rate_limited_total", "limit"): set(RATE_LIMITS),
 }  # fmt: skip
 
 
@@ -308,6 +311,8 @@ def test_the_name_check_catches_what_would_never_match() -> None:
         'rate(eobblast_events_total{reason=~"tls_.*"}[5m])',
         "sum by (le, stage) (rate(eobblast_stage_seconds_bucket[5m]))",
         "sum(rate(eobblast_bounces_total[1h])) / on() sum(rate(eobblast_events_total[1h]))",
+        'eobblast_portal_pickups_total{outcome=~"wrong_answer|locked"}',
+        'sum by (limit) (increase(eobblast_portal_rate_limited_total{limit="link"}[15m]))',
     ]
     assert [p for expr in fine for p in _problems(expr, metrics)] == []
     wrong = [
@@ -325,6 +330,9 @@ def test_the_name_check_catches_what_would_never_match() -> None:
         "rate(eobblast_events_total[5m]) / on(reason) rate(eobblast_bounces_total[5m])",
         "sum(rate(eobblast_events_total[5m])) by (reason)",
         'eobblast_events_total{outcome="rejected", reason="delivered"}',
+        'eobblast_portal_pickups_total{outcome="guessed"}',
+        'eobblast_portal_rate_limited_total{limit="ip"}',
+        "sum by (outcome) (eobblast_portal_lockouts_total)",
     ]
     for expr in wrong:
         assert _problems(expr, metrics), expr
