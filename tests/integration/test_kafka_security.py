@@ -56,6 +56,7 @@ from eobblast.streams.kafka import (
     make_producer,
     probe_broker,
 )
+from tests.integration.test_dlq import member_reference_key
 from tests.integration.worker_stack import (
     DIE_WITH_PARENT,
     Stack,
@@ -509,6 +510,7 @@ async def test_replay_and_the_bounce_listener_go_through_tls(tmp_path: Path, pki
             assert len(parked) == 2
             config_file = tmp_path / "eobblast.toml"
             config_file.write_text(tomli_w.dumps(settings))
+            await member_reference_key(config_file)  # a replay is recorded in the audit trail
             code, out, err = await _eobblast("dlq", "replay", "--config", str(config_file), "--all")
             assert code == 0, err
             assert orjson.loads(out)["replayed_by_reason"] == {"invalid_address": 2}
