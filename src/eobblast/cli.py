@@ -848,6 +848,15 @@ async def _replay_audit(config: Config, actor: str) -> Any:
     from eobblast.protect.services import hold_secrets, portal_secrets
 
     _, reference = portal_secrets(config)
+    if not reference.exists():
+        # Not the generic advice to make the secrets: a key made here would name the
+        # replayed members differently from every other record of theirs.
+        raise ConfigError(
+            f"[portal] audit_key_file {reference.path} does not exist: a replay is recorded"
+            " in the audit trail with the workers' member-reference key; copy it from a"
+            " worker host (never make a new one for this), or see what would be replayed"
+            " with --dry-run, which needs none"
+        )
     held = await hold_secrets([reference], create=False)
     return ReplayAudit(await open_audit(config.portal.audit_url), held.key(reference), actor)
 

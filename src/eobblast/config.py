@@ -264,7 +264,12 @@ class PortalConfig:
         for proxy in self.trusted_proxies:
             try:
                 ipaddress.ip_network(proxy)
-            except ValueError:
+            except ValueError as exc:
+                if "host bits set" in str(exc):
+                    raise ConfigError(
+                        f"portal.trusted_proxies: {proxy!r} has host bits set: write the"
+                        " network's own address (10.0.0.0/24, not 10.0.0.1/24)"
+                    ) from None
                 # uvicorn would take any other text as a name no client ever has, or, "*",
                 # believe every client's X-Forwarded-For: each would pick its own limit.
                 raise ConfigError(

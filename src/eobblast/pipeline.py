@@ -30,7 +30,7 @@ from eobblast.events import EobIssued, Rejection, validate_event
 from eobblast.observe import metrics
 from eobblast.observe.audit import AuditAction
 from eobblast.protect.dkim import DkimSigner, load_signer
-from eobblast.protect.escrow import EscrowItem, escrow_eob
+from eobblast.protect.escrow import PORTAL_ID_DIGITS, EscrowItem, escrow_eob, last4_digits
 from eobblast.protect.policy import (
     Decision,
     PolicyReason,
@@ -407,8 +407,12 @@ class Pipeline:
             return timing.outcome(
                 event_id, Outcome.FAILED, ReasonCode.PORTAL_UNAVAILABLE, protection=decision
             )
-        if event.member.date_of_birth is None:
-            # The pickup page confirms identity with the date of birth: without it, no portal.
+        if (
+            event.member.date_of_birth is None
+            or len(last4_digits(event.member.id)) < PORTAL_ID_DIGITS
+        ):
+            # The pickup page confirms identity with the date of birth and the member id's
+            # last four digits: without both, a notice nobody could open (or anybody guess).
             return timing.outcome(
                 event_id, Outcome.FAILED, ReasonCode.NO_PORTAL_IDENTITY, protection=decision
             )

@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import hashlib
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -22,6 +23,7 @@ import pytest
 from eobblast.bounces.service import BounceService, Held
 from eobblast.bounces.store import BounceStore, open_bounce_store
 from eobblast.config import load_config
+from eobblast.errors import ConfigError
 from eobblast.events.verification import (
     AddressVerificationFailed,
     AddressVerificationRequested,
@@ -224,6 +226,21 @@ async def test_a_trail_an_earlier_release_made_keeps_its_rows_and_takes_recipien
     try:
         assert len(await trail.records()) == 4
     finally:
+        await trail.close()
+
+
+async def test_the_new_column_waits_a_moment_for_a_busy_table_not_for_ever() -> None:
+    # Adding the column waited for the table's lock behind any long read (an export), and
+    # every worker's audit append queued behind it: sends stopped across the fleet.
+    with throwaway_pg_schema("audit") as url:
+        await old_rows(url, [(STAMP, "ev-old-1", "sent", "w0", REF, "tls_required", "x")])
+        async with await psycopg.AsyncConnection.connect(url) as export:
+            await export.execute("SELECT count(*) FROM audit_trail")  # its lock held, open
+            started = time.monotonic()
+            with pytest.raises(ConfigError, match=r"is in use .* added at the next start"):
+                await open_audit(url)
+            assert time.monotonic() - started < 30  # (the lock wait is 5 s)
+        trail = await open_audit(url)  # the export done, the next start adds it
         await trail.close()
 
 

@@ -1230,6 +1230,36 @@ async def test_an_escrow_outage_delays_a_portal_notice_it_does_not_fail_it(
     assert sum(stack.sandbox.counts.values()) == 1  # one notice, with its pickup link
 
 
+async def test_a_member_id_with_too_few_digits_gets_no_portal_notice(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # The pickup page asks for the id's last 4 digits: an id with two of them left a
+    # notice whose check was the date of birth and two digits, or none it could pass.
+    (value,) = stack.events(1, seed=28)
+    doc = orjson.loads(value)
+    doc["member"]["id"] = "MEMBER-AB-42"
+    doc["member"]["consent"]["electronic_delivery"] = True
+    await stack.publish([orjson.dumps(doc)], keys=[b"MEMBER-AB-42"])
+    settings = stack.settings()
+    settings["protection"] = {"portal_domains": stack.domains, "tls_policy_domains": []}
+    config = load_config(environ={}, overrides=settings)
+    services = await ProtectionServices.open(config)
+    _, stop, task = await start_worker(config, protection=services)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await services.close()
+    [status] = statuses(records)[doc["event_id"]]
+    assert (status.status, status.reason, status.protection) == (
+        "failed",
+        "no_portal_identity",
+        "portal",
+    )
+    assert sum(stack.sandbox.counts.values()) == 0  # no notice nobody could open
+
+
 class BrokenAuditTrail:
     """An audit trail whose database is gone: every append fails."""
 

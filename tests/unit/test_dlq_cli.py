@@ -211,6 +211,10 @@ def test_a_replay_without_the_member_reference_key_sends_nothing(tmp_path: Path)
     result = CliRunner().invoke(main, ["dlq", "replay", "--config", str(config), "--all"])
     assert result.exit_code == 1, result.output
     assert "member-reference key" in result.output and "Kafka at" not in result.output
+    # Told to copy the workers' key, not to make one (which would name members apart).
+    assert "copy it from a worker host" in result.output
+    assert "keys secrets" not in result.output and "--dry-run" in result.output
+    assert not (tmp_path / "keys" / "audit.key").exists()
     # A dry run sends nothing, so records nothing and needs no key.
     dry = CliRunner().invoke(main, ["dlq", "replay", "--config", str(config), "--all", "--dry-run"])
     assert "member-reference key" not in dry.output and "Kafka at" in dry.output

@@ -181,6 +181,9 @@ def test_items_sealed_with_the_last_4_characters_open_with_the_digits() -> None:
     assert not identity_matches(legacy, dt.date(2000, 1, 1), "8901")
     assert identity_matches({"dob": DOB.isoformat(), "last4": "7890"}, DOB, "7890")
     assert not identity_matches({"dob": DOB.isoformat(), "last4": "ABCD"}, DOB, "")
+    # One digit among the four characters would leave "the answer ends in 5": not opened.
+    assert not identity_matches({"dob": DOB.isoformat(), "last4": "5-AB"}, DOB, "12345")
+    assert identity_matches({"dob": DOB.isoformat(), "last4": "45-A"}, DOB, "2345")
     keys = ring("k1")
     sealed = keys.seal(ITEM, orjson.dumps({"html": "x", **legacy}))
     result, _ = attempt_pickup(keys, row(keys, envelope=sealed), DOB, "8901", NOW, 5)

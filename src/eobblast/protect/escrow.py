@@ -372,6 +372,14 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()
 
 
+# A member id with fewer digits than this gets no portal notice (NO_PORTAL_IDENTITY): the
+# date of birth and one to three digits are too easy to guess within the lockout.
+PORTAL_ID_DIGITS = 4
+# An item sealed before the check took digits opens on the digits among its id's last four
+# characters only if there are at least this many.
+LEGACY_MIN_DIGITS = 2
+
+
 def last4_digits(member_id: str) -> str:
     """The last four digits of a member id, other characters skipped ("XYZ123456789-01":
     "8901"); every digit of an id with fewer than four, and "" for an id without any."""
@@ -397,7 +405,10 @@ def identity_matches(payload: Mapping[str, Any], dob: dt.date, last4: str) -> bo
         # whose digits ("901") must end the member's answer ("8901"). Such items expire
         # within [portal] item_days of the upgrade.
         digits = last4_digits(str(payload["last4"]))
-        answer = answer[-len(digits) :] if digits else answer
+        if len(digits) < LEGACY_MIN_DIGITS:
+            # "5-AB" would leave "the answer ends in 5": too easy to guess. Not opened.
+            return False
+        answer = answer[-len(digits) :]
     expected = f"{payload['dob']}|{digits}".encode()
     given = f"{dob.isoformat()}|{answer}".encode()
     return hmac.compare_digest(expected, given) and bool(digits)

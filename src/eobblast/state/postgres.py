@@ -94,7 +94,7 @@ async def connect_postgres(
                     drops.append(dropped.group(1))
             elif (column := _ADD_COLUMN.match(statement)) is not None:
                 if not await _has_column(conn, column.group("table"), column.group("column")):
-                    await conn.execute(statement)
+                    await _add_column(conn, what, statement)
             elif (trigger := _TRIGGER.match(statement)) is not None:
                 # CREATE OR REPLACE TRIGGER locks its table against writes, as a new index
                 # would: made once (a changed trigger takes a new name).
@@ -104,6 +104,25 @@ async def connect_postgres(
                 await conn.execute(statement)
     upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
     return PgConnection(conn, dsn, what, upgrading)
+
+
+# How long adding a column waits for its table's lock. Waiting behind a long read (an
+# export), it would hold every other writer of the table behind itself meanwhile.
+ADD_COLUMN_LOCK_WAIT = "5s"
+
+
+async def _add_column(conn: Any, what: str, statement: str) -> None:
+    import psycopg
+
+    await conn.execute(f"SET LOCAL lock_timeout = '{ADD_COLUMN_LOCK_WAIT}'")
+    try:
+        await conn.execute(statement)
+    except psycopg.errors.LockNotAvailable:
+        raise ConfigError(
+            f"the PostgreSQL {what}'s table is in use (a long query holds it): a new column"
+            f" waited {ADD_COLUMN_LOCK_WAIT} for it, and is added at the next start"
+        ) from None
+    await conn.execute("SET LOCAL lock_timeout TO DEFAULT")
 
 
 _NEW_INDEX = re.compile(
