@@ -23,6 +23,7 @@ from eobblast.config import Config, warn_relative_stores
 from eobblast.errors import INPUT_REASONS, ConfigError, EobblastError
 
 if TYPE_CHECKING:
+    from eobblast.preflight import Finding
     from eobblast.streams import KafkaSecurity
 
 console = Console(stderr=True)
@@ -348,8 +349,13 @@ def _check_secrets(config: Config) -> None:
 
     failed = [f for f in _run(secret_files(config)) if f.verdict is Verdict.FAIL]
     if failed:
-        causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
-        raise click.ClickException(f"{causes} (no worker started)")
+        raise _refused_start(failed)
+
+
+def _refused_start(failed: list[Finding]) -> click.ClickException:
+    """`run`'s error for failed checks: each check and its cause, as `check` says them."""
+    causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
+    return click.ClickException(f"{causes} (no worker started)")
 
 
 # The longest `run` waits between two looks at a store that does not answer yet.
@@ -376,8 +382,7 @@ async def _stores_answered(config: Config) -> bool:
         while failed := [f for f in await stores(config) if f.verdict is Verdict.FAIL]:
             attempt += 1
             if not all(finding.may_heal for finding in failed):
-                causes = "; ".join(f"{finding.check}: {finding.detail}" for finding in failed)
-                raise click.ClickException(f"{causes} (no worker started)")
+                raise _refused_start(failed)
             delay = backoff_delay(attempt, base=1.0, cap=STORE_RETRY_CAP)
             for finding in failed:
                 log.error(

@@ -1175,7 +1175,7 @@ class Worker:
         assert held.event_id is not None
         info.stage = "claim"
         entry = await self._ledger.get(held.event_id)
-        if entry is not None and not _withheld(entry):
+        if entry is not None and not entry.withheld:
             if entry.state is LedgerState.FINAL:
                 info.stage = "publish"
                 return await self._republish(entry, source_ms)
@@ -1335,12 +1335,6 @@ class Worker:
                         extra={"topic": topic, "error": error, "attempt": attempt},
                     )
                 await asyncio.sleep(backoff_delay(attempt))
-
-
-def _withheld(entry: LedgerEntry) -> bool:
-    """Whether a ledger row is a copy held for want of consent (kept by releases that
-    claimed such copies)."""
-    return entry.outcome == Outcome.HELD and entry.reason == ReasonCode.NO_CONSENT
 
 
 def _letter_bytes(letter: DeadLetter) -> bytes:

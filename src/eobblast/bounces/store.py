@@ -72,6 +72,7 @@ from eobblast.bounces.state import (
 )
 from eobblast.bounces.verp import carried_by_reference, event_reference
 from eobblast.errors import EobblastError, ReasonCode
+from eobblast.protect.escrow import ENVELOPE_VERSION
 from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import begin_immediate, is_busy, open_sqlite, open_store
@@ -140,7 +141,6 @@ _UNPACK = zstandard.ZstdDecompressor()
 
 # A sealed payload is an escrow envelope, whose first byte is its version (1): neither a zstd
 # frame (0x28) nor a zlib stream (0x78), so rows written before sealing still read.
-_SEALED_VERSION = 1
 # Sealed for this item id and no other: an escrow envelope copied into the table does not open.
 _PAYLOAD_ITEM = "bounce-payload/"
 
@@ -581,7 +581,7 @@ class BounceTx:
         return found
 
     def _unsealed(self, eob_id: str, kept: bytes) -> bytes | None:
-        if kept[:1] != bytes((_SEALED_VERSION,)):
+        if kept[:1] != bytes((ENVELOPE_VERSION,)):
             return kept  # kept before payloads were sealed, or by a store without a sealer
         try:
             if self._sealer is None:

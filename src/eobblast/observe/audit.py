@@ -95,10 +95,7 @@ def member_ref(key: bytes, member_id: str) -> str:
     Keyed, so nobody without the key can confirm a guessed member id against the trail;
     the same key always gives the same reference, so one member's records can be found.
     """
-    if len(key) < 16:
-        raise ConfigError("the member reference key must be at least 16 bytes")
-    digest = hmac.new(key, _MEMBER_REF_CONTEXT + member_id.encode(), hashlib.sha256)
-    return digest.hexdigest()[:32]
+    return _keyed_ref(key, _MEMBER_REF_CONTEXT, member_id)
 
 
 def recipient_ref(key: bytes, address: str) -> str:
@@ -110,10 +107,14 @@ def recipient_ref(key: bytes, address: str) -> str:
     went there, and records of notices sent to one address match; the trail alone names
     no address, and a guessed address cannot be confirmed against it without the key.
     """
+    return _keyed_ref(key, _RECIPIENT_REF_CONTEXT, address_key(address))
+
+
+def _keyed_ref(key: bytes, context: bytes, text: str) -> str:
+    """HMAC-SHA256 of `text` in `context` under the member-reference key, 128 bits."""
     if len(key) < 16:
         raise ConfigError("the member reference key must be at least 16 bytes")
-    digest = hmac.new(key, _RECIPIENT_REF_CONTEXT + address_key(address).encode(), hashlib.sha256)
-    return digest.hexdigest()[:32]
+    return hmac.new(key, context + text.encode(), hashlib.sha256).hexdigest()[:32]
 
 
 def is_token(value: str) -> bool:

@@ -44,7 +44,7 @@ from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 KEY_BYTES = 32
 NONCE_BYTES = 12
 _TAG_BYTES = 16
-_VERSION = 1
+ENVELOPE_VERSION = 1
 _KEY_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _KEY_SUFFIX = ".key"
 _ACTIVE_FILE = "active"
@@ -170,7 +170,14 @@ class KeyRing:
         data_nonce = secrets.token_bytes(NONCE_BYTES)
         ciphertext = AESGCM(dek).encrypt(data_nonce, plaintext, _DEK_AAD + item_id.encode())
         return b"".join(
-            (bytes((_VERSION, len(key_id))), key_id, wrap_nonce, wrapped, data_nonce, ciphertext)
+            (
+                bytes((ENVELOPE_VERSION, len(key_id))),
+                key_id,
+                wrap_nonce,
+                wrapped,
+                data_nonce,
+                ciphertext,
+            )
         )
 
     def open(self, item_id: str, envelope: bytes) -> bytes:
@@ -199,7 +206,7 @@ class KeyRing:
 
 def _split(envelope: bytes) -> tuple[str, bytes, bytes, bytes, bytes]:
     """version | key id length | key id | wrap nonce | wrapped key+tag | data nonce | data+tag."""
-    if len(envelope) < 2 or envelope[0] != _VERSION:
+    if len(envelope) < 2 or envelope[0] != ENVELOPE_VERSION:
         raise EscrowIntegrityError("unsupported escrow envelope")
     kid_end = 2 + envelope[1]
     wrapped_end = kid_end + NONCE_BYTES + KEY_BYTES + _TAG_BYTES

@@ -150,6 +150,12 @@ class LedgerEntry:
     status_published: bool
     updated_at: float = 0.0  # when it was claimed or its claim last renewed
 
+    @property
+    def withheld(self) -> bool:
+        """Whether this is the row of a copy held for want of consent (earlier releases
+        claimed such copies; it sent nothing)."""
+        return self.outcome == Outcome.HELD and self.reason == ReasonCode.NO_CONSENT
+
 
 @dataclass(frozen=True, slots=True)
 class Claim:
@@ -227,7 +233,7 @@ class SendLedger(abc.ABC):
             # retry (a Kafka redelivery comes before the status is marked published).
             if retry_deferred and entry.outcome == Outcome.DEFERRED and entry.status_published:
                 return Claim(ClaimKind.RETRY, entry)  # sent again, as the next attempt
-            if entry.outcome == Outcome.HELD and entry.reason == ReasonCode.NO_CONSENT:
+            if entry.withheld:
                 # Only a copy with consent claims; that copy sent nothing: new, attempt 1.
                 return Claim(ClaimKind.NEW)
             return Claim(ClaimKind.DONE, entry)
