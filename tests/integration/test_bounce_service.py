@@ -22,7 +22,7 @@ import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import psycopg
@@ -70,7 +70,7 @@ from eobblast.events.verification import (
     verification_request_json_schema,
     verification_result_json_schema,
 )
-from eobblast.observe.audit import AuditAction, AuditTrail, member_ref, open_audit
+from eobblast.observe.audit import AuditAction, AuditError, AuditTrail, member_ref, open_audit
 from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import KeyRing
 from eobblast.protect.services import ProtectionServices, load_or_create_secret
@@ -1394,6 +1394,26 @@ async def test_raw_events_kept_before_zstd_still_read(tmp_path: Path) -> None:
         assert kept_now == {ev0: raw0, ev1: orjson.dumps({"event_id": ev1})}
     finally:
         await store.close()
+
+
+class _GoneTrail:
+    """An audit trail whose database is gone: every append fails."""
+
+    async def append(self, record: object) -> None:
+        raise AuditError("audit database unavailable")
+
+
+async def test_an_audit_record_the_bounce_service_cannot_write_is_counted(
+    store: BounceStore,
+) -> None:
+    # It was only logged: a hard bounce's incident, a hold, a release or a paper fallback
+    # missing from the trail paged nobody, where the workers' and the portal's gaps do.
+    service = make_service(store, RecordingPublisher(), cast(AuditTrail, _GoneTrail()))
+    gaps = REGISTRY.get_sample_value("eobblast_audit_write_failures_total") or 0.0
+    member, address = ids()
+    ev, raw = event(member, 1)
+    await hard_bounce(service, ev, member, address, raw)  # handled all the same
+    assert (REGISTRY.get_sample_value("eobblast_audit_write_failures_total") or 0.0) > gaps
 
 
 async def test_raw_events_are_sealed_at_rest_and_earlier_ones_still_read(

@@ -77,7 +77,7 @@ from eobblast.observe.audit import (
     member_ref,
     recipient_ref,
 )
-from eobblast.observe.metrics import REGISTRY
+from eobblast.observe.metrics import AUDIT_GAPS, REGISTRY
 from eobblast.state.group import GroupCommit
 
 __all__ = [
@@ -932,8 +932,10 @@ class BounceService:
             await self.audit.append(record)
         except Exception as exc:
             # Already committed: failing the caller now would only make it redo what is done.
-            # The incident itself is in the bounce store; the trail's gap is logged (by type:
-            # a driver's message could quote a value).
+            # The incident itself is in the bounce store; the trail's gap is counted (as the
+            # workers' and the portal's are: EobblastAuditGap) and logged (by type: a
+            # driver's message could quote a value).
+            AUDIT_GAPS.inc()
             log.error(
                 "audit record not written: %s",
                 type(exc).__name__,

@@ -122,8 +122,9 @@ DUPLICATES = Counter(
 )
 AUDIT_GAPS = Counter(
     "eobblast_audit_write_failures",
-    "Audit records that could not be written: of delivered or held notices (the notice"
-    " stays as it is), and of pickup attempts at the portal (the member's answer stands).",
+    "Audit records that could not be written: of delivered or held notices, releases,"
+    " paper fallbacks and incidents (what they record stands), and of pickup attempts at"
+    " the portal (the member's answer stands).",
     registry=REGISTRY,
 )
 CLAIM_WAITS = Counter(
