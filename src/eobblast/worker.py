@@ -582,11 +582,11 @@ class Worker:
         while not stop.is_set():
             answered = False
             try:
-                assigned = list(consumer.assignment())
+                asked = assigned = list(consumer.assignment())
                 # Only a partition the metadata knows: another is asked for again and again
                 # until the timeout (the cluster's metadata, below, instead at once).
-                known = 0 in (consumer.partitions_for_topic(events_topic) or ())
-                asked = assigned or ([TopicPartition(events_topic, 0)] if known else [])
+                if not assigned and 0 in (consumer.partitions_for_topic(events_topic) or ()):
+                    asked = [TopicPartition(events_topic, 0)]
                 if asked:
                     async with asyncio.timeout(END_OFFSETS_TIMEOUT):
                         ends = await consumer.end_offsets(asked)

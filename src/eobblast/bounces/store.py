@@ -583,17 +583,16 @@ class BounceTx:
     def _unsealed(self, eob_id: str, kept: bytes) -> bytes | None:
         if kept[:1] != bytes((ENVELOPE_VERSION,)):
             return kept  # kept before payloads were sealed, or by a store without a sealer
-        try:
-            if self._sealer is None:
-                raise EobblastError(ReasonCode.INTERNAL_ERROR, "no key ring to open it with")
-            return self._sealer.open(_PAYLOAD_ITEM + eob_id, kept)
-        except EobblastError as exc:
-            # Another key ring's (a host's keys not copied), or damaged: never sent again
-            # from here; its notice goes to paper, as a payload kept too briefly does.
-            log.error(
-                "kept raw event cannot be opened", extra={"event_id": eob_id, "error": exc.detail}
-            )
-            return None
+        # Another key ring's (a host's keys not copied), damaged, or no key ring here: never
+        # sent again from here; its notice goes to paper, as a payload kept too briefly does.
+        why = "no key ring to open it with"
+        if self._sealer is not None:
+            try:
+                return self._sealer.open(_PAYLOAD_ITEM + eob_id, kept)
+            except EobblastError as exc:
+                why = exc.detail
+        log.error("kept raw event cannot be opened", extra={"event_id": eob_id, "error": why})
+        return None
 
     async def drop_payloads(self, eob_ids: Collection[str]) -> None:
         """Forget the raw events of these notices."""

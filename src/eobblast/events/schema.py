@@ -308,10 +308,13 @@ _TYPE_TO_REASON = {
     "invalid_address": ReasonCode.INVALID_ADDRESS,
     "model_type": ReasonCode.WRONG_TYPE,
     "model_attributes_type": ReasonCode.WRONG_TYPE,
-    # A union of record types told apart by their schema id (the verification results).
+    # A union of record types told apart by their schema id (the verification results):
+    # UNION_TAG_ERRORS.
     "union_tag_invalid": ReasonCode.UNSUPPORTED_SCHEMA,
     "union_tag_not_found": ReasonCode.MISSING_FIELD,
 }
+# The error types of a tagged union's tag (a record's schema id), which is no field.
+UNION_TAG_ERRORS = frozenset({"union_tag_invalid", "union_tag_not_found"})
 
 
 def _reason_for(error_type: str, loc: tuple[int | str, ...]) -> ReasonCode:

@@ -22,7 +22,14 @@ import orjson
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from eobblast.errors import EobblastError, ReasonCode
-from eobblast.events.schema import Email, Identifier, error_field, export_schema, reason_of
+from eobblast.events.schema import (
+    UNION_TAG_ERRORS,
+    Email,
+    Identifier,
+    error_field,
+    export_schema,
+    reason_of,
+)
 
 __all__ = [
     "PAPER_FALLBACK_SCHEMA_ID",
@@ -198,7 +205,7 @@ def parse_verification_result(
     except ValidationError as exc:
         first = exc.errors(include_input=False, include_url=False)[0]
         # A result's path starts with its schema id (the union's tag), which is no field.
-        tag_error = first["type"] in ("union_tag_invalid", "union_tag_not_found")
+        tag_error = first["type"] in UNION_TAG_ERRORS
         where = "schema" if tag_error else error_field(first, skip=1)
         at = f" field {where}" if where else ""
         raise VerificationResultError(

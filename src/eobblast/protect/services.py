@@ -146,11 +146,9 @@ class SharedSecret:
 
     def load(self, *, create: bool) -> KeyRing | bytes:
         """This host's key ring or key; a missing one is made if `create` (never a previous
-        key), else a ConfigError."""
+        key: its callers said `missing_previous` before), else a ConfigError."""
         if self.key_id is None:
             return load_or_create_keyring(self.path, not_keys=self.not_keys, create=create)
-        if not self.made and not self.path.exists():
-            raise ConfigError(self.missing_previous())
         return load_or_create_secret(self.path, create=create and self.made, what=self.what)
 
     def fingerprints(self, held: KeyRing | bytes) -> dict[str, str]:
