@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import gc
 import os
 import signal
@@ -84,6 +85,7 @@ from common import (
     counting_receiver,
     eobblast_run,
     kafka_config,
+    postgres_schema,
     publish,
     system_cpu_seconds,
     write_run_config,
@@ -212,6 +214,7 @@ async def kafka_run(
     progress: Callable[[str], None],
     *,
     running: bool = False,
+    postgres: str | None = None,
 ) -> Result:
     """One result: `workers` processes and the backlog, until every status is out.
 
@@ -231,7 +234,12 @@ async def kafka_run(
         publish_seconds = time.perf_counter() - started
     published = len(records)
     config = kafka_config(
-        base, broker.bootstrap, topics, setup.workdir / f"ledger-{topics.prefix}.db", workers
+        base,
+        broker.bootstrap,
+        topics,
+        setup.workdir / f"ledger-{topics.prefix}.db",
+        workers,
+        postgres=postgres,
     )
     config_file = write_run_config(config, setup.workdir / f"{topics.prefix}.toml")
     collector = StatusCollector(broker.bootstrap, topics.delivery)
@@ -295,6 +303,7 @@ async def kafka_run(
     detail: dict[str, Any] = {
         "workers": workers,
         "running": running,
+        "stores": "sqlite" if postgres is None else "postgresql",
         "partitions": args.partitions,
         "in_flight_per_worker": args.in_flight,
         "connections_per_worker": args.connections,
@@ -367,16 +376,29 @@ async def kafka_runs(
     try:
         async with EmbeddedBroker(log_dir=setup.workdir) as broker:
             for workers in args.workers:
-                results.append(await kafka_run(setup, rx, broker, base, workers, args, progress))
-                if not args.no_running:
-                    results.append(
-                        await kafka_run(
-                            setup, rx, broker, base, workers, args, progress, running=True
+                for running in (False,) if args.no_running else (False, True):
+                    with _stores(args.postgres, f"bench_{workers}w_{uuid.uuid4().hex[:8]}") as pg:
+                        results.append(
+                            await kafka_run(
+                                setup,
+                                rx,
+                                broker,
+                                base,
+                                workers,
+                                args,
+                                progress,
+                                running=running,
+                                postgres=pg,
+                            )
                         )
-                    )
     finally:
         loop.remove_signal_handler(signal.SIGTERM)
     return results
+
+
+def _stores(base_url: str | None, schema: str) -> contextlib.AbstractContextManager[str | None]:
+    """A run's own PostgreSQL schema for the shared stores (None: SQLite files)."""
+    return contextlib.nullcontext() if base_url is None else postgres_schema(base_url, schema)
 
 
 # ---------------------------------------------------------------------------- report
@@ -618,6 +640,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-running",
         action="store_true",
         help="skip the runs against workers already running (a burst to a running service)",
+    )
+    parser.add_argument(
+        "--postgres",
+        metavar="URL",
+        help="keep the shared stores (ledger, bounces, audit, escrow, budgets) in a schema of "
+        "each run's own on this PostgreSQL, as workers spanning machines do "
+        "(e.g. postgresql://postgres@127.0.0.1:5432/test); default: SQLite files",
     )
     parser.add_argument("--json-only", action="store_true", help="no table, no progress")
     args = parser.parse_args(argv)

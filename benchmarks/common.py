@@ -151,9 +151,26 @@ class RunTopics:
 
 
 def kafka_config(
-    base: Config, bootstrap: str, topics: RunTopics, ledger: Path, workers: int
+    base: Config,
+    bootstrap: str,
+    topics: RunTopics,
+    ledger: Path,
+    workers: int,
+    *,
+    postgres: str | None = None,
 ) -> Config:
-    """`base` (DKIM, transport, pipeline) pointed at this run's broker, topics and ledger."""
+    """`base` (DKIM, transport, pipeline) pointed at this run's broker, topics and ledger;
+    given `postgres` (a URL naming a schema of this run's own), every shared store is there:
+    the ledger, the bounce store, the audit trail, the escrow and the shaping budgets, as
+    when workers span machines."""
+    if postgres is not None:
+        return dataclasses.replace(
+            kafka_config(base, bootstrap, topics, ledger, workers),
+            ledger=LedgerConfig(url=postgres),
+            bounces=dataclasses.replace(base.bounces, store_url=postgres),
+            portal=dataclasses.replace(base.portal, escrow_url=postgres, audit_url=postgres),
+            shaping=dataclasses.replace(base.shaping, budgets_url=postgres),
+        )
     return dataclasses.replace(
         base,
         kafka=KafkaConfig(
@@ -172,6 +189,21 @@ def kafka_config(
         ),
         workers=WorkersConfig(count=workers, grace_period=10.0, restart_delay=0.5),
     )
+
+
+@contextlib.contextmanager
+def postgres_schema(base_url: str, name: str) -> Iterator[str]:
+    """A new schema on the PostgreSQL at `base_url` for one run, dropped afterwards: the URL
+    of a connection whose tables go there."""
+    import psycopg  # only runs on PostgreSQL need the driver
+
+    with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as conn:
+        conn.execute(f"CREATE SCHEMA {name}")
+    try:
+        yield f"{base_url}?options=-csearch_path%3D{name}"
+    finally:
+        with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as conn:
+            conn.execute(f"DROP SCHEMA {name} CASCADE")
 
 
 def claims_producer(bootstrap: str) -> AIOKafkaProducer:
