@@ -388,6 +388,59 @@ async def test_concurrent_claims_and_finishes_of_many_events(
     assert {c.kind for c in again} == {ClaimKind.DONE}
 
 
+async def test_an_event_claimed_and_finished_twice_at_once_is_new_once_and_keeps_the_last(
+    ledger: SendLedger,
+) -> None:
+    # Two copies of one event (two owners) claimed together, among others: the first claim
+    # wins, the second finds it sending; two outcomes together: the later one stands.
+    event_id, others = _id(), [_id() for _ in range(5)]
+    claims = await asyncio.gather(
+        ledger.claim(others[0], "w1"),
+        ledger.claim(event_id, "w1"),
+        *(ledger.claim(other, "w1") for other in others[1:]),
+        ledger.claim(event_id, "w2"),
+    )
+    assert [c.kind for c in claims] == [ClaimKind.NEW] * 6 + [ClaimKind.ELSEWHERE]
+    entry = await ledger.get(event_id)
+    assert entry is not None and entry.owner == "w1" and entry.state is LedgerState.SENDING
+    await asyncio.gather(
+        ledger.finish(event_id, "deferred", "connection_lost"),
+        *(ledger.finish(other, "delivered", "delivered") for other in others),
+        ledger.finish(event_id, "delivered", "delivered"),
+    )
+    entry = await ledger.get(event_id)
+    assert entry is not None and (entry.outcome, entry.reason) == ("delivered", "delivered")
+
+
+def _transactions(url: str, event_ids: Sequence[str]) -> int:
+    """How many transactions last wrote these events' rows."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT xmin::text) FROM send_ledger WHERE event_id = ANY(%s)",
+            (list(event_ids),),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def test_postgresql_claims_and_finishes_made_together_share_a_transaction(
+    pg_schema: str,
+) -> None:
+    # Workers on several machines keep dozens of events in flight each: a transaction per
+    # claim and per outcome would cost the server a commit (a WAL flush) each.
+    ledger = await open_ledger(pg_schema)
+    ids = [_id() for _ in range(40)]
+    try:
+        claims = await asyncio.gather(*(ledger.claim(event_id, "w1") for event_id in ids))
+        assert {c.kind for c in claims} == {ClaimKind.NEW}
+        claimed_in = _transactions(pg_schema, ids)
+        await asyncio.gather(*(ledger.finish(e, "delivered", "delivered") for e in ids))
+        finished_in = _transactions(pg_schema, ids)
+    finally:
+        await ledger.close()
+    assert claimed_in <= 2 and finished_in <= 2, (claimed_in, finished_in)
+
+
 CLAIM_SCRIPT = """
 import asyncio, sys
 from eobblast.state import ClaimKind, open_ledger

@@ -983,6 +983,28 @@ async def test_concurrent_appends_are_all_kept_in_order_and_a_bad_one_fails_alon
     assert [r.event_id for r in stored] == [r.event_id for r in good]
 
 
+async def test_concurrent_appends_share_a_commit_on_postgresql(pg_url: str) -> None:
+    # One record per event sent, from workers on several machines: a commit (a WAL flush)
+    # each would be the server's busiest work.
+    audit = await open_audit(pg_url)
+    try:
+        await asyncio.gather(
+            *(
+                audit.append(AuditRecord(f"evt-t{n}", AuditAction.SENT, "worker-1", NOW))
+                for n in range(40)
+            )
+        )
+    finally:
+        await audit.close()
+    with psycopg.connect(pg_url) as conn:
+        row = conn.execute(
+            "SELECT count(*), count(DISTINCT xmin::text) FROM audit_trail"
+        ).fetchone()
+    assert row is not None
+    records, transactions = row
+    assert records == 40 and transactions <= 2, transactions
+
+
 async def test_a_swapped_ciphertext_is_an_incident_not_a_pickup(
     stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
 ) -> None:

@@ -219,9 +219,10 @@ _INSERT = (
 )
 
 
-def _sqlite_row(record: AuditRecord) -> tuple[str | None, ...]:
+def _row(record: AuditRecord, at: object) -> tuple[object, ...]:
+    """The INSERT's values: `at` as the store keeps times (ISO text, or the datetime)."""
     return (
-        _iso(record.at),
+        at,
         record.event_id,
         str(record.action),
         record.actor,
@@ -248,7 +249,7 @@ class SqliteAuditTrail(AuditTrail):
         await self._appends.submit(record)
 
     async def _append_many(self, records: Sequence[AuditRecord]) -> list[None]:
-        rows = [_sqlite_row(r) for r in records]
+        rows = [_row(r, _iso(r.at)) for r in records]
         await write_transaction(self._db, lambda: self._db.executemany(_INSERT.format("?"), rows))
         return [None] * len(records)
 
@@ -295,6 +296,8 @@ class PostgresAuditTrail(AuditTrail):
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
+        # One record per event sent: concurrent appends share one commit, as on SQLite.
+        self._appends: GroupCommit[AuditRecord, None] = GroupCommit(self._append_many)
 
     @classmethod
     async def connect(cls, dsn: str) -> PostgresAuditTrail:
@@ -303,23 +306,16 @@ class PostgresAuditTrail(AuditTrail):
         return cls(conn)
 
     async def append(self, record: AuditRecord) -> None:
-        """Add one record."""
+        """Add one record (in a transaction shared with concurrent appends)."""
         _check(record)
-        async with self._lock:
-            await self._conn.execute(
-                _INSERT.format("%s"),
-                (
-                    record.at,
-                    record.event_id,
-                    str(record.action),
-                    record.actor,
-                    record.member_ref,
-                    record.protection,
-                    record.reason,
-                    record.item_id,
-                    record.recipient_ref,
-                ),
-            )
+        await self._appends.submit(record)
+
+    async def _append_many(self, records: Sequence[AuditRecord]) -> list[None]:
+        rows = [_row(r, r.at) for r in records]
+        async with self._lock, self._conn.transaction():
+            # In the order given (the trail's order); psycopg pipelines the rows.
+            await self._conn.cursor().executemany(_INSERT.format("%s"), rows)
+        return [None] * len(records)
 
     async def records(
         self, event_id: str | None = None, since: dt.datetime | None = None

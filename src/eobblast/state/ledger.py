@@ -82,6 +82,14 @@ _PG_CLAIM = (
     "INSERT INTO send_ledger (event_id, state, owner, updated_at) VALUES (%s, 'sending', %s,"
     " extract(epoch from clock_timestamp())) ON CONFLICT (event_id) DO NOTHING"
 )
+# A batch's first claims of its events, in one statement (in event id order, so two
+# workers' batches take their rows' locks in the same order): the rows it made come back.
+_PG_CLAIM_MANY = (
+    "INSERT INTO send_ledger (event_id, state, owner, updated_at)"
+    " SELECT claim.event_id, 'sending', claim.owner, extract(epoch from clock_timestamp())"
+    " FROM unnest(%s::text[], %s::text[]) AS claim(event_id, owner) ORDER BY claim.event_id"
+    " ON CONFLICT (event_id) DO NOTHING RETURNING event_id"
+)
 _PG_CLAIMED = (
     "SELECT event_id, state, owner, outcome, reason, attempts, status_published, updated_at,"
     " extract(epoch from clock_timestamp()) FROM send_ledger WHERE event_id = %s FOR UPDATE"
@@ -96,9 +104,13 @@ _PG_RESTART = (
     " reason = NULL, status_published = 0, updated_at = extract(epoch from clock_timestamp())"
     " WHERE event_id = %s"
 )
-_PG_FINISH = (
+# A batch's outcomes in one statement, each event once (its last outcome), in id order.
+_PG_FINISH_MANY = (
     "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
-    " VALUES (%s, 'final', '', %s, %s, extract(epoch from clock_timestamp()))"
+    " SELECT done.event_id, 'final', '', done.outcome, done.reason,"
+    " extract(epoch from clock_timestamp())"
+    " FROM unnest(%s::text[], %s::text[], %s::text[]) AS done(event_id, outcome, reason)"
+    " ORDER BY done.event_id"
     " ON CONFLICT (event_id) DO UPDATE SET state = 'final', outcome = EXCLUDED.outcome,"
     " reason = EXCLUDED.reason, updated_at = EXCLUDED.updated_at"
 )
@@ -357,6 +369,10 @@ class PostgresLedger(SendLedger):
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
+        # As on SQLite, concurrent claims and finishes share a transaction: each of its own
+        # would cost the server a commit (a WAL flush) and the worker a round trip or three.
+        self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
+        self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
@@ -367,27 +383,58 @@ class PostgresLedger(SendLedger):
         return cls(conn)
 
     async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
-        """Claim an event for sending by `owner`."""
+        """Claim an event for sending by `owner` (in a transaction shared with concurrent
+        claims)."""
+        return await self._claims.submit((event_id, owner, retry_deferred))
+
+    async def _claim_many(self, items: Sequence[tuple[str, str, bool]]) -> list[Claim]:
+        # The common case, events new to the ledger, in one statement; the rest (and a
+        # second claim of an event within the batch) one by one, as a lone claim would be.
+        firsts: dict[str, str] = {}
+        for event_id, owner, _ in items:
+            firsts.setdefault(event_id, owner)
         async with self._lock, self._conn.transaction():
-            row = None
-            while row is None:
-                cur = await self._conn.execute(_PG_CLAIM, (event_id, owner))
-                if cur.rowcount:
-                    return Claim(ClaimKind.NEW)
-                cur = await self._conn.execute(_PG_CLAIMED, (event_id,))
-                # None: a purge deleted the row in between; the event is new again.
-                row = await cur.fetchone()
-            claim = self._decide(_entry(row), owner, retry_deferred, float(row[-1]))
-            if claim.kind is ClaimKind.RETRY:
-                await self._conn.execute(_PG_RETAKE, (owner, event_id))
-            elif claim.kind is ClaimKind.NEW:  # a row that sent nothing, taken from the start
-                await self._conn.execute(_PG_RESTART, (owner, event_id))
-            return claim
+            cur = await self._conn.execute(_PG_CLAIM_MANY, (list(firsts), list(firsts.values())))
+            made = {row[0] for row in await cur.fetchall()}
+            claims: list[Claim] = []
+            for event_id, owner, retry_deferred in items:
+                if event_id in made:
+                    made.discard(event_id)  # a later claim of it in this batch finds it taken
+                    claims.append(Claim(ClaimKind.NEW))
+                else:
+                    claims.append(await self._claim_row(event_id, owner, retry_deferred))
+            return claims
+
+    async def _claim_row(self, event_id: str, owner: str, retry_deferred: bool) -> Claim:
+        row = None
+        while row is None:
+            cur = await self._conn.execute(_PG_CLAIM, (event_id, owner))
+            if cur.rowcount:
+                return Claim(ClaimKind.NEW)
+            cur = await self._conn.execute(_PG_CLAIMED, (event_id,))
+            # None: a purge deleted the row in between; the event is new again.
+            row = await cur.fetchone()
+        claim = self._decide(_entry(row), owner, retry_deferred, float(row[-1]))
+        if claim.kind is ClaimKind.RETRY:
+            await self._conn.execute(_PG_RETAKE, (owner, event_id))
+        elif claim.kind is ClaimKind.NEW:  # a row that sent nothing, taken from the start
+            await self._conn.execute(_PG_RESTART, (owner, event_id))
+        return claim
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
-        """Record the final outcome of an event."""
+        """Record the final outcome of an event (shared transaction, as claims)."""
+        await self._finishes.submit((event_id, outcome, reason))
+
+    async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
+        # One row may take one change per statement: an event finished twice in a batch
+        # keeps its last outcome, as one after the other would.
+        last = {event_id: (outcome, reason) for event_id, outcome, reason in items}
         async with self._lock:
-            await self._conn.execute(_PG_FINISH, (event_id, outcome, reason))
+            await self._conn.execute(
+                _PG_FINISH_MANY,
+                (list(last), [o for o, _ in last.values()], [r for _, r in last.values()]),
+            )
+        return [None] * len(items)
 
     async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
         """Record that these attempts' status events were acknowledged."""
