@@ -1140,6 +1140,36 @@ async def test_a_postgresql_store_opens_while_another_worker_writes(pg_url: str)
             await opened.close()
 
 
+async def test_postgresql_transactions_over_a_member_or_an_address_wait_for_each_other(
+    pg_url: str,
+) -> None:
+    # Two workers' stores: a transaction over a member (or an address) another holds waits
+    # for it to end; one over others does not. Its locks are taken in one round trip.
+    first, second = await open_bounce_store(pg_url), await open_bounce_store(pg_url)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        for members, keys in ((["m-2"], ["a-9"]), (["m-9"], ["a-1"])):
+            async with first.transaction(["m-1", "m-2"], now, address_keys=["a-1"]):
+                async with asyncio.timeout(10):
+                    async with second.transaction(["m-3"], now, address_keys=["a-2"]):
+                        pass  # nothing in common: not held up
+                waiting = asyncio.create_task(_enter(second, members, keys, now))
+                await asyncio.sleep(0.5)
+                assert not waiting.done()  # held by the first transaction's lock
+            async with asyncio.timeout(10):
+                await waiting  # taken once the first committed
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def _enter(
+    store: BounceStore, members: Sequence[str], keys: Sequence[str], now: dt.datetime
+) -> None:
+    async with store.transaction(members, now, address_keys=keys):
+        pass
+
+
 async def test_no_statement_of_the_store_scans_the_notices(
     tmp_path: Path, publisher: RecordingPublisher
 ) -> None:

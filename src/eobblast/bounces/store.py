@@ -989,6 +989,15 @@ class _PostgresSql(_Sql):
             await cur.executemany(sql.replace("?", "%s"), rows)
 
 
+# A transaction's advisory locks in one statement, taken in the arrays' order: the
+# subquery's rows come in that order, and the aggregate takes each lock as its row comes.
+_PG_LOCK_ALL = (
+    "SELECT count(pg_advisory_xact_lock(lock.namespace, hashtext(lock.name)))"
+    " FROM (SELECT * FROM unnest(%s::int[], %s::text[]) WITH ORDINALITY"
+    " AS l(namespace, name, n) ORDER BY n) AS lock"
+)
+
+
 class PostgresBounceStore(BounceStore):
     """The store in PostgreSQL, for workers on several machines."""
 
@@ -1022,10 +1031,11 @@ class PostgresBounceStore(BounceStore):
         )
         try:
             async with self._conn.transaction():
-                # One sorted order for every transaction, so overlapping ones cannot deadlock.
-                for namespace, name in locks:
+                # One sorted order for every transaction, so overlapping ones cannot deadlock;
+                # taken in one statement (the array's order), not a round trip each.
+                if locks:
                     await self._conn.execute(
-                        "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (namespace, name)
+                        _PG_LOCK_ALL, ([ns for ns, _ in locks], [name for _, name in locks])
                     )
                 yield
         except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
