@@ -321,6 +321,22 @@ def _being_cancelled() -> bool:
     return task is None or task.cancelling() > 0
 
 
+def source_time(source_ms: int | None) -> dt.datetime | None:
+    """When a Kafka record was appended, from its timestamp (ms); None if it has none.
+
+    A producer may set any CreateTime, and Kafka takes far-future ones by default: one in
+    microseconds or nanoseconds (a common bug) is past what a datetime holds. It counts as
+    unknown rather than failing the status of an event already sent, which would be tried
+    again for ever and hold its partition's commits.
+    """
+    if source_ms is None or source_ms < 0:
+        return None
+    try:
+        return dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC)
+    except (ValueError, OverflowError, OSError):
+        return None
+
+
 def status_record(
     outcome: EventOutcome, event_key: str, attempt: int, worker: str, source_ms: int | None
 ) -> bytes:
@@ -333,7 +349,6 @@ def status_record(
     of consent is no attempt of the send that a copy with consent makes later (attempt 1,
     which the bounce service may hold for verification): its id is apart from theirs.
     """
-    source = dt.datetime.fromtimestamp(source_ms / 1000, dt.UTC) if source_ms is not None else None
     id_attempt = 1 if outcome.outcome is Outcome.FALLBACK else attempt
     id_status = str(outcome.outcome)
     if outcome.outcome is Outcome.HELD and outcome.reason is ReasonCode.NO_CONSENT:
@@ -354,7 +369,7 @@ def status_record(
         attempt=attempt,
         worker=worker,
         occurred_at=dt.datetime.now(dt.UTC),
-        source_timestamp=source,
+        source_timestamp=source_time(source_ms),
     )
     return orjson.dumps(status.model_dump(mode="json", by_alias=True))
 

@@ -194,6 +194,53 @@ async def test_poison_input_is_parked_and_the_worker_goes_on(stack: Stack) -> No
     assert sum(stack.sandbox.counts.values()) == 1
 
 
+async def test_records_stamped_in_microseconds_or_nanoseconds_are_accounted_for_once(
+    stack: Stack,
+) -> None:
+    # A claims system whose producer sets CreateTime in microseconds (Kafka takes far-future
+    # timestamps): building the status raised after the send or the dead letter, and the
+    # record was tried again for ever: a dead letter each time, its partition never committed.
+    sent, rejected = stack.events(2, seed=23)
+    now_ms = int(time.time() * 1000)
+    records = [
+        (member_key(sent), sent, now_ms * 1000),
+        (b"M-unreadable", b"not json", now_ms * 1000),
+        (member_key(rejected), rejected, now_ms * 1_000_000),
+    ]
+    producer = make_producer(stack.broker.bootstrap, client_id="claims", security=PLAINTEXT)
+    await producer.start()
+    try:
+        for key, value, stamp in records:
+            await producer.send_and_wait(stack.events_topic, value, key=key, timestamp_ms=stamp)
+    finally:
+        await producer.stop()
+    config = stack.config()
+    _, stop, task = await start_worker(config)
+    try:
+        found = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=3, seconds=30)
+        await asyncio.sleep(1.0)  # time for attempts tried again, and for commits
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    grouped = statuses(found)
+    assert len(grouped) == 3, f"statuses for {sorted(grouped)}"
+    assert set(distinct_final(grouped).values()) == {1}
+    assert all(s.source_timestamp is None for items in grouped.values() for s in items)
+    assert sorted(items[0].status for items in grouped.values()) == [
+        "delivered",
+        "delivered",
+        "rejected",
+    ]
+    assert sum(stack.sandbox.counts.values()) == 2
+    letters = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=2, seconds=3)
+    assert len(letters) == 1
+    ends = await _end_offsets(stack.broker.bootstrap, stack.events_topic)
+    committed = await _committed_offsets(
+        stack.broker.bootstrap, config.kafka.group_id, stack.events_topic, list(ends)
+    )
+    assert committed == {p: end for p, end in ends.items() if end}
+
+
 async def test_a_dead_letter_its_topic_refuses_whole_is_parked_without_the_original(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1494,6 +1541,25 @@ async def _end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     finally:
         await consumer.stop()
     return {tp.partition: int(offset) for tp, offset in ends.items()}
+
+
+async def _committed_offsets(
+    bootstrap: str, group_id: str, topic: str, partitions: Sequence[int]
+) -> dict[int, int]:
+    """The group's committed offset of each of these partitions of `topic` that has one."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=bootstrap, group_id=group_id, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        committed = {}
+        for partition in partitions:
+            offset = await consumer.committed(TopicPartition(topic, partition))
+            if offset is not None:
+                committed[partition] = offset
+    finally:
+        await consumer.stop()
+    return committed
 
 
 def _ledger_of_missing(stack: Stack, published: list[bytes], grouped: dict[str, Any]) -> str:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+
 import orjson
 
 from eobblast.errors import Outcome, ReasonCode
@@ -39,3 +42,18 @@ def test_other_statuses_keep_an_id_per_attempt() -> None:
     # The same status republished (after a crash) keeps its id.
     again = _status(Outcome.DELIVERED, ReasonCode.DELIVERED, 3, "w-2")
     assert again.status_id in ids
+
+
+def test_a_record_timestamp_no_datetime_holds_counts_as_unknown() -> None:
+    # A producer that sets CreateTime in microseconds or nanoseconds (Kafka takes it): the
+    # status of an event already sent failed to build, and was tried again for ever.
+    now_ms = int(time.time() * 1000)
+    for stamp in (now_ms * 1000, now_ms * 1_000_000, 2**63 - 1, -1):
+        assert _status_from(stamp).source_timestamp is None
+    assert _status_from(now_ms).source_timestamp == dt.datetime.fromtimestamp(now_ms / 1000, dt.UTC)
+
+
+def _status_from(source_ms: int) -> DeliveryStatus:
+    outcome = EventOutcome("EOB-1", Outcome.DELIVERED, ReasonCode.DELIVERED, 0.0)
+    value = status_record(outcome, "EOB-1", 1, "w-1", source_ms)
+    return DeliveryStatus.model_validate(orjson.loads(value))
