@@ -153,6 +153,8 @@ class _InFlight:
     since: float
     stage: str = "queued"
     event_id: str | None = None
+    # Its dead letter is on the DLQ: an attempt run again does not park it a second time.
+    parked: bool = False
 
 
 def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None]) -> None:
@@ -1083,15 +1085,15 @@ class Worker:
         key: bytes | None = record.key
         if not value:
             outcome = EventOutcome(None, Outcome.REJECTED, ReasonCode.EMPTY_VALUE, 0.0)
-            return await self._reject(outcome, value, key, position, record.timestamp)
+            return await self._reject(outcome, value, key, position, record.timestamp, info)
         if not key:
             checked = self._pipeline.validate(value, start)
             event_id = checked.event_id
             outcome = EventOutcome(event_id, Outcome.REJECTED, ReasonCode.MISSING_KEY, 0.0)
-            return await self._reject(outcome, value, key, position, record.timestamp)
+            return await self._reject(outcome, value, key, position, record.timestamp, info)
         checked = self._pipeline.validate(value, start)
         if isinstance(checked, EventOutcome):
-            return await self._reject(checked, value, key, position, record.timestamp)
+            return await self._reject(checked, value, key, position, record.timestamp, info)
         event_id = info.event_id = checked.event_id
         withheld = self._pipeline.withheld(checked, start)
         if withheld is not None:
@@ -1225,11 +1227,14 @@ class Worker:
         key: bytes | None,
         position: SourcePosition,
         source_ms: int | None,
+        info: _InFlight,
     ) -> bool:
-        self._pipeline.observe(outcome)
-        await self._park(
-            value, key, position, outcome.reason, outcome.field, event_id=outcome.event_id
-        )
+        if not info.parked:
+            await self._park(
+                value, key, position, outcome.reason, outcome.field, event_id=outcome.event_id
+            )
+            info.parked = True
+            self._pipeline.observe(outcome)
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
         await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
         return True

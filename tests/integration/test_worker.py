@@ -241,6 +241,36 @@ async def test_records_stamped_in_microseconds_or_nanoseconds_are_accounted_for_
     assert committed == {p: end for p, end in ends.items() if end}
 
 
+async def test_a_rejected_record_run_again_is_parked_and_counted_once(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Its status failed after its dead letter was on the DLQ: every attempt run again parked
+    # (and counted) another.
+    status_record = worker_module.status_record
+    bugs = [ValueError("a status that cannot be built, once")]
+
+    def failing_once(outcome: Any, *args: Any) -> bytes:
+        if outcome.outcome == "rejected" and bugs:
+            raise bugs.pop()
+        return status_record(outcome, *args)
+
+    monkeypatch.setattr(worker_module, "status_record", failing_once)
+    rejected = _sample("eobblast_events_total", outcome="rejected", reason="invalid_json")
+    await stack.publish([b"not json"], keys=[b"M-unreadable"])
+    _, stop, task = await start_worker(stack.config())
+    try:
+        found = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert not bugs and len(found) == 1
+    letters = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=2, seconds=3)
+    assert len(letters) == 1
+    assert _sample("eobblast_events_total", outcome="rejected", reason="invalid_json") == (
+        rejected + 1
+    )
+
+
 async def test_a_dead_letter_its_topic_refuses_whole_is_parked_without_the_original(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
