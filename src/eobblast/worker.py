@@ -98,6 +98,20 @@ COMMIT_TIMEOUT = 10.0
 MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
 # Rounds of cancelling abandoned tasks (a second each) before giving up on them.
 CANCEL_ROUNDS = 5
+# What a bug raises. A record's attempts failing with the same one this many times in a row
+# are given up (`Worker._give_up`): its bytes or its state fail it the same way every time,
+# and trying it for ever would hold its partition's commits and an in-flight slot. Outages
+# of a store or of Kafka (OSError, the drivers' errors, KafkaError, StoreUnavailable) and
+# cancellations are none of these: they are waited out however long they last.
+BUG_ERRORS: tuple[type[Exception], ...] = (
+    ValueError,
+    TypeError,
+    LookupError,
+    AttributeError,
+    ArithmeticError,
+    AssertionError,
+)
+GIVE_UP_AFTER = 5
 # One bounce-service record (verification request, paper fallback) waits this long for Kafka,
 # and at most METADATA_TIMEOUT of it for its topic's partitions (a topic the producer has
 # published to is known at once). A topic refused is not tried again for REFUSED_FOR s,
@@ -155,6 +169,8 @@ class _InFlight:
     event_id: str | None = None
     # Its dead letter is on the DLQ: an attempt run again does not park it a second time.
     parked: bool = False
+    # The status it reports (outcome, key, attempt), once decided: given up, it still does.
+    status: tuple[EventOutcome, str, int] | None = None
 
 
 def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None]) -> None:
@@ -1036,9 +1052,12 @@ class Worker:
         partition's commits until a restart. An attempt that fails, or that outlives
         `stuck_after` (every step has its own timeout, so something hung), is reported and
         run again; the send ledger and the bounce gate decide what a second attempt sends
-        (at most one more email, as after a crash)."""
+        (at most one more email, as after a crash). Attempts failing with the same bug
+        GIVE_UP_AFTER times in a row end it (`_give_up`)."""
         limit = self._config.workers.stuck_after
         failures = 0
+        bug: type[BaseException] | None = None
+        bugs = 0  # attempts in a row that failed with `bug`
         while True:
             started = time.monotonic()
             deadline = asyncio.timeout(limit if limit > 0 else None)
@@ -1047,6 +1066,9 @@ class Worker:
                     if previous is not None and not previous.done():
                         info.stage = "ordering"  # after the member's previous notice
                         await asyncio.wait([previous])
+                    if bugs >= GIVE_UP_AFTER:
+                        assert bug is not None
+                        return await self._give_up(tp, record, info, bug)
                     return await self._process(tp, record, info)
             except (Exception, asyncio.CancelledError) as exc:
                 if isinstance(exc, TimeoutError) and deadline.expired():
@@ -1058,6 +1080,13 @@ class Worker:
                 # awaited included, is a failure: otherwise the record would end here with
                 # no status and no log line.
                 failures += 1
+                if bugs < GIVE_UP_AFTER:  # giving up: what fails then is only tried again
+                    if not isinstance(exc, BUG_ERRORS):
+                        bug, bugs = None, 0
+                    elif type(exc) is bug:
+                        bugs += 1
+                    else:
+                        bug, bugs = type(exc), 1
                 log.exception(
                     "record could not be accounted for; trying again",
                     extra={"partition": tp.partition, "offset": record.offset},
@@ -1076,6 +1105,60 @@ class Worker:
                 "seconds": round(seconds, 1),
             },
         )
+
+    async def _give_up(
+        self, tp: TopicPartition, record: Any, info: _InFlight, bug: type[BaseException]
+    ) -> bool:
+        """Account for a record whose attempts failed with the same bug GIVE_UP_AFTER times,
+        so its partition moves on.
+
+        The status it was reporting goes out, without its source time (the record's own
+        metadata may be what failed). Without one, its event's outcome as this worker sent
+        it or as the ledger recorded it: an event already sent is never reported failed.
+        Otherwise nothing was sent: the record is parked (internal_error), for a replay once
+        the bug is fixed, and reported failed.
+        """
+        info.stage = "give_up"
+        log.error(
+            "record failed the same way %d times; given up",
+            GIVE_UP_AFTER,
+            extra={
+                "partition": tp.partition,
+                "offset": record.offset,
+                "event_id": info.event_id,
+                "error": bug.__name__,
+            },
+        )
+        if info.status is not None:
+            outcome, event_key, attempt = info.status
+            await self._publish_status(outcome, event_key, attempt, None)
+            return True
+        event_id = info.event_id
+        if event_id is not None:
+            sent = self._unrecorded.get(event_id)
+            if sent is not None:
+                # The claim renewer writes it to the ledger now that its task is done.
+                await self._publish_status(sent[0], event_id, sent[1], None)
+                return True
+            entry = await self._ledger.get(event_id)
+            if entry is not None and entry.state is LedgerState.FINAL and not entry.withheld:
+                return await self._republish(entry, None, info)
+        position = SourcePosition(topic=tp.topic, partition=tp.partition, offset=record.offset)
+        failed = EventOutcome(event_id, Outcome.FAILED, ReasonCode.INTERNAL_ERROR, 0.0)
+        if not info.parked:
+            await self._park(
+                record.value,
+                record.key,
+                position,
+                ReasonCode.INTERNAL_ERROR,
+                None,
+                event_id=event_id,
+            )
+            info.parked = True
+            self._pipeline.observe(failed)
+        fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
+        await self._publish_status(failed, event_id or fallback_key, 1, None, info)
+        return True
 
     async def _process(self, tp: TopicPartition, record: Any, info: _InFlight) -> bool:
         info.stage = "input"  # validation, or a dead letter for bad input
@@ -1140,7 +1223,7 @@ class Worker:
         if claim.kind is ClaimKind.DONE:
             assert claim.entry is not None
             info.stage = "publish"
-            return await self._republish(claim.entry, record.timestamp)
+            return await self._republish(claim.entry, record.timestamp, info)
         # A crash resend takes over another incarnation's claim; this worker's own "-again"
         # claim (an attempt tried here once more) is not one.
         previous_owner = claim.entry.owner if claim.entry is not None else ""
@@ -1195,7 +1278,7 @@ class Worker:
         if entry is not None and not entry.withheld:
             if entry.state is LedgerState.FINAL:
                 info.stage = "publish"
-                return await self._republish(entry, source_ms)
+                return await self._republish(entry, source_ms, info)
             self.duplicates_skipped += 1  # its sending copy reports it
             metrics.DUPLICATES.inc()
             return True
@@ -1203,7 +1286,7 @@ class Worker:
         await self._report(held, held.event_id, 1, source_ms, info)
         return True
 
-    async def _republish(self, entry: LedgerEntry, source_ms: int | None) -> bool:
+    async def _republish(self, entry: LedgerEntry, source_ms: int | None, info: _InFlight) -> bool:
         # Skipped only if this very attempt's status is out: a status of an earlier attempt
         # here (taken over since, by a worker that died before publishing) is not it.
         if entry.status_published or self._unmarked.get(entry.event_id) == entry.attempts:
@@ -1216,7 +1299,7 @@ class Worker:
             ReasonCode(entry.reason or ReasonCode.INTERNAL_ERROR),
             0.0,
         )
-        await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms)
+        await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms, info)
         self._unmarked[entry.event_id] = entry.attempts
         return True
 
@@ -1236,7 +1319,7 @@ class Worker:
             info.parked = True
             self._pipeline.observe(outcome)
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
-        await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms)
+        await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms, info)
         return True
 
     async def _park(
@@ -1291,7 +1374,7 @@ class Worker:
         self._pipeline.observe(outcome)
         if info is not None:
             info.stage = "publish"
-        await self._publish_status(outcome, event_id, attempt, source_ms)
+        await self._publish_status(outcome, event_id, attempt, source_ms, info)
 
     async def _finish(self, event_id: str, outcome: EventOutcome) -> None:
         """The outcome into the ledger, however long its store is away: running the record
@@ -1308,8 +1391,15 @@ class Worker:
         )
 
     async def _publish_status(
-        self, outcome: EventOutcome, event_key: str, attempt: int, source_ms: int | None
+        self,
+        outcome: EventOutcome,
+        event_key: str,
+        attempt: int,
+        source_ms: int | None,
+        info: _InFlight | None = None,
     ) -> None:
+        if info is not None:
+            info.status = (outcome, event_key, attempt)
         value = status_record(outcome, event_key, attempt, self.worker_id, source_ms)
         await self._send(self._config.kafka.delivery_topic, event_key.encode(), value)
 

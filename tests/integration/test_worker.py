@@ -742,6 +742,72 @@ async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
     assert len(failures) == 2
 
 
+async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_had(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A status that could not be built from the record's metadata (as for a timestamp in
+    # microseconds) was tried again for ever: no status, the partition's commits held.
+    status_record = worker_module.status_record
+
+    def failing_with_a_source_time(outcome: Any, *args: Any) -> bytes:
+        *_, source_ms = args
+        if source_ms is not None:
+            raise ValueError("year 58878 is out of range")
+        return status_record(outcome, *args)
+
+    monkeypatch.setattr(worker_module, "status_record", failing_with_a_source_time)
+    monkeypatch.setattr(worker_module, "backoff_delay", lambda attempt, **_: 0.05)
+    caplog.set_level(logging.ERROR, logger="eobblast")
+    (value,) = stack.events(1, seed=24)
+    await stack.publish([value, b"not json"], keys=[member_key(value), b"M-unreadable"])
+    config = stack.config()
+    _, stop, task = await start_worker(config)
+    try:
+        found = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=2, seconds=30)
+        await asyncio.sleep(1.0)  # time for more statuses, if any came, and for commits
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    grouped = statuses(found)
+    assert sorted(items[0].status for items in grouped.values()) == ["delivered", "rejected"]
+    assert set(distinct_final(grouped).values()) == {1}
+    assert sum(stack.sandbox.counts.values()) == 1
+    letters = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=2, seconds=3)
+    assert [DeadLetter.model_validate_json(v).reason for _, v in letters] == ["invalid_json"]
+    given_up = [r for r in caplog.records if "given up" in r.getMessage()]
+    assert [getattr(r, "error", None) for r in given_up] == ["ValueError", "ValueError"]
+    ends = await _end_offsets(stack.broker.bootstrap, stack.events_topic)
+    committed = await _committed_offsets(
+        stack.broker.bootstrap, config.kafka.group_id, stack.events_topic, list(ends)
+    )
+    assert committed == {p: end for p, end in ends.items() if end}
+
+
+async def test_outages_are_waited_out_and_a_bug_before_any_outcome_parks_the_record(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A ledger away is tried again however long it lasts (twice the bound here); a claim
+    # that then fails with the same bug every time ends the record: nothing was sent, so
+    # it is parked for a replay once the bug is fixed, and reported failed.
+    bound = worker_module.GIVE_UP_AFTER
+    faults: list[BaseException] = [sqlite3.OperationalError("database is locked")] * (2 * bound)
+    faults += [KeyError("a bug")] * bound
+    monkeypatch.setattr(worker_module, "backoff_delay", lambda attempt, **_: 0.05)
+    failed = _sample("eobblast_events_total", outcome="failed", reason="internal_error")
+    event_id, (status,) = await one_event_through(
+        stack, 25, ledger_as=lambda ledger: FaultyClaims(ledger, faults)
+    )
+    assert not faults, "every outage waited out, the bug met as often as the bound"
+    assert (status.status, status.reason, status.attempt) == ("failed", "internal_error", 1)
+    assert sum(stack.sandbox.counts.values()) == 0
+    letters = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=2, seconds=3)
+    (letter,) = [DeadLetter.model_validate_json(v) for _, v in letters]
+    assert (letter.reason, letter.event_id) == ("internal_error", event_id)
+    assert _sample("eobblast_events_total", outcome="failed", reason="internal_error") == (
+        failed + 1
+    )
+
+
 class FlakyBounceStore:
     """A bounce store whose database is away for `failures` transactions, after `after`."""
 
