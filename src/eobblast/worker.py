@@ -1273,17 +1273,27 @@ class Worker:
         is a duplicate of it. Each held copy is audited and reported, under the same
         status_id."""
         assert held.event_id is not None
-        info.stage = "claim"
-        entry = await self._ledger.get(held.event_id)
-        if entry is not None and not entry.withheld:
-            if entry.state is LedgerState.FINAL:
-                info.stage = "publish"
-                return await self._republish(entry, source_ms, info)
-            self.duplicates_skipped += 1  # its sending copy reports it
-            metrics.DUPLICATES.inc()
+        if await self._reported_by_another_copy(held.event_id, source_ms, info):
             return True
         await self._pipeline.record_withheld(event)
         await self._report(held, held.event_id, 1, source_ms, info)
+        return True
+
+    async def _reported_by_another_copy(
+        self, event_id: str, source_ms: int | None, info: _InFlight
+    ) -> bool:
+        """Whether another copy of the event settled it (its recorded status is published
+        again if it is not out yet) or is sending it (that copy reports it): this record is
+        then a duplicate, and reports nothing of its own."""
+        info.stage = "claim"
+        entry = await self._ledger.get(event_id)
+        if entry is None or entry.withheld:
+            return False
+        if entry.state is LedgerState.FINAL:
+            info.stage = "publish"
+            return await self._republish(entry, source_ms, info)
+        self.duplicates_skipped += 1  # its sending copy reports it
+        metrics.DUPLICATES.inc()
         return True
 
     async def _republish(self, entry: LedgerEntry, source_ms: int | None, info: _InFlight) -> bool:
@@ -1318,6 +1328,12 @@ class Worker:
             )
             info.parked = True
             self._pipeline.observe(outcome)
+        # A bad copy (no key, or failing validation) of an event another copy settled: its
+        # status stands, a rejection under the same event id would contradict it.
+        if outcome.event_id is not None and await self._reported_by_another_copy(
+            outcome.event_id, source_ms, info
+        ):
+            return True
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
         await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms, info)
         return True

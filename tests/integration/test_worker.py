@@ -271,6 +271,39 @@ async def test_a_rejected_record_run_again_is_parked_and_counted_once(
     )
 
 
+async def test_a_bad_copy_of_an_event_already_sent_is_parked_without_a_second_status(
+    stack: Stack,
+) -> None:
+    # A copy republished without its key, or one that fails validation but carries the
+    # event's id, was reported rejected under that id: two final statuses for one event.
+    (value,) = stack.events(1, seed=26)
+    doc = orjson.loads(value)
+    event_id = doc["event_id"]
+    doc["unexpected"] = True
+    invalid = orjson.dumps(doc)
+    worker, stop, task = await start_worker(stack.config())
+    topic = (stack.broker.bootstrap, stack.delivery_topic)
+    try:
+        await stack.publish([value])
+        await read_topic(*topic, until=1)
+        await stack.publish([value, invalid], keys=[b"", member_key(value)])
+        letters = await read_topic(stack.broker.bootstrap, stack.dlq_topic, until=2)
+        found = await read_topic(*topic, until=2, seconds=3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    parked = sorted(
+        (str(letter.reason), letter.event_id)
+        for letter in (DeadLetter.model_validate_json(v) for _, v in letters)
+    )
+    assert parked == [("missing_key", event_id), ("unknown_field", event_id)]
+    grouped = statuses(found)
+    assert list(grouped) == [event_id]
+    assert {s.status for s in grouped[event_id]} == {"delivered"}
+    assert worker.duplicates_skipped == 2
+    assert sum(stack.sandbox.counts.values()) == 1
+
+
 async def test_a_dead_letter_its_topic_refuses_whole_is_parked_without_the_original(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
