@@ -19,6 +19,7 @@ from pathlib import Path
 
 from eobblast.config import Config
 from eobblast.observe.metrics import SupervisorMetrics
+from eobblast.worker import stop_budget
 
 log = logging.getLogger("eobblast.supervisor")
 # A worker that dies sooner than this after starting counts as crash-looping.
@@ -233,7 +234,8 @@ class Supervisor:
         for process in processes:
             if process.is_alive():
                 process.terminate()  # SIGTERM: the worker drains and commits
-        deadline = time.monotonic() + self._config.workers.grace_period + 5.0
+        # As long as a worker's drain may last: killed sooner, its last commit is lost.
+        deadline = time.monotonic() + stop_budget(self._config.workers.grace_period)
         for process in processes:
             remaining = max(0.0, deadline - time.monotonic())
             await asyncio.to_thread(process.join, remaining)

@@ -96,8 +96,9 @@ log = logging.getLogger("eobblast.worker")
 COMMIT_TIMEOUT = 10.0
 # What a status mark may fail with and be tried again at the next commit.
 MARK_ERRORS: tuple[type[BaseException], ...] = (*STORE_ERRORS, TimeoutError)
-# Rounds of cancelling abandoned tasks (a second each) before giving up on them.
+# Rounds of cancelling abandoned tasks (CANCEL_ROUND s each) before giving up on them.
 CANCEL_ROUNDS = 5
+CANCEL_ROUND = 1.0
 # What a bug raises. A record's attempts failing with the same one this many times in a row
 # are given up (`Worker._give_up`): its bytes or its state fail it the same way every time,
 # and trying it for ever would hold its partition's commits and an in-flight slot. Outages
@@ -125,6 +126,9 @@ REFUSED_FOR = 30.0
 # rebalance timeout has passed), or the producer holds a record the broker never took: the
 # client is then left to the process's end.
 CLOSE_TIMEOUT = 3.0
+# A stopped worker's stores, TLS knowledge and SMTP connections are closed within this
+# (those steps have no timeout of their own), and the process exits.
+EXIT_ALLOWANCE = 5.0
 # A worker full of in-flight events this long (at most; a quarter of the consumer's
 # max_poll_interval_ms if that is less) still polls, all partitions paused, so the group
 # does not evict it.
@@ -190,7 +194,7 @@ async def _cancel_and_wait(tasks: set[asyncio.Task[None]], rounds: int = CANCEL_
             return
         for task in tasks:
             task.cancel()
-        _, tasks = await asyncio.wait(tasks, timeout=1.0)
+        _, tasks = await asyncio.wait(tasks, timeout=CANCEL_ROUND)
     if tasks:
         log.warning("tasks still running after cancellation", extra={"count": len(tasks)})
 
@@ -206,8 +210,26 @@ def revocation_timeout_ms(grace_period: float) -> int:
     (in-flight work for up to the grace period, cancellation rounds, the status marks and
     the offset commit), or the group would drop this member while it still works, and its
     commit of the finished records would fail."""
-    seconds = grace_period + CANCEL_ROUNDS * 1.0 + 2 * COMMIT_TIMEOUT + 5.0
+    seconds = grace_period + CANCEL_ROUNDS * CANCEL_ROUND + 2 * COMMIT_TIMEOUT + 5.0
     return max(DEFAULT_REBALANCE_TIMEOUT_MS, int(seconds * 1000))
+
+
+def stop_budget(grace_period: float) -> float:
+    """The longest a worker takes to exit once told to stop (SIGTERM): a supervisor that
+    kills it sooner cuts its last commit short, and every record since the one before is
+    redelivered.
+
+    In turn: what was under way when it was told (a commit's status marks and offsets, a
+    clock check, end offsets: the longest of them); the grace period, which starts once
+    that commit is done at the latest; the cancellation rounds of the bounce tasks, then
+    those of the records; the last commit; the Kafka clients' stop; EXIT_ALLOWANCE.
+    """
+    under_way = max(
+        2 * COMMIT_TIMEOUT, CLOCK_CHECK_TIMEOUT, END_OFFSETS_TIMEOUT + METADATA_ANSWER_TIMEOUT
+    )
+    cancelling = 2 * CANCEL_ROUNDS * CANCEL_ROUND
+    last_commit = 2 * COMMIT_TIMEOUT
+    return under_way + grace_period + cancelling + last_commit + CLOSE_TIMEOUT + EXIT_ALLOWANCE
 
 
 async def _done_unless_stopped(

@@ -503,8 +503,8 @@ async def test_a_worker_told_to_stop_during_a_rebalance_stops_within_its_grace(
     # Another member of the group takes 20 s to give its partitions up, so a rebalance
     # stays open that long. The worker, waiting for its partitions meanwhile (new ones
     # when running, its first ones when starting), is told to stop: it leaves within its
-    # grace period rather than when the rebalance ends (a supervisor would kill it at
-    # grace + 5 s, sends in flight and all).
+    # grace period rather than when the rebalance ends (as late as the holder's rebalance
+    # timeout: its drain, and its last commit, would wait behind it).
     grace = 2.0
     config = stack.config(grace_period=grace)
     slow = SlowToGiveUp(hold=20.0)

@@ -17,6 +17,7 @@ import yaml
 
 from eobblast.config import Config, load_config, store_files
 from eobblast.preflight import Verdict, placeholder_settings
+from eobblast.worker import stop_budget
 
 ROOT = Path(__file__).parents[2]
 CONFIG_IN_CONTAINER = "/etc/eobblast/eobblast.toml"
@@ -64,6 +65,16 @@ def test_workers_get_the_mounted_configuration_and_keys(
     assert key_dir == str(example.dkim.key_dir)
     assert any(volume.endswith(":" + key_dir) for volume in compose["keys"]["volumes"])
     assert key_dir in mounts
+
+
+def test_the_workers_container_waits_for_their_drain_before_killing_them(
+    compose: dict[str, Any], example: Config
+) -> None:
+    # Docker kills the whole container at stop_grace_period: sooner than the supervisor's
+    # own deadline, the workers' last commits are cut short all the same.
+    grace = compose["eobblast"]["stop_grace_period"]
+    assert re.fullmatch(r"\d+s", grace)
+    assert int(grace[:-1]) > stop_budget(example.workers.grace_period) + 5
 
 
 @pytest.mark.parametrize("service", ["bounces", "portal"])

@@ -16,6 +16,7 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry, multiprocess
 
+from eobblast import worker
 from eobblast.config import load_config
 from eobblast.observe.metrics import SupervisorMetrics, serve_multiprocess_metrics
 from eobblast.supervisor import (
@@ -231,3 +232,46 @@ def test_healthz_answers_beside_the_metrics(tmp_path: Path) -> None:
         assert error.code == 405
     else:
         raise AssertionError("POST /healthz was answered")
+
+
+class Draining(Running):
+    """A worker process told to stop, that drains until its supervisor stops waiting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waited: list[float] = []
+        self.killed = False
+
+    def terminate(self) -> None:
+        pass
+
+    def join(self, timeout: float | None = None) -> None:
+        self.waited.append(timeout or 0.0)
+        self.alive = False  # done draining, just in time
+
+    def kill(self) -> None:
+        self.killed = True
+
+
+async def test_workers_told_to_stop_are_given_their_whole_drain_before_a_kill() -> None:
+    # The supervisor killed a worker grace + 5 s after SIGTERM, while its drain may go on
+    # past the grace period: cancelling what outlived it, the status marks, the offset
+    # commit and the Kafka clients' stop each have a timeout of their own.
+    grace = 20.0
+    config = load_config(environ={}, overrides={"workers": {"grace_period": grace}})
+    supervisor = NoSpawn(config, workers=2)
+    supervisor.process = Draining
+    for index in range(2):
+        supervisor._spawn(index)
+    processes = [cast(Draining, p) for p in supervisor._processes.values()]
+    await supervisor._stop_all()
+    waited = processes[0].waited[0]
+    assert waited >= worker.stop_budget(grace) - 1.0
+    drain = (
+        grace
+        + worker.CANCEL_ROUNDS * worker.CANCEL_ROUND
+        + 2 * worker.COMMIT_TIMEOUT  # the status marks, then the offsets
+        + worker.CLOSE_TIMEOUT
+    )
+    assert waited > drain
+    assert not any(p.killed for p in processes)
