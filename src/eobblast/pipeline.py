@@ -210,9 +210,19 @@ class Pipeline:
 
     @staticmethod
     def observe(outcome: EventOutcome) -> None:
-        """Count a final outcome in the metrics."""
+        """Count a final outcome in the metrics; a rejection is logged here, with the reason
+        it is counted and parked under (a record without a key may also fail validation)."""
         metrics.EVENTS.labels(outcome.outcome, outcome.reason).inc()
         metrics.STAGE["total"].observe(outcome.latency)
+        if outcome.outcome is Outcome.REJECTED:
+            log.info(
+                "event rejected",
+                extra={
+                    "event_id": outcome.event_id,
+                    "reason": outcome.reason,
+                    "field": outcome.field,
+                },
+            )
 
     def validate(self, raw: bytes, start: float) -> EobIssued | EventOutcome:
         """The validated event, or its REJECTED outcome (reason code, field, event id)."""
@@ -220,10 +230,6 @@ class Pipeline:
         t_valid = time.perf_counter()
         metrics.STAGE["validate"].observe(t_valid - start)
         if isinstance(event, Rejection):
-            log.info(
-                "event rejected",
-                extra={"event_id": event.event_id, "reason": event.reason, "field": event.field},
-            )
             return EventOutcome(
                 event.event_id,
                 Outcome.REJECTED,

@@ -819,7 +819,13 @@ class Worker:
             start = time.perf_counter()
             checked = self._pipeline.validate(resend.raw_event, start)
             if isinstance(checked, EventOutcome):
-                continue  # validated once already: only a schema change could get here
+                # Validated once already: only a schema change could get here. It stays in
+                # the bounce store, handed out again as its lease runs out: logged each time.
+                log.warning(
+                    "resend refused by validation",
+                    extra={"event_id": resend.event_id, "reason": checked.reason},
+                )
+                continue
             try:
                 outcome = await self._pipeline.deliver(
                     checked, start, raw=resend.raw_event, resend=resend

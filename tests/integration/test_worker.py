@@ -151,7 +151,10 @@ async def test_worker_delivers_reports_and_commits(stack: Stack) -> None:
     )
 
 
-async def test_poison_input_is_parked_and_the_worker_goes_on(stack: Stack) -> None:
+async def test_poison_input_is_parked_and_the_worker_goes_on(
+    stack: Stack, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="eobblast")
     good = stack.events(2, seed=9)
     poison = [
         (b"member-1", b"this is not json"),
@@ -179,6 +182,10 @@ async def test_poison_input_is_parked_and_the_worker_goes_on(stack: Stack) -> No
             "empty_value",
         ]
     )
+    # Each one logged once, under the reason it is parked and counted with: the record
+    # without a key is a valid event, and says missing_key, not what validation said.
+    logged = [r for r in caplog.records if r.getMessage() == "event rejected"]
+    assert sorted(str(getattr(r, "reason", None)) for r in logged) == reasons
     by_reason = {str(letter.reason): letter for letter in letters}
     assert base64.b64decode(by_reason["invalid_json"].original_base64) == b"this is not json"
     big = by_reason["event_too_large"]
