@@ -143,6 +143,64 @@ def test_the_services_secrets_are_made_before_anyone_reads_them(
         ), path
 
 
+def _one_shot(compose: dict[str, Any], name: str) -> bool:
+    """Whether a service runs once, to completion: another waits for it to complete."""
+    return any(
+        waits.get(name) == {"condition": "service_completed_successfully"}
+        for service in compose.values()
+        if isinstance(waits := service.get("depends_on") or {}, dict)
+    )
+
+
+def test_long_running_services_come_back_after_a_reboot(compose: dict[str, Any]) -> None:
+    # Without a restart policy nothing starts again after a reboot: no worker, no listener,
+    # and no Prometheus to page anyone about it. A one-shot service must not restart: it
+    # would run again and again.
+    one_shot = {name for name in compose if _one_shot(compose, name)}
+    assert one_shot == {"topics", "keys", "secrets", "check"}
+    for name, service in compose.items():
+        wanted = None if name in one_shot else "unless-stopped"
+        assert service.get("restart") == wanted, name
+
+
+@pytest.mark.parametrize(
+    ("service", "data"),
+    [
+        ("kafka", "/var/lib/kafka/data"),
+        ("prometheus", "/prometheus"),
+        ("grafana", "/var/lib/grafana"),
+    ],
+)
+def test_kafka_prometheus_and_grafana_keep_their_data_in_named_volumes(
+    compose: dict[str, Any], service: str, data: str
+) -> None:
+    # In the container's own layer, a `docker compose down` (or a recreated container) would
+    # lose unprocessed events, committed offsets, statuses and dead letters, the metrics the
+    # alerts look back on, and Grafana's passwords (back to admin/admin).
+    mounts = compose[service]["volumes"]
+    [volume] = [m.split(":")[0] for m in mounts if m.split(":")[1] == data]
+    assert volume in compose_file()["volumes"], volume
+    if service == "kafka":
+        # The image's default log directory is under /tmp, outside any volume.
+        assert compose[service]["environment"]["KAFKA_LOG_DIRS"] == data
+
+
+def test_dead_letters_are_kept_longer_than_the_broker_default(
+    compose: dict[str, Any], example: Config
+) -> None:
+    # The broker's default (7 days) expires dead letters before a long weekend and a
+    # holiday are over; past the ledger's retention, a replay could send a notice twice.
+    script = "\n".join(compose["topics"]["command"])
+    [line] = [
+        line
+        for line in script.splitlines()
+        if re.search(rf"--topic {re.escape(example.kafka.dlq_topic)}(\s|$)", line)
+    ]
+    [retention_ms] = re.findall(r"--config retention\.ms=(\d+)", line)
+    days = int(retention_ms) / 86_400_000
+    assert 30 <= days < example.ledger.retention_days
+
+
 def _loads_the_configuration(service: dict[str, Any]) -> bool:
     command = service.get("command") or [None]
     return command[0] == "eobblast" and "--config" in command
