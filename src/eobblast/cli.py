@@ -331,8 +331,9 @@ def _check_signing_keys(config: Config) -> None:
 
 
 def _warn_of_placeholders(config: Config) -> None:
-    """Warn of what `eobblast check` finds likely not meant (a reserved name in portal links
-    or return paths, shaping off) without refusing: the tests and the demo mean them."""
+    """Warn of what `eobblast check` finds likely not meant (a reserved name in portal links,
+    return paths or EHLO names, shaping off) without refusing: the tests and the demo mean
+    them."""
     from eobblast.preflight import Verdict, placeholder_settings
 
     log = logging.getLogger("eobblast.cli")
@@ -413,8 +414,10 @@ def check(config_path: Path | None, workers: int | None, as_json: bool) -> None:
     """Check what `eobblast run` needs, changing nothing: DKIM keys, the files read at
     start, the brokers and the topics, the stores, the static SMTP routes (STARTTLS
     verified), and the names members and receivers see: a reserved name (example.com,
-    .example, .test, .local, ...) in [portal] base_url or [bounces] bounce_domain fails, no
-    [shaping] pools_file (shaping off) is a warning. Exits 1 if any check fails."""
+    .example, .test, .local, ...) in [portal] base_url or [bounces] bounce_domain fails, and
+    so does an EHLO name ([transport] ehlo_name, or with shaping on the pools file's) that
+    is reserved or no fully qualified host name; no [shaping] pools_file (shaping off) is a
+    warning. Exits 1 if any check fails."""
     from rich.markup import escape
 
     from eobblast.preflight import Verdict, preflight

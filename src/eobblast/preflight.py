@@ -4,19 +4,19 @@ anything.
 Each check gives a `Finding`: the DKIM keys the workers sign with; the files the workers
 read at start (the transport's CA bundle, the shaping pools and warm-up files, the bounce
 rules); settings that work but were likely not meant (a reserved name in portal links or
-return paths, shaping off); the brokers (reached with the configured TLS and SASL
-settings); the topics the workers read and write; every store (where a SQLite file would
-be, a PostgreSQL server and its schema); each static SMTP route (its greeting and a
-STARTTLS verified as delivery verifies it, from `[transport] source_address`); the secrets
-the workers read, and whether each is the key its store records (every host must hold the
-same). Nothing is created: no topic, no table, no key, no file. Details name settings,
-files, hosts and topics, never a store URL (it may carry a password), nothing of an event
-and nothing of a key. `eobblast run` calls the same checks of the stores (waiting while a
-failure `may_heal`, refusing to start on any other), of the secrets (refusing to start on a
-failure) and of the placeholder settings (warning). Not checked: the brokers' ACLs (whether
-this client may read, write and join the group, beyond seeing the topics); routes found by
-MX lookups; routes from the shaping pools' own addresses and EHLO names; whether the
-metrics port can be bound.
+return paths, an EHLO name that is reserved or no FQDN, shaping off); the brokers (reached
+with the configured TLS and SASL settings); the topics the workers read and write; every
+store (where a SQLite file would be, a PostgreSQL server and its schema); each static SMTP
+route (its greeting and a STARTTLS verified as delivery verifies it, from `[transport]
+source_address`); the secrets the workers read, and whether each is the key its store
+records (every host must hold the same). Nothing is created: no topic, no table, no key, no
+file. Details name settings, files, hosts and topics, never a store URL (it may carry a
+password), nothing of an event and nothing of a key. `eobblast run` calls the same checks of
+the stores (waiting while a failure `may_heal`, refusing to start on any other), of the
+secrets (refusing to start on a failure) and of the placeholder settings (warning). Not
+checked: the brokers' ACLs (whether this client may read, write and join the group, beyond
+seeing the topics); routes found by MX lookups; routes from the shaping pools' own addresses
+and EHLO names; whether the metrics port can be bound.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from eobblast.protect.services import (
     shared_secrets,
 )
 from eobblast.shaping.engine import checked_overrides
-from eobblast.shaping.pools import load_pools
+from eobblast.shaping.pools import is_fqdn, load_pools
 from eobblast.shaping.settings import load_shaping
 from eobblast.state.fingerprints import recorded_fingerprints
 from eobblast.state.postgres import libpq_reason
@@ -168,8 +168,8 @@ def reserved_name(host: str) -> bool:
 
 def placeholder_settings(config: Config) -> list[Finding]:
     """Settings that work but that the operator likely did not mean: a reserved name in what
-    members and receivers see (portal links, return paths; the defaults are such names),
-    and shaping off."""
+    members and receivers see (portal links, return paths, the EHLO names mail is sent
+    with; the defaults are such names), an EHLO name that is no FQDN, and shaping off."""
     base_url = config.portal.base_url
     try:
         host = urlsplit(base_url).hostname
@@ -196,7 +196,10 @@ def placeholder_settings(config: Config) -> list[Finding]:
                 fix="Set [bounces] bounce_domain to a domain whose MX is `eobblast bounces`",
             )
         )
-    if not config.shaping.enabled:
+    found.append(_transport_ehlo(config))
+    if config.shaping.enabled:
+        found.append(_pool_ehlo_names(config))
+    else:
         why = (
             "not set: shaping is off (no IP warm-up, no per-provider caps), every connection"
             " goes from [transport] source_address as fast as receivers take it"
@@ -213,6 +216,55 @@ def _seen_name(check: str, value: str, host: str | None, *, lost: str, fix: str)
         named = host if value == host else f"{value}: {host}"
         return Finding(check, Verdict.FAIL, f"{named} is a reserved name: {lost}. {fix}")
     return Finding(check, Verdict.OK, value)
+
+
+# Why an EHLO name must be the sending host's own.
+_EHLO_LOST = (
+    "receivers compare the EHLO name with the sending IP's PTR record, so a placeholder"
+    " gets mail scored as spam or refused"
+)
+
+
+def _ehlo_problem(name: str) -> str | None:
+    """What is wrong with an EHLO name receivers would see, or None."""
+    if not is_fqdn(name):
+        return f"{name!r} is not a fully qualified host name"
+    if reserved_name(name):
+        return f"{name} is a reserved name"
+    return None
+
+
+def _transport_ehlo(config: Config) -> Finding:
+    """`[transport] ehlo_name`: what every connection greets with, unless shaping's IPs
+    greet with their own."""
+    check, name = "transport ehlo_name", config.transport.ehlo_name
+    problem = _ehlo_problem(name)
+    if problem is None:
+        return Finding(check, Verdict.OK, name)
+    if config.shaping.enabled:
+        # Each shaped connection greets with its IP's name from the pools file: this one
+        # is sent only once shaping is turned off.
+        why = "unused while shaping is on (each IP greets with its pools_file ehlo)"
+        return Finding(check, Verdict.WARN, f"{problem}: {why}")
+    fix = "Set [transport] ehlo_name to this host's name (the PTR record of its sending IP)"
+    return Finding(check, Verdict.FAIL, f"{problem}: {_EHLO_LOST}. {fix}")
+
+
+def _pool_ehlo_names(config: Config) -> Finding:
+    """The EHLO names of the shaping pools' IPs (the pools file checks that each is an
+    FQDN): a reserved one fails."""
+    check, pools_file = "shaping pools_file ehlo", config.shaping.pools_file
+    assert pools_file is not None
+    try:
+        sources = load_pools(pools_file).all_ips()
+    except ConfigError:  # the "shaping pools_file" check says why
+        return Finding(check, Verdict.SKIPPED, f"{pools_file} does not load")
+    placeholders = [f"{ip.address} {ip.ehlo_name}" for ip in sources if reserved_name(ip.ehlo_name)]
+    if placeholders:
+        fix = "Give each IP its own name (its PTR record) in the pools file's ehlo"
+        named = ", ".join(placeholders)
+        return Finding(check, Verdict.FAIL, f"reserved names: {named}: {_EHLO_LOST}. {fix}")
+    return Finding(check, Verdict.OK, f"{len(sources)} IP(s), each with its own name")
 
 
 def _dkim(config: Config) -> Finding:

@@ -31,6 +31,7 @@ UNPARSABLE = "s3cret%zz"
 # What members and receivers would see: names of a real deployment, not reserved ones.
 BASE_URL = "https://eob.acme-health.com/p/"
 BOUNCE_DOMAIN = "bounces.acme-health.com"
+EHLO_NAME = "mta1.acme-health.com"
 
 
 @contextlib.contextmanager
@@ -56,6 +57,7 @@ def _settings(stack: Stack) -> dict[str, Any]:
         "bounce_domain": BOUNCE_DOMAIN,
     }
     settings["portal"]["base_url"] = BASE_URL
+    settings["transport"]["ehlo_name"] = EHLO_NAME
     return settings
 
 
@@ -132,6 +134,7 @@ async def test_a_ready_setup_passes_and_nothing_is_created(stack: Stack, tmp_pat
         "bounces verp_key_file": "ok",
         "portal base_url": "ok",
         "bounces bounce_domain": "ok",
+        "transport ehlo_name": "ok",
         "shaping pools_file": "warn",
         "kafka": "ok",
         "topic events": "warn",
@@ -198,8 +201,10 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     ring.mkdir()
     (ring / "active").write_bytes(b"\xff\xfe")
     settings["portal"]["key_dir"] = str(ring)
-    # The placeholder defaults: portal links to example.com, return paths in .test.
+    # The placeholder defaults: portal links to example.com, return paths in .test, EHLO
+    # in .localhost.
     del settings["portal"]["base_url"], settings["bounces"]["bounce_domain"]
+    del settings["transport"]["ehlo_name"]
     with refusing_port() as pg_port, refusing_port() as smtp_port:
         settings["ledger"]["url"] = f"postgresql://eob:{PASSWORD}@127.0.0.1:{pg_port}/eob"
         settings["bounces"]["store_url"] = f"postgresql://eob:{UNPARSABLE}@127.0.0.1:{pg_port}/eob"
@@ -219,8 +224,9 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
         f"route {domain}",
         "portal base_url",
         "bounces bounce_domain",
+        "transport ehlo_name",
     }
-    assert "Error: 11 check(s) failed" in text
+    assert "Error: 12 check(s) failed" in text
     assert "retired-verp.key does not exist" in findings["bounces verp_previous_keys 7"]["detail"]
     assert findings["topic delivery"]["detail"].startswith(f"{missing_topic} is not on the brokers")
     assert "eobblast keys generate" in findings["dkim keys"]["detail"]
@@ -235,6 +241,9 @@ async def test_each_problem_is_named_and_fails_the_check(stack: Stack, tmp_path:
     )
     assert findings["bounces bounce_domain"]["detail"].startswith(
         "bounces.eobblast.test is a reserved name: "
+    )
+    assert findings["transport ehlo_name"]["detail"].startswith(
+        "eobblast.localhost is a reserved name: "
     )
     assert findings[f"route {domain}"]["detail"].startswith(f"127.0.0.1:{smtp_port} not reached")
     for secret in (PASSWORD, UNPARSABLE, "s3cret"):
@@ -445,12 +454,20 @@ async def test_run_warns_of_placeholder_names_and_shaping_off(stack: Stack, tmp_
     assert code == 1 and "no usable DKIM key" in out
     logged = [orjson.loads(line) for line in out.splitlines() if line.startswith("{")]
     warned = {doc["check"]: doc for doc in logged if doc["level"] == "warning" and "check" in doc}
-    assert set(warned) == {"portal base_url", "bounces bounce_domain", "shaping pools_file"}
+    assert set(warned) == {
+        "portal base_url",
+        "bounces bounce_domain",
+        "transport ehlo_name",
+        "shaping pools_file",
+    }
     assert warned["portal base_url"]["msg"].startswith(
         "portal base_url: https://eob.example.com/p/: eob.example.com is a reserved name"
     )
     assert warned["bounces bounce_domain"]["msg"].startswith(
         "bounces bounce_domain: bounces.eobblast.test is a reserved name"
+    )
+    assert warned["transport ehlo_name"]["msg"].startswith(
+        "transport ehlo_name: eobblast.localhost is a reserved name"
     )
     assert "shaping is off" in warned["shaping pools_file"]["msg"]
 

@@ -298,13 +298,19 @@ def _volume_of(mounts: list[str], path: Path) -> str:
 DEPLOYMENT = {
     "EOB_PORTAL_URL": "https://eob.acme-health.com/p/",
     "EOB_BOUNCE_DOMAIN": "bounces.acme-health.com",
+    "EOB_EHLO_NAME": "mta1.acme-health.com",
 }
 # The settings compose sets from them, in every service that loads the configuration and
 # checks, sends, serves or receives under these names.
 NAMED = {
     "EOB_PORTAL_URL": "EOBBLAST_PORTAL__BASE_URL",
     "EOB_BOUNCE_DOMAIN": "EOBBLAST_BOUNCES__BOUNCE_DOMAIN",
+    "EOB_EHLO_NAME": "EOBBLAST_TRANSPORT__EHLO_NAME",
 }
+
+
+# The checks that fail on the example's placeholders and pass on the deployment's names.
+PLACEHOLDER_CHECKS = ("portal base_url", "bounces bounce_domain", "transport ehlo_name")
 
 
 class MissingVariable(Exception):
@@ -365,15 +371,17 @@ def test_the_deployments_own_names_are_required_and_pass_check(
     compose: dict[str, Any], service: str
 ) -> None:
     # The example's payer.example names fail `eobblast check`, which the workers wait for:
-    # the stack starts only with the deployment's own portal address and bounce domain.
+    # the stack starts only with the deployment's own portal address, bounce domain and
+    # EHLO name.
     config = load_config(
         ROOT / "config/eobblast.example.toml",
         environ=_environment(compose[service], DEPLOYMENT),
     )
     assert config.portal.base_url == DEPLOYMENT["EOB_PORTAL_URL"]
     assert config.bounces.bounce_domain == DEPLOYMENT["EOB_BOUNCE_DOMAIN"]
+    assert config.transport.ehlo_name == DEPLOYMENT["EOB_EHLO_NAME"]
     found = {f.check: f.verdict for f in placeholder_settings(config)}
-    assert found["portal base_url"] is found["bounces bounce_domain"] is Verdict.OK
+    assert {found[check] for check in PLACEHOLDER_CHECKS} == {Verdict.OK}
     for variable, setting in NAMED.items():
         assert setting in compose[service]["environment"]
         without = {name: value for name, value in DEPLOYMENT.items() if name != variable}
@@ -385,7 +393,7 @@ def test_the_deployments_own_names_are_required_and_pass_check(
 def test_the_examples_own_names_are_placeholders(example: Config) -> None:
     # Why the compose file requires the names: what the example holds fails check.
     found = {f.check: f.verdict for f in placeholder_settings(example)}
-    assert found["portal base_url"] is found["bounces bounce_domain"] is Verdict.FAIL
+    assert {found[check] for check in PLACEHOLDER_CHECKS} == {Verdict.FAIL}
 
 
 def test_the_workers_start_only_once_check_passed_on_what_they_will_see(

@@ -72,6 +72,7 @@ def test_the_defaults_are_placeholders() -> None:
     assert found == {
         "portal base_url": Verdict.FAIL,
         "bounces bounce_domain": Verdict.FAIL,
+        "transport ehlo_name": Verdict.FAIL,  # eobblast.localhost
         "shaping pools_file": Verdict.WARN,
     }
 
@@ -87,9 +88,91 @@ def test_a_base_url_without_a_host_is_refused_and_bounces_off_have_no_domain() -
             "bounces": {"enabled": False},
         },
     )
-    [portal, shaping] = placeholder_settings(config)
+    [portal, ehlo, shaping] = placeholder_settings(config)
     assert (portal.check, portal.verdict) == ("portal base_url", Verdict.OK)
+    assert ehlo.check == "transport ehlo_name"
     assert shaping.check == "shaping pools_file"
+
+
+# Names of a real deployment everywhere but where a test puts a placeholder.
+REAL_NAMES = {
+    "portal": {"base_url": "https://eob.acme-health.com/p/"},
+    "bounces": {"bounce_domain": "bounces.acme-health.com"},
+}
+
+
+def _ehlo_findings(ehlo_name: str, **shaping: str) -> dict[str, tuple[Verdict, str]]:
+    overrides = REAL_NAMES | {"transport": {"ehlo_name": ehlo_name}, "shaping": shaping}
+    config = load_config(environ={}, overrides=overrides)
+    return {f.check: (f.verdict, f.detail) for f in placeholder_settings(config)}
+
+
+@pytest.mark.parametrize(
+    ("name", "said"),
+    [
+        ("eobblast.localhost", "eobblast.localhost is a reserved name"),  # the default
+        ("mta1.payer.example", "mta1.payer.example is a reserved name"),  # the example's
+        ("mta.demo-payer.test", "mta.demo-payer.test is a reserved name"),
+        ("mta1.payer.local", "mta1.payer.local is a reserved name"),
+        ("mta1", "'mta1' is not a fully qualified host name"),
+        ("localhost", "'localhost' is not a fully qualified host name"),
+        ("mta_1.acme-health.com", "'mta_1.acme-health.com' is not a fully qualified host name"),
+        ("192.0.2.10", "'192.0.2.10' is not a fully qualified host name"),
+        ("", "'' is not a fully qualified host name"),
+    ],
+)
+def test_an_ehlo_name_receivers_cannot_match_fails(name: str, said: str) -> None:
+    # Receivers compare the EHLO name with the sending IP's PTR record: a placeholder or a
+    # bare host name gets the mail scored as spam or refused.
+    verdict, detail = _ehlo_findings(name)["transport ehlo_name"]
+    assert verdict is Verdict.FAIL
+    assert detail.startswith(f"{said}: receivers compare the EHLO name")
+    assert detail.endswith(
+        "Set [transport] ehlo_name to this host's name (the PTR record of its sending IP)"
+    )
+
+
+@pytest.mark.parametrize("name", ["mta1.acme-health.com", "MTA1.Acme-Health.com.", "a.b.c.io"])
+def test_a_real_ehlo_name_passes(name: str) -> None:
+    assert _ehlo_findings(name)["transport ehlo_name"] == (Verdict.OK, name)
+
+
+def _pools(path: Path, *ehlo: str) -> Path:
+    entries = "".join(
+        f'[[pools.p.ips]]\naddress = "192.0.2.{n}"\nehlo = "{name}"\nwarmup_start = "mature"\n'
+        for n, name in enumerate(ehlo, start=10)
+    )
+    path.write_text(f'default_pool = "p"\n{entries}')
+    return path
+
+
+def test_with_shaping_on_each_ips_ehlo_name_is_checked(tmp_path: Path) -> None:
+    # Shaped connections greet with their IP's name from the pools file, never with
+    # [transport] ehlo_name: a placeholder there is only a warning.
+    pools = _pools(tmp_path / "pools.toml", "mta10.acme-health.com", "mta11.payer.example")
+    found = _ehlo_findings("eobblast.localhost", pools_file=str(pools))
+    verdict, detail = found["transport ehlo_name"]
+    assert verdict is Verdict.WARN
+    assert detail == (
+        "eobblast.localhost is a reserved name: unused while shaping is on (each IP greets"
+        " with its pools_file ehlo)"
+    )
+    verdict, detail = found["shaping pools_file ehlo"]
+    assert verdict is Verdict.FAIL
+    assert detail.startswith("reserved names: 192.0.2.11 mta11.payer.example: receivers")
+    assert "mta10" not in detail
+
+    pools = _pools(tmp_path / "pools.toml", "mta10.acme-health.com", "mta11.acme-health.com")
+    found = _ehlo_findings("mta1.acme-health.com", pools_file=str(pools))
+    assert found["transport ehlo_name"] == (Verdict.OK, "mta1.acme-health.com")
+    assert found["shaping pools_file ehlo"] == (Verdict.OK, "2 IP(s), each with its own name")
+
+
+def test_a_pools_file_that_does_not_load_skips_its_ehlo_names(tmp_path: Path) -> None:
+    # The "shaping pools_file" check says why; its names cannot be read.
+    pools = _pools(tmp_path / "pools.toml", "mta10")
+    found = _ehlo_findings("mta1.acme-health.com", pools_file=str(pools))
+    assert found["shaping pools_file ehlo"] == (Verdict.SKIPPED, f"{pools} does not load")
 
 
 @pytest.mark.parametrize(
@@ -124,4 +207,5 @@ def test_check_says_it_fails_on_reserved_names_and_warns_of_shaping_off() -> Non
     said = " ".join(CliRunner().invoke(main, ["check", "--help"]).output.split())
     assert "a reserved name" in said and "[portal] base_url" in said
     assert "[bounces] bounce_domain fails" in said
+    assert "an EHLO name ([transport] ehlo_name, or with shaping on the pools file's)" in said
     assert "no [shaping] pools_file (shaping off) is a warning" in said

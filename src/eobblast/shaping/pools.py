@@ -86,13 +86,24 @@ def _address(value: Any, where: str) -> str:
         raise ConfigError(f"{where}: {value!r} is not an IP address") from None
 
 
-def _ehlo_name(value: str, where: str) -> str:
+def is_fqdn(value: str) -> bool:
+    """Whether `value` is a fully qualified host name: two labels or more, letters, digits
+    and inner hyphens, a top-level label that is not all digits (an IP address is not)."""
     name = value.lower().rstrip(".")
     labels = name.split(".")
+    return (
+        len(name) <= 253
+        and len(labels) >= 2
+        and all(_HOST_LABEL.match(label) for label in labels)
+        and not labels[-1].isdigit()
+    )
+
+
+def _ehlo_name(value: str, where: str) -> str:
     # Receivers check the EHLO name against the IP's PTR record: it must be a real FQDN.
-    if len(name) > 253 or len(labels) < 2 or not all(_HOST_LABEL.match(x) for x in labels):
+    if not is_fqdn(value):
         raise ConfigError(f"{where}: {value!r} is not a fully qualified host name")
-    return name
+    return value.lower().rstrip(".")
 
 
 def _warmup_start(value: Any, where: str) -> dt.date | None:
