@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import getpass
 import logging
+import os
 import signal
+import socket
 import sys
 from collections import Counter
 from pathlib import Path
@@ -49,6 +52,26 @@ def _run(coro: Any) -> Any:
         raise SystemExit(128 + signal.SIGTERM) from None
     except ConfigError as exc:  # a missing key, an unreadable store URL: say so, exit 1
         raise click.ClickException(str(exc)) from None
+
+
+def _os_cause(exc: OSError) -> str:
+    """An OSError's cause in words, without the path or address it may repeat."""
+    if isinstance(exc, socket.gaierror) or not exc.errno:
+        return exc.strerror or type(exc).__name__
+    # asyncio rewords a bind's error ("error while attempting to bind on address ...").
+    return os.strerror(exc.errno)
+
+
+def _listen_error(
+    settings: tuple[str, str], host: str, port: int, exc: OSError
+) -> click.ClickException:
+    """A listener that could not be had, as an error naming the setting at fault (of
+    `settings`, the address's and the port's: a name that does not resolve or an address
+    not of this host, else a port in use or not permitted), the address and the cause."""
+    wrong_address = isinstance(exc, socket.gaierror) or exc.errno == errno.EADDRNOTAVAIL
+    setting = settings[0] if wrong_address else settings[1]
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return click.ClickException(f"{setting}: cannot listen on {address}: {_os_cause(exc)}")
 
 
 @click.group()
@@ -115,9 +138,14 @@ def generate(count: int, seed: int, out: Path | None) -> None:
     """Write realistic fake eob.issued/v1 events, including ones that must be rejected."""
     from eobblast.events.synthetic import generate_events
 
-    with out.open("wb") if out else contextlib.nullcontext(sys.stdout.buffer) as sink:
-        for raw in generate_events(count, seed=seed):
-            sink.write(raw + b"\n")
+    try:
+        with out.open("wb") if out else contextlib.nullcontext(sys.stdout.buffer) as sink:
+            for raw in generate_events(count, seed=seed):
+                sink.write(raw + b"\n")
+    except OSError as exc:
+        if out is None:  # standard output: not a file of the user's to name
+            raise
+        raise click.ClickException(f"--out {out}: cannot be written: {_os_cause(exc)}") from None
 
 
 @main.group()
@@ -147,7 +175,15 @@ def keys_generate(domains: tuple[str, ...], selector: str, key_dir: Path, ed2551
     from eobblast.protect.dkim import generate_keys
 
     for domain in domains:
-        for record in generate_keys(key_dir, domain, selector, ed25519=ed25519):
+        try:
+            records = generate_keys(key_dir, domain, selector, ed25519=ed25519)
+        except ConfigError as exc:  # a name that is no DNS name, a key that does not load
+            raise click.ClickException(exc.detail) from None
+        except OSError as exc:
+            raise click.ClickException(
+                f"--key-dir {key_dir}: the keys cannot be made there: {_os_cause(exc)}"
+            ) from None
+        for record in records:
             click.echo(record.zone_line())
 
 
@@ -295,13 +331,19 @@ def run(config_path: Path | None, workers: int | None, log_level: str) -> None:
         if config.metrics.port:
             from eobblast.observe.metrics import serve_multiprocess_metrics
 
-            port = serve_multiprocess_metrics(
-                config.metrics.port,
-                config.metrics.address,
-                str(metrics_dir),
-                supervisor.metrics,
-                supervisor.health_report,
-            )
+            try:  # before any worker starts
+                port = serve_multiprocess_metrics(
+                    config.metrics.port,
+                    config.metrics.address,
+                    str(metrics_dir),
+                    supervisor.metrics,
+                    supervisor.health_report,
+                )
+            except OSError as exc:
+                metrics = config.metrics
+                raise _listen_error(
+                    ("metrics.address", "metrics.port"), metrics.address, metrics.port, exc
+                ) from None
             console.print(
                 f"metrics on http://{config.metrics.address}:{port}/metrics, health on /healthz"
             )
@@ -472,31 +514,48 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
             "rate limits count every client of the TLS proxy as one"
         )
 
+    listen_host = host or config.portal.listen_address
+    listen_port = config.portal.listen_port if port is None else port
+    settings = (
+        "--host" if host else "portal.listen_address",
+        "--port" if port is not None else "portal.listen_port",
+    )
+
     async def serve() -> None:
         # Only the workers' keys open their envelopes: a missing key ring is an error.
         services = await ProtectionServices.open(config, create_keys=False)
         assert services.escrow is not None and services.audit is not None
         try:
-            server = await serve_portal(
-                create_app(
-                    services.escrow,
-                    services.audit,
-                    lockout_after=config.portal.lockout_after,
-                    # Shared by every portal process and kept across restarts.
-                    csrf_secret=csrf_secret_from(services.audit_key),
-                    https=https,
-                    access_days=config.portal.access_days,
-                ),
-                host or config.portal.listen_address,
-                config.portal.listen_port if port is None else port,
-                forwarded_allow_ips=config.portal.forwarded_allow_ips,
-            )
             if config.portal.metrics_port:
                 from eobblast.observe.metrics import serve_metrics
 
-                # Its own port, never the portal's: /metrics must not face members.
-                bound = serve_metrics(config.portal.metrics_port, config.metrics.address)
-                console.print(f"metrics on http://{config.metrics.address}:{bound}/metrics")
+                # Its own port, never the portal's: /metrics must not face members. Bound
+                # first: the portal is then not serving when it fails.
+                address, metrics_port = config.metrics.address, config.portal.metrics_port
+                try:
+                    bound = serve_metrics(metrics_port, address)
+                except OSError as exc:
+                    raise _listen_error(
+                        ("metrics.address", "portal.metrics_port"), address, metrics_port, exc
+                    ) from None
+                console.print(f"metrics on http://{address}:{bound}/metrics")
+            try:
+                server = await serve_portal(
+                    create_app(
+                        services.escrow,
+                        services.audit,
+                        lockout_after=config.portal.lockout_after,
+                        # Shared by every portal process and kept across restarts.
+                        csrf_secret=csrf_secret_from(services.audit_key),
+                        https=https,
+                        access_days=config.portal.access_days,
+                    ),
+                    listen_host,
+                    listen_port,
+                    forwarded_allow_ips=config.portal.forwarded_allow_ips,
+                )
+            except OSError as exc:
+                raise _listen_error(settings, listen_host, listen_port, exc) from None
             console.print(f"portal on {server.url}/p/<token>   Ctrl-C stops")
             await server.wait()
         finally:
@@ -516,7 +575,7 @@ def portal(config_path: Path | None, host: str | None, port: int | None) -> None
 )
 def bounces(config_path: Path | None, host: str | None, port: int | None) -> None:
     """Receive asynchronous bounces (DSNs) for VERP return paths until interrupted."""
-    from eobblast.bounces.listener import load_tls_context, serve_bounces
+    from eobblast.bounces.listener import BounceListener, load_tls_context
     from eobblast.observe.logs import configure_logging
     from eobblast.protect.services import ProtectionServices
     from eobblast.streams import make_producer, wait_for_broker
@@ -534,6 +593,13 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
             context = load_tls_context(settings.tls_cert, settings.tls_key)
         except ConfigError as exc:
             raise click.ClickException(str(exc)) from None
+
+    listen_host = host or settings.listen_address
+    listen_port = settings.listen_port if port is None else port
+    named = (
+        "--host" if host else "bounces.listen_address",
+        "--port" if port is not None else "bounces.listen_port",
+    )
 
     async def serve() -> None:
         async with contextlib.AsyncExitStack() as opened:
@@ -556,16 +622,10 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
                 create_key=False,
             )
             opened.push_async_callback(service.store.close)
-            await wait_for_broker(config.kafka.bootstrap, security=security)
-            try:
-                await start_or_unavailable(producer, config.kafka.bootstrap, security)
-            except BrokerUnavailable as exc:  # gone again since the probe: said, no traceback
-                raise click.ClickException(exc.detail) from None
-            handle = dsn_handler(service, producer)
-            listener = await serve_bounces(
-                handle,
-                host or settings.listen_address,
-                settings.listen_port if port is None else port,
+            listener = BounceListener(
+                dsn_handler(service, producer),
+                host=listen_host,
+                port=listen_port,
                 bounce_domain=settings.bounce_domain,
                 review_dir=settings.review_dir,
                 prefix=settings.verp_prefix,
@@ -573,19 +633,41 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
                 review_days=settings.review_days,
                 review_max_messages=settings.review_max_messages,
             )
+            # The port taken before the broker is waited for (a port in use is said at
+            # once), served once the producer can publish what the handler finds.
+            try:
+                await listener.bind()
+            except OSError as exc:
+                raise _listen_error(named, listen_host, listen_port, exc) from None
             opened.push_async_callback(listener.stop)
+            await wait_for_broker(config.kafka.bootstrap, security=security)
+            try:
+                await start_or_unavailable(producer, config.kafka.bootstrap, security)
+            except BrokerUnavailable as exc:  # gone again since the probe: said, no traceback
+                raise click.ClickException(exc.detail) from None
+            await listener.start()
             if settings.metrics_port:
                 from eobblast.observe.metrics import serve_metrics
 
-                bound = serve_metrics(settings.metrics_port, config.metrics.address)
-                console.print(f"metrics on http://{config.metrics.address}:{bound}/metrics")
+                # Served once the listener is: until then EobblastDown says it is not.
+                address = config.metrics.address
+                try:
+                    bound = serve_metrics(settings.metrics_port, address)
+                except OSError as exc:
+                    raise _listen_error(
+                        ("metrics.address", "bounces.metrics_port"),
+                        address,
+                        settings.metrics_port,
+                        exc,
+                    ) from None
+                console.print(f"metrics on http://{address}:{bound}/metrics")
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, stop.set)
             console.print(
                 f"bounces for *@{settings.bounce_domain} on "
-                f"{host or settings.listen_address}:{listener.port}   Ctrl-C stops"
+                f"{listen_host}:{listener.port}   Ctrl-C stops"
             )
             await stop.wait()
 

@@ -295,9 +295,19 @@ class BounceListener:
         head, plus, token = local.lower().partition("+")
         return bool(plus) and head == self._prefix and _TOKEN.match(token) is not None
 
-    async def start(self) -> None:
-        """Bind and serve on the running loop."""
+    async def bind(self) -> None:
+        """Take the address (OSError if it cannot be had) without serving yet: `start`
+        serves. Stop a listener bound and never started too."""
         if self._server is not None:
+            raise RuntimeError("bounce listener already bound")
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._session, self._host, self._port, start_serving=False
+        )
+
+    async def start(self) -> None:
+        """Bind (unless `bind` did) and serve on the running loop."""
+        if self._server is not None and self._server.is_serving():
             raise RuntimeError("bounce listener already started")
         await asyncio.to_thread(self._prepare_review)
         _quiet_aiosmtpd_logging()
@@ -305,8 +315,10 @@ class BounceListener:
         # before it (a labelled series appears only when first counted).
         for result in RESULTS:
             BOUNCE_MESSAGES.labels(result)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._session, self._host, self._port)
+        if self._server is None:
+            await self.bind()
+        assert self._server is not None
+        await self._server.start_serving()
         log.info("bounce listener on %s:%d", self._host, self.port)
         if self._tls is None and not is_loopback(self._host):
             log.warning(
