@@ -27,6 +27,33 @@ KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+def _check_ranges(
+    section: str,
+    config: object,
+    *,
+    whole: tuple[str, ...] = (),
+    positive: tuple[str, ...] = (),
+    not_negative: tuple[str, ...] = (),
+    ports: tuple[str, ...] = (),
+) -> None:
+    """ConfigError naming the first setting of `section` out of its range: `whole` counts
+    from 1, `positive` numbers above 0, `not_negative` from 0, `ports` from 0 to 65535.
+    Said at load, as `eobblast check` and every command load it: not as each worker dying
+    in its client library and being restarted, forever."""
+    for name in whole:
+        if getattr(config, name) < 1:
+            raise ConfigError(f"{section}.{name}: expected a whole number >= 1")
+    for name in positive:
+        if not getattr(config, name) > 0:  # NaN too
+            raise ConfigError(f"{section}.{name}: expected a number > 0")
+    for name in not_negative:
+        if not getattr(config, name) >= 0:
+            raise ConfigError(f"{section}.{name}: expected a number >= 0")
+    for name in ports:
+        if not 0 <= getattr(config, name) <= 65535:
+            raise ConfigError(f"{section}.{name}: expected a port from 0 to 65535")
+
+
 @dataclass(frozen=True, slots=True)
 class DkimConfig:
     """Where the signing keys live and how messages are signed."""
@@ -51,6 +78,15 @@ class TransportConfig:
     mx_cache_ttl: float = 300.0
     # domain -> "host:port"; a domain listed here is never looked up in DNS.
     routes: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_ranges(
+            "transport",
+            self,
+            whole=("max_messages_per_connection", "max_connections_per_destination"),
+            positive=("connect_timeout", "command_timeout"),
+            not_negative=("idle_expiry", "mx_cache_ttl"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +142,19 @@ class KafkaConfig:
             parse_bootstrap(self.bootstrap)
         except ValueError as error:
             raise ConfigError(f"kafka.bootstrap: {error}") from None
+        _check_ranges(
+            "kafka",
+            self,
+            whole=("max_poll_records", "session_timeout_ms", "heartbeat_interval_ms"),
+            positive=("commit_interval",),
+        )
+        if self.heartbeat_interval_ms * 3 > self.session_timeout_ms:
+            # The consumer refuses more: a member must be able to miss a heartbeat or two
+            # before its session ends and its partitions move.
+            raise ConfigError(
+                "kafka.heartbeat_interval_ms: expected at most a third of"
+                f" kafka.session_timeout_ms ({self.session_timeout_ms})"
+            )
         if self.max_poll_interval_ms < 1000:
             raise ConfigError("kafka.max_poll_interval_ms: expected at least 1000")
         if not 0 <= self.hole_settle <= MAX_HOLE_SETTLE:
@@ -181,9 +230,11 @@ class WorkersConfig:
     stuck_after: float = 300.0
 
     def __post_init__(self) -> None:
-        for name in ("grace_period", "restart_delay", "stuck_after"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"workers.{name}: expected a number >= 0")
+        _check_ranges(
+            "workers",
+            self,
+            not_negative=("count", "grace_period", "restart_delay", "stuck_after"),
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -343,6 +394,12 @@ class BouncesConfig:
             raise ConfigError("bounces.review_days: expected a number > 0")
         if not self.review_max_messages > 0:
             raise ConfigError("bounces.review_max_messages: expected a whole number > 0")
+        _check_ranges(
+            "bounces",
+            self,
+            positive=("tick_interval", "send_lease_seconds"),
+            ports=("listen_port", "metrics_port"),
+        )
         if (self.tls_cert is None) != (self.tls_key is None):
             # One alone used to run the listener without TLS, and nobody was told.
             raise ConfigError(
@@ -371,6 +428,9 @@ class MetricsConfig:
 
     port: int = 0
     address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        _check_ranges("metrics", self, ports=("port",))
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
+from eobblast.cli import main
 from eobblast.config import load_config, store_files, warn_relative_stores, with_settings
 from eobblast.demo import demo_worker_config
 from eobblast.errors import ConfigError
@@ -263,3 +266,87 @@ def test_portal_links_over_plain_http_only_on_this_machine() -> None:
     )
     assert config.portal.forwarded_allow_ips == "172.31.254.1,10.0.0.0/8,::1"
     assert (config.portal.lockout_after, config.portal.item_days) == (10, 90)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # aiokafka refuses these in every worker, which dies and is restarted, forever.
+        (
+            {"kafka": {"max_poll_records": 0}},
+            "kafka.max_poll_records: expected a whole number >= 1",
+        ),
+        ({"kafka": {"session_timeout_ms": 0}}, "kafka.session_timeout_ms: expected a whole"),
+        ({"kafka": {"heartbeat_interval_ms": -1}}, "kafka.heartbeat_interval_ms: expected a whole"),
+        (
+            {"kafka": {"session_timeout_ms": 10_000, "heartbeat_interval_ms": 3_334}},
+            "kafka.heartbeat_interval_ms: expected at most a third of kafka.session_timeout_ms"
+            " (10000)",
+        ),
+        ({"kafka": {"commit_interval": 0}}, "kafka.commit_interval: expected a number > 0"),
+        ({"kafka": {"commit_interval": float("nan")}}, "kafka.commit_interval: expected a number"),
+        ({"transport": {"connect_timeout": 0}}, "transport.connect_timeout: expected a number > 0"),
+        (
+            {"transport": {"command_timeout": -5}},
+            "transport.command_timeout: expected a number > 0",
+        ),
+        (
+            {"transport": {"max_connections_per_destination": 0}},
+            "transport.max_connections_per_destination: expected a whole number >= 1",
+        ),
+        (
+            {"transport": {"max_messages_per_connection": 0}},
+            "transport.max_messages_per_connection: expected a whole number >= 1",
+        ),
+        ({"transport": {"idle_expiry": -1}}, "transport.idle_expiry: expected a number >= 0"),
+        ({"transport": {"mx_cache_ttl": -1}}, "transport.mx_cache_ttl: expected a number >= 0"),
+        ({"workers": {"count": -2}}, "workers.count: expected a number >= 0"),
+        ({"metrics": {"port": 70000}}, "metrics.port: expected a port from 0 to 65535"),
+        ({"bounces": {"listen_port": -1}}, "bounces.listen_port: expected a port from 0 to 65535"),
+        ({"bounces": {"metrics_port": 65536}}, "bounces.metrics_port: expected a port"),
+        ({"bounces": {"tick_interval": 0}}, "bounces.tick_interval: expected a number > 0"),
+        ({"bounces": {"send_lease_seconds": 0}}, "bounces.send_lease_seconds: expected a number"),
+    ],
+)
+def test_numbers_out_of_range_are_refused_naming_the_setting(
+    overrides: dict[str, dict[str, object]], message: str
+) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(environ={}, overrides=overrides)
+
+
+def test_the_numbers_at_the_edges_of_their_ranges_load() -> None:
+    config = load_config(
+        environ={},
+        overrides={
+            "kafka": {
+                "max_poll_records": 1,
+                "session_timeout_ms": 3000,
+                "heartbeat_interval_ms": 1000,  # a third: the demo's
+                "commit_interval": 0.001,
+            },
+            "transport": {
+                "max_connections_per_destination": 1,
+                "max_messages_per_connection": 1,
+                "idle_expiry": 0,
+                "mx_cache_ttl": 0,
+            },
+            "workers": {"count": 0},
+            "metrics": {"port": 65535},
+        },
+    )
+    assert config.kafka.max_poll_records == 1 and config.transport.idle_expiry == 0
+
+
+def test_a_number_out_of_range_fails_eobblast_check_before_anything_is_reached(
+    tmp_path: Path,
+) -> None:
+    # It used to pass `eobblast check`; then every worker of `eobblast run` died in its
+    # Kafka client, with a traceback, and was restarted, forever.
+    path = tmp_path / "c.toml"
+    path.write_text("[kafka]\nmax_poll_records = 0\n")
+    result = CliRunner().invoke(main, ["check", "--config", str(path)])
+    assert result.exit_code == 1
+    assert result.output.strip() == (
+        "Error: invalid_value: kafka.max_poll_records: expected a whole number >= 1"
+    )
