@@ -29,7 +29,7 @@ from eobblast.bounces.state import EobStatus
 from eobblast.errors import INPUT_REASONS, Outcome, ReasonCode
 from eobblast.events.schema import _TYPE_TO_REASON
 from eobblast.observe.metrics import REGISTRY, SupervisorMetrics
-from eobblast.portal.app import PICKUP_OUTCOMES, RATE_LIMITS
+from eobblast.portal.app import PICKUP_OUTCOMES, RATE_LIMITS, UNAVAILABLE
 from eobblast.shaping.engine import DeferReason
 
 ROOT = Path(__file__).parents[2]
@@ -287,6 +287,14 @@ def test_alerts_carry_a_severity_and_say_what_to_do() -> None:
     for rule in alert_rules():
         assert rule["labels"]["severity"] in {"critical", "warning"}, rule["alert"]
         assert rule["annotations"]["summary"] and rule["annotations"]["description"]
+
+
+def test_pickups_the_portal_cannot_serve_page() -> None:
+    # Members who answered and got the error page instead of their EOB: the portal's
+    # endpoint is up meanwhile, so EobblastDown does not see it.
+    [rule] = [rule for rule in alert_rules() if rule["alert"] == "EobblastPortalUnavailable"]
+    assert f'eobblast_portal_pickups_total{{outcome="{UNAVAILABLE}"}}' in rule["expr"]
+    assert rule["labels"]["severity"] == "critical"
 
 
 def test_rules_their_tests_and_the_dashboard_name_only_what_eobblast_exports() -> None:
