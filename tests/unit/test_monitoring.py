@@ -401,6 +401,22 @@ def test_dashboard_covers_what_ops_watch_on_the_provisioned_datasource() -> None
     assert provider["providers"][0]["options"]["path"] == "/var/lib/grafana/dashboards"
 
 
+def test_the_bounce_rate_panel_divides_as_the_hard_bounce_alert_does() -> None:
+    # Sends a receiver answered (delivered, or refused at once): the panel once divided by
+    # delivered, failed and held notices, and showed another rate than the one that fires.
+    [alert] = [rule for rule in alert_rules() if rule["alert"] == "EobblastHardBounceRateHigh"]
+    expr = re.sub(r"\s+", "", alert["expr"])
+    denominator = _argument(expr, expr.index("/"))
+    [panel] = [
+        panel for panel in dashboard_panels() if panel["title"] == "Bounce rate, by category"
+    ]
+    [target] = panel["targets"]
+    assert re.sub(r"\s+", "", target["expr"]) == (
+        f"sumby(category)(rate(eobblast_bounces_total[1h]))/on()group_left()({denominator}>0)"
+    )
+    assert "EobblastHardBounceRateHigh's denominator" in panel["description"]
+
+
 def test_compose_mounts_the_rules_and_the_dashboard() -> None:
     services = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())["services"]
     assert "./alerts.yml:/etc/prometheus/alerts.yml:ro" in services["prometheus"]["volumes"]
