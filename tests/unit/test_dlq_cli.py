@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from aiokafka.errors import RequestTimedOutError  # type: ignore[import-untyped]
 from click.testing import CliRunner
@@ -16,7 +19,15 @@ from click.testing import CliRunner
 from eobblast import dlq as dlq_module
 from eobblast.cli import _dlq_selection, main
 from eobblast.config import load_config
-from eobblast.dlq import Parked, ReplayAudit, Selection, _checked, _parked, refusal_check
+from eobblast.dlq import (
+    Parked,
+    ReplayAudit,
+    ReplayReport,
+    Selection,
+    _checked,
+    _parked,
+    refusal_check,
+)
 from eobblast.errors import ReasonCode
 from eobblast.events.status import SourcePosition, dead_letter, without_original
 from eobblast.events.synthetic import generate_events
@@ -380,3 +391,22 @@ def test_a_replay_counts_only_what_the_broker_acknowledged(
         _replay_against(monkeypatch, _Producer(["ok"] * 6, stop_error=KafkaError()))
     counts = at_stop.value.report.as_dict()
     assert (counts["replayed"], counts["not_acknowledged"]) == (6, 0)
+
+
+def test_the_readme_shows_the_replay_counts_as_the_command_prints_them() -> None:
+    # It once said `replayed` by reason and `skipped` by cause: they are totals, with the
+    # breakdowns in keys of their own, and a script reading the README would break.
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    [row] = [line for line in readme.splitlines() if line.startswith("| `eobblast dlq replay")]
+    [shown] = [
+        example for example in re.findall(r"`(\{.*?\})`", row) if example.startswith('{"dry_run"')
+    ]
+    example = orjson.loads(shown)
+    report = ReplayReport(
+        replayed=Counter({"invalid_address": 4}),
+        skipped=Counter({"still_refused": 1, "other_topic": 1}),
+        still_refused=Counter({"missing_field": 1}),
+    )
+    printed = {"dry_run": False, "interrupted": False, **report.as_dict()}
+    assert list(example) == list(printed)
+    assert example == printed
