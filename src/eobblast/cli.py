@@ -852,9 +852,12 @@ def dlq_replay(
     kafka = config.kafka
     security = _kafka_security(config)
     selection = _dlq_selection(reasons, event_ids, positions)
-    if selection.empty == (not everything):
+    if selection.empty and not everything:
+        raise click.UsageError("name what to replay (--reason, --event-id, --at), or say --all")
+    if everything and not selection.empty:
         raise click.UsageError(
-            "name what to replay (--reason, --event-id, --at) or say --all, not both"
+            "--all replays every dead letter: give it alone, or name what to replay"
+            " (--reason, --event-id, --at) without it"
         )
     replayer = None if dry_run else _replay_actor(actor)
     if replayer is not None:
