@@ -314,6 +314,22 @@ async def test_bad_url_is_a_clear_error() -> None:
         await open_budgets("mysql://x")
 
 
+def _shaping_config(tmp_path: Path, budgets_url: str, *addresses: str) -> Path:
+    """An eobblast configuration whose pools file holds `addresses`, and its budget store."""
+    pools = tmp_path / "pools.toml"
+    pools.write_text(
+        'default_pool = "p"\n'
+        + "".join(
+            f'[[pools.p.ips]]\naddress = "{address}"\nehlo = "mta{n}.acme-health.com"\n'
+            'warmup_start = "mature"\n'
+            for n, address in enumerate(addresses)
+        )
+    )
+    config = tmp_path / "eobblast.toml"
+    config.write_text(f'[shaping]\npools_file = "{pools}"\nbudgets_url = "{budgets_url}"\n')
+    return config
+
+
 async def test_pools_resume_lifts_a_suspension_from_the_command_line(
     store: BudgetStore, budgets_url: str, tmp_path: Path
 ) -> None:
@@ -322,8 +338,7 @@ async def test_pools_resume_lifts_a_suspension_from_the_command_line(
     now = dt.datetime.now(dt.UTC).timestamp()
     await store.suspend(ip.address, "gmail", until=now + DAY, code="5.7.515", now=now)
     await store.suspend(ip.address, "yahoo", until=now + DAY, code="5.7.1", now=now)
-    config = tmp_path / "eobblast.toml"
-    config.write_text(f'[shaping]\nbudgets_url = "{budgets_url}"\n')
+    config = _shaping_config(tmp_path, budgets_url, ip.address)
     runner = CliRunner()
 
     def resume(*extra: str) -> Result:
@@ -344,9 +359,38 @@ async def test_pools_resume_lifts_a_suspension_from_the_command_line(
 def test_pools_commands_never_create_a_budget_store(tmp_path: Path) -> None:
     # A mistyped budgets_url must not read as a healthy, empty store.
     missing = tmp_path / "nowhere" / "budgets.db"
-    config = tmp_path / "eobblast.toml"
-    config.write_text(f'[shaping]\nbudgets_url = "sqlite:///{missing}"\n')
+    config = _shaping_config(tmp_path, f"sqlite:///{missing}", "192.0.2.1")
     result = CliRunner().invoke(pools, ["resume", "--config", str(config), "--ip", "192.0.2.1"])
     assert result.exit_code != 0
     assert "no budget store at" in result.output
     assert not missing.parent.exists()
+
+
+async def test_pools_resume_of_an_ip_in_no_pool_says_so(
+    store: BudgetStore, budgets_url: str, tmp_path: Path
+) -> None:
+    # "not suspended" would read as an IP that is sending: a typo is said as one, before
+    # the store is asked.
+    ip = _ip()
+    config = _shaping_config(tmp_path, budgets_url, ip.address)
+    runner = CliRunner()
+    args = ["resume", "--config", str(config), "--ip"]
+    other = await asyncio.to_thread(runner.invoke, pools, [*args, "10.9.9.9"])
+    assert other.exit_code == 1
+    assert other.output == (
+        f"Error: invalid_value: 10.9.9.9 is not a configured IP: it is in no pool of"
+        f" {tmp_path / 'pools.toml'}\n"
+    )
+    # Written otherwise, the same address is the configured IP.
+    written = await asyncio.to_thread(runner.invoke, pools, [*args, ip.address.upper()])
+    assert written.exit_code == 1 and written.output == f"Error: {ip.address} is not suspended\n"
+    wrong = await asyncio.to_thread(runner.invoke, pools, [*args, "mta1.acme-health.com"])
+    assert wrong.exit_code == 2 and "'mta1.acme-health.com' is not an IP address" in wrong.output
+
+
+def test_pools_resume_without_shaping_says_shaping_is_off(tmp_path: Path) -> None:
+    config = tmp_path / "eobblast.toml"
+    config.write_text(f'[shaping]\nbudgets_url = "sqlite:///{tmp_path / "b.db"}"\n')
+    result = CliRunner().invoke(pools, ["resume", "--config", str(config), "--ip", "192.0.2.1"])
+    assert result.exit_code == 1
+    assert "shaping is off: the configuration names no [shaping] pools_file" in result.output

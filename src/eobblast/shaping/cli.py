@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import ipaddress
 import sys
 import time
 from pathlib import Path
@@ -145,7 +146,20 @@ async def _resume(url: str, ip: str, provider: str | None, now: float) -> list[S
 def pools_resume(config_path: Path | None, ip: str, provider: str | None) -> None:
     """Lift a block suspension before its cooldown ends (workers pick it up within seconds)."""
     try:
+        # As the pools file writes it: 2001:DB8::A is 2001:db8::a there.
+        ip = str(ipaddress.ip_address(ip.strip()))
+    except ValueError:
+        raise click.BadParameter(f"{ip!r} is not an IP address", param_hint="--ip") from None
+    try:
         config = command_config(config_path).shaping
+        if config.pools_file is None:
+            raise ConfigError("shaping is off: the configuration names no [shaping] pools_file")
+        configured = {source.address for source in load_pools(config.pools_file).all_ips()}
+        if ip not in configured:
+            # A typo would otherwise read as "not suspended": as if the IP were sending.
+            raise ConfigError(
+                f"{ip} is not a configured IP: it is in no pool of {config.pools_file}"
+            )
         lifted = asyncio.run(_resume(config.budgets_url, ip, provider, time.time()))
     except ConfigError as exc:
         raise click.ClickException(str(exc)) from None
