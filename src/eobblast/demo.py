@@ -246,9 +246,12 @@ async def collect_statuses(
     wait_seconds: float,
     on_status: Callable[[DeliveryStatus], None] | None = None,
     failed: Callable[[], bool] = lambda: False,
+    busy: Callable[[], bool] = lambda: False,
     settle: float = 2.0,
 ) -> None:
-    """Read eob.delivery until every event has a final status or the time is up."""
+    """Read eob.delivery until every event has a final status, nothing is `busy` (a DSN
+    still on its way could turn a delivered notice into a held one) and nothing changed
+    for `settle` seconds; or until the time is up."""
     holes = ReadAgain()
     consumer = make_consumer(
         bootstrap,
@@ -264,10 +267,13 @@ async def collect_statuses(
     await consumer.start()
     deadline = time.monotonic() + wait_seconds
     try:
-        # Done when every event is final and nothing has changed for a moment (a DSN may
-        # still turn a delivered notice into a held one shortly after).
-        while time.monotonic() < deadline and not failed():
-            if tally.total >= expected and time.monotonic() - tally.changed_at > settle:
+        # Done when every event is final and, for a moment, nothing has changed and no DSN
+        # was on its way (the status its handling published may still be in transit).
+        busy_at = time.monotonic()
+        while (now := time.monotonic()) < deadline and not failed():
+            if busy():
+                busy_at = now
+            if tally.total >= expected and now - max(tally.changed_at, busy_at) > settle:
                 break
             batch = await holes.take(consumer, await consumer.getmany(timeout_ms=200))
             for records in batch.values():
@@ -517,6 +523,7 @@ async def run_demo(
                         wait_seconds=wait_seconds or 90.0 + events / 20,
                         on_status=on_status,
                         failed=supervising.done,
+                        busy=lambda: sandbox.dsns_pending > 0,
                     )
                 finally:
                     stop.set()

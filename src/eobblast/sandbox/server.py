@@ -624,6 +624,11 @@ class _DomainHandler:
             return
         self._recorder.add_dsn(self._domain.name, sent=True)
 
+    @property
+    def dsns_pending(self) -> int:
+        """DSNs still to go out (waiting their delay, or being sent)."""
+        return len(self._later)
+
     async def drain(self, grace: float) -> None:
         """Let the pending DSNs go out (for up to `grace` seconds), then cancel the rest."""
         pending = set(self._later)
@@ -749,6 +754,18 @@ class Sandbox:
     def dsns_sent(self) -> dict[str, int]:
         """Domain name -> DSNs delivered to the bounce route (bounce_later, defer_later)."""
         return self._recorder.dsns(sent=True)
+
+    @property
+    def dsns_pending(self) -> int:
+        """DSNs accepted messages will still send (each is done once the bounce route has
+        answered it, i.e. once the bounce listener has acted on it)."""
+        # A set's length, read from this thread while the servers' loops change it: a
+        # count of the moment, which is all a caller waiting for zero needs.
+        return sum(
+            controller.handler.dsns_pending
+            for controller in self._controllers.values()
+            if isinstance(controller.handler, _DomainHandler)
+        )
 
     @property
     def dsn_failures(self) -> dict[str, int]:
