@@ -34,6 +34,7 @@ from eobblast.protect.escrow import PORTAL_ID_DIGITS, EscrowItem, escrow_eob, la
 from eobblast.protect.policy import (
     Decision,
     PolicyReason,
+    Preference,
     ProtectionLevel,
     RecipientFacts,
     choose_protection,
@@ -359,7 +360,9 @@ class Pipeline:
                 event = event.model_copy(update={"member": member})
         services = self._protection
         now = dt.datetime.now(dt.UTC)
-        recipient = RecipientFacts.for_member(event.member.email, event.member.smime_certificate)
+        recipient = RecipientFacts.for_member(
+            event.member.email, event.member.smime_certificate, Preference(event.member.preference)
+        )
         decision = choose_protection(
             recipient, services.tls.facts(recipient.domain, now), services.org, now
         )

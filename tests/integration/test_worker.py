@@ -6,6 +6,8 @@ import asyncio
 import base64
 import contextlib
 import datetime as dt
+import email
+import email.policy
 import functools
 import hashlib
 import logging
@@ -54,6 +56,7 @@ from eobblast.pipeline import Pipeline
 from eobblast.protect import dkim
 from eobblast.protect.escrow import EscrowStore
 from eobblast.protect.services import ProtectionServices
+from eobblast.protect.testcerts import MemberCertificates
 from eobblast.sandbox import Behaviour, Sandbox, make_test_pki
 from eobblast.state import (
     Claim,
@@ -1441,6 +1444,55 @@ async def test_a_member_id_with_too_few_digits_gets_no_portal_notice(
         "portal",
     )
     assert sum(stack.sandbox.counts.values()) == 0  # no notice nobody could open
+
+
+async def test_a_member_who_asked_for_the_portal_gets_a_portal_notice_whatever_else_is_known(
+    stack: Stack, tmp_path: Path
+) -> None:
+    # A member's request for the portal (a HIPAA confidential-communications request) comes
+    # first, above a certificate on file and a TLS-required domain; a member who asked
+    # nothing still gets the EOB encrypted to their certificate.
+    certificates = MemberCertificates(tmp_path / "smime")
+    docs = [orjson.loads(value) for value in stack.events(2, seed=29)]
+    for doc in docs:
+        doc["member"]["smime_certificate"] = certificates(doc["member"]["email"])
+    asked, silent = docs
+    asked["member"]["preference"] = "portal"
+    assert "preference" not in silent["member"]
+    await stack.publish([orjson.dumps(doc) for doc in docs])
+    config = stack.config()  # the sandbox's domains are on the TLS policy list
+    services = await ProtectionServices.open(config)
+    _, stop, task = await start_worker(config, protection=services)
+    try:
+        records = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=2)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+        await services.close()
+    found = statuses(records)
+    [portal] = found[asked["event_id"]]
+    [smime] = found[silent["event_id"]]
+    assert (portal.status, portal.protection, portal.protection_reason) == (
+        "delivered",
+        "portal",
+        "member_prefers_portal",
+    )
+    assert (smime.status, smime.protection, smime.protection_reason) == (
+        "delivered",
+        "smime",
+        "recipient_certificate",
+    )
+    [notice] = [r for r in stack.sandbox.received if asked["member"]["email"] in r.rcpt_tos]
+    message = email.message_from_bytes(notice.path.read_bytes(), policy=email.policy.default)
+    assert message.get_content_type() != "application/pkcs7-mime"
+    text = str(message["Subject"]) + "".join(
+        part.get_content() for part in message.walk() if part.get_content_maintype() == "text"
+    )
+    assert "/p/" in text  # the pickup link
+    claim = asked["claim"]
+    phi = [asked["member"]["name"], asked["member"]["id"], claim["id"], claim["provider"]["name"]]
+    phi += [line["billed"] for line in claim["lines"]]
+    assert [value for value in phi if value in text] == []
 
 
 class BrokenAuditTrail:

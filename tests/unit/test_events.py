@@ -18,6 +18,7 @@ from eobblast.events import EobIssued, Rejection, json_schema, validate_event
 from eobblast.events.status import DLQ_MAX_KEY, SourcePosition, dead_letter, dead_letter_key
 from eobblast.events.synthetic import generate_events
 from eobblast.events.verification import VerificationResultError, parse_verification_result
+from eobblast.protect.policy import Preference
 from eobblast.render.mime import Renderer
 from tests.conftest import spoiled
 
@@ -49,6 +50,9 @@ def test_valid_event_is_accepted(event_doc: dict[str, Any]) -> None:
         ("claim.provider.npi", "1234567890", ReasonCode.INVALID_VALUE),
         ("schema", "eob.issued/v0", ReasonCode.UNSUPPORTED_SCHEMA),
         ("member.nickname", "Bo", ReasonCode.UNKNOWN_FIELD),
+        ("member.preference", "paper", ReasonCode.INVALID_VALUE),
+        ("member.preference", "Portal", ReasonCode.INVALID_VALUE),
+        ("member.preference", None, ReasonCode.INVALID_VALUE),
         ("issued_at", "2026-11-26T09:00:00", ReasonCode.INVALID_VALUE),
     ],
 )
@@ -108,6 +112,48 @@ def test_an_internationalised_domain_is_kept_in_its_ascii_form(event_doc: dict[s
     message = Renderer().render(event)
     assert (b"To", b"Maria@xn--bcher-kva.example") in message.headers
     assert message.rcpt_to == "Maria@xn--bcher-kva.example"
+
+
+@pytest.mark.parametrize("preference", list(Preference))
+def test_a_members_delivery_preference_is_read(
+    event_doc: dict[str, Any], preference: Preference
+) -> None:
+    # A member's request for the portal (a confidential-communications request) was an
+    # unknown field: the whole event was parked, and the request could never take effect.
+    raw = spoiled(event_doc, "member.preference", str(preference))
+    event = validate_event(raw, allow_test_domains=True)
+    assert isinstance(event, EobIssued)
+    assert Preference(event.member.preference) is preference
+
+
+def test_an_event_without_a_preference_means_none(event_doc: dict[str, Any]) -> None:
+    assert "preference" not in event_doc["member"]  # as producers before the field send it
+    event = validate_event(orjson.dumps(event_doc), allow_test_domains=True)
+    assert isinstance(event, EobIssued)
+    assert Preference(event.member.preference) is Preference.NONE
+
+
+def test_an_unknown_preference_names_its_field_not_its_value(event_doc: dict[str, Any]) -> None:
+    result = validate_event(
+        spoiled(event_doc, "member.preference", "fax to Jane"), allow_test_domains=True
+    )
+    assert isinstance(result, Rejection)
+    assert result.as_dict() == {
+        "reason": "invalid_value",
+        "event_id": event_doc["event_id"],
+        "field": "member.preference",
+    }
+
+
+def test_the_exported_schema_lists_the_preferences(event_doc: dict[str, Any]) -> None:
+    schema = json_schema()
+    member = schema["$defs"]["Member"]
+    assert "preference" not in member["required"]
+    assert member["properties"]["preference"]["enum"] == [str(p) for p in Preference]
+    assert member["properties"]["preference"]["default"] == "none"
+    validator = jsonschema.Draft202012Validator(schema)
+    validator.validate(orjson.loads(spoiled(event_doc, "member.preference", "portal")))
+    assert not validator.is_valid(orjson.loads(spoiled(event_doc, "member.preference", "paper")))
 
 
 def test_test_domains_need_opt_in(event_doc: dict[str, Any]) -> None:

@@ -172,6 +172,8 @@ Npi = Annotated[str, StringConstraints(pattern=r"^[0-9]{10}$"), AfterValidator(_
 Language = Annotated[str, StringConstraints(pattern=r"^[a-z]{2}(-[A-Z]{2})?$")]
 ProcedureCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{4,7}$")]
 RemarkCode = Annotated[str, StringConstraints(pattern=r"^[A-Z0-9]{1,6}$")]
+# "none": no request on file, as for an event without the field (producers before it).
+MemberPreference = Literal["none", "portal", "email"]
 Pem = Annotated[
     str,
     StringConstraints(max_length=16384, pattern=r"^-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+"),
@@ -207,6 +209,9 @@ class Member(_Model):
     consent: Consent
     date_of_birth: dt.date | None = None
     smime_certificate: Pem | None = None
+    # How the member asked to be sent their notices (protect.policy.Preference's values):
+    # "portal" is a confidential-communications request, honoured above everything.
+    preference: MemberPreference = "none"
 
 
 class Provider(_Model):
