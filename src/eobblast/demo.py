@@ -27,7 +27,7 @@ from eobblast.bounces.rules import DEFAULT_RULES_RESOURCE
 from eobblast.config import BouncesConfig, Config, load_config, with_settings
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.events.status import DeliveryStatus
-from eobblast.events.synthetic import PAYERS, generate_events
+from eobblast.events.synthetic import PAYERS, Mix, generate_events
 from eobblast.events.verification import (
     AddressVerificationFailed,
     AddressVerificationRequested,
@@ -57,6 +57,9 @@ DEMO_TLS_POLICY_DOMAINS = (
     "expired.sandbox.test",
     "dropper.sandbox.test",
 )
+
+# A few members asked for the portal: their notices go there whatever else is known.
+DEMO_MIX = Mix(prefers_portal=0.04)
 
 
 def write_config(path: Path, portal: dict[str, str]) -> None:
@@ -194,7 +197,11 @@ def _prepare(out: Path, events: int, seed: int, config: Config, hosts: list[str]
     certificates = MemberCertificates(out / "smime")
     with (out / "events.jsonl").open("wb") as sink:
         for raw in generate_events(
-            events, seed=seed, now=dt.datetime.now(dt.UTC), certificates=certificates
+            events,
+            seed=seed,
+            now=dt.datetime.now(dt.UTC),
+            certificates=certificates,
+            mix=DEMO_MIX,
         ):
             sink.write(raw + b"\n")
     for store in ("ledger.db", "escrow.db", "audit.db", "bounces.db"):

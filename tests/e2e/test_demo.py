@@ -194,6 +194,25 @@ def test_no_phi_reaches_receivers_without_verified_tls(
             assert b"ESMTPS" in message[:400] and b"TLSv1." in message[:400]
 
 
+def test_members_who_asked_for_the_portal_get_only_portal_notices(
+    demo_run: tuple[Path, dict[str, Any], str],
+) -> None:
+    out, summary, _ = demo_run
+    asked = {e.member.email for e in _events(out) if e.member.preference == "portal"}
+    assert asked
+    phi = _phi(out)
+    seen = 0
+    for message in _delivered(out):
+        parsed = email.message_from_bytes(message, policy=email.policy.default)
+        if str(parsed["To"]) in asked:
+            seen += 1
+            readable = _readable(message)
+            assert ".portal@" in readable  # a notice, never the EOB, even to a TLS domain
+            assert [value for value in phi if value in readable] == []
+    assert seen > 0
+    assert summary["delivered_by_protection"]["portal"].get("member_prefers_portal", 0) > 0
+
+
 def test_workers_keep_what_they_learned_of_tls_beside_the_ledger(
     demo_run: tuple[Path, dict[str, Any], str],
 ) -> None:

@@ -16,7 +16,7 @@ import pytest
 from eobblast.errors import ReasonCode
 from eobblast.events import EobIssued, Rejection, json_schema, validate_event
 from eobblast.events.status import DLQ_MAX_KEY, SourcePosition, dead_letter, dead_letter_key
-from eobblast.events.synthetic import generate_events
+from eobblast.events.synthetic import Mix, generate_events
 from eobblast.events.verification import VerificationResultError, parse_verification_result
 from eobblast.protect.policy import Preference
 from eobblast.render.mime import Renderer
@@ -198,6 +198,21 @@ def test_generator_exercises_every_path() -> None:
 def test_generator_is_deterministic() -> None:
     now = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
     assert list(generate_events(20, seed=5, now=now)) == list(generate_events(20, seed=5, now=now))
+
+
+def test_the_generator_can_make_members_who_asked_for_the_portal() -> None:
+    now = dt.datetime(2026, 11, 26, tzinfo=dt.UTC)
+    plain = [orjson.loads(raw) for raw in generate_events(200, seed=5, now=now)]
+    asked = [
+        orjson.loads(raw)
+        for raw in generate_events(200, seed=5, now=now, mix=Mix(prefers_portal=0.1))
+    ]
+    # By default nobody asks (the output as before the field); turned on, some do, and
+    # nothing else of any event changes.
+    assert not any("preference" in doc.get("member", {}) for doc in plain)
+    chosen = [doc for doc in asked if doc.get("member", {}).pop("preference", None) == "portal"]
+    assert 5 < len(chosen) < 40
+    assert asked == plain
 
 
 def test_unknown_key_names_are_not_echoed(event_doc: dict[str, Any]) -> None:

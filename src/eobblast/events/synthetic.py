@@ -59,6 +59,9 @@ class Mix:
     spanish: float = 0.3
     # Members with an S/MIME certificate on file (only when a certificate source is given).
     smime: float = 0.05
+    # Members who asked for the secure portal (`member.preference`). None by default, and
+    # drawn from a stream of its own: turning it on changes no other field of any event.
+    prefers_portal: float = 0.0
 
 
 def _npi(rng: random.Random) -> str:
@@ -221,6 +224,7 @@ def generate_events(
     fake_en.seed_instance(seed)
     fake_es.seed_instance(seed + 1)
     now = now or dt.datetime.now(dt.UTC).replace(microsecond=0)
+    preferences = random.Random(f"preference-{seed}")
     for _ in range(count):
         fake = fake_es if rng.random() < mix.spanish else fake_en
         if weights is not None and len(weights) != len(domains):
@@ -230,6 +234,10 @@ def generate_events(
             member = event["member"]
             assert isinstance(member, dict)
             member["smime_certificate"] = certificates(str(member["email"]))
+        if preferences.random() < mix.prefers_portal:
+            member = event["member"]
+            assert isinstance(member, dict)
+            member["preference"] = "portal"
         roll = rng.random()
         if roll < mix.malformed:
             yield _spoil(event, rng)
