@@ -192,8 +192,9 @@ async def escrow(
     *,
     expires_in: dt.timedelta = dt.timedelta(days=30),
     language: str = "en",
+    event_id: str | None = None,
 ) -> Eob:
-    doc = {**event_doc, "event_id": f"evt-{uuid.uuid4().hex[:12]}"}
+    doc = {**event_doc, "event_id": event_id or f"evt-{uuid.uuid4().hex[:12]}"}
     doc["member"] = {**doc["member"], "preferred_language": language}
     event = validate_event(orjson.dumps(doc), allow_test_domains=True)
     assert isinstance(event, EobIssued) and event.member.date_of_birth is not None
@@ -360,6 +361,59 @@ async def test_unknown_and_malformed_links_reveal_nothing(client: httpx.AsyncCli
         assert "not valid" in page.text
         posted = await client.post(path, data={"last4": "1234"})
         assert posted.status_code == 404
+
+
+async def test_an_event_escrowed_again_keeps_only_its_latest_link(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    # A portal notice retried after a timeout past DATA, or released to a verified address,
+    # is escrowed again: the earlier link (its notice may have been accepted, even at an
+    # address that later bounced) must not open as well.
+    event_id = f"evt-{uuid.uuid4().hex[:12]}"
+    first = await escrow(stores, event_doc, event_id=event_id)
+    bystander = await escrow(stores, event_doc)
+    second = await escrow(stores, event_doc, event_id=event_id)
+
+    for page in (await client.get(f"/p/{first.token}"), await client.post(f"/p/{first.token}")):
+        assert page.status_code == 404 and "not valid" in page.text  # as for an unknown link
+        assert [value for value in first.secrets() if value in page.text] == []
+    assert (await stores.escrow.status(first.token, NOW)).failure is PickupFailure.UNKNOWN
+    assert (await submit(client, second.token, second.dob, second.last4)).text == second.html
+    assert (
+        await submit(client, bystander.token, bystander.dob, bystander.last4)
+    ).status_code == 200
+
+    records = await stores.audit.records(event_id=event_id)
+    assert [(str(r.action), r.reason, r.actor) for r in records] == [
+        ("portal_escrowed", None, "worker-1"),
+        ("portal_escrowed", None, "worker-1"),
+        ("portal_expired_purged", "superseded", "worker-1"),
+        ("portal_pickup", "identity_verified", "portal"),
+    ]
+    # The record names the revoked item, the first one escrowed.
+    assert records[2].item_id == records[0].item_id != records[1].item_id
+    assert records[2].member_ref == member_ref(REF_KEY, first.event.member.id)
+    # Gone from the store, not waiting for the purge: nothing is left to expire but these.
+    purged = await stores.escrow.purge_expired_items(NOW + dt.timedelta(days=365))
+    assert sorted(item.final_state for item in purged if item.event_id == event_id) == ["picked_up"]
+
+
+async def test_an_item_picked_up_is_not_revoked_by_a_later_one(
+    stores: Stores, client: httpx.AsyncClient, event_doc: dict[str, Any]
+) -> None:
+    event_id = f"evt-{uuid.uuid4().hex[:12]}"
+    first = await escrow(stores, event_doc, event_id=event_id)
+    assert (await submit(client, first.token, first.dob, first.last4)).status_code == 200
+    second = await escrow(stores, event_doc, event_id=event_id)
+    again = await client.get(f"/p/{first.token}")
+    assert again.status_code == 410 and "already been used" in again.text
+    assert (await submit(client, second.token, second.dob, second.last4)).status_code == 200
+    assert [action for action, _ in await actions(stores, event_id)] == [
+        "portal_escrowed",
+        "portal_pickup",
+        "portal_escrowed",
+        "portal_pickup",
+    ]
 
 
 # ---------------------------------------------------------------- wrong answers
@@ -1095,6 +1149,51 @@ async def test_an_item_whose_audit_record_fails_is_not_left_behind(
         await escrow_eob(stores.escrow, trail, item, actor="worker-1", now=NOW)
     left = await stores.escrow.purge_expired_items(NOW + dt.timedelta(days=365))
     assert event.event_id not in [purged.event_id for purged in left]
+
+
+class TrailRefusingPurges:
+    """An audit trail that writes everything but purge records."""
+
+    def __init__(self, inner: AuditTrail) -> None:
+        self.inner = inner
+
+    async def append(self, record: AuditRecord) -> None:
+        if record.action is AuditAction.PORTAL_EXPIRED_PURGED:
+            raise sqlite3.OperationalError("disk I/O error")
+        await self.inner.append(record)
+
+
+async def test_a_revocation_the_trail_misses_still_revokes_and_is_counted(
+    stores: Stores,
+    client: httpx.AsyncClient,
+    event_doc: dict[str, Any],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    event_id = f"evt-{uuid.uuid4().hex[:12]}"
+    first = await escrow(stores, event_doc, event_id=event_id)
+    before = metric("eobblast_audit_write_failures_total")
+    trail = cast(AuditTrail, TrailRefusingPurges(stores.audit))
+    item = EscrowItem(
+        event_id=event_id,
+        member_ref=member_ref(REF_KEY, first.event.member.id),
+        member_id=first.event.member.id,
+        date_of_birth=first.dob,
+        html=first.html,
+        expires_at=NOW + dt.timedelta(days=30),
+    )
+    with caplog.at_level(logging.ERROR, logger="eobblast.escrow"):
+        second = await escrow_eob(stores.escrow, trail, item, actor="worker-1", now=NOW)
+    # The new link goes out; the old one is revoked all the same; the gap is counted and
+    # logged by ids, for ops to add the record.
+    assert (await client.get(f"/p/{first.token}")).status_code == 404
+    assert (await client.get(f"/p/{second}")).status_code == 200
+    assert metric("eobblast_audit_write_failures_total") == before + 1
+    [logged] = [r for r in caplog.records if r.name == "eobblast.escrow"]
+    assert logged.__dict__["event_id"] == event_id and logged.__dict__["item_id"]
+    assert [action for action, _ in await actions(stores, event_id)] == [
+        "portal_escrowed",
+        "portal_escrowed",
+    ]
 
 
 async def test_a_lost_database_gives_the_generic_page_and_an_unhealthy_check(

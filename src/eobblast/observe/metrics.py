@@ -123,8 +123,8 @@ DUPLICATES = Counter(
 AUDIT_GAPS = Counter(
     "eobblast_audit_write_failures",
     "Audit records that could not be written: of delivered or held notices, releases,"
-    " paper fallbacks and incidents (what they record stands), and of pickup attempts at"
-    " the portal (the member's answer stands).",
+    " paper fallbacks and incidents (what they record stands), of pickup attempts at"
+    " the portal (the member's answer stands), and of portal links revoked.",
     registry=REGISTRY,
 )
 CLAIM_WAITS = Counter(

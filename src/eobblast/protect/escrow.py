@@ -21,6 +21,7 @@ import enum
 import hashlib
 import hmac
 import ipaddress
+import logging
 import re
 import secrets
 import string
@@ -37,9 +38,12 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from eobblast._files import write_whole
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.observe.metrics import AUDIT_GAPS
 from eobblast.state.fingerprints import fingerprint
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
+
+log = logging.getLogger("eobblast.escrow")
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -54,6 +58,8 @@ _DEK_AAD = b"eobblast.escrow.v1.dek\x00"
 DEFAULT_LOCKOUT_AFTER = 5
 # The protection level's name in audit records (protect.policy.ProtectionLevel.PORTAL).
 PORTAL_PROTECTION = "portal"
+# Why an item was removed before its time: its event was escrowed again, with a new link.
+SUPERSEDED = "superseded"
 
 
 class EscrowError(EobblastError):
@@ -341,12 +347,21 @@ class LinkStatus:
 
 @dataclass(frozen=True, slots=True)
 class PurgedItem:
-    """An item removed at expiry, and the state it ended in."""
+    """An item removed (at expiry, or revoked by a later one), and the state it was in."""
 
     item_id: str
     event_id: str
     member_ref: str
     final_state: str  # "picked_up" | "locked" | "unopened"
+
+
+@dataclass(frozen=True, slots=True)
+class Escrowed:
+    """An item just stored, and the earlier items of its event it revoked."""
+
+    item_id: str
+    token: str
+    revoked: tuple[PurgedItem, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -525,10 +540,14 @@ class EscrowStore(abc.ABC):
         return self._keys
 
     async def put(self, item: EscrowItem, *, now: dt.datetime | None = None) -> str:
-        """Seal and store an item; returns the pickup token (it exists only in the link)."""
-        return (await self._put(item, now or dt.datetime.now(dt.UTC)))[1]
+        """Seal and store an item; returns the pickup token (it exists only in the link).
 
-    async def _put(self, item: EscrowItem, now: dt.datetime) -> tuple[str, str]:
+        The event's earlier items not picked up are revoked in the same transaction (see
+        `Escrowed.revoked`).
+        """
+        return (await self._put(item, now or dt.datetime.now(dt.UTC))).token
+
+    async def _put(self, item: EscrowItem, now: dt.datetime) -> Escrowed:
         created = _epoch(now)
         token = secrets.token_urlsafe(32)
         item_id = secrets.token_hex(16)
@@ -539,7 +558,7 @@ class EscrowStore(abc.ABC):
                 "last4_digits": last4_digits(item.member_id),
             }
         )
-        await self._insert(
+        revoked = await self._insert_revoking(
             (
                 item_id,
                 hash_token(token),
@@ -549,9 +568,17 @@ class EscrowStore(abc.ABC):
                 self._keys.seal(item_id, payload),
                 created,
                 _epoch(item.expires_at),
-            )
+            ),
+            (item.event_id, item_id),
         )
-        return item_id, token
+        return Escrowed(
+            item_id,
+            token,
+            tuple(
+                PurgedItem(str(r[0]), str(r[1]), str(r[2]), _final_state(r[3], r[4]))
+                for r in revoked
+            ),
+        )
 
     async def status(self, token: str, now: dt.datetime) -> LinkStatus:
         """What the link points at, without opening it or counting an attempt."""
@@ -617,7 +644,11 @@ class EscrowStore(abc.ABC):
         """Release connections."""
 
     @abc.abstractmethod
-    async def _insert(self, values: tuple[Any, ...]) -> None: ...
+    async def _insert_revoking(
+        self, values: tuple[Any, ...], revoke: tuple[str, str]
+    ) -> list[Sequence[Any]]:
+        """Insert an item and, in the same transaction, delete its event's other items
+        not picked up (`revoke`: the event id, the new item's id); the deleted rows."""
 
     @abc.abstractmethod
     async def _fetch(self, token_sha256: str) -> ItemRow | None: ...
@@ -653,6 +684,13 @@ _UPDATE = (
     " envelope = CASE WHEN {0} THEN NULL ELSE envelope END WHERE item_id = {0}"
 )
 _DISCARD = "DELETE FROM portal_items WHERE item_id = {0}"
+# An event escrowed again (a retry, a release to a verified address) revokes its earlier
+# links: their notices may have been accepted, even at an address that later bounced, and
+# one EOB must have one live link. A picked-up item has nothing left to revoke.
+_REVOKE = (
+    "DELETE FROM portal_items WHERE event_id = {0} AND item_id <> {0} AND picked_up_at IS NULL"
+    " RETURNING item_id, event_id, member_ref, locked, picked_up_at"
+)
 _DELETE = (
     "DELETE FROM portal_items WHERE expires_at <= {0}"
     " RETURNING item_id, event_id, member_ref, locked, picked_up_at"
@@ -677,6 +715,8 @@ def _table(blob: str) -> str:
 
 
 _INDEX = "CREATE INDEX IF NOT EXISTS portal_items_expires_at ON portal_items (expires_at)"
+# _REVOKE runs with every item escrowed: without this, each would read the whole table.
+_EVENT_INDEX = "CREATE INDEX IF NOT EXISTS portal_items_event_id ON portal_items (event_id)"
 # The portal's access records: one row per pickup attempt, with the client's address and
 # User-Agent, kept [portal] access_days (apart from the items, which go at expiry).
 _ACCESS_TABLE = (
@@ -692,7 +732,7 @@ _ACCESS_INDEXES = (
     "CREATE INDEX IF NOT EXISTS portal_access_at ON portal_access (at)",
     "CREATE INDEX IF NOT EXISTS portal_access_event_id ON portal_access (event_id)",
 )
-_SCHEMA = (_INDEX, _ACCESS_TABLE, *_ACCESS_INDEXES)
+_SCHEMA = (_INDEX, _EVENT_INDEX, _ACCESS_TABLE, *_ACCESS_INDEXES)
 _INSERT_ACCESS = (
     "INSERT INTO portal_access (at, outcome, item_id, event_id, client, user_agent)"
     " VALUES ({0}, {0}, {0}, {0}, {0}, {0})"
@@ -756,8 +796,16 @@ class SqliteEscrow(EscrowStore):
         # Deleted rows are overwritten, not left readable in free pages.
         self._db.execute("PRAGMA secure_delete=ON")
 
-    async def _insert(self, values: tuple[Any, ...]) -> None:
-        await write_transaction(self._db, lambda: self._db.execute(_INSERT.format("?"), values))
+    async def _insert_revoking(
+        self, values: tuple[Any, ...], revoke: tuple[str, str]
+    ) -> list[Sequence[Any]]:
+        db = self._db
+
+        def work() -> list[Sequence[Any]]:
+            db.execute(_INSERT.format("?"), values)
+            return list(db.execute(_REVOKE.format("?"), revoke).fetchall())
+
+        return await write_transaction(db, work)
 
     async def _fetch(self, token_sha256: str) -> ItemRow | None:
         return _row(self._db.execute(_SELECT.format("?"), (token_sha256,)).fetchone())
@@ -825,9 +873,13 @@ class PostgresEscrow(EscrowStore):
         conn = await connect_postgres(dsn, "escrow", _SCHEMA_LOCK, (_table("BYTEA"), *_SCHEMA))
         return cls(conn, keys)
 
-    async def _insert(self, values: tuple[Any, ...]) -> None:
-        async with self._lock:
+    async def _insert_revoking(
+        self, values: tuple[Any, ...], revoke: tuple[str, str]
+    ) -> list[Sequence[Any]]:
+        async with self._lock, self._conn.transaction():
             await self._conn.execute(_INSERT.format("%s"), values)
+            cur = await self._conn.execute(_REVOKE.format("%s"), revoke)
+            return list(await cur.fetchall())
 
     async def _fetch(self, token_sha256: str) -> ItemRow | None:
         async with self._lock:
@@ -891,9 +943,13 @@ async def escrow_eob(
     reason: str | None = None,
     now: dt.datetime | None = None,
 ) -> str:
-    """Escrow an EOB and record `portal_escrowed` in the audit trail; returns the token."""
+    """Escrow an EOB and record `portal_escrowed` in the audit trail; returns the token.
+
+    The event's earlier items not picked up are revoked (their links no longer open), each
+    recorded as `portal_expired_purged` with the reason `superseded`.
+    """
     when = now or dt.datetime.now(dt.UTC)
-    item_id, token = await store._put(item, when)
+    escrowed = await store._put(item, when)
     try:
         await audit.append(
             AuditRecord(
@@ -904,16 +960,47 @@ async def escrow_eob(
                 member_ref=item.member_ref,
                 protection=PORTAL_PROTECTION,
                 reason=reason,
-                item_id=item_id,
+                item_id=escrowed.item_id,
             )
         )
     except BaseException:
         # No item without its record: the caller tries again, and each try would leave
         # an item nobody can reach (its link was never sent) until it expired.
         with contextlib.suppress(Exception):
-            await store._discard(item_id)
+            await store._discard(escrowed.item_id)
+        _revocations_unrecorded(escrowed.revoked)
         raise
-    return token
+    for revoked in escrowed.revoked:
+        try:
+            await audit.append(
+                AuditRecord(
+                    revoked.event_id,
+                    AuditAction.PORTAL_EXPIRED_PURGED,
+                    actor,
+                    when,
+                    member_ref=revoked.member_ref,
+                    protection=PORTAL_PROTECTION,
+                    reason=SUPERSEDED,
+                    item_id=revoked.item_id,
+                )
+            )
+        except Exception:
+            # The revocation stands (the item is gone) and the new item is recorded; a
+            # gap in the trail must not fail a notice that is ready to go.
+            _revocations_unrecorded((revoked,))
+    return escrowed.token
+
+
+def _revocations_unrecorded(revoked: Sequence[PurgedItem]) -> None:
+    """Log and count revoked items the audit trail has no record of, for ops to add."""
+    for item in revoked:
+        AUDIT_GAPS.inc()
+        # Ids only: the item and event ids are opaque, and a driver's message could quote
+        # a value, so the exception is not logged.
+        log.error(
+            "portal revocation not recorded in the audit trail",
+            extra={"event_id": item.event_id, "item_id": item.item_id, "reason": SUPERSEDED},
+        )
 
 
 async def open_escrow(url: str, keys: KeyRing) -> EscrowStore:
