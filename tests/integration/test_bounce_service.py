@@ -1170,6 +1170,39 @@ async def _enter(
         pass
 
 
+async def test_postgresql_transactions_over_members_whose_locks_collide_do_not_deadlock(
+    pg_url: str,
+) -> None:
+    # A member's lock is (namespace, hashtext(member id)): two ids can share one (400,000
+    # ids hold a dozen such pairs). Taken in the ids' order, two transactions over the ids
+    # of two colliding pairs took the two locks in opposite orders and deadlocked.
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT array_agg(m ORDER BY m) FROM (SELECT 'member-' || g AS m"
+            " FROM generate_series(1, 400000) AS g) AS ids GROUP BY hashtext(m)"
+            " HAVING count(*) = 2"
+        )
+        pairs = [row[0] for row in await cur.fetchall()]
+    # p's ids sort before q's in one transaction, after them in the other; `between` sorts
+    # between the first transaction's two, and holds it after it took its first lock.
+    p, q = next((p, q) for p in pairs for q in pairs if p[0] < q[0] and q[1] < p[1])
+    between = p[0] + "-"
+    assert p[0] < between < q[0]
+    stores = [await open_bounce_store(pg_url) for _ in range(3)]
+    now = dt.datetime.now(dt.UTC)
+    try:
+        async with stores[0].transaction([between], now):
+            first = asyncio.create_task(_enter(stores[1], [p[0], between, q[0]], (), now))
+            await asyncio.sleep(0.3)
+            second = asyncio.create_task(_enter(stores[2], [p[1], q[1]], (), now))
+            await asyncio.sleep(0.3)
+        async with asyncio.timeout(10):
+            await asyncio.gather(first, second)  # was StoreBusy (deadlock) for one of them
+    finally:
+        for store in stores:
+            await store.close()
+
+
 async def test_no_statement_of_the_store_scans_the_notices(
     tmp_path: Path, publisher: RecordingPublisher
 ) -> None:

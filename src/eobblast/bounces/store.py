@@ -989,12 +989,16 @@ class _PostgresSql(_Sql):
             await cur.executemany(sql.replace("?", "%s"), rows)
 
 
-# A transaction's advisory locks in one statement, taken in the arrays' order: the
-# subquery's rows come in that order, and the aggregate takes each lock as its row comes.
+# A transaction's advisory locks in one statement, in the order of the locks themselves,
+# (namespace, hashtext(name)): ordered by name, two names whose hashes collide could be
+# taken in opposite orders by two transactions (one lock each) and deadlock. Each lock
+# once (two colliding names are one lock). The subquery's rows come sorted (an ordered
+# subquery is not flattened into the aggregate), and the aggregate takes each lock as its
+# row comes; `count(... ORDER BY ...)` would take them all before sorting.
 _PG_LOCK_ALL = (
-    "SELECT count(pg_advisory_xact_lock(lock.namespace, hashtext(lock.name)))"
-    " FROM (SELECT * FROM unnest(%s::int[], %s::text[]) WITH ORDINALITY"
-    " AS l(namespace, name, n) ORDER BY n) AS lock"
+    "SELECT count(pg_advisory_xact_lock(lock.namespace, lock.hash))"
+    " FROM (SELECT DISTINCT l.namespace, hashtext(l.name) AS hash"
+    " FROM unnest(%s::int[], %s::text[]) AS l(namespace, name) ORDER BY 1, 2) AS lock"
 )
 
 
@@ -1031,8 +1035,8 @@ class PostgresBounceStore(BounceStore):
         )
         try:
             async with self._conn.transaction():
-                # One sorted order for every transaction, so overlapping ones cannot deadlock;
-                # taken in one statement (the array's order), not a round trip each.
+                # One order for every transaction (the statement sorts the locks), so
+                # overlapping ones cannot deadlock; one statement, not a round trip each.
                 if locks:
                     await self._conn.execute(
                         _PG_LOCK_ALL, ([ns for ns, _ in locks], [name for _, name in locks])
