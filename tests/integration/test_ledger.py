@@ -441,6 +441,31 @@ async def test_postgresql_claims_and_finishes_made_together_share_a_transaction(
     assert claimed_in <= 2 and finished_in <= 2, (claimed_in, finished_in)
 
 
+async def test_postgresql_batches_over_the_same_events_in_other_orders_do_not_deadlock(
+    pg_schema: str,
+) -> None:
+    # Two workers with copies of the same settled or abandoned events (a redelivery, copies
+    # under other keys) claim them in their own orders: rows locked in arrival order
+    # deadlocked, and the whole batch of one failed.
+    first, second = await open_ledger(pg_schema), await open_ledger(pg_schema)
+    ids = [f"ev-{n:03d}-{_id()}" for n in range(20)]
+    try:
+        await asyncio.gather(*(first.claim(event_id, "dead-worker") for event_id in ids))
+        await _age(pg_schema, ids, CLAIM_LEASE + 1)  # nobody renewed them: each is a RETRY
+        claims = await asyncio.gather(
+            *(first.claim(event_id, "w1") for event_id in ids),
+            *(second.claim(event_id, "w2") for event_id in reversed(ids)),
+            return_exceptions=True,
+        )
+    finally:
+        await first.close()
+        await second.close()
+    assert not [c for c in claims if isinstance(c, BaseException)], claims
+    kinds = [c.kind for c in claims if not isinstance(c, BaseException)]
+    by_event = zip(kinds[:20], reversed(kinds[20:]), strict=True)
+    assert all({*pair} == {ClaimKind.ELSEWHERE, ClaimKind.RETRY} for pair in by_event), kinds
+
+
 CLAIM_SCRIPT = """
 import asyncio, sys
 from eobblast.state import ClaimKind, open_ledger

@@ -396,14 +396,20 @@ class PostgresLedger(SendLedger):
         async with self._lock, self._conn.transaction():
             cur = await self._conn.execute(_PG_CLAIM_MANY, (list(firsts), list(firsts.values())))
             made = {row[0] for row in await cur.fetchall()}
-            claims: list[Claim] = []
-            for event_id, owner, retry_deferred in items:
+            claims: dict[int, Claim] = {}
+            rest: list[int] = []
+            for n, (event_id, _, _) in enumerate(items):
                 if event_id in made:
                     made.discard(event_id)  # a later claim of it in this batch finds it taken
-                    claims.append(Claim(ClaimKind.NEW))
+                    claims[n] = Claim(ClaimKind.NEW)
                 else:
-                    claims.append(await self._claim_row(event_id, owner, retry_deferred))
-            return claims
+                    rest.append(n)
+            # The rows that were there already are locked one by one: in event id order, as
+            # every batch does, or two batches over the same events in other orders would
+            # deadlock (and fail whole). Stable: two claims of one event keep their order.
+            for n in sorted(rest, key=lambda n: items[n][0]):
+                claims[n] = await self._claim_row(*items[n])
+            return [claims[n] for n in range(len(items))]
 
     async def _claim_row(self, event_id: str, owner: str, retry_deferred: bool) -> Claim:
         row = None
