@@ -311,10 +311,24 @@ class PostgresAuditTrail(AuditTrail):
         await self._appends.submit(record)
 
     async def _append_many(self, records: Sequence[AuditRecord]) -> list[None]:
+        import psycopg
+
         rows = [_row(r, r.at) for r in records]
-        async with self._lock, self._conn.transaction():
-            # In the order given (the trail's order); psycopg pipelines the rows.
-            await self._conn.cursor().executemany(_INSERT.format("%s"), rows)
+        async with self._lock:
+            for attempt in range(2):
+                committing = False
+                try:
+                    async with self._conn.transaction():
+                        # In the order given (the trail's order); psycopg pipelines the rows.
+                        await self._conn.cursor().executemany(_INSERT.format("%s"), rows)
+                        committing = True
+                    break
+                except psycopg.Error:
+                    # Dropped before COMMIT was sent, nothing of the batch was written, and
+                    # its callers would only count a gap: once more, on a new connection.
+                    # Dropped at COMMIT, it may have been: never written twice.
+                    if committing or not self._conn.broken or attempt:
+                        raise
         return [None] * len(records)
 
     async def records(

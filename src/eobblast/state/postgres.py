@@ -335,13 +335,18 @@ class PgConnection:
         self.upgrading = None if upgrading is None else asyncio.ensure_future(upgrading)
 
     async def _ready(self) -> None:
-        if self._depth or self._closed or not (self._conn.broken or self._conn.closed):
+        if self._depth or self._closed or not self.broken:
             return
         async with self._reconnecting:
-            if self._conn.broken or self._conn.closed:
+            if self.broken:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
                 self._conn = await _connect(self._dsn, self._what)
+
+    @property
+    def broken(self) -> bool:
+        """Whether the connection was lost (the next use outside a transaction reconnects)."""
+        return bool(self._conn.broken or self._conn.closed)
 
     async def execute(self, *args: Any, **kwargs: Any) -> Any:
         """`AsyncConnection.execute`, on a live connection."""
