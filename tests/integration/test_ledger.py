@@ -10,14 +10,15 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from eobblast.errors import ConfigError
-from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger
+from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger, postgres
+from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.ledger import AGAIN, CLAIM_LEASE, SQLITE_PURGE
 from eobblast.state.postgres import libpq_reason
 from tests.conftest import PG_BASE
@@ -521,6 +522,161 @@ async def test_a_postgresql_store_comes_back_after_its_connection_was_dropped(
             await ledger.claim(second, "w1")
         assert (await ledger.claim(second, "w1")).kind is ClaimKind.NEW
         assert (await ledger.claim(first, "w1")).kind is ClaimKind.IN_FLIGHT  # kept
+    finally:
+        await ledger.close()
+
+
+class _SilentPath:
+    """A TCP path to the machine's PostgreSQL that goes silent, both ways, once the client
+    sends `marker` (its worker's machine dropped off the network there). A hang-up by the
+    server is passed on."""
+
+    def __init__(self, marker: bytes) -> None:
+        self.marker = marker
+        self.silent = asyncio.Event()
+        self.upstream_ports: list[int] = []  # the server's view of the path's sessions
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> _SilentPath:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    def url(self, url: str) -> str:
+        assert "@127.0.0.1:5432/" in url
+        return url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{self.port}/")
+
+    async def _handle(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        server, to_server = await asyncio.open_connection("127.0.0.1", 5432)
+        self.upstream_ports.append(to_server.get_extra_info("sockname")[1])
+        await asyncio.gather(self._pipe(client, to_server, True), self._pipe(server, to_client))
+
+    async def _pipe(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool = False
+    ) -> None:
+        try:
+            while data := await reader.read(65536):
+                if up and self.marker in data:
+                    self.silent.set()
+                if not self.silent.is_set():
+                    writer.write(data)
+                    await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+def _sessions_idle_in_transaction(client_ports: Sequence[int]) -> int:
+    with psycopg.connect(PG_BASE, autocommit=True) as admin:
+        row = admin.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE client_port = ANY(%s)"
+            " AND state = 'idle in transaction'",
+            (list(client_ports),),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+async def _until(check: Callable[[], bool], within: float) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "not within the time allowed"
+        await asyncio.sleep(0.1)
+
+
+async def test_a_postgresql_ledger_is_not_held_up_by_a_worker_gone_mid_batch(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker's machine dropped off the network mid-batch: its session sat idle in its
+    # transaction for hours, holding its rows' locks, and other workers' claims of those
+    # events waited on them with their ledgers' lock held (renewals stalled, leases lapsed,
+    # emails went out twice). Now such a wait ends in a transient error (the claim is
+    # tried again), and the server ends the session that idles, undoing its claims.
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT", "1s")
+    monkeypatch.setattr(postgres, "IDLE_IN_TRANSACTION_TIMEOUT", "3s")
+    settled, new = _id(), _id()
+    async with _SilentPath(b"VALUES ($1, 'sending', $2") as path:
+        gone = await open_ledger(path.url(pg_schema))
+        live = await open_ledger(pg_schema)
+        try:
+            await live.claim(settled, "w0")
+            await live.finish(settled, "delivered", "delivered")
+            # Its batch makes the new event's row (locked), then claims the settled one one
+            # by one: that statement never reaches the server, nor does anything after it.
+            batch = asyncio.gather(
+                gone.claim(new, "w1"), gone.claim(settled, "w1"), return_exceptions=True
+            )
+            await _until(lambda: _sessions_idle_in_transaction(path.upstream_ports) == 1, 5)
+            started = time.monotonic()
+            async with asyncio.timeout(10):  # without a lock timeout: for ever
+                with pytest.raises(psycopg.errors.LockNotAvailable) as waited:
+                    await live.claim(new, "w2")
+            assert isinstance(waited.value, TRANSIENT_ERRORS)
+            assert time.monotonic() - started < 3
+            async with asyncio.timeout(2):
+                await live.renew([settled], "w2")  # the ledger is not held meanwhile
+            # The server ends the session that idles: the gone worker's claim is undone.
+            await _until(lambda: _sessions_idle_in_transaction(path.upstream_ports) == 0, 10)
+            assert (await live.claim(new, "w2")).kind is ClaimKind.NEW
+            # (Here the path passes the server's hang-up on: the batch fails, as it would
+            # once the client's TCP keepalives found the path dead.)
+            results = await asyncio.wait_for(batch, 10)
+            assert all(isinstance(r, TRANSIENT_ERRORS) for r in results), results
+        finally:
+            with psycopg.connect(PG_BASE, autocommit=True) as admin:
+                admin.execute(
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE client_port = ANY(%s)",
+                    (path.upstream_ports,),
+                )
+            await live.close()
+            await gone.close()
+
+
+async def test_a_postgresql_ledger_connection_limits_its_waits_and_keeps_them_when_it_comes_back(
+    pg_schema: str,
+) -> None:
+    # The lock and idle limits are the store connection's own (its schema set-up may wait
+    # longer), set again on a new connection, and the client probes the path to the server.
+    ledger = await open_ledger(pg_schema)
+    conn = ledger._conn  # type: ignore[attr-defined]
+
+    async def limits() -> tuple[str, ...]:
+        cur = await conn.execute(
+            "SELECT current_setting('lock_timeout'),"
+            " current_setting('idle_in_transaction_session_timeout')"
+        )
+        return tuple(await cur.fetchone())
+
+    try:
+        assert await limits() == ("10s", "30s")
+        params = conn._conn.info.get_parameters()
+        assert params["keepalives"] == "1" and params["tcp_user_timeout"] == "30000", params
+        with psycopg.connect(PG_BASE, autocommit=True) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'eobblast ledger' AND pid <> pg_backend_pid()"
+            )
+        with pytest.raises(psycopg.OperationalError):
+            await ledger.claim(_id(), "w1")
+        assert await limits() == ("10s", "30s")
+        assert conn._conn.info.get_parameters()["keepalives_idle"] == "30"
+        # A transaction of its own that idles that long (the worker's loop stalled) has lost
+        # its connection: a transient error, tried again, not a fault.
+        await conn.execute("SET idle_in_transaction_session_timeout = '1s'")
+        with pytest.raises(TRANSIENT_ERRORS):
+            async with conn.transaction():
+                await conn.execute("SELECT 1")
+                await asyncio.sleep(2)
+                await conn.execute("SELECT 1")
+        assert (await ledger.claim(_id(), "w1")).kind is ClaimKind.NEW
+        assert await limits() == ("10s", "30s")
     finally:
         await ledger.close()
 

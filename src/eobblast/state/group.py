@@ -25,9 +25,13 @@ R = TypeVar("R")
 
 # What a store's driver raises when the store is locked, down or unreachable (no item of a
 # batch is at fault; trying again later is right). Not integrity or programming errors.
+# PostgreSQL's lock timeout (LockNotAvailable) is an OperationalError; a session the server
+# ended for idling in a transaction (a worker's loop stalled that long) is a dropped
+# connection like any other, though psycopg files it under InternalError.
 TRANSIENT_ERRORS: tuple[type[BaseException], ...] = (
     sqlite3.OperationalError,
     psycopg.OperationalError,
+    psycopg.errors.IdleInTransactionSessionTimeout,
     psycopg.InterfaceError,
     OSError,
     TimeoutError,

@@ -102,6 +102,9 @@ async def connect_postgres(
                     await conn.execute(statement)
             else:
                 await conn.execute(statement)
+    # Only now: the schema transaction may wait longer for its locks (ADD COLUMN has its
+    # own wait, the schema lock waits for the workers starting alongside).
+    await store_session(conn)
     upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
     return PgConnection(conn, dsn, what, upgrading)
 
@@ -249,20 +252,52 @@ async def _build_connection(dsn: str, what: str) -> Any:
     """A connection for index builds: no statement or lock timeout (a large index would
     never finish under an operator's role limits), and a client that vanished is noticed
     (its session would otherwise hold the build lock for hours)."""
+    conn = await _connect(dsn, f"{what} index build")
+    await _settings(conn, ("SET statement_timeout = 0", "SET lock_timeout = 0", *_CLIENT_GONE))
+    return conn
+
+
+# The server notices a client that vanished (a worker's machine gone, a network cut):
+# probes after a minute idle, and a look every 10 s while a statement of it runs.
+_CLIENT_GONE = (
+    "SET tcp_keepalives_idle = 60",
+    "SET tcp_keepalives_interval = 10",
+    "SET tcp_keepalives_count = 6",
+    "SET client_connection_check_interval = '10s'",  # PostgreSQL 14 and later
+)
+# How long a store's session may sit in a transaction doing nothing before the server ends
+# it (and rolls it back). eobblast's transactions wait for nothing but their own statements
+# (the bounce service's run Python between them; publishing and auditing wait for the
+# commit): one idle this long is a worker that is gone mid-batch, whose row and advisory
+# locks held other workers' batches (for the OS's two hours of keepalive) until their
+# leases lapsed and their events were sent twice.
+IDLE_IN_TRANSACTION_TIMEOUT = "30s"
+# How long a store's statement waits for a lock. Longer is a transaction that is stuck or
+# gone: the statement fails (LockNotAvailable, a transient store error its caller tries
+# again) rather than hold the store's connection, and every call queued behind it.
+LOCK_TIMEOUT = "10s"
+
+
+async def store_session(conn: Any) -> None:
+    """Set a store connection's session up: how long it waits for locks, how long it may
+    idle in a transaction, and how the server notices its client vanished."""
+    await _settings(
+        conn,
+        (
+            f"SET idle_in_transaction_session_timeout = '{IDLE_IN_TRANSACTION_TIMEOUT}'",
+            f"SET lock_timeout = '{LOCK_TIMEOUT}'",
+            *_CLIENT_GONE,
+        ),
+    )
+
+
+async def _settings(conn: Any, settings: Iterable[str]) -> None:
     import psycopg
 
-    conn = await _connect(dsn, f"{what} index build")
-    for setting in (
-        "SET statement_timeout = 0",
-        "SET lock_timeout = 0",
-        "SET tcp_keepalives_idle = 60",
-        "SET tcp_keepalives_interval = 10",
-        "SET tcp_keepalives_count = 6",
-        "SET client_connection_check_interval = '10s'",  # PostgreSQL 14 and later
-    ):
+    for setting in settings:
+        # A setting this server does not have yet (an older release) is done without.
         with contextlib.suppress(psycopg.errors.UndefinedObject):
             await conn.execute(setting)
-    return conn
 
 
 async def _upgrade_locked(
@@ -305,12 +340,28 @@ async def _drop_concurrently(conn: Any, name: str) -> None:
     await conn.execute(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(name)))
 
 
+# libpq's TCP keepalives and user timeout: a connection whose server or network path is
+# gone fails within about a minute, not the OS's two hours (or 15 minutes of retransmits):
+# until then a batch waits on it, holding its store's connection and the calls behind it.
+# A DSN that sets any of these keeps its own value.
+CLIENT_KEEPALIVES: dict[str, int] = {
+    "keepalives": 1,
+    "keepalives_idle": 30,
+    "keepalives_interval": 10,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # ms unacknowledged before the connection is dropped
+}
+
+
 async def _connect(dsn: str, what: str) -> Any:
     import psycopg
+    from psycopg.conninfo import conninfo_to_dict
 
+    given = conninfo_to_dict(dsn)
+    tcp: dict[str, Any] = {k: v for k, v in CLIENT_KEEPALIVES.items() if k not in given}
     # The store's name shows in pg_stat_activity: which of eobblast's connections is which.
     return await psycopg.AsyncConnection.connect(
-        dsn, autocommit=True, connect_timeout=10, application_name=f"eobblast {what}"
+        dsn, autocommit=True, connect_timeout=10, application_name=f"eobblast {what}", **tcp
     )
 
 
@@ -341,7 +392,14 @@ class PgConnection:
             if self.broken:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
-                self._conn = await _connect(self._dsn, self._what)
+                conn = await _connect(self._dsn, self._what)
+                try:
+                    await store_session(conn)
+                except BaseException:
+                    # Not used without its settings: the next use connects again.
+                    await conn.close()
+                    raise
+                self._conn = conn
 
     @property
     def broken(self) -> bool:
