@@ -75,6 +75,7 @@ from eobblast.observe.metrics import REGISTRY
 from eobblast.protect.escrow import KeyRing
 from eobblast.protect.services import ProtectionServices, load_or_create_secret
 from eobblast.sandbox import Behaviour, delivery_status_notification
+from eobblast.state import postgres
 from eobblast.worker import open_bounces
 from tests.conftest import throwaway_pg_schema
 
@@ -1158,6 +1159,28 @@ async def test_postgresql_transactions_over_a_member_or_an_address_wait_for_each
                 assert not waiting.done()  # held by the first transaction's lock
             async with asyncio.timeout(10):
                 await waiting  # taken once the first committed
+    finally:
+        await first.close()
+        await second.close()
+
+
+async def test_a_postgresql_transaction_behind_a_stuck_one_gives_up_as_busy(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A transaction whose worker is gone held its members' locks until the server noticed
+    # (hours), and the next transaction over one of them waited as long, with its store
+    # held. It now waits LOCK_TIMEOUT and is busy (run again), as a lost deadlock race is.
+    monkeypatch.setattr(postgres, "LOCK_TIMEOUT", "1s")
+    first, second = await open_bounce_store(pg_url), await open_bounce_store(pg_url)
+    now = dt.datetime.now(dt.UTC)
+    try:
+        async with first.transaction(["m-1"], now, address_keys=["a-1"]):
+            started = time.monotonic()
+            async with asyncio.timeout(10):
+                with pytest.raises(StoreBusy):
+                    await _enter(second, ["m-2", "m-1"], [], now)
+            assert time.monotonic() - started < 3
+        await _enter(second, ["m-2", "m-1"], [], now)
     finally:
         await first.close()
         await second.close()

@@ -437,7 +437,8 @@ def _legacy_request_id(member_id: str, stamp: str) -> str:
     return _opaque_id("verification", member_id, stamp)
 
 
-# A lost deadlock race (PostgreSQL) is run again; SQLite has already waited its busy timeout.
+# A lost deadlock race or a lock wait past LOCK_TIMEOUT (PostgreSQL) is run again; SQLite
+# has already waited its busy timeout.
 _BUSY_RETRIES = 3
 
 

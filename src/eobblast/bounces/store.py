@@ -1042,7 +1042,13 @@ class PostgresBounceStore(BounceStore):
                         _PG_LOCK_ALL, ([ns for ns, _ in locks], [name for _, name in locks])
                     )
                 yield
-        except (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure):
+        except (
+            psycopg.errors.DeadlockDetected,
+            psycopg.errors.SerializationFailure,
+            # Waited LOCK_TIMEOUT behind a transaction that is stuck or whose worker is gone
+            # (the server ends that one once it has idled too long): try again.
+            psycopg.errors.LockNotAvailable,
+        ):
             raise StoreBusy from None
 
     async def close(self) -> None:
