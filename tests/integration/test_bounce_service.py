@@ -24,6 +24,7 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, cast
 
+import aiosmtplib
 import orjson
 import psycopg
 import pytest
@@ -32,6 +33,7 @@ import zstandard
 from eobblast.bounces.category import BounceCategory
 from eobblast.bounces.dsn import BounceKind
 from eobblast.bounces.inbound import MappedBy, ReviewReason
+from eobblast.bounces.listener import BounceListener
 from eobblast.bounces.service import (
     BounceReason,
     BounceService,
@@ -723,29 +725,125 @@ async def test_a_complaint_about_a_notice_is_kept_for_review(service: BounceServ
     assert report.review_reason is ReviewReason.NOT_ACTED_ON
 
 
-async def test_a_verp_report_for_a_forgotten_notice_still_suppresses(
+async def test_a_verp_report_for_a_forgotten_notice_suppresses_nothing(
     service: BounceService, store: BounceStore
 ) -> None:
+    # A return path never expires, and once its notice is purged nothing says where the
+    # notice went: a report at it used to suppress every address it listed (up to 100).
     member, address = ids()
     event_id = f"{member}-forgotten"
     return_path = make_return_path(event_id, VERP, BOUNCE_DOMAIN)
-    dsn = delivery_status_notification(
-        behaviour=Behaviour.BOUNCE_LATER,
-        reporting_mta="mx.example.com",
-        return_path=return_path,
-        recipient=address,
-        returned_headers=b"\r\n",
-        arrival=at(0),
-        queue_id="Q3",
+    others = [f"other{i}-{address}" for i in range(3)]
+    blocks = "".join(
+        f"\r\nFinal-Recipient: rfc822; {other}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        for other in (address, *others)
+    )
+    dsn = report_message(
+        "delivery-status",
+        ("text/plain", "Not delivered."),
+        ("message/delivery-status", f"Reporting-MTA: dns; mx.example.com\r\n{blocks}"),
     )
     report = await service.on_dsn(dsn, return_path, at=at(5))
     assert [r.outcome.reason for r in report.results] == [BounceReason.UNKNOWN_EVENT]
-    assert report.needs_review  # ours, but about nothing the store knows: a person looks
-    assert await store.is_suppressed(address)
-    # So the member's next notice to that address is held, not sent.
+    assert report.review_reason is ReviewReason.UNKNOWN_EVENT  # a person looks instead
+    assert [await store.is_suppressed(a) for a in (address, *others)] == [False] * 4
     ev2, raw2 = event(member, 2)
-    gate = await service.gate(ev2, member, address, raw2, at=at(10))
-    assert isinstance(gate, Held) and gate.reason is BounceReason.ADDRESS_SUPPRESSED
+    assert isinstance(await service.gate(ev2, member, address, raw2, at=at(10)), SendPermitted)
+
+
+async def test_a_report_at_a_known_return_path_acts_only_on_its_notices_address(
+    service: BounceService, store: BounceStore
+) -> None:
+    # Anyone sent one notice knows its return path. A report quoting it in the returned
+    # headers (at any bounce-shaped envelope address) and naming someone else's address
+    # used to suppress that address: the victim's later notices were held, then paper.
+    _, address, ev1, return_path = await delivered(service)
+    victim_member, victim = ids()
+    forged = report_message(
+        "delivery-status",
+        ("text/plain", "Not delivered."),
+        (
+            "message/delivery-status",
+            "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+            f"Final-Recipient: rfc822; {victim}\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+        ),
+        ("text/rfc822-headers", f"Return-Path: <{return_path}>\r\nTo: {address}"),
+    )
+    report = await service.on_dsn(forged, f"bounces+{'a' * 24}@{BOUNCE_DOMAIN}", at=at(30))
+    assert report.inbound.event_id == ev1 and report.inbound.mapped_by is MappedBy.VERP
+    assert report.results == () and report.review_reason is ReviewReason.NOT_ACTED_ON
+    assert not await store.is_suppressed(victim) and not await store.is_suppressed(address)
+    ev2, raw2 = event(victim_member, 1)
+    gate = await service.gate(ev2, victim_member, victim, raw2, at=at(40))
+    assert isinstance(gate, SendPermitted)
+    # The notice's own address beside the victim's: that one acted on, the other kept for a
+    # person (the report is not answered 250 and forgotten).
+    both = forged.replace(
+        f"Final-Recipient: rfc822; {victim}".encode(),
+        f"Final-Recipient: rfc822; {address}\r\nAction: failed\r\nStatus: 5.1.1\r\n"
+        f"\r\nFinal-Recipient: rfc822; {victim}".encode(),
+    )
+    report = await service.on_dsn(both, return_path, at=at(50))
+    assert [(r.event_id, r.outcome.outcome) for r in report.results] == [(ev1, Outcome.HELD)]
+    assert report.review_reason is ReviewReason.NOT_ACTED_ON
+    assert await store.is_suppressed(address) and not await store.is_suppressed(victim)
+
+
+async def test_a_forged_report_over_smtp_is_kept_for_review_not_acted_on(
+    service: BounceService, store: BounceStore, tmp_path: Path
+) -> None:
+    # The attack as it comes: over SMTP, to a bounce-shaped address the listener takes on
+    # its shape alone, quoting the sender's own return path, naming a victim.
+    _, address, _, return_path = await delivered(service)
+    _, victim = ids()
+    forged = report_message(
+        "delivery-status",
+        ("text/plain", "Not delivered."),
+        (
+            "message/delivery-status",
+            "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+            f"Final-Recipient: rfc822; {victim}\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+        ),
+        ("text/rfc822-headers", f"Return-Path: <{return_path}>\r\nTo: {address}"),
+    )
+    listener = BounceListener(
+        service.on_dsn,
+        host="127.0.0.1",
+        port=0,
+        bounce_domain=BOUNCE_DOMAIN,
+        review_dir=tmp_path / "review",
+    )
+    async with listener, aiosmtplib.SMTP(hostname="127.0.0.1", port=listener.port) as smtp:
+        await smtp.sendmail("", [f"bounces+{'a' * 24}@{BOUNCE_DOMAIN}"], forged)
+    [kept] = (tmp_path / "review" / "new").iterdir()
+    assert kept.read_bytes().startswith(b"X-EOB-Review-Reason: not_acted_on\r\n")
+    assert not await store.is_suppressed(victim) and not await store.is_suppressed(address)
+
+
+async def test_a_report_about_an_address_the_notice_has_left_is_kept_for_review(
+    service: BounceService, store: BounceStore
+) -> None:
+    # Bounced at X, verified and released to Y: a report naming Z (an alias, a forgery:
+    # not an address the store knows the notice went to) changes nothing.
+    member, address = ids()
+    ev1, raw1 = event(member, 1)
+    await hard_bounce(service, ev1, member, address, raw1)
+    new_address = f"new-{address}"
+    await service.on_verification_result(verified(member, new_address), at=at(60))
+    elsewhere = f"elsewhere-{address}"
+    dsn = report_message(
+        "delivery-status",
+        ("text/plain", "Not delivered."),
+        (
+            "message/delivery-status",
+            "Reporting-MTA: dns; mx.example.com\r\n\r\n"
+            f"Final-Recipient: rfc822; {elsewhere}\r\nAction: failed\r\nStatus: 5.1.1\r\n",
+        ),
+    )
+    report = await service.on_dsn(dsn, make_return_path(ev1, VERP, BOUNCE_DOMAIN), at=at(70))
+    assert report.results == () and report.review_reason is ReviewReason.NOT_ACTED_ON
+    assert not await store.is_suppressed(elsewhere)
+    assert not await store.is_suppressed(new_address)
 
 
 async def test_without_the_raw_event_a_release_goes_to_paper(

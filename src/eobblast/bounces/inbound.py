@@ -3,8 +3,9 @@
 Shared by the bounce listener (which keeps what nobody can read for review) and the bounce
 service (which acts on what maps to an event). The mapping trusts, in order: a VERP return
 path whose HMAC verifies (the envelope recipient, then the addresses the parser found), and
-only then the returned message's `X-EOB-Event-ID` header, which anyone can write; the
-service therefore acts on a header-mapped report only when it names the notice's address.
+only then the returned message's `X-EOB-Event-ID` header, which anyone can write. Neither
+proves what a report says about an address (every recipient of a notice holds its return
+path), so the service acts on a report only for the address its notice was sent to.
 """
 
 from __future__ import annotations
@@ -43,10 +44,11 @@ class ReviewReason(enum.StrEnum):
     UNREADABLE = "unreadable"
     NOT_RECOGNISED = "not_recognised"
     UNMAPPED = "unmapped"
-    # Ours (VERP verified), but about a notice the bounce store no longer knows.
+    # About a notice the bounce store no longer knows (purged): where it went is unknown,
+    # so no address in the report is acted on.
     UNKNOWN_EVENT = "unknown_event"
-    # About one of our notices, but nothing in it was acted on: a complaint or opt-out, or
-    # a report naming addresses the notice was not sent to.
+    # About one of our notices, but not all of it was acted on: a complaint or opt-out, or
+    # a report naming an address the notice was not sent to.
     NOT_ACTED_ON = "not_acted_on"
 
 

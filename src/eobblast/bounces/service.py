@@ -368,6 +368,8 @@ class DsnReport:
 
     inbound: InboundBounce
     results: tuple[DsnResult, ...] = ()
+    # Failed recipients the report names that its notice was not sent to: not acted on.
+    passed_over: int = 0
 
     @property
     def review_reason(self) -> ReviewReason | None:
@@ -375,10 +377,9 @@ class DsnReport:
         if any(r.outcome.reason is BounceReason.UNKNOWN_EVENT for r in self.results):
             return ReviewReason.UNKNOWN_EVENT
         parsed = self.inbound.parsed
-        if (
-            self.inbound.event_id is not None
-            and not self.results
-            and (parsed.is_bounce or parsed.kind is BounceKind.FEEDBACK)
+        if self.inbound.event_id is not None and (
+            self.passed_over
+            or (not self.results and (parsed.is_bounce or parsed.kind is BounceKind.FEEDBACK))
         ):
             # Mapped to a notice, yet it changed nothing: a person decides, nothing is lost.
             return self.inbound.review_reason or ReviewReason.NOT_ACTED_ON
@@ -1142,12 +1143,15 @@ class BounceService:
         parsed = inbound.parsed
         if event_id is None or not parsed.is_bounce:
             return DsnReport(inbound)
-        # A VERP address proves the report is about our message; a returned header does not.
-        verp = inbound.mapped_by is MappedBy.VERP
         member_id = (await self.store.members_of([event_id])).get(event_id)
-        if member_id is None and not verp:
+        if member_id is None:
+            # Even when the VERP address is ours (it never expires, and every recipient of a
+            # notice holds one), nothing says where a forgotten notice went: the addresses
+            # the report names cannot be checked, so a person looks and nothing is suppressed.
             outcome = BounceOutcome(event_id, Outcome.FAILED, BounceReason.UNKNOWN_EVENT)
             return DsnReport(inbound, (DsnResult(event_id, parsed.category, True, outcome),))
+        # A VERP address proves the report is about our message; a returned header does not.
+        verp = inbound.mapped_by is MappedBy.VERP
         reports = [
             (r.address, r.original_recipient, r.category, (r.action or "").lower() != "delayed")
             for r in parsed.recipients
@@ -1155,53 +1159,49 @@ class BounceService:
         keys = [address_key(address) for address, *_ in reports]
         named = keys + [address_key(original) for _, original, *_ in reports if original]
 
-        async def body(work: _Work) -> tuple[DsnResult, ...]:
+        async def body(work: _Work) -> tuple[tuple[DsnResult, ...], int]:
             eob = work.eob(event_id)
-            targets: list[tuple[str, BounceCategory, bool]] = []
             if eob is None:
-                # Ours, but the notice's row is gone (purged): its address is still bad.
-                targets = [(address, category, final) for address, _, category, final in reports]
-            else:
-                current = address_key(eob.address)
-                for address, original, category, final in reports:
-                    names = {address_key(address)} | (
-                        {address_key(original)} if original else set()
-                    )
-                    if current in names:
-                        targets.append((eob.address, category, final))
-                    elif verp and len(set(keys)) == 1:
-                        # Ours, about an address the notice no longer uses (an older attempt):
-                        # the machine suppresses it if hard, and leaves the notice alone. Our
-                        # messages have one recipient: a report listing several is forged or
-                        # an expanded alias, and suppresses nobody (it goes to review).
-                        targets.append((address, category, final))
-                    # A header-mapped report naming another address could be forged: ignored.
-                if not reports and verp:
-                    # A vendor notice that names nobody: our message had one recipient.
-                    targets.append((eob.address, parsed.category, True))
+                return (), len(reports)  # forgotten meanwhile: as above, a person looks
+            targets: list[tuple[str, BounceCategory, bool]] = []
+            passed_over = 0
+            current = address_key(eob.address)
+            for address, original, category, final in reports:
+                names = {address_key(name) for name in (address, original) if name}
+                if current in names:
+                    targets.append((eob.address, category, final))
+                else:
+                    # The notice never went there. A return path (the envelope's, or one
+                    # quoted in the returned headers) is known to everyone the notice
+                    # reached, so a report at it proves nothing about other addresses:
+                    # acting on one would let anyone suppress anyone's address.
+                    passed_over += 1
+            if not reports and verp:
+                # A vendor notice that names nobody: our message had one recipient.
+                targets.append((eob.address, parsed.category, True))
             results = []
-            for address, category, final in targets:
+            for target, category, final in targets:
                 before = work.eob(event_id)
                 transition = await work.step(
-                    state.DsnReceived(event_id, address, now, category, final),
+                    state.DsnReceived(event_id, target, now, category, final),
                     lease_sends=True,
                     category=category,
                     target=event_id,
                 )
                 if final and (transition.effects or work.eob(event_id) != before):
-                    self._count_bounce(work, event_id, member_id, category, address, "dsn")
+                    self._count_bounce(work, event_id, member_id, category, target, "dsn")
                 results.append(DsnResult(event_id, category, final, work.outcome(event_id)))
-            return tuple(results)
+            return tuple(results), passed_over
 
-        results, _ = await self._transact(
+        (results, passed_over), _ = await self._transact(
             now,
             body,
-            member_ids=[member_id] if member_id else (),
+            member_ids=[member_id],
             eob_ids=[event_id],
             address_keys=keys,
             addresses=named,
         )
-        return DsnReport(inbound, results)
+        return DsnReport(inbound, results, passed_over)
 
     async def on_not_sent(
         self, event_id: str, member_id: str, *, at: dt.datetime | None = None
