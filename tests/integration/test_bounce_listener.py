@@ -366,6 +366,36 @@ async def test_a_large_report_kept_for_review_is_cut_to_size(
     assert f"X-EOB-Review-Truncated: {len(junk)} bytes".encode() in data
 
 
+def many_tiny_parts(parts: int) -> bytes:
+    """A message of many tiny base64 parts: cheap to send, slow for a MIME parser."""
+    part = b"--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: base64\r\n\r\nQUFB\r\n"
+    return (
+        b"From: someone@else.test\r\nSubject: not a report\r\n"
+        b"Content-Type: multipart/mixed; boundary=b\r\n\r\n" + part * parts + b"--b--\r\n"
+    )
+
+
+async def test_a_message_of_thousands_of_parts_goes_to_review_unread(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    # 20,000 parts in 1.5 MB: parsed and cut for review, it held the event loop for seconds,
+    # once per recipient. No report has more than a handful of parts: it is not read.
+    junk = many_tiny_parts(20_000)
+    rcpts = [make_return_path(f"ev-parts-{n}", KEY, DOMAIN) for n in range(MAX_RECIPIENTS)]
+    async with aiosmtplib.SMTP(hostname=HOST, port=listener.port, timeout=60) as smtp:
+        refused, reply = await smtp.sendmail("", rcpts, junk)
+    assert refused == {} and reply.startswith("2.0.0")
+    assert {i.review_reason for i in recorder.seen} == {ReviewReason.TOO_MANY_PARTS}
+    [kept] = review_files(listener)
+    assert kept.read_bytes().startswith(b"X-EOB-Review-Reason: too_many_parts\r\n")
+    assert b"Subject: not a report" in kept.read_bytes() and b"QUFB" not in kept.read_bytes()
+    # And a real report right after is read and mapped as ever.
+    event_id = str(uuid.uuid4())
+    rcpt = make_return_path(event_id, KEY, DOMAIN)
+    await send(listener, dsn_for(event_id, "gone@example.org"), rcpt)
+    assert (recorder.seen[-1].event_id, recorder.seen[-1].mapped_by) == (event_id, MappedBy.VERP)
+
+
 async def test_review_files_are_deleted_after_review_days(
     recorder: Recorder, tmp_path: Path
 ) -> None:

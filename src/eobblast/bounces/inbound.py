@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from eobblast.bounces.dsn import BounceKind, ParsedBounce, parse_bounce
+from eobblast.bounces.dsn import TOO_MANY_PARTS, BounceKind, ParsedBounce, parse_bounce
 from eobblast.bounces.rules import BounceRules
 from eobblast.bounces.verp import VerpKey, read_return_path
 
@@ -43,6 +43,8 @@ class ReviewReason(enum.StrEnum):
 
     UNREADABLE = "unreadable"
     NOT_RECOGNISED = "not_recognised"
+    # More MIME parts than any report has: not read, only its top headers kept.
+    TOO_MANY_PARTS = "too_many_parts"
     UNMAPPED = "unmapped"
     # About a notice the bounce store no longer knows (purged): where it went is unknown,
     # so no address in the report is acted on.
@@ -82,6 +84,8 @@ class InboundBounce:
         if kind is BounceKind.UNKNOWN:
             if self.parsed.problem == "unreadable message":
                 return ReviewReason.UNREADABLE
+            if self.parsed.problem == TOO_MANY_PARTS:
+                return ReviewReason.TOO_MANY_PARTS
             return ReviewReason.NOT_RECOGNISED
         if kind is BounceKind.AUTOREPLY:
             return None  # the notice was delivered: nothing to do, nothing to read

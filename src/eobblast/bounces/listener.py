@@ -38,6 +38,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from prometheus_client import Counter
 
 from eobblast._net import is_loopback
+from eobblast.bounces.dsn import read_mime
 from eobblast.bounces.inbound import BounceHandler, ReviewReason
 from eobblast.errors import ConfigError
 from eobblast.observe.metrics import REGISTRY
@@ -97,7 +98,7 @@ def without_notice_bodies(content: bytes) -> bytes:
     """
     cut = _NOTICE_BODY.sub(REDACTED, content)
     try:
-        message = email.message_from_bytes(cut, policy=email.policy.compat32)
+        message = read_mime(cut)  # TooManyParts: no report, its top headers are kept
         changed = _redact_part(message)
         kept = message.as_bytes(policy=email.policy.compat32.clone(linesep="\r\n"))
         if not changed:
