@@ -320,3 +320,17 @@ def test_huge_headers_and_bodies_are_bounded() -> None:
     assert time.perf_counter() - start < 60.0
     assert result.is_bounce is True
     assert len(result.recipients) <= 100
+
+
+def test_a_notice_of_one_long_line_of_addresses_is_read_in_linear_time() -> None:
+    # Quoted-printable soft line breaks join 1.8 MB into one line: each of its addresses
+    # searched the whole line for a Message-ID, 30 s for one message (once per recipient).
+    lines = b"see user@example.com 550 5.1.1 =\r\n" * 50_000
+    raw = (
+        b"From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail\r\n"
+        b"Content-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n" + lines
+    )
+    started = time.perf_counter()
+    parsed = parse_bounce(raw, envelope_to="bounces+x@bounce.test")
+    assert [r.address for r in parsed.recipients] == ["user@example.com"]
+    assert time.perf_counter() - started < 10  # generous: linear is well under 1 s

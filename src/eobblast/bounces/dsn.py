@@ -1248,6 +1248,9 @@ def _clip(text: str | None) -> str | None:
     return text[:MAX_DIAGNOSTIC] or None
 
 
+_LINE_REACH = 1000  # RFC 5322's line limit: more of a line says nothing more
+
+
 def _mentioned(text: str, excluded: set[str]) -> list[str]:
     """Addresses named in a notice that can be failed recipients, in order of appearance."""
     found: list[str] = []
@@ -1257,9 +1260,13 @@ def _mentioned(text: str, excluded: set[str]) -> list[str]:
         local = match[1].strip('"')
         if _norm(address) in excluded or _NOT_A_RECIPIENT.match(local) or local[:1] in "/|":
             continue
-        line_start = text.rfind("\n", 0, match.start()) + 1
-        line_end = text.find("\n", match.end())
-        line = text[line_start : line_end if line_end >= 0 else len(text)]
+        # At most _LINE_REACH either side: a notice of one megabyte-long line (soft line
+        # breaks joined) would have each of its thousands of addresses search all of it.
+        start, end = match.start(), match.end()
+        line_start = text.rfind("\n", max(0, start - _LINE_REACH), start) + 1
+        line_start = max(line_start, start - _LINE_REACH)
+        line_end = text.find("\n", end, end + _LINE_REACH)
+        line = text[line_start : line_end if line_end >= 0 else end + _LINE_REACH]
         if _ID_LINE.search(line):
             continue
         before = " ".join(text[max(0, match.start() - 40) : match.start()].split())
