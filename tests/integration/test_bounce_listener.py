@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import datetime as dt
 import email
@@ -67,8 +68,10 @@ class Recorder:
     def __init__(self) -> None:
         self.seen: list[InboundBounce] = []
         self.fail = False
+        self.called = asyncio.Event()  # set at the first message handed over
 
     async def __call__(self, raw: bytes, envelope_to: str) -> InboundBounce:
+        self.called.set()
         if self.fail:
             raise ConnectionError("store down")
         inbound = await read_bounce(raw, envelope_to, keys=[KEY], bounce_domain=DOMAIN)
@@ -394,6 +397,45 @@ async def test_a_message_of_thousands_of_parts_goes_to_review_unread(
     rcpt = make_return_path(event_id, KEY, DOMAIN)
     await send(listener, dsn_for(event_id, "gone@example.org"), rcpt)
     assert (recorder.seen[-1].event_id, recorder.seen[-1].mapped_by) == (event_id, MappedBy.VERP)
+
+
+def slow_to_read(size: int) -> bytes:
+    """A report of one quoted-printable part, its soft line breaks making one long line of
+    addresses: a few parts, under the size limit, yet a while for the parser."""
+    line = b"see user@example.com 550 5.1.1 =\r\n"
+    return (
+        b"From: MAILER-DAEMON@mx.example.net\r\nSubject: Undelivered Mail\r\n"
+        b"Content-Type: multipart/report; report-type=delivery-status; boundary=r\r\n\r\n"
+        b"--r\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\n"
+        + line * (size // len(line))
+        + b"\r\n--r--\r\n"
+    )
+
+
+async def test_a_slow_message_does_not_hold_up_the_next_report(
+    listener: BounceListener, recorder: Recorder
+) -> None:
+    # The parse ran on the event loop: while one message was read (once per recipient),
+    # no other MTA got an answer, and the store's connections waited too.
+    rcpts = [make_return_path(f"ev-slow-{n}", KEY, DOMAIN) for n in range(4)]
+
+    async def send_slow() -> None:
+        async with aiosmtplib.SMTP(hostname=HOST, port=listener.port, timeout=120) as smtp:
+            await smtp.sendmail("", rcpts, slow_to_read(1_200_000))
+
+    slow = asyncio.create_task(send_slow())
+    try:
+        await asyncio.wait_for(recorder.called.wait(), 30)
+        event_id = str(uuid.uuid4())
+        await send(
+            listener, dsn_for(event_id, "gone@example.org"), make_return_path(event_id, KEY, DOMAIN)
+        )
+        # Answered while the slow one is still being read, not after it.
+        assert not slow.done()
+        assert event_id in [i.event_id for i in recorder.seen]
+    finally:
+        await slow
+    assert len(recorder.seen) == len(rcpts) + 1
 
 
 async def test_review_files_are_deleted_after_review_days(

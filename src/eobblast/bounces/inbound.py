@@ -10,6 +10,7 @@ path), so the service acts on a report only for the address its notice was sent 
 
 from __future__ import annotations
 
+import asyncio
 import enum
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
@@ -105,7 +106,9 @@ async def read_bounce(
     rules: BounceRules | None = None,
 ) -> InboundBounce:
     """Parse one message and find its event; never raises for what the message contains."""
-    parsed = parse_bounce(raw, envelope_to=envelope_to, rules=rules)
+    # Off the event loop: a large message takes the parser a while, and the loop serves
+    # every other SMTP session and the store's connections meanwhile.
+    parsed = await asyncio.to_thread(parse_bounce, raw, envelope_to=envelope_to, rules=rules)
     keys = tuple(keys)
     candidates = dict.fromkeys((envelope_to, *parsed.original_headers.verp_candidates))
     for candidate in candidates:

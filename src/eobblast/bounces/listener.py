@@ -434,7 +434,8 @@ class BounceListener:
         self._review_count += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{next(self._seq)}.{reason}"
         header = f"X-EOB-Review-Reason: {reason}\r\n".encode()
-        kept = without_notice_bodies(content)
+        # Off the event loop, as the parse is: cutting a large report takes a while.
+        kept = await asyncio.to_thread(without_notice_bodies, content)
         if len(kept) > MAX_REVIEW_BYTES:
             header += f"X-EOB-Review-Truncated: {len(kept)} bytes\r\n".encode()
             kept = kept[:MAX_REVIEW_BYTES]
