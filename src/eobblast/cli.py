@@ -632,6 +632,7 @@ def bounces(config_path: Path | None, host: str | None, port: int | None) -> Non
                 tls_context=context,
                 review_days=settings.review_days,
                 review_max_messages=settings.review_max_messages,
+                data_size_limit=settings.max_message_bytes,
             )
             # The port taken before the broker is waited for (a port in use is said at
             # once), served once the producer can publish what the handler finds.

@@ -375,6 +375,9 @@ class BouncesConfig:
     # At most this many reports wait for review (a flood of junk must not fill the disk);
     # past it the listener answers 452 and the sender keeps the report and retries.
     review_max_messages: int = 10_000
+    # The listener refuses larger messages (552). Reports are a few KiB, one returning a
+    # whole notice (a receiver that ignores RET=HDRS) tens; junk this size costs a parse.
+    max_message_bytes: int = 2 * 1024 * 1024
     # `eobblast bounces` serves its metrics here, on [metrics] address (0: none).
     metrics_port: int = 0
     # STARTTLS for the listener: a certificate chain and its key (unencrypted PEM), both or
@@ -397,6 +400,7 @@ class BouncesConfig:
         _check_ranges(
             "bounces",
             self,
+            whole=("max_message_bytes",),
             positive=("tick_interval", "send_lease_seconds"),
             ports=("listen_port", "metrics_port"),
         )

@@ -502,6 +502,7 @@ async def run_demo(
             bounce_domain=listener_config.bounces.bounce_domain,
             review_dir=listener_config.bounces.review_dir,
             prefix=listener_config.bounces.verp_prefix,
+            data_size_limit=listener_config.bounces.max_message_bytes,
         )
         try:
             async with Sandbox(

@@ -360,7 +360,7 @@ async def test_a_message_is_parsed_for_at_most_ten_recipients(
 async def test_a_large_report_kept_for_review_is_cut_to_size(
     listener: BounceListener, recorder: Recorder
 ) -> None:
-    junk = b"Subject: hello\r\n\r\n" + b"just chatting, at length\r\n" * 200_000
+    junk = b"Subject: hello\r\n\r\n" + b"just chatting, at length\r\n" * 60_000
     await send(listener, junk, "bounces+" + "d" * 30 + "@" + DOMAIN)
     [kept] = review_files(listener)
     data = kept.read_bytes()
@@ -436,6 +436,21 @@ async def test_a_slow_message_does_not_hold_up_the_next_report(
     finally:
         await slow
     assert len(recorder.seen) == len(rcpts) + 1
+
+
+async def test_a_message_over_the_size_limit_is_refused(recorder: Recorder, tmp_path: Path) -> None:
+    # Reports are a few KiB (tens, returning a whole notice); ten megabytes of junk cost a
+    # parse each. 552: the sender knows it was refused, nothing is taken and lost.
+    big = b"Subject: big\r\n\r\n" + (b"x" * 78 + b"\r\n") * 40_000  # 3.2 MB
+    async with new_listener(recorder, tmp_path / "review") as listener:
+        with pytest.raises(aiosmtplib.SMTPResponseException) as refused:
+            await send(listener, big, make_return_path("ev-big", KEY, DOMAIN))
+        assert refused.value.code == 552
+    assert recorder.seen == []
+    # `[bounces] max_message_bytes` sets it.
+    async with new_listener(recorder, tmp_path / "r2", data_size_limit=4_000_000) as listener:
+        await send(listener, big, make_return_path("ev-big", KEY, DOMAIN))
+    assert len(recorder.seen) == 1
 
 
 async def test_review_files_are_deleted_after_review_days(

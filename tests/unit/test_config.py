@@ -95,6 +95,7 @@ def test_hole_settle_defaults_to_reading_holes_again_and_zero_turns_it_off() -> 
         ("[protection]\ntls_sync_seconds = 0\n", r"protection\.tls_sync_seconds"),
         ("[bounces]\nreview_days = 0\n", r"bounces\.review_days"),
         ("[bounces]\nreview_max_messages = 0\n", r"bounces\.review_max_messages: expected"),
+        ("[bounces]\nmax_message_bytes = 0\n", r"bounces\.max_message_bytes: expected"),
         ("[bounces]\ntls_cert = '/etc/b.pem'\n", r"bounces\.tls_cert and bounces\.tls_key"),
         ("[bounces]\ntls_key = '/etc/b.key'\n", r"bounces\.tls_cert and bounces\.tls_key"),
         ("[kafka]\nmax_poll_interval_ms = 500\n", r"kafka\.max_poll_interval_ms"),

@@ -58,7 +58,9 @@ BOUNCE_MESSAGES = Counter(
     registry=REGISTRY,
 )
 
-DEFAULT_DATA_LIMIT = 10 * 1024 * 1024
+# `[bounces] max_message_bytes`'s default: reports are small, and a stranger's large
+# message costs the listener a parse (and a cut, for the review pile).
+DEFAULT_DATA_LIMIT = 2 * 1024 * 1024
 MAX_RECIPIENTS = 10
 # What a review file keeps of one report (its headers, the delivery status and the returned
 # headers fit many times over): a flood of large junk cannot fill the disk.
@@ -465,6 +467,7 @@ async def serve_bounces(
     tls_context: ssl.SSLContext | None = None,
     review_days: float = DEFAULT_REVIEW_DAYS,
     review_max_messages: int = DEFAULT_MAX_REVIEW,
+    data_size_limit: int = DEFAULT_DATA_LIMIT,
 ) -> BounceListener:
     """Start a bounce listener on the running loop; the caller stops it."""
     listener = BounceListener(
@@ -477,6 +480,7 @@ async def serve_bounces(
         tls_context=tls_context,
         review_days=review_days,
         review_max_messages=review_max_messages,
+        data_size_limit=data_size_limit,
     )
     await listener.start()
     return listener
