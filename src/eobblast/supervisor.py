@@ -19,7 +19,6 @@ from pathlib import Path
 
 from eobblast.config import Config
 from eobblast.observe.metrics import SupervisorMetrics
-from eobblast.worker import stop_budget
 
 log = logging.getLogger("eobblast.supervisor")
 # A worker that dies sooner than this after starting counts as crash-looping.
@@ -235,6 +234,10 @@ class Supervisor:
             if process.is_alive():
                 process.terminate()  # SIGTERM: the worker drains and commits
         # As long as a worker's drain may last: killed sooner, its last commit is lost.
+        # Imported here: the worker's modules (Kafka client, pipeline) load in the workers,
+        # not in the supervisor or in `eobblast check`, which asks it for a worker count.
+        from eobblast.worker import stop_budget
+
         deadline = time.monotonic() + stop_budget(self._config.workers.grace_period)
         for process in processes:
             remaining = max(0.0, deadline - time.monotonic())

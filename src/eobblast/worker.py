@@ -1173,17 +1173,7 @@ class Worker:
                 return await self._republish(entry, None, info)
         position = SourcePosition(topic=tp.topic, partition=tp.partition, offset=record.offset)
         failed = EventOutcome(event_id, Outcome.FAILED, ReasonCode.INTERNAL_ERROR, 0.0)
-        if not info.parked:
-            await self._park(
-                record.value,
-                record.key,
-                position,
-                ReasonCode.INTERNAL_ERROR,
-                None,
-                event_id=event_id,
-            )
-            info.parked = True
-            self._pipeline.observe(failed)
+        await self._park_once(failed, record.value, record.key, position, info)
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
         await self._publish_status(failed, event_id or fallback_key, 1, None, info)
         return True
@@ -1350,12 +1340,7 @@ class Worker:
         source_ms: int | None,
         info: _InFlight,
     ) -> bool:
-        if not info.parked:
-            await self._park(
-                value, key, position, outcome.reason, outcome.field, event_id=outcome.event_id
-            )
-            info.parked = True
-            self._pipeline.observe(outcome)
+        await self._park_once(outcome, value, key, position, info)
         # A bad copy (no key, or failing validation) of an event another copy settled: its
         # status stands, a rejection under the same event id would contradict it.
         if outcome.event_id is not None and await self._reported_by_another_copy(
@@ -1365,6 +1350,22 @@ class Worker:
         fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
         await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms, info)
         return True
+
+    async def _park_once(
+        self,
+        outcome: EventOutcome,
+        value: bytes | None,
+        key: bytes | None,
+        position: SourcePosition,
+        info: _InFlight,
+    ) -> None:
+        """Park the record and count its outcome, unless an earlier attempt did."""
+        if not info.parked:
+            await self._park(
+                value, key, position, outcome.reason, outcome.field, event_id=outcome.event_id
+            )
+            info.parked = True
+            self._pipeline.observe(outcome)
 
     async def _park(
         self,

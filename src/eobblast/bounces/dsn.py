@@ -33,6 +33,7 @@ from eobblast.bounces.rules import BounceRules
 
 __all__ = [
     "TOO_MANY_PARTS",
+    "UNREADABLE",
     "BounceKind",
     "FailedRecipient",
     "ParsedBounce",
@@ -55,6 +56,7 @@ MAX_RECIPIENTS = 100
 MAX_MIME_PARTS = 100
 # ParsedBounce.problem of such a message.
 TOO_MANY_PARTS = "too many MIME parts"
+UNREADABLE = "unreadable message"
 
 
 class BounceKind(enum.StrEnum):
@@ -127,16 +129,23 @@ def parse_bounce(
     """Read one message from the bounce listener; never raises."""
     try:
         return _parse(raw, envelope_to, rules)
+    except TooManyParts:
+        return _unread(envelope_to, TOO_MANY_PARTS)
     except Exception:  # the contract is "never raises"; the shell parks it
-        return ParsedBounce(
-            kind=BounceKind.UNKNOWN,
-            is_bounce=None,
-            original_headers=ReturnedHeaders(
-                envelope_to=envelope_to, verp_candidates=(envelope_to,) if envelope_to else ()
-            ),
-            needs_review=True,
-            problem="unreadable message",
-        )
+        return _unread(envelope_to, UNREADABLE)
+
+
+def _unread(envelope_to: str | None, problem: str) -> ParsedBounce:
+    """A message not read to the end, for a person to look at."""
+    return ParsedBounce(
+        kind=BounceKind.UNKNOWN,
+        is_bounce=None,
+        original_headers=ReturnedHeaders(
+            envelope_to=envelope_to, verp_candidates=(envelope_to,) if envelope_to else ()
+        ),
+        needs_review=True,
+        problem=problem,
+    )
 
 
 # --------------------------------------------------------------------------- parsing
@@ -165,18 +174,7 @@ def read_mime(data: bytes, *, policy: Policy = email.policy.compat32) -> Message
 def _parse(raw: bytes | str, envelope_to: str | None, rules: BounceRules | None) -> ParsedBounce:
     data = raw.encode("utf-8", "surrogateescape") if isinstance(raw, str) else bytes(raw)
     data = data[:MAX_INPUT]
-    try:
-        msg = _repair_boundary(_message_from_bytes(data))
-    except TooManyParts:
-        return ParsedBounce(
-            kind=BounceKind.UNKNOWN,
-            is_bounce=None,
-            original_headers=ReturnedHeaders(
-                envelope_to=envelope_to, verp_candidates=(envelope_to,) if envelope_to else ()
-            ),
-            needs_review=True,
-            problem=TOO_MANY_PARTS,
-        )
+    msg = _repair_boundary(_message_from_bytes(data))
     parts = list(_walk(msg))
     reader = _Reader(msg, parts, envelope_to, rules)
     return reader.read()

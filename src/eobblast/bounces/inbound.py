@@ -16,7 +16,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
-from eobblast.bounces.dsn import TOO_MANY_PARTS, BounceKind, ParsedBounce, parse_bounce
+from eobblast.bounces.dsn import (
+    TOO_MANY_PARTS,
+    UNREADABLE,
+    BounceKind,
+    ParsedBounce,
+    parse_bounce,
+)
 from eobblast.bounces.rules import BounceRules
 from eobblast.bounces.verp import VerpKey, read_return_path
 
@@ -83,7 +89,7 @@ class InboundBounce:
         """Why a person should look at it, or None."""
         kind = self.parsed.kind
         if kind is BounceKind.UNKNOWN:
-            if self.parsed.problem == "unreadable message":
+            if self.parsed.problem == UNREADABLE:
                 return ReviewReason.UNREADABLE
             if self.parsed.problem == TOO_MANY_PARTS:
                 return ReviewReason.TOO_MANY_PARTS

@@ -1029,10 +1029,8 @@ class PostgresBounceStore(BounceStore):
     ) -> AsyncIterator[None]:
         import psycopg
 
-        locks = sorted(
-            {(_PG_MEMBER_LOCKS, m) for m in member_ids}
-            | {(_PG_ADDRESS_LOCKS, k) for k in address_keys}
-        )
+        locks = [(_PG_MEMBER_LOCKS, m) for m in member_ids]
+        locks += [(_PG_ADDRESS_LOCKS, k) for k in address_keys]
         try:
             async with self._conn.transaction():
                 # One order for every transaction (the statement sorts the locks), so

@@ -748,18 +748,7 @@ async def purge_and_record(
     """Delete expired items and record each in the audit trail; returns how many."""
     purged = await escrow.purge_expired_items(now)
     for item in purged:
-        await audit.append(
-            AuditRecord(
-                item.event_id,
-                AuditAction.PORTAL_EXPIRED_PURGED,
-                actor,
-                now,
-                member_ref=item.member_ref,
-                protection=PORTAL_PROTECTION,
-                reason=item.final_state,
-                item_id=item.item_id,
-            )
-        )
+        await audit.append(item.audit_record(actor, now, item.final_state))
     if purged:
         log.info("portal purged expired items", extra={"count": len(purged)})
     return len(purged)

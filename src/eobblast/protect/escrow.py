@@ -354,6 +354,25 @@ class PurgedItem:
     member_ref: str
     final_state: str  # "picked_up" | "locked" | "unopened"
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> PurgedItem:
+        """From a DELETE ... RETURNING item_id, event_id, member_ref, locked, picked_up_at."""
+        return cls(str(row[0]), str(row[1]), str(row[2]), _final_state(row[3], row[4]))
+
+    def audit_record(self, actor: str, at: dt.datetime, reason: str) -> AuditRecord:
+        """Its `portal_expired_purged` record: `reason` is the state it ended in, or why it
+        went before its time."""
+        return AuditRecord(
+            self.event_id,
+            AuditAction.PORTAL_EXPIRED_PURGED,
+            actor,
+            at,
+            member_ref=self.member_ref,
+            protection=PORTAL_PROTECTION,
+            reason=reason,
+            item_id=self.item_id,
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Escrowed:
@@ -574,10 +593,7 @@ class EscrowStore(abc.ABC):
         return Escrowed(
             item_id,
             token,
-            tuple(
-                PurgedItem(str(r[0]), str(r[1]), str(r[2]), _final_state(r[3], r[4]))
-                for r in revoked
-            ),
+            tuple(map(PurgedItem.from_row, revoked)),
         )
 
     async def status(self, token: str, now: dt.datetime) -> LinkStatus:
@@ -630,10 +646,7 @@ class EscrowStore(abc.ABC):
 
     async def purge_expired_items(self, now: dt.datetime) -> list[PurgedItem]:
         """Delete every item whose time is up; returns what was deleted, for the audit."""
-        return [
-            PurgedItem(str(r[0]), str(r[1]), str(r[2]), _final_state(r[3], r[4]))
-            for r in await self._delete_expired(_epoch(now))
-        ]
+        return list(map(PurgedItem.from_row, await self._delete_expired(_epoch(now))))
 
     @abc.abstractmethod
     async def ping(self) -> None:
@@ -972,18 +985,7 @@ async def escrow_eob(
         raise
     for revoked in escrowed.revoked:
         try:
-            await audit.append(
-                AuditRecord(
-                    revoked.event_id,
-                    AuditAction.PORTAL_EXPIRED_PURGED,
-                    actor,
-                    when,
-                    member_ref=revoked.member_ref,
-                    protection=PORTAL_PROTECTION,
-                    reason=SUPERSEDED,
-                    item_id=revoked.item_id,
-                )
-            )
+            await audit.append(revoked.audit_record(actor, when, SUPERSEDED))
         except Exception:
             # The revocation stands (the item is gone) and the new item is recorded; a
             # gap in the trail must not fail a notice that is ready to go.

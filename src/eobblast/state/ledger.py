@@ -257,16 +257,12 @@ class SendLedger(abc.ABC):
         return Claim(ClaimKind.RETRY, entry)
 
 
-class SqliteLedger(SendLedger):
-    """The ledger in one SQLite file (WAL), shared by the worker processes of one machine.
+class _GroupedLedger(SendLedger):
+    """A store's ledger whose concurrent claims, and outcomes, share one transaction per
+    batch (GroupCommit): a worker keeps dozens of events in flight, and a transaction
+    each would cost a commit (on PostgreSQL a WAL flush and round trips) per event."""
 
-    Statements are tiny single-row writes that finish in microseconds, so they run on the
-    event loop's thread; a write waits for another process's lock with the loop running
-    (`begin_immediate`).
-    """
-
-    def __init__(self, path: Path) -> None:
-        self._db = open_sqlite(path, [_SCHEMA, _FINAL_INDEX, _OLD_INDEX])
+    def __init__(self) -> None:
         self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
         self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
@@ -278,6 +274,27 @@ class SqliteLedger(SendLedger):
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
         """Record the final outcome of an event (shared transaction, as claims)."""
         await self._finishes.submit((event_id, outcome, reason))
+
+    @abc.abstractmethod
+    async def _claim_many(self, items: Sequence[tuple[str, str, bool]]) -> list[Claim]:
+        """Claims (event id, owner, retry_deferred) in one transaction, answered in order."""
+
+    @abc.abstractmethod
+    async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
+        """Outcomes (event id, outcome, reason) in one transaction."""
+
+
+class SqliteLedger(_GroupedLedger):
+    """The ledger in one SQLite file (WAL), shared by the worker processes of one machine.
+
+    Statements are tiny single-row writes that finish in microseconds, so they run on the
+    event loop's thread; a write waits for another process's lock with the loop running
+    (`begin_immediate`).
+    """
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._db = open_sqlite(path, [_SCHEMA, _FINAL_INDEX, _OLD_INDEX])
 
     def _claim_row(self, event_id: str, owner: str, retry_deferred: bool) -> Claim:
         db = self._db
@@ -363,16 +380,13 @@ class SqliteLedger(SendLedger):
         self._db.close()
 
 
-class PostgresLedger(SendLedger):
+class PostgresLedger(_GroupedLedger):
     """The ledger in PostgreSQL, for workers that span machines."""
 
     def __init__(self, conn: Any) -> None:
+        super().__init__()
         self._conn = conn
         self._lock = asyncio.Lock()
-        # As on SQLite, concurrent claims and finishes share a transaction: each of its own
-        # would cost the server a commit (a WAL flush) and the worker a round trip or three.
-        self._claims: GroupCommit[tuple[str, str, bool], Claim] = GroupCommit(self._claim_many)
-        self._finishes: GroupCommit[tuple[str, str, str], None] = GroupCommit(self._finish_many)
 
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
@@ -381,11 +395,6 @@ class PostgresLedger(SendLedger):
             dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _FINAL_INDEX, _OLD_INDEX]
         )
         return cls(conn)
-
-    async def claim(self, event_id: str, owner: str, *, retry_deferred: bool = False) -> Claim:
-        """Claim an event for sending by `owner` (in a transaction shared with concurrent
-        claims)."""
-        return await self._claims.submit((event_id, owner, retry_deferred))
 
     async def _claim_many(self, items: Sequence[tuple[str, str, bool]]) -> list[Claim]:
         # The common case, events new to the ledger, in one statement; the rest (and a
@@ -426,10 +435,6 @@ class PostgresLedger(SendLedger):
         elif claim.kind is ClaimKind.NEW:  # a row that sent nothing, taken from the start
             await self._conn.execute(_PG_RESTART, (owner, event_id))
         return claim
-
-    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
-        """Record the final outcome of an event (shared transaction, as claims)."""
-        await self._finishes.submit((event_id, outcome, reason))
 
     async def _finish_many(self, items: Sequence[tuple[str, str, str]]) -> list[None]:
         # One row may take one change per statement: an event finished twice in a batch
