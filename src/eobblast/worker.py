@@ -1147,6 +1147,7 @@ class Worker:
         the bug is fixed, and reported failed.
         """
         info.stage = "give_up"
+        metrics.RECORDS_GIVEN_UP.inc()
         log.error(
             "record failed the same way %d times; given up",
             GIVE_UP_AFTER,

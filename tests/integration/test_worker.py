@@ -801,6 +801,7 @@ async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_
     monkeypatch.setattr(worker_module, "status_record", failing_with_a_source_time)
     monkeypatch.setattr(worker_module, "backoff_delay", lambda attempt, **_: 0.05)
     caplog.set_level(logging.ERROR, logger="eobblast")
+    given_up_before = _sample("eobblast_records_given_up_total")
     (value,) = stack.events(1, seed=24)
     await stack.publish([value, b"not json"], keys=[member_key(value), b"M-unreadable"])
     config = stack.config()
@@ -819,6 +820,8 @@ async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_
     assert [DeadLetter.model_validate_json(v).reason for _, v in letters] == ["invalid_json"]
     given_up = [r for r in caplog.records if "given up" in r.getMessage()]
     assert [getattr(r, "error", None) for r in given_up] == ["ValueError", "ValueError"]
+    # Counted, whatever status they went out with: what EobblastRecordsGivenUp pages on.
+    assert _sample("eobblast_records_given_up_total") == given_up_before + 2
     ends = await _end_offsets(stack.broker.bootstrap, stack.events_topic)
     committed = await _committed_offsets(
         stack.broker.bootstrap, config.kafka.group_id, stack.events_topic, list(ends)

@@ -120,6 +120,12 @@ DUPLICATES = Counter(
     "Redelivered or republished events that the send ledger stopped from being sent twice.",
     registry=REGISTRY,
 )
+RECORDS_GIVEN_UP = Counter(
+    "eobblast_records_given_up",
+    "Records a worker gave up after failing the same way in eobblast itself again and"
+    " again (a bug, not an outage), so their partitions could move on.",
+    registry=REGISTRY,
+)
 AUDIT_GAPS = Counter(
     "eobblast_audit_write_failures",
     "Audit records that could not be written: of delivered or held notices, releases,"
