@@ -200,7 +200,8 @@ def postgres_schema(base_url: str, name: str) -> Iterator[str]:
     with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as conn:
         conn.execute(f"CREATE SCHEMA {name}")
     try:
-        yield f"{base_url}?options=-csearch_path%3D{name}"
+        query = "&" if "?" in base_url else "?"  # the URL may have its own (sslmode=...)
+        yield f"{base_url}{query}options=-csearch_path%3D{name}"
     finally:
         with psycopg.connect(base_url, autocommit=True, connect_timeout=5) as conn:
             conn.execute(f"DROP SCHEMA {name} CASCADE")

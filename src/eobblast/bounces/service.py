@@ -381,7 +381,8 @@ class DsnReport:
             self.passed_over
             or (not self.results and (parsed.is_bounce or parsed.kind is BounceKind.FEEDBACK))
         ):
-            # Mapped to a notice, yet it changed nothing: a person decides, nothing is lost.
+            # Mapped to a notice, yet it changed nothing, or not all it named: a person
+            # decides, nothing is lost.
             return self.inbound.review_reason or ReviewReason.NOT_ACTED_ON
         return self.inbound.review_reason
 
@@ -1143,13 +1144,15 @@ class BounceService:
         parsed = inbound.parsed
         if event_id is None or not parsed.is_bounce:
             return DsnReport(inbound)
+        # What a report about a notice the store no longer knows comes to: a person looks.
+        unknown = BounceOutcome(event_id, Outcome.FAILED, BounceReason.UNKNOWN_EVENT)
+        forgotten = (DsnResult(event_id, parsed.category, True, unknown),)
         member_id = (await self.store.members_of([event_id])).get(event_id)
         if member_id is None:
             # Even when the VERP address is ours (it never expires, and every recipient of a
             # notice holds one), nothing says where a forgotten notice went: the addresses
             # the report names cannot be checked, so a person looks and nothing is suppressed.
-            outcome = BounceOutcome(event_id, Outcome.FAILED, BounceReason.UNKNOWN_EVENT)
-            return DsnReport(inbound, (DsnResult(event_id, parsed.category, True, outcome),))
+            return DsnReport(inbound, forgotten)
         # A VERP address proves the report is about our message; a returned header does not.
         verp = inbound.mapped_by is MappedBy.VERP
         reports = [
@@ -1162,7 +1165,7 @@ class BounceService:
         async def body(work: _Work) -> tuple[tuple[DsnResult, ...], int]:
             eob = work.eob(event_id)
             if eob is None:
-                return (), len(reports)  # forgotten meanwhile: as above, a person looks
+                return forgotten, 0  # forgotten meanwhile: as above, a person looks
             targets: list[tuple[str, BounceCategory, bool]] = []
             passed_over = 0
             current = address_key(eob.address)
