@@ -45,6 +45,16 @@ def throwaway_pg_schema(prefix: str) -> Iterator[str]:
             conn.execute(f"DROP SCHEMA {schema} CASCADE")
 
 
+def drop_store_connection(store: Any) -> None:
+    """End a PostgreSQL store's connection from the server's side (a restart, a network
+    break): that one only, never another test's that runs alongside under the same
+    application name."""
+    pid = store._conn._conn.info.backend_pid
+    with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as admin:
+        row = admin.execute("SELECT pg_terminate_backend(%s)", (pid,)).fetchone()
+    assert row is not None and row[0], "the store's backend was not there to end"
+
+
 @pytest.fixture(scope="module")
 def pg_schema(request: pytest.FixtureRequest) -> Iterator[str]:
     """A throwaway PostgreSQL schema for one test module, named after it."""

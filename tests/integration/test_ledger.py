@@ -21,7 +21,7 @@ from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger, post
 from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.ledger import AGAIN, CLAIM_LEASE, SQLITE_PURGE
 from eobblast.state.postgres import libpq_reason
-from tests.conftest import PG_BASE
+from tests.conftest import PG_BASE, drop_store_connection
 
 
 @pytest.fixture
@@ -512,12 +512,7 @@ async def test_a_postgresql_store_comes_back_after_its_connection_was_dropped(
     first, second = _id(), _id()
     try:
         assert (await ledger.claim(first, "w1")).kind is ClaimKind.NEW
-        with psycopg.connect(PG_BASE, autocommit=True) as admin:
-            dropped = admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'eobblast ledger' AND pid <> pg_backend_pid()"
-            ).fetchall()
-        assert dropped and all(ok for (ok,) in dropped)
+        drop_store_connection(ledger)
         with pytest.raises(psycopg.OperationalError):
             await ledger.claim(second, "w1")
         assert (await ledger.claim(second, "w1")).kind is ClaimKind.NEW
@@ -658,11 +653,7 @@ async def test_a_postgresql_ledger_connection_limits_its_waits_and_keeps_them_wh
         assert await limits() == ("10s", "30s")
         params = conn._conn.info.get_parameters()
         assert params["keepalives"] == "1" and params["tcp_user_timeout"] == "30000", params
-        with psycopg.connect(PG_BASE, autocommit=True) as admin:
-            admin.execute(
-                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-                " WHERE application_name = 'eobblast ledger' AND pid <> pg_backend_pid()"
-            )
+        drop_store_connection(ledger)
         with pytest.raises(psycopg.OperationalError):
             await ledger.claim(_id(), "w1")
         assert await limits() == ("10s", "30s")

@@ -55,7 +55,7 @@ from eobblast.protect.escrow import (
 )
 from eobblast.protect.services import ProtectionServices
 from eobblast.render.mime import Renderer
-from tests.conftest import PG_BASE, service_logging, throwaway_pg_schema
+from tests.conftest import drop_store_connection, service_logging, throwaway_pg_schema
 from tests.kafka_fixtures import free_port
 
 REF_KEY = b"member-ref-key-for-tests-only-32"
@@ -1059,16 +1059,6 @@ async def test_concurrent_appends_share_a_commit_on_postgresql(pg_url: str) -> N
     assert records == 40 and transactions <= 2, transactions
 
 
-def _drop_audit_connection() -> None:
-    """The server (or the network) drops the audit trail's connection."""
-    with psycopg.connect(PG_BASE, autocommit=True) as admin:
-        dropped = admin.execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
-            " WHERE application_name = 'eobblast audit trail' AND pid <> pg_backend_pid()"
-        ).fetchall()
-    assert dropped and all(ok for (ok,) in dropped)
-
-
 async def test_a_batch_of_appends_outlives_a_dropped_connection_on_postgresql(
     pg_url: str,
 ) -> None:
@@ -1081,14 +1071,14 @@ async def test_a_batch_of_appends_outlives_a_dropped_connection_on_postgresql(
         return [AuditRecord(f"evt-{name}{n}", AuditAction.SENT, "worker-1", NOW) for n in range(10)]
 
     try:
-        _drop_audit_connection()  # while idle: the batch's BEGIN finds it
+        drop_store_connection(audit)  # while idle: the batch's BEGIN finds it
         await asyncio.gather(*(audit.append(r) for r in batch("idle")))
         async with await psycopg.AsyncConnection.connect(pg_url) as blocker:
             # Dropped while its INSERTs wait (for a long read, say).
             await blocker.execute("LOCK TABLE audit_trail IN SHARE MODE")
             appends = asyncio.gather(*(audit.append(r) for r in batch("busy")))
             await asyncio.sleep(0.5)
-            _drop_audit_connection()
+            drop_store_connection(audit)
             await asyncio.sleep(0.2)
             await blocker.rollback()
         async with asyncio.timeout(10):
