@@ -210,8 +210,7 @@ class LedgerConfig:
     retention_days: float = 90.0
 
     def __post_init__(self) -> None:
-        if self.retention_days < 0:
-            raise ConfigError("ledger.retention_days: expected a number >= 0")
+        _check_ranges("ledger", self, not_negative=("retention_days",))
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,8 +256,7 @@ class ProtectionConfig:
     tls_sync_seconds: float = 5.0
 
     def __post_init__(self) -> None:
-        if not self.tls_sync_seconds > 0:
-            raise ConfigError("protection.tls_sync_seconds: expected a number > 0")
+        _check_ranges("protection", self, positive=("tls_sync_seconds",))
 
 
 # [portal] bounds: (least, most).
@@ -307,9 +305,7 @@ class PortalConfig:
         ):
             if not least <= getattr(self, name) <= most:
                 raise ConfigError(f"portal.{name}: expected a whole number from {least} to {most}")
-        for name in ("listen_port", "metrics_port"):
-            if not 0 <= getattr(self, name) <= 65535:
-                raise ConfigError(f"portal.{name}: expected a port from 0 to 65535")
+        _check_ranges("portal", self, ports=("listen_port", "metrics_port"))
         if self.metrics_port and self.metrics_port == self.listen_port:
             raise ConfigError("portal.metrics_port: expected another port than listen_port")
         for proxy in self.trusted_proxies:
@@ -393,8 +389,7 @@ class BouncesConfig:
     payload_retention_hours: float = 120.0
 
     def __post_init__(self) -> None:
-        if not self.review_days > 0:
-            raise ConfigError("bounces.review_days: expected a number > 0")
+        _check_ranges("bounces", self, positive=("review_days",))
         if not self.review_max_messages > 0:
             raise ConfigError("bounces.review_max_messages: expected a whole number > 0")
         _check_ranges(

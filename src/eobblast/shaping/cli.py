@@ -20,6 +20,7 @@ from rich.table import Table
 from eobblast._cli import command_config, config_option
 from eobblast.errors import ConfigError
 from eobblast.shaping.budgets import BudgetStore, Suspension, open_budgets
+from eobblast.shaping.engine import ShapingConfig
 from eobblast.shaping.pools import PoolConfig, load_pools
 from eobblast.shaping.settings import load_shaping
 from eobblast.shaping.status import PoolStatus, read_pool_status
@@ -87,6 +88,14 @@ def pools() -> None:
     """Dedicated IP pools: warm-up progress, hourly budgets and suspensions."""
 
 
+def _configured_pools(config_path: Path | None) -> tuple[ShapingConfig, PoolConfig]:
+    """The shaping settings and their pools file (ConfigError when shaping is off)."""
+    config = command_config(config_path).shaping
+    if config.pools_file is None:
+        raise ConfigError("shaping is off: the configuration names no [shaping] pools_file")
+    return config, load_pools(config.pools_file)
+
+
 @pools.command("status")
 @config_option("eobblast configuration file (its [shaping] section names pools, data and store).")
 @click.option(
@@ -98,10 +107,7 @@ def pools() -> None:
 def pools_status(config_path: Path | None, at: float | None) -> None:
     """Print, per pool and IP: this hour's sends, cap, deferrals, warm-up day, suspensions."""
     try:
-        config = command_config(config_path).shaping
-        if config.pools_file is None:
-            raise ConfigError("shaping is off: the configuration names no [shaping] pools_file")
-        pool_config = load_pools(config.pools_file)
+        config, pool_config = _configured_pools(config_path)
         plan = load_shaping(config.warmup_file).plan
         now = time.time() if at is None else at
         statuses, suspensions = asyncio.run(_read(config.budgets_url, pool_config, plan, now))
@@ -151,10 +157,8 @@ def pools_resume(config_path: Path | None, ip: str, provider: str | None) -> Non
     except ValueError:
         raise click.BadParameter(f"{ip!r} is not an IP address", param_hint="--ip") from None
     try:
-        config = command_config(config_path).shaping
-        if config.pools_file is None:
-            raise ConfigError("shaping is off: the configuration names no [shaping] pools_file")
-        configured = {source.address for source in load_pools(config.pools_file).all_ips()}
+        config, pool_config = _configured_pools(config_path)
+        configured = {source.address for source in pool_config.all_ips()}
         if ip not in configured:
             # A typo would otherwise read as "not suspended": as if the IP were sending.
             raise ConfigError(
