@@ -430,15 +430,23 @@ def summarise(
             summary[f"kafka_{n}_worker_cpu_us_per_msg"] = round(workers_us, 1)
     by_workers = {run.detail["workers"]: run for run in runs if not run.detail["running"]}
     running = {run.detail["workers"]: run for run in runs if run.detail["running"]}
-    if TARGET_WORKERS in running:
-        summary["running_meets_target"] = running[TARGET_WORKERS].msgs_per_s >= TARGET_MSGS_PER_S
     if 1 in by_workers and 2 in by_workers:
         summary["scaling_2w_vs_1w"] = round(by_workers[2].msgs_per_s / by_workers[1].msgs_per_s, 2)
-    target = by_workers.get(TARGET_WORKERS)
     summary["target_msgs_per_s"] = TARGET_MSGS_PER_S
+    cold = by_workers.get(TARGET_WORKERS)
+    if cold is not None:
+        # From the start of `eobblast run`: process start-up and the broker's hold on the
+        # group's first join come first, a fixed few seconds whatever the backlog.
+        summary["cold_meets_target"] = cold.msgs_per_s >= TARGET_MSGS_PER_S
+        summary["steady_meets_target"] = cold.detail["steady_msgs_per_s"] >= TARGET_MSGS_PER_S
+    # The target's own measure: events produced to Kafka until delivered, i.e. the burst to
+    # running workers; the cold run stands in only where the running one was skipped.
+    target = running.get(TARGET_WORKERS, cold)
     if target is not None:
+        summary["target_measure"] = (
+            "produced_to_delivered" if target.detail["running"] else "from_start_up"
+        )
         summary["meets_target"] = target.msgs_per_s >= TARGET_MSGS_PER_S
-        summary["steady_meets_target"] = target.detail["steady_msgs_per_s"] >= TARGET_MSGS_PER_S
         summary.update(cpu_budget(target, sign_us))
         if relay is not None:
             summary["target_ratio_vs_relay"] = TARGET_RATIO_VS_RELAY
@@ -536,31 +544,20 @@ def print_table(
         )
     if "meets_target" in summary:
         table.add_section()
-        verdict = "meets" if summary["meets_target"] else "BELOW"
-        steady = "meets" if summary["steady_meets_target"] else "below"
+        produced = summary["target_measure"] == "produced_to_delivered"
         table.add_row(
             f"target: {TARGET_WORKERS} workers >= {TARGET_MSGS_PER_S:,.0f} EOB/s",
             "",
             "",
-            verdict,
-            steady,
+            "meets" if summary["meets_target"] else "BELOW",
             "",
             "",
             "",
-            "end to end incl. start-up and join / steady state",
+            "",
+            "first event produced to last status, workers running"
+            if produced
+            else "from the start of eobblast run (the running runs were skipped)",
         )
-        if "running_meets_target" in summary:
-            table.add_row(
-                "same target, workers already running",
-                "",
-                "",
-                "meets" if summary["running_meets_target"] else "BELOW",
-                "",
-                "",
-                "",
-                "",
-                "first event produced to last status: a burst to a running service",
-            )
         if "meets_target_ratio_vs_relay" in summary:
             verdict = "meets" if summary["meets_target_ratio_vs_relay"] else "BELOW"
             table.add_row(
@@ -574,6 +571,19 @@ def print_table(
                 "",
                 f"{TARGET_MSGS_PER_S:,.0f}/s where the relay does "
                 f"{RELAY_REFERENCE_MSGS_PER_S:,.0f}/s",
+            )
+        if produced and "cold_meets_target" in summary:
+            table.add_row(
+                "same rate from a cold start",
+                "",
+                "",
+                "meets" if summary["cold_meets_target"] else "below",
+                "meets" if summary["steady_meets_target"] else "below",
+                "",
+                "",
+                "",
+                "start-up and the group join (the first status's delay) included, so the "
+                "smaller the backlog the lower / steady state",
             )
         if "left_for_workers_us_per_msg" in summary:
             table.add_row(
