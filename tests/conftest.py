@@ -133,3 +133,109 @@ async def splice(
         dst.close()
 
     await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+
+# The simple-protocol query psycopg commits a transaction with (what PgRelay watches for).
+PG_COMMIT = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+
+class PgRelay:
+    """A TCP relay to the machine's PostgreSQL, for what a store does when the path fails.
+
+    Frozen (`freeze()`, or once a client sends `freeze_at`), its open connections pass
+    nothing more either way while TCP stays up: a hung connection pooler, a server process
+    stopped. `thaw()` lets new connections through again. Once a client sends `cut_at`, the
+    server's answer to it never reaches that client, whose connection is closed instead: a
+    network break just as a COMMIT went through. Hang-ups are passed on.
+    """
+
+    def __init__(self, *, freeze_at: bytes | None = None, cut_at: bytes | None = None) -> None:
+        self.freeze_at = freeze_at
+        self.cut_at = cut_at
+        self.frozen = False
+        self.cuts = 0
+        self.upstream_ports: list[int] = []  # the server's view of the relay's sessions
+        self.port = 0
+        self._server: asyncio.Server | None = None
+        self._links: list[tuple[asyncio.Task[Any], asyncio.StreamWriter]] = []
+
+    async def __aenter__(self) -> PgRelay:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task, to_client in self._links:
+            to_client.transport.abort()
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await task
+        # Sessions a frozen relay left behind are ended (they would idle until the server's
+        # timeout) so they hold no locks on the test's schema.
+        with psycopg.connect(PG_BASE, autocommit=True, connect_timeout=5) as admin:
+            admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE client_port = ANY(%s)",
+                (self.upstream_ports,),
+            )
+
+    def url(self, url: str) -> str:
+        """`url` (the machine's PostgreSQL) through the relay."""
+        assert "@127.0.0.1:5432/" in url
+        return url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{self.port}/")
+
+    def freeze(self) -> None:
+        """Stop passing anything, on every connection open now or made until `thaw()`."""
+        self.frozen = True
+
+    def thaw(self) -> None:
+        """Let new connections through (those frozen stay so: their client gave up on them)."""
+        self.frozen = False
+
+    async def _handle(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._links.append((task, to_client))
+        server, to_server = await asyncio.open_connection("127.0.0.1", 5432)
+        self.upstream_ports.append(to_server.get_extra_info("sockname")[1])
+        link = _Link()
+        await asyncio.gather(
+            self._pipe(link, client, to_server, to_client), self._pipe(link, server, to_client)
+        )
+
+    async def _pipe(
+        self,
+        link: _Link,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        client: asyncio.StreamWriter | None = None,
+    ) -> None:
+        """One direction; `client` is given for the client's (the way markers come)."""
+        try:
+            while data := await reader.read(65536):
+                if client is not None and self.freeze_at is not None and self.freeze_at in data:
+                    self.frozen = True
+                link.frozen = link.frozen or self.frozen
+                if link.frozen:
+                    continue
+                if client is None and link.cutting:
+                    self.cuts += 1
+                    break  # the answer is dropped, the client's connection closed
+                if client is not None and self.cut_at is not None and self.cut_at in data:
+                    link.cutting = True
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+
+class _Link:
+    """What became of one relayed connection."""
+
+    def __init__(self) -> None:
+        self.frozen = False
+        self.cutting = False

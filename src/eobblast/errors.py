@@ -100,6 +100,16 @@ class StoreUnavailable(EobblastError):
         super().__init__(ReasonCode.INTERNAL_ERROR, f"{store} unavailable")
 
 
+class StoreNotAnswering(EobblastError, TimeoutError):
+    """A store's server did not answer a call within its bound (a frozen server or network
+    path): the connection was given up and the call failed. Transient (a TimeoutError, as
+    the stores' callers expect of an outage): the next call opens a new connection. A
+    transaction whose COMMIT was sent may have been committed all the same."""
+
+    def __init__(self, store: str, seconds: float) -> None:
+        super().__init__(ReasonCode.TIMEOUT, f"{store} gave no answer within {seconds:g} s")
+
+
 class DeliveryError(EobblastError):
     """A message could not be handed to the receiving server."""
 

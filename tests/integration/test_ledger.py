@@ -16,12 +16,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from eobblast.errors import ConfigError
+from eobblast.errors import ConfigError, StoreNotAnswering
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger, postgres
 from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.ledger import AGAIN, CLAIM_LEASE, SQLITE_PURGE
 from eobblast.state.postgres import libpq_reason
-from tests.conftest import PG_BASE, drop_store_connection
+from tests.conftest import PG_BASE, PG_COMMIT, PgRelay, drop_store_connection
 
 
 @pytest.fixture
@@ -521,52 +521,6 @@ async def test_a_postgresql_store_comes_back_after_its_connection_was_dropped(
         await ledger.close()
 
 
-class _SilentPath:
-    """A TCP path to the machine's PostgreSQL that goes silent, both ways, once the client
-    sends `marker` (its worker's machine dropped off the network there). A hang-up by the
-    server is passed on."""
-
-    def __init__(self, marker: bytes) -> None:
-        self.marker = marker
-        self.silent = asyncio.Event()
-        self.upstream_ports: list[int] = []  # the server's view of the path's sessions
-        self.port = 0
-        self._server: asyncio.Server | None = None
-
-    async def __aenter__(self) -> _SilentPath:
-        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
-        self.port = self._server.sockets[0].getsockname()[1]
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-
-    def url(self, url: str) -> str:
-        assert "@127.0.0.1:5432/" in url
-        return url.replace("@127.0.0.1:5432/", f"@127.0.0.1:{self.port}/")
-
-    async def _handle(self, client: asyncio.StreamReader, to_client: asyncio.StreamWriter) -> None:
-        server, to_server = await asyncio.open_connection("127.0.0.1", 5432)
-        self.upstream_ports.append(to_server.get_extra_info("sockname")[1])
-        await asyncio.gather(self._pipe(client, to_server, True), self._pipe(server, to_client))
-
-    async def _pipe(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up: bool = False
-    ) -> None:
-        try:
-            while data := await reader.read(65536):
-                if up and self.marker in data:
-                    self.silent.set()
-                if not self.silent.is_set():
-                    writer.write(data)
-                    await writer.drain()
-        except OSError:
-            pass
-        finally:
-            writer.close()
-
-
 def _sessions_idle_in_transaction(client_ports: Sequence[int]) -> int:
     with psycopg.connect(PG_BASE, autocommit=True) as admin:
         row = admin.execute(
@@ -596,7 +550,7 @@ async def test_a_postgresql_ledger_is_not_held_up_by_a_worker_gone_mid_batch(
     monkeypatch.setattr(postgres, "LOCK_TIMEOUT", "1s")
     monkeypatch.setattr(postgres, "IDLE_IN_TRANSACTION_TIMEOUT", "3s")
     settled, new = _id(), _id()
-    async with _SilentPath(b"VALUES ($1, 'sending', $2") as path:
+    async with PgRelay(freeze_at=b"VALUES ($1, 'sending', $2") as path:
         gone = await open_ledger(path.url(pg_schema))
         live = await open_ledger(pg_schema)
         try:
@@ -632,6 +586,74 @@ async def test_a_postgresql_ledger_is_not_held_up_by_a_worker_gone_mid_batch(
                 )
             await live.close()
             await gone.close()
+
+
+async def test_a_postgresql_ledger_whose_server_stops_answering_fails_in_time_and_comes_back(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A hung pooler or a stopped server process keeps TCP up: keepalives are answered, sent
+    # bytes acknowledged, and a claim waited for ever, holding its worker's batch (and every
+    # call behind it). Now the call fails within the bound, as a transient error, and the
+    # ledger connects again once the path passes data.
+    monkeypatch.setattr(postgres, "ANSWER_WAIT", 2.0)
+    first, second = _id(), _id()
+    async with PgRelay() as path:
+        ledger = await open_ledger(path.url(pg_schema))
+        try:
+            assert (await ledger.claim(first, "w1")).kind is ClaimKind.NEW
+            path.freeze()
+            for call in (ledger.claim(second, "w1"), ledger.get(first)):
+                started = time.monotonic()
+                async with asyncio.timeout(20):  # without the bound: for ever
+                    with pytest.raises(StoreNotAnswering) as frozen:
+                        await call
+                assert isinstance(frozen.value, TRANSIENT_ERRORS)
+                assert 1.5 < time.monotonic() - started < 5
+            path.thaw()
+            assert (await ledger.claim(second, "w1")).kind is ClaimKind.NEW
+            assert (await ledger.claim(first, "w1")).kind is ClaimKind.IN_FLIGHT  # kept
+        finally:
+            await ledger.close()
+
+
+@pytest.mark.parametrize("failure", ["cut", "frozen"])
+async def test_a_postgresql_claim_batch_whose_commit_fails_is_claimed_once(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    # A batch's COMMIT is the one statement whose failure leaves its outcome unknown: the
+    # connection cut just as the server committed, or the path frozen with COMMIT unsent.
+    # Either way the batch fails whole (a transient error; its claims are not run again one
+    # by one) and each event has one claim: its worker finds it in flight, another waits.
+    monkeypatch.setattr(postgres, "ANSWER_WAIT", 2.0)
+    events = [_id() for _ in range(5)]
+    other = await open_ledger(pg_schema)
+    async with PgRelay() as path:
+        ledger = await open_ledger(path.url(pg_schema))
+        try:
+            # Armed now: opening the ledger committed its schema through the relay.
+            if failure == "cut":
+                path.cut_at = PG_COMMIT
+            else:
+                path.freeze_at = PG_COMMIT
+            async with asyncio.timeout(20):  # frozen, without the bound: for ever
+                results = await asyncio.gather(
+                    *(ledger.claim(e, "w1") for e in events), return_exceptions=True
+                )
+            expected = psycopg.OperationalError if failure == "cut" else StoreNotAnswering
+            assert all(isinstance(r, expected) for r in results), results
+            assert all(isinstance(r, TRANSIENT_ERRORS) for r in results)
+            path.cut_at = path.freeze_at = None
+            path.thaw()
+            # Cut: committed, so in flight under w1. Frozen: COMMIT never reached the
+            # server, which rolled the batch back once the client hung up: new.
+            again = ClaimKind.IN_FLIGHT if failure == "cut" else ClaimKind.NEW
+            for event_id in events:
+                assert (await ledger.claim(event_id, "w1")).kind is again
+                assert (await other.claim(event_id, "w2")).kind is ClaimKind.ELSEWHERE
+            assert path.cuts == (failure == "cut")
+        finally:
+            await ledger.close()
+            await other.close()
 
 
 async def test_a_postgresql_ledger_connection_limits_its_waits_and_keeps_them_when_it_comes_back(

@@ -74,7 +74,7 @@ from eobblast.bounces.verp import carried_by_reference, event_reference
 from eobblast.errors import EobblastError, ReasonCode
 from eobblast.protect.escrow import ENVELOPE_VERSION
 from eobblast.state.group import TRANSIENT_ERRORS
-from eobblast.state.postgres import connect_postgres
+from eobblast.state.postgres import PURGE_ANSWER_WAIT, connect_postgres
 from eobblast.state.sqlite import begin_immediate, is_busy, open_sqlite, open_store
 
 log = logging.getLogger("eobblast.bounces")
@@ -739,10 +739,14 @@ class BounceStore(abc.ABC):
 
     @abc.abstractmethod
     def _begin(
-        self, member_ids: Collection[str], address_keys: Collection[str] = ()
+        self,
+        member_ids: Collection[str],
+        address_keys: Collection[str] = (),
+        *,
+        purge: bool = False,
     ) -> contextlib.AbstractAsyncContextManager[None]:
         """A database transaction holding the members' and addresses' locks (or every
-        writer's, on SQLite)."""
+        writer's, on SQLite); `purge`: a purge's, which may take longer on PostgreSQL."""
 
     @contextlib.asynccontextmanager
     async def transaction(
@@ -847,7 +851,7 @@ class BounceStore(abc.ABC):
         """
         dropped = 0
         cutoff = _us(payloads_before)
-        async with self._lock, self._begin(()):
+        async with self._lock, self._begin((), purge=True):
             sql = self._sql()
             marks = await sql.all(_GET_MARK, (_PAYLOADS_PURGED,))
             since = max(0, int(marks[0][0]) - _PURGE_OVERLAP_US) if marks else 0
@@ -941,7 +945,11 @@ class SqliteBounceStore(BounceStore):
 
     @contextlib.asynccontextmanager
     async def _begin(
-        self, member_ids: Collection[str], address_keys: Collection[str] = ()
+        self,
+        member_ids: Collection[str],
+        address_keys: Collection[str] = (),
+        *,
+        purge: bool = False,
     ) -> AsyncIterator[None]:
         try:
             await begin_immediate(self._db)
@@ -1025,14 +1033,18 @@ class PostgresBounceStore(BounceStore):
 
     @contextlib.asynccontextmanager
     async def _begin(
-        self, member_ids: Collection[str], address_keys: Collection[str] = ()
+        self,
+        member_ids: Collection[str],
+        address_keys: Collection[str] = (),
+        *,
+        purge: bool = False,
     ) -> AsyncIterator[None]:
         import psycopg
 
         locks = [(_PG_MEMBER_LOCKS, m) for m in member_ids]
         locks += [(_PG_ADDRESS_LOCKS, k) for k in address_keys]
         try:
-            async with self._conn.transaction():
+            async with self._conn.transaction(answer_within=PURGE_ANSWER_WAIT if purge else None):
                 # One order for every transaction (the statement sorts the locks), so
                 # overlapping ones cannot deadlock; one statement, not a round trip each.
                 if locks:

@@ -40,7 +40,7 @@ from eobblast.errors import ConfigError, EobblastError, ReasonCode
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.observe.metrics import AUDIT_GAPS
 from eobblast.state.fingerprints import fingerprint
-from eobblast.state.postgres import connect_postgres
+from eobblast.state.postgres import PURGE_ANSWER_WAIT, connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 log = logging.getLogger("eobblast.escrow")
@@ -925,12 +925,16 @@ class PostgresEscrow(EscrowStore):
 
     async def _delete_access(self, before: float) -> int:
         async with self._lock:
-            cur = await self._conn.execute(_DELETE_ACCESS.format("%s"), (before,))
+            cur = await self._conn.execute(
+                _DELETE_ACCESS.format("%s"), (before,), answer_within=PURGE_ANSWER_WAIT
+            )
             return int(cur.rowcount)
 
     async def _delete_expired(self, now: float) -> list[Sequence[Any]]:
         async with self._lock:
-            cur = await self._conn.execute(_DELETE.format("%s"), (now,))
+            cur = await self._conn.execute(
+                _DELETE.format("%s"), (now,), answer_within=PURGE_ANSWER_WAIT
+            )
             return list(await cur.fetchall())
 
     async def _discard(self, item_id: str) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from eobblast.protect.policy import TlsCache, TlsRecord
-from eobblast.state.postgres import connect_postgres
+from eobblast.state.postgres import PURGE_ANSWER_WAIT, connect_postgres
 from eobblast.state.sqlite import open_sqlite, open_store, write_transaction
 
 log = logging.getLogger("eobblast.protect.tls")
@@ -193,6 +193,7 @@ class PostgresTlsStore(TlsStore):
                 "DELETE FROM tls_knowledge WHERE (verified_at IS NULL OR verified_at < %s)"
                 " AND (failed_at IS NULL OR failed_at < %s)",
                 (verified_before, failed_before),
+                answer_within=PURGE_ANSWER_WAIT,
             )
             return int(cursor.rowcount)
 

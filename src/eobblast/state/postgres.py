@@ -7,11 +7,12 @@ import contextlib
 import logging
 import random
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
 from typing import Any
 
-from eobblast.errors import ConfigError
+from eobblast.errors import ConfigError, StoreNotAnswering
 
 log = logging.getLogger("eobblast.state")
 
@@ -278,6 +279,20 @@ IDLE_IN_TRANSACTION_TIMEOUT = "30s"
 LOCK_TIMEOUT = "10s"
 
 
+# How long a store call may take: one statement outside a transaction, or a transaction
+# from BEGIN to COMMIT. TCP keepalives and tcp_user_timeout notice a path that is gone, not
+# one frozen with TCP up (a hung connection pooler, a server process stopped: the far end's
+# kernel acknowledges everything), and a server-side statement_timeout is kept by the very
+# server that does not answer. Past this bound the client hangs up: the call fails with
+# StoreNotAnswering (transient: tried again as any outage), and the next call opens a new
+# connection. Far above what a call of a working store waits (LOCK_TIMEOUT for a lock), and
+# under the workers' `stuck_after`, so a frozen store is an error before a stuck attempt.
+ANSWER_WAIT = 60.0
+# The bound of a purge that deletes in one statement: a backlog (a first purge after weeks,
+# or after an outage) can be millions of rows, and failing it would only start it again.
+PURGE_ANSWER_WAIT = 600.0
+
+
 async def store_session(conn: Any) -> None:
     """Set a store connection's session up: how long it waits for locks, how long it may
     idle in a transaction, and how the server notices its client vanished."""
@@ -365,12 +380,24 @@ async def _connect(dsn: str, what: str) -> Any:
     )
 
 
+def _hang_up(conn: Any) -> None:
+    """Shut a connection's socket down under libpq, which keeps it open: the call waiting on
+    it wakes at once and fails as if the server had hung up (`broken` from then on).
+    Cancelling that call instead would send the server a cancel request and wait for its
+    answer: through a frozen path, for ever with some psycopg releases."""
+    with contextlib.suppress(Exception):  # already closed: nothing to hang up on
+        with socket.fromfd(conn.pgconn.socket, socket.AF_INET, socket.SOCK_STREAM) as dup:
+            dup.shutdown(socket.SHUT_RDWR)
+
+
 class PgConnection:
     """A store's connection that comes back after the server or the network dropped it.
 
     The statement that finds it dropped fails (its caller tries again, as for any store
     outage); the next use outside a transaction opens a new connection first. Inside a
-    transaction it never reconnects: what followed would not be part of it.
+    transaction it never reconnects: what followed would not be part of it. A call the
+    server has not answered within its bound (ANSWER_WAIT) fails with StoreNotAnswering, its
+    connection given up.
     """
 
     def __init__(
@@ -385,42 +412,70 @@ class PgConnection:
         # Indexes being built for this release, on a connection of their own.
         self.upgrading = None if upgrading is None else asyncio.ensure_future(upgrading)
 
-    async def _ready(self) -> None:
+    async def _ready(self, deadline: float) -> None:
+        """A new connection in place of a broken one, by `deadline` (an event-loop time)."""
         if self._depth or self._closed or not self.broken:
             return
         async with self._reconnecting:
             if self.broken:
                 with contextlib.suppress(Exception):
                     await self._conn.close()
-                conn = await _connect(self._dsn, self._what)
+                # Through a frozen path a connection is made, or not, within the call's
+                # bound, not libpq's connect_timeout.
+                async with asyncio.timeout_at(deadline):
+                    conn = await _connect(self._dsn, self._what)
+                # Ours before its settings are made: the bound's hang-up reaches it.
+                self._conn = conn
                 try:
                     await store_session(conn)
                 except BaseException:
                     # Not used without its settings: the next use connects again.
                     await conn.close()
                     raise
-                self._conn = conn
+
+    @contextlib.asynccontextmanager
+    async def _bounded(self, seconds: float | None) -> AsyncIterator[float]:
+        """The block within `seconds` (ANSWER_WAIT if None), or the connection is hung up on
+        and the block fails with StoreNotAnswering; yields the deadline (loop time)."""
+        seconds = ANSWER_WAIT if seconds is None else seconds
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        timer = loop.call_at(deadline, lambda: _hang_up(self._conn))
+        try:
+            yield deadline
+        except Exception as exc:
+            if loop.time() >= deadline:
+                raise StoreNotAnswering(f"the PostgreSQL {self._what}", seconds) from exc
+            raise
+        finally:
+            timer.cancel()
 
     @property
     def broken(self) -> bool:
         """Whether the connection was lost (the next use outside a transaction reconnects)."""
         return bool(self._conn.broken or self._conn.closed)
 
-    async def execute(self, *args: Any, **kwargs: Any) -> Any:
-        """`AsyncConnection.execute`, on a live connection."""
-        await self._ready()
-        return await self._conn.execute(*args, **kwargs)
+    async def execute(self, *args: Any, answer_within: float | None = None, **kwargs: Any) -> Any:
+        """`AsyncConnection.execute`, on a live connection; outside a transaction, bounded
+        by `answer_within` s (ANSWER_WAIT if None; inside, the transaction's bound holds)."""
+        if self._depth:
+            return await self._conn.execute(*args, **kwargs)
+        async with self._bounded(answer_within) as deadline:
+            await self._ready(deadline)
+            return await self._conn.execute(*args, **kwargs)
 
     @contextlib.asynccontextmanager
-    async def transaction(self) -> AsyncIterator[Any]:
-        """`AsyncConnection.transaction`, begun on a live connection."""
-        await self._ready()
-        self._depth += 1
-        try:
-            async with self._conn.transaction() as tx:
-                yield tx
-        finally:
-            self._depth -= 1
+    async def transaction(self, *, answer_within: float | None = None) -> AsyncIterator[Any]:
+        """`AsyncConnection.transaction`, begun on a live connection, and bounded from BEGIN
+        to COMMIT by `answer_within` s (ANSWER_WAIT if None)."""
+        async with self._bounded(answer_within) as deadline:
+            await self._ready(deadline)
+            self._depth += 1
+            try:
+                async with self._conn.transaction() as tx:
+                    yield tx
+            finally:
+                self._depth -= 1
 
     def cursor(self, *args: Any, **kwargs: Any) -> Any:
         """`AsyncConnection.cursor` (used inside a transaction, which readied the connection)."""
