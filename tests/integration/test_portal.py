@@ -29,6 +29,7 @@ from eobblast.events import EobIssued, validate_event
 from eobblast.observe.audit import (
     AuditAction,
     AuditError,
+    AuditOutcomeUnknown,
     AuditRecord,
     AuditTrail,
     member_ref,
@@ -55,7 +56,14 @@ from eobblast.protect.escrow import (
 )
 from eobblast.protect.services import ProtectionServices
 from eobblast.render.mime import Renderer
-from tests.conftest import drop_store_connection, service_logging, throwaway_pg_schema
+from eobblast.state import postgres
+from tests.conftest import (
+    PG_COMMIT,
+    PgRelay,
+    drop_store_connection,
+    service_logging,
+    throwaway_pg_schema,
+)
 from tests.kafka_fixtures import free_port
 
 REF_KEY = b"member-ref-key-for-tests-only-32"
@@ -1087,6 +1095,44 @@ async def test_a_batch_of_appends_outlives_a_dropped_connection_on_postgresql(
     finally:
         await audit.close()
     assert stored == [r.event_id for r in batch("idle") + batch("busy")]
+
+
+@pytest.mark.parametrize("failure", ["cut", "frozen"])
+async def test_a_batch_of_appends_whose_commit_answer_is_lost_is_written_once_and_said_unknown(
+    pg_url: str, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    # The connection breaks just as the server commits a batch (cut: the records are in the
+    # trail), or the path freezes with COMMIT on its way (the server never gets it). The
+    # batch must not be written again (a retry, or its records one by one, would make false
+    # second records). Its callers learn that the outcome is unknown, by an error of its own
+    # that names no record, and count a gap; the trail goes on, on a new connection.
+    monkeypatch.setattr(postgres, "ANSWER_WAIT", 2.0)
+
+    def batch(name: str) -> list[AuditRecord]:
+        return [AuditRecord(f"evt-{name}{n}", AuditAction.SENT, "worker-1", NOW) for n in range(10)]
+
+    async with PgRelay() as path:
+        audit = await open_audit(path.url(pg_url))
+        try:
+            # Armed now: opening the trail committed its schema through the relay.
+            if failure == "cut":
+                path.cut_at = PG_COMMIT
+            else:
+                path.freeze_at = PG_COMMIT
+            async with asyncio.timeout(10):
+                results = await asyncio.gather(
+                    *(audit.append(r) for r in batch("lost")), return_exceptions=True
+                )
+            assert all(isinstance(r, AuditOutcomeUnknown) for r in results), results
+            assert str(results[0]) == "internal_error: audit trail commit of 10 records unconfirmed"
+            path.cut_at = path.freeze_at = None
+            path.thaw()
+            await asyncio.gather(*(audit.append(r) for r in batch("after")))
+            stored = [r.event_id for r in await audit.records()]
+        finally:
+            await audit.close()
+    written = batch("lost") if failure == "cut" else []
+    assert stored == [r.event_id for r in written + batch("after")]
 
 
 async def test_a_swapped_ciphertext_is_an_incident_not_a_pickup(

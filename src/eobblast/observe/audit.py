@@ -25,7 +25,7 @@ from typing import Any
 
 from eobblast._addresses import address_key
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
-from eobblast.state.group import GroupCommit
+from eobblast.state.group import TRANSIENT_ERRORS, GroupCommit
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import add_column, open_sqlite, open_store, write_transaction
 
@@ -71,6 +71,17 @@ class AuditError(EobblastError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(ReasonCode.INVALID_VALUE, detail)
+
+
+class AuditOutcomeUnknown(EobblastError):
+    """A batch of records' COMMIT was sent and its answer lost (the connection dropped or
+    the server stopped answering): the records may be in the trail or not. They are never
+    written again (a second copy is a false record); the caller counts a gap to check."""
+
+    def __init__(self, records: int) -> None:
+        super().__init__(
+            ReasonCode.INTERNAL_ERROR, f"audit trail commit of {records} records unconfirmed"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -296,8 +307,12 @@ class PostgresAuditTrail(AuditTrail):
     def __init__(self, conn: Any) -> None:
         self._conn = conn
         self._lock = asyncio.Lock()
-        # One record per event sent: concurrent appends share one commit, as on SQLite.
-        self._appends: GroupCommit[AuditRecord, None] = GroupCommit(self._append_many)
+        # One record per event sent: concurrent appends share one commit, as on SQLite. A
+        # commit whose outcome is unknown fails the whole batch: split, each record would
+        # be written again on its own.
+        self._appends: GroupCommit[AuditRecord, None] = GroupCommit(
+            self._append_many, transient=(*TRANSIENT_ERRORS, AuditOutcomeUnknown)
+        )
 
     @classmethod
     async def connect(cls, dsn: str) -> PostgresAuditTrail:
@@ -323,11 +338,15 @@ class PostgresAuditTrail(AuditTrail):
                         await self._conn.cursor().executemany(_INSERT.format("%s"), rows)
                         committing = True
                     break
-                except psycopg.Error:
+                except Exception as exc:
+                    # Whatever failed once COMMIT was sent, the batch may have been written:
+                    # never twice.
+                    if committing:
+                        raise AuditOutcomeUnknown(len(records)) from exc
                     # Dropped before COMMIT was sent, nothing of the batch was written, and
-                    # its callers would only count a gap: once more, on a new connection.
-                    # Dropped at COMMIT, it may have been: never written twice.
-                    if committing or not self._conn.broken or attempt:
+                    # its callers would only count a gap: once more, on a new connection
+                    # (not after a server that did not answer: it would not now either).
+                    if not isinstance(exc, psycopg.Error) or not self._conn.broken or attempt:
                         raise
         return [None] * len(records)
 
