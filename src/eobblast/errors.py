@@ -107,7 +107,7 @@ class StoreNotAnswering(EobblastError, TimeoutError):
     transaction whose COMMIT was sent may have been committed all the same."""
 
     def __init__(self, store: str, seconds: float) -> None:
-        super().__init__(ReasonCode.TIMEOUT, f"{store} gave no answer within {seconds:g} s")
+        super().__init__(ReasonCode.INTERNAL_ERROR, f"{store} gave no answer within {seconds:g} s")
 
 
 class DeliveryError(EobblastError):

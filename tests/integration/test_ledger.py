@@ -18,6 +18,7 @@ import pytest
 
 from eobblast.errors import ConfigError, StoreNotAnswering
 from eobblast.state import ClaimKind, LedgerState, SendLedger, open_ledger, postgres
+from eobblast.state import ledger as ledger_module
 from eobblast.state.group import TRANSIENT_ERRORS
 from eobblast.state.ledger import AGAIN, CLAIM_LEASE, SQLITE_PURGE
 from eobblast.state.postgres import libpq_reason
@@ -594,8 +595,12 @@ async def test_a_postgresql_ledger_whose_server_stops_answering_fails_in_time_an
     # A hung pooler or a stopped server process keeps TCP up: keepalives are answered, sent
     # bytes acknowledged, and a claim waited for ever, holding its worker's batch (and every
     # call behind it). Now the call fails within the bound, as a transient error, and the
-    # ledger connects again once the path passes data.
-    monkeypatch.setattr(postgres, "ANSWER_WAIT", 2.0)
+    # ledger connects again once the path passes data. The ledger's bound is its own, under
+    # its claims' lease less a renewal's interval each side: renewals queue behind a call on
+    # the connection, and one stuck there for the stores' general bound (60 s) would let
+    # the lease (30 s) lapse, another worker take over claims this one holds, and send
+    # their events again. Here lease 4 s, renewal 1 s: a bound of 2 s.
+    _lease(monkeypatch, 4.0, 1.0)
     first, second = _id(), _id()
     async with PgRelay() as path:
         ledger = await open_ledger(path.url(pg_schema))
@@ -616,6 +621,45 @@ async def test_a_postgresql_ledger_whose_server_stops_answering_fails_in_time_an
             await ledger.close()
 
 
+def _lease(monkeypatch: pytest.MonkeyPatch, lease: float, renew: float) -> None:
+    monkeypatch.setattr(ledger_module, "CLAIM_LEASE", lease)
+    monkeypatch.setattr(ledger_module, "CLAIM_RENEW", renew)
+
+
+async def test_a_postgresql_caller_error_after_the_bound_keeps_its_own_type(
+    pg_schema: str,
+) -> None:
+    # Only what the hang-up causes is "not answering" (transient, tried again as an
+    # outage); a bug or a constraint that fails a slow transaction stays what it is, or
+    # the worker would retry it for ever instead of giving it up.
+    conn = await postgres.connect_postgres(pg_schema, "test store", 0x0E0B_0001, ())
+    conn._answer_wait = 0.3
+    try:
+        with pytest.raises(ZeroDivisionError):
+            async with conn.transaction():
+                await conn.execute("SELECT 1")
+                await asyncio.sleep(0.6)  # the bound passes and the socket is hung up on
+                _ = 1 / 0
+        # The connection it gave up on is replaced at the next call.
+        assert (await (await conn.execute("SELECT 2")).fetchone()) == (2,)
+    finally:
+        await conn.close()
+
+
+async def test_a_postgresql_store_frozen_during_its_schema_set_up_fails_in_time(
+    pg_schema: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A worker starting while the path freezes would otherwise wait for ever, never
+    # restarted by its supervisor (it did not die).
+    monkeypatch.setattr(postgres, "SET_UP_ANSWER_WAIT", 2.0)
+    async with PgRelay(freeze_at=b"pg_advisory_xact_lock") as path:
+        started = time.monotonic()
+        async with asyncio.timeout(20):  # without the bound: for ever
+            with pytest.raises(StoreNotAnswering):
+                await open_ledger(path.url(pg_schema))
+        assert 1.5 < time.monotonic() - started < 5
+
+
 @pytest.mark.parametrize("failure", ["cut", "frozen"])
 async def test_a_postgresql_claim_batch_whose_commit_fails_is_claimed_once(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch, failure: str
@@ -624,7 +668,7 @@ async def test_a_postgresql_claim_batch_whose_commit_fails_is_claimed_once(
     # connection cut just as the server committed, or the path frozen with COMMIT unsent.
     # Either way the batch fails whole (a transient error; its claims are not run again one
     # by one) and each event has one claim: its worker finds it in flight, another waits.
-    monkeypatch.setattr(postgres, "ANSWER_WAIT", 2.0)
+    _lease(monkeypatch, 4.0, 1.0)  # a bound of 2 s
     events = [_id() for _ in range(5)]
     other = await open_ledger(pg_schema)
     async with PgRelay() as path:

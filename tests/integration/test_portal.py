@@ -25,6 +25,7 @@ import tomli_w
 from prometheus_client.parser import text_string_to_metric_families
 
 from eobblast.config import load_config
+from eobblast.errors import StoreNotAnswering
 from eobblast.events import EobIssued, validate_event
 from eobblast.observe.audit import (
     AuditAction,
@@ -44,6 +45,7 @@ from eobblast.portal import (
     purge_and_record,
     serve_portal,
 )
+from eobblast.protect import escrow as escrow_module
 from eobblast.protect.escrow import (
     AccessRecord,
     EscrowItem,
@@ -792,19 +794,44 @@ async def test_ops_see_pickups_lockouts_and_refusals_in_the_metrics(
 
 
 class TrailFailingOn:
-    """The audit trail, except that appends of one action fail (the disk, say)."""
+    """The audit trail, except that appends of one action (of one event, if given) fail
+    (the disk, say)."""
 
-    def __init__(self, inner: AuditTrail, action: AuditAction) -> None:
+    def __init__(self, inner: AuditTrail, action: AuditAction, event_id: str | None = None) -> None:
         self._inner = inner
         self._action = action
+        self._event_id = event_id
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
     async def append(self, record: AuditRecord) -> None:
-        if record.action is self._action:
+        if record.action is self._action and self._event_id in (None, record.event_id):
             raise sqlite3.OperationalError("disk I/O error")
         await self._inner.append(record)
+
+
+async def test_a_purge_whose_audit_record_fails_counts_the_gap_and_records_the_rest(
+    stores: Stores, clock: Clock, event_doc: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    # The items are deleted in one statement before their records are written: one record
+    # refused must not leave the others unrecorded and uncounted, or fail the purge run.
+    eobs = [await escrow(stores, event_doc, expires_in=dt.timedelta(hours=1)) for _ in range(3)]
+    refused = eobs[1].event.event_id
+    trail = cast(
+        AuditTrail, TrailFailingOn(stores.audit, AuditAction.PORTAL_EXPIRED_PURGED, refused)
+    )
+    before = portal_counts()["audit_gaps"]
+    clock.now = NOW + dt.timedelta(hours=2)
+    assert await purge_and_record(stores.escrow, trail, clock.now) == 3
+    assert portal_counts()["audit_gaps"] == before + 1
+    for eob in eobs:
+        purged = ("portal_expired_purged", "unopened") in await actions(stores, eob.event.event_id)
+        assert purged is (eob.event.event_id != refused)
+    [line] = [r for r in caplog.records if r.getMessage().startswith("portal purge not recorded")]
+    assert getattr(line, "event_id", None) == refused
+    for eob in eobs:
+        assert not any(secret in caplog.text for secret in eob.secrets())
 
 
 async def test_a_pickup_whose_audit_record_fails_is_counted_and_kept_in_the_access_records(
@@ -1281,3 +1308,43 @@ async def test_a_lost_database_gives_the_generic_page_and_an_unhealthy_check(
     assert page.status_code == 503 and "cannot show your notice" in page.text
     assert "Traceback" not in page.text and page.headers["cache-control"] == "no-store"
     assert (await client.get("/healthz")).status_code == 503
+
+
+async def test_escrow_and_purge_whose_answer_is_lost_count_a_gap_on_postgresql(
+    pg_url: str,
+    keys: KeyRing,
+    event_doc: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A revocation or a purge is one statement deleting items whose records come after it:
+    # when the server stops answering, it may have been kept, the items gone with no record.
+    # Nothing can be named, but ops are told (the counter EobblastAuditGap watches).
+    monkeypatch.setattr(postgres, "ANSWER_WAIT", 1.0)
+    monkeypatch.setattr(escrow_module, "PURGE_ANSWER_WAIT", 1.0)
+    async with PgRelay() as path:
+        stores = Stores(pg_url, await open_escrow(path.url(pg_url), keys), await open_audit(pg_url))
+        try:
+            first = await escrow(stores, event_doc, expires_in=dt.timedelta(hours=1))
+            for marker, step in (
+                (b"DELETE FROM portal_items WHERE event_id", "escrow"),
+                (b"DELETE FROM portal_items WHERE expires_at", "purge"),
+            ):
+                path.freeze_at = marker
+                before = portal_counts()["audit_gaps"]
+                with pytest.raises(StoreNotAnswering):
+                    async with asyncio.timeout(10):
+                        if step == "escrow":
+                            await escrow(stores, event_doc, event_id=first.event.event_id)
+                        else:
+                            await purge_and_record(
+                                stores.escrow, stores.audit, NOW + dt.timedelta(hours=2)
+                            )
+                assert portal_counts()["audit_gaps"] == before + 1, step
+                path.freeze_at = None
+                path.thaw()
+        finally:
+            await stores.escrow.close()
+            await stores.audit.close()
+    assert "outcome unknown" in caplog.text
+    assert not any(secret in caplog.text for secret in first.secrets())

@@ -45,7 +45,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from eobblast.errors import EobblastError, ReasonCode
+from eobblast.errors import EobblastError, ReasonCode, StoreNotAnswering
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.observe.metrics import AUDIT_GAPS, REGISTRY
 from eobblast.protect.escrow import (
@@ -745,10 +745,30 @@ async def _read_form(request: Request) -> dict[str, str] | None:
 async def purge_and_record(
     escrow: EscrowStore, audit: AuditTrail, now: dt.datetime, *, actor: str = ACTOR
 ) -> int:
-    """Delete expired items and record each in the audit trail; returns how many."""
-    purged = await escrow.purge_expired_items(now)
+    """Delete expired items and record each in the audit trail; returns how many.
+
+    An item the trail does not take is gone all the same: counted as a gap, logged by its
+    ids, and the rest are recorded."""
+    try:
+        purged = await escrow.purge_expired_items(now)
+    except StoreNotAnswering:
+        # The delete may have been kept: items gone with no record, and none to name.
+        AUDIT_GAPS.inc()
+        log.error("portal purge's outcome unknown: expired items may be gone unrecorded")
+        raise
     for item in purged:
-        await audit.append(item.audit_record(actor, now, item.final_state))
+        try:
+            await audit.append(item.audit_record(actor, now, item.final_state))
+        except Exception as exc:
+            AUDIT_GAPS.inc()
+            log.error(
+                "portal purge not recorded in the audit trail",
+                extra={
+                    "event_id": item.event_id,
+                    "item_id": item.item_id,
+                    "exc_type": type(exc).__name__,
+                },
+            )
     if purged:
         log.info("portal purged expired items", extra={"count": len(purged)})
     return len(purged)

@@ -36,7 +36,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from eobblast._files import write_whole
-from eobblast.errors import ConfigError, EobblastError, ReasonCode
+from eobblast.errors import ConfigError, EobblastError, ReasonCode, StoreNotAnswering
 from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
 from eobblast.observe.metrics import AUDIT_GAPS
 from eobblast.state.fingerprints import fingerprint
@@ -966,7 +966,17 @@ async def escrow_eob(
     recorded as `portal_expired_purged` with the reason `superseded`.
     """
     when = now or dt.datetime.now(dt.UTC)
-    escrowed = await store._put(item, when)
+    try:
+        escrowed = await store._put(item, when)
+    except StoreNotAnswering:
+        # Its COMMIT may have been kept: the event's earlier items revoked with no record
+        # of it. The caller tries again (the new item is unreachable: its link is never sent).
+        AUDIT_GAPS.inc()
+        log.error(
+            "portal escrow's outcome unknown: earlier items may be revoked unrecorded",
+            extra={"event_id": item.event_id},
+        )
+        raise
     try:
         await audit.append(
             AuditRecord(

@@ -391,8 +391,15 @@ class PostgresLedger(_GroupedLedger):
     @classmethod
     async def connect(cls, dsn: str) -> PostgresLedger:
         """Connect and create the table if needed."""
+        # Its calls are bounded under the claims' lease: renewals queue behind a call on
+        # the connection, and one stuck there past the lease would let another worker
+        # take over claims this one still holds, and send their events again.
         conn = await connect_postgres(
-            dsn, "ledger", _SCHEMA_LOCK, [_SCHEMA, _FINAL_INDEX, _OLD_INDEX]
+            dsn,
+            "ledger",
+            _SCHEMA_LOCK,
+            [_SCHEMA, _FINAL_INDEX, _OLD_INDEX],
+            answer_wait=CLAIM_LEASE - 2 * CLAIM_RENEW,
         )
         return cls(conn)
 

@@ -9,7 +9,7 @@ import random
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from eobblast.errors import ConfigError, StoreNotAnswering
@@ -36,9 +36,15 @@ def libpq_reason(exc: BaseException, dsn: str) -> str:
 
 
 async def connect_postgres(
-    dsn: str, what: str, schema_lock: int, schema: Iterable[str]
+    dsn: str,
+    what: str,
+    schema_lock: int,
+    schema: Iterable[str],
+    *,
+    answer_wait: float | None = None,
 ) -> PgConnection:
-    """A store's autocommit connection with its schema created.
+    """A store's autocommit connection with its schema created; its calls bounded by
+    `answer_wait` s (ANSWER_WAIT if None), its schema set-up by SET_UP_ANSWER_WAIT.
 
     Workers starting together would race on `CREATE ... IF NOT EXISTS`: a transaction-level
     advisory lock (one id per store) serialises them. A failed connection is a ConfigError
@@ -67,47 +73,50 @@ async def connect_postgres(
     statements = list(schema)
     builds: list[tuple[str, str]] = []  # (index, its CREATE INDEX), for the background
     drops: list[str] = []
-    async with conn.transaction():
-        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
-        # Which tables were there before: a table created here gets its indexes at once.
-        tables = {
-            index.group("table")
-            for statement in statements
-            if (index := _NEW_INDEX.match(statement)) is not None
-        }
-        existed = {table: await _exists(conn, table) for table in tables}
-        for statement in statements:
-            index = _NEW_INDEX.match(statement)
-            dropped = _DROP_INDEX.match(statement)
-            if index is not None:
-                name = index.group("name")
-                # CREATE INDEX IF NOT EXISTS locks the table against writes even when the
-                # index is there: a starting worker would wait behind every open write, and
-                # every other worker's writes behind it.
-                if index.group("unique") or not existed[index.group("table")]:
-                    # Unique ones may back an ON CONFLICT: never left for later.
-                    if not await _exists(conn, name):
+    # Bounded as its calls are later, though longer: it may wait for the schema lock while
+    # other workers set theirs up, and for a table's lock to add a column.
+    with _answered_within(SET_UP_ANSWER_WAIT, what, lambda: conn):
+        async with conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (schema_lock,))
+            # Which tables were there before: a table created here gets its indexes at once.
+            tables = {
+                index.group("table")
+                for statement in statements
+                if (index := _NEW_INDEX.match(statement)) is not None
+            }
+            existed = {table: await _exists(conn, table) for table in tables}
+            for statement in statements:
+                index = _NEW_INDEX.match(statement)
+                dropped = _DROP_INDEX.match(statement)
+                if index is not None:
+                    name = index.group("name")
+                    # CREATE INDEX IF NOT EXISTS locks the table against writes even when the
+                    # index is there: a starting worker would wait behind every open write, and
+                    # every other worker's writes behind it.
+                    if index.group("unique") or not existed[index.group("table")]:
+                        # Unique ones may back an ON CONFLICT: never left for later.
+                        if not await _exists(conn, name):
+                            await conn.execute(statement)
+                    elif await _index_valid(conn, name) is not True:
+                        builds.append((name, statement))
+                elif dropped is not None:
+                    if await _exists(conn, dropped.group(1)):
+                        drops.append(dropped.group(1))
+                elif (column := _ADD_COLUMN.match(statement)) is not None:
+                    if not await _has_column(conn, column.group("table"), column.group("column")):
+                        await _add_column(conn, what, statement)
+                elif (trigger := _TRIGGER.match(statement)) is not None:
+                    # CREATE OR REPLACE TRIGGER locks its table against writes, as a new index
+                    # would: made once (a changed trigger takes a new name).
+                    if not await _has_trigger(conn, trigger.group("name"), trigger.group("table")):
                         await conn.execute(statement)
-                elif await _index_valid(conn, name) is not True:
-                    builds.append((name, statement))
-            elif dropped is not None:
-                if await _exists(conn, dropped.group(1)):
-                    drops.append(dropped.group(1))
-            elif (column := _ADD_COLUMN.match(statement)) is not None:
-                if not await _has_column(conn, column.group("table"), column.group("column")):
-                    await _add_column(conn, what, statement)
-            elif (trigger := _TRIGGER.match(statement)) is not None:
-                # CREATE OR REPLACE TRIGGER locks its table against writes, as a new index
-                # would: made once (a changed trigger takes a new name).
-                if not await _has_trigger(conn, trigger.group("name"), trigger.group("table")):
+                else:
                     await conn.execute(statement)
-            else:
-                await conn.execute(statement)
-    # Only now: the schema transaction may wait longer for its locks (ADD COLUMN has its
-    # own wait, the schema lock waits for the workers starting alongside).
-    await store_session(conn)
+        # Only now: the schema transaction may wait longer for its locks (ADD COLUMN has its
+        # own wait, the schema lock waits for the workers starting alongside).
+        await store_session(conn)
     upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
-    return PgConnection(conn, dsn, what, upgrading)
+    return PgConnection(conn, dsn, what, upgrading, answer_wait=answer_wait)
 
 
 # How long adding a column waits for its table's lock. Waiting behind a long read (an
@@ -286,8 +295,11 @@ LOCK_TIMEOUT = "10s"
 # server that does not answer. Past this bound the client hangs up: the call fails with
 # StoreNotAnswering (transient: tried again as any outage), and the next call opens a new
 # connection. Far above what a call of a working store waits (LOCK_TIMEOUT for a lock), and
-# under the workers' `stuck_after`, so a frozen store is an error before a stuck attempt.
+# under the workers' default `stuck_after`, so a frozen store is an error before a stuck
+# attempt. The ledger's own bound is shorter: under its claims' lease (`open_ledger`).
 ANSWER_WAIT = 60.0
+# The bound of a store's schema set-up at start (connect_postgres).
+SET_UP_ANSWER_WAIT = 120.0
 # The bound of a purge that deletes in one statement: a backlog (a first purge after weeks,
 # or after an outage) can be millions of rows, and failing it would only start it again.
 PURGE_ANSWER_WAIT = 600.0
@@ -390,6 +402,27 @@ def _hang_up(conn: Any) -> None:
             dup.shutdown(socket.SHUT_RDWR)
 
 
+@contextlib.contextmanager
+def _answered_within(seconds: float, what: str, conn_of: Callable[[], Any]) -> Iterator[float]:
+    """The block within `seconds`, or the connection (`conn_of()` then) is hung up on and
+    the block fails with StoreNotAnswering; gives the deadline (event-loop time)."""
+    import psycopg
+
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    timer = loop.call_at(deadline, lambda: _hang_up(conn_of()))
+    try:
+        yield deadline
+    except (psycopg.OperationalError, psycopg.InterfaceError, TimeoutError) as exc:
+        # Only the failures a hang-up (or a reconnect's own deadline) causes: a caller's
+        # error after the deadline (a bug, a constraint) keeps its own type.
+        if loop.time() >= deadline:
+            raise StoreNotAnswering(f"the PostgreSQL {what}", seconds) from exc
+        raise
+    finally:
+        timer.cancel()
+
+
 class PgConnection:
     """A store's connection that comes back after the server or the network dropped it.
 
@@ -401,9 +434,16 @@ class PgConnection:
     """
 
     def __init__(
-        self, conn: Any, dsn: str, what: str, upgrading: Awaitable[None] | None = None
+        self,
+        conn: Any,
+        dsn: str,
+        what: str,
+        upgrading: Awaitable[None] | None = None,
+        *,
+        answer_wait: float | None = None,
     ) -> None:
         self._conn = conn
+        self._answer_wait = answer_wait  # this store's bound, if not ANSWER_WAIT
         self._dsn = dsn
         self._what = what
         self._depth = 0
@@ -433,22 +473,12 @@ class PgConnection:
                     await conn.close()
                     raise
 
-    @contextlib.asynccontextmanager
-    async def _bounded(self, seconds: float | None) -> AsyncIterator[float]:
-        """The block within `seconds` (ANSWER_WAIT if None), or the connection is hung up on
-        and the block fails with StoreNotAnswering; yields the deadline (loop time)."""
-        seconds = ANSWER_WAIT if seconds is None else seconds
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
-        timer = loop.call_at(deadline, lambda: _hang_up(self._conn))
-        try:
-            yield deadline
-        except Exception as exc:
-            if loop.time() >= deadline:
-                raise StoreNotAnswering(f"the PostgreSQL {self._what}", seconds) from exc
-            raise
-        finally:
-            timer.cancel()
+    def _bounded(self, seconds: float | None) -> contextlib.AbstractContextManager[float]:
+        """The block within `seconds` (this store's bound if None), or the connection is
+        hung up on and the block fails with StoreNotAnswering; gives the deadline."""
+        if seconds is None:
+            seconds = ANSWER_WAIT if self._answer_wait is None else self._answer_wait
+        return _answered_within(seconds, self._what, lambda: self._conn)
 
     @property
     def broken(self) -> bool:
@@ -460,7 +490,7 @@ class PgConnection:
         by `answer_within` s (ANSWER_WAIT if None; inside, the transaction's bound holds)."""
         if self._depth:
             return await self._conn.execute(*args, **kwargs)
-        async with self._bounded(answer_within) as deadline:
+        with self._bounded(answer_within) as deadline:
             await self._ready(deadline)
             return await self._conn.execute(*args, **kwargs)
 
@@ -468,7 +498,7 @@ class PgConnection:
     async def transaction(self, *, answer_within: float | None = None) -> AsyncIterator[Any]:
         """`AsyncConnection.transaction`, begun on a live connection, and bounded from BEGIN
         to COMMIT by `answer_within` s (ANSWER_WAIT if None)."""
-        async with self._bounded(answer_within) as deadline:
+        with self._bounded(answer_within) as deadline:
             await self._ready(deadline)
             self._depth += 1
             try:
