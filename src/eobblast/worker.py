@@ -175,6 +175,8 @@ class _InFlight:
     parked: bool = False
     # The status it reports (outcome, key, attempt), once decided: given up, it still does.
     status: tuple[EventOutcome, str, int] | None = None
+    # That status is of the attempt its event's ledger row settles: marked published once out.
+    settled: bool = False
 
 
 def _discard(tasks: dict[asyncio.Task[None], _InFlight], task: asyncio.Task[None]) -> None:
@@ -954,12 +956,15 @@ class Worker:
 
     async def _commit(self, only: Iterable[TopicPartition] | None = None) -> None:
         assert self._consumer is not None
-        if self._unmarked:
+        # A mark waits while its outcome is not in the ledger yet (a record given up after
+        # its send; the claim renewer writes it): the ledger ignores a mark of an unsettled
+        # row, and the mark would be lost.
+        published = [(e, a) for e, a in self._unmarked.items() if e not in self._unrecorded]
+        if published:
             # Losing these marks in a crash only means a redelivered event's status is
             # published again (same status_id), never a second email. Ids acknowledged
             # while the marks are written wait for the next commit, as do all of them
             # while the ledger is away: the offsets are committed all the same.
-            published = list(self._unmarked.items())
             try:
                 async with asyncio.timeout(COMMIT_TIMEOUT):
                     await self._ledger.mark_published(published)
@@ -1143,8 +1148,11 @@ class Worker:
         The status it was reporting goes out, without its source time (the record's own
         metadata may be what failed). Without one, its event's outcome as this worker sent
         it or as the ledger recorded it: an event already sent is never reported failed.
-        Otherwise nothing was sent: the record is parked (internal_error), for a replay once
-        the bug is fixed, and reported failed.
+        A status of the attempt its event's ledger row settles is marked published, as on
+        the other paths, so a later copy does not publish it again. Otherwise nothing was
+        sent: the record is parked (internal_error), for a replay once the bug is fixed, and
+        reported failed; that status settles no ledger row (the replay claims the event), so
+        it is not marked.
         """
         info.stage = "give_up"
         metrics.RECORDS_GIVEN_UP.inc()
@@ -1160,14 +1168,14 @@ class Worker:
         )
         if info.status is not None:
             outcome, event_key, attempt = info.status
-            await self._publish_status(outcome, event_key, attempt, None)
+            await self._publish_status(outcome, event_key, attempt, None, settled=info.settled)
             return True
         event_id = info.event_id
         if event_id is not None:
             sent = self._unrecorded.get(event_id)
             if sent is not None:
                 # The claim renewer writes it to the ledger now that its task is done.
-                await self._publish_status(sent[0], event_id, sent[1], None)
+                await self._publish_status(sent[0], event_id, sent[1], None, settled=True)
                 return True
             entry = await self._ledger.get(event_id)
             if entry is not None and entry.state is LedgerState.FINAL and not entry.withheld:
@@ -1280,8 +1288,7 @@ class Worker:
         info.stage = "record"
         await self._finish(event_id, outcome)
         self._unrecorded.pop(event_id, None)
-        await self._report(outcome, event_id, attempt, source_ms, info)
-        self._unmarked[event_id] = attempt
+        await self._report(outcome, event_id, attempt, source_ms, info, settled=True)
 
     async def _withhold(
         self, event: EobIssued, held: EventOutcome, source_ms: int | None, info: _InFlight
@@ -1328,8 +1335,9 @@ class Worker:
             ReasonCode(entry.reason or ReasonCode.INTERNAL_ERROR),
             0.0,
         )
-        await self._publish_status(outcome, entry.event_id, entry.attempts, source_ms, info)
-        self._unmarked[entry.event_id] = entry.attempts
+        await self._publish_status(
+            outcome, entry.event_id, entry.attempts, source_ms, info, settled=True
+        )
         return True
 
     async def _reject(
@@ -1415,12 +1423,14 @@ class Worker:
         attempt: int,
         source_ms: int | None,
         info: _InFlight | None = None,
+        *,
+        settled: bool = False,
     ) -> None:
         """A recorded outcome into the metrics and the status topic."""
         self._pipeline.observe(outcome)
         if info is not None:
             info.stage = "publish"
-        await self._publish_status(outcome, event_id, attempt, source_ms, info)
+        await self._publish_status(outcome, event_id, attempt, source_ms, info, settled=settled)
 
     async def _finish(self, event_id: str, outcome: EventOutcome) -> None:
         """The outcome into the ledger, however long its store is away: running the record
@@ -1443,11 +1453,19 @@ class Worker:
         attempt: int,
         source_ms: int | None,
         info: _InFlight | None = None,
+        *,
+        settled: bool = False,
     ) -> None:
+        """Publish a status event; `settled`: it is of the attempt the event's ledger row
+        settles (`event_key` is its event id), marked published at the next commit and
+        skipped meanwhile by a copy of the event here (`_republish`)."""
         if info is not None:
             info.status = (outcome, event_key, attempt)
+            info.settled = settled
         value = status_record(outcome, event_key, attempt, self.worker_id, source_ms)
         await self._send(self._config.kafka.delivery_topic, event_key.encode(), value)
+        if settled:
+            self._unmarked[event_key] = attempt
 
     async def _send(
         self,

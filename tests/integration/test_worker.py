@@ -785,11 +785,9 @@ async def test_a_cancellation_or_timeout_not_meant_for_the_record_is_retried(
     assert len(failures) == 2
 
 
-async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_had(
-    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
-) -> None:
-    # A status that could not be built from the record's metadata (as for a timestamp in
-    # microseconds) was tried again for ever: no status, the partition's commits held.
+def _fail_statuses_with_a_source_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every status built with a source time fails (as one in microseconds once did), and
+    attempts are tried again at once: such a record is given up, its status sent without."""
     status_record = worker_module.status_record
 
     def failing_with_a_source_time(outcome: Any, *args: Any) -> bytes:
@@ -800,6 +798,14 @@ async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_
 
     monkeypatch.setattr(worker_module, "status_record", failing_with_a_source_time)
     monkeypatch.setattr(worker_module, "backoff_delay", lambda attempt, **_: 0.05)
+
+
+async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_had(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A status that could not be built from the record's metadata (as for a timestamp in
+    # microseconds) was tried again for ever: no status, the partition's commits held.
+    _fail_statuses_with_a_source_time(monkeypatch)
     caplog.set_level(logging.ERROR, logger="eobblast")
     given_up_before = _sample("eobblast_records_given_up_total")
     (value,) = stack.events(1, seed=24)
@@ -827,6 +833,86 @@ async def test_records_a_bug_fails_every_time_are_given_up_with_the_status_they_
         stack.broker.bootstrap, config.kafka.group_id, stack.events_topic, list(ends)
     )
     assert committed == {p: end for p, end in ends.items() if end}
+
+
+async def test_a_status_a_record_was_given_up_with_is_not_published_again_by_a_copy(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The status a record given up went out with was never marked published in the ledger:
+    # a later copy of its event, here or at another worker, published it again.
+    _fail_statuses_with_a_source_time(monkeypatch)
+    (value,) = stack.events(1, seed=27)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    worker, stop, task = await start_worker(stack.config())
+    topic = (stack.broker.bootstrap, stack.delivery_topic)
+
+    async def marked() -> bool:
+        entry = await worker._ledger.get(event_id)
+        return entry is not None and entry.status_published
+
+    async def skipped() -> bool:
+        return worker.duplicates_skipped == 1
+
+    try:
+        await read_topic(*topic, until=1)
+        await until("its status marked published", marked, seconds=10)
+        await stack.publish([value])  # its status would fail again, and be given up again
+        await until("the copy skipped as a duplicate", skipped, seconds=10)
+        found = await read_topic(*topic, until=2, seconds=3)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert [s.status for s in statuses(found)[event_id]] == ["delivered"]
+    assert sum(stack.sandbox.counts.values()) == 1
+
+
+class BuggyFinishes(FaultyClaims):
+    """A send ledger whose first `bugs` finishes fail with a bug (not a store outage)."""
+
+    def __init__(self, inner: SendLedger, bugs: int) -> None:
+        super().__init__(inner, [])
+        self.bugs = bugs
+
+    async def finish(self, event_id: str, outcome: str, reason: str) -> None:
+        if self.bugs > 0:
+            self.bugs -= 1
+            raise TypeError("a bug")
+        await self.inner.finish(event_id, outcome, reason)
+
+
+async def test_a_send_given_up_before_its_outcome_was_recorded_is_marked_once_it_is(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Sent, then its outcome failed to record with the same bug every time: given up, its
+    # status went out and the claim renewer wrote the outcome later, but the status was never
+    # marked published (nor could a mark sent before the outcome was written count).
+    monkeypatch.setattr(worker_module, "backoff_delay", lambda attempt, **_: 0.05)
+    buggy: list[BuggyFinishes] = []
+
+    def wrap(ledger: SendLedger) -> SendLedger:
+        buggy.append(BuggyFinishes(ledger, worker_module.GIVE_UP_AFTER))
+        return buggy[-1]
+
+    (value,) = stack.events(1, seed=28)
+    event_id = orjson.loads(value)["event_id"]
+    await stack.publish([value])
+    _, stop, task = await start_worker(stack.config(), ledger_as=wrap)  # commits every 0.2 s
+
+    async def marked() -> bool:
+        entry = await buggy[0].inner.get(event_id)
+        return entry is not None and entry.status_published
+
+    try:
+        found = await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=1)
+        # The renewer writes the outcome within CLAIM_RENEW (5 s) of the give-up.
+        await until("its outcome written and its status marked", marked, seconds=15)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert buggy[0].bugs == 0
+    assert [s.status for s in statuses(found)[event_id]] == ["delivered"]
+    assert sum(stack.sandbox.counts.values()) == 1
 
 
 async def test_outages_are_waited_out_and_a_bug_before_any_outcome_parks_the_record(
