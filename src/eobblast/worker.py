@@ -565,14 +565,25 @@ class Worker:
             await asyncio.sleep(CLAIM_RENEW)
             try:
                 await self._ledger.renew([*self._sending, *self._unrecorded], self.worker_id)
-                for event_id, (outcome, _) in list(self._unrecorded.items()):
-                    if event_id not in self._sending:  # its record's task is gone
-                        await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
-                        self._unrecorded.pop(event_id, None)
             except Exception as exc:
                 # Not only the store's errors: a renewer that died would let every claim
                 # of this worker run out while it still sends (a second email each).
                 log.warning("claims not renewed: %s", type(exc).__name__)
+                continue
+            failed: BaseException | None = None
+            for event_id, (outcome, _) in list(self._unrecorded.items()):
+                if event_id in self._sending:
+                    continue  # its record's task is still running: that task records it
+                try:
+                    await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
+                except Exception as exc:
+                    # Each on its own: one outcome the ledger refuses for good (a bug) must
+                    # not keep the others unwritten, their copies elsewhere waiting for ever.
+                    failed = exc
+                    continue
+                self._unrecorded.pop(event_id, None)
+            if failed is not None:
+                log.warning("outcomes not recorded yet: %s", type(failed).__name__)
 
     async def _forget_settled(self, stop: asyncio.Event) -> None:
         """Every LEDGER_PURGE_EVERY s: drop the ledger's events settled and reported longer

@@ -913,14 +913,16 @@ async def test_a_status_a_record_was_given_up_with_is_not_published_again_by_a_c
 
 
 class BuggyFinishes(FaultyClaims):
-    """A send ledger whose first `bugs` finishes fail with a bug (not a store outage)."""
+    """A send ledger whose first `bugs` finishes fail with a bug (not a store outage), and
+    every one of `refused`'s, if given."""
 
-    def __init__(self, inner: SendLedger, bugs: int) -> None:
+    def __init__(self, inner: SendLedger, bugs: int, refused: str | None = None) -> None:
         super().__init__(inner, [])
         self.bugs = bugs
+        self.refused = refused
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
-        if self.bugs > 0:
+        if self.bugs > 0 or event_id == self.refused:
             self.bugs -= 1
             raise TypeError("a bug")
         await self.inner.finish(event_id, outcome, reason)
@@ -958,6 +960,42 @@ async def test_a_send_given_up_before_its_outcome_was_recorded_is_marked_once_it
     assert buggy[0].bugs == 0
     assert [s.status for s in statuses(found)[event_id]] == ["delivered"]
     assert sum(stack.sandbox.counts.values()) == 1
+
+
+async def test_an_outcome_the_ledger_refuses_for_good_does_not_hold_back_the_others(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two notices of one member sent, their outcomes unrecorded when their records were
+    # given up: the claim renewer writes them later. The first one's the ledger refuses
+    # for good; the second's must be written all the same, or its claim is renewed for
+    # ever and its copies at other workers wait on it for ever.
+    monkeypatch.setattr(worker_module, "backoff_delay", lambda attempt, **_: 0.05)
+    first, second = stack.events(2, seed=29)
+    refused, kept = (orjson.loads(v)["event_id"] for v in (first, second))
+    wrapped: list[BuggyFinishes] = []
+
+    def wrap(ledger: SendLedger) -> SendLedger:
+        # Every outcome refused until both records were given up (their attempts use the
+        # bugs up), so both wait for the renewer, the refused one first.
+        wrapped.append(BuggyFinishes(ledger, 2 * worker_module.GIVE_UP_AFTER, refused))
+        return wrapped[-1]
+
+    await stack.publish([first, second], keys=[b"one-member"] * 2)
+    _, stop, task = await start_worker(stack.config(), ledger_as=wrap)
+
+    async def written() -> bool:
+        entry = await wrapped[0].inner.get(kept)
+        return entry is not None and entry.state is LedgerState.FINAL
+
+    try:
+        await read_topic(stack.broker.bootstrap, stack.delivery_topic, until=2)
+        await until("the second outcome written", written, seconds=20)
+        entry = await wrapped[0].inner.get(refused)
+        assert entry is not None and entry.state is not LedgerState.FINAL
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 30)
+    assert sum(stack.sandbox.counts.values()) == 2
 
 
 async def test_outages_are_waited_out_and_a_bug_before_any_outcome_parks_the_record(
