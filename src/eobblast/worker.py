@@ -1308,34 +1308,28 @@ class Worker:
         claimed. The ledger then keeps no copy carrying consent from being claimed and sent
         (attempt 1, as any event); a copy of an event such a copy settled, or is sending,
         is a duplicate of it. Each held copy is audited and reported, under the same
-        status_id. The ledger keeps that it was held (a row claiming nothing), so a bad
-        copy arriving after it does not contradict its status (`_reject`)."""
+        status_id."""
         assert held.event_id is not None
-        if await self._reported_by_another_copy(held.event_id, source_ms, info, held_copy=True):
+        if await self._reported_by_another_copy(held.event_id, source_ms, info):
             return True
-        # Before the status goes out: a bad copy that finds the row finds a status out, or
-        # one this record's attempts still publish (its offset waits for it).
-        await self._ledger.record_held(held.event_id)
         await self._pipeline.record_withheld(event)
         await self._report(held, held.event_id, 1, source_ms, info)
         return True
 
     async def _reported_by_another_copy(
-        self, event_id: str, source_ms: int | None, info: _InFlight, *, held_copy: bool = False
+        self, event_id: str, source_ms: int | None, info: _InFlight
     ) -> bool:
         """Whether another copy of the event settled it (its recorded status is published
         again if it is not out yet) or is sending it (that copy reports it): this record is
-        then a duplicate, and reports nothing of its own. A copy held for want of consent
-        counts only for a record that is not one itself (`held_copy`): each held copy
-        reports its status, and a bad copy must not contradict it."""
+        then a duplicate, and reports nothing of its own."""
         info.stage = "claim"
         entry = await self._ledger.get(event_id)
-        if entry is None or (entry.withheld and held_copy):
+        if entry is None or entry.withheld:
             return False
-        if entry.state is LedgerState.FINAL and not entry.withheld:
+        if entry.state is LedgerState.FINAL:
             info.stage = "publish"
             return await self._republish(entry, source_ms, info)
-        self.duplicates_skipped += 1  # its sending or held copy reports it
+        self.duplicates_skipped += 1  # its sending copy reports it
         metrics.DUPLICATES.inc()
         return True
 

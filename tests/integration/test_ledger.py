@@ -139,25 +139,6 @@ async def test_a_row_held_for_want_of_consent_is_claimed_again(ledger: SendLedge
     assert (await ledger.claim(other, "w2", retry_deferred=True)).kind is ClaimKind.DONE
 
 
-async def test_a_held_copy_is_kept_only_where_the_event_has_no_row(ledger: SendLedger) -> None:
-    # A bad copy of an event held for want of consent must find that it was held; the row
-    # must neither block a copy with consent nor overwrite another copy's claim or outcome.
-    held = _id()
-    await ledger.record_held(held)
-    await ledger.record_held(held)  # another held copy
-    entry = await ledger.get(held)
-    assert entry is not None and entry.withheld and entry.state is LedgerState.FINAL
-    assert (entry.owner, entry.attempts, entry.status_published) == ("", 1, False)
-    assert (await ledger.claim(held, "w1")).kind is ClaimKind.NEW
-    await ledger.record_held(held)  # while the copy with consent is sending
-    sending = await ledger.get(held)
-    assert sending is not None and sending.state is LedgerState.SENDING
-    await ledger.finish(held, "delivered", "delivered")
-    await ledger.record_held(held)  # after it was sent
-    sent = await ledger.get(held)
-    assert sent is not None and (sent.outcome, sent.attempts) == ("delivered", 1)
-
-
 async def test_an_event_whose_claim_is_renewed_is_not_taken_over(
     ledger: SendLedger, ledger_url: str
 ) -> None:

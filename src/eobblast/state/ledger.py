@@ -65,14 +65,6 @@ _PURGE = (
 )
 SQLITE_PURGE = _PURGE.format(lock="")
 _PG_PURGE = _PURGE.format(lock=" FOR UPDATE SKIP LOCKED").replace("?", "%s")
-# A copy held for want of consent, kept only where the event has no row: a claim or an
-# outcome of another copy is never overwritten.
-_HOLD = (
-    "INSERT INTO send_ledger (event_id, state, owner, outcome, reason, updated_at)"
-    " VALUES (?, 'final', '', ?, ?, {now}) ON CONFLICT (event_id) DO NOTHING"
-)
-_SQLITE_HOLD = _HOLD.format(now="?")
-_PG_HOLD = _HOLD.format(now="extract(epoch from clock_timestamp())").replace("?", "%s")
 # A status mark counts only for the attempt it names, once that attempt is settled.
 _SQLITE_MARK = (
     "UPDATE send_ledger SET status_published = 1"
@@ -215,12 +207,6 @@ class SendLedger(abc.ABC):
         """Record the final outcome of an event."""
 
     @abc.abstractmethod
-    async def record_held(self, event_id: str) -> None:
-        """Record that a copy of the event was held for want of consent, where the event
-        has no row yet. That row claims nothing (a copy with consent claims it as new) and
-        is never marked published; it tells a bad copy of the event that a status is out."""
-
-    @abc.abstractmethod
     async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
         """Record that the status events of these (event id, attempt) pairs were acknowledged
         by Kafka. A mark for an attempt other than the event's settled last one is ignored."""
@@ -356,11 +342,6 @@ class SqliteLedger(_GroupedLedger):
         )
         return [None] * len(items)
 
-    async def record_held(self, event_id: str) -> None:
-        """Record a copy of the event held for want of consent, where it has no row."""
-        values = (event_id, Outcome.HELD, ReasonCode.NO_CONSENT, time.time())
-        await write_transaction(self._db, lambda: self._db.execute(_SQLITE_HOLD, values))
-
     async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
         """Record that these attempts' status events were acknowledged."""
         if marks:
@@ -472,11 +453,6 @@ class PostgresLedger(_GroupedLedger):
                 (list(last), [o for o, _ in last.values()], [r for _, r in last.values()]),
             )
         return [None] * len(items)
-
-    async def record_held(self, event_id: str) -> None:
-        """Record a copy of the event held for want of consent, where it has no row."""
-        async with self._lock:
-            await self._conn.execute(_PG_HOLD, (event_id, Outcome.HELD, ReasonCode.NO_CONSENT))
 
     async def mark_published(self, marks: Sequence[tuple[str, int]]) -> None:
         """Record that these attempts' status events were acknowledged."""
