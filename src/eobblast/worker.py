@@ -1186,7 +1186,7 @@ class Worker:
             sent = self._unrecorded.get(event_id)
             if sent is not None:
                 # The claim renewer writes it to the ledger now that its task is done.
-                await self._publish_status(sent[0], event_id, sent[1], None, settled=True)
+                await self._report(sent[0], event_id, sent[1], None, info, settled=True)
                 return True
             entry = await self._ledger.get(event_id)
             if entry is not None and entry.state is LedgerState.FINAL and not entry.withheld:
@@ -1299,6 +1299,12 @@ class Worker:
         info.stage = "record"
         await self._finish(event_id, outcome)
         self._unrecorded.pop(event_id, None)
+        if self._unmarked.get(event_id) == attempt:
+            # Reported already: its first record was given up once sent (`_give_up`), and
+            # this is a copy of the event.
+            self.duplicates_skipped += 1
+            metrics.DUPLICATES.inc()
+            return
         await self._report(outcome, event_id, attempt, source_ms, info, settled=True)
 
     async def _withhold(
