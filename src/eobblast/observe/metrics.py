@@ -69,6 +69,28 @@ SMTP_REPLIES = Counter(
     registry=REGISTRY,
 )
 
+MTA_STS_LOOKUPS = Counter(
+    "eobblast_mta_sts_lookups",
+    "MTA-STS policy lookups of MX-routed domains by result: fetched, unchanged (the TXT id"
+    " matched the cached policy's), no_record, or why no policy was fetched.",
+    ["result"],
+    registry=REGISTRY,
+)
+MTA_STS_DELIVERIES = Counter(
+    "eobblast_mta_sts_deliveries",
+    "Verified-TLS deliveries to MX-routed domains by the MTA-STS mode in force (absent:"
+    " no policy known).",
+    ["mode"],
+    registry=REGISTRY,
+)
+MTA_STS_MX_MISMATCHES = Counter(
+    "eobblast_mta_sts_mx_mismatches",
+    "MX hosts that the domain's MTA-STS policy does not list: skipped under enforce,"
+    " still used under testing.",
+    ["mode"],
+    registry=REGISTRY,
+)
+
 OLDEST_IN_FLIGHT = Gauge(
     "eobblast_oldest_in_flight_seconds",
     "Age of the oldest event a worker has in flight (0 when none).",

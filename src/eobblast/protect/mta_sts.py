@@ -67,6 +67,8 @@ class StsProblem(enum.StrEnum):
     POLICY_MODE = "policy_mode"
     POLICY_MAX_AGE = "policy_max_age"
     POLICY_MX = "policy_mx"
+    # a bug in the lookup: the notice goes on as if the domain had no policy
+    INTERNAL_ERROR = "internal_error"
 
 
 @dataclass(frozen=True, slots=True)

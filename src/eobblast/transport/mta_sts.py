@@ -1,0 +1,255 @@
+"""Fetching MTA-STS policies (RFC 8461): the I/O shell around `eobblast.protect.mta_sts`.
+
+A policy is looked for only when a message to a domain routed by MX lookup is about to
+be sent, and never for long: every lookup is bounded by `wait` seconds, and a failure of
+any kind (no record, DNS, HTTPS, a malformed policy) means "no policy known", never an
+error for the notice. Failures and absent records are remembered for `recheck` seconds,
+so a domain without MTA-STS (most of them) costs one TXT query per interval, not one
+per message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections.abc import Callable
+
+import dns.asyncresolver
+import dns.exception
+import dns.name
+import dns.rdatatype
+import dns.resolver
+import httpx
+
+from eobblast.observe import metrics
+from eobblast.protect.mta_sts import (
+    PolicyCache,
+    StsPolicy,
+    StsProblem,
+    StsRecord,
+    parse_policy,
+    parse_txt,
+)
+from eobblast.protect.policy import normalise_domain
+
+__all__ = ["MAX_POLICY_BYTES", "MtaStsFetcher", "MtaStsPolicies"]
+
+log = logging.getLogger("eobblast.mta_sts")
+
+#: Policies are a few lines; RFC 8461 section 3.3 suggests a limit of 64 KiB.
+MAX_POLICY_BYTES = 64 * 1024
+_PATH = "/.well-known/mta-sts.txt"
+# The result label of a lookup whose TXT id matched the cached policy's.
+_UNCHANGED = "unchanged"
+_FETCHED = "fetched"
+
+
+def _caused_by_tls(exc: BaseException) -> bool:
+    # httpx reports a refused certificate as a ConnectError whose cause is the ssl error.
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, ssl.SSLError):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+class MtaStsFetcher:
+    """Looks up a domain's `_mta-sts` TXT record and fetches its policy over verified HTTPS.
+
+    `resolver` answers the TXT and the policy host's A/AAAA queries; `https_port` is where
+    the policy host is asked. Both are for tests: in production the system's resolver and
+    port 443. The certificate must be valid for `mta-sts.<domain>` under `ssl_context`.
+    """
+
+    def __init__(
+        self,
+        ssl_context: ssl.SSLContext,
+        *,
+        resolver: dns.asyncresolver.Resolver | None = None,
+        https_port: int = 443,
+        timeout: float = 5.0,
+    ) -> None:
+        # None: dnspython's default resolver, made when first used (it reads the system's
+        # configuration, which a machine that sends only by static routes may lack).
+        self._resolver = resolver
+        self._port = https_port
+        self._timeout = timeout
+        self._client = httpx.AsyncClient(
+            verify=ssl_context,
+            timeout=timeout,
+            # RFC 8461 section 3.3: a redirect is a failure, never followed.
+            follow_redirects=False,
+            # The client connects to an address and checks the certificate against the
+            # name sent as SNI: a kept-alive connection, keyed by address alone, could
+            # carry another domain's request past that check. One connection per fetch.
+            limits=httpx.Limits(max_keepalive_connections=0),
+            # No proxies from the environment: the policy host is reached directly.
+            trust_env=False,
+        )
+
+    async def record(self, domain: str) -> StsRecord | StsProblem:
+        """The domain's STSv1 TXT record, or why there is none."""
+        try:
+            answer = await self._resolve(f"_mta-sts.{domain}", dns.rdatatype.TXT)
+        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+            return StsProblem.NO_RECORD
+        except dns.exception.DNSException:
+            return StsProblem.DNS_ERROR
+        texts: list[str] = []
+        for rdata in answer:
+            try:
+                texts.append(b"".join(rdata.strings).decode("ascii"))
+            except UnicodeDecodeError:
+                texts.append("")  # not ASCII: not an STSv1 record (its ABNF is ASCII)
+        return parse_txt(texts)
+
+    async def policy(self, domain: str) -> StsPolicy | StsProblem:
+        """The policy served at https://mta-sts.<domain>/.well-known/mta-sts.txt, or why not."""
+        try:
+            # The A-label form (IDNA 2008): the Host header and SNI carry ASCII only.
+            host = dns.name.from_text(f"mta-sts.{domain}").to_text(omit_final_dot=True)
+        except dns.exception.DNSException:
+            return StsProblem.DNS_ERROR  # not a name DNS can carry
+        addresses = await self._addresses(host)
+        if isinstance(addresses, StsProblem):
+            return addresses
+        problem = StsProblem.CONNECT_FAILED
+        for address in addresses:
+            url = httpx.URL(scheme="https", host=address, port=self._port, path=_PATH)
+            try:
+                async with self._client.stream(
+                    "GET",
+                    url,
+                    headers={"Host": host, "Accept": "text/plain"},
+                    extensions={"sni_hostname": host},
+                ) as response:
+                    return await _read_policy(response)
+            except httpx.TimeoutException:
+                return StsProblem.TIMEOUT
+            except httpx.TransportError as exc:
+                if _caused_by_tls(exc):
+                    # The next address would present the same certificate.
+                    return StsProblem.TLS_ERROR
+                problem = StsProblem.CONNECT_FAILED  # try the host's next address
+        return problem
+
+    async def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
+        resolver = self._resolver or dns.asyncresolver.get_default_resolver()
+        return await resolver.resolve(name, rdtype, lifetime=self._timeout)
+
+    async def _addresses(self, host: str) -> list[str] | StsProblem:
+        found: list[str] = []
+        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            try:
+                answer = await self._resolve(host, rdtype)
+            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+                continue
+            except dns.exception.DNSException:
+                return StsProblem.DNS_ERROR
+            found += [rdata.address for rdata in answer]
+        return found or StsProblem.NO_ADDRESS
+
+    async def aclose(self) -> None:
+        """Close the HTTPS client."""
+        await self._client.aclose()
+
+
+async def _read_policy(response: httpx.Response) -> StsPolicy | StsProblem:
+    if 300 <= response.status_code < 400:
+        return StsProblem.HTTP_REDIRECT
+    if response.status_code != 200:
+        return StsProblem.HTTP_STATUS
+    media_type = response.headers.get("content-type", "").partition(";")[0].strip().lower()
+    if media_type != "text/plain":
+        return StsProblem.CONTENT_TYPE
+    declared = response.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_POLICY_BYTES:
+        return StsProblem.TOO_LARGE
+    body = bytearray()
+    async for chunk in response.aiter_bytes():
+        body += chunk
+        # Counted as it arrives: a server that lies about (or omits) its length is cut off.
+        if len(body) > MAX_POLICY_BYTES:
+            return StsProblem.TOO_LARGE
+    return parse_policy(bytes(body))
+
+
+class MtaStsPolicies:
+    """The MTA-STS policy in force for each domain, cached (RFC 8461 section 5).
+
+    The TXT record is looked at again after `recheck` seconds; the policy is fetched
+    again when its id changed or the cached one expired (max_age). A failed refresh keeps
+    a policy that is still valid. Concurrent messages to one domain share one lookup.
+    """
+
+    def __init__(
+        self,
+        fetcher: MtaStsFetcher,
+        *,
+        wait: float = 5.0,
+        recheck: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+        max_domains: int = 10_000,
+    ) -> None:
+        self._fetcher = fetcher
+        self._wait = wait
+        self._clock = clock
+        self._cache = PolicyCache(recheck, max_domains)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._users: dict[str, int] = {}
+
+    async def policy(self, domain: str) -> StsPolicy | None:
+        """The domain's policy in force now, or None if none is known (within `wait`)."""
+        domain = normalise_domain(domain)
+        if not self._cache.due(domain, self._clock()):
+            return self._cache.current(domain, self._clock())
+        lock = self._locks.setdefault(domain, asyncio.Lock())
+        self._users[domain] = self._users.get(domain, 0) + 1
+        try:
+            async with lock:
+                # Another message may have refreshed it while this one waited.
+                if self._cache.due(domain, self._clock()):
+                    await self._refresh(domain)
+        finally:
+            self._users[domain] -= 1
+            if not self._users[domain]:
+                del self._users[domain], self._locks[domain]
+        return self._cache.current(domain, self._clock())
+
+    async def _refresh(self, domain: str) -> None:
+        result: str
+        try:
+            async with asyncio.timeout(self._wait):
+                result = await self._lookup(domain)
+        except TimeoutError:
+            result = StsProblem.TIMEOUT
+        except Exception as exc:
+            # A bug here must not fail the notice: it goes on with no policy known. By type
+            # only: a message could name the recipient's domain.
+            log.error("MTA-STS lookup failed: %s", type(exc).__name__)
+            result = StsProblem.INTERNAL_ERROR
+        if result != _FETCHED:
+            self._cache.checked(domain, self._clock())
+        metrics.MTA_STS_LOOKUPS.labels(result).inc()
+        if result not in (_FETCHED, _UNCHANGED, StsProblem.NO_RECORD):
+            # The domain is not named: recipients' domains stay out of the logs.
+            log.info("MTA-STS policy not fetched", extra={"reason": result})
+
+    async def _lookup(self, domain: str) -> str:
+        record = await self._fetcher.record(domain)
+        if isinstance(record, StsProblem):
+            return record
+        if not self._cache.needs_fetch(domain, record, self._clock()):
+            return _UNCHANGED
+        policy = await self._fetcher.policy(domain)
+        if isinstance(policy, StsProblem):
+            return policy
+        self._cache.store(domain, policy, record, self._clock())
+        return _FETCHED
+
+    async def aclose(self) -> None:
+        """Close the fetcher's connections."""
+        await self._fetcher.aclose()

@@ -1,0 +1,385 @@
+"""MTA-STS end to end: a real DNS server and a real HTTPS policy host on loopback.
+
+The TXT and A answers come from a small UDP DNS server (dnspython's message API), the
+policies from an HTTPS server whose certificates the sandbox's test CA issued, and the
+mail goes to sandbox MX servers: an enforce policy must make a domain TLS-required and
+keep its PHI off an MX the policy does not list; everything that goes wrong must leave
+the domain with no policy, be counted, and still let the notice be handled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+import threading
+from collections import Counter
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, cast
+
+import dns.asyncresolver
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+
+from eobblast.events.synthetic import Mix
+from eobblast.observe import metrics
+from eobblast.protect.mta_sts import StsMode, StsProblem, StsRecord
+from eobblast.sandbox import TestPki, make_test_pki
+from eobblast.transport import make_tls_context
+from eobblast.transport.mta_sts import MAX_POLICY_BYTES, MtaStsFetcher, MtaStsPolicies
+
+# Two sandbox MX servers on one port: the domains' MX records name the unlisted one first.
+UNLISTED, LISTED = "127.0.43.1", "127.0.43.2"
+UNLISTED_MX, LISTED_MX = "unlisted.mx.sandbox.test", "listed.mx.sandbox.test"
+WRONG_CERT = "wrongcert.test"
+CLEAN = Mix(no_consent=0, invalid_address=0, malformed=0, unknown_user=0, busy_mailbox=0, gone=0)
+PATH = "/.well-known/mta-sts.txt"
+
+
+def policy(mode: str = "enforce", mx: str = LISTED, max_age: int = 86400) -> bytes:
+    return f"version: STSv1\r\nmode: {mode}\r\nmx: {mx}\r\nmax_age: {max_age}\r\n".encode()
+
+
+@dataclass
+class Page:
+    """What the policy host answers for one domain."""
+
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "text/plain; charset=utf-8"
+    headers: dict[str, str] = field(default_factory=dict)
+    declare_length: bool = True
+
+
+# Each domain's _mta-sts TXT record (None: no record) and its policy host's answer.
+DOMAINS: dict[str, tuple[str | None, Page]] = {
+    "enforce.test": ("v=STSv1; id=1", Page(policy())),
+    "testing.test": ("v=STSv1; id=1", Page(policy("testing"))),
+    "none.test": ("v=STSv1; id=1", Page(b"version: STSv1\nmode: none\nmax_age: 86400\n")),
+    "nomatch.test": ("v=STSv1; id=1", Page(policy(mx="mx.elsewhere.test"))),
+    "notxt.test": (None, Page(policy())),
+    "badtxt.test": ("v=STSv1; id=", Page(policy())),
+    "badpolicy.test": ("v=STSv1; id=1", Page(policy(mode="reject"))),
+    "httperror.test": ("v=STSv1; id=1", Page(policy(), status=404)),
+    "redirect.test": (
+        "v=STSv1; id=1",
+        Page(status=301, headers={"Location": f"https://mta-sts.enforce.test{PATH}"}),
+    ),
+    "html.test": ("v=STSv1; id=1", Page(policy(), content_type="text/html")),
+    "oversize.test": ("v=STSv1; id=1", Page(policy() + b"#" * MAX_POLICY_BYTES)),
+    "oversize-undeclared.test": (
+        "v=STSv1; id=1",
+        Page(policy() + b"x" * MAX_POLICY_BYTES, declare_length=False),
+    ),
+    WRONG_CERT: ("v=STSv1; id=1", Page(policy())),
+    "nohost.test": ("v=STSv1; id=1", Page(policy())),  # mta-sts.nohost.test has no address
+    "slow.test": ("v=STSv1; id=1", Page(policy())),  # its TXT query is never answered
+    "cached.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
+    "busy.test": ("v=STSv1; id=1", Page(policy())),
+    "xn--bcher-kva.test": ("v=STSv1; id=1", Page(policy())),  # bücher.test
+    "static.test": ("v=STSv1; id=1", Page(policy(mx="mx.elsewhere.test"))),
+}
+FAILURES = {
+    "notxt.test": StsProblem.NO_RECORD,
+    "badtxt.test": StsProblem.TXT_SYNTAX,
+    "badpolicy.test": StsProblem.POLICY_MODE,
+    "httperror.test": StsProblem.HTTP_STATUS,
+    "redirect.test": StsProblem.HTTP_REDIRECT,
+    "html.test": StsProblem.CONTENT_TYPE,
+    "oversize.test": StsProblem.TOO_LARGE,
+    "oversize-undeclared.test": StsProblem.TOO_LARGE,
+    WRONG_CERT: StsProblem.TLS_ERROR,
+    "nohost.test": StsProblem.NO_ADDRESS,
+}
+
+
+# ----------------------------------------------------------------------------- DNS server
+
+
+class Zone(asyncio.DatagramProtocol):
+    """A tiny authoritative DNS server over UDP: answers from `records`, counts queries."""
+
+    def __init__(self) -> None:
+        self.records: dict[tuple[str, int], list[str]] = {}
+        self.silent: set[str] = set()
+        self.queries: Counter[tuple[str, int]] = Counter()
+        self.transport: asyncio.DatagramTransport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        query = dns.message.from_wire(data)
+        question = query.question[0]
+        name = question.name.to_text().lower()
+        self.queries[(name, question.rdtype)] += 1
+        if name in self.silent:
+            return
+        response = dns.message.make_response(query)
+        answers = self.records.get((name, question.rdtype))
+        if answers:
+            response.answer.append(
+                dns.rrset.from_text_list(question.name, 60, "IN", question.rdtype, answers)
+            )
+        elif not any(known == name for known, _ in self.records):
+            response.set_rcode(dns.rcode.NXDOMAIN)
+        assert self.transport is not None
+        self.transport.sendto(response.to_wire(), addr)
+
+    def txt(self, domain: str, text: str | None) -> None:
+        """Set (or, with None, remove) the domain's _mta-sts TXT record."""
+        key = (f"_mta-sts.{domain}.", dns.rdatatype.TXT)
+        if text is None:
+            self.records.pop(key, None)
+        else:
+            self.records[key] = [f'"{text}"']
+
+
+@pytest.fixture
+async def zone() -> AsyncIterator[tuple[Zone, int]]:
+    loop = asyncio.get_running_loop()
+    transport, protocol = await loop.create_datagram_endpoint(Zone, local_addr=("127.0.0.1", 0))
+    for domain, (txt, _) in DOMAINS.items():
+        protocol.txt(domain, txt)
+        if domain != "nohost.test":
+            protocol.records[(f"mta-sts.{domain}.", dns.rdatatype.A)] = ["127.0.0.1"]
+    protocol.silent.add("_mta-sts.slow.test.")
+    try:
+        yield protocol, transport.get_extra_info("sockname")[1]
+    finally:
+        transport.close()
+
+
+# --------------------------------------------------------------------------- HTTPS server
+
+
+class PolicyHost(ThreadingHTTPServer):
+    """Serves each domain's policy page at mta-sts.<domain>, by the Host header."""
+
+    daemon_threads = True
+
+    def __init__(self, pki: TestPki) -> None:
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.pages = {f"mta-sts.{domain}": page for domain, (_, page) in DOMAINS.items()}
+        self.hits: Counter[str] = Counter()
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(pki.server_cert, pki.server_key)
+        wrong = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        wrong.load_cert_chain(pki.wrong_host_cert, pki.wrong_host_key)
+
+        def pick(connection: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+            # One host presents a CA-signed certificate for another name.
+            if name == f"mta-sts.{WRONG_CERT}":
+                connection.context = wrong
+
+        context.sni_callback = pick
+        self.socket = context.wrap_socket(self.socket, server_side=True)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: PolicyHost
+
+    def do_GET(self) -> None:
+        host = self.headers.get("Host", "").partition(":")[0]
+        self.server.hits[host] += 1
+        page = self.server.pages.get(host) if self.path == PATH else None
+        if page is None:
+            self.send_error(404)
+            return
+        self.send_response(page.status)
+        self.send_header("Content-Type", page.content_type)
+        for name, value in page.headers.items():
+            self.send_header(name, value)
+        if page.declare_length:
+            self.send_header("Content-Length", str(len(page.body)))
+        self.end_headers()
+        self.wfile.write(page.body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> TestPki:
+    # static.test: a static route to an IP address is verified against the domain's name.
+    names = [UNLISTED_MX, LISTED_MX, UNLISTED, LISTED, "static.test"]
+    names += [f"mta-sts.{domain}" for domain in DOMAINS]
+    return make_test_pki(tmp_path_factory.mktemp("pki"), names)
+
+
+@pytest.fixture
+def policy_host(pki: TestPki) -> Iterator[PolicyHost]:
+    server = PolicyHost(pki)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05})
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join()
+        server.server_close()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def policies(
+    zone: tuple[Zone, int], policy_host: PolicyHost, pki: TestPki, clock: Clock
+) -> AsyncIterator[MtaStsPolicies]:
+    resolver = dns.asyncresolver.Resolver(configure=False)
+    resolver.nameservers = ["127.0.0.1"]
+    resolver.port = zone[1]
+    fetcher = MtaStsFetcher(
+        make_tls_context(str(pki.ca)),
+        resolver=resolver,
+        https_port=policy_host.server_address[1],
+        timeout=2.0,
+    )
+    found = MtaStsPolicies(fetcher, wait=0.5, recheck=10.0, clock=clock)
+    try:
+        yield found
+    finally:
+        await found.aclose()
+
+
+def _lookups(result: str) -> float:
+    return float(metrics.MTA_STS_LOOKUPS.labels(result)._value.get())
+
+
+def _mismatches(mode: str) -> float:
+    return float(metrics.MTA_STS_MX_MISMATCHES.labels(mode)._value.get())
+
+
+# ------------------------------------------------------------------ fetching and caching
+
+
+async def test_an_enforce_policy_is_fetched(
+    policies: MtaStsPolicies, policy_host: PolicyHost
+) -> None:
+    before = _lookups("fetched")
+    found = await policies.policy("Enforce.TEST.")
+    assert found is not None and found.mode is StsMode.ENFORCE and found.mx == (LISTED,)
+    assert _lookups("fetched") - before == 1
+    assert policy_host.hits == {"mta-sts.enforce.test": 1}
+
+
+@pytest.mark.parametrize(("domain", "problem"), FAILURES.items())
+async def test_every_failure_means_no_policy_and_is_counted(
+    policies: MtaStsPolicies, domain: str, problem: StsProblem
+) -> None:
+    before = _lookups(problem)
+    assert await policies.policy(domain) is None
+    assert _lookups(problem) - before == 1
+
+
+async def test_an_unanswered_lookup_gives_up_within_the_wait(
+    policies: MtaStsPolicies, zone: tuple[Zone, int]
+) -> None:
+    before = _lookups(StsProblem.TIMEOUT)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert await policies.policy("slow.test") is None
+    assert loop.time() - start < 1.5  # wait is 0.5 s
+    assert _lookups(StsProblem.TIMEOUT) - before == 1
+    # Not asked again at once: the next message to the domain does not wait again.
+    asked = zone[0].queries[("_mta-sts.slow.test.", dns.rdatatype.TXT)]
+    assert await policies.policy("slow.test") is None
+    assert zone[0].queries[("_mta-sts.slow.test.", dns.rdatatype.TXT)] == asked
+
+
+async def test_the_policy_is_fetched_again_only_for_a_new_id_or_after_max_age(
+    policies: MtaStsPolicies, zone: tuple[Zone, int], policy_host: PolicyHost, clock: Clock
+) -> None:
+    dns_server, _ = zone
+    txt = ("_mta-sts.cached.test.", dns.rdatatype.TXT)
+    found = await policies.policy("cached.test")
+    assert found is not None and found.mode is StsMode.ENFORCE and found.max_age == 100
+    assert policy_host.hits["mta-sts.cached.test"] == 1 and dns_server.queries[txt] == 1
+
+    clock.now += 5  # within recheck (10 s): neither DNS nor HTTPS
+    assert await policies.policy("cached.test") == found
+    assert dns_server.queries[txt] == 1 and policy_host.hits["mta-sts.cached.test"] == 1
+
+    clock.now += 10  # the TXT record is looked at again: same id, no fetch
+    before = _lookups("unchanged")
+    assert await policies.policy("cached.test") == found
+    assert dns_server.queries[txt] == 2 and policy_host.hits["mta-sts.cached.test"] == 1
+    assert _lookups("unchanged") - before == 1
+
+    # A new id: the new policy is fetched at once (the next recheck).
+    dns_server.txt("cached.test", "v=STSv1; id=2")
+    policy_host.pages["mta-sts.cached.test"] = Page(policy("testing", max_age=100))
+    clock.now += 10
+    changed = await policies.policy("cached.test")
+    assert changed is not None and changed.mode is StsMode.TESTING
+    assert policy_host.hits["mta-sts.cached.test"] == 2
+
+    # Same id, but max_age has passed since that fetch: fetched again.
+    policy_host.pages["mta-sts.cached.test"] = Page(policy(max_age=100))
+    clock.now += 100
+    again = await policies.policy("cached.test")
+    assert again is not None and again.mode is StsMode.ENFORCE
+    assert policy_host.hits["mta-sts.cached.test"] == 3
+
+
+async def test_a_failed_refresh_keeps_a_valid_policy_until_max_age(
+    policies: MtaStsPolicies, zone: tuple[Zone, int], policy_host: PolicyHost, clock: Clock
+) -> None:
+    found = await policies.policy("cached.test")
+    assert found is not None and found.mode is StsMode.ENFORCE
+    zone[0].txt("cached.test", "v=STSv1; id=2")
+    policy_host.pages["mta-sts.cached.test"] = Page(status=500)
+    clock.now += 50
+    assert await policies.policy("cached.test") == found  # kept: RFC 8461 section 5.1
+    assert policy_host.hits["mta-sts.cached.test"] == 2
+    zone[0].txt("cached.test", None)  # the record is gone: the cached policy still holds
+    clock.now += 40
+    assert await policies.policy("cached.test") == found
+    clock.now += 20  # 110 s after the fetch: expired
+    assert await policies.policy("cached.test") is None
+
+
+async def test_an_internationalised_domain_is_fetched_by_its_a_label(
+    policies: MtaStsPolicies, policy_host: PolicyHost
+) -> None:
+    found = await policies.policy("bücher.test")
+    assert found is not None and found.mode is StsMode.ENFORCE
+    assert policy_host.hits == {"mta-sts.xn--bcher-kva.test": 1}
+
+
+class _Broken(MtaStsFetcher):
+    async def record(self, domain: str) -> StsRecord | StsProblem:
+        raise RuntimeError(domain)
+
+
+async def test_a_bug_in_a_lookup_means_no_policy_not_a_failed_notice(pki: TestPki) -> None:
+    broken = MtaStsPolicies(_Broken(make_tls_context(str(pki.ca))))
+    before = _lookups(StsProblem.INTERNAL_ERROR)
+    try:
+        assert await broken.policy("enforce.test") is None
+    finally:
+        await broken.aclose()
+    assert _lookups(StsProblem.INTERNAL_ERROR) - before == 1
+
+
+async def test_concurrent_messages_share_one_fetch(
+    policies: MtaStsPolicies, policy_host: PolicyHost
+) -> None:
+    found = await asyncio.gather(*(policies.policy("busy.test") for _ in range(20)))
+    assert all(f is not None and f.mode is StsMode.ENFORCE for f in found)
+    assert policy_host.hits["mta-sts.busy.test"] == 1
