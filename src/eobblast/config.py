@@ -246,6 +246,9 @@ class ProtectionConfig:
     tls_policy_domains: tuple[str, ...] = ()
     # Domains with an MTA-STS policy in `enforce` mode.
     mta_sts_enforce_domains: tuple[str, ...] = ()
+    # Fetch the MTA-STS policies (RFC 8461) of domains routed by MX lookup: `enforce`
+    # makes a domain TLS-required and limits its PHI to the MX hosts the policy lists.
+    mta_sts_fetch: bool = True
     smime_enabled: bool = True
     # How long a verified handshake makes a domain TLS-required, and a failure portal-only.
     tls_cache_hours: float = 168.0

@@ -32,6 +32,8 @@ class ReasonCode(enum.StrEnum):
     STARTTLS_NOT_OFFERED = "starttls_not_offered"
     TLS_CERT_UNTRUSTED = "tls_cert_untrusted"
     TLS_HANDSHAKE_FAILED = "tls_handshake_failed"
+    # the domain's MTA-STS policy (enforce) lists none of its MX hosts
+    MTA_STS_NO_MATCHING_MX = "mta_sts_no_matching_mx"
     CONNECT_FAILED = "connect_failed"
     TIMEOUT = "timeout"
     RECIPIENT_REJECTED = "recipient_rejected"

@@ -31,6 +31,7 @@ from eobblast.observe import metrics
 from eobblast.observe.audit import AuditAction
 from eobblast.protect.dkim import DkimSigner, load_signer
 from eobblast.protect.escrow import PORTAL_ID_DIGITS, EscrowItem, escrow_eob, last4_digits
+from eobblast.protect.mta_sts import StsMode
 from eobblast.protect.policy import (
     Decision,
     PolicyReason,
@@ -363,9 +364,13 @@ class Pipeline:
         recipient = RecipientFacts.for_member(
             event.member.email, event.member.smime_certificate, Preference(event.member.preference)
         )
-        decision = choose_protection(
-            recipient, services.tls.facts(recipient.domain, now), services.org, now
-        )
+        facts = services.tls.facts(recipient.domain, now)
+        if not facts.mta_sts_enforce:
+            # A fetched `enforce` policy counts as the configured list does.
+            policy = await self._transport.mta_sts_policy(recipient.domain)
+            if policy is not None and policy.mode is StsMode.ENFORCE:
+                facts = replace(facts, mta_sts_enforce=True)
+        decision = choose_protection(recipient, facts, services.org, now)
         timing = _Timing(start, t_valid)
         if decision.level is ProtectionLevel.PORTAL:
             return await self._send_portal(event, signer, decision.reason, timing, raw)
@@ -707,6 +712,8 @@ _TLS_FAILURES = frozenset(
         ReasonCode.TLS_CERT_UNTRUSTED,
         ReasonCode.TLS_HANDSHAKE_FAILED,
         ReasonCode.CONNECTION_LOST,
+        # An MX the domain's policy does not list may be an attacker's (spoofed DNS).
+        ReasonCode.MTA_STS_NO_MATCHING_MX,
     }
 )
 

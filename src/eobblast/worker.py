@@ -1674,7 +1674,9 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     # so a worker still building its pipeline would not count as waiting for Kafka.
     metrics.KAFKA_ANSWERED.set(time.time())
     worker_id = new_worker_id(index)
-    transport = await Transport.open(config.transport, config.shaping)
+    transport = await Transport.open(
+        config.transport, config.shaping, mta_sts_fetch=config.protection.mta_sts_fetch
+    )
     ledger = await open_ledger(config.ledger.url)
     protection = await ProtectionServices.open(config)
     publisher = _LateBound()

@@ -10,12 +10,15 @@ the domain with no policy, be counted, and still let the notice be handled.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import socket
 import ssl
 import threading
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any, cast
 
 import dns.asyncresolver
@@ -23,14 +26,21 @@ import dns.message
 import dns.rcode
 import dns.rdatatype
 import dns.rrset
+import orjson
 import pytest
 
-from eobblast.events.synthetic import Mix
+from eobblast.config import Config, load_config
+from eobblast.demo import prepare_keys
+from eobblast.errors import Outcome, ReasonCode
+from eobblast.events.synthetic import Mix, generate_events
 from eobblast.observe import metrics
+from eobblast.pipeline import EventOutcome, Pipeline
 from eobblast.protect.mta_sts import StsMode, StsProblem, StsRecord
-from eobblast.sandbox import TestPki, make_test_pki
-from eobblast.transport import make_tls_context
+from eobblast.protect.services import ProtectionServices
+from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
+from eobblast.transport import Router, SmtpPool, Transport, make_tls_context
 from eobblast.transport.mta_sts import MAX_POLICY_BYTES, MtaStsFetcher, MtaStsPolicies
+from eobblast.transport.routes import parse_static_routes
 
 # Two sandbox MX servers on one port: the domains' MX records name the unlisted one first.
 UNLISTED, LISTED = "127.0.43.1", "127.0.43.2"
@@ -383,3 +393,131 @@ async def test_concurrent_messages_share_one_fetch(
     found = await asyncio.gather(*(policies.policy("busy.test") for _ in range(20)))
     assert all(f is not None and f.mode is StsMode.ENFORCE for f in found)
     assert policy_host.hits["mta-sts.busy.test"] == 1
+
+
+# -------------------------------------------------------------------- delivery and policy
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+async def sandbox(tmp_path: Path, pki: TestPki) -> AsyncIterator[Sandbox]:
+    port = _free_port(UNLISTED)
+    domains = [SandboxDomain(UNLISTED_MX, UNLISTED, port), SandboxDomain(LISTED_MX, LISTED, port)]
+    async with Sandbox(domains, tmp_path / "mail", pki) as running:
+        yield running
+
+
+@pytest.fixture
+async def transport(
+    sandbox: Sandbox, pki: TestPki, policies: MtaStsPolicies
+) -> AsyncIterator[Transport]:
+    async def mx(domain: str) -> list[tuple[int, str]]:
+        return [(20, LISTED), (10, UNLISTED)]
+
+    port = sandbox.routes[UNLISTED_MX][1]
+    static = parse_static_routes({"static.test": f"{UNLISTED}:{port}"})
+    router = Router(static, mx_lookup=mx, port=port)
+    pool = SmtpPool(make_tls_context(str(pki.ca)), ehlo_name="eobblast.test")
+    sending = Transport(router, pool, mta_sts=policies)
+    try:
+        yield sending
+    finally:
+        await sending.aclose()
+
+
+def _config(tmp_path: Path, **protection: Any) -> Config:
+    prepare_keys(tmp_path / "keys", tmp_path / "dns", "eob1", ed25519=False)
+    return load_config(
+        environ={},
+        overrides={
+            "dkim": {"key_dir": str(tmp_path / "keys"), "ed25519": False},
+            "pipeline": {"allow_test_domains": True},
+            "protection": protection,
+        },
+    )
+
+
+def _event(domain: str) -> bytes:
+    raw = next(iter(generate_events(1, seed=7, domains=[domain], weights=None, mix=CLEAN)))
+    doc = orjson.loads(raw)
+    member = doc["member"]
+    member["email"] = f"member@{domain}"
+    member["consent"]["electronic_delivery"] = True
+    member.pop("smime_certificate", None)
+    member.pop("preference", None)
+    return orjson.dumps(doc)
+
+
+async def _process(
+    tmp_path: Path, transport: Transport, domain: str, **protection: Any
+) -> tuple[EventOutcome, ProtectionServices]:
+    config = _config(tmp_path, **protection)
+    services = ProtectionServices.policy_only(config)  # no portal: a portal EOB fails
+    pipeline = Pipeline(config, transport, protection=services)
+    return await pipeline.process(_event(domain)), services
+
+
+async def test_enforce_makes_the_domain_tls_required_and_skips_an_unlisted_mx(
+    tmp_path: Path, transport: Transport, sandbox: Sandbox
+) -> None:
+    before = _mismatches("enforce")
+    outcome, _ = await _process(tmp_path, transport, "enforce.test")
+    # Nothing else is known of the domain: without the policy this EOB would go to the
+    # portal (tls_unknown), and to the preferred, unlisted MX if it went by TLS.
+    assert (outcome.protection, outcome.protection_reason) == ("tls_required", "mta_sts_enforce")
+    assert outcome.outcome is Outcome.DELIVERED and outcome.tls_version is not None
+    assert sandbox.counts.get(UNLISTED_MX, 0) == 0 and sandbox.counts[LISTED_MX] == 1
+    assert _mismatches("enforce") - before == 1
+
+
+async def test_no_listed_mx_sends_the_eob_to_the_portal_not_elsewhere(
+    tmp_path: Path, transport: Transport, sandbox: Sandbox
+) -> None:
+    outcome, services = await _process(tmp_path, transport, "nomatch.test")
+    # Protected again as a portal notice (which this pipeline, without a portal, cannot
+    # send): the EOB reached no MX at all, and the domain is portal-only for a while.
+    assert outcome.protection == "portal"
+    assert outcome.protection_reason == "tls_failed_at_delivery"
+    assert outcome.reason is ReasonCode.PORTAL_UNAVAILABLE
+    assert sum(sandbox.counts.values()) == 0
+    assert services.tls.facts("nomatch.test", dt.datetime.now(dt.UTC)).last_failed_at is not None
+
+
+@pytest.mark.parametrize("domain", ["testing.test", "none.test"])
+async def test_testing_and_none_change_nothing(
+    tmp_path: Path, transport: Transport, sandbox: Sandbox, domain: str
+) -> None:
+    outcome, _ = await _process(tmp_path, transport, domain)
+    assert (outcome.protection, outcome.protection_reason) == ("portal", "tls_unknown")
+    # On the TLS list, the EOB goes to the preferred MX, listed by the policy or not.
+    before = _mismatches("testing")
+    outcome, _ = await _process(tmp_path, transport, domain, tls_policy_domains=[domain])
+    assert outcome.outcome is Outcome.DELIVERED
+    assert sandbox.counts[UNLISTED_MX] == 1 and sandbox.counts.get(LISTED_MX, 0) == 0
+    assert _mismatches("testing") - before == (1 if domain == "testing.test" else 0)
+
+
+@pytest.mark.parametrize("domain", sorted(FAILURES))
+async def test_a_domain_whose_policy_fails_is_still_delivered(
+    tmp_path: Path, transport: Transport, sandbox: Sandbox, domain: str
+) -> None:
+    outcome, _ = await _process(tmp_path, transport, domain, tls_policy_domains=[domain])
+    assert outcome.outcome is Outcome.DELIVERED
+    assert (outcome.protection, outcome.protection_reason) == ("tls_required", "tls_policy_list")
+    assert sandbox.counts[UNLISTED_MX] == 1  # no policy: the MX records alone, as before
+
+
+async def test_a_static_route_is_never_fetched(
+    tmp_path: Path, transport: Transport, sandbox: Sandbox, zone: tuple[Zone, int]
+) -> None:
+    # static.test publishes an enforce policy listing another host: it must not apply.
+    outcome, _ = await _process(
+        tmp_path, transport, "static.test", tls_policy_domains=["static.test"]
+    )
+    assert outcome.outcome is Outcome.DELIVERED and sandbox.counts[UNLISTED_MX] == 1
+    assert not any(name.endswith("static.test.") for name, _ in zone[0].queries)

@@ -351,3 +351,10 @@ def test_a_number_out_of_range_fails_eobblast_check_before_anything_is_reached(
     assert result.output.strip() == (
         "Error: invalid_value: kafka.max_poll_records: expected a whole number >= 1"
     )
+
+
+def test_mta_sts_fetching_is_on_unless_turned_off() -> None:
+    assert load_config(environ={}).protection.mta_sts_fetch is True
+    assert load_config(EXAMPLE, environ={}).protection.mta_sts_fetch is True
+    off = load_config(environ={"EOBBLAST_PROTECTION__MTA_STS_FETCH": "false"})
+    assert off.protection.mta_sts_fetch is False

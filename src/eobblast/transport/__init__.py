@@ -6,8 +6,11 @@ from collections.abc import Sequence
 
 from eobblast.config import TransportConfig
 from eobblast.errors import DeliveryError, ReasonCode
+from eobblast.observe import metrics
+from eobblast.protect.mta_sts import StsMode, StsPolicy
 from eobblast.shaping.backoff import ReplySignal
 from eobblast.shaping.engine import DeferReason, Shaper, ShapingConfig, Ticket
+from eobblast.transport.mta_sts import MtaStsFetcher, MtaStsPolicies
 from eobblast.transport.pool import (
     ConnectionLimits,
     ConnectionNotAvailable,
@@ -23,6 +26,8 @@ from eobblast.transport.routes import Route, Router, parse_static_routes
 
 __all__ = [
     "ConnectionLimits",
+    "MtaStsFetcher",
+    "MtaStsPolicies",
     "PoolKey",
     "Route",
     "RouteTrouble",
@@ -54,6 +59,9 @@ class Transport:
     With a `Shaper`, every message is sent from the pool IP the shaper picks (bound as the
     source address, greeting with that IP's EHLO name), within its warm-up budget and
     per-destination limits, and the receiver's pushback is reported back to the shaper.
+
+    With `mta_sts`, PHI sent to a domain routed by MX lookup goes only to the MX hosts its
+    MTA-STS policy lists when that policy is `enforce` (RFC 8461 section 4.2).
     """
 
     def __init__(
@@ -63,17 +71,27 @@ class Transport:
         *,
         source_address: str | None = None,
         shaper: Shaper | None = None,
+        mta_sts: MtaStsPolicies | None = None,
     ) -> None:
         self._router = router
         self._pool = pool
         self._source = source_address
         self._shaper = shaper
         self._owns_shaper = False
+        self._mta_sts = mta_sts
 
     @classmethod
-    def from_config(cls, config: TransportConfig, *, shaper: Shaper | None = None) -> Transport:
-        """Build router and pool from the transport settings (the caller owns `shaper`)."""
+    def from_config(
+        cls, config: TransportConfig, *, shaper: Shaper | None = None, mta_sts_fetch: bool = False
+    ) -> Transport:
+        """Build router and pool from the transport settings (the caller owns `shaper`);
+        with `mta_sts_fetch`, MTA-STS policies of MX-routed domains are fetched."""
         ca = str(config.ca_bundle) if config.ca_bundle else None
+        mta_sts = None
+        if mta_sts_fetch:
+            # Policy hosts are trusted as SMTP servers are (the same CA bundle); a context
+            # of its own, as the HTTPS client sets its ALPN protocols on it.
+            mta_sts = MtaStsPolicies(MtaStsFetcher(make_tls_context(ca)))
         pool = SmtpPool(
             make_tls_context(ca),
             ehlo_name=config.ehlo_name,
@@ -84,13 +102,21 @@ class Transport:
             command_timeout=config.command_timeout,
         )
         router = Router(parse_static_routes(config.routes), cache_ttl=config.mx_cache_ttl)
-        return cls(router, pool, source_address=config.source_address, shaper=shaper)
+        return cls(
+            router, pool, source_address=config.source_address, shaper=shaper, mta_sts=mta_sts
+        )
 
     @classmethod
-    async def open(cls, config: TransportConfig, shaping: ShapingConfig | None = None) -> Transport:
+    async def open(
+        cls,
+        config: TransportConfig,
+        shaping: ShapingConfig | None = None,
+        *,
+        mta_sts_fetch: bool = False,
+    ) -> Transport:
         """Build the transport, shaped when `shaping` names a pools file; it owns the shaper."""
         shaper = await Shaper.open(shaping) if shaping is not None else None
-        transport = cls.from_config(config, shaper=shaper)
+        transport = cls.from_config(config, shaper=shaper, mta_sts_fetch=mta_sts_fetch)
         transport._owns_shaper = shaper is not None
         return transport
 
@@ -103,6 +129,34 @@ class Transport:
     def shaper(self) -> Shaper | None:
         """The shaping engine, if shaping is on."""
         return self._shaper
+
+    async def mta_sts_policy(self, domain: str) -> StsPolicy | None:
+        """The MTA-STS policy in force for `domain`: None when fetching is off, the domain
+        has a static route (never fetched) or no policy is known."""
+        if self._mta_sts is None or self._router.is_static(domain):
+            return None
+        return await self._mta_sts.policy(domain)
+
+    async def _policy_routes(self, domain: str, routes: list[Route]) -> list[Route]:
+        """The routes PHI may take: under an `enforce` policy, only the MX hosts it lists."""
+        if self._mta_sts is None or self._router.is_static(domain):
+            return routes
+        policy = await self._mta_sts.policy(domain)
+        metrics.MTA_STS_DELIVERIES.labels("absent" if policy is None else policy.mode).inc()
+        if policy is None or policy.mode is StsMode.NONE:
+            return routes
+        listed = [route for route in routes if policy.allows(route.host)]
+        if len(listed) < len(routes):
+            metrics.MTA_STS_MX_MISMATCHES.labels(policy.mode).inc(len(routes) - len(listed))
+        if policy.mode is StsMode.TESTING:
+            return routes  # testing: report, deliver as before
+        if not listed:
+            # Not permanent: the receiver is not at fault; the pipeline sends a portal
+            # notice instead, as for a failed TLS handshake (never plaintext).
+            raise DeliveryError(
+                ReasonCode.MTA_STS_NO_MATCHING_MX, "no MX host matches the policy", permanent=False
+            )
+        return listed
 
     async def deliver(
         self,
@@ -123,6 +177,8 @@ class Transport:
         """
         domain = rcpt_to.rpartition("@")[2]
         routes = await self._router.resolve(domain)
+        if verified_tls:
+            routes = await self._policy_routes(domain, routes)
         shaper = self._shaper
         if shaper is None:
             return await self._send(routes, None, mail_from, rcpt_to, data, verified_tls)
@@ -244,9 +300,11 @@ class Transport:
         raise _PushedBack(reason)
 
     async def aclose(self) -> None:
-        """Close pooled connections (and the shaper, if `open` made it)."""
+        """Close pooled connections, the MTA-STS fetcher's (and the shaper, if `open` made it)."""
         try:
             await self._pool.aclose()
+            if self._mta_sts is not None:
+                await self._mta_sts.aclose()
         finally:
             if self._owns_shaper and self._shaper is not None:
                 await self._shaper.aclose()

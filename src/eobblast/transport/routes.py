@@ -87,6 +87,10 @@ class Router:
         self._cache: dict[str, tuple[float, list[Route]]] = {}
         self._max_cached = max(1, max_cached)
 
+    def is_static(self, domain: str) -> bool:
+        """Whether the domain has a configured route (never looked up in DNS)."""
+        return domain.lower() in self._static
+
     async def resolve(self, domain: str) -> list[Route]:
         """Routes for a domain, best first."""
         domain = domain.lower()
