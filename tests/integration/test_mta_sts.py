@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import gzip
 import socket
 import ssl
 import threading
@@ -86,6 +87,11 @@ DOMAINS: dict[str, tuple[str | None, Page]] = {
         Page(policy() + b"x" * MAX_POLICY_BYTES, declare_length=False),
     ),
     WRONG_CERT: ("v=STSv1; id=1", Page(policy())),
+    # A compressed body is taken as it came, never inflated (nor its size cap with it).
+    "gzip.test": (
+        "v=STSv1; id=1",
+        Page(gzip.compress(policy()), headers={"Content-Encoding": "gzip"}),
+    ),
     "nohost.test": ("v=STSv1; id=1", Page(policy())),  # mta-sts.nohost.test has no address
     "slow.test": ("v=STSv1; id=1", Page(policy())),  # its TXT query is never answered
     "cached.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
@@ -103,6 +109,7 @@ FAILURES = {
     "oversize.test": StsProblem.TOO_LARGE,
     "oversize-undeclared.test": StsProblem.TOO_LARGE,
     WRONG_CERT: StsProblem.TLS_ERROR,
+    "gzip.test": StsProblem.POLICY_ENCODING,
     "nohost.test": StsProblem.NO_ADDRESS,
 }
 

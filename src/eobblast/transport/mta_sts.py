@@ -123,7 +123,9 @@ class MtaStsFetcher:
                 async with self._client.stream(
                     "GET",
                     url,
-                    headers={"Host": host, "Accept": "text/plain"},
+                    # identity: a compressed body could expand far beyond the size cap
+                    # within a single chunk, before it is counted.
+                    headers={"Host": host, "Accept": "text/plain", "Accept-Encoding": "identity"},
                     extensions={"sni_hostname": host},
                 ) as response:
                     return await _read_policy(response)
@@ -169,9 +171,10 @@ async def _read_policy(response: httpx.Response) -> StsPolicy | StsProblem:
     if declared.isdigit() and int(declared) > MAX_POLICY_BYTES:
         return StsProblem.TOO_LARGE
     body = bytearray()
-    async for chunk in response.aiter_bytes():
+    # The bytes as they came (never decompressed), counted as they arrive: a server that
+    # lies about (or omits) its length is cut off.
+    async for chunk in response.aiter_raw():
         body += chunk
-        # Counted as it arrives: a server that lies about (or omits) its length is cut off.
         if len(body) > MAX_POLICY_BYTES:
             return StsProblem.TOO_LARGE
     return parse_policy(bytes(body))
