@@ -32,7 +32,7 @@ import pytest
 
 from eobblast.config import Config, load_config
 from eobblast.demo import prepare_keys
-from eobblast.errors import Outcome, ReasonCode
+from eobblast.errors import DeliveryError, Outcome, ReasonCode
 from eobblast.events.synthetic import Mix, generate_events
 from eobblast.observe import metrics
 from eobblast.pipeline import EventOutcome, Pipeline
@@ -493,6 +493,24 @@ async def test_no_listed_mx_sends_the_eob_to_the_portal_not_elsewhere(
     assert outcome.reason is ReasonCode.PORTAL_UNAVAILABLE
     assert sum(sandbox.counts.values()) == 0
     assert services.tls.facts("nomatch.test", dt.datetime.now(dt.UTC)).last_failed_at is not None
+
+
+async def test_no_listed_mx_gets_no_portal_notice_either(
+    transport: Transport, sandbox: Sandbox
+) -> None:
+    # A notice carries no PHI but its pickup link: at an MX the policy does not list (an
+    # attacker's, named by a forged DNS answer) it would be tried against the member's
+    # date of birth. It fails as a deferral, the receiver not at fault.
+    with pytest.raises(DeliveryError) as failed:
+        await transport.deliver(
+            "bounces@eob.test",
+            "member@nomatch.test",
+            b"Subject: x\r\n\r\nx\r\n",
+            verified_tls=False,
+        )
+    assert failed.value.reason is ReasonCode.MTA_STS_NO_MATCHING_MX
+    assert not failed.value.permanent
+    assert sum(sandbox.counts.values()) == 0
 
 
 @pytest.mark.parametrize("domain", ["testing.test", "none.test"])

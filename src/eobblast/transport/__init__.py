@@ -60,7 +60,7 @@ class Transport:
     source address, greeting with that IP's EHLO name), within its warm-up budget and
     per-destination limits, and the receiver's pushback is reported back to the shaper.
 
-    With `mta_sts`, PHI sent to a domain routed by MX lookup goes only to the MX hosts its
+    With `mta_sts`, mail to a domain routed by MX lookup goes only to the MX hosts its
     MTA-STS policy lists when that policy is `enforce` (RFC 8461 section 4.2).
     """
 
@@ -138,7 +138,7 @@ class Transport:
         return await self._mta_sts.policy(domain)
 
     async def _policy_routes(self, domain: str, routes: list[Route]) -> list[Route]:
-        """The routes PHI may take: under an `enforce` policy, only the MX hosts it lists."""
+        """The routes mail may take: under an `enforce` policy, only the MX hosts it lists."""
         if self._mta_sts is None or self._router.is_static(domain):
             return routes
         policy = await self._mta_sts.policy(domain)
@@ -151,8 +151,9 @@ class Transport:
         if policy.mode is StsMode.TESTING:
             return routes  # testing: report, deliver as before
         if not listed:
-            # Not permanent: the receiver is not at fault; the pipeline sends a portal
-            # notice instead, as for a failed TLS handshake (never plaintext).
+            # Not permanent: the receiver is not at fault. An EOB goes as a portal notice
+            # instead, as after a failed TLS handshake (never plaintext); a notice is
+            # deferred, tried again on the soft-bounce schedule, then paper.
             raise DeliveryError(
                 ReasonCode.MTA_STS_NO_MATCHING_MX, "no MX host matches the policy", permanent=False
             )
@@ -177,8 +178,9 @@ class Transport:
         """
         domain = rcpt_to.rpartition("@")[2]
         routes = await self._router.resolve(domain)
-        if verified_tls:
-            routes = await self._policy_routes(domain, routes)
+        # Every message, not only PHI: a notice (its pickup link) at an MX the policy does
+        # not list may be at an attacker's, whose DNS answer named it.
+        routes = await self._policy_routes(domain, routes)
         shaper = self._shaper
         if shaper is None:
             return await self._send(routes, None, mail_from, rcpt_to, data, verified_tls)
