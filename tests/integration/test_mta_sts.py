@@ -96,6 +96,7 @@ DOMAINS: dict[str, tuple[str | None, Page]] = {
     "slow.test": ("v=STSv1; id=1", Page(policy())),  # its TXT query is never answered
     "cached.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
     "busy.test": ("v=STSv1; id=1", Page(policy())),
+    "v6fail.test": ("v=STSv1; id=1", Page(policy())),  # its policy host's AAAA query fails
     "xn--bcher-kva.test": ("v=STSv1; id=1", Page(policy())),  # bücher.test
     "static.test": ("v=STSv1; id=1", Page(policy(mx="mx.elsewhere.test"))),
 }
@@ -123,6 +124,7 @@ class Zone(asyncio.DatagramProtocol):
     def __init__(self) -> None:
         self.records: dict[tuple[str, int], list[str]] = {}
         self.silent: set[str] = set()
+        self.servfail: set[tuple[str, int]] = set()
         self.queries: Counter[tuple[str, int]] = Counter()
         self.transport: asyncio.DatagramTransport | None = None
 
@@ -138,7 +140,9 @@ class Zone(asyncio.DatagramProtocol):
             return
         response = dns.message.make_response(query)
         answers = self.records.get((name, question.rdtype))
-        if answers:
+        if (name, question.rdtype) in self.servfail:
+            response.set_rcode(dns.rcode.SERVFAIL)
+        elif answers:
             response.answer.append(
                 dns.rrset.from_text_list(question.name, 60, "IN", question.rdtype, answers)
             )
@@ -165,6 +169,7 @@ async def zone() -> AsyncIterator[tuple[Zone, int]]:
         if domain != "nohost.test":
             protocol.records[(f"mta-sts.{domain}.", dns.rdatatype.A)] = ["127.0.0.1"]
     protocol.silent.add("_mta-sts.slow.test.")
+    protocol.servfail.add(("mta-sts.v6fail.test.", dns.rdatatype.AAAA))
     try:
         yield protocol, transport.get_extra_info("sockname")[1]
     finally:
@@ -183,6 +188,7 @@ class PolicyHost(ThreadingHTTPServer):
         super().__init__(("127.0.0.1", 0), _Handler)
         self.pages = {f"mta-sts.{domain}": page for domain, (_, page) in DOMAINS.items()}
         self.hits: Counter[str] = Counter()
+        self.cookies: list[str | None] = []  # the Cookie header of each request
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(pki.server_cert, pki.server_key)
         wrong = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -203,12 +209,15 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         host = self.headers.get("Host", "").partition(":")[0]
         self.server.hits[host] += 1
+        self.server.cookies.append(self.headers.get("Cookie"))
         page = self.server.pages.get(host) if self.path == PATH else None
         if page is None:
             self.send_error(404)
             return
         self.send_response(page.status)
         self.send_header("Content-Type", page.content_type)
+        # Shared hosting's cookies: never to be sent on, to this domain or another.
+        self.send_header("Set-Cookie", f"host={host}; Path=/")
         for name, value in page.headers.items():
             self.send_header(name, value)
         if page.declare_length:
@@ -293,6 +302,20 @@ async def test_an_enforce_policy_is_fetched(
     assert found is not None and found.mode is StsMode.ENFORCE and found.mx == (LISTED,)
     assert _lookups("fetched") - before == 1
     assert policy_host.hits == {"mta-sts.enforce.test": 1}
+
+
+async def test_no_cookie_goes_from_one_policy_host_to_another(
+    policies: MtaStsPolicies, policy_host: PolicyHost
+) -> None:
+    # Both hosts are at one address, as on shared hosting, and each sets a cookie.
+    for domain in ("enforce.test", "testing.test", "cached.test"):
+        assert await policies.policy(domain) is not None
+    assert policy_host.cookies == [None, None, None]
+
+
+async def test_a_failing_aaaa_query_leaves_the_a_addresses(policies: MtaStsPolicies) -> None:
+    found = await policies.policy("v6fail.test")
+    assert found is not None and found.mode is StsMode.ENFORCE
 
 
 @pytest.mark.parametrize(("domain", "problem"), FAILURES.items())
@@ -501,15 +524,39 @@ async def test_no_listed_mx_gets_no_portal_notice_either(
     # A notice carries no PHI but its pickup link: at an MX the policy does not list (an
     # attacker's, named by a forged DNS answer) it would be tried against the member's
     # date of birth. It fails as a deferral, the receiver not at fault.
+    await _notice_deferred(transport, "nomatch.test", ReasonCode.MTA_STS_NO_MATCHING_MX)
+    assert sum(sandbox.counts.values()) == 0
+
+
+async def _notice_deferred(transport: Transport, domain: str, reason: ReasonCode) -> None:
+    """A portal notice (no PHI, unverified TLS allowed) to `domain` fails with `reason`,
+    temporarily."""
     with pytest.raises(DeliveryError) as failed:
         await transport.deliver(
-            "bounces@eob.test",
-            "member@nomatch.test",
-            b"Subject: x\r\n\r\nx\r\n",
-            verified_tls=False,
+            "bounces@eob.test", f"member@{domain}", b"Subject: x\r\n\r\nx\r\n", verified_tls=False
         )
-    assert failed.value.reason is ReasonCode.MTA_STS_NO_MATCHING_MX
+    assert failed.value.reason is reason
     assert not failed.value.permanent
+
+
+async def test_enforce_asks_verified_tls_of_a_portal_notice_too(
+    sandbox: Sandbox, policies: MtaStsPolicies, transport: Transport
+) -> None:
+    # The listed MX's certificate does not verify here (this pool trusts only the system's
+    # CAs): a notice must not go past it, and it is deferred, not a bounce of the member.
+    async def mx(domain: str) -> list[tuple[int, str]]:
+        return [(20, LISTED)]
+
+    port = sandbox.routes[LISTED_MX][1]
+    untrusting = Transport(
+        Router({}, mx_lookup=mx, port=port),
+        SmtpPool(make_tls_context(None), ehlo_name="eobblast.test"),
+        mta_sts=policies,
+    )
+    try:
+        await _notice_deferred(untrusting, "enforce.test", ReasonCode.TLS_CERT_UNTRUSTED)
+    finally:
+        await untrusting.aclose()
     assert sum(sandbox.counts.values()) == 0
 
 

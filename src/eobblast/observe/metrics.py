@@ -78,8 +78,8 @@ MTA_STS_LOOKUPS = Counter(
 )
 MTA_STS_DELIVERIES = Counter(
     "eobblast_mta_sts_deliveries",
-    "Verified-TLS deliveries to MX-routed domains by the MTA-STS mode in force (absent:"
-    " no policy known).",
+    "Delivery attempts (EOBs and portal notices) to MX-routed domains by the MTA-STS mode"
+    " in force (absent: no policy known).",
     ["mode"],
     registry=REGISTRY,
 )

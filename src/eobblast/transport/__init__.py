@@ -53,6 +53,16 @@ class _PushedBack(Exception):
         self.reason = reason
 
 
+# What a receiver's TLS can fail with, permanent for PHI (`transport.pool`).
+_TLS_REFUSALS = frozenset(
+    {
+        ReasonCode.STARTTLS_NOT_OFFERED,
+        ReasonCode.TLS_CERT_UNTRUSTED,
+        ReasonCode.TLS_HANDSHAKE_FAILED,
+    }
+)
+
+
 class Transport:
     """Delivers one message to its recipient's domain over a pooled, verified TLS connection.
 
@@ -137,19 +147,20 @@ class Transport:
             return None
         return await self._mta_sts.policy(domain)
 
-    async def _policy_routes(self, domain: str, routes: list[Route]) -> list[Route]:
-        """The routes mail may take: under an `enforce` policy, only the MX hosts it lists."""
+    async def _policy_routes(self, domain: str, routes: list[Route]) -> tuple[list[Route], bool]:
+        """The routes mail may take, and whether an `enforce` policy holds: then only the
+        MX hosts it lists."""
         if self._mta_sts is None or self._router.is_static(domain):
-            return routes
+            return routes, False
         policy = await self._mta_sts.policy(domain)
         metrics.MTA_STS_DELIVERIES.labels("absent" if policy is None else policy.mode).inc()
         if policy is None or policy.mode is StsMode.NONE:
-            return routes
+            return routes, False
         listed = [route for route in routes if policy.allows(route.host)]
         if len(listed) < len(routes):
             metrics.MTA_STS_MX_MISMATCHES.labels(policy.mode).inc(len(routes) - len(listed))
         if policy.mode is StsMode.TESTING:
-            return routes  # testing: report, deliver as before
+            return routes, False  # testing: report, deliver as before
         if not listed:
             # Not permanent: the receiver is not at fault. An EOB goes as a portal notice
             # instead, as after a failed TLS handshake (never plaintext); a notice is
@@ -157,7 +168,7 @@ class Transport:
             raise DeliveryError(
                 ReasonCode.MTA_STS_NO_MATCHING_MX, "no MX host matches the policy", permanent=False
             )
-        return listed
+        return listed, True
 
     async def deliver(
         self,
@@ -178,9 +189,30 @@ class Transport:
         """
         domain = rcpt_to.rpartition("@")[2]
         routes = await self._router.resolve(domain)
-        # Every message, not only PHI: a notice (its pickup link) at an MX the policy does
-        # not list may be at an attacker's, whose DNS answer named it.
-        routes = await self._policy_routes(domain, routes)
+        # Every message, not only PHI (RFC 8461 section 4.2): a notice's pickup link at an
+        # unlisted MX, or past an unverified certificate, may be at an attacker's.
+        routes, enforced = await self._policy_routes(domain, routes)
+        try:
+            return await self._deliver(
+                domain, routes, mail_from, rcpt_to, data, verified_tls or enforced, traffic_class
+            )
+        except DeliveryError as exc:
+            if enforced and not verified_tls and exc.permanent and exc.reason in _TLS_REFUSALS:
+                # The domain's policy, not the message, asked for verified TLS: temporary
+                # (section 5), tried again later, never a bounce of the member's address.
+                raise DeliveryError(exc.reason, exc.detail, permanent=False) from exc
+            raise
+
+    async def _deliver(
+        self,
+        domain: str,
+        routes: list[Route],
+        mail_from: str,
+        rcpt_to: str,
+        data: bytes,
+        verified_tls: bool,
+        traffic_class: str | None,
+    ) -> SmtpReply:
         shaper = self._shaper
         if shaper is None:
             return await self._send(routes, None, mail_from, rcpt_to, data, verified_tls)

@@ -11,6 +11,7 @@ per message.
 from __future__ import annotations
 
 import asyncio
+import http.cookiejar
 import logging
 import ssl
 import time
@@ -88,6 +89,11 @@ class MtaStsFetcher:
             limits=httpx.Limits(max_keepalive_connections=0),
             # No proxies from the environment: the policy host is reached directly.
             trust_env=False,
+            # No cookies kept: filed under the address connected to, one policy host's
+            # would be sent to every other domain hosted there.
+            cookies=http.cookiejar.CookieJar(
+                policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[])
+            ),
         )
 
     async def record(self, domain: str) -> StsRecord | StsProblem:
@@ -143,16 +149,27 @@ class MtaStsFetcher:
         return await resolver.resolve(name, rdtype, lifetime=self._timeout)
 
     async def _addresses(self, host: str) -> list[str] | StsProblem:
+        # Both at once, and either enough: servers that fail AAAA queries are common, and
+        # one query left unanswered must not use up the whole wait.
+        answers = await asyncio.gather(
+            self._resolve(host, dns.rdatatype.A),
+            self._resolve(host, dns.rdatatype.AAAA),
+            return_exceptions=True,
+        )
         found: list[str] = []
-        for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
-            try:
-                answer = await self._resolve(host, rdtype)
-            except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        failed = False
+        for answer in answers:
+            if isinstance(answer, dns.resolver.NXDOMAIN | dns.resolver.NoAnswer):
                 continue
-            except dns.exception.DNSException:
-                return StsProblem.DNS_ERROR
-            found += [rdata.address for rdata in answer]
-        return found or StsProblem.NO_ADDRESS
+            if isinstance(answer, dns.exception.DNSException):
+                failed = True
+            elif isinstance(answer, BaseException):
+                raise answer
+            else:
+                found += [rdata.address for rdata in answer]
+        if found:
+            return found
+        return StsProblem.DNS_ERROR if failed else StsProblem.NO_ADDRESS
 
     async def aclose(self) -> None:
         """Close the HTTPS client."""
