@@ -15,6 +15,7 @@ import gzip
 import socket
 import ssl
 import threading
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -64,6 +65,7 @@ class Page:
     content_type: str = "text/plain; charset=utf-8"
     headers: dict[str, str] = field(default_factory=dict)
     declare_length: bool = True
+    delay: float = 0.0  # seconds before the answer
 
 
 # Each domain's _mta-sts TXT record (None: no record) and its policy host's answer.
@@ -97,6 +99,7 @@ DOMAINS: dict[str, tuple[str | None, Page]] = {
     "cached.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
     "busy.test": ("v=STSv1; id=1", Page(policy())),
     "v6fail.test": ("v=STSv1; id=1", Page(policy())),  # its policy host's AAAA query fails
+    "lagging.test": ("v=STSv1; id=1", Page(policy(), delay=0.3)),
     "xn--bcher-kva.test": ("v=STSv1; id=1", Page(policy())),  # bücher.test
     "static.test": ("v=STSv1; id=1", Page(policy(mx="mx.elsewhere.test"))),
 }
@@ -214,6 +217,7 @@ class _Handler(BaseHTTPRequestHandler):
         if page is None:
             self.send_error(404)
             return
+        time.sleep(page.delay)
         self.send_response(page.status)
         self.send_header("Content-Type", page.content_type)
         # Shared hosting's cookies: never to be sent on, to this domain or another.
@@ -423,6 +427,22 @@ async def test_concurrent_messages_share_one_fetch(
     found = await asyncio.gather(*(policies.policy("busy.test") for _ in range(20)))
     assert all(f is not None and f.mode is StsMode.ENFORCE for f in found)
     assert policy_host.hits["mta-sts.busy.test"] == 1
+
+
+async def test_a_message_cancelled_while_waiting_does_not_cancel_the_fetch_for_others(
+    policies: MtaStsPolicies, policy_host: PolicyHost
+) -> None:
+    # The first message's record is revoked mid-lookup: the second still gets the policy
+    # from that one fetch, within the wait, not from a second one started afresh.
+    first = asyncio.create_task(policies.policy("lagging.test"))
+    await asyncio.sleep(0.1)
+    second = asyncio.create_task(policies.policy("lagging.test"))
+    await asyncio.sleep(0)
+    first.cancel()
+    found = await second
+    assert found is not None and found.mode is StsMode.ENFORCE
+    assert policy_host.hits["mta-sts.lagging.test"] == 1
+    assert first.cancelled()
 
 
 # -------------------------------------------------------------------- delivery and policy

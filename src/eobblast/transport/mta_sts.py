@@ -218,25 +218,21 @@ class MtaStsPolicies:
         self._wait = wait
         self._clock = clock
         self._cache = PolicyCache(recheck, max_domains)
-        self._locks: dict[str, asyncio.Lock] = {}
-        self._users: dict[str, int] = {}
+        # The refresh under way per domain: awaited (shielded) by every message waiting for
+        # it, so one of them cancelled (its record revoked, say) cancels it for no other.
+        self._refreshing: dict[str, asyncio.Future[None]] = {}
 
     async def policy(self, domain: str) -> StsPolicy | None:
         """The domain's policy in force now, or None if none is known (within `wait`)."""
         domain = normalise_domain(domain)
-        if not self._cache.due(domain, self._clock()):
-            return self._cache.current(domain, self._clock())
-        lock = self._locks.setdefault(domain, asyncio.Lock())
-        self._users[domain] = self._users.get(domain, 0) + 1
-        try:
-            async with lock:
-                # Another message may have refreshed it while this one waited.
-                if self._cache.due(domain, self._clock()):
-                    await self._refresh(domain)
-        finally:
-            self._users[domain] -= 1
-            if not self._users[domain]:
-                del self._users[domain], self._locks[domain]
+        if self._cache.due(domain, self._clock()):
+            refreshing = self._refreshing.get(domain)
+            if refreshing is None:
+                refreshing = asyncio.ensure_future(self._refresh(domain))
+                self._refreshing[domain] = refreshing
+                refreshing.add_done_callback(lambda _: self._refreshing.pop(domain, None))
+            # Bounded by `wait` (`_refresh`), which also catches what it raises.
+            await asyncio.shield(refreshing)
         return self._cache.current(domain, self._clock())
 
     async def _refresh(self, domain: str) -> None:
@@ -271,5 +267,8 @@ class MtaStsPolicies:
         return _FETCHED
 
     async def aclose(self) -> None:
-        """Close the fetcher's connections."""
+        """End the refreshes under way and close the fetcher's connections."""
+        for refreshing in list(self._refreshing.values()):
+            refreshing.cancel()
+        await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
         await self._fetcher.aclose()
