@@ -570,20 +570,26 @@ class Worker:
                 # of this worker run out while it still sends (a second email each).
                 log.warning("claims not renewed: %s", type(exc).__name__)
                 continue
-            failed: BaseException | None = None
-            for event_id, (outcome, _) in list(self._unrecorded.items()):
-                if event_id in self._sending:
-                    continue  # its record's task is still running: that task records it
-                try:
-                    await self._ledger.finish(event_id, outcome.outcome, outcome.reason)
-                except Exception as exc:
-                    # Each on its own: one outcome the ledger refuses for good (a bug) must
-                    # not keep the others unwritten, their copies elsewhere waiting for ever.
-                    failed = exc
-                    continue
-                self._unrecorded.pop(event_id, None)
-            if failed is not None:
-                log.warning("outcomes not recorded yet: %s", type(failed).__name__)
+            # The outcomes of records whose task is gone, all at once: the ledger writes
+            # them in one transaction (a store away fails them in one bounded wait, not one
+            # each while the claims run out), and one it refuses for good (a bug) is split
+            # out from the others, which must not stay unwritten, their copies elsewhere
+            # waiting on them for ever.
+            left = [
+                (event_id, outcome)
+                for event_id, (outcome, _) in self._unrecorded.items()
+                if event_id not in self._sending
+            ]
+            results = await asyncio.gather(
+                *(self._ledger.finish(e, o.outcome, o.reason) for e, o in left),
+                return_exceptions=True,
+            )
+            failed = [r for r in results if isinstance(r, BaseException)]
+            for (event_id, _), result in zip(left, results, strict=True):
+                if not isinstance(result, BaseException):
+                    self._unrecorded.pop(event_id, None)
+            if failed:
+                log.warning("outcomes not recorded yet: %s", type(failed[0]).__name__)
 
     async def _forget_settled(self, stop: asyncio.Event) -> None:
         """Every LEDGER_PURGE_EVERY s: drop the ledger's events settled and reported longer

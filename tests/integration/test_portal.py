@@ -1348,3 +1348,32 @@ async def test_escrow_and_purge_whose_answer_is_lost_count_a_gap_on_postgresql(
             await stores.audit.close()
     assert "outcome unknown" in caplog.text
     assert not any(secret in caplog.text for secret in first.secrets())
+
+
+async def test_a_batch_whose_commit_the_server_refuses_is_not_said_unknown(pg_url: str) -> None:
+    # An error the server answers COMMIT with (here a deferred check's) rolled the batch
+    # back for certain: not an unknown outcome (a gap for ops to chase), and the records
+    # that were not at fault are written on their own.
+    audit = await open_audit(pg_url)
+    async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+        await admin.execute(
+            "CREATE OR REPLACE FUNCTION refuse_poison() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN IF NEW.event_id = 'evt-poison' THEN RAISE EXCEPTION 'refused';"
+            " END IF; RETURN NULL; END $$"
+        )
+        await admin.execute(
+            "CREATE CONSTRAINT TRIGGER refuse_poison AFTER INSERT ON audit_trail"
+            " DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION refuse_poison()"
+        )
+    try:
+        names = ["evt-a", "evt-b", "evt-poison", "evt-c"]
+        records = [AuditRecord(n, AuditAction.SENT, "worker-1", NOW) for n in names]
+        results = await asyncio.gather(*(audit.append(r) for r in records), return_exceptions=True)
+        stored = {r.event_id for r in await audit.records()}
+    finally:
+        await audit.close()
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as admin:
+            await admin.execute("DROP TRIGGER refuse_poison ON audit_trail")
+    assert not any(isinstance(r, AuditOutcomeUnknown) for r in results), results
+    assert isinstance(results[2], psycopg.errors.RaiseException)
+    assert {"evt-a", "evt-b", "evt-c"} <= stored and "evt-poison" not in stored

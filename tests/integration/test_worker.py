@@ -919,12 +919,19 @@ class BuggyFinishes(FaultyClaims):
         super().__init__(inner, [])
         self.bugs = bugs
         self.refused = refused
+        self.running = self.peak = 0  # finishes under way at once, now and at most
 
     async def finish(self, event_id: str, outcome: str, reason: str) -> None:
-        if self.bugs > 0 or event_id == self.refused:
-            self.bugs -= 1
-            raise TypeError("a bug")
-        await self.inner.finish(event_id, outcome, reason)
+        self.running += 1
+        self.peak = max(self.peak, self.running)
+        try:
+            await asyncio.sleep(0)  # as a store's round trip would, let others start
+            if self.bugs > 0 or event_id == self.refused:
+                self.bugs -= 1
+                raise TypeError("a bug")
+            await self.inner.finish(event_id, outcome, reason)
+        finally:
+            self.running -= 1
 
 
 async def test_a_send_given_up_before_its_outcome_was_recorded_is_marked_once_it_is(
@@ -996,6 +1003,9 @@ async def test_an_outcome_the_ledger_refuses_for_good_does_not_hold_back_the_oth
         await until("the second outcome written", written, seconds=20)
         entry = await wrapped[0].inner.get(refused)
         assert entry is not None and entry.state is not LedgerState.FINAL
+        # Written together (one transaction, one bounded wait for a store away), not one
+        # after the other while the worker's claims run out.
+        assert wrapped[0].peak == 2
     finally:
         stop.set()
         await asyncio.wait_for(task, 30)

@@ -340,8 +340,9 @@ class PostgresAuditTrail(AuditTrail):
                     break
                 except Exception as exc:
                     # Whatever failed once COMMIT was sent, the batch may have been written:
-                    # never twice.
-                    if committing:
+                    # never twice. Not an error the server answered COMMIT with (a deferred
+                    # trigger's, say): it has a SQLSTATE, and the batch was rolled back.
+                    if committing and getattr(exc, "sqlstate", None) is None:
                         raise AuditOutcomeUnknown(len(records)) from exc
                     # Dropped before COMMIT was sent, nothing of the batch was written, and
                     # its callers would only count a gap: once more, on a new connection

@@ -70,6 +70,22 @@ async def connect_postgres(
     except (psycopg.Error, ValueError):
         # A URL psycopg cannot parse: its message quotes the URL, password included.
         raise ConfigError(f"the PostgreSQL {what} url cannot be read") from None
+    try:
+        builds, drops = await _set_up(conn, what, schema_lock, schema)
+    except BaseException:
+        # Not left open behind a failed start (a frozen path, a lock it waited too long for).
+        with contextlib.suppress(Exception):
+            await conn.close()
+        raise
+    upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
+    return PgConnection(conn, dsn, what, upgrading, answer_wait=answer_wait)
+
+
+async def _set_up(
+    conn: Any, what: str, schema_lock: int, schema: Iterable[str]
+) -> tuple[list[tuple[str, str]], list[str]]:
+    """Create the store's schema (`connect_postgres`); returns the index builds and drops
+    left for the background."""
     statements = list(schema)
     builds: list[tuple[str, str]] = []  # (index, its CREATE INDEX), for the background
     drops: list[str] = []
@@ -115,8 +131,7 @@ async def connect_postgres(
         # Only now: the schema transaction may wait longer for its locks (ADD COLUMN has its
         # own wait, the schema lock waits for the workers starting alongside).
         await store_session(conn)
-    upgrading = _upgrade_indexes(dsn, what, builds, drops) if builds or drops else None
-    return PgConnection(conn, dsn, what, upgrading, answer_wait=answer_wait)
+    return builds, drops
 
 
 # How long adding a column waits for its table's lock. Waiting behind a long read (an

@@ -151,8 +151,8 @@ class Transport:
         """The routes mail may take, and whether an `enforce` policy holds: then only the
         MX hosts it lists."""
         if self._mta_sts is None or self._router.is_static(domain):
-            return routes, False
-        policy = await self._mta_sts.policy(domain)
+            return routes, False  # never fetched: not counted either
+        policy = await self.mta_sts_policy(domain)
         metrics.MTA_STS_DELIVERIES.labels("absent" if policy is None else policy.mode).inc()
         if policy is None or policy.mode is StsMode.NONE:
             return routes, False
@@ -337,8 +337,10 @@ class Transport:
         """Close pooled connections, the MTA-STS fetcher's (and the shaper, if `open` made it)."""
         try:
             await self._pool.aclose()
-            if self._mta_sts is not None:
-                await self._mta_sts.aclose()
         finally:
-            if self._owns_shaper and self._shaper is not None:
-                await self._shaper.aclose()
+            try:
+                if self._mta_sts is not None:
+                    await self._mta_sts.aclose()
+            finally:
+                if self._owns_shaper and self._shaper is not None:
+                    await self._shaper.aclose()
