@@ -550,13 +550,13 @@ def print_table(
             "",
             "",
             "meets" if summary["meets_target"] else "BELOW",
-            "",
+            "" if produced else "meets" if summary["steady_meets_target"] else "below",
             "",
             "",
             "",
             "first event produced to last status, workers running"
             if produced
-            else "from the start of eobblast run (the running runs were skipped)",
+            else "from the start of eobblast run (the running runs were skipped) / steady state",
         )
         if "meets_target_ratio_vs_relay" in summary:
             verdict = "meets" if summary["meets_target_ratio_vs_relay"] else "BELOW"

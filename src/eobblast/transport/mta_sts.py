@@ -122,7 +122,6 @@ class MtaStsFetcher:
         addresses = await self._addresses(host)
         if isinstance(addresses, StsProblem):
             return addresses
-        problem = StsProblem.CONNECT_FAILED
         for address in addresses:
             url = httpx.URL(scheme="https", host=address, port=self._port, path=_PATH)
             try:
@@ -141,8 +140,8 @@ class MtaStsFetcher:
                 if _caused_by_tls(exc):
                     # The next address would present the same certificate.
                     return StsProblem.TLS_ERROR
-                problem = StsProblem.CONNECT_FAILED  # try the host's next address
-        return problem
+                continue  # connecting failed: try the host's next address
+        return StsProblem.CONNECT_FAILED
 
     async def _resolve(self, name: str, rdtype: dns.rdatatype.RdataType) -> dns.resolver.Answer:
         resolver = self._resolver or dns.asyncresolver.get_default_resolver()
