@@ -8,7 +8,9 @@ from hypothesis import strategies as st
 
 from eobblast.protect.mta_sts import (
     MAX_AGE_LIMIT,
+    CachedPolicy,
     PolicyCache,
+    StoredPolicy,
     StsMode,
     StsPolicy,
     StsProblem,
@@ -16,6 +18,7 @@ from eobblast.protect.mta_sts import (
     mx_matches,
     parse_policy,
     parse_txt,
+    policy_from_columns,
 )
 
 # --- the _mta-sts TXT record -------------------------------------------------------------
@@ -256,3 +259,72 @@ def test_the_cache_keeps_a_bounded_number_of_domains() -> None:
         cache.store(f"d{n}.test", ENFORCE, StsRecord("a"), 0)
     assert len(cache) == 3
     assert cache.current("d9.test", 1) is ENFORCE and cache.current("d0.test", 1) is None
+
+
+# --- policies kept in the shared table (wall clock) ----------------------------------------
+
+WALL = 1_800_000_000.0
+
+
+def test_a_stored_policy_lasts_what_is_left_of_it() -> None:
+    # Written 40 s ago (wall clock), read by a process whose monotonic clock reads 5.
+    stored = StoredPolicy("example.com", "a", ENFORCE, WALL + 60)
+    cached = stored.cached(5.0, WALL)
+    assert cached is not None and cached.expires_at == 65.0 and cached.id == "a"
+
+
+@pytest.mark.parametrize("wall_now", [WALL + 60, WALL + 61, WALL + 10**9])
+def test_an_expired_stored_policy_is_not_used(wall_now: float) -> None:
+    assert StoredPolicy("example.com", "a", ENFORCE, WALL + 60).cached(5.0, wall_now) is None
+
+
+@pytest.mark.parametrize("step", [1.0, 100.0, 10**9])
+def test_a_clock_stepped_back_never_keeps_a_policy_past_max_age_from_now(step: float) -> None:
+    # Written at WALL with max_age 100, read after the wall clock went back by `step`: at
+    # most max_age from now (a naive conversion would add the whole step).
+    stored = StoredPolicy("example.com", "a", ENFORCE, WALL + 100)
+    cached = stored.cached(5.0, WALL - step)
+    assert cached is not None and cached.expires_at == 5.0 + 100
+
+
+def test_a_restored_policy_is_cached_and_its_domain_looked_up_at_once() -> None:
+    cache = PolicyCache(recheck=10)
+    stored = StoredPolicy("example.com", "a", ENFORCE, WALL + 60).cached(0.0, WALL)
+    assert stored is not None
+    cache.restore("example.com", stored, 0.0)
+    assert cache.current("example.com", 59.9) is ENFORCE
+    assert cache.current("example.com", 60.0) is None
+    assert cache.due("example.com", 0.0)
+    assert not cache.needs_fetch("example.com", StsRecord("a"), 1.0)  # same id: no fetch
+    assert cache.needs_fetch("example.com", StsRecord("b"), 1.0)
+
+
+def test_a_restored_policy_does_not_replace_one_fetched_here() -> None:
+    cache = PolicyCache(recheck=10)
+    cache.store("example.com", ENFORCE, StsRecord("new"), 0.0)
+    testing = StsPolicy(StsMode.TESTING, 100, ("mx.example.com",))
+    cache.restore("example.com", CachedPolicy(testing, "old", 50.0), 1.0)
+    assert cache.current("example.com", 1.0) is ENFORCE
+
+
+def test_stored_columns_give_back_the_policy() -> None:
+    policy = StsPolicy(StsMode.ENFORCE, 86400, ("mx.example.com", "*.example.net"))
+    assert policy_from_columns("enforce", 86400, "mx.example.com *.example.net") == policy
+    assert policy_from_columns("none", 60, "") == StsPolicy(StsMode.NONE, 60, ())
+
+
+@pytest.mark.parametrize(
+    ("mode", "max_age", "mx"),
+    [
+        ("reject", 60, "mx.example.com"),
+        ("enforce\nmode: none", 60, "mx.example.com"),
+        ("enforce", -1, "mx.example.com"),
+        ("enforce", MAX_AGE_LIMIT + 1, "mx.example.com"),
+        ("enforce", 60, ""),
+        ("enforce", 60, "bad_host!"),
+    ],
+)
+def test_stored_columns_that_make_no_valid_policy_give_none(
+    mode: str, max_age: int, mx: str
+) -> None:
+    assert policy_from_columns(mode, max_age, mx) is None

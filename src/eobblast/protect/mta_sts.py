@@ -20,6 +20,7 @@ __all__ = [
     "MAX_AGE_LIMIT",
     "CachedPolicy",
     "PolicyCache",
+    "StoredPolicy",
     "StsMode",
     "StsPolicy",
     "StsProblem",
@@ -27,6 +28,7 @@ __all__ = [
     "mx_matches",
     "parse_policy",
     "parse_txt",
+    "policy_from_columns",
 ]
 
 #: RFC 8461 section 3.2: max_age is at most 31557600 seconds (about a year).
@@ -204,6 +206,38 @@ class CachedPolicy:
     expires_at: float
 
 
+@dataclass(frozen=True, slots=True)
+class StoredPolicy:
+    """A policy as the shared table keeps it: expiry on the wall clock (epoch seconds)."""
+
+    domain: str
+    id: str
+    policy: StsPolicy
+    expires_at: float
+
+    def cached(self, now: float, wall_now: float) -> CachedPolicy | None:
+        """The policy as the cache keeps it (expiry at monotonic `now`), None if expired.
+
+        What is left of it is counted on the wall clock, which may have been stepped since
+        it was written (or be another machine's): never more than max_age from now, so a
+        clock stepped back cannot keep a policy much beyond its max_age."""
+        left = min(self.expires_at - wall_now, float(self.policy.max_age))
+        if left <= 0:
+            return None
+        return CachedPolicy(self.policy, self.id, now + left)
+
+
+def policy_from_columns(mode: str, max_age: int, mx: str) -> StsPolicy | None:
+    """The policy a stored row's columns state (`mx` space-separated), checked as a fetched
+    policy is; None if they do not make a valid one (a row written by hand, say)."""
+    lines = ["version: STSv1", f"mode: {mode}", f"max_age: {max_age}"]
+    lines += [f"mx: {pattern}" for pattern in mx.split()]
+    if any("\n" in line or "\r" in line for line in lines):
+        return None
+    found = parse_policy("\n".join(lines).encode())
+    return found if isinstance(found, StsPolicy) else None
+
+
 @dataclass(slots=True)
 class _Entry:
     cached: CachedPolicy | None
@@ -234,6 +268,12 @@ class PolicyCache:
         """Whether the domain's TXT record should be looked up at `now`."""
         entry = self._entries.get(domain)
         return entry is None or now >= entry.next_check
+
+    def restore(self, domain: str, cached: CachedPolicy, now: float) -> None:
+        """A policy read from the shared table, unless one fetched here is already cached;
+        the TXT record is looked up at once (the lookup that asked for it)."""
+        if self.current(domain, now) is None:
+            self._put(domain, _Entry(cached, now))
 
     def needs_fetch(self, domain: str, record: StsRecord, now: float) -> bool:
         """Whether the policy must be fetched: none cached and valid, or the id changed."""
