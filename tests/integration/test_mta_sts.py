@@ -17,7 +17,7 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,6 +38,7 @@ from eobblast.events.synthetic import Mix, generate_events
 from eobblast.observe import metrics
 from eobblast.pipeline import EventOutcome, Pipeline
 from eobblast.protect.mta_sts import StsMode, StsProblem, StsRecord
+from eobblast.protect.mta_sts_store import StsStore, open_sts_store
 from eobblast.protect.services import ProtectionServices
 from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
 from eobblast.transport import Router, SmtpPool, Transport, make_tls_context
@@ -102,6 +103,14 @@ DOMAINS: dict[str, tuple[str | None, Page]] = {
     "lagging.test": ("v=STSv1; id=1", Page(policy(), delay=0.3)),
     "xn--bcher-kva.test": ("v=STSv1; id=1", Page(policy())),  # bücher.test
     "static.test": ("v=STSv1; id=1", Page(policy(mx="mx.elsewhere.test"))),
+    # Kept beside the ledger (a PostgreSQL schema is shared by the module: a domain per test)
+    "kept-dns.test": ("v=STSv1; id=1", Page(policy())),
+    "kept-https.test": ("v=STSv1; id=1", Page(policy())),
+    "unchanged-id.test": ("v=STSv1; id=1", Page(policy())),
+    "expiring.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
+    "purged.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
+    "purger.test": ("v=STSv1; id=1", Page(policy())),
+    "storeless.test": ("v=STSv1; id=1", Page(policy())),
 }
 FAILURES = {
     "notxt.test": StsProblem.NO_RECORD,
@@ -267,10 +276,16 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-async def policies(
-    zone: tuple[Zone, int], policy_host: PolicyHost, pki: TestPki, clock: Clock
-) -> AsyncIterator[MtaStsPolicies]:
+def _policies(
+    zone: tuple[Zone, int],
+    policy_host: PolicyHost,
+    pki: TestPki,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    store: StsStore | None = None,
+    wall_clock: Callable[[], float] = time.time,
+) -> MtaStsPolicies:
+    """A worker's policies, its DNS and HTTPS on loopback."""
     resolver = dns.asyncresolver.Resolver(configure=False)
     resolver.nameservers = ["127.0.0.1"]
     resolver.port = zone[1]
@@ -280,7 +295,16 @@ async def policies(
         https_port=policy_host.server_address[1],
         timeout=2.0,
     )
-    found = MtaStsPolicies(fetcher, wait=0.5, recheck=10.0, clock=clock)
+    return MtaStsPolicies(
+        fetcher, wait=0.5, recheck=10.0, clock=clock, store=store, wall_clock=wall_clock
+    )
+
+
+@pytest.fixture
+async def policies(
+    zone: tuple[Zone, int], policy_host: PolicyHost, pki: TestPki, clock: Clock
+) -> AsyncIterator[MtaStsPolicies]:
+    found = _policies(zone, policy_host, pki, clock=clock)
     try:
         yield found
     finally:
@@ -443,6 +467,129 @@ async def test_a_message_cancelled_while_waiting_does_not_cancel_the_fetch_for_o
     assert found is not None and found.mode is StsMode.ENFORCE
     assert policy_host.hits["mta-sts.lagging.test"] == 1
     assert first.cancelled()
+
+
+# ------------------------------------------- policies kept beside the ledger (restarts)
+
+
+def _store_errors(operation: str) -> float:
+    return float(metrics.MTA_STS_STORE_ERRORS.labels(operation)._value.get())
+
+
+@pytest.fixture
+async def workers(
+    zone: tuple[Zone, int], policy_host: PolicyHost, pki: TestPki, store_url: str
+) -> AsyncIterator[Callable[..., Awaitable[MtaStsPolicies]]]:
+    """Starts a worker's policies (a new process: nothing in memory), with or without the
+    policy table beside the ledger at `store_url`; all closed after the test."""
+    started: list[MtaStsPolicies] = []
+
+    async def start(
+        *, shared: bool = True, wall_clock: Callable[[], float] = time.time
+    ) -> MtaStsPolicies:
+        store = await open_sts_store(store_url) if shared else None
+        found = _policies(zone, policy_host, pki, store=store, wall_clock=wall_clock)
+        started.append(found)
+        return found
+
+    try:
+        yield start
+    finally:
+        for found in started:
+            await found.aclose()
+
+
+@pytest.mark.parametrize("shared", [True, False], ids=["kept", "memory_only"])
+@pytest.mark.parametrize("failure", ["dns_silent", "https_failing"])
+async def test_a_policy_fetched_before_a_restart_holds_when_the_next_fetch_fails(
+    workers: Callable[..., Awaitable[MtaStsPolicies]],
+    zone: tuple[Zone, int],
+    policy_host: PolicyHost,
+    shared: bool,
+    failure: str,
+) -> None:
+    domain = "kept-dns.test" if failure == "dns_silent" else "kept-https.test"
+    first = await workers(shared=shared)
+    found = await first.policy(domain)
+    assert found is not None and found.mode is StsMode.ENFORCE
+    # A restart (or another worker), while whoever sits on the path blocks the lookup: its
+    # TXT query unanswered, or a new id whose policy cannot be fetched.
+    if failure == "dns_silent":
+        zone[0].silent.add(f"_mta-sts.{domain}.")
+    else:
+        zone[0].txt(domain, "v=STSv1; id=2")
+        policy_host.pages[f"mta-sts.{domain}"] = Page(status=503)
+    second = await workers(shared=shared)
+    kept = await second.policy(domain)
+    if shared:
+        assert kept == found  # RFC 8461 section 5.1: the cached policy holds
+    else:
+        assert kept is None  # memory only: the enforce protection was stripped
+    assert policy_host.hits[f"mta-sts.{domain}"] == (1 if failure == "dns_silent" else 2)
+
+
+async def test_an_unchanged_id_needs_no_second_fetch_in_another_worker(
+    workers: Callable[..., Awaitable[MtaStsPolicies]],
+    zone: tuple[Zone, int],
+    policy_host: PolicyHost,
+) -> None:
+    domain = "unchanged-id.test"
+    first, second = await workers(), await workers()
+    found = await first.policy(domain)
+    before = _lookups("unchanged")
+    assert await second.policy(domain) == found
+    assert policy_host.hits[f"mta-sts.{domain}"] == 1  # one fetch for both workers
+    assert zone[0].queries[(f"_mta-sts.{domain}.", dns.rdatatype.TXT)] == 2  # each looked
+    assert _lookups("unchanged") - before == 1
+
+
+async def test_a_stored_policy_holds_until_max_age_from_its_fetch_never_after(
+    workers: Callable[..., Awaitable[MtaStsPolicies]], zone: tuple[Zone, int]
+) -> None:
+    domain = "expiring.test"  # max_age 100
+    fetched_at = time.time()
+    found = await (await workers(wall_clock=lambda: fetched_at)).policy(domain)
+    assert found is not None and found.max_age == 100
+    zone[0].silent.add(f"_mta-sts.{domain}.")  # every later refresh fails
+    almost = await workers(wall_clock=lambda: fetched_at + 95)
+    assert await almost.policy(domain) == found
+    late = await workers(wall_clock=lambda: fetched_at + 101)
+    assert await late.policy(domain) is None  # expired: never used
+
+
+async def test_expired_policies_are_purged_from_the_table(
+    workers: Callable[..., Awaitable[MtaStsPolicies]], store_url: str
+) -> None:
+    fetched_at = time.time()
+    assert await (await workers(wall_clock=lambda: fetched_at)).policy("purged.test")
+    store = await open_sts_store(store_url)
+    try:
+        assert await store.load("purged.test") is not None
+        # A worker whose clock is past that policy's max_age writes a policy of its own.
+        later = await workers(wall_clock=lambda: fetched_at + 200)
+        assert await later.policy("purger.test") is not None
+        assert await store.load("purged.test") is None
+        assert await store.load("purger.test") is not None
+    finally:
+        await store.close()
+
+
+async def test_a_failing_store_does_not_fail_the_lookup(
+    zone: tuple[Zone, int], policy_host: PolicyHost, pki: TestPki, store_url: str
+) -> None:
+    store = await open_sts_store(store_url)
+    await store.close()  # every call fails from now on
+    found = _policies(zone, policy_host, pki, store=store)
+    before = _store_errors("load")
+    try:
+        fetched = await found.policy("storeless.test")
+        assert fetched is not None and fetched.mode is StsMode.ENFORCE
+        assert _store_errors("load") - before == 1
+        # Left alone a while: one outage does not cost every domain a wait for it.
+        assert await found.policy("enforce.test") is not None
+        assert _store_errors("load") - before == 1
+    finally:
+        await found.aclose()
 
 
 # -------------------------------------------------------------------- delivery and policy

@@ -76,6 +76,13 @@ MTA_STS_LOOKUPS = Counter(
     ["result"],
     registry=REGISTRY,
 )
+MTA_STS_STORE_ERRORS = Counter(
+    "eobblast_mta_sts_store_errors",
+    "Failed reads (load), writes (save) and purges of the MTA-STS policy table beside the"
+    " ledger; the lookup goes on with what this worker holds in memory.",
+    ["operation"],
+    registry=REGISTRY,
+)
 MTA_STS_DELIVERIES = Counter(
     "eobblast_mta_sts_deliveries",
     "Delivery attempts (EOBs and portal notices) to MX-routed domains by the MTA-STS mode"

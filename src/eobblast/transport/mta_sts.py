@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import http.cookiejar
 import logging
+import math
 import ssl
 import time
 from collections.abc import Callable
@@ -27,15 +28,17 @@ import httpx
 from eobblast.observe import metrics
 from eobblast.protect.mta_sts import (
     PolicyCache,
+    StoredPolicy,
     StsPolicy,
     StsProblem,
     StsRecord,
     parse_policy,
     parse_txt,
 )
+from eobblast.protect.mta_sts_store import StsStore
 from eobblast.protect.policy import normalise_domain
 
-__all__ = ["MAX_POLICY_BYTES", "MtaStsFetcher", "MtaStsPolicies"]
+__all__ = ["MAX_POLICY_BYTES", "MtaStsFetcher", "MtaStsPolicies", "stored_name"]
 
 log = logging.getLogger("eobblast.mta_sts")
 
@@ -45,6 +48,22 @@ _PATH = "/.well-known/mta-sts.txt"
 # The result label of a lookup whose TXT id matched the cached policy's.
 _UNCHANGED = "unchanged"
 _FETCHED = "fetched"
+#: After the policy table failed, it is left alone this long (monotonic seconds): an outage
+#: costs lookups no more than one wait for it.
+STORE_RETRY = 30.0
+#: How often a worker that writes to the policy table deletes its expired rows.
+PURGE_EVERY = 3600.0
+
+
+def stored_name(domain: str) -> str | None:
+    """The name a domain is kept under in the policy table: its A-label form (IDNA, as
+    the fetch asks for it), lower-case, no final dot; None for a name DNS cannot carry."""
+    if not domain:
+        return None
+    try:
+        return dns.name.from_text(domain).to_text(omit_final_dot=True).lower()
+    except dns.exception.DNSException:
+        return None
 
 
 def _caused_by_tls(exc: BaseException) -> bool:
@@ -202,6 +221,12 @@ class MtaStsPolicies:
     The TXT record is looked at again after `recheck` seconds; the policy is fetched
     again when its id changed or the cached one expired (max_age). A failed refresh keeps
     a policy that is still valid. Concurrent messages to one domain share one lookup.
+
+    With a `store` (the table beside the ledger, which it owns and closes), every fetched
+    policy is written there, and a domain with no valid policy in memory is read from it
+    before its lookup: what another worker, or this one before a restart, fetched is the
+    cached policy (its TXT id unchanged, it needs no fetch) and holds when the refresh
+    fails. The store is best effort: when it fails, lookups go on without it.
     """
 
     def __init__(
@@ -212,8 +237,14 @@ class MtaStsPolicies:
         recheck: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
         max_domains: int = 10_000,
+        store: StsStore | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self._fetcher = fetcher
+        self._store = store
+        self._wall = wall_clock
+        self._store_after = -math.inf  # `clock` time from which the store is used again
+        self._purge_after = -math.inf
         self._wait = wait
         self._clock = clock
         self._cache = PolicyCache(recheck, max_domains)
@@ -236,9 +267,12 @@ class MtaStsPolicies:
 
     async def _refresh(self, domain: str) -> None:
         result: str
+        fetched: StoredPolicy | None = None
         try:
+            # Outside the wait: the store bounds its own calls (never cancelled midway).
+            await self._restore(domain)
             async with asyncio.timeout(self._wait):
-                result = await self._lookup(domain)
+                result, fetched = await self._lookup(domain)
         except TimeoutError:
             result = StsProblem.TIMEOUT
         except Exception as exc:
@@ -252,22 +286,74 @@ class MtaStsPolicies:
         if result not in (_FETCHED, _UNCHANGED, StsProblem.NO_RECORD):
             # The domain is not named: recipients' domains stay out of the logs.
             log.info("MTA-STS policy not fetched", extra={"reason": result})
+        if fetched is not None:
+            await self._save(fetched)
 
-    async def _lookup(self, domain: str) -> str:
+    async def _lookup(self, domain: str) -> tuple[str, StoredPolicy | None]:
         record = await self._fetcher.record(domain)
         if isinstance(record, StsProblem):
-            return record
+            return record, None
         if not self._cache.needs_fetch(domain, record, self._clock()):
-            return _UNCHANGED
+            return _UNCHANGED, None
         policy = await self._fetcher.policy(domain)
         if isinstance(policy, StsProblem):
-            return policy
+            return policy, None
         self._cache.store(domain, policy, record, self._clock())
-        return _FETCHED
+        name = stored_name(domain)
+        if name is None:
+            return _FETCHED, None
+        return _FETCHED, StoredPolicy(name, record.id, policy, self._wall() + policy.max_age)
+
+    def _store_failed(self, operation: str, exc: Exception) -> None:
+        # By type only: a message could name the domain. Left alone a while, so that an
+        # outage does not add its wait to every domain's lookup.
+        log.warning("MTA-STS policy table not used: %s", type(exc).__name__)
+        metrics.MTA_STS_STORE_ERRORS.labels(operation).inc()
+        self._store_after = self._clock() + STORE_RETRY
+
+    async def _restore(self, domain: str) -> None:
+        """A domain with no valid policy in memory: the one in the store, if unexpired."""
+        store, name = self._store, stored_name(domain)
+        if store is None or name is None or self._clock() < self._store_after:
+            return
+        if self._cache.current(domain, self._clock()) is not None:
+            return
+        try:
+            stored = await store.load(name)
+        except Exception as exc:
+            self._store_failed("load", exc)
+            return
+        if stored is None:
+            return
+        cached = stored.cached(self._clock(), self._wall())
+        if cached is not None:
+            self._cache.restore(domain, cached, self._clock())
+
+    async def _save(self, fetched: StoredPolicy) -> None:
+        """Keep a fetched policy in the store; purge expired ones now and then."""
+        store = self._store
+        if store is None or self._clock() < self._store_after:
+            return
+        try:
+            await store.save(fetched)
+        except Exception as exc:
+            self._store_failed("save", exc)
+            return
+        if self._clock() < self._purge_after:
+            return
+        self._purge_after = self._clock() + PURGE_EVERY
+        try:
+            await store.purge(self._wall())
+        except Exception as exc:
+            self._store_failed("purge", exc)
 
     async def aclose(self) -> None:
-        """End the refreshes under way and close the fetcher's connections."""
+        """End the refreshes under way, close the fetcher's connections and the store."""
         for refreshing in list(self._refreshing.values()):
             refreshing.cancel()
         await asyncio.gather(*self._refreshing.values(), return_exceptions=True)
-        await self._fetcher.aclose()
+        try:
+            await self._fetcher.aclose()
+        finally:
+            if self._store is not None:
+                await self._store.close()
