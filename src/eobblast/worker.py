@@ -57,6 +57,7 @@ from eobblast.pipeline import (
     bounce_event_outcome,
     until_written,
 )
+from eobblast.protect.mta_sts_store import open_sts_store
 from eobblast.protect.services import (
     ProtectionServices,
     hold_secrets,
@@ -1680,9 +1681,18 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
     # so a worker still building its pipeline would not count as waiting for Kafka.
     metrics.KAFKA_ANSWERED.set(time.time())
     worker_id = new_worker_id(index)
-    transport = await Transport.open(
-        config.transport, config.shaping, mta_sts_fetch=config.protection.mta_sts_fetch
-    )
+    fetch = config.protection.mta_sts_fetch
+    # Fetched MTA-STS policies, beside the ledger: what the other workers (and this one
+    # before a restart) fetched holds when a refresh fails (RFC 8461 section 5.1).
+    sts_store = await open_sts_store(config.ledger.url) if fetch else None
+    try:
+        transport = await Transport.open(
+            config.transport, config.shaping, mta_sts_fetch=fetch, mta_sts_store=sts_store
+        )
+    except BaseException:
+        if sts_store is not None:
+            await sts_store.close()
+        raise
     ledger = await open_ledger(config.ledger.url)
     protection = await ProtectionServices.open(config)
     publisher = _LateBound()
@@ -1711,7 +1721,7 @@ async def run_worker(config: Config, index: int, stop: asyncio.Event) -> None:
             await tls.close()  # a last round: what this worker learned outlives it
         except Exception as exc:
             log.warning("TLS knowledge not saved at stop: %s", type(exc).__name__)
-        await transport.aclose()
+        await transport.aclose()  # and the MTA-STS policy store
         await ledger.close()
         await protection.close()
         if bounces is not None:

@@ -8,6 +8,7 @@ from eobblast.config import TransportConfig
 from eobblast.errors import DeliveryError, ReasonCode
 from eobblast.observe import metrics
 from eobblast.protect.mta_sts import StsMode, StsPolicy
+from eobblast.protect.mta_sts_store import StsStore
 from eobblast.shaping.backoff import ReplySignal
 from eobblast.shaping.engine import DeferReason, Shaper, ShapingConfig, Ticket
 from eobblast.transport.mta_sts import MtaStsFetcher, MtaStsPolicies
@@ -92,16 +93,23 @@ class Transport:
 
     @classmethod
     def from_config(
-        cls, config: TransportConfig, *, shaper: Shaper | None = None, mta_sts_fetch: bool = False
+        cls,
+        config: TransportConfig,
+        *,
+        shaper: Shaper | None = None,
+        mta_sts_fetch: bool = False,
+        mta_sts_store: StsStore | None = None,
     ) -> Transport:
         """Build router and pool from the transport settings (the caller owns `shaper`);
-        with `mta_sts_fetch`, MTA-STS policies of MX-routed domains are fetched."""
+        with `mta_sts_fetch`, MTA-STS policies of MX-routed domains are fetched, and kept
+        in `mta_sts_store` if given (the transport owns it then: `aclose` closes it)."""
         ca = str(config.ca_bundle) if config.ca_bundle else None
         mta_sts = None
         if mta_sts_fetch:
             # Policy hosts are trusted as SMTP servers are (the same CA bundle); a context
             # of its own, as the HTTPS client sets its ALPN protocols on it.
-            mta_sts = MtaStsPolicies(MtaStsFetcher(make_tls_context(ca)))
+            fetcher = MtaStsFetcher(make_tls_context(ca))
+            mta_sts = MtaStsPolicies(fetcher, store=mta_sts_store)
         pool = SmtpPool(
             make_tls_context(ca),
             ehlo_name=config.ehlo_name,
@@ -123,10 +131,14 @@ class Transport:
         shaping: ShapingConfig | None = None,
         *,
         mta_sts_fetch: bool = False,
+        mta_sts_store: StsStore | None = None,
     ) -> Transport:
-        """Build the transport, shaped when `shaping` names a pools file; it owns the shaper."""
+        """Build the transport, shaped when `shaping` names a pools file; it owns the shaper
+        (and `mta_sts_store`, as `from_config`)."""
         shaper = await Shaper.open(shaping) if shaping is not None else None
-        transport = cls.from_config(config, shaper=shaper, mta_sts_fetch=mta_sts_fetch)
+        transport = cls.from_config(
+            config, shaper=shaper, mta_sts_fetch=mta_sts_fetch, mta_sts_store=mta_sts_store
+        )
         transport._owns_shaper = shaper is not None
         return transport
 
@@ -334,7 +346,8 @@ class Transport:
         raise _PushedBack(reason)
 
     async def aclose(self) -> None:
-        """Close pooled connections, the MTA-STS fetcher's (and the shaper, if `open` made it)."""
+        """Close pooled connections, the MTA-STS fetcher's and policy store (and the shaper,
+        if `open` made it)."""
         try:
             await self._pool.aclose()
         finally:
