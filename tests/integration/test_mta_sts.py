@@ -111,6 +111,7 @@ DOMAINS: dict[str, tuple[str | None, Page]] = {
     "purged.test": ("v=STSv1; id=1", Page(policy(max_age=100))),
     "purger.test": ("v=STSv1; id=1", Page(policy())),
     "storeless.test": ("v=STSv1; id=1", Page(policy())),
+    "renewed.test": ("v=STSv1; id=1", Page(policy())),
 }
 FAILURES = {
     "notxt.test": StsProblem.NO_RECORD,
@@ -485,10 +486,13 @@ async def workers(
     started: list[MtaStsPolicies] = []
 
     async def start(
-        *, shared: bool = True, wall_clock: Callable[[], float] = time.time
+        *,
+        shared: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> MtaStsPolicies:
         store = await open_sts_store(store_url) if shared else None
-        found = _policies(zone, policy_host, pki, store=store, wall_clock=wall_clock)
+        found = _policies(zone, policy_host, pki, clock=clock, store=store, wall_clock=wall_clock)
         started.append(found)
         return found
 
@@ -541,6 +545,27 @@ async def test_an_unchanged_id_needs_no_second_fetch_in_another_worker(
     assert policy_host.hits[f"mta-sts.{domain}"] == 1  # one fetch for both workers
     assert zone[0].queries[(f"_mta-sts.{domain}.", dns.rdatatype.TXT)] == 2  # each looked
     assert _lookups("unchanged") - before == 1
+
+
+async def test_a_new_id_one_worker_fetched_needs_no_fetch_in_another(
+    workers: Callable[..., Awaitable[MtaStsPolicies]],
+    zone: tuple[Zone, int],
+    policy_host: PolicyHost,
+    clock: Clock,
+) -> None:
+    domain = "renewed.test"
+    first, second = await workers(clock=clock), await workers(clock=clock)
+    assert await first.policy(domain) == await second.policy(domain)
+    assert policy_host.hits[f"mta-sts.{domain}"] == 1
+    # The domain publishes a new policy: the first worker to look fetches it, the other
+    # finds it in the table under the id its TXT lookup saw.
+    zone[0].txt(domain, "v=STSv1; id=2")
+    policy_host.pages[f"mta-sts.{domain}"] = Page(policy("testing"))
+    clock.now += 11  # past recheck
+    renewed = await first.policy(domain)
+    assert renewed is not None and renewed.mode is StsMode.TESTING
+    assert await second.policy(domain) == renewed
+    assert policy_host.hits[f"mta-sts.{domain}"] == 2
 
 
 async def test_a_stored_policy_holds_until_max_age_from_its_fetch_never_after(

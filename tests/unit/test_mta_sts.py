@@ -299,12 +299,22 @@ def test_a_restored_policy_is_cached_and_its_domain_looked_up_at_once() -> None:
     assert cache.needs_fetch("example.com", StsRecord("b"), 1.0)
 
 
-def test_a_restored_policy_does_not_replace_one_fetched_here() -> None:
+def test_a_restored_policy_never_replaces_a_valid_one_of_the_same_id() -> None:
     cache = PolicyCache(recheck=10)
-    cache.store("example.com", ENFORCE, StsRecord("new"), 0.0)
+    cache.store("example.com", ENFORCE, StsRecord("a"), 0.0)
     testing = StsPolicy(StsMode.TESTING, 100, ("mx.example.com",))
-    cache.restore("example.com", CachedPolicy(testing, "old", 50.0), 1.0)
-    assert cache.current("example.com", 1.0) is ENFORCE
+    cache.restore("example.com", CachedPolicy(testing, "a", 50.0), 1.0)
+    assert cache.current("example.com", 60.0) is ENFORCE  # this process's, to 100 s
+
+
+def test_a_restored_policy_of_the_id_the_record_names_replaces_an_older_one() -> None:
+    # The TXT record now names id "b", which another worker fetched and stored.
+    cache = PolicyCache(recheck=10)
+    cache.store("example.com", ENFORCE, StsRecord("a"), 0.0)
+    testing = StsPolicy(StsMode.TESTING, 100, ("mx.example.com",))
+    cache.restore("example.com", CachedPolicy(testing, "b", 80.0), 1.0)
+    assert cache.current("example.com", 1.0) is testing
+    assert not cache.needs_fetch("example.com", StsRecord("b"), 1.0)
 
 
 def test_stored_columns_give_back_the_policy() -> None:

@@ -270,10 +270,14 @@ class PolicyCache:
         return entry is None or now >= entry.next_check
 
     def restore(self, domain: str, cached: CachedPolicy, now: float) -> None:
-        """A policy read from the shared table, unless one fetched here is already cached;
-        the TXT record is looked up at once (the lookup that asked for it)."""
-        if self.current(domain, now) is None:
-            self._put(domain, _Entry(cached, now))
+        """A policy read from the shared table, in place of none, of an expired one or of
+        one under another id (the caller saw that id in the TXT record); never of a valid
+        one under the same id. The TXT record is looked up at once (if not already)."""
+        entry = self._entries.get(domain)
+        kept = entry.cached if entry is not None else None
+        if kept is not None and kept.id == cached.id and now < kept.expires_at:
+            return
+        self._put(domain, _Entry(cached, now))
 
     def needs_fetch(self, domain: str, record: StsRecord, now: float) -> bool:
         """Whether the policy must be fetched: none cached and valid, or the id changed."""

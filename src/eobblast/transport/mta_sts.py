@@ -226,7 +226,7 @@ class MtaStsPolicies:
     policy is written there, and a domain with no valid policy in memory is read from it
     before its lookup: what another worker, or this one before a restart, fetched is the
     cached policy (its TXT id unchanged, it needs no fetch) and holds when the refresh
-    fails. The store is best effort: when it fails, lookups go on without it.
+    fails; a new id another worker fetched already is taken from there too. The store is best effort: when it fails, lookups go on without it.
     """
 
     def __init__(
@@ -293,6 +293,9 @@ class MtaStsPolicies:
         record = await self._fetcher.record(domain)
         if isinstance(record, StsProblem):
             return record, None
+        if self._cache.needs_fetch(domain, record, self._clock()):
+            # Another worker may have fetched the policy of this id already.
+            await self._restore(domain, record)
         if not self._cache.needs_fetch(domain, record, self._clock()):
             return _UNCHANGED, None
         policy = await self._fetcher.policy(domain)
@@ -311,19 +314,21 @@ class MtaStsPolicies:
         metrics.MTA_STS_STORE_ERRORS.labels(operation).inc()
         self._store_after = self._clock() + STORE_RETRY
 
-    async def _restore(self, domain: str) -> None:
-        """A domain with no valid policy in memory: the one in the store, if unexpired."""
+    async def _restore(self, domain: str, record: StsRecord | None = None) -> None:
+        """The domain's unexpired policy in the store as the cached one: when there is no
+        valid one in memory, or (with `record`) when it was fetched under the record's id
+        and the one in memory was not."""
         store, name = self._store, stored_name(domain)
         if store is None or name is None or self._clock() < self._store_after:
             return
-        if self._cache.current(domain, self._clock()) is not None:
+        if record is None and self._cache.current(domain, self._clock()) is not None:
             return
         try:
             stored = await store.load(name)
         except Exception as exc:
             self._store_failed("load", exc)
             return
-        if stored is None:
+        if stored is None or (record is not None and stored.id != record.id):
             return
         cached = stored.cached(self._clock(), self._wall())
         if cached is not None:
