@@ -226,7 +226,8 @@ class MtaStsPolicies:
     policy is written there, and a domain with no valid policy in memory is read from it
     before its lookup: what another worker, or this one before a restart, fetched is the
     cached policy (its TXT id unchanged, it needs no fetch) and holds when the refresh
-    fails; a new id another worker fetched already is taken from there too. The store is best effort: when it fails, lookups go on without it.
+    fails; a new id another worker fetched already is taken from there too. The store is
+    best effort: when it fails, lookups go on without it.
     """
 
     def __init__(
