@@ -37,6 +37,7 @@ from eobblast.errors import DeliveryError, Outcome, ReasonCode
 from eobblast.events.synthetic import Mix, generate_events
 from eobblast.observe import metrics
 from eobblast.pipeline import EventOutcome, Pipeline
+from eobblast.protect import mta_sts_store
 from eobblast.protect.mta_sts import StsMode, StsProblem, StsRecord
 from eobblast.protect.mta_sts_store import StsStore, open_sts_store
 from eobblast.protect.services import ProtectionServices
@@ -44,6 +45,7 @@ from eobblast.sandbox import Sandbox, SandboxDomain, TestPki, make_test_pki
 from eobblast.transport import Router, SmtpPool, Transport, make_tls_context
 from eobblast.transport.mta_sts import MAX_POLICY_BYTES, MtaStsFetcher, MtaStsPolicies
 from eobblast.transport.routes import parse_static_routes
+from tests.conftest import PgRelay
 
 # Two sandbox MX servers on one port: the domains' MX records name the unlisted one first.
 UNLISTED, LISTED = "127.0.43.1", "127.0.43.2"
@@ -785,3 +787,33 @@ async def test_a_static_route_is_never_fetched(
     )
     assert outcome.outcome is Outcome.DELIVERED and sandbox.counts[UNLISTED_MX] == 1
     assert not any(name.endswith("static.test.") for name, _ in zone[0].queries)
+
+
+async def test_a_frozen_policy_table_costs_lookups_one_wait_not_one_each(
+    zone: tuple[Zone, int],
+    policy_host: PolicyHost,
+    pki: TestPki,
+    pg_schema: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A worker starts (every domain due) while the PostgreSQL server behind the table
+    # stops answering: the first store call waits its bound; those queued behind it give
+    # up then, rather than each wait as long (a restart with many domains would stall for
+    # minutes). The store's calls stay outside the lookup's own wait, so none is cut off
+    # midway and each failure is counted.
+    monkeypatch.setattr(mta_sts_store, "ANSWER_WAIT", 1.0)
+    async with PgRelay() as path:
+        store = await open_sts_store(path.url(pg_schema))
+        found = _policies(zone, policy_host, pki, store=store)
+        try:
+            before = _store_errors("load")
+            path.freeze()
+            async with asyncio.timeout(10):  # each waiting its bound: 4 s and more
+                results = await asyncio.gather(
+                    *(found.policy(d) for d in ("enforce.test", "testing.test", "busy.test"))
+                )
+            # The lookups themselves went on without the table.
+            assert [r is not None for r in results] == [True, True, True]
+            assert _store_errors("load") - before == 1
+        finally:
+            await found.aclose()

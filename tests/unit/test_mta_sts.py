@@ -279,12 +279,18 @@ def test_an_expired_stored_policy_is_not_used(wall_now: float) -> None:
 
 
 @pytest.mark.parametrize("step", [1.0, 100.0, 10**9])
-def test_a_clock_stepped_back_never_keeps_a_policy_past_max_age_from_now(step: float) -> None:
-    # Written at WALL with max_age 100, read after the wall clock went back by `step`: at
-    # most max_age from now (a naive conversion would add the whole step).
+def test_a_clock_stepped_back_never_keeps_a_policy_past_max_age(step: float) -> None:
+    # Written at WALL with max_age 100, read after the wall clock went back by `step`: more
+    # than max_age left is no expiry this policy was given. Capped to max_age instead, the
+    # row would be good for another max_age each time it is read again, for ever.
     stored = StoredPolicy("example.com", "a", ENFORCE, WALL + 100)
-    cached = stored.cached(5.0, WALL - step)
-    assert cached is not None and cached.expires_at == 5.0 + 100
+    assert stored.cached(5.0, WALL - step) is None
+    assert stored.cached(5.0, WALL) is not None  # read as written: all of it left
+
+
+@pytest.mark.parametrize("expires_at", [float("nan"), float("inf")])
+def test_a_stored_expiry_that_is_no_time_is_not_used(expires_at: float) -> None:
+    assert StoredPolicy("example.com", "a", ENFORCE, expires_at).cached(5.0, WALL) is None
 
 
 def test_a_restored_policy_is_cached_and_its_domain_looked_up_at_once() -> None:

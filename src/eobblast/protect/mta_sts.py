@@ -10,6 +10,7 @@ label, and a domain whose record or policy is malformed is treated as having no 
 from __future__ import annotations
 
 import enum
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -219,10 +220,11 @@ class StoredPolicy:
         """The policy as the cache keeps it (expiry at monotonic `now`), None if expired.
 
         What is left of it is counted on the wall clock, which may have been stepped since
-        it was written (or be another machine's): never more than max_age from now, so a
-        clock stepped back cannot keep a policy much beyond its max_age."""
-        left = min(self.expires_at - wall_now, float(self.policy.max_age))
-        if left <= 0:
+        it was written (or be another machine's). More than max_age left is no expiry this
+        policy could have been given: such a row (a clock stepped back since, or a clock
+        ahead that wrote it) is not used, as read again and again it would never expire."""
+        left = self.expires_at - wall_now
+        if not math.isfinite(left) or left <= 0 or left > self.policy.max_age:
             return None
         return CachedPolicy(self.policy, self.id, now + left)
 

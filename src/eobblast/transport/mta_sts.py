@@ -245,6 +245,7 @@ class MtaStsPolicies:
         self._store = store
         self._wall = wall_clock
         self._store_after = -math.inf  # `clock` time from which the store is used again
+        self._store_lock = asyncio.Lock()  # one store call at a time (as the store runs them)
         self._purge_after = -math.inf
         self._wait = wait
         self._clock = clock
@@ -270,12 +271,7 @@ class MtaStsPolicies:
         result: str
         fetched: StoredPolicy | None = None
         try:
-            # Outside the wait: the store bounds its own calls (never cancelled midway).
-            await self._restore(domain)
-            async with asyncio.timeout(self._wait):
-                result, fetched = await self._lookup(domain)
-        except TimeoutError:
-            result = StsProblem.TIMEOUT
+            result, fetched = await self._lookup(domain)
         except Exception as exc:
             # A bug here must not fail the notice: it goes on with no policy known. By type
             # only: a message could name the recipient's domain.
@@ -291,15 +287,24 @@ class MtaStsPolicies:
             await self._save(fetched)
 
     async def _lookup(self, domain: str) -> tuple[str, StoredPolicy | None]:
-        record = await self._fetcher.record(domain)
-        if isinstance(record, StsProblem):
-            return record, None
-        if self._cache.needs_fetch(domain, record, self._clock()):
-            # Another worker may have fetched the policy of this id already.
-            await self._restore(domain, record)
-        if not self._cache.needs_fetch(domain, record, self._clock()):
-            return _UNCHANGED, None
-        policy = await self._fetcher.policy(domain)
+        # The DNS and HTTPS steps share `wait`; the store's calls stay outside it: they
+        # bound themselves, and one cancelled midway could wait for its cancel request.
+        await self._restore(domain)
+        deadline = asyncio.get_running_loop().time() + self._wait
+        try:
+            async with asyncio.timeout_at(deadline):
+                record = await self._fetcher.record(domain)
+            if isinstance(record, StsProblem):
+                return record, None
+            if self._cache.needs_fetch(domain, record, self._clock()):
+                # Another worker may have fetched the policy of this id already.
+                await self._restore(domain, record)
+            if not self._cache.needs_fetch(domain, record, self._clock()):
+                return _UNCHANGED, None
+            async with asyncio.timeout_at(deadline):
+                policy = await self._fetcher.policy(domain)
+        except TimeoutError:
+            return StsProblem.TIMEOUT, None
         if isinstance(policy, StsProblem):
             return policy, None
         self._cache.store(domain, policy, record, self._clock())
@@ -320,15 +325,19 @@ class MtaStsPolicies:
         valid one in memory, or (with `record`) when it was fetched under the record's id
         and the one in memory was not."""
         store, name = self._store, stored_name(domain)
-        if store is None or name is None or self._clock() < self._store_after:
+        if store is None or name is None:
             return
         if record is None and self._cache.current(domain, self._clock()) is not None:
             return
-        try:
-            stored = await store.load(name)
-        except Exception as exc:
-            self._store_failed("load", exc)
-            return
+        async with self._store_lock:
+            # Looked at once the lock is ours: calls queued behind a failing one give up.
+            if self._clock() < self._store_after:
+                return
+            try:
+                stored = await store.load(name)
+            except Exception as exc:
+                self._store_failed("load", exc)
+                return
         if stored is None or (record is not None and stored.id != record.id):
             return
         cached = stored.cached(self._clock(), self._wall())
@@ -338,20 +347,23 @@ class MtaStsPolicies:
     async def _save(self, fetched: StoredPolicy) -> None:
         """Keep a fetched policy in the store; purge expired ones now and then."""
         store = self._store
-        if store is None or self._clock() < self._store_after:
+        if store is None:
             return
-        try:
-            await store.save(fetched)
-        except Exception as exc:
-            self._store_failed("save", exc)
-            return
-        if self._clock() < self._purge_after:
-            return
-        self._purge_after = self._clock() + PURGE_EVERY
-        try:
-            await store.purge(self._wall())
-        except Exception as exc:
-            self._store_failed("purge", exc)
+        async with self._store_lock:
+            if self._clock() < self._store_after:
+                return
+            try:
+                await store.save(fetched)
+            except Exception as exc:
+                self._store_failed("save", exc)
+                return
+            if self._clock() < self._purge_after:
+                return
+            self._purge_after = self._clock() + PURGE_EVERY
+            try:
+                await store.purge(self._wall())
+            except Exception as exc:
+                self._store_failed("purge", exc)
 
     async def aclose(self) -> None:
         """End the refreshes under way, close the fetcher's connections and the store."""
