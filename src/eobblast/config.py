@@ -27,6 +27,11 @@ KAFKA_SECURITY_PROTOCOLS = ("PLAINTEXT", "SSL", "SASL_SSL", "SASL_PLAINTEXT")
 KAFKA_SASL_MECHANISMS = ("PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512")
 
 
+# `[bounces] max_message_bytes`'s default (the listener's too): reports are small, and a
+# stranger's large message costs the listener a parse (and a cut, for the review pile).
+BOUNCE_MESSAGE_BYTES = 2 * 1024 * 1024
+
+
 def _check_ranges(
     section: str,
     config: object,
@@ -376,7 +381,7 @@ class BouncesConfig:
     review_max_messages: int = 10_000
     # The listener refuses larger messages (552). Reports are a few KiB, one returning a
     # whole notice (a receiver that ignores RET=HDRS) tens; junk this size costs a parse.
-    max_message_bytes: int = 2 * 1024 * 1024
+    max_message_bytes: int = BOUNCE_MESSAGE_BYTES
     # `eobblast bounces` serves its metrics here, on [metrics] address (0: none).
     metrics_port: int = 0
     # STARTTLS for the listener: a certificate chain and its key (unencrypted PEM), both or
@@ -392,16 +397,15 @@ class BouncesConfig:
     payload_retention_hours: float = 120.0
 
     def __post_init__(self) -> None:
-        _check_ranges("bounces", self, positive=("review_days",))
-        if not self.review_max_messages > 0:
-            raise ConfigError("bounces.review_max_messages: expected a whole number > 0")
         _check_ranges(
             "bounces",
             self,
             whole=("max_message_bytes",),
-            positive=("tick_interval", "send_lease_seconds"),
+            positive=("review_days", "tick_interval", "send_lease_seconds"),
             ports=("listen_port", "metrics_port"),
         )
+        if not self.review_max_messages > 0:
+            raise ConfigError("bounces.review_max_messages: expected a whole number > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             # One alone used to run the listener without TLS, and nobody was told.
             raise ConfigError(

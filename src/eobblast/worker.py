@@ -1201,8 +1201,7 @@ class Worker:
         position = SourcePosition(topic=tp.topic, partition=tp.partition, offset=record.offset)
         failed = EventOutcome(event_id, Outcome.FAILED, ReasonCode.INTERNAL_ERROR, 0.0)
         await self._park_once(failed, record.value, record.key, position, info)
-        fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
-        await self._publish_status(failed, event_id or fallback_key, 1, None, info)
+        await self._publish_status(failed, event_id or position.key(), 1, None, info)
         return True
 
     async def _process(self, tp: TopicPartition, record: Any, info: _InFlight) -> bool:
@@ -1380,8 +1379,7 @@ class Worker:
             outcome.event_id, source_ms, info
         ):
             return True
-        fallback_key = f"{position.topic}/{position.partition}/{position.offset}"
-        await self._publish_status(outcome, outcome.event_id or fallback_key, 1, source_ms, info)
+        await self._publish_status(outcome, outcome.event_id or position.key(), 1, source_ms, info)
         return True
 
     async def _park_once(

@@ -40,6 +40,7 @@ from prometheus_client import Counter
 from eobblast._net import is_loopback
 from eobblast.bounces.dsn import read_mime
 from eobblast.bounces.inbound import BounceHandler, ReviewReason
+from eobblast.config import BOUNCE_MESSAGE_BYTES
 from eobblast.errors import ConfigError
 from eobblast.observe.metrics import REGISTRY
 from eobblast.render.mime import BOUNDARY_PREFIX
@@ -58,9 +59,7 @@ BOUNCE_MESSAGES = Counter(
     registry=REGISTRY,
 )
 
-# `[bounces] max_message_bytes`'s default: reports are small, and a stranger's large
-# message costs the listener a parse (and a cut, for the review pile).
-DEFAULT_DATA_LIMIT = 2 * 1024 * 1024
+DEFAULT_DATA_LIMIT = BOUNCE_MESSAGE_BYTES
 MAX_RECIPIENTS = 10
 # What a review file keeps of one report (its headers, the delivery status and the returned
 # headers fit many times over): a flood of large junk cannot fill the disk.

@@ -75,6 +75,10 @@ class SourcePosition(_Out):
     partition: int
     offset: int
 
+    def key(self) -> str:
+        """`topic/partition/offset`: the status key of a record with no event id."""
+        return f"{self.topic}/{self.partition}/{self.offset}"
+
 
 class DeadLetter(_Out):
     """A rejected input record (an event, or an address-verification result), parked with

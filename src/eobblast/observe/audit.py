@@ -17,6 +17,7 @@ import datetime as dt
 import enum
 import hashlib
 import hmac
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from typing import Any
 
 from eobblast._addresses import address_key
 from eobblast.errors import ConfigError, EobblastError, ReasonCode
+from eobblast.observe.metrics import AUDIT_GAPS
 from eobblast.state.group import TRANSIENT_ERRORS, GroupCommit
 from eobblast.state.postgres import connect_postgres
 from eobblast.state.sqlite import add_column, open_sqlite, open_store, write_transaction
@@ -372,3 +374,26 @@ class PostgresAuditTrail(AuditTrail):
 async def open_audit(url: str) -> AuditTrail:
     """Open the trail named by a URL (`eobblast.state.sqlite.open_store`)."""
     return await open_store(url, "audit", SqliteAuditTrail, PostgresAuditTrail.connect)
+
+
+async def append_or_count_gap(
+    trail: AuditTrail, record: AuditRecord, logger: logging.Logger, message: str
+) -> bool:
+    """Append `record`; if the trail refuses it, count an audit gap (EobblastAuditGap) and
+    log `message` on `logger` with the record's ids and the error's type only (a driver's
+    message could quote a value). What the record records stands either way."""
+    try:
+        await trail.append(record)
+    except Exception as exc:
+        AUDIT_GAPS.inc()
+        logger.error(
+            message,
+            extra={
+                "action": str(record.action),
+                "event_id": record.event_id,
+                "item_id": record.item_id,
+                "exc_type": type(exc).__name__,
+            },
+        )
+        return False
+    return True

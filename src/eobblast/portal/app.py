@@ -46,7 +46,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from eobblast.errors import EobblastError, ReasonCode, StoreNotAnswering
-from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail
+from eobblast.observe.audit import AuditAction, AuditRecord, AuditTrail, append_or_count_gap
 from eobblast.observe.metrics import AUDIT_GAPS, REGISTRY
 from eobblast.protect.escrow import (
     DEFAULT_LOCKOUT_AFTER,
@@ -481,22 +481,10 @@ class _Portal:
             reason=reason,
             item_id=item_id,
         )
-        try:
-            await self.audit.append(record)
-        except Exception as exc:
-            # The member still gets the answer (a notice already marked picked up must
-            # not be lost to them); the gap is logged and counted (EobblastAuditGap) for
-            # ops to reconcile from the log and the access records.
-            AUDIT_GAPS.inc()
-            log.error(
-                "portal audit append failed",
-                extra={
-                    "action": str(action),
-                    "event_id": event_id,
-                    "item_id": item_id,
-                    "exc_type": type(exc).__name__,
-                },
-            )
+        # The member still gets the answer (a notice already marked picked up must not be
+        # lost to them); a gap is logged and counted for ops to reconcile from the log and
+        # the access records.
+        await append_or_count_gap(self.audit, record, log, "portal audit append failed")
 
     async def _access(self, record: AccessRecord) -> None:
         """Write an access record the attempt's own transaction did not (a dead link)."""
@@ -757,18 +745,10 @@ async def purge_and_record(
         log.error("portal purge's outcome unknown: expired items may be gone unrecorded")
         raise
     for item in purged:
-        try:
-            await audit.append(item.audit_record(actor, now, item.final_state))
-        except Exception as exc:
-            AUDIT_GAPS.inc()
-            log.error(
-                "portal purge not recorded in the audit trail",
-                extra={
-                    "event_id": item.event_id,
-                    "item_id": item.item_id,
-                    "exc_type": type(exc).__name__,
-                },
-            )
+        record = item.audit_record(actor, now, item.final_state)
+        await append_or_count_gap(
+            audit, record, log, "portal purge not recorded in the audit trail"
+        )
     if purged:
         log.info("portal purged expired items", extra={"count": len(purged)})
     return len(purged)

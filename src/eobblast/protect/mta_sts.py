@@ -261,10 +261,8 @@ class PolicyCache:
 
     def current(self, domain: str, now: float) -> StsPolicy | None:
         """The domain's cached policy if it has not expired at `now`."""
-        entry = self._entries.get(domain)
-        if entry is None or entry.cached is None or now >= entry.cached.expires_at:
-            return None
-        return entry.cached.policy
+        valid = self._valid(domain, now)
+        return None if valid is None else valid.policy
 
     def due(self, domain: str, now: float) -> bool:
         """Whether the domain's TXT record should be looked up at `now`."""
@@ -275,27 +273,27 @@ class PolicyCache:
         """A policy read from the shared table, in place of none, of an expired one or of
         one under another id (the caller saw that id in the TXT record); never of a valid
         one under the same id. The TXT record is looked up at once (if not already)."""
-        entry = self._entries.get(domain)
-        kept = entry.cached if entry is not None else None
-        if kept is not None and kept.id == cached.id and now < kept.expires_at:
-            return
-        self._put(domain, _Entry(cached, now))
+        valid = self._valid(domain, now)
+        if valid is None or valid.id != cached.id:
+            self._put(domain, _Entry(cached, now))
 
     def needs_fetch(self, domain: str, record: StsRecord, now: float) -> bool:
         """Whether the policy must be fetched: none cached and valid, or the id changed."""
-        entry = self._entries.get(domain)
-        cached = entry.cached if entry is not None else None
-        return cached is None or cached.id != record.id or now >= cached.expires_at
+        valid = self._valid(domain, now)
+        return valid is None or valid.id != record.id
 
     def checked(self, domain: str, now: float) -> None:
         """The domain was looked at (or could not be): keep what is cached, look again later.
 
         A failed refresh keeps a still-valid policy (RFC 8461 section 5.1)."""
+        self._put(domain, _Entry(self._valid(domain, now), now + self.recheck))
+
+    def _valid(self, domain: str, now: float) -> CachedPolicy | None:
+        """The domain's cached policy unless it is missing or expired at `now`."""
         entry = self._entries.get(domain)
-        cached = entry.cached if entry is not None else None
-        if cached is not None and now >= cached.expires_at:
-            cached = None
-        self._put(domain, _Entry(cached, now + self.recheck))
+        if entry is None or entry.cached is None or now >= entry.cached.expires_at:
+            return None
+        return entry.cached
 
     def store(self, domain: str, policy: StsPolicy, record: StsRecord, now: float) -> None:
         """A policy fetched under `record` at `now`, valid for its max_age."""

@@ -164,7 +164,7 @@ class Transport:
         MX hosts it lists."""
         if self._mta_sts is None or self._router.is_static(domain):
             return routes, False  # never fetched: not counted either
-        policy = await self.mta_sts_policy(domain)
+        policy = await self._mta_sts.policy(domain)
         metrics.MTA_STS_DELIVERIES.labels("absent" if policy is None else policy.mode).inc()
         if policy is None or policy.mode is StsMode.NONE:
             return routes, False

@@ -16,7 +16,8 @@ import logging
 import math
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -41,6 +42,8 @@ from eobblast.protect.policy import normalise_domain
 __all__ = ["MAX_POLICY_BYTES", "MtaStsFetcher", "MtaStsPolicies", "stored_name"]
 
 log = logging.getLogger("eobblast.mta_sts")
+
+_T = TypeVar("_T")
 
 #: Policies are a few lines; RFC 8461 section 3.3 suggests a limit of 64 KiB.
 MAX_POLICY_BYTES = 64 * 1024
@@ -289,7 +292,8 @@ class MtaStsPolicies:
     async def _lookup(self, domain: str) -> tuple[str, StoredPolicy | None]:
         # The DNS and HTTPS steps share `wait`; the store's calls stay outside it: they
         # bound themselves, and one cancelled midway could wait for its cancel request.
-        await self._restore(domain)
+        name = stored_name(domain)  # its row in the store, if there is one
+        await self._restore(domain, name)
         deadline = asyncio.get_running_loop().time() + self._wait
         try:
             async with asyncio.timeout_at(deadline):
@@ -298,7 +302,7 @@ class MtaStsPolicies:
                 return record, None
             if self._cache.needs_fetch(domain, record, self._clock()):
                 # Another worker may have fetched the policy of this id already.
-                await self._restore(domain, record)
+                await self._restore(domain, name, record)
             if not self._cache.needs_fetch(domain, record, self._clock()):
                 return _UNCHANGED, None
             async with asyncio.timeout_at(deadline):
@@ -308,7 +312,6 @@ class MtaStsPolicies:
         if isinstance(policy, StsProblem):
             return policy, None
         self._cache.store(domain, policy, record, self._clock())
-        name = stored_name(domain)
         if name is None:
             return _FETCHED, None
         return _FETCHED, StoredPolicy(name, record.id, policy, self._wall() + policy.max_age)
@@ -320,25 +323,19 @@ class MtaStsPolicies:
         metrics.MTA_STS_STORE_ERRORS.labels(operation).inc()
         self._store_after = self._clock() + STORE_RETRY
 
-    async def _restore(self, domain: str, record: StsRecord | None = None) -> None:
-        """The domain's unexpired policy in the store as the cached one: when there is no
-        valid one in memory, or (with `record`) when it was fetched under the record's id
-        and the one in memory was not."""
-        store, name = self._store, stored_name(domain)
+    async def _restore(
+        self, domain: str, name: str | None, record: StsRecord | None = None
+    ) -> None:
+        """The domain's unexpired policy in the store (its row `name`) as the cached one:
+        when there is no valid one in memory, or (with `record`) when it was fetched under
+        the record's id and the one in memory was not."""
+        store = self._store
         if store is None or name is None:
             return
         if record is None and self._cache.current(domain, self._clock()) is not None:
             return
-        async with self._store_lock:
-            # Looked at once the lock is ours: calls queued behind a failing one give up.
-            if self._clock() < self._store_after:
-                return
-            try:
-                stored = await store.load(name)
-            except Exception as exc:
-                self._store_failed("load", exc)
-                return
-        if stored is None or (record is not None and stored.id != record.id):
+        found, stored = await self._store_call("load", lambda: store.load(name))
+        if not found or stored is None or (record is not None and stored.id != record.id):
             return
         cached = stored.cached(self._clock(), self._wall())
         if cached is not None:
@@ -349,21 +346,25 @@ class MtaStsPolicies:
         store = self._store
         if store is None:
             return
-        async with self._store_lock:
-            if self._clock() < self._store_after:
-                return
-            try:
-                await store.save(fetched)
-            except Exception as exc:
-                self._store_failed("save", exc)
-                return
-            if self._clock() < self._purge_after:
-                return
+        saved, _ = await self._store_call("save", lambda: store.save(fetched))
+        if saved and self._clock() >= self._purge_after:
             self._purge_after = self._clock() + PURGE_EVERY
+            await self._store_call("purge", lambda: store.purge(self._wall()))
+
+    async def _store_call(
+        self, operation: str, call: Callable[[], Awaitable[_T]]
+    ) -> tuple[bool, _T | None]:
+        """(True, its result) of a call on the store, or (False, None) when the store is
+        left alone (it failed lately) or fails now."""
+        async with self._store_lock:
+            # Looked at once the lock is ours: calls queued behind a failing one give up.
+            if self._clock() < self._store_after:
+                return False, None
             try:
-                await store.purge(self._wall())
+                return True, await call()
             except Exception as exc:
-                self._store_failed("purge", exc)
+                self._store_failed(operation, exc)
+                return False, None
 
     async def aclose(self) -> None:
         """End the refreshes under way, close the fetcher's connections and the store."""
